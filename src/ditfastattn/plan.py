@@ -1,0 +1,289 @@
+"""Plans: one method per denoising step x attention layer x head, as versioned, readable JSON."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .methods import Method, canonical, parse_method
+
+PLAN_TYPE = "ditfastattn.plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One attention layer: its module path, heads, head dim, and whether it attends over text."""
+
+    name: str
+    heads: int
+    head_dim: int
+    text: bool
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a plan must match: the model class and its attention layers in execution order."""
+
+    family: str
+    model_class: str
+    layers: tuple[LayerSpec, ...]
+
+    def describe(self) -> str:
+        heads = sorted({layer.heads for layer in self.layers})
+        dims = sorted({layer.head_dim for layer in self.layers})
+        return (
+            f"{self.model_class} with {len(self.layers)} attention layers "
+            f"({'/'.join(map(str, heads))} heads of dim {'/'.join(map(str, dims))})"
+        )
+
+    def to_json(self) -> dict:
+        return {"family": self.family, "class": self.model_class, "layers": [asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelSpec":
+        return cls(data["family"], data["class"], tuple(LayerSpec(**layer) for layer in data["layers"]))
+
+
+class PlanMismatchError(ValueError):
+    """A plan does not fit the model or the pipeline's step count."""
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class Plan:
+    """Head-wise compression plan.
+
+    ``methods[step][layer][head]`` is a method name (see :mod:`ditfastattn.methods`). ``provenance``
+    records how the plan was made (resolution, text length, search settings, library version,
+    date); ``scores`` optionally keeps the per-head calibration scores it was derived from.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        methods: Sequence[Sequence[Sequence[str]]],
+        provenance: dict[str, Any] | None = None,
+        scores: dict[str, Any] | None = None,
+    ):
+        self.model = model
+        self.methods = [[[canonical(m) for m in heads] for heads in layers] for layers in methods]
+        self.provenance = dict(provenance or {})
+        self.provenance.setdefault("library_version", _library_version())
+        self.provenance.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        self.scores = scores
+        self.validate()
+
+    # construction -------------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls,
+        transformer,
+        num_inference_steps: int,
+        method: str,
+        *,
+        num_image_tokens: int | None = None,
+        text_len: int | None = None,
+    ) -> "Plan":
+        """Every head of every layer runs ``method`` at every step except step 0, which runs ``full``.
+
+        ``num_image_tokens`` and ``text_len`` (optional) let :meth:`summary` work without arguments.
+        """
+        from .adapters import adapter_for
+
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}")
+        spec = adapter_for(transformer).describe(transformer)
+        method = canonical(method)
+        rows = [
+            [["full" if step == 0 else method] * layer.heads for layer in spec.layers]
+            for step in range(num_inference_steps)
+        ]
+        provenance = {"source": f"uniform {method}", "num_image_tokens": num_image_tokens, "text_len": text_len}
+        return cls(spec, rows, provenance)
+
+    # access -------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return len(self.methods)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.model.layers]
+
+    def method(self, step: int, layer: int, head: int) -> Method:
+        return parse_method(self.methods[step][layer][head])
+
+    # validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        layers = self.model.layers
+        if not self.methods:
+            raise ValueError("a plan needs at least one denoising step")
+        for step, rows in enumerate(self.methods):
+            if len(rows) != len(layers):
+                raise ValueError(f"step {step} has {len(rows)} layers; the model has {len(layers)}")
+            for layer, heads in zip(layers, rows):
+                if len(heads) != layer.heads:
+                    raise ValueError(f"step {step}, layer {layer.name}: {len(heads)} methods for {layer.heads} heads")
+        for index, layer in enumerate(layers):
+            for head in range(layer.heads):
+                self._validate_head(index, layer.name, head)
+
+    def _validate_head(self, layer: int, name: str, head: int) -> None:
+        computed = False
+        last_full: int | None = None
+        residual_fraction: float | None = None
+        for step in range(self.num_steps):
+            method = self.method(step, layer, head)
+            where = f"step {step}, layer {name}, head {head}"
+            if step == 0 and method.kind in ("cache", "arrow_residual"):
+                raise ValueError(f"{where}: step 0 must compute every head exactly once; got {method.name!r}")
+            if method.kind == "cache" and not computed:
+                raise ValueError(f"{where}: 'cache' needs an earlier step that computes this head")
+            if method.kind == "arrow_residual":
+                if last_full is None:
+                    raise ValueError(f"{where}: {method.name!r} needs an earlier 'full' step of this head")
+                if residual_fraction not in (None, method.fraction):
+                    raise ValueError(
+                        f"{where}: {method.name!r} after arrow_residual:{residual_fraction:g} since the last 'full' "
+                        f"step (step {last_full}); one residual window per full step"
+                    )
+                residual_fraction = method.fraction
+            if method.kind == "full" and not method.cfg_share:
+                last_full, residual_fraction = step, None
+            computed = computed or method.computes
+
+    def check_compatible(self, model: ModelSpec, num_steps: int | None = None) -> None:
+        """Raise :class:`PlanMismatchError` naming both sides when this plan does not fit."""
+        if model != self.model:
+            raise PlanMismatchError(
+                f"this plan was made for {self.model.describe()}, but the model is {model.describe()}; "
+                "calibrate a plan for this model (ditfastattn.calibrate or `ditfastattn calibrate`)"
+            )
+        if num_steps is not None and num_steps != self.num_steps:
+            raise PlanMismatchError(
+                f"this plan has {self.num_steps} denoising steps but the pipeline runs {num_steps}; "
+                f"pass num_inference_steps={self.num_steps}, or calibrate a plan for {num_steps} steps"
+            )
+
+    # summary ------------------------------------------------------------------------------
+    def _geometry(self, num_image_tokens: int | None, text_len: int | None) -> tuple[int, int]:
+        num_image_tokens = num_image_tokens or self.provenance.get("num_image_tokens")
+        text_len = self.provenance.get("text_len") if text_len is None else text_len
+        if not num_image_tokens or text_len is None:
+            raise ValueError(
+                "this plan does not record its resolution: pass num_image_tokens= and text_len= "
+                "(e.g. FLUX at 1024x1024: 4096 and 512; SD3: 4096 and 333)"
+            )
+        return int(num_image_tokens), int(text_len)
+
+    def summary(self, num_image_tokens: int | None = None, text_len: int | None = None) -> dict[str, Any]:
+        """Attention sparsity (fraction of attention FLOPs removed, exact from the block geometry).
+
+        Keys: ``sparsity`` (overall), ``sparsity_per_step``, ``sparsity_per_layer``,
+        ``method_counts``, ``method_share``, ``speedup_estimate`` (ideal attention speed-up
+        1 / (1 - sparsity)), and the geometry used. CFG sharing counts as half the cost of its
+        computed part (a CFG batch is assumed).
+        """
+        num_image_tokens, text_len = self._geometry(num_image_tokens, text_len)
+        layer_flops, layer_kept = [], [[0.0] * len(self.model.layers) for _ in range(self.num_steps)]
+        for index, layer in enumerate(self.model.layers):
+            tokens = num_image_tokens + (text_len if layer.text else 0)
+            layer_text = text_len if layer.text else 0
+            per_head = float(tokens * tokens * layer.head_dim)
+            layer_flops.append(per_head * layer.heads)
+            for step in range(self.num_steps):
+                layer_kept[step][index] = per_head * sum(
+                    self.method(step, index, head).cost(num_image_tokens, layer_text) for head in range(layer.heads)
+                )
+        step_total = sum(layer_flops)
+        per_step = [1.0 - sum(row) / step_total for row in layer_kept]
+        per_layer = {
+            layer.name: 1.0 - sum(row[i] for row in layer_kept) / (layer_flops[i] * self.num_steps)
+            for i, layer in enumerate(self.model.layers)
+        }
+        sparsity = 1.0 - sum(map(sum, layer_kept)) / (step_total * self.num_steps)
+        counts = Counter(m for rows in self.methods for heads in rows for m in heads)
+        total = sum(counts.values())
+        return {
+            "sparsity": sparsity,
+            "sparsity_per_step": per_step,
+            "sparsity_per_layer": per_layer,
+            "method_counts": dict(sorted(counts.items())),
+            "method_share": {k: v / total for k, v in sorted(counts.items())},
+            "speedup_estimate": math.inf if sparsity >= 1.0 else 1.0 / (1.0 - sparsity),
+            "num_image_tokens": num_image_tokens,
+            "text_len": text_len,
+            "num_steps": self.num_steps,
+            "num_layers": len(self.model.layers),
+        }
+
+    def __repr__(self) -> str:
+        counts = Counter(m for rows in self.methods for heads in rows for m in heads)
+        top = ", ".join(f"{name}: {count}" for name, count in counts.most_common(4))
+        return f"Plan({self.model.model_class}, {self.num_steps} steps x {len(self.model.layers)} layers; {top})"
+
+    # serialisation ------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": PLAN_TYPE,
+            "version": PLAN_VERSION,
+            "model": self.model.to_json(),
+            "num_steps": self.num_steps,
+            "provenance": self.provenance,
+            # One space-separated string per step and layer keeps the file readable and diffable.
+            "methods": [[" ".join(heads) for heads in rows] for rows in self.methods],
+            "scores": self.scores,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "plan") -> "Plan":
+        if not isinstance(data, dict) or data.get("type") != PLAN_TYPE:
+            raise ValueError(f"{source} is not a ditfastattn plan (no \"type\": \"{PLAN_TYPE}\"); is it the right file?")
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(
+                f"{source} has plan format version {data.get('version')!r}; this ditfastattn "
+                f"({_library_version()}) reads version {PLAN_VERSION}: upgrade ditfastattn or recalibrate"
+            )
+        try:
+            model = ModelSpec.from_json(data["model"])
+            methods = [[row.split() for row in rows] for rows in data["methods"]]
+            if len(methods) != data["num_steps"]:
+                raise ValueError(f"num_steps says {data['num_steps']} but {len(methods)} steps are stored")
+            return cls(model, methods, data.get("provenance"), data.get("scores"))
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"{source} is a corrupt ditfastattn plan: {err}") from err
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON; the file is replaced only once it is fully written."""
+        path = Path(path)
+        body = self.to_json()
+        scores = json.dumps(body.pop("scores"), separators=(",", ":"), allow_nan=False)
+        # Scores stay on one line: indenting hundreds of thousands of numbers helps no reader.
+        text = json.dumps(body, indent=1, allow_nan=False)[:-2] + f',\n "scores": {scores}\n}}\n'
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no plan file at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); the plan file is corrupt") from err
+        return cls.from_json(data, source=str(path))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self.model == other.model and self.methods == other.methods

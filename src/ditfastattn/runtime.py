@@ -1,0 +1,349 @@
+"""Applies a plan during denoising: per-layer processors, step tracking and persistent buffers."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from ._geometry import MODE_SKIP
+from .adapters import adapter_for
+from .plan import Plan, PlanMismatchError
+
+logger = logging.getLogger("ditfastattn")
+
+_SESSION_ATTR = "_ditfastattn_session"
+
+
+@dataclass
+class _Row:
+    """One layer at one step, compiled for one image length and device."""
+
+    all_full: bool  # every head plain full: run the stock dense attention
+    keep: bool  # a later step reads this layer's output buffer
+    modes: torch.Tensor  # (H,) int32 modes of the main op call
+    residual_add: torch.Tensor | None  # (1, 1, H, 1) bool: arrow_residual heads
+    capture_modes: torch.Tensor | None  # (H,) windows whose residual is captured now; others skip
+    capture_mask: torch.Tensor | None  # (1, 1, H, 1) bool
+    uncond_modes: torch.Tensor | None  # (H,) modes of the unconditional half; CFG-shared heads skip
+    share_mask: torch.Tensor | None  # (1, 1, H, 1) bool: CFG-shared heads
+
+
+class _Buffers:
+    """Output and residual buffers of one layer for one transformer call slot."""
+
+    __slots__ = ("out", "residual")
+
+    def __init__(self):
+        self.out: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
+
+
+def _compile_rows(plan: Plan, layer: int, num_image_tokens: int, device: torch.device) -> list[_Row]:
+    heads = plan.model.layers[layer].heads
+    steps = range(plan.num_steps)
+    methods = [[plan.method(step, layer, head) for head in range(heads)] for step in steps]
+    plain_full = [[m.kind == "full" and not m.cfg_share for m in row] for row in methods]
+    all_full = [all(row) for row in plain_full]
+
+    def tensor(values, dtype=torch.int32):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    def mask(flags):
+        return tensor(flags, torch.bool).view(1, 1, heads, 1) if any(flags) else None
+
+    rows = []
+    for step in steps:
+        row = methods[step]
+        capture = [MODE_SKIP] * heads
+        for head in range(heads):
+            if not plain_full[step][head]:
+                continue
+            for later in range(step + 1, plan.num_steps):
+                if plain_full[later][head]:
+                    break
+                if methods[later][head].kind == "arrow_residual":
+                    capture[head] = methods[later][head].mode(num_image_tokens)
+                    break
+        captured = [mode != MODE_SKIP for mode in capture]
+        shared = [m.cfg_share for m in row]
+        rows.append(
+            _Row(
+                all_full=all_full[step],
+                keep=not all(all_full[step + 1 :]),
+                modes=tensor([m.mode(num_image_tokens) for m in row]),
+                residual_add=mask([m.kind == "arrow_residual" for m in row]),
+                capture_modes=tensor(capture) if any(captured) else None,
+                capture_mask=mask(captured),
+                uncond_modes=tensor([MODE_SKIP if s else m.mode(num_image_tokens) for m, s in zip(row, shared)])
+                if any(shared)
+                else None,
+                share_mask=mask(shared),
+            )
+        )
+    return rows
+
+
+class LayerRuntime:
+    """The runtime side of one attention layer; adapters' processors call :meth:`attend`."""
+
+    def __init__(self, session: "Session", index: int, name: str):
+        self.session = session
+        self.index = index
+        self.name = name
+        self.slots: dict[int, _Buffers] = {}
+        self._rows: dict[tuple[int, torch.device], list[_Row]] = {}
+
+    def text_len(self) -> int:
+        return self.session.text_len
+
+    def rows(self, num_image_tokens: int, device: torch.device) -> list[_Row]:
+        key = (num_image_tokens, device)
+        if key not in self._rows:
+            self._rows[key] = _compile_rows(self.session.plan, self.index, num_image_tokens, device)
+        return self._rows[key]
+
+    def _buffers(self, q: torch.Tensor) -> _Buffers:
+        slot = self.slots.setdefault(self.session.call, _Buffers())
+        out = slot.out
+        if out is None or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            if self.session.step > 0 and out is not None:
+                raise RuntimeError(
+                    f"{self.name}: the attention input changed from {tuple(out.shape)} {out.dtype} to "
+                    f"{tuple(q.shape)} {q.dtype} within one generation; cached heads cannot be reused"
+                )
+            slot.out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            slot.residual = None
+        return slot
+
+    def attend(self, q, k, v, *, text_start: int, text_len: int, dense, dense_only: bool = False) -> torch.Tensor:
+        """Attention of one layer call under the plan; q, k, v are (B, S, H, D) views.
+
+        ``dense()`` computes the stock attention (B, S, H, D); it serves layers whose heads are all
+        ``full`` at this step, which keeps an all-full plan bitwise equal to stock diffusers.
+        """
+        session = self.session
+        row = self.rows(q.shape[1] - text_len, q.device)[session.step]
+        session.observe(self, q, k, v, text_start, text_len)
+        if row.all_full and row.capture_modes is None and not row.keep:
+            return dense()
+        if dense_only and not row.all_full:
+            raise NotImplementedError(
+                f"{self.name}: attention masks and context parallelism run dense only, but the plan compresses "
+                f"this layer at step {session.step}"
+            )
+        slot = self._buffers(q)
+        out = slot.out
+        if row.all_full:
+            result = dense()
+            out.copy_(result)
+        else:
+            result = out
+            self._compute(q, k, v, row, out, text_start, text_len)
+            if row.residual_add is not None:
+                out.add_(torch.where(row.residual_add, slot.residual, 0))
+        if row.capture_modes is not None:
+            arrow = torch.empty_like(out)
+            ops.headwise_attention(
+                q, k, v, row.capture_modes, text_start=text_start, text_len=text_len, out=arrow, impl=session.impl
+            )
+            previous = slot.residual if slot.residual is not None else torch.zeros_like(out)
+            slot.residual = torch.where(row.capture_mask, out - arrow, previous)
+        return result
+
+    def _compute(self, q, k, v, row: _Row, out, text_start, text_len) -> None:
+        impl = self.session.impl
+        if row.uncond_modes is None:
+            ops.headwise_attention(q, k, v, row.modes, text_start=text_start, text_len=text_len, out=out, impl=impl)
+            return
+        batch = q.shape[0]
+        if batch % 2:
+            raise ValueError(
+                f"{self.name}: cfg_share needs a CFG batch [unconditional; conditional] of even size; got batch {batch}"
+            )
+        half = batch // 2
+        cond, uncond = slice(half, batch), slice(0, half)
+        ops.headwise_attention(
+            q[cond], k[cond], v[cond], row.modes, text_start=text_start, text_len=text_len, out=out[cond], impl=impl
+        )
+        ops.headwise_attention(
+            q[uncond], k[uncond], v[uncond], row.uncond_modes,
+            text_start=text_start, text_len=text_len, out=out[uncond], impl=impl,
+        )
+        out[uncond] = torch.where(row.share_mask, out[cond], out[uncond])
+
+    def free(self, call: int | None = None) -> None:
+        if call is None:
+            self.slots.clear()
+        else:
+            self.slots.pop(call, None)
+
+
+class Session:
+    """State of one applied plan: the current step, the call slot within it, and the layers."""
+
+    def __init__(self, transformer, plan: Plan, adapter, impl: str):
+        self.transformer = transformer
+        self.plan = plan
+        self.adapter = adapter
+        self.impl = impl
+        self.step = 0
+        self.call = 0
+        self.text_len = 0
+        self._last_timestep: float | None = None
+        self._new_generation = True
+        self.layers = [LayerRuntime(self, index, layer.name) for index, layer in enumerate(plan.model.layers)]
+        self.originals: dict[str, object] = {}
+        self.handles: list = []
+        self.scheduler = None
+        parameters = list(inspect.signature(transformer.forward).parameters)
+        self._timestep_index = parameters.index("timestep") if "timestep" in parameters else None
+        self._context_index = (
+            parameters.index("encoder_hidden_states") if "encoder_hidden_states" in parameters else None
+        )
+
+    def observe(self, layer: LayerRuntime, q, k, v, text_start, text_len) -> None:
+        """Called before each layer's attention; calibration overrides it to decide the plan row."""
+
+    def _argument(self, args, kwargs, name, index):
+        if name in kwargs:
+            return kwargs[name]
+        return args[index] if index is not None and index < len(args) else None
+
+    def begin_call(self, module, args, kwargs) -> None:
+        timestep = self._argument(args, kwargs, "timestep", self._timestep_index)
+        context = self._argument(args, kwargs, "encoder_hidden_states", self._context_index)
+        if timestep is None:
+            raise ValueError("ditfastattn tracks denoising steps from the transformer's `timestep` argument; none was passed")
+        self.text_len = context.shape[1] if context is not None else 0
+        # One host read per transformer call: the step index comes from the timestep sequence.
+        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        last = self._last_timestep
+        if self._new_generation or last is None or value > last:
+            self._start_generation()
+        elif value == last:
+            self.call += 1
+        else:
+            self.step += 1
+            self.call = 0
+            if self.step >= self.plan.num_steps:
+                self._new_generation = True
+                raise PlanMismatchError(
+                    f"the pipeline ran more than the plan's {self.plan.num_steps} denoising steps; "
+                    f"pass num_inference_steps={self.plan.num_steps} or calibrate a plan for your step count"
+                )
+        self._last_timestep = value
+
+    def end_call(self, module, args, kwargs, output) -> None:
+        if self.step == self.plan.num_steps - 1:
+            for layer in self.layers:
+                layer.free(self.call)
+
+    def _start_generation(self) -> None:
+        self.step, self.call, self._new_generation = 0, 0, False
+        for layer in self.layers:
+            layer.free()
+
+    def scheduler_set(self, num_steps: int) -> None:
+        self.plan.check_compatible(self.plan.model, num_steps)
+        self._new_generation = True
+
+
+def _transformer_of(pipe_or_transformer):
+    if isinstance(pipe_or_transformer, torch.nn.Module):
+        return pipe_or_transformer, None
+    transformer = getattr(pipe_or_transformer, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer, pipe_or_transformer
+    raise TypeError(
+        f"expected a diffusers pipeline with a `.transformer` or a transformer module; got {type(pipe_or_transformer).__name__}"
+    )
+
+
+def _hook_scheduler(session: Session, pipe) -> None:
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "set_timesteps"):
+        return
+    original = scheduler.set_timesteps
+
+    # functools.wraps keeps the signature, which pipelines inspect (retrieve_timesteps).
+    @functools.wraps(original)
+    def set_timesteps(*args, **kwargs):
+        result = original(*args, **kwargs)
+        session.scheduler_set(len(scheduler.timesteps))
+        return result
+
+    scheduler.set_timesteps = set_timesteps
+    session.scheduler = scheduler
+
+
+def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session) -> Session:
+    transformer, pipe = _transformer_of(pipe_or_transformer)
+    if getattr(transformer, _SESSION_ATTR, None) is not None:
+        raise RuntimeError("a ditfastattn plan is already applied to this model; call ditfastattn.remove() first")
+    if impl not in ("auto", "reference", "triton"):
+        raise ValueError(f"impl must be 'auto', 'reference' or 'triton'; got {impl!r}")
+    if not isinstance(plan, Plan):
+        raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
+    adapter = adapter_for(transformer)
+    plan.check_compatible(adapter.describe(transformer))
+    stock = adapter.stock_processor_types()
+    modules = {name: transformer.get_submodule(name) for name in plan.layer_names}
+    for name, module in modules.items():
+        if not isinstance(module.processor, stock):
+            raise TypeError(
+                f"{name} uses {type(module.processor).__name__}; ditfastattn replaces only diffusers' stock "
+                f"{', '.join(t.__name__ for t in stock)} (undo fuse_qkv_projections / custom processors first)"
+            )
+    session = session_cls(transformer, plan, adapter, impl)
+    for layer in session.layers:
+        module = modules[layer.name]
+        session.originals[layer.name] = module.processor
+        module.set_processor(adapter.make_processor(layer, module.processor))
+    session.handles = [
+        transformer.register_forward_pre_hook(session.begin_call, with_kwargs=True),
+        transformer.register_forward_hook(session.end_call, with_kwargs=True),
+    ]
+    if pipe is not None:
+        _hook_scheduler(session, pipe)
+    setattr(transformer, _SESSION_ATTR, session)
+    return session
+
+
+def uninstall(pipe_or_transformer) -> Plan:
+    transformer, _ = _transformer_of(pipe_or_transformer)
+    session: Session | None = getattr(transformer, _SESSION_ATTR, None)
+    if session is None:
+        raise RuntimeError("no ditfastattn plan is applied to this model; nothing to remove")
+    for name, processor in session.originals.items():
+        transformer.get_submodule(name).set_processor(processor)
+    for handle in session.handles:
+        handle.remove()
+    if session.scheduler is not None:
+        del session.scheduler.set_timesteps
+    for layer in session.layers:
+        layer.free()
+    delattr(transformer, _SESSION_ATTR)
+    return session.plan
+
+
+def apply(pipe_or_transformer, plan: Plan, *, impl: str = "auto") -> None:
+    """Run ``pipe_or_transformer`` under ``plan`` until :func:`remove`.
+
+    Installs ditfastattn's processors on every attention layer the plan names (per module
+    instance, through diffusers' processor mechanism), tracks the denoising step from the
+    transformer's ``timestep``, and, given a pipeline, checks the step count when the scheduler's
+    timesteps are set. ``impl`` picks the attention op ("auto", "triton", "reference").
+    """
+    install(pipe_or_transformer, plan, impl)
+    summary_source = plan.provenance.get("source", "calibrated")
+    logger.info("ditfastattn: applied %s plan (%s)", summary_source, plan)
+
+
+def remove(pipe_or_transformer) -> Plan:
+    """Restore the original processors (bit for bit), drop hooks and buffers; returns the plan."""
+    return uninstall(pipe_or_transformer)
