@@ -108,7 +108,8 @@ def headwise_attention(
             plans with skip heads need it. Allocated when omitted.
         scale: softmax scale, ``1 / sqrt(D)`` by default.
         impl: ``"reference"``, ``"triton"``, or ``"auto"`` (Triton on CUDA when it supports the
-            inputs, else the reference; logged once). An explicit impl never falls back.
+            inputs, else the reference, logged once; the reference on the CPU). An explicit impl
+            never falls back. ``"triton"`` runs on the CPU only under ``TRITON_INTERPRET=1``.
         return_lse: also return the float32 log-sum-exp ``(B, H, S)`` of every computed row
             (``-inf`` for skip heads), for merging partial results.
 
@@ -127,12 +128,13 @@ def headwise_attention(
         out = torch.empty_like(q)
 
     if impl == "auto":
-        reason = _triton_unsupported(q)
-        if reason is None:
-            impl = "triton"
-        else:
+        # The interpreter is for testing the kernel, never an automatic choice on the CPU.
+        if q.device.type != "cuda":
             impl = "reference"
-            if q.device.type == "cuda":
+        else:
+            reason = _triton_unsupported(q)
+            impl = "triton" if reason is None else "reference"
+            if reason is not None:
                 _note_once(reason)
     elif impl == "triton":
         reason = _triton_unsupported(q)

@@ -1,0 +1,195 @@
+"""Method names, block geometry, plan validation, summary and the JSON format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_flux, tiny_sd3
+from test_reference_op import dense_mask
+
+from ditfastattn import Plan, PlanMismatchError
+from ditfastattn._geometry import MODE_FULL, MODE_SKIP, density, kept_pairs, window_blocks
+from ditfastattn.adapters import adapter_for
+from ditfastattn.methods import Method, parse_method
+
+
+@pytest.mark.parametrize(
+    "name,method",
+    [
+        ("full", Method("full")),
+        ("cache", Method("cache")),
+        ("arrow:0.125", Method("arrow", 0.125)),
+        ("arrow:.5", Method("arrow", 0.5)),
+        ("arrow_residual:0.0625", Method("arrow_residual", 0.0625)),
+        ("cfg_share", Method("full", None, True)),
+        ("cfg_share+arrow:0.25", Method("arrow", 0.25, True)),
+    ],
+)
+def test_parse_method_round_trips(name, method):
+    assert parse_method(name) == method
+    assert parse_method(method.name) == method
+
+
+@pytest.mark.parametrize("name", ["arrow", "arrow:0", "arrow:1.5", "arrow:x", "window:0.1", "cfg_share+cache", "", 3])
+def test_unknown_method_is_rejected(name):
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method(name)
+
+
+@pytest.mark.parametrize(
+    "fraction,tokens,expected",
+    [(0.125, 16384, 8), (0.0625, 16384, 4), (0.03125, 16384, 2), (0.125, 4096, 2), (0.03125, 4096, 0), (1.0, 1000, 4)],
+)
+def test_window_blocks(fraction, tokens, expected):
+    assert window_blocks(fraction, tokens) == expected
+
+
+@pytest.mark.parametrize("mode", [MODE_FULL, MODE_SKIP, 0, 1, 5])
+@pytest.mark.parametrize("text_len,image_len", [(0, 1000), (77, 300), (333, 130)])
+def test_kept_pairs_counts_the_mask(mode, text_len, image_len):
+    seq = text_len + image_len
+    counted = 0 if mode == MODE_SKIP else int(dense_mask(seq, 0, text_len, mode).sum())
+    assert kept_pairs(mode, image_len, text_len) == counted
+    assert density(mode, image_len, text_len) == pytest.approx(counted / seq**2)
+
+
+def test_method_costs():
+    tokens, text = 4096, 333
+    assert parse_method("full").cost(tokens, text) == 1.0
+    assert parse_method("cache").cost(tokens, text) == 0.0
+    arrow = parse_method("arrow:0.125").cost(tokens, text)
+    assert 0.0 < arrow < 1.0
+    assert parse_method("arrow_residual:0.125").cost(tokens, text) == arrow
+    assert parse_method("cfg_share+arrow:0.125").cost(tokens, text) == arrow / 2
+    assert parse_method("cfg_share").cost(tokens, text) == 0.5
+
+
+def test_uniform_plan_and_summary():
+    model = tiny_sd3(dual=True)
+    plan = Plan.uniform(model, 5, "cache", num_image_tokens=1024, text_len=7)
+    assert plan.num_steps == 5
+    assert plan.layer_names == ["transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn"]
+    assert all(m == "full" for rows in plan.methods[0] for m in rows)
+    summary = plan.summary()
+    assert summary["sparsity"] == pytest.approx(4 / 5)
+    assert summary["sparsity_per_step"] == pytest.approx([0, 1, 1, 1, 1])
+    assert summary["method_counts"] == {"cache": 36, "full": 9}
+    assert summary["speedup_estimate"] == pytest.approx(5.0)
+    assert Plan.uniform(model, 5, "full").summary(1024, 7)["sparsity"] == 0.0
+
+
+def test_summary_weights_layers_by_their_flops():
+    model = tiny_sd3(dual=True)
+    plan = Plan.uniform(model, 2, "full")
+    methods = [[list(h) for h in rows] for rows in plan.methods]
+    methods[1][1] = ["cache"] * 3  # the image-only attn2 layer: 1024^2 pairs, joint layers 1031^2
+    summary = Plan(plan.model, methods).summary(num_image_tokens=1024, text_len=7)
+    joint, image = 1031**2, 1024**2
+    assert summary["sparsity_per_step"][1] == pytest.approx(image / (2 * joint + image))
+    assert summary["sparsity_per_layer"]["transformer_blocks.0.attn2"] == pytest.approx(0.5)
+
+
+def test_summary_needs_a_resolution():
+    plan = Plan.uniform(tiny_flux(), 2, "cache")
+    with pytest.raises(ValueError, match="num_image_tokens"):
+        plan.summary()
+
+
+def _with(plan, step, layer, head, method):
+    methods = [[list(h) for h in rows] for rows in plan.methods]
+    methods[step][layer][head] = method
+    return methods
+
+
+@pytest.mark.parametrize(
+    "step,method,match",
+    [
+        (0, "cache", "step 0 must compute"),
+        (0, "arrow_residual:0.5", "step 0 must compute"),
+        (2, "bogus", "unknown method"),
+    ],
+)
+def test_validation_errors(step, method, match):
+    plan = Plan.uniform(tiny_flux(), 3, "arrow:0.5")
+    with pytest.raises(ValueError, match=match):
+        Plan(plan.model, _with(plan, step, 0, 1, method))
+
+
+def test_residual_needs_an_earlier_full_step():
+    plan = Plan.uniform(tiny_flux(), 3, "arrow:0.5")
+    methods = _with(plan, 0, 0, 0, "arrow:0.5")
+    methods[1][0][0] = "arrow_residual:0.5"
+    with pytest.raises(ValueError, match="needs an earlier 'full' step"):
+        Plan(plan.model, methods)
+
+
+def test_one_residual_window_per_full_step():
+    plan = Plan.uniform(tiny_flux(), 3, "arrow_residual:0.5")
+    with pytest.raises(ValueError, match="one residual window per full step"):
+        Plan(plan.model, _with(plan, 2, 0, 0, "arrow_residual:0.25"))
+
+
+def test_shape_errors():
+    plan = Plan.uniform(tiny_flux(), 2, "full")
+    with pytest.raises(ValueError, match="3 heads"):
+        Plan(plan.model, [plan.methods[0], [plan.methods[1][0][:2]] + plan.methods[1][1:]])
+    with pytest.raises(ValueError, match="layers"):
+        Plan(plan.model, [plan.methods[0], plan.methods[1][:2]])
+
+
+def test_json_round_trip(tmp_path):
+    model = tiny_sd3(dual=True)
+    plan = Plan.uniform(model, 4, "arrow_residual:0.25", num_image_tokens=256, text_len=7)
+    methods = _with(plan, 2, 1, 2, "cache")
+    methods[3][0][0] = "cfg_share+arrow:0.5"
+    scores = {"candidates": ["full", "cache"], "rse": [[[[0.0, 0.5]] * 3] * 3] * 4}
+    plan = Plan(plan.model, methods, plan.provenance, scores)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan
+    assert loaded.provenance == plan.provenance
+    assert loaded.scores == scores
+    assert loaded.summary() == plan.summary()
+    data = json.loads(path.read_text())
+    assert data["type"] == "ditfastattn.plan" and data["version"] == 1
+    assert data["model"]["class"] == "SD3Transformer2DModel"
+    assert data["methods"][3][0].split()[0] == "cfg_share+arrow:0.5"
+    assert {"library_version", "date", "num_image_tokens", "text_len"} <= set(data["provenance"])
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"type": "something else"}', "not a ditfastattn plan"),
+        ('{"type": "ditfastattn.plan", "version": 99}', "format version 99"),
+        ('{"type": "ditfastattn.plan", "version": 1, "model": {}}', "corrupt"),
+    ],
+)
+def test_load_rejects_bad_files(tmp_path, content, match):
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        Plan.load(path)
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no plan file"):
+        Plan.load(tmp_path / "missing.json")
+
+
+def test_plan_for_another_model_names_both_sides():
+    plan = Plan.uniform(tiny_flux(), 3, "cache")
+    sd3 = tiny_sd3()
+    with pytest.raises(PlanMismatchError, match=r"made for FluxTransformer2DModel.*model is SD3Transformer2DModel"):
+        plan.check_compatible(adapter_for(sd3).describe(sd3))
+    with pytest.raises(PlanMismatchError, match="3 denoising steps but the pipeline runs 5"):
+        plan.check_compatible(plan.model, 5)
+
+
+def test_unsupported_model():
+    with pytest.raises(TypeError, match="does not support Linear"):
+        Plan.uniform(torch.nn.Linear(2, 2), 2, "full")

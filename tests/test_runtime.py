@@ -1,0 +1,248 @@
+"""apply/remove on real (tiny) diffusers pipelines: exactness, every method's definition, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import embeds, flux_pipeline, make_pipeline, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3
+from test_reference_op import masked_reference
+
+import ditfastattn
+from ditfastattn import Plan, PlanMismatchError
+from ditfastattn._geometry import MODE_FULL, window_blocks
+from ditfastattn.runtime import LayerRuntime
+
+STEPS = 4
+# 48 x 56 pixels (the tiny VAE keeps the size) -> 24 x 28 = 672 image tokens: 5 full blocks and a partial one.
+ODD = {"height": 48, "width": 56}
+ODD_IMAGE_TOKENS = 672
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Records every layer call: step, call slot, inputs and the output the runtime returned."""
+    records = []
+    attend = LayerRuntime.attend
+
+    def recording_attend(self, q, k, v, **kwargs):
+        out = attend(self, q, k, v, **kwargs)
+        records.append(
+            {
+                "layer": self.name,
+                "step": self.session.step,
+                "call": self.session.call,
+                "q": q.clone(), "k": k.clone(), "v": v.clone(),
+                "text_start": kwargs["text_start"], "text_len": kwargs["text_len"],
+                "out": out.clone(),
+            }
+        )
+        return out
+
+    monkeypatch.setattr(LayerRuntime, "attend", recording_attend)
+    return records
+
+
+def find(records, layer, step, call=0):
+    (record,) = [r for r in records if r["layer"] == layer and r["step"] == step and r["call"] == call]
+    return record
+
+
+def with_methods(plan: Plan, assign) -> Plan:
+    methods = [[list(h) for h in rows] for rows in plan.methods]
+    for step in range(1, plan.num_steps):
+        for layer, heads in enumerate(methods[step]):
+            for head in range(len(heads)):
+                heads[head] = assign(step, layer, head)
+    return Plan(plan.model, methods, plan.provenance)
+
+
+def test_all_full_plan_is_bitwise_stock(pipeline_kind):
+    pipe = make_pipeline(pipeline_kind)
+    stock = run_pipeline(pipe, steps=STEPS, batch=2)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    assert torch.equal(run_pipeline(pipe, steps=STEPS, batch=2), stock)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_full_plan_is_bitwise_stock_in_half_precision(dtype):
+    pipe = sd3_pipeline(dual=True).to(dtype=dtype)
+    inputs = {key: value.to(dtype) for key, value in {**embeds(), **negative_embeds()}.items()}
+    stock = run_pipeline(pipe, steps=2, **inputs)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 2, "full"))
+    assert torch.equal(run_pipeline(pipe, steps=2, **inputs), stock)
+
+
+@pytest.mark.parametrize("method", ["cache", "arrow:0.5", "arrow_residual:0.25"])
+def test_remove_restores_bitwise(pipeline_kind, method):
+    pipe = make_pipeline(pipeline_kind)
+    processors = dict(pipe.transformer.attn_processors)
+    state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    stock = run_pipeline(pipe, steps=STEPS)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, method))
+    compressed = run_pipeline(pipe, steps=STEPS)
+    assert not torch.equal(compressed, stock)
+    ditfastattn.remove(pipe)
+    assert torch.equal(run_pipeline(pipe, steps=STEPS), stock)
+    assert all(pipe.transformer.attn_processors[k] is v for k, v in processors.items())
+    assert all(torch.equal(v, state[k]) for k, v in pipe.transformer.state_dict().items())
+    assert "set_timesteps" not in vars(pipe.scheduler)
+
+
+def test_apply_twice_and_remove_twice_raise():
+    pipe = flux_pipeline()
+    plan = Plan.uniform(pipe.transformer, STEPS, "cache")
+    ditfastattn.apply(pipe, plan)
+    with pytest.raises(RuntimeError, match="already applied"):
+        ditfastattn.apply(pipe.transformer, plan)
+    assert ditfastattn.remove(pipe) is plan
+    with pytest.raises(RuntimeError, match="nothing to remove"):
+        ditfastattn.remove(pipe)
+
+
+def test_plan_for_another_model_is_refused_and_nothing_changes():
+    pipe = sd3_pipeline()
+    processors = dict(pipe.transformer.attn_processors)
+    with pytest.raises(PlanMismatchError, match="made for FluxTransformer2DModel"):
+        ditfastattn.apply(pipe, Plan.uniform(flux_pipeline().transformer, STEPS, "cache"))
+    assert all(pipe.transformer.attn_processors[k] is v for k, v in processors.items())
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "cache"))  # still clean
+
+
+def test_wrong_step_count_fails_before_denoising(pipeline_kind, recorder):
+    pipe = make_pipeline(pipeline_kind)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "cache"))
+    with pytest.raises(PlanMismatchError, match=f"{STEPS} denoising steps but the pipeline runs {STEPS + 2}"):
+        run_pipeline(pipe, steps=STEPS + 2)
+    assert recorder == []
+    run_pipeline(pipe, steps=STEPS)  # the session recovers for a correct call
+
+
+def test_transformer_only_tracks_steps_and_refuses_extra_steps(recorder):
+    model = tiny_sd3()
+    ditfastattn.apply(model, Plan.uniform(model, 2, "cache"))
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 32),
+        "encoder_hidden_states": torch.randn(1, 7, 16),
+        "pooled_projections": torch.randn(1, 16),
+    }
+    for generation in range(2):
+        model(**inputs, timestep=torch.tensor([900.0]))
+        model(**inputs, timestep=torch.tensor([500.0]))
+    assert [r["step"] for r in recorder if r["layer"].endswith("0.attn")] == [0, 1, 0, 1]
+    with pytest.raises(PlanMismatchError, match="more than the plan's 2 denoising steps"):
+        model(**inputs, timestep=torch.tensor([100.0]))
+
+
+def mixed_plan(transformer, steps, cfg: bool) -> Plan:
+    """Every method on some head; layers rotate the assignment so each layer sees each method."""
+    methods = ["cache", "arrow:0.5", "arrow_residual:0.5"]
+    if cfg:
+        methods = ["cfg_share", "cfg_share+arrow:0.5", "arrow_residual:0.5"]
+
+    def assign(step, layer, head):
+        if step == 2 and head == 0:
+            return "full"  # a fresh full step: residuals and caches must follow it
+        return methods[(head + layer) % len(methods)]
+
+    return with_methods(Plan.uniform(transformer, steps, "full"), assign)
+
+
+def head_attention(record, head, mode, rows=slice(None)):
+    """Float64 masked attention of one head of a recorded call, from the definition."""
+    q, k, v = (record[name][rows, :, head : head + 1] for name in ("q", "k", "v"))
+    (expected,), _ = masked_reference(q, k, v, [mode], record["text_start"], record["text_len"])
+    return expected
+
+
+def check_definitions(plan, records, atol: float):
+    checked = set()
+    for record in records:
+        step, layer, call, out = record["step"], record["layer"], record["call"], record["out"]
+        index = plan.layer_names.index(layer)
+        image_tokens = out.shape[1] - record["text_len"]
+        half = out.shape[0] // 2
+        for head in range(out.shape[2]):
+            method = plan.method(step, index, head)
+            checked.add(method.name)
+            if method.kind == "cache":
+                earlier = find(records, layer, step - 1, call)["out"][:, :, head]
+                assert torch.equal(out[:, :, head], earlier), "cache must reuse the previous output exactly"
+                continue
+            mode = method.mode(image_tokens)
+            rows = slice(half, None) if method.cfg_share else slice(None)
+            expected = head_attention(record, head, mode, rows)
+            if method.kind == "arrow_residual":
+                last_full = max(s for s in range(step) if plan.method(s, index, head).kind == "full")
+                then = find(records, layer, last_full, call)
+                expected = expected + head_attention(then, head, MODE_FULL) - head_attention(then, head, mode)
+            torch.testing.assert_close(out[rows, :, head].double(), expected, atol=atol, rtol=1e-4)
+            if method.cfg_share:
+                assert torch.equal(out[:half, :, head], out[half:, :, head]), "CFG sharing copies the cond half"
+    return checked
+
+
+def test_every_method_follows_its_definition(pipeline_kind, recorder):
+    pipe = make_pipeline(pipeline_kind)
+    plan = mixed_plan(pipe.transformer, STEPS, cfg=False)
+    ditfastattn.apply(pipe, plan)
+    run_pipeline(pipe, steps=STEPS, **ODD)
+    assert window_blocks(0.5, ODD_IMAGE_TOKENS) == 1  # a band narrower than the 6 image blocks
+    checked = check_definitions(plan, recorder, atol=3e-5)
+    assert checked == {"full", "cache", "arrow:0.5", "arrow_residual:0.5"}
+
+
+def test_cfg_sharing_follows_its_definition(recorder):
+    pipe = sd3_pipeline(dual=True)
+    plan = mixed_plan(pipe.transformer, STEPS, cfg=True)
+    ditfastattn.apply(pipe, plan)
+    run_pipeline(pipe, steps=STEPS, **ODD)
+    assert recorder[0]["q"].shape[0] == 2  # CFG batch [uncond; cond]
+    checked = check_definitions(plan, recorder, atol=3e-5)
+    assert checked == {"full", "cfg_share", "cfg_share+arrow:0.5", "arrow_residual:0.5"}
+
+
+def test_cfg_share_needs_a_cfg_batch():
+    pipe = flux_pipeline()
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 2, "cfg_share"))
+    with pytest.raises(ValueError, match="cfg_share needs a CFG batch"):
+        run_pipeline(pipe, steps=2)
+
+
+def test_true_cfg_keeps_separate_caches_per_call(recorder):
+    pipe = flux_pipeline()
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 3, "cache"))
+    run_pipeline(pipe, steps=3, true_cfg_scale=3.0, **negative_embeds())
+    layer = "single_transformer_blocks.1.attn"
+    assert {r["call"] for r in recorder} == {0, 1}
+    positive, negative = find(recorder, layer, 0, 0)["out"], find(recorder, layer, 0, 1)["out"]
+    assert not torch.equal(positive, negative)
+    for step in (1, 2):
+        assert torch.equal(find(recorder, layer, step, 0)["out"], positive)
+        assert torch.equal(find(recorder, layer, step, 1)["out"], negative)
+
+
+def test_buffers_are_freed_when_a_generation_ends():
+    pipe = sd3_pipeline()
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "arrow_residual:0.5"))
+    session = pipe.transformer._ditfastattn_session
+    run_pipeline(pipe, steps=STEPS)
+    assert all(not layer.slots for layer in session.layers)
+
+
+def test_repeated_generations_are_identical():
+    pipe = make_pipeline("sd35")
+    ditfastattn.apply(pipe, mixed_plan(pipe.transformer, STEPS, cfg=True))
+    first = run_pipeline(pipe, steps=STEPS)
+    assert torch.equal(run_pipeline(pipe, steps=STEPS), first)
+
+
+def test_fused_projections_are_refused():
+    pipe = sd3_pipeline()
+    pipe.transformer.fuse_qkv_projections()
+    with pytest.raises(TypeError, match="FusedJointAttnProcessor2_0.*fuse_qkv_projections"):
+        ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "cache"))
+
+
+def test_non_pipeline_input_is_refused():
+    with pytest.raises(TypeError, match="pipeline with a `.transformer`"):
+        ditfastattn.apply(object(), None)
