@@ -13,6 +13,8 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
+from ditfastattn.runtime import LayerRuntime
+
 TEXT_LEN = 7
 POOLED = 16
 LATENT = 4
@@ -129,3 +131,27 @@ def run_pipeline(pipe, steps: int = 3, batch: int = 1, seed: int = 0, **kwargs) 
     return pipe(
         num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt", **extra
     ).images
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Records every layer call: step, call slot, inputs and the output the runtime returned."""
+    records = []
+    attend = LayerRuntime.attend
+
+    def recording_attend(self, q, k, v, **kwargs):
+        out = attend(self, q, k, v, **kwargs)
+        records.append(
+            {
+                "layer": self.name,
+                "step": self.session.step,
+                "call": self.session.call,
+                "q": q.clone(), "k": k.clone(), "v": v.clone(),
+                "text_start": kwargs["text_start"], "text_len": kwargs["text_len"],
+                "out": out.clone(),
+            }
+        )
+        return out
+
+    monkeypatch.setattr(LayerRuntime, "attend", recording_attend)
+    return records

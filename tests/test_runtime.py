@@ -10,36 +10,11 @@ from test_reference_op import masked_reference
 import ditfastattn
 from ditfastattn import Plan, PlanMismatchError
 from ditfastattn._geometry import MODE_FULL, window_blocks
-from ditfastattn.runtime import LayerRuntime
 
 STEPS = 4
 # 48 x 56 pixels (the tiny VAE keeps the size) -> 24 x 28 = 672 image tokens: 5 full blocks and a partial one.
 ODD = {"height": 48, "width": 56}
 ODD_IMAGE_TOKENS = 672
-
-
-@pytest.fixture
-def recorder(monkeypatch):
-    """Records every layer call: step, call slot, inputs and the output the runtime returned."""
-    records = []
-    attend = LayerRuntime.attend
-
-    def recording_attend(self, q, k, v, **kwargs):
-        out = attend(self, q, k, v, **kwargs)
-        records.append(
-            {
-                "layer": self.name,
-                "step": self.session.step,
-                "call": self.session.call,
-                "q": q.clone(), "k": k.clone(), "v": v.clone(),
-                "text_start": kwargs["text_start"], "text_len": kwargs["text_len"],
-                "out": out.clone(),
-            }
-        )
-        return out
-
-    monkeypatch.setattr(LayerRuntime, "attend", recording_attend)
-    return records
 
 
 def find(records, layer, step, call=0):
@@ -202,10 +177,13 @@ def test_cfg_sharing_follows_its_definition(recorder):
 
 
 def test_cfg_share_needs_a_cfg_batch():
-    pipe = flux_pipeline()
+    flux = flux_pipeline()
+    with pytest.raises(ValueError, match="separate transformer calls"):
+        ditfastattn.apply(flux, Plan.uniform(flux.transformer, 2, "cfg_share"))
+    pipe = sd3_pipeline()
     ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 2, "cfg_share"))
     with pytest.raises(ValueError, match="cfg_share needs a CFG batch"):
-        run_pipeline(pipe, steps=2)
+        run_pipeline(pipe, steps=2, guidance_scale=1.0)
 
 
 def test_true_cfg_keeps_separate_caches_per_call(recorder):

@@ -10,7 +10,8 @@
 __version__ = "0.1.0"
 
 from . import ops
+from .calibration import METHOD_SETS, SearchConfig, calibrate
 from .plan import Plan, PlanMismatchError
 from .runtime import apply, remove
 
-__all__ = ["Plan", "PlanMismatchError", "apply", "remove", "ops", "__version__"]
+__all__ = ["Plan", "PlanMismatchError", "SearchConfig", "METHOD_SETS", "apply", "calibrate", "remove", "ops", "__version__"]

@@ -11,7 +11,7 @@ import torch
 
 from . import ops
 from ._geometry import MODE_SKIP
-from .adapters import adapter_for
+from .adapters import adapter_for, check_cfg_sharing
 from .plan import Plan, PlanMismatchError
 
 logger = logging.getLogger("ditfastattn")
@@ -43,12 +43,13 @@ class _Buffers:
         self.residual: torch.Tensor | None = None
 
 
-def _compile_rows(plan: Plan, layer: int, num_image_tokens: int, device: torch.device) -> list[_Row]:
-    heads = plan.model.layers[layer].heads
-    steps = range(plan.num_steps)
-    methods = [[plan.method(step, layer, head) for head in range(heads)] for step in steps]
-    plain_full = [[m.kind == "full" and not m.cfg_share for m in row] for row in methods]
-    all_full = [all(row) for row in plain_full]
+def compile_row(methods, *, keep: bool, capture, num_image_tokens: int, device) -> _Row:
+    """Turn one layer's per-head methods at one step into the op's mode tensors and masks.
+
+    ``capture`` lists, per head, the arrow window whose residual (full - arrow) must be kept now
+    for a later ``arrow_residual`` step, or ``MODE_SKIP``.
+    """
+    heads = len(methods)
 
     def tensor(values, dtype=torch.int32):
         return torch.tensor(values, dtype=dtype, device=device)
@@ -56,35 +57,38 @@ def _compile_rows(plan: Plan, layer: int, num_image_tokens: int, device: torch.d
     def mask(flags):
         return tensor(flags, torch.bool).view(1, 1, heads, 1) if any(flags) else None
 
+    modes = [m.mode(num_image_tokens) for m in methods]
+    captured = [mode != MODE_SKIP for mode in capture]
+    shared = [m.cfg_share for m in methods]
+    return _Row(
+        all_full=all(m.kind == "full" and not m.cfg_share for m in methods),
+        keep=keep,
+        modes=tensor(modes),
+        residual_add=mask([m.kind == "arrow_residual" for m in methods]),
+        capture_modes=tensor(capture) if any(captured) else None,
+        capture_mask=mask(captured),
+        uncond_modes=tensor([MODE_SKIP if s else m for m, s in zip(modes, shared)]) if any(shared) else None,
+        share_mask=mask(shared),
+    )
+
+
+def _compile_rows(plan: Plan, layer: int, num_image_tokens: int, device: torch.device) -> list[_Row]:
+    heads = plan.model.layers[layer].heads
+    methods = [[plan.method(step, layer, head) for head in range(heads)] for step in range(plan.num_steps)]
+    plain_full = [[m.kind == "full" and not m.cfg_share for m in row] for row in methods]
+    all_full = [all(row) for row in plain_full]
     rows = []
-    for step in steps:
-        row = methods[step]
+    for step, row in enumerate(methods):
         capture = [MODE_SKIP] * heads
         for head in range(heads):
-            if not plain_full[step][head]:
-                continue
-            for later in range(step + 1, plan.num_steps):
+            for later in range(step + 1, plan.num_steps) if plain_full[step][head] else ():
                 if plain_full[later][head]:
                     break
                 if methods[later][head].kind == "arrow_residual":
                     capture[head] = methods[later][head].mode(num_image_tokens)
                     break
-        captured = [mode != MODE_SKIP for mode in capture]
-        shared = [m.cfg_share for m in row]
-        rows.append(
-            _Row(
-                all_full=all_full[step],
-                keep=not all(all_full[step + 1 :]),
-                modes=tensor([m.mode(num_image_tokens) for m in row]),
-                residual_add=mask([m.kind == "arrow_residual" for m in row]),
-                capture_modes=tensor(capture) if any(captured) else None,
-                capture_mask=mask(captured),
-                uncond_modes=tensor([MODE_SKIP if s else m.mode(num_image_tokens) for m, s in zip(row, shared)])
-                if any(shared)
-                else None,
-                share_mask=mask(shared),
-            )
-        )
+        keep = not all(all_full[step + 1 :])
+        rows.append(compile_row(row, keep=keep, capture=capture, num_image_tokens=num_image_tokens, device=device))
     return rows
 
 
@@ -101,11 +105,11 @@ class LayerRuntime:
     def text_len(self) -> int:
         return self.session.text_len
 
-    def rows(self, num_image_tokens: int, device: torch.device) -> list[_Row]:
+    def row(self, num_image_tokens: int, device: torch.device) -> _Row:
         key = (num_image_tokens, device)
         if key not in self._rows:
             self._rows[key] = _compile_rows(self.session.plan, self.index, num_image_tokens, device)
-        return self._rows[key]
+        return self._rows[key][self.session.step]
 
     def _buffers(self, q: torch.Tensor) -> _Buffers:
         slot = self.slots.setdefault(self.session.call, _Buffers())
@@ -127,8 +131,7 @@ class LayerRuntime:
         ``full`` at this step, which keeps an all-full plan bitwise equal to stock diffusers.
         """
         session = self.session
-        row = self.rows(q.shape[1] - text_len, q.device)[session.step]
-        session.observe(self, q, k, v, text_start, text_len)
+        row = session.row(self, q, k, v, text_start, text_len, dense)
         if row.all_full and row.capture_modes is None and not row.keep:
             return dense()
         if dense_only and not row.all_full:
@@ -153,6 +156,7 @@ class LayerRuntime:
             )
             previous = slot.residual if slot.residual is not None else torch.zeros_like(out)
             slot.residual = torch.where(row.capture_mask, out - arrow, previous)
+        session.after(self, q, k, v, result, text_start, text_len)
         return result
 
     def _compute(self, q, k, v, row: _Row, out, text_start, text_len) -> None:
@@ -206,8 +210,12 @@ class Session:
             parameters.index("encoder_hidden_states") if "encoder_hidden_states" in parameters else None
         )
 
-    def observe(self, layer: LayerRuntime, q, k, v, text_start, text_len) -> None:
-        """Called before each layer's attention; calibration overrides it to decide the plan row."""
+    def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:
+        """The compiled plan row of ``layer`` at the current step (calibration decides it here)."""
+        return layer.row(q.shape[1] - text_len, q.device)
+
+    def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
+        """Called after a layer's attention when its buffers are in use (calibration keeps residuals)."""
 
     def _argument(self, args, kwargs, name, index):
         if name in kwargs:
@@ -291,6 +299,7 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session) -> 
         raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
     adapter = adapter_for(transformer)
     plan.check_compatible(adapter.describe(transformer))
+    check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads})
     stock = adapter.stock_processor_types()
     modules = {name: transformer.get_submodule(name) for name in plan.layer_names}
     for name, module in modules.items():

@@ -1,6 +1,6 @@
 """Model adapters: one module per model family. Each knows its token layout and how to hook it.
 
-An adapter exposes ``FAMILY``, ``matches(transformer)``, ``describe(transformer) -> ModelSpec``,
+An adapter exposes ``FAMILY``, ``CFG_IN_BATCH`` (whether its pipelines batch CFG), ``matches(transformer)``, ``describe(transformer) -> ModelSpec``,
 ``stock_processor_types()`` and ``make_processor(layer, original)``, where ``layer`` is the
 runtime's per-layer object with ``attend(q, k, v, *, text_start, text_len, dense)`` and
 ``text_len()`` (the text length of the current transformer call).
@@ -24,3 +24,12 @@ def adapter_for(transformer) -> ModuleType:
         f"ditfastattn does not support {type(transformer).__name__}; supported transformers: {supported} "
         "(pass the pipeline or its `.transformer`)"
     )
+
+
+def check_cfg_sharing(adapter: ModuleType, method_names) -> None:
+    """cfg_share needs CFG as one [unconditional; conditional] batch, which not every family uses."""
+    if not adapter.CFG_IN_BATCH and any(name.startswith("cfg_share") for name in method_names):
+        raise ValueError(
+            f"{adapter.MODEL_CLASS} pipelines run classifier-free guidance as separate transformer calls, "
+            "so cfg_share cannot apply; drop the cfg_share methods"
+        )

@@ -17,6 +17,8 @@ from ..plan import LayerSpec, ModelSpec
 
 FAMILY = "flux"
 MODEL_CLASS = "FluxTransformer2DModel"
+# True CFG runs the negative prompt as a separate transformer call, never inside the batch.
+CFG_IN_BATCH = False
 
 
 def matches(transformer) -> bool:

@@ -15,6 +15,8 @@ from ..plan import LayerSpec, ModelSpec
 
 FAMILY = "sd3"
 MODEL_CLASS = "SD3Transformer2DModel"
+# Pipelines run classifier-free guidance as one batch [unconditional; conditional].
+CFG_IN_BATCH = True
 
 
 def matches(transformer) -> bool:

@@ -1,0 +1,184 @@
+"""The integer program against brute force, and calibration on tiny pipelines."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import embeds, make_pipeline, negative_embeds, run_pipeline
+
+import ditfastattn
+from ditfastattn import SearchConfig
+from ditfastattn.calibration import _prompt_kwargs
+from ditfastattn.search import solve_layer
+
+
+def brute_force(rse, cost, delta, c, allowed):
+    heads, candidates = rse.shape
+    best, best_cost = None, np.inf
+    for choice in itertools.product(range(candidates), repeat=heads):
+        picked = rse[np.arange(heads), choice]
+        if not allowed[np.arange(heads), choice].all() or picked.sum() > delta:
+            continue
+        if c is not None and (picked > c * delta / heads).any():
+            continue
+        total = cost[np.arange(heads), choice].sum()
+        if total < best_cost - 1e-12:
+            best, best_cost = choice, total
+    return np.array(best), best_cost
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_integer_program_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    heads, candidates = int(rng.integers(2, 6)), int(rng.integers(2, 5))
+    rse = rng.uniform(0, 0.5, (heads, candidates))
+    rse[:, 0] = 0.0  # "full"
+    cost = np.tile(np.concatenate([[1.0], rng.uniform(0, 1, candidates - 1)]), (heads, 1))
+    allowed = rng.uniform(size=(heads, candidates)) > 0.2
+    allowed[:, 0] = True
+    delta = float(rng.uniform(0.05, 1.0))
+    c = [None, 1.0, 1.5, 2.0][seed % 4]
+    choice = solve_layer(rse, cost, delta, c, allowed)
+    expected, expected_cost = brute_force(rse, cost, delta, c, allowed)
+    picked = rse[np.arange(heads), choice]
+    assert picked.sum() <= delta
+    assert allowed[np.arange(heads), choice].all()
+    if c is not None:
+        assert (picked <= c * delta / heads).all()
+    assert cost[np.arange(heads), choice].sum() == pytest.approx(expected_cost, abs=1e-9)
+
+
+def test_head_constraint_binds():
+    # Either head's cheap method fits the layer budget 0.4 alone, but not 1.5 * 0.4 / 2 = 0.3.
+    rse = np.array([[0, 0.35], [0, 0.35]])
+    cost = np.array([[1.0, 0.1], [1.0, 0.2]])
+    assert list(solve_layer(rse, cost, 0.4, None)) == [1, 0]
+    assert list(solve_layer(rse, cost, 0.4, 1.5)) == [0, 0]
+    assert list(solve_layer(rse, cost, 0.4, 2.0)) == [1, 0]
+
+
+def test_program_needs_a_zero_error_candidate():
+    with pytest.raises(ValueError, match="zero-error candidate"):
+        solve_layer(np.array([[0.1, 0.2]]), np.array([[1.0, 0.5]]), 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"delta": -0.1}, ValueError, "delta must be"),
+        ({"candidates": ("full", "window:3")}, ValueError, "unknown method"),
+        ({"candidates": ("cache", "arrow:0.125")}, ValueError, "must include 'full'"),
+        ({"head_coefficient": 0}, ValueError, "head_coefficient"),
+        ({"num_inference_steps": 0}, ValueError, "num_inference_steps"),
+        ({"costs": {"arrow:0.5": 0.2}}, ValueError, "not candidates"),
+    ],
+)
+def test_bad_search_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SearchConfig(**kwargs)
+
+
+def test_method_sets():
+    assert SearchConfig.from_method_set("aa").candidates == ("full", "arrow:0.125", "arrow:0.0625", "arrow:0.03125")
+    assert "arrow_residual:0.125" in SearchConfig.from_method_set("aa+oc+cfg+rs").candidates
+    with pytest.raises(ValueError, match="unknown method set"):
+        SearchConfig.from_method_set("everything")
+
+
+def test_prompts():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        _prompt_kwargs([])
+    with pytest.raises(TypeError, match="all strings or all dicts"):
+        _prompt_kwargs(["a cat", {"prompt": "a dog"}])
+    kwargs, digest = _prompt_kwargs(["a cat", "a dog"])
+    assert kwargs == {"prompt": ["a cat", "a dog"]} and digest != _prompt_kwargs(["a cat"])[1]
+    merged, _ = _prompt_kwargs([embeds(1, seed=1), embeds(1, seed=2)])
+    assert merged["prompt_embeds"].shape[0] == 2
+
+
+STEPS = 5
+SIZE = {"height": 48, "width": 56}
+
+
+def prompts(kind, count=2):
+    cfg = kind != "flux"
+    return [{**embeds(1, seed=i), **(negative_embeds(1, seed=20 + i) if cfg else {})} for i in range(count)]
+
+
+def config(kind, **kwargs):
+    base = {"num_inference_steps": STEPS, "guidance_scale": 4.0 if kind != "flux" else None, **SIZE}
+    return SearchConfig(**{**base, **kwargs})
+
+
+def test_delta_zero_keeps_everything_full():
+    pipe = make_pipeline("sd35")
+    plan = ditfastattn.calibrate(pipe, prompts("sd35"), config("sd35", delta=0.0), progress=False)
+    assert all(m == "full" for rows in plan.methods for heads in rows for m in heads)
+
+
+def test_larger_delta_never_lowers_sparsity():
+    pipe = make_pipeline("flux")
+    sparsities = [
+        ditfastattn.calibrate(pipe, prompts("flux"), config("flux", delta=delta), progress=False).summary()["sparsity"]
+        for delta in (0.0, 0.02, 0.1, 0.4, 1.5)
+    ]
+    assert sparsities == sorted(sparsities) and sparsities[-1] > sparsities[0]
+
+
+@pytest.mark.parametrize(
+    "kind,method_set", [("sd3", "aa+oc+cfg+rs"), ("sd35", "aa+oc+rs"), ("flux", "aa+oc+rs")]
+)
+def test_applied_plan_reproduces_calibration_bit_for_bit(kind, method_set, recorder):
+    pipe = make_pipeline(kind)
+    search = config(kind, delta=0.1, candidates=ditfastattn.METHOD_SETS[method_set])
+    plan = ditfastattn.calibrate(pipe, prompts(kind), search, progress=False)
+    calibrated = [(r["layer"], r["step"], r["out"]) for r in recorder]
+    assert len(set(m for rows in plan.methods for heads in rows for m in heads)) > 2  # a real mix
+    recorder.clear()
+    ditfastattn.apply(pipe, plan)
+    merged, _ = _prompt_kwargs(prompts(kind))
+    extra = {"guidance_scale": search.guidance_scale} if search.guidance_scale else {}
+    run_pipeline(pipe, steps=STEPS, batch=2, **SIZE, **merged, **extra)
+    applied = [(r["layer"], r["step"], r["out"]) for r in recorder]
+    assert [(layer, step) for layer, step, _ in applied] == [(layer, step) for layer, step, _ in calibrated]
+    for (layer, step, got), (_, _, want) in zip(applied, calibrated):
+        assert torch.equal(got, want), f"{layer} at step {step} differs from calibration"
+
+
+def test_plan_keeps_scores_and_provenance(tmp_path):
+    pipe = make_pipeline("sd3")
+    plan = ditfastattn.calibrate(pipe, prompts("sd3"), config("sd3", delta=0.2, seed=3), progress=False)
+    search = plan.provenance["search"]
+    assert search["delta"] == 0.2 and search["head_coefficient"] == 1.5
+    assert plan.provenance["seed"] == 3 and plan.provenance["num_inference_steps"] == STEPS
+    assert plan.provenance["num_image_tokens"] == 24 * 28 and plan.provenance["text_len"] == 7
+    assert len(plan.provenance["prompts_sha256"]) == 64
+    scores = plan.scores
+    assert scores["candidates"] == list(search["candidates"])
+    assert scores["rse"][0] == [None] * len(plan.layer_names)
+    head_scores = scores["rse"][2][1][0]
+    assert len(head_scores) == len(scores["candidates"]) and head_scores[0] == 0.0  # full is exact
+    plan.save(tmp_path / "plan.json")
+    assert ditfastattn.Plan.load(tmp_path / "plan.json").scores == scores
+    # the plan's choices are the cheapest that fit the budget according to its own scores
+    for step in range(1, STEPS):
+        for layer in range(len(plan.layer_names)):
+            rse = np.array(scores["rse"][step][layer])
+            chosen = [scores["candidates"].index(m) for m in plan.methods[step][layer]]
+            assert rse[np.arange(len(chosen)), chosen].sum() <= 0.2
+
+
+def test_cfg_candidates_need_a_cfg_batch():
+    pipe = make_pipeline("flux")
+    with pytest.raises(ValueError, match="separate transformer calls, so cfg_share cannot apply"):
+        ditfastattn.calibrate(pipe, prompts("flux"), config("flux", candidates=("full", "cfg_share")), progress=False)
+    sd3 = make_pipeline("sd3")
+    with pytest.raises(ValueError, match="cfg_share candidates need a CFG batch"):
+        ditfastattn.calibrate(
+            sd3, prompts("sd3", count=1), config("sd3", candidates=("full", "cfg_share"), guidance_scale=1.0),
+            progress=False,
+        )
+    assert not hasattr(sd3.transformer, "_ditfastattn_session")  # removed even on failure
