@@ -1,0 +1,112 @@
+"""Pictures of plans: a steps x layers heatmap coloured by the share of heads per method family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .plan import Plan
+
+# Method families and their colours (RGB in [0, 1]); a cell mixes them by head share.
+FAMILIES = {
+    "full": (0.85, 0.85, 0.85),
+    "arrow": (0.20, 0.45, 0.85),
+    "arrow_residual": (0.55, 0.30, 0.80),
+    "cache": (0.95, 0.55, 0.10),
+    "cfg_share": (0.20, 0.70, 0.35),
+}
+
+
+def family(name: str) -> str:
+    if name.startswith("cfg_share"):
+        return "cfg_share"
+    return name.split(":", 1)[0]
+
+
+def family_shares(plan: Plan) -> dict[str, np.ndarray]:
+    """(steps, layers) share of heads in each method family."""
+    shares = {name: np.zeros((plan.num_steps, len(plan.layer_names))) for name in FAMILIES}
+    for step, rows in enumerate(plan.methods):
+        for layer, heads in enumerate(rows):
+            for method in heads:
+                shares[family(method)][step, layer] += 1.0 / len(heads)
+    return shares
+
+
+def plot_plan(plan: Plan, path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG: the heatmap, and the attention sparsity per step when the geometry is known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    shares = family_shares(plan)
+    image = sum(shares[name][..., None] * np.array(colour) for name, colour in FAMILIES.items())
+    try:
+        summary = plan.summary()
+    except ValueError:
+        summary = None
+    rows = 2 if summary else 1
+    fig, axes = plt.subplots(
+        rows, 1, figsize=(max(6.0, 0.16 * len(plan.layer_names) + 2), 3.2 + 2.2 * rows + 0.05 * plan.num_steps),
+        squeeze=False, gridspec_kw={"height_ratios": [3, 1][:rows]},
+    )
+    heat = axes[0, 0]
+    heat.imshow(image.clip(0, 1), aspect="auto", interpolation="nearest")
+    heat.set_xlabel("attention layer (execution order)")
+    heat.set_ylabel("denoising step")
+    used = [name for name in FAMILIES if shares[name].any()]
+    heat.legend(
+        handles=[Patch(color=FAMILIES[name], label=name) for name in used],
+        loc="upper center", bbox_to_anchor=(0.5, 1.18), ncol=len(used), frameon=False, fontsize=8,
+    )
+    headline = title or f"{plan.model.model_class}: {plan.num_steps} steps x {len(plan.layer_names)} layers"
+    if summary:
+        headline += f" | attention sparsity {summary['sparsity']:.1%}"
+        curve = axes[1, 0]
+        curve.plot(range(plan.num_steps), summary["sparsity_per_step"], marker=".", color="black")
+        curve.set_xlim(-0.5, plan.num_steps - 0.5)
+        curve.set_ylim(0, 1)
+        curve.set_xlabel("denoising step")
+        curve.set_ylabel("sparsity")
+        curve.grid(alpha=0.3)
+    fig.suptitle(headline, fontsize=10, y=0.995)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(reference, compressed, captions, path: str | Path, title: str = "") -> Path:
+    """Side-by-side grid: uncompressed row, compressed row, and their absolute difference (x4).
+
+    ``reference`` and ``compressed`` are (N, 3, H, W) tensors in [0, 1].
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import textwrap
+
+    count = reference.shape[0]
+    fig, axes = plt.subplots(3, count, figsize=(2.1 * count, 7.2), squeeze=False)
+    rows = [("full attention", reference), ("ditfastattn", compressed), ("|difference| x 4", (reference - compressed).abs() * 4)]
+    for row, (label, images) in enumerate(rows):
+        for column in range(count):
+            axis = axes[row, column]
+            axis.imshow(images[column].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column == 0:
+                axis.set_ylabel(label, fontsize=9)
+            if row == 0:
+                axis.set_title("\n".join(textwrap.wrap(captions[column], 28)), fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
