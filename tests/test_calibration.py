@@ -74,6 +74,7 @@ def test_program_needs_a_zero_error_candidate():
         ({"head_coefficient": 0}, ValueError, "head_coefficient"),
         ({"num_inference_steps": 0}, ValueError, "num_inference_steps"),
         ({"costs": {"arrow:0.5": 0.2}}, ValueError, "not candidates"),
+        ({"granularity": "block"}, ValueError, "granularity"),
     ],
 )
 def test_bad_search_config(kwargs, error, match):
@@ -182,3 +183,10 @@ def test_cfg_candidates_need_a_cfg_batch():
             progress=False,
         )
     assert not hasattr(sd3.transformer, "_ditfastattn_session")  # removed even on failure
+
+
+def test_layer_granularity_picks_one_method_per_layer():
+    pipe = make_pipeline("sd35")
+    plan = ditfastattn.calibrate(pipe, prompts("sd35"), config("sd35", delta=0.5, granularity="layer"), progress=False)
+    assert all(len(set(heads)) == 1 for rows in plan.methods for heads in rows)
+    assert plan.summary()["sparsity"] > 0

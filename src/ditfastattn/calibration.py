@@ -56,6 +56,8 @@ class SearchConfig:
         costs: optional measured relative latency per method name (``full`` = 1); by default the
             exact attention-FLOP share from the block geometry.
         impl: attention op implementation ("auto", "triton", "reference").
+        granularity: ``"head"`` (the method) or ``"layer"``: one method for all heads of a layer
+            at a step, with the same budget; a baseline for comparisons.
         pipeline_kwargs: extra keyword arguments for the pipeline call.
     """
 
@@ -69,6 +71,7 @@ class SearchConfig:
     seed: int = 0
     costs: dict[str, float] | None = None
     impl: str = "auto"
+    granularity: str = "head"
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -76,6 +79,8 @@ class SearchConfig:
             raise ValueError(f"delta must be a number >= 0; got {self.delta!r}")
         if self.head_coefficient is not None and not self.head_coefficient > 0:
             raise ValueError(f"head_coefficient must be > 0 or None; got {self.head_coefficient!r}")
+        if self.granularity not in ("head", "layer"):
+            raise ValueError(f"granularity must be 'head' or 'layer'; got {self.granularity!r}")
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1; got {self.num_inference_steps}")
         names = tuple(parse_method(name).name for name in self.candidates)  # raises on unknown names
@@ -204,7 +209,10 @@ class _CalibrationSession(Session):
         rse = rse.numpy()
         cost = np.array([self._cost(m, image_tokens, layer_text) for m in self.candidates])[None, :].repeat(heads, 0)
         allowed = self._allowed(index, heads, image_tokens)
-        choice = solve_layer(rse, cost, self.config.delta, self.config.head_coefficient, allowed)
+        if self.config.granularity == "layer":
+            choice = self._layer_choice(rse, cost, allowed)
+        else:
+            choice = solve_layer(rse, cost, self.config.delta, self.config.head_coefficient, allowed)
         chosen = [self.candidates[c] for c in choice]
         for head, method in enumerate(chosen):
             if method.kind == "full" and not method.cfg_share:
@@ -217,6 +225,12 @@ class _CalibrationSession(Session):
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(step=step, refresh=False)
+
+    def _layer_choice(self, rse: np.ndarray, cost: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """The cheapest single method for all heads whose summed error fits the budget."""
+        fits = allowed.all(axis=0) & (rse.sum(axis=0) <= self.config.delta)
+        total = np.where(fits, cost.sum(axis=0) + 1e-7 * rse.sum(axis=0), np.inf)
+        return np.full(rse.shape[0], int(np.argmin(total)))
 
     def _cost(self, method: Method, image_tokens: int, text_len: int) -> float:
         if self.config.costs is not None and method.name in self.config.costs:
@@ -339,6 +353,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
             "candidates": list(config.candidates),
             "costs": config.costs,
             "impl": config.impl,
+            "granularity": config.granularity,
         },
     }
     scores = {"metric": "rse", "candidates": list(config.candidates), "rse": _scores(session.rse, spec)}
