@@ -11,7 +11,7 @@ from conftest import embeds, make_pipeline, negative_embeds, run_pipeline
 
 import ditfastattn
 from ditfastattn import SearchConfig
-from ditfastattn.calibration import _prompt_kwargs
+from ditfastattn.calibration import prompt_kwargs
 from ditfastattn.search import solve_layer
 
 
@@ -91,12 +91,12 @@ def test_method_sets():
 
 def test_prompts():
     with pytest.raises(ValueError, match="at least one prompt"):
-        _prompt_kwargs([])
+        prompt_kwargs([])
     with pytest.raises(TypeError, match="all strings or all dicts"):
-        _prompt_kwargs(["a cat", {"prompt": "a dog"}])
-    kwargs, digest = _prompt_kwargs(["a cat", "a dog"])
-    assert kwargs == {"prompt": ["a cat", "a dog"]} and digest != _prompt_kwargs(["a cat"])[1]
-    merged, _ = _prompt_kwargs([embeds(1, seed=1), embeds(1, seed=2)])
+        prompt_kwargs(["a cat", {"prompt": "a dog"}])
+    kwargs, digest = prompt_kwargs(["a cat", "a dog"])
+    assert kwargs == {"prompt": ["a cat", "a dog"]} and digest != prompt_kwargs(["a cat"])[1]
+    merged, _ = prompt_kwargs([embeds(1, seed=1), embeds(1, seed=2)])
     assert merged["prompt_embeds"].shape[0] == 2
 
 
@@ -140,7 +140,7 @@ def test_applied_plan_reproduces_calibration_bit_for_bit(kind, method_set, recor
     assert len(set(m for rows in plan.methods for heads in rows for m in heads)) > 2  # a real mix
     recorder.clear()
     ditfastattn.apply(pipe, plan)
-    merged, _ = _prompt_kwargs(prompts(kind))
+    merged, _ = prompt_kwargs(prompts(kind))
     extra = {"guidance_scale": search.guidance_scale} if search.guidance_scale else {}
     run_pipeline(pipe, steps=STEPS, batch=2, **SIZE, **merged, **extra)
     applied = [(r["layer"], r["step"], r["out"]) for r in recorder]

@@ -99,7 +99,7 @@ class SearchConfig:
         return cls(candidates=METHOD_SETS[name], **kwargs)
 
 
-def _prompt_kwargs(prompts: Sequence[str | dict]) -> tuple[dict[str, Any], str]:
+def prompt_kwargs(prompts: Sequence[str | dict]) -> tuple[dict[str, Any], str]:
     """Pipeline keyword arguments for one batched run, and a hash that identifies the prompts."""
     prompts = list(prompts)
     if not prompts:
@@ -308,7 +308,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     transformer, pipeline = _transformer_of(pipe)
     if pipeline is None:
         raise TypeError("calibrate needs the pipeline (it runs a denoising pass), not only its transformer")
-    kwargs, prompts_hash = _prompt_kwargs(prompts)
+    kwargs, prompts_hash = prompt_kwargs(prompts)
     adapter = adapter_for(transformer)
     check_cfg_sharing(adapter, config.candidates)
     spec = adapter.describe(transformer)

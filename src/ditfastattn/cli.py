@@ -1,4 +1,4 @@
-"""Command line: ``ditfastattn demo | calibrate | generate | inspect``."""
+"""Command line: ``ditfastattn demo | calibrate | generate | evaluate | inspect``."""
 
 from __future__ import annotations
 
@@ -188,6 +188,33 @@ def cmd_generate(args) -> None:
     print(f"{output} in {elapsed:.2f} s ({'plan ' + args.plan if plan else 'full attention'})")
 
 
+def cmd_evaluate(args) -> None:
+    import json
+
+    from .evaluation import delta_sweep
+
+    prompts = read_prompts(args.prompts)
+    calibration_prompts = read_prompts(args.calibration_prompts)
+    try:
+        deltas = [float(d) for d in args.deltas.split(",")]
+    except ValueError as err:
+        raise CliError(f"--deltas must be comma-separated numbers; got {args.deltas!r}") from err
+    config = _search_config(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder")
+    pipe = load_model(args.model, _device(args.device), args.dtype)
+    results, plans = delta_sweep(pipe, calibration_prompts, prompts, deltas, config, out_dir=out)
+    for name, plan in plans.items():
+        plan.save(out / f"plan_{name}.json")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    columns = sorted({key for row in results.values() for key in row})
+    print(f"{'':<14}" + "".join(f"{c:>18}" for c in columns))
+    for name, row in results.items():
+        print(f"{name:<14}" + "".join(f"{row[c]:>18.4f}" if c in row else f"{'-':>18}" for c in columns))
+    print(f"images, plans and results.json in {out}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -240,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, default=None, help="default: the plan's step count")
     generate.add_argument("-o", "--output", required=True)
     generate.set_defaults(run=cmd_generate)
+
+    evaluate = sub.add_parser("evaluate", help="calibrate per delta, then compare images with full attention")
+    model_args(evaluate)
+    evaluate.add_argument("--prompts", required=True, help="evaluation prompts, one per line")
+    evaluate.add_argument("--calibration-prompts", required=True)
+    evaluate.add_argument("--deltas", default="0.2,0.6", help="comma-separated RSE budgets")
+    evaluate.add_argument("--delta", type=float, default=0.2, help=argparse.SUPPRESS)
+    evaluate.add_argument("--steps", type=int, default=50)
+    evaluate.add_argument("--head-coefficient", default="1.5")
+    evaluate.add_argument("--method-set", default="aa+oc")
+    evaluate.add_argument("--candidates", default=None)
+    evaluate.add_argument("--out", required=True, help="folder for images, plans and results.json")
+    evaluate.set_defaults(run=cmd_evaluate)
 
     inspect = sub.add_parser("inspect", help="summarise a plan and draw its heatmap")
     inspect.add_argument("plan")

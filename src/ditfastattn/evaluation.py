@@ -1,0 +1,184 @@
+"""Quality harness: images with and without plans, compared to full attention from the same seed.
+
+SSIM and PSNR (torchmetrics) are always computed. LPIPS and CLIP score need weights that are not
+downloaded here: they run only when found locally, and are otherwise skipped with a logged reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .calibration import SearchConfig, calibrate, prompt_kwargs
+from .plan import Plan
+from .runtime import apply, remove
+
+logger = logging.getLogger("ditfastattn")
+
+CLIP_MODEL = "openai/clip-vit-large-patch14"
+
+
+def _lpips_weights() -> tuple[Path | None, str]:
+    try:
+        import torchvision
+    except ImportError:
+        return None, "LPIPS skipped: torchvision is not installed"
+    url = torchvision.models.AlexNet_Weights.DEFAULT.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not path.exists():
+        return None, f"LPIPS skipped: its AlexNet weights are not at {path} (nothing is downloaded; put {url} there)"
+    return path, f"LPIPS with AlexNet weights from {path}"
+
+
+@functools.lru_cache(maxsize=1)
+def _lpips():
+    path, message = _lpips_weights()
+    logger.info(message)
+    if path is None:
+        return None
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _clip():
+    try:
+        from torchmetrics.multimodal.clip_score import CLIPScore
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(CLIP_MODEL, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(CLIP_MODEL, local_files_only=True)
+    except (ImportError, OSError, ValueError) as err:
+        logger.info("CLIP score skipped: %s is not available locally (%s)", CLIP_MODEL, type(err).__name__)
+        return None
+    return CLIPScore(model_name_or_path=lambda: (model, processor))
+
+
+@torch.no_grad()
+def image_metrics(images: torch.Tensor, references: torch.Tensor) -> dict[str, float]:
+    """Mean SSIM, PSNR (dB, per image then averaged) and, when available, LPIPS; (N, 3, H, W) in [0, 1]."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    images, references = images.float().cpu().clamp(0, 1), references.float().cpu().clamp(0, 1)
+    if images.shape != references.shape:
+        raise ValueError(f"images {tuple(images.shape)} and references {tuple(references.shape)} differ in shape")
+    metrics = {
+        "ssim": structural_similarity_index_measure(images, references, data_range=1.0).item(),
+        "psnr": peak_signal_noise_ratio(images, references, data_range=1.0, dim=(1, 2, 3)).item(),
+    }
+    lpips = _lpips()
+    if lpips is not None:
+        metrics["lpips"] = lpips(images, references).item()
+    return metrics
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, prompts: Sequence[str]) -> float | None:
+    """CLIP score of images against their prompts, or None when CLIP's weights are not local."""
+    metric = _clip()
+    if metric is None or not all(isinstance(p, str) for p in prompts):
+        return None
+    return metric((images.float().cpu().clamp(0, 1) * 255).to(torch.uint8), list(prompts)).item()
+
+
+def generate(pipe, prompts, *, num_inference_steps: int, seed: int = 0, **kwargs) -> tuple[torch.Tensor, float]:
+    """Images (N, 3, H, W) in [0, 1] for all prompts in one batch, and seconds per image."""
+    call, _ = prompt_kwargs(prompts)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    images = pipe(
+        num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed), output_type="pt",
+        **call, **kwargs,
+    ).images
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return images.float().cpu(), (time.perf_counter() - start) / len(prompts)
+
+
+def _save(images: torch.Tensor, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
+        Image.fromarray(array).save(folder / f"{index:03d}.png")
+
+
+def evaluate(
+    pipe,
+    prompts: Sequence[str | dict],
+    plans: dict[str, Plan],
+    *,
+    num_inference_steps: int,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    extra_metrics=None,
+    **pipe_kwargs,
+) -> dict[str, dict[str, Any]]:
+    """Generate ``prompts`` with full attention and under each plan; compare to full attention.
+
+    Returns ``{"reference": {...}, name: {...}}`` (the reference is full attention) with sparsity, seconds per image, SSIM, PSNR and
+    (when local weights exist) LPIPS and CLIP score. ``extra_metrics(images, prompts)`` may add
+    its own numbers (the testbed adds caption accuracy). Images go to ``out_dir/<name>/`` if given.
+    """
+    if "reference" in plans:
+        raise ValueError("'reference' names the full-attention images; give the plan another name")
+    out = Path(out_dir) if out_dir is not None else None
+    reference, seconds = generate(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed, **pipe_kwargs)
+
+    def describe(images, seconds, sparsity):
+        row = {"sparsity": sparsity, "seconds_per_image": seconds}
+        score = clip_score(images, prompts)
+        if score is not None:
+            row["clip_score"] = score
+        if extra_metrics is not None:
+            row.update(extra_metrics(images, prompts))
+        return row
+
+    results = {"reference": describe(reference, seconds, 0.0)}
+    if out is not None:
+        _save(reference, out / "reference")
+    for name, plan in plans.items():
+        apply(pipe, plan)
+        try:
+            images, seconds = generate(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed, **pipe_kwargs)
+        finally:
+            remove(pipe)
+        results[name] = {**describe(images, seconds, plan.summary()["sparsity"]), **image_metrics(images, reference)}
+        if out is not None:
+            _save(images, out / name)
+    return results
+
+
+def delta_sweep(
+    pipe,
+    calibration_prompts: Sequence[str | dict],
+    prompts: Sequence[str | dict],
+    deltas: Sequence[float],
+    config: SearchConfig,
+    *,
+    out_dir: str | Path | None = None,
+    extra_metrics=None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Plan]]:
+    """Calibrate one plan per delta on ``calibration_prompts``, then :func:`evaluate` all on ``prompts``."""
+    plans = {}
+    for delta in deltas:
+        search = dataclasses.replace(config, delta=delta)
+        plans[f"delta={delta:g}"] = calibrate(pipe, calibration_prompts, search, progress=progress)
+    kwargs = {name: getattr(config, name) for name in ("height", "width", "guidance_scale") if getattr(config, name) is not None}
+    results = evaluate(
+        pipe, prompts, plans, num_inference_steps=config.num_inference_steps, seed=config.seed,
+        out_dir=out_dir, extra_metrics=extra_metrics, **kwargs,
+    )
+    return results, plans
+

@@ -1,0 +1,51 @@
+"""The quality harness on tiny random pipelines (prompts as precomputed embeddings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import embeds, make_pipeline, negative_embeds
+
+from ditfastattn import Plan, SearchConfig
+from ditfastattn.evaluation import delta_sweep, evaluate, image_metrics
+
+
+def test_image_metrics_identical_and_different():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=generator)
+    same = image_metrics(images, images)
+    assert same["ssim"] == pytest.approx(1.0) and same["psnr"] > 60
+    noisy = image_metrics((images + 0.1 * torch.randn(images.shape, generator=generator)).clamp(0, 1), images)
+    assert noisy["ssim"] < 0.99 and 10 < noisy["psnr"] < 30
+    with pytest.raises(ValueError, match="differ in shape"):
+        image_metrics(images[:1], images)
+
+
+def prompts(count=2):
+    return [{**embeds(1, seed=i), **negative_embeds(1, seed=10 + i)} for i in range(count)]
+
+
+def test_evaluate_full_plan_is_identical_and_compressed_is_not(tmp_path):
+    pipe = make_pipeline("sd35")
+    plans = {"all-full": Plan.uniform(pipe.transformer, 3, "full", num_image_tokens=1024, text_len=7),
+             "cache": Plan.uniform(pipe.transformer, 3, "cache", num_image_tokens=1024, text_len=7)}
+    extra = lambda images, prompts: {"mean": images.mean().item()}  # noqa: E731
+    results = evaluate(pipe, prompts(), plans, num_inference_steps=3, out_dir=tmp_path, extra_metrics=extra,
+                       height=64, width=64, guidance_scale=4.0)
+    assert results["reference"]["sparsity"] == 0.0 and "mean" in results["reference"]
+    assert results["all-full"]["ssim"] == pytest.approx(1.0) and results["all-full"]["psnr"] > 60
+    assert results["cache"]["sparsity"] == pytest.approx(2 / 3)
+    assert results["cache"]["ssim"] < 1.0
+    assert len(list((tmp_path / "cache").glob("*.png"))) == 2
+    with pytest.raises(ValueError, match="'reference' names"):
+        evaluate(pipe, prompts(), {"reference": plans["cache"]}, num_inference_steps=3)
+
+
+def test_delta_sweep_orders_quality():
+    pipe = make_pipeline("flux")
+    flux_prompts = [embeds(1, seed=i) for i in range(2)]
+    config = SearchConfig(num_inference_steps=4, height=48, width=56)
+    results, plans = delta_sweep(pipe, flux_prompts, flux_prompts, [0.0, 1.0], config, progress=False)
+    assert set(plans) == {"delta=0", "delta=1"}
+    assert results["delta=0"]["sparsity"] == 0.0 and results["delta=0"]["psnr"] > 60
+    assert results["delta=1"]["sparsity"] > 0.3 and results["delta=1"]["psnr"] < results["delta=0"]["psnr"]
