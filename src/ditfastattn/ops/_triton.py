@@ -55,16 +55,18 @@ def _round(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _update(acc, m_i, l_i, q, k, v, qk_scale, valid, DTYPE: tl.constexpr, MASKED: tl.constexpr,
-            INTERPRET: tl.constexpr):
-    """Online-softmax step over one key tile; scores kept in log2 units (exp2, log2e in qk_scale)."""
+def _scores(q, k, INTERPRET: tl.constexpr):
     if INTERPRET:
         # The interpreter multiplies bf16 as raw uint16 bits; float32 operands give the exact
         # products the tensor cores form, so the arithmetic matches the GPU's.
         q = q.to(tl.float32)
         k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k))
+    return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Online-softmax step over one key tile; scores kept in log2 units (exp2, log2e in qk_scale)."""
     if MASKED:
         qk = tl.where(valid[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -72,26 +74,43 @@ def _update(acc, m_i, l_i, q, k, v, qk_scale, valid, DTYPE: tl.constexpr, MASKED
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(_round(p, DTYPE, INTERPRET), v, acc)
-    return acc, m_new, l_i
+    p = _round(p, v.dtype, INTERPRET)
+    if INTERPRET:
+        v = v.to(tl.float32)
+    return tl.dot(p, v, acc), m_new, l_i
 
 
 @triton.jit
-def _full_tile(acc, m_i, l_i, q, k_desc, v_desc, K, V, k_row, v_row, k_col, v_col, k_off, v_off,
-               sks, skd, svs, svd, pos, qk_scale, offs_n, offs_d, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr):
+def _load(src, pos, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """The whole key/value tile at rows [pos, pos + BLOCK_N) of one (batch, head)."""
+    desc, ptr, row, col, off, s_s, s_d = src
     if USE_TMA:
-        k = k_desc.load([k_row + pos, k_col])
-        v = v_desc.load([v_row + pos, v_col])
+        tile = desc.load([row + pos, col])
     else:
-        rows = (pos + offs_n).to(tl.int64)
-        k = tl.load(K + k_off + rows[:, None] * sks + offs_d[None, :] * skd)
-        v = tl.load(V + v_off + rows[:, None] * svs + offs_d[None, :] * svd)
-    return _update(acc, m_i, l_i, q, k, v, qk_scale, offs_n, k.dtype, False, INTERPRET)
+        rows = (pos + tl.arange(0, BLOCK_N)).to(tl.int64)
+        tile = tl.load(ptr + off + rows[:, None] * s_s + tl.arange(0, HEAD_DIM)[None, :] * s_d)
+    return tile
 
 
 @triton.jit
-def _tail_tile(acc, m_i, l_i, q, K, V, k_off, v_off, sks, skd, svs, svd, start, length, qk_scale,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INTERPRET: tl.constexpr):
+def _pos(j, ranges, BLOCK_N: tl.constexpr):
+    """Start of whole tile j: the first range's whole tiles, then the second's."""
+    start1, n1, start2 = ranges
+    return tl.where(j < n1, start1 + j * BLOCK_N, start2 + (j - n1) * BLOCK_N)
+
+
+@triton.jit
+def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale,
+          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr):
+    pos = _pos(j, ranges, BLOCK_N)
+    qk = _scores(q, _load(ks, pos, BLOCK_N, HEAD_DIM, USE_TMA), INTERPRET)
+    v = _load(vs, pos, BLOCK_N, HEAD_DIM, USE_TMA)
+    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, 0, False, INTERPRET)
+
+
+@triton.jit
+def _tail(acc, m_i, l_i, q, ks, vs, start, length, qk_scale,
+          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INTERPRET: tl.constexpr):
     """The partial last tile of keys [start, start + length), masked; nothing when there is none."""
     tail = length % BLOCK_N
     if tail > 0:
@@ -101,19 +120,22 @@ def _tail_tile(acc, m_i, l_i, q, K, V, k_off, v_off, sks, skd, svs, svd, start, 
         offs_d = tl.arange(0, HEAD_DIM)
         valid = offs_n < tail
         rows = (start + length - tail + offs_n).to(tl.int64)
-        k = tl.load(K + k_off + rows[:, None] * sks + offs_d[None, :] * skd, mask=valid[:, None], other=0.0)
-        v = tl.load(V + v_off + rows[:, None] * svs + offs_d[None, :] * svd, mask=valid[:, None], other=0.0)
-        acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, valid, k.dtype, True, INTERPRET)
+        k = tl.load(ks[1] + ks[4] + rows[:, None] * ks[5] + offs_d[None, :] * ks[6], mask=valid[:, None], other=0.0)
+        v = tl.load(vs[1] + vs[4] + rows[:, None] * vs[5] + offs_d[None, :] * vs[6], mask=valid[:, None], other=0.0)
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, _scores(q, k, INTERPRET), v, qk_scale, valid, True, INTERPRET)
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[
+    "s_modes", "q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "batch", "seq_len",
+    "num_heads", "text_start", "text_len", "image_start", "num_image", "tune_bucket",
+])
 def _headwise_kernel(
     Q, K, V, O, LSE, MODES, s_modes,
     q_desc, k_desc, v_desc,
     sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch,
-    batch, seq_len, num_heads, text_start, text_len, image_start, num_image, qk_scale,
+    batch, seq_len, num_heads, text_start, text_len, image_start, num_image, qk_scale, tune_bucket,
     HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMAGE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -157,12 +179,8 @@ def _headwise_kernel(
         else:
             q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :] * sqd,
                         mask=(offs_m < seq_len)[:, None], other=0.0)
-        k_off = b64 * skb + h64 * skh
-        v_off = b64 * svb + h64 * svh
-        k_row = b * k_rb + h * k_rh
-        v_row = b * v_rb + h * v_rh
-        k_col = h * k_ch
-        v_col = h * v_ch
+        ks = (k_desc, K, b * k_rb + h * k_rh, h * k_ch, b64 * skb + h64 * skh, sks, skd)
+        vs = (v_desc, V, b * v_rb + h * v_rh, h * v_ch, b64 * svb + h64 * svh, svs, svd)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -170,28 +188,21 @@ def _headwise_kernel(
         # then text keys), then the partial last tile of each range, masked.
         start1 = image_start + lo
         len1 = hi - lo
-        n1 = len1 // BLOCK_N
-        n_full = n1 + text_len // BLOCK_N
-        offs_n = tl.arange(0, BLOCK_N)
-        if not INTERPRET:
-            for j in tl.range(0, n_full):
-                pos = tl.where(j < n1, start1 + j * BLOCK_N, text_start + (j - n1) * BLOCK_N)
-                acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, k_desc, v_desc, K, V, k_row, v_row, k_col, v_col,
-                                           k_off, v_off, sks, skd, svs, svd, pos, qk_scale, offs_n, offs_d,
-                                           USE_TMA, INTERPRET)
-        else:
-            # The interpreter (numpy 2) cannot take a run-time bound in range(); a while loop can.
+        ranges = (start1, len1 // BLOCK_N, text_start)
+        n_full = len1 // BLOCK_N + text_len // BLOCK_N
+        if INTERPRET:  # the interpreter (numpy 2) cannot take a run-time bound in range()
             j = 0
             while j < n_full:
-                pos = tl.where(j < n1, start1 + j * BLOCK_N, text_start + (j - n1) * BLOCK_N)
-                acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, k_desc, v_desc, K, V, k_row, v_row, k_col, v_col,
-                                           k_off, v_off, sks, skd, svs, svd, pos, qk_scale, offs_n, offs_d,
-                                           USE_TMA, INTERPRET)
+                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, BLOCK_N, HEAD_DIM, USE_TMA,
+                                      INTERPRET)
                 j += 1
-        acc, m_i, l_i = _tail_tile(acc, m_i, l_i, q, K, V, k_off, v_off, sks, skd, svs, svd, start1, len1,
-                                   qk_scale, BLOCK_N, HEAD_DIM, INTERPRET)
-        acc, m_i, l_i = _tail_tile(acc, m_i, l_i, q, K, V, k_off, v_off, sks, skd, svs, svd, text_start, text_len,
-                                   qk_scale, BLOCK_N, HEAD_DIM, INTERPRET)
+        else:
+            for j in tl.range(0, n_full):
+                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, BLOCK_N, HEAD_DIM, USE_TMA,
+                                      INTERPRET)
+        acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, start1, len1, qk_scale, BLOCK_N, HEAD_DIM, INTERPRET)
+        acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, text_start, text_len, qk_scale, BLOCK_N, HEAD_DIM,
+                              INTERPRET)
         out = _round(acc / l_i[:, None], O.dtype.element_ty, INTERPRET).to(O.dtype.element_ty)
         o_ptrs = O + b64 * sob + h64 * soh + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :] * sod
         tl.store(o_ptrs, out, mask=row_ok[:, None])
@@ -211,21 +222,49 @@ def _set_block_shapes(nargs):
         nargs["v_desc"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
 
-def _configs():
-    # Query tiles stay at 128 rows (one image block, two warpgroups); key tiles of 64 or 128 rows
-    # both divide the image block, so band edges stay on tile edges for every config.
-    shapes = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3),
-              (128, 128, 4, 2), (128, 128, 4, 3)]
+# (BLOCK_N, num_warps, num_stages) per head dim, query tiles of 128 rows (one image block, two
+# warpgroups). Key tiles of 64 or 128 rows both divide the image block. Pruned ahead with the
+# sm_90 resource report: no register spills, shared memory within 227 KiB.
+_TILE_CONFIGS = {
+    128: [(128, 8, 2), (128, 8, 3), (64, 8, 3), (64, 8, 4)],
+    64: [(128, 8, 2), (128, 8, 3), (64, 8, 3), (64, 4, 3), (64, 4, 4)],
+    32: [(128, 8, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3)],
+}
+
+
+def tile_configs(head_dim: int) -> list[dict]:
+    """The launch configurations autotuning chooses from for ``head_dim``."""
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
-        for m, n, w, s in shapes
+        {"BLOCK_M": 128, "BLOCK_N": n, "num_warps": w, "num_stages": s} for n, w, s in _TILE_CONFIGS[head_dim]
     ]
+
+
+def _as_config(c: dict) -> triton.Config:
+    meta = {key: c[key] for key in ("BLOCK_M", "BLOCK_N")}
+    return triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=_set_block_shapes)
+
+
+_CONFIGS = {dim: [_as_config(c) for c in tile_configs(dim)] for dim in _TILE_CONFIGS}
+
+
+def _prune(configs, named_args, **kwargs):
+    return _CONFIGS[kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))]
+
+
+def _bench(fn, quantiles):
+    # Short timing per config: tuning runs once per (sequence bucket, head dim, dtype, path).
+    return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles)
 
 
 if _INTERPRET:
     _launch = _headwise_kernel
 else:
-    _launch = triton.autotune(configs=_configs(), key=["seq_len", "HEAD_DIM", "USE_TMA"])(_headwise_kernel)
+    _launch = triton.autotune(
+        configs=[c for configs in _CONFIGS.values() for c in configs],
+        key=["tune_bucket", "HEAD_DIM", "USE_TMA"],
+        prune_configs_by={"early_config_prune": _prune},
+        do_bench=_bench,
+    )(_headwise_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,14 +300,20 @@ def _tma_view(t: torch.Tensor):
     return rb, rh, ch, (batch - 1) * rb + (heads - 1) * rh + seq, (heads - 1) * ch + dim
 
 
-def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse):
-    """Launch the kernel; no host sync. Returns ``(out, lse or None)``."""
+def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, warmup=False):
+    """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
+
+    ``config`` (one of :func:`tile_configs`) bypasses autotuning, for checks of every configuration;
+    ``warmup`` compiles (that config, or all of them) without launching, for compiling ahead in threads.
+    """
     if not scale > 0:
         raise ValueError(f"the Triton kernel needs a positive softmax scale; got {scale}")
     batch, seq, heads, dim = q.shape
     num_image = seq - text_len
     image_start = text_len if text_start == 0 else 0
-    lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if return_lse else None
+    lse = None
+    if return_lse and not warmup:
+        lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     if batch * seq * heads == 0:
         if lse is not None:
             lse.fill_(float("-inf"))
@@ -293,21 +338,36 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse)
         block_m = meta["BLOCK_M"]
         return (heads * batch * (triton.cdiv(text_len, block_m) + triton.cdiv(num_image, block_m)),)
 
+    lse_arg = lse
+    if lse_arg is None:  # unused without RETURN_LSE; a warmup needs only the pointer's type
+        lse_arg = torch.empty(0, dtype=torch.float32, device=q.device) if return_lse else out
     args = (
-        q, k, v, out, lse if lse is not None else out, head_modes, head_modes.stride(0), *descs,
+        q, k, v, out, lse_arg, head_modes, head_modes.stride(0), *descs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *coeffs,
         batch, seq, heads, text_start, text_len, image_start, num_image, scale * _LOG2E,
+        triton.next_power_of_2(seq),
     )
     meta = dict(
-        HEADS_POW2=triton.next_power_of_2(heads), HEAD_DIM=dim, IMAGE_BLOCK=IMAGE_BLOCK,
+        # At least 32 so that head counts up to 32 share one compiled kernel.
+        HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, IMAGE_BLOCK=IMAGE_BLOCK,
         USE_TMA=views is not None, RETURN_LSE=return_lse, INTERPRET=_INTERPRET,
     )
     if _INTERPRET:
-        config = dict(INTERPRET_CONFIG)
-        _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "HEAD_DIM": dim, **config})
-        _launch[grid](*args, **meta, **config)
+        configs = [config or dict(INTERPRET_CONFIG)]
+    elif config is not None or warmup:
+        configs = [config] if config is not None else tile_configs(dim)
     else:
         with torch.cuda.device(q.device):
             _launch[grid](*args, **meta)
+        return out, lse
+    kernel = _headwise_kernel
+    for c in configs:
+        _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "HEAD_DIM": dim, **c})
+        if warmup:
+            kernel.warmup(*args, grid=grid, **meta, **c)
+        elif _INTERPRET:
+            kernel[grid](*args, **meta, **c)
+        else:
+            with torch.cuda.device(q.device):
+                kernel[grid](*args, **meta, **c)
     return out, lse
-

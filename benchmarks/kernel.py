@@ -1,0 +1,245 @@
+"""Speed of the fused head-wise attention kernel against cuDNN, FlashAttention-2 and FlexAttention.
+
+One GPU run prints a table per shape and writes JSON (and a PNG of speed-up against density):
+dense rows (cuDNN SDPA, flash SDPA, compiled FlexAttention without a mask, our kernel with every
+head full), arrow plans at window fractions 1/32, 1/16, 1/8, 1/4, and mixed plans (a third full, a
+third arrow 1/8, a third skip; and one near the paper's 68% sparsity), each beside FlexAttention
+with the same per-head block mask. Speed-ups are over cuDNN; "of ideal" is speed-up x density,
+where density is the share of a dense head's FLOPs the plan computes (``ditfastattn._geometry``).
+Times are ``triton.testing.do_bench`` medians after warm-up, on fresh random inputs.
+
+    PYTHONPATH=src python3 benchmarks/kernel.py OUT.json [--png OUT.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from ditfastattn import _geometry
+from ditfastattn.ops import MODE_FULL, MODE_SKIP, _triton, headwise_attention
+
+SHAPES = {
+    "FLUX-2K": {"batch": 1, "heads": 24, "text": 512, "image": 16384, "dim": 128, "text_first": True},
+    "FLUX-1K": {"batch": 1, "heads": 24, "text": 512, "image": 4096, "dim": 128, "text_first": True},
+    "SD3-1K": {"batch": 2, "heads": 24, "text": 333, "image": 4096, "dim": 64, "text_first": False},
+}
+FRACTIONS = {"1/32": 1 / 32, "1/16": 1 / 16, "1/8": 1 / 8, "1/4": 1 / 4}
+TARGET_SPARSITY = 0.68
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def plan_density(modes, image, text):
+    return sum(_geometry.density(m, image, text) for m in modes) / len(modes)
+
+
+def plan_pairs(modes, image, text):
+    return sum(_geometry.kept_pairs(m, image, text) for m in modes)
+
+
+def shuffled(modes, seed):
+    """Real plans interleave head types; order must not matter to a scheduler that ranks heads."""
+    modes = list(modes)
+    random.Random(seed).shuffle(modes)
+    return modes
+
+
+def mixed_third(heads, image):
+    w8 = _geometry.window_blocks(1 / 8, image)
+    third = heads // 3
+    return shuffled([MODE_FULL] * third + [w8] * third + [MODE_SKIP] * (heads - 2 * third), 1)
+
+
+def mixed_sparse(heads, image, text):
+    """Full, arrow 1/8, arrow 1/32 and skip heads, the counts whose density is nearest 1 - 68%."""
+    w8, w32 = _geometry.window_blocks(1 / 8, image), _geometry.window_blocks(1 / 32, image)
+    best = None
+    for full in range(1, heads):
+        for a8 in range(1, heads - full):
+            for a32 in range(1, heads - full - a8):
+                skip = heads - full - a8 - a32
+                if skip < 1:
+                    continue
+                modes = [MODE_FULL] * full + [w8] * a8 + [w32] * a32 + [MODE_SKIP] * skip
+                gap = abs(plan_density(modes, image, text) - (1 - TARGET_SPARSITY))
+                if best is None or gap < best[0]:
+                    best = (gap, modes)
+    return shuffled(best[1], 2)
+
+
+def plans(shape):
+    heads, image, text = shape["heads"], shape["image"], shape["text"]
+    result = {"full": [MODE_FULL] * heads}
+    for name, fraction in FRACTIONS.items():
+        result[f"arrow {name}"] = [_geometry.window_blocks(fraction, image)] * heads
+    result["mixed 1/3 full, 1/3 arrow 1/8, 1/3 skip"] = mixed_third(heads, image)
+    result["mixed ~68% sparse"] = mixed_sparse(heads, image, text)
+    return result
+
+
+class FlexMask:
+    """Per-head arrow block masks for FlexAttention; one compiled mask builder per shape."""
+
+    def __init__(self, shape, seq, text_start):
+        self.heads, self.seq = shape["heads"], seq
+        self.modes = torch.zeros(shape["heads"], dtype=torch.int32, device="cuda")
+        text_len = shape["text"]
+        image_start = text_len if text_start == 0 else 0
+        modes = self.modes
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            mode = modes[h]
+            q_text = (q_idx >= text_start) & (q_idx < text_start + text_len)
+            kv_text = (kv_idx >= text_start) & (kv_idx < text_start + text_len)
+            distance = ((q_idx - image_start) // _geometry.IMAGE_BLOCK - (kv_idx - image_start) // _geometry.IMAGE_BLOCK)
+            band = (mode == MODE_FULL) | (distance.abs() <= mode)
+            return (mode != MODE_SKIP) & (q_text | kv_text | band)
+
+        self.mask_mod = mask_mod
+
+    def __call__(self, modes):
+        self.modes.copy_(torch.tensor(modes, dtype=torch.int32))
+        return create_block_mask(self.mask_mod, None, self.heads, self.seq, self.seq, device="cuda",
+                                 BLOCK_SIZE=_geometry.IMAGE_BLOCK, _compile=True)
+
+
+def run_shape(name, shape, flex, seed):
+    batch, heads, text, image, dim = (shape[k] for k in ("batch", "heads", "text", "image", "dim"))
+    seq = text + image
+    text_start = 0 if shape["text_first"] else image
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    out = torch.empty_like(q)
+    dense_flops = 4.0 * batch * heads * seq * seq * dim
+    rows = []
+
+    def add(label, ms, flops, density, kind):
+        rows.append({"row": label, "kind": kind, "ms": ms, "tflops": flops / ms * 1e-9, "density": density})
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        add("cuDNN SDPA (dense)", bench(lambda: F.scaled_dot_product_attention(qh, kh, vh)), dense_flops, 1.0, "cudnn")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        add("flash SDPA (dense)", bench(lambda: F.scaled_dot_product_attention(qh, kh, vh)), dense_flops, 1.0, "flash")
+    errors = []
+    try:
+        add("FlexAttention (dense, no mask)", bench(lambda: flex(qh, kh, vh)), dense_flops, 1.0, "flex")
+    except Exception as err:  # a baseline that fails to build must not cost the run its other rows
+        errors.append(f"FlexAttention dense: {err!r}")
+    cudnn_ms = rows[0]["ms"]
+
+    masks = FlexMask(shape, seq, text_start)
+    tuning = {}
+    for plan_name, modes in plans(shape).items():
+        modes_t = torch.tensor(modes, dtype=torch.int32, device="cuda")
+        density = plan_density(modes, image, text)
+        flops = 4.0 * batch * dim * plan_pairs(modes, image, text)
+
+        def ours(modes_t=modes_t):
+            return headwise_attention(q, k, v, modes_t, text_start=text_start, text_len=text, out=out, impl="triton")
+
+        ours()  # autotunes on the first call of a (sequence bucket, head dim, dtype, path)
+        if _triton._launch.configs_timings and not tuning:
+            tuning = {str(c): t for c, t in _triton._launch.configs_timings.items()}
+        add(f"ours: {plan_name}", bench(ours), flops, density, "ours")
+        if plan_name == "full":
+            continue
+        try:
+            block_mask = masks(modes)
+            add(f"Flex + mask: {plan_name}", bench(lambda bm=block_mask: flex(qh, kh, vh, block_mask=bm)), flops,
+                density, "flex_mask")
+        except Exception as err:
+            errors.append(f"FlexAttention {plan_name}: {err!r}")
+
+    # Each launch configuration on the dense and one sparse plan, to see what autotuning trades.
+    per_config = {}
+    for plan_name in ("full", "arrow 1/8"):
+        modes_t = torch.tensor(plans(shape)[plan_name], dtype=torch.int32, device="cuda")
+        for config in _triton.tile_configs(dim):
+            ms = bench(lambda c=config: _triton.attention(q, k, v, modes_t, text_start, text, out, dim ** -0.5,
+                                                          False, config=c))
+            per_config[f"{plan_name} | {config}"] = ms
+    skip_t = torch.full((heads,), MODE_SKIP, dtype=torch.int32, device="cuda")
+    skip_ms = bench(lambda: headwise_attention(q, k, v, skip_t, text_start=text_start, text_len=text, out=out,
+                                               impl="triton"))
+
+    for row in rows:
+        row["speedup_vs_cudnn"] = cudnn_ms / row["ms"]
+        row["share_of_ideal"] = row["speedup_vs_cudnn"] * row["density"]
+    return {
+        "shape": {**shape, "seq": seq, "dtype": "bf16"}, "rows": rows, "autotune_timings_ms": tuning,
+        "best_config": str(_triton._launch.best_config), "per_config_ms": per_config, "all_skip_ms": skip_ms,
+        "errors": errors,
+    }
+
+
+def print_table(name, result):
+    print(f"\n{name}  {result['shape']}")
+    print(f"{'row':58s} {'ms':>8s} {'TFLOP/s':>8s} {'density':>8s} {'x cuDNN':>8s} {'of ideal':>8s}")
+    for r in result["rows"]:
+        print(f"{r['row']:58s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['density']:8.3f} "
+              f"{r['speedup_vs_cudnn']:8.2f} {r['share_of_ideal']:8.1%}")
+    print(f"all heads skip: {result['all_skip_ms'] * 1e3:.1f} us; best config {result['best_config']}")
+    for error in result["errors"]:
+        print("error:", error)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    grid = [x / 100 for x in range(5, 101)]
+    ax.plot(grid, [1 / x for x in grid], "k--", lw=1, label="ideal 1/density")
+    for (name, result), color in zip(results.items(), ("C0", "C1", "C2")):
+        for kind, marker, label in (("ours", "o", "ours"), ("flex_mask", "x", "FlexAttention + mask")):
+            pts = [(r["density"], r["speedup_vs_cudnn"]) for r in result["rows"] if r["kind"] == kind]
+            ax.scatter(*zip(*pts), color=color, marker=marker, label=f"{name} {label}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("density (share of dense FLOPs computed)")
+    ax.set_ylabel("speed-up over cuDNN dense")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="JSON results path")
+    parser.add_argument("--png", help="plot of speed-up against density")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    args = parser.parse_args()
+    flex = torch.compile(flex_attention)
+    summary = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "results": {},
+    }
+    results = summary["results"]
+    for seed, name in enumerate(args.shapes):
+        results[name] = run_shape(name, SHAPES[name], flex, seed)
+        print_table(name, results[name])
+        with open(args.out, "w") as f:  # after every shape, so a late failure keeps the rest
+            json.dump(summary, f, indent=1)
+    if args.png:
+        plot(results, args.png)
+
+
+if __name__ == "__main__":
+    main()

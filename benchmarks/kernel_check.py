@@ -1,0 +1,225 @@
+"""GPU correctness check of the fused Triton kernel against the float32 reference.
+
+Several hundred random cases: head dims 32/64/128, fp16/bf16, batch 1-3, 1-8 heads, text lengths
+0/77/154/333/512 at the start or the end, image lengths with and without a partial last block,
+random per-head plans (full, skip, arrows of every width), tensor layouts that take the TMA path
+((B, S, H, D), (B, H, S, D) transposed, fused QKV slices) and one that takes the pointer path, and
+every launch configuration the autotuner chooses from (cases rotate through them). ``out`` is
+poisoned with NaN before each run: every computed element must be written and finite, skipped
+heads must keep the poison bit for bit.
+
+Error measure: relative Frobenius error over the computed heads against the reference on the same
+(low-precision) inputs in float32, divided by the error of torch SDPA's memory-efficient backend
+(a same-precision tensor-core kernel: P and the output rounded to the input dtype) with the
+equivalent boolean mask. A case passes at a ratio of at most 2.
+
+    PYTHONPATH=src python3 benchmarks/kernel_check.py OUT.json [--cases 400] [--seed 0] [--budget-s 240]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ditfastattn import _geometry
+from ditfastattn.ops import MODE_FULL, MODE_SKIP, _triton, headwise_attention
+
+TEXT_LENS = (0, 77, 154, 333, 512)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HEAD_DIMS = (32, 64, 128)
+MAX_RATIO = 2.0
+
+
+def random_case(rng: random.Random, index: int) -> dict:
+    dim = rng.choice(HEAD_DIMS)
+    layout = rng.choice(["bshd", "bshd", "bhsd", "fused", "padded"])
+    heads = rng.randint(1, 8)
+    text_len = rng.choice(TEXT_LENS)
+    blocks = rng.randint(1, 24)
+    image = blocks * _geometry.IMAGE_BLOCK - rng.choice([0, 0, rng.randint(1, _geometry.IMAGE_BLOCK - 1)])
+    if layout == "padded":  # odd strides: one compiled specialization for every pointer-path case
+        heads |= 1
+        if (image + text_len) % 2 == 0:
+            image -= 1
+    image = max(image, 1)
+    n_blocks = _geometry.num_image_blocks(image)
+    modes = [rng.choice([MODE_FULL, MODE_SKIP, rng.randint(0, n_blocks)]) for _ in range(heads)]
+    configs = _triton.tile_configs(dim)
+    return {
+        "dim": dim, "dtype": rng.choice(list(DTYPES)), "batch": rng.choice([1, 1, 2, 3]), "heads": heads,
+        "text_len": text_len, "image": image, "text_first": rng.random() < 0.5, "layout": layout,
+        "out_layout": rng.choice(["bshd", "bhsd"]), "modes": modes, "return_lse": rng.random() < 0.5,
+        "scale_in": rng.choice([0.5, 1.0, 2.0, 3.0]), "config": configs[index % len(configs)],
+    }
+
+
+def make_tensor(shape, dtype, layout, gen, scale=1.0):
+    batch, seq, heads, dim = shape
+    device = "cuda"
+    if layout == "bhsd":
+        return (torch.randn(batch, heads, seq, dim, generator=gen, device=device) * scale).to(dtype).transpose(1, 2)
+    if layout == "padded":
+        wide = torch.randn(batch, seq, heads, dim + 1, generator=gen, device=device) * scale
+        return wide.to(dtype)[..., :dim]
+    return (torch.randn(batch, seq, heads, dim, generator=gen, device=device) * scale).to(dtype)
+
+
+def make_inputs(case, gen):
+    dtype = DTYPES[case["dtype"]]
+    shape = (case["batch"], case["image"] + case["text_len"], case["heads"], case["dim"])
+    if case["layout"] == "fused":
+        batch, seq, heads, dim = shape
+        qkv = (torch.randn(batch, seq, 3, heads, dim, generator=gen, device="cuda") * case["scale_in"]).to(dtype)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return tuple(make_tensor(shape, dtype, case["layout"], gen, case["scale_in"]) for _ in range(3))
+
+
+def head_mask(mode, seq, text_start, text_len, device):
+    pos = torch.arange(seq, device=device)
+    is_text = (pos >= text_start) & (pos < text_start + text_len)
+    if mode == MODE_FULL:
+        return torch.ones(seq, seq, dtype=torch.bool, device=device)
+    image_start = text_len if text_start == 0 else 0
+    block = torch.div(pos - image_start, _geometry.IMAGE_BLOCK, rounding_mode="floor")
+    return ((block[:, None] - block[None, :]).abs() <= mode) | is_text[:, None] | is_text[None, :]
+
+
+def sdpa_same_precision(q, k, v, modes, text_start, text_len, kept):
+    """Memory-efficient SDPA in the input dtype over the kept heads, (B, S, Hk, D)."""
+    seq = q.shape[1]
+    mask = torch.stack([head_mask(m, seq, text_start, text_len, q.device) for m in modes if m != MODE_SKIP])
+    qh, kh, vh = (t[:, :, kept].transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[None])
+    return out.transpose(1, 2)
+
+
+def run_case(case, gen):
+    q, k, v = make_inputs(case, gen)
+    batch, seq, heads, dim = q.shape
+    text_len = case["text_len"]
+    text_start = 0 if case["text_first"] else seq - text_len
+    modes = torch.tensor(case["modes"], dtype=torch.int32, device="cuda")
+    dtype = q.dtype
+    if case["out_layout"] == "bhsd":
+        out = torch.empty(batch, heads, seq, dim, dtype=dtype, device="cuda").transpose(1, 2)
+    else:
+        out = torch.empty(batch, seq, heads, dim, dtype=dtype, device="cuda")
+    out.fill_(float("nan"))
+    got, lse = _triton.attention(q, k, v, modes, text_start, text_len, out, 1.0 / math.sqrt(dim),
+                                 case["return_lse"], config=case["config"])
+    ref, ref_lse = headwise_attention(q.float(), k.float(), v.float(), modes, text_start=text_start,
+                                      text_len=text_len, out=torch.zeros(q.shape, device="cuda"),
+                                      impl="reference", return_lse=True)
+    kept = modes != MODE_SKIP
+    result = {"skip_untouched": bool(torch.isnan(got[:, :, ~kept]).all())}
+    if not bool(kept.any()):
+        result.update(ratio=0.0, err=0.0, base_err=0.0, finite=True, lse_err=0.0)
+    else:
+        sub = got[:, :, kept].float()
+        result["finite"] = bool(torch.isfinite(sub).all())
+        norm = ref[:, :, kept].norm()
+        err = float((sub - ref[:, :, kept]).norm() / norm)
+        base = sdpa_same_precision(q, k, v, case["modes"], text_start, text_len, kept).float()
+        base_err = float((base - ref[:, :, kept]).norm() / norm)
+        result.update(err=err, base_err=base_err, ratio=err / base_err if base_err > 0 else float("inf"))
+        result["lse_err"] = 0.0
+        if lse is not None:
+            result["lse_err"] = float((lse[:, kept] - ref_lse[:, kept]).abs().max())
+    if lse is not None:
+        result["lse_skip_ok"] = bool(torch.isneginf(lse[:, ~kept]).all())
+    result["ok"] = (
+        result["skip_untouched"] and result["finite"] and result["ratio"] <= MAX_RATIO
+        and result["lse_err"] <= 1e-3 and result.get("lse_skip_ok", True)
+    )
+    return result
+
+
+def precompile():
+    """Compile every configuration of both paths ahead, in threads (compilation releases the GIL)."""
+    jobs = []
+    for dtype in DTYPES.values():
+        for dim in HEAD_DIMS:
+            for layout in ("bshd", "padded"):
+                for return_lse in (False, True):
+                    for config in _triton.tile_configs(dim):
+                        jobs.append((dtype, dim, layout, return_lse, config))
+
+    def one(job):
+        dtype, dim, layout, return_lse, config = job
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        shape = (1, 255, 3, dim)
+        q, k, v = (make_tensor(shape, dtype, layout, gen) for _ in range(3))
+        modes = torch.tensor([MODE_FULL, 0, MODE_SKIP], dtype=torch.int32, device="cuda")
+        _triton.attention(q, k, v, modes, 0, 77, torch.empty_like(q), 0.1, return_lse, config=config, warmup=True)
+
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(one, jobs))
+    return len(jobs), time.time() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="JSON summary path")
+    parser.add_argument("--cases", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop drawing cases after this long")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    try:
+        n_compiled, compile_s = precompile()
+        print(f"precompiled {n_compiled} kernels in {compile_s:.1f} s", flush=True)
+    except Exception as err:  # the cases then compile what they need as they go
+        n_compiled, compile_s = 0, 0.0
+        print(f"precompile failed, compiling on demand: {err!r}", flush=True)
+    rng = random.Random(args.seed)
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    start = time.time()
+    results, failures = [], []
+    worst = None
+    for index in range(args.cases):
+        if time.time() - start > args.budget_s:
+            break
+        case = random_case(rng, index)
+        result = run_case(case, gen)
+        results.append(result)
+        if not result["ok"]:
+            failures.append({"case": case, "result": result})
+            print("FAIL", case, result, flush=True)
+        if worst is None or result["ratio"] > worst["result"]["ratio"]:
+            worst = {"case": case, "result": result}
+    torch.cuda.synchronize()
+    summary = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "cases": len(results), "failed": len(failures), "max_ratio_allowed": MAX_RATIO,
+        "worst_error_ratio": max(r["ratio"] for r in results),
+        "median_error_ratio": sorted(r["ratio"] for r in results)[len(results) // 2],
+        "worst_lse_abs_error": max(r["lse_err"] for r in results),
+        "worst_case": worst, "failures": failures[:20],
+        "precompiled_kernels": n_compiled, "precompile_s": round(compile_s, 1),
+        "check_s": round(time.time() - start, 1),
+    }
+    with open(args.out, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"kernel_check: {summary['cases']} cases, {summary['failed']} failed, worst error ratio "
+          f"{summary['worst_error_ratio']:.3f} (median {summary['median_error_ratio']:.3f}), "
+          f"worst |lse error| {summary['worst_lse_abs_error']:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
