@@ -6,7 +6,9 @@ head full), arrow plans at window fractions 1/32, 1/16, 1/8, 1/4, and mixed plan
 third arrow 1/8, a third skip; and one near the paper's 68% sparsity), each beside FlexAttention
 with the same per-head block mask. Speed-ups are over cuDNN; "of ideal" is speed-up x density,
 where density is the share of a dense head's FLOPs the plan computes (``ditfastattn._geometry``).
-Times are ``triton.testing.do_bench`` medians after warm-up, on fresh random inputs.
+Times are ``triton.testing.do_bench`` medians after warm-up, on fresh random inputs; each row is
+measured in three rounds over all rows (clocks drift as the card warms) and the median kept. A
+second column replays each call from a CUDA graph: GPU time without host launch overhead.
 
     PYTHONPATH=src python3 benchmarks/kernel.py OUT.json [--png OUT.png]
 """
@@ -14,9 +16,13 @@ Times are ``triton.testing.do_bench`` medians after warm-up, on fresh random inp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import random
+import statistics
+import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,7 @@ SHAPES = {
 }
 FRACTIONS = {"1/32": 1 / 32, "1/16": 1 / 16, "1/8": 1 / 8, "1/4": 1 / 4}
 TARGET_SPARSITY = 0.68
+ROUNDS = 3
 
 
 def bench(fn) -> float:
@@ -110,8 +117,21 @@ class FlexMask:
 
     def __call__(self, modes):
         self.modes.copy_(torch.tensor(modes, dtype=torch.int32))
+        # _compile: the builder never materialises the (seq x seq) mask (deprecated in torch 2.11, works).
         return create_block_mask(self.mask_mod, None, self.heads, self.seq, self.seq, device="cuda",
                                  BLOCK_SIZE=_geometry.IMAGE_BLOCK, _compile=True)
+
+
+def host_us(fn, calls=300):
+    """Host time per call: the GPU work must be shorter than this for the number to mean anything."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def run_shape(name, shape, flex, seed):
@@ -123,22 +143,22 @@ def run_shape(name, shape, flex, seed):
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     out = torch.empty_like(q)
     dense_flops = 4.0 * batch * heads * seq * seq * dim
-    rows = []
+    cases, errors = [], []
 
-    def add(label, ms, flops, density, kind):
-        rows.append({"row": label, "kind": kind, "ms": ms, "tflops": flops / ms * 1e-9, "density": density})
+    def add(label, kind, fn, flops, density, backend=None):
+        context = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
+        try:
+            with context():
+                fn()  # compiles, tunes, builds
+        except Exception as err:  # a baseline that fails to build must not cost the run its other rows
+            errors.append(f"{label}: {err!r}")
+            return
+        cases.append({"row": label, "kind": kind, "fn": fn, "context": context, "flops": flops, "density": density})
 
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        add("cuDNN SDPA (dense)", bench(lambda: F.scaled_dot_product_attention(qh, kh, vh)), dense_flops, 1.0, "cudnn")
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        add("flash SDPA (dense)", bench(lambda: F.scaled_dot_product_attention(qh, kh, vh)), dense_flops, 1.0, "flash")
-    errors = []
-    try:
-        add("FlexAttention (dense, no mask)", bench(lambda: flex(qh, kh, vh)), dense_flops, 1.0, "flex")
-    except Exception as err:  # a baseline that fails to build must not cost the run its other rows
-        errors.append(f"FlexAttention dense: {err!r}")
-    cudnn_ms = rows[0]["ms"]
-
+    sdpa = lambda: F.scaled_dot_product_attention(qh, kh, vh)  # noqa: E731
+    add("cuDNN SDPA (dense)", "cudnn", sdpa, dense_flops, 1.0, SDPBackend.CUDNN_ATTENTION)
+    add("flash SDPA (dense)", "flash", sdpa, dense_flops, 1.0, SDPBackend.FLASH_ATTENTION)
+    add("FlexAttention (dense, no mask)", "flex", lambda: flex(qh, kh, vh), dense_flops, 1.0)
     masks = FlexMask(shape, seq, text_start)
     tuning = {}
     for plan_name, modes in plans(shape).items():
@@ -149,18 +169,43 @@ def run_shape(name, shape, flex, seed):
         def ours(modes_t=modes_t):
             return headwise_attention(q, k, v, modes_t, text_start=text_start, text_len=text, out=out, impl="triton")
 
-        ours()  # autotunes on the first call of a (sequence bucket, head dim, dtype, path)
+        add(f"ours: {plan_name}", "ours", ours, flops, density)
         if _triton._launch.configs_timings and not tuning:
             tuning = {str(c): t for c, t in _triton._launch.configs_timings.items()}
-        add(f"ours: {plan_name}", bench(ours), flops, density, "ours")
-        if plan_name == "full":
-            continue
+        if plan_name != "full":
+            try:
+                block_mask = masks(modes)
+            except Exception as err:
+                errors.append(f"FlexAttention mask {plan_name}: {err!r}")
+                continue
+            add(f"Flex + mask: {plan_name}", "flex_mask", lambda bm=block_mask: flex(qh, kh, vh, block_mask=bm),
+                flops, density)
+
+    # Rounds over all rows, so that clocks drifting as the card warms touch every row alike.
+    times = {case["row"]: [] for case in cases}
+    for _ in range(ROUNDS):
+        for case in cases:
+            with case["context"]():
+                times[case["row"]].append(bench(case["fn"]))
+    rows = []
+    for case in cases:
+        ms = statistics.median(times[case["row"]])
         try:
-            block_mask = masks(modes)
-            add(f"Flex + mask: {plan_name}", bench(lambda bm=block_mask: flex(qh, kh, vh, block_mask=bm)), flops,
-                density, "flex_mask")
+            with case["context"]():
+                graph_ms = triton.testing.do_bench_cudagraph(case["fn"], rep=50, return_mode="median")
         except Exception as err:
-            errors.append(f"FlexAttention {plan_name}: {err!r}")
+            errors.append(f"graph timing {case['row']}: {err!r}")
+            graph_ms = None
+        rows.append({
+            "row": case["row"], "kind": case["kind"], "ms": ms, "ms_rounds": times[case["row"]],
+            "graph_ms": graph_ms, "tflops": case["flops"] / ms * 1e-9, "density": case["density"],
+        })
+    cudnn = next(r for r in rows if r["kind"] == "cudnn")
+    for row in rows:
+        row["speedup_vs_cudnn"] = cudnn["ms"] / row["ms"]
+        row["share_of_ideal"] = row["speedup_vs_cudnn"] * row["density"]
+        if row["graph_ms"] and cudnn["graph_ms"]:
+            row["graph_share_of_ideal"] = cudnn["graph_ms"] / row["graph_ms"] * row["density"]
 
     # Each launch configuration on the dense and one sparse plan, to see what autotuning trades.
     per_config = {}
@@ -171,26 +216,42 @@ def run_shape(name, shape, flex, seed):
                                                           False, config=c))
             per_config[f"{plan_name} | {config}"] = ms
     skip_t = torch.full((heads,), MODE_SKIP, dtype=torch.int32, device="cuda")
-    skip_ms = bench(lambda: headwise_attention(q, k, v, skip_t, text_start=text_start, text_len=text, out=out,
-                                               impl="triton"))
-
-    for row in rows:
-        row["speedup_vs_cudnn"] = cudnn_ms / row["ms"]
-        row["share_of_ideal"] = row["speedup_vs_cudnn"] * row["density"]
+    skip = lambda: headwise_attention(q, k, v, skip_t, text_start=text_start, text_len=text, out=out,  # noqa: E731
+                                      impl="triton")
     return {
         "shape": {**shape, "seq": seq, "dtype": "bf16"}, "rows": rows, "autotune_timings_ms": tuning,
-        "best_config": str(_triton._launch.best_config), "per_config_ms": per_config, "all_skip_ms": skip_ms,
-        "errors": errors,
+        "best_config": str(_triton._launch.best_config), "per_config_ms": per_config,
+        "all_skip_ms": bench(skip), "all_skip_graph_ms": triton.testing.do_bench_cudagraph(skip, rep=50),
+        "host_us_per_call_all_skip": host_us(skip), "errors": errors,
     }
+
+
+def host_overhead():
+    """Host time per call of our entry point and of cuDNN SDPA, on inputs too small to make the GPU wait."""
+    q, k, v = (torch.randn(1, 256, 24, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = torch.empty_like(q)
+    modes = torch.full((24,), MODE_SKIP, dtype=torch.int32, device="cuda")
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    result = {
+        "ours (headwise_attention, all skip)": host_us(
+            lambda: headwise_attention(q, k, v, modes, text_start=0, text_len=128, out=out, impl="triton")),
+        "ours (_triton.attention, all skip)": host_us(
+            lambda: _triton.attention(q, k, v, modes, 0, 128, out, 0.1, False)),
+    }
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        result["cuDNN SDPA"] = host_us(lambda: F.scaled_dot_product_attention(qh, kh, vh))
+    return result
 
 
 def print_table(name, result):
     print(f"\n{name}  {result['shape']}")
-    print(f"{'row':58s} {'ms':>8s} {'TFLOP/s':>8s} {'density':>8s} {'x cuDNN':>8s} {'of ideal':>8s}")
+    print(f"{'row':58s} {'ms':>8s} {'TFLOP/s':>8s} {'density':>8s} {'x cuDNN':>8s} {'of ideal':>8s} {'graph':>8s}")
     for r in result["rows"]:
+        graph = f"{r['graph_share_of_ideal']:8.1%}" if "graph_share_of_ideal" in r else f"{'-':>8s}"
         print(f"{r['row']:58s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['density']:8.3f} "
-              f"{r['speedup_vs_cudnn']:8.2f} {r['share_of_ideal']:8.1%}")
-    print(f"all heads skip: {result['all_skip_ms'] * 1e3:.1f} us; best config {result['best_config']}")
+              f"{r['speedup_vs_cudnn']:8.2f} {r['share_of_ideal']:8.1%} {graph}")
+    print(f"all heads skip: {result['all_skip_ms'] * 1e3:.1f} us (graph replay {result['all_skip_graph_ms'] * 1e3:.1f} us, "
+          f"host {result['host_us_per_call_all_skip']:.1f} us per call); best config {result['best_config']}")
     for error in result["errors"]:
         print("error:", error)
 
@@ -224,6 +285,7 @@ def main():
     parser.add_argument("--png", help="plot of speed-up against density")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="_compile flag", category=DeprecationWarning)
     flex = torch.compile(flex_attention)
     summary = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -231,10 +293,13 @@ def main():
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(), "results": {},
     }
+    summary["host_us_per_call"] = host_overhead()
+    print("host time per call (us):", {k: round(v, 1) for k, v in summary["host_us_per_call"].items()})
     results = summary["results"]
     for seed, name in enumerate(args.shapes):
         results[name] = run_shape(name, SHAPES[name], flex, seed)
         print_table(name, results[name])
+        summary["tuned_configs"] = {str(key): config for key, config in _triton._chosen.items()}
         with open(args.out, "w") as f:  # after every shape, so a late failure keeps the rest
             json.dump(summary, f, indent=1)
     if args.png:
