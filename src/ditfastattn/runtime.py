@@ -12,6 +12,7 @@ import torch
 from . import ops
 from ._geometry import MODE_SKIP
 from .adapters import adapter_for, check_cfg_sharing
+from .methods import parse_method
 from .plan import Plan, PlanMismatchError
 
 logger = logging.getLogger("ditfastattn")
@@ -190,6 +191,8 @@ class LayerRuntime:
 class Session:
     """State of one applied plan: the current step, the call slot within it, and the layers."""
 
+    layer_cls = LayerRuntime
+
     def __init__(self, transformer, plan: Plan, adapter, impl: str):
         self.transformer = transformer
         self.plan = plan
@@ -200,7 +203,7 @@ class Session:
         self.text_len = 0
         self._last_timestep: float | None = None
         self._new_generation = True
-        self.layers = [LayerRuntime(self, index, layer.name) for index, layer in enumerate(plan.model.layers)]
+        self.layers = [self.layer_cls(self, index, layer.name) for index, layer in enumerate(plan.model.layers)]
         self.originals: dict[str, object] = {}
         self.handles: list = []
         self.scheduler = None
@@ -260,6 +263,137 @@ class Session:
         self.plan.check_compatible(self.plan.model, num_steps)
         self._new_generation = True
 
+    def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Hook for sessions that keep state on the attention modules."""
+
+    def uninstall_layers(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Undo :meth:`install_layers`."""
+
+
+_STEP = "_ditfastattn_step"
+_LAST_TIMESTEP = "_ditfastattn_last_timestep"
+_TABLES = ("modes", "residual_add", "capture_modes", "capture_mask")
+
+
+class _StaticLayer(LayerRuntime):
+    """One code path for every step: the step's modes are gathered on the device from a table.
+
+    Nothing depends on the step on the host, so ``torch.compile(fullgraph=True)`` traces one graph
+    for the whole denoising loop and CUDA graphs can replay it. Tables and buffers are non-persistent
+    buffers of the attention module: they follow ``.to()`` and have static addresses.
+    """
+
+    module: torch.nn.Module
+
+    def build(self, module: torch.nn.Module, num_image_tokens: int, device) -> None:
+        self.module = module
+        rows = _compile_rows(self.session.plan, self.index, num_image_tokens, device)
+        heads = rows[0].modes.numel()
+
+        def stack(values):
+            return torch.stack(values).to(device)
+
+        none = torch.full((heads,), MODE_SKIP, dtype=torch.int32, device=device)
+        flags = torch.zeros(heads, dtype=torch.bool, device=device)
+        tables = {
+            "modes": stack([row.modes for row in rows]),
+            "residual_add": stack([flags if row.residual_add is None else row.residual_add.view(-1) for row in rows]),
+            "capture_modes": stack([none if row.capture_modes is None else row.capture_modes for row in rows]),
+            "capture_mask": stack([flags if row.capture_mask is None else row.capture_mask.view(-1) for row in rows]),
+        }
+        self.residuals = bool(tables["residual_add"].any())
+        for name, table in tables.items():
+            module.register_buffer(f"_ditfastattn_{name}", table, persistent=False)
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buffer = self.module._buffers.get(name)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"{self.name}: static mode allocates its buffers on the first call; run one uncompiled "
+                    "transformer call (or generation) with these shapes before torch.compile"
+                )
+            buffer = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+            self.module.register_buffer(name, buffer, persistent=False)
+        return buffer
+
+    def attend(self, q, k, v, *, text_start: int, text_len: int, dense, dense_only: bool = False) -> torch.Tensor:
+        if dense_only:
+            raise NotImplementedError(f"{self.name}: static mode supports neither attention masks nor context parallelism")
+        if q.shape[1] - text_len != self.session.num_image_tokens:
+            raise ValueError(
+                f"{self.name}: static mode was applied for {self.session.num_image_tokens} image tokens but the "
+                f"model sees {q.shape[1] - text_len}; apply again with num_image_tokens={q.shape[1] - text_len}"
+            )
+        step = self.session.step_tensor()
+        module, impl = self.module, self.session.impl
+        out = self._buffer("_ditfastattn_out", q)
+        modes = module._ditfastattn_modes.index_select(0, step).view(-1)
+        torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, text_start, text_len, out, q.shape[-1] ** -0.5, impl)
+        if self.residuals:
+            residual = self._buffer("_ditfastattn_residual", q)
+            out.add_(torch.where(module._ditfastattn_residual_add.index_select(0, step).view(1, 1, -1, 1), residual, 0))
+            arrow = torch.empty_like(out)
+            capture = module._ditfastattn_capture_modes.index_select(0, step).view(-1)
+            torch.ops.ditfastattn.headwise_attention_(q, k, v, capture, text_start, text_len, arrow, q.shape[-1] ** -0.5, impl)
+            keep = module._ditfastattn_capture_mask.index_select(0, step).view(1, 1, -1, 1)
+            residual.copy_(torch.where(keep, out - arrow, residual))
+        return out
+
+    def free(self, call: int | None = None) -> None:
+        for name in ("_ditfastattn_out", "_ditfastattn_residual"):
+            self.module._buffers.pop(name, None)
+
+
+class StaticSession(Session):
+    """Session whose step counter lives on the device (no host read per call); one call per step."""
+
+    layer_cls = _StaticLayer
+
+    def __init__(self, transformer, plan: Plan, adapter, impl: str, num_image_tokens: int):
+        super().__init__(transformer, plan, adapter, impl)
+        if any(parse_method(m).cfg_share for rows in plan.methods for heads in rows for m in heads):
+            raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
+        self.num_image_tokens = num_image_tokens
+        device = next(transformer.parameters()).device
+        # Shape (1,): index_select with it stays on the device (a 0-d index would be a host int).
+        transformer.register_buffer(_STEP, torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        transformer.register_buffer(_LAST_TIMESTEP, torch.full((1,), float("-inf"), device=device), persistent=False)
+
+    def step_tensor(self) -> torch.Tensor:
+        return self.transformer._buffers[_STEP]
+
+    def begin_call(self, module, args, kwargs) -> None:
+        timestep = self._argument(args, kwargs, "timestep", self._timestep_index)
+        context = self._argument(args, kwargs, "encoder_hidden_states", self._context_index)
+        self.text_len = context.shape[1] if context is not None else 0
+        step, last = self.transformer._buffers[_STEP], self.transformer._buffers[_LAST_TIMESTEP]
+        value = timestep.flatten()[:1].to(last.dtype)
+        advanced = torch.where(value < last, step + 1, step).clamp(max=self.plan.num_steps - 1)
+        step.copy_(torch.where(value > last, torch.zeros_like(step), advanced))
+        last.copy_(value)
+
+    def end_call(self, module, args, kwargs, output) -> None:
+        """Buffers persist across generations in static mode (their addresses must not change)."""
+
+    def scheduler_set(self, num_steps: int) -> None:
+        self.plan.check_compatible(self.plan.model, num_steps)
+        self.transformer._buffers[_LAST_TIMESTEP].fill_(float("-inf"))
+
+    def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
+        device = next(self.transformer.parameters()).device
+        for layer in self.layers:
+            layer.build(modules[layer.name], self.num_image_tokens, device)
+
+    def uninstall_layers(self, modules: dict[str, torch.nn.Module]) -> None:
+        for module in modules.values():
+            for name in [n for n in module._buffers if n.startswith("_ditfastattn_")]:
+                del module._buffers[name]
+        for name in (_STEP, _LAST_TIMESTEP):
+            del self.transformer._buffers[name]
+
+
+
 
 def _transformer_of(pipe_or_transformer):
     if isinstance(pipe_or_transformer, torch.nn.Module):
@@ -309,6 +443,7 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session) -> 
                 f"{', '.join(t.__name__ for t in stock)} (undo fuse_qkv_projections / custom processors first)"
             )
     session = session_cls(transformer, plan, adapter, impl)
+    session.install_layers(modules)
     for layer in session.layers:
         module = modules[layer.name]
         session.originals[layer.name] = module.processor
@@ -336,19 +471,34 @@ def uninstall(pipe_or_transformer) -> Plan:
         del session.scheduler.set_timesteps
     for layer in session.layers:
         layer.free()
+    session.uninstall_layers({name: transformer.get_submodule(name) for name in session.originals})
     delattr(transformer, _SESSION_ATTR)
     return session.plan
 
 
-def apply(pipe_or_transformer, plan: Plan, *, impl: str = "auto") -> None:
+def apply(
+    pipe_or_transformer, plan: Plan, *, impl: str = "auto", static: bool = False, num_image_tokens: int | None = None
+) -> None:
     """Run ``pipe_or_transformer`` under ``plan`` until :func:`remove`.
 
     Installs ditfastattn's processors on every attention layer the plan names (per module
     instance, through diffusers' processor mechanism), tracks the denoising step from the
     transformer's ``timestep``, and, given a pipeline, checks the step count when the scheduler's
     timesteps are set. ``impl`` picks the attention op ("auto", "triton", "reference").
+
+    ``static=True`` keeps the step counter and the per-step head modes on the device, so
+    ``torch.compile(transformer, fullgraph=True)`` compiles one graph for every step and CUDA
+    graphs can replay it. It needs the image token count (``num_image_tokens``, or the plan's
+    provenance), one transformer call per step, no ``cfg_share``, and one uncompiled call to
+    allocate its buffers; every head then runs through the fused op (no bitwise stock path).
     """
-    install(pipe_or_transformer, plan, impl)
+    if static:
+        tokens = num_image_tokens or plan.provenance.get("num_image_tokens")
+        if not tokens:
+            raise ValueError("static=True needs num_image_tokens= (e.g. FLUX 1024x1024: 4096) or a plan that records it")
+        install(pipe_or_transformer, plan, impl, functools.partial(StaticSession, num_image_tokens=int(tokens)))
+    else:
+        install(pipe_or_transformer, plan, impl)
     summary_source = plan.provenance.get("source", "calibrated")
     logger.info("ditfastattn: applied %s plan (%s)", summary_source, plan)
 

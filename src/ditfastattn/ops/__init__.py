@@ -152,3 +152,24 @@ def headwise_attention(
             raise ValueError(f"head_modes values must be -2 (skip), -1 (full) or >= 0 (arrow); got {head_modes.tolist()}")
         out, lse = _reference.attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse)
     return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("ditfastattn::headwise_attention_", mutates_args=("out",))
+def headwise_attention_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    head_modes: torch.Tensor,
+    text_start: int,
+    text_len: int,
+    out: torch.Tensor,
+    scale: float,
+    impl: str,
+) -> None:
+    """:func:`headwise_attention` into ``out``, as a torch custom op: opaque to torch.compile."""
+    headwise_attention(q, k, v, head_modes, text_start=text_start, text_len=text_len, out=out, scale=scale, impl=impl)
+
+
+@headwise_attention_.register_fake
+def _headwise_attention_fake(q, k, v, head_modes, text_start, text_len, out, scale, impl) -> None:
+    return None

@@ -1,0 +1,87 @@
+"""Static mode: device-side step counter and mode tables, one compiled graph for every step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_flux, tiny_sd3
+
+import ditfastattn
+from ditfastattn import Plan
+
+STEPS = 4
+TIMESTEPS = [900.0, 700.0, 400.0, 100.0]
+
+
+def sd3_inputs(batch=2):
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "hidden_states": torch.randn(batch, 4, 48, 56, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 7, 16, generator=generator),
+        "pooled_projections": torch.randn(batch, 16, generator=generator),
+    }
+
+
+def mixed_plan(model) -> Plan:
+    plan = Plan.uniform(model, STEPS, "full", num_image_tokens=24 * 28)
+    methods = [[list(h) for h in rows] for rows in plan.methods]
+    cycle = ["cache", "arrow:0.5", "arrow_residual:0.5"]
+    for step in range(1, STEPS):
+        for layer, heads in enumerate(methods[step]):
+            for head in range(len(heads)):
+                heads[head] = "full" if step == 2 and head == 0 else cycle[(head + layer + step) % 3]
+    return Plan(plan.model, methods, plan.provenance)
+
+
+def denoise(model, inputs, generations=1):
+    outputs = []
+    for _ in range(generations):
+        for t in TIMESTEPS:
+            outputs.append(model(**inputs, timestep=torch.full((inputs["hidden_states"].shape[0],), t)).sample)
+    return outputs
+
+
+@torch.no_grad()
+def test_static_mode_matches_the_dynamic_runtime():
+    model = tiny_sd3(dual=True)
+    plan = mixed_plan(model)
+    inputs = sd3_inputs()
+    ditfastattn.apply(model, plan)
+    dynamic = denoise(model, inputs)
+    ditfastattn.remove(model)
+    ditfastattn.apply(model, plan, static=True)
+    static = denoise(model, inputs, generations=2)
+    for step, (want, got) in enumerate(zip(dynamic + dynamic, static)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step % STEPS}")
+    ditfastattn.remove(model)
+    assert not [name for name, _ in model.named_buffers() if "ditfastattn" in name]
+
+
+@torch.no_grad()
+def test_fullgraph_compile_without_recompiles(monkeypatch):
+    torch._dynamo.reset()
+    model = tiny_sd3(dual=True)
+    plan = mixed_plan(model)
+    inputs = sd3_inputs()
+    ditfastattn.apply(model, plan, static=True)
+    eager = denoise(model, inputs)  # also allocates the static buffers
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    first = compiled(**inputs, timestep=torch.full((2,), TIMESTEPS[0])).sample
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    rest = [compiled(**inputs, timestep=torch.full((2,), t)).sample for t in TIMESTEPS[1:]]
+    for step, (want, got) in enumerate(zip(eager, [first] + rest)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    torch._dynamo.reset()
+
+
+def test_static_mode_errors():
+    flux = tiny_flux()
+    with pytest.raises(ValueError, match="needs num_image_tokens"):
+        ditfastattn.apply(flux, Plan.uniform(flux, 2, "cache"), static=True)
+    model = tiny_sd3()
+    with pytest.raises(NotImplementedError, match="cfg_share"):
+        ditfastattn.apply(model, Plan.uniform(model, 2, "cfg_share"), static=True, num_image_tokens=64)
+    assert not hasattr(model, "_ditfastattn_session")
+    ditfastattn.apply(model, Plan.uniform(model, 2, "cache"), static=True, num_image_tokens=64)
+    with pytest.raises(ValueError, match="applied for 64 image tokens but the model sees 672"):
+        model(**sd3_inputs(1), timestep=torch.tensor([900.0]))
