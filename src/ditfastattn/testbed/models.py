@@ -1,0 +1,119 @@
+"""The two testbed transformers, built from diffusers' own classes, and the tensor layouts they use.
+
+Both work in pixel space on 64x64 RGB images with 2x2 patches (1024 image tokens) and 32 text
+tokens of 384 dimensions, with 6 heads of head dim 32 per attention layer. Eight heads of 32 would
+make one SD3 joint layer 2.4M parameters, leaving room for only three layers under 16 MiB in bf16;
+six heads keep six layers, so heads can differ across depth as well as within a layer.
+
+- ``sd3``: ``SD3Transformer2DModel``, 6 joint layers, qk RMS norm (as in SD3.5), image tokens
+  first. Timesteps are passed as ``sigma * 1000``, as ``StableDiffusion3Pipeline`` does.
+- ``flux``: ``FluxTransformer2DModel``, 3 double-stream and 5 single-stream blocks, text tokens
+  first, RoPE over (index, row, column) with axes (8, 12, 12) summing to the head dim, no guidance
+  embedding. Images enter packed as ``FluxPipeline`` packs latents: every 2x2 patch becomes one
+  token of 12 channels. Timesteps are passed as ``sigma``, as ``FluxPipeline`` passes ``t / 1000``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+KINDS = ("sd3", "flux")
+SD3_CONFIG = {
+    "sample_size": 64,
+    "patch_size": 2,
+    "in_channels": 3,
+    "out_channels": 3,
+    "num_layers": 6,
+    "attention_head_dim": 32,
+    "num_attention_heads": 6,
+    "joint_attention_dim": 384,
+    "caption_projection_dim": 192,
+    "pooled_projection_dim": 384,
+    "pos_embed_max_size": 32,
+    "qk_norm": "rms_norm",
+}
+FLUX_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 12,
+    "num_layers": 3,
+    "num_single_layers": 5,
+    "attention_head_dim": 32,
+    "num_attention_heads": 6,
+    "joint_attention_dim": 384,
+    "pooled_projection_dim": 384,
+    "guidance_embeds": False,
+    "axes_dims_rope": (8, 12, 12),
+}
+DEFAULT_CONFIGS = {"sd3": SD3_CONFIG, "flux": FLUX_CONFIG}
+
+
+def build_transformer(kind: str, config: dict | None = None) -> SD3Transformer2DModel | FluxTransformer2DModel:
+    """A freshly initialised transformer of ``kind``; ``config`` overrides the defaults above."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    cfg = {**DEFAULT_CONFIGS[kind], **(config or {})}
+    if kind == "sd3":
+        return SD3Transformer2DModel(**cfg)
+    cfg["axes_dims_rope"] = tuple(cfg["axes_dims_rope"])
+    return FluxTransformer2DModel(**cfg)
+
+
+def pack_flux(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token, channel-major as in FluxPipeline."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_flux(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_flux`."""
+    b, _, d = x.shape
+    c = d // 4
+    x = x.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def flux_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(H/2 * W/2, 3) position ids (0, row, column) of the packed image tokens, as in FluxPipeline."""
+    h, w = height // 2, width // 2
+    ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def flux_text_ids(num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """All-zero ids of the text tokens, as FluxPipeline gives them."""
+    return torch.zeros(num_tokens, 3, device=device, dtype=dtype)
+
+
+def velocity(
+    kind: str,
+    transformer: torch.nn.Module,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    states: torch.Tensor,
+    pooled: torch.Tensor,
+) -> torch.Tensor:
+    """The transformer's flow-matching velocity (noise - image) for images ``x`` (B, 3, H, W) at
+    noise levels ``sigma`` (B,), called exactly as the testbed pipelines call it."""
+    if kind == "sd3":
+        return transformer(
+            hidden_states=x,
+            timestep=sigma * 1000,
+            encoder_hidden_states=states,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+    height, width = x.shape[-2:]
+    out = transformer(
+        hidden_states=pack_flux(x),
+        timestep=sigma,
+        encoder_hidden_states=states,
+        pooled_projections=pooled,
+        txt_ids=flux_text_ids(states.shape[1], x.device, x.dtype),
+        img_ids=flux_image_ids(height, width, x.device, x.dtype),
+        return_dict=False,
+    )[0]
+    return unpack_flux(out, height, width)
