@@ -8,7 +8,8 @@ with the same per-head block mask. Speed-ups are over cuDNN; "of ideal" is speed
 where density is the share of a dense head's FLOPs the plan computes (``ditfastattn._geometry``).
 Times are ``triton.testing.do_bench`` medians after warm-up, on fresh random inputs; each row is
 measured in three rounds over all rows (clocks drift as the card warms) and the median kept. A
-second column replays each call from a CUDA graph: GPU time without host launch overhead.
+second column replays each call from a CUDA graph: GPU time without host launch overhead. A few
+plans also run with pointer loads instead of TMA descriptors, and host time per call is measured.
 
     PYTHONPATH=src python3 benchmarks/kernel.py OUT.json [--png OUT.png]
 """
@@ -41,6 +42,7 @@ SHAPES = {
 FRACTIONS = {"1/32": 1 / 32, "1/16": 1 / 16, "1/8": 1 / 8, "1/4": 1 / 4}
 TARGET_SPARSITY = 0.68
 ROUNDS = 3
+POINTER_PLANS = ("full", "arrow 1/8", "mixed ~68% sparse")
 
 
 def bench(fn) -> float:
@@ -122,6 +124,17 @@ class FlexMask:
                                  BLOCK_SIZE=_geometry.IMAGE_BLOCK, _compile=True)
 
 
+def pointer_path(fn):
+    def run():
+        _triton._PREFER_TMA = False
+        try:
+            return fn()
+        finally:
+            _triton._PREFER_TMA = True
+
+    return run
+
+
 def host_us(fn, calls=300):
     """Host time per call: the GPU work must be shorter than this for the number to mean anything."""
     fn()
@@ -170,6 +183,8 @@ def run_shape(name, shape, flex, seed):
             return headwise_attention(q, k, v, modes_t, text_start=text_start, text_len=text, out=out, impl="triton")
 
         add(f"ours: {plan_name}", "ours", ours, flops, density)
+        if plan_name in POINTER_PLANS:  # the same kernel with pointer loads instead of TMA descriptors
+            add(f"ours, pointer loads: {plan_name}", "ours_pointer", pointer_path(ours), flops, density)
         if _triton._launch.configs_timings and not tuning:
             tuning = {str(c): t for c, t in _triton._launch.configs_timings.items()}
         if plan_name != "full":
@@ -181,24 +196,27 @@ def run_shape(name, shape, flex, seed):
             add(f"Flex + mask: {plan_name}", "flex_mask", lambda bm=block_mask: flex(qh, kh, vh, block_mask=bm),
                 flops, density)
 
-    # Rounds over all rows, so that clocks drifting as the card warms touch every row alike.
+    # Rounds over all rows, so that clocks drifting as the card warms touch every row alike; each
+    # round times the eager call and its CUDA-graph replay (GPU time without host launch cost).
     times = {case["row"]: [] for case in cases}
+    graph_times = {case["row"]: [] for case in cases}
     for _ in range(ROUNDS):
         for case in cases:
             with case["context"]():
                 times[case["row"]].append(bench(case["fn"]))
+                try:
+                    graph_times[case["row"]].append(
+                        triton.testing.do_bench_cudagraph(case["fn"], rep=50, return_mode="median"))
+                except Exception as err:
+                    errors.append(f"graph timing {case['row']}: {err!r}")
     rows = []
     for case in cases:
         ms = statistics.median(times[case["row"]])
-        try:
-            with case["context"]():
-                graph_ms = triton.testing.do_bench_cudagraph(case["fn"], rep=50, return_mode="median")
-        except Exception as err:
-            errors.append(f"graph timing {case['row']}: {err!r}")
-            graph_ms = None
+        graph = graph_times[case["row"]]
         rows.append({
             "row": case["row"], "kind": case["kind"], "ms": ms, "ms_rounds": times[case["row"]],
-            "graph_ms": graph_ms, "tflops": case["flops"] / ms * 1e-9, "density": case["density"],
+            "graph_ms": statistics.median(graph) if graph else None, "graph_ms_rounds": graph,
+            "tflops": case["flops"] / ms * 1e-9, "density": case["density"],
         })
     cudnn = next(r for r in rows if r["kind"] == "cudnn")
     for row in rows:
@@ -237,6 +255,8 @@ def host_overhead():
             lambda: headwise_attention(q, k, v, modes, text_start=0, text_len=128, out=out, impl="triton")),
         "ours (_triton.attention, all skip)": host_us(
             lambda: _triton.attention(q, k, v, modes, 0, 128, out, 0.1, False)),
+        "ours, pointer loads (_triton.attention, all skip)": host_us(
+            pointer_path(lambda: _triton.attention(q, k, v, modes, 0, 128, out, 0.1, False))),
     }
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         result["cuDNN SDPA"] = host_us(lambda: F.scaled_dot_product_attention(qh, kh, vh))
@@ -252,7 +272,7 @@ def print_table(name, result):
               f"{r['speedup_vs_cudnn']:8.2f} {r['share_of_ideal']:8.1%} {graph}")
     print(f"all heads skip: {result['all_skip_ms'] * 1e3:.1f} us (graph replay {result['all_skip_graph_ms'] * 1e3:.1f} us, "
           f"host {result['host_us_per_call_all_skip']:.1f} us per call); best config {result['best_config']}")
-    for error in result["errors"]:
+    for error in sorted(set(result["errors"])):
         print("error:", error)
 
 

@@ -110,6 +110,13 @@ def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale,
 
 
 @triton.jit
+def _view_coeffs(sb, ss, sh):
+    """Rows per batch, rows per head and columns per head of the 2-D TMA view that _tma_view checked."""
+    heads_in_rows = sh % ss == 0
+    return sb // ss, tl.where(heads_in_rows, sh // ss, 0), tl.where(heads_in_rows, 0, sh)
+
+
+@triton.jit
 def _tail(acc, m_i, l_i, q, ks, vs, start, length, qk_scale,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INTERPRET: tl.constexpr):
     """The partial last tile of keys [start, start + length), masked; nothing when there is none."""
@@ -128,18 +135,19 @@ def _tail(acc, m_i, l_i, q, ks, vs, start, length, qk_scale,
 
 
 @triton.jit(do_not_specialize=[
-    "s_modes", "q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "batch", "seq_len",
-    "num_heads", "text_start", "text_len", "image_start", "num_image", "tune_bucket",
+    "s_modes", "batch", "seq_len", "num_heads", "text_start", "text_len", "tune_bucket",
 ])
 def _headwise_kernel(
     Q, K, V, O, LSE, MODES, s_modes,
     q_desc, k_desc, v_desc,
     sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
-    q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch,
-    batch, seq_len, num_heads, text_start, text_len, image_start, num_image, qk_scale, tune_bucket,
+    batch, seq_len, num_heads, text_start, text_len, qk_scale, tune_bucket,
     HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMAGE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    # Few arguments: each one costs host time at every launch. tune_bucket only keys the autotuner.
+    image_start = tl.where(text_start == 0, text_len, 0)
+    num_image = seq_len - text_len
     n_text_tiles = tl.cdiv(text_len, BLOCK_M)
     n_image_tiles = tl.cdiv(num_image, BLOCK_M)
     n_tiles = n_text_tiles + n_image_tiles
@@ -190,8 +198,13 @@ def _headwise_kernel(
     if mode != SKIP:
         offs_d = tl.arange(0, HEAD_DIM)
         if USE_TMA:
+            q_rb, q_rh, q_ch = _view_coeffs(sqb, sqs, sqh)
+            k_rb, k_rh, k_ch = _view_coeffs(skb, sks, skh)
+            v_rb, v_rh, v_ch = _view_coeffs(svb, svs, svh)
             q = q_desc.load([b * q_rb + h * q_rh + q_start, h * q_ch])
         else:
+            k_rb, k_rh, k_ch = 0, 0, 0
+            v_rb, v_rh, v_ch = 0, 0, 0
             q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :] * sqd,
                         mask=(offs_m < seq_len)[:, None], other=0.0)
         ks = (k_desc, K, b * k_rb + h * k_rh, h * k_ch, b64 * skb + h64 * skh, sks, skd)
@@ -282,6 +295,8 @@ else:
     )(_headwise_kernel)
 
 
+# Benchmarks set this False to time the pointer-load path on inputs that would take the TMA one.
+_PREFER_TMA = True
 # Tuned config per (sequence bucket, head dim, TMA path, dtype). Later calls launch the kernel
 # directly: the autotuner's own dispatch costs tens of microseconds of host time per call.
 _chosen: dict[tuple, dict] = {}
@@ -300,11 +315,12 @@ def _has_tma(device_index: int) -> bool:
 
 
 def _tma_view(t: torch.Tensor):
-    """(row_per_batch, row_per_head, col_per_head, rows, cols) of a 2-D TMA view, or None.
+    """(rows, cols) of a 2-D TMA view of (B, S, H, D) ``t``, or None when its strides allow none.
 
     Element (b, s, h, d) sits at row ``b*rb + h*rh + s``, column ``h*ch + d`` of a 2-D view with the
-    sequence stride as row pitch. Covers contiguous (B, S, H, D), slices of fused QKV projections
-    and (B, H, S, D) transposes; anything else takes the pointer path.
+    sequence stride as row pitch (the kernel derives rb, rh, ch from the strides alike). Covers
+    contiguous (B, S, H, D), slices of fused QKV projections and (B, H, S, D) transposes; anything
+    else takes the pointer path.
     """
     batch, seq, heads, dim = t.shape
     sb, ss, sh, sd = t.stride()
@@ -324,7 +340,7 @@ def _tma_view(t: torch.Tensor):
             ch = sh
         else:
             return None
-    return rb, rh, ch, (batch - 1) * rb + (heads - 1) * rh + seq, (heads - 1) * ch + dim
+    return (batch - 1) * rb + (heads - 1) * rh + seq, (heads - 1) * ch + dim
 
 
 def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, warmup=False):
@@ -337,7 +353,6 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
         raise ValueError(f"the Triton kernel needs a positive softmax scale; got {scale}")
     batch, seq, heads, dim = q.shape
     num_image = seq - text_len
-    image_start = text_len if text_start == 0 else 0
     lse = None
     if return_lse and not warmup:
         lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
@@ -347,19 +362,19 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
         return out, lse
 
     views = None
-    if _INTERPRET or _has_tma(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+    if _PREFER_TMA and (
+        _INTERPRET or _has_tma(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    ):
         views = [_tma_view(t) for t in (q, k, v)]
         if any(view is None for view in views):
             views = None
     if views is None:
         descs = (q, k, v)
-        coeffs = [0] * 9
     else:
         descs = tuple(
             TensorDescriptor(t, [rows, cols], [t.stride(1), 1], [IMAGE_BLOCK, dim])
-            for t, (_, _, _, rows, cols) in zip((q, k, v), views)
+            for t, (rows, cols) in zip((q, k, v), views)
         )
-        coeffs = [c for view in views for c in view[:3]]
 
     def grid(meta):
         block_m = meta["BLOCK_M"]
@@ -370,9 +385,8 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
         lse_arg = torch.empty(0, dtype=torch.float32, device=q.device) if return_lse else out
     args = (
         q, k, v, out, lse_arg, head_modes, head_modes.stride(0), *descs,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *coeffs,
-        batch, seq, heads, text_start, text_len, image_start, num_image, scale * _LOG2E,
-        triton.next_power_of_2(seq),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        batch, seq, heads, text_start, text_len, scale * _LOG2E, triton.next_power_of_2(seq),
     )
     meta = dict(
         # At least 32 so that head counts up to 32 share one compiled kernel.
