@@ -5,13 +5,13 @@ queries, image queries), so an image query tile lies inside one 128-token image 
 attends over two key ranges: all text keys, and an image range that is every image key for full
 heads and text queries, and the band of blocks ``|i - j| <= w`` for an arrow head's image queries.
 Key tiles are counted from the start of their range, so with ``BLOCK_N`` dividing 128 every band
-edge falls on a tile edge and only the last tile of a range can be partial; that one tile is
-masked, all others run the unmasked loop.
+edge falls on a tile edge and only the last tile of a range can be partial: the whole tiles of both
+ranges run in one pipelined, unmasked loop, then each range's partial tile once, masked.
 
-The 1-D grid enumerates heads in order of decreasing work (full, then arrows by width, then skip),
-ranked inside the kernel from ``head_modes`` so the host never reads them: the block scheduler
-starts the heavy tiles first and mixed plans end on short tiles. Skip programs exit at once
-(writing only ``-inf`` log-sum-exps when asked).
+The 1-D grid runs the longest programs first: every tile that attends to a whole row (all tiles of
+full heads, the text-query tiles of arrow heads), then the arrow heads' image tiles by decreasing
+band, then the skip heads' tiles, which exit at once (writing only ``-inf`` log-sum-exps when
+asked). Heads are ranked inside the kernel from ``head_modes``, so the host never reads them.
 
 On Hopper, full key tiles and query tiles come through host-side TMA descriptors over a 2-D view
 of q/k/v when their strides allow one; otherwise, and for the masked tails, plain pointer loads.
