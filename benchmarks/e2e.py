@@ -1,0 +1,391 @@
+"""End-to-end step time of FLUX.1-dev- and SD3-medium-sized transformers under ditfastattn plans.
+
+    python benchmarks/e2e.py            # CUDA GPU: benchmarks/results/e2e.json and benchmarks/e2e_speedup.png
+    python benchmarks/e2e.py --smoke    # tiny models on the CPU (reference op): checks the script itself
+
+Random bf16 weights, eager mode. One transformer call is one denoising step; the runtime tracks
+steps from the `timestep` argument, so each measurement calls the transformer with decreasing
+timesteps (a generation of N steps), times every call with CUDA events and takes the median of
+steps 1..N-1 (step 0 of a plan is always full). For each model and resolution, in one process:
+
+- stock diffusers (cuDNN SDPA, the default), stock with the flash SDPA backend (the paper's
+  baseline), stock with attention removed (gives the attention share), stock again (noise);
+- ditfastattn with an all-full plan (overhead) and synthetic plans at attention sparsity
+  0.04 (one cached head per layer: the kernel's cost for full heads), 0.43, 0.68 and 0.80.
+
+Amdahl ceiling of a plan = 1 / (1 - share x sparsity), share = 1 - t(no attention) / t(baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ditfastattn
+from ditfastattn.methods import parse_method
+
+HERE = Path(__file__).resolve().parent
+
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+# Smoke configs: the same code paths at toy size (2 image blocks at 256x256).
+FLUX_TINY = dict(FLUX_DEV, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+SD3_TINY = dict(SD3_MEDIUM, sample_size=32, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+                pos_embed_max_size=64)
+
+# kind: (class, full config, smoke config, text tokens, batch). SD3 pipelines batch CFG (2);
+# FLUX.1-dev is guidance-distilled (1).
+MODELS = {
+    "flux": (FluxTransformer2DModel, FLUX_DEV, FLUX_TINY, 512, 1),
+    "sd3": (SD3Transformer2DModel, SD3_MEDIUM, SD3_TINY, 333, 2),
+}
+# Most important first: the time budget may cut the tail.
+RUNS = [("flux", 2048), ("flux", 1024), ("sd3", 1024), ("sd3", 2048)]
+TARGETS = (0.43, 0.68, 0.80)
+# Compressed heads of the synthetic plans, in the proportions of a searched plan (cache and
+# the three default windows); the rest run full, as many as the target sparsity allows.
+MIX = {"cache": 0.4, "arrow:0.125": 0.2, "arrow:0.0625": 0.2, "arrow:0.03125": 0.2}
+
+
+def build_transformer(kind: str, config: dict, device, dtype):
+    """Random weights created on the device in ``dtype``: no CPU init, no float32 copy (FLUX is 12B)."""
+    cls = MODELS[kind][0]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def flux_image_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
+    """(rows * cols, 3) position ids of packed FLUX latents: (0, row, col), as FluxPipeline builds them."""
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1)
+    return torch.cat([torch.zeros(rows * cols, 1), grid.reshape(-1, 2).float()], dim=1).to(device, dtype)
+
+
+def model_inputs(kind: str, config: dict, size: int, text_len: int, batch: int, device, dtype) -> dict:
+    """Keyword arguments of one transformer call at ``size`` x ``size`` pixels, without the timestep."""
+    g = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+    text = randn(batch, text_len, config["joint_attention_dim"])
+    pooled = randn(batch, config["pooled_projection_dim"])
+    if kind == "flux":
+        side = size // 16  # VAE /8, then 2x2 patches packed into tokens
+        return dict(
+            hidden_states=randn(batch, side * side, config["in_channels"]), encoder_hidden_states=text,
+            pooled_projections=pooled, img_ids=flux_image_ids(side, side, device, dtype),
+            txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
+            guidance=torch.full((batch,), 3.5, device=device), return_dict=False,
+        )
+    side = size // 8
+    return dict(hidden_states=randn(batch, config["in_channels"], side, side), encoder_hidden_states=text,
+                pooled_projections=pooled, return_dict=False)
+
+
+def timesteps(kind: str, steps: int, batch: int, device, dtype) -> list[torch.Tensor]:
+    """Decreasing timesteps of one generation, on the device as the pipelines pass them."""
+    values = [1.0 - k / steps for k in range(steps)]
+    if kind == "flux":  # FluxPipeline: t / 1000 in the latents' dtype
+        return [torch.full((batch,), v, device=device, dtype=dtype) for v in values]
+    return [torch.full((batch,), 1000.0 * v, device=device) for v in values]
+
+
+def step_times(model, inputs: dict, steps: list[torch.Tensor]) -> list[float]:
+    """Milliseconds of each call of one generation; back-to-back events, so host gaps count."""
+    if inputs["hidden_states"].device.type != "cuda":
+        times = []
+        for t in steps:
+            start = time.perf_counter()
+            model(timestep=t, **inputs)
+            times.append(1e3 * (time.perf_counter() - start))
+        return times
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(steps) + 1)]
+    marks[0].record()
+    for t, mark in zip(steps, marks[1:]):
+        model(timestep=t, **inputs)
+        mark.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+
+
+def host_syncs(model, inputs: dict, steps: list[torch.Tensor]) -> int | None:
+    """Synchronizing CUDA calls that step 1 of a generation makes (torch's sync debug mode)."""
+    if inputs["hidden_states"].device.type != "cuda":
+        return None
+    model(timestep=steps[0], **inputs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(timestep=steps[1], **inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@contextlib.contextmanager
+def attention_removed():
+    """Every SDPA call (diffusers' FLUX and SD3 paths both end there) returns its query unchanged."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda query, key, value, *args, **kwargs: query
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def measure(model, inputs, steps, context=contextlib.nullcontext, syncs: bool = False) -> dict:
+    device = inputs["hidden_states"].device
+    with torch.no_grad(), context():
+        step_times(model, inputs, steps[:2])  # warm-up: cuDNN plans, Triton compile and autotuning
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = step_times(model, inputs, steps)
+        result = {"ms": statistics.median(times[1:]), "ms_steps": [round(t, 3) for t in times]}
+        if device.type == "cuda":
+            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if syncs:
+            result["host_syncs_step1"] = host_syncs(model, inputs, steps)
+    return result
+
+
+def synthetic_plan(full_plan, target: float, num_image_tokens: int, text_len: int, seed: int = 0):
+    """A plan whose steps 1.. reach ``target`` attention sparsity with heads drawn i.i.d.: ``full``
+    with probability p, else a method from MIX; p is bisected to the target."""
+    spec = full_plan.model
+    steps, layers, heads = full_plan.num_steps, len(spec.layers), max(layer.heads for layer in spec.layers)
+    rng = np.random.default_rng(seed)
+    draw = rng.random((steps, layers, heads))
+    names = list(MIX)
+    pick = rng.choice(len(names), size=draw.shape, p=list(MIX.values()))
+    density = np.array([parse_method(n).cost(num_image_tokens, text_len) for n in names])[pick]
+    # Every layer attends over text and image here, so layers weigh by heads x head_dim.
+    weight = np.array([layer.head_dim for layer in spec.layers], dtype=float)[None, :, None]
+
+    def sparsity(p_full: float) -> float:
+        kept = np.where(draw[1:] < p_full, 1.0, density[1:])
+        return 1.0 - float((kept * weight).sum() / (weight.sum() * heads * (steps - 1)))
+
+    lo, hi = 0.0, 1.0  # sparsity falls as p_full rises
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sparsity(mid) > target else (lo, mid)
+    p_full = min((lo, hi), key=lambda p: abs(sparsity(p) - target))
+    methods = [
+        [[("full" if step == 0 or draw[step, l, h] < p_full else names[pick[step, l, h]]) for h in range(layer.heads)]
+         for l, layer in enumerate(spec.layers)]
+        for step in range(steps)
+    ]
+    provenance = {"source": f"synthetic, target sparsity {target}", "num_image_tokens": num_image_tokens,
+                  "text_len": text_len}
+    return ditfastattn.Plan(spec, methods, provenance)
+
+
+def one_cached_head_plan(full_plan, num_image_tokens: int, text_len: int):
+    """Steps 1.. cache head 0 of every layer: every layer goes through the kernel with the rest full."""
+    methods = [[["cache" if step and h == 0 else "full" for h in range(layer.heads)] for layer in full_plan.model.layers]
+               for step in range(full_plan.num_steps)]
+    provenance = {"source": "one cached head per layer", "num_image_tokens": num_image_tokens, "text_len": text_len}
+    return ditfastattn.Plan(full_plan.model, methods, provenance)
+
+
+def run_config(model, kind: str, size: int, args, device, dtype) -> dict:
+    _, full_config, tiny_config, text_len, batch = MODELS[kind]
+    config = tiny_config if args.smoke else full_config
+    text_len = 16 if args.smoke else text_len
+    inputs = model_inputs(kind, config, size, text_len, batch, device, dtype)
+    image_tokens = (size // 16) ** 2
+    n_steps = args.steps or (6 if size >= 2048 else 8)
+    steps = timesteps(kind, n_steps, batch, device, dtype)
+    impl = "reference" if args.smoke else "auto"
+    row = {"model": kind, "size": size, "batch": batch, "image_tokens": image_tokens, "text_len": text_len,
+           "steps_per_generation": n_steps, "variants": {}}
+    out = row["variants"]
+
+    out["stock"] = measure(model, inputs, steps, syncs=True)
+    out["stock_flash"] = measure(model, inputs, steps, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+    out["no_attention"] = measure(model, inputs, steps, attention_removed)
+    row["attention_share"] = 1.0 - out["no_attention"]["ms"] / out["stock"]["ms"]
+    row["attention_share_flash"] = 1.0 - out["no_attention"]["ms"] / out["stock_flash"]["ms"]
+
+    full = ditfastattn.Plan.uniform(model, n_steps, "full", num_image_tokens=image_tokens, text_len=text_len)
+    plans = {"full_plan": full, "plan_one_cached_head": one_cached_head_plan(full, image_tokens, text_len)}
+    plans.update({f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len) for t in TARGETS})
+    for name, plan in plans.items():
+        summary = plan.summary(image_tokens, text_len)
+        ditfastattn.apply(model, plan, impl=impl)
+        try:
+            result = measure(model, inputs, steps, syncs=True)
+        finally:
+            ditfastattn.remove(model)
+        sparsity = statistics.fmean(summary["sparsity_per_step"][1:])
+        result.update(
+            sparsity=sparsity, plan_sparsity=summary["sparsity"], method_share=summary["method_share"],
+            speedup=out["stock"]["ms"] / result["ms"],
+            ceiling=1.0 / (1.0 - row["attention_share"] * sparsity),
+            speedup_vs_flash=out["stock_flash"]["ms"] / result["ms"],
+            ceiling_vs_flash=1.0 / (1.0 - row["attention_share_flash"] * sparsity),
+        )
+        result["of_ceiling"] = result["speedup"] / result["ceiling"]
+        result["of_ceiling_vs_flash"] = result["speedup_vs_flash"] / result["ceiling_vs_flash"]
+        if "peak_gib" in result:
+            result["extra_gib"] = result["peak_gib"] - out["stock"]["peak_gib"]
+        out[name] = result
+    # The same stock run again, last: the spread between the two is the noise floor.
+    out["stock_again"] = measure(model, inputs, steps)
+    row["stock_spread"] = abs(out["stock_again"]["ms"] / out["stock"]["ms"] - 1.0)
+    return row
+
+
+def environment(device) -> dict:
+    import diffusers
+    import triton
+
+    # The device's copy of the tree has no .git: the caller may name the commit in BENCH_COMMIT.
+    commit = os.environ.get("BENCH_COMMIT")
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=HERE, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "triton": triton.__version__, "diffusers": diffusers.__version__, "ditfastattn": ditfastattn.__version__,
+        "commit": commit, "python": sys.version.split()[0],
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(2, len(rows))
+    lines = -(-len(rows) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(5.0 * cols, 4.0 * lines), squeeze=False)
+    grid = np.linspace(0.0, 0.9, 50)
+    for ax, row in zip(axes.flat, rows):
+        plans = [v for name, v in row["variants"].items() if name.startswith(("plan_", "full_plan"))]
+        x = [v["sparsity"] for v in plans]
+        for key, label, color in (("", "cuDNN", "C0"), ("_flash", "flash (paper's baseline)", "C1")):
+            share = row[f"attention_share{key}"]
+            ax.plot(grid, 1.0 / (1.0 - share * grid), "--", color=color, label=f"ceiling vs {label}")
+            speedup = "speedup_vs_flash" if key else "speedup"
+            ax.plot(x, [v[speedup] for v in plans], "o", color=color, label=f"ditfastattn vs {label}")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.set_title(f"{row['model'].upper()} {row['size']}² (attention {row['attention_share']:.0%} of a step)",
+                     fontsize=9)
+        ax.set_xlabel("attention sparsity")
+        ax.set_ylabel("end-to-end step speed-up")
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["model size  variant               ms    sparsity speedup ceiling  of_ceil | vs_flash ceil_fl of_ceil | peak_GiB syncs"]
+    for row in rows:
+        for name, v in row["variants"].items():
+            cells = f"{row['model']:5} {row['size']:4}  {name:20} {v['ms']:8.2f}"
+            if "speedup" in v:
+                cells += (f"  {v['sparsity']:6.3f}  {v['speedup']:6.3f}  {v['ceiling']:6.3f}  {v['of_ceiling']:6.3f} |"
+                          f"  {v['speedup_vs_flash']:6.3f}  {v['ceiling_vs_flash']:6.3f}  {v['of_ceiling_vs_flash']:6.3f} |")
+            else:
+                cells += " " * 51 + "|"
+            cells += f" {v.get('peak_gib', float('nan')):7.2f}  {v.get('host_syncs_step1')}"
+            lines.append(cells)
+        lines.append(f"      attention share {row['attention_share']:.3f} (cuDNN), {row['attention_share_flash']:.3f} "
+                     f"(flash); stock spread {row['stock_spread']:.3%}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU with the reference op")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="start no new model/resolution after this")
+    parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e.json; smoke: out/)")
+    parser.add_argument("--png", type=Path, default=None, help="plot (default e2e_speedup.png; smoke: out/)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON")
+    args = parser.parse_args()
+    # A smoke run never overwrites the committed results.
+    folder = HERE.parent / "out" if args.smoke else HERE
+    args.out = args.out or folder / ("e2e_smoke.json" if args.smoke else "results/e2e.json")
+    args.png = args.png or folder / ("e2e_smoke.png" if args.smoke else "e2e_speedup.png")
+    if args.replot:
+        result = json.loads(args.out.read_text())
+    else:
+        result = run_all(args)
+    print(table(result["runs"]))
+    for line in result["skipped"]:
+        print("skipped:", line)
+    plot(result["runs"], args.png)
+
+
+def run_all(args) -> dict:
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    runs = [(kind, 256) for kind in MODELS] if args.smoke else RUNS
+    start = time.perf_counter()
+    result = {"environment": environment(device), "smoke": args.smoke, "mode": "eager",
+              "timing": "median of steps 1..N-1 of one generation, CUDA events, after a 2-step warm-up generation",
+              "runs": [], "skipped": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for kind, size in runs:
+        if time.perf_counter() - start > args.budget_s:
+            result["skipped"].append(f"{kind} {size}: time budget ({args.budget_s:.0f} s) spent")
+            continue
+        if kind not in models:
+            models.clear()  # one full-size model on the GPU at a time
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            models[kind] = build_transformer(kind, MODELS[kind][2 if args.smoke else 1], device, dtype)
+        result["runs"].append(run_config(models[kind], kind, size, args, device, dtype))
+        # Written after every run, so a run cut short by a time limit still leaves its results.
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"[{time.perf_counter() - start:6.1f} s] {kind} {size} done", flush=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

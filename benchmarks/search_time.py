@@ -1,0 +1,234 @@
+"""Calibration (search) time of a FLUX.1-dev-sized transformer next to its plain denoising time.
+
+    python benchmarks/search_time.py            # CUDA GPU: benchmarks/results/search_time.json
+    python benchmarks/search_time.py --smoke    # tiny model on the CPU (reference op): checks the script
+
+Random bf16 weights, 8 prompts in one batch (random T5-sized prompt embeddings of 512 tokens),
+guidance 3.5, FLUX's scheduler, at 1024² (4096 image tokens) and 2048² (16384). A full 50-step
+run at 2K does not fit one 10-minute GPU call, so each run is a few steps long: the time per step
+is the median over steps that do the measured work (plain: steps 1.., after the first call's
+warm-up; search: steps 2.., since step 0 searches nothing and step 1 also compiles and tunes the
+kernels), and the 50-step times are extrapolated: plain = 50 x step, search = plain step (step 0)
++ 49 x search step. If the batch does not fit the GPU's memory during search, it halves and the
+JSON says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+# So that running out of memory means calibration needs more than the GPU has, not fragmentation
+# (at 2K with 8 prompts the default allocator failed with 12 GiB reserved but unused). Set before
+# torch initializes CUDA.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+import ditfastattn  # noqa: E402
+import ditfastattn.calibration  # noqa: E402
+from e2e import FLUX_DEV, FLUX_TINY, build_transformer, environment, flux_image_ids
+
+HERE = Path(__file__).resolve().parent
+FULL_STEPS = 50
+# FLUX.1-dev's scheduler configuration.
+SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                 base_image_seq_len=256, max_image_seq_len=4096)
+
+
+class DenoisePipeline:
+    """What calibrate needs of a FLUX pipeline: ``transformer``, ``scheduler`` and a call that runs
+    FluxPipeline's denoising loop on packed random latents from prompt embeddings (no text
+    encoders, no VAE). Records the wall time of every step in ``step_seconds``."""
+
+    def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler):
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.step_seconds: list[float] = []
+
+    def _mu(self, image_tokens: int) -> float:
+        """FLUX's resolution-dependent shift: linear in the image token count between two anchors."""
+        c = self.scheduler.config
+        slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        return c.base_shift + slope * (image_tokens - c.base_image_seq_len)
+
+    @torch.no_grad()
+    def __call__(self, num_inference_steps=FULL_STEPS, generator=None, output_type="latent", prompt_embeds=None,
+                 pooled_prompt_embeds=None, height=1024, width=1024, guidance_scale=3.5, **unused):
+        transformer = self.transformer
+        device, dtype = prompt_embeds.device, transformer.dtype
+        batch, text_len = prompt_embeds.shape[:2]
+        rows, cols = height // 16, width // 16
+        latents = randn_tensor((batch, rows * cols, transformer.config.in_channels), generator=generator,
+                               device=device, dtype=dtype)
+        img_ids = flux_image_ids(rows, cols, device, dtype)
+        txt_ids = torch.zeros(text_len, 3, device=device, dtype=dtype)
+        guidance = torch.full((batch,), guidance_scale, device=device, dtype=torch.float32)
+        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        self.scheduler.set_timesteps(sigmas=sigmas, device=device, mu=self._mu(rows * cols))
+        self.step_seconds = []
+        for t in self.scheduler.timesteps:
+            start = time.perf_counter()
+            noise = transformer(
+                hidden_states=latents, timestep=t.expand(batch).to(dtype) / 1000, guidance=guidance,
+                pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds,
+                txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+            )[0]
+            latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.step_seconds.append(time.perf_counter() - start)
+        return latents
+
+
+def prompts(batch: int, text_len: int, config: dict, device, dtype) -> list[dict]:
+    g = torch.Generator(device).manual_seed(0)
+    return [
+        {"prompt_embeds": torch.randn(1, text_len, config["joint_attention_dim"], generator=g, device=device,
+                                      dtype=dtype),
+         "pooled_prompt_embeds": torch.randn(1, config["pooled_projection_dim"], generator=g, device=device,
+                                             dtype=dtype)}
+        for _ in range(batch)
+    ]
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+class HostTimer:
+    """Wraps calibration's integer-program solver to add up the host time it takes."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.solve = ditfastattn.calibration.solve_layer
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.solve(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def rse_summary(plan) -> dict:
+    """Per candidate: share of finite scores, median and minimum RSE over steps, layers and heads;
+    with the per-head bound c * delta / heads they say why a head could or could not compress."""
+    scores = plan.scores
+    heads = [head for rows in scores["rse"] for layer in rows if layer is not None for head in layer]
+    rse = np.array(heads, dtype=float)
+    finite = np.isfinite(rse)
+    return {
+        name: {"finite": float(finite[:, i].mean()), "median": float(np.nanmedian(rse[:, i])),
+               "min": float(np.nanmin(rse[:, i]))}
+        for i, name in enumerate(scores["candidates"])
+    }
+
+
+def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, search_steps: int, text_len: int,
+             config: dict, impl: str, device, dtype) -> dict:
+    embeds = prompts(batch, text_len, config, device, dtype)
+    merged = {key: torch.cat([p[key] for p in embeds]) for key in embeds[0]}
+    reset_peak(device)
+    pipe(num_inference_steps=plain_steps, height=size, width=size, generator=torch.Generator().manual_seed(0),
+         **merged)
+    plain = list(pipe.step_seconds)
+    row = {"size": size, "image_tokens": (size // 16) ** 2, "text_len": text_len, "plain_steps": plain,
+           "plain_peak_gib": peak_gib(device)}
+    del merged
+    attempts = []
+    while True:
+        search = ditfastattn.SearchConfig(delta=0.2, num_inference_steps=search_steps, height=size, width=size,
+                                          impl=impl)
+        reset_peak(device)
+        solver = HostTimer()
+        ditfastattn.calibration.solve_layer = solver
+        try:
+            plan = ditfastattn.calibrate(pipe, embeds[:batch], search, progress=False)
+            break
+        except torch.OutOfMemoryError as err:
+            attempts.append({"batch": batch, "error": str(err).splitlines()[0]})
+        finally:
+            ditfastattn.calibration.solve_layer = solver.solve
+        # Out of the except block, so the failed run's frames and tensors can be freed.
+        gc.collect()
+        torch.cuda.empty_cache()
+        batch //= 2
+        if batch == 0:
+            raise RuntimeError(f"calibration does not fit at {size}x{size}: {attempts}")
+    searched = list(pipe.step_seconds)
+    plain_step = statistics.median(plain[1:])
+    measured = statistics.median(searched[2:])
+    # A smaller batch that fit stands for the asked one at a cost linear in the batch (an upper
+    # bound: the integer programs on the host do not grow with the batch).
+    search_step = measured * len(embeds) / batch
+    row.update(
+        search_batch=batch, search_attempts=attempts, search_steps=searched, search_peak_gib=peak_gib(device),
+        plain_step_s=plain_step, search_step_s_measured=measured, search_step_s=search_step,
+        search_over_plain=search_step / plain_step, plain_50_s=FULL_STEPS * plain_step,
+        search_50_s=plain_step + (FULL_STEPS - 1) * search_step, sparsity=plan.summary()["sparsity"],
+        solver_s_per_search_step=solver.seconds / (search_steps - 1), rse=rse_summary(plan),
+        head_bound=search.head_coefficient * search.delta / config["num_attention_heads"],
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU with the reference op")
+    parser.add_argument("--batch", type=int, default=8, help="calibration prompts, one batch")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="default 1024 2048 (smoke: 256)")
+    parser.add_argument("--steps-1k", type=int, nargs=2, default=(4, 6), metavar=("PLAIN", "SEARCH"))
+    parser.add_argument("--steps-2k", type=int, nargs=2, default=(3, 4), metavar=("PLAIN", "SEARCH"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default results/search_time.json; smoke: out/)")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    config = FLUX_TINY if args.smoke else FLUX_DEV
+    text_len = 16 if args.smoke else 512
+    sizes = args.sizes or ([256] if args.smoke else [1024, 2048])
+    out = args.out or (HERE.parent / "out" / "search_time_smoke.json" if args.smoke else HERE / "results" / "search_time.json")
+    start = time.perf_counter()
+    pipe = DenoisePipeline(build_transformer("flux", config, device, dtype), FlowMatchEulerDiscreteScheduler(**SCHEDULER))
+    print(f"[{time.perf_counter() - start:6.1f} s] model built", flush=True)
+    result = {
+        "environment": environment(device), "smoke": args.smoke, "model": "FluxTransformer2DModel, FLUX.1-dev config",
+        "prompts": args.batch, "search": "SearchConfig(delta=0.2), default candidates",
+        "allocator": os.environ["PYTORCH_CUDA_ALLOC_CONF"],
+        "method": "per-step wall times (synchronized) of a few-step run; 50-step times extrapolated: "
+                  "plain = 50 x median(plain steps 1..), search = plain step + 49 x median(search steps 2..)",
+        "runs": [],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        plain_steps, search_steps = args.steps_2k if size >= 2048 else args.steps_1k
+        result["runs"].append(run_size(pipe, size, args.batch, plain_steps, search_steps, text_len, config,
+                                       "reference" if args.smoke else "auto", device, dtype))
+        # Written after every size, so a run cut short by a time limit still leaves its results.
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"[{time.perf_counter() - start:6.1f} s] {size} done", flush=True)
+    rows = result["runs"]
+    print("size  batch  plain s/step  search s/step  ratio  solver s/step  plain 50 steps  search 50 steps  peak GiB")
+    for r in rows:
+        scaled = f" (scaled from batch {r['search_batch']})" if r["search_batch"] != args.batch else ""
+        print(f"{r['size']:4}  {r['search_batch']:5}  {r['plain_step_s']:12.3f}  {r['search_step_s']:13.3f}  "
+              f"{r['search_over_plain']:5.2f}  {r['solver_s_per_search_step']:13.3f}  {r['plain_50_s']:12.1f} s  "
+              f"{r['search_50_s']:13.1f} s  {r['search_peak_gib'] or float('nan'):8.1f}{scaled}")
+        print(f"      plan sparsity {r['sparsity']:.3f}; min RSE per candidate (head bound {r['head_bound']:.4f}): "
+              + ", ".join(f"{name} {v['min']:.3g}" for name, v in r["rse"].items() if name != "full"))
+
+if __name__ == "__main__":
+    main()
