@@ -142,10 +142,12 @@ class _CalibrationSession(Session):
         self.residuals: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
         self.locked: dict[tuple[int, int], float] = {}  # (layer, head) -> residual window since last full
         self.geometry: tuple[int, int] | None = None
+        self._stock: torch.Tensor | None = None  # the exact output of the layer just decided
 
     # decisions -----------------------------------------------------------------------------
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense):
         key = (self.step, layer.index)
+        self._stock = None
         if self.step > 0 and key not in self.decided:
             self._decide(layer, q, k, v, text_start, text_len, dense)
         image_tokens = q.shape[1] - text_len
@@ -177,6 +179,8 @@ class _CalibrationSession(Session):
                 by_mode.setdefault(method.mode(image_tokens), []).append(index)
         for mode, indices in by_mode.items():
             if mode < 0:
+                if all(self.candidates[i].name == "full" for i in indices):
+                    continue  # exact by definition: its error row stays 0
                 base = exact
             else:
                 modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
@@ -199,14 +203,15 @@ class _CalibrationSession(Session):
                 f"{q.shape[0]}: set guidance_scale > 1 or drop the cfg_share candidates"
             )
         image_tokens, layer_text = q.shape[1] - text_len, text_len
-        exact = dense().float()
-        centred = exact - exact.mean(dim=(0, 1, 3), keepdim=True)
-        variance = centred.pow(2).sum(dim=(0, 1, 3)).clamp_min(torch.finfo(torch.float32).tiny)
-        rse = torch.zeros(heads, len(self.candidates), dtype=torch.float64)
-        for candidate, out in self._candidate_outputs(layer, q, k, v, text_start, text_len, exact):
-            error = (out.float() - exact).pow(2).sum(dim=(0, 1, 3)) / variance
-            rse[:, candidate] = error.double().cpu()
-        rse = rse.numpy()
+        stock = dense()
+        exact = stock.float()
+        variance = (exact - exact.mean(dim=(0, 1, 3), keepdim=True)).pow(2).sum(dim=(0, 1, 3))
+        variance = variance.clamp_min(torch.finfo(torch.float32).tiny)
+        # Errors stay on the device until all candidates are scored: one host read per layer-step.
+        errors = torch.zeros(len(self.candidates), heads, dtype=torch.float32, device=q.device)
+        for candidate, out in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
+            errors[candidate] = (out.float() - exact).pow(2).sum(dim=(0, 1, 3)) / variance
+        rse = errors.T.double().cpu().numpy()
         cost = np.array([self._cost(m, image_tokens, layer_text) for m in self.candidates])[None, :].repeat(heads, 0)
         allowed = self._allowed(index, heads, image_tokens)
         if self.config.granularity == "layer":
@@ -220,6 +225,7 @@ class _CalibrationSession(Session):
             elif method.kind == "arrow_residual":
                 self.locked[(index, head)] = method.fraction
         self.plan.methods[step][index] = [m.name for m in chosen]
+        self._stock = stock
         self.rse[step, index, :heads] = rse
         self.decided.add((step, index))
         if self.progress is not None:
@@ -251,6 +257,10 @@ class _CalibrationSession(Session):
                     locked = self.locked.get((layer, head))
                     allowed[head, index] &= locked is None or locked == method.fraction
         return allowed
+
+    def dense(self, layer: LayerRuntime, dense) -> torch.Tensor:
+        stock, self._stock = self._stock, None
+        return stock if stock is not None else dense()
 
     # residuals -----------------------------------------------------------------------------
     def _residual_modes(self, image_tokens: int) -> set[int]:

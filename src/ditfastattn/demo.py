@@ -29,14 +29,14 @@ def _generate(pipe, prompts, steps, seed):
     return images, (time.perf_counter() - start) / len(prompts)
 
 
-def run_demo(out: Path, *, delta: float = 0.5, steps: int = 16, num_prompts: int = 6, device: str = "cpu") -> dict:
+def run_demo(out: Path, *, delta: float = 0.5, steps: int = 10, num_prompts: int = 4, device: str = "cpu") -> dict:
     from .testbed.evaluator import caption_accuracy, image_metrics
     from .testbed.pipeline import load_pipeline
 
     out.mkdir(parents=True, exist_ok=True)
     print(f"ditfastattn demo: bundled SD3-style testbed (trained MMDiT, 64x64, {steps} steps) on {device}")
     pipe = load_pipeline("sd3", device=device, dtype=torch.float32)
-    calibration_prompts = _prompts("calibration_prompts.txt", 8)
+    calibration_prompts = _prompts("calibration_prompts.txt", num_prompts)
     heldout = _prompts("heldout_prompts.txt", num_prompts)
 
     config = SearchConfig(delta=delta, candidates=DEMO_CANDIDATES, num_inference_steps=steps, seed=0)

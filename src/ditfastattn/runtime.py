@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import ops
 from ._geometry import MODE_SKIP
@@ -32,6 +33,8 @@ class _Row:
     capture_mask: torch.Tensor | None  # (1, 1, H, 1) bool
     uncond_modes: torch.Tensor | None  # (H,) modes of the unconditional half; CFG-shared heads skip
     share_mask: torch.Tensor | None  # (1, 1, H, 1) bool: CFG-shared heads
+    full_heads: torch.Tensor | None  # indices of plain-full heads of a mixed row: they run dense SDPA
+    sparse_modes: torch.Tensor | None  # (H,) modes with those heads skipped, for the fused op
 
 
 class _Buffers:
@@ -61,8 +64,12 @@ def compile_row(methods, *, keep: bool, capture, num_image_tokens: int, device) 
     modes = [m.mode(num_image_tokens) for m in methods]
     captured = [mode != MODE_SKIP for mode in capture]
     shared = [m.cfg_share for m in methods]
+    plain_full = [m.kind == "full" and not m.cfg_share for m in methods]
+    # With impl="auto", full heads of a mixed row go to torch's dense SDPA (cuDNN on Hopper, faster
+    # than the fused kernel's full mode at head dim 128); the fused op then runs only the arrow heads.
+    split = any(plain_full) and not all(plain_full) and not any(shared)
     return _Row(
-        all_full=all(m.kind == "full" and not m.cfg_share for m in methods),
+        all_full=all(plain_full),
         keep=keep,
         modes=tensor(modes),
         residual_add=mask([m.kind == "arrow_residual" for m in methods]),
@@ -70,6 +77,8 @@ def compile_row(methods, *, keep: bool, capture, num_image_tokens: int, device) 
         capture_mask=mask(captured),
         uncond_modes=tensor([MODE_SKIP if s else m for m, s in zip(modes, shared)]) if any(shared) else None,
         share_mask=mask(shared),
+        full_heads=tensor([h for h, f in enumerate(plain_full) if f], torch.long) if split else None,
+        sparse_modes=tensor([MODE_SKIP if f else m for m, f in zip(modes, plain_full)]) if split else None,
     )
 
 
@@ -143,7 +152,7 @@ class LayerRuntime:
         slot = self._buffers(q)
         out = slot.out
         if row.all_full:
-            result = dense()
+            result = session.dense(self, dense)
             out.copy_(result)
         else:
             result = out
@@ -162,6 +171,11 @@ class LayerRuntime:
 
     def _compute(self, q, k, v, row: _Row, out, text_start, text_len) -> None:
         impl = self.session.impl
+        if row.full_heads is not None and impl == "auto":
+            ops.headwise_attention(q, k, v, row.sparse_modes, text_start=text_start, text_len=text_len, out=out, impl=impl)
+            picked = [t.index_select(2, row.full_heads).transpose(1, 2) for t in (q, k, v)]
+            out.index_copy_(2, row.full_heads, F.scaled_dot_product_attention(*picked).transpose(1, 2))
+            return
         if row.uncond_modes is None:
             ops.headwise_attention(q, k, v, row.modes, text_start=text_start, text_len=text_len, out=out, impl=impl)
             return
@@ -219,6 +233,10 @@ class Session:
 
     def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
         """Called after a layer's attention when its buffers are in use (calibration keeps residuals)."""
+
+    def dense(self, layer: LayerRuntime, dense) -> torch.Tensor:
+        """The stock attention of an all-full row (calibration hands back the one it already has)."""
+        return dense()
 
     def _argument(self, args, kwargs, name, index):
         if name in kwargs:
