@@ -1,0 +1,33 @@
+"""A bundled, trained MMDiT testbed: two small pixel-space models built from diffusers' own classes
+(an SD3-style ``SD3Transformer2DModel`` and a FLUX-style ``FluxTransformer2DModel``), trained on
+procedural captioned shapes, with an evaluator that reads captions back from images.
+
+    from ditfastattn.testbed import load_pipeline, load_prompts, caption_accuracy, image_metrics
+
+    pipe = load_pipeline("sd3")  # or "flux"
+    prompts = load_prompts("heldout")
+    images = pipe(prompts, num_inference_steps=20, output_type="pt").images
+    caption_accuracy(images, prompts)
+
+Modules: :mod:`.data` (dataset and caption grammar), :mod:`.text` (all-MiniLM-L6-v2 encoder),
+:mod:`.models`, :mod:`.pipeline`, :mod:`.evaluator`, :mod:`.train` (``python -m
+ditfastattn.testbed.train``).
+"""
+
+from .data import Scenes, generate_batch, load_prompts, parse_caption, sample_scenes
+from .evaluator import caption_accuracy, caption_scores, image_metrics
+from .pipeline import FluxTestbedPipeline, SD3TestbedPipeline, load_pipeline
+
+__all__ = [
+    "FluxTestbedPipeline",
+    "SD3TestbedPipeline",
+    "Scenes",
+    "caption_accuracy",
+    "caption_scores",
+    "generate_batch",
+    "image_metrics",
+    "load_pipeline",
+    "load_prompts",
+    "parse_caption",
+    "sample_scenes",
+]

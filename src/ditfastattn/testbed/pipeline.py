@@ -1,0 +1,216 @@
+"""Diffusers-style pipelines around the testbed transformers, and the loader of the bundled weights.
+
+Both pipelines are ``DiffusionPipeline`` subclasses with two components, ``transformer`` and
+``scheduler`` (a ``FlowMatchEulerDiscreteScheduler``), and sample the way their real counterparts
+do, so code that hooks ``pipe.transformer``'s attention processors or wraps
+``pipe.scheduler.set_timesteps`` sees the same calls it would see on SD3 or FLUX.1:
+
+- :class:`SD3TestbedPipeline` (``StableDiffusion3Pipeline``): classifier-free guidance as one
+  transformer call on a batch ``[uncond; cond]``; timestep ``t`` from the scheduler (sigma * 1000).
+- :class:`FluxTestbedPipeline` (``FluxPipeline`` with true CFG): latents stay packed; with
+  guidance, two transformer calls per step, positive then negative; timestep ``t / 1000``.
+
+The text encoder (:mod:`.text`) is cached per device and is not a pipeline component. Images are
+64x64 RGB in pixel space; there is no VAE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file
+
+from .models import KINDS, build_transformer, flux_image_ids, flux_text_ids, pack_flux, unpack_flux
+from .text import encode_prompts
+
+logger = logging.getLogger("ditfastattn")
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Shift 3 (SD3's) spends most sampling steps at high noise, where layout and colours are decided.
+SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
+DEFAULT_GUIDANCE_SCALE = 4.0
+
+
+class _TestbedPipeline(DiffusionPipeline):
+    kind: str
+
+    def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    def encode_prompt(self, prompt: str | list[str], device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states (N, 32, 384), pooled (N, 384)) on the pipeline's device, in the transformer's dtype."""
+        return encode_prompts(prompt, device or self._execution_device, dtype or self.transformer.dtype)
+
+    def _embeddings(
+        self,
+        do_cfg,
+        prompt,
+        negative_prompt,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        negative_pooled_prompt_embeds,
+    ):
+        """Positive and (with CFG) negative embeddings, encoding whatever was not given; the
+        negative prompt defaults to "", the unconditional prompt the models were trained with."""
+        device, dtype = self._execution_device, self.transformer.dtype
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("give either prompt or prompt_embeds")
+            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompt)
+        elif pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too")
+        batch = prompt_embeds.shape[0]
+        if do_cfg and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * batch
+            negative_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(negative_prompt)
+        elif do_cfg and negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+        embeds = [prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds]
+        return [None if e is None else e.to(device, dtype) for e in embeds]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int = 64,
+        width: int = 64,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        joint_attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+    ):
+        """Generate one image per prompt. ``output_type``: "pil" (list of images), "pt" (tensor
+        (N, 3, H, W) in [0, 1], float32) or "np" (array (N, H, W, 3) in [0, 1])."""
+        if height % 4 or width % 4 or max(height, width) > 64:
+            raise ValueError(f"height and width must be multiples of 4, at most 64; got {height}x{width}")
+        if output_type not in ("pil", "pt", "np"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}")
+        do_cfg = guidance_scale > 1.0
+        embeds = self._embeddings(
+            do_cfg,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+        )
+        device, dtype = self._execution_device, self.transformer.dtype
+        shape = (embeds[0].shape[0], 3, height, width)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        images = self._denoise(latents, *embeds, guidance_scale, do_cfg, joint_attention_kwargs)
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        self.maybe_free_model_hooks()
+        if output_type == "pt":
+            out = images
+        else:
+            out = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                out = [PIL.Image.fromarray(a) for a in (out * 255).round().astype(np.uint8)]
+        return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+
+class SD3TestbedPipeline(_TestbedPipeline):
+    """SD3-style sampling: CFG as one batch of 2 per prompt, ``[uncond; cond]``."""
+
+    kind = "sd3"
+
+    def _denoise(self, latents, states, pooled, neg_states, neg_pooled, guidance_scale, do_cfg, attn_kwargs):
+        if do_cfg:
+            states = torch.cat([neg_states, states])
+            pooled = torch.cat([neg_pooled, pooled])
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            timestep = t.expand(model_input.shape[0])
+            noise_pred = self.transformer(
+                hidden_states=model_input,
+                timestep=timestep,
+                encoder_hidden_states=states,
+                pooled_projections=pooled,
+                joint_attention_kwargs=attn_kwargs,
+                return_dict=False,
+            )[0]
+            if do_cfg:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        return latents
+
+
+class FluxTestbedPipeline(_TestbedPipeline):
+    """FLUX-style sampling: packed latents; true CFG as two calls per step, positive then negative."""
+
+    kind = "flux"
+
+    def _denoise(self, latents, states, pooled, neg_states, neg_pooled, guidance_scale, do_cfg, attn_kwargs):
+        height, width = latents.shape[-2:]
+        latents = pack_flux(latents)
+        img_ids = flux_image_ids(height, width, latents.device, latents.dtype)
+        txt_ids = flux_text_ids(states.shape[1], latents.device, latents.dtype)
+
+        def predict(latents, timestep, text_states, text_pooled):
+            return self.transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                encoder_hidden_states=text_states,
+                pooled_projections=text_pooled,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                joint_attention_kwargs=attn_kwargs,
+                return_dict=False,
+            )[0]
+
+        for t in self.progress_bar(self.scheduler.timesteps):
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            noise_pred = predict(latents, timestep, states, pooled)
+            if do_cfg:
+                neg_noise_pred = predict(latents, timestep, neg_states, neg_pooled)
+                noise_pred = neg_noise_pred + guidance_scale * (noise_pred - neg_noise_pred)
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        return unpack_flux(latents, height, width)
+
+
+PIPELINES = {"sd3": SD3TestbedPipeline, "flux": FluxTestbedPipeline}
+
+
+def load_pipeline(
+    kind: str = "sd3",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    weights_dir: str | Path | None = None,
+) -> SD3TestbedPipeline | FluxTestbedPipeline:
+    """The trained testbed pipeline of ``kind`` ("sd3" or "flux") with the bundled weights (or those
+    in ``weights_dir``: ``{kind}.safetensors`` and ``{kind}_train_config.json`` from train.py)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    config = json.loads((folder / f"{kind}_train_config.json").read_text())
+    transformer = build_transformer(kind, config["model_config"])
+    transformer.load_state_dict(load_file(folder / f"{kind}.safetensors"))
+    # Built in float32; cast only when asked (diffusers warns on every dtype cast).
+    transformer.to(device).eval()
+    if dtype != torch.float32:
+        transformer.to(dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler_config"])
+    logger.info("loaded the %s testbed from %s", kind, folder)
+    return PIPELINES[kind](transformer=transformer, scheduler=scheduler)
