@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="calibrate and compare on the bundled trained testbed (CPU, ~2 minutes)")
     demo.add_argument("--out", default="demo_out", help="folder for the grid PNG, the plan and its heatmap")
-    demo.add_argument("--delta", type=float, default=0.5)
-    demo.add_argument("--steps", type=int, default=10)
-    demo.add_argument("--num-prompts", type=int, default=4, help="calibration and held-out prompts each")
+    demo.add_argument("--delta", type=float, default=0.2)
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--num-prompts", type=int, default=6, help="calibration and held-out prompts each")
     demo.add_argument("--device", default=None)
     demo.set_defaults(run=cmd_demo)
 

@@ -29,7 +29,7 @@ def _generate(pipe, prompts, steps, seed):
     return images, (time.perf_counter() - start) / len(prompts)
 
 
-def run_demo(out: Path, *, delta: float = 0.5, steps: int = 10, num_prompts: int = 4, device: str = "cpu") -> dict:
+def run_demo(out: Path, *, delta: float = 0.2, steps: int = 20, num_prompts: int = 6, device: str = "cpu") -> dict:
     from .testbed.evaluator import caption_accuracy, image_metrics
     from .testbed.pipeline import load_pipeline
 

@@ -41,6 +41,7 @@ def plot_plan(plan: Plan, path: str | Path, title: str | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     shares = family_shares(plan)
     image = sum(shares[name][..., None] * np.array(colour) for name, colour in FAMILIES.items())
@@ -55,6 +56,7 @@ def plot_plan(plan: Plan, path: str | Path, title: str | None = None) -> Path:
     )
     heat = axes[0, 0]
     heat.imshow(image.clip(0, 1), aspect="auto", interpolation="nearest")
+    heat.yaxis.set_major_locator(MaxNLocator(integer=True))
     heat.set_xlabel("attention layer (execution order)")
     heat.set_ylabel("denoising step")
     used = [name for name in FAMILIES if shares[name].any()]
