@@ -81,3 +81,12 @@ def test_generate_errors(tmp_path, capsys):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_demo_writes_its_outputs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "3", "--num-prompts", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "attention sparsity" in out and "caption accuracy" in out
+    for name in ("comparison.png", "plan.json", "plan.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert Plan.load(tmp_path / "plan.json").num_steps == 3
