@@ -224,3 +224,19 @@ def test_fused_projections_are_refused():
 def test_non_pipeline_input_is_refused():
     with pytest.raises(TypeError, match="pipeline with a `.transformer`"):
         ditfastattn.apply(object(), None)
+
+
+def test_a_layer_holds_its_buffer_only_while_the_next_step_caches():
+    pipe = sd3_pipeline()
+    base = Plan.uniform(pipe.transformer, 5, "full")
+    schedule = {1: "arrow:0.5", 2: "cache", 3: "arrow_residual:0.5", 4: "cache"}
+    plan = with_methods(base, lambda step, layer, head: schedule[step])
+    ditfastattn.apply(pipe, plan)
+    session = pipe.transformer._ditfastattn_session
+    held = []
+    pipe.transformer.register_forward_hook(
+        lambda *_: held.append([layer.slots[0].out is not None for layer in session.layers if 0 in layer.slots])
+    )
+    run_pipeline(pipe, steps=5)
+    # after steps 0..3: the next step caches only after steps 1 and 3; the last step frees all
+    assert [any(flags) for flags in held] == [False, True, False, True, False]

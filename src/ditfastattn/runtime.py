@@ -26,7 +26,7 @@ class _Row:
     """One layer at one step, compiled for one image length and device."""
 
     all_full: bool  # every head plain full: run the stock dense attention
-    keep: bool  # a later step reads this layer's output buffer
+    keep: bool  # the next step reads this layer's output buffer (it has cache heads)
     modes: torch.Tensor  # (H,) int32 modes of the main op call
     residual_add: torch.Tensor | None  # (1, 1, H, 1) bool: arrow_residual heads
     capture_modes: torch.Tensor | None  # (H,) windows whose residual is captured now; others skip
@@ -97,7 +97,9 @@ def _compile_rows(plan: Plan, layer: int, num_image_tokens: int, device: torch.d
                 if methods[later][head].kind == "arrow_residual":
                     capture[head] = methods[later][head].mode(num_image_tokens)
                     break
-        keep = not all(all_full[step + 1 :])
+        # Only cache heads read the buffer; every other head is rewritten, so a layer whose next
+        # step caches nothing frees its buffer and holds no memory until it needs one again.
+        keep = step + 1 < plan.num_steps and any(m.kind == "cache" for m in methods[step + 1])
         rows.append(compile_row(row, keep=keep, capture=capture, num_image_tokens=num_image_tokens, device=device))
     return rows
 
@@ -125,13 +127,12 @@ class LayerRuntime:
         slot = self.slots.setdefault(self.session.call, _Buffers())
         out = slot.out
         if out is None or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            if self.session.step > 0 and out is not None:
+            if out is not None and self.session.step > 0:
                 raise RuntimeError(
                     f"{self.name}: the attention input changed from {tuple(out.shape)} {out.dtype} to "
                     f"{tuple(q.shape)} {q.dtype} within one generation; cached heads cannot be reused"
                 )
             slot.out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            slot.residual = None
         return slot
 
     def attend(self, q, k, v, *, text_start: int, text_len: int, dense, dense_only: bool = False) -> torch.Tensor:
@@ -153,7 +154,8 @@ class LayerRuntime:
         out = slot.out
         if row.all_full:
             result = session.dense(self, dense)
-            out.copy_(result)
+            if row.keep:
+                out.copy_(result)
         else:
             result = out
             self._compute(q, k, v, row, out, text_start, text_len)
@@ -165,8 +167,10 @@ class LayerRuntime:
                 q, k, v, row.capture_modes, text_start=text_start, text_len=text_len, out=arrow, impl=session.impl
             )
             previous = slot.residual if slot.residual is not None else torch.zeros_like(out)
-            slot.residual = torch.where(row.capture_mask, out - arrow, previous)
+            slot.residual = torch.where(row.capture_mask, result - arrow, previous)
         session.after(self, q, k, v, result, text_start, text_len)
+        if not row.keep:
+            slot.out = None  # the caller's reference keeps it alive just as long as it is used
         return result
 
     def _compute(self, q, k, v, row: _Row, out, text_start, text_len) -> None:
