@@ -20,6 +20,7 @@ import json
 import platform
 from pathlib import Path
 
+import diffusers
 import torch
 
 from ditfastattn import Plan, SearchConfig, calibrate
@@ -152,6 +153,8 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
         "steps": args.steps,
         "prompts": args.prompts,
         "ablation_delta": args.ablation_delta,
