@@ -85,3 +85,16 @@ def test_static_mode_errors():
     ditfastattn.apply(model, Plan.uniform(model, 2, "cache"), static=True, num_image_tokens=64)
     with pytest.raises(ValueError, match="applied for 64 image tokens but the model sees 672"):
         model(**sd3_inputs(1), timestep=torch.tensor([900.0]))
+
+
+@torch.no_grad()
+def test_static_all_full_plan_is_stock_bit_for_bit():
+    model = tiny_sd3(dual=True)
+    inputs = sd3_inputs()
+    want = denoise(model, inputs)
+    ditfastattn.apply(model, Plan.uniform(model, STEPS, "full"), static=True, num_image_tokens=24 * 28)
+    got = denoise(model, inputs)
+    assert not [name for name, _ in model.named_buffers() if name.endswith("_ditfastattn_out")]
+    ditfastattn.remove(model)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -82,9 +82,69 @@ def compile_row(methods, *, keep: bool, capture, num_image_tokens: int, device) 
     )
 
 
-def _compile_rows(plan: Plan, layer: int, num_image_tokens: int, device: torch.device) -> list[_Row]:
+def cache_heads(plan: Plan) -> list[list[int]]:
+    """Number of ``cache`` heads of every layer at every step: ``[step][layer]``."""
+    return [[sum(parse_method(m).kind == "cache" for m in heads) for heads in rows] for rows in plan.methods]
+
+
+def fit_cache_budget(cached: list[list[int]], layer_bytes: list[int], budget: int, *, static: bool = False):
+    """Per layer, the steps whose ``cache`` heads run ``full`` instead, so the buffers they read fit ``budget`` bytes.
+
+    A cache head at step t reads its layer's output of step t - 1, so the layer keeps that buffer
+    across the step boundary. While step t runs, a layer holds a buffer if step t or step t + 1
+    caches (layers run in order: those already run hold step t's output, the rest step t - 1's).
+    Buffers are given up greedily where they save the fewest cached heads per byte. A static
+    session holds a buffer for the whole generation if the layer ever caches.
+    """
+    steps, layers = len(cached), len(layer_bytes)
+
+    def value(layer, step_set):
+        return sum(cached[t][layer] for t in step_set) / layer_bytes[layer]
+
+    if static:
+        everything = range(steps)
+        kept = {l for l in range(layers) if value(l, everything)}
+        removed = []
+        while sum(layer_bytes[l] for l in kept) > budget:
+            layer = min(kept, key=lambda l: value(l, everything))
+            kept.discard(layer)
+            removed.append(layer)
+        # Greedy may give up more than needed: take back what still fits, most valuable first.
+        for layer in sorted(removed, key=lambda l: -value(l, everything)):
+            if sum(layer_bytes[l] for l in kept) + layer_bytes[layer] <= budget:
+                kept.add(layer)
+        return [frozenset() if l in kept or not value(l, everything) else frozenset(everything) for l in range(layers)]
+
+    kept = [{l for l in range(layers) if cached[t][l]} for t in range(steps)] + [set()]
+
+    def held(t):
+        return sum(layer_bytes[l] for l in kept[t] | kept[t + 1])
+
+    for t in range(1, steps):
+        removed = []
+        while held(t) > budget:
+            layer = min(kept[t] | kept[t + 1], key=lambda l: value(l, [s for s in (t, t + 1) if l in kept[s]]))
+            for s in (t, t + 1):
+                if layer in kept[s]:
+                    kept[s].discard(layer)
+                    removed.append((layer, s))
+        for layer, s in sorted(removed, key=lambda pair: -value(pair[0], [pair[1]])):
+            kept[s].add(layer)
+            if held(t - 1) > budget or held(t) > budget:
+                kept[s].discard(layer)
+    return [frozenset(t for t in range(steps) if cached[t][l] and l not in kept[t]) for l in range(layers)]
+
+
+_FULL = parse_method("full")
+
+
+def _compile_rows(
+    plan: Plan, layer: int, num_image_tokens: int, device: torch.device, dropped: frozenset[int] = frozenset()
+) -> list[_Row]:
     heads = plan.model.layers[layer].heads
     methods = [[plan.method(step, layer, head) for head in range(heads)] for step in range(plan.num_steps)]
+    for step in dropped:  # over the memory budget: these cache heads compute instead
+        methods[step] = [_FULL if m.kind == "cache" else m for m in methods[step]]
     plain_full = [[m.kind == "full" and not m.cfg_share for m in row] for row in methods]
     all_full = [all(row) for row in plain_full]
     rows = []
@@ -117,10 +177,11 @@ class LayerRuntime:
     def text_len(self) -> int:
         return self.session.text_len
 
-    def row(self, num_image_tokens: int, device: torch.device) -> _Row:
-        key = (num_image_tokens, device)
+    def row(self, q: torch.Tensor, num_image_tokens: int) -> _Row:
+        dropped = self.session.dropped_steps(self.index, q, num_image_tokens)
+        key = (num_image_tokens, q.device, dropped)
         if key not in self._rows:
-            self._rows[key] = _compile_rows(self.session.plan, self.index, num_image_tokens, device)
+            self._rows[key] = _compile_rows(self.session.plan, self.index, num_image_tokens, q.device, dropped)
         return self._rows[key][self.session.step]
 
     def _buffers(self, q: torch.Tensor) -> _Buffers:
@@ -211,13 +272,16 @@ class Session:
 
     layer_cls = LayerRuntime
 
-    def __init__(self, transformer, plan: Plan, adapter, impl: str):
+    def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None):
         self.transformer = transformer
         self.plan = plan
         self.adapter = adapter
         self.impl = impl
+        self.cache_budget = cache_budget
+        self._dropped: dict[tuple, list[frozenset[int]]] = {}
         self.step = 0
         self.call = 0
+        self.calls_per_step = 1
         self.text_len = 0
         self._last_timestep: float | None = None
         self._new_generation = True
@@ -233,7 +297,29 @@ class Session:
 
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:
         """The compiled plan row of ``layer`` at the current step (calibration decides it here)."""
-        return layer.row(q.shape[1] - text_len, q.device)
+        return layer.row(q, q.shape[1] - text_len)
+
+    def dropped_steps(self, layer: int, q: torch.Tensor, num_image_tokens: int) -> frozenset[int]:
+        """Steps at which ``layer``'s cache heads compute instead, to keep the buffers within the budget."""
+        if self.cache_budget is None:
+            return frozenset()
+        batch, seq, _, _ = q.shape
+        static = isinstance(self, StaticSession)
+        key = (batch, seq, q.element_size(), 1 if static else self.calls_per_step)
+        if key not in self._dropped:
+            # Every call slot (e.g. FLUX's true CFG) keeps its own buffers.
+            layer_bytes = [key[3] * batch * seq * spec.heads * spec.head_dim * key[2] for spec in self.plan.model.layers]
+            cached = cache_heads(self.plan)
+            dropped = fit_cache_budget(cached, layer_bytes, self.cache_budget, static=static)
+            self._dropped[key] = dropped
+            lost = sum(cached[t][l] for l, steps in enumerate(dropped) for t in steps)
+            if lost:
+                logger.warning(
+                    "ditfastattn: the cache buffers of this plan exceed the %.2f GiB budget at batch %d x %d tokens; "
+                    "%d of %d cached head-steps compute instead (raise cache_budget_gib for full speed)",
+                    self.cache_budget / 2**30, batch, seq, lost, sum(map(sum, cached)),
+                )
+        return self._dropped[key][layer]
 
     def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
         """Called after a layer's attention when its buffers are in use (calibration keeps residuals)."""
@@ -260,6 +346,7 @@ class Session:
             self._start_generation()
         elif value == last:
             self.call += 1
+            self.calls_per_step = max(self.calls_per_step, self.call + 1)
         else:
             self.step += 1
             self.call = 0
@@ -302,14 +389,23 @@ class _StaticLayer(LayerRuntime):
 
     Nothing depends on the step on the host, so ``torch.compile(fullgraph=True)`` traces one graph
     for the whole denoising loop and CUDA graphs can replay it. Tables and buffers are non-persistent
-    buffers of the attention module: they follow ``.to()`` and have static addresses.
+    buffers of the attention module: they follow ``.to()`` and have static addresses. Only layers
+    that ever cache hold an output buffer; layers full at every step run the stock attention.
     """
 
     module: torch.nn.Module
+    built = False
 
-    def build(self, module: torch.nn.Module, num_image_tokens: int, device) -> None:
-        self.module = module
-        rows = _compile_rows(self.session.plan, self.index, num_image_tokens, device)
+    def build(self, q: torch.Tensor) -> None:
+        """Tables for this layer at ``q``'s shape; on the first call, which must run uncompiled."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{self.name}: static mode builds its tables and buffers on the first call; run one uncompiled "
+                "transformer call (or generation) with these shapes before torch.compile"
+            )
+        num_image_tokens, device, module = self.session.num_image_tokens, q.device, self.module
+        dropped = self.session.dropped_steps(self.index, q, num_image_tokens)
+        rows = _compile_rows(self.session.plan, self.index, num_image_tokens, device, dropped)
         heads = rows[0].modes.numel()
 
         def stack(values):
@@ -324,16 +420,19 @@ class _StaticLayer(LayerRuntime):
             "capture_mask": stack([flags if row.capture_mask is None else row.capture_mask.view(-1) for row in rows]),
         }
         self.residuals = bool(tables["residual_add"].any())
+        self.caches = any(row.keep for row in rows)
+        self.stock = all(row.all_full for row in rows) and not self.residuals
         for name, table in tables.items():
             module.register_buffer(f"_ditfastattn_{name}", table, persistent=False)
+        self.built = True
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buffer = self.module._buffers.get(name)
         if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
             if torch.compiler.is_compiling():
                 raise RuntimeError(
-                    f"{self.name}: static mode allocates its buffers on the first call; run one uncompiled "
-                    "transformer call (or generation) with these shapes before torch.compile"
+                    f"{self.name}: the attention input changed to {tuple(like.shape)} {like.dtype} after the first "
+                    "call; static mode needs fixed shapes (apply again for the new ones)"
                 )
             buffer = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
             self.module.register_buffer(name, buffer, persistent=False)
@@ -347,9 +446,15 @@ class _StaticLayer(LayerRuntime):
                 f"{self.name}: static mode was applied for {self.session.num_image_tokens} image tokens but the "
                 f"model sees {q.shape[1] - text_len}; apply again with num_image_tokens={q.shape[1] - text_len}"
             )
+        if not self.built:
+            self.build(q)
+        if self.stock:
+            return dense()
         step = self.session.step_tensor()
         module, impl = self.module, self.session.impl
-        out = self._buffer("_ditfastattn_out", q)
+        # Cache heads skip, so their slice must hold last step's output: a persistent buffer. Layers
+        # that never cache write every element and take a fresh tensor.
+        out = self._buffer("_ditfastattn_out", q) if self.caches else torch.empty_like(q)
         modes = module._ditfastattn_modes.index_select(0, step).view(-1)
         torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, text_start, text_len, out, q.shape[-1] ** -0.5, impl)
         if self.residuals:
@@ -372,8 +477,8 @@ class StaticSession(Session):
 
     layer_cls = _StaticLayer
 
-    def __init__(self, transformer, plan: Plan, adapter, impl: str, num_image_tokens: int):
-        super().__init__(transformer, plan, adapter, impl)
+    def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None, num_image_tokens: int):
+        super().__init__(transformer, plan, adapter, impl, cache_budget)
         if any(parse_method(m).cfg_share for rows in plan.methods for heads in rows for m in heads):
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
         self.num_image_tokens = num_image_tokens
@@ -403,9 +508,8 @@ class StaticSession(Session):
         self.transformer._buffers[_LAST_TIMESTEP].fill_(float("-inf"))
 
     def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
-        device = next(self.transformer.parameters()).device
         for layer in self.layers:
-            layer.build(modules[layer.name], self.num_image_tokens, device)
+            layer.module = modules[layer.name]
 
     def uninstall_layers(self, modules: dict[str, torch.nn.Module]) -> None:
         for module in modules.values():
@@ -445,7 +549,7 @@ def _hook_scheduler(session: Session, pipe) -> None:
     session.scheduler = scheduler
 
 
-def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session) -> Session:
+def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **session_args) -> Session:
     transformer, pipe = _transformer_of(pipe_or_transformer)
     if getattr(transformer, _SESSION_ATTR, None) is not None:
         raise RuntimeError("a ditfastattn plan is already applied to this model; call ditfastattn.remove() first")
@@ -464,7 +568,7 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session) -> 
                 f"{name} uses {type(module.processor).__name__}; ditfastattn replaces only diffusers' stock "
                 f"{', '.join(t.__name__ for t in stock)} (undo fuse_qkv_projections / custom processors first)"
             )
-    session = session_cls(transformer, plan, adapter, impl)
+    session = session_cls(transformer, plan, adapter, impl, **session_args)
     session.install_layers(modules)
     for layer in session.layers:
         module = modules[layer.name]
@@ -499,7 +603,13 @@ def uninstall(pipe_or_transformer) -> Plan:
 
 
 def apply(
-    pipe_or_transformer, plan: Plan, *, impl: str = "auto", static: bool = False, num_image_tokens: int | None = None
+    pipe_or_transformer,
+    plan: Plan,
+    *,
+    impl: str = "auto",
+    cache_budget_gib: float | None = None,
+    static: bool = False,
+    num_image_tokens: int | None = None,
 ) -> None:
     """Run ``pipe_or_transformer`` under ``plan`` until :func:`remove`.
 
@@ -508,19 +618,29 @@ def apply(
     transformer's ``timestep``, and, given a pipeline, checks the step count when the scheduler's
     timesteps are set. ``impl`` picks the attention op ("auto", "triton", "reference").
 
+    Cache heads read their layer's output of the previous step, which the runtime keeps only while
+    the next step caches. ``cache_budget_gib`` bounds those buffers (all call slots together): where
+    the plan would need more, the fewest cached heads per byte compute (``full``) instead, logged
+    once with the count. ``None`` keeps every buffer the plan needs.
+
     ``static=True`` keeps the step counter and the per-step head modes on the device, so
     ``torch.compile(transformer, fullgraph=True)`` compiles one graph for every step and CUDA
     graphs can replay it. It needs the image token count (``num_image_tokens``, or the plan's
     provenance), one transformer call per step, no ``cfg_share``, and one uncompiled call to
-    allocate its buffers; every head then runs through the fused op (no bitwise stock path).
+    build its tables and buffers. Layers that are full at every step run the stock attention; the
+    others run every head through the fused op, and keep an output buffer for the whole generation
+    if they ever cache.
     """
+    if cache_budget_gib is not None and not cache_budget_gib >= 0:
+        raise ValueError(f"cache_budget_gib must be >= 0 (or None for no limit); got {cache_budget_gib!r}")
+    budget = None if cache_budget_gib is None else int(cache_budget_gib * 2**30)
     if static:
         tokens = num_image_tokens or plan.provenance.get("num_image_tokens")
         if not tokens:
             raise ValueError("static=True needs num_image_tokens= (e.g. FLUX 1024x1024: 4096) or a plan that records it")
-        install(pipe_or_transformer, plan, impl, functools.partial(StaticSession, num_image_tokens=int(tokens)))
+        install(pipe_or_transformer, plan, impl, StaticSession, cache_budget=budget, num_image_tokens=int(tokens))
     else:
-        install(pipe_or_transformer, plan, impl)
+        install(pipe_or_transformer, plan, impl, cache_budget=budget)
     summary_source = plan.provenance.get("source", "calibrated")
     logger.info("ditfastattn: applied %s plan (%s)", summary_source, plan)
 
