@@ -1,0 +1,174 @@
+"""End-to-end step time under torch.compile and CUDA graphs: stock diffusers against static plans.
+
+    python benchmarks/e2e_compiled.py                       # CUDA GPU: results/e2e_compiled.json
+    python benchmarks/e2e_compiled.py --runs flux:1024 sd3:1024 --targets 0.43 0.68 0.80
+    python benchmarks/e2e_compiled.py --smoke               # tiny models, CPU, aot_eager: checks the script
+
+Same models, inputs and timing as `e2e.py` (random bf16 weights, one transformer call per step,
+median of steps 1..N-1 of one generation after a 2-step warm-up generation). For every compile
+mode (`torch.compile(model, fullgraph=True, dynamic=False)`, and with `mode="reduce-overhead"`,
+i.e. CUDA graphs), in one process: stock diffusers, stock with attention removed (the attention
+share under that mode) and ditfastattn with a static plan (`apply(..., static=True)`). The ceiling
+of a plan comes from the compiled stock run of the same mode. After the first compiled call,
+`torch._dynamo.config.error_on_recompile` is set: a recompile (e.g. one per step) fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import ditfastattn
+from e2e import (
+    MODELS,
+    attention_removed,
+    build_transformer,
+    environment,
+    model_inputs,
+    step_times,
+    synthetic_plan,
+    timesteps,
+)
+
+HERE = Path(__file__).resolve().parent
+MODES = {"compile": None, "cudagraphs": "reduce-overhead"}
+
+
+def compiled_measure(model, inputs, steps, mode, backend, context=contextlib.nullcontext) -> dict:
+    """Compile ``model`` afresh, warm up with one 2-step generation, then time one generation."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+    with torch.no_grad(), context():
+        start = time.perf_counter()
+        step_times(compiled, inputs, steps[:1])
+        compile_s = time.perf_counter() - start
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            step_times(compiled, inputs, steps[:2])
+            if inputs["hidden_states"].device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times = step_times(compiled, inputs, steps)
+    result = {"ms": statistics.median(times[1:]), "ms_steps": [round(t, 3) for t in times],
+              "compile_s": round(compile_s, 1), "graphs": counters["stats"]["unique_graphs"],
+              "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    if inputs["hidden_states"].device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    torch._dynamo.reset()
+    return result
+
+
+def eager_ms(model, inputs, steps) -> float:
+    with torch.no_grad():
+        step_times(model, inputs, steps[:2])
+        return statistics.median(step_times(model, inputs, steps)[1:])
+
+
+def run_config(model, kind, size, args, device, dtype) -> dict:
+    _, full_config, tiny_config, text_len, batch = MODELS[kind]
+    config = tiny_config if args.smoke else full_config
+    text_len = 16 if args.smoke else text_len
+    inputs = model_inputs(kind, config, size, text_len, batch, device, dtype)
+    image_tokens = (size // 16) ** 2
+    n_steps = args.steps or (6 if size >= 2048 else 8)
+    steps = timesteps(kind, n_steps, batch, device, dtype)
+    impl = "reference" if args.smoke else "auto"
+    full = ditfastattn.Plan.uniform(model, n_steps, "full", num_image_tokens=image_tokens, text_len=text_len)
+    plans = {f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len) for t in args.targets}
+    row = {"model": kind, "size": size, "batch": batch, "image_tokens": image_tokens, "text_len": text_len,
+           "steps_per_generation": n_steps, "eager_stock_ms": eager_ms(model, inputs, steps), "modes": {}}
+    for mode_name in args.modes:
+        mode = MODES[mode_name]
+        out = row["modes"][mode_name] = {}
+        out["stock"] = compiled_measure(model, inputs, steps, mode, args.backend)
+        out["no_attention"] = compiled_measure(model, inputs, steps, mode, args.backend, attention_removed)
+        share = 1.0 - out["no_attention"]["ms"] / out["stock"]["ms"]
+        out["attention_share"] = share
+        for name, plan in plans.items():
+            sparsity = statistics.fmean(plan.summary(image_tokens, text_len)["sparsity_per_step"][1:])
+            ditfastattn.apply(model, plan, impl=impl, static=True)
+            try:
+                with torch.no_grad():  # the uncompiled generation that builds tables and buffers
+                    step_times(model, inputs, steps[:2])
+                result = compiled_measure(model, inputs, steps, mode, args.backend)
+            finally:
+                ditfastattn.remove(model)
+            result.update(sparsity=sparsity, speedup=out["stock"]["ms"] / result["ms"],
+                          ceiling=1.0 / (1.0 - share * sparsity),
+                          speedup_vs_eager_stock=row["eager_stock_ms"] / result["ms"])
+            result["of_ceiling"] = result["speedup"] / result["ceiling"]
+            out[name] = result
+            print(f"  {kind} {size} {mode_name} {name}: {result['ms']:.2f} ms, x{result['speedup']:.3f}, "
+                  f"{result['of_ceiling']:.1%} of ceiling", flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["model size  mode        variant        ms      compile_s  sparsity speedup ceiling of_ceil  x_eager_stock"]
+    for row in rows:
+        lines.append(f"{row['model']:5} {row['size']:4}  eager       stock      {row['eager_stock_ms']:9.2f}")
+        for mode, variants in row["modes"].items():
+            for name, v in variants.items():
+                if not isinstance(v, dict):
+                    continue
+                cells = f"{row['model']:5} {row['size']:4}  {mode:10}  {name:12} {v['ms']:9.2f}  {v['compile_s']:8.1f}"
+                if "speedup" in v:
+                    cells += (f"  {v['sparsity']:6.3f}  {v['speedup']:6.3f}  {v['ceiling']:6.3f}  {v['of_ceiling']:6.3f}"
+                              f"  {v['speedup_vs_eager_stock']:6.3f}")
+                lines.append(cells)
+            lines.append(f"      {mode}: attention share {variants['attention_share']:.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, aot_eager, no CUDA graphs")
+    parser.add_argument("--runs", nargs="+", default=["flux:2048"], help="model:size pairs, e.g. flux:2048 sd3:1024")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.68], help="synthetic plan sparsities")
+    parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="start no new model/resolution after this")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e_compiled.json)")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    args.backend = "aot_eager" if args.smoke else "inductor"
+    if args.smoke:
+        args.modes = ["compile"]
+    folder = HERE.parent / "out" if args.smoke else HERE / "results"
+    args.out = args.out or folder / ("e2e_compiled_smoke.json" if args.smoke else "e2e_compiled.json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    runs = [(kind, int(size)) for kind, size in (r.split(":") for r in args.runs)]
+    if args.smoke:
+        runs = [(kind, 256) for kind, _ in runs]
+    result = {"environment": environment(device), "smoke": args.smoke, "backend": args.backend,
+              "timing": "median of steps 1..N-1 of one generation, CUDA events, after a 2-step warm-up generation",
+              "runs": [], "skipped": []}
+    start = time.perf_counter()
+    model, model_kind = None, None
+    for kind, size in runs:
+        if time.perf_counter() - start > args.budget_s:
+            result["skipped"].append(f"{kind} {size}: time budget ({args.budget_s:.0f} s) spent")
+            continue
+        if kind != model_kind:
+            model = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            model, model_kind = build_transformer(kind, MODELS[kind][2 if args.smoke else 1], device, dtype), kind
+        result["runs"].append(run_config(model, kind, size, args, device, dtype))
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"[{time.perf_counter() - start:6.1f} s] {kind} {size} done", flush=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result["runs"]))
+    for line in result["skipped"]:
+        print("skipped:", line)
+
+
+if __name__ == "__main__":
+    main()
