@@ -1,11 +1,13 @@
 """Head-wise attention op: every head of one launch runs its own mode (full, skip, arrow).
 
 The public entry point validates and dispatches; the implementations live in ``_reference`` (pure
-PyTorch, the oracle, any device) and ``_triton`` (fused GPU kernel). Neither imports the other.
+PyTorch, the oracle, any device), ``_triton`` (fused GPU kernel) and ``_gluon`` (warp-specialised
+Hopper kernel, head dim 128). None imports another.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -14,11 +16,11 @@ import torch
 
 from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
 
-__all__ = ["headwise_attention", "IMAGE_BLOCK", "MODE_FULL", "MODE_SKIP", "triton_available"]
+__all__ = ["headwise_attention", "IMAGE_BLOCK", "MODE_FULL", "MODE_SKIP", "gluon_available", "triton_available"]
 
 logger = logging.getLogger("ditfastattn")
 
-_IMPLS = ("auto", "reference", "triton")
+_IMPLS = ("auto", "reference", "triton", "gluon")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON_HEAD_DIMS = (32, 64, 128)
 _auto_notes: set[str] = set()
@@ -45,6 +47,43 @@ def _triton_unsupported(q: torch.Tensor) -> str | None:
     if q.shape[-1] not in _TRITON_HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not supported by the Triton kernel (supported: {_TRITON_HEAD_DIMS})"
     return triton_available()
+
+
+def gluon_available() -> str | None:
+    """None when the Gluon kernel can be built here (on any device), otherwise the reason it cannot."""
+    try:
+        from . import _gluon  # noqa: F401
+    except ImportError as err:  # triton missing, or without Gluon's Hopper API
+        return f"triton.experimental.gluon (Hopper) cannot be imported ({err})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _gluon_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    if q.device.type != "cuda":
+        return f"tensors are on {q.device.type}; the Gluon kernel needs a CUDA GPU of compute capability 9.0 (Hopper)"
+    capability = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if capability != (9, 0):
+        return f"the Gluon kernel needs compute capability 9.0 (Hopper: wgmma, setmaxnreg); this GPU has {capability}"
+    if q.dtype not in _TRITON_DTYPES:
+        return f"dtype {q.dtype} is not supported by the Gluon kernel (use float16 or bfloat16)"
+    if q.shape[-1] != 128:
+        return f"head dim {q.shape[-1]} is not supported by the Gluon kernel (only 128; impl='triton' covers 32/64/128)"
+    reason = gluon_available()
+    if reason is not None:
+        return reason
+    from . import _gluon
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if _gluon.view_coeffs(t) is None:
+            return (f"{name} has strides {tuple(t.stride())} that allow no 2-D TMA view (the Gluon kernel needs "
+                    "a unit head-dim stride, 16-byte aligned rows, and batch/head strides that are whole rows "
+                    "or fit in one row; impl='triton' takes any strides)")
+    return None
 
 
 def _note_once(message: str) -> None:
@@ -107,9 +146,11 @@ def headwise_attention(
         out: ``(B, S, H, D)`` output written in place; skip heads leave their slice untouched, so
             plans with skip heads need it. Allocated when omitted.
         scale: softmax scale, ``1 / sqrt(D)`` by default.
-        impl: ``"reference"``, ``"triton"``, or ``"auto"`` (Triton on CUDA when it supports the
-            inputs, else the reference, logged once; the reference on the CPU). An explicit impl
-            never falls back. ``"triton"`` runs on the CPU only under ``TRITON_INTERPRET=1``.
+        impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 128,
+            fp16/bf16, q/k/v strides that allow a TMA view), or ``"auto"`` (Triton on CUDA when it
+            supports the inputs, else the reference, logged once; the reference on the CPU). An
+            explicit impl never falls back. ``"triton"`` runs on the CPU only under
+            ``TRITON_INTERPRET=1``.
         return_lse: also return the float32 log-sum-exp ``(B, H, S)`` of every computed row
             (``-inf`` for skip heads), for merging partial results.
 
@@ -140,8 +181,16 @@ def headwise_attention(
         reason = _triton_unsupported(q)
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='reference' or impl='auto'.")
+    elif impl == "gluon":
+        reason = _gluon_unsupported(q, k, v)
+        if reason is not None:
+            raise RuntimeError(f"impl='gluon' cannot run: {reason}. Use impl='triton', impl='reference' or impl='auto'.")
 
-    if impl == "triton":
+    if impl == "gluon":
+        from . import _gluon
+
+        out, lse = _gluon.attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse)
+    elif impl == "triton":
         from . import _triton
 
         out, lse = _triton.attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse)

@@ -1,0 +1,72 @@
+"""The Gluon (Hopper) kernel on a machine without a GPU: its error paths, its TMA views, and that it
+builds for sm_90 with the resources it was designed for (CI has no GPU; the numerical check runs on
+an H100 through benchmarks/kernel_check.py)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from ditfastattn.ops import MODE_FULL, gluon_available, headwise_attention
+
+needs_gluon = pytest.mark.skipif(gluon_available() is not None, reason=f"{gluon_available()}")
+
+
+def _qkv(shape=(1, 200, 2, 128), dtype=torch.bfloat16):
+    return tuple(torch.randn(shape).to(dtype) for _ in range(3))
+
+
+def test_explicit_gluon_never_falls_back_on_cpu():
+    q, k, v = _qkv()
+    modes = torch.tensor([MODE_FULL, 0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*compute capability 9\.0.*impl='triton'"):
+        headwise_attention(q, k, v, modes, text_start=0, text_len=72, impl="gluon")
+    # auto stays on the reference on the CPU
+    out = headwise_attention(q, k, v, modes, text_start=0, text_len=72, impl="auto")
+    assert torch.isfinite(out).all()
+
+
+@needs_gluon
+def test_tma_views():
+    from ditfastattn.ops import _gluon
+
+    batch, seq, heads, dim = 2, 77 + 200, 3, 128
+    x = torch.randn(batch, seq, heads, dim, dtype=torch.bfloat16)
+    assert _gluon.view_coeffs(x) == (batch * seq, heads * dim, seq, 0, dim)
+    bhsd = torch.randn(batch, heads, seq, dim, dtype=torch.bfloat16).transpose(1, 2)
+    assert _gluon.view_coeffs(bhsd) == (batch * heads * seq, dim, heads * seq, seq, 0)
+    fused = torch.randn(batch, seq, 3, heads, dim, dtype=torch.bfloat16)[:, :, 1]
+    rows, cols, rb, rh, ch = _gluon.view_coeffs(fused)
+    # element (b, s, h, d) lands where the view says
+    flat = fused.as_strided((rows, cols), (fused.stride(1), 1))
+    b, s, h, d = 1, 250, 2, 7
+    assert flat[b * rb + h * rh + s, h * ch + d] == fused[b, s, h, d]
+    assert _gluon.view_coeffs(torch.randn(batch, seq, heads, 2 * dim, dtype=torch.bfloat16)[..., ::2]) is None
+    with pytest.raises(ValueError, match="head dims"):
+        _gluon.tile_configs(64)
+
+
+@needs_gluon
+@pytest.mark.parametrize("overlap", [False, True])
+def test_builds_for_sm90_with_warp_specialisation(overlap):
+    from ditfastattn.ops import _gluon
+
+    config = next(c for c in _gluon.tile_configs() if c["OVERLAP"] == overlap and c["STAGES"] == 2)
+    try:
+        kernel = _gluon.compile_sm90(torch.bfloat16, config)
+    except RuntimeError as err:  # no ptxas for sm_90 in this triton build
+        if "ptxas" in str(err).lower():
+            pytest.skip(f"cannot assemble for sm_90 here: {err}")
+        raise
+    ptx = kernel.asm["ptx"]
+    # three warpgroups: two consumers at 240 registers, the producer at 24, within 168 x 384
+    assert kernel.metadata.num_warps == 12
+    regs = {int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)}
+    assert {240, 24} <= regs
+    assert re.search(r"\.maxnreg 168", ptx)
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "mbarrier.try_wait" in ptx
+    # QK^T of the next tile in flight while the softmax waits on it (overlap) or not
+    assert ("wgmma.wait_group.sync.aligned 1" in ptx) == overlap
+    assert kernel.metadata.shared <= 227 * 1024
