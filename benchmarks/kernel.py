@@ -1,8 +1,8 @@
-"""Speed of the fused head-wise attention kernel against cuDNN, FlashAttention-2 and FlexAttention.
+"""Speed of the fused head-wise attention kernels against cuDNN, FlashAttention-2 and FlexAttention.
 
 One GPU run prints a table per shape and writes JSON (and a PNG of speed-up against density):
-dense rows (cuDNN SDPA, flash SDPA, compiled FlexAttention without a mask, our kernel with every
-head full), arrow plans at window fractions 1/32, 1/16, 1/8, 1/4, and mixed plans (a third full, a
+dense rows (cuDNN SDPA, flash SDPA, compiled FlexAttention without a mask, our kernels with every
+head full: the Triton kernel, and at head dim 128 on Hopper the warp-specialised Gluon kernel), arrow plans at window fractions 1/32, 1/16, 1/8, 1/4, and mixed plans (a third full, a
 third arrow 1/8, a third skip; and one near the paper's 68% sparsity), each beside FlexAttention
 with the same per-head block mask. Speed-ups are over cuDNN; "of ideal" is speed-up x density,
 where density is the share of a dense head's FLOPs the plan computes (``ditfastattn._geometry``).
@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ditfastattn import _geometry
-from ditfastattn.ops import MODE_FULL, MODE_SKIP, _triton, headwise_attention
+from ditfastattn.ops import MODE_FULL, MODE_SKIP, _gluon_unsupported, _triton, headwise_attention
 
 SHAPES = {
     "FLUX-2K": {"batch": 1, "heads": 24, "text": 512, "image": 16384, "dim": 128, "text_first": True},
@@ -157,6 +157,10 @@ def run_shape(name, shape, flex, seed):
     out = torch.empty_like(q)
     dense_flops = 4.0 * batch * heads * seq * seq * dim
     cases, errors = [], []
+    gluon_reason = _gluon_unsupported(q, k, v)
+    use_gluon = gluon_reason is None
+    if not use_gluon:
+        errors.append(f"Gluon kernel not run: {gluon_reason}")
 
     def add(label, kind, fn, flops, density, backend=None):
         context = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
@@ -183,6 +187,10 @@ def run_shape(name, shape, flex, seed):
             return headwise_attention(q, k, v, modes_t, text_start=text_start, text_len=text, out=out, impl="triton")
 
         add(f"ours: {plan_name}", "ours", ours, flops, density)
+        if use_gluon:
+            add(f"ours, Gluon: {plan_name}", "gluon",
+                lambda modes_t=modes_t: headwise_attention(q, k, v, modes_t, text_start=text_start, text_len=text,
+                                                           out=out, impl="gluon"), flops, density)
         if plan_name in POINTER_PLANS:  # the same kernel with pointer loads instead of TMA descriptors
             add(f"ours, pointer loads: {plan_name}", "ours_pointer", pointer_path(ours), flops, density)
         if _triton._launch.configs_timings and not tuning:
@@ -233,14 +241,25 @@ def run_shape(name, shape, flex, seed):
             ms = bench(lambda c=config: _triton.attention(q, k, v, modes_t, text_start, text, out, dim ** -0.5,
                                                           False, config=c))
             per_config[f"{plan_name} | {config}"] = ms
+        if use_gluon:
+            from ditfastattn.ops import _gluon
+
+            for config in _gluon.tile_configs(dim):
+                ms = bench(lambda c=config: _gluon.attention(q, k, v, modes_t, text_start, text, out, dim ** -0.5,
+                                                             False, config=c))
+                per_config[f"gluon {plan_name} | {config}"] = ms
     skip_t = torch.full((heads,), MODE_SKIP, dtype=torch.int32, device="cuda")
     skip = lambda: headwise_attention(q, k, v, skip_t, text_start=text_start, text_len=text, out=out,  # noqa: E731
                                       impl="triton")
+    gluon_skip = lambda: headwise_attention(q, k, v, skip_t, text_start=text_start, text_len=text,  # noqa: E731
+                                            out=out, impl="gluon")
     return {
         "shape": {**shape, "seq": seq, "dtype": "bf16"}, "rows": rows, "autotune_timings_ms": tuning,
         "best_config": str(_triton._launch.best_config), "per_config_ms": per_config,
         "all_skip_ms": bench(skip), "all_skip_graph_ms": triton.testing.do_bench_cudagraph(skip, rep=50),
         "host_us_per_call_all_skip": host_us(skip), "errors": errors,
+        **({"gluon_all_skip_graph_ms": triton.testing.do_bench_cudagraph(gluon_skip, rep=50),
+            "gluon_host_us_per_call_all_skip": host_us(gluon_skip)} if use_gluon else {}),
     }
 
 
@@ -258,6 +277,9 @@ def host_overhead():
         "ours, pointer loads (_triton.attention, all skip)": host_us(
             pointer_path(lambda: _triton.attention(q, k, v, modes, 0, 128, out, 0.1, False))),
     }
+    if _gluon_unsupported(q, k, v) is None:
+        result["ours, Gluon (headwise_attention, all skip)"] = host_us(
+            lambda: headwise_attention(q, k, v, modes, text_start=0, text_len=128, out=out, impl="gluon"))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         result["cuDNN SDPA"] = host_us(lambda: F.scaled_dot_product_attention(qh, kh, vh))
     return result
@@ -286,8 +308,11 @@ def plot(results, path):
     grid = [x / 100 for x in range(5, 101)]
     ax.plot(grid, [1 / x for x in grid], "k--", lw=1, label="ideal 1/density")
     for (name, result), color in zip(results.items(), ("C0", "C1", "C2")):
-        for kind, marker, label in (("ours", "o", "ours"), ("flex_mask", "x", "FlexAttention + mask")):
+        for kind, marker, label in (("ours", "o", "ours (Triton)"), ("gluon", "s", "ours (Gluon)"),
+                                    ("flex_mask", "x", "FlexAttention + mask")):
             pts = [(r["density"], r["speedup_vs_cudnn"]) for r in result["rows"] if r["kind"] == kind]
+            if not pts:
+                continue
             ax.scatter(*zip(*pts), color=color, marker=marker, label=f"{name} {label}")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -320,6 +345,10 @@ def main():
         results[name] = run_shape(name, SHAPES[name], flex, seed)
         print_table(name, results[name])
         summary["tuned_configs"] = {str(key): config for key, config in _triton._chosen.items()}
+        if "gluon" in {row["kind"] for row in results[name]["rows"]}:
+            from ditfastattn.ops import _gluon
+
+            summary["gluon_tuned_configs"] = {str(key): config for key, config in _gluon._chosen.items()}
         with open(args.out, "w") as f:  # after every shape, so a late failure keeps the rest
             json.dump(summary, f, indent=1)
     if args.png:

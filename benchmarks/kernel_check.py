@@ -1,19 +1,20 @@
-"""GPU correctness check of the fused Triton kernel against the float32 reference.
+"""GPU correctness check of the fused kernels (Triton, and Gluon on Hopper) against the float32 reference.
 
-Several hundred random cases: head dims 32/64/128, fp16/bf16, batch 1-3, 1-8 heads, text lengths
-0/77/154/333/512 at the start or the end, image lengths with and without a partial last block,
-random per-head plans (full, skip, arrows of every width), tensor layouts that take the TMA path
-((B, S, H, D), (B, H, S, D) transposed, fused QKV slices) and one that takes the pointer path, and
-every launch configuration the autotuner chooses from (cases rotate through them). ``out`` is
-poisoned with NaN before each run: every computed element must be written and finite, skipped
-heads must keep the poison bit for bit.
+Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 128), fp16/bf16, batch 1-3,
+1-8 heads, text lengths 0/77/154/333/512 at the start or the end, image lengths with and without a
+partial last block, random per-head plans (full, skip, arrows of every width), tensor layouts that
+take the TMA path ((B, S, H, D), (B, H, S, D) transposed, fused QKV slices) and, for Triton, one
+that takes the pointer path, and every launch configuration the kernel chooses from (cases rotate
+through them). ``out`` is poisoned with NaN before each run: every computed element must be
+written and finite, skipped heads must keep the poison bit for bit.
 
 Error measure: relative Frobenius error over the computed heads against the reference on the same
 (low-precision) inputs in float32, divided by the error of torch SDPA's memory-efficient backend
 (a same-precision tensor-core kernel: P and the output rounded to the input dtype) with the
 equivalent boolean mask. A case passes at a ratio of at most 2.
 
-    PYTHONPATH=src python3 benchmarks/kernel_check.py OUT.json [--cases 400] [--seed 0] [--budget-s 240]
+    PYTHONPATH=src python3 benchmarks/kernel_check.py OUT.json [--impls triton gluon] [--cases 400] [--seed 0]
+        [--budget-s 240]
 """
 
 from __future__ import annotations
@@ -40,9 +41,17 @@ HEAD_DIMS = (32, 64, 128)
 MAX_RATIO = 2.0
 
 
-def random_case(rng: random.Random, index: int) -> dict:
-    dim = rng.choice(HEAD_DIMS)
-    layout = rng.choice(["bshd", "bshd", "bhsd", "fused", "padded"])
+def kernel_module(impl):
+    if impl == "gluon":
+        from ditfastattn.ops import _gluon
+
+        return _gluon
+    return _triton
+
+
+def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
+    dim = rng.choice(HEAD_DIMS if impl == "triton" else (128,))
+    layout = rng.choice(["bshd", "bshd", "bhsd", "fused", "padded"] if impl == "triton" else ["bshd", "bhsd", "fused"])
     heads = rng.randint(1, 8)
     text_len = rng.choice(TEXT_LENS)
     blocks = rng.randint(1, 24)
@@ -54,8 +63,9 @@ def random_case(rng: random.Random, index: int) -> dict:
     image = max(image, 1)
     n_blocks = _geometry.num_image_blocks(image)
     modes = [rng.choice([MODE_FULL, MODE_SKIP, rng.randint(0, n_blocks)]) for _ in range(heads)]
-    configs = _triton.tile_configs(dim)
+    configs = kernel_module(impl).tile_configs(dim)
     return {
+        "impl": impl,
         "dim": dim, "dtype": rng.choice(list(DTYPES)), "batch": rng.choice([1, 1, 2, 3]), "heads": heads,
         "text_len": text_len, "image": image, "text_first": rng.random() < 0.5, "layout": layout,
         "out_layout": rng.choice(["bshd", "bhsd"]), "modes": modes, "return_lse": rng.random() < 0.5,
@@ -116,8 +126,8 @@ def run_case(case, gen):
     else:
         out = torch.empty(batch, seq, heads, dim, dtype=dtype, device="cuda")
     out.fill_(float("nan"))
-    got, lse = _triton.attention(q, k, v, modes, text_start, text_len, out, 1.0 / math.sqrt(dim),
-                                 case["return_lse"], config=case["config"])
+    got, lse = kernel_module(case["impl"]).attention(q, k, v, modes, text_start, text_len, out, 1.0 / math.sqrt(dim),
+                                                     case["return_lse"], config=case["config"])
     ref, ref_lse = headwise_attention(q.float(), k.float(), v.float(), modes, text_start=text_start,
                                       text_len=text_len, out=torch.zeros(q.shape, device="cuda"),
                                       impl="reference", return_lse=True)
@@ -169,22 +179,7 @@ def precompile():
     return len(jobs), time.time() - start
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="JSON summary path")
-    parser.add_argument("--cases", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget-s", type=float, default=240.0, help="stop drawing cases after this long")
-    args = parser.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-
-    try:
-        n_compiled, compile_s = precompile()
-        print(f"precompiled {n_compiled} kernels in {compile_s:.1f} s", flush=True)
-    except Exception as err:  # the cases then compile what they need as they go
-        n_compiled, compile_s = 0, 0.0
-        print(f"precompile failed, compiling on demand: {err!r}", flush=True)
+def check(impl, args):
     rng = random.Random(args.seed)
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     start = time.time()
@@ -193,7 +188,7 @@ def main():
     for index in range(args.cases):
         if time.time() - start > args.budget_s:
             break
-        case = random_case(rng, index)
+        case = random_case(rng, index, impl)
         result = run_case(case, gen)
         results.append(result)
         if not result["ok"]:
@@ -203,22 +198,48 @@ def main():
             worst = {"case": case, "result": result}
     torch.cuda.synchronize()
     summary = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "cases": len(results), "failed": len(failures), "max_ratio_allowed": MAX_RATIO,
         "worst_error_ratio": max(r["ratio"] for r in results),
         "median_error_ratio": sorted(r["ratio"] for r in results)[len(results) // 2],
         "worst_lse_abs_error": max(r["lse_err"] for r in results),
-        "worst_case": worst, "failures": failures[:20],
-        "precompiled_kernels": n_compiled, "precompile_s": round(compile_s, 1),
-        "check_s": round(time.time() - start, 1),
+        "worst_case": worst, "failures": failures[:20], "check_s": round(time.time() - start, 1),
     }
-    with open(args.out, "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"kernel_check: {summary['cases']} cases, {summary['failed']} failed, worst error ratio "
+    print(f"kernel_check {impl}: {summary['cases']} cases, {summary['failed']} failed, worst error ratio "
           f"{summary['worst_error_ratio']:.3f} (median {summary['median_error_ratio']:.3f}), "
           f"worst |lse error| {summary['worst_lse_abs_error']:.2e}", flush=True)
+    return summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="JSON summary path")
+    parser.add_argument("--impls", nargs="*", default=["triton"], choices=["triton", "gluon"])
+    parser.add_argument("--cases", type=int, default=400, help="per kernel")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=240.0, help="per kernel: stop drawing cases after this long")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    summary = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "kernels": {},
+    }
+    for impl in args.impls:
+        if impl == "triton":
+            try:
+                n_compiled, compile_s = precompile()
+                print(f"precompiled {n_compiled} kernels in {compile_s:.1f} s", flush=True)
+            except Exception as err:  # the cases then compile what they need as they go
+                n_compiled, compile_s = 0, 0.0
+                print(f"precompile failed, compiling on demand: {err!r}", flush=True)
+        else:  # one variant per dtype, config and LSE flag, compiled as the cases need them
+            n_compiled, compile_s = 0, 0.0
+        summary["kernels"][impl] = {**check(impl, args), "precompiled_kernels": n_compiled,
+                                    "precompile_s": round(compile_s, 1)}
+        with open(args.out, "w") as f:  # after every kernel, so a later failure keeps the rest
+            json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
