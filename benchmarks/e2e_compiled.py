@@ -37,7 +37,46 @@ from e2e import (
 )
 
 HERE = Path(__file__).resolve().parent
-MODES = {"compile": None, "cudagraphs": "reduce-overhead"}
+# "graph": no compiler, the eager step captured once with torch.cuda.graph and replayed.
+MODES = {"compile": None, "cudagraphs": "reduce-overhead", "graph": "manual capture"}
+
+
+def graphed_measure(model, inputs, steps, mode=None, backend=None, context=contextlib.nullcontext) -> dict:
+    """Capture one eager transformer call in a CUDA graph (timestep as a static input), then time
+    a generation of replays; the static plan's step counter advances inside the graph."""
+    timestep = steps[0].clone()
+    side = torch.cuda.Stream()
+    with torch.no_grad(), context():
+        start = time.perf_counter()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream: cuDNN plans, Triton tuning, tables
+            for t in steps[:2]:
+                timestep.copy_(t)
+                model(timestep=timestep, **inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(timestep=timestep, **inputs)
+        capture_s = time.perf_counter() - start
+
+        def replay(ts):
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(ts) + 1)]
+            marks[0].record()
+            for t, mark in zip(ts, marks[1:]):
+                timestep.copy_(t)
+                graph.replay()
+                mark.record()
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+
+        replay(steps[:2])
+        torch.cuda.reset_peak_memory_stats()
+        times = replay(steps)
+    result = {"ms": statistics.median(times[1:]), "ms_steps": [round(t, 3) for t in times],
+              "compile_s": round(capture_s, 1), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del graph
+    torch.cuda.empty_cache()
+    return result
 
 
 def compiled_measure(model, inputs, steps, mode, backend, context=contextlib.nullcontext) -> dict:
@@ -84,19 +123,25 @@ def run_config(model, kind, size, args, device, dtype) -> dict:
     row = {"model": kind, "size": size, "batch": batch, "image_tokens": image_tokens, "text_len": text_len,
            "steps_per_generation": n_steps, "eager_stock_ms": eager_ms(model, inputs, steps), "modes": {}}
     for mode_name in args.modes:
+        if time.perf_counter() > args.deadline:
+            row.setdefault("skipped_modes", []).append(mode_name)
+            continue
         mode = MODES[mode_name]
+        measure = graphed_measure if mode_name == "graph" else compiled_measure
         out = row["modes"][mode_name] = {}
-        out["stock"] = compiled_measure(model, inputs, steps, mode, args.backend)
-        out["no_attention"] = compiled_measure(model, inputs, steps, mode, args.backend, attention_removed)
+        out["stock"] = measure(model, inputs, steps, mode, args.backend)
+        out["no_attention"] = measure(model, inputs, steps, mode, args.backend, attention_removed)
         share = 1.0 - out["no_attention"]["ms"] / out["stock"]["ms"]
         out["attention_share"] = share
+        print(f"  {kind} {size} {mode_name}: stock {out['stock']['ms']:.2f} ms (compile/capture "
+              f"{out['stock']['compile_s']} s), attention share {share:.3f}", flush=True)
         for name, plan in plans.items():
             sparsity = statistics.fmean(plan.summary(image_tokens, text_len)["sparsity_per_step"][1:])
             ditfastattn.apply(model, plan, impl=impl, static=True)
             try:
                 with torch.no_grad():  # the uncompiled generation that builds tables and buffers
                     step_times(model, inputs, steps[:2])
-                result = compiled_measure(model, inputs, steps, mode, args.backend)
+                result = measure(model, inputs, steps, mode, args.backend)
             finally:
                 ditfastattn.remove(model)
             result.update(sparsity=sparsity, speedup=out["stock"]["ms"] / result["ms"],
@@ -106,6 +151,7 @@ def run_config(model, kind, size, args, device, dtype) -> dict:
             out[name] = result
             print(f"  {kind} {size} {mode_name} {name}: {result['ms']:.2f} ms, x{result['speedup']:.3f}, "
                   f"{result['of_ceiling']:.1%} of ceiling", flush=True)
+        args.checkpoint(row)
     return row
 
 
@@ -133,7 +179,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--targets", nargs="+", type=float, default=[0.68], help="synthetic plan sparsities")
     parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="start no new model/resolution after this")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="start no new compile mode after this")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e_compiled.json)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -151,9 +197,15 @@ def main() -> None:
               "timing": "median of steps 1..N-1 of one generation, CUDA events, after a 2-step warm-up generation",
               "runs": [], "skipped": []}
     start = time.perf_counter()
+    args.deadline = start + args.budget_s
     model, model_kind = None, None
+
+    def checkpoint(row):  # a run cut short by a time limit still leaves what it measured
+        args.out.write_text(json.dumps(dict(result, runs=result["runs"] + [row]), indent=1) + "\n")
+
+    args.checkpoint = checkpoint
     for kind, size in runs:
-        if time.perf_counter() - start > args.budget_s:
+        if time.perf_counter() > args.deadline:
             result["skipped"].append(f"{kind} {size}: time budget ({args.budget_s:.0f} s) spent")
             continue
         if kind != model_kind:
