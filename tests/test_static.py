@@ -98,3 +98,39 @@ def test_static_all_full_plan_is_stock_bit_for_bit():
     ditfastattn.remove(model)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_dense_slots_minimise_the_modelled_cost():
+    from ditfastattn.runtime import dense_slots
+
+    assert dense_slots([24, 5, 6, 7, 5], fused_cost=1.0) == 0  # no gain from routing: none
+    assert dense_slots([24, 5, 6, 7, 5], fused_cost=1.16) == 5  # every step fills 5 slots
+    # An idle step: 5 slots cost 25 and save 0.16 x 17 heads, so none; at twice the cost,
+    # 6 slots (30 + 2 x 19 = 68) beat 5 (25 + 2 x 22 = 69) and 7 (35 + 2 x 17 = 69).
+    assert dense_slots([24, 0, 6, 7, 5], fused_cost=1.16) == 0
+    assert dense_slots([24, 0, 6, 7, 5], fused_cost=2.0) == 6
+    assert dense_slots([], fused_cost=2.0) == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_static_mode_routing_full_heads_to_dense_matches_the_dynamic_runtime(monkeypatch, impl):
+    from ditfastattn import runtime
+
+    monkeypatch.setattr(runtime, "FUSED_FULL_COST", {8: 3.0})  # the tiny model's head dim
+    model = tiny_sd3(dual=True)
+    plan = mixed_plan(model)
+    methods = [[list(h) for h in rows] for rows in plan.methods]
+    methods[3][0] = ["full", "full", "cache"]  # two full heads here, one at step 2, none at step 1
+    plan = Plan(plan.model, methods, plan.provenance)
+    inputs = sd3_inputs()
+    ditfastattn.apply(model, plan, impl=impl)
+    dynamic = denoise(model, inputs)
+    ditfastattn.remove(model)
+    ditfastattn.apply(model, plan, static=True, impl=impl)
+    static = denoise(model, inputs)
+    routed = {layer.name: layer.routed for layer in model._ditfastattn_session.layers}
+    ditfastattn.remove(model)
+    assert routed["transformer_blocks.0.attn"] == (impl == "auto")
+    for step, (want, got) in enumerate(zip(dynamic, static)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step}")

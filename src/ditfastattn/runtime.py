@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from ._geometry import MODE_SKIP
+from ._geometry import MODE_FULL, MODE_SKIP
 from .adapters import adapter_for, check_cfg_sharing
 from .methods import parse_method
 from .plan import Plan, PlanMismatchError
@@ -379,9 +379,26 @@ class Session:
         """Undo :meth:`install_layers`."""
 
 
+# Time of one full head in the fused kernel over cuDNN's, by head dim (H100, benchmarks/results/
+# kernel.json: full mode 86% of cuDNN at head dim 128, 101% at 64). Static mode routes full heads
+# to dense SDPA only where this exceeds 1.
+FUSED_FULL_COST = {128: 1.16}
+
+
+def dense_slots(full_counts: list[int], fused_cost: float) -> int:
+    """How many full heads a static layer sends to dense SDPA at every step.
+
+    The slots cost one dense head each at every step, used or not; full heads beyond them run in
+    the fused kernel at ``fused_cost`` each. Returns the count with the least total.
+    """
+    def total(slots):
+        return sum(slots + fused_cost * max(0, n - slots) for n in full_counts)
+
+    return min(range(max(full_counts, default=0) + 1), key=lambda slots: (total(slots), slots))
+
+
 _STEP = "_ditfastattn_step"
 _LAST_TIMESTEP = "_ditfastattn_last_timestep"
-_TABLES = ("modes", "residual_add", "capture_modes", "capture_mask")
 
 
 class _StaticLayer(LayerRuntime):
@@ -395,6 +412,7 @@ class _StaticLayer(LayerRuntime):
 
     module: torch.nn.Module
     built = False
+    routed = False
 
     def build(self, q: torch.Tensor) -> None:
         """Tables for this layer at ``q``'s shape; on the first call, which must run uncompiled."""
@@ -422,9 +440,34 @@ class _StaticLayer(LayerRuntime):
         self.residuals = bool(tables["residual_add"].any())
         self.caches = any(row.keep for row in rows)
         self.stock = all(row.all_full for row in rows) and not self.residuals
+        if self.session.impl == "auto" and not self.stock:
+            tables.update(self._route_full_heads(tables["modes"], q.shape[-1]))
         for name, table in tables.items():
             module.register_buffer(f"_ditfastattn_{name}", table, persistent=False)
         self.built = True
+
+    def _route_full_heads(self, modes: torch.Tensor, head_dim: int) -> dict[str, torch.Tensor]:
+        """Send up to a fixed number of each step's full heads to dense SDPA (cuDNN on Hopper).
+
+        ``dense_heads[step]`` lists distinct heads: the routed full heads, which the fused op then
+        skips, padded with other heads whose current output is written back (``dense_valid`` false).
+        """
+        full = (modes == MODE_FULL).cpu()
+        slots = dense_slots(full.sum(1).tolist(), FUSED_FULL_COST.get(head_dim, 1.0))
+        self.routed = slots > 0
+        if not self.routed:
+            return {}
+        heads, valid = [], []
+        for step_full in full.tolist():
+            routed = [h for h, f in enumerate(step_full) if f][:slots]
+            padding = [h for h in range(len(step_full)) if h not in routed][: slots - len(routed)]
+            heads.append(routed + padding)
+            valid.append([True] * len(routed) + [False] * len(padding))
+        heads = torch.tensor(heads, dtype=torch.long, device=modes.device)
+        valid = torch.tensor(valid, dtype=torch.bool, device=modes.device)
+        sparse_modes = modes.clone()
+        sparse_modes.scatter_(1, heads, torch.where(valid, MODE_SKIP, sparse_modes.gather(1, heads)))
+        return {"modes": sparse_modes, "dense_heads": heads, "dense_valid": valid}
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buffer = self.module._buffers.get(name)
@@ -457,6 +500,12 @@ class _StaticLayer(LayerRuntime):
         out = self._buffer("_ditfastattn_out", q) if self.caches else torch.empty_like(q)
         modes = module._ditfastattn_modes.index_select(0, step).view(-1)
         torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, text_start, text_len, out, q.shape[-1] ** -0.5, impl)
+        if self.routed:
+            heads = module._ditfastattn_dense_heads.index_select(0, step).view(-1)
+            valid = module._ditfastattn_dense_valid.index_select(0, step).view(1, 1, -1, 1)
+            picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
+            dense = F.scaled_dot_product_attention(*picked).transpose(1, 2)
+            out.index_copy_(2, heads, torch.where(valid, dense, out.index_select(2, heads)))
         if self.residuals:
             residual = self._buffer("_ditfastattn_residual", q)
             out.add_(torch.where(module._ditfastattn_residual_add.index_select(0, step).view(1, 1, -1, 1), residual, 0))
