@@ -149,6 +149,31 @@ def test_applied_plan_reproduces_calibration_bit_for_bit(kind, method_set, recor
         assert torch.equal(got, want), f"{layer} at step {step} differs from calibration"
 
 
+@pytest.mark.parametrize("kind", ["sd35", "flux"])
+def test_offloaded_outputs_give_the_same_plan_and_leave_no_layer_output_on_the_device(kind, recorder):
+    pipe = make_pipeline(kind)
+    held = []
+
+    def count_held(module, args, output):
+        session = module._ditfastattn_session
+        held.append(sum(slot.out is not None for layer in session.layers for slot in layer.slots.values()))
+
+    hook = pipe.transformer.register_forward_hook(count_held)
+    results = {}
+    for offload in (False, True):
+        held.clear()
+        recorder.clear()
+        plan = ditfastattn.calibrate(pipe, prompts(kind), config(kind, delta=0.1, offload_outputs=offload), progress=False)
+        results[offload] = (plan, [r["out"] for r in recorder], list(held))
+    hook.remove()
+    (kept, kept_outputs, kept_held), (parked, parked_outputs, parked_held) = results[False], results[True]
+    assert parked.methods == kept.methods and parked.scores == kept.scores
+    assert any(m == "cache" for rows in parked.methods for heads in rows for m in heads)
+    assert all(torch.equal(a, b) for a, b in zip(parked_outputs, kept_outputs))
+    layers = len(kept.layer_names)
+    assert kept_held[:-1] == [layers] * (STEPS - 1) and parked_held[:-1] == [0] * (STEPS - 1)
+
+
 def test_plan_keeps_scores_and_provenance(tmp_path):
     pipe = make_pipeline("sd3")
     plan = ditfastattn.calibrate(pipe, prompts("sd3"), config("sd3", delta=0.2, seed=3), progress=False)

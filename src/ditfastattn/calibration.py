@@ -23,7 +23,7 @@ from ._geometry import MODE_SKIP
 from .adapters import adapter_for, check_cfg_sharing
 from .methods import Method, parse_method
 from .plan import Plan
-from .runtime import LayerRuntime, Session, _transformer_of, compile_row, install, uninstall
+from .runtime import LayerRuntime, Session, _Buffers, _transformer_of, compile_row, install, uninstall
 from .search import solve_layer
 
 logger = logging.getLogger("ditfastattn")
@@ -58,6 +58,11 @@ class SearchConfig:
         impl: attention op implementation ("auto", "triton", "reference").
         granularity: ``"head"`` (the method) or ``"layer"``: one method for all heads of a layer
             at a step, with the same budget; a baseline for comparisons.
+        offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
+            reuses) in pinned host memory between steps, copied out behind the layer and back one
+            layer ahead on a side stream, so the GPU holds about two instead of one per layer.
+            ``None`` decides at the first layer: offload on CUDA when all layers' outputs would
+            take more than half the free GPU memory.
         pipeline_kwargs: extra keyword arguments for the pipeline call.
     """
 
@@ -72,6 +77,7 @@ class SearchConfig:
     costs: dict[str, float] | None = None
     impl: str = "auto"
     granularity: str = "head"
+    offload_outputs: bool | None = None
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -127,6 +133,53 @@ def prompt_kwargs(prompts: Sequence[str | dict]) -> tuple[dict[str, Any], str]:
     return merged, digest.hexdigest()
 
 
+class _HostOutputs:
+    """Layer outputs parked in host memory between denoising steps (pinned, async on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.host: dict[tuple[int, int], torch.Tensor] = {}
+        self.loading: dict[tuple[int, int], tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+
+    def store(self, key: tuple[int, int], tensor: torch.Tensor) -> None:
+        host = self.host.get(key)
+        if host is None or host.shape != tensor.shape or host.dtype != tensor.dtype:
+            host = self.host[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.stream is not None)
+        if self.stream is None:
+            host.copy_(tensor)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(self.stream)  # its memory is reused only after the copy
+
+    def prefetch(self, key: tuple[int, int], device: torch.device) -> None:
+        if key in self.loading or key not in self.host:
+            return
+        host = self.host[key]
+        out = torch.empty(host.shape, dtype=host.dtype, device=device)
+        event = None
+        if self.stream is None:
+            out.copy_(host)
+        else:
+            # `out` may reuse memory that queued compute still reads: the copy waits for it.
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.stream):
+                out.copy_(host, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+        self.loading[key] = (out, event)
+
+    def take(self, key: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        self.prefetch(key, device)
+        if key not in self.loading:
+            return None
+        out, event = self.loading.pop(key)
+        if event is not None:
+            torch.cuda.current_stream(device).wait_event(event)
+        return out
+
+
 class _CalibrationSession(Session):
     """A session whose plan rows are decided on the fly from the candidates' errors."""
 
@@ -143,11 +196,19 @@ class _CalibrationSession(Session):
         self.locked: dict[tuple[int, int], float] = {}  # (layer, head) -> residual window since last full
         self.geometry: tuple[int, int] | None = None
         self._stock: torch.Tensor | None = None  # the exact output of the layer just decided
+        self.offload: _HostOutputs | None = None
+        self._offload_decided = config.offload_outputs is False
 
     # decisions -----------------------------------------------------------------------------
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense):
         key = (self.step, layer.index)
         self._stock = None
+        if self.offload is not None and self.step > 0:
+            restored = self.offload.take((layer.index, self.call), q.device)
+            if restored is not None:
+                layer.slots.setdefault(self.call, _Buffers()).out = restored
+            if layer.index + 1 < len(self.layers) or self.step < self.plan.num_steps - 1:
+                self.offload.prefetch(((layer.index + 1) % len(self.layers), self.call), q.device)
         if self.step > 0 and key not in self.decided:
             self._decide(layer, q, k, v, text_start, text_len, dense)
         image_tokens = q.shape[1] - text_len
@@ -267,6 +328,29 @@ class _CalibrationSession(Session):
         return {m.mode(image_tokens) for m in self.candidates if m.kind == "arrow_residual"}
 
     def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
+        self._keep_residuals(layer, q, k, v, out, text_start, text_len)
+        if not self._offload_decided:
+            self._decide_offload(layer.slots[self.call].out)
+        if self.offload is not None and self.step < self.plan.num_steps - 1:
+            slot = layer.slots[self.call]
+            self.offload.store((layer.index, self.call), slot.out)
+            slot.out = None
+
+    def _decide_offload(self, output: torch.Tensor) -> None:
+        self._offload_decided = True
+        need = output.nbytes * len(self.layers)
+        offload = self.config.offload_outputs
+        if offload is None and output.device.type == "cuda":
+            free = torch.cuda.mem_get_info(output.device)[0]
+            offload = need > free / 2
+            logger.info(
+                "ditfastattn calibrate: previous-step outputs need %.1f GiB, %.1f GiB free on the GPU: %s",
+                need / 2**30, free / 2**30, "kept in host memory" if offload else "kept on the GPU",
+            )
+        if offload:
+            self.offload = _HostOutputs(output.device)
+
+    def _keep_residuals(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
         """Keep full - arrow for every residual window on heads that ran plain full at this step."""
         windows = self._residual_modes(q.shape[1] - text_len)
         if not windows:
