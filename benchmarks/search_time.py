@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import statistics
 import time
@@ -138,8 +139,19 @@ def rse_summary(plan) -> dict:
     }
 
 
+class LogLines(logging.Handler):
+    """The library's log lines of one calibration (e.g. where previous-step outputs were kept)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, search_steps: int, text_len: int,
-             config: dict, impl: str, device, dtype) -> dict:
+             config: dict, impl: str, offload: bool | None, device, dtype) -> dict:
     embeds = prompts(batch, text_len, config, device, dtype)
     merged = {key: torch.cat([p[key] for p in embeds]) for key in embeds[0]}
     reset_peak(device)
@@ -152,10 +164,13 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
     attempts = []
     while True:
         search = ditfastattn.SearchConfig(delta=0.2, num_inference_steps=search_steps, height=size, width=size,
-                                          impl=impl)
+                                          impl=impl, offload_outputs=offload)
         reset_peak(device)
         solver = HostTimer()
         ditfastattn.calibration.solve_layer = solver
+        log, library = LogLines(), logging.getLogger("ditfastattn")
+        library.addHandler(log)
+        library.setLevel(logging.INFO)
         try:
             plan = ditfastattn.calibrate(pipe, embeds[:batch], search, progress=False)
             break
@@ -163,6 +178,7 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
             attempts.append({"batch": batch, "error": str(err).splitlines()[0]})
         finally:
             ditfastattn.calibration.solve_layer = solver.solve
+            library.removeHandler(log)
         # Out of the except block, so the failed run's frames and tensors can be freed.
         gc.collect()
         torch.cuda.empty_cache()
@@ -176,7 +192,7 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
     # bound: the integer programs on the host do not grow with the batch).
     search_step = measured * len(embeds) / batch
     row.update(
-        search_batch=batch, search_attempts=attempts, search_steps=searched, search_peak_gib=peak_gib(device),
+        search_batch=batch, search_attempts=attempts, search_log=log.lines, search_steps=searched, search_peak_gib=peak_gib(device),
         plain_step_s=plain_step, search_step_s_measured=measured, search_step_s=search_step,
         search_over_plain=search_step / plain_step, plain_50_s=FULL_STEPS * plain_step,
         search_50_s=plain_step + (FULL_STEPS - 1) * search_step, sparsity=plan.summary()["sparsity"],
@@ -193,8 +209,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="default 1024 2048 (smoke: 256)")
     parser.add_argument("--steps-1k", type=int, nargs=2, default=(4, 6), metavar=("PLAIN", "SEARCH"))
     parser.add_argument("--steps-2k", type=int, nargs=2, default=(3, 4), metavar=("PLAIN", "SEARCH"))
+    parser.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
+                        help="SearchConfig.offload_outputs: previous-step outputs in host memory (auto: if they "
+                             "would take over half the free GPU memory)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/search_time.json; smoke: out/)")
     args = parser.parse_args()
+    offload = {"auto": None, "on": True, "off": False}[args.offload]
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     config = FLUX_TINY if args.smoke else FLUX_DEV
@@ -207,7 +227,7 @@ def main() -> None:
     result = {
         "environment": environment(device), "smoke": args.smoke, "model": "FluxTransformer2DModel, FLUX.1-dev config",
         "prompts": args.batch, "search": "SearchConfig(delta=0.2), default candidates",
-        "allocator": os.environ["PYTORCH_CUDA_ALLOC_CONF"],
+        "allocator": os.environ["PYTORCH_CUDA_ALLOC_CONF"], "offload_outputs": args.offload,
         "method": "per-step wall times (synchronized) of a few-step run; 50-step times extrapolated: "
                   "plain = 50 x median(plain steps 1..), search = plain step + 49 x median(search steps 2..)",
         "runs": [],
@@ -216,7 +236,7 @@ def main() -> None:
     for size in sizes:
         plain_steps, search_steps = args.steps_2k if size >= 2048 else args.steps_1k
         result["runs"].append(run_size(pipe, size, args.batch, plain_steps, search_steps, text_len, config,
-                                       "reference" if args.smoke else "auto", device, dtype))
+                                       "reference" if args.smoke else "auto", offload, device, dtype))
         # Written after every size, so a run cut short by a time limit still leaves its results.
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"[{time.perf_counter() - start:6.1f} s] {size} done", flush=True)
