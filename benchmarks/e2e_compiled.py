@@ -172,6 +172,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Speed-up over the same mode's stock run against sparsity, with each mode's Amdahl ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.0 * len(rows), 4.0), squeeze=False)
+    grid = np.linspace(0.0, 0.9, 50)
+    for ax, row in zip(axes.flat, rows):
+        for color, (mode, variants) in zip(("C0", "C1", "C2"), row["modes"].items()):
+            plans = [v for name, v in variants.items() if name.startswith("plan_")]
+            share = variants["attention_share"]
+            ax.plot(grid, 1.0 / (1.0 - share * grid), "--", color=color, lw=1,
+                    label=f"ceiling, {mode} (attention {share:.0%})")
+            ax.plot([v["sparsity"] for v in plans], [v["speedup"] for v in plans], "o", color=color,
+                    label=f"ditfastattn static plan, {mode}")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.set_title(f"{row['model'].upper()} {row['size']}², speed-up over stock in the same mode", fontsize=9)
+        ax.set_xlabel("attention sparsity")
+        ax.set_ylabel("end-to-end step speed-up")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, aot_eager, no CUDA graphs")
@@ -181,7 +208,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no new compile mode after this")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e_compiled.json)")
+    parser.add_argument("--plot", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="only draw benchmarks/e2e_compiled.png from these result files")
     args = parser.parse_args()
+    if args.plot:
+        rows = [row for path in args.plot for row in json.loads(path.read_text())["runs"]]
+        plot(rows, HERE / "e2e_compiled.png")
+        print(table(rows))
+        return
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     args.backend = "aot_eager" if args.smoke else "inductor"
