@@ -130,9 +130,12 @@ def test_larger_delta_never_lowers_sparsity():
 
 
 @pytest.mark.parametrize(
-    "kind,method_set", [("sd3", "aa+oc+cfg+rs"), ("sd35", "aa+oc+rs"), ("flux", "aa+oc+rs")]
+    "kind,method_set,route_full",
+    [("sd3", "aa+oc+cfg+rs", False), ("sd35", "aa+oc+rs", False), ("flux", "aa+oc+rs", False), ("flux", "aa+oc", True)],
 )
-def test_applied_plan_reproduces_calibration_bit_for_bit(kind, method_set, recorder):
+def test_applied_plan_reproduces_calibration_bit_for_bit(kind, method_set, route_full, recorder, monkeypatch):
+    if route_full:  # as on a GPU where dense SDPA beats the fused op's full mode
+        monkeypatch.setattr(ditfastattn.runtime, "full_head_cost", lambda *args: 2.0)
     pipe = make_pipeline(kind)
     search = config(kind, delta=0.1, candidates=ditfastattn.METHOD_SETS[method_set])
     plan = ditfastattn.calibrate(pipe, prompts(kind), search, progress=False)

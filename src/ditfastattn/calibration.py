@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -134,12 +135,19 @@ def prompt_kwargs(prompts: Sequence[str | dict]) -> tuple[dict[str, Any], str]:
 
 
 class _HostOutputs:
-    """Layer outputs parked in host memory between denoising steps (pinned, async on CUDA)."""
+    """Layer outputs parked in host memory between denoising steps (pinned, async on CUDA).
+
+    The host queues layers faster than the GPU runs them, so copies out are bounded: each
+    output stays referenced until its copy is done, and at most ``IN_FLIGHT`` are pending.
+    """
+
+    IN_FLIGHT = 2
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.host: dict[tuple[int, int], torch.Tensor] = {}
         self.loading: dict[tuple[int, int], tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self.storing: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
 
     def store(self, key: tuple[int, int], tensor: torch.Tensor) -> None:
         host = self.host.get(key)
@@ -151,7 +159,11 @@ class _HostOutputs:
         self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(self.stream):
             host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(self.stream)  # its memory is reused only after the copy
+            done = torch.cuda.Event()
+            done.record()
+        self.storing.append((tensor, done))
+        while len(self.storing) > self.IN_FLIGHT:
+            self.storing.popleft()[1].synchronize()
 
     def prefetch(self, key: tuple[int, int], device: torch.device) -> None:
         if key in self.loading or key not in self.host:
@@ -215,11 +227,12 @@ class _CalibrationSession(Session):
         if self.geometry is None and text_len:
             self.geometry = (image_tokens, text_len)
         methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
-        compiled_key = (self.step, layer.index, image_tokens, q.device)
+        route_full = self.route_full(q, k, v, text_start, text_len)
+        compiled_key = (self.step, layer.index, image_tokens, q.device, route_full)
         if compiled_key not in self.compiled:
             capture = [MODE_SKIP] * len(methods)
             self.compiled[compiled_key] = compile_row(
-                methods, keep=True, capture=capture, num_image_tokens=image_tokens, device=q.device
+                methods, keep=True, capture=capture, num_image_tokens=image_tokens, device=q.device, route_full=route_full
             )
         row = self.compiled[compiled_key]
         if row.residual_add is not None:

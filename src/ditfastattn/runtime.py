@@ -47,7 +47,7 @@ class _Buffers:
         self.residual: torch.Tensor | None = None
 
 
-def compile_row(methods, *, keep: bool, capture, num_image_tokens: int, device) -> _Row:
+def compile_row(methods, *, keep: bool, capture, num_image_tokens: int, device, route_full: bool = False) -> _Row:
     """Turn one layer's per-head methods at one step into the op's mode tensors and masks.
 
     ``capture`` lists, per head, the arrow window whose residual (full - arrow) must be kept now
@@ -65,9 +65,9 @@ def compile_row(methods, *, keep: bool, capture, num_image_tokens: int, device) 
     captured = [mode != MODE_SKIP for mode in capture]
     shared = [m.cfg_share for m in methods]
     plain_full = [m.kind == "full" and not m.cfg_share for m in methods]
-    # With impl="auto", full heads of a mixed row go to torch's dense SDPA (cuDNN on Hopper, faster
-    # than the fused kernel's full mode at head dim 128); the fused op then runs only the arrow heads.
-    split = any(plain_full) and not all(plain_full) and not any(shared)
+    # With route_full, full heads of a mixed row go to torch's dense SDPA (cuDNN on Hopper, where it
+    # beats the fused kernel's full mode); the fused op then runs only the other heads.
+    split = route_full and any(plain_full) and not all(plain_full) and not any(shared)
     return _Row(
         all_full=all(plain_full),
         keep=keep,
@@ -139,7 +139,12 @@ _FULL = parse_method("full")
 
 
 def _compile_rows(
-    plan: Plan, layer: int, num_image_tokens: int, device: torch.device, dropped: frozenset[int] = frozenset()
+    plan: Plan,
+    layer: int,
+    num_image_tokens: int,
+    device: torch.device,
+    dropped: frozenset[int] = frozenset(),
+    route_full: bool = False,
 ) -> list[_Row]:
     heads = plan.model.layers[layer].heads
     methods = [[plan.method(step, layer, head) for head in range(heads)] for step in range(plan.num_steps)]
@@ -160,7 +165,11 @@ def _compile_rows(
         # Only cache heads read the buffer; every other head is rewritten, so a layer whose next
         # step caches nothing frees its buffer and holds no memory until it needs one again.
         keep = step + 1 < plan.num_steps and any(m.kind == "cache" for m in methods[step + 1])
-        rows.append(compile_row(row, keep=keep, capture=capture, num_image_tokens=num_image_tokens, device=device))
+        rows.append(
+            compile_row(
+                row, keep=keep, capture=capture, num_image_tokens=num_image_tokens, device=device, route_full=route_full
+            )
+        )
     return rows
 
 
@@ -177,11 +186,13 @@ class LayerRuntime:
     def text_len(self) -> int:
         return self.session.text_len
 
-    def row(self, q: torch.Tensor, num_image_tokens: int) -> _Row:
+    def row(self, q: torch.Tensor, num_image_tokens: int, route_full: bool) -> _Row:
         dropped = self.session.dropped_steps(self.index, q, num_image_tokens)
-        key = (num_image_tokens, q.device, dropped)
+        key = (num_image_tokens, q.device, dropped, route_full)
         if key not in self._rows:
-            self._rows[key] = _compile_rows(self.session.plan, self.index, num_image_tokens, q.device, dropped)
+            self._rows[key] = _compile_rows(
+                self.session.plan, self.index, num_image_tokens, q.device, dropped, route_full
+            )
         return self._rows[key][self.session.step]
 
     def _buffers(self, q: torch.Tensor) -> _Buffers:
@@ -236,7 +247,7 @@ class LayerRuntime:
 
     def _compute(self, q, k, v, row: _Row, out, text_start, text_len) -> None:
         impl = self.session.impl
-        if row.full_heads is not None and impl == "auto":
+        if row.full_heads is not None:
             ops.headwise_attention(q, k, v, row.sparse_modes, text_start=text_start, text_len=text_len, out=out, impl=impl)
             picked = [t.index_select(2, row.full_heads).transpose(1, 2) for t in (q, k, v)]
             out.index_copy_(2, row.full_heads, F.scaled_dot_product_attention(*picked).transpose(1, 2))
@@ -297,7 +308,11 @@ class Session:
 
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:
         """The compiled plan row of ``layer`` at the current step (calibration decides it here)."""
-        return layer.row(q, q.shape[1] - text_len)
+        return layer.row(q, q.shape[1] - text_len, self.route_full(q, k, v, text_start, text_len))
+
+    def route_full(self, q, k, v, text_start: int, text_len: int) -> bool:
+        """Whether full heads of mixed layers run on dense SDPA (impl="auto", where it is faster)."""
+        return self.impl == "auto" and full_head_cost(q, k, v, text_start, text_len) > 1.0
 
     def dropped_steps(self, layer: int, q: torch.Tensor, num_image_tokens: int) -> frozenset[int]:
         """Steps at which ``layer``'s cache heads compute instead, to keep the buffers within the budget."""
@@ -379,10 +394,46 @@ class Session:
         """Undo :meth:`install_layers`."""
 
 
-# Time of one full head in the fused kernel over cuDNN's, by head dim (H100, benchmarks/results/
-# kernel.json: full mode 86% of cuDNN at head dim 128, 101% at 64). Static mode routes full heads
-# to dense SDPA only where this exceeds 1.
-FUSED_FULL_COST = {128: 1.16}
+_full_costs: dict[tuple, float] = {}
+
+
+def full_head_cost(q, k, v, text_start: int, text_len: int) -> float:
+    """Time of full heads in the fused op over torch's dense SDPA, for these inputs.
+
+    Which one is faster depends on the GPU, the kernel and the shape (on an H100 the Gluon kernel
+    beats cuDNN at FLUX 2048² and trails it at 1024²), so it is measured once per shape on CUDA,
+    outside graph capture, and logged; elsewhere the fused op's full mode is SDPA itself (1.0).
+    """
+    if q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return 1.0
+    key = (tuple(q.shape), q.stride(), q.dtype, q.device, text_start, text_len)
+    if key not in _full_costs:
+        modes = torch.full((q.shape[2],), MODE_FULL, dtype=torch.int32, device=q.device)
+        out = torch.empty_like(q)
+        qkv = [t.transpose(1, 2) for t in (q, k, v)]
+
+        def fused():
+            ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, out=out, impl="auto")
+
+        def dense():
+            F.scaled_dot_product_attention(*qkv)
+
+        medians = []
+        for run in (fused, dense):
+            run()  # compiles and tunes
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            events[0].record()
+            for event in events[1:]:
+                run()
+                event.record()
+            events[-1].synchronize()
+            medians.append(sorted(a.elapsed_time(b) for a, b in zip(events, events[1:]))[1])
+        _full_costs[key] = medians[0] / medians[1]
+        logger.info(
+            "ditfastattn: full heads at %s: fused op %.3f ms, dense SDPA %.3f ms; full heads of mixed layers run %s",
+            tuple(q.shape), medians[0], medians[1], "on dense SDPA" if _full_costs[key] > 1.0 else "in the fused op",
+        )
+    return _full_costs[key]
 
 
 def dense_slots(full_counts: list[int], fused_cost: float) -> int:
@@ -414,7 +465,7 @@ class _StaticLayer(LayerRuntime):
     built = False
     routed = False
 
-    def build(self, q: torch.Tensor) -> None:
+    def build(self, q, k, v, text_start: int, text_len: int) -> None:
         """Tables for this layer at ``q``'s shape; on the first call, which must run uncompiled."""
         if torch.compiler.is_compiling():
             raise RuntimeError(
@@ -441,19 +492,19 @@ class _StaticLayer(LayerRuntime):
         self.caches = any(row.keep for row in rows)
         self.stock = all(row.all_full for row in rows) and not self.residuals
         if self.session.impl == "auto" and not self.stock:
-            tables.update(self._route_full_heads(tables["modes"], q.shape[-1]))
+            tables.update(self._route_full_heads(tables["modes"], full_head_cost(q, k, v, text_start, text_len)))
         for name, table in tables.items():
             module.register_buffer(f"_ditfastattn_{name}", table, persistent=False)
         self.built = True
 
-    def _route_full_heads(self, modes: torch.Tensor, head_dim: int) -> dict[str, torch.Tensor]:
+    def _route_full_heads(self, modes: torch.Tensor, fused_cost: float) -> dict[str, torch.Tensor]:
         """Send up to a fixed number of each step's full heads to dense SDPA (cuDNN on Hopper).
 
         ``dense_heads[step]`` lists distinct heads: the routed full heads, which the fused op then
         skips, padded with other heads whose current output is written back (``dense_valid`` false).
         """
         full = (modes == MODE_FULL).cpu()
-        slots = dense_slots(full.sum(1).tolist(), FUSED_FULL_COST.get(head_dim, 1.0))
+        slots = dense_slots(full.sum(1).tolist(), fused_cost)
         self.routed = slots > 0
         if not self.routed:
             return {}
@@ -490,7 +541,7 @@ class _StaticLayer(LayerRuntime):
                 f"model sees {q.shape[1] - text_len}; apply again with num_image_tokens={q.shape[1] - text_len}"
             )
         if not self.built:
-            self.build(q)
+            self.build(q, k, v, text_start, text_len)
         if self.stock:
             return dense()
         step = self.session.step_tensor()
