@@ -174,7 +174,7 @@ def test_offloaded_outputs_give_the_same_plan_and_leave_no_layer_output_on_the_d
     assert any(m == "cache" for rows in parked.methods for heads in rows for m in heads)
     assert all(torch.equal(a, b) for a, b in zip(parked_outputs, kept_outputs))
     layers = len(kept.layer_names)
-    assert kept_held[:-1] == [layers] * (STEPS - 1) and parked_held[:-1] == [0] * (STEPS - 1)
+    assert kept_held == [layers] * STEPS and parked_held == [0] * STEPS  # the last step included
 
 
 def test_plan_keeps_scores_and_provenance(tmp_path):

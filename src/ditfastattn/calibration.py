@@ -344,9 +344,10 @@ class _CalibrationSession(Session):
         self._keep_residuals(layer, q, k, v, out, text_start, text_len)
         if not self._offload_decided:
             self._decide_offload(layer.slots[self.call].out)
-        if self.offload is not None and self.step < self.plan.num_steps - 1:
+        if self.offload is not None:
             slot = layer.slots[self.call]
-            self.offload.store((layer.index, self.call), slot.out)
+            if self.step < self.plan.num_steps - 1:  # the last step's outputs are never read
+                self.offload.store((layer.index, self.call), slot.out)
             slot.out = None
 
     def _decide_offload(self, output: torch.Tensor) -> None:
