@@ -133,6 +133,7 @@ def run_config(model, kind, size, args, device, dtype) -> dict:
         out["no_attention"] = measure(model, inputs, steps, mode, args.backend, attention_removed)
         share = 1.0 - out["no_attention"]["ms"] / out["stock"]["ms"]
         out["attention_share"] = share
+        args.checkpoint(row)
         print(f"  {kind} {size} {mode_name}: stock {out['stock']['ms']:.2f} ms (compile/capture "
               f"{out['stock']['compile_s']} s), attention share {share:.3f}", flush=True)
         for name, plan in plans.items():
@@ -149,9 +150,9 @@ def run_config(model, kind, size, args, device, dtype) -> dict:
                           speedup_vs_eager_stock=row["eager_stock_ms"] / result["ms"])
             result["of_ceiling"] = result["speedup"] / result["ceiling"]
             out[name] = result
+            args.checkpoint(row)
             print(f"  {kind} {size} {mode_name} {name}: {result['ms']:.2f} ms, x{result['speedup']:.3f}, "
                   f"{result['of_ceiling']:.1%} of ceiling", flush=True)
-        args.checkpoint(row)
     return row
 
 
