@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, aot_eager, no CUDA graphs")
     parser.add_argument("--runs", nargs="+", default=["flux:2048"], help="model:size pairs, e.g. flux:2048 sd3:1024")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--targets", nargs="+", type=float, default=[0.68], help="synthetic plan sparsities")
+    parser.add_argument("--targets", nargs="*", type=float, default=[0.68], help="synthetic plan sparsities")
     parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no new compile mode after this")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e_compiled.json)")
