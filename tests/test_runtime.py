@@ -240,3 +240,20 @@ def test_a_layer_holds_its_buffer_only_while_the_next_step_caches():
     run_pipeline(pipe, steps=5)
     # after steps 0..3: the next step caches only after steps 1 and 3; the last step frees all
     assert [any(flags) for flags in held] == [False, True, False, True, False]
+
+
+@torch.no_grad()
+def test_explicit_gluon_impl_is_accepted_and_never_falls_back():
+    model = tiny_sd3()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ditfastattn.apply(model, Plan.uniform(model, 2, "full"), impl="cuda")
+    ditfastattn.apply(model, Plan.uniform(model, 2, "arrow:0.5"), impl="gluon")
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 32),
+        "encoder_hidden_states": torch.randn(1, 7, 16),
+        "pooled_projections": torch.randn(1, 16),
+    }
+    model(**inputs, timestep=torch.tensor([900.0]))  # step 0 computes every head: stock attention
+    with pytest.raises(RuntimeError, match="impl='gluon' cannot run"):
+        model(**inputs, timestep=torch.tensor([700.0]))
+    ditfastattn.remove(model)

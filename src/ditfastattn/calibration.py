@@ -56,7 +56,7 @@ class SearchConfig:
         seed: seed of the calibration run's generator.
         costs: optional measured relative latency per method name (``full`` = 1); by default the
             exact attention-FLOP share from the block geometry.
-        impl: attention op implementation ("auto", "triton", "reference").
+        impl: attention op implementation (see :data:`ditfastattn.ops.IMPLEMENTATIONS`).
         granularity: ``"head"`` (the method) or ``"layer"``: one method for all heads of a layer
             at a step, with the same budget; a baseline for comparisons.
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .ops import IMPLEMENTATIONS
+
 TESTBED_PREFIX = "testbed:"
 TESTBED_DIR = Path(__file__).resolve().parent / "testbed"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -246,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--width", type=int, default=None)
         p.add_argument("--guidance-scale", type=float, default=None)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--impl", choices=("auto", "triton", "reference"), default="auto")
+        p.add_argument("--impl", choices=IMPLEMENTATIONS, default="auto")
 
     calibrate = sub.add_parser("calibrate", help="search a head-wise plan")
     model_args(calibrate)

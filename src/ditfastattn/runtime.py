@@ -653,8 +653,8 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
     transformer, pipe = _transformer_of(pipe_or_transformer)
     if getattr(transformer, _SESSION_ATTR, None) is not None:
         raise RuntimeError("a ditfastattn plan is already applied to this model; call ditfastattn.remove() first")
-    if impl not in ("auto", "reference", "triton"):
-        raise ValueError(f"impl must be 'auto', 'reference' or 'triton'; got {impl!r}")
+    if impl not in ops.IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
     if not isinstance(plan, Plan):
         raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
     adapter = adapter_for(transformer)
@@ -716,7 +716,8 @@ def apply(
     Installs ditfastattn's processors on every attention layer the plan names (per module
     instance, through diffusers' processor mechanism), tracks the denoising step from the
     transformer's ``timestep``, and, given a pipeline, checks the step count when the scheduler's
-    timesteps are set. ``impl`` picks the attention op ("auto", "triton", "reference").
+    timesteps are set. ``impl`` picks the attention op ("auto", "gluon", "triton", "reference"; see
+    :func:`ditfastattn.ops.headwise_attention`).
 
     Cache heads read their layer's output of the previous step, which the runtime keeps only while
     the next step caches. ``cache_budget_gib`` bounds those buffers (all call slots together): where

@@ -16,11 +16,11 @@ import torch
 
 from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
 
-__all__ = ["headwise_attention", "IMAGE_BLOCK", "MODE_FULL", "MODE_SKIP", "gluon_available", "triton_available"]
+__all__ = ["headwise_attention", "IMPLEMENTATIONS", "IMAGE_BLOCK", "MODE_FULL", "MODE_SKIP", "gluon_available", "triton_available"]
 
 logger = logging.getLogger("ditfastattn")
 
-_IMPLS = ("auto", "reference", "triton", "gluon")
+IMPLEMENTATIONS = ("auto", "reference", "triton", "gluon")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON_HEAD_DIMS = (32, 64, 128)
 _auto_notes: set[str] = set()
@@ -157,8 +157,8 @@ def headwise_attention(
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse``.
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}; got {impl!r}")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}")
     _check(q, k, v, head_modes, text_start, text_len, out)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
