@@ -227,17 +227,23 @@ def one_cached_head_plan(full_plan, num_image_tokens: int, text_len: int):
     return ditfastattn.Plan(full_plan.model, methods, provenance)
 
 
-def run_config(model, kind: str, size: int, args, device, dtype) -> dict:
+def setup(kind: str, size: int, args, device, dtype):
+    """Inputs of one model at one size: (inputs, timesteps of a generation, row header, impl)."""
     _, full_config, tiny_config, text_len, batch = MODELS[kind]
     config = tiny_config if args.smoke else full_config
     text_len = 16 if args.smoke else text_len
     inputs = model_inputs(kind, config, size, text_len, batch, device, dtype)
-    image_tokens = (size // 16) ** 2
     n_steps = args.steps or (6 if size >= 2048 else 8)
     steps = timesteps(kind, n_steps, batch, device, dtype)
-    impl = "reference" if args.smoke else "auto"
-    row = {"model": kind, "size": size, "batch": batch, "image_tokens": image_tokens, "text_len": text_len,
-           "steps_per_generation": n_steps, "variants": {}}
+    row = {"model": kind, "size": size, "batch": batch, "image_tokens": (size // 16) ** 2, "text_len": text_len,
+           "steps_per_generation": n_steps}
+    return inputs, steps, row, "reference" if args.smoke else "auto"
+
+
+def run_config(model, kind: str, size: int, args, device, dtype) -> dict:
+    inputs, steps, row, impl = setup(kind, size, args, device, dtype)
+    image_tokens, text_len, n_steps = row["image_tokens"], row["text_len"], row["steps_per_generation"]
+    row["variants"] = {}
     out = row["variants"]
 
     out["stock"] = measure(model, inputs, steps, syncs=True)

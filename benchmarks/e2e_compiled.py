@@ -25,16 +25,7 @@ from pathlib import Path
 import torch
 
 import ditfastattn
-from e2e import (
-    MODELS,
-    attention_removed,
-    build_transformer,
-    environment,
-    model_inputs,
-    step_times,
-    synthetic_plan,
-    timesteps,
-)
+from e2e import MODELS, attention_removed, build_transformer, environment, setup, step_times, synthetic_plan
 
 HERE = Path(__file__).resolve().parent
 # "graph": no compiler, the eager step captured once with torch.cuda.graph and replayed.
@@ -110,18 +101,11 @@ def eager_ms(model, inputs, steps) -> float:
 
 
 def run_config(model, kind, size, args, device, dtype) -> dict:
-    _, full_config, tiny_config, text_len, batch = MODELS[kind]
-    config = tiny_config if args.smoke else full_config
-    text_len = 16 if args.smoke else text_len
-    inputs = model_inputs(kind, config, size, text_len, batch, device, dtype)
-    image_tokens = (size // 16) ** 2
-    n_steps = args.steps or (6 if size >= 2048 else 8)
-    steps = timesteps(kind, n_steps, batch, device, dtype)
-    impl = "reference" if args.smoke else "auto"
+    inputs, steps, row, impl = setup(kind, size, args, device, dtype)
+    image_tokens, text_len, n_steps = row["image_tokens"], row["text_len"], row["steps_per_generation"]
     full = ditfastattn.Plan.uniform(model, n_steps, "full", num_image_tokens=image_tokens, text_len=text_len)
     plans = {f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len) for t in args.targets}
-    row = {"model": kind, "size": size, "batch": batch, "image_tokens": image_tokens, "text_len": text_len,
-           "steps_per_generation": n_steps, "eager_stock_ms": eager_ms(model, inputs, steps), "modes": {}}
+    row.update(eager_stock_ms=eager_ms(model, inputs, steps), modes={})
     for mode_name in args.modes:
         if time.perf_counter() > args.deadline:
             row.setdefault("skipped_modes", []).append(mode_name)

@@ -282,6 +282,7 @@ class Session:
     """State of one applied plan: the current step, the call slot within it, and the layers."""
 
     layer_cls = LayerRuntime
+    buffers_per_generation = False  # a layer holds its buffer only while its next step caches
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None):
         self.transformer = transformer
@@ -319,7 +320,7 @@ class Session:
         if self.cache_budget is None:
             return frozenset()
         batch, seq, _, _ = q.shape
-        static = isinstance(self, StaticSession)
+        static = self.buffers_per_generation
         key = (batch, seq, q.element_size(), 1 if static else self.calls_per_step)
         if key not in self._dropped:
             # Every call slot (e.g. FLUX's true CFG) keeps its own buffers.
@@ -576,6 +577,7 @@ class StaticSession(Session):
     """Session whose step counter lives on the device (no host read per call); one call per step."""
 
     layer_cls = _StaticLayer
+    buffers_per_generation = True  # static addresses: a layer that ever caches holds its buffer throughout
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None, num_image_tokens: int):
         super().__init__(transformer, plan, adapter, impl, cache_budget)
