@@ -64,12 +64,16 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
     n_blocks = _geometry.num_image_blocks(image)
     modes = [rng.choice([MODE_FULL, MODE_SKIP, rng.randint(0, n_blocks)]) for _ in range(heads)]
     configs = kernel_module(impl).tile_configs(dim)
+    config = configs[index % len(configs)]
+    extra = {}
+    if impl == "gluon":  # few programs make each take many items (and some none)
+        extra["programs"] = rng.choice([None, 1, 2, 3, 7])
     return {
         "impl": impl,
         "dim": dim, "dtype": rng.choice(list(DTYPES)), "batch": rng.choice([1, 1, 2, 3]), "heads": heads,
         "text_len": text_len, "image": image, "text_first": rng.random() < 0.5, "layout": layout,
         "out_layout": rng.choice(["bshd", "bhsd"]), "modes": modes, "return_lse": rng.random() < 0.5,
-        "scale_in": rng.choice([0.5, 1.0, 2.0, 3.0]), "config": configs[index % len(configs)],
+        "scale_in": rng.choice([0.5, 1.0, 2.0, 3.0]), "config": config, **extra,
     }
 
 
@@ -127,7 +131,8 @@ def run_case(case, gen):
         out = torch.empty(batch, seq, heads, dim, dtype=dtype, device="cuda")
     out.fill_(float("nan"))
     got, lse = kernel_module(case["impl"]).attention(q, k, v, modes, text_start, text_len, out, 1.0 / math.sqrt(dim),
-                                                     case["return_lse"], config=case["config"])
+                                                     case["return_lse"], config=case["config"],
+                                                     **({"programs": case["programs"]} if "programs" in case else {}))
     ref, ref_lse = headwise_attention(q.float(), k.float(), v.float(), modes, text_start=text_start,
                                       text_len=text_len, out=torch.zeros(q.shape, device="cuda"),
                                       impl="reference", return_lse=True)

@@ -1,23 +1,25 @@
-"""Warp-specialised Hopper kernel of head-wise attention, written in Gluon (head dim 128).
+"""Persistent warp-specialised Hopper kernel of head-wise attention, written in Gluon (head dim 128).
 
-The same work as the Triton kernel (one launch, every head in its own mode, the longest programs
-first, skip heads starting no work), laid out the way FlashAttention-3 runs on Hopper: each program
-owns a 128-row query tile and splits into three partitions that talk through mbarriers.
+The same work as the Triton kernel (one launch, every head in its own mode, the longest work items
+first, skip heads starting no work), laid out the way FlashAttention-3 runs on Hopper. A work item
+is one 128-row query tile of one head and batch. One program per SM takes items from a launch-wide
+counter and splits into three partitions that talk through mbarriers:
 
-- a producer warp issues every TMA load: the query tile once, then key and value tiles into rings
-  of ``STAGES`` buffers, keys and values in separate rings so a key buffer frees as soon as its
-  QK^T has run and a value buffer as soon as its PV has;
+- a producer warp takes the tickets and issues every TMA load: the item's query tile into one of
+  two buffers (with the item's record beside it in shared memory), then key and value tiles into
+  rings of ``STAGES`` buffers, keys and values in separate rings so a key buffer frees as soon as
+  its QK^T has run and a value buffer as soon as its PV has;
 - two consumer warpgroups, 64 query rows each, run QK^T and PV on the tensor cores (wgmma) and the
   online softmax on the CUDA cores. Being independent warps, one warpgroup's softmax runs while the
-  other's matrix products do. With ``OVERLAP`` each warpgroup also issues PV of tile j-1 right
-  after QK^T of tile j and computes softmax j while that PV runs.
+  other's matrix products do; each also issues PV of tile j-1 right after QK^T of tile j and
+  computes softmax j while that PV runs, across item boundaries too.
 
 Key tiles cover two ranges (the image band, or all image keys, then the text keys) counted from
 the start of each range, so with ``BLOCK_N`` dividing 128 every band edge is a tile edge; only the
 last tile of a range can be partial, and there the columns past the range are masked to -inf (its
 rows come from the TMA box as they lie in memory, or zeros past the view).
 
-Program order and head ranking are computed in the kernel from ``head_modes`` exactly as in the
+Item order and head ranking are computed in the kernel from ``head_modes`` exactly as in the
 Triton kernel, so the host never reads the plan. The kernel needs sm_90 (wgmma, setmaxnreg).
 """
 
@@ -29,13 +31,14 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                             warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .._geometry import IMAGE_BLOCK as _IMAGE_BLOCK, MODE_FULL, MODE_SKIP
 
 HEAD_DIMS = (128,)
-TILE_ROWS = 128  # query rows per program: one image block, two consumer warpgroups of 64 rows
+TILE_ROWS = 128  # query rows per work item: one image block, two consumer warpgroups of 64 rows
 BLOCK_M = gl.constexpr(TILE_ROWS)
 _LOG2E = 1.4426950408889634
 LN2 = gl.constexpr(0.6931471805599453)
@@ -47,16 +50,65 @@ SKIP = gl.constexpr(MODE_SKIP)
 CONSUMER_REGS = gl.constexpr(240)
 PRODUCER_REGS = gl.constexpr(24)
 
-# (BLOCK_N, STAGES, OVERLAP). 128-key tiles: two-deep rings and the query tile fill 160 KB of shared
-# memory, three-deep ones 224 KB (the limit is 227).
-_CONFIGS = [(128, 2, False), (128, 2, True), (128, 3, True)]
+# (BLOCK_N, STAGES). Two query buffers (64 KB) and key and value rings of 128-key tiles two deep fill
+# 192 KB of shared memory (the limit is 227). 64-key tiles four deep ran 12-16% slower on an H100.
+_CONFIGS = [(128, 2)]
 
 
 def tile_configs(head_dim: int = 128) -> list[dict]:
     """The launch configurations tuning chooses from."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"the Gluon kernel supports head dims {HEAD_DIMS}; got {head_dim}")
-    return [{"BLOCK_N": n, "STAGES": s, "OVERLAP": o} for n, s, o in _CONFIGS]
+    return [{"BLOCK_N": n, "STAGES": s} for n, s in _CONFIGS]
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# The work counter of each (device, stream): zero between launches, since the last program of a
+# launch resets it; one per stream so that launches on concurrent streams never share one.
+_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    counter = _counters.get(key)
+    if counter is None:
+        counter = _counters[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return counter
+
+
+@gluon.jit
+def _rank_table(MODES, s_modes, num_heads, HEADS_POW2: gl.constexpr):
+    """Heads ranked by work, descending (ties by index): full > arrow by width > skip > padding.
+
+    Returns (head index at each rank, mode at each rank, number of full heads, number of arrow heads).
+    """
+    layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [gl.num_warps(), 1], [1, 0])
+    idx_r = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(1, layout))
+    idx_c = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(0, layout))
+    modes_r = gl.load(MODES + idx_r * s_modes, mask=idx_r < num_heads, other=SKIP - 1)
+    modes_c = gl.load(MODES + idx_c * s_modes, mask=idx_c < num_heads, other=SKIP - 1)
+    key_r = gl.where(modes_r == FULL, 1 << 30, modes_r)
+    key_c = gl.where(modes_c == FULL, 1 << 30, modes_c)
+    ahead = (key_c[None, :] > key_r[:, None]) | ((key_c[None, :] == key_r[:, None]) & (idx_c[None, :] < idx_r[:, None]))
+    ranks = gl.sum(ahead.to(gl.int32), 1)
+    n_full_heads = gl.sum((modes_r == FULL).to(gl.int32), 0)
+    n_arrow_heads = gl.sum((modes_r >= 0).to(gl.int32), 0)
+    # Scatter by rank: entry r holds the head ranked r.
+    at_rank = ranks[:, None] == idx_c[None, :]
+    head_at = gl.sum(gl.where(at_rank, idx_r[:, None], 0), 0)
+    mode_at = gl.sum(gl.where(at_rank, modes_r[:, None], 0), 0)
+    return head_at, mode_at, n_full_heads, n_arrow_heads
+
+
+@gluon.jit
+def _scalar(ref):
+    """The int32 in a one-element shared buffer."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    return gl.sum(ref.load(layout), 0)
 
 
 @gluon.jit
@@ -69,22 +121,116 @@ def _key_tile(j, n1, start1, len1, text_start, text_len, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, q_col, k_row, k_col, v_row, v_col,
-              n1, n_tiles, start1, len1, text_start, text_len, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    q_bar, k_ready, k_empty, v_ready, v_empty = bars
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
-    for j in range(n_tiles):
-        pos, valid = _key_tile(j, n1, start1, len1, text_start, text_len, BLOCK_N)
-        s = j % STAGES
+def _rows(tile, n_text_tiles, image_start, num_image, text_start, text_len):
+    """First and end query row of a query tile."""
+    is_image = tile >= n_text_tiles
+    q_start = gl.where(is_image, image_start + (tile - n_text_tiles) * BLOCK_M, text_start + tile * BLOCK_M)
+    q_end = gl.where(is_image, image_start + num_image, text_start + text_len)
+    return q_start, q_end
+
+
+@gluon.jit
+def _work(t, geometry, table, BLOCK_N: gl.constexpr):
+    """Work item t (t below the count of items that compute) as
+    (batch, head, first query row, end query row, key range start, its length, its tiles, key tiles).
+
+    Items run longest first: every full-row query tile (all tiles of full heads, then the text-query
+    tiles of arrow heads), then the arrow heads' image tiles by decreasing band. Key tiles cover the
+    image band (or all image keys), then the text keys.
+    """
+    (batch, n_text_tiles, n_image_tiles, n_full_heads, n_arrow_heads, end3, image_start, num_image,
+     text_start, text_len) = geometry
+    head_at, mode_at = table
+    n_tiles_q = n_text_tiles + n_image_tiles
+    end1 = n_full_heads * batch * n_tiles_q
+    end2 = end1 + n_arrow_heads * batch * n_text_tiles
+    in2 = (t >= end1) & (t < end2)
+    in3 = t >= end2
+    p = t - gl.where(in3, end2, gl.where(in2, end1, 0))
+    per_head = batch * gl.where(in2, n_text_tiles, gl.where(in3, n_image_tiles, n_tiles_q))
+    rank = gl.where(in2 | in3, n_full_heads, 0) + p // per_head
+    tile = gl.where(in3, n_text_tiles, 0) + (p % per_head) // batch
+    h = _scalar(head_at.index(rank))
+    mode = _scalar(mode_at.index(rank))
+    q_start, q_end = _rows(tile, n_text_tiles, image_start, num_image, text_start, text_len)
+
+    image_tile = tile - n_text_tiles
+    banded = in3 & (mode >= 0)
+    block = image_tile * BLOCK_M // IMAGE_BLOCK
+    w = gl.minimum(gl.maximum(mode, 0), gl.cdiv(num_image, IMAGE_BLOCK))
+    lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
+    hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
+    n1 = gl.cdiv(hi - lo, BLOCK_N)
+    return p % batch, h, q_start, q_end, image_start + lo, hi - lo, n1, n1 + gl.cdiv(text_len, BLOCK_N)
+
+
+# What the producer tells the consumers of an item, in its query buffer's slot of ``sched``:
+# (item or -1 when no work is left, key tiles, tiles of the first key range, its length, batch, head,
+# first query row, end query row). The slot stays until the consumers release the query buffer.
+ITEM_FIELDS = gl.constexpr(8)
+
+
+@gluon.jit
+def _publish(sched, slot, fields, layout: gl.constexpr):
+    for i in gl.static_range(len(fields)):
+        sched.index(slot * ITEM_FIELDS + i).store(gl.full([1], fields[i], gl.int32, layout=layout))
+
+
+@gluon.jit
+def _field(sched, slot, i: gl.constexpr):
+    return _scalar(sched.index(slot * ITEM_FIELDS + i))
+
+
+@gluon.jit
+def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Takes work items from the launch-wide counter, longest first, and issues their TMA loads: the
+    query tile into one of two buffers (its item number beside it, for the consumers), then key and
+    value tiles into the rings, counted over all items."""
+    text_start = geometry[8]
+    text_len = geometry[9]
+    end3 = geometry[5]
+    q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch = descs
+    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    c = 0  # key tiles loaded so far
+    it = 0  # items taken so far
+    t = gl.atomic_add(counter, 1)
+    while t < end3:
+        b, h, q_start, q_end, start1, len1, n1, n_kv = _work(t, geometry, table, BLOCK_N)
+        qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
-        phase = ((j // STAGES) & 1) ^ 1
-        mbarrier.wait(k_empty.index(s), phase)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row + pos, k_col], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), phase)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [v_row + pos, v_col], v_ready.index(s), v_smem.index(s))
+        mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
+        _publish(sched, qs, (t, n_kv, n1, len1, b, h, q_start, q_end), one)
+        mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + q_start, h * q_ch], q_ready.index(qs),
+                                        q_smem.index(qs))
+        t = gl.atomic_add(counter, 1)  # the next ticket's latency hides behind this item's loads
+        for j in range(n_kv):
+            pos, valid = _key_tile(j, n1, start1, len1, text_start, text_len, BLOCK_N)
+            s = (c + j) % STAGES
+            phase = (((c + j) // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(s), phase)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b * k_rb + h * k_rh + pos, h * k_ch], k_ready.index(s),
+                                            k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), phase)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b * v_rb + h * v_rh + pos, h * v_ch], v_ready.index(s),
+                                            v_smem.index(s))
+        c += n_kv
+        it += 1
+    # No work left: item -1 tells the consumers.
+    qs = it % 2
+    mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
+    sched.index(qs * ITEM_FIELDS).store(gl.full([1], -1, gl.int32, layout=one))
+    mbarrier.arrive(q_ready.index(qs), count=1)
+    # The last program to finish zeroes the counters for the next launch (every program has taken
+    # its last ticket before it counts itself done).
+    done = gl.atomic_add(counter + 1, 1)
+    if done == gl.num_programs(0) - 1:
+        gl.store(counter, 0)
+        gl.store(counter + 1, 0)
 
 
 @gluon.jit
@@ -101,13 +247,62 @@ def _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N: gl.constexpr, layout: gl.con
 
 
 @gluon.jit
-def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              OVERLAP: gl.constexpr, RETURN_LSE: gl.constexpr):
-    (O, LSE, q_smem, k_smem, v_smem, bars, b, h, q_start, q_end, sob, sos, soh, sod, seq_len, num_heads,
-     n1, n_tiles, start1, len1, text_start, text_len, qk_scale) = args
-    q_bar, k_ready, k_empty, v_ready, v_empty = bars
+def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.constexpr, RETURN_LSE: gl.constexpr,
+              OUT_ALIGNED: gl.constexpr):
+    """Normalise one warpgroup's rows of a finished item and store them (and their log-sum-exp).
+
+    The rows go through ``scratch`` (the warpgroup's rows of the item's query buffer, no longer read)
+    so that each thread stores 16-byte vectors instead of the accumulator layout's 4-byte pairs, and
+    holds 8 addresses instead of 32.
+    """
+    O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale = out_args
+    b = _field(sched, slot, 4)
+    h = _field(sched, slot, 5)
+    q_start = _field(sched, slot, 6)
+    q_end = _field(sched, slot, 7)
+    ROWS: gl.constexpr = acc.shape[0]
+    HEAD_DIM: gl.constexpr = acc.shape[1]
+    o_row_layout: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    scratch.store((acc / gl.convert_layout(l_i, o_row_layout)[:, None]).to(O.dtype.element_ty))
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])
+    out = scratch.load(rows_layout)
+    first_row = q_start + WG * ROWS
+    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
+    b64 = b.to(gl.int64)
+    h64 = h.to(gl.int64)
+    base = O + b64 * sob + h64 * soh + first_row.to(gl.int64) * sos
+    if OUT_ALIGNED:
+        # Said here because what the launch specialised on (unit head-dim stride, 16-byte rows) does
+        # not reach worker partitions, and without it their stores go out two bytes at a time.
+        ptrs = gl.multiple_of(base + rows[:, None] * sos + cols[None, :], [16, 16])
+    else:
+        ptrs = base + (rows[:, None] * sos + cols[None, :] * sod)
+    gl.store(ptrs, out, mask=(rows < q_end - first_row)[:, None])
+    if RETURN_LSE:
+        lse_rows = first_row + gl.arange(0, ROWS, layout=l_i.type.layout)
+        lse = (m_i + gl.log2(l_i)) * LN2
+        gl.store(LSE + (b64 * num_heads + h64) * seq_len + lse_rows, lse, mask=lse_rows < q_end)
+    # Done with the query buffer (read as scratch just now) and the item's slot.
+    fence_async_shared()
+    mbarrier.arrive(q_empty.index(slot), count=1)
+
+
+@gluon.jit
+def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr):
+    """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
+
+    Each step issues QK^T of the next tile, then PV of the previous one, and runs the softmax of the
+    next tile while that PV runs. The next tile may be the first of the next item (its query is
+    already in the other buffer), so an item's last PV, its epilogue and the next item's first QK^T
+    overlap like any other step: no pipeline drains between items. What an item is comes from the
+    producer through ``sched``, so the loop carries only counters.
+    """
+    qk_scale = out_args[8]
+    q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     ROWS: gl.constexpr = BLOCK_M // 2
-    dtype: gl.constexpr = q_smem.dtype
+    dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -115,74 +310,84 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.conste
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    mbarrier.wait(q_bar, 0)
-    q = q_smem.slice(WG * ROWS, ROWS)
 
-    if OVERLAP:
-        # Tile 0: QK^T and softmax only; its PV runs under the next tile's softmax.
+    mbarrier.wait(q_ready.index(0), 0)
+    if _field(sched, 0, 0) >= 0:
+        n_kv = _field(sched, 0, 1)
+        n1 = _field(sched, 0, 2)
+        len1 = _field(sched, 0, 3)
+        # Tile 0 of the first item: QK^T and softmax only; its PV runs under the next step's softmax.
         mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma(q_smem.index(0).slice(WG * ROWS, ROWS), k_smem.index(0).permute((1, 0)), s_zero,
+                          use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        pos, valid = _key_tile(0, n1, start1, len1, text_start, text_len, BLOCK_N)
+        pos, valid = _key_tile(0, n1, 0, len1, 0, text_len, BLOCK_N)  # consumers need only the valid count
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+        l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(1, n_tiles):
-            st = j % STAGES
-            phase = (j // STAGES) & 1
-            prev = (j - 1) % STAGES
-            prev_phase = ((j - 1) // STAGES) & 1
-            mbarrier.wait(k_ready.index(st), phase)
-            s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(prev), prev_phase)
-            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s,))
-            mbarrier.arrive(k_empty.index(st), count=1)
-            pos, valid = _key_tile(j, n1, start1, len1, text_start, text_len, BLOCK_N)
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        c = 1  # key tiles whose QK^T has been issued, over all items
+        it = 0  # the item in flight
+        more = True
+        while more:
+            q = q_smem.index(it % 2).slice(WG * ROWS, ROWS)
+            for j in range(1, n_kv):
+                st = c % STAGES
+                prev = (c - 1) % STAGES
+                mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
+                s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(prev), ((c - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s,))
+                mbarrier.arrive(k_empty.index(st), count=1)
+                pos, valid = _key_tile(j, n1, 0, len1, 0, text_len, BLOCK_N)
+                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(v_empty.index(prev), count=1)
+                acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                c += 1
+            # Between items: the next item's first QK^T and softmax run with this item's last PV and
+            # its epilogue, like any other step (its query is already in the other buffer).
+            nxt = (it + 1) % 2
+            mbarrier.wait(q_ready.index(nxt), ((it + 1) // 2) & 1)
+            more = _field(sched, nxt, 0) >= 0
+            if more:
+                n_kv = _field(sched, nxt, 1)
+                n1 = _field(sched, nxt, 2)
+                len1 = _field(sched, nxt, 3)
+                st = c % STAGES
+                prev = (c - 1) % STAGES
+                mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
+                s = warpgroup_mma(q_smem.index(nxt).slice(WG * ROWS, ROWS), k_smem.index(st).permute((1, 0)),
+                                  s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(prev), ((c - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s,))
+                mbarrier.arrive(k_empty.index(st), count=1)
+                pos, valid = _key_tile(0, n1, 0, len1, 0, text_len, BLOCK_N)
+                m_next = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+                l_next = gl.zeros([ROWS], gl.float32, layout=row_layout)
+                p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, qk_scale, BLOCK_N, s_layout)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(v_empty.index(prev), count=1)
+                _epilogue(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED)
+                acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+                m_i = m_next
+                l_i = l_next
+                c += 1
+                it += 1
+        last = (c - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((c - 1) // STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last), count=1)
-    else:
-        for j in range(n_tiles):
-            st = j % STAGES
-            phase = (j // STAGES) & 1
-            mbarrier.wait(k_ready.index(st), phase)
-            s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            mbarrier.arrive(k_empty.index(st), count=1)
-            pos, valid = _key_tile(j, n1, start1, len1, text_start, text_len, BLOCK_N)
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
-            acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(v_ready.index(st), phase)
-            acc = warpgroup_mma(p_op, v_smem.index(st), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(st), count=1)
-
-    out = acc / gl.convert_layout(l_i, o_row_layout)[:, None]
-    rows = q_start + WG * ROWS + gl.arange(0, ROWS, layout=o_row_layout)
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    row_ok = rows < q_end
-    b64 = b.to(gl.int64)
-    h64 = h.to(gl.int64)
-    o_ptrs = O + b64 * sob + h64 * soh + rows.to(gl.int64)[:, None] * sos + cols[None, :] * sod
-    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    if RETURN_LSE:
-        lse_rows = q_start + WG * ROWS + gl.arange(0, ROWS, layout=row_layout)
-        lse = (m_i + gl.log2(l_i)) * LN2
-        gl.store(LSE + (b64 * num_heads + h64) * seq_len + lse_rows, lse, mask=lse_rows < q_end)
+        _epilogue(acc, m_i, l_i, sched, it % 2, q_smem.index(it % 2).slice(WG * ROWS, ROWS), q_empty, out_args,
+                  WG, RETURN_LSE, OUT_ALIGNED)
 
 
 # Few compiled variants: only the output strides are specialised (multiples of 16 and a unit
@@ -192,103 +397,79 @@ def _consumer(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.conste
     "batch", "seq_len", "num_heads", "text_start", "text_len",
 ])
 def _headwise_kernel(
-    q_desc, k_desc, v_desc, O, LSE, MODES, s_modes,
+    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
     batch, seq_len, num_heads, text_start, text_len, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    OVERLAP: gl.constexpr, RETURN_LSE: gl.constexpr,
+    RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides.
+    # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
+    # left, so the longest-first order holds across the launch and no program idles while work waits.
     image_start = gl.where(text_start == 0, text_len, 0)
     num_image = seq_len - text_len
     n_text_tiles = gl.cdiv(text_len, BLOCK_M)
     n_image_tiles = gl.cdiv(num_image, BLOCK_M)
-    n_tiles_q = n_text_tiles + n_image_tiles
+    head_at, mode_at, n_full_heads, n_arrow_heads = _rank_table(MODES, s_modes, num_heads, HEADS_POW2)
+    end3 = (n_full_heads + n_arrow_heads) * batch * (n_text_tiles + n_image_tiles)  # items that compute
+    geometry = (batch, n_text_tiles, n_image_tiles, n_full_heads, n_arrow_heads, end3, image_start, num_image,
+                text_start, text_len)
+    # The partitions read the ranking from shared memory (worker partitions take no tensors).
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    vec: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    head_smem = gl.allocate_shared_memory(gl.int32, [HEADS_POW2, 1], flat)
+    mode_smem = gl.allocate_shared_memory(gl.int32, [HEADS_POW2, 1], flat)
+    head_smem._reinterpret(gl.int32, [HEADS_POW2], flat).store(gl.convert_layout(head_at, vec))
+    mode_smem._reinterpret(gl.int32, [HEADS_POW2], flat).store(gl.convert_layout(mode_at, vec))
+    table = (head_smem, mode_smem)
 
-    # Rank heads by work, descending (ties by index): full > arrow by width > skip > padding.
-    rank_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [gl.num_warps(), 1], [1, 0])
-    idx_r = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(1, rank_layout))
-    idx_c = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(0, rank_layout))
-    modes_r = gl.load(MODES + idx_r * s_modes, mask=idx_r < num_heads, other=SKIP - 1)
-    modes_c = gl.load(MODES + idx_c * s_modes, mask=idx_c < num_heads, other=SKIP - 1)
-    key_r = gl.where(modes_r == FULL, 1 << 30, modes_r)
-    key_c = gl.where(modes_c == FULL, 1 << 30, modes_c)
-    ahead = (key_c[None, :] > key_r[:, None]) | ((key_c[None, :] == key_r[:, None]) & (idx_c[None, :] < idx_r[:, None]))
-    ranks = gl.sum(ahead.to(gl.int32), 1)
-    n_full_heads = gl.sum((modes_r == FULL).to(gl.int32), 0)
-    n_arrow_heads = gl.sum((modes_r >= 0).to(gl.int32), 0)
-
-    # Program order, longest work first: every full-row tile (all tiles of full heads, then the
-    # text-query tiles of arrow heads), then the arrow heads' image tiles by decreasing band, then
-    # the skip heads' tiles, which start no work.
-    pid = gl.program_id(0)
-    end1 = n_full_heads * batch * n_tiles_q
-    end2 = end1 + n_arrow_heads * batch * n_text_tiles
-    end3 = end2 + n_arrow_heads * batch * n_image_tiles
-    in2 = (pid >= end1) & (pid < end2)
-    in3 = (pid >= end2) & (pid < end3)
-    in4 = pid >= end3
-    p = pid - gl.where(in4, end3, gl.where(in3, end2, gl.where(in2, end1, 0)))
-    per_head = batch * gl.where(in2, n_text_tiles, gl.where(in3, n_image_tiles, n_tiles_q))
-    rank = gl.where(in4, n_full_heads + n_arrow_heads, gl.where(in2 | in3, n_full_heads, 0)) + p // per_head
-    tile = gl.where(in3, n_text_tiles, 0) + (p % per_head) // batch
-    b = p % batch
-    h = gl.sum(gl.where(ranks == rank, idx_r, 0), 0)
-    mode = gl.sum(gl.where(ranks == rank, modes_r, 0), 0)
-
-    is_image = tile >= n_text_tiles
-    image_tile = tile - n_text_tiles
-    q_start = gl.where(is_image, image_start + image_tile * BLOCK_M, text_start + tile * BLOCK_M)
-    q_end = gl.where(is_image, image_start + num_image, text_start + text_len)
-
-    if mode != SKIP:
-        banded = is_image & (mode >= 0)
-        block = image_tile * BLOCK_M // IMAGE_BLOCK
-        w = gl.minimum(gl.maximum(mode, 0), gl.cdiv(num_image, IMAGE_BLOCK))
-        lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
-        hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
-        start1 = image_start + lo
-        len1 = hi - lo
-        n1 = gl.cdiv(len1, BLOCK_N)
-        n_kv = n1 + gl.cdiv(text_len, BLOCK_N)
-
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    if end3 > 0:
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        sched = gl.allocate_shared_memory(gl.int32, [2 * ITEM_FIELDS, 1], flat)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        # Both consumer warpgroups release every buffer.
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            # Both consumer warpgroups release every buffer.
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
-        bars = (q_bar, k_ready, k_empty, v_ready, v_empty)
-
-        consumer_args = (O, LSE, q_smem, k_smem, v_smem, bars, b, h, q_start, q_end, sob, sos, soh, sod, seq_len,
-                         num_heads, n1, n_kv, start1, len1, text_start, text_len, qk_scale)
+        bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
+        descs = (q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch)
+        out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale)
         gl.warp_specialize(
             [
-                (_consumer, (consumer_args, 0, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, RETURN_LSE)),
-                (_consumer, (consumer_args, 1, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, RETURN_LSE)),
-                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars,
-                             b * q_rb + h * q_rh + q_start, h * q_ch, b * k_rb + h * k_rh, h * k_ch,
-                             b * v_rb + h * v_rh, h * v_ch, n1, n_kv, start1, len1, text_start, text_len,
-                             BLOCK_N, STAGES)),
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 0, HEAD_DIM, BLOCK_N, STAGES,
+                             RETURN_LSE, OUT_ALIGNED)),
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 1, HEAD_DIM, BLOCK_N, STAGES,
+                             RETURN_LSE, OUT_ALIGNED)),
+                (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, STAGES)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
         )
-    elif RETURN_LSE:
+    if RETURN_LSE:
+        # Skip heads compute nothing; their log-sum-exp is -inf.
         out_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        rows = q_start + gl.arange(0, BLOCK_M, layout=out_layout)
-        gl.store(LSE + (b.to(gl.int64) * num_heads + h) * seq_len + rows,
-                 gl.full([BLOCK_M], float("-inf"), gl.float32, layout=out_layout), mask=rows < q_end)
+        per_head = batch * (n_text_tiles + n_image_tiles)
+        for t in range(end3 + gl.program_id(0), num_heads * per_head, gl.num_programs(0)):
+            p = t - end3
+            h = _scalar(head_smem.index(n_full_heads + n_arrow_heads + p // per_head))
+            q_start, q_end = _rows((p % per_head) // batch, n_text_tiles, image_start, num_image, text_start,
+                                   text_len)
+            rows = q_start + gl.arange(0, BLOCK_M, layout=out_layout)
+            gl.store(LSE + ((p % batch).to(gl.int64) * num_heads + h) * seq_len + rows,
+                     gl.full([BLOCK_M], float("-inf"), gl.float32, layout=out_layout), mask=rows < q_end)
 
 
 # 12 warps (3 warpgroups) x 168 registers fill the register file; inside the specialised region the
@@ -343,15 +524,17 @@ def _args(q, k, v, head_modes, text_start, text_len, out, scale, lse, views, blo
     batch, seq, heads, _ = q.shape
     descs = [_descriptor(t, view, rows) for t, view, rows in zip((q, k, v), views, (TILE_ROWS, block_n, block_n))]
     coeffs = [c for view in views for c in view[2:]]
-    return (*descs, out, lse, head_modes, head_modes.stride(0), *coeffs, *out.stride(),
+    return (*descs, out, lse, head_modes, _counter(q.device), head_modes.stride(0), *coeffs, *out.stride(),
             batch, seq, heads, text_start, text_len, scale * _LOG2E)
 
 
-def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None):
+def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, programs=None):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 128, TMA views).
-    ``config`` (one of :func:`tile_configs`) bypasses tuning.
+    ``config`` (one of :func:`tile_configs`) bypasses tuning. ``programs`` sets the number of
+    programs (default: one per SM, or one per work item if fewer), so that small checks can make
+    each program take many items.
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
@@ -362,13 +545,18 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
             lse.fill_(float("-inf"))
         return out, lse
     views = [view_coeffs(t) for t in (q, k, v)]
-    n_programs = heads * batch * (triton.cdiv(text_len, TILE_ROWS) + triton.cdiv(seq - text_len, TILE_ROWS))
-    meta = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse)
+    n_items = heads * batch * (triton.cdiv(text_len, TILE_ROWS) + triton.cdiv(seq - text_len, TILE_ROWS))
+    grid = (programs or min(n_items, _num_sms(q.device.index)),)
+    # 16-byte output rows: every row of a tile starts on a 16-byte boundary and its head dim is unit-stride.
+    out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
+                   and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
+    meta = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
+                OUT_ALIGNED=out_aligned)
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
 
     def launch(c):
         args = _args(q, k, v, head_modes, text_start, text_len, out, scale, lse_arg, views, c["BLOCK_N"])
-        _headwise_kernel[(n_programs,)](*args, **meta, **c, **_LAUNCH)
+        _headwise_kernel[grid](*args, **meta, **c, **_LAUNCH)
 
     if config is None:
         key = (triton.next_power_of_2(seq), q.dtype)
@@ -401,15 +589,16 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True):
     scalars = ["q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "sob", "sos", "soh",
                "batch", "seq_len", "num_heads", "text_start", "text_len", "s_modes"]
     signature = {"q_desc": desc(TILE_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
-                 "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "qk_scale": "fp32",
+                 "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32", "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
-    constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": 128, "RETURN_LSE": return_lse, **config}
+    constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": 128, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
+                  **config}
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in names}
     constexprs = {(names.index(name),): value for name, value in constexprs.items()}
     # The alignment the JIT sees on a contiguous launch: 16-byte pointers, output strides of 16k.
-    aligned = ("O", "LSE", "MODES", "sob", "sos", "soh")
+    aligned = ("O", "LSE", "MODES", "COUNTER", "sob", "sos", "soh")
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(_headwise_kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(_LAUNCH))
