@@ -67,17 +67,33 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# The work counter of each (device, stream): zero between launches, since the last program of a
-# launch resets it; one per stream so that launches on concurrent streams never share one.
-_counters: dict[tuple, torch.Tensor] = {}
+# Work counters: an int32 pair per stream (up to 64 streams a device), so that launches on concurrent
+# streams do not share one, in one block per device allocated at the first launch; 16-byte slots
+# keep every counter as aligned as the launch specialises on. A stream first seen while capturing a
+# CUDA graph takes a slot of the block instead of memory from the graph's pool, which the graph may
+# hand to other tensors later (and which torch.compile's CUDA graph trees refuse to leave untracked). Each counter is zero between launches: the last program of a launch
+# resets it.
+_COUNTER_SLOTS = 64
+_counter_blocks: dict[int, torch.Tensor] = {}
+_counter_slots: dict[tuple, int] = {}
 
 
 def _counter(device: torch.device) -> torch.Tensor:
+    block = _counter_blocks.get(device.index)
+    if block is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the Gluon kernel's first launch on a device cannot be inside CUDA graph capture; "
+                               "call it once before capturing (warm-up)")
+        # On a stream of its own: a memory pool routed to the current stream (torch.compile's CUDA
+        # graph trees warm up that way) would otherwise own the block.
+        side = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            block = torch.zeros(_COUNTER_SLOTS, 4, dtype=torch.int32, device=device)
+        torch.cuda.current_stream(device).wait_stream(side)
+        _counter_blocks[device.index] = block
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    counter = _counters.get(key)
-    if counter is None:
-        counter = _counters[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return counter
+    slot = _counter_slots.setdefault(key, len(_counter_slots) % _COUNTER_SLOTS)
+    return block[slot]
 
 
 @gluon.jit
