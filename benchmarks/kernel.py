@@ -345,10 +345,6 @@ def main():
         results[name] = run_shape(name, SHAPES[name], flex, seed)
         print_table(name, results[name])
         summary["tuned_configs"] = {str(key): config for key, config in _triton._chosen.items()}
-        if "gluon" in {row["kind"] for row in results[name]["rows"]}:
-            from ditfastattn.ops import _gluon
-
-            summary["gluon_tuned_configs"] = {str(key): config for key, config in _gluon._chosen.items()}
         with open(args.out, "w") as f:  # after every shape, so a late failure keeps the rest
             json.dump(summary, f, indent=1)
     if args.png:

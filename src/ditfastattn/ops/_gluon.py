@@ -56,7 +56,7 @@ _CONFIGS = [(128, 2)]
 
 
 def tile_configs(head_dim: int = 128) -> list[dict]:
-    """The launch configurations tuning chooses from."""
+    """The launch configurations (one since v5: the alternatives measured slower everywhere)."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"the Gluon kernel supports head dims {HEAD_DIMS}; got {head_dim}")
     return [{"BLOCK_N": n, "STAGES": s} for n, s in _CONFIGS]
@@ -532,10 +532,6 @@ def _descriptor(t, view, rows):
                             _smem_layout(rows, t.shape[-1], t.dtype))
 
 
-# Tuned config per (sequence bucket, dtype); later calls launch directly.
-_chosen: dict[tuple, dict] = {}
-
-
 def _args(q, k, v, head_modes, text_start, text_len, out, scale, lse, views, block_n):
     batch, seq, heads, _ = q.shape
     descs = [_descriptor(t, view, rows) for t, view, rows in zip((q, k, v), views, (TILE_ROWS, block_n, block_n))]
@@ -548,7 +544,7 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 128, TMA views).
-    ``config`` (one of :func:`tile_configs`) bypasses tuning. ``programs`` sets the number of
+    ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the number of
     programs (default: one per SM, or one per work item if fewer), so that small checks can make
     each program take many items.
     """
@@ -570,19 +566,9 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
                 OUT_ALIGNED=out_aligned)
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
 
-    def launch(c):
-        args = _args(q, k, v, head_modes, text_start, text_len, out, scale, lse_arg, views, c["BLOCK_N"])
-        _headwise_kernel[grid](*args, **meta, **c, **_LAUNCH)
-
-    if config is None:
-        key = (triton.next_power_of_2(seq), q.dtype)
-        config = _chosen.get(key)
-        if config is None:
-            # Out is rewritten by every trial; the last run below writes the chosen result.
-            timings = [(triton.testing.do_bench(lambda c=c: launch(c), warmup=10, rep=40), i)
-                       for i, c in enumerate(tile_configs(dim))]
-            config = _chosen[key] = tile_configs(dim)[min(timings)[1]]
-    launch(config)
+    config = config or tile_configs(dim)[0]
+    args = _args(q, k, v, head_modes, text_start, text_len, out, scale, lse_arg, views, config["BLOCK_N"])
+    _headwise_kernel[grid](*args, **meta, **config, **_LAUNCH)
     return out, lse
 
 
