@@ -193,8 +193,8 @@ def run_shape(name, shape, flex, seed):
                                                            out=out, impl="gluon"), flops, density)
         if plan_name in POINTER_PLANS:  # the same kernel with pointer loads instead of TMA descriptors
             add(f"ours, pointer loads: {plan_name}", "ours_pointer", pointer_path(ours), flops, density)
-        if _triton._launch.configs_timings and not tuning:
-            tuning = {str(c): t for c, t in _triton._launch.configs_timings.items()}
+        if _triton._tuned.configs_timings and not tuning:
+            tuning = {str(c): t for c, t in _triton._tuned.configs_timings.items()}
         if plan_name != "full":
             try:
                 block_mask = masks(modes)
@@ -255,7 +255,7 @@ def run_shape(name, shape, flex, seed):
                                             out=out, impl="gluon")
     return {
         "shape": {**shape, "seq": seq, "dtype": "bf16"}, "rows": rows, "autotune_timings_ms": tuning,
-        "best_config": str(_triton._launch.best_config), "per_config_ms": per_config,
+        "best_config": str(_triton._tuned.best_config), "per_config_ms": per_config,
         "all_skip_ms": bench(skip), "all_skip_graph_ms": triton.testing.do_bench_cudagraph(skip, rep=50),
         "host_us_per_call_all_skip": host_us(skip), "errors": errors,
         **({"gluon_all_skip_graph_ms": triton.testing.do_bench_cudagraph(gluon_skip, rep=50),

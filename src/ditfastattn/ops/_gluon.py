@@ -29,6 +29,7 @@ import functools
 
 import torch
 import triton
+from triton.runtime import driver
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -36,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .._geometry import IMAGE_BLOCK as _IMAGE_BLOCK, MODE_FULL, MODE_SKIP
+from ._launch import DirectLaunches, on_device, rebased
 
 HEAD_DIMS = (128,)
 TILE_ROWS = 128  # query rows per work item: one image block, two consumer warpgroups of 64 rows
@@ -62,6 +64,9 @@ def tile_configs(head_dim: int = 128) -> list[dict]:
     return [{"BLOCK_N": n, "STAGES": s} for n, s in _CONFIGS]
 
 
+_DEFAULT_CONFIG = tile_configs()[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -78,20 +83,20 @@ _counter_blocks: dict[int, torch.Tensor] = {}
 _counter_slots: dict[tuple, int] = {}
 
 
-def _counter(device: torch.device) -> torch.Tensor:
-    block = _counter_blocks.get(device.index)
+def _counter(device_index: int) -> torch.Tensor:
+    block = _counter_blocks.get(device_index)
     if block is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the Gluon kernel's first launch on a device cannot be inside CUDA graph capture; "
                                "call it once before capturing (warm-up)")
         # On a stream of its own: a memory pool routed to the current stream (torch.compile's CUDA
         # graph trees warm up that way) would otherwise own the block.
-        side = torch.cuda.Stream(device)
+        side = torch.cuda.Stream(device_index)
         with torch.cuda.stream(side):
-            block = torch.zeros(_COUNTER_SLOTS, 4, dtype=torch.int32, device=device)
-        torch.cuda.current_stream(device).wait_stream(side)
-        _counter_blocks[device.index] = block
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+            block = torch.zeros(_COUNTER_SLOTS, 4, dtype=torch.int32, device=f"cuda:{device_index}")
+        torch.cuda.current_stream(device_index).wait_stream(side)
+        _counter_blocks[device_index] = block
+    key = (device_index, driver.active.get_current_stream(device_index))
     slot = _counter_slots.setdefault(key, len(_counter_slots) % _COUNTER_SLOTS)
     return block[slot]
 
@@ -532,12 +537,27 @@ def _descriptor(t, view, rows):
                             _smem_layout(rows, t.shape[-1], t.dtype))
 
 
-def _args(q, k, v, head_modes, text_start, text_len, out, scale, lse, views, block_n):
-    batch, seq, heads, _ = q.shape
-    descs = [_descriptor(t, view, rows) for t, view, rows in zip((q, k, v), views, (TILE_ROWS, block_n, block_n))]
-    coeffs = [c for view in views for c in view[2:]]
-    return (*descs, out, lse, head_modes, _counter(q.device), head_modes.stride(0), *coeffs, *out.stride(),
-            batch, seq, heads, text_start, text_len, scale * _LOG2E)
+def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config, programs):
+    """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
+    batch, seq, heads, dim = q.shape
+    views = [view_coeffs(t) for t in (q, k, v)]
+    rows = (TILE_ROWS, config["BLOCK_N"], config["BLOCK_N"])
+    # Checked here once per key; they keep no tensor alive, each launch rebases them.
+    templates = tuple(rebased(_descriptor(t, view, n), None) for t, view, n in zip((q, k, v), views, rows))
+    ints = (head_modes.stride(0), *(c for view in views for c in view[2:]), *out.stride(), batch, seq, heads,
+            text_start, text_len)
+    n_items = heads * batch * (triton.cdiv(text_len, TILE_ROWS) + triton.cdiv(seq - text_len, TILE_ROWS))
+    grid = (programs or min(n_items, _num_sms(q.device.index)),)
+    # 16-byte output rows: every row of a tile starts on a 16-byte boundary and its head dim is unit-stride.
+    out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
+                   and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
+    constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
+                      OUT_ALIGNED=out_aligned, **config)
+    return templates, ints, grid, constexprs
+
+
+_plans: dict[tuple, tuple] = {}
+_launches = DirectLaunches(_headwise_kernel)
 
 
 def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, programs=None):
@@ -551,24 +571,27 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
     batch, seq, heads, dim = q.shape
+    device = q.device.index
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if return_lse else None
     if batch * seq * heads == 0:
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
-    views = [view_coeffs(t) for t in (q, k, v)]
-    n_items = heads * batch * (triton.cdiv(text_len, TILE_ROWS) + triton.cdiv(seq - text_len, TILE_ROWS))
-    grid = (programs or min(n_items, _num_sms(q.device.index)),)
-    # 16-byte output rows: every row of a tile starts on a 16-byte boundary and its head dim is unit-stride.
-    out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
-                   and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
-    meta = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
-                OUT_ALIGNED=out_aligned)
+    config = config or _DEFAULT_CONFIG
+    # Everything the launch's integer arguments, grid, constexprs and specialisation derive from.
+    key = (device, q.dtype, q.shape, q.stride(), k.stride(), v.stride(), out.stride(), head_modes.stride(0),
+           q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16, head_modes.data_ptr() % 16,
+           text_start, text_len, return_lse, config["BLOCK_N"], config["STAGES"], programs)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config,
+                                          programs)
+    templates, ints, grid, constexprs = plan
+    descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
-
-    config = config or tile_configs(dim)[0]
-    args = _args(q, k, v, head_modes, text_start, text_len, out, scale, lse_arg, views, config["BLOCK_N"])
-    _headwise_kernel[grid](*args, **meta, **config, **_LAUNCH)
+    with on_device(device):
+        args = (*descs, out, lse_arg, head_modes, _counter(device), *ints, scale * _LOG2E)
+        _launches(key, grid, args, constexprs, _LAUNCH)
     return out, lse
 
 

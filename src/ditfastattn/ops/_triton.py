@@ -19,7 +19,6 @@ of q/k/v when their strides allow one; otherwise, and for the masked tails, plai
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -28,6 +27,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
+from ._launch import DirectLaunches, on_device, rebased
 
 _LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -285,9 +285,9 @@ def _bench(fn, quantiles):
 
 
 if _INTERPRET:
-    _launch = _headwise_kernel
+    _tuned = _headwise_kernel
 else:
-    _launch = triton.autotune(
+    _tuned = triton.autotune(
         configs=[c for configs in _CONFIGS.values() for c in configs],
         key=["tune_bucket", "HEAD_DIM", "USE_TMA"],
         prune_configs_by={"early_config_prune": _prune},
@@ -298,15 +298,9 @@ else:
 # Benchmarks set this False to time the pointer-load path on inputs that would take the TMA one.
 _PREFER_TMA = True
 # Tuned config per (sequence bucket, head dim, TMA path, dtype). Later calls launch the kernel
-# directly: the autotuner's own dispatch costs tens of microseconds of host time per call.
+# directly: the autotuner's own dispatch costs tens of microseconds of host time per call, and
+# repeat launches skip the JIT's as well (``_launches``).
 _chosen: dict[tuple, dict] = {}
-
-
-def _on_device(device: torch.device):
-    """The device's context only when it is not current already (entering one costs host time)."""
-    if _INTERPRET or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -343,6 +337,10 @@ def _tma_view(t: torch.Tensor):
     return (batch - 1) * rb + (heads - 1) * rh + seq, (heads - 1) * ch + dim
 
 
+_plans: dict[tuple, tuple] = {}
+_launches = None if _INTERPRET else DirectLaunches(_headwise_kernel)
+
+
 def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, warmup=False):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
@@ -360,6 +358,18 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
+
+    key = None
+    if not (_INTERPRET or warmup):
+        # Everything the launch's integer arguments, grid, constexprs and specialisation derive from.
+        key = (q.device.index, q.dtype, q.shape, q.stride(), k.stride(), v.stride(), out.stride(),
+               head_modes.stride(0), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16,
+               head_modes.data_ptr() % 16, text_start, text_len, return_lse, _PREFER_TMA,
+               None if config is None else tuple(config.items()))
+        plan = _plans.get(key)
+        if plan is not None:
+            _launch_planned(key, plan, q, k, v, out, lse, head_modes, scale)
+            return out, lse
 
     views = None
     if _PREFER_TMA and (
@@ -394,24 +404,41 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
         USE_TMA=views is not None, RETURN_LSE=return_lse, INTERPRET=_INTERPRET,
     )
     if _INTERPRET:
-        configs = [config or dict(INTERPRET_CONFIG)]
-    elif config is not None or warmup:
-        configs = [config] if config is not None else tile_configs(dim)
-    else:
-        key = (args[-1], dim, meta["USE_TMA"], q.dtype)
-        chosen = _chosen.get(key)
-        if chosen is None:
-            with _on_device(q.device):
-                _launch[grid](*args, **meta)  # tunes on first use, then runs the best
-            best = _launch.best_config
-            _chosen[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
-            return out, lse
-        configs = [chosen]
-    for c in configs:
+        c = config or dict(INTERPRET_CONFIG)
         _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "HEAD_DIM": dim, **c})
-        if warmup:
+        _headwise_kernel[grid](*args, **meta, **c)
+        return out, lse
+    if warmup:
+        for c in [config] if config is not None else tile_configs(dim):
+            _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "HEAD_DIM": dim, **c})
             _headwise_kernel.warmup(*args, grid=grid, **meta, **c)
-        else:
-            with _on_device(q.device):
-                _headwise_kernel[grid](*args, **meta, **c)
+        return out, lse
+    if config is None:
+        tune_key = (args[-1], dim, meta["USE_TMA"], q.dtype)
+        if tune_key not in _chosen:
+            with on_device(q.device.index):
+                _tuned[grid](*args, **meta)  # tunes on first use, then runs the best
+            best = _tuned.best_config
+            _chosen[tune_key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+            return out, lse
+        config = _chosen[tune_key]
+    constexprs = {**meta, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
+    # Checked here once per key; they keep no tensor alive, each launch rebases them.
+    templates = None
+    if views is not None:
+        _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], **constexprs})
+        templates = tuple(rebased(d, None) for d in descs)
+    ints = (head_modes.stride(0), *args[10:-2], args[-1])
+    options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    plan = _plans[key] = (templates, ints, grid(constexprs), constexprs, options)
+    _launch_planned(key, plan, q, k, v, out, lse, head_modes, scale)
     return out, lse
+
+
+def _launch_planned(key, plan, q, k, v, out, lse, head_modes, scale):
+    templates, ints, grid, constexprs, options = plan
+    descs = (q, k, v) if templates is None else [rebased(t, x) for t, x in zip(templates, (q, k, v))]
+    args = (q, k, v, out, out if lse is None else lse, head_modes, ints[0], *descs, *ints[1:-1], scale * _LOG2E,
+            ints[-1])
+    with on_device(q.device.index):
+        _launches(key, grid, args, constexprs, options)
