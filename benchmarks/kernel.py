@@ -2,7 +2,7 @@
 
 One GPU run prints a table per shape and writes JSON (and a PNG of speed-up against density):
 dense rows (cuDNN SDPA, flash SDPA, compiled FlexAttention without a mask, our kernels with every
-head full: the Triton kernel, and at head dim 128 on Hopper the warp-specialised Gluon kernel), arrow plans at window fractions 1/32, 1/16, 1/8, 1/4, and mixed plans (a third full, a
+head full: the Triton kernel, and on Hopper the warp-specialised Gluon kernel), arrow plans at window fractions 1/32, 1/16, 1/8, 1/4, and mixed plans (a third full, a
 third arrow 1/8, a third skip; and one near the paper's 68% sparsity), each beside FlexAttention
 with the same per-head block mask. Speed-ups are over cuDNN; "of ideal" is speed-up x density,
 where density is the share of a dense head's FLOPs the plan computes (``ditfastattn._geometry``).

@@ -51,7 +51,7 @@ def kernel_module(impl):
 
 
 def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
-    dim = rng.choice(HEAD_DIMS if impl == "triton" else (128,))
+    dim = rng.choice(HEAD_DIMS if impl == "triton" else (64, 128))
     layout = rng.choice(["bshd", "bshd", "bhsd", "fused", "padded"] if impl == "triton" else ["bshd", "bhsd", "fused"])
     heads = rng.randint(1, 8)
     text_len = rng.choice(TEXT_LENS)

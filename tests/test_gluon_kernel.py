@@ -45,17 +45,17 @@ def test_tma_views():
     assert flat[b * rb + h * rh + s, h * ch + d] == fused[b, s, h, d]
     assert _gluon.view_coeffs(torch.randn(batch, seq, heads, 2 * dim, dtype=torch.bfloat16)[..., ::2]) is None
     with pytest.raises(ValueError, match="head dims"):
-        _gluon.tile_configs(64)
+        _gluon.tile_configs(32)
 
 
 @needs_gluon
-@pytest.mark.parametrize("block_n", [128])
-def test_builds_for_sm90_with_warp_specialisation(block_n):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_builds_for_sm90_with_warp_specialisation(head_dim):
     from ditfastattn.ops import _gluon
 
-    config = next(c for c in _gluon.tile_configs() if c["BLOCK_N"] == block_n)
+    config = _gluon.tile_configs(head_dim)[0]
     try:
-        kernel = _gluon.compile_sm90(torch.bfloat16, config)
+        kernel = _gluon.compile_sm90(torch.bfloat16, config, head_dim=head_dim)
     except RuntimeError as err:  # no ptxas for sm_90 in this triton build
         if "ptxas" in str(err).lower():
             pytest.skip(f"cannot assemble for sm_90 here: {err}")
@@ -71,6 +71,9 @@ def test_builds_for_sm90_with_warp_specialisation(block_n):
     assert "wgmma.wait_group.sync.aligned 1" in ptx
     # persistent: programs take work items from a launch-wide counter
     assert re.search(r"atom\.global\.\S*add", ptx)
-    # the epilogue stores 16-byte vectors in both consumer warpgroups (the second is a worker partition)
-    assert len(re.findall(r"st\.global\.v4\.b32", ptx)) == 4 * 8 and "st.global.b16" not in ptx
+    # the epilogue stores 16-byte vectors in both consumer warpgroups (the second is a worker partition):
+    # 64 rows x head_dim x 2 bytes over 128 threads, at the item boundary and after the last item
+    vectors_per_thread = 64 * head_dim * 2 // 128 // 16
+    assert len(re.findall(r"st\.global\.v4\.b32", ptx)) == 2 * 2 * vectors_per_thread
+    assert "st.global.b16" not in ptx
     assert kernel.metadata.shared <= 227 * 1024

@@ -2,7 +2,8 @@
 
 The public entry point validates and dispatches; the implementations live in ``_reference`` (pure
 PyTorch, the oracle, any device), ``_triton`` (fused GPU kernel) and ``_gluon`` (warp-specialised
-Hopper kernel, head dim 128). None imports another.
+Hopper kernel, head dims 64 and 128). None imports another (``_launch`` is the launch helper the
+two GPU kernels share).
 """
 
 from __future__ import annotations
@@ -71,13 +72,14 @@ def _gluon_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
         return f"the Gluon kernel needs compute capability 9.0 (Hopper: wgmma, setmaxnreg); this GPU has {capability}"
     if q.dtype not in _TRITON_DTYPES:
         return f"dtype {q.dtype} is not supported by the Gluon kernel (use float16 or bfloat16)"
-    if q.shape[-1] != 128:
-        return f"head dim {q.shape[-1]} is not supported by the Gluon kernel (only 128; impl='triton' covers 32/64/128)"
     reason = gluon_available()
     if reason is not None:
         return reason
     from . import _gluon
 
+    if q.shape[-1] not in _gluon.HEAD_DIMS:
+        return (f"head dim {q.shape[-1]} is not supported by the Gluon kernel (only {_gluon.HEAD_DIMS}; "
+                "impl='triton' covers 32/64/128)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if _gluon.view_coeffs(t) is None:
             return (f"{name} has strides {tuple(t.stride())} that allow no 2-D TMA view (the Gluon kernel needs "
@@ -146,7 +148,7 @@ def headwise_attention(
         out: ``(B, S, H, D)`` output written in place; skip heads leave their slice untouched, so
             plans with skip heads need it. Allocated when omitted.
         scale: softmax scale, ``1 / sqrt(D)`` by default.
-        impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 128,
+        impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 64 or 128,
             fp16/bf16, q/k/v strides that allow a TMA view), or ``"auto"`` (on CUDA the Gluon
             kernel where it supports the inputs, else Triton where it does, else the reference,
             logged once; the reference on the CPU). An explicit impl never falls back.

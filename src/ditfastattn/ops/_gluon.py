@@ -1,4 +1,4 @@
-"""Persistent warp-specialised Hopper kernel of head-wise attention, written in Gluon (head dim 128).
+"""Persistent warp-specialised Hopper kernel of head-wise attention, written in Gluon (head dims 64, 128).
 
 The same work as the Triton kernel (one launch, every head in its own mode, the longest work items
 first, skip heads starting no work), laid out the way FlashAttention-3 runs on Hopper. A work item
@@ -39,7 +39,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .._geometry import IMAGE_BLOCK as _IMAGE_BLOCK, MODE_FULL, MODE_SKIP
 from ._launch import DirectLaunches, on_device, rebased
 
-HEAD_DIMS = (128,)
+HEAD_DIMS = (64, 128)
 TILE_ROWS = 128  # query rows per work item: one image block, two consumer warpgroups of 64 rows
 BLOCK_M = gl.constexpr(TILE_ROWS)
 _LOG2E = 1.4426950408889634
@@ -52,19 +52,21 @@ SKIP = gl.constexpr(MODE_SKIP)
 CONSUMER_REGS = gl.constexpr(240)
 PRODUCER_REGS = gl.constexpr(24)
 
-# (BLOCK_N, STAGES). Two query buffers (64 KB) and key and value rings of 128-key tiles two deep fill
-# 192 KB of shared memory (the limit is 227). 64-key tiles four deep ran 12-16% slower on an H100.
-_CONFIGS = [(128, 2)]
+# (BLOCK_N, STAGES) per head dim. At 128, two query buffers (64 KB) and key and value rings of
+# 128-key tiles two deep fill 192 KB of shared memory (the limit is 227); 64-key tiles four deep
+# ran 12-16% slower on an H100. At 64 (SD3-1K, H100): three deep 1-3% faster than two, 64-key
+# tiles four deep 12-15% slower.
+_CONFIGS = {128: [(128, 2)], 64: [(128, 3)]}
 
 
 def tile_configs(head_dim: int = 128) -> list[dict]:
-    """The launch configurations (one since v5: the alternatives measured slower everywhere)."""
+    """The launch configurations of ``head_dim`` (one each: the alternatives measured slower)."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"the Gluon kernel supports head dims {HEAD_DIMS}; got {head_dim}")
-    return [{"BLOCK_N": n, "STAGES": s} for n, s in _CONFIGS]
+    return [{"BLOCK_N": n, "STAGES": s} for n, s in _CONFIGS[head_dim]]
 
 
-_DEFAULT_CONFIG = tile_configs()[0]
+_DEFAULT_CONFIGS = {dim: tile_configs(dim)[0] for dim in HEAD_DIMS}
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,7 +287,9 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
     HEAD_DIM: gl.constexpr = acc.shape[1]
     o_row_layout: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     scratch.store((acc / gl.convert_layout(l_i, o_row_layout)[:, None]).to(O.dtype.element_ty))
-    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])
+    # 8 elements (16 bytes) a thread, a warp covering whole rows.
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [gl.num_warps(), 1],
+                                                 [1, 0])
     out = scratch.load(rows_layout)
     first_row = q_start + WG * ROWS
     rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, rows_layout))
@@ -563,7 +567,7 @@ _launches = DirectLaunches(_headwise_kernel)
 def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, programs=None):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
-    The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 128, TMA views).
+    The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views).
     ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the number of
     programs (default: one per SM, or one per work item if fewer), so that small checks can make
     each program take many items.
@@ -577,7 +581,7 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
-    config = config or _DEFAULT_CONFIG
+    config = config or _DEFAULT_CONFIGS[dim]
     # Everything the launch's integer arguments, grid, constexprs and specialisation derive from.
     key = (device, q.dtype, q.shape, q.stride(), k.stride(), v.stride(), out.stride(), head_modes.stride(0),
            q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16, head_modes.data_ptr() % 16,
@@ -595,7 +599,7 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
     return out, lse
 
 
-def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True):
+def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128):
     """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel.
 
     For checks and resource reports: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``.
@@ -603,12 +607,12 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    config = config or tile_configs()[0]
+    config = config or tile_configs(head_dim)[0]
     elem = "bf16" if dtype == torch.bfloat16 else "fp16"
     block_n = config["BLOCK_N"]
 
     def desc(rows):
-        return f"tensordesc<{elem}[{rows}, 128],{_smem_layout(rows, 128, dtype)!r}>"
+        return f"tensordesc<{elem}[{rows}, {head_dim}],{_smem_layout(rows, head_dim, dtype)!r}>"
 
     names = list(_headwise_kernel.arg_names)
     scalars = ["q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "sob", "sos", "soh",
@@ -617,7 +621,7 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True):
                  "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32", "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
-    constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": 128, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
+    constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
                   **config}
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in names}
