@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -399,40 +400,43 @@ _full_costs: dict[tuple, float] = {}
 
 
 def full_head_cost(q, k, v, text_start: int, text_len: int) -> float:
-    """Time of full heads in the fused op over torch's dense SDPA, for these inputs.
+    """Time of full heads in the fused op over their time routed to torch's dense SDPA.
 
-    Which one is faster depends on the GPU, the kernel and the shape (on an H100 the Gluon kernel
-    beats cuDNN at FLUX 2048² and trails it at 1024²), so it is measured once per shape on CUDA,
-    outside graph capture, and logged; elsewhere the fused op's full mode is SDPA itself (1.0).
+    Routed heads are gathered, attended and scattered back (what a mixed layer does with them), so
+    the copies count: a fused op level with SDPA keeps its heads. Which is faster depends on the
+    GPU, the kernel and the shape, so it is measured once per shape on CUDA, outside graph capture,
+    and logged; elsewhere the fused op's full mode is SDPA itself (1.0).
     """
     if q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return 1.0
     key = (tuple(q.shape), q.stride(), q.dtype, q.device, text_start, text_len)
     if key not in _full_costs:
         modes = torch.full((q.shape[2],), MODE_FULL, dtype=torch.int32, device=q.device)
+        heads = torch.arange(q.shape[2], device=q.device)
         out = torch.empty_like(q)
-        qkv = [t.transpose(1, 2) for t in (q, k, v)]
 
         def fused():
             ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, out=out, impl="auto")
 
-        def dense():
-            F.scaled_dot_product_attention(*qkv)
+        def routed():
+            picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
+            out.index_copy_(2, heads, F.scaled_dot_product_attention(*picked).transpose(1, 2))
 
         medians = []
-        for run in (fused, dense):
+        for run in (fused, routed):
             run()  # compiles and tunes
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(8)]
             events[0].record()
             for event in events[1:]:
                 run()
                 event.record()
             events[-1].synchronize()
-            medians.append(sorted(a.elapsed_time(b) for a, b in zip(events, events[1:]))[1])
+            medians.append(statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:])))
         _full_costs[key] = medians[0] / medians[1]
         logger.info(
-            "ditfastattn: full heads at %s: fused op %.3f ms, dense SDPA %.3f ms; full heads of mixed layers run %s",
-            tuple(q.shape), medians[0], medians[1], "on dense SDPA" if _full_costs[key] > 1.0 else "in the fused op",
+            "ditfastattn: full heads at %s: fused op %.3f ms, routed to dense SDPA %.3f ms; full heads of mixed "
+            "layers run %s", tuple(q.shape), medians[0], medians[1],
+            "on dense SDPA" if _full_costs[key] > 1.0 else "in the fused op",
         )
     return _full_costs[key]
 
