@@ -353,6 +353,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU with the reference op")
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no new model/resolution after this")
+    parser.add_argument("--runs", nargs="+", default=[f"{kind}:{size}" for kind, size in RUNS],
+                        help="model:size pairs, e.g. flux:2048 sd3:1024")
     parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e.json; smoke: out/)")
     parser.add_argument("--png", type=Path, default=None, help="plot (default e2e_speedup.png; smoke: out/)")
@@ -375,7 +377,9 @@ def main() -> None:
 def run_all(args) -> dict:
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    runs = [(kind, 256) for kind in MODELS] if args.smoke else RUNS
+    runs = [(kind, int(size)) for kind, size in (r.split(":") for r in args.runs)]
+    if args.smoke:
+        runs = [(kind, 256) for kind in dict(runs)]
     start = time.perf_counter()
     result = {"environment": environment(device), "smoke": args.smoke, "mode": "eager",
               "timing": "median of steps 1..N-1 of one generation, CUDA events, after a 2-step warm-up generation",
