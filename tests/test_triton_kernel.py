@@ -14,6 +14,8 @@ import math
 import os
 import random
 
+# Before Triton reads it at import; restored after this module (Gluon's compiler reads it too).
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -48,6 +50,10 @@ def _interpreted_triton_stdlib():
                 if isinstance(member, JITFunction):
                     patch.setattr(module, name, twins.setdefault(id(member), InterpretedFunction(member.fn)))
         yield
+    if _INTERPRET_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
 
 
 def _mask(mode, seq, text_start, text_len):
