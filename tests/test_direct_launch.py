@@ -127,3 +127,16 @@ def test_rebased_copies_the_template_over_a_new_base_without_its_checks():
     assert type(descriptor) is Descriptor
     assert (descriptor.base, descriptor.shape, descriptor.block_shape) == ("second", [4, 8], [2, 8])
     assert template.base is None
+
+
+def test_a_plain_callable_hook_counts_as_active(gpu, monkeypatch):
+    """Triton releases before hook chains held a bare callable or None in the same place."""
+    fn = FakeJit()
+    launches = _launch.DirectLaunches(fn)
+    launches("key", (2,), ("x", 1, 1.0), {"BLOCK": 16, "FLAG": False}, {})
+    seen = []
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", seen.append)
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", None)
+    launches("key", (2,), ("x", 1, 1.0), {"BLOCK": 16, "FLAG": False}, {})
+    (run,) = fn.compiled[0].runs
+    assert run[6] == {"grid": (2, 1, 1)} and run[7] == seen.append and run[8] is None

@@ -46,13 +46,18 @@ class DirectLaunches:
         stream = driver.active.get_current_stream(device)
         full = (*args, *tail)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        hooked = bool(enter.calls or leave.calls)
+        hooked = _active(enter) or _active(leave)
         metadata = kernel.launch_metadata(grid3, stream, *full) if hooked else None
         kernel.run(*grid3, stream, kernel.function, kernel.packed_metadata, metadata,
                    enter if hooked else None, leave if hooked else None, *full)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _active(hook) -> bool:
+    """A launch hook with something to call: a non-empty chain (Triton 3.6) or a callable (earlier)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def rebased(template, base):
