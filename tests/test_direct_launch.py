@@ -32,12 +32,14 @@ class FakeJit:
 
     arg_names = ["X", "n", "scale", "BLOCK", "FLAG"]
 
-    def __init__(self, future=False):
-        self.launches, self.compiled, self.future = [], [], future
+    def __init__(self, future=False, declined=False):
+        self.launches, self.compiled, self.future, self.declined = [], [], future, declined
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((grid, args, kwargs))
+            if self.declined:
+                return None
             self.compiled.append(FakeCompiled())
             kernel = self.compiled[-1]
             return types.SimpleNamespace(result=lambda: kernel) if self.future else kernel
@@ -140,3 +142,11 @@ def test_a_plain_callable_hook_counts_as_active(gpu, monkeypatch):
     launches("key", (2,), ("x", 1, 1.0), {"BLOCK": 16, "FLAG": False}, {})
     (run,) = fn.compiled[0].runs
     assert run[6] == {"grid": (2, 1, 1)} and run[7] == seen.append and run[8] is None
+
+
+def test_a_launch_the_jit_did_not_compile_stays_with_the_jit(gpu):
+    fn = FakeJit(declined=True)  # as when a JIT cache hook declines
+    launches = _launch.DirectLaunches(fn)
+    for _ in range(2):
+        launches("key", (1,), ("x", 1, 1.0), {"BLOCK": 16, "FLAG": False}, {})
+    assert len(fn.launches) == 2 and len(launches) == 0

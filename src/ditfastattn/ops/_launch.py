@@ -37,6 +37,8 @@ class DirectLaunches:
         entry = self._entries.get((device, key))
         if entry is None:
             kernel = self._fn[grid](*args, **constexprs, **options)
+            if kernel is None:  # a JIT cache hook declined to compile: leave every launch to the JIT
+                return
             if hasattr(kernel, "result"):  # a future under asynchronous compilation
                 kernel = kernel.result()
             tail = tuple(constexprs[name] for name in self._fn.arg_names[len(args):])
