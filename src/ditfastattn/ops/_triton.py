@@ -428,7 +428,7 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
     if views is not None:
         _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], **constexprs})
         templates = tuple(rebased(d, None) for d in descs)
-    ints = (head_modes.stride(0), *args[10:-2], args[-1])
+    ints = (head_modes.stride(0), *args[10:-2], args[-1])  # s_modes; strides to text_len; tune_bucket
     options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     plan = _plans[key] = (templates, ints, grid(constexprs), constexprs, options)
     _launch_planned(key, plan, q, k, v, out, lse, head_modes, scale)
