@@ -77,3 +77,17 @@ def test_builds_for_sm90_with_warp_specialisation(head_dim):
     assert len(re.findall(r"st\.global\.v4\.b32", ptx)) == 2 * 2 * vectors_per_thread
     assert "st.global.b16" not in ptx
     assert kernel.metadata.shared <= 227 * 1024
+
+
+def test_gluon_needs_the_triton_release_of_its_api(monkeypatch):
+    import triton
+
+    gluon_available.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.5.1")
+    try:
+        reason = gluon_available()
+    finally:
+        gluon_available.cache_clear()
+    if reason is not None and "cannot be imported" in reason:
+        pytest.skip(reason)
+    assert reason is not None and "triton >= 3.6" in reason and "3.5.1" in reason

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import re
 
 import torch
 
@@ -50,12 +51,24 @@ def _triton_unsupported(q: torch.Tensor) -> str | None:
     return triton_available()
 
 
+# The kernel passes its partitions to gl.warp_specialize as (function, args) pairs, the form Gluon
+# took in Triton 3.6; 3.5 imports fine and fails at compile time.
+_GLUON_MIN_TRITON = (3, 6)
+
+
+@functools.cache
 def gluon_available() -> str | None:
     """None when the Gluon kernel can be built here (on any device), otherwise the reason it cannot."""
     try:
+        import triton
+
         from . import _gluon  # noqa: F401
     except ImportError as err:  # triton missing, or without Gluon's Hopper API
         return f"triton.experimental.gluon (Hopper) cannot be imported ({err})"
+    version = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+    if version < _GLUON_MIN_TRITON:
+        return (f"the Gluon kernel needs triton >= {'.'.join(map(str, _GLUON_MIN_TRITON))} (its Gluon API); "
+                f"triton {triton.__version__} is installed")
     return None
 
 
