@@ -36,8 +36,10 @@ def triton_available() -> str | None:
     """None when the Triton kernel can run here, otherwise the reason it cannot."""
     try:
         from . import _triton  # noqa: F401
-    except ImportError as err:  # triton missing or too old
+    except ImportError as err:  # triton missing
         return f"triton cannot be imported ({err})"
+    except AttributeError as err:  # a triton older than the APIs the kernel uses (triton.knobs: 3.4)
+        return f"this triton lacks an API the kernel uses ({err}); install triton >= 3.4"
     return None
 
 
