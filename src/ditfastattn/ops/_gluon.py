@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .._geometry import IMAGE_BLOCK as _IMAGE_BLOCK, MODE_FULL, MODE_SKIP
-from ._launch import DirectLaunches, on_device, rebased
+from ._launch import DirectLaunches, launch_key, on_device, rebased
 
 HEAD_DIMS = (64, 128)
 TILE_ROWS = 128  # query rows per work item: one image block, two consumer warpgroups of 64 rows
@@ -582,10 +582,8 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
             lse.fill_(float("-inf"))
         return out, lse
     config = config or _DEFAULT_CONFIGS[dim]
-    # Everything the launch's integer arguments, grid, constexprs and specialisation derive from.
-    key = (device, q.dtype, q.shape, q.stride(), k.stride(), v.stride(), out.stride(), head_modes.stride(0),
-           q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16, head_modes.data_ptr() % 16,
-           text_start, text_len, return_lse, config["BLOCK_N"], config["STAGES"], programs)
+    key = launch_key(q, k, v, out, head_modes, text_start, text_len, return_lse, config["BLOCK_N"], config["STAGES"],
+                     programs)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config,

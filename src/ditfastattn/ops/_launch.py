@@ -57,6 +57,14 @@ class DirectLaunches:
         return len(self._entries)
 
 
+def launch_key(q, k, v, out, head_modes, text_start: int, text_len: int, return_lse: bool, *flags) -> tuple:
+    """What a head-wise kernel's integer arguments, descriptors and specialisation derive from, plus
+    the caller's own ``flags`` (configuration, path)."""
+    return (q.device.index, q.dtype, q.shape, q.stride(), k.stride(), v.stride(), out.stride(), head_modes.stride(0),
+            q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16, head_modes.data_ptr() % 16,
+            text_start, text_len, return_lse, *flags)
+
+
 def _active(hook) -> bool:
     """A launch hook with something to call: a non-empty chain (Triton 3.6) or a callable (earlier)."""
     return hook is not None and bool(getattr(hook, "calls", True))

@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
-from ._launch import DirectLaunches, on_device, rebased
+from ._launch import DirectLaunches, launch_key, on_device, rebased
 
 _LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -361,11 +361,8 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
 
     key = None
     if not (_INTERPRET or warmup):
-        # Everything the launch's integer arguments, grid, constexprs and specialisation derive from.
-        key = (q.device.index, q.dtype, q.shape, q.stride(), k.stride(), v.stride(), out.stride(),
-               head_modes.stride(0), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16,
-               head_modes.data_ptr() % 16, text_start, text_len, return_lse, _PREFER_TMA,
-               None if config is None else tuple(config.items()))
+        key = launch_key(q, k, v, out, head_modes, text_start, text_len, return_lse, _PREFER_TMA,
+                         None if config is None else tuple(config.items()))
         plan = _plans.get(key)
         if plan is not None:
             _launch_planned(key, plan, q, k, v, out, lse, head_modes, scale)
