@@ -5,12 +5,9 @@ Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp
 partial last block, random per-head plans (full, skip, arrows of every width), tensor layouts that
 take the TMA path ((B, S, H, D), (B, H, S, D) transposed, fused QKV slices) and, for Triton, one
 that takes the pointer path, and every launch configuration the kernel chooses from (cases rotate
-through them). Gluon cases also run on 1-7 programs and let tail items split into parts as short
-as one key tile, so that the in-kernel merge of split items runs often. Half the cases first
-launch on other inputs of the same layout, so that the checked launch reuses the compiled kernel
-directly, without Triton's dispatch (``ops._launch``), and finds the counters its predecessor
-reset. ``out`` is poisoned with NaN before each run: every computed element must be written and
-finite, skipped heads must keep the poison bit for bit.
+through them). Half the cases first launch on other inputs of the same layout, so that the checked
+launch reuses the compiled kernel directly, without Triton's dispatch (``ops._launch``). ``out`` is poisoned with NaN before each run: every computed element must be
+written and finite, skipped heads must keep the poison bit for bit.
 
 Error measure: relative Frobenius error over the computed heads against the reference on the same
 (low-precision) inputs in float32, divided by the error of torch SDPA's memory-efficient backend
@@ -70,9 +67,8 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
     configs = kernel_module(impl).tile_configs(dim)
     config = configs[index % len(configs)]
     extra = {}
-    if impl == "gluon":  # few programs make each take many items (and some none); short parts split small items
+    if impl == "gluon":  # few programs make each take many items (and some none)
         extra["programs"] = rng.choice([None, 1, 2, 3, 7])
-        extra["split_min_tiles"] = rng.choice([None, 0, 1, 1, 2, 3])
     return {
         "impl": impl,
         "dim": dim, "dtype": rng.choice(list(DTYPES)), "batch": rng.choice([1, 1, 2, 3]), "heads": heads,
@@ -80,36 +76,6 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
         "out_layout": rng.choice(["bshd", "bhsd"]), "modes": modes, "return_lse": rng.random() < 0.5,
         "scale_in": rng.choice([0.5, 1.0, 2.0, 3.0]), "config": config, "warm": rng.random() < 0.5, **extra,
     }
-
-
-def tail_parts(modes, batch, image, text_len, programs, split_min_tiles, block_n):
-    """Parts each tail item of a Gluon launch splits into (1: none), by the kernel's rule, as the host
-    sees it: the last ``n % programs`` of the n computing items, split where that takes fewer rounds
-    and every part keeps ``split_min_tiles`` key tiles of the shortest (last) item."""
-    from ditfastattn.ops import _gluon
-
-    block = _geometry.IMAGE_BLOCK
-    split_min_tiles = _gluon.SPLIT_MIN_TILES if split_min_tiles is None else split_min_tiles
-    tiles = triton.cdiv(text_len, block) + triton.cdiv(image, block)
-    longest = triton.cdiv(image, block_n) + triton.cdiv(text_len, block_n)
-    if longest < 2 * split_min_tiles:
-        split_min_tiles = 0
-    programs = programs or min(len(modes) * batch * tiles, torch.cuda.get_device_properties(0).multi_processor_count)
-    arrows = sorted(m for m in modes if m >= 0)
-    computing = sum(m != MODE_SKIP for m in modes) * batch * tiles
-    if computing == 0:
-        return 1
-    n_kv = longest
-    if arrows and image > 0:  # the narrowest arrow head's last image tile
-        w, last = min(arrows[0], triton.cdiv(image, block)), triton.cdiv(image, block) - 1
-        lo, hi = max(last - w, 0) * block, min((last + w + 1) * block, image)
-        n_kv = triton.cdiv(hi - lo, block_n) + triton.cdiv(text_len, block_n)
-    tail, best = computing % programs, 1
-    for parts in range(2, _gluon.MAX_PARTS.value + 1):
-        fewer = triton.cdiv(parts * tail, programs) * best < triton.cdiv(best * tail, programs) * parts
-        if fewer and split_min_tiles > 0 and n_kv >= parts * split_min_tiles:
-            best = parts
-    return best
 
 
 def make_tensor(shape, dtype, layout, gen, scale=1.0):
@@ -172,8 +138,7 @@ def run_case(case, gen):
     def launch(q, k, v, out):
         return kernel_module(case["impl"]).attention(
             q, k, v, modes, text_start, text_len, out, 1.0 / math.sqrt(dim), case["return_lse"],
-            config=case["config"], **{key: case[key] for key in ("programs", "split_min_tiles")
-                                      if case.get(key) is not None})
+            config=case["config"], **({"programs": case["programs"]} if "programs" in case else {}))
 
     if case["warm"]:  # a first launch on other inputs of the same layout: the checked one skips the JIT
         warm_q, warm_k, warm_v = make_inputs(case, gen)
@@ -184,9 +149,6 @@ def run_case(case, gen):
                                       impl="reference", return_lse=True)
     kept = modes != MODE_SKIP
     result = {"skip_untouched": bool(torch.isnan(got[:, :, ~kept]).all())}
-    if case["impl"] == "gluon":
-        result["tail_parts"] = tail_parts(case["modes"], case["batch"], case["image"], text_len, case["programs"],
-                                          case["split_min_tiles"], case["config"]["BLOCK_N"])
     if not bool(kept.any()):
         result.update(ratio=0.0, err=0.0, base_err=0.0, finite=True, lse_err=0.0)
     else:
@@ -238,14 +200,12 @@ def check(impl, args):
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     start = time.time()
     results, failures = [], []
-    split_parts = {}  # cases by the parts each tail item split into (1: no split)
     worst = None
     for index in range(args.cases):
         if time.time() - start > args.budget_s:
             break
         case = random_case(rng, index, impl)
         result = {**run_case(case, gen), "warm": case["warm"]}
-        split_parts[result.get("tail_parts", 1)] = split_parts.get(result.get("tail_parts", 1), 0) + 1
         results.append(result)
         if not result["ok"]:
             failures.append({"case": case, "result": result})
@@ -256,7 +216,6 @@ def check(impl, args):
     summary = {
         "cases": len(results), "failed": len(failures), "max_ratio_allowed": MAX_RATIO,
         "direct_launch_cases": sum(r["warm"] for r in results),
-        "cases_by_tail_parts": {str(k): n for k, n in sorted(split_parts.items())},
         "worst_error_ratio": max(r["ratio"] for r in results),
         "median_error_ratio": sorted(r["ratio"] for r in results)[len(results) // 2],
         "worst_lse_abs_error": max(r["lse_err"] for r in results),

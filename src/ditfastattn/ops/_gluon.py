@@ -67,8 +67,6 @@ def tile_configs(head_dim: int = 128) -> list[dict]:
 
 
 _DEFAULT_CONFIGS = {dim: tile_configs(dim)[0] for dim in HEAD_DIMS}
-# Fewest key tiles in a part of a split tail item.
-SPLIT_MIN_TILES = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,16 +74,13 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# Counters, one row per stream (up to 64 streams a device) so that launches on concurrent streams do
-# not share them, in one block per device allocated at the first launch: the work counter and the
-# count of programs done, then an arrival counter per split tail item and consumer warpgroup (up to
-# one tail item per program). Rows are 16-byte multiples, keeping every counter as aligned as the
-# launch specialises on. A stream first seen while capturing a CUDA graph takes a row of the block
-# instead of memory from the graph's pool, which the graph may hand to other tensors later (and
-# which torch.compile's CUDA graph trees refuse to leave untracked). Every counter is zero between
-# launches: the last program of a launch resets the first two, the merging warpgroup its arrivals.
+# Work counters: an int32 pair per stream (up to 64 streams a device), so that launches on concurrent
+# streams do not share one, in one block per device allocated at the first launch; 16-byte slots
+# keep every counter as aligned as the launch specialises on. A stream first seen while capturing a
+# CUDA graph takes a slot of the block instead of memory from the graph's pool, which the graph may
+# hand to other tensors later (and which torch.compile's CUDA graph trees refuse to leave untracked). Each counter is zero between launches: the last program of a launch
+# resets it.
 _COUNTER_SLOTS = 64
-ARRIVALS = gl.constexpr(4)  # the first arrival counter's index in a row
 _counter_blocks: dict[int, torch.Tensor] = {}
 _counter_slots: dict[tuple, int] = {}
 
@@ -98,10 +93,9 @@ def _counter(device_index: int) -> torch.Tensor:
                                "call it once before capturing (warm-up)")
         # On a stream of its own: a memory pool routed to the current stream (torch.compile's CUDA
         # graph trees warm up that way) would otherwise own the block.
-        width = triton.cdiv(ARRIVALS.value + 2 * _num_sms(device_index), 4) * 4
         side = torch.cuda.Stream(device_index)
         with torch.cuda.stream(side):
-            block = torch.zeros(_COUNTER_SLOTS, width, dtype=torch.int32, device=f"cuda:{device_index}")
+            block = torch.zeros(_COUNTER_SLOTS, 4, dtype=torch.int32, device=f"cuda:{device_index}")
         torch.cuda.current_stream(device_index).wait_stream(side)
         _counter_blocks[device_index] = block
     key = (device_index, driver.active.get_current_stream(device_index))
@@ -193,33 +187,10 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
     return p % batch, h, q_start, q_end, image_start + lo, hi - lo, n1, n1 + gl.cdiv(text_len, BLOCK_N)
 
 
-# The tail of a launch: with items of equal length (all heads full, say) the last round runs
-# ``n_items % programs`` of them while the other programs idle (FLUX-1K: 864 items on 132 SMs, 6.5
-# rounds). Each of those last items is split into up to MAX_PARTS parts over its key tiles; each
-# part's consumers leave their unnormalised rows, row maxima and row sums in a workspace, and the
-# warpgroup that finishes last merges the other parts into its own through their log-sum-exp and
-# stores the output. A split is taken only where it shortens the tail in whole rounds and leaves
-# every part at least ``split_min_tiles`` key tiles.
-MAX_PARTS = gl.constexpr(4)
-
-
-@gluon.jit
-def _tail_parts(tail, programs, n_kv, split_min_tiles):
-    """Parts per tail item (1: no split): the fewest among 1..MAX_PARTS whose rounds over the
-    programs, ceil(parts * tail / programs) / parts, are fewest, with parts of at least
-    ``split_min_tiles`` key tiles (0: never split)."""
-    best = 1
-    for parts in gl.static_range(2, MAX_PARTS + 1):
-        fewer = gl.cdiv(parts * tail, programs) * best < gl.cdiv(best * tail, programs) * parts
-        best = gl.where(fewer & (split_min_tiles > 0) & (n_kv >= parts * split_min_tiles), parts, best)
-    return best
-
-
 # What the producer tells the consumers of an item, in its query buffer's slot of ``sched``:
-# (item or -1 when no work is left, end key tile, tiles of the first key range, its length, batch,
-# head, first query row, end query row, first key tile, split (tail item x MAX_PARTS + part, or -1
-# for a whole item), parts). The slot stays until the consumers release the query buffer.
-ITEM_FIELDS = gl.constexpr(11)
+# (item or -1 when no work is left, key tiles, tiles of the first key range, its length, batch, head,
+# first query row, end query row). The slot stays until the consumers release the query buffer.
+ITEM_FIELDS = gl.constexpr(8)
 
 
 @gluon.jit
@@ -234,48 +205,34 @@ def _field(sched, slot, i: gl.constexpr):
 
 
 @gluon.jit
-def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter, split_min_tiles,
+def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Takes work items from the launch-wide counter, longest first, and issues their TMA loads: the
-    query tile into one of two buffers (its record beside it, for the consumers), then key and
-    value tiles into the rings, counted over all items. Tickets past the whole items are parts of
-    the tail items, consecutive parts of an item on consecutive tickets."""
+    query tile into one of two buffers (its item number beside it, for the consumers), then key and
+    value tiles into the rings, counted over all items."""
     text_start = geometry[8]
     text_len = geometry[9]
     end3 = geometry[5]
     q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch = descs
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     one: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    # The last item is the shortest.
-    parts = _tail_parts(end3 % gl.num_programs(0), gl.num_programs(0), _work(end3 - 1, geometry, table, BLOCK_N)[7],
-                        split_min_tiles)
-    whole = end3 - gl.where(parts > 1, end3 % gl.num_programs(0), 0)  # items that run whole
-    tickets = whole + (end3 - whole) * parts
     c = 0  # key tiles loaded so far
     it = 0  # items taken so far
     t = gl.atomic_add(counter, 1)
-    while t < tickets:
-        in_tail = t >= whole
-        r = (t - whole) // parts
-        part = gl.where(in_tail, (t - whole) % parts, 0)
-        n_parts = gl.where(in_tail, parts, 1)
-        b, h, q_start, q_end, start1, len1, n1, n_kv = _work(gl.where(in_tail, whole + r, t), geometry, table,
-                                                            BLOCK_N)
-        j0 = part * n_kv // n_parts
-        j1 = (part + 1) * n_kv // n_parts
+    while t < end3:
+        b, h, q_start, q_end, start1, len1, n1, n_kv = _work(t, geometry, table, BLOCK_N)
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
         mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
-        _publish(sched, qs, (t, j1, n1, len1, b, h, q_start, q_end, j0, gl.where(in_tail, r * MAX_PARTS + part, -1),
-                             n_parts), one)
+        _publish(sched, qs, (t, n_kv, n1, len1, b, h, q_start, q_end), one)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + q_start, h * q_ch], q_ready.index(qs),
                                         q_smem.index(qs))
         t = gl.atomic_add(counter, 1)  # the next ticket's latency hides behind this item's loads
-        for j in range(j0, j1):
+        for j in range(n_kv):
             pos, valid = _key_tile(j, n1, start1, len1, text_start, text_len, BLOCK_N)
-            s = (c + j - j0) % STAGES
-            phase = (((c + j - j0) // STAGES) & 1) ^ 1
+            s = (c + j) % STAGES
+            phase = (((c + j) // STAGES) & 1) ^ 1
             mbarrier.wait(k_empty.index(s), phase)
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [b * k_rb + h * k_rh + pos, h * k_ch], k_ready.index(s),
@@ -284,7 +241,7 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [b * v_rb + h * v_rh + pos, h * v_ch], v_ready.index(s),
                                             v_smem.index(s))
-        c += j1 - j0
+        c += n_kv
         it += 1
     # No work left: item -1 tells the consumers.
     qs = it % 2
@@ -321,7 +278,7 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
     so that each thread stores 16-byte vectors instead of the accumulator layout's 4-byte pairs, and
     holds 8 addresses instead of 32.
     """
-    O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale, WS, COUNTER = out_args
+    O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale = out_args
     b = _field(sched, slot, 4)
     h = _field(sched, slot, 5)
     q_start = _field(sched, slot, 6)
@@ -357,85 +314,6 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
 
 
 @gluon.jit
-def _finish(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.constexpr, RETURN_LSE: gl.constexpr,
-            OUT_ALIGNED: gl.constexpr):
-    """The end of one warpgroup's rows of an item: store them, or for a part of a split tail item,
-    leave them in the workspace, merging the item if this is its last part to finish."""
-    split = _field(sched, slot, 9)
-    if split < 0:
-        _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED)
-    else:
-        parts = _field(sched, slot, 10)
-        b = _field(sched, slot, 4)
-        h = _field(sched, slot, 5)
-        first_row = _field(sched, slot, 6) + WG * acc.shape[0]
-        q_end = _field(sched, slot, 7)
-        # The merge reads neither the query buffer nor the slot.
-        mbarrier.arrive(q_empty.index(slot), count=1)
-        _part(acc, m_i, l_i, split, parts, b, h, first_row, q_end, out_args, WG, RETURN_LSE, OUT_ALIGNED)
-
-
-@gluon.jit
-def _part(acc, m_i, l_i, split, parts, b, h, first_row, q_end, out_args, WG: gl.constexpr, RETURN_LSE: gl.constexpr,
-          OUT_ALIGNED: gl.constexpr):
-    """One warpgroup's rows of a part of a split tail item: its unnormalised rows, row maxima and row
-    sums go to the workspace; the warpgroup that finishes the item's last part merges all parts
-    through their log-sum-exp, a few rows at a time (the next item's state stays in registers).
-
-    Every thread releases its own writes with its increment of the item's arrival counter; the
-    warpgroup holding the last increment has acquired them all, and reads past the L1 cache.
-    """
-    O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale, WS, COUNTER = out_args
-    ROWS: gl.constexpr = acc.shape[0]
-    HEAD_DIM: gl.constexpr = acc.shape[1]
-    PART_SIZE: gl.constexpr = ROWS * HEAD_DIM + 2 * ROWS  # rows, then maxima, then sums
-    THREADS: gl.constexpr = 32 * gl.num_warps()
-    o_layout: gl.constexpr = acc.type.layout
-    tail_item = split // MAX_PARTS
-    items = WS + (tail_item * MAX_PARTS * 2 + WG).to(gl.int64) * PART_SIZE  # part p at items + 2p * PART_SIZE
-    mine = items + (split % MAX_PARTS) * 2 * PART_SIZE
-    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    gl.store(mine + rows[:, None] * HEAD_DIM + cols[None, :], acc)
-    stat_rows = gl.arange(0, ROWS, layout=m_i.type.layout)
-    gl.store(mine + ROWS * HEAD_DIM + stat_rows, m_i)
-    gl.store(mine + ROWS * HEAD_DIM + ROWS + stat_rows, l_i)
-    arrivals = COUNTER + ARRIVALS + 2 * tail_item + WG
-    each: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    seen = gl.atomic_add(arrivals + gl.zeros([THREADS], gl.int32, layout=each),
-                         gl.full([THREADS], 1, gl.int32, layout=each), sem="acq_rel", scope="gpu")
-    if gl.max(seen, 0) == parts * THREADS - 1:
-        gl.store(arrivals, 0)  # for the next launch
-        # CHUNK rows at a time, 4 columns a thread.
-        CHUNK: gl.constexpr = 2048 // HEAD_DIM
-        chunk: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (HEAD_DIM // 4), HEAD_DIM // 4], [gl.num_warps(), 1],
-                                               [1, 0])
-        r = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, chunk))
-        c = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, chunk))
-        out = O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
-        for r0 in range(0, ROWS, CHUNK):
-            m = gl.full([CHUNK], float("-inf"), gl.float32, layout=gl.SliceLayout(1, chunk))
-            for p in range(parts):
-                m = gl.maximum(m, gl.load(items + p * 2 * PART_SIZE + ROWS * HEAD_DIM + r0 + r, cache_modifier=".cg"))
-            o = gl.zeros([CHUNK, HEAD_DIM], gl.float32, layout=chunk)
-            l = gl.zeros([CHUNK], gl.float32, layout=gl.SliceLayout(1, chunk))
-            for p in range(parts):
-                part = items + p * 2 * PART_SIZE
-                alpha = gl.exp2(gl.load(part + ROWS * HEAD_DIM + r0 + r, cache_modifier=".cg") - m)
-                l += gl.load(part + ROWS * HEAD_DIM + ROWS + r0 + r, cache_modifier=".cg") * alpha
-                o += gl.load(part + (r0 + r)[:, None] * HEAD_DIM + c[None, :], cache_modifier=".cg") * alpha[:, None]
-            row = first_row + r0 + r
-            if OUT_ALIGNED:  # as in the epilogue
-                ptrs = gl.multiple_of(out + row[:, None].to(gl.int64) * sos + c[None, :], [16, 16])
-            else:
-                ptrs = out + (row[:, None].to(gl.int64) * sos + c[None, :] * sod)
-            gl.store(ptrs, (o / l[:, None]).to(O.dtype.element_ty), mask=(row < q_end)[:, None])
-            if RETURN_LSE:
-                gl.store(LSE + (b.to(gl.int64) * num_heads + h) * seq_len + row, (m + gl.log2(l)) * LN2,
-                         mask=row < q_end)
-
-
-@gluon.jit
 def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
@@ -461,17 +339,16 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
 
     mbarrier.wait(q_ready.index(0), 0)
     if _field(sched, 0, 0) >= 0:
-        j_end = _field(sched, 0, 1)
+        n_kv = _field(sched, 0, 1)
         n1 = _field(sched, 0, 2)
         len1 = _field(sched, 0, 3)
-        j0 = _field(sched, 0, 8)
-        # The first tile of the first item: QK^T and softmax only; its PV runs under the next step's softmax.
+        # Tile 0 of the first item: QK^T and softmax only; its PV runs under the next step's softmax.
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_smem.index(0).slice(WG * ROWS, ROWS), k_smem.index(0).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        pos, valid = _key_tile(j0, n1, 0, len1, 0, text_len, BLOCK_N)  # consumers need only the valid count
+        pos, valid = _key_tile(0, n1, 0, len1, 0, text_len, BLOCK_N)  # consumers need only the valid count
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
@@ -482,7 +359,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
         more = True
         while more:
             q = q_smem.index(it % 2).slice(WG * ROWS, ROWS)
-            for j in range(j0 + 1, j_end):
+            for j in range(1, n_kv):
                 st = c % STAGES
                 prev = (c - 1) % STAGES
                 mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
@@ -504,10 +381,9 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
             mbarrier.wait(q_ready.index(nxt), ((it + 1) // 2) & 1)
             more = _field(sched, nxt, 0) >= 0
             if more:
-                j_end = _field(sched, nxt, 1)
+                n_kv = _field(sched, nxt, 1)
                 n1 = _field(sched, nxt, 2)
                 len1 = _field(sched, nxt, 3)
-                j0 = _field(sched, nxt, 8)
                 st = c % STAGES
                 prev = (c - 1) % STAGES
                 mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
@@ -517,14 +393,14 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
-                pos, valid = _key_tile(j0, n1, 0, len1, 0, text_len, BLOCK_N)
+                pos, valid = _key_tile(0, n1, 0, len1, 0, text_len, BLOCK_N)
                 m_next = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l_next = gl.zeros([ROWS], gl.float32, layout=row_layout)
                 p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, qk_scale, BLOCK_N, s_layout)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
-                _finish(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED)
+                _epilogue(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED)
                 acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
                 m_i = m_next
                 l_i = l_next
@@ -535,20 +411,20 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last), count=1)
-        _finish(acc, m_i, l_i, sched, it % 2, q_smem.index(it % 2).slice(WG * ROWS, ROWS), q_empty, out_args,
-                WG, RETURN_LSE, OUT_ALIGNED)
+        _epilogue(acc, m_i, l_i, sched, it % 2, q_smem.index(it % 2).slice(WG * ROWS, ROWS), q_empty, out_args,
+                  WG, RETURN_LSE, OUT_ALIGNED)
 
 
 # Few compiled variants: only the output strides are specialised (multiples of 16 and a unit
 # head-dim stride let the epilogue store whole vectors).
 @gluon.jit(do_not_specialize=[
     "s_modes", "q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch",
-    "batch", "seq_len", "num_heads", "text_start", "text_len", "split_min_tiles",
+    "batch", "seq_len", "num_heads", "text_start", "text_len",
 ])
 def _headwise_kernel(
-    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, WS, s_modes,
+    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
-    batch, seq_len, num_heads, text_start, text_len, split_min_tiles, qk_scale,
+    batch, seq_len, num_heads, text_start, text_len, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr,
 ):
@@ -595,15 +471,14 @@ def _headwise_kernel(
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
         descs = (q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch)
-        out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale, WS, COUNTER)
+        out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale)
         gl.warp_specialize(
             [
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 0, HEAD_DIM, BLOCK_N, STAGES,
                              RETURN_LSE, OUT_ALIGNED)),
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 1, HEAD_DIM, BLOCK_N, STAGES,
                              RETURN_LSE, OUT_ALIGNED)),
-                (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, split_min_tiles,
-                             BLOCK_N, STAGES)),
+                (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, STAGES)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -666,49 +541,39 @@ def _descriptor(t, view, rows):
                             _smem_layout(rows, t.shape[-1], t.dtype))
 
 
-def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config, programs, split_min_tiles):
-    """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs,
-    and the workspace's size for split tail items (0 where no item can split)."""
+def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config, programs):
+    """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
     rows = (TILE_ROWS, config["BLOCK_N"], config["BLOCK_N"])
     # Checked here once per key; they keep no tensor alive, each launch rebases them.
     templates = tuple(rebased(_descriptor(t, view, n), None) for t, view, n in zip((q, k, v), views, rows))
-    # An item's key tiles are at most those of all image keys and all text keys.
-    longest = triton.cdiv(seq - text_len, config["BLOCK_N"]) + triton.cdiv(text_len, config["BLOCK_N"])
-    split_min_tiles = split_min_tiles if longest >= 2 * split_min_tiles else 0
     ints = (head_modes.stride(0), *(c for view in views for c in view[2:]), *out.stride(), batch, seq, heads,
-            text_start, text_len, split_min_tiles)
+            text_start, text_len)
     n_items = heads * batch * (triton.cdiv(text_len, TILE_ROWS) + triton.cdiv(seq - text_len, TILE_ROWS))
     grid = (programs or min(n_items, _num_sms(q.device.index)),)
     # 16-byte output rows: every row of a tile starts on a 16-byte boundary and its head dim is unit-stride.
     out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
                    and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
-    # Up to one tail item per program, its parts' rows (fp32) with their maxima and sums, per warpgroup.
-    workspace = grid[0] * MAX_PARTS.value * 2 * (TILE_ROWS // 2) * (dim + 2) if split_min_tiles else 0
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
                       OUT_ALIGNED=out_aligned, **config)
-    return templates, ints, grid, constexprs, workspace
+    return templates, ints, grid, constexprs
 
 
 _plans: dict[tuple, tuple] = {}
 _launches = DirectLaunches(_headwise_kernel)
 
 
-def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, programs=None,
-              split_min_tiles=SPLIT_MIN_TILES):
+def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, programs=None):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views).
     ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the number of
-    programs (default: one per SM, or one per work item if fewer; at most one per SM), so that small
-    checks can make each program take many items. Tail items split into parts of at least
-    ``split_min_tiles`` key tiles (0: never), so that small checks can split short items.
+    programs (default: one per SM, or one per work item if fewer), so that small checks can make
+    each program take many items.
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
-    if programs is not None and not 0 < programs <= _num_sms(q.device.index):
-        raise ValueError(f"programs must be 1 to {_num_sms(q.device.index)} (the SMs); got {programs}")
     batch, seq, heads, dim = q.shape
     device = q.device.index
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if return_lse else None
@@ -718,20 +583,16 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
         return out, lse
     config = config or _DEFAULT_CONFIGS[dim]
     key = launch_key(q, k, v, out, head_modes, text_start, text_len, return_lse, config["BLOCK_N"], config["STAGES"],
-                     programs, split_min_tiles)
+                     programs)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config,
-                                          programs, split_min_tiles)
-    templates, ints, grid, constexprs, workspace = plan
+                                          programs)
+    templates, ints, grid, constexprs = plan
     descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
     with on_device(device):
-        counter = _counter(device)
-        # Scratch of this launch alone, from the caching allocator (stream-ordered, and graph-safe);
-        # where no item can split, the kernel never touches it and any fp32 pointer does.
-        ws = torch.empty(workspace, dtype=torch.float32, device=q.device) if workspace else counter.view(torch.float32)
-        args = (*descs, out, lse_arg, head_modes, counter, ws, *ints, scale * _LOG2E)
+        args = (*descs, out, lse_arg, head_modes, _counter(device), *ints, scale * _LOG2E)
         _launches(key, grid, args, constexprs, _LAUNCH)
     return out, lse
 
@@ -753,9 +614,9 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
 
     names = list(_headwise_kernel.arg_names)
     scalars = ["q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "sob", "sos", "soh",
-               "batch", "seq_len", "num_heads", "text_start", "text_len", "split_min_tiles", "s_modes"]
+               "batch", "seq_len", "num_heads", "text_start", "text_len", "s_modes"]
     signature = {"q_desc": desc(TILE_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
-                 "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32", "WS": "*fp32", "qk_scale": "fp32",
+                 "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32", "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
     constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
@@ -764,7 +625,7 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
     signature = {name: signature[name] for name in names}
     constexprs = {(names.index(name),): value for name, value in constexprs.items()}
     # The alignment the JIT sees on a contiguous launch: 16-byte pointers, output strides of 16k.
-    aligned = ("O", "LSE", "MODES", "COUNTER", "WS", "sob", "sos", "soh")
+    aligned = ("O", "LSE", "MODES", "COUNTER", "sob", "sos", "soh")
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(_headwise_kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(_LAUNCH))
