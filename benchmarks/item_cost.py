@@ -9,8 +9,8 @@ item order's effect on the L2 cache at large batch.
    rounds. Were the last partial round free, time would scale with 864 / programs; were it a whole
    round, with ceil(864 / programs).
 3. FLUX-2K's total work cut into batches of shorter sequences (batch 4, 16, 64 at 8192, 4096, 2048)
-   on 128 programs: items run batch-fastest, so at large batch the concurrent items read many
-   (batch, head) key/value sets at once.
+   on 128 programs: how many (batch, head) key/value sets the items running at once read depends
+   on the order of items within a head (batch-fastest read up to the whole batch's).
 
 Times are ``triton.testing.do_bench`` medians replayed from a CUDA graph, three interleaved rounds.
 

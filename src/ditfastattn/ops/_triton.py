@@ -163,7 +163,8 @@ def _headwise_kernel(
 
     # Program order, longest work first so that the last wave is short: every full-row tile (all
     # tiles of full heads, then the text-query tiles of arrow heads), then the arrow heads' image
-    # tiles by decreasing band, then the skip heads' tiles, which exit at once.
+    # tiles by decreasing band, then the skip heads' tiles, which exit at once. Within a head the
+    # tiles of one batch element run together, so that programs running at once share keys and values.
     pid = tl.program_id(0)
     end1 = n_full_heads * batch * n_tiles
     end2 = end1 + n_arrow_heads * batch * n_text_tiles
@@ -172,10 +173,11 @@ def _headwise_kernel(
     in3 = (pid >= end2) & (pid < end3)
     in4 = pid >= end3
     p = pid - tl.where(in4, end3, tl.where(in3, end2, tl.where(in2, end1, 0)))
-    per_head = batch * tl.where(in2, n_text_tiles, tl.where(in3, n_image_tiles, n_tiles))
+    section_tiles = tl.where(in2, n_text_tiles, tl.where(in3, n_image_tiles, n_tiles))  # a head's, per batch
+    per_head = batch * section_tiles
     rank = tl.where(in4, n_full_heads + n_arrow_heads, tl.where(in2 | in3, n_full_heads, 0)) + p // per_head
-    tile = tl.where(in3, n_text_tiles, 0) + (p % per_head) // batch
-    b = p % batch
+    tile = tl.where(in3, n_text_tiles, 0) + (p % per_head) % section_tiles
+    b = (p % per_head) // section_tiles
     h = tl.sum(tl.where(ranks == rank, idx, 0), 0)
     mode = tl.sum(tl.where(ranks == rank, modes, 0), 0)
 
