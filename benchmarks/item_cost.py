@@ -120,8 +120,9 @@ def main():
           f"({item_us / tile_us:.2f} tiles)")
 
     programs_list = [96, 108, 120, 132]
-    ms = timed(launches(1, HEADS, 4096, 512, programs_list))
-    items = HEADS * 36
+    image, text = 4096, 512
+    ms = timed(launches(1, HEADS, image, text, programs_list))
+    items = HEADS * (image + text) // 128
     rounds = {}
     for programs in programs_list:
         time = ms[f"gluon {programs}"]

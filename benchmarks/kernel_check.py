@@ -6,8 +6,9 @@ partial last block, random per-head plans (full, skip, arrows of every width), t
 take the TMA path ((B, S, H, D), (B, H, S, D) transposed, fused QKV slices) and, for Triton, one
 that takes the pointer path, and every launch configuration the kernel chooses from (cases rotate
 through them). Half the cases first launch on other inputs of the same layout, so that the checked
-launch reuses the compiled kernel directly, without Triton's dispatch (``ops._launch``). ``out`` is poisoned with NaN before each run: every computed element must be
-written and finite, skipped heads must keep the poison bit for bit.
+launch reuses the compiled kernel directly, without Triton's dispatch (``ops._launch``). ``out`` is
+poisoned with NaN before each run: every computed element must be written and finite, skipped
+heads must keep the poison bit for bit.
 
 Error measure: relative Frobenius error over the computed heads against the reference on the same
 (low-precision) inputs in float32, divided by the error of torch SDPA's memory-efficient backend
