@@ -7,8 +7,9 @@ counter and splits into three partitions that talk through mbarriers:
 
 - a producer warp takes the tickets and issues every TMA load: the item's query tile into one of
   two buffers (with the item's record beside it in shared memory), then key and value tiles into
-  rings of ``STAGES`` buffers, keys and values in separate rings so a key buffer frees as soon as
-  its QK^T has run and a value buffer as soon as its PV has;
+  rings (``K_STAGES`` and ``V_STAGES`` buffers), keys and values in separate rings so a key buffer
+  frees as soon as its QK^T has run and a value buffer as soon as its PV has, each value tile after
+  the next key tile;
 - two consumer warpgroups, 64 query rows each, run QK^T and PV on the tensor cores (wgmma) and the
   online softmax on the CUDA cores. Being independent warps, one warpgroup's softmax runs while the
   other's matrix products do; each also issues PV of tile j-1 right after QK^T of tile j and
@@ -52,18 +53,20 @@ SKIP = gl.constexpr(MODE_SKIP)
 CONSUMER_REGS = gl.constexpr(240)
 PRODUCER_REGS = gl.constexpr(24)
 
-# (BLOCK_N, STAGES) per head dim. At 128, two query buffers (64 KB) and key and value rings of
-# 128-key tiles two deep fill 192 KB of shared memory (the limit is 227); 64-key tiles four deep
-# ran 12-16% slower on an H100. At 64 (SD3-1K, H100): three deep 1-3% faster than two, 64-key
-# tiles four deep 12-15% slower.
-_CONFIGS = {128: [(128, 2)], 64: [(128, 3)]}
+# (BLOCK_N, K_STAGES, V_STAGES) per head dim. At 128, two query buffers (64 KB), a key ring of
+# 128-key tiles three deep and a value ring two deep fill 224 KB of shared memory (the limit is
+# 227). The third key buffer and the order (each value tile after the next key tile) let the next
+# item's first key tile load two steps ahead: FLUX-1K arrows 2-6% faster than both rings two deep
+# in key-value order (H100, KERNEL_NOTES.md); 64-key tiles four deep ran 12-16% slower. At 64 (SD3-1K, H100): both rings three deep 1-3% faster than two, a fourth key
+# buffer no faster, 64-key tiles four deep 12-15% slower.
+_CONFIGS = {128: [(128, 3, 2)], 64: [(128, 3, 3)]}
 
 
 def tile_configs(head_dim: int = 128) -> list[dict]:
     """The launch configurations of ``head_dim`` (one each: the alternatives measured slower)."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"the Gluon kernel supports head dims {HEAD_DIMS}; got {head_dim}")
-    return [{"BLOCK_N": n, "STAGES": s} for n, s in _CONFIGS[head_dim]]
+    return [{"BLOCK_N": n, "K_STAGES": k, "V_STAGES": v} for n, k, v in _CONFIGS[head_dim]]
 
 
 _DEFAULT_CONFIGS = {dim: tile_configs(dim)[0] for dim in HEAD_DIMS}
@@ -209,11 +212,25 @@ def _field(sched, slot, i: gl.constexpr):
 
 
 @gluon.jit
+def _load_ring(desc, smem, ready, empty, g, row, col, STAGES: gl.constexpr):
+    """Tile ``g`` (counted over all items) of a key or value ring, once its buffer is free."""
+    s = g % STAGES
+    mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)  # a fresh barrier passes the first lap
+    mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [row, col], ready.index(s), smem.index(s))
+
+
+@gluon.jit
 def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+              BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
     """Takes work items from the launch-wide counter, longest first, and issues their TMA loads: the
     query tile into one of two buffers (its item number beside it, for the consumers), then key and
-    value tiles into the rings, counted over all items."""
+    value tiles into the rings, counted over all items.
+
+    Each value tile is loaded after the next key tile, across items too: a key buffer frees half a
+    step before a value buffer (after QK^T, not PV), so the key tile a step waits on first, the next
+    item's first among them, is not held behind a value buffer's release.
+    """
     text_start = geometry[8]
     text_len = geometry[9]
     end3 = geometry[5]
@@ -222,6 +239,8 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
     one: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     c = 0  # key tiles loaded so far
     it = 0  # items taken so far
+    v_row = 0  # the value tile still owed (tile c - 1): where it lies in the view
+    v_col = 0
     t = gl.atomic_add(counter, 1)
     while t < end3:
         b, h, q_start, q_end, start1, len1, n1, n_kv = _work(t, geometry, table, BLOCK_N)
@@ -235,18 +254,15 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
         t = gl.atomic_add(counter, 1)  # the next ticket's latency hides behind this item's loads
         for j in range(n_kv):
             pos, valid = _key_tile(j, n1, start1, len1, text_start, text_len, BLOCK_N)
-            s = (c + j) % STAGES
-            phase = (((c + j) // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(s), phase)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b * k_rb + h * k_rh + pos, h * k_ch], k_ready.index(s),
-                                            k_smem.index(s))
-            mbarrier.wait(v_empty.index(s), phase)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b * v_rb + h * v_rh + pos, h * v_ch], v_ready.index(s),
-                                            v_smem.index(s))
+            _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch, K_STAGES)
+            if c + j > 0:
+                _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
+            v_row = b * v_rb + h * v_rh + pos
+            v_col = h * v_ch
         c += n_kv
         it += 1
+    if c > 0:
+        _load_ring(v_desc, v_smem, v_ready, v_empty, c - 1, v_row, v_col, V_STAGES)
     # No work left: item -1 tells the consumers.
     qs = it % 2
     mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
@@ -290,7 +306,8 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
     ROWS: gl.constexpr = acc.shape[0]
     HEAD_DIM: gl.constexpr = acc.shape[1]
     o_row_layout: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
-    scratch.store((acc / gl.convert_layout(l_i, o_row_layout)[:, None]).to(O.dtype.element_ty))
+    # One reciprocal per row: a division per element costs range fix-ups on each.
+    scratch.store((acc * gl.convert_layout(1.0 / l_i, o_row_layout)[:, None]).to(O.dtype.element_ty))
     # 8 elements (16 bytes) a thread, a warp covering whole rows.
     rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [gl.num_warps(), 1],
                                                  [1, 0])
@@ -319,7 +336,8 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
 
 @gluon.jit
 def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr):
+              BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
+              OUT_ALIGNED: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
 
     Each step issues QK^T of the next tile, then PV of the previous one, and runs the softmax of the
@@ -364,11 +382,11 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
         while more:
             q = q_smem.index(it % 2).slice(WG * ROWS, ROWS)
             for j in range(1, n_kv):
-                st = c % STAGES
-                prev = (c - 1) % STAGES
-                mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
+                st = c % K_STAGES
+                prev = (c - 1) % V_STAGES
+                mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(prev), ((c - 1) // STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
@@ -388,12 +406,12 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 n_kv = _field(sched, nxt, 1)
                 n1 = _field(sched, nxt, 2)
                 len1 = _field(sched, nxt, 3)
-                st = c % STAGES
-                prev = (c - 1) % STAGES
-                mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
+                st = c % K_STAGES
+                prev = (c - 1) % V_STAGES
+                mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q_smem.index(nxt).slice(WG * ROWS, ROWS), k_smem.index(st).permute((1, 0)),
                                   s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(prev), ((c - 1) // STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
@@ -410,8 +428,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 l_i = l_next
                 c += 1
                 it += 1
-        last = (c - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((c - 1) // STAGES) & 1)
+        last = (c - 1) % V_STAGES
+        mbarrier.wait(v_ready.index(last), ((c - 1) // V_STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last), count=1)
@@ -429,7 +447,8 @@ def _headwise_kernel(
     q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
     batch, seq_len, num_heads, text_start, text_len, qk_scale,
-    HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+    V_STAGES: gl.constexpr,
     RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
@@ -455,34 +474,36 @@ def _headwise_kernel(
 
     if end3 > 0:
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         sched = gl.allocate_shared_memory(gl.int32, [2 * ITEM_FIELDS, 1], flat)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         # Both consumer warpgroups release every buffer.
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)
-        for i in gl.static_range(STAGES):
+        for i in gl.static_range(K_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
         descs = (q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch)
         out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale)
         gl.warp_specialize(
             [
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 0, HEAD_DIM, BLOCK_N, STAGES,
-                             RETURN_LSE, OUT_ALIGNED)),
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 1, HEAD_DIM, BLOCK_N, STAGES,
-                             RETURN_LSE, OUT_ALIGNED)),
-                (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, STAGES)),
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 0, HEAD_DIM, BLOCK_N, K_STAGES,
+                             V_STAGES, RETURN_LSE, OUT_ALIGNED)),
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 1, HEAD_DIM, BLOCK_N, K_STAGES,
+                             V_STAGES, RETURN_LSE, OUT_ALIGNED)),
+                (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, K_STAGES,
+                             V_STAGES)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -586,8 +607,8 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
             lse.fill_(float("-inf"))
         return out, lse
     config = config or _DEFAULT_CONFIGS[dim]
-    key = launch_key(q, k, v, out, head_modes, text_start, text_len, return_lse, config["BLOCK_N"], config["STAGES"],
-                     programs)
+    key = launch_key(q, k, v, out, head_modes, text_start, text_len, return_lse, config["BLOCK_N"], config["K_STAGES"],
+                     config["V_STAGES"], programs)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config,
