@@ -4,7 +4,8 @@ Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp
 1-8 heads, text lengths 0/77/154/333/512 at the start or the end, image lengths with and without a
 partial last block, random per-head plans (full, skip, arrows of every width), tensor layouts that
 take the TMA path ((B, S, H, D), (B, H, S, D) transposed, fused QKV slices) and, for Triton, one
-that takes the pointer path, and every launch configuration the kernel chooses from (cases rotate
+that takes the pointer path, outputs (B, S, H, D), (B, H, S, D) and, for Gluon, one off 16-byte
+alignment (the epilogue's path without TMA stores), and every launch configuration the kernel chooses from (cases rotate
 through them). Half the cases first launch on other inputs of the same layout, so that the checked
 launch reuses the compiled kernel directly, without Triton's dispatch (``ops._launch``). ``out`` is
 poisoned with NaN before each run: every computed element must be written and finite, skipped
@@ -74,7 +75,8 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
         "impl": impl,
         "dim": dim, "dtype": rng.choice(list(DTYPES)), "batch": rng.choice([1, 1, 2, 3]), "heads": heads,
         "text_len": text_len, "image": image, "text_first": rng.random() < 0.5, "layout": layout,
-        "out_layout": rng.choice(["bshd", "bhsd"]), "modes": modes, "return_lse": rng.random() < 0.5,
+        "out_layout": rng.choice(["bshd", "bhsd"] + (["unaligned"] if impl == "gluon" else [])), "modes": modes,
+        "return_lse": rng.random() < 0.5,
         "scale_in": rng.choice([0.5, 1.0, 2.0, 3.0]), "config": config, "warm": rng.random() < 0.5, **extra,
     }
 
@@ -124,6 +126,8 @@ def make_out(case, q):
     batch, seq, heads, dim = q.shape
     if case["out_layout"] == "bhsd":
         out = torch.empty(batch, heads, seq, dim, dtype=q.dtype, device="cuda").transpose(1, 2)
+    elif case["out_layout"] == "unaligned":  # one element in: no TMA store, the epilogue's vector path
+        out = torch.empty(batch * seq * heads * dim + 1, dtype=q.dtype, device="cuda")[1:].view(batch, seq, heads, dim)
     else:
         out = torch.empty(batch, seq, heads, dim, dtype=q.dtype, device="cuda")
     return out.fill_(float("nan"))
