@@ -2,8 +2,9 @@
 
 The same work as the Triton kernel (one launch, every head in its own mode, the longest work items
 first, skip heads starting no work), laid out the way FlashAttention-3 runs on Hopper. A work item
-is one 128-row query tile of one head and batch. One program per SM takes items from a launch-wide
-counter and splits into three partitions that talk through mbarriers:
+is one 128-row query tile of one head and batch. One program per SM takes its first item by its
+index and the rest from a launch-wide counter, and splits into three partitions that talk through
+mbarriers:
 
 - a producer warp takes the tickets and issues every TMA load: the item's query tile into one of
   two buffers (with the item's record beside it in shared memory), then key and value tiles into
@@ -15,7 +16,7 @@ counter and splits into three partitions that talk through mbarriers:
   other's matrix products do; each also issues PV of tile j-1 right after QK^T of tile j and
   computes softmax j while that PV runs, across item boundaries too.
 
-Key tiles cover two ranges (the image band, or all image keys, then the text keys) counted from
+Key tiles cover two ranges (the text keys, then the image band or all image keys) counted from
 the start of each range, so with ``BLOCK_N`` dividing 128 every band edge is a tile edge; only the
 last tile of a range can be partial, and there the columns past the range are masked to -inf (its
 rows come from the TMA box as they lie in memory, or zeros past the view).
@@ -57,8 +58,9 @@ PRODUCER_REGS = gl.constexpr(24)
 # 128-key tiles three deep and a value ring two deep fill 224 KB of shared memory (the limit is
 # 227). The third key buffer and the order (each value tile after the next key tile) let the next
 # item's first key tile load two steps ahead: FLUX-1K arrows 2-6% faster than both rings two deep
-# in key-value order (H100, KERNEL_NOTES.md); 64-key tiles four deep ran 12-16% slower. At 64 (SD3-1K, H100): both rings three deep 1-3% faster than two, a fourth key
-# buffer no faster, 64-key tiles four deep 12-15% slower.
+# in key-value order (H100, KERNEL_NOTES.md); 64-key tiles four deep ran 12-16% slower. At 64
+# (SD3-1K, H100): both rings three deep 1-3% faster than two, a fourth key buffer no faster, 64-key
+# tiles four deep 12-15% slower.
 _CONFIGS = {128: [(128, 3, 2)], 64: [(128, 3, 3)]}
 
 
@@ -81,8 +83,8 @@ def _num_sms(device_index: int) -> int:
 # streams do not share one, in one block per device allocated at the first launch; 16-byte slots
 # keep every counter as aligned as the launch specialises on. A stream first seen while capturing a
 # CUDA graph takes a slot of the block instead of memory from the graph's pool, which the graph may
-# hand to other tensors later (and which torch.compile's CUDA graph trees refuse to leave untracked). Each counter is zero between launches: the last program of a launch
-# resets it.
+# hand to other tensors later (and which torch.compile's CUDA graph trees refuse to leave
+# untracked). Each counter is zero between launches: the last program of a launch resets it.
 _COUNTER_SLOTS = 64
 _counter_blocks: dict[int, torch.Tensor] = {}
 _counter_slots: dict[tuple, int] = {}
@@ -138,11 +140,17 @@ def _scalar(ref):
 
 
 @gluon.jit
-def _key_tile(j, n1, start1, len1, text_start, text_len, BLOCK_N: gl.constexpr):
-    """Start row and valid row count of key tile j: the first range's tiles, then the text keys."""
-    first = j < n1
-    pos = gl.where(first, start1 + j * BLOCK_N, text_start + (j - n1) * BLOCK_N)
-    valid = gl.where(first, len1 - j * BLOCK_N, text_len - (j - n1) * BLOCK_N)
+def _key_tile(j, start1, len1, text_start, text_len, BLOCK_N: gl.constexpr):
+    """Start row and valid row count of key tile j: the text keys' tiles, then the first range's.
+
+    Text first: all items of a head read the same text tiles, so the first key tile of an item, which
+    the step between items waits on, is likely still in L2. Measured against the band first (H100,
+    same run): 1-4 points of the ideal on arrow plans, 1-2 on full mode (KERNEL_NOTES.md).
+    """
+    n_text = gl.cdiv(text_len, BLOCK_N)
+    first = j < n_text
+    pos = gl.where(first, text_start + j * BLOCK_N, start1 + (j - n_text) * BLOCK_N)
+    valid = gl.where(first, text_len - j * BLOCK_N, len1 - (j - n_text) * BLOCK_N)
     return pos, valid
 
 
@@ -158,13 +166,13 @@ def _rows(tile, n_text_tiles, image_start, num_image, text_start, text_len):
 @gluon.jit
 def _work(t, geometry, table, BLOCK_N: gl.constexpr):
     """Work item t (t below the count of items that compute) as
-    (batch, head, first query row, end query row, key range start, its length, its tiles, key tiles).
+    (batch, head, first query row, end query row, key range start, its length, key tiles).
 
     Items run longest first: every full-row query tile (all tiles of full heads, then the text-query
     tiles of arrow heads), then the arrow heads' image tiles by decreasing band. Within a head the
     tiles of one batch element run together, so that the items running at once share keys and
     values (batch-fastest, batch 64 x 2048 ran at 79-83% of cuDNN; this order, 95-98%). Key tiles
-    cover the image band (or all image keys), then the text keys.
+    cover the text keys, then the image band (or all image keys).
     """
     (batch, n_text_tiles, n_image_tiles, n_full_heads, n_arrow_heads, end3, image_start, num_image,
      text_start, text_len) = geometry
@@ -189,15 +197,14 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
     w = gl.minimum(gl.maximum(mode, 0), gl.cdiv(num_image, IMAGE_BLOCK))
     lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
     hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
-    n1 = gl.cdiv(hi - lo, BLOCK_N)
     b = (p % per_head) // section_tiles
-    return b, h, q_start, q_end, image_start + lo, hi - lo, n1, n1 + gl.cdiv(text_len, BLOCK_N)
+    return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + gl.cdiv(text_len, BLOCK_N)
 
 
 # What the producer tells the consumers of an item, in its query buffer's slot of ``sched``:
-# (item or -1 when no work is left, key tiles, tiles of the first key range, its length, batch, head,
-# first query row, end query row). The slot stays until the consumers release the query buffer.
-ITEM_FIELDS = gl.constexpr(8)
+# (item or -1 when no work is left, key tiles, length of the first key range, batch, head, first
+# query row, end query row). The slot stays until the consumers release the query buffer.
+ITEM_FIELDS = gl.constexpr(7)
 
 
 @gluon.jit
@@ -223,9 +230,15 @@ def _load_ring(desc, smem, ready, empty, g, row, col, STAGES: gl.constexpr):
 @gluon.jit
 def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter,
               BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-    """Takes work items from the launch-wide counter, longest first, and issues their TMA loads: the
-    query tile into one of two buffers (its item number beside it, for the consumers), then key and
-    value tiles into the rings, counted over all items.
+    """Takes work items, longest first, and issues their TMA loads: the query tile into one of two
+    buffers (its item number beside it, for the consumers), then key and value tiles into the rings,
+    counted over all items.
+
+    Program p's first item is item p; later ones are tickets from the launch-wide counter, which
+    counts from ``num_programs``. A ticket publishes no data, so its atomic is relaxed: the default
+    (acq_rel) put a GPU-wide memory barrier before each ticket and an L1 invalidation after it,
+    which held up the next key loads (the relaxed first-by-index version: 1-5 points of the ideal
+    on short-item plans, H100).
 
     Each value tile is loaded after the next key tile, across items too: a key buffer frees half a
     step before a value buffer (after QK^T, not PV), so the key tile a step waits on first, the next
@@ -241,19 +254,20 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
     it = 0  # items taken so far
     v_row = 0  # the value tile still owed (tile c - 1): where it lies in the view
     v_col = 0
-    t = gl.atomic_add(counter, 1)
+    t = gl.program_id(0)
     while t < end3:
-        b, h, q_start, q_end, start1, len1, n1, n_kv = _work(t, geometry, table, BLOCK_N)
+        b, h, q_start, q_end, start1, len1, n_kv = _work(t, geometry, table, BLOCK_N)
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
         mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
-        _publish(sched, qs, (t, n_kv, n1, len1, b, h, q_start, q_end), one)
+        _publish(sched, qs, (t, n_kv, len1, b, h, q_start, q_end), one)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + q_start, h * q_ch], q_ready.index(qs),
                                         q_smem.index(qs))
-        t = gl.atomic_add(counter, 1)  # the next ticket's latency hides behind this item's loads
+        # The next ticket's latency hides behind this item's loads.
+        t = gl.num_programs(0) + gl.atomic_add(counter, 1, sem="relaxed")
         for j in range(n_kv):
-            pos, valid = _key_tile(j, n1, start1, len1, text_start, text_len, BLOCK_N)
+            pos, valid = _key_tile(j, start1, len1, text_start, text_len, BLOCK_N)
             _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch, K_STAGES)
             if c + j > 0:
                 _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
@@ -269,7 +283,8 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
     sched.index(qs * ITEM_FIELDS).store(gl.full([1], -1, gl.int32, layout=one))
     mbarrier.arrive(q_ready.index(qs), count=1)
     # The last program to finish zeroes the counters for the next launch (every program has taken
-    # its last ticket before it counts itself done).
+    # its last ticket before it counts itself done; this count keeps acq_rel, whose release orders
+    # the program's relaxed tickets before it).
     done = gl.atomic_add(counter + 1, 1)
     if done == gl.num_programs(0) - 1:
         gl.store(counter, 0)
@@ -299,10 +314,10 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
     holds 8 addresses instead of 32.
     """
     O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale = out_args
-    b = _field(sched, slot, 4)
-    h = _field(sched, slot, 5)
-    q_start = _field(sched, slot, 6)
-    q_end = _field(sched, slot, 7)
+    b = _field(sched, slot, 3)
+    h = _field(sched, slot, 4)
+    q_start = _field(sched, slot, 5)
+    q_end = _field(sched, slot, 6)
     ROWS: gl.constexpr = acc.shape[0]
     HEAD_DIM: gl.constexpr = acc.shape[1]
     o_row_layout: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
@@ -362,15 +377,14 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
     mbarrier.wait(q_ready.index(0), 0)
     if _field(sched, 0, 0) >= 0:
         n_kv = _field(sched, 0, 1)
-        n1 = _field(sched, 0, 2)
-        len1 = _field(sched, 0, 3)
+        len1 = _field(sched, 0, 2)
         # Tile 0 of the first item: QK^T and softmax only; its PV runs under the next step's softmax.
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_smem.index(0).slice(WG * ROWS, ROWS), k_smem.index(0).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        pos, valid = _key_tile(0, n1, 0, len1, 0, text_len, BLOCK_N)  # consumers need only the valid count
+        pos, valid = _key_tile(0, 0, len1, 0, text_len, BLOCK_N)  # consumers need only the valid count
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
@@ -390,7 +404,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
-                pos, valid = _key_tile(j, n1, 0, len1, 0, text_len, BLOCK_N)
+                pos, valid = _key_tile(j, 0, len1, 0, text_len, BLOCK_N)
                 p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
@@ -404,8 +418,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
             more = _field(sched, nxt, 0) >= 0
             if more:
                 n_kv = _field(sched, nxt, 1)
-                n1 = _field(sched, nxt, 2)
-                len1 = _field(sched, nxt, 3)
+                len1 = _field(sched, nxt, 2)
                 st = c % K_STAGES
                 prev = (c - 1) % V_STAGES
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
@@ -415,7 +428,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
-                pos, valid = _key_tile(0, n1, 0, len1, 0, text_len, BLOCK_N)
+                pos, valid = _key_tile(0, 0, len1, 0, text_len, BLOCK_N)
                 m_next = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l_next = gl.zeros([ROWS], gl.float32, layout=row_layout)
                 p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, qk_scale, BLOCK_N, s_layout)
