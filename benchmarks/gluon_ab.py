@@ -22,12 +22,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ditfastattn.ops
-from kernel import SHAPES, plan_density, plans
+from kernel import SHAPES, cudnn_dense, plan_density, plans, shape_inputs
 
 MODES = ("eager", "graph")
 
@@ -48,11 +46,8 @@ def time_both(fn) -> dict:
 
 def setup(shape, kernels):
     """Inputs of ``shape`` and, per plan, one launch closure per kernel name."""
-    batch, heads, text, image, dim = (shape[k] for k in ("batch", "heads", "text", "image", "dim"))
-    seq = text + image
-    text_start = 0 if shape["text_first"] else image
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    text, image, dim = shape["text"], shape["image"], shape["dim"]
+    q, k, v, text_start = shape_inputs(shape)
     outs = {name: torch.empty_like(q) for name in kernels}
     cases = {}
     for plan_name, modes in plans(shape).items():
@@ -61,13 +56,7 @@ def setup(shape, kernels):
                       module.attention(q, k, v, modes_t, text_start, text, out, 1 / math.sqrt(dim), False))
                for name, module in kernels.items()}
         cases[plan_name] = {"fns": fns, "density": plan_density(modes, image, text)}
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-
-    def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(qh, kh, vh)
-
-    return cases, cudnn, outs
+    return cases, lambda: cudnn_dense(q, k, v), outs
 
 
 def compare(setups, names) -> list[dict]:

@@ -147,12 +147,24 @@ def host_us(fn, calls=300):
     return elapsed / calls * 1e6
 
 
+def shape_inputs(shape, seed=0):
+    """Random bf16 q, k, v of ``shape`` as (B, S, H, D) on the GPU, and where its text range starts."""
+    batch, heads, text, image, dim = (shape[k] for k in ("batch", "heads", "text", "image", "dim"))
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(batch, text + image, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    return q, k, v, 0 if shape["text_first"] else image
+
+
+def cudnn_dense(q, k, v):
+    """The baseline: cuDNN SDPA, dense, on (B, S, H, D) inputs."""
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+
+
 def run_shape(name, shape, flex, seed):
     batch, heads, text, image, dim = (shape[k] for k in ("batch", "heads", "text", "image", "dim"))
     seq = text + image
-    text_start = 0 if shape["text_first"] else image
-    torch.manual_seed(seed)
-    q, k, v = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v, text_start = shape_inputs(shape, seed)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     out = torch.empty_like(q)
     dense_flops = 4.0 * batch * heads * seq * seq * dim

@@ -28,7 +28,7 @@ import csv
 import json
 import math
 
-from kernel import SHAPES, plans
+from kernel import SHAPES, cudnn_dense, plans, shape_inputs
 from tile_share import TILE, head_tiles
 
 from ditfastattn.ops import MODE_SKIP
@@ -46,28 +46,19 @@ STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 
 def run_case(shape_name: str, plan_name: str, impl: str) -> None:
     import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from ditfastattn.ops import headwise_attention
 
     shape = SHAPES[shape_name]
-    batch, heads, text, image, dim = (shape[k] for k in ("batch", "heads", "text", "image", "dim"))
-    seq = text + image
-    text_start = 0 if shape["text_first"] else image
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v, text_start = shape_inputs(shape)
     out = torch.empty_like(q)
     modes = torch.tensor(plans(shape)[plan_name], dtype=torch.int32, device="cuda")
     if impl == "cudnn":
-        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-
         def call():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                F.scaled_dot_product_attention(qh, kh, vh)
+            cudnn_dense(q, k, v)
     else:
         def call():
-            headwise_attention(q, k, v, modes, text_start=text_start, text_len=text, out=out, impl=impl)
+            headwise_attention(q, k, v, modes, text_start=text_start, text_len=shape["text"], out=out, impl=impl)
     for _ in range(3):
         call()
     torch.cuda.synchronize()
