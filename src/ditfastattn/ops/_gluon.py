@@ -292,6 +292,35 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
 
 
 @gluon.jit
+def _pack_p(p, dtype: gl.constexpr):
+    """P rounded to ``dtype``, adjacent columns paired in one 32-bit register (lower half first).
+
+    The loop carries P from one step's softmax to the next step's PV. Carried as 16-bit values, it
+    cost ptxas two PRMT a pair to rebuild the wgmma operand at every step (64 of 626 instructions a
+    step at head dim 128); carried packed, none: 2-7 points of the ideal on every plan (H100,
+    KERNEL_NOTES.md), outputs equal bit for bit.
+    """
+    ROWS: gl.constexpr = p.shape[0]
+    COLS: gl.constexpr = p.shape[1]
+    lo, hi = gl.split(gl.reshape(p, [ROWS, COLS // 2, 2]))  # a thread holds both columns of a pair
+    if dtype == gl.bfloat16:
+        asm: gl.constexpr = "cvt.rn.bf16x2.f32 $0, $2, $1;"
+    else:
+        asm: gl.constexpr = "cvt.rn.f16x2.f32 $0, $2, $1;"
+    return gl.inline_asm_elementwise(asm, "=r,r,r", [lo, hi], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _unpack_p(packed, dtype: gl.constexpr, layout: gl.constexpr):
+    """The wgmma operand (``layout``) of P packed by :func:`_pack_p`."""
+    # 16-bit integers out of the asm, since it cannot return a dtype passed in as a constexpr.
+    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [packed], dtype=(gl.int16, gl.int16),
+                                       is_pure=True, pack=1)
+    p = gl.join(lo, hi).to(dtype, bitcast=True)
+    return gl.convert_layout(gl.reshape(p, [p.shape[0], p.shape[1] * 2]), layout)
+
+
+@gluon.jit
 def _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N: gl.constexpr, layout: gl.constexpr):
     """Online-softmax step over one score tile, in log2 units; masks columns past a partial tile."""
     if valid < BLOCK_N:
@@ -388,7 +417,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = _pack_p(p, dtype)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         c = 1  # key tiles whose QK^T has been issued, over all items
         it = 0  # the item in flight
@@ -401,7 +430,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
-                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
                 pos, valid = _key_tile(j, 0, len1, 0, text_len, BLOCK_N)
@@ -409,7 +438,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                p_op = _pack_p(p, dtype)
                 c += 1
             # Between items: the next item's first QK^T and softmax run with this item's last PV and
             # its epilogue, like any other step (its query is already in the other buffer).
@@ -425,14 +454,14 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 s = warpgroup_mma(q_smem.index(nxt).slice(WG * ROWS, ROWS), k_smem.index(st).permute((1, 0)),
                                   s_zero, use_acc=False, is_async=True)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
-                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
                 pos, valid = _key_tile(0, 0, len1, 0, text_len, BLOCK_N)
                 m_next = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l_next = gl.zeros([ROWS], gl.float32, layout=row_layout)
                 p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, qk_scale, BLOCK_N, s_layout)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                p_op = _pack_p(p, dtype)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 _epilogue(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED)
@@ -443,7 +472,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 it += 1
         last = (c - 1) % V_STAGES
         mbarrier.wait(v_ready.index(last), ((c - 1) // V_STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last), count=1)
         _epilogue(acc, m_i, l_i, sched, it % 2, q_smem.index(it % 2).slice(WG * ROWS, ROWS), q_empty, out_args,
