@@ -297,8 +297,8 @@ def _pack_p(p, dtype: gl.constexpr):
 
     The loop carries P from one step's softmax to the next step's PV. Carried as 16-bit values, it
     cost ptxas two PRMT a pair to rebuild the wgmma operand at every step (64 of 626 instructions a
-    step at head dim 128); carried packed, none: 2-7 points of the ideal on every plan (H100,
-    KERNEL_NOTES.md), outputs equal bit for bit.
+    step at head dim 128); carried packed, none: 2-8 points of the ideal on every plan in graph
+    replay (H100, KERNEL_NOTES.md), outputs equal bit for bit.
     """
     ROWS: gl.constexpr = p.shape[0]
     COLS: gl.constexpr = p.shape[1]
