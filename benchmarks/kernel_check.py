@@ -5,8 +5,8 @@ Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp
 partial last block, random per-head plans (full, skip, arrows of every width), tensor layouts that
 take the TMA path ((B, S, H, D), (B, H, S, D) transposed, fused QKV slices) and, for Triton, one
 that takes the pointer path, outputs (B, S, H, D), (B, H, S, D) and, for Gluon, one off 16-byte
-alignment (the epilogue's path without TMA stores), and every launch configuration the kernel chooses from (cases rotate
-through them). Half the cases first launch on other inputs of the same layout, so that the checked
+alignment (the epilogue's stores without the aligned-vector hint), and every launch configuration
+the kernel chooses from (cases rotate through them). Half the cases first launch on other inputs of the same layout, so that the checked
 launch reuses the compiled kernel directly, without Triton's dispatch (``ops._launch``). ``out`` is
 poisoned with NaN before each run: every computed element must be written and finite, skipped
 heads must keep the poison bit for bit.
@@ -126,7 +126,7 @@ def make_out(case, q):
     batch, seq, heads, dim = q.shape
     if case["out_layout"] == "bhsd":
         out = torch.empty(batch, heads, seq, dim, dtype=q.dtype, device="cuda").transpose(1, 2)
-    elif case["out_layout"] == "unaligned":  # one element in: no TMA store, the epilogue's vector path
+    elif case["out_layout"] == "unaligned":  # one element in: the epilogue's stores without the aligned hint
         out = torch.empty(batch * seq * heads * dim + 1, dtype=q.dtype, device="cuda")[1:].view(batch, seq, heads, dim)
     else:
         out = torch.empty(batch, seq, heads, dim, dtype=q.dtype, device="cuda")

@@ -33,7 +33,7 @@ from tile_share import TILE, head_tiles
 
 from ditfastattn.ops import MODE_SKIP
 
-SMS = 132  # H100 SXM
+SMS = 132  # H100 SXM: the program count when the raw export lacks the launch's grid size
 RAW_METRICS = {
     "duration_us": "gpu__time_duration.sum",
     "sm_clock_ghz": "sm__cycles_elapsed.avg.per_second",
@@ -114,7 +114,12 @@ def kind(instruction: dict, items: int, tiles: int, programs: int) -> str:
 
 def regions(source: str, raw: str, shape_name: str, plan_name: str) -> dict:
     shape = SHAPES[shape_name]
+    with open(raw) as f:
+        header, _units, values = list(csv.reader(f))[:3]
+    metrics = dict(zip(header, values))
     items, tiles, programs = work_counts(shape, plans(shape)[plan_name])
+    if "launch__grid_size" in metrics:  # the launch's own count, on a GPU of any SM count
+        programs = int(float(metrics["launch__grid_size"]))
     summary: dict[str, dict] = {}
     for instruction in read_source(source):
         entry = summary.setdefault(kind(instruction, items, tiles, programs), {"samples": 0, "stalls": {}})
@@ -129,9 +134,6 @@ def regions(source: str, raw: str, shape_name: str, plan_name: str) -> dict:
         top = sorted(entry["stalls"].items(), key=lambda item: -item[1])[:4]
         shares[name] = {"share": entry["samples"] / counted,
                         "top_stalls": {stall: count / entry["samples"] for stall, count in top if count}}
-    with open(raw) as f:
-        header, _units, values = list(csv.reader(f))[:3]
-    metrics = dict(zip(header, values))
     result = {"shape": shape_name, "plan": plan_name, "items": items, "tiles": tiles, "programs": programs,
               "warp_time_by_code": shares,
               **{key: float(metrics[name]) for key, name in RAW_METRICS.items() if name in metrics},
