@@ -1,14 +1,19 @@
-"""The paper's quality tables on the bundled trained testbeds.
+"""Quality against attention sparsity on the bundled trained testbeds, compared at matched sparsity.
 
-- delta sweep: sparsity, SSIM, PSNR and caption accuracy against the full model, both testbeds;
-- ablation (SD3-style, CFG batch): AA only, AA+OC, +CFG sharing, +residual sharing; c in {none, 1, 1.5, 2};
-- equal sparsity: head-wise search vs layer-wise search (one method per layer) vs a uniform window.
+Every searched configuration is a curve: one plan per delta, each scored by SSIM and PSNR against
+full attention on held-out prompts x seeds. Curves are interpolated (linearly in sparsity) at
+0.4 / 0.5 / 0.6 / 0.7 / 0.8, and every figure carries a 95% bootstrap interval over prompts
+(each prompt's score is its mean over seeds; the same resample serves every curve, so
+differences between curves are paired). Baselines that need no search: one arrow window for every
+head ("uniform window") and a step cache alone (every k-th step computes, the others reuse).
 
     PYTHONPATH=src python benchmarks/quality.py --save-embeddings /tmp/embeddings.pt   # CPU, with the encoder
     PYTHONPATH=src python benchmarks/quality.py --device cuda --embeddings /tmp/embeddings.pt --out benchmarks/results
 
-The GPU machine has no room (64 MiB per call) for the text encoder next to the testbed weights, so
-the prompts' token states are computed here with the same encoder and carried as a small file.
+Held-out prompts are 16 captions drawn from the testbed's grammar with ``--heldout-seed`` (none of
+them a calibration prompt); other seeds give other prompts. The GPU machine has no room for the
+text encoder next to the testbed, so the prompts' token states are computed on the CPU with the
+same encoder and carried as a small file.
 """
 
 from __future__ import annotations
@@ -18,18 +23,20 @@ import dataclasses
 import datetime
 import json
 import platform
+import time
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+import ditfastattn
 from ditfastattn import Plan, SearchConfig, calibrate
-from ditfastattn.evaluation import evaluate
 from ditfastattn.testbed import pipeline as testbed_pipeline
-from ditfastattn.testbed.evaluator import caption_accuracy
+from ditfastattn.testbed.data import load_prompts, sample_captions
 from ditfastattn.testbed.pipeline import load_pipeline
 
-TESTBED = Path(__file__).resolve().parents[1] / "src" / "ditfastattn" / "testbed"
 # 1024 image tokens are 8 blocks: the paper's 1/8..1/32 windows all collapse to the diagonal block.
 ARROWS = ("arrow:0.5", "arrow:0.25", "arrow:0.125")
 SETS = {
@@ -38,20 +45,65 @@ SETS = {
     "AA+OC+CFG": ("full", "cache", "cfg_share") + ARROWS + tuple(f"cfg_share+{a}" for a in ARROWS),
     "AA+OC+RS": ("full", "cache") + ARROWS + tuple(a.replace("arrow", "arrow_residual") for a in ARROWS),
 }
-DELTAS = (0.1, 0.2, 0.4, 0.6, 1.0)
+DELTAS = (0.05, 0.12, 0.3, 0.7, 1.6, 4.0, 10.0)
+AT = (0.4, 0.5, 0.6, 0.7, 0.8)
+UNIFORM = ("arrow:0.75", "arrow:0.5", "arrow:0.375", "arrow:0.25", "arrow:0.125")
+STEP_CACHE_PERIODS = (2, 3, 4, 5)
+TARGETS = (0.5, 0.6, 0.7)
 
 
-def prompts(name: str, count: int) -> list[str]:
-    return [line.strip() for line in (TESTBED / name).read_text().splitlines() if line.strip()][:count]
+GENERATION_DELTAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
-def save_embeddings(path: Path, count: int) -> None:
+def curves(kind: str) -> dict[str, dict]:
+    """Searched configurations: name -> SearchConfig changes ("measured" sensitivity is filled in
+    later; ``deltas`` picks the generation-budget grid, whose delta is an exchange rate)."""
+    generation = {"head_coefficient": None, "budget": "generation", "deltas": GENERATION_DELTAS}
+    named = {
+        "generation budget + sensitivity": {**generation, "sensitivity": "measured"},
+        "generation budget": generation,
+        "layer-wise, generation budget": {**generation, "granularity": "layer"},
+        "head-wise, c=none": {"head_coefficient": None},
+        "head-wise + sensitivity, c=none": {"head_coefficient": None, "sensitivity": "measured"},
+        "layer-wise, c=none": {"head_coefficient": None, "granularity": "layer"},
+        "head-wise, c=1.5": {"head_coefficient": 1.5},
+        "layer-wise, c=1.5": {"head_coefficient": 1.5, "granularity": "layer"},
+        "head-wise, c=1": {"head_coefficient": 1.0},
+        "head-wise, c=2": {"head_coefficient": 2.0},
+        "head-wise + sensitivity, c=1.5": {"head_coefficient": 1.5, "sensitivity": "measured"},
+        "AA, c=1.5": {"candidates": SETS["AA"]},
+        "AA+OC+RS, c=1.5": {"candidates": SETS["AA+OC+RS"]},
+    }
+    if kind == "sd3":  # the FLUX testbed runs CFG as two calls: nothing to share within a batch
+        named["AA+OC+CFG, c=1.5"] = {"candidates": SETS["AA+OC+CFG"]}
+    return named
+
+
+# Target checks: name -> SearchConfig changes.
+TARGET_CONFIGS = {
+    "generation budget + sensitivity": {"head_coefficient": None, "budget": "generation", "sensitivity": "measured"},
+    "head-wise, c=none": {"head_coefficient": None},
+}
+
+
+def step_cache_plan(transformer, steps: int, period: int) -> Plan:
+    plan = Plan.uniform(transformer, steps, "cache", num_image_tokens=1024, text_len=32)
+    rows = [[["full" if step % period == 0 else m for m in heads] for heads in layers] for step, layers in enumerate(plan.methods)]
+    return Plan(plan.model, rows, {"source": f"step cache, every {period}", "num_image_tokens": 1024, "text_len": 32})
+
+
+def save_embeddings(path: Path, heldout_seed: int) -> None:
     from ditfastattn.testbed.text import encode_prompts
 
-    texts = prompts("calibration_prompts.txt", count) + prompts("heldout_prompts.txt", count) + [""]
+    texts = load_prompts("calibration") + heldout_prompts(heldout_seed) + [""]
     states, pooled = encode_prompts(texts)
     torch.save({"prompts": texts, "states": states, "pooled": pooled}, path)
     print(f"{len(texts)} prompt embeddings -> {path}")
+
+
+def heldout_prompts(seed: int, count: int = 16) -> list[str]:
+    calibration = set(load_prompts("calibration"))
+    return [c for c in sample_captions(4 * count, seed=seed) if c not in calibration][:count]
 
 
 def use_embeddings(path: Path) -> None:
@@ -66,110 +118,294 @@ def use_embeddings(path: Path) -> None:
     testbed_pipeline.encode_prompts = encode
 
 
-def run(kind: str, args) -> dict:
-    pipe = load_pipeline(kind, device=args.device, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    calibration, heldout = prompts("calibration_prompts.txt", args.prompts), prompts("heldout_prompts.txt", args.prompts)
-    base = SearchConfig(num_inference_steps=args.steps, candidates=SETS["AA+OC"], seed=0)
-
-    def search(name, **changes):
-        plan = calibrate(pipe, calibration, dataclasses.replace(base, **changes), progress=False)
-        print(f"  {kind} {name}: sparsity {plan.summary()['sparsity']:.3f}", flush=True)
-        return plan
-
-    plans: dict[str, Plan] = {}
-    for delta in DELTAS:
-        plans[f"head delta={delta:g}"] = search(f"head delta={delta:g}", delta=delta)
-        plans[f"layer delta={delta:g}"] = search(f"layer delta={delta:g}", delta=delta, granularity="layer")
-    for window in ARROWS:
-        plans[f"uniform {window}"] = Plan.uniform(pipe.transformer, args.steps, window, num_image_tokens=1024, text_len=32)
-    if kind == "sd3":
-        for name, candidates in SETS.items():
-            plans[f"ablation {name}"] = search(name, delta=args.ablation_delta, candidates=candidates)
-        for c in (None, 1.0, 1.5, 2.0):
-            plans[f"ablation c={c}"] = search(f"c={c}", delta=args.ablation_delta, head_coefficient=c)
-
-    def captions(images, texts):
-        return {"caption_accuracy": caption_accuracy(images, texts, device=args.device)}
-
-    results = evaluate(pipe, heldout, plans, num_inference_steps=args.steps, seed=1, extra_metrics=captions)
-    return results
+@torch.no_grad()
+def per_image(images: torch.Tensor, references: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    images, references = images.float().cpu().clamp(0, 1), references.float().cpu().clamp(0, 1)
+    ssim = structural_similarity_index_measure(images, references, data_range=1.0, reduction="none")
+    psnr = peak_signal_noise_ratio(images, references, data_range=1.0, dim=(1, 2, 3), reduction="none")
+    return ssim.numpy(), psnr.clamp(max=100.0).numpy()
 
 
-def table(results: dict, prefix: str) -> list[str]:
-    rows = ["| plan | sparsity | SSIM | PSNR (dB) | caption acc. |", "|---|---|---|---|---|"]
-    reference = results["reference"]
-    rows.append(f"| full attention | 0.000 | 1.000 | inf | {reference['caption_accuracy']:.3f} |")
-    for name, row in results.items():
-        if name.startswith(prefix):
-            rows.append(
-                f"| {name} | {row['sparsity']:.3f} | {row['ssim']:.3f} | {row['psnr']:.1f} | {row['caption_accuracy']:.3f} |"
-            )
+def images(pipe, prompts, steps, seed):
+    out = pipe(prompt=prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    return out.images
+
+
+def score_plans(pipe, plans: dict[str, Plan], prompts, steps, references) -> dict[str, dict]:
+    """Per plan: sparsity and per-prompt SSIM / PSNR (means over seeds)."""
+    rows = {}
+    for name, plan in plans.items():
+        ditfastattn.apply(pipe, plan)
+        try:
+            scores = [per_image(images(pipe, prompts, steps, seed), reference) for seed, reference in references.items()]
+        finally:
+            ditfastattn.remove(pipe)
+        rows[name] = {
+            "sparsity": plan.summary(1024, 32)["sparsity"],
+            "ssim": np.mean([s for s, _ in scores], axis=0).tolist(),
+            "psnr": np.mean([p for _, p in scores], axis=0).tolist(),
+        }
     return rows
 
 
-def plot(all_results: dict, path: Path) -> None:
+def interpolate(points: list[tuple[float, np.ndarray]], at: float) -> np.ndarray | None:
+    """Per-resample values of a curve at sparsity ``at`` (None outside the curve's range).
+
+    ``points``: (sparsity, (resamples,) means); equal sparsities are averaged first."""
+    by_sparsity: dict[float, list[np.ndarray]] = {}
+    for sparsity, values in points:
+        by_sparsity.setdefault(round(sparsity, 6), []).append(values)
+    xs = sorted(by_sparsity)
+    if not xs or at < xs[0] - 1e-9 or at > xs[-1] + 1e-9:
+        return None
+    ys = np.stack([np.mean(by_sparsity[x], axis=0) for x in xs])  # (points, resamples)
+    return np.array([np.interp(at, xs, ys[:, r]) for r in range(ys.shape[1])])
+
+
+def matched(rows: dict[str, dict], groups: dict[str, list[str]], metric: str, resamples: int, seed: int = 0) -> dict:
+    """Interpolated curve values and paired differences at ``AT``, with 95% bootstrap intervals."""
+    prompts = len(next(iter(rows.values()))[metric])
+    index = np.random.default_rng(seed).integers(0, prompts, size=(resamples, prompts))
+    index = np.vstack([np.arange(prompts)[None, :], index])  # row 0: the sample itself
+    curves_at = {}
+    for group, names in groups.items():
+        points = [(rows[n]["sparsity"], np.asarray(rows[n][metric])[index].mean(axis=1)) for n in names]
+        curves_at[group] = {at: interpolate(points, at) for at in AT}
+
+    def summary(values):
+        if values is None:
+            return None
+        low, high = np.percentile(values[1:], [2.5, 97.5])
+        return {"mean": float(values[0]), "low": float(low), "high": float(high)}
+
+    table = {group: {str(at): summary(v) for at, v in per.items()} for group, per in curves_at.items()}
+    return {"curves": table, "values": curves_at}
+
+
+def differences(values: dict, first: str, second: str) -> dict:
+    out = {}
+    for at in AT:
+        a, b = values[first][at], values[second][at]
+        if a is None or b is None:
+            out[str(at)] = None
+            continue
+        diff = a - b
+        low, high = np.percentile(diff[1:], [2.5, 97.5])
+        out[str(at)] = {"mean": float(diff[0]), "low": float(low), "high": float(high)}
+    return out
+
+
+def run(kind: str, args, save) -> dict:
+    """Calibrate and score every curve of ``kind``; ``save(result)`` after each, so a run cut short
+    keeps what it finished."""
+    pipe = load_pipeline(kind, device=args.device, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    calibration = load_prompts("calibration")[: args.prompts]
+    heldout = heldout_prompts(args.heldout_seed)[: args.heldout]
+    base = SearchConfig(num_inference_steps=args.steps, candidates=SETS["AA+OC"], seed=0)
+    references = {seed: images(pipe, heldout, args.steps, seed) for seed in args.seeds}
+    started = time.perf_counter()
+    sensitivity = dict(calibrate(
+        pipe, calibration, dataclasses.replace(base, delta=0.0, sensitivity="measure"), progress=False
+    ).provenance["search"]["sensitivity"])
+    result = {"plans": {}, "groups": {}, "targets": {}, "sensitivity": sensitivity,
+              "sensitivity_seconds": round(time.perf_counter() - started, 1)}
+    print(f"  {kind} sensitivity ({result['sensitivity_seconds']} s): {sensitivity}", flush=True)
+
+    def changes_of(changes):
+        changes = {k: v for k, v in changes.items() if k != "deltas"}
+        return {**changes, "sensitivity": sensitivity} if changes.get("sensitivity") == "measured" else changes
+
+    def add(group, plans):
+        result["plans"].update(score_plans(pipe, plans, heldout, args.steps, references))
+        result["groups"][group] = list(plans)
+        save(result)
+
+    add("uniform window", {
+        f"uniform {w}": Plan.uniform(pipe.transformer, args.steps, w, num_image_tokens=1024, text_len=32) for w in UNIFORM
+    })
+    add("step cache", {f"step cache, every {k}": step_cache_plan(pipe.transformer, args.steps, k) for k in STEP_CACHE_PERIODS})
+    for name, changes in TARGET_CONFIGS.items():
+        for target in TARGETS:
+            config = dataclasses.replace(base, target_sparsity=target, **changes_of(changes))
+            plan = calibrate(pipe, calibration, config, progress=False)
+            result["targets"][f"{name}, target {target}"] = {
+                "target": target,
+                "sparsity": plan.summary()["sparsity"],
+                "first_pass_delta": plan.provenance["search"]["first_pass_delta"],
+                "delta": plan.provenance["search"]["delta"],
+                "predicted_sparsity": plan.provenance["search"]["predicted_sparsity"],
+            }
+        print(f"  {kind} targets: {result['targets']}", flush=True)
+    selected = [c.strip() for c in args.curves.split(";")] if args.curves else None
+    for curve, changes in curves(kind).items():
+        if selected is not None and curve not in selected:
+            continue
+        plans = {}
+        for delta in changes.get("deltas", args.deltas):
+            plans[f"{curve}, delta={delta:g}"] = calibrate(
+                pipe, calibration, dataclasses.replace(base, delta=delta, **changes_of(changes)), progress=False
+            )
+        add(curve, plans)
+        print(f"  {kind} {curve}: sparsities {[round(p.summary()['sparsity'], 3) for p in plans.values()]}", flush=True)
+    return result
+
+
+def statistics(result: dict, resamples: int) -> dict:
+    """Matched-sparsity tables and paired differences from a result's per-plan rows."""
+    rows, groups = result["plans"], result["groups"]
+    for metric in ("ssim", "psnr"):
+        stats = matched(rows, groups, metric, resamples)
+        result[metric] = stats["curves"]
+        result[f"{metric}_differences"] = {
+            f"{a} - {b}": differences(stats["values"], a, b)
+            for a in groups for b in groups if a != b and (a.startswith("head-wise") or a.startswith("generation"))
+            and (b.startswith("layer-wise") or b in ("uniform window", "step cache"))
+        }
+    return result
+
+
+def markdown(meta: dict, results: dict) -> str:
+    lines = [
+        f"Testbeds, {meta['steps']} steps, {meta['calibration_prompts']} calibration prompts, {meta['heldout']} held-out "
+        f"prompts (grammar seed {meta['heldout_seed']}) x seeds {meta['seeds']}, {meta['device']}, {meta['date']}.",
+        "SSIM against full attention, interpolated at matched attention sparsity; [95% bootstrap interval over prompts].",
+        "",
+    ]
+
+    def cell(value, digits=3):
+        return "-" if value is None else f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
+
+    for kind, result in results.items():
+        for metric, digits in (("ssim", 3), ("psnr", 1)):
+            lines += [f"### {kind}: {metric.upper()} at sparsity", "", "| curve | " + " | ".join(map(str, AT)) + " |",
+                      "|---" * (len(AT) + 1) + "|"]
+            for curve, per in result[metric].items():
+                lines.append(f"| {curve} | " + " | ".join(cell(per[str(at)], digits) for at in AT) + " |")
+            lines.append("")
+        lines += [f"### {kind}: SSIM differences (paired)", "", "| comparison | " + " | ".join(map(str, AT)) + " |",
+                  "|---" * (len(AT) + 1) + "|"]
+        for name, per in result["ssim_differences"].items():
+            lines.append(f"| {name} | " + " | ".join(cell(per[str(at)]) for at in AT) + " |")
+        lines += ["", f"### {kind}: target sparsity (two passes)", "", "| target | reached | first-pass delta | fitted delta | predicted |",
+                  "|---|---|---|---|---|"]
+        for target, row in result["targets"].items():
+            lines.append(f"| {target} | {row['sparsity']:.3f} | {row['first_pass_delta']:g} | {row['delta']:.4g} | {row['predicted_sparsity']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(all_results), figsize=(5.5 * len(all_results), 4), squeeze=False)
-    for axis, (kind, results) in zip(axes[0], all_results.items()):
-        for prefix, style in (("head delta", "o-"), ("layer delta", "s--"), ("uniform", "^:")):
-            points = sorted((r["sparsity"], r["psnr"]) for n, r in results.items() if n.startswith(prefix))
-            axis.plot(*zip(*points), style, label={"head delta": "head-wise search", "layer delta": "layer-wise search",
-                                                   "uniform": "uniform arrow window"}[prefix])
-        axis.set_title(f"{kind}-style testbed")
-        axis.set_xlabel("attention sparsity")
-        axis.set_ylabel("PSNR vs full attention (dB)")
-        axis.grid(alpha=0.3)
-        axis.legend()
+    shown = ("generation budget + sensitivity", "generation budget", "head-wise, c=none", "head-wise, c=1.5",
+             "layer-wise, generation budget", "layer-wise, c=none", "uniform window", "step cache")
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
+    for column, (kind, result) in enumerate(results.items()):
+        for row, metric in enumerate(("ssim", "psnr")):
+            axis = axes[row][column]
+            for curve in shown:
+                names = result["groups"].get(curve)
+                if not names:
+                    continue
+                points = sorted((result["plans"][n]["sparsity"], np.mean(result["plans"][n][metric])) for n in names)
+                axis.plot(*zip(*points), "o-" if curve.startswith("head") else "s--", label=curve, markersize=4)
+            axis.set_title(f"{kind} testbed")
+            axis.set_xlabel("attention sparsity")
+            axis.set_ylabel(f"{metric.upper()} vs full attention")
+            axis.set_xlim(0.2, 0.95)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--ablation-delta", type=float, default=0.4)
+    parser.add_argument("--prompts", type=int, default=8, help="calibration prompts (the bundled ones)")
+    parser.add_argument("--heldout", type=int, default=16, help="held-out prompts")
+    parser.add_argument("--heldout-seed", type=int, default=2026, help="grammar seed of the held-out prompts")
+    parser.add_argument("--seeds", default="1,2", help="generation seeds")
+    parser.add_argument("--deltas", default=",".join(map(str, DELTAS)))
+    parser.add_argument("--target-c", default="none", help="head coefficient of the target-sparsity check")
+    parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--kinds", default="sd3,flux")
+    parser.add_argument("--curves", default=None, help="';'-separated curve names to run (default: all)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--embeddings", type=Path, default=None, help="precomputed prompt embeddings")
     parser.add_argument("--save-embeddings", type=Path, default=None, help="write them and stop")
+    parser.add_argument("--render", type=Path, nargs="+", default=None,
+                        help="quality JSON files of single kinds: merge them into the tables and the plot, and stop")
     args = parser.parse_args()
     if args.save_embeddings:
-        save_embeddings(args.save_embeddings, args.prompts)
+        save_embeddings(args.save_embeddings, args.heldout_seed)
         return
+    out = Path(args.out)
+    if args.render:
+        loaded = [json.loads(path.read_text()) for path in args.render]
+        meta = {**loaded[0]["meta"], "seconds": sum(d["meta"]["seconds"] for d in loaded)}
+        merged: dict[str, dict] = {}
+        for data in loaded:  # later files add curves to (or replace curves of) earlier ones
+            for kind, result in data["results"].items():
+                into = merged.setdefault(kind, {"plans": {}, "groups": {}, "targets": {}})
+                for key in ("plans", "groups", "targets"):
+                    into[key].update(result.get(key, {}))
+                for key in ("sensitivity", "sensitivity_seconds"):
+                    if key in result:
+                        into[key] = result[key]
+        write(out, meta, {kind: statistics(r, args.resamples) for kind, r in merged.items()})
+        return
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.deltas = [float(d) for d in args.deltas.split(",")]
+    args.target_c = None if args.target_c.lower() == "none" else float(args.target_c)
     if args.embeddings:
         use_embeddings(args.embeddings)
-    out = Path(args.out)
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+
+    def meta():
+        return {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__,
+            "ditfastattn": ditfastattn.__version__,
+            "steps": args.steps,
+            "calibration_prompts": args.prompts,
+            "heldout": args.heldout,
+            "heldout_seed": args.heldout_seed,
+            "seeds": args.seeds,
+            "deltas": args.deltas,
+            "generation_deltas": GENERATION_DELTAS,
+            "resamples": args.resamples,
+            "candidates": SETS["AA+OC"],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+
+    for kind in args.kinds.split(","):
+        def save(result, kind=kind):
+            results[kind] = result
+            (out / "quality_partial.json").parent.mkdir(parents=True, exist_ok=True)
+            (out / "quality_partial.json").write_text(json.dumps({"meta": meta(), "results": results}, indent=1))
+
+        run(kind, args, save)
+    write(out, meta(), {kind: statistics(r, args.resamples) for kind, r in results.items()})
+
+
+def write(out: Path, meta: dict, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    all_results = {kind: run(kind, args) for kind in args.kinds.split(",")}
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "diffusers": diffusers.__version__,
-        "steps": args.steps,
-        "prompts": args.prompts,
-        "ablation_delta": args.ablation_delta,
-        "candidates": SETS["AA+OC"],
-    }
-    (out / "quality.json").write_text(json.dumps({"meta": meta, "results": all_results}, indent=1))
-    lines = [f"Testbeds, {args.steps} steps, {args.prompts} held-out prompts, {meta['device']}, {meta['date']}", ""]
-    for kind, results in all_results.items():
-        for title, prefix in (("delta sweep, head-wise", "head delta"), ("layer-wise", "layer delta"), ("uniform window", "uniform"), ("ablation", "ablation")):
-            rows = table(results, prefix)
-            if len(rows) > 3:
-                lines += [f"### {kind}: {title}", ""] + rows + [""]
-    (out / "quality.md").write_text("\n".join(lines))
-    plot(all_results, out / "quality_sparsity.png")
-    print("\n".join(lines))
+    (out / "quality.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    text = markdown(meta, results)
+    (out / "quality.md").write_text(text)
+    plot(results, out / "quality_sparsity.png")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def test_applied_plan_reproduces_calibration_bit_for_bit(kind, method_set, route
     if route_full:  # as on a GPU where dense SDPA beats the fused op's full mode
         monkeypatch.setattr(ditfastattn.runtime, "full_head_cost", lambda *args: 2.0)
     pipe = make_pipeline(kind)
-    search = config(kind, delta=0.1, candidates=ditfastattn.METHOD_SETS[method_set])
+    search = config(kind, delta=0.3, candidates=ditfastattn.METHOD_SETS[method_set])
     plan = ditfastattn.calibrate(pipe, prompts(kind), search, progress=False)
     calibrated = [(r["layer"], r["step"], r["out"]) for r in recorder]
     assert len(set(m for rows in plan.methods for heads in rows for m in heads)) > 2  # a real mix
@@ -218,3 +218,138 @@ def test_layer_granularity_picks_one_method_per_layer():
     plan = ditfastattn.calibrate(pipe, prompts("sd35"), config("sd35", delta=0.5, granularity="layer"), progress=False)
     assert all(len(set(heads)) == 1 for rows in plan.methods for heads in rows)
     assert plan.summary()["sparsity"] > 0
+
+
+def test_pooled_score_judges_heads_by_what_they_add_to_the_layer():
+    from ditfastattn._calibration_session import combine_scores, head_squared_errors, layer_variance
+
+    # Head 0 varies 50x more than head 1. The candidate adds 10x more squared error to head 0 than
+    # to head 1, which is 5x less than head 1's relative to each head's own variance.
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.randn(2, 96, 2, 8, generator=generator)
+    exact[:, :, 0] *= 50**0.5
+    noise = torch.randn(2, 96, 2, 8, generator=generator)
+    noise[:, :, 0] *= 10**0.5
+    candidate = exact + 0.1 * noise
+    errors = torch.stack([torch.zeros(2), head_squared_errors(candidate, exact)])
+    own_variance = (exact - exact.mean(dim=(0, 1, 3), keepdim=True)).pow(2).sum(dim=(0, 1, 3))
+    own = (errors[1] / own_variance).tolist()
+    assert own[0] < own[1] / 4  # the per-head measure would compress head 0
+    scores = combine_scores(errors, layer_variance(exact)).T.double().numpy()
+    assert scores[0, 1] > 8 * scores[1, 1]
+    assert scores[:, 1].sum() == pytest.approx(2 * errors[1].sum().item() / layer_variance(exact).item(), rel=1e-5)
+    delta = float(np.sqrt(scores[0, 1] * scores[1, 1]))  # room for one head: the one that adds less
+    choice = solve_layer(scores, np.array([[1.0, 0.2]] * 2), delta, None)
+    assert list(choice) == [0, 1]
+
+
+def test_scores_pool_the_calls_of_a_step():
+    from ditfastattn._calibration_session import combine_scores
+
+    errors, variance = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, 4.0]]), torch.tensor(10.0)
+    later = (torch.tensor([[0.0, 0.0], [5.0, 6.0], [float("nan")] * 2]), torch.tensor(30.0))
+    pooled = combine_scores(errors, variance, [later])
+    # measured in both calls: summed errors over summed variance, times the 2 heads
+    assert pooled[1].tolist() == pytest.approx([2 * 6.0 / 40, 2 * 8.0 / 40])
+    # not measurable in the later call yet: this call's error, scaled to the later call's variance
+    assert pooled[2].tolist() == pytest.approx([2 * (3.0 + 9.0) / 40, 2 * (4.0 + 12.0) / 40])
+    assert combine_scores(errors, variance)[1].tolist() == pytest.approx([0.2, 0.4])
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_layer_wise_solves_the_same_program_with_one_method_per_layer(seed):
+    from ditfastattn.search import solve_layer_uniform
+
+    rng = np.random.default_rng(seed)
+    heads, candidates = int(rng.integers(2, 7)), int(rng.integers(2, 5))
+    rse = rng.uniform(0, 0.4, (heads, candidates))
+    rse[:, 0] = 0.0
+    cost = np.tile(np.concatenate([[1.0], rng.uniform(0, 1, candidates - 1)]), (heads, 1))
+    delta, c = float(rng.uniform(0.1, 1.5)), [None, 1.5][seed % 2]
+    uniform = solve_layer_uniform(rse, cost, delta, c)
+    assert len(set(uniform)) == 1
+    picked = rse[np.arange(heads), uniform]
+    assert picked.sum() <= delta and (c is None or (picked <= c * delta / heads).all())
+    feasible = [
+        m for m in range(candidates)
+        if rse[:, m].sum() <= delta and (c is None or (rse[:, m] <= c * delta / heads).all())
+    ]
+    assert cost[0, uniform[0]] == min(cost[0, m] for m in feasible)
+    head = solve_layer(rse, cost, delta, c)  # a superset of choices: never costlier
+    assert cost[np.arange(heads), head].sum() <= cost[np.arange(heads), uniform].sum() + 1e-9
+
+
+def test_target_sparsity_lands_within_tolerance():
+    pipe = make_pipeline("flux")
+    search = config("flux", target_sparsity=0.45, head_coefficient=None, num_inference_steps=12)
+    plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    assert abs(plan.summary()["sparsity"] - 0.45) <= 0.02
+    provenance = plan.provenance["search"]
+    assert provenance["target_sparsity"] == 0.45 and provenance["first_pass_delta"] == search.delta
+    assert provenance["delta"] != search.delta
+    speedup = ditfastattn.calibrate(
+        pipe, prompts("flux"), config("flux", target_speedup=1 / 0.55, head_coefficient=None, num_inference_steps=12),
+        progress=False,
+    )
+    assert speedup.methods == plan.methods
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"target_sparsity": 1.0}, "target_sparsity must be in"),
+        ({"target_speedup": 0.9}, "target_speedup must be"),
+        ({"target_sparsity": 0.5, "target_speedup": 2.0}, "not both"),
+        ({"sensitivity": "guess"}, "sensitivity must be"),
+        ({"sensitivity": {"a": -1.0}}, "weights must be numbers > 0"),
+    ],
+)
+def test_bad_targets_and_sensitivity(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SearchConfig(**kwargs)
+
+
+def test_a_heavier_layer_weight_keeps_that_layer_more_exact():
+    pipe = make_pipeline("flux")
+    names = ditfastattn.calibrate(pipe, prompts("flux"), config("flux", delta=0.0), progress=False).layer_names
+    sparsity = {}
+    for heavy in (1.0, 30.0):
+        weights = {name: (heavy if i == 0 else 1.0) for i, name in enumerate(names)}
+        plan = ditfastattn.calibrate(pipe, prompts("flux"), config("flux", delta=0.5, sensitivity=weights), progress=False)
+        sparsity[heavy] = plan.summary()["sparsity_per_layer"]
+        assert plan.provenance["search"]["sensitivity"] == weights
+    assert sparsity[30.0][names[0]] < sparsity[1.0][names[0]]
+    with pytest.raises(ValueError, match="no weight for 1 of the model's layers"):
+        ditfastattn.calibrate(
+            pipe, prompts("flux"), config("flux", sensitivity={n: 1.0 for n in names[1:]}), progress=False
+        )
+
+
+def test_measured_sensitivity_finds_a_layer_whose_output_is_discarded():
+    pipe = make_pipeline("sd3")
+    first = pipe.transformer.transformer_blocks[0].attn
+    with torch.no_grad():  # the first layer's attention reaches nothing downstream
+        for linear in (first.to_out[0], first.to_add_out):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    plan = ditfastattn.calibrate(pipe, prompts("sd3"), config("sd3", delta=0.0, sensitivity="measure"), progress=False)
+    weights = plan.provenance["search"]["sensitivity"]
+    names = plan.layer_names
+    assert weights[names[0]] < 1e-3 < 1.0 < weights[names[1]]
+    assert np.exp(np.mean(np.log(list(weights.values())))) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_true_cfg_calibration_scores_both_calls_and_replays_bit_for_bit(recorder):
+    pipe = make_pipeline("flux")
+    cfg_prompts = [{**embeds(1, seed=i), **negative_embeds(1, seed=20 + i)} for i in range(2)]
+    search = config("flux", delta=0.3, pipeline_kwargs={"true_cfg_scale": 2.0})
+    plan = ditfastattn.calibrate(pipe, cfg_prompts, search, progress=False)
+    calibrated = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
+    assert {call for _, _, call, _ in calibrated} == {0, 1}
+    recorder.clear()
+    ditfastattn.apply(pipe, plan)
+    merged, _ = prompt_kwargs(cfg_prompts)
+    run_pipeline(pipe, steps=STEPS, batch=2, **SIZE, **merged, true_cfg_scale=2.0)
+    applied = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
+    assert [a[:3] for a in applied] == [c[:3] for c in calibrated]
+    assert all(torch.equal(a[3], c[3]) for a, c in zip(applied, calibrated))

@@ -1,17 +1,20 @@
 """Calibration: one denoising run that picks every head's method, layer by layer, step by step.
 
 At every step after the first, each attention layer (in execution order) computes its exact
-output and every candidate's output, scores each head by the relative squared error of the layer's
-own output, and solves the head-wise integer program (:mod:`ditfastattn.search`). The chosen,
-compressed output is what flows on, so later layers and steps see what inference will see.
+output and every candidate's output, scores each head by its share of the layer's relative squared
+error (the head's squared error over the layer's variance, times the head count), and solves the
+head-wise integer program (:mod:`ditfastattn.search`). The chosen, compressed output is what flows
+on, so later layers and steps see what inference will see. When a step calls the transformer more
+than once (true CFG), every call is scored: the decision, made at the step's first call, adds the
+errors each later call measured at the previous step, the latest it can know.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -19,13 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import ops
-from ._geometry import MODE_SKIP
+from ._calibration_session import run_pass
 from .adapters import adapter_for, check_cfg_sharing
-from .methods import Method, parse_method
+from .methods import parse_method
 from .plan import Plan
-from .runtime import LayerRuntime, Session, _Buffers, _transformer_of, compile_row, install, uninstall
-from .search import solve_layer
+from .runtime import _transformer_of
+from .search import choose, fit_delta
 
 logger = logging.getLogger("ditfastattn")
 
@@ -48,8 +50,15 @@ class SearchConfig:
     """Settings of :func:`calibrate`.
 
     Attributes:
-        delta: RSE budget per layer and step (sum over heads). 0 keeps everything full.
-        head_coefficient: ``c`` in the per-head bound ``rse <= c * delta / heads``; None disables it.
+        delta: error budget per layer and step: the sum over heads of each head's score, where a
+            head's score is its squared error over the layer's variance times the head count (so
+            the sum is the head count times the layer's relative squared error). 0 keeps
+            everything full. With a target, the first pass's budget.
+        target_sparsity: instead of a bare delta, the attention sparsity to reach (0 < t < 1):
+            a first pass at ``delta`` records every candidate's scores, the budget that meets the
+            target on those scores is solved for, and a second pass calibrates with it.
+        target_speedup: the same, as the ideal attention speed-up ``1 / (1 - sparsity)``.
+        head_coefficient: ``c`` in the per-head bound ``score <= c * delta / heads``; None disables it.
         candidates: method names to choose from; must include ``full``. See ``METHOD_SETS`` for
             the paper's ablation sets ("aa", "aa+oc", "aa+oc+cfg", "aa+oc+rs", "aa+oc+cfg+rs").
         num_inference_steps, height, width, guidance_scale: passed to the pipeline (None: its default).
@@ -58,7 +67,17 @@ class SearchConfig:
             exact attention-FLOP share from the block geometry.
         impl: attention op implementation (see :data:`ditfastattn.ops.IMPLEMENTATIONS`).
         granularity: ``"head"`` (the method) or ``"layer"``: one method for all heads of a layer
-            at a step, with the same budget; a baseline for comparisons.
+            at a step, under the same budget and per-head bound; a baseline for comparisons.
+        budget: ``"layer"`` (the paper: ``delta`` bounds every layer at every step) or
+            ``"generation"``: one exchange rate for all layers and steps, each head taking the
+            candidate that minimises ``cost + score / delta`` (the Lagrangian of a single error
+            budget over the whole generation; see :func:`ditfastattn.search.solve_priced`).
+            Larger ``delta`` still compresses more; best used with a target.
+        sensitivity: how much each layer's local error matters downstream. ``"measure"`` probes
+            it first (one extra denoising pass per layer, see :mod:`ditfastattn.sensitivity`); a
+            dict ``{layer name: weight}`` (for example a calibrated plan's
+            ``provenance["search"]["sensitivity"]``) reuses a measurement. Each layer's scores
+            are multiplied by its weight, so sensitive layers get less of the budget. None: all 1.
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
@@ -68,6 +87,8 @@ class SearchConfig:
     """
 
     delta: float = 0.2
+    target_sparsity: float | None = None
+    target_speedup: float | None = None
     head_coefficient: float | None = 1.5
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     num_inference_steps: int = 50
@@ -78,14 +99,32 @@ class SearchConfig:
     costs: dict[str, float] | None = None
     impl: str = "auto"
     granularity: str = "head"
+    budget: str = "layer"
     offload_outputs: bool | None = None
+    sensitivity: str | dict[str, float] | None = None
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if not (isinstance(self.delta, (int, float)) and self.delta >= 0):
             raise ValueError(f"delta must be a number >= 0; got {self.delta!r}")
+        if self.target_sparsity is not None and self.target_speedup is not None:
+            raise ValueError("give target_sparsity or target_speedup, not both")
+        if self.target_sparsity is not None and not 0 < self.target_sparsity < 1:
+            raise ValueError(f"target_sparsity must be in (0, 1); got {self.target_sparsity!r}")
+        if self.target_speedup is not None and not self.target_speedup > 1:
+            raise ValueError(f"target_speedup must be > 1; got {self.target_speedup!r}")
+        if not (self.sensitivity is None or self.sensitivity == "measure" or isinstance(self.sensitivity, dict)):
+            raise ValueError(f"sensitivity must be None, 'measure' or a dict of layer weights; got {self.sensitivity!r}")
+        if isinstance(self.sensitivity, dict) and not all(
+            isinstance(w, (int, float)) and w > 0 for w in self.sensitivity.values()
+        ):
+            raise ValueError("sensitivity weights must be numbers > 0")
         if self.head_coefficient is not None and not self.head_coefficient > 0:
             raise ValueError(f"head_coefficient must be > 0 or None; got {self.head_coefficient!r}")
+        if self.budget not in ("layer", "generation"):
+            raise ValueError(f"budget must be 'layer' or 'generation'; got {self.budget!r}")
+        if self.budget == "generation" and self.head_coefficient is not None:
+            raise ValueError("budget='generation' prices every head on its own: set head_coefficient=None")
         if self.granularity not in ("head", "layer"):
             raise ValueError(f"granularity must be 'head' or 'layer'; got {self.granularity!r}")
         if self.num_inference_steps < 1:
@@ -98,6 +137,13 @@ class SearchConfig:
             unknown = set(map(lambda n: parse_method(n).name, self.costs)) - set(names)
             if unknown:
                 raise ValueError(f"costs name methods that are not candidates: {sorted(unknown)}")
+
+    @property
+    def target(self) -> float | None:
+        """The sparsity to reach, from either target; None for a bare delta."""
+        if self.target_speedup is not None:
+            return 1.0 - 1.0 / self.target_speedup
+        return self.target_sparsity
 
     @classmethod
     def from_method_set(cls, name: str, **kwargs) -> "SearchConfig":
@@ -134,314 +180,59 @@ def prompt_kwargs(prompts: Sequence[str | dict]) -> tuple[dict[str, Any], str]:
     return merged, digest.hexdigest()
 
 
-class _HostOutputs:
-    """Layer outputs parked in host memory between denoising steps (pinned, async on CUDA).
-
-    The host queues layers faster than the GPU runs them, so copies out are bounded: each
-    output stays referenced until its copy is done, and at most ``IN_FLIGHT`` are pending.
-    """
-
-    IN_FLIGHT = 2
-
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.host: dict[tuple[int, int], torch.Tensor] = {}
-        self.loading: dict[tuple[int, int], tuple[torch.Tensor, torch.cuda.Event | None]] = {}
-        self.storing: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
-
-    def store(self, key: tuple[int, int], tensor: torch.Tensor) -> None:
-        host = self.host.get(key)
-        if host is None or host.shape != tensor.shape or host.dtype != tensor.dtype:
-            host = self.host[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.stream is not None)
-        if self.stream is None:
-            host.copy_(tensor)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(self.stream):
-            host.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        self.storing.append((tensor, done))
-        while len(self.storing) > self.IN_FLIGHT:
-            self.storing.popleft()[1].synchronize()
-
-    def prefetch(self, key: tuple[int, int], device: torch.device) -> None:
-        if key in self.loading or key not in self.host:
-            return
-        host = self.host[key]
-        out = torch.empty(host.shape, dtype=host.dtype, device=device)
-        event = None
-        if self.stream is None:
-            out.copy_(host)
-        else:
-            # `out` may reuse memory that queued compute still reads: the copy waits for it.
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(self.stream):
-                out.copy_(host, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-        self.loading[key] = (out, event)
-
-    def take(self, key: tuple[int, int], device: torch.device) -> torch.Tensor | None:
-        self.prefetch(key, device)
-        if key not in self.loading:
-            return None
-        out, event = self.loading.pop(key)
-        if event is not None:
-            torch.cuda.current_stream(device).wait_event(event)
-        return out
-
-
-class _CalibrationSession(Session):
-    """A session whose plan rows are decided on the fly from the candidates' errors."""
-
-    def __init__(self, transformer, plan, adapter, impl, *, config: SearchConfig, progress: tqdm | None):
-        super().__init__(transformer, plan, adapter, impl)
-        self.config = config
-        self.candidates: list[Method] = [parse_method(name) for name in config.candidates]
-        self.progress = progress
-        shape = (plan.num_steps, len(plan.model.layers), max(l.heads for l in plan.model.layers), len(self.candidates))
-        self.rse = np.full(shape, np.nan)
-        self.decided: set[tuple[int, int]] = set()
-        self.compiled: dict[tuple[int, int, int, torch.device], Any] = {}
-        self.residuals: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
-        self.locked: dict[tuple[int, int], float] = {}  # (layer, head) -> residual window since last full
-        self.geometry: tuple[int, int] | None = None
-        self._stock: torch.Tensor | None = None  # the exact output of the layer just decided
-        self.offload: _HostOutputs | None = None
-        self._offload_decided = config.offload_outputs is False
-
-    # decisions -----------------------------------------------------------------------------
-    def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense):
-        key = (self.step, layer.index)
-        self._stock = None
-        if self.offload is not None and self.step > 0:
-            restored = self.offload.take((layer.index, self.call), q.device)
-            if restored is not None:
-                layer.slots.setdefault(self.call, _Buffers()).out = restored
-            if layer.index + 1 < len(self.layers) or self.step < self.plan.num_steps - 1:
-                self.offload.prefetch(((layer.index + 1) % len(self.layers), self.call), q.device)
-        if self.step > 0 and key not in self.decided:
-            self._decide(layer, q, k, v, text_start, text_len, dense)
-        image_tokens = q.shape[1] - text_len
-        if self.geometry is None and text_len:
-            self.geometry = (image_tokens, text_len)
-        methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
-        route_full = self.route_full(q, k, v, text_start, text_len)
-        compiled_key = (self.step, layer.index, image_tokens, q.device, route_full)
-        if compiled_key not in self.compiled:
-            capture = [MODE_SKIP] * len(methods)
-            self.compiled[compiled_key] = compile_row(
-                methods, keep=True, capture=capture, num_image_tokens=image_tokens, device=q.device, route_full=route_full
-            )
-        row = self.compiled[compiled_key]
-        if row.residual_add is not None:
-            self._load_residuals(layer, methods, image_tokens)
-        return row
-
-    def _candidate_outputs(self, layer: LayerRuntime, q, k, v, text_start, text_len, exact):
-        """Yield (candidate index, output) one at a time, so memory stays bounded."""
-        image_tokens = q.shape[1] - text_len
-        heads = q.shape[2]
-        slot = layer.slots[self.call]
-        residuals = self.residuals.get((layer.index, self.call), {})
-        by_mode: dict[int, list[int]] = {}
-        for index, method in enumerate(self.candidates):
-            if method.kind == "cache":
-                yield index, slot.out
-            else:
-                by_mode.setdefault(method.mode(image_tokens), []).append(index)
-        for mode, indices in by_mode.items():
-            if mode < 0:
-                if all(self.candidates[i].name == "full" for i in indices):
-                    continue  # exact by definition: its error row stays 0
-                base = exact
-            else:
-                modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
-                base = ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, impl=self.impl)
-            for index in indices:
-                method = self.candidates[index]
-                out = base
-                if method.kind == "arrow_residual":
-                    out = base + residuals[mode]
-                if method.cfg_share:
-                    half = out.shape[0] // 2
-                    out = torch.cat([out[half:], out[half:]], dim=0)
-                yield index, out
-
-    def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> None:
-        step, index, heads = self.step, layer.index, q.shape[2]
-        if q.shape[0] % 2 and any(m.cfg_share for m in self.candidates):
-            raise ValueError(
-                f"cfg_share candidates need a CFG batch [unconditional; conditional]; {layer.name} got batch "
-                f"{q.shape[0]}: set guidance_scale > 1 or drop the cfg_share candidates"
-            )
-        image_tokens, layer_text = q.shape[1] - text_len, text_len
-        stock = dense()
-        exact = stock.float()
-        variance = (exact - exact.mean(dim=(0, 1, 3), keepdim=True)).pow(2).sum(dim=(0, 1, 3))
-        variance = variance.clamp_min(torch.finfo(torch.float32).tiny)
-        # Errors stay on the device until all candidates are scored: one host read per layer-step.
-        errors = torch.zeros(len(self.candidates), heads, dtype=torch.float32, device=q.device)
-        for candidate, out in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
-            errors[candidate] = (out.float() - exact).pow(2).sum(dim=(0, 1, 3)) / variance
-        rse = errors.T.double().cpu().numpy()
-        cost = np.array([self._cost(m, image_tokens, layer_text) for m in self.candidates])[None, :].repeat(heads, 0)
-        allowed = self._allowed(index, heads, image_tokens)
-        if self.config.granularity == "layer":
-            choice = self._layer_choice(rse, cost, allowed)
-        else:
-            choice = solve_layer(rse, cost, self.config.delta, self.config.head_coefficient, allowed)
-        chosen = [self.candidates[c] for c in choice]
-        for head, method in enumerate(chosen):
-            if method.kind == "full" and not method.cfg_share:
-                self.locked.pop((index, head), None)
-            elif method.kind == "arrow_residual":
-                self.locked[(index, head)] = method.fraction
-        self.plan.methods[step][index] = [m.name for m in chosen]
-        self._stock = stock
-        self.rse[step, index, :heads] = rse
-        self.decided.add((step, index))
-        if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(step=step, refresh=False)
-
-    def _layer_choice(self, rse: np.ndarray, cost: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        """The cheapest single method for all heads whose summed error fits the budget."""
-        fits = allowed.all(axis=0) & (rse.sum(axis=0) <= self.config.delta)
-        total = np.where(fits, cost.sum(axis=0) + 1e-7 * rse.sum(axis=0), np.inf)
-        return np.full(rse.shape[0], int(np.argmin(total)))
-
-    def _cost(self, method: Method, image_tokens: int, text_len: int) -> float:
-        if self.config.costs is not None and method.name in self.config.costs:
-            return float(self.config.costs[method.name])
-        return method.cost(image_tokens, text_len)
-
-    def _allowed(self, layer: int, heads: int, image_tokens: int) -> np.ndarray:
-        allowed = np.ones((heads, len(self.candidates)), dtype=bool)
-        seen: set[tuple] = set()
-        for index, method in enumerate(self.candidates):
-            # Windows that round to the same blocks at this resolution are one candidate.
-            signature = (method.kind, method.cfg_share, method.mode(image_tokens))
-            if signature in seen:
-                allowed[:, index] = False
-            seen.add(signature)
-            if method.kind == "arrow_residual":
-                for head in range(heads):
-                    locked = self.locked.get((layer, head))
-                    allowed[head, index] &= locked is None or locked == method.fraction
-        return allowed
-
-    def dense(self, layer: LayerRuntime, dense) -> torch.Tensor:
-        stock, self._stock = self._stock, None
-        return stock if stock is not None else dense()
-
-    # residuals -----------------------------------------------------------------------------
-    def _residual_modes(self, image_tokens: int) -> set[int]:
-        return {m.mode(image_tokens) for m in self.candidates if m.kind == "arrow_residual"}
-
-    def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
-        self._keep_residuals(layer, q, k, v, out, text_start, text_len)
-        if not self._offload_decided:
-            self._decide_offload(layer.slots[self.call].out)
-        if self.offload is not None:
-            slot = layer.slots[self.call]
-            if self.step < self.plan.num_steps - 1:  # the last step's outputs are never read
-                self.offload.store((layer.index, self.call), slot.out)
-            slot.out = None
-
-    def _decide_offload(self, output: torch.Tensor) -> None:
-        self._offload_decided = True
-        need = output.nbytes * len(self.layers)
-        offload = self.config.offload_outputs
-        if offload is None and output.device.type == "cuda":
-            free = torch.cuda.mem_get_info(output.device)[0]
-            offload = need > free / 2
-            logger.info(
-                "ditfastattn calibrate: previous-step outputs need %.1f GiB, %.1f GiB free on the GPU: %s",
-                need / 2**30, free / 2**30, "kept in host memory" if offload else "kept on the GPU",
-            )
-        if offload:
-            self.offload = _HostOutputs(output.device)
-
-    def _keep_residuals(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
-        """Keep full - arrow for every residual window on heads that ran plain full at this step."""
-        windows = self._residual_modes(q.shape[1] - text_len)
-        if not windows:
-            return
-        methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
-        full = [m.kind == "full" and not m.cfg_share for m in methods]
-        if not any(full):
-            return
-        mask = torch.tensor(full, device=q.device).view(1, 1, -1, 1)
-        store = self.residuals.setdefault((layer.index, self.call), {})
-        for mode in windows:
-            modes = torch.tensor([mode if f else MODE_SKIP for f in full], dtype=torch.int32, device=q.device)
-            arrow = torch.empty_like(out)
-            ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, out=arrow, impl=self.impl)
-            previous = store.get(mode)
-            store[mode] = torch.where(mask, out - arrow, previous if previous is not None else torch.zeros_like(out))
-
-    def _load_residuals(self, layer: LayerRuntime, methods: list[Method], image_tokens: int) -> None:
-        store = self.residuals[(layer.index, self.call)]
-        slot = layer.slots[self.call]
-        residual = None
-        for mode in {m.mode(image_tokens) for m in methods if m.kind == "arrow_residual"}:
-            mask = torch.tensor(
-                [m.kind == "arrow_residual" and m.mode(image_tokens) == mode for m in methods], device=store[mode].device
-            ).view(1, 1, -1, 1)
-            residual = torch.where(mask, store[mode], residual if residual is not None else torch.zeros_like(store[mode]))
-        slot.residual = residual
-
-    def _start_generation(self) -> None:
-        super()._start_generation()
-        self.residuals.clear()
-
-    def end_call(self, module, args, kwargs, output) -> None:
-        super().end_call(module, args, kwargs, output)
-        if self.step == self.plan.num_steps - 1:
-            for key in [key for key in self.residuals if key[1] == self.call]:
-                del self.residuals[key]
-
-
 def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None = None, *, progress: bool = True) -> Plan:
     """Search a head-wise plan for ``pipe`` on ``prompts`` (strings, or dicts of pipeline kwargs).
 
     Runs one denoising pass over all prompts as one batch, deciding every layer at every step
-    after the first. Returns a :class:`Plan` that keeps the per-head RSE of every candidate, the
-    settings, and a hash of the prompts. Applying it with :func:`ditfastattn.apply` to the same
-    prompts and seed reproduces the calibration run's outputs bit for bit.
+    after the first (two passes with a target; one more per layer with ``sensitivity="measure"``).
+    Returns a :class:`Plan` that keeps every candidate's per-head scores, the settings, and a hash
+    of the prompts. Applying it with :func:`ditfastattn.apply` to the same prompts and seed
+    reproduces the calibration run's outputs bit for bit.
     """
     config = config or SearchConfig()
     transformer, pipeline = _transformer_of(pipe)
     if pipeline is None:
         raise TypeError("calibrate needs the pipeline (it runs a denoising pass), not only its transformer")
+    if isinstance(prompts, str):
+        prompts = [prompts]
     kwargs, prompts_hash = prompt_kwargs(prompts)
     adapter = adapter_for(transformer)
     check_cfg_sharing(adapter, config.candidates)
     spec = adapter.describe(transformer)
-    steps = config.num_inference_steps
-    initial = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
-    bar = tqdm(total=(steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress)
-
-    def make_session(transformer, plan, adapter, impl):
-        return _CalibrationSession(transformer, plan, adapter, impl, config=config, progress=bar)
-
-    session = install(pipe, initial, config.impl, session_cls=make_session)
     call = dict(config.pipeline_kwargs)
     call.update(kwargs)
     for name in ("height", "width", "guidance_scale"):
         if getattr(config, name) is not None:
             call[name] = getattr(config, name)
-    try:
-        with torch.no_grad():
-            pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(config.seed), output_type="pt", **call)
-    finally:
-        uninstall(pipe)
-        bar.close()
-    missing = (steps - 1) * len(spec.layers) - len(session.decided)
-    if missing:
-        raise RuntimeError(f"calibration decided only {len(session.decided)} layer-steps; {missing} were never run")
+    sensitivity = config.sensitivity
+    if sensitivity == "measure":
+        from .sensitivity import measure_sensitivity
+
+        sensitivity = measure_sensitivity(pipe, spec, call, config, progress=progress)
+    weights = _layer_weights(sensitivity, spec)
+    steps = config.num_inference_steps
+    passes = 1 if config.target is None else 2
+    fitted = predicted = None
+    with tqdm(
+        total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
+    ) as bar:
+        session, _ = run_pass(pipe, spec, call, config, bar, weights=weights)
+        if config.target is not None:
+            first = session
+
+            def predict(delta):
+                return predicted_sparsity(first, spec, config, delta)
+
+            fitted = fit_delta(predict, config.target, config.delta)
+            predicted = predict(fitted)
+            logger.info(
+                "ditfastattn calibrate: first pass at delta %.4g; delta %.4g meets sparsity %.3f on its scores (%.3f)",
+                config.delta, fitted, config.target, predicted,
+            )
+            controller = TargetController(first, spec, config, fitted)
+            session, _ = run_pass(
+                pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights, delta_for_step=controller
+            )
     image_tokens, text_len = session.geometry or (None, None)
     provenance = {
         "source": "calibrate",
@@ -456,18 +247,144 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         "num_image_tokens": image_tokens,
         "text_len": text_len,
         "search": {
-            "delta": config.delta,
+            "delta": config.delta if fitted is None else fitted,
+            "score": "head squared error / layer variance x heads",
             "head_coefficient": config.head_coefficient,
             "candidates": list(config.candidates),
             "costs": config.costs,
             "impl": config.impl,
             "granularity": config.granularity,
+            "budget": config.budget,
+            "sensitivity": sensitivity,
         },
     }
+    if config.target is not None:
+        provenance["search"].update(
+            {
+                "target_sparsity": config.target,
+                "first_pass_delta": config.delta,
+                "predicted_sparsity": predicted,
+                "delta_per_step": [round(session.step_delta.get(step, 0.0), 6) for step in range(steps)],
+            }
+        )
     scores = {"metric": "rse", "candidates": list(config.candidates), "rse": _scores(session.rse, spec)}
     plan = Plan(spec, session.plan.methods, provenance, scores)
-    logger.info("ditfastattn: calibrated %s, attention sparsity %.3f", plan, plan.summary()["sparsity"])
+    sparsity = plan.summary()["sparsity"]
+    if config.target is not None and abs(sparsity - config.target) > 0.02:
+        logger.warning(
+            "ditfastattn calibrate: sparsity %.3f misses the target %.3f by more than 0.02 (the second pass's "
+            "activations differ from the first's); calibrate again with delta=%.4g as the starting point",
+            sparsity, config.target, fitted,
+        )
+    logger.info("calibrated %s, attention sparsity %.3f", plan, sparsity)
     return plan
+
+
+def _layer_weights(sensitivity: dict[str, float] | None, spec) -> np.ndarray:
+    names = [layer.name for layer in spec.layers]
+    if sensitivity is None:
+        return np.ones(len(names))
+    missing = [name for name in names if name not in sensitivity]
+    if missing:
+        raise ValueError(
+            f"sensitivity has no weight for {len(missing)} of the model's layers (first: {missing[0]!r}); "
+            "measure it for this model with sensitivity='measure'"
+        )
+    return np.array([float(sensitivity[name]) for name in names])
+
+
+# Layer-steps re-solved per predicted sparsity; more are subsampled by step.
+_PREDICT_LAYER_STEPS = 600
+
+
+def _sampled_steps(steps: int, layers: int) -> list[int]:
+    stride = max(1, -(-((steps - 1) * layers) // _PREDICT_LAYER_STEPS))
+    return list(range(1, steps, stride))
+
+
+def _solve_step(session, spec, config: SearchConfig, step: int, delta: float) -> list[list[str]]:
+    """Every layer of ``step`` re-solved at ``delta`` on a finished pass's scores."""
+    image_tokens, text_len = session.geometry
+    candidates = session.candidates
+    rows = []
+    for index, layer in enumerate(spec.layers):
+        layer_text = text_len if layer.text else 0
+        rse = session.rse[step, index, : layer.heads]
+        cost = np.array([session._cost(m, image_tokens, layer_text) for m in candidates])[None, :].repeat(layer.heads, 0)
+        allowed = np.isfinite(rse)
+        seen = set()
+        for c, method in enumerate(candidates):
+            signature = (method.kind, method.cfg_share, method.mode(image_tokens))
+            allowed[:, c] &= signature not in seen
+            seen.add(signature)
+        rows.append([candidates[c].name for c in choose(rse, cost, delta, config, allowed)])
+    return rows
+
+
+def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int) -> float:
+    """Fraction of one step's attention FLOPs that ``rows`` (one list of methods per layer) remove."""
+    kept = total = 0.0
+    for layer, methods in zip(spec.layers, rows):
+        tokens = image_tokens + (text_len if layer.text else 0)
+        layer_text = text_len if layer.text else 0
+        per_head = float(tokens * tokens * layer.head_dim)
+        total += per_head * layer.heads
+        kept += per_head * sum(parse_method(m).cost(image_tokens, layer_text) for m in methods)
+    return 1.0 - kept / total
+
+
+class TargetController:
+    """The second pass's budget per step, so that the plan's sparsity lands on the target.
+
+    The first pass's scores predict each step's sparsity at any budget, but they were measured on
+    its own trajectory (a cache head after a cached step reuses an older output, so cache errors
+    depend on how much the first pass cached), so the prediction drifts. At each step the
+    controller scales the prediction for the remaining steps by how the steps already decided
+    compare with their prediction, and picks the budget that meets what the target still needs.
+    """
+
+    GRID = 2.0 ** np.linspace(-5, 5, 41)
+
+    def __init__(self, first, spec, config: SearchConfig, fitted: float):
+        self.spec, self.target = spec, config.target
+        self.geometry = first.geometry
+        steps = first.plan.num_steps
+        sampled = _sampled_steps(steps, len(spec.layers))
+        self.deltas = fitted * self.GRID
+        table = np.array(
+            [[step_sparsity(spec, _solve_step(first, spec, config, step, d), *self.geometry) for d in self.deltas] for step in sampled]
+        )
+        # Steps between samples take the nearest sample's row; step 0 always computes everything.
+        self.predicted = np.zeros((steps, len(self.deltas)))
+        for step in range(1, steps):
+            self.predicted[step] = table[int(np.argmin([abs(step - s) for s in sampled]))]
+        self.realized: dict[int, float] = {}
+
+    def __call__(self, step: int, session) -> float:
+        for done in range(1, step):
+            if done not in self.realized:
+                self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry)
+        steps = self.predicted.shape[0]
+        done = list(range(1, step))
+        used = [int(np.argmin(abs(self.deltas - session.step_delta[t]))) for t in done]
+        predicted_done = sum(self.predicted[t, g] for t, g in zip(done, used))
+        realized_done = sum(self.realized[t] for t in done)
+        scale = realized_done / predicted_done if predicted_done > 1e-9 and realized_done > 1e-9 else 1.0
+        needed = self.target * steps - realized_done
+        rest = scale * self.predicted[step:].sum(axis=0)  # (grid,), non-decreasing in delta
+        return float(self.deltas[int(np.argmin(abs(rest - needed)))])
+
+
+def predicted_sparsity(session, spec, config: SearchConfig, delta: float) -> float:
+    """Sparsity the program would reach at ``delta`` on a finished pass's scores.
+
+    Every layer-step is re-solved (steps subsampled evenly when there are more than
+    ``_PREDICT_LAYER_STEPS`` layer-steps, each standing for the steps up to the next).
+    """
+    steps = session.plan.num_steps
+    sampled = _sampled_steps(steps, len(spec.layers))
+    per_step = {step: step_sparsity(spec, _solve_step(session, spec, config, step, delta), *session.geometry) for step in sampled}
+    return sum(per_step[max(s for s in sampled if s <= step)] for step in range(1, steps)) / steps
 
 
 def _scores(rse: np.ndarray, spec) -> list:

@@ -112,6 +112,21 @@ def cmd_inspect(args) -> None:
         print(f"heatmap: {png}")
 
 
+def _sensitivity(value: str | None):
+    """``measure``, or a calibrated plan whose measured layer weights are reused."""
+    from .plan import Plan
+
+    if value is None or value == "measure":
+        return value
+    try:
+        weights = Plan.load(value).provenance.get("search", {}).get("sensitivity")
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(f"--sensitivity: {err}") from err
+    if not weights:
+        raise CliError(f"--sensitivity: {value} holds no measured layer weights; calibrate with --sensitivity measure")
+    return weights
+
+
 def _search_config(args):
     from .calibration import SearchConfig
 
@@ -125,6 +140,9 @@ def _search_config(args):
         "guidance_scale": args.guidance_scale,
         "seed": args.seed,
         "impl": args.impl,
+        "target_sparsity": getattr(args, "target_sparsity", None),
+        "target_speedup": getattr(args, "target_speedup", None),
+        "sensitivity": _sensitivity(getattr(args, "sensitivity", None)),
     }
     try:
         if args.candidates:
@@ -253,7 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = sub.add_parser("calibrate", help="search a head-wise plan")
     model_args(calibrate)
     calibrate.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    calibrate.add_argument("--delta", type=float, default=0.2, help="RSE budget per layer and step")
+    calibrate.add_argument("--delta", type=float, default=0.2, help="error budget per layer and step")
+    calibrate.add_argument("--target-sparsity", type=float, default=None,
+                           help="reach this attention sparsity instead (two passes; --delta starts the first)")
+    calibrate.add_argument("--target-speedup", type=float, default=None, help="or this ideal attention speed-up")
+    calibrate.add_argument("--sensitivity", default=None,
+                           help="'measure' (one extra pass per layer) or a plan whose measured layer weights to reuse")
     calibrate.add_argument("--steps", type=int, default=50)
     calibrate.add_argument("--head-coefficient", default="1.5", help="c of the per-head bound, or 'none'")
     calibrate.add_argument("--method-set", default="aa+oc", help="aa, aa+oc, aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs")

@@ -73,3 +73,97 @@ def _solve(rse, cost, ok, budget) -> np.ndarray:
     if result.x is None:
         raise RuntimeError(f"the integer program failed: {result.message}")
     return result.x.reshape(heads, candidates).argmax(axis=1)
+
+
+def solve_layer_uniform(
+    rse: np.ndarray,
+    cost: np.ndarray,
+    delta: float,
+    head_coefficient: float | None = 1.5,
+    allowed: np.ndarray | None = None,
+) -> np.ndarray:
+    """The layer-wise baseline: the same program as :func:`solve_layer` (same budget, same per-head
+    bound) with one more constraint, every head runs the same candidate."""
+    rse = np.asarray(rse, dtype=np.float64)
+    cost = np.asarray(cost, dtype=np.float64)
+    heads = rse.shape[0]
+    ok = np.ones_like(rse, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    ok = ok & np.isfinite(rse)
+    if head_coefficient is not None:
+        ok &= rse <= head_coefficient * delta / heads
+    fits = ok.all(axis=0) & (np.where(ok, rse, np.inf).sum(axis=0) <= delta)
+    if not (fits & (rse == 0).all(axis=0)).any():
+        raise ValueError("the layer-wise program needs a zero-error candidate ('full') allowed for every head")
+    total = np.where(fits, cost.sum(axis=0) + _TIE_BREAK * np.where(ok, rse, 0).sum(axis=0), np.inf)
+    return np.full(heads, int(np.argmin(total)))
+
+
+def fit_delta(predict, target: float, start: float, *, tolerance: float = 0.005, iterations: int = 24) -> float:
+    """The budget at which ``predict(delta)`` (sparsity, non-decreasing in delta) meets ``target``.
+
+    Brackets the target by doubling or halving ``start``, then bisects in log space until the
+    prediction is within ``tolerance``. Returns the bracket end nearer the target when the
+    prediction jumps over it (sparsity moves in steps: one head's method at a time).
+    """
+    low, high = None, None
+    delta = start if start > 0 else 0.1
+    for _ in range(40):
+        value = predict(delta)
+        if abs(value - target) <= tolerance:
+            return delta
+        if value < target:
+            low = (delta, value)
+            if high is not None:
+                break
+            delta *= 2.0
+        else:
+            high = (delta, value)
+            if low is not None:
+                break
+            delta /= 2.0
+        if delta > 1e6 or delta < 1e-9:
+            return delta
+    if low is None or high is None:
+        return delta
+    for _ in range(iterations):
+        middle = float(np.sqrt(low[0] * high[0]))
+        value = predict(middle)
+        if abs(value - target) <= tolerance:
+            return middle
+        if value < target:
+            low = (middle, value)
+        else:
+            high = (middle, value)
+    return low[0] if target - low[1] <= high[1] - target else high[0]
+
+
+def solve_priced(
+    rse: np.ndarray, cost: np.ndarray, delta: float, allowed: np.ndarray | None = None, *, uniform: bool = False
+) -> np.ndarray:
+    """One exchange rate for the whole generation: each head takes the candidate that minimises
+    ``cost + rse / delta`` (with ``uniform``, the layer takes the one minimising the heads' sum).
+
+    This is the Lagrangian of "least cost under one error budget summed over every layer, step
+    and head": the budget goes wherever a unit of error buys the most cost, instead of the same
+    ``delta`` at every layer and step. Larger ``delta`` compresses more; 0 keeps everything full.
+    """
+    rse = np.asarray(rse, dtype=np.float64)
+    cost = np.asarray(cost, dtype=np.float64)
+    ok = np.ones_like(rse, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    ok = ok & np.isfinite(rse)
+    if not (ok & (rse == 0)).any(axis=1).all():
+        raise ValueError("every head needs an allowed zero-error candidate ('full')")
+    if delta <= 0:
+        return np.argmax(ok & (rse == 0), axis=1)
+    price = np.where(ok, cost + np.where(ok, rse, 0.0) / delta + _TIE_BREAK * np.where(ok, rse, 0.0), np.inf)
+    if uniform:
+        return np.full(rse.shape[0], int(np.argmin(price.sum(axis=0))))
+    return np.argmin(price, axis=1)
+
+
+def choose(rse, cost, delta: float, config, allowed=None) -> np.ndarray:
+    """The search's choice for one layer at one step under ``config`` (a SearchConfig)."""
+    if config.budget == "generation":
+        return solve_priced(rse, cost, delta, allowed, uniform=config.granularity == "layer")
+    solve = solve_layer_uniform if config.granularity == "layer" else solve_layer
+    return solve(rse, cost, delta, config.head_coefficient, allowed)

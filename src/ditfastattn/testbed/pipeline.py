@@ -99,11 +99,12 @@ class _TestbedPipeline(DiffusionPipeline):
         return_dict: bool = True,
     ):
         """Generate one image per prompt. ``output_type``: "pil" (list of images), "pt" (tensor
-        (N, 3, H, W) in [0, 1], float32) or "np" (array (N, H, W, 3) in [0, 1])."""
+        (N, 3, H, W) in [0, 1], float32), "np" (array (N, H, W, 3) in [0, 1]) or "latent" (the
+        denoised sample, (N, 3, H, W) in the model's dtype and range)."""
         if height % 4 or width % 4 or max(height, width) > 64:
             raise ValueError(f"height and width must be multiples of 4, at most 64; got {height}x{width}")
-        if output_type not in ("pil", "pt", "np"):
-            raise ValueError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}")
+        if output_type not in ("pil", "pt", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
         do_cfg = guidance_scale > 1.0
         embeds = self._embeddings(
             do_cfg,
@@ -119,8 +120,10 @@ class _TestbedPipeline(DiffusionPipeline):
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         images = self._denoise(latents, *embeds, guidance_scale, do_cfg, joint_attention_kwargs)
-        images = (images.float() / 2 + 0.5).clamp(0, 1)
         self.maybe_free_model_hooks()
+        if output_type == "latent":  # pixel space: the denoised sample before the [0, 1] mapping
+            return ImagePipelineOutput(images=images) if return_dict else (images,)
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             out = images
         else:

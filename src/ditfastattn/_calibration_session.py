@@ -1,0 +1,398 @@
+"""The calibration session: a runtime session that scores every candidate and decides each
+layer's methods on the fly (or, for the sensitivity probe, only measures under a given plan).
+
+At every step after the first, each attention layer (in execution order) computes its exact
+output and every candidate's output, scores each head by its share of the layer's relative squared
+error (the head's squared error over the layer's variance, times the head count), and solves the
+head-wise integer program (:mod:`ditfastattn.search`). When a step calls the transformer more than
+once (true CFG), every call is scored: the decision, made at the step's first call, adds the
+errors each later call measured at the previous step, the latest it can know.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import ops
+from ._geometry import MODE_SKIP
+from .methods import Method, parse_method
+from .plan import Plan
+from .runtime import LayerRuntime, Session, _Buffers, compile_row, install, uninstall
+from .search import choose
+
+logger = logging.getLogger("ditfastattn")
+
+
+def head_squared_errors(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """(H,) summed squared error of each head of ``out`` (B, S, H, D) against ``exact`` (float32)."""
+    return (out.float() - exact).pow(2).sum(dim=(0, 1, 3))
+
+
+def layer_variance(exact: torch.Tensor) -> torch.Tensor:
+    """The layer output's summed squared deviation, each head about its own mean (a scalar)."""
+    variance = (exact - exact.mean(dim=(0, 1, 3), keepdim=True)).pow(2).sum()
+    return variance.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def combine_scores(errors: torch.Tensor, variance: torch.Tensor, later=()) -> torch.Tensor:
+    """(candidates, heads) scores: each head's squared error over the layer's variance, times the
+    head count, pooled over the calls of a step.
+
+    ``later`` holds (errors, variance) of the step's later calls; a candidate a later call could
+    not run yet (NaN) counts as this call's error, scaled by the ratio of variances. A head's score
+    is its share of the layer's relative squared error times the head count, so heads of very
+    different variance are judged by what they add to the layer's output.
+    """
+    total_errors, total_variance = errors, variance
+    for later_errors, later_variance in later:
+        later_errors = torch.where(torch.isnan(later_errors), errors * (later_variance / variance), later_errors)
+        total_errors, total_variance = total_errors + later_errors, total_variance + later_variance
+    return total_errors * (errors.shape[1] / total_variance)
+
+
+class _HostOutputs:
+    """Layer outputs parked in host memory between denoising steps (pinned, async on CUDA).
+
+    The host queues layers faster than the GPU runs them, so copies out are bounded: each
+    output stays referenced until its copy is done, and at most ``IN_FLIGHT`` are pending.
+    """
+
+    IN_FLIGHT = 2
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.host: dict[tuple[int, int], torch.Tensor] = {}
+        self.loading: dict[tuple[int, int], tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self.storing: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
+
+    def store(self, key: tuple[int, int], tensor: torch.Tensor) -> None:
+        host = self.host.get(key)
+        if host is None or host.shape != tensor.shape or host.dtype != tensor.dtype:
+            host = self.host[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.stream is not None)
+        if self.stream is None:
+            host.copy_(tensor)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        self.storing.append((tensor, done))
+        while len(self.storing) > self.IN_FLIGHT:
+            self.storing.popleft()[1].synchronize()
+
+    def prefetch(self, key: tuple[int, int], device: torch.device) -> None:
+        if key in self.loading or key not in self.host:
+            return
+        host = self.host[key]
+        out = torch.empty(host.shape, dtype=host.dtype, device=device)
+        event = None
+        if self.stream is None:
+            out.copy_(host)
+        else:
+            # `out` may reuse memory that queued compute still reads: the copy waits for it.
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.stream):
+                out.copy_(host, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+        self.loading[key] = (out, event)
+
+    def take(self, key: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        self.prefetch(key, device)
+        if key not in self.loading:
+            return None
+        out, event = self.loading.pop(key)
+        if event is not None:
+            torch.cuda.current_stream(device).wait_event(event)
+        return out
+
+
+class _CalibrationSession(Session):
+    """A session whose plan rows are decided on the fly from the candidates' errors.
+
+    ``weights`` scales each layer's scores (its sensitivity). With ``forced``, a plan whose
+    methods are taken as given, the session only measures: at the layers in ``measure`` (all when
+    None), as the sensitivity probe needs.
+    """
+
+    def __init__(
+        self,
+        transformer,
+        plan,
+        adapter,
+        impl,
+        *,
+        config,  # SearchConfig
+        progress: tqdm | None,
+        weights: np.ndarray | None = None,
+        forced: Plan | None = None,
+        measure: set[int] | None = None,
+        delta_for_step=None,
+    ):
+        super().__init__(transformer, plan, adapter, impl)
+        self.config = config
+        self.candidates: list[Method] = [parse_method(name) for name in config.candidates]
+        self.progress = progress
+        self.weights = np.ones(len(plan.model.layers)) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.forced = forced
+        self.measure = measure
+        self.delta_for_step = delta_for_step  # (step, session) -> budget; None: config.delta
+        self.step_delta: dict[int, float] = {}
+        shape = (plan.num_steps, len(plan.model.layers), max(l.heads for l in plan.model.layers), len(self.candidates))
+        self.rse = np.full(shape, np.nan)
+        self.decided: set[tuple[int, int]] = set()
+        # (layer, call) -> (squared errors (candidates, heads), variance) of a later call of a step
+        self.later_calls: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.compiled: dict[tuple[int, int, int, torch.device], Any] = {}
+        self.residuals: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        self.locked: dict[tuple[int, int], float] = {}  # (layer, head) -> residual window since last full
+        self.geometry: tuple[int, int] | None = None
+        self._stock: torch.Tensor | None = None  # the exact output of the layer just scored
+        self.offload: _HostOutputs | None = None
+        self._offload_decided = config.offload_outputs is False
+
+    # decisions -----------------------------------------------------------------------------
+    def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense):
+        key = (self.step, layer.index)
+        self._stock = None
+        if self.offload is not None and self.step > 0:
+            restored = self.offload.take((layer.index, self.call), q.device)
+            if restored is not None:
+                layer.slots.setdefault(self.call, _Buffers()).out = restored
+            if layer.index + 1 < len(self.layers) or self.step < self.plan.num_steps - 1:
+                self.offload.prefetch(((layer.index + 1) % len(self.layers), self.call), q.device)
+        measured = self.measure is None or layer.index in self.measure
+        if self.step > 0 and key not in self.decided:
+            self._decide(layer, q, k, v, text_start, text_len, dense, measured)
+        elif self.call > 0 and measured and self.step < self.plan.num_steps - 1:
+            # Scored now, counted in the next step's decision.
+            self._stock = dense()
+            self.later_calls[(layer.index, self.call)] = self._errors(layer, q, k, v, text_start, text_len, self._stock)
+        image_tokens = q.shape[1] - text_len
+        if self.geometry is None and text_len:
+            self.geometry = (image_tokens, text_len)
+        methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
+        route_full = self.route_full(q, k, v, text_start, text_len)
+        compiled_key = (self.step, layer.index, image_tokens, q.device, route_full)
+        if compiled_key not in self.compiled:
+            capture = [MODE_SKIP] * len(methods)
+            self.compiled[compiled_key] = compile_row(
+                methods, keep=True, capture=capture, num_image_tokens=image_tokens, device=q.device, route_full=route_full
+            )
+        row = self.compiled[compiled_key]
+        if row.residual_add is not None:
+            self._load_residuals(layer, methods, image_tokens)
+        return row
+
+    def _candidate_outputs(self, layer: LayerRuntime, q, k, v, text_start, text_len, exact):
+        """Yield (candidate index, output) one at a time, so memory stays bounded.
+
+        ``cache`` yields nothing where the call has no previous output yet (a call slot that
+        first appears mid-generation, or step 0).
+        """
+        image_tokens = q.shape[1] - text_len
+        heads = q.shape[2]
+        slot = layer.slots.get(self.call)
+        residuals = self.residuals.get((layer.index, self.call), {})
+        by_mode: dict[int, list[int]] = {}
+        for index, method in enumerate(self.candidates):
+            if method.kind == "cache":
+                if slot is not None and slot.out is not None and self.step > 0:
+                    yield index, slot.out
+            else:
+                by_mode.setdefault(method.mode(image_tokens), []).append(index)
+        for mode, indices in by_mode.items():
+            if mode < 0:
+                if all(self.candidates[i].name == "full" for i in indices):
+                    continue  # exact by definition: its error row stays 0
+                base = exact
+            else:
+                modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
+                base = ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, impl=self.impl)
+            for index in indices:
+                method = self.candidates[index]
+                if method.kind == "arrow_residual" and mode not in residuals:
+                    continue  # no full step of this call has kept the residual yet
+                out = base
+                if method.kind == "arrow_residual":
+                    out = base + residuals[mode]
+                if method.cfg_share:
+                    half = out.shape[0] // 2
+                    out = torch.cat([out[half:], out[half:]], dim=0)
+                yield index, out
+
+    def _errors(self, layer: LayerRuntime, q, k, v, text_start, text_len, stock):
+        """Squared error per candidate and head (NaN where a candidate cannot run yet), and the
+        layer's variance, both on the device (one host read per layer-step, in :meth:`_scores`)."""
+        exact = stock.float()
+        errors = torch.full((len(self.candidates), q.shape[2]), float("nan"), dtype=torch.float32, device=q.device)
+        for index, method in enumerate(self.candidates):
+            if method.name == "full":
+                errors[index] = 0.0
+        for candidate, out in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
+            errors[candidate] = head_squared_errors(out, exact)
+        return errors, layer_variance(exact)
+
+    def _scores(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> np.ndarray:
+        """(heads, candidates) scores of this call plus the step's later calls as last measured."""
+        later = [value for (index, _call), value in sorted(self.later_calls.items()) if index == layer.index]
+        return combine_scores(errors, variance, later).T.double().cpu().numpy() * self.weights[layer.index]
+
+    def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
+        step, index, heads = self.step, layer.index, q.shape[2]
+        if q.shape[0] % 2 and any(m.cfg_share for m in self.candidates):
+            raise ValueError(
+                f"cfg_share candidates need a CFG batch [unconditional; conditional]; {layer.name} got batch "
+                f"{q.shape[0]}: set guidance_scale > 1 or drop the cfg_share candidates"
+            )
+        image_tokens, layer_text = q.shape[1] - text_len, text_len
+        if measured:
+            stock = dense()
+            # Errors stay on the device until all candidates are scored: one host read per layer-step.
+            rse = self._scores(layer, *self._errors(layer, q, k, v, text_start, text_len, stock))
+            self._stock = stock
+            self.rse[step, index, :heads] = rse
+        if self.forced is not None:
+            chosen = [parse_method(name) for name in self.forced.methods[step][index]]
+        else:
+            cost = np.array([self._cost(m, image_tokens, layer_text) for m in self.candidates])[None, :].repeat(heads, 0)
+            allowed = self._allowed(index, heads, image_tokens) & np.isfinite(rse)
+            if step not in self.step_delta:
+                self.step_delta[step] = (
+                    self.config.delta if self.delta_for_step is None else self.delta_for_step(step, self)
+                )
+            choice = choose(rse, cost, self.step_delta[step], self.config, allowed)
+            chosen = [self.candidates[c] for c in choice]
+        for head, method in enumerate(chosen):
+            if method.kind == "full" and not method.cfg_share:
+                self.locked.pop((index, head), None)
+            elif method.kind == "arrow_residual":
+                self.locked[(index, head)] = method.fraction
+        self.plan.methods[step][index] = [m.name for m in chosen]
+        self.decided.add((step, index))
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(step=step, refresh=False)
+
+    def _cost(self, method: Method, image_tokens: int, text_len: int) -> float:
+        if self.config.costs is not None and method.name in self.config.costs:
+            return float(self.config.costs[method.name])
+        return method.cost(image_tokens, text_len)
+
+    def _allowed(self, layer: int, heads: int, image_tokens: int) -> np.ndarray:
+        allowed = np.ones((heads, len(self.candidates)), dtype=bool)
+        seen: set[tuple] = set()
+        for index, method in enumerate(self.candidates):
+            # Windows that round to the same blocks at this resolution are one candidate.
+            signature = (method.kind, method.cfg_share, method.mode(image_tokens))
+            if signature in seen:
+                allowed[:, index] = False
+            seen.add(signature)
+            if method.kind == "arrow_residual":
+                for head in range(heads):
+                    locked = self.locked.get((layer, head))
+                    allowed[head, index] &= locked is None or locked == method.fraction
+        return allowed
+
+    def dense(self, layer: LayerRuntime, dense) -> torch.Tensor:
+        stock, self._stock = self._stock, None
+        return stock if stock is not None else dense()
+
+    # residuals -----------------------------------------------------------------------------
+    def _residual_modes(self, image_tokens: int) -> set[int]:
+        return {m.mode(image_tokens) for m in self.candidates if m.kind == "arrow_residual"}
+
+    def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
+        self._keep_residuals(layer, q, k, v, out, text_start, text_len)
+        if not self._offload_decided:
+            self._decide_offload(layer.slots[self.call].out)
+        if self.offload is not None:
+            slot = layer.slots[self.call]
+            if self.step < self.plan.num_steps - 1:  # the last step's outputs are never read
+                self.offload.store((layer.index, self.call), slot.out)
+            slot.out = None
+
+    def _decide_offload(self, output: torch.Tensor) -> None:
+        self._offload_decided = True
+        need = output.nbytes * len(self.layers)
+        offload = self.config.offload_outputs
+        if offload is None and output.device.type == "cuda":
+            free = torch.cuda.mem_get_info(output.device)[0]
+            offload = need > free / 2
+            logger.info(
+                "ditfastattn calibrate: previous-step outputs need %.1f GiB, %.1f GiB free on the GPU: %s",
+                need / 2**30, free / 2**30, "kept in host memory" if offload else "kept on the GPU",
+            )
+        if offload:
+            self.offload = _HostOutputs(output.device)
+
+    def _keep_residuals(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
+        """Keep full - arrow for every residual window on heads that ran plain full at this step."""
+        windows = self._residual_modes(q.shape[1] - text_len)
+        if not windows:
+            return
+        methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
+        full = [m.kind == "full" and not m.cfg_share for m in methods]
+        if not any(full):
+            return
+        mask = torch.tensor(full, device=q.device).view(1, 1, -1, 1)
+        store = self.residuals.setdefault((layer.index, self.call), {})
+        for mode in windows:
+            modes = torch.tensor([mode if f else MODE_SKIP for f in full], dtype=torch.int32, device=q.device)
+            arrow = torch.empty_like(out)
+            ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, out=arrow, impl=self.impl)
+            previous = store.get(mode)
+            store[mode] = torch.where(mask, out - arrow, previous if previous is not None else torch.zeros_like(out))
+
+    def _load_residuals(self, layer: LayerRuntime, methods: list[Method], image_tokens: int) -> None:
+        store = self.residuals[(layer.index, self.call)]
+        slot = layer.slots[self.call]
+        residual = None
+        for mode in {m.mode(image_tokens) for m in methods if m.kind == "arrow_residual"}:
+            mask = torch.tensor(
+                [m.kind == "arrow_residual" and m.mode(image_tokens) == mode for m in methods], device=store[mode].device
+            ).view(1, 1, -1, 1)
+            residual = torch.where(mask, store[mode], residual if residual is not None else torch.zeros_like(store[mode]))
+        slot.residual = residual
+
+    def _start_generation(self) -> None:
+        super()._start_generation()
+        self.residuals.clear()
+        self.later_calls.clear()
+
+    def end_call(self, module, args, kwargs, output) -> None:
+        super().end_call(module, args, kwargs, output)
+        if self.step == self.plan.num_steps - 1:
+            for key in [key for key in self.residuals if key[1] == self.call]:
+                del self.residuals[key]
+
+
+def run_pass(pipe, spec, call: dict[str, Any], config, bar: tqdm | None, **session_kwargs):
+    """One calibration pass over ``call`` (the pipeline's keyword arguments); returns the session
+    and the pipeline's output latents. The session is uninstalled even when the pass fails."""
+    steps = config.num_inference_steps
+    initial = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
+
+    def make_session(transformer, plan, adapter, impl):
+        return _CalibrationSession(transformer, plan, adapter, impl, config=config, progress=bar, **session_kwargs)
+
+    session = install(pipe, initial, config.impl, session_cls=make_session)
+    try:
+        with torch.no_grad():
+            output = pipe(
+                num_inference_steps=steps, generator=torch.Generator().manual_seed(config.seed), output_type="latent",
+                **call,
+            )
+    finally:
+        uninstall(pipe)
+    missing = (steps - 1) * len(spec.layers) - len(session.decided)
+    if missing:
+        raise RuntimeError(f"calibration decided only {len(session.decided)} layer-steps; {missing} were never run")
+    return session, output.images
