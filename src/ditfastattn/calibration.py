@@ -1,12 +1,6 @@
-"""Calibration: one denoising run that picks every head's method, layer by layer, step by step.
-
-At every step after the first, each attention layer (in execution order) computes its exact
-output and every candidate's output, scores each head by its share of the layer's relative squared
-error (the head's squared error over the layer's variance, times the head count), and solves the
-head-wise integer program (:mod:`ditfastattn.search`). The chosen, compressed output is what flows
-on, so later layers and steps see what inference will see. When a step calls the transformer more
-than once (true CFG), every call is scored: the decision, made at the step's first call, adds the
-errors each later call measured at the previous step, the latest it can know.
+"""Calibration: the search's settings (:class:`SearchConfig`) and :func:`calibrate`, which runs the
+calibration passes (:mod:`ditfastattn._calibration_session` scores and decides each layer), fits a
+budget to a sparsity target, and writes the plan with its scores and provenance.
 """
 
 from __future__ import annotations
