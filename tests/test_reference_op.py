@@ -138,6 +138,15 @@ def _args(seq=40, heads=2):
         (lambda a, kw: kw.update(out=torch.empty(1, 40, 2, 8, dtype=torch.float16)), ValueError, "out must match q"),
         (lambda a, kw: a.__setitem__(3, torch.tensor([-2, -1], dtype=torch.int32)), ValueError, "pass `out`"),
         (lambda a, kw: a.__setitem__(3, torch.tensor([-3, -1], dtype=torch.int32)), ValueError, "head_modes values"),
+        (lambda a, kw: a.__setitem__(3, [-1, -1]), TypeError, "head_modes must be a torch.Tensor"),
+        (lambda a, kw: a.__setitem__(3, a[3].view(1, 2)), ValueError, "int32 of shape"),
+        (lambda a, kw: kw.update(text_len=4.0), TypeError, "must be ints"),
+        (lambda a, kw: kw.update(text_start=-36, text_len=40), ValueError, "start or the end"),
+        (lambda a, kw: kw.update(text_len=-1), ValueError, "text_len must be in"),
+        (lambda a, kw: kw.update(scale=float("nan")), ValueError, "scale must be a finite number > 0"),
+        (lambda a, kw: kw.update(scale=0.0), ValueError, "scale must be a finite number > 0"),
+        (lambda a, kw: kw.update(out=torch.empty(1, 40, 2, 7)), ValueError, "out must match q"),
+        (lambda a, kw: kw.update(out="out"), TypeError, "out must be a torch.Tensor"),
     ],
 )
 def test_bad_input_names_the_fix(mutate, error, match):
@@ -160,3 +169,29 @@ def test_auto_uses_the_reference_on_cpu():
     auto = ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4)
     reference = ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, impl="reference")
     assert torch.equal(auto, reference)
+
+
+@pytest.mark.parametrize("impl", ops.IMPLEMENTATIONS)
+def test_out_of_range_modes_are_refused_by_every_impl(impl):
+    q, k, v, _ = _args(heads=3)
+    for bad in ([-3, -1, 0], [-1, -100, 2]):
+        with pytest.raises(ValueError, match=r"must be -2 \(skip\), -1 \(full\) or w >= 0"):
+            ops.headwise_attention(q, k, v, torch.tensor(bad, dtype=torch.int32), text_start=0, text_len=4,
+                                   out=torch.zeros_like(q), impl=impl)
+
+
+def test_mode_values_are_read_once_per_tensor_version():
+    q, k, v, modes = _args()
+    out = torch.zeros_like(q)
+    ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, out=out)
+    modes[0] = -5  # in place after a check: the new version is checked again
+    with pytest.raises(ValueError, match=r"\[-5\]"):
+        ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, out=out)
+    with pytest.raises(ValueError, match=r"\[-4\]"):
+        ops.mode_tensor([-1, -4], "cpu")
+    with torch.inference_mode():  # tensors made there keep no version counter; still checked once made
+        checked = ops.mode_tensor([-1, 0], "cpu")
+        ops.headwise_attention(q, k, v, checked, text_start=0, text_len=4, out=out)
+        unchecked = torch.tensor([-1, -6], dtype=torch.int32)
+        with pytest.raises(ValueError, match=r"\[-6\]"):
+            ops.headwise_attention(q, k, v, unchecked, text_start=0, text_len=4, out=out)

@@ -200,3 +200,22 @@ def test_heavy_heads_first_order_is_only_a_schedule():
     out_p = headwise_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], modes[perm], text_start=0,
                                text_len=77, out=torch.zeros_like(q), impl="triton")
     assert torch.equal(out[:, :, perm], out_p)
+
+
+def test_out_of_range_modes_run_as_skip_and_never_write_past_out():
+    # The op refuses modes below -2 wherever it can read them; under a compiled step it cannot,
+    # so the kernel itself must treat them as skip and keep every write inside `out`.
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = _inputs(1, 20 + 140, 4, 32, torch.bfloat16, gen)
+    modes = torch.tensor([-3, MODE_FULL, -7, 0], dtype=torch.int32)
+    # Heads 0..3 of `out` sit inside a wider buffer whose 4 extra heads are a guard band.
+    store = torch.full((1, 160, 8, 32), 7.0, dtype=torch.bfloat16)
+    out = store[:, :, :4]
+    out, lse = _triton.attention(q, k, v, modes, 0, 20, out, 32 ** -0.5, True)
+    assert bool((store[:, :, 4:] == 7.0).all()), "written past the last head"
+    assert bool((store[:, :, [0, 2]] == 7.0).all()) and bool(torch.isneginf(lse[:, [0, 2]]).all())
+    ref = headwise_attention(q.float(), k.float(), v.float(), torch.tensor([MODE_SKIP, MODE_FULL, MODE_SKIP, 0],
+                             dtype=torch.int32), text_start=0, text_len=20, out=torch.zeros(q.shape), impl="reference")
+    torch.testing.assert_close(out[:, :, [1, 3]].float(), ref[:, :, [1, 3]], atol=3e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match=r"-2 \(skip\), -1 \(full\) or w >= 0.*\[-7, -3\]"):
+        headwise_attention(q, k, v, modes, text_start=0, text_len=20, out=out, impl="triton")

@@ -117,8 +117,11 @@ def _rank_table(MODES, s_modes, num_heads, HEADS_POW2: gl.constexpr):
     layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [gl.num_warps(), 1], [1, 0])
     idx_r = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(1, layout))
     idx_c = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(0, layout))
+    # Out-of-range modes (below SKIP) rank and run as skip: the padding past the last head stays last.
     modes_r = gl.load(MODES + idx_r * s_modes, mask=idx_r < num_heads, other=SKIP - 1)
+    modes_r = gl.where(idx_r < num_heads, gl.maximum(modes_r, SKIP), modes_r)
     modes_c = gl.load(MODES + idx_c * s_modes, mask=idx_c < num_heads, other=SKIP - 1)
+    modes_c = gl.where(idx_c < num_heads, gl.maximum(modes_c, SKIP), modes_c)
     key_r = gl.where(modes_r == FULL, 1 << 30, modes_r)
     key_c = gl.where(modes_c == FULL, 1 << 30, modes_c)
     ahead = (key_c[None, :] > key_r[:, None]) | ((key_c[None, :] == key_r[:, None]) & (idx_c[None, :] < idx_r[:, None]))

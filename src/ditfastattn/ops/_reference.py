@@ -49,7 +49,7 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse)
             lse_out[:, heads, rows] = lse.to(torch.float32)
 
     for mode in sorted(set(modes)):
-        if mode == MODE_SKIP:
+        if mode <= MODE_SKIP:  # skip; out-of-range modes too, as the kernels do (the op checks them)
             continue
         heads = torch.tensor([h for h, m in enumerate(modes) if m == mode], device=q.device)
         qg, kg, vg = (t.index_select(2, heads).transpose(1, 2).to(compute) for t in (q, k, v))

@@ -153,8 +153,11 @@ def _headwise_kernel(
     n_tiles = n_text_tiles + n_image_tiles
 
     # Rank heads by work, descending (ties by index): full > arrow by width > skip > padding.
+    # Out-of-range modes (below SKIP; the host checks them where it can read them) rank and run as
+    # skip, so the padding past the last head always ranks last and is never written.
     idx = tl.arange(0, HEADS_POW2)
     modes = tl.load(MODES + idx * s_modes, mask=idx < num_heads, other=SKIP - 1)
+    modes = tl.where(idx < num_heads, tl.maximum(modes, SKIP), modes)
     key = tl.where(modes == FULL, 1 << 30, modes)
     ahead = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]))
     ranks = tl.sum(ahead.to(tl.int32), 1)
