@@ -5,15 +5,18 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import numbers
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._files import write_atomically
 from .methods import Method, canonical, parse_method
 
 PLAN_TYPE = "ditfastattn.plan"
 PLAN_VERSION = 1
+_PLAN_FIELDS = {"type", "version", "model", "num_steps", "provenance", "methods", "scores"}
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,15 @@ class LayerSpec:
     head_dim: int
     text: bool
 
+    def __post_init__(self):
+        if not (isinstance(self.name, str) and self.name):
+            raise ValueError(f"a layer's name must be a non-empty string; got {self.name!r}")
+        for field in ("heads", "head_dim"):
+            if not (_is_int(getattr(self, field)) and getattr(self, field) > 0):
+                raise ValueError(f"layer {self.name}: {field} must be a positive int; got {getattr(self, field)!r}")
+        if not isinstance(self.text, bool):
+            raise ValueError(f"layer {self.name}: text must be true or false; got {self.text!r}")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -33,6 +45,15 @@ class ModelSpec:
     family: str
     model_class: str
     layers: tuple[LayerSpec, ...]
+
+    def __post_init__(self):
+        if not (isinstance(self.family, str) and isinstance(self.model_class, str)):
+            raise ValueError(f"family and class must be strings; got {self.family!r}, {self.model_class!r}")
+        if not self.layers or not all(isinstance(layer, LayerSpec) for layer in self.layers):
+            raise ValueError("a model needs at least one attention layer (LayerSpec)")
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"layer names must be unique; {sorted({n for n in names if names.count(n) > 1})} repeat")
 
     def describe(self) -> str:
         heads = sorted({layer.heads for layer in self.layers})
@@ -52,6 +73,56 @@ class ModelSpec:
 
 class PlanMismatchError(ValueError):
     """A plan does not fit the model or the pipeline's step count."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _json_value(value: Any, where: str) -> Any:
+    """``value`` as plain JSON data, so that a plan always saves (it is often made after long work):
+    numpy and torch numbers as Python numbers, tuples and arrays as lists, and NaN and infinities,
+    which JSON cannot hold, as None (not measured)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        bad = [key for key in value if not isinstance(key, str)]
+        if bad:
+            raise TypeError(f"{where} has the key {bad[0]!r}; plans store only string keys")
+        return {key: _json_value(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        if all(type(item) is float for item in value):  # the bulk of the scores
+            return [item if math.isfinite(item) else None for item in value]
+        return [_json_value(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors
+        return _json_value(value.tolist(), where)
+    raise TypeError(f"{where} holds a {type(value).__name__}, which a plan file cannot store; give numbers, "
+                    "strings, lists or dicts")
+
+
+def _method_rows(methods: Any) -> list[list[list[str]]]:
+    """``methods[step][layer][head]`` as lists, refusing strings where lists belong (they would
+    be read one character per head)."""
+
+    def rows(value, what):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ValueError(f"{what} must be a list, not {type(value).__name__} {str(value)[:40]!r}")
+        return list(value)
+
+    out = []
+    for step, layers in enumerate(rows(methods, "methods")):
+        out.append([])
+        for layer, heads in enumerate(rows(layers, f"methods[{step}]")):
+            heads = rows(heads, f"methods[{step}][{layer}] (one method name per head)")
+            if not all(isinstance(m, str) for m in heads):
+                raise ValueError(f"methods[{step}][{layer}] must hold method names (strings)")
+            out[-1].append([canonical(m) for m in heads])
+    return out
 
 
 def _library_version() -> str:
@@ -75,12 +146,18 @@ class Plan:
         provenance: dict[str, Any] | None = None,
         scores: dict[str, Any] | None = None,
     ):
+        if not isinstance(model, ModelSpec):
+            raise TypeError(f"model must be a ModelSpec; got {type(model).__name__}")
+        if not (provenance is None or isinstance(provenance, dict)):
+            raise TypeError(f"provenance must be a dict or None; got {type(provenance).__name__}")
+        if not (scores is None or isinstance(scores, dict)):
+            raise TypeError(f"scores must be a dict or None; got {type(scores).__name__}")
         self.model = model
-        self.methods = [[[canonical(m) for m in heads] for heads in layers] for layers in methods]
-        self.provenance = dict(provenance or {})
+        self.methods = _method_rows(methods)
+        self.provenance = _json_value(dict(provenance or {}), "provenance")
         self.provenance.setdefault("library_version", _library_version())
         self.provenance.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        self.scores = scores
+        self.scores = _json_value(scores, "scores")
         self.validate()
 
     # construction -------------------------------------------------------------------------
@@ -128,6 +205,12 @@ class Plan:
         layers = self.model.layers
         if not self.methods:
             raise ValueError("a plan needs at least one denoising step")
+        for key, low in (("num_image_tokens", 1), ("text_len", 0)):
+            value = self.provenance.get(key)
+            if value is not None and not (_is_int(value) and value >= low):
+                raise ValueError(f"provenance {key} must be an int >= {low} or absent; got {value!r}")
+        if not isinstance(self.provenance.get("search", {}), dict):
+            raise ValueError(f"provenance search must be a dict; got {self.provenance['search']!r}")
         for step, rows in enumerate(self.methods):
             if len(rows) != len(layers):
                 raise ValueError(f"step {step} has {len(rows)} layers; the model has {len(layers)}")
@@ -177,7 +260,11 @@ class Plan:
 
     # summary ------------------------------------------------------------------------------
     def _geometry(self, num_image_tokens: int | None, text_len: int | None) -> tuple[int, int]:
-        num_image_tokens = num_image_tokens or self.provenance.get("num_image_tokens")
+        if num_image_tokens is not None and not (_is_int(num_image_tokens) and num_image_tokens > 0):
+            raise ValueError(f"num_image_tokens must be a positive int; got {num_image_tokens!r}")
+        if text_len is not None and not (_is_int(text_len) and text_len >= 0):
+            raise ValueError(f"text_len must be an int >= 0; got {text_len!r}")
+        num_image_tokens = self.provenance.get("num_image_tokens") if num_image_tokens is None else num_image_tokens
         text_len = self.provenance.get("text_len") if text_len is None else text_len
         if not num_image_tokens or text_len is None:
             raise ValueError(
@@ -254,7 +341,12 @@ class Plan:
                 f"{source} has plan format version {data.get('version')!r}; this ditfastattn "
                 f"({_library_version()}) reads version {PLAN_VERSION}: upgrade ditfastattn or recalibrate"
             )
+        unknown = sorted(set(data) - _PLAN_FIELDS)
+        if unknown:
+            raise ValueError(f"{source} has fields a version-{PLAN_VERSION} plan does not: {unknown}; is it hand-edited?")
         try:
+            if not _is_int(data["num_steps"]):
+                raise ValueError(f"num_steps must be an int; got {data['num_steps']!r}")
             model = ModelSpec.from_json(data["model"])
             methods = [[row.split() for row in rows] for rows in data["methods"]]
             if len(methods) != data["num_steps"]:
@@ -265,20 +357,19 @@ class Plan:
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON; the file is replaced only once it is fully written."""
-        path = Path(path)
         body = self.to_json()
         scores = json.dumps(body.pop("scores"), separators=(",", ":"), allow_nan=False)
         # Scores stay on one line: indenting hundreds of thousands of numbers helps no reader.
         text = json.dumps(body, indent=1, allow_nan=False)[:-2] + f',\n "scores": {scores}\n}}\n'
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give the plan's JSON file")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"no plan file at {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
