@@ -99,6 +99,10 @@ class SearchConfig:
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.candidates, str):  # one name, not one per character
+            object.__setattr__(self, "candidates", (self.candidates,))
+        if not (isinstance(self.candidates, (tuple, list)) and all(isinstance(n, str) for n in self.candidates)):
+            raise TypeError(f"candidates must be a tuple or list of method names; got {self.candidates!r}")
         if not (isinstance(self.delta, (int, float)) and self.delta >= 0):
             raise ValueError(f"delta must be a number >= 0; got {self.delta!r}")
         if self.target_sparsity is not None and self.target_speedup is not None:
@@ -146,8 +150,15 @@ class SearchConfig:
         return cls(candidates=METHOD_SETS[name], **kwargs)
 
 
-def prompt_kwargs(prompts: Sequence[str | dict]) -> tuple[dict[str, Any], str]:
-    """Pipeline keyword arguments for one batched run, and a hash that identifies the prompts."""
+def prompt_kwargs(prompts: str | dict | Sequence[str | dict]) -> tuple[dict[str, Any], str]:
+    """Pipeline keyword arguments for one batched run, and a hash that identifies the prompts.
+
+    A bare string or dict is one prompt.
+    """
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of strings or of dicts of pipeline kwargs; got {type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
@@ -156,7 +167,8 @@ def prompt_kwargs(prompts: Sequence[str | dict]) -> tuple[dict[str, Any], str]:
         digest.update(json.dumps(prompts).encode())
         return {"prompt": prompts}, digest.hexdigest()
     if not all(isinstance(p, dict) for p in prompts):
-        raise TypeError("prompts must be all strings or all dicts of pipeline keyword arguments")
+        kinds = sorted({type(p).__name__ for p in prompts})
+        raise TypeError(f"prompts must be all strings or all dicts of pipeline keyword arguments; got {kinds}")
     keys = set(prompts[0])
     if any(set(p) != keys for p in prompts):
         raise ValueError("every prompt dict must have the same keys")
@@ -187,7 +199,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     transformer, pipeline = _transformer_of(pipe)
     if pipeline is None:
         raise TypeError("calibrate needs the pipeline (it runs a denoising pass), not only its transformer")
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         prompts = [prompts]
     kwargs, prompts_hash = prompt_kwargs(prompts)
     adapter = adapter_for(transformer)
