@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
+import numbers
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,9 @@ from . import ops
 from ._geometry import MODE_FULL, MODE_SKIP
 from .adapters import adapter_for, check_cfg_sharing
 from .methods import parse_method
-from .plan import Plan, PlanMismatchError
+from .plan import Plan, PlanMismatchError, _is_int
 
-logger = logging.getLogger("ditfastattn")
+logger = logging.getLogger(__name__)
 
 _SESSION_ATTR = "_ditfastattn_session"
 
@@ -36,27 +38,56 @@ class _Row:
     share_mask: torch.Tensor | None  # (1, 1, H, 1) bool: CFG-shared heads
     full_heads: torch.Tensor | None  # indices of plain-full heads of a mixed row: they run dense SDPA
     sparse_modes: torch.Tensor | None  # (H,) modes with those heads skipped, for the fused op
+    # What the row was compiled from, to compile variants in which some heads compute instead.
+    methods: tuple
+    capture: tuple[int, ...]
+    num_image_tokens: int
+    device: torch.device
+    route_full: bool
+    cache_heads: tuple[int, ...]  # heads that read the call slot's previous-step output
+    captured_heads: tuple[int, ...]  # heads whose residual is captured now
+    # (head, step) of every arrow_residual head and the step whose residual it adds; None when the
+    # caller manages residuals itself (calibration).
+    residual_from: tuple[tuple[int, int], ...] | None
+    variants: dict = field(default_factory=dict, repr=False)
+
+    def computing(self, heads: frozenset[int]) -> "_Row":
+        """This row with ``heads`` run ``full``: exact where their cached output or residual is missing."""
+        if heads not in self.variants:
+            methods = [_FULL if head in heads else m for head, m in enumerate(self.methods)]
+            self.variants[heads] = compile_row(
+                methods, keep=self.keep, capture=self.capture, num_image_tokens=self.num_image_tokens,
+                device=self.device, route_full=self.route_full,
+            )
+        return self.variants[heads]
 
 
 class _Buffers:
     """Output and residual buffers of one layer for one transformer call slot."""
 
-    __slots__ = ("out", "residual")
+    __slots__ = ("out", "residual", "step", "captured")
 
     def __init__(self):
         self.out: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
+        self.step: int | None = None  # the step whose output `out` holds
+        self.captured: dict[int, int] = {}  # head -> step whose residual `residual` holds
 
 
-def compile_row(methods, *, keep: bool, capture, num_image_tokens: int, device, route_full: bool = False) -> _Row:
+def compile_row(
+    methods, *, keep: bool, capture, num_image_tokens: int, device, route_full: bool = False, residual_from=None
+) -> _Row:
     """Turn one layer's per-head methods at one step into the op's mode tensors and masks.
 
     ``capture`` lists, per head, the arrow window whose residual (full - arrow) must be kept now
-    for a later ``arrow_residual`` step, or ``MODE_SKIP``.
+    for a later ``arrow_residual`` step, or ``MODE_SKIP``. ``residual_from`` maps each
+    ``arrow_residual`` head to the step whose residual it adds (None: the caller keeps residuals).
     """
     heads = len(methods)
 
     def tensor(values, dtype=torch.int32):
+        if dtype == torch.int32:  # head modes: checked once here, never read back by the op
+            return ops.mode_tensor(values, device)
         return torch.tensor(values, dtype=dtype, device=device)
 
     def mask(flags):
@@ -80,6 +111,14 @@ def compile_row(methods, *, keep: bool, capture, num_image_tokens: int, device, 
         share_mask=mask(shared),
         full_heads=tensor([h for h, f in enumerate(plain_full) if f], torch.long) if split else None,
         sparse_modes=tensor([MODE_SKIP if f else m for m, f in zip(modes, plain_full)]) if split else None,
+        methods=tuple(methods),
+        capture=tuple(capture),
+        num_image_tokens=num_image_tokens,
+        device=device,
+        route_full=route_full,
+        cache_heads=tuple(h for h, m in enumerate(methods) if m.kind == "cache"),
+        captured_heads=tuple(h for h, c in enumerate(captured) if c),
+        residual_from=None if residual_from is None else tuple(residual_from),
     )
 
 
@@ -154,7 +193,12 @@ def _compile_rows(
     plain_full = [[m.kind == "full" and not m.cfg_share for m in row] for row in methods]
     all_full = [all(row) for row in plain_full]
     rows = []
+    last_full = [None] * heads  # per head, the last plain-full step so far
     for step, row in enumerate(methods):
+        residual_from = [(head, last_full[head]) for head, m in enumerate(row) if m.kind == "arrow_residual"]
+        for head in range(heads):
+            if plain_full[step][head]:
+                last_full[head] = step
         capture = [MODE_SKIP] * heads
         for head in range(heads):
             for later in range(step + 1, plan.num_steps) if plain_full[step][head] else ():
@@ -168,7 +212,8 @@ def _compile_rows(
         keep = step + 1 < plan.num_steps and any(m.kind == "cache" for m in methods[step + 1])
         rows.append(
             compile_row(
-                row, keep=keep, capture=capture, num_image_tokens=num_image_tokens, device=device, route_full=route_full
+                row, keep=keep, capture=capture, num_image_tokens=num_image_tokens, device=device,
+                route_full=route_full, residual_from=residual_from,
             )
         )
     return rows
@@ -215,7 +260,7 @@ class LayerRuntime:
         ``full`` at this step, which keeps an all-full plan bitwise equal to stock diffusers.
         """
         session = self.session
-        row = session.row(self, q, k, v, text_start, text_len, dense)
+        row = self._runnable(session.row(self, q, k, v, text_start, text_len, dense))
         if row.all_full and row.capture_modes is None and not row.keep:
             return dense()
         if dense_only and not row.all_full:
@@ -241,10 +286,27 @@ class LayerRuntime:
             )
             previous = slot.residual if slot.residual is not None else torch.zeros_like(out)
             slot.residual = torch.where(row.capture_mask, result - arrow, previous)
+            slot.captured.update(dict.fromkeys(row.captured_heads, session.step))
+        slot.step = session.step
         session.after(self, q, k, v, result, text_start, text_len)
         if not row.keep:
             slot.out = None  # the caller's reference keeps it alive just as long as it is used
         return result
+
+    def _runnable(self, row: _Row) -> _Row:
+        """``row``, or its variant in which the heads that would read what this call slot does not
+        hold compute instead: cache heads when the slot did not run at the previous step (a call
+        that first appears mid-generation, such as skip-layer guidance), arrow_residual heads whose
+        residual this slot never captured."""
+        session = self.session
+        slot = self.slots.get(session.call)
+        missing = set()
+        if row.cache_heads and (slot is None or slot.out is None or slot.step != session.step - 1):
+            missing.update(row.cache_heads)
+        if row.residual_from:
+            captured = slot.captured if slot is not None else {}
+            missing.update(head for head, step in row.residual_from if captured.get(head) != step)
+        return row.computing(frozenset(missing)) if missing else row
 
     def _compute(self, q, k, v, row: _Row, out, text_start, text_len) -> None:
         impl = self.session.impl
@@ -298,10 +360,14 @@ class Session:
         self.text_len = 0
         self._last_timestep: float | None = None
         self._new_generation = True
+        self._running = False  # a generation has started (and may have stopped short of the plan's steps)
+        self._counted = False  # the scheduler's step count was checked for the next generation
+        self._checked = False  # ... for the current one
         self.layers = [self.layer_cls(self, index, layer.name) for index, layer in enumerate(plan.model.layers)]
         self.originals: dict[str, object] = {}
         self.handles: list = []
-        self.scheduler = None
+        self.pipe = None
+        self.scheduler_hook: _SchedulerHook | None = None
         parameters = list(inspect.signature(transformer.forward).parameters)
         self._timestep_index = parameters.index("timestep") if "timestep" in parameters else None
         self._context_index = (
@@ -332,9 +398,9 @@ class Session:
             lost = sum(cached[t][l] for l, steps in enumerate(dropped) for t in steps)
             if lost:
                 logger.warning(
-                    "ditfastattn: the cache buffers of this plan exceed the %.2f GiB budget at batch %d x %d tokens; "
+                    "the cache buffers of this plan exceed the %s budget at batch %d x %d tokens; "
                     "%d of %d cached head-steps compute instead (raise cache_budget_gib for full speed)",
-                    self.cache_budget / 2**30, batch, seq, lost, sum(map(sum, cached)),
+                    _size(self.cache_budget), batch, seq, lost, sum(map(sum, cached)),
                 )
         return self._dropped[key][layer]
 
@@ -356,6 +422,7 @@ class Session:
         if timestep is None:
             raise ValueError("ditfastattn tracks denoising steps from the transformer's `timestep` argument; none was passed")
         self.text_len = context.shape[1] if context is not None else 0
+        self.follow_scheduler()
         # One host read per transformer call: the step index comes from the timestep sequence.
         value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         last = self._last_timestep
@@ -365,14 +432,17 @@ class Session:
             self.call += 1
             self.calls_per_step = max(self.calls_per_step, self.call + 1)
         else:
+            calls = self.call + 1  # call slots of the step just done
             self.step += 1
             self.call = 0
             if self.step >= self.plan.num_steps:
                 self._new_generation = True
-                raise PlanMismatchError(
-                    f"the pipeline ran more than the plan's {self.plan.num_steps} denoising steps; "
-                    f"pass num_inference_steps={self.plan.num_steps} or calibrate a plan for your step count"
-                )
+                raise _too_many_steps(self.plan.num_steps, "the pipeline")
+            # A call slot absent from the last step (skip-layer guidance after its last step)
+            # holds nothing a later step may read: its cache heads would compute anyway.
+            for layer in self.layers:
+                for call in [c for c in layer.slots if c >= calls]:
+                    layer.free(call)
         self._last_timestep = value
 
     def end_call(self, module, args, kwargs, output) -> None:
@@ -381,6 +451,9 @@ class Session:
                 layer.free(self.call)
 
     def _start_generation(self) -> None:
+        if self._running and not self._checked and self.step < self.plan.num_steps - 1:
+            warn_short_generation(self.step + 1, self.plan.num_steps)
+        self._running, self._checked, self._counted = True, self._counted, False
         self.step, self.call, self._new_generation = 0, 0, False
         for layer in self.layers:
             layer.free()
@@ -388,6 +461,27 @@ class Session:
     def scheduler_set(self, num_steps: int) -> None:
         self.plan.check_compatible(self.plan.model, num_steps)
         self._new_generation = True
+        self._counted = True
+
+    def follow_scheduler(self, check: bool = True) -> None:
+        """Hook ``pipe.scheduler``'s ``set_timesteps``, whichever scheduler the pipeline holds now.
+
+        A scheduler swapped in after :func:`apply` had its timesteps set before it was hooked, so
+        with ``check`` its step count is checked at once (this is the generation's first call).
+        """
+        scheduler = getattr(self.pipe, "scheduler", None)
+        hooked = self.scheduler_hook.scheduler if self.scheduler_hook is not None else None
+        if scheduler is hooked:
+            return
+        if self.scheduler_hook is not None:
+            self.scheduler_hook.undo()
+            self.scheduler_hook = None
+        if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
+            return
+        self.scheduler_hook = _SchedulerHook(scheduler, self)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if check and timesteps is not None:
+            self.scheduler_set(len(timesteps))
 
     def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
         """Hook for sessions that keep state on the attention modules."""
@@ -434,7 +528,7 @@ def full_head_cost(q, k, v, text_start: int, text_len: int) -> float:
             medians.append(statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:])))
         _full_costs[key] = medians[0] / medians[1]
         logger.info(
-            "ditfastattn: full heads at %s: fused op %.3f ms, routed to dense SDPA %.3f ms; full heads of mixed "
+            "full heads at %s: fused op %.3f ms, routed to dense SDPA %.3f ms; full heads of mixed "
             "layers run %s", tuple(q.shape), medians[0], medians[1],
             "on dense SDPA" if _full_costs[key] > 1.0 else "in the fused op",
         )
@@ -455,6 +549,9 @@ def dense_slots(full_counts: list[int], fused_cost: float) -> int:
 
 _STEP = "_ditfastattn_step"
 _LAST_TIMESTEP = "_ditfastattn_last_timestep"
+_FAULTS = "_ditfastattn_faults"
+# Bits of the faults a compiled call records on the device for the host to report later.
+_REPEATED_CALL, _EXTRA_STEP, _SHORT_GENERATION = 1, 2, 4
 
 
 class _StaticLayer(LayerRuntime):
@@ -487,6 +584,8 @@ class _StaticLayer(LayerRuntime):
 
         none = torch.full((heads,), MODE_SKIP, dtype=torch.int32, device=device)
         flags = torch.zeros(heads, dtype=torch.bool, device=device)
+        # The rows' modes were checked on the host as they were made (ops.mode_tensor): the custom
+        # op reads none of these tables back, so a compiled or captured step has no host sync.
         tables = {
             "modes": stack([row.modes for row in rows]),
             "residual_add": stack([flags if row.residual_add is None else row.residual_add.view(-1) for row in rows]),
@@ -592,6 +691,7 @@ class StaticSession(Session):
         # Shape (1,): index_select with it stays on the device (a 0-d index would be a host int).
         transformer.register_buffer(_STEP, torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         transformer.register_buffer(_LAST_TIMESTEP, torch.full((1,), float("-inf"), device=device), persistent=False)
+        transformer.register_buffer(_FAULTS, torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def step_tensor(self) -> torch.Tensor:
         return self.transformer._buffers[_STEP]
@@ -599,18 +699,64 @@ class StaticSession(Session):
     def begin_call(self, module, args, kwargs) -> None:
         timestep = self._argument(args, kwargs, "timestep", self._timestep_index)
         context = self._argument(args, kwargs, "encoder_hidden_states", self._context_index)
+        if not torch.is_tensor(timestep):
+            raise ValueError("static mode tracks denoising steps from the transformer's `timestep` tensor; pass one")
         self.text_len = context.shape[1] if context is not None else 0
-        step, last = self.transformer._buffers[_STEP], self.transformer._buffers[_LAST_TIMESTEP]
+        buffers = self.transformer._buffers
+        step, last, faults = buffers[_STEP], buffers[_LAST_TIMESTEP], buffers[_FAULTS]
         value = timestep.flatten()[:1].to(last.dtype)
-        advanced = torch.where(value < last, step + 1, step).clamp(max=self.plan.num_steps - 1)
+        final = self.plan.num_steps - 1
+        if torch.compiler.is_compiling() or (value.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # No host read here: record what the host cannot see now, reported at the next eager
+            # call or the next generation (scheduler.set_timesteps).
+            found = (
+                torch.where(value == last, _REPEATED_CALL, 0)
+                | torch.where((value < last) & (step >= final), _EXTRA_STEP, 0)
+                | torch.where((value > last) & (last > float("-inf")) & (step < final), _SHORT_GENERATION, 0)
+            )
+            faults.copy_(faults | found)
+        else:
+            self.follow_scheduler()
+            self._check_call(*torch.cat([value, last, step.to(last.dtype)]).tolist())
+        advanced = torch.where(value < last, step + 1, step).clamp(max=final)
         step.copy_(torch.where(value > last, torch.zeros_like(step), advanced))
         last.copy_(value)
+
+    def _check_call(self, value: float, last: float, step: float) -> None:
+        """The checks of an eager call, on host copies of the timestep and the device counters."""
+        self.report_faults()
+        final = self.plan.num_steps - 1
+        if value == last:
+            raise _second_call(f"the transformer was called again at step {int(step)}")
+        if value < last and step >= final:
+            raise _too_many_steps(self.plan.num_steps, "the pipeline")
+        if value > last and last > float("-inf") and step < final:
+            warn_short_generation(int(step) + 1, self.plan.num_steps)
+
+    def report_faults(self) -> None:
+        """Raise (or warn) for what compiled or graph-replayed calls recorded since the last report."""
+        faults = self.transformer._buffers[_FAULTS]
+        found = int(faults)
+        if not found:
+            return
+        faults.zero_()
+        if found & _REPEATED_CALL:
+            raise _second_call("a compiled or graph-replayed generation called the transformer twice in one step, "
+                               "so its output was wrong")
+        if found & _EXTRA_STEP:
+            raise _too_many_steps(self.plan.num_steps, "a compiled or graph-replayed generation")
+        logger.warning(
+            "a compiled or graph-replayed generation stopped short of the plan's %d denoising steps (harmless for "
+            "a warm-up or an interrupted run); pass num_inference_steps=%d",
+            self.plan.num_steps, self.plan.num_steps,
+        )
 
     def end_call(self, module, args, kwargs, output) -> None:
         """Buffers persist across generations in static mode (their addresses must not change)."""
 
     def scheduler_set(self, num_steps: int) -> None:
         self.plan.check_compatible(self.plan.model, num_steps)
+        self.report_faults()
         self.transformer._buffers[_LAST_TIMESTEP].fill_(float("-inf"))
 
     def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
@@ -621,10 +767,34 @@ class StaticSession(Session):
         for module in modules.values():
             for name in [n for n in module._buffers if n.startswith("_ditfastattn_")]:
                 del module._buffers[name]
-        for name in (_STEP, _LAST_TIMESTEP):
+        for name in (_STEP, _LAST_TIMESTEP, _FAULTS):
             del self.transformer._buffers[name]
 
 
+def _second_call(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"static mode runs one transformer call per denoising step, but {what} (true CFG, skip-layer guidance): "
+        "one set of static buffers cannot replay a second call. Apply the plan without static=True, or run CFG "
+        "as one batched call"
+    )
+
+
+def _too_many_steps(planned: int, who: str) -> PlanMismatchError:
+    return PlanMismatchError(
+        f"{who} ran more than the plan's {planned} denoising steps; "
+        f"pass num_inference_steps={planned} or calibrate a plan for your step count"
+    )
+
+
+def _size(num_bytes: int) -> str:
+    """Bytes in GiB, or in MiB below one GiB (a small budget is not "0.00 GiB")."""
+    if num_bytes >= 2**30:
+        return f"{num_bytes / 2**30:.2f} GiB"
+    return f"{num_bytes / 2**20:.2f} MiB"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _transformer_of(pipe_or_transformer):
@@ -638,21 +808,50 @@ def _transformer_of(pipe_or_transformer):
     )
 
 
-def _hook_scheduler(session: Session, pipe) -> None:
-    scheduler = getattr(pipe, "scheduler", None)
-    if scheduler is None or not hasattr(scheduler, "set_timesteps"):
-        return
-    original = scheduler.set_timesteps
+def warn_short_generation(ran: int, planned: int) -> None:
+    logger.warning(
+        "the last generation stopped after %d of the plan's %d denoising steps, so it ran the plan's rows "
+        "for other steps (harmless for a warm-up or an interrupted run); pass num_inference_steps=%d, and apply "
+        "the plan to the pipeline rather than its transformer to have the step count checked before denoising",
+        ran, planned, planned,
+    )
 
-    # functools.wraps keeps the signature, which pipelines inspect (retrieve_timesteps).
-    @functools.wraps(original)
-    def set_timesteps(*args, **kwargs):
-        result = original(*args, **kwargs)
-        session.scheduler_set(len(scheduler.timesteps))
-        return result
 
-    scheduler.set_timesteps = set_timesteps
-    session.scheduler = scheduler
+class _SchedulerHook:
+    """Tells the session the step count at every ``set_timesteps`` of one scheduler instance.
+
+    Wraps whatever ``set_timesteps`` the instance has (a user's own instance-level patch
+    included) and puts exactly that back on :meth:`undo`.
+    """
+
+    _ABSENT = object()
+
+    def __init__(self, scheduler, session: Session):
+        self.scheduler = scheduler
+        self.before = vars(scheduler).get("set_timesteps", self._ABSENT)
+        original = scheduler.set_timesteps
+        hook = self
+
+        # functools.wraps keeps the signature, which pipelines inspect (retrieve_timesteps).
+        @functools.wraps(original)
+        def set_timesteps(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if hook.active:  # a patch wrapped around this one may outlive remove()
+                session.scheduler_set(len(scheduler.timesteps))
+            return result
+
+        self.active = True
+        self.wrapper = set_timesteps
+        scheduler.set_timesteps = set_timesteps
+
+    def undo(self) -> None:
+        self.active = False
+        if vars(self.scheduler).get("set_timesteps") is not self.wrapper:
+            return  # patched again since apply: that patch stays (it calls this one, now inactive)
+        if self.before is self._ABSENT:
+            del self.scheduler.set_timesteps
+        else:
+            self.scheduler.set_timesteps = self.before
 
 
 def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **session_args) -> Session:
@@ -685,7 +884,8 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
         transformer.register_forward_hook(session.end_call, with_kwargs=True),
     ]
     if pipe is not None:
-        _hook_scheduler(session, pipe)
+        session.pipe = pipe
+        session.follow_scheduler(check=False)  # its timesteps may be a previous run's
     setattr(transformer, _SESSION_ATTR, session)
     return session
 
@@ -699,8 +899,8 @@ def uninstall(pipe_or_transformer) -> Plan:
         transformer.get_submodule(name).set_processor(processor)
     for handle in session.handles:
         handle.remove()
-    if session.scheduler is not None:
-        del session.scheduler.set_timesteps
+    if session.scheduler_hook is not None:
+        session.scheduler_hook.undo()
     for layer in session.layers:
         layer.free()
     session.uninstall_layers({name: transformer.get_submodule(name) for name in session.originals})
@@ -721,35 +921,51 @@ def apply(
 
     Installs ditfastattn's processors on every attention layer the plan names (per module
     instance, through diffusers' processor mechanism), tracks the denoising step from the
-    transformer's ``timestep``, and, given a pipeline, checks the step count when the scheduler's
-    timesteps are set. ``impl`` picks the attention op ("auto", "gluon", "triton", "reference"; see
-    :func:`ditfastattn.ops.headwise_attention`).
+    transformer's ``timestep``, and, given a pipeline, checks the step count whenever the
+    scheduler's timesteps are set (a scheduler swapped in later included). More steps than the
+    plan always raise; on the transformer alone, a generation that stopped short is logged when
+    the next one starts. ``impl`` picks the attention op ("auto", "gluon", "triton", "reference";
+    see :func:`ditfastattn.ops.headwise_attention`).
 
     Cache heads read their layer's output of the previous step, which the runtime keeps only while
-    the next step caches. ``cache_budget_gib`` bounds those buffers (all call slots together): where
+    the next step caches, per transformer call of a step. A call that did not run at the previous
+    step (skip-layer guidance starts mid-generation) computes its cache heads instead, and its
+    ``arrow_residual`` heads where it kept no residual: exact, never a read of memory nothing
+    wrote. ``cache_budget_gib`` bounds those buffers (all call slots together): where
     the plan would need more, the fewest cached heads per byte compute (``full``) instead, logged
     once with the count. ``None`` keeps every buffer the plan needs.
 
     ``static=True`` keeps the step counter and the per-step head modes on the device, so
     ``torch.compile(transformer, fullgraph=True)`` compiles one graph for every step and CUDA
     graphs can replay it. It needs the image token count (``num_image_tokens``, or the plan's
-    provenance), one transformer call per step, no ``cfg_share``, and one uncompiled call to
-    build its tables and buffers. Layers that are full at every step run the stock attention; the
+    provenance), one transformer call per step (a second is refused: at once in eager calls, at
+    the next eager call or generation when compiled or replayed), no ``cfg_share``, and one
+    uncompiled call to build its tables and buffers. Layers that are full at every step run the stock attention; the
     others run every head through the fused op, and keep an output buffer for the whole generation
     if they ever cache.
     """
-    if cache_budget_gib is not None and not cache_budget_gib >= 0:
-        raise ValueError(f"cache_budget_gib must be >= 0 (or None for no limit); got {cache_budget_gib!r}")
+    if impl not in ops.IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
+    if cache_budget_gib is not None and not (_is_number(cache_budget_gib) and math.isfinite(cache_budget_gib)
+                                             and cache_budget_gib >= 0):
+        raise ValueError(
+            f"cache_budget_gib must be >= 0: a finite number of GiB, or None for no limit; got {cache_budget_gib!r}"
+        )
+    if num_image_tokens is not None and not (_is_int(num_image_tokens) and num_image_tokens > 0):
+        raise ValueError(f"num_image_tokens must be a positive int (e.g. FLUX 1024x1024: 4096); got {num_image_tokens!r}")
+    if not isinstance(static, bool):
+        raise TypeError(f"static must be True or False; got {static!r}")
     budget = None if cache_budget_gib is None else int(cache_budget_gib * 2**30)
     if static:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
         tokens = num_image_tokens or plan.provenance.get("num_image_tokens")
         if not tokens:
             raise ValueError("static=True needs num_image_tokens= (e.g. FLUX 1024x1024: 4096) or a plan that records it")
         install(pipe_or_transformer, plan, impl, StaticSession, cache_budget=budget, num_image_tokens=int(tokens))
     else:
         install(pipe_or_transformer, plan, impl, cache_budget=budget)
-    summary_source = plan.provenance.get("source", "calibrated")
-    logger.info("ditfastattn: applied %s plan (%s)", summary_source, plan)
+    logger.info("applied %s plan (%s)", plan.provenance.get("source", "calibrated"), plan)
 
 
 def remove(pipe_or_transformer) -> Plan:

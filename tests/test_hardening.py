@@ -1,0 +1,269 @@
+"""Issue 17: no silent wrong output, no lost work, every bad input a clear error at the boundary.
+
+One test per class of problem; each failed on the code before the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from conftest import embeds, flux_pipeline, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3
+from diffusers import FlowMatchEulerDiscreteScheduler
+from test_runtime import find, head_attention, with_methods
+
+import ditfastattn
+from ditfastattn import Plan, PlanMismatchError
+from ditfastattn._geometry import MODE_FULL, window_blocks
+
+
+def call(model, timestep: float):
+    """One call of a tiny SD3 transformer on 32x32 latents (256 image tokens) at ``timestep``."""
+    return model(hidden_states=torch.randn(1, 4, 32, 32), encoder_hidden_states=torch.randn(1, 7, 16),
+                 pooled_projections=torch.randn(1, 16), timestep=torch.tensor([timestep]))
+
+
+# extra transformer calls that appear mid-generation --------------------------------------------
+SLG = {"skip_guidance_layers": [1], "skip_layer_guidance_start": 0.01, "skip_layer_guidance_stop": 0.5}
+
+
+def test_skip_layer_guidance_call_computes_what_it_has_no_buffer_for(recorder):
+    # SD3's skip-layer guidance adds a second transformer call at steps 1 and 2 of 6 only. That
+    # call slot holds no previous output at step 1 and no residual ever: its cache and
+    # arrow_residual heads must compute (exactly), never read an uninitialised buffer.
+    pipe = sd3_pipeline()
+    plan = with_methods(Plan.uniform(pipe.transformer, 6, "full"),
+                        lambda step, layer, head: ["cache", "arrow_residual:0.5", "arrow:0.5"][head])
+    ditfastattn.apply(pipe, plan)
+    first = run_pipeline(pipe, steps=6, **SLG)
+    layer = "transformer_blocks.0.attn"
+    assert {(r["step"], r["call"]) for r in recorder if r["layer"] == layer} >= {(1, 1), (2, 1)}
+    image_tokens = recorder[0]["q"].shape[1] - recorder[0]["text_len"]
+    arrow = window_blocks(0.5, image_tokens)
+    for step in (1, 2):
+        record = find(recorder, layer, step, call=1)
+        out = record["out"]
+        if step == 1:  # no previous output in this slot: computed
+            torch.testing.assert_close(out[:, :, 0].double(), head_attention(record, 0, MODE_FULL), atol=3e-5, rtol=1e-4)
+        else:  # the slot ran at step 1: reused exactly
+            assert torch.equal(out[:, :, 0], find(recorder, layer, 1, call=1)["out"][:, :, 0])
+        # No residual was ever captured for this slot (it was absent at the full step 0): computed.
+        torch.testing.assert_close(out[:, :, 1].double(), head_attention(record, 1, MODE_FULL), atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(out[:, :, 2].double(), head_attention(record, 2, arrow), atol=3e-5, rtol=1e-4)
+    assert torch.isfinite(first).all()
+    assert torch.equal(run_pipeline(pipe, steps=6, **SLG), first)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty filled with NaN, so that reading memory nothing wrote shows in every run."""
+    empty = torch.empty
+
+    def filled(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", filled)
+
+
+def test_calibration_with_skip_layer_guidance_is_reproducible(recorder, nan_empty):
+    pipe = sd3_pipeline()
+    prompts = [{**embeds(), **negative_embeds()}]
+    config = ditfastattn.SearchConfig(delta=0.5, num_inference_steps=4, height=64, width=64, guidance_scale=4.0,
+                                      pipeline_kwargs=SLG)
+    plans = [ditfastattn.calibrate(pipe, prompts, config, progress=False) for _ in range(2)]
+    assert any(r["call"] == 1 for r in recorder)
+    assert all(torch.isfinite(r["out"]).all() for r in recorder)
+    assert plans[0].methods == plans[1].methods
+
+
+def test_static_mode_refuses_a_second_call_per_step():
+    pipe = flux_pipeline()
+    plan = Plan.uniform(pipe.transformer, 3, "cache", num_image_tokens=1024)
+    ditfastattn.apply(pipe, plan, static=True)
+    with pytest.raises(NotImplementedError, match="called again at step 0 .*without static=True"):
+        run_pipeline(pipe, steps=3, true_cfg_scale=3.0, **negative_embeds())
+    run_pipeline(pipe, steps=3)  # one call per step still runs
+
+
+@torch.no_grad()
+def test_static_mode_reports_a_second_call_made_under_compile():
+    torch._dynamo.reset()
+    model = tiny_sd3()
+    ditfastattn.apply(model, Plan.uniform(model, 2, "cache"), static=True, num_image_tokens=256)
+    call(model, 900.0)  # the uncompiled call that builds the tables
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    for t in (900.0, 900.0, 500.0):  # a repeated timestep: no host read inside the graph
+        call(compiled, t)
+    with pytest.raises(NotImplementedError, match="called the transformer twice in one step"):
+        call(model, 900.0)
+    call(model, 900.0)  # reported once
+    torch._dynamo.reset()
+
+
+# step count -----------------------------------------------------------------------------------
+def test_a_short_generation_on_the_transformer_alone_is_reported(caplog):
+    pipe = sd3_pipeline()
+    ditfastattn.apply(pipe.transformer, Plan.uniform(pipe.transformer, 4, "cache"))
+    with caplog.at_level(logging.WARNING, logger="ditfastattn"):
+        run_pipeline(pipe, steps=2)
+        run_pipeline(pipe, steps=4)  # the restart shows that the last generation stopped at step 2
+        run_pipeline(pipe, steps=4)
+    assert [r.getMessage()[:62] for r in caplog.records] == [
+        "the last generation stopped after 2 of the plan's 4 denoising "
+    ]
+    with pytest.raises(PlanMismatchError, match="more than the plan's 4"):
+        run_pipeline(pipe, steps=5)
+
+
+def test_a_scheduler_swapped_after_apply_is_checked_and_restored(recorder):
+    pipe = sd3_pipeline()
+    old = pipe.scheduler
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 4, "cache"))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(old.config)
+    with pytest.raises(PlanMismatchError, match="4 denoising steps but the pipeline runs 3"):
+        run_pipeline(pipe, steps=3)
+    assert recorder == []  # refused before any layer ran
+    with pytest.raises(PlanMismatchError, match="4 denoising steps but the pipeline runs 6"):
+        run_pipeline(pipe, steps=6)  # now through the new scheduler's hooked set_timesteps
+    run_pipeline(pipe, steps=4)
+    ditfastattn.remove(pipe)
+    assert "set_timesteps" not in vars(pipe.scheduler) and "set_timesteps" not in vars(old)
+
+
+def test_static_mode_checks_the_step_count_on_the_transformer_alone(caplog):
+    model = tiny_sd3()
+    ditfastattn.apply(model, Plan.uniform(model, 3, "cache"), static=True, num_image_tokens=256)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="ditfastattn"):
+        for t in (900.0, 600.0, 900.0):  # a 2-step generation, then a restart
+            call(model, t)
+        assert "stopped after 2 of the plan's 3" in caplog.text
+        for t in (600.0, 300.0):
+            call(model, t)
+        with pytest.raises(PlanMismatchError, match="more than the plan's 3"):
+            call(model, 100.0)
+
+
+def test_remove_keeps_a_users_own_set_timesteps_patch():
+    pipe = sd3_pipeline()
+    calls = []
+    original = pipe.scheduler.set_timesteps
+
+    def patched(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    pipe.scheduler.set_timesteps = patched
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 2, "cache"))
+    with pytest.raises(PlanMismatchError):
+        run_pipeline(pipe, steps=3)
+    ditfastattn.remove(pipe)
+    assert vars(pipe.scheduler)["set_timesteps"] is patched
+    run_pipeline(pipe, steps=3)
+    assert len(calls) == 2
+
+
+# apply's arguments ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"cache_budget_gib": math.inf}, "cache_budget_gib must be >= 0: a finite number"),
+        ({"cache_budget_gib": math.nan}, "cache_budget_gib must be >= 0: a finite number"),
+        ({"cache_budget_gib": "4"}, "cache_budget_gib must be >= 0: a finite number"),
+        ({"cache_budget_gib": True}, "cache_budget_gib must be >= 0: a finite number"),
+        ({"num_image_tokens": -5, "static": True}, "num_image_tokens must be a positive int"),
+        ({"num_image_tokens": 4.5}, "num_image_tokens must be a positive int"),
+        ({"impl": "cuda", "static": True}, "impl must be one of"),
+    ],
+)
+def test_apply_refuses_bad_arguments_and_changes_nothing(kwargs, match):
+    model = tiny_sd3()
+    with pytest.raises(ValueError, match=match):
+        ditfastattn.apply(model, Plan.uniform(model, 2, "cache"), **kwargs)
+    assert not hasattr(model, "_ditfastattn_session")
+
+
+def test_a_small_budget_is_logged_in_mib(caplog):
+    model = tiny_sd3()
+    ditfastattn.apply(model, Plan.uniform(model, 2, "cache"), cache_budget_gib=1 / 102400)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="ditfastattn"):
+        for t in (900.0, 500.0):
+            call(model, t)
+    assert "exceed the 0.01 MiB budget" in caplog.text
+
+
+# prompts and candidates -----------------------------------------------------------------------
+def test_a_bare_prompt_or_candidate_is_one_not_one_per_character():
+    from ditfastattn.calibration import prompt_kwargs
+
+    assert prompt_kwargs("a red circle")[0] == {"prompt": ["a red circle"]}
+    assert prompt_kwargs(embeds())[0].keys() == embeds().keys()
+    with pytest.raises(TypeError, match=r"all strings or all dicts.*\['int'\]"):
+        prompt_kwargs([1, 2])
+    with pytest.raises(TypeError, match="prompts must be a list"):
+        prompt_kwargs(None)
+    assert ditfastattn.SearchConfig(candidates="full").candidates == ("full",)
+    with pytest.raises(TypeError, match="candidates must be a tuple or list of method names"):
+        ditfastattn.SearchConfig(candidates=["full", 0.5])
+
+
+# plans ----------------------------------------------------------------------------------------
+def test_a_plan_with_non_finite_numbers_saves_and_loads(tmp_path):
+    import numpy as np
+
+    model = tiny_sd3()
+    base = Plan.uniform(model, 2, "full")
+    provenance = {"search": {"delta": math.inf, "costs": {"cache": np.float32(0.5)}}, "shape": (1, 2)}
+    scores = {"rse": [[[[0.0, math.nan]] * 3] * 2] * 2, "best": np.array([1.5, np.inf])}
+    plan = Plan(base.model, base.methods, provenance, scores)
+    plan.save(tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.provenance == plan.provenance and loaded.scores == plan.scores
+    assert plan.provenance["search"] == {"delta": None, "costs": {"cache": 0.5}} and plan.provenance["shape"] == [1, 2]
+    assert plan.scores["rse"][0][0][0] == [0.0, None] and plan.scores["best"] == [1.5, None]
+    with pytest.raises(TypeError, match=r"provenance\['prompts'\] holds a set"):
+        Plan(base.model, base.methods, {"prompts": {"a"}})
+    with pytest.raises(TypeError, match="string keys"):
+        Plan(base.model, base.methods, {"sensitivity": {0: 1.0}})
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d.update(extra=1), r"fields a version-1 plan does not: \['extra'\]"),
+        (lambda d: d["model"]["layers"][0].update(heads="3"), "heads must be a positive int"),
+        (lambda d: d["model"]["layers"][0].update(text="yes"), "text must be true or false"),
+        (lambda d: d["model"]["layers"].append(dict(d["model"]["layers"][0])), "layer names must be unique"),
+        (lambda d: d.update(num_steps=2.0), "num_steps must be an int"),
+        (lambda d: d["provenance"].update(num_image_tokens=-4), "num_image_tokens must be an int >= 1"),
+        (lambda d: d["provenance"].update(search="delta=0.2"), "search must be a dict"),
+        (lambda d: d.update(provenance=[1]), "provenance must be a dict"),
+    ],
+)
+def test_a_plan_file_is_checked_when_loaded(tmp_path, edit, match):
+    import json
+
+    model = tiny_sd3()
+    Plan.uniform(model, 2, "cache").save(tmp_path / "plan.json")
+    data = json.loads((tmp_path / "plan.json").read_text())
+    edit(data)
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        Plan.load(tmp_path / "plan.json")
+
+
+def test_plan_methods_and_geometry_are_checked(tmp_path):
+    model = tiny_sd3()
+    plan = Plan.uniform(model, 2, "cache")
+    with pytest.raises(ValueError, match=r"methods\[1\]\[0\] \(one method name per head\) must be a list, not str"):
+        Plan(plan.model, [plan.methods[0], ["cache cache cache", ["cache"] * 3]])
+    with pytest.raises(ValueError, match="num_image_tokens must be a positive int"):
+        plan.summary(-64, 7)
+    with pytest.raises(ValueError, match="num_image_tokens must be a positive int"):
+        plan.summary(0, 0)
+    with pytest.raises(ValueError, match="text_len must be an int >= 0"):
+        plan.summary(256, -7)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        Plan.load(tmp_path)
