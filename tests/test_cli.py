@@ -48,7 +48,7 @@ def test_calibrate_errors(tmp_path, prompts_file, capsys):
     empty.write_text("\n\n")
     assert "does not exist" in run_error([*base, "--prompts", str(tmp_path / "missing.txt")], capsys)
     assert "has no prompts" in run_error([*base, "--prompts", str(empty)], capsys)
-    assert "delta must be" in run_error([*base, "--prompts", str(prompts_file), "--delta", "-1"], capsys)
+    assert "--delta: must be >= 0" in run_error([*base, "--prompts", str(prompts_file), "--delta", "-1"], capsys)
     assert "unknown method" in run_error([*base, "--prompts", str(prompts_file), "--candidates", "full,window:3"], capsys)
     assert "unknown method set" in run_error([*base, "--prompts", str(prompts_file), "--method-set", "all"], capsys)
     unwritable = ["calibrate", *TINY, "--prompts", str(prompts_file), "-o", str(tmp_path / "no" / "plan.json")]
@@ -90,3 +90,146 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     for name in ("comparison.png", "plan.json", "plan.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert Plan.load(tmp_path / "plan.json").num_steps == 3
+
+
+# issue 17: every bad input one line and exit 2, before any long work; no output lost ---------
+def _plan_file(tmp_path):
+    from ditfastattn.testbed.pipeline import load_pipeline
+
+    path = tmp_path / "plan.json"
+    Plan.uniform(load_pipeline("sd3").transformer, 2, "cache", num_image_tokens=64, text_len=32).save(path)
+    return path
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plan = _plan_file(tmp_path)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("un cercle rouge \xe0 gauche\n".encode("latin-1"))
+    out = ["-o", str(tmp_path / "plan_out.json")]
+    cal = ["calibrate", *TINY, "--prompts", str(prompts_file), *out]
+    gen = ["generate", *TINY, "--prompt", "a red circle", "-o", str(tmp_path / "x.png")]
+    ev = ["evaluate", *TINY, "--prompts", str(prompts_file), "--calibration-prompts", str(prompts_file),
+          "--out", str(tmp_path / "ev")]
+    cases = [
+        (["calibrate", "--model", "testbed:sd9", "--prompts", str(prompts_file), *out], "no such testbed"),
+        ([*cal, "--device", "tpu"], "not a device name"),
+        ([*cal, "--device", "meta"], "runs on cpu, cuda"),
+        ([*cal, "--height", "30"], "multiples of 4 up to 64"),
+        ([*cal, "--impl", "triton"], "--impl triton cannot run here"),
+        (["calibrate", *TINY, "--prompts", str(latin1), *out], "is not UTF-8 text"),
+        (["calibrate", *TINY, "--prompts", str(tmp_path), *out], "is not a file"),
+        ([*cal, "--steps", "abc"], "--steps: 'abc' is not an integer"),
+        ([*cal, "--steps", "0"], "--steps: must be >= 1"),
+        ([*cal, "--delta", "inf"], "--delta: 'inf' is not a finite number"),
+        ([*cal, "--delta", "nan"], "--delta: 'nan' is not a finite number"),
+        ([*cal, "--candidates", ""], "--candidates: give comma-separated method names"),
+        ([*cal, "--candidates", "full,,cache"], "--candidates: give comma-separated method names"),
+        ([*cal, "--head-coefficient", "0"], "--head-coefficient: must be > 0"),
+        ([*cal, "--seed", "-1"], "--seed: must be >= 0"),
+        ([*cal, "--target-sparsity", "1.5"], "--target-sparsity: must be < 1"),
+        ([*cal, "--png", str(tmp_path / "heat.unknown")], "--png"),
+        ([*cal[:-1], str(tmp_path / "same.png"), "--png", str(tmp_path / "same.png")], "same file"),
+        ([*cal, "--method-set", "aa+oc+cfg", "--guidance-scale", "1"], "need classifier-free guidance"),
+        (["calibrate", "--model", "testbed:flux", "--device", "cpu", "--prompts", str(prompts_file),
+          "--method-set", "aa+oc+cfg", *out], "cfg_share cannot apply"),
+        ([*gen, "--steps", "0"], "--steps: must be >= 1"),
+        ([*gen[:-1], str(tmp_path / "x")], "give a file name ending in one of .bmp"),
+        ([*gen[:-1], str(tmp_path / "x.txt")], "give a file name ending in one of .bmp"),
+        ([*gen, "--plan", str(plan), "--steps", "3"], "2 denoising steps but the pipeline runs 3"),
+        (["generate", *TINY, "--prompt", " ", "-o", str(tmp_path / "x.png")], "--prompt: is empty"),
+        ([*ev, "--deltas", "0.2,0.20"], "0.2 given more than once"),
+        ([*ev, "--deltas", "0.2,,0.6"], "without empty entries"),
+        ([*ev, "--deltas", "0.2,x"], "'x' is not a number"),
+        ([*ev[:-1], str(prompts_file / "ev")], "exists and is not a folder"),
+        (["inspect", str(tmp_path)], "is a folder"),
+        (["inspect", str(plan), "--num-image-tokens", "-5"], "--num-image-tokens: must be >= 1"),
+        (["inspect", str(plan), "--text-len", "-1"], "--text-len: must be >= 0"),
+        (["inspect", str(plan), "--png", str(tmp_path / "x.doc")], "--png"),
+        (["demo", "--steps", "0"], "--steps: must be >= 1"),
+        (["demo", "--delta", "-1"], "--delta: must be >= 0"),
+        (["demo", "--num-prompts", "0"], "--num-prompts: must be >= 1"),
+        (["demo", "--num-prompts", "1000"], "give at most"),
+        (["demo", "--out", str(prompts_file)], "exists and is not a folder"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "plan_out.json").exists() and not (tmp_path / "ev").exists()
+
+
+def test_no_output_is_overwritten_before_all_are_known_writable(tmp_path, prompts_file, capsys):
+    plan = _plan_file(tmp_path)
+    before = plan.read_bytes()
+    argv = ["calibrate", *TINY, "--prompts", str(prompts_file), "-o", str(plan), "--png", str(tmp_path / "p.xyz")]
+    assert main(argv) == 2
+    assert plan.read_bytes() == before
+    from ditfastattn._files import write_atomically
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(plan, fails)
+    assert plan.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "prompts.txt"]
+
+
+def test_interrupt_exits_130_quietly(tmp_path, capsys, monkeypatch):
+    import ditfastattn.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    assert main(["inspect", str(tmp_path / "plan.json")]) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_help_shows_defaults_and_verbose_goes_anywhere(tmp_path, capsys):
+    from ditfastattn.cli import build_parser
+
+    assert main(["calibrate", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "(default: 0.2)" in help_text and "(default: 50)" in help_text and "(default: 0)" in help_text
+    plan = str(_plan_file(tmp_path))
+    for argv in (["-v", "inspect", plan], ["inspect", plan, "-v"], ["inspect", "-v", plan]):
+        assert build_parser().parse_args(argv).verbose
+    assert not getattr(build_parser().parse_args(["inspect", plan]), "verbose", False)
+    assert main(["inspect", plan, "-v"]) == 0
+
+
+def test_log_lines_name_the_library_once():
+    import logging
+
+    from ditfastattn.cli import _LogFormatter
+
+    formatter = _LogFormatter("%(message)s")
+
+    def line(name, message):
+        return formatter.format(logging.LogRecord(name, logging.WARNING, __file__, 1, message, None, None))
+
+    assert line("ditfastattn.runtime", "the cache buffers exceed") == "ditfastattn: the cache buffers exceed"
+    assert line("ditfastattn", "ditfastattn calibrate: sparsity") == "ditfastattn calibrate: sparsity"
+
+
+def test_the_testbed_loads_without_a_cast_warning():
+    import logging
+
+    from ditfastattn.cli import load_model
+
+    class Records(logging.Handler):
+        messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    handler = Records()
+    diffusers_logger = logging.getLogger("diffusers")  # diffusers' own root: it does not propagate
+    diffusers_logger.addHandler(handler)
+    try:
+        load_model("testbed:sd3", "cpu", "bf16")
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert not [m for m in handler.messages if "float32" in m]

@@ -267,3 +267,20 @@ def test_plan_methods_and_geometry_are_checked(tmp_path):
         plan.summary(256, -7)
     with pytest.raises(IsADirectoryError, match="is a folder"):
         Plan.load(tmp_path)
+
+
+# the evaluation harness -----------------------------------------------------------------------
+def test_evaluation_checks_before_its_first_image():
+    from ditfastattn.evaluation import delta_sweep, evaluate, generate
+
+    pipe = sd3_pipeline()
+    prompt = {**embeds(), **negative_embeds(), "height": 32, "width": 32}
+    images, _ = generate(pipe, prompt, num_inference_steps=1)  # a bare prompt is one prompt
+    assert images.shape[0] == 1
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(PlanMismatchError, match="3 denoising steps but the pipeline runs 2"):
+        evaluate(pipe, [prompt], {"p": Plan.uniform(pipe.transformer, 3, "cache")}, num_inference_steps=2)
+    with pytest.raises(ValueError, match="distinct deltas"):
+        delta_sweep(pipe, [prompt], [prompt], [0.2, 0.2000001], ditfastattn.SearchConfig(num_inference_steps=2))
+    assert calls == []

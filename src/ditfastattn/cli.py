@@ -1,11 +1,18 @@
-"""Command line: ``ditfastattn demo | calibrate | generate | evaluate | inspect``."""
+"""Command line: ``ditfastattn demo | calibrate | generate | evaluate | inspect``.
+
+Bad input exits 2 with one line on stderr, found before any long work; an interrupt exits 130
+quietly. Every output is checked before the work starts and written atomically.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,34 +21,177 @@ from .ops import IMPLEMENTATIONS
 TESTBED_PREFIX = "testbed:"
 TESTBED_DIR = Path(__file__).resolve().parent / "testbed"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+# Formats PIL writes without extra plugins, by extension.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF", ".gif": "GIF"}
 
 
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
+# flag types -------------------------------------------------------------------------------
+def _number(kind, *, minimum=None, above=None, below=None):
+    """An argparse type: an int or a finite float within the given bounds."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be > {above}; got {text}")
+        if below is not None and not value < below:
+            raise argparse.ArgumentTypeError(f"must be < {below}; got {text}")
+        return value
+
+    return parse
+
+
+def _head_coefficient(text: str) -> float | None:
+    return None if text.lower() == "none" else _number(float, above=0)(text)
+
+
+def _deltas(text: str) -> list[float]:
+    """Comma-separated budgets, each finite and >= 0, none repeated (each names one plan and row)."""
+    parse = _number(float, minimum=0)
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"give comma-separated numbers without empty entries; got {text!r}")
+    deltas = [parse(item) for item in items]
+    names = [f"{delta:g}" for delta in deltas]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once; list each delta once")
+    return deltas
+
+
+def _candidates(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(items):
+        raise argparse.ArgumentTypeError(
+            f"give comma-separated method names without empty entries (e.g. full,cache,arrow:0.125); got {text!r}"
+        )
+    return items
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return text
+
+
+_POSITIVE = _number(int, minimum=1)
+_SEED = _number(int, minimum=0, below=2**63)
+
+
 # helpers ----------------------------------------------------------------------------------
-def _writable(path: str | Path) -> Path:
-    """Check an output path before any long work, so nothing fails (or is written) half-way."""
+def _can_write_in(folder: Path) -> str | None:
+    """None when a file can be made in ``folder`` (tried: permissions, read-only mounts, root), else why not."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+def _output_file(path: str | Path, flag: str, formats: dict[str, str] | None = None) -> Path:
+    """Check an output file before any long work, so nothing fails (or is written) half-way."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if path.is_dir():
-        raise CliError(f"output path {path} is a directory; give a file name")
+        raise CliError(f"{flag} {path} is a directory; give a file name")
+    if formats is not None and path.suffix.lower() not in formats:
+        raise CliError(f"{flag} {path}: give a file name ending in one of {', '.join(sorted(formats))}")
     if not parent.is_dir():
         raise CliError(f"cannot write {path}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CliError(f"cannot write {path}: permission denied")
+    reason = _can_write_in(parent)
+    if reason is not None:
+        raise CliError(f"cannot write {path}: {reason}")
     return path
+
+
+def _output_dir(path: str | Path, flag: str) -> Path:
+    """Check an output folder (made later, parents included) before any long work."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"{flag} {path}: {existing} exists and is not a folder")
+    reason = _can_write_in(existing)
+    if reason is not None:
+        raise CliError(f"{flag} {path}: cannot write in {existing}: {reason}")
+    return path
+
+
+def _figure_formats() -> dict[str, str]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return {f".{ext}": ext for ext in FigureCanvasBase.get_supported_filetypes()}
+
+
+def _distinct(*paths: Path | None) -> None:
+    resolved = [p.resolve() for p in paths if p is not None]
+    if len(set(resolved)) != len(resolved):
+        raise CliError("two outputs name the same file; give each its own path")
 
 
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise CliError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        raise CliError(f"prompts file {path} does not exist" if not path.exists() else f"prompts file {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CliError(f"prompts file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise CliError(f"cannot read prompts file {path}: {err.strerror}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise CliError(f"prompts file {path} has no prompts (one per line)")
     return prompts
+
+
+def _load_plan(path: str | Path, flag: str = "plan"):
+    from .plan import Plan
+
+    try:
+        return Plan.load(path)
+    except (OSError, ValueError) as err:
+        raise CliError(f"{flag}: {err}") from None
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type not in DEVICE_TYPES:
+        raise CliError(f"--device {name}: ditfastattn runs on {', '.join(DEVICE_TYPES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise CliError(f"--device {name} cannot be used here: {str(err).splitlines()[0]}") from None
+    return str(device)
+
+
+def _dtype_name(args, device: str) -> str:
+    """The testbed and the CPU default to fp32 (bf16 there is slow, and casting the testbed warns); GPUs to bf16."""
+    if args.dtype != "auto":
+        return args.dtype
+    return "fp32" if args.model.startswith(TESTBED_PREFIX) or device == "cpu" else "bf16"
 
 
 def _torch_dtype(name: str):
@@ -50,25 +200,101 @@ def _torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def _device(name: str | None) -> str:
-    import torch
+def _check_impl(impl: str, device: str, dtype: str, head_dims=None) -> None:
+    from .ops import impl_unsupported
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    reason = impl_unsupported(impl, device, _torch_dtype(dtype), head_dims)
+    if reason is not None:
+        raise CliError(f"--impl {impl} cannot run here: {reason}; use --impl auto")
+
+
+def _testbed_kind(model: str) -> str | None:
+    if not model.startswith(TESTBED_PREFIX):
+        return None
+    from .testbed.models import KINDS
+
+    kind = model[len(TESTBED_PREFIX) :]
+    if kind not in KINDS:
+        raise CliError(f"--model {model}: no such testbed; choose {', '.join(TESTBED_PREFIX + k for k in KINDS)}")
+    return kind
+
+
+def _check_size(args, pipe=None) -> None:
+    """Heights and widths the model takes: the testbed's before loading it, SD3's once loaded."""
+    sizes = {name: getattr(args, name) for name in ("height", "width") if getattr(args, name) is not None}
+    if pipe is None and _testbed_kind(args.model):
+        bad = {name: value for name, value in sizes.items() if value % 4 or value > 64}
+        if bad:
+            raise CliError(f"the testbed takes heights and widths that are multiples of 4 up to 64; got {bad}")
+    elif pipe is not None and isinstance(getattr(pipe, "patch_size", None), int):  # SD3 pipelines refuse others
+        multiple = pipe.vae_scale_factor * pipe.patch_size
+        bad = {name: value for name, value in sizes.items() if value % multiple}
+        if bad:
+            raise CliError(f"{type(pipe).__name__} takes heights and widths that are multiples of {multiple}; got {bad}")
 
 
 def load_model(model: str, device: str, dtype: str):
     """A diffusers pipeline from a hub id or local folder, or ``testbed:sd3`` / ``testbed:flux``."""
-    if model.startswith(TESTBED_PREFIX):
+    from .adapters import adapter_for
+
+    kind = _testbed_kind(model)
+    if kind is not None:
+        from diffusers.utils import logging as diffusers_logging
+
         from .testbed.pipeline import load_pipeline
 
-        return load_pipeline(model[len(TESTBED_PREFIX) :], device=device, dtype=_torch_dtype(dtype))
-    from diffusers import DiffusionPipeline
+        # Casting the testbed warns that modules should stay in float32, listing none: it has none.
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            pipe = load_pipeline(kind, device=device, dtype=_torch_dtype(dtype))
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+    else:
+        from diffusers import DiffusionPipeline
 
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_torch_dtype(dtype))
+        except (OSError, ValueError) as err:
+            raise CliError(f"cannot load the pipeline {model!r}: {err}") from err
+        pipe = pipe.to(device)
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_torch_dtype(dtype))
-    except (OSError, ValueError) as err:
-        raise CliError(f"cannot load the pipeline {model!r}: {err}") from err
-    return pipe.to(device)
+        adapter_for(getattr(pipe, "transformer", None))
+    except TypeError as err:
+        raise CliError(f"--model {model}: {err}") from None
+    return pipe
+
+
+def _prepare(args, check_plan=None):
+    """Device, dtype and implementation checked, the model loaded, its sizes and CFG needs checked."""
+    device = _device(args.device)
+    dtype = _dtype_name(args, device)
+    _check_impl(args.impl, device, dtype)
+    _check_size(args)
+    pipe = load_model(args.model, device, dtype)
+    _check_size(args, pipe)
+    from .adapters import adapter_for
+
+    adapter = adapter_for(pipe.transformer)
+    _check_impl(args.impl, device, dtype, [layer.head_dim for layer in adapter.describe(pipe.transformer).layers])
+    if check_plan is not None:
+        check_plan(pipe)
+    return pipe
+
+
+def _check_cfg(pipe, method_names, guidance_scale) -> None:
+    """cfg_share methods need CFG as one batch: a family that batches it, and guidance above 1."""
+    from .adapters import adapter_for, check_cfg_sharing
+
+    if not any(name.startswith("cfg_share") for name in method_names):
+        return
+    try:
+        check_cfg_sharing(adapter_for(pipe.transformer), method_names)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    if guidance_scale is not None and guidance_scale <= 1:
+        raise CliError(f"cfg_share methods need classifier-free guidance; --guidance-scale {guidance_scale:g} turns "
+                       "it off (give more than 1, or drop the cfg_share methods)")
 
 
 def _format_summary(summary: dict, per_layer: bool = True) -> str:
@@ -88,40 +314,32 @@ def _format_summary(summary: dict, per_layer: bool = True) -> str:
 
 # commands ---------------------------------------------------------------------------------
 def cmd_inspect(args) -> None:
-    from .plan import Plan
     from .visualize import plot_plan
 
-    png = _writable(args.png) if args.png else None
-    try:
-        plan = Plan.load(args.plan)
-    except (FileNotFoundError, ValueError) as err:
-        raise CliError(str(err)) from err
+    png = _output_file(args.png, "--png", _figure_formats()) if args.png else None
+    plan = _load_plan(args.plan)
     print(f"{plan!r}")
     provenance = plan.provenance
     print(f"made by ditfastattn {provenance.get('library_version')} on {provenance.get('date')} ({provenance.get('source')})")
-    if "search" in provenance:
-        search = provenance["search"]
-        print(f"search: delta={search['delta']}, c={search['head_coefficient']}, candidates={', '.join(search['candidates'])}")
+    search = provenance.get("search")
+    if search:
+        candidates = ", ".join(map(str, search.get("candidates") or []))
+        print(f"search: delta={search.get('delta')}, c={search.get('head_coefficient')}, candidates={candidates}")
     try:
         summary = plan.summary(args.num_image_tokens, args.text_len)
     except ValueError as err:
         raise CliError(f"{err} (use --num-image-tokens and --text-len)") from err
     print(_format_summary(summary))
     if png:
-        plot_plan(plan, png)
+        plot_plan(plan, png, num_image_tokens=args.num_image_tokens, text_len=args.text_len)
         print(f"heatmap: {png}")
 
 
 def _sensitivity(value: str | None):
     """``measure``, or a calibrated plan whose measured layer weights are reused."""
-    from .plan import Plan
-
     if value is None or value == "measure":
         return value
-    try:
-        weights = Plan.load(value).provenance.get("search", {}).get("sensitivity")
-    except (FileNotFoundError, ValueError) as err:
-        raise CliError(f"--sensitivity: {err}") from err
+    weights = _load_plan(value, "--sensitivity").provenance.get("search", {}).get("sensitivity")
     if not weights:
         raise CliError(f"--sensitivity: {value} holds no measured layer weights; calibrate with --sensitivity measure")
     return weights
@@ -130,10 +348,9 @@ def _sensitivity(value: str | None):
 def _search_config(args):
     from .calibration import SearchConfig
 
-    coefficient = None if str(args.head_coefficient).lower() == "none" else float(args.head_coefficient)
     common = {
         "delta": args.delta,
-        "head_coefficient": coefficient,
+        "head_coefficient": args.head_coefficient,
         "num_inference_steps": args.steps,
         "height": args.height,
         "width": args.width,
@@ -145,10 +362,10 @@ def _search_config(args):
         "sensitivity": _sensitivity(getattr(args, "sensitivity", None)),
     }
     try:
-        if args.candidates:
-            return SearchConfig(candidates=tuple(args.candidates.split(",")), **common)
+        if args.candidates is not None:
+            return SearchConfig(candidates=args.candidates, **common)
         return SearchConfig.from_method_set(args.method_set, **common)
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise CliError(str(err)) from err
 
 
@@ -158,9 +375,10 @@ def cmd_calibrate(args) -> None:
 
     prompts = read_prompts(args.prompts)
     config = _search_config(args)
-    output = _writable(args.output)
-    png = _writable(args.png) if args.png else None
-    pipe = load_model(args.model, _device(args.device), args.dtype)
+    output = _output_file(args.output, "-o")
+    png = _output_file(args.png, "--png", _figure_formats()) if args.png else None
+    _distinct(output, png)
+    pipe = _prepare(args, lambda pipe: _check_cfg(pipe, config.candidates, args.guidance_scale))
     start = time.perf_counter()
     plan = calibrate(pipe, prompts, config)
     elapsed = time.perf_counter() - start
@@ -176,58 +394,57 @@ def cmd_generate(args) -> None:
     import torch
 
     from . import apply
-    from .plan import Plan, PlanMismatchError
+    from ._files import write_atomically
+    from .plan import PlanMismatchError
 
-    output = _writable(args.output)
-    plan = None
-    if args.plan:
-        try:
-            plan = Plan.load(args.plan)
-        except (FileNotFoundError, ValueError) as err:
-            raise CliError(str(err)) from err
+    output = _output_file(args.output, "-o", IMAGE_FORMATS)
+    plan = _load_plan(args.plan, "--plan") if args.plan else None
     steps = args.steps or (plan.num_steps if plan else 28)
-    pipe = load_model(args.model, _device(args.device), args.dtype)
     if plan is not None:
+        try:
+            plan.check_compatible(plan.model, steps)
+        except PlanMismatchError as err:
+            raise CliError(str(err)) from None
+
+    def check_plan(pipe):
+        if plan is None:
+            return
+        _check_cfg(pipe, {m for rows in plan.methods for heads in rows for m in heads}, args.guidance_scale)
         try:
             apply(pipe, plan, impl=args.impl)
         except (PlanMismatchError, TypeError, ValueError) as err:
             raise CliError(str(err)) from err
+
+    pipe = _prepare(args, check_plan)
     kwargs = {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
     for name in ("height", "width"):
         if getattr(args, name):
             kwargs[name] = getattr(args, name)
     start = time.perf_counter()
-    try:
-        image = pipe(
-            prompt=args.prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(args.seed), **kwargs
-        ).images[0]
-    except PlanMismatchError as err:
-        raise CliError(str(err)) from err
+    image = pipe(
+        prompt=args.prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(args.seed), **kwargs
+    ).images[0]
     elapsed = time.perf_counter() - start
-    image.save(output)
+    write_atomically(output, lambda tmp: image.save(tmp, format=IMAGE_FORMATS[output.suffix.lower()]))
     print(f"{output} in {elapsed:.2f} s ({'plan ' + args.plan if plan else 'full attention'})")
 
 
 def cmd_evaluate(args) -> None:
     import json
 
+    from ._files import write_atomically
     from .evaluation import delta_sweep
 
     prompts = read_prompts(args.prompts)
     calibration_prompts = read_prompts(args.calibration_prompts)
-    try:
-        deltas = [float(d) for d in args.deltas.split(",")]
-    except ValueError as err:
-        raise CliError(f"--deltas must be comma-separated numbers; got {args.deltas!r}") from err
     config = _search_config(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} exists and is not a folder")
-    pipe = load_model(args.model, _device(args.device), args.dtype)
-    results, plans = delta_sweep(pipe, calibration_prompts, prompts, deltas, config, out_dir=out)
+    out = _output_dir(args.out, "--out")
+    pipe = _prepare(args, lambda pipe: _check_cfg(pipe, config.candidates, args.guidance_scale))
+    results, plans = delta_sweep(pipe, calibration_prompts, prompts, args.deltas, config, out_dir=out)
     for name, plan in plans.items():
         plan.save(out / f"plan_{name}.json")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    text = json.dumps(results, indent=1)
+    write_atomically(out / "results.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     columns = sorted({key for row in results.values() for key in row})
     print(f"{'':<14}" + "".join(f"{c:>18}" for c in columns))
     for name, row in results.items():
@@ -236,93 +453,169 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .demo import available_prompts, run_demo
 
-    run_demo(Path(args.out), delta=args.delta, steps=args.steps, num_prompts=args.num_prompts, device=_device(args.device))
+    out = _output_dir(args.out, "--out")
+    limit = available_prompts()
+    if args.num_prompts > limit:
+        raise CliError(f"--num-prompts: the testbed bundles {limit} prompts of each kind; give at most {limit}")
+    run_demo(out, delta=args.delta, steps=args.steps, num_prompts=args.num_prompts, device=_device(args.device))
 
 
 # parser -----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Bad flags: one line on stderr and exit 2 (the usage is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="ditfastattn", description="Head-wise compressed attention for diffusers MMDiT pipelines")
+    # -v works before or after the subcommand: each subparser takes it too, defaulting to "not given".
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log the library's info messages")
+    parser = _Parser(prog="ditfastattn", description="Head-wise compressed attention for diffusers MMDiT pipelines",
+                     formatter_class=_HelpFormatter, parents=[verbose])
     parser.add_argument("--version", action="version", version=f"ditfastattn {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log the library's info messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,calibrate,generate,evaluate,inspect}")
 
-    demo = sub.add_parser("demo", help="calibrate and compare on the bundled trained testbed (CPU, ~2 minutes)")
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter,
+                              parents=[verbose])
+
+    demo = command("demo", "calibrate and compare on the bundled trained testbed (CPU, ~2 minutes)")
     demo.add_argument("--out", default="demo_out", help="folder for the grid PNG, the plan and its heatmap")
-    demo.add_argument("--delta", type=float, default=0.2)
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--num-prompts", type=int, default=6, help="calibration and held-out prompts each")
-    demo.add_argument("--device", default=None)
+    demo.add_argument("--delta", type=_number(float, minimum=0), default=0.2, help="error budget per layer and step")
+    demo.add_argument("--steps", type=_POSITIVE, default=20, help="denoising steps")
+    demo.add_argument("--num-prompts", type=_POSITIVE, default=6, help="calibration and held-out prompts each")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.set_defaults(run=cmd_demo)
 
     def model_args(p):
         p.add_argument("--model", required=True, help="diffusers id or local path, or testbed:sd3 / testbed:flux")
-        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-        p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-        p.add_argument("--height", type=int, default=None)
-        p.add_argument("--width", type=int, default=None)
-        p.add_argument("--guidance-scale", type=float, default=None)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--impl", choices=IMPLEMENTATIONS, default="auto")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
+        p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                       help="auto: fp32 for the testbed and on the CPU, else bf16")
+        p.add_argument("--height", type=_POSITIVE, default=None, help="image height in pixels (default: the model's)")
+        p.add_argument("--width", type=_POSITIVE, default=None, help="image width in pixels (default: the model's)")
+        p.add_argument("--guidance-scale", type=_number(float, minimum=0), default=None,
+                       help="classifier-free guidance (default: the pipeline's)")
+        p.add_argument("--seed", type=_SEED, default=0, help="seed of the generator")
+        p.add_argument("--impl", choices=IMPLEMENTATIONS, default="auto", help="attention op implementation")
 
-    calibrate = sub.add_parser("calibrate", help="search a head-wise plan")
+    def search_args(p):
+        p.add_argument("--steps", type=_POSITIVE, default=50, help="denoising steps")
+        p.add_argument("--head-coefficient", type=_head_coefficient, default=1.5,
+                       help="c of the per-head bound c * delta / heads, or 'none'")
+        p.add_argument("--method-set", default="aa+oc", help="aa, aa+oc, aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs")
+        p.add_argument("--candidates", type=_candidates, default=None,
+                       help="comma-separated methods (overrides --method-set)")
+
+    calibrate = command("calibrate", "search a head-wise plan")
     model_args(calibrate)
-    calibrate.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    calibrate.add_argument("--delta", type=float, default=0.2, help="error budget per layer and step")
-    calibrate.add_argument("--target-sparsity", type=float, default=None,
+    search_args(calibrate)
+    calibrate.add_argument("--prompts", required=True, help="UTF-8 text file, one prompt per line")
+    calibrate.add_argument("--delta", type=_number(float, minimum=0), default=0.2,
+                           help="error budget per layer and step")
+    calibrate.add_argument("--target-sparsity", type=_number(float, above=0, below=1), default=None,
                            help="reach this attention sparsity instead (two passes; --delta starts the first)")
-    calibrate.add_argument("--target-speedup", type=float, default=None, help="or this ideal attention speed-up")
+    calibrate.add_argument("--target-speedup", type=_number(float, above=1), default=None,
+                           help="or this ideal attention speed-up")
     calibrate.add_argument("--sensitivity", default=None,
                            help="'measure' (one extra pass per layer) or a plan whose measured layer weights to reuse")
-    calibrate.add_argument("--steps", type=int, default=50)
-    calibrate.add_argument("--head-coefficient", default="1.5", help="c of the per-head bound, or 'none'")
-    calibrate.add_argument("--method-set", default="aa+oc", help="aa, aa+oc, aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs")
-    calibrate.add_argument("--candidates", default=None, help="comma-separated methods (overrides --method-set)")
-    calibrate.add_argument("-o", "--output", required=True)
-    calibrate.add_argument("--png", default=None, help="also draw the plan's heatmap here")
+    calibrate.add_argument("-o", "--output", required=True, help="plan file (JSON)")
+    calibrate.add_argument("--png", default=None, help="also draw the plan's heatmap here (.png, .pdf, .svg, ...)")
     calibrate.set_defaults(run=cmd_calibrate)
 
-    generate = sub.add_parser("generate", help="generate one image, with or without a plan")
+    generate = command("generate", "generate one image, with or without a plan")
     model_args(generate)
-    generate.add_argument("--plan", default=None)
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--steps", type=int, default=None, help="default: the plan's step count")
-    generate.add_argument("-o", "--output", required=True)
+    generate.add_argument("--plan", default=None, help="plan file (default: full attention)")
+    generate.add_argument("--prompt", type=_text, required=True, help="the prompt")
+    generate.add_argument("--steps", type=_POSITIVE, default=None, help="denoising steps (default: the plan's, else 28)")
+    generate.add_argument("-o", "--output", required=True, help="image file (.png, .jpg, .webp, ...)")
     generate.set_defaults(run=cmd_generate)
 
-    evaluate = sub.add_parser("evaluate", help="calibrate per delta, then compare images with full attention")
+    evaluate = command("evaluate", "calibrate per delta, then compare images with full attention")
     model_args(evaluate)
+    search_args(evaluate)
     evaluate.add_argument("--prompts", required=True, help="evaluation prompts, one per line")
-    evaluate.add_argument("--calibration-prompts", required=True)
-    evaluate.add_argument("--deltas", default="0.2,0.6", help="comma-separated RSE budgets")
-    evaluate.add_argument("--delta", type=float, default=0.2, help=argparse.SUPPRESS)
-    evaluate.add_argument("--steps", type=int, default=50)
-    evaluate.add_argument("--head-coefficient", default="1.5")
-    evaluate.add_argument("--method-set", default="aa+oc")
-    evaluate.add_argument("--candidates", default=None)
+    evaluate.add_argument("--calibration-prompts", required=True, help="calibration prompts, one per line")
+    evaluate.add_argument("--deltas", type=_deltas, default="0.2,0.6", help="comma-separated error budgets")
+    evaluate.add_argument("--delta", type=_number(float, minimum=0), default=0.2, help=argparse.SUPPRESS)
     evaluate.add_argument("--out", required=True, help="folder for images, plans and results.json")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    inspect = sub.add_parser("inspect", help="summarise a plan and draw its heatmap")
-    inspect.add_argument("plan")
-    inspect.add_argument("--png", default=None)
-    inspect.add_argument("--num-image-tokens", type=int, default=None)
-    inspect.add_argument("--text-len", type=int, default=None)
+    inspect = command("inspect", "summarise a plan and draw its heatmap")
+    inspect.add_argument("plan", help="plan file")
+    inspect.add_argument("--png", default=None, help="draw the heatmap here (.png, .pdf, .svg, ...)")
+    inspect.add_argument("--num-image-tokens", type=_POSITIVE, default=None,
+                         help="geometry for the sparsity (default: the plan's)")
+    inspect.add_argument("--text-len", type=_number(int, minimum=0), default=None,
+                         help="text tokens for the sparsity (default: the plan's)")
     inspect.set_defaults(run=cmd_inspect)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+class _LogFormatter(logging.Formatter):
+    """One "ditfastattn:" prefix per line, whether or not a message already names the library."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if message.startswith("ditfastattn") else f"ditfastattn: {message}"
+
+
+@contextlib.contextmanager
+def _library_log(verbose: bool):
+    """The library's log on stderr while a command runs, printed above any progress bar (not inside
+    it); the logger is left as it was found, for callers of :func:`main` in a larger program."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logger = logging.getLogger("ditfastattn")
+    saved = logger.level, logger.propagate
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
     try:
-        args.run(args)
-    except CliError as err:
+        with logging_redirect_tqdm(loggers=[logger]):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, --version, or a bad flag (already reported in one line)
+        return exit.code if isinstance(exit.code, int) else 2
+    from .plan import PlanMismatchError
+
+    try:
+        with _library_log(getattr(args, "verbose", False)):
+            args.run(args)
+    except (CliError, PlanMismatchError) as err:
         print(f"ditfastattn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `ditfastattn inspect plan.json | head`: the reader is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import apply, remove
+from ._files import write_atomically
 from .calibration import SearchConfig, calibrate
 from .visualize import plot_comparison, plot_plan
 
@@ -18,9 +19,17 @@ TESTBED = Path(__file__).resolve().parent / "testbed"
 DEMO_CANDIDATES = ("full", "cache", "arrow:0.5", "arrow:0.25", "arrow:0.125")
 
 
-def _prompts(name: str, count: int) -> list[str]:
-    lines = [line.strip() for line in (TESTBED / name).read_text().splitlines() if line.strip()]
+PROMPT_FILES = ("calibration_prompts.txt", "heldout_prompts.txt")
+
+
+def _prompts(name: str, count: int | None = None) -> list[str]:
+    lines = [line.strip() for line in (TESTBED / name).read_text(encoding="utf-8").splitlines() if line.strip()]
     return lines[:count]
+
+
+def available_prompts() -> int:
+    """How many calibration and held-out prompts the demo can take each."""
+    return min(len(_prompts(name)) for name in PROMPT_FILES)
 
 
 def _generate(pipe, prompts, steps, seed):
@@ -33,13 +42,14 @@ def run_demo(out: Path, *, delta: float = 0.2, steps: int = 20, num_prompts: int
     from .testbed.evaluator import caption_accuracy, image_metrics
     from .testbed.pipeline import load_pipeline
 
+    if not 1 <= num_prompts <= available_prompts():
+        raise ValueError(f"num_prompts must be in [1, {available_prompts()}] (the bundled prompts); got {num_prompts}")
+    config = SearchConfig(delta=delta, candidates=DEMO_CANDIDATES, num_inference_steps=steps, seed=0)
     out.mkdir(parents=True, exist_ok=True)
     print(f"ditfastattn demo: bundled SD3-style testbed (trained MMDiT, 64x64, {steps} steps) on {device}")
     pipe = load_pipeline("sd3", device=device, dtype=torch.float32)
-    calibration_prompts = _prompts("calibration_prompts.txt", num_prompts)
-    heldout = _prompts("heldout_prompts.txt", num_prompts)
+    calibration_prompts, heldout = (_prompts(name, num_prompts) for name in PROMPT_FILES)
 
-    config = SearchConfig(delta=delta, candidates=DEMO_CANDIDATES, num_inference_steps=steps, seed=0)
     print(f"1/3 calibrating on {len(calibration_prompts)} prompts (delta={delta})")
     start = time.perf_counter()
     plan = calibrate(pipe, calibration_prompts, config)
@@ -68,7 +78,8 @@ def run_demo(out: Path, *, delta: float = 0.2, steps: int = 20, num_prompts: int
         "caption_accuracy_plan": caption_accuracy(compressed, heldout),
         **({"lpips": metrics["lpips"]} if "lpips" in metrics else {}),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    write_atomically(out / "results.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     title = f"delta={delta}: attention sparsity {summary['sparsity']:.0%}, SSIM {metrics['ssim']:.3f}, PSNR {metrics['psnr']:.1f} dB"
     plot_comparison(reference, compressed, heldout, out / "comparison.png", title=title)
 

@@ -16,11 +16,13 @@ from typing import Any, Sequence
 
 import torch
 
+from ._files import write_atomically
+from .adapters import adapter_for
 from .calibration import SearchConfig, calibrate, prompt_kwargs
 from .plan import Plan
-from .runtime import apply, remove
+from .runtime import _transformer_of, apply, remove
 
-logger = logging.getLogger("ditfastattn")
+logger = logging.getLogger(__name__)
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 
@@ -89,8 +91,14 @@ def clip_score(images: torch.Tensor, prompts: Sequence[str]) -> float | None:
     return metric((images.float().cpu().clamp(0, 1) * 255).to(torch.uint8), list(prompts)).item()
 
 
+def _as_list(prompts) -> list:
+    """A bare prompt (string or dict of pipeline kwargs) is one prompt."""
+    return [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+
+
 def generate(pipe, prompts, *, num_inference_steps: int, seed: int = 0, **kwargs) -> tuple[torch.Tensor, float]:
     """Images (N, 3, H, W) in [0, 1] for all prompts in one batch, and seconds per image."""
+    prompts = _as_list(prompts)
     call, _ = prompt_kwargs(prompts)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -110,7 +118,7 @@ def _save(images: torch.Tensor, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
-        Image.fromarray(array).save(folder / f"{index:03d}.png")
+        write_atomically(folder / f"{index:03d}.png", lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def evaluate(
@@ -132,6 +140,11 @@ def evaluate(
     """
     if "reference" in plans:
         raise ValueError("'reference' names the full-attention images; give the plan another name")
+    prompts = _as_list(prompts)
+    transformer, _ = _transformer_of(pipe)
+    spec = adapter_for(transformer).describe(transformer)
+    for plan in plans.values():  # before the first image, not after the reference run
+        plan.check_compatible(spec, num_inference_steps)
     out = Path(out_dir) if out_dir is not None else None
     reference, seconds = generate(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed, **pipe_kwargs)
 
@@ -170,11 +183,17 @@ def delta_sweep(
     extra_metrics=None,
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Plan]]:
-    """Calibrate one plan per delta on ``calibration_prompts``, then :func:`evaluate` all on ``prompts``."""
+    """Calibrate one plan per delta on ``calibration_prompts``, then :func:`evaluate` all on ``prompts``.
+
+    Deltas that print alike (``f"{delta:g}"``) would share one plan name: they are refused.
+    """
+    names = [f"delta={delta:g}" for delta in deltas]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"give one or more distinct deltas; got {list(deltas)}")
+    configs = [dataclasses.replace(config, delta=delta) for delta in deltas]  # checks every delta first
     plans = {}
-    for delta in deltas:
-        search = dataclasses.replace(config, delta=delta)
-        plans[f"delta={delta:g}"] = calibrate(pipe, calibration_prompts, search, progress=progress)
+    for name, search in zip(names, configs):
+        plans[name] = calibrate(pipe, calibration_prompts, search, progress=progress)
     kwargs = {name: getattr(config, name) for name in ("height", "width", "guidance_scale") if getattr(config, name) is not None}
     results = evaluate(
         pipe, prompts, plans, num_inference_steps=config.num_inference_steps, seed=config.seed,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import write_atomically
 from .plan import Plan
 
 # Method families and their colours (RGB in [0, 1]); a cell mixes them by head share.
@@ -34,8 +35,22 @@ def family_shares(plan: Plan) -> dict[str, np.ndarray]:
     return shares
 
 
-def plot_plan(plan: Plan, path: str | Path, title: str | None = None) -> Path:
-    """Write a PNG: the heatmap, and the attention sparsity per step when the geometry is known."""
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    """Write ``fig`` atomically, in the format that ``path``'s extension names."""
+    path = Path(path)
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() or None))
+
+
+def plot_plan(
+    plan: Plan,
+    path: str | Path,
+    title: str | None = None,
+    *,
+    num_image_tokens: int | None = None,
+    text_len: int | None = None,
+) -> Path:
+    """Write a picture (format from the extension): the heatmap, and the attention sparsity per step
+    when the geometry is known (the plan's, or ``num_image_tokens`` and ``text_len``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +61,7 @@ def plot_plan(plan: Plan, path: str | Path, title: str | None = None) -> Path:
     shares = family_shares(plan)
     image = sum(shares[name][..., None] * np.array(colour) for name, colour in FAMILIES.items())
     try:
-        summary = plan.summary()
+        summary = plan.summary(num_image_tokens, text_len)
     except ValueError:
         summary = None
     rows = 2 if summary else 1
@@ -76,10 +91,10 @@ def plot_plan(plan: Plan, path: str | Path, title: str | None = None) -> Path:
         curve.grid(alpha=0.3)
     fig.suptitle(headline, fontsize=10, y=0.995)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return _save(fig, path, 120)
+    finally:
+        plt.close(fig)
 
 
 def plot_comparison(reference, compressed, captions, path: str | Path, title: str = "") -> Path:
@@ -108,7 +123,7 @@ def plot_comparison(reference, compressed, captions, path: str | Path, title: st
                 axis.set_title("\n".join(textwrap.wrap(captions[column], 28)), fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return _save(fig, path, 110)
+    finally:
+        plt.close(fig)
