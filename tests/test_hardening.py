@@ -284,3 +284,87 @@ def test_evaluation_checks_before_its_first_image():
     with pytest.raises(ValueError, match="distinct deltas"):
         delta_sweep(pipe, [prompt], [prompt], [0.2, 0.2000001], ditfastattn.SearchConfig(num_inference_steps=2))
     assert calls == []
+
+
+# property: random plans on random tiny models -------------------------------------------------
+def random_model(rng):
+    """A tiny SD3 or FLUX transformer with random heads and head dim, and one call's inputs maker
+    for a random text length and an image token count that is not a multiple of 128."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    heads, dim = rng.choice([1, 2, 3]), rng.choice([8, 16])
+    text = rng.choice([1, 5, 77])
+    rows, cols = rng.choice([(3, 5), (10, 13), (12, 19)])  # 15, 130, 228 image tokens
+    torch.manual_seed(rng.randrange(1000))
+    if rng.random() < 0.5:
+        model = SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=dim, num_attention_heads=heads,
+            joint_attention_dim=16, caption_projection_dim=heads * dim, pooled_projection_dim=16, out_channels=4,
+            pos_embed_max_size=40, dual_attention_layers=(0,) if rng.random() < 0.5 else (),
+        ).eval()
+
+        def inputs(batch, g):
+            return {"hidden_states": torch.randn(batch, 4, 2 * rows, 2 * cols, generator=g),
+                    "encoder_hidden_states": torch.randn(batch, text, 16, generator=g),
+                    "pooled_projections": torch.randn(batch, 16, generator=g)}
+    else:
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=dim,
+            num_attention_heads=heads, joint_attention_dim=16, pooled_projection_dim=16,
+            axes_dims_rope=(2, 2, 4) if dim == 8 else (4, 6, 6),
+        ).eval()
+        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        img_ids = torch.cat([torch.zeros(rows * cols, 1), grid.float()], 1)
+
+        def inputs(batch, g):
+            return {"hidden_states": torch.randn(batch, rows * cols, 16, generator=g),
+                    "encoder_hidden_states": torch.randn(batch, text, 16, generator=g),
+                    "pooled_projections": torch.randn(batch, 16, generator=g),
+                    "img_ids": img_ids, "txt_ids": torch.zeros(text, 3)}
+    return model, inputs
+
+
+def random_plan(model, steps, rng) -> Plan:
+    """Every method where the plan rules allow it: a cache after a computed step, an
+    arrow_residual (one window per head) after a full step."""
+    base = Plan.uniform(model, steps, "full")
+    methods = [[list(heads) for heads in rows] for rows in base.methods]
+    for layer, spec in enumerate(base.model.layers):
+        for head in range(spec.heads):
+            window = rng.choice([0.1, 0.5, 1.0])
+            for step in range(1, steps):
+                choices = ["full", "cache", f"arrow:{rng.choice([0.05, 0.3, 1.0])}"]
+                if any(methods[s][layer][head] == "full" for s in range(step)):
+                    choices.append(f"arrow_residual:{window}")
+                methods[step][layer][head] = rng.choice(choices)
+    return Plan(base.model, methods)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seed", range(6))
+def test_random_plans_stay_finite_and_all_full_plans_stay_stock(seed, nan_empty):
+    import random
+
+    rng = random.Random(seed)
+    model, inputs = random_model(rng)
+    steps = rng.randint(2, 4)
+    timesteps = sorted(rng.sample(range(1, 1000), steps), reverse=True)
+    extra = [rng.random() < 0.5 for _ in range(steps)]  # a second call at some steps only (skip-layer guidance)
+
+    def generation():
+        g = torch.Generator().manual_seed(seed)
+        outs = []
+        for t, twice in zip(timesteps, extra):
+            for batch in (2, 1)[: 1 + twice]:
+                args = inputs(batch, g)
+                outs.append(model(**args, timestep=torch.full((batch,), t / (1000.0 if "img_ids" in args else 1.0))).sample)
+        return outs
+
+    stock = generation()
+    ditfastattn.apply(model, Plan.uniform(model, steps, "full"))
+    assert all(torch.equal(a, b) for a, b in zip(generation(), stock))
+    ditfastattn.remove(model)
+    budget = rng.choice([None, 0.0, 1e-5])
+    ditfastattn.apply(model, random_plan(model, steps, rng), cache_budget_gib=budget)
+    for first, second in zip(generation(), generation()):
+        assert torch.isfinite(first).all() and torch.equal(first, second)
