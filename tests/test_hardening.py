@@ -68,6 +68,25 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", filled)
 
 
+def test_skip_layer_guidance_call_computes_cfg_shared_heads_unshared(recorder):
+    # The extra call holds conditional rows only: sharing would copy one prompt onto another.
+    pipe = sd3_pipeline()
+    plan = with_methods(Plan.uniform(pipe.transformer, 4, "full"),
+                        lambda step, layer, head: ["cfg_share", "cfg_share+arrow:0.5", "full"][head])
+    ditfastattn.apply(pipe, plan)
+    run_pipeline(pipe, steps=4, batch=2, **SLG)
+    record = find(recorder, "transformer_blocks.0.attn", 1, call=1)
+    assert record["q"].shape[0] == 2  # two prompts, conditional only
+    arrow = window_blocks(0.5, record["q"].shape[1] - record["text_len"])
+    for head, mode in ((0, MODE_FULL), (1, arrow)):
+        torch.testing.assert_close(record["out"][:, :, head].double(), head_attention(record, head, mode),
+                                   atol=3e-5, rtol=1e-4)
+    recorder.clear()
+    with pytest.raises(ValueError, match="cfg_share needs a CFG batch.*raise guidance_scale above 1"):
+        run_pipeline(pipe, steps=4, guidance_scale=1.0)
+    assert recorder == []  # refused before step 0 computed
+
+
 def test_calibration_with_skip_layer_guidance_is_reproducible(recorder, nan_empty):
     pipe = sd3_pipeline()
     prompts = [{**embeds(), **negative_embeds()}]

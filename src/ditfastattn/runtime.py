@@ -315,14 +315,14 @@ class LayerRuntime:
             picked = [t.index_select(2, row.full_heads).transpose(1, 2) for t in (q, k, v)]
             out.index_copy_(2, row.full_heads, F.scaled_dot_product_attention(*picked).transpose(1, 2))
             return
-        if row.uncond_modes is None:
+        # CFG is the first call of a step; later ones (skip-layer guidance) hold conditional rows
+        # only, so their cfg_share heads compute the whole batch: the sharing's conditional half.
+        if row.uncond_modes is None or self.session.call > 0:
             ops.headwise_attention(q, k, v, row.modes, text_start=text_start, text_len=text_len, out=out, impl=impl)
             return
         batch = q.shape[0]
         if batch % 2:
-            raise ValueError(
-                f"{self.name}: cfg_share needs a CFG batch [unconditional; conditional] of even size; got batch {batch}"
-            )
+            raise cfg_batch_error(batch)
         half = batch // 2
         cond, uncond = slice(half, batch), slice(0, half)
         ops.headwise_attention(
@@ -373,6 +373,8 @@ class Session:
         self._context_index = (
             parameters.index("encoder_hidden_states") if "encoder_hidden_states" in parameters else None
         )
+        self._hidden_index = parameters.index("hidden_states") if "hidden_states" in parameters else None
+        self._cfg_share = any(parse_method(m).cfg_share for rows in plan.methods for heads in rows for m in heads)
 
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:
         """The compiled plan row of ``layer`` at the current step (calibration decides it here)."""
@@ -428,6 +430,9 @@ class Session:
         last = self._last_timestep
         if self._new_generation or last is None or value > last:
             self._start_generation()
+            hidden = self._argument(args, kwargs, "hidden_states", self._hidden_index)
+            if self._cfg_share and torch.is_tensor(hidden) and hidden.shape[0] % 2:
+                raise cfg_batch_error(hidden.shape[0])  # before step 0 computes, not at step 1
         elif value == last:
             self.call += 1
             self.calls_per_step = max(self.calls_per_step, self.call + 1)
@@ -684,7 +689,7 @@ class StaticSession(Session):
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None, num_image_tokens: int):
         super().__init__(transformer, plan, adapter, impl, cache_budget)
-        if any(parse_method(m).cfg_share for rows in plan.methods for heads in rows for m in heads):
+        if self._cfg_share:
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
         self.num_image_tokens = num_image_tokens
         device = next(transformer.parameters()).device
@@ -769,6 +774,13 @@ class StaticSession(Session):
                 del module._buffers[name]
         for name in (_STEP, _LAST_TIMESTEP, _FAULTS):
             del self.transformer._buffers[name]
+
+
+def cfg_batch_error(batch: int) -> ValueError:
+    return ValueError(
+        f"cfg_share needs a CFG batch [unconditional; conditional] of even size; got batch {batch} (guidance_scale "
+        "<= 1 turns classifier-free guidance off): raise guidance_scale above 1, or use a plan without cfg_share"
+    )
 
 
 def _second_call(what: str) -> NotImplementedError:
