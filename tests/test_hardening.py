@@ -286,6 +286,8 @@ def test_plan_methods_and_geometry_are_checked(tmp_path):
         plan.summary(256, -7)
     with pytest.raises(IsADirectoryError, match="is a folder"):
         Plan.load(tmp_path)
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1; got 2.5"):
+        Plan.uniform(model, 2.5, "full")
 
 
 # the evaluation harness -----------------------------------------------------------------------

@@ -177,8 +177,8 @@ class Plan:
         """
         from .adapters import adapter_for
 
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}")
+        if not (_is_int(num_inference_steps) and num_inference_steps >= 1):
+            raise ValueError(f"num_inference_steps must be an int >= 1; got {num_inference_steps!r}")
         spec = adapter_for(transformer).describe(transformer)
         method = canonical(method)
         rows = [

@@ -375,6 +375,7 @@ class Session:
         )
         self._hidden_index = parameters.index("hidden_states") if "hidden_states" in parameters else None
         self._cfg_share = any(parse_method(m).cfg_share for rows in plan.methods for heads in rows for m in heads)
+        self._inputs_checked: set[tuple] = set()
 
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:
         """The compiled plan row of ``layer`` at the current step (calibration decides it here)."""
@@ -430,9 +431,7 @@ class Session:
         last = self._last_timestep
         if self._new_generation or last is None or value > last:
             self._start_generation()
-            hidden = self._argument(args, kwargs, "hidden_states", self._hidden_index)
-            if self._cfg_share and torch.is_tensor(hidden) and hidden.shape[0] % 2:
-                raise cfg_batch_error(hidden.shape[0])  # before step 0 computes, not at step 1
+            self._check_inputs(self._argument(args, kwargs, "hidden_states", self._hidden_index))
         elif value == last:
             self.call += 1
             self.calls_per_step = max(self.calls_per_step, self.call + 1)
@@ -449,6 +448,23 @@ class Session:
                 for call in [c for c in layer.slots if c >= calls]:
                     layer.free(call)
         self._last_timestep = value
+
+    def _check_inputs(self, hidden) -> None:
+        """At a generation's first call, what would otherwise fail only at step 1 (step 0 computes
+        every head with the stock attention): a batch without CFG for cfg_share, an impl that
+        cannot run on this device and dtype."""
+        if not torch.is_tensor(hidden):
+            return
+        if self._cfg_share and hidden.shape[0] % 2:
+            raise cfg_batch_error(hidden.shape[0])
+        device_type = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else getattr(self.transformer, "dtype", hidden.dtype))
+        if (hidden.device, dtype) not in self._inputs_checked:
+            reason = ops.impl_unsupported(self.impl, hidden.device, dtype, [l.head_dim for l in self.plan.model.layers])
+            if reason is not None:
+                raise RuntimeError(f"impl={self.impl!r} cannot run: {reason}. Use impl='auto' or impl='reference'.")
+            self._inputs_checked.add((hidden.device, dtype))
 
     def end_call(self, module, args, kwargs, output) -> None:
         if self.step == self.plan.num_steps - 1:
