@@ -265,8 +265,9 @@ def load_model(model: str, device: str, dtype: str):
     return pipe
 
 
-def _prepare(args, check_plan=None):
-    """Device, dtype and implementation checked, the model loaded, its sizes and CFG needs checked."""
+def _prepare(args, check=None):
+    """The model loaded, with everything about it checked that would fail later: device, dtype,
+    implementation, sizes, then the command's own ``check(pipe)``."""
     device = _device(args.device)
     dtype = _dtype_name(args, device)
     _check_impl(args.impl, device, dtype)
@@ -277,8 +278,8 @@ def _prepare(args, check_plan=None):
 
     adapter = adapter_for(pipe.transformer)
     _check_impl(args.impl, device, dtype, [layer.head_dim for layer in adapter.describe(pipe.transformer).layers])
-    if check_plan is not None:
-        check_plan(pipe)
+    if check is not None:
+        check(pipe)
     return pipe
 
 
