@@ -7,76 +7,22 @@ import json
 import math
 import numbers
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from ._files import write_atomically
 from .methods import Method, canonical, parse_method
+from .model import LayerSpec, ModelSpec, _is_int, describe
+
+__all__ = ["LayerSpec", "ModelSpec", "Plan", "PlanMismatchError"]
 
 PLAN_TYPE = "ditfastattn.plan"
 PLAN_VERSION = 1
 _PLAN_FIELDS = {"type", "version", "model", "num_steps", "provenance", "methods", "scores"}
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """One attention layer: its module path, heads, head dim, and whether it attends over text."""
-
-    name: str
-    heads: int
-    head_dim: int
-    text: bool
-
-    def __post_init__(self):
-        if not (isinstance(self.name, str) and self.name):
-            raise ValueError(f"a layer's name must be a non-empty string; got {self.name!r}")
-        for field in ("heads", "head_dim"):
-            if not (_is_int(getattr(self, field)) and getattr(self, field) > 0):
-                raise ValueError(f"layer {self.name}: {field} must be a positive int; got {getattr(self, field)!r}")
-        if not isinstance(self.text, bool):
-            raise ValueError(f"layer {self.name}: text must be true or false; got {self.text!r}")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a plan must match: the model class and its attention layers in execution order."""
-
-    family: str
-    model_class: str
-    layers: tuple[LayerSpec, ...]
-
-    def __post_init__(self):
-        if not (isinstance(self.family, str) and isinstance(self.model_class, str)):
-            raise ValueError(f"family and class must be strings; got {self.family!r}, {self.model_class!r}")
-        if not self.layers or not all(isinstance(layer, LayerSpec) for layer in self.layers):
-            raise ValueError("a model needs at least one attention layer (LayerSpec)")
-        names = [layer.name for layer in self.layers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"layer names must be unique; {sorted({n for n in names if names.count(n) > 1})} repeat")
-
-    def describe(self) -> str:
-        heads = sorted({layer.heads for layer in self.layers})
-        dims = sorted({layer.head_dim for layer in self.layers})
-        return (
-            f"{self.model_class} with {len(self.layers)} attention layers "
-            f"({'/'.join(map(str, heads))} heads of dim {'/'.join(map(str, dims))})"
-        )
-
-    def to_json(self) -> dict:
-        return {"family": self.family, "class": self.model_class, "layers": [asdict(layer) for layer in self.layers]}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ModelSpec":
-        return cls(data["family"], data["class"], tuple(LayerSpec(**layer) for layer in data["layers"]))
-
-
 class PlanMismatchError(ValueError):
     """A plan does not fit the model or the pipeline's step count."""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _json_value(value: Any, where: str) -> Any:
@@ -164,7 +110,7 @@ class Plan:
     @classmethod
     def uniform(
         cls,
-        transformer,
+        model,
         num_inference_steps: int,
         method: str,
         *,
@@ -173,13 +119,12 @@ class Plan:
     ) -> "Plan":
         """Every head of every layer runs ``method`` at every step except step 0, which runs ``full``.
 
+        ``model`` is a transformer (or pipeline) of a supported family, or its :class:`ModelSpec`.
         ``num_image_tokens`` and ``text_len`` (optional) let :meth:`summary` work without arguments.
         """
-        from .adapters import adapter_for
-
         if not (_is_int(num_inference_steps) and num_inference_steps >= 1):
             raise ValueError(f"num_inference_steps must be an int >= 1; got {num_inference_steps!r}")
-        spec = adapter_for(transformer).describe(transformer)
+        spec = describe(model)
         method = canonical(method)
         rows = [
             [["full" if step == 0 else method] * layer.heads for layer in spec.layers]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from .. import model
 from . import flux, sd3
 
 _ADAPTERS: tuple[ModuleType, ...] = (sd3, flux)
@@ -24,6 +25,15 @@ def adapter_for(transformer) -> ModuleType:
         f"ditfastattn does not support {type(transformer).__name__}; supported transformers: {supported} "
         "(pass the pipeline or its `.transformer`)"
     )
+
+
+def describe(pipe_or_transformer) -> model.ModelSpec:
+    """The :class:`~ditfastattn.model.ModelSpec` of a supported transformer, or of a pipeline's."""
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    return adapter_for(transformer).describe(transformer)
+
+
+model.register_describer(describe)
 
 
 def check_cfg_sharing(adapter: ModuleType, method_names) -> None:

@@ -13,7 +13,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
-from ..plan import LayerSpec, ModelSpec
+from ..model import LayerSpec, ModelSpec
 
 FAMILY = "flux"
 MODEL_CLASS = "FluxTransformer2DModel"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-from ..plan import LayerSpec, ModelSpec
+from ..model import LayerSpec, ModelSpec
 
 FAMILY = "sd3"
 MODEL_CLASS = "SD3Transformer2DModel"
