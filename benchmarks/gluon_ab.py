@@ -25,7 +25,7 @@ import torch
 import triton
 
 import ditfastattn.ops
-from kernel import SHAPES, cudnn_dense, plan_density, plans, shape_inputs
+from kernel import SHAPES, cudnn_dense, image_range, plan_density, plans, shape_inputs
 
 MODES = ("eager", "graph")
 
@@ -47,13 +47,13 @@ def time_both(fn) -> dict:
 def setup(shape, kernels):
     """Inputs of ``shape`` and, per plan, one launch closure per kernel name."""
     text, image, dim = shape["text"], shape["image"], shape["dim"]
-    q, k, v, text_start = shape_inputs(shape)
+    q, k, v, _ = shape_inputs(shape)
     outs = {name: torch.empty_like(q) for name in kernels}
     cases = {}
     for plan_name, modes in plans(shape).items():
         modes_t = torch.tensor(modes, dtype=torch.int32, device="cuda")
         fns = {name: (lambda module=module, out=outs[name], modes_t=modes_t:
-                      module.attention(q, k, v, modes_t, text_start, text, out, 1 / math.sqrt(dim), False))
+                      module.attention(q, k, v, modes_t, *image_range(shape), out, 1 / math.sqrt(dim), False))
                for name, module in kernels.items()}
         cases[plan_name] = {"fns": fns, "density": plan_density(modes, image, text)}
     return cases, lambda: cudnn_dense(q, k, v), outs

@@ -69,7 +69,8 @@ def gluon_rows(q, k, v, modes, out):
             lambda: headwise_attention(q, k, v, modes, text_start=0, text_len=text_len, out=out, impl="gluon")),
         "public call, impl='auto'": host_us(
             lambda: headwise_attention(q, k, v, modes, text_start=0, text_len=text_len, out=out)),
-        "_gluon.attention": host_us(lambda: _gluon.attention(q, k, v, modes, 0, text_len, out, 0.1, False)),
+        "_gluon.attention": host_us(
+            lambda: _gluon.attention(q, k, v, modes, text_len, q.shape[1] - text_len, out, 0.1, False)),
         "input checks (_check)": host_us(lambda: _check(q, k, v, modes, 0, text_len, out)),
         "Gluon support check": host_us(lambda: _gluon_unsupported(q, k, v)),
         "TMA views (view_coeffs x3)": host_us(lambda: [_gluon.view_coeffs(t) for t in (q, k, v)]),
@@ -96,7 +97,8 @@ def triton_rows(q, k, v, modes, out):
     return {
         "public call, impl='triton'": host_us(
             lambda: headwise_attention(q, k, v, modes, text_start=0, text_len=text_len, out=out, impl="triton")),
-        "_triton.attention": host_us(lambda: _triton.attention(q, k, v, modes, 0, text_len, out, 0.1, False)),
+        "_triton.attention": host_us(
+            lambda: _triton.attention(q, k, v, modes, text_len, q.shape[1] - text_len, out, 0.1, False)),
     }
 
 

@@ -64,7 +64,7 @@ def launches(batch, heads, seq, text, programs_list):
     fns = {"cudnn": cudnn}
     for programs in programs_list:
         fns[f"gluon {programs or 'per SM'}"] = (
-            lambda programs=programs: _gluon.attention(q, k, v, modes, 0, text, out, DIM ** -0.5, False,
+            lambda programs=programs: _gluon.attention(q, k, v, modes, text, seq, out, DIM ** -0.5, False,
                                                        programs=programs))
     for fn in fns.values():
         fn()

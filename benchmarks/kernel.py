@@ -155,6 +155,11 @@ def shape_inputs(shape, seed=0):
     return q, k, v, 0 if shape["text_first"] else image
 
 
+def image_range(shape):
+    """(image_start, image_len) of ``shape``: the kernels' form of its token layout."""
+    return (shape["text"] if shape["text_first"] else 0), shape["image"]
+
+
 def cudnn_dense(q, k, v):
     """The baseline: cuDNN SDPA, dense, on (B, S, H, D) inputs."""
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -250,15 +255,15 @@ def run_shape(name, shape, flex, seed):
     for plan_name in ("full", "arrow 1/8"):
         modes_t = torch.tensor(plans(shape)[plan_name], dtype=torch.int32, device="cuda")
         for config in _triton.tile_configs(dim):
-            ms = bench(lambda c=config: _triton.attention(q, k, v, modes_t, text_start, text, out, dim ** -0.5,
+            ms = bench(lambda c=config: _triton.attention(q, k, v, modes_t, *image_range(shape), out, dim ** -0.5,
                                                           False, config=c))
             per_config[f"{plan_name} | {config}"] = ms
         if use_gluon:
             from ditfastattn.ops import _gluon
 
             for config in _gluon.tile_configs(dim):
-                ms = bench(lambda c=config: _gluon.attention(q, k, v, modes_t, text_start, text, out, dim ** -0.5,
-                                                             False, config=c))
+                ms = bench(lambda c=config: _gluon.attention(q, k, v, modes_t, *image_range(shape), out,
+                                                             dim ** -0.5, False, config=c))
                 per_config[f"gluon {plan_name} | {config}"] = ms
     skip_t = torch.full((heads,), MODE_SKIP, dtype=torch.int32, device="cuda")
     skip = lambda: headwise_attention(q, k, v, skip_t, text_start=text_start, text_len=text, out=out,  # noqa: E731
@@ -285,9 +290,9 @@ def host_overhead():
         "ours (headwise_attention, all skip)": host_us(
             lambda: headwise_attention(q, k, v, modes, text_start=0, text_len=128, out=out, impl="triton")),
         "ours (_triton.attention, all skip)": host_us(
-            lambda: _triton.attention(q, k, v, modes, 0, 128, out, 0.1, False)),
+            lambda: _triton.attention(q, k, v, modes, 128, 128, out, 0.1, False)),
         "ours, pointer loads (_triton.attention, all skip)": host_us(
-            pointer_path(lambda: _triton.attention(q, k, v, modes, 0, 128, out, 0.1, False))),
+            pointer_path(lambda: _triton.attention(q, k, v, modes, 128, 128, out, 0.1, False))),
     }
     if _gluon_unsupported(q, k, v) is None:
         result["ours, Gluon (headwise_attention, all skip)"] = host_us(

@@ -2,7 +2,10 @@
 
 Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp16/bf16, batch 1-3,
 1-8 heads, text lengths 0/77/154/333/512 at the start or the end, image lengths with and without a
-partial last block, random per-head plans (full, skip, arrows of every width), tensor layouts that
+partial last block, for Triton also a second global segment after the image (reference-image
+tokens, as FLUX.1 Kontext and FLUX.2 place them) and key padding under each bias table (key masks,
+boolean and float 0/1 masks between queries and keys; runs of padding, batch elements with every
+key padded), random per-head plans (full, skip, arrows of every width), tensor layouts that
 take the TMA path ((B, S, H, D), (B, H, S, D) transposed, fused QKV slices) and, for Triton, one
 that takes the pointer path, outputs (B, S, H, D), (B, H, S, D) and, for Gluon, one off 16-byte
 alignment (the epilogue's stores without the aligned-vector hint), and every launch configuration
@@ -14,7 +17,9 @@ heads must keep the poison bit for bit.
 Error measure: relative Frobenius error over the computed heads against the reference on the same
 (low-precision) inputs in float32, divided by the error of torch SDPA's memory-efficient backend
 (a same-precision tensor-core kernel: P and the output rounded to the input dtype) with the
-equivalent boolean mask. A case passes at a ratio of at most 2.
+equivalent mask (from ``ops._dense``, the oracle the CPU tests use). A case passes at a ratio of at
+most 2. Rows that keep no key (every visible key padded) are left out of the measure and must be
+exactly 0 with log-sum-exp -inf.
 
     PYTHONPATH=src python3 benchmarks/kernel_check.py OUT.json [--impls triton gluon] [--cases 400] [--seed 0]
         [--budget-s 240]
@@ -36,9 +41,13 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditfastattn import _geometry
-from ditfastattn.ops import MODE_FULL, MODE_SKIP, _triton, headwise_attention
+from ditfastattn.model import TokenLayout
+from ditfastattn.ops import KEY_PADDING, MODE_FULL, MODE_SKIP, PAIR_PADDING, Padding, _triton, headwise_attention
+from ditfastattn.ops._dense import score_bias
 
 TEXT_LENS = (0, 77, 154, 333, 512)
+REFERENCE_LENS = (0, 0, 64, 130, 1024)  # global tokens after the image (Triton cases)
+PADDING_TABLES = {"keys": KEY_PADDING, "pairs": PAIR_PADDING, "float 0/1": ((1.0, 0.0), (0.0, 0.0))}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (32, 64, 128)
 MAX_RATIO = 2.0
@@ -64,6 +73,17 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
         if (image + text_len) % 2 == 0:
             image -= 1
     image = max(image, 1)
+    text_first = rng.random() < 0.5
+    after = 0  # reference-image tokens after the image, behind text first (Triton only)
+    padding = None
+    if impl == "triton":
+        if text_first:
+            after = rng.choice(REFERENCE_LENS)
+            if layout == "padded" and (image + text_len + after) % 2 == 0:
+                after += 1
+        if rng.random() < 0.35:
+            padding = {"table": rng.choice(list(PADDING_TABLES)), "seed": rng.randint(0, 2**31 - 1),
+                       "all_padded": rng.random() < 0.2}
     n_blocks = _geometry.num_image_blocks(image)
     modes = [rng.choice([MODE_FULL, MODE_SKIP, rng.randint(0, n_blocks)]) for _ in range(heads)]
     configs = kernel_module(impl).tile_configs(dim)
@@ -74,7 +94,8 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
     return {
         "impl": impl,
         "dim": dim, "dtype": rng.choice(list(DTYPES)), "batch": rng.choice([1, 1, 2, 3]), "heads": heads,
-        "text_len": text_len, "image": image, "text_first": rng.random() < 0.5, "layout": layout,
+        "text_len": text_len, "image": image, "text_first": text_first, "after": after, "padding": padding,
+        "layout": layout,
         "out_layout": rng.choice(["bshd", "bhsd"] + (["unaligned"] if impl == "gluon" else [])), "modes": modes,
         "return_lse": rng.random() < 0.5,
         "scale_in": rng.choice([0.5, 1.0, 2.0, 3.0]), "config": config, "warm": rng.random() < 0.5, **extra,
@@ -94,7 +115,7 @@ def make_tensor(shape, dtype, layout, gen, scale=1.0):
 
 def make_inputs(case, gen):
     dtype = DTYPES[case["dtype"]]
-    shape = (case["batch"], case["image"] + case["text_len"], case["heads"], case["dim"])
+    shape = (case["batch"], case["image"] + case["text_len"] + case["after"], case["heads"], case["dim"])
     if case["layout"] == "fused":
         batch, seq, heads, dim = shape
         qkv = (torch.randn(batch, seq, 3, heads, dim, generator=gen, device="cuda") * case["scale_in"]).to(dtype)
@@ -102,23 +123,37 @@ def make_inputs(case, gen):
     return tuple(make_tensor(shape, dtype, case["layout"], gen, case["scale_in"]) for _ in range(3))
 
 
-def head_mask(mode, seq, text_start, text_len, device):
-    pos = torch.arange(seq, device=device)
-    is_text = (pos >= text_start) & (pos < text_start + text_len)
-    if mode == MODE_FULL:
-        return torch.ones(seq, seq, dtype=torch.bool, device=device)
-    image_start = text_len if text_start == 0 else 0
-    block = torch.div(pos - image_start, _geometry.IMAGE_BLOCK, rounding_mode="floor")
-    return ((block[:, None] - block[None, :]).abs() <= mode) | is_text[:, None] | is_text[None, :]
+def case_layout(case, seq) -> TokenLayout:
+    """Text first then the image then reference tokens, or the image then text."""
+    if case["text_first"]:
+        return TokenLayout(seq, case["text_len"], case["image"])
+    return TokenLayout(seq, 0, case["image"])
 
 
-def sdpa_same_precision(q, k, v, modes, text_start, text_len, kept):
+def make_padding(case, batch, seq):
+    """Runs of padding at the end of the first global segment (a text mask), scattered padded tokens
+    anywhere, and maybe a batch element whose every token is padding."""
+    spec = case["padding"]
+    if spec is None:
+        return None
+    gen = torch.Generator().manual_seed(spec["seed"])
+    mask = torch.rand(batch, seq, generator=gen) < 0.05
+    text = case["text_len"]
+    for b in range(batch):
+        valid = int(torch.randint(0, text + 1, (1,), generator=gen))
+        start = 0 if case["text_first"] else seq - text
+        mask[b, start + valid : start + text] = True
+    if spec["all_padded"]:
+        mask[-1] = True
+    return Padding(mask.cuda(), PADDING_TABLES[spec["table"]])
+
+
+def sdpa_same_precision(q, k, v, modes, layout, padding, kept):
     """Memory-efficient SDPA in the input dtype over the kept heads, (B, S, Hk, D)."""
-    seq = q.shape[1]
-    mask = torch.stack([head_mask(m, seq, text_start, text_len, q.device) for m in modes if m != MODE_SKIP])
+    bias = torch.stack([score_bias(m, layout, padding, q.dtype, q.device) for m in modes if m != MODE_SKIP], 1)
     qh, kh, vh = (t[:, :, kept].transpose(1, 2) for t in (q, k, v))
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[None])
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias.expand(q.shape[0], -1, -1, -1))
     return out.transpose(1, 2)
 
 
@@ -136,63 +171,74 @@ def make_out(case, q):
 def run_case(case, gen):
     q, k, v = make_inputs(case, gen)
     batch, seq, heads, dim = q.shape
-    text_len = case["text_len"]
-    text_start = 0 if case["text_first"] else seq - text_len
+    layout = case_layout(case, seq)
+    padding = make_padding(case, batch, seq)
     modes = torch.tensor(case["modes"], dtype=torch.int32, device="cuda")
 
     def launch(q, k, v, out):
         return kernel_module(case["impl"]).attention(
-            q, k, v, modes, text_start, text_len, out, 1.0 / math.sqrt(dim), case["return_lse"],
-            config=case["config"], **({"programs": case["programs"]} if "programs" in case else {}))
+            q, k, v, modes, layout.image_start, layout.image_len, out, 1.0 / math.sqrt(dim), case["return_lse"],
+            padding, config=case["config"], **({"programs": case["programs"]} if "programs" in case else {}))
 
     if case["warm"]:  # a first launch on other inputs of the same layout: the checked one skips the JIT
         warm_q, warm_k, warm_v = make_inputs(case, gen)
         launch(warm_q, warm_k, warm_v, make_out(case, warm_q))
     got, lse = launch(q, k, v, make_out(case, q))
-    ref, ref_lse = headwise_attention(q.float(), k.float(), v.float(), modes, text_start=text_start,
-                                      text_len=text_len, out=torch.zeros(q.shape, device="cuda"),
-                                      impl="reference", return_lse=True)
+    ref, ref_lse = headwise_attention(q.float(), k.float(), v.float(), modes, segments=layout, key_padding=padding,
+                                      out=torch.zeros(q.shape, device="cuda"), impl="reference", return_lse=True)
     kept = modes != MODE_SKIP
     result = {"skip_untouched": bool(torch.isnan(got[:, :, ~kept]).all())}
     if not bool(kept.any()):
-        result.update(ratio=0.0, err=0.0, base_err=0.0, finite=True, lse_err=0.0)
+        result.update(ratio=0.0, err=0.0, base_err=0.0, finite=True, lse_err=0.0, masked_rows_ok=True)
     else:
         sub = got[:, :, kept].float()
         result["finite"] = bool(torch.isfinite(sub).all())
-        norm = ref[:, :, kept].norm()
-        err = float((sub - ref[:, :, kept]).norm() / norm)
-        base = sdpa_same_precision(q, k, v, case["modes"], text_start, text_len, kept).float()
-        base_err = float((base - ref[:, :, kept]).norm() / norm)
-        result.update(err=err, base_err=base_err, ratio=err / base_err if base_err > 0 else float("inf"))
-        result["lse_err"] = 0.0
+        # Rows that keep no key: exactly 0 (lse -inf); the measure covers the others.
+        live = torch.isfinite(ref_lse[:, kept]).transpose(1, 2)[..., None]
+        result["masked_rows_ok"] = bool((torch.where(live, 0, sub) == 0).all())
         if lse is not None:
-            result["lse_err"] = float((lse[:, kept] - ref_lse[:, kept]).abs().max())
+            result["masked_rows_ok"] &= bool(torch.isneginf(lse[:, kept][~live[..., 0].transpose(1, 2)]).all())
+        result.update(err=0.0, base_err=0.0, ratio=0.0, lse_err=0.0)
+        if bool(live.any()):
+            reference = torch.where(live, ref[:, :, kept], 0)
+            norm = reference.norm()
+            err = float((torch.where(live, sub, 0) - reference).norm() / norm)
+            base = sdpa_same_precision(q, k, v, case["modes"], layout, padding, kept).float()
+            base_err = float((torch.where(live, base, 0) - reference).norm() / norm)
+            result.update(err=err, base_err=base_err, ratio=err / base_err if base_err > 0 else float("inf"))
+            if lse is not None:
+                live_lse = live[..., 0].transpose(1, 2)
+                result["lse_err"] = float((lse[:, kept] - ref_lse[:, kept])[live_lse].abs().max())
     if lse is not None:
         result["lse_skip_ok"] = bool(torch.isneginf(lse[:, ~kept]).all())
     result["ok"] = (
-        result["skip_untouched"] and result["finite"] and result["ratio"] <= MAX_RATIO
+        result["skip_untouched"] and result["finite"] and result["masked_rows_ok"] and result["ratio"] <= MAX_RATIO
         and result["lse_err"] <= 1e-3 and result.get("lse_skip_ok", True)
     )
     return result
 
 
 def precompile():
-    """Compile every configuration of both paths ahead, in threads (compilation releases the GIL)."""
+    """Compile every configuration of both paths, with and without padding, ahead, in threads
+    (compilation releases the GIL)."""
     jobs = []
     for dtype in DTYPES.values():
         for dim in HEAD_DIMS:
             for layout in ("bshd", "padded"):
                 for return_lse in (False, True):
-                    for config in _triton.tile_configs(dim):
-                        jobs.append((dtype, dim, layout, return_lse, config))
+                    for padded in (False, True):
+                        for config in _triton.tile_configs(dim):
+                            jobs.append((dtype, dim, layout, return_lse, padded, config))
 
     def one(job):
-        dtype, dim, layout, return_lse, config = job
+        dtype, dim, layout, return_lse, padded, config = job
         gen = torch.Generator(device="cuda").manual_seed(0)
         shape = (1, 255, 3, dim)
         q, k, v = (make_tensor(shape, dtype, layout, gen) for _ in range(3))
         modes = torch.tensor([MODE_FULL, 0, MODE_SKIP], dtype=torch.int32, device="cuda")
-        _triton.attention(q, k, v, modes, 0, 77, torch.empty_like(q), 0.1, return_lse, config=config, warmup=True)
+        padding = Padding(torch.zeros(1, 255, dtype=torch.bool, device="cuda")) if padded else None
+        _triton.attention(q, k, v, modes, 77, 178, torch.empty_like(q), 0.1, return_lse, padding, config=config,
+                          warmup=True)
 
     start = time.time()
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -210,7 +256,8 @@ def check(impl, args):
         if time.time() - start > args.budget_s:
             break
         case = random_case(rng, index, impl)
-        result = {**run_case(case, gen), "warm": case["warm"]}
+        result = {**run_case(case, gen), "warm": case["warm"], "after": case["after"],
+                  "padded": case["padding"] is not None}
         results.append(result)
         if not result["ok"]:
             failures.append({"case": case, "result": result})
@@ -221,6 +268,8 @@ def check(impl, args):
     summary = {
         "cases": len(results), "failed": len(failures), "max_ratio_allowed": MAX_RATIO,
         "direct_launch_cases": sum(r["warm"] for r in results),
+        "two_segment_cases": sum(r["after"] > 0 for r in results),
+        "padded_cases": sum(r["padded"] for r in results),
         "worst_error_ratio": max(r["ratio"] for r in results),
         "median_error_ratio": sorted(r["ratio"] for r in results)[len(results) // 2],
         "worst_lse_abs_error": max(r["lse_err"] for r in results),

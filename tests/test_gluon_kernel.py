@@ -91,3 +91,18 @@ def test_gluon_needs_the_triton_release_of_its_api(monkeypatch):
     if reason is not None and "cannot be imported" in reason:
         pytest.skip(reason)
     assert reason is not None and "triton >= 3.6" in reason and "3.5.1" in reason
+
+
+def test_explicit_gluon_refuses_segments_and_padding(monkeypatch):
+    # Where the Gluon kernel could run, a layout it does not take is an error naming impl='triton';
+    # impl='auto' sends such calls to the Triton kernel instead.
+    from ditfastattn import ops
+
+    monkeypatch.setattr(ops, "_gluon_unsupported", lambda q, k, v: None)
+    q, k, v = _qkv((1, 300, 2, 128))
+    modes = torch.tensor([MODE_FULL, 0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*both sides of the image.*impl='triton'"):
+        headwise_attention(q, k, v, modes, segments=[(0, 50), (250, 50)], impl="gluon")
+    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*no key padding.*impl='triton'"):
+        headwise_attention(q, k, v, modes, text_start=0, text_len=50, key_padding=torch.zeros(1, 300, dtype=torch.bool),
+                           impl="gluon")

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 from conftest import tiny_flux, tiny_sd3
-from test_reference_op import dense_mask
 
 from ditfastattn import Plan, PlanMismatchError
 from ditfastattn._geometry import MODE_FULL, MODE_SKIP, density, kept_pairs, window_blocks
 from ditfastattn.adapters import adapter_for
 from ditfastattn.methods import Method, parse_method
+from ditfastattn.model import TokenLayout
+from ditfastattn.ops._dense import head_mask
 
 
 @pytest.mark.parametrize(
@@ -47,12 +48,14 @@ def test_window_blocks(fraction, tokens, expected):
 
 
 @pytest.mark.parametrize("mode", [MODE_FULL, MODE_SKIP, 0, 1, 5])
-@pytest.mark.parametrize("text_len,image_len", [(0, 1000), (77, 300), (333, 130)])
-def test_kept_pairs_counts_the_mask(mode, text_len, image_len):
-    seq = text_len + image_len
-    counted = 0 if mode == MODE_SKIP else int(dense_mask(seq, 0, text_len, mode).sum())
-    assert kept_pairs(mode, image_len, text_len) == counted
-    assert density(mode, image_len, text_len) == pytest.approx(counted / seq**2)
+@pytest.mark.parametrize("before,image_len,after", [(0, 1000, 0), (77, 300, 0), (0, 130, 333), (50, 300, 200)])
+def test_kept_pairs_counts_the_mask(mode, before, image_len, after):
+    # Cost depends on the global token count only, wherever the global segments sit (Kontext: both sides).
+    seq = before + image_len + after
+    layout = TokenLayout(seq, before, image_len)
+    counted = 0 if mode == MODE_SKIP else int(head_mask(mode, layout).sum())
+    assert kept_pairs(mode, image_len, before + after) == counted
+    assert density(mode, image_len, before + after) == pytest.approx(counted / seq**2)
 
 
 def test_method_costs():

@@ -6,38 +6,23 @@ import pytest
 import torch
 
 from ditfastattn import ops
-from ditfastattn._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
+from ditfastattn._geometry import MODE_FULL, MODE_SKIP
+from ditfastattn.model import TokenLayout
+from ditfastattn.ops._dense import dense_attention
 
 SENTINEL = 1234.5
 
 
-def dense_mask(seq: int, text_start: int, text_len: int, mode: int) -> torch.Tensor:
-    """(S, S) bool mask of the pairs a head keeps, written straight from the definition."""
-    index = torch.arange(seq)
-    is_text = (index >= text_start) & (index < text_start + text_len)
-    if mode == MODE_FULL:
-        return torch.ones(seq, seq, dtype=torch.bool)
-    image_start = text_len if text_start == 0 else 0
-    block = torch.div(index - image_start, IMAGE_BLOCK, rounding_mode="floor")
-    near = (block[:, None] - block[None, :]).abs() <= mode
-    return is_text[:, None] | is_text[None, :] | near
-
-
-def masked_reference(q, k, v, modes, text_start, text_len):
-    """Float64 dense masked attention (and log-sum-exp) per head; skip heads give None."""
-    seq, heads = q.shape[1], q.shape[2]
+def masked_reference(q, k, v, modes, text_start, text_len, padding=None, *, layout=None):
+    """Float64 dense masked attention (and log-sum-exp) per head, from the shared dense oracle; skip heads give None."""
+    layout = layout or TokenLayout.from_text(q.shape[1], text_start, text_len)
+    out, lse = dense_attention(q, k, v, modes, layout, padding)
+    kept = iter(range(out.shape[2]))
     outs, lses = [], []
-    for head in range(heads):
-        mode = int(modes[head])
-        if mode == MODE_SKIP:
-            outs.append(None)
-            lses.append(None)
-            continue
-        qh, kh, vh = (t[:, :, head].double() for t in (q, k, v))
-        scores = qh @ kh.transpose(-1, -2) / q.shape[-1] ** 0.5
-        scores = scores.masked_fill(~dense_mask(seq, text_start, text_len, mode), float("-inf"))
-        outs.append(torch.softmax(scores, -1) @ vh)
-        lses.append(torch.logsumexp(scores, -1))
+    for mode in modes.tolist():
+        index = None if mode == MODE_SKIP else next(kept)
+        outs.append(None if index is None else out[:, :, index])
+        lses.append(None if index is None else lse[:, index])
     return outs, lses
 
 
@@ -79,6 +64,102 @@ def test_reference_matches_dense_masked_attention(text_len, image_len, text_firs
             continue
         torch.testing.assert_close(out[:, :, head].double(), expected[head], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(lse[:, head].double(), expected_lse[head], atol=2e-5, rtol=1e-5)
+
+
+SEGMENT_CASES = [  # (seq, global (start, length) segments) around one image segment of awkward length
+    (577, [(0, 77), (377, 200)]),  # text, image, reference image (FLUX.1 Kontext)
+    (501, [(0, 40), (340, 100), (440, 61)]),  # text, image, two reference images
+    (301, [(0, 1)]),
+    (305, [(300, 5), (0, 3)]),  # unsorted
+]
+
+
+@pytest.mark.parametrize("seq,segments", SEGMENT_CASES)
+def test_reference_matches_the_dense_oracle_with_segments(seq, segments):
+    layout = TokenLayout.from_segments(seq, segments)
+    assert layout.image_len in (300, 297)
+    heads = 5
+    q, k, v = random_qkv(2, layout.seq_len, heads, 16, seed=len(segments))
+    modes = torch.tensor([MODE_FULL, 0, MODE_SKIP, 1, 3], dtype=torch.int32)
+    out = torch.full_like(q, SENTINEL)
+    _, lse = ops.headwise_attention(q, k, v, modes, segments=segments, out=out, impl="reference", return_lse=True)
+    expected, expected_lse = masked_reference(q, k, v, modes, None, None, layout=layout)
+    for head in range(heads):
+        if expected[head] is None:
+            assert torch.all(out[:, :, head] == SENTINEL) and torch.all(lse[:, head] == float("-inf"))
+            continue
+        torch.testing.assert_close(out[:, :, head].double(), expected[head], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse[:, head].double(), expected_lse[head], atol=2e-5, rtol=1e-5)
+
+
+def test_one_global_segment_as_segments_is_the_text_form():
+    q, k, v = random_qkv(1, 77 + 300, 3, 16, seed=9)
+    modes = torch.tensor([MODE_FULL, 0, 1], dtype=torch.int32)
+    for text_start, segments in ((0, [(0, 77)]), (300, [(300, 77)])):
+        text = ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=77)
+        assert torch.equal(ops.headwise_attention(q, k, v, modes, segments=segments), text)
+        layout = TokenLayout.from_segments(377, segments)
+        assert torch.equal(ops.headwise_attention(q, k, v, modes, segments=layout), text)
+    # a reference segment after the image changes what arrows see
+    kontext = ops.headwise_attention(q, k, v, modes, segments=[(0, 77), (277, 100)])
+    assert not torch.allclose(kontext[:, :, 1:], ops.headwise_attention(q, k, v, modes, text_start=0, text_len=77)[:, :, 1:])
+
+
+PADDING_TABLES = {"keys": ops.KEY_PADDING, "pairs": ops.PAIR_PADDING, "float 0/1": ((1.0, 0.0), (0.0, 0.0))}
+
+
+def random_padding(batch, seq, seed, all_padded=False):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, seq, generator=generator) < 0.3
+    mask[0, :20] = True  # a padded run
+    if all_padded:
+        mask[-1] = True  # every key of the last batch element
+    return mask
+
+
+@pytest.mark.parametrize("table", list(PADDING_TABLES))
+@pytest.mark.parametrize("seq,segments", [(377, [(0, 77)]), (300, [(223, 77)]), (440, [(0, 40), (340, 100)])])
+def test_reference_matches_the_dense_oracle_with_padding(table, seq, segments):
+    layout = TokenLayout.from_segments(seq, segments)
+    heads = 5
+    q, k, v = random_qkv(3, layout.seq_len, heads, 16, seed=7)
+    padding = ops.Padding(random_padding(3, layout.seq_len, 1, all_padded=True), PADDING_TABLES[table])
+    modes = torch.tensor([MODE_FULL, 0, MODE_SKIP, 1, 2], dtype=torch.int32)
+    out = torch.full_like(q, SENTINEL)
+    _, lse = ops.headwise_attention(q, k, v, modes, segments=layout, key_padding=padding, out=out, impl="reference",
+                                    return_lse=True)
+    expected, expected_lse = masked_reference(q, k, v, modes, None, None, padding, layout=layout)
+    for head in range(heads):
+        if expected[head] is None:
+            assert torch.all(out[:, :, head] == SENTINEL)
+            continue
+        assert torch.isfinite(out[:, :, head]).all()
+        torch.testing.assert_close(out[:, :, head].double(), expected[head], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse[:, head].double(), expected_lse[head], atol=2e-5, rtol=1e-5)
+    if table != "float 0/1":  # every key of the last batch element is padding: rows masked out output 0
+        assert torch.all(out[-1, :, [0, 1, 3, 4]] == 0) and torch.all(lse[-1, [0, 1, 3, 4]] == float("-inf"))
+
+
+@pytest.mark.parametrize("form", ["key mask", "bool pairs", "float 0/1 pairs"])
+def test_full_heads_with_padding_match_sdpa_with_the_stock_mask(form):
+    """What diffusers hands to SDPA: Qwen-Image / Z-Image / HunyuanImage key masks (B, 1, 1, S),
+    Chroma's m_q & m_k (bool) and m_q * m_k (0/1 floats, as its 0.42 pipeline passes them)."""
+    batch, seq, heads = 2, 77 + 200, 3
+    q, k, v = random_qkv(batch, seq, heads, 16, seed=11)
+    keep = ~random_padding(batch, seq, 2)
+    keep[:, 77:] = True  # image tokens are never padding
+    if form == "key mask":
+        mask, table = keep[:, None, None, :], ops.KEY_PADDING
+    elif form == "bool pairs":
+        mask, table = keep[:, None, None, :] & keep[:, None, :, None], ops.PAIR_PADDING
+    else:
+        mask, table = keep[:, None, None, :].float() * keep[:, None, :, None].float(), ((1.0, 0.0), (0.0, 0.0))
+    stock = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
+    modes = torch.full((heads,), MODE_FULL, dtype=torch.int32)
+    got = ops.headwise_attention(q, k, v, modes, text_start=0, text_len=77, key_padding=ops.Padding(~keep, table))
+    torch.testing.assert_close(got, stock.transpose(1, 2), atol=2e-6, rtol=1e-5)
+    if form == "bool pairs":  # padded queries see nothing: 0, as SDPA gives a fully masked row
+        assert torch.all(got[~keep] == 0)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -147,6 +228,20 @@ def _args(seq=40, heads=2):
         (lambda a, kw: kw.update(scale=0.0), ValueError, "scale must be a finite number > 0"),
         (lambda a, kw: kw.update(out=torch.empty(1, 40, 2, 7)), ValueError, "out must match q"),
         (lambda a, kw: kw.update(out="out"), TypeError, "out must be a torch.Tensor"),
+        (lambda a, kw: kw.update(segments=[(0, 4)]), ValueError, "not both"),
+        (lambda a, kw: kw.update(text_start=None, text_len=None), TypeError, "give the token layout"),
+        (lambda a, kw: kw.update(text_start=None, text_len=None, segments=[(0, 4), (20, 4)]), ValueError,
+         "one contiguous image segment"),
+        (lambda a, kw: kw.update(text_start=None, text_len=None, segments=[(0, 4), (2, 4)]), ValueError, "overlap"),
+        (lambda a, kw: kw.update(text_start=None, text_len=None, segments=[(38, 4)]), ValueError, "does not fit"),
+        (lambda a, kw: kw.update(text_start=None, text_len=None, segments=TokenLayout(41, 0, 30)), ValueError,
+         "layout is for 41 tokens"),
+        (lambda a, kw: kw.update(key_padding=torch.zeros(1, 40)), ValueError, "key_padding must be a bool tensor"),
+        (lambda a, kw: kw.update(key_padding=torch.zeros(2, 40, dtype=torch.bool)), ValueError, r"\(1, 40\)"),
+        (lambda a, kw: kw.update(key_padding=ops.Padding(torch.zeros(1, 40, dtype=torch.bool), ((0, 1),))),
+         ValueError, "2 x 2"),
+        (lambda a, kw: kw.update(key_padding=ops.Padding(torch.zeros(1, 40, dtype=torch.bool),
+                                                         ((0, float("inf")), (0, 0)))), ValueError, r"\+inf"),
     ],
 )
 def test_bad_input_names_the_fix(mutate, error, match):

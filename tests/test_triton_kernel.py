@@ -23,9 +23,11 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from ditfastattn import _geometry  # noqa: E402
+from ditfastattn import ops  # noqa: E402
+from ditfastattn.model import TokenLayout  # noqa: E402
 from ditfastattn.ops import MODE_FULL, MODE_SKIP, headwise_attention  # noqa: E402
 from ditfastattn.ops import _triton  # noqa: E402
+from ditfastattn.ops._dense import dense_attention  # noqa: E402
 
 if not _triton._INTERPRET:  # imported earlier in this session without the interpreter
     _triton = importlib.reload(_triton)
@@ -56,31 +58,6 @@ def _interpreted_triton_stdlib():
         os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
 
 
-def _mask(mode, seq, text_start, text_len):
-    pos = torch.arange(seq)
-    is_text = (pos >= text_start) & (pos < text_start + text_len)
-    if mode == MODE_FULL:
-        return torch.ones(seq, seq, dtype=torch.bool)
-    image_start = text_len if text_start == 0 else 0
-    block = torch.div(pos - image_start, _geometry.IMAGE_BLOCK, rounding_mode="floor")
-    band = (block[:, None] - block[None, :]).abs() <= mode
-    return band | is_text[:, None] | is_text[None, :]
-
-
-def _same_precision(q, k, v, modes, text_start, text_len, scale):
-    """Attention with P and the output rounded to the input dtype, float32 elsewhere."""
-    out = torch.zeros(q.shape, dtype=torch.float32)
-    for h, mode in enumerate(modes.tolist()):
-        if mode == MODE_SKIP:
-            continue
-        qh, kh, vh = (t[:, :, h].float() for t in (q, k, v))
-        scores = torch.einsum("bsd,btd->bst", qh, kh) * scale
-        scores = scores.masked_fill(~_mask(mode, q.shape[1], text_start, text_len), float("-inf"))
-        p = torch.exp(scores - scores.amax(-1, keepdim=True))
-        out[:, :, h] = torch.einsum("bst,btd->bsd", p.to(q.dtype).float(), vh) / p.sum(-1, keepdim=True)
-    return out.to(q.dtype).float()
-
-
 def _inputs(batch, seq, heads, dim, dtype, gen, layout="bshd"):
     def one():
         x = torch.randn(batch, seq, heads, dim, generator=gen) * 1.5
@@ -98,20 +75,26 @@ def _inputs(batch, seq, heads, dim, dtype, gen, layout="bshd"):
     return one(), one(), one()
 
 
-def _check(q, k, v, modes, text_len, where, *, out=None, scale=None, return_lse=True):
+def _check(q, k, v, modes, text_len, where, *, out=None, scale=None, return_lse=True, segments=None, padding=None):
+    """The kernel against the reference and the same-precision yardstick; ``segments`` (global
+    (start, length) pairs) replaces ``text_len``/``where``, ``padding`` is an ``ops.Padding``."""
     batch, seq, heads, dim = q.shape
-    text_start = 0 if where == FIRST else seq - text_len
+    if segments is None:
+        geometry = {"text_start": 0 if where == FIRST else seq - text_len, "text_len": text_len}
+        layout = TokenLayout.from_text(seq, geometry["text_start"], text_len)
+    else:
+        geometry = {"segments": segments}
+        layout = TokenLayout.from_segments(seq, segments)
     if out is None:
         out = torch.empty_like(q)
     out.fill_(float("nan"))
     before = out.clone()
-    result = headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, out=out,
-                                scale=scale, impl="triton", return_lse=return_lse)
+    result = headwise_attention(q, k, v, modes, **geometry, key_padding=padding, out=out, scale=scale, impl="triton",
+                                return_lse=return_lse)
     got, lse = result if return_lse else (result, None)
     assert got is out
-    ref, ref_lse = headwise_attention(q.float(), k.float(), v.float(), modes, text_start=text_start,
-                                      text_len=text_len, out=torch.zeros(q.shape), scale=scale,
-                                      impl="reference", return_lse=True)
+    ref, ref_lse = headwise_attention(q.float(), k.float(), v.float(), modes, **geometry, key_padding=padding,
+                                      out=torch.zeros(q.shape), scale=scale, impl="reference", return_lse=True)
     kept = modes != MODE_SKIP
     skip = ~kept
     assert torch.equal(out[:, :, skip].view(torch.int16), before[:, :, skip].view(torch.int16)), "skip heads written"
@@ -119,16 +102,17 @@ def _check(q, k, v, modes, text_len, where, *, out=None, scale=None, return_lse=
         assert lse is None or bool(torch.isneginf(lse).all())
         return
     assert bool(torch.isfinite(got[:, :, kept]).all()), "unwritten or non-finite output"
-    scale = scale if scale is not None else 1.0 / math.sqrt(dim)
-    base = _same_precision(q, k, v, modes, text_start, text_len, scale)
+    base, _ = dense_attention(q, k, v, modes, layout, padding, scale, compute=torch.float32, rounded=q.dtype)
     norm = ref[:, :, kept].norm()
     err = (got[:, :, kept].float() - ref[:, :, kept]).norm() / norm
-    base_err = (base[:, :, kept] - ref[:, :, kept]).norm() / norm
+    base_err = (base - ref[:, :, kept]).norm() / norm
     assert err <= 2.0 * base_err + 1e-6, f"error {err:.3e} vs same-precision {base_err:.3e}"
     if return_lse:
         assert lse.dtype == torch.float32 and lse.shape == (batch, heads, seq)
         assert bool(torch.isneginf(lse[:, skip]).all())
-        torch.testing.assert_close(lse[:, kept], ref_lse[:, kept], atol=2e-4, rtol=1e-5)
+        masked = torch.isneginf(ref_lse[:, kept])  # rows that keep no key: -inf in both
+        assert torch.equal(torch.isneginf(lse[:, kept]), masked)
+        torch.testing.assert_close(lse[:, kept][~masked], ref_lse[:, kept][~masked], atol=2e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("where", [FIRST, LAST])
@@ -190,6 +174,40 @@ def test_edges():
     _check(q, k, v, torch.tensor([0, 5, MODE_FULL], dtype=torch.int32), 0, FIRST, scale=0.3)  # one partial block
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_segments_and_padding(seed):
+    # Global segments on both sides of an awkward image length (reference images after it), and key
+    # padding under each bias table, with random per-head plans.
+    rng = random.Random(100 + seed)
+    gen = torch.Generator().manual_seed(seed)
+    before, image, after = rng.choice([0, 5, 77, 128]), rng.randint(1, 330), rng.choice([0, 3, 64, 130])
+    segments = [(0, before), (before + image, after)]
+    batch, heads = rng.randint(1, 3), rng.randint(1, 4)
+    dtype = rng.choice([torch.bfloat16, torch.float16])
+    q, k, v = _inputs(batch, before + image + after, heads, rng.choice([32, 64]), dtype, gen)
+    modes = torch.tensor([rng.choice([MODE_FULL, MODE_SKIP, 0, 1, 2]) for _ in range(heads)], dtype=torch.int32)
+    padding = None
+    if seed:  # seed 0: segments alone
+        mask = torch.rand(batch, q.shape[1], generator=gen) < 0.3
+        mask[-1, : before + 40] = True  # a long padded run: whole key tiles, and arrow rows that keep no key
+        table = [ops.KEY_PADDING, ops.PAIR_PADDING, ((1.0, 0.0), (0.0, 0.0))][seed - 1]
+        padding = ops.Padding(mask, table)
+    _check(q, k, v, modes, None, None, segments=segments, padding=padding, return_lse=rng.random() < 0.7)
+
+
+def test_fully_masked_rows_output_zero():
+    # Every key of batch element 1 is padding: its rows output 0 (as SDPA's fully masked rows), lse -inf.
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = _inputs(2, 20 + 150, 2, 32, torch.bfloat16, gen)
+    mask = torch.zeros(2, 170, dtype=torch.bool)
+    mask[1] = True
+    modes = torch.tensor([MODE_FULL, 0], dtype=torch.int32)
+    out, lse = headwise_attention(q, k, v, modes, text_start=0, text_len=20, key_padding=mask,
+                                  out=torch.full_like(q, float("nan")), impl="triton", return_lse=True)
+    assert torch.all(out[1] == 0) and torch.all(torch.isneginf(lse[1]))
+    assert torch.isfinite(out[0]).all() and torch.isfinite(lse[0]).all()
+
+
 def test_heavy_heads_first_order_is_only_a_schedule():
     # The same plan under every permutation of its heads gives the same per-head result.
     gen = torch.Generator().manual_seed(5)
@@ -211,7 +229,7 @@ def test_out_of_range_modes_run_as_skip_and_never_write_past_out():
     # Heads 0..3 of `out` sit inside a wider buffer whose 4 extra heads are a guard band.
     store = torch.full((1, 160, 8, 32), 7.0, dtype=torch.bfloat16)
     out = store[:, :, :4]
-    out, lse = _triton.attention(q, k, v, modes, 0, 20, out, 32 ** -0.5, True)
+    out, lse = _triton.attention(q, k, v, modes, 20, 140, out, 32 ** -0.5, True)  # text first: image [20, 160)
     assert bool((store[:, :, 4:] == 7.0).all()), "written past the last head"
     assert bool((store[:, :, [0, 2]] == 7.0).all()) and bool(torch.isneginf(lse[:, [0, 2]]).all())
     ref = headwise_attention(q.float(), k.float(), v.float(), torch.tensor([MODE_SKIP, MODE_FULL, MODE_SKIP, 0],

@@ -3,7 +3,8 @@
 The public entry point validates and dispatches; the implementations live in ``_reference`` (pure
 PyTorch, the oracle, any device), ``_triton`` (fused GPU kernel) and ``_gluon`` (warp-specialised
 Hopper kernel, head dims 64 and 128). None imports another (``_launch`` is the launch helper the
-two GPU kernels share).
+two GPU kernels share). Every implementation takes the token layout as its image segment
+``(image_start, image_len)``, global tokens elsewhere, and optional key :class:`Padding`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
 from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
+from ..model import TokenLayout
 
 __all__ = [
-    "headwise_attention", "IMPLEMENTATIONS", "IMAGE_BLOCK", "MODE_FULL", "MODE_SKIP", "check_mode_values", "gluon_available",
-    "impl_unsupported", "mode_tensor", "triton_available",
+    "headwise_attention", "IMPLEMENTATIONS", "IMAGE_BLOCK", "KEY_PADDING", "MODE_FULL", "MODE_SKIP", "PAIR_PADDING",
+    "Padding", "TokenLayout", "check_mode_values", "gluon_available", "impl_unsupported", "mode_tensor",
+    "triton_available",
 ]
 
 logger = logging.getLogger(__name__)
@@ -29,6 +33,31 @@ IMPLEMENTATIONS = ("auto", "reference", "triton", "gluon")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON_HEAD_DIMS = (32, 64, 128)
 _auto_notes: set[str] = set()
+
+# Additive score biases indexed [query is padding][key is padding] (see Padding).
+KEY_PADDING = ((0.0, -math.inf), (0.0, -math.inf))
+PAIR_PADDING = ((0.0, -math.inf), (-math.inf, -math.inf))
+
+
+@dataclass(frozen=True, eq=False)
+class Padding:
+    """Which tokens of each batch element are padding, and how padding enters the scores.
+
+    ``mask`` is ``(B, S)`` bool, True at padding tokens. ``bias[query is padding][key is padding]``
+    is added to the scaled scores (natural-log units; ``-inf`` never attends), as torch's SDPA adds
+    a float mask. A row whose every visible key is at ``-inf`` outputs 0 and log-sum-exp ``-inf``,
+    as SDPA gives a fully masked row.
+
+    - :data:`KEY_PADDING` (default): padded keys are never attended; every query, padded ones too,
+      attends to the rest. A key mask ``(B, 1, 1, S)``: Qwen-Image, Z-Image, HunyuanImage 2.1.
+    - :data:`PAIR_PADDING`: padded queries attend to nothing either (output 0). A boolean mask
+      ``m_q & m_k``, as Chroma's blocks build from a boolean token mask.
+    - ``((1, 0), (0, 0))``: the float mask ``m_q * m_k`` of 0/1 that diffusers 0.42's Chroma
+      pipeline passes (SDPA adds it: +1 between two real tokens, nothing masked).
+    """
+
+    mask: torch.Tensor
+    bias: tuple = KEY_PADDING
 
 
 def _interpreting() -> bool:
@@ -130,10 +159,19 @@ def _gluon_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
     return None
 
 
-def _note_once(message: str) -> None:
+def _note_once(message: str, chosen: str = "the reference") -> None:
     if message not in _auto_notes:
         _auto_notes.add(message)
-        logger.info("impl='auto' uses the reference: %s", message)
+        logger.info("impl='auto' uses %s: %s", chosen, message)
+
+
+def _gluon_layout_reason(layout: TokenLayout, padding: Padding | None) -> str | None:
+    if padding is not None:
+        return "the Gluon kernel takes no key padding (impl='triton' does)"
+    if layout.text_range() is None:
+        return ("the Gluon kernel takes one global segment, at the start or the end of the sequence; this call has "
+                f"global tokens on both sides of the image ({layout.segments}) (impl='triton' takes any layout)")
+    return None
 
 
 _MODE_VALUES = "-2 (skip), -1 (full) or w >= 0 (arrow of half-width w blocks)"
@@ -181,8 +219,55 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check(q, k, v, head_modes, text_start, text_len, out, *, scale=None, check_values=True):
-    """The one input check of every implementation; ``check_values`` reads ``head_modes`` on the host."""
+@functools.lru_cache(maxsize=1024)
+def _text_layout(seq: int, text_start: int, text_len: int) -> TokenLayout:
+    return TokenLayout.from_text(seq, text_start, text_len)
+
+
+def _layout(seq: int, text_start, text_len, segments) -> TokenLayout:
+    if segments is not None:
+        if text_start is not None or text_len is not None:
+            raise ValueError("give the token layout once: text_start= and text_len=, or segments=, not both")
+        if isinstance(segments, TokenLayout):
+            if segments.seq_len != seq:
+                raise ValueError(f"the layout is for {segments.seq_len} tokens; q has {seq}")
+            return segments
+        return TokenLayout.from_segments(seq, segments)
+    if text_start is None or text_len is None:
+        raise TypeError("give the token layout: text_start= and text_len= (one text segment at the start or the "
+                        "end), or segments=[(start, length), ...] (the global segments)")
+    if not (_is_int(text_start) and _is_int(text_len)):
+        raise TypeError(f"text_start and text_len must be ints; got {text_start!r}, {text_len!r}")
+    return _text_layout(seq, text_start, text_len)
+
+
+def _padding(key_padding, batch: int, seq: int, device) -> Padding | None:
+    if key_padding is None:
+        return None
+    padding = key_padding if isinstance(key_padding, Padding) else Padding(key_padding)
+    mask = padding.mask
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (batch, seq):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"key_padding must be a bool tensor (batch, seq) = ({batch}, {seq}), True at padding; got {got}")
+    if mask.device != device:
+        raise ValueError(f"key_padding must be on q's device {device}; got {mask.device}")
+    bias = padding.bias
+    try:
+        ok = len(bias) == 2 and all(len(row) == 2 for row in bias)
+        values = [float(x) for row in bias for x in row] if ok else []
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or any(math.isnan(x) or x == math.inf for x in values):
+        raise ValueError(f"padding bias must be 2 x 2 numbers (no NaN or +inf), [query padded][key padded]; got {bias!r}")
+    return padding
+
+
+def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, scale=None, check_values=True,
+           segments=None, key_padding=None):
+    """The one input check of every implementation; ``check_values`` reads ``head_modes`` on the host.
+
+    Returns the call's :class:`TokenLayout` and :class:`Padding` (or None).
+    """
     for name, t in (("q", q), ("k", k), ("v", v), ("head_modes", head_modes)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -199,15 +284,8 @@ def _check(q, k, v, head_modes, text_start, text_len, out, *, scale=None, check_
     batch, seq, heads, _ = q.shape
     if head_modes.dtype != torch.int32 or head_modes.shape != (heads,):
         raise ValueError(f"head_modes must be int32 of shape ({heads},); got {head_modes.dtype} {tuple(head_modes.shape)}")
-    if not (_is_int(text_start) and _is_int(text_len)):
-        raise TypeError(f"text_start and text_len must be ints; got {text_start!r}, {text_len!r}")
-    if not 0 <= text_len <= seq:
-        raise ValueError(f"text_len must be in [0, {seq}]; got {text_len}")
-    if text_start not in (0, seq - text_len):
-        raise ValueError(
-            f"text tokens must sit at the start or the end so image tokens are contiguous: "
-            f"text_start must be 0 or {seq - text_len}, got {text_start}"
-        )
+    layout = _layout(seq, text_start, text_len, segments)
+    padding = _padding(key_padding, batch, seq, q.device)
     if scale is not None and not (
         isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
     ):
@@ -222,6 +300,7 @@ def _check(q, k, v, head_modes, text_start, text_len, out, *, scale=None, check_
             )
     if check_values:
         _check_modes_on_host(head_modes)
+    return layout, padding
 
 
 def headwise_attention(
@@ -230,46 +309,57 @@ def headwise_attention(
     v: torch.Tensor,
     head_modes: torch.Tensor,
     *,
-    text_start: int,
-    text_len: int,
+    text_start: int | None = None,
+    text_len: int | None = None,
+    segments=None,
+    key_padding=None,
     out: torch.Tensor | None = None,
     scale: float | None = None,
     impl: str = "auto",
     return_lse: bool = False,
 ):
-    """Joint text+image attention where each head runs its own mode.
+    """Joint attention of global (text, reference-image) and image tokens, each head in its own mode.
 
     Args:
         q, k, v: ``(B, S, H, D)`` tensors (strided views are fine), one dtype and device.
         head_modes: int32 ``(H,)`` on q's device: ``-1`` full, ``-2`` skip, ``w >= 0`` arrow whose
-            image queries in block ``i`` see image key blocks ``|i - j| <= w`` and all text keys.
-            Image blocks are ``IMAGE_BLOCK`` (128) tokens counted from the first image token.
-            Other values raise ValueError; checking them reads the tensor on the host once per
-            tensor version (none for tensors from :func:`mode_tensor`, none under tracing or CUDA
-            graph capture, where the kernels skip out-of-range modes).
-        text_start, text_len: text tokens are ``[text_start, text_start + text_len)``; they must
-            sit at the start (FLUX) or the end (SD3) of the sequence. ``text_len`` may be 0.
+            image queries in block ``i`` see image key blocks ``|i - j| <= w`` and all global keys;
+            global queries see every key. Image blocks are ``IMAGE_BLOCK`` (128) tokens counted from
+            the first image token. Other values raise ValueError; checking them reads the tensor on
+            the host once per tensor version (none for tensors from :func:`mode_tensor`, none under
+            tracing or CUDA graph capture, where the kernels skip out-of-range modes).
+        text_start, text_len: the one global (text) segment ``[text_start, text_start + text_len)``,
+            at the start (FLUX) or the end (SD3) of the sequence. ``text_len`` may be 0.
+        segments: instead of ``text_start``/``text_len``, every global segment as ``(start, length)``
+            pairs (or a :class:`TokenLayout`); the tokens they leave must be one image segment, e.g.
+            FLUX.1 Kontext's ``[(0, 512), (4608, 4096)]``: text, image, reference image.
+        key_padding: ``(B, S)`` bool, True at padding tokens, which no query attends (a key mask); or
+            a :class:`Padding` for boolean and float masks between queries and keys.
         out: ``(B, S, H, D)`` output written in place; skip heads leave their slice untouched, so
             plans with skip heads need it. Allocated when omitted.
         scale: softmax scale (finite, > 0), ``1 / sqrt(D)`` by default.
         impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 64 or 128,
-            fp16/bf16, q/k/v strides that allow a TMA view), or ``"auto"`` (on CUDA the Gluon
-            kernel where it supports the inputs, else Triton where it does, else the reference,
-            logged once; the reference on the CPU). An explicit impl never falls back.
-            ``"triton"`` runs on the CPU only under ``TRITON_INTERPRET=1``.
+            fp16/bf16, q/k/v strides that allow a TMA view, one global segment at the start or the
+            end, no key padding), or ``"auto"`` (on CUDA the Gluon kernel where it supports the
+            call, else Triton where it does, else the reference, logged once; the reference on the
+            CPU). An explicit impl never falls back. ``"triton"`` runs on the CPU only under
+            ``TRITON_INTERPRET=1``.
         return_lse: also return the float32 log-sum-exp ``(B, H, S)`` of every computed row
-            (``-inf`` for skip heads), for merging partial results.
+            (``-inf`` for skip heads and fully masked rows), for merging partial results.
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse``.
     """
-    return _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, return_lse, check_values=True)
+    return _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, return_lse, check_values=True,
+                      segments=segments, key_padding=key_padding)
 
 
-def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, return_lse, *, check_values: bool):
+def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, return_lse, *, check_values: bool,
+               segments=None, key_padding=None):
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}")
-    _check(q, k, v, head_modes, text_start, text_len, out, scale=scale, check_values=check_values)
+    layout, padding = _check(q, k, v, head_modes, text_start, text_len, out, scale=scale, check_values=check_values,
+                             segments=segments, key_padding=key_padding)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if out is None:
@@ -282,36 +372,37 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
         # The interpreter is for testing the kernel, never an automatic choice on the CPU.
         if q.device.type != "cuda":
             impl = "reference"
-        elif _gluon_unsupported(q, k, v) is None:
-            # Measured on an H100 (benchmarks/KERNEL_NOTES.md): faster than the Triton kernel on
-            # every head-dim-128 plan, dense 1.12-1.22x, sparse 1.04-1.20x.
-            impl = "gluon"
         else:
-            reason = _triton_unsupported(q)
-            impl = "triton" if reason is None else "reference"
-            if reason is not None:
-                _note_once(reason)
+            gluon_reason = _gluon_unsupported(q, k, v)
+            layout_reason = _gluon_layout_reason(layout, padding)
+            if gluon_reason is None and layout_reason is None:
+                # Measured on an H100 (benchmarks/KERNEL_NOTES.md): faster than the Triton kernel on
+                # every head-dim-128 plan, dense 1.12-1.22x, sparse 1.04-1.20x.
+                impl = "gluon"
+            else:
+                reason = _triton_unsupported(q)
+                impl = "triton" if reason is None else "reference"
+                if reason is not None:
+                    _note_once(reason)
+                elif gluon_reason is None:
+                    _note_once(layout_reason, "the Triton kernel")
     elif impl == "triton":
         reason = _triton_unsupported(q)
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='reference' or impl='auto'.")
     elif impl == "gluon":
-        reason = _gluon_unsupported(q, k, v)
+        reason = _gluon_unsupported(q, k, v) or _gluon_layout_reason(layout, padding)
         if reason is not None:
             raise RuntimeError(f"impl='gluon' cannot run: {reason}. Use impl='triton', impl='reference' or impl='auto'.")
 
     if impl == "gluon":
-        from . import _gluon
-
-        out, lse = _gluon.attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse)
+        from . import _gluon as module
     elif impl == "triton":
-        from . import _triton
-
-        out, lse = _triton.attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse)
+        from . import _triton as module
     else:
-        from . import _reference
-
-        out, lse = _reference.attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse)
+        from . import _reference as module
+    out, lse = module.attention(q, k, v, head_modes, layout.image_start, layout.image_len, out, scale, return_lse,
+                                padding)
     return (out, lse) if return_lse else out
 
 

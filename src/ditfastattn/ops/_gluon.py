@@ -634,16 +634,21 @@ _plans: dict[tuple, tuple] = {}
 _launches = DirectLaunches(_headwise_kernel)
 
 
-def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, programs=None):
+def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, config=None,
+              programs=None):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
-    The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views).
-    ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the number of
-    programs (default: one per SM, or one per work item if fewer), so that small checks can make
-    each program take many items.
+    The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views). The
+    kernel takes one global (text) segment, before or after the image ``[image_start, image_start +
+    image_len)``, and no padding (``ops.headwise_attention`` sends other layouts to the Triton
+    kernel). ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the
+    number of programs (default: one per SM, or one per work item if fewer), so that small checks
+    can make each program take many items.
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
+    if padding is not None:
+        raise ValueError("the Gluon kernel takes no key padding; use the Triton kernel")
     batch, seq, heads, dim = q.shape
     device = q.device.index
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if return_lse else None
@@ -652,10 +657,16 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
             lse.fill_(float("-inf"))
         return out, lse
     config = config or _DEFAULT_CONFIGS[dim]
-    key = launch_key(q, k, v, out, head_modes, text_start, text_len, return_lse, config["BLOCK_N"], config["K_STAGES"],
-                     config["V_STAGES"], programs)
+    key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],
+                     config["K_STAGES"], config["V_STAGES"], programs)
     plan = _plans.get(key)
     if plan is None:
+        if image_start + image_len == seq:  # text first
+            text_start, text_len = 0, image_start
+        elif image_start == 0:  # text last
+            text_start, text_len = image_len, seq - image_len
+        else:
+            raise ValueError("the Gluon kernel takes global tokens on one side of the image only; use the Triton kernel")
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config,
                                           programs)
     templates, ints, grid, constexprs = plan

@@ -57,12 +57,12 @@ class DirectLaunches:
         return len(self._entries)
 
 
-def launch_key(q, k, v, out, head_modes, text_start: int, text_len: int, return_lse: bool, *flags) -> tuple:
+def launch_key(q, k, v, out, head_modes, image_start: int, image_len: int, return_lse: bool, *flags) -> tuple:
     """What a head-wise kernel's integer arguments, descriptors and specialisation derive from, plus
-    the caller's own ``flags`` (configuration, path)."""
+    the caller's own ``flags`` (configuration, path, padding)."""
     return (q.device.index, q.dtype, q.shape, q.stride(), k.stride(), v.stride(), out.stride(), head_modes.stride(0),
             q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16, head_modes.data_ptr() % 16,
-            text_start, text_len, return_lse, *flags)
+            image_start, image_len, return_lse, *flags)
 
 
 def _active(hook) -> bool:

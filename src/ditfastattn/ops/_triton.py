@@ -1,15 +1,19 @@
 """Fused Triton kernel of head-wise attention: one launch, every head in its own mode.
 
-Work is cut into query tiles of ``BLOCK_M`` rows counted from the start of each segment (text
-queries, image queries), so an image query tile lies inside one 128-token image block. Each tile
-attends over two key ranges: all text keys, and an image range that is every image key for full
-heads and text queries, and the band of blocks ``|i - j| <= w`` for an arrow head's image queries.
-Key tiles are counted from the start of their range, so with ``BLOCK_N`` dividing 128 every band
-edge falls on a tile edge and only the last tile of a range can be partial: the whole tiles of both
-ranges run in one pipelined, unmasked loop, then each range's partial tile once, masked.
+Work is cut into query tiles of ``BLOCK_M`` rows counted from the start of each segment (global
+queries before the image, global queries after it, image queries), so an image query tile lies
+inside one 128-token image block. Each tile attends over three key ranges: an image range that is
+every image key for full heads and global queries, and the band of blocks ``|i - j| <= w`` for an
+arrow head's image queries; the global keys before the image; those after it. Key tiles are
+counted from the start of their range, so with ``BLOCK_N`` dividing 128 every band edge falls on a
+tile edge and only the last tile of a range can be partial: the whole tiles of every range run in
+one pipelined, unmasked loop, then each range's partial tile once, masked.
+
+With key padding (``HAS_PAD``) each score gets the bias of its (query padded, key padded) pair,
+and a row whose every key is at ``-inf`` outputs 0; without it that code is compiled out.
 
 The 1-D grid runs the longest programs first: every tile that attends to a whole row (all tiles of
-full heads, the text-query tiles of arrow heads), then the arrow heads' image tiles by decreasing
+full heads, the global-query tiles of arrow heads), then the arrow heads' image tiles by decreasing
 band, then the skip heads' tiles, which exit at once (writing only ``-inf`` log-sum-exps when
 asked). Heads are ranked inside the kernel from ``head_modes``, so the host never reads them.
 
@@ -66,19 +70,43 @@ def _scores(q, k, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, pad, k_pad,
+                MASKED: tl.constexpr, HAS_PAD: tl.constexpr, INTERPRET: tl.constexpr):
     """Online-softmax step over one key tile; scores kept in log2 units (exp2, log2e in qk_scale)."""
-    if MASKED:
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    if HAS_PAD:
+        # bias[query padded][key padded], in log2 units; a row may have seen no finite score yet,
+        # so its running maximum can be -inf, which must not be subtracted from -inf scores.
+        q_pad, b00, b01, b10, b11 = pad
+        bias = tl.where(q_pad[:, None], tl.where(k_pad[None, :], b11, b10), tl.where(k_pad[None, :], b01, b00))
+        s = qk * qk_scale + bias
+        if MASKED:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+    else:
+        if MASKED:
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     p = _round(p, v.dtype, INTERPRET)
     if INTERPRET:
         v = v.to(tl.float32)
     return tl.dot(p, v, acc), m_new, l_i
+
+
+@triton.jit
+def _key_pad(pad_row, start, offs_n, valid, HAS_PAD: tl.constexpr):
+    """Whether each key of the tile at ``start`` is padding (False past the tile's valid rows)."""
+    if HAS_PAD:
+        k_pad = tl.load(pad_row + start + offs_n, mask=valid, other=0) != 0
+    else:
+        k_pad = valid
+    return k_pad
 
 
 @triton.jit
@@ -95,18 +123,21 @@ def _load(src, pos, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.c
 
 @triton.jit
 def _pos(j, ranges, BLOCK_N: tl.constexpr):
-    """Start of whole tile j: the first range's whole tiles, then the second's."""
-    start1, n1, start2 = ranges
-    return tl.where(j < n1, start1 + j * BLOCK_N, start2 + (j - n1) * BLOCK_N)
+    """Start of whole tile j: the first range's whole tiles, then the second's, then the third's."""
+    start1, n1, n2, start3 = ranges
+    return tl.where(j < n1, start1 + j * BLOCK_N, tl.where(j < n1 + n2, (j - n1) * BLOCK_N, start3 + (j - n1 - n2) * BLOCK_N))
 
 
 @triton.jit
-def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale,
-          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr):
+def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row,
+          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
+          INTERPRET: tl.constexpr):
     pos = _pos(j, ranges, BLOCK_N)
     qk = _scores(q, _load(ks, pos, BLOCK_N, HEAD_DIM, USE_TMA), INTERPRET)
     v = _load(vs, pos, BLOCK_N, HEAD_DIM, USE_TMA)
-    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, 0, False, INTERPRET)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_pad = _key_pad(pad_row, pos, offs_n, offs_n < BLOCK_N, HAS_PAD)
+    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, 0, pad, k_pad, False, HAS_PAD, INTERPRET)
 
 
 @triton.jit
@@ -117,8 +148,8 @@ def _view_coeffs(sb, ss, sh):
 
 
 @triton.jit
-def _tail(acc, m_i, l_i, q, ks, vs, start, length, qk_scale,
-          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INTERPRET: tl.constexpr):
+def _tail(acc, m_i, l_i, q, ks, vs, start, length, qk_scale, pad, pad_row,
+          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, INTERPRET: tl.constexpr):
     """The partial last tile of keys [start, start + length), masked; nothing when there is none."""
     tail = length % BLOCK_N
     if tail > 0:
@@ -127,30 +158,36 @@ def _tail(acc, m_i, l_i, q, ks, vs, start, length, qk_scale,
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         valid = offs_n < tail
-        rows = (start + length - tail + offs_n).to(tl.int64)
+        first = start + length - tail
+        rows = (first + offs_n).to(tl.int64)
         k = tl.load(ks[1] + ks[4] + rows[:, None] * ks[5] + offs_d[None, :] * ks[6], mask=valid[:, None], other=0.0)
         v = tl.load(vs[1] + vs[4] + rows[:, None] * vs[5] + offs_d[None, :] * vs[6], mask=valid[:, None], other=0.0)
-        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, _scores(q, k, INTERPRET), v, qk_scale, valid, True, INTERPRET)
+        k_pad = _key_pad(pad_row, first, offs_n, valid, HAS_PAD)
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, _scores(q, k, INTERPRET), v, qk_scale, valid, pad, k_pad, True,
+                                    HAS_PAD, INTERPRET)
     return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=[
-    "s_modes", "batch", "seq_len", "num_heads", "text_start", "text_len", "tune_bucket",
+    "s_modes", "batch", "seq_len", "num_heads", "image_start", "image_len", "tune_bucket",
 ])
 def _headwise_kernel(
-    Q, K, V, O, LSE, MODES, s_modes,
+    Q, K, V, O, LSE, MODES, PAD, PAD_BIAS, s_modes,
     q_desc, k_desc, v_desc,
     sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
-    batch, seq_len, num_heads, text_start, text_len, qk_scale, tune_bucket,
+    batch, seq_len, num_heads, image_start, image_len, qk_scale, tune_bucket,
     HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IMAGE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
+    IMAGE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_PAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # Few arguments: each one costs host time at every launch. tune_bucket only keys the autotuner.
-    image_start = tl.where(text_start == 0, text_len, 0)
-    num_image = seq_len - text_len
-    n_text_tiles = tl.cdiv(text_len, BLOCK_M)
-    n_image_tiles = tl.cdiv(num_image, BLOCK_M)
-    n_tiles = n_text_tiles + n_image_tiles
+    # PAD is (B, S) uint8 (non-zero at padding tokens), PAD_BIAS the 2 x 2 bias table in log2 units.
+    image_end = image_start + image_len
+    post_len = seq_len - image_end
+    n_pre_tiles = tl.cdiv(image_start, BLOCK_M)
+    n_global_tiles = n_pre_tiles + tl.cdiv(post_len, BLOCK_M)
+    n_image_tiles = tl.cdiv(image_len, BLOCK_M)
+    n_tiles = n_global_tiles + n_image_tiles
 
     # Rank heads by work, descending (ties by index): full > arrow by width > skip > padding.
     # Out-of-range modes (below SKIP; the host checks them where it can read them) rank and run as
@@ -165,36 +202,39 @@ def _headwise_kernel(
     n_arrow_heads = tl.sum((modes >= 0).to(tl.int32), 0)
 
     # Program order, longest work first so that the last wave is short: every full-row tile (all
-    # tiles of full heads, then the text-query tiles of arrow heads), then the arrow heads' image
+    # tiles of full heads, then the global-query tiles of arrow heads), then the arrow heads' image
     # tiles by decreasing band, then the skip heads' tiles, which exit at once. Within a head the
     # tiles of one batch element run together, so that programs running at once share keys and values.
     pid = tl.program_id(0)
     end1 = n_full_heads * batch * n_tiles
-    end2 = end1 + n_arrow_heads * batch * n_text_tiles
+    end2 = end1 + n_arrow_heads * batch * n_global_tiles
     end3 = end2 + n_arrow_heads * batch * n_image_tiles
     in2 = (pid >= end1) & (pid < end2)
     in3 = (pid >= end2) & (pid < end3)
     in4 = pid >= end3
     p = pid - tl.where(in4, end3, tl.where(in3, end2, tl.where(in2, end1, 0)))
-    section_tiles = tl.where(in2, n_text_tiles, tl.where(in3, n_image_tiles, n_tiles))  # a head's, per batch
+    section_tiles = tl.where(in2, n_global_tiles, tl.where(in3, n_image_tiles, n_tiles))  # a head's, per batch
     per_head = batch * section_tiles
     rank = tl.where(in4, n_full_heads + n_arrow_heads, tl.where(in2 | in3, n_full_heads, 0)) + p // per_head
-    tile = tl.where(in3, n_text_tiles, 0) + (p % per_head) % section_tiles
+    tile = tl.where(in3, n_global_tiles, 0) + (p % per_head) % section_tiles
     b = (p % per_head) // section_tiles
     h = tl.sum(tl.where(ranks == rank, idx, 0), 0)
     mode = tl.sum(tl.where(ranks == rank, modes, 0), 0)
 
-    # Query rows of this tile (tiles 0 .. n_text_tiles - 1 hold the text queries).
-    # Arrow image tiles see the band of blocks around their own; all other tiles see every image key.
-    is_image = tile >= n_text_tiles
-    image_tile = tile - n_text_tiles
-    q_start = tl.where(is_image, image_start + image_tile * BLOCK_M, text_start + tile * BLOCK_M)
-    q_end = tl.where(is_image, image_start + num_image, text_start + text_len)
+    # Query rows of this tile: tiles 0 .. n_pre_tiles - 1 hold the global queries before the image,
+    # then those after it, then the image queries. Arrow image tiles see the band of blocks around
+    # their own; all other tiles see every image key.
+    is_image = tile >= n_global_tiles
+    is_post = (tile >= n_pre_tiles) & (tile < n_global_tiles)
+    image_tile = tile - n_global_tiles
+    q_start = tl.where(is_image, image_start + image_tile * BLOCK_M,
+                       tl.where(is_post, image_end + (tile - n_pre_tiles) * BLOCK_M, tile * BLOCK_M))
+    q_end = tl.where(is_image, image_end, tl.where(is_post, seq_len, image_start))
     banded = is_image & (mode >= 0)
     block = image_tile * BLOCK_M // IMAGE_BLOCK
-    w = tl.minimum(tl.maximum(mode, 0), tl.cdiv(num_image, IMAGE_BLOCK))
+    w = tl.minimum(tl.maximum(mode, 0), tl.cdiv(image_len, IMAGE_BLOCK))
     lo = tl.where(banded, tl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
-    hi = tl.where(banded, tl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
+    hi = tl.where(banded, tl.minimum((block + w + 1) * IMAGE_BLOCK, image_len), image_len)
     offs_m = q_start + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_end
     b64 = b.to(tl.int64)
@@ -214,33 +254,45 @@ def _headwise_kernel(
                         mask=(offs_m < seq_len)[:, None], other=0.0)
         ks = (k_desc, K, b * k_rb + h * k_rh, h * k_ch, b64 * skb + h64 * skh, sks, skd)
         vs = (v_desc, V, b * v_rb + h * v_rh, h * v_ch, b64 * svb + h64 * svh, svs, svd)
+        pad_row = PAD + b64 * seq_len
+        if HAS_PAD:
+            q_pad = tl.load(pad_row + offs_m, mask=offs_m < seq_len, other=0) != 0
+            pad = (q_pad, tl.load(PAD_BIAS), tl.load(PAD_BIAS + 1), tl.load(PAD_BIAS + 2), tl.load(PAD_BIAS + 3))
+        else:
+            pad = (row_ok, qk_scale, qk_scale, qk_scale, qk_scale)  # unused: no padding code is compiled
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        # One pipelined loop over the whole tiles of both key ranges (image band or all image keys,
-        # then text keys), then the partial last tile of each range, masked.
+        # One pipelined loop over the whole tiles of the three key ranges (image band or all image
+        # keys, global keys before the image, global keys after it), then the partial last tile of
+        # each range, masked.
         start1 = image_start + lo
         len1 = hi - lo
-        ranges = (start1, len1 // BLOCK_N, text_start)
-        n_full = len1 // BLOCK_N + text_len // BLOCK_N
+        ranges = (start1, len1 // BLOCK_N, image_start // BLOCK_N, image_end)
+        n_full = len1 // BLOCK_N + image_start // BLOCK_N + post_len // BLOCK_N
         if INTERPRET:  # the interpreter (numpy 2) cannot take a run-time bound in range()
             j = 0
             while j < n_full:
-                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, BLOCK_N, HEAD_DIM, USE_TMA,
-                                      INTERPRET)
+                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
+                                      USE_TMA, HAS_PAD, INTERPRET)
                 j += 1
         else:
             for j in tl.range(0, n_full):
-                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, BLOCK_N, HEAD_DIM, USE_TMA,
-                                      INTERPRET)
-        acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, start1, len1, qk_scale, BLOCK_N, HEAD_DIM, INTERPRET)
-        acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, text_start, text_len, qk_scale, BLOCK_N, HEAD_DIM,
-                              INTERPRET)
+                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
+                                      USE_TMA, HAS_PAD, INTERPRET)
+        acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, start1, len1, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
+                              HAS_PAD, INTERPRET)
+        acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, 0, image_start, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
+                              HAS_PAD, INTERPRET)
+        acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, image_end, post_len, qk_scale, pad, pad_row, BLOCK_N,
+                              HEAD_DIM, HAS_PAD, INTERPRET)
+        if HAS_PAD:
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a fully masked row: acc is 0, so is its output
         out = _round(acc / l_i[:, None], O.dtype.element_ty, INTERPRET).to(O.dtype.element_ty)
         o_ptrs = O + b64 * sob + h64 * soh + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :] * sod
         tl.store(o_ptrs, out, mask=row_ok[:, None])
         if RETURN_LSE:
-            lse = (m_i + tl.math.log2(l_i)) * LN2
+            lse = (m_i + tl.math.log2(l_i)) * LN2  # -inf for a fully masked row (m_i stays -inf)
             tl.store(LSE + (b64 * num_heads + h64) * seq_len + offs_m, lse, mask=row_ok)
     elif RETURN_LSE:
         tl.store(LSE + (b64 * num_heads + h64) * seq_len + offs_m,
@@ -344,18 +396,31 @@ def _tma_view(t: torch.Tensor):
 
 _plans: dict[tuple, tuple] = {}
 _launches = None if _INTERPRET else DirectLaunches(_headwise_kernel)
+_bias_tables: dict[tuple, torch.Tensor] = {}
 
 
-def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse, *, config=None, warmup=False):
+def _pad_args(padding, device):
+    """(PAD, PAD_BIAS) kernel arguments: the (B, S) uint8 padding flags and the bias table in log2
+    units, one tensor per table and device, made once (a copy to the GPU per call would cost more)."""
+    key = (padding.bias, device)
+    table = _bias_tables.get(key)
+    if table is None:
+        values = [float(x) * _LOG2E for row in padding.bias for x in row]
+        table = _bias_tables[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return padding.mask.contiguous().view(torch.uint8), table
+
+
+def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, config=None,
+              warmup=False):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
-    ``config`` (one of :func:`tile_configs`) bypasses autotuning, for checks of every configuration;
-    ``warmup`` compiles (that config, or all of them) without launching, for compiling ahead in threads.
+    ``padding`` is an ``ops.Padding`` or None. ``config`` (one of :func:`tile_configs`) bypasses
+    autotuning, for checks of every configuration; ``warmup`` compiles (that config, or all of
+    them) without launching, for compiling ahead in threads.
     """
     if not scale > 0:
         raise ValueError(f"the Triton kernel needs a positive softmax scale; got {scale}")
     batch, seq, heads, dim = q.shape
-    num_image = seq - text_len
     lse = None
     if return_lse and not warmup:
         lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
@@ -363,14 +428,17 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
+    # Unused without padding: any pointer of the same type in every such launch.
+    pad, pad_bias = (head_modes, head_modes) if padding is None else _pad_args(padding, q.device)
 
     key = None
     if not (_INTERPRET or warmup):
-        key = launch_key(q, k, v, out, head_modes, text_start, text_len, return_lse, _PREFER_TMA,
-                         None if config is None else tuple(config.items()))
+        key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, _PREFER_TMA,
+                         None if config is None else tuple(config.items()), padding is not None,
+                         pad.data_ptr() % 16, pad_bias.data_ptr() % 16)
         plan = _plans.get(key)
         if plan is not None:
-            _launch_planned(key, plan, q, k, v, out, lse, head_modes, scale)
+            _launch_planned(key, plan, q, k, v, out, lse, head_modes, pad, pad_bias, scale)
             return out, lse
 
     views = None
@@ -388,22 +456,24 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
             for t, (rows, cols) in zip((q, k, v), views)
         )
 
+    post_len = seq - image_start - image_len
+
     def grid(meta):
         block_m = meta["BLOCK_M"]
-        return (heads * batch * (triton.cdiv(text_len, block_m) + triton.cdiv(num_image, block_m)),)
+        tiles = triton.cdiv(image_start, block_m) + triton.cdiv(post_len, block_m) + triton.cdiv(image_len, block_m)
+        return (heads * batch * tiles,)
 
     lse_arg = lse
     if lse_arg is None:  # unused without RETURN_LSE; a warmup needs only the pointer's type
         lse_arg = torch.empty(0, dtype=torch.float32, device=q.device) if return_lse else out
-    args = (
-        q, k, v, out, lse_arg, head_modes, head_modes.stride(0), *descs,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        batch, seq, heads, text_start, text_len, scale * _LOG2E, triton.next_power_of_2(seq),
-    )
+    ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), batch, seq, heads, image_start, image_len)
+    tune_bucket = triton.next_power_of_2(seq)
+    args = (q, k, v, out, lse_arg, head_modes, pad, pad_bias, head_modes.stride(0), *descs, *ints, scale * _LOG2E,
+            tune_bucket)
     meta = dict(
         # At least 32 so that head counts up to 32 share one compiled kernel.
         HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, IMAGE_BLOCK=IMAGE_BLOCK,
-        USE_TMA=views is not None, RETURN_LSE=return_lse, INTERPRET=_INTERPRET,
+        USE_TMA=views is not None, RETURN_LSE=return_lse, HAS_PAD=padding is not None, INTERPRET=_INTERPRET,
     )
     if _INTERPRET:
         c = config or dict(INTERPRET_CONFIG)
@@ -416,7 +486,7 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
             _headwise_kernel.warmup(*args, grid=grid, **meta, **c)
         return out, lse
     if config is None:
-        tune_key = (args[-1], dim, meta["USE_TMA"], q.dtype)
+        tune_key = (tune_bucket, dim, meta["USE_TMA"], q.dtype)
         if tune_key not in _chosen:
             with on_device(q.device.index):
                 _tuned[grid](*args, **meta)  # tunes on first use, then runs the best
@@ -430,17 +500,16 @@ def attention(q, k, v, head_modes, text_start, text_len, out, scale, return_lse,
     if views is not None:
         _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], **constexprs})
         templates = tuple(rebased(d, None) for d in descs)
-    ints = (head_modes.stride(0), *args[10:-2], args[-1])  # s_modes; strides to text_len; tune_bucket
     options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
-    plan = _plans[key] = (templates, ints, grid(constexprs), constexprs, options)
-    _launch_planned(key, plan, q, k, v, out, lse, head_modes, scale)
+    plan = _plans[key] = (templates, (head_modes.stride(0), ints, tune_bucket), grid(constexprs), constexprs, options)
+    _launch_planned(key, plan, q, k, v, out, lse, head_modes, pad, pad_bias, scale)
     return out, lse
 
 
-def _launch_planned(key, plan, q, k, v, out, lse, head_modes, scale):
-    templates, ints, grid, constexprs, options = plan
+def _launch_planned(key, plan, q, k, v, out, lse, head_modes, pad, pad_bias, scale):
+    templates, (s_modes, ints, tune_bucket), grid, constexprs, options = plan
     descs = (q, k, v) if templates is None else [rebased(t, x) for t, x in zip(templates, (q, k, v))]
-    args = (q, k, v, out, out if lse is None else lse, head_modes, ints[0], *descs, *ints[1:-1], scale * _LOG2E,
-            ints[-1])
+    args = (q, k, v, out, out if lse is None else lse, head_modes, pad, pad_bias, s_modes, *descs, *ints,
+            scale * _LOG2E, tune_bucket)
     with on_device(q.device.index):
         _launches(key, grid, args, constexprs, options)

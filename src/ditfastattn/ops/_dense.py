@@ -1,0 +1,70 @@
+"""Dense oracle of head-wise attention, written straight from the definition, for the tests and
+``benchmarks/kernel_check.py``: an ``(S, S)`` mask per head and a plain softmax over it.
+
+It shares nothing with the implementations (``_reference`` gathers blocks, the kernels tile), so it
+checks them all. It builds ``S x S`` scores per head: for checks, not for long sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
+from ..model import TokenLayout
+
+
+def head_mask(mode: int, layout: TokenLayout, device=None) -> torch.Tensor:
+    """(S, S) bool: the (query, key) pairs a head in ``mode`` keeps."""
+    seq = layout.seq_len
+    index = torch.arange(seq, device=device)
+    is_global = (index < layout.image_start) | (index >= layout.image_end)
+    if mode == MODE_FULL:
+        return torch.ones(seq, seq, dtype=torch.bool, device=device)
+    block = torch.div(index - layout.image_start, IMAGE_BLOCK, rounding_mode="floor")
+    near = (block[:, None] - block[None, :]).abs() <= mode
+    return is_global[:, None] | is_global[None, :] | near
+
+
+def padding_bias(padding, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(B, S, S) additive scores bias of every (query, key) pair under ``padding`` (an ``ops.Padding``)."""
+    flags = padding.mask.to(device).long()
+    table = torch.tensor(padding.bias, dtype=dtype, device=device)
+    return table[flags[:, :, None], flags[:, None, :]]
+
+
+def score_bias(mode: int, layout: TokenLayout, padding=None, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(B or 1, S, S) additive scores bias of a head in ``mode``: -inf outside its mask, plus the
+    padding bias of every (query, key) pair."""
+    bias = torch.zeros(layout.seq_len, layout.seq_len, dtype=dtype, device=device)
+    bias = bias.masked_fill_(~head_mask(mode, layout, device), float("-inf"))[None]
+    return bias if padding is None else bias + padding_bias(padding, dtype, device)
+
+
+def dense_attention(q, k, v, modes, layout: TokenLayout, padding=None, scale=None, *, compute=torch.float64,
+                    rounded=None):
+    """Attention of the computed heads (``modes`` not skip, in order), as ``(out (B, S, H', D),
+    lse (B, H', S))`` in ``compute``; one head at a time, to bound memory.
+
+    ``rounded`` (a dtype) rounds the probabilities before P @ V and the output to it, as a
+    same-precision tensor-core kernel does: the yardstick of the kernels' error. A row that keeps
+    no key (all -inf) outputs 0 with log-sum-exp -inf, as torch's SDPA gives a fully masked row.
+    """
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    pad = None if padding is None else padding_bias(padding, compute, q.device)
+    outs, lses = [], []
+    for head, mode in enumerate(int(m) for m in modes):
+        if mode == MODE_SKIP:
+            continue
+        qh, kh, vh = (t[:, :, head].to(compute) for t in (q, k, v))
+        scores = (qh @ kh.transpose(-1, -2) * scale).masked_fill_(~head_mask(mode, layout, q.device), float("-inf"))
+        if pad is not None:
+            scores += pad
+        lses.append(torch.logsumexp(scores, -1))
+        peak = scores.amax(-1, keepdim=True)
+        p = torch.exp(scores - torch.where(torch.isneginf(peak), 0, peak))
+        total = p.sum(-1, keepdim=True)
+        if rounded is not None:
+            p = p.to(rounded).to(compute)
+        out = (p @ vh) / torch.where(total == 0, 1, total)
+        outs.append(out.to(rounded).to(compute) if rounded is not None else out)
+    return torch.stack(outs, 2), torch.stack(lses, 1)
