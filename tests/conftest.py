@@ -147,7 +147,8 @@ def recorder(monkeypatch):
                 "step": self.session.step,
                 "call": self.session.call,
                 "q": q.clone(), "k": k.clone(), "v": v.clone(),
-                "text_start": kwargs["text_start"], "text_len": kwargs["text_len"],
+                "text_start": self.geometry.text_start, "text_len": self.geometry.text_len,
+                "layout": self.geometry.layout, "padding": self.geometry.padding,
                 "out": out.clone(),
             }
         )

@@ -19,7 +19,7 @@ def masked_reference(q, k, v, modes, text_start, text_len, padding=None, *, layo
     out, lse = dense_attention(q, k, v, modes, layout, padding)
     kept = iter(range(out.shape[2]))
     outs, lses = [], []
-    for mode in modes.tolist():
+    for mode in (int(m) for m in modes):
         index = None if mode == MODE_SKIP else next(kept)
         outs.append(None if index is None else out[:, :, index])
         lses.append(None if index is None else lse[:, index])

@@ -22,6 +22,18 @@ def sd3_inputs(batch=2):
     }
 
 
+def flux_inputs(batch=1, image=20 * 24):
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "hidden_states": torch.randn(batch, image, 16, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 7, 16, generator=generator),
+        "pooled_projections": torch.randn(batch, 16, generator=generator),
+        "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(20.0), torch.arange(24.0),
+                                              indexing="ij"), -1).view(-1, 3),
+        "txt_ids": torch.zeros(7, 3),
+    }
+
+
 def mixed_plan(model) -> Plan:
     plan = Plan.uniform(model, STEPS, "full", num_image_tokens=24 * 28)
     methods = [[list(h) for h in rows] for rows in plan.methods]
@@ -57,21 +69,42 @@ def test_static_mode_matches_the_dynamic_runtime():
     assert not [name for name, _ in model.named_buffers() if "ditfastattn" in name]
 
 
-@torch.no_grad()
-def test_fullgraph_compile_without_recompiles(monkeypatch):
+def compiled_generation(model, inputs, want):
+    """One generation of ``model`` (static plan applied, tables built) compiled as one graph: no
+    recompiles from step to step, and every step's output as ``want``."""
     torch._dynamo.reset()
-    model = tiny_sd3(dual=True)
-    plan = mixed_plan(model)
-    inputs = sd3_inputs()
-    ditfastattn.apply(model, plan, static=True)
-    eager = denoise(model, inputs)  # also allocates the static buffers
+    batch = inputs["hidden_states"].shape[0]
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
-    first = compiled(**inputs, timestep=torch.full((2,), TIMESTEPS[0])).sample
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    rest = [compiled(**inputs, timestep=torch.full((2,), t)).sample for t in TIMESTEPS[1:]]
-    for step, (want, got) in enumerate(zip(eager, [first] + rest)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    got = [compiled(**inputs, timestep=torch.full((batch,), TIMESTEPS[0])).sample]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got += [compiled(**inputs, timestep=torch.full((batch,), t)).sample for t in TIMESTEPS[1:]]
+    for step, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {step}")
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_fullgraph_compile_without_recompiles():
+    model = tiny_sd3(dual=True)
+    inputs = sd3_inputs()
+    ditfastattn.apply(model, mixed_plan(model), static=True)
+    compiled_generation(model, inputs, denoise(model, inputs))  # the eager run also allocates the buffers
+
+
+@torch.no_grad()
+def test_fullgraph_compile_through_the_dispatch_interception():
+    # FLUX's attention is intercepted at dispatch_attention_fn: the hooks and the wrapper trace into
+    # one graph for every step, matching the dynamic runtime.
+    model = tiny_flux()
+    plan = mixed_plan(model)
+    inputs = flux_inputs()
+    ditfastattn.apply(model, plan)
+    dynamic = denoise(model, inputs)
+    ditfastattn.remove(model)
+    ditfastattn.apply(model, plan, static=True, num_image_tokens=20 * 24)
+    denoise(model, inputs)  # builds the tables and buffers
+    compiled_generation(model, inputs, dynamic)
+    ditfastattn.remove(model)
 
 
 def test_static_mode_errors():

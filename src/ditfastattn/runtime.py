@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from . import ops
 from ._geometry import MODE_FULL, MODE_SKIP
-from .adapters import adapter_for, check_cfg_sharing
+from .adapters import adapter_for, base, check_cfg_sharing, dispatch
 from .methods import parse_method
+from .model import TokenLayout
 from .plan import Plan, PlanMismatchError, _is_int
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,51 @@ class _Row:
                 device=self.device, route_full=self.route_full,
             )
         return self.variants[heads]
+
+
+@dataclass(frozen=True, eq=False)
+class CallGeometry:
+    """The token layout and padding of one layer call, in the forms the op and sessions take.
+
+    ``op`` holds the op's keyword arguments. ``text_start`` and ``text_len`` are the original
+    (text_start, text_len) form that ``Session.row`` and ``Session.after`` receive: exact when
+    ``simple`` (one global segment at the start or the end, no padding); otherwise ``text_len``
+    counts every global token and ``text_start`` is 0, so ``q.shape[1] - text_len`` is still the
+    image token count.
+    """
+
+    layout: TokenLayout
+    padding: ops.Padding | None
+    op: dict
+    text_start: int
+    text_len: int
+
+    @property
+    def simple(self) -> bool:
+        return "text_start" in self.op
+
+    @classmethod
+    def of(cls, seq: int, text_start, text_len, layout: TokenLayout | None, key_padding) -> "CallGeometry":
+        if layout is None:
+            return _text_geometry(seq, text_start, text_len)
+        padding = key_padding if key_padding is None or isinstance(key_padding, ops.Padding) else ops.Padding(key_padding)
+        legacy = layout.text_range()
+        if legacy is not None and padding is None:
+            return _text_geometry(seq, *legacy)
+        return cls(layout, padding, {"segments": layout, "key_padding": padding}, 0 if legacy is None else legacy[0],
+                   layout.num_global)
+
+    def rows(self, batch: slice) -> dict:
+        """The op's keyword arguments for the batch elements ``batch``."""
+        if self.padding is None:
+            return self.op
+        return {**self.op, "key_padding": ops.Padding(self.padding.mask[batch], self.padding.bias)}
+
+
+@functools.lru_cache(maxsize=256)
+def _text_geometry(seq: int, text_start: int, text_len: int) -> CallGeometry:
+    layout = TokenLayout.from_text(seq, text_start, text_len)
+    return CallGeometry(layout, None, {"text_start": text_start, "text_len": text_len}, text_start, text_len)
 
 
 class _Buffers:
@@ -226,11 +272,10 @@ class LayerRuntime:
         self.session = session
         self.index = index
         self.name = name
+        self.spec = session.plan.model.layers[index]
         self.slots: dict[int, _Buffers] = {}
         self._rows: dict[tuple[int, torch.device], list[_Row]] = {}
-
-    def text_len(self) -> int:
-        return self.session.text_len
+        self.geometry: CallGeometry | None = None  # of the call being attended
 
     def row(self, q: torch.Tensor, num_image_tokens: int, route_full: bool) -> _Row:
         dropped = self.session.dropped_steps(self.index, q, num_image_tokens)
@@ -253,20 +298,28 @@ class LayerRuntime:
             slot.out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return slot
 
-    def attend(self, q, k, v, *, text_start: int, text_len: int, dense, dense_only: bool = False) -> torch.Tensor:
+    def attend(self, q, k, v, *, text_start: int | None = None, text_len: int | None = None, dense,
+               dense_only: str | bool = False, layout: TokenLayout | None = None, key_padding=None) -> torch.Tensor:
         """Attention of one layer call under the plan; q, k, v are (B, S, H, D) views.
 
-        ``dense()`` computes the stock attention (B, S, H, D); it serves layers whose heads are all
-        ``full`` at this step, which keeps an all-full plan bitwise equal to stock diffusers.
+        The token layout is ``text_start``/``text_len`` (one text segment at the start or the end)
+        or ``layout``; ``key_padding`` is a (B, S) bool mask or an ``ops.Padding``. ``dense()``
+        computes the stock attention (B, S, H, D); it serves layers whose heads are all ``full`` at
+        this step, which keeps an all-full plan bitwise equal to stock diffusers. ``dense_only``
+        says why this call can run only the stock attention (an input the op cannot express).
         """
         session = self.session
-        row = self._runnable(session.row(self, q, k, v, text_start, text_len, dense))
+        geometry = self.geometry = CallGeometry.of(q.shape[1], text_start, text_len, layout, key_padding)
+        if not geometry.simple:
+            session.check_layout_support(self)
+        row = self._runnable(session.row(self, q, k, v, geometry.text_start, geometry.text_len, dense))
         if row.all_full and row.capture_modes is None and not row.keep:
             return dense()
         if dense_only and not row.all_full:
+            what = dense_only if isinstance(dense_only, str) else "attention masks and context parallelism"
             raise NotImplementedError(
-                f"{self.name}: attention masks and context parallelism run dense only, but the plan compresses "
-                f"this layer at step {session.step}"
+                f"{self.name}: {what} runs only the stock attention, but the plan compresses this layer at step "
+                f"{session.step}; apply a plan that keeps this layer full, or call the model without it"
             )
         slot = self._buffers(q)
         out = slot.out
@@ -276,19 +329,17 @@ class LayerRuntime:
                 out.copy_(result)
         else:
             result = out
-            self._compute(q, k, v, row, out, text_start, text_len)
+            self._compute(q, k, v, row, out, geometry)
             if row.residual_add is not None:
                 out.add_(torch.where(row.residual_add, slot.residual, 0))
         if row.capture_modes is not None:
             arrow = torch.empty_like(out)
-            ops.headwise_attention(
-                q, k, v, row.capture_modes, text_start=text_start, text_len=text_len, out=arrow, impl=session.impl
-            )
+            ops.headwise_attention(q, k, v, row.capture_modes, **geometry.op, out=arrow, impl=session.impl)
             previous = slot.residual if slot.residual is not None else torch.zeros_like(out)
             slot.residual = torch.where(row.capture_mask, result - arrow, previous)
             slot.captured.update(dict.fromkeys(row.captured_heads, session.step))
         slot.step = session.step
-        session.after(self, q, k, v, result, text_start, text_len)
+        session.after(self, q, k, v, result, geometry.text_start, geometry.text_len)
         if not row.keep:
             slot.out = None  # the caller's reference keeps it alive just as long as it is used
         return result
@@ -308,29 +359,27 @@ class LayerRuntime:
             missing.update(head for head, step in row.residual_from if captured.get(head) != step)
         return row.computing(frozenset(missing)) if missing else row
 
-    def _compute(self, q, k, v, row: _Row, out, text_start, text_len) -> None:
+    def _compute(self, q, k, v, row: _Row, out, geometry: CallGeometry) -> None:
         impl = self.session.impl
-        if row.full_heads is not None:
-            ops.headwise_attention(q, k, v, row.sparse_modes, text_start=text_start, text_len=text_len, out=out, impl=impl)
+        # Routed full heads run on maskless SDPA: with padding they stay in the fused op.
+        if row.full_heads is not None and geometry.padding is None:
+            ops.headwise_attention(q, k, v, row.sparse_modes, **geometry.op, out=out, impl=impl)
             picked = [t.index_select(2, row.full_heads).transpose(1, 2) for t in (q, k, v)]
             out.index_copy_(2, row.full_heads, F.scaled_dot_product_attention(*picked).transpose(1, 2))
             return
         # CFG is the first call of a step; later ones (skip-layer guidance) hold conditional rows
         # only, so their cfg_share heads compute the whole batch: the sharing's conditional half.
         if row.uncond_modes is None or self.session.call > 0:
-            ops.headwise_attention(q, k, v, row.modes, text_start=text_start, text_len=text_len, out=out, impl=impl)
+            ops.headwise_attention(q, k, v, row.modes, **geometry.op, out=out, impl=impl)
             return
         batch = q.shape[0]
         if batch % 2:
             raise cfg_batch_error(batch)
         half = batch // 2
         cond, uncond = slice(half, batch), slice(0, half)
+        ops.headwise_attention(q[cond], k[cond], v[cond], row.modes, **geometry.rows(cond), out=out[cond], impl=impl)
         ops.headwise_attention(
-            q[cond], k[cond], v[cond], row.modes, text_start=text_start, text_len=text_len, out=out[cond], impl=impl
-        )
-        ops.headwise_attention(
-            q[uncond], k[uncond], v[uncond], row.uncond_modes,
-            text_start=text_start, text_len=text_len, out=out[uncond], impl=impl,
+            q[uncond], k[uncond], v[uncond], row.uncond_modes, **geometry.rows(uncond), out=out[uncond], impl=impl,
         )
         out[uncond] = torch.where(row.share_mask, out[cond], out[uncond])
 
@@ -346,6 +395,9 @@ class Session:
 
     layer_cls = LayerRuntime
     buffers_per_generation = False  # a layer holds its buffer only while its next step caches
+    # Whether row() and after() read ``layer.geometry`` (global segments on both sides, padding)
+    # rather than only their (text_start, text_len); a subclass that overrides row() says so itself.
+    layout_aware = True
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None):
         self.transformer = transformer
@@ -357,7 +409,10 @@ class Session:
         self.step = 0
         self.call = 0
         self.calls_per_step = 1
-        self.text_len = 0
+        # Of the current transformer call: where its image tokens are (dispatch families), and what
+        # is computed once per call (e.g. a check of its attention mask).
+        self.image_segment: tuple[int, int] | str = "no transformer call has started"
+        self.call_cache: dict = {}
         self._last_timestep: float | None = None
         self._new_generation = True
         self._running = False  # a generation has started (and may have stopped short of the plan's steps)
@@ -368,22 +423,42 @@ class Session:
         self.handles: list = []
         self.pipe = None
         self.scheduler_hook: _SchedulerHook | None = None
-        parameters = list(inspect.signature(transformer.forward).parameters)
-        self._timestep_index = parameters.index("timestep") if "timestep" in parameters else None
-        self._context_index = (
-            parameters.index("encoder_hidden_states") if "encoder_hidden_states" in parameters else None
-        )
-        self._hidden_index = parameters.index("hidden_states") if "hidden_states" in parameters else None
+        self._parameters = tuple(inspect.signature(transformer.forward).parameters)
+        self._timestep = getattr(adapter, "timestep", base.timestep)
         self._cfg_share = any(parse_method(m).cfg_share for rows in plan.methods for heads in rows for m in heads)
         self._inputs_checked: set[tuple] = set()
 
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:
-        """The compiled plan row of ``layer`` at the current step (calibration decides it here)."""
-        return layer.row(q, q.shape[1] - text_len, self.route_full(q, k, v, text_start, text_len))
+        """The compiled plan row of ``layer`` at the current step (calibration decides it here).
 
-    def route_full(self, q, k, v, text_start: int, text_len: int) -> bool:
-        """Whether full heads of mixed layers run on dense SDPA (impl="auto", where it is faster)."""
-        return self.impl == "auto" and full_head_cost(q, k, v, text_start, text_len) > 1.0
+        ``layer.geometry`` is the call's full layout and padding; ``text_start``/``text_len`` its
+        original form (see :class:`CallGeometry`).
+        """
+        geometry = layer.geometry
+        return layer.row(q, geometry.layout.image_len, self.route_full(q, k, v, text_start, text_len, geometry))
+
+    def route_full(self, q, k, v, text_start: int, text_len: int, geometry: CallGeometry | None = None) -> bool:
+        """Whether full heads of mixed layers run on dense SDPA (impl="auto", where it is faster).
+
+        Never with padding: the routed heads run SDPA without a mask.
+        """
+        if geometry is not None and geometry.padding is not None:
+            return False
+        return self.impl == "auto" and full_head_cost(q, k, v, text_start, text_len, geometry) > 1.0
+
+    def check_layout_support(self, layer: LayerRuntime) -> None:
+        """Say once when ``layer``'s layout (several global segments, padding) reaches a row()
+        that reads only (text_start, text_len): its decisions then see the layout approximately."""
+        owner = next(cls for cls in type(self).__mro__ if "row" in vars(cls))
+        if vars(owner).get("layout_aware", False) or "layout_warned" in vars(self):
+            return
+        self.layout_warned = True
+        logger.warning(
+            "%s: %s scores candidates with one text segment and no padding, but this model's layers have %s; "
+            "its decisions are approximate there (the plan is applied with the exact layout)",
+            layer.name, type(self).__name__,
+            "global tokens on both sides of the image" if layer.geometry.layout.text_range() is None else "padding",
+        )
 
     def dropped_steps(self, layer: int, q: torch.Tensor, num_image_tokens: int) -> frozenset[int]:
         """Steps at which ``layer``'s cache heads compute instead, to keep the buffers within the budget."""
@@ -414,24 +489,30 @@ class Session:
         """The stock attention of an all-full row (calibration hands back the one it already has)."""
         return dense()
 
-    def _argument(self, args, kwargs, name, index):
-        if name in kwargs:
-            return kwargs[name]
-        return args[index] if index is not None and index < len(args) else None
+    def _arguments(self, args, kwargs) -> dict:
+        """The transformer call's arguments by name."""
+        return {**dict(zip(self._parameters, args)), **kwargs}
+
+    def _call_layout(self, arguments: dict) -> None:
+        """The image segment of this call, for the dispatch families' joint layers."""
+        self.call_cache = {}
+        segment = getattr(self.adapter, "image_segment", None)
+        if segment is not None:
+            self.image_segment = segment(arguments)
 
     def begin_call(self, module, args, kwargs) -> None:
-        timestep = self._argument(args, kwargs, "timestep", self._timestep_index)
-        context = self._argument(args, kwargs, "encoder_hidden_states", self._context_index)
+        arguments = self._arguments(args, kwargs)
+        timestep = self._timestep(arguments)
         if timestep is None:
             raise ValueError("ditfastattn tracks denoising steps from the transformer's `timestep` argument; none was passed")
-        self.text_len = context.shape[1] if context is not None else 0
+        self._call_layout(arguments)
         self.follow_scheduler()
         # One host read per transformer call: the step index comes from the timestep sequence.
         value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         last = self._last_timestep
         if self._new_generation or last is None or value > last:
             self._start_generation()
-            self._check_inputs(self._argument(args, kwargs, "hidden_states", self._hidden_index))
+            self._check_inputs(arguments.get("hidden_states"))
         elif value == last:
             self.call += 1
             self.calls_per_step = max(self.calls_per_step, self.call + 1)
@@ -514,24 +595,27 @@ class Session:
 _full_costs: dict[tuple, float] = {}
 
 
-def full_head_cost(q, k, v, text_start: int, text_len: int) -> float:
+def full_head_cost(q, k, v, text_start: int, text_len: int, geometry: CallGeometry | None = None) -> float:
     """Time of full heads in the fused op over their time routed to torch's dense SDPA.
 
     Routed heads are gathered, attended and scattered back (what a mixed layer does with them), so
     the copies count: a fused op level with SDPA keeps its heads. Which is faster depends on the
     GPU, the kernel and the shape, so it is measured once per shape on CUDA, outside graph capture,
-    and logged; elsewhere the fused op's full mode is SDPA itself (1.0).
+    and logged; elsewhere the fused op's full mode is SDPA itself (1.0). ``geometry`` (the call's
+    layout, when it has several global segments) replaces ``text_start``/``text_len``.
     """
     if q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return 1.0
-    key = (tuple(q.shape), q.stride(), q.dtype, q.device, text_start, text_len)
+    layout = {"text_start": text_start, "text_len": text_len} if geometry is None else geometry.op
+    key = (tuple(q.shape), q.stride(), q.dtype, q.device, text_start, text_len,
+           None if geometry is None else geometry.layout)
     if key not in _full_costs:
         modes = torch.full((q.shape[2],), MODE_FULL, dtype=torch.int32, device=q.device)
         heads = torch.arange(q.shape[2], device=q.device)
         out = torch.empty_like(q)
 
         def fused():
-            ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, out=out, impl="auto")
+            ops.headwise_attention(q, k, v, modes, **layout, out=out, impl="auto")
 
         def routed():
             picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
@@ -657,9 +741,21 @@ class _StaticLayer(LayerRuntime):
             self.module.register_buffer(name, buffer, persistent=False)
         return buffer
 
-    def attend(self, q, k, v, *, text_start: int, text_len: int, dense, dense_only: bool = False) -> torch.Tensor:
+    def attend(self, q, k, v, *, text_start: int | None = None, text_len: int | None = None, dense,
+               dense_only: str | bool = False, layout: TokenLayout | None = None, key_padding=None) -> torch.Tensor:
         if dense_only:
-            raise NotImplementedError(f"{self.name}: static mode supports neither attention masks nor context parallelism")
+            what = dense_only if isinstance(dense_only, str) else "attention masks or context parallelism"
+            raise NotImplementedError(f"{self.name}: static mode does not support {what}; apply without static=True")
+        # Shapes are fixed: the geometry of the first (eager) call serves the compiled ones.
+        geometry = self.geometry
+        if geometry is None or not torch.compiler.is_compiling():
+            geometry = self.geometry = CallGeometry.of(q.shape[1], text_start, text_len, layout, key_padding)
+        if not geometry.simple:
+            raise NotImplementedError(
+                f"{self.name}: static mode takes one text segment at the start or the end and no key padding "
+                "(this call has reference-image tokens or a text mask); apply without static=True"
+            )
+        text_start, text_len = geometry.text_start, geometry.text_len
         if q.shape[1] - text_len != self.session.num_image_tokens:
             raise ValueError(
                 f"{self.name}: static mode was applied for {self.session.num_image_tokens} image tokens but the "
@@ -718,11 +814,10 @@ class StaticSession(Session):
         return self.transformer._buffers[_STEP]
 
     def begin_call(self, module, args, kwargs) -> None:
-        timestep = self._argument(args, kwargs, "timestep", self._timestep_index)
-        context = self._argument(args, kwargs, "encoder_hidden_states", self._context_index)
+        arguments = self._arguments(args, kwargs)
+        timestep = self._timestep(arguments)
         if not torch.is_tensor(timestep):
             raise ValueError("static mode tracks denoising steps from the transformer's `timestep` tensor; pass one")
-        self.text_len = context.shape[1] if context is not None else 0
         buffers = self.transformer._buffers
         step, last, faults = buffers[_STEP], buffers[_LAST_TIMESTEP], buffers[_FAULTS]
         value = timestep.flatten()[:1].to(last.dtype)
@@ -737,6 +832,8 @@ class StaticSession(Session):
             )
             faults.copy_(faults | found)
         else:
+            # The layout may read the inputs on the host: only on eager calls (shapes are fixed).
+            self._call_layout(arguments)
             self.follow_scheduler()
             self._check_call(*torch.cat([value, last, step.to(last.dtype)]).tolist())
         advanced = torch.where(value < last, step + 1, step).clamp(max=final)
@@ -898,19 +995,22 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
     for name, module in modules.items():
         if not isinstance(module.processor, stock):
             raise TypeError(
-                f"{name} uses {type(module.processor).__name__}; ditfastattn replaces only diffusers' stock "
-                f"{', '.join(t.__name__ for t in stock)} (undo fuse_qkv_projections / custom processors first)"
+                f"{name} uses {type(module.processor).__name__}; ditfastattn works with diffusers' stock "
+                f"{', '.join(t.__name__ for t in stock)} only (undo fuse_qkv_projections / custom processors first)"
             )
     session = session_cls(transformer, plan, adapter, impl, **session_args)
     session.install_layers(modules)
-    for layer in session.layers:
-        module = modules[layer.name]
-        session.originals[layer.name] = module.processor
-        module.set_processor(adapter.make_processor(layer, module.processor))
     session.handles = [
         transformer.register_forward_pre_hook(session.begin_call, with_kwargs=True),
         transformer.register_forward_hook(session.end_call, with_kwargs=True),
     ]
+    if hasattr(adapter, "make_processor"):  # a family that calls SDPA itself: its own processors
+        for layer in session.layers:
+            module = modules[layer.name]
+            session.originals[layer.name] = module.processor
+            module.set_processor(adapter.make_processor(layer, module.processor))
+    else:
+        session.handles += dispatch.intercept(session, modules)
     if pipe is not None:
         session.pipe = pipe
         session.follow_scheduler(check=False)  # its timesteps may be a previous run's
@@ -927,11 +1027,13 @@ def uninstall(pipe_or_transformer) -> Plan:
         transformer.get_submodule(name).set_processor(processor)
     for handle in session.handles:
         handle.remove()
+    if not hasattr(session.adapter, "make_processor"):
+        dispatch.release(session.adapter)
     if session.scheduler_hook is not None:
         session.scheduler_hook.undo()
     for layer in session.layers:
         layer.free()
-    session.uninstall_layers({name: transformer.get_submodule(name) for name in session.originals})
+    session.uninstall_layers({layer.name: transformer.get_submodule(layer.name) for layer in session.layers})
     delattr(transformer, _SESSION_ATTR)
     return session.plan
 

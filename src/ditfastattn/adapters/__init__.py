@@ -1,9 +1,9 @@
-"""Model adapters: one module per model family. Each knows its token layout and how to hook it.
+"""Model adapters: one module per model family, each satisfying the contract in :mod:`.base`.
 
-An adapter exposes ``FAMILY``, ``CFG_IN_BATCH`` (whether its pipelines batch CFG), ``matches(transformer)``, ``describe(transformer) -> ModelSpec``,
-``stock_processor_types()`` and ``make_processor(layer, original)``, where ``layer`` is the
-runtime's per-layer object with ``attend(q, k, v, *, text_start, text_len, dense)`` and
-``text_len()`` (the text length of the current transformer call).
+Families whose stock processors call diffusers' ``dispatch_attention_fn`` (FLUX.1, ...) are
+metadata only: which transformer, which attention layers, where a call's image tokens are, how its
+pipelines batch CFG; :mod:`.dispatch` intercepts their attention. SD3 calls SDPA itself and brings
+its own processor.
 """
 
 from __future__ import annotations

@@ -1,0 +1,91 @@
+"""The adapter contract, and the helpers that keep a dispatch family's adapter a page of metadata.
+
+An adapter is a module that satisfies :class:`DispatchAdapter` (its processors call diffusers'
+``dispatch_attention_fn``, which ditfastattn intercepts: FLUX.1, FLUX.2, Chroma, Qwen-Image,
+Z-Image, HunyuanImage 2.1) or :class:`ProcessorAdapter` (its processors call SDPA themselves, so it
+brings its own processor: SD3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from ..model import LayerSpec, ModelSpec
+
+
+class Adapter(Protocol):
+    """What every family states."""
+
+    FAMILY: str  # the short name plans store
+    MODEL_CLASS: str  # the transformer class, for messages
+    # Whether its pipelines run classifier-free guidance as one batch [unconditional; conditional],
+    # the order cfg_share needs.
+    CFG_IN_BATCH: bool
+
+    def matches(self, transformer) -> bool:
+        """Whether ``transformer`` belongs to this family."""
+
+    def describe(self, transformer) -> ModelSpec:
+        """The attention layers a plan covers, in execution order."""
+
+    def stock_processor_types(self) -> tuple[type, ...]:
+        """The diffusers processors ditfastattn works with (others are refused at apply)."""
+
+
+class DispatchAdapter(Adapter, Protocol):
+    """A family whose stock processors call ``dispatch_attention_fn``: metadata only."""
+
+    # Whether attention masks are m_q & m_k or m_q * m_k of a token mask m, (B, 1, S, S), as
+    # Chroma's blocks build them; otherwise masks are key masks, (B, 1, 1, S) or (B, S).
+    PAIR_MASKS: bool
+
+    def timestep(self, arguments: dict[str, Any]):
+        """The step's timestep from one transformer call's arguments (by name); it must fall from
+        step to step within a generation (ditfastattn counts steps by it)."""
+
+    def image_segment(self, arguments: dict[str, Any]) -> tuple[int, int] | str:
+        """``(start, length)`` of the image tokens in the joint sequence of one transformer call
+        (every other token is global: text, reference images, padding), or a sentence saying why
+        this call has none ditfastattn can use (its layers then run only the stock attention)."""
+
+
+class ProcessorAdapter(Adapter, Protocol):
+    """A family that calls SDPA itself: ditfastattn replaces its processors."""
+
+    def make_processor(self, layer, original):
+        """A processor computing what ``original`` does, with the attention itself done by
+        ``layer.attend(q, k, v, text_start=, text_len=, dense=)`` (q, k, v as (B, S, H, D))."""
+
+
+def timestep(arguments: dict[str, Any]):
+    """The ``timestep`` argument: the default :meth:`DispatchAdapter.timestep`."""
+    return arguments.get("timestep")
+
+
+def model_spec(family: str, transformer, groups: Sequence[tuple[str, str, bool]]) -> ModelSpec:
+    """The layers of ``transformer``: for each ``(block list, attention attribute, joint)`` group,
+    in order, every block's attention module; ``joint`` layers attend over global tokens too."""
+    layers = []
+    for blocks, attribute, joint in groups:
+        for index, block in enumerate(getattr(transformer, blocks)):
+            attn = getattr(block, attribute)
+            layers.append(LayerSpec(f"{blocks}.{index}.{attribute}", attn.heads, attn.inner_dim // attn.heads, joint))
+    return ModelSpec(family, type(transformer).__name__, tuple(layers))
+
+
+def target_tokens(ids: torch.Tensor) -> int:
+    """Tokens of the generated image in position ids ``(S, C)`` (or ``(B, S, C)``) whose first
+    coordinate tells images apart: FLUX.1 Kontext and FLUX.2 put reference images after the target
+    with another first coordinate. One host read."""
+    if ids.dim() == 3:
+        ids = ids[0]
+    first = ids[:, 0]
+    return int((first == first[0]).long().cumprod(0).sum()) if first.numel() else 0
+
+
+def patch_tokens(sizes: Sequence[int], patch: Sequence[int]) -> int:
+    """Tokens of a latent of ``sizes`` cut into patches of ``patch`` (per dimension)."""
+    return math.prod(size // p for size, p in zip(sizes, patch))

@@ -1,0 +1,157 @@
+"""The one interception point of the dispatch families: diffusers' ``dispatch_attention_fn`` as the
+modules of their stock processors call it.
+
+While a plan is applied to such a model, the name ``dispatch_attention_fn`` in each of those
+modules is a wrapper, and a forward pre-hook on every attention module the plan covers names the
+layer that is running. The wrapper hands that layer's attention to the runtime
+(``LayerRuntime.attend``) with the token layout of the current transformer call and the padding of
+the mask the processor passes; every other call (layers outside the plan, other models) goes to the
+stock function untouched. The processors themselves are never replaced, and removing the plan puts
+the stock function back. The current layer is one slot for the process: one model runs at a time.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .. import ops
+from ..model import TokenLayout
+
+# The parameters of dispatch_attention_fn after (query, key, value), in order (diffusers 0.35-0.42).
+_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "attention_kwargs")
+# Chroma's float 0/1 mask m_q * m_k, added to the scores: +1 between two real tokens.
+FLOAT_PAIR_PADDING = ((1.0, 0.0), (0.0, 0.0))
+
+
+class _Current:
+    layer = None
+
+
+_CURRENT = _Current()
+_wrapped: dict[str, list] = {}  # processor module name -> [stock function, wrapper, plans applied]
+
+
+def _wrapper(stock):
+    def dispatch_attention_fn(query, key, value, *args, **kwargs):
+        layer = _CURRENT.layer
+        if layer is None:
+            return stock(query, key, value, *args, **kwargs)
+        _CURRENT.layer = None  # one attention per module call: a further call runs the stock one
+        return _attend(layer, stock, query, key, value, args, kwargs)
+
+    dispatch_attention_fn.__wrapped__ = stock
+    return dispatch_attention_fn
+
+
+def intercept(session, modules: dict[str, torch.nn.Module]) -> list:
+    """Wrap the stock function for ``session``'s family and hook its layers; returns the hooks."""
+    for name in _processor_modules(session.adapter):
+        module = sys.modules[name]
+        entry = _wrapped.get(name)
+        if entry is None or module.dispatch_attention_fn is not entry[1]:
+            stock = module.dispatch_attention_fn
+            entry = _wrapped[name] = [stock, _wrapper(stock), 0]
+            module.dispatch_attention_fn = entry[1]
+        entry[2] += 1
+    handles = []
+    for layer in session.layers:
+        module = modules[layer.name]
+        handles.append(module.register_forward_pre_hook(_enter(layer)))
+        handles.append(module.register_forward_hook(_leave, always_call=True))
+    return handles
+
+
+def release(adapter) -> None:
+    """Undo one :func:`intercept` of ``adapter``'s family: the last one puts the stock function back
+    (unless something else has wrapped it since, which then stays)."""
+    for name in _processor_modules(adapter):
+        entry = _wrapped.get(name)
+        if entry is None:
+            continue
+        entry[2] -= 1
+        if entry[2] <= 0:
+            del _wrapped[name]
+            module = sys.modules[name]
+            if module.dispatch_attention_fn is entry[1]:
+                module.dispatch_attention_fn = entry[0]
+
+
+def _processor_modules(adapter) -> list[str]:
+    return sorted({cls.__module__ for cls in adapter.stock_processor_types()})
+
+
+def _enter(layer):
+    def hook(module, args):
+        _CURRENT.layer = layer
+
+    return hook
+
+
+def _leave(module, args, output):
+    _CURRENT.layer = None
+
+
+def _attend(layer, stock, query, key, value, args, kwargs):
+    def dense():
+        return stock(query, key, value, *args, **kwargs)
+
+    options = {**dict(zip(_OPTIONS, args)), **kwargs}
+    reason = _unsupported(options)
+    batch, seq = query.shape[:2]
+    session = layer.session
+    layout = TokenLayout(seq, 0, seq)  # image-only layers (Z-Image's noise refiner, SD3.5's attn2)
+    if layer.spec.text:
+        segment = session.image_segment
+        if isinstance(segment, str):
+            reason = reason or segment
+        elif segment[0] + segment[1] > seq:
+            reason = reason or (f"the call's image segment {segment} does not fit the {seq} tokens this layer sees "
+                                f"(an input {session.adapter.MODEL_CLASS} ditfastattn does not know)")
+        else:
+            layout = TokenLayout(seq, *segment)
+    padding, mask_reason = padding_of(options.get("attn_mask"), batch, seq, session.adapter.PAIR_MASKS, session)
+    return layer.attend(query, key, value, layout=layout, key_padding=padding, dense=dense,
+                        dense_only=reason or mask_reason)
+
+
+def _unsupported(options) -> str | None:
+    if options.get("parallel_config") is not None:
+        return "context parallelism"
+    if options.get("dropout_p") or options.get("is_causal") or options.get("enable_gqa"):
+        return "dropout, causal or grouped-query attention"
+    if options.get("scale") is not None or options.get("attention_kwargs"):
+        return "a custom softmax scale or backend arguments"
+    return None
+
+
+def padding_of(mask, batch: int, seq: int, pairs: bool, session) -> tuple[ops.Padding | None, str | None]:
+    """The :class:`~ditfastattn.ops.Padding` equal to the stock attention under ``mask``, or why
+    there is none. Boolean key masks are read as they are; with ``pairs`` (Chroma), a token-pair
+    mask m_q & m_k (boolean) or m_q * m_k (floats 0/1, checked once per transformer call) is read
+    from its diagonal."""
+    if mask is None:
+        return None, None
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    fits = mask.dim() == 4 and mask.shape[0] in (1, batch) and mask.shape[1] == 1 and mask.shape[3] == seq
+    if fits and mask.shape[2] == 1 and mask.dtype == torch.bool:
+        return ops.Padding(~mask[:, 0, 0].expand(batch, seq)), None
+    if fits and pairs and mask.shape[2] == seq:
+        tokens = mask[:, 0].diagonal(dim1=-2, dim2=-1).expand(batch, seq)
+        if mask.dtype == torch.bool:
+            return ops.Padding(~tokens, ops.PAIR_PADDING), None
+        if mask.is_floating_point() and _binary(tokens, session):
+            return ops.Padding(tokens == 0, FLOAT_PAIR_PADDING), None
+    forms = "boolean key masks" + (", and token-pair masks of booleans or floats 0/1" if pairs else "")
+    return None, f"an attention mask {tuple(mask.shape)} of {mask.dtype} (ditfastattn reads {forms})"
+
+
+def _binary(tokens: torch.Tensor, session) -> bool:
+    """Whether a float token mask holds only 0 and 1: one host read per transformer call (every
+    layer of a call builds its mask from the same token mask)."""
+    cache = session.call_cache
+    if "binary_mask" not in cache:
+        cache["binary_mask"] = bool(((tokens == 0) | (tokens == 1)).all())
+    return cache["binary_mask"]
