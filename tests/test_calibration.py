@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -75,6 +76,22 @@ def test_program_needs_a_zero_error_candidate():
         ({"num_inference_steps": 0}, ValueError, "num_inference_steps"),
         ({"costs": {"arrow:0.5": 0.2}}, ValueError, "not candidates"),
         ({"granularity": "block"}, ValueError, "granularity"),
+        ({"delta": float("inf")}, ValueError, "delta must be a finite number"),
+        ({"delta": float("nan")}, ValueError, "delta must be a finite number"),
+        ({"delta": True}, ValueError, "delta must be a finite number"),
+        ({"num_inference_steps": 2.5}, ValueError, "num_inference_steps must be an integer"),
+        ({"seed": -1}, ValueError, "seed must be an integer >= 0"),
+        ({"seed": "0"}, ValueError, "seed must be an integer"),
+        ({"height": -64}, ValueError, "height must be an integer >= 1"),
+        ({"costs": {"cache": float("nan")}}, ValueError, "finite number"),
+        ({"costs": ["cache"]}, TypeError, "costs must be a dict"),
+        ({"impl": "cuda"}, ValueError, "impl must be one of"),
+        ({"guidance_scale": float("inf")}, ValueError, "guidance_scale must be a finite number"),
+        ({"target_sparsity": float("nan")}, ValueError, "target_sparsity must be a finite number"),
+        ({"offload_outputs": "yes"}, ValueError, "offload_outputs must be"),
+        ({"pipeline_kwargs": ["x"]}, TypeError, "pipeline_kwargs must be a dict"),
+        ({"sensitivity": {"steps": {"window": [1.0, 1.0]}}}, ValueError, "unknown kinds"),
+        ({"sensitivity": {"steps": {"cache": [1.0, 0.0]}}}, ValueError, "finite numbers > 0"),
     ],
 )
 def test_bad_search_config(kwargs, error, match):
@@ -301,7 +318,7 @@ def test_target_sparsity_lands_within_tolerance():
         ({"target_speedup": 0.9}, "target_speedup must be"),
         ({"target_sparsity": 0.5, "target_speedup": 2.0}, "not both"),
         ({"sensitivity": "guess"}, "sensitivity must be"),
-        ({"sensitivity": {"a": -1.0}}, "weights must be numbers > 0"),
+        ({"sensitivity": {"a": -1.0}}, "weights must be finite numbers > 0"),
     ],
 )
 def test_bad_targets_and_sensitivity(kwargs, match):
@@ -333,7 +350,7 @@ def test_measured_sensitivity_finds_a_layer_whose_output_is_discarded():
             linear.weight.zero_()
             linear.bias.zero_()
     plan = ditfastattn.calibrate(pipe, prompts("sd3"), config("sd3", delta=0.0, sensitivity="measure"), progress=False)
-    weights = plan.provenance["search"]["sensitivity"]
+    weights = plan.provenance["search"]["sensitivity"]["layers"]
     names = plan.layer_names
     assert weights[names[0]] < 1e-3 < 1.0 < weights[names[1]]
     assert np.exp(np.mean(np.log(list(weights.values())))) == pytest.approx(1.0, rel=1e-4)
@@ -353,3 +370,52 @@ def test_true_cfg_calibration_scores_both_calls_and_replays_bit_for_bit(recorder
     applied = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
     assert [a[:3] for a in applied] == [c[:3] for c in calibrated]
     assert all(torch.equal(a[3], c[3]) for a, c in zip(applied, calibrated))
+
+
+def test_replayed_steps_follow_the_recorded_trajectory_exactly():
+    from ditfastattn._calibration_session import run_pass
+
+    pipe = make_pipeline("flux")
+    from ditfastattn.adapters import adapter_for
+
+    spec = adapter_for(pipe.transformer).describe(pipe.transformer)
+    search = config("flux", candidates=("full",))
+    call, _ = prompt_kwargs(prompts("flux"))
+    call.update(SIZE)
+    recorded = {}
+    _, reference = run_pass(pipe, spec, call, search, None, record=recorded)
+    assert sorted(recorded) == [(step, 0) for step in range(STEPS)]
+    for until in (1, 3, STEPS - 1):
+        _, replayed = run_pass(pipe, spec, call, search, None, replay=(recorded, until))
+        assert torch.equal(replayed, reference)
+    assert "forward" not in pipe.transformer.__dict__  # the class's forward is back
+
+
+def test_measured_sensitivity_weighs_steps_and_kinds_and_reuses_exactly():
+    pipe = make_pipeline("flux")
+    search = config("flux", delta=0.05, budget="generation", head_coefficient=None, sensitivity="measure")
+    plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    measured = plan.provenance["search"]["sensitivity"]
+    assert set(measured["steps"]) == {"cache", "arrow"}
+    weights = [w for per_step in measured["steps"].values() for w in per_step[1:]]
+    assert all(len(per_step) == STEPS for per_step in measured["steps"].values())
+    assert all(np.isfinite(weights)) and min(weights) > 0
+    assert np.exp(np.mean(np.log(weights))) == pytest.approx(1.0, rel=1e-4)
+    assert plan.provenance["search"]["seconds"]["sensitivity"] > 0
+    reused = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity=measured), progress=False)
+    assert reused.methods == plan.methods
+
+
+def test_a_heavier_step_weight_keeps_that_step_more_exact():
+    pipe = make_pipeline("flux")
+    names = ditfastattn.calibrate(pipe, prompts("flux"), config("flux", delta=0.0), progress=False).layer_names
+    sparsity = {}
+    for heavy in (1.0, 1e4):
+        steps = [1.0, heavy] + [1.0] * (STEPS - 2)
+        weights = {"layers": dict.fromkeys(names, 1.0), "steps": {"cache": steps, "arrow": steps}}
+        search = config("flux", delta=0.5, budget="generation", head_coefficient=None, sensitivity=weights)
+        sparsity[heavy] = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False).summary()["sparsity_per_step"]
+    assert sparsity[1e4][1] < sparsity[1.0][1]
+    with pytest.raises(ValueError, match="weights for 3 steps but the search runs 5"):
+        bad = {"steps": {"cache": [1.0, 1.0, 1.0]}}
+        ditfastattn.calibrate(pipe, prompts("flux"), config("flux", sensitivity=bad), progress=False)

@@ -12,6 +12,7 @@ errors each later call measured at the previous step, the latest it can know.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -30,13 +31,19 @@ logger = logging.getLogger("ditfastattn")
 
 
 def head_squared_errors(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """(H,) summed squared error of each head of ``out`` (B, S, H, D) against ``exact`` (float32)."""
-    return (out.float() - exact).pow(2).sum(dim=(0, 1, 3))
+    """(H,) summed squared error of each head of ``out`` (B, S, H, D) against ``exact``, in float32.
+
+    The difference is taken in the inputs' dtype (exact where they are within a factor of two of
+    each other, the case that matters) and only the reduction runs in float32, so no float32 copy
+    of a layer's output is made: scoring is memory-bound and runs for every candidate.
+    """
+    return torch.linalg.vector_norm(out - exact, dim=(0, 1, 3), dtype=torch.float32).square()
 
 
 def layer_variance(exact: torch.Tensor) -> torch.Tensor:
-    """The layer output's summed squared deviation, each head about its own mean (a scalar)."""
-    variance = (exact - exact.mean(dim=(0, 1, 3), keepdim=True)).pow(2).sum()
+    """The layer output's summed squared deviation, each head about its own mean (a float32 scalar)."""
+    mean = exact.mean(dim=(0, 1, 3), keepdim=True, dtype=torch.float32)
+    variance = torch.linalg.vector_norm(exact - mean.to(exact.dtype), dtype=torch.float32).square()
     return variance.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -117,7 +124,8 @@ class _HostOutputs:
 class _CalibrationSession(Session):
     """A session whose plan rows are decided on the fly from the candidates' errors.
 
-    ``weights`` scales each layer's scores (its sensitivity). With ``forced``, a plan whose
+    ``weights`` (steps, layers, candidates) scales each score by how much that method's local error
+    at that layer and step reaches the output (the sensitivity). With ``forced``, a plan whose
     methods are taken as given, the session only measures: at the layers in ``measure`` (all when
     None), as the sensitivity probe needs.
     """
@@ -134,17 +142,21 @@ class _CalibrationSession(Session):
         weights: np.ndarray | None = None,
         forced: Plan | None = None,
         measure: set[int] | None = None,
+        measure_steps: set[int] | None = None,
         delta_for_step=None,
     ):
         super().__init__(transformer, plan, adapter, impl)
         self.config = config
         self.candidates: list[Method] = [parse_method(name) for name in config.candidates]
         self.progress = progress
-        self.weights = np.ones(len(plan.model.layers)) if weights is None else np.asarray(weights, dtype=np.float64)
+        shape = (plan.num_steps, len(plan.model.layers), len(self.candidates))
+        self.weights = np.ones(shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=np.float64), shape)
         self.forced = forced
         self.measure = measure
+        self.measure_steps = measure_steps
         self.delta_for_step = delta_for_step  # (step, session) -> budget; None: config.delta
         self.step_delta: dict[int, float] = {}
+        self.solver_seconds = 0.0  # host time in the programs (reported in the plan's provenance)
         shape = (plan.num_steps, len(plan.model.layers), max(l.heads for l in plan.model.layers), len(self.candidates))
         self.rse = np.full(shape, np.nan)
         self.decided: set[tuple[int, int]] = set()
@@ -168,7 +180,9 @@ class _CalibrationSession(Session):
                 layer.slots.setdefault(self.call, _Buffers()).out = restored
             if layer.index + 1 < len(self.layers) or self.step < self.plan.num_steps - 1:
                 self.offload.prefetch(((layer.index + 1) % len(self.layers), self.call), q.device)
-        measured = self.measure is None or layer.index in self.measure
+        measured = (self.measure is None or layer.index in self.measure) and (
+            self.measure_steps is None or self.step in self.measure_steps
+        )
         if self.step > 0 and key not in self.decided:
             self._decide(layer, q, k, v, text_start, text_len, dense, measured)
         elif self.call > 0 and measured and self.step < self.plan.num_steps - 1:
@@ -231,19 +245,18 @@ class _CalibrationSession(Session):
     def _errors(self, layer: LayerRuntime, q, k, v, text_start, text_len, stock):
         """Squared error per candidate and head (NaN where a candidate cannot run yet), and the
         layer's variance, both on the device (one host read per layer-step, in :meth:`_scores`)."""
-        exact = stock.float()
         errors = torch.full((len(self.candidates), q.shape[2]), float("nan"), dtype=torch.float32, device=q.device)
         for index, method in enumerate(self.candidates):
             if method.name == "full":
                 errors[index] = 0.0
         for candidate, out in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
-            errors[candidate] = head_squared_errors(out, exact)
-        return errors, layer_variance(exact)
+            errors[candidate] = head_squared_errors(out, stock)
+        return errors, layer_variance(stock)
 
     def _scores(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> np.ndarray:
         """(heads, candidates) scores of this call plus the step's later calls as last measured."""
         later = [value for (index, _call), value in sorted(self.later_calls.items()) if index == layer.index]
-        return combine_scores(errors, variance, later).T.double().cpu().numpy() * self.weights[layer.index]
+        return combine_scores(errors, variance, later).T.double().cpu().numpy() * self.weights[self.step, layer.index]
 
     def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
         step, index, heads = self.step, layer.index, q.shape[2]
@@ -268,7 +281,9 @@ class _CalibrationSession(Session):
                 self.step_delta[step] = (
                     self.config.delta if self.delta_for_step is None else self.delta_for_step(step, self)
                 )
+            started = time.perf_counter()
             choice = choose(rse, cost, self.step_delta[step], self.config, allowed)
+            self.solver_seconds += time.perf_counter() - started
             chosen = [self.candidates[c] for c in choice]
         for head, method in enumerate(chosen):
             if method.kind == "full" and not method.cfg_share:
@@ -374,9 +389,29 @@ class _CalibrationSession(Session):
                 del self.residuals[key]
 
 
-def run_pass(pipe, spec, call: dict[str, Any], config, bar: tqdm | None, **session_kwargs):
+def _clone(output):
+    """A copy of a transformer's output (a tensor, a tuple of them, or a diffusers output class)."""
+    if torch.is_tensor(output):
+        return output.clone()
+    if isinstance(output, tuple):
+        return tuple(_clone(item) for item in output)
+    if isinstance(output, dict):
+        return type(output)(**{key: _clone(value) for key, value in output.items()})
+    return output
+
+
+def run_pass(
+    pipe, spec, call: dict[str, Any], config, bar: tqdm | None, *, record: dict | None = None,
+    replay: tuple[dict, int] | None = None, **session_kwargs,
+):
     """One calibration pass over ``call`` (the pipeline's keyword arguments); returns the session
-    and the pipeline's output latents. The session is uninstalled even when the pass fails."""
+    and the pipeline's output latents. The session is uninstalled even when the pass fails.
+
+    ``record`` collects the transformer's output of every (step, call). ``replay=(recorded,
+    until)`` hands back a recorded pass's outputs for the steps before ``until`` instead of running
+    the transformer, so the pass follows that pass's trajectory exactly up to there at almost no
+    cost (the sensitivity probes, which only change later steps).
+    """
     steps = config.num_inference_steps
     initial = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
 
@@ -384,6 +419,28 @@ def run_pass(pipe, spec, call: dict[str, Any], config, bar: tqdm | None, **sessi
         return _CalibrationSession(transformer, plan, adapter, impl, config=config, progress=bar, **session_kwargs)
 
     session = install(pipe, initial, config.impl, session_cls=make_session)
+    transformer = pipe.transformer
+    handles = []
+    if record is not None:
+        def keep(module, args, kwargs, output):
+            record[(session.step, session.call)] = _clone(output)
+
+        handles.append(transformer.register_forward_hook(keep, with_kwargs=True))
+    own_forward = transformer.__dict__.get("forward")  # e.g. an offload wrapper: restored as it was
+    # One progress bar at a time: calibration's own, not the pipeline's per pass.
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(**{**bar_config, "disable": True})
+    if replay is not None:
+        recorded, until = replay
+        forward = transformer.forward
+
+        def replayed(*args, **kwargs):
+            if session.step < until:
+                return _clone(recorded[(session.step, session.call)])
+            return forward(*args, **kwargs)
+
+        transformer.forward = replayed
     try:
         with torch.no_grad():
             output = pipe(
@@ -391,8 +448,18 @@ def run_pass(pipe, spec, call: dict[str, Any], config, bar: tqdm | None, **sessi
                 **call,
             )
     finally:
+        for handle in handles:
+            handle.remove()
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(**bar_config)
+        if replay is not None:
+            if own_forward is None:
+                del transformer.forward
+            else:
+                transformer.forward = own_forward
         uninstall(pipe)
-    missing = (steps - 1) * len(spec.layers) - len(session.decided)
+    first = max(replay[1], 1) if replay is not None else 1  # step 0 decides nothing; replayed steps run nothing
+    missing = (steps - first) * len(spec.layers) - len(session.decided)
     if missing:
         raise RuntimeError(f"calibration decided only {len(session.decided)} layer-steps; {missing} were never run")
     return session, output.images

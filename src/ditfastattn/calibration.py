@@ -9,6 +9,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import numbers
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -21,7 +24,10 @@ from .adapters import adapter_for, check_cfg_sharing
 from .methods import parse_method
 from .plan import Plan
 from .runtime import _transformer_of
+from .ops import IMPLEMENTATIONS
 from .search import choose, fit_delta
+from .sensitivity import KINDS as SENSITIVITY_KINDS
+from .sensitivity import measure_sensitivity, weights_array
 
 logger = logging.getLogger("ditfastattn")
 
@@ -37,6 +43,41 @@ METHOD_SETS: dict[str, tuple[str, ...]] = {
     + tuple(f"cfg_share+{a}" for a in ARROWS)
     + tuple(a.replace("arrow", "arrow_residual") for a in ARROWS),
 }
+
+
+def _number(name: str, value, low: float | None = None) -> float:
+    """``value`` as a finite number (not a bool), at least ``low``; else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be a number >= {low:g}; got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    return int(value)
+
+
+def _check_sensitivity(sensitivity) -> None:
+    """None, "measure", a measurement ({"layers": {...}, "steps": {kind: [...]}}) or layer weights."""
+    if sensitivity is None or sensitivity == "measure":
+        return
+    if not isinstance(sensitivity, dict):
+        raise ValueError(
+            f"sensitivity must be None, 'measure', a measurement from a calibrated plan's "
+            f"provenance['search']['sensitivity'], or a dict of layer weights; got {sensitivity!r}"
+        )
+    structured = "layers" in sensitivity or "steps" in sensitivity
+    layers = sensitivity.get("layers") or {} if structured else sensitivity
+    steps = sensitivity.get("steps") or {} if structured else {}
+    values = list(layers.values()) + [w for per_step in steps.values() for w in per_step]
+    if not all(not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w) and w > 0 for w in values):
+        raise ValueError("sensitivity weights must be finite numbers > 0")
+    unknown = set(steps) - set(SENSITIVITY_KINDS)
+    if unknown:
+        raise ValueError(f"sensitivity steps name unknown kinds {sorted(unknown)}; known: {SENSITIVITY_KINDS}")
 
 
 @dataclass(frozen=True)
@@ -67,11 +108,13 @@ class SearchConfig:
             candidate that minimises ``cost + score / delta`` (the Lagrangian of a single error
             budget over the whole generation; see :func:`ditfastattn.search.solve_priced`).
             Larger ``delta`` still compresses more; best used with a target.
-        sensitivity: how much each layer's local error matters downstream. ``"measure"`` probes
-            it first (one extra denoising pass per layer, see :mod:`ditfastattn.sensitivity`); a
-            dict ``{layer name: weight}`` (for example a calibrated plan's
-            ``provenance["search"]["sensitivity"]``) reuses a measurement. Each layer's scores
-            are multiplied by its weight, so sensitive layers get less of the budget. None: all 1.
+        sensitivity: how much a local error matters to the final output. ``"measure"`` probes it
+            first (see :mod:`ditfastattn.sensitivity`): per layer (one denoising pass each) and
+            per step and kind of method (cache, arrows; one pass each, the steps before the probed
+            one replayed, so about ``layers + steps`` passes in all). A measurement from a
+            calibrated plan's ``provenance["search"]["sensitivity"]`` reuses it, as does a plain
+            ``{layer name: weight}`` dict (layers only). Every score is multiplied by its weight,
+            so the budget goes where a unit of local error does the least damage. None: all 1.
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
@@ -103,20 +146,29 @@ class SearchConfig:
             object.__setattr__(self, "candidates", (self.candidates,))
         if not (isinstance(self.candidates, (tuple, list)) and all(isinstance(n, str) for n in self.candidates)):
             raise TypeError(f"candidates must be a tuple or list of method names; got {self.candidates!r}")
-        if not (isinstance(self.delta, (int, float)) and self.delta >= 0):
-            raise ValueError(f"delta must be a number >= 0; got {self.delta!r}")
+        _number("delta", self.delta, low=0.0)
         if self.target_sparsity is not None and self.target_speedup is not None:
             raise ValueError("give target_sparsity or target_speedup, not both")
-        if self.target_sparsity is not None and not 0 < self.target_sparsity < 1:
+        if self.target_sparsity is not None and not 0 < _number("target_sparsity", self.target_sparsity) < 1:
             raise ValueError(f"target_sparsity must be in (0, 1); got {self.target_sparsity!r}")
-        if self.target_speedup is not None and not self.target_speedup > 1:
+        if self.target_speedup is not None and not _number("target_speedup", self.target_speedup) > 1:
             raise ValueError(f"target_speedup must be > 1; got {self.target_speedup!r}")
-        if not (self.sensitivity is None or self.sensitivity == "measure" or isinstance(self.sensitivity, dict)):
-            raise ValueError(f"sensitivity must be None, 'measure' or a dict of layer weights; got {self.sensitivity!r}")
-        if isinstance(self.sensitivity, dict) and not all(
-            isinstance(w, (int, float)) and w > 0 for w in self.sensitivity.values()
-        ):
-            raise ValueError("sensitivity weights must be numbers > 0")
+        _check_sensitivity(self.sensitivity)
+        _integer("num_inference_steps", self.num_inference_steps, low=1)
+        _integer("seed", self.seed, low=0)
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), low=1)
+        if self.guidance_scale is not None:
+            _number("guidance_scale", self.guidance_scale)
+        if self.head_coefficient is not None:
+            _number("head_coefficient", self.head_coefficient)
+        if self.impl not in IMPLEMENTATIONS:
+            raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {self.impl!r}")
+        if self.offload_outputs not in (None, True, False):
+            raise ValueError(f"offload_outputs must be True, False or None (decide from free memory); got {self.offload_outputs!r}")
+        if not isinstance(self.pipeline_kwargs, dict):
+            raise TypeError(f"pipeline_kwargs must be a dict of pipeline keyword arguments; got {type(self.pipeline_kwargs).__name__}")
         if self.head_coefficient is not None and not self.head_coefficient > 0:
             raise ValueError(f"head_coefficient must be > 0 or None; got {self.head_coefficient!r}")
         if self.budget not in ("layer", "generation"):
@@ -125,16 +177,18 @@ class SearchConfig:
             raise ValueError("budget='generation' prices every head on its own: set head_coefficient=None")
         if self.granularity not in ("head", "layer"):
             raise ValueError(f"granularity must be 'head' or 'layer'; got {self.granularity!r}")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1; got {self.num_inference_steps}")
         names = tuple(parse_method(name).name for name in self.candidates)  # raises on unknown names
         if "full" not in names:
             raise ValueError("candidates must include 'full' (the exact method keeps every program feasible)")
         object.__setattr__(self, "candidates", tuple(dict.fromkeys(names)))
         if self.costs is not None:
+            if not isinstance(self.costs, dict):
+                raise TypeError(f"costs must be a dict {{method name: relative latency}}; got {type(self.costs).__name__}")
             unknown = set(map(lambda n: parse_method(n).name, self.costs)) - set(names)
             if unknown:
                 raise ValueError(f"costs name methods that are not candidates: {sorted(unknown)}")
+            for method, cost in self.costs.items():
+                _number(f"costs[{method!r}]", cost, low=0.0)
 
     @property
     def target(self) -> float | None:
@@ -210,19 +264,23 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     for name in ("height", "width", "guidance_scale"):
         if getattr(config, name) is not None:
             call[name] = getattr(config, name)
+    seconds: dict[str, Any] = {"sensitivity": 0.0, "passes": [], "solver": 0.0}
     sensitivity = config.sensitivity
     if sensitivity == "measure":
-        from .sensitivity import measure_sensitivity
-
+        started = time.perf_counter()
         sensitivity = measure_sensitivity(pipe, spec, call, config, progress=progress)
-    weights = _layer_weights(sensitivity, spec)
+        seconds["sensitivity"] = time.perf_counter() - started
+    weights = weights_array(sensitivity, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
     passes = 1 if config.target is None else 2
     fitted = predicted = None
     with tqdm(
         total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
     ) as bar:
+        started = time.perf_counter()
         session, _ = run_pass(pipe, spec, call, config, bar, weights=weights)
+        seconds["passes"].append(time.perf_counter() - started)
+        seconds["solver"] += session.solver_seconds
         if config.target is not None:
             first = session
 
@@ -236,9 +294,12 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                 config.delta, fitted, config.target, predicted,
             )
             controller = TargetController(first, spec, config, fitted)
+            started = time.perf_counter()
             session, _ = run_pass(
                 pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights, delta_for_step=controller
             )
+            seconds["passes"].append(time.perf_counter() - started)
+            seconds["solver"] += session.solver_seconds
     image_tokens, text_len = session.geometry or (None, None)
     provenance = {
         "source": "calibrate",
@@ -262,6 +323,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
             "granularity": config.granularity,
             "budget": config.budget,
             "sensitivity": sensitivity,
+            "seconds": {key: [round(x, 3) for x in value] if isinstance(value, list) else round(value, 3)
+                        for key, value in seconds.items()},
         },
     }
     if config.target is not None:
@@ -284,19 +347,6 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         )
     logger.info("calibrated %s, attention sparsity %.3f", plan, sparsity)
     return plan
-
-
-def _layer_weights(sensitivity: dict[str, float] | None, spec) -> np.ndarray:
-    names = [layer.name for layer in spec.layers]
-    if sensitivity is None:
-        return np.ones(len(names))
-    missing = [name for name in names if name not in sensitivity]
-    if missing:
-        raise ValueError(
-            f"sensitivity has no weight for {len(missing)} of the model's layers (first: {missing[0]!r}); "
-            "measure it for this model with sensitivity='measure'"
-        )
-    return np.array([float(sensitivity[name]) for name in names])
 
 
 # Layer-steps re-solved per predicted sparsity; more are subsampled by step.
