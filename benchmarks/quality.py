@@ -53,13 +53,20 @@ TARGETS = (0.5, 0.6, 0.7)
 
 
 GENERATION_DELTAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+# Curves whose scores carry step weights spanning orders of magnitude are drawn through targets,
+# which land each plan where the curve is read.
+CURVE_TARGETS = (0.35, 0.45, 0.55, 0.65, 0.75, 0.85)
 
 
 def curves(kind: str) -> dict[str, dict]:
     """Searched configurations: name -> SearchConfig changes ("measured" sensitivity is filled in
-    later; ``deltas`` picks the generation-budget grid, whose delta is an exchange rate)."""
+    later; ``deltas`` picks the generation-budget grid, whose delta is an exchange rate; ``targets``
+    draws the curve through target sparsities instead)."""
     generation = {"head_coefficient": None, "budget": "generation", "deltas": GENERATION_DELTAS}
+    stepped = {"head_coefficient": None, "budget": "generation", "sensitivity": "measured", "targets": CURVE_TARGETS}
     named = {
+        "generation budget + step sensitivity": stepped,
+        "layer-wise, generation budget + step sensitivity": {**stepped, "granularity": "layer"},
         "generation budget + sensitivity": {**generation, "sensitivity": "measured"},
         "generation budget": generation,
         "layer-wise, generation budget": {**generation, "granularity": "layer"},
@@ -213,7 +220,7 @@ def run(kind: str, args, save) -> dict:
     print(f"  {kind} sensitivity ({result['sensitivity_seconds']} s): {sensitivity}", flush=True)
 
     def changes_of(changes):
-        changes = {k: v for k, v in changes.items() if k != "deltas"}
+        changes = {k: v for k, v in changes.items() if k not in ("deltas", "targets")}
         return {**changes, "sensitivity": sensitivity} if changes.get("sensitivity") == "measured" else changes
 
     def add(group, plans):
@@ -221,11 +228,15 @@ def run(kind: str, args, save) -> dict:
         result["groups"][group] = list(plans)
         save(result)
 
-    add("uniform window", {
-        f"uniform {w}": Plan.uniform(pipe.transformer, args.steps, w, num_image_tokens=1024, text_len=32) for w in UNIFORM
-    })
-    add("step cache", {f"step cache, every {k}": step_cache_plan(pipe.transformer, args.steps, k) for k in STEP_CACHE_PERIODS})
-    for name, changes in TARGET_CONFIGS.items():
+    if args.no_baselines:
+        target_configs = {}
+    else:
+        add("uniform window", {
+            f"uniform {w}": Plan.uniform(pipe.transformer, args.steps, w, num_image_tokens=1024, text_len=32) for w in UNIFORM
+        })
+        add("step cache", {f"step cache, every {k}": step_cache_plan(pipe.transformer, args.steps, k) for k in STEP_CACHE_PERIODS})
+        target_configs = TARGET_CONFIGS
+    for name, changes in target_configs.items():
         for target in TARGETS:
             config = dataclasses.replace(base, target_sparsity=target, **changes_of(changes))
             plan = calibrate(pipe, calibration, config, progress=False)
@@ -242,10 +253,25 @@ def run(kind: str, args, save) -> dict:
         if selected is not None and curve not in selected:
             continue
         plans = {}
-        for delta in changes.get("deltas", args.deltas):
-            plans[f"{curve}, delta={delta:g}"] = calibrate(
-                pipe, calibration, dataclasses.replace(base, delta=delta, **changes_of(changes)), progress=False
-            )
+        started = time.perf_counter()
+        if "targets" in changes:
+            for target in changes["targets"]:
+                plan = calibrate(
+                    pipe, calibration, dataclasses.replace(base, target_sparsity=target, **changes_of(changes)), progress=False
+                )
+                plans[f"{curve}, target={target:g}"] = plan
+                result["targets"][f"{curve}, target {target}"] = {
+                    "target": target, "sparsity": plan.summary()["sparsity"],
+                    "first_pass_delta": plan.provenance["search"]["first_pass_delta"],
+                    "delta": plan.provenance["search"]["delta"],
+                    "predicted_sparsity": plan.provenance["search"]["predicted_sparsity"],
+                }
+        else:
+            for delta in changes.get("deltas", args.deltas):
+                plans[f"{curve}, delta={delta:g}"] = calibrate(
+                    pipe, calibration, dataclasses.replace(base, delta=delta, **changes_of(changes)), progress=False
+                )
+        result.setdefault("calibration_seconds", {})[curve] = round(time.perf_counter() - started, 1)
         add(curve, plans)
         print(f"  {kind} {curve}: sparsities {[round(p.summary()['sparsity'], 3) for p in plans.values()]}", flush=True)
     return result
@@ -301,8 +327,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("generation budget + sensitivity", "generation budget", "head-wise, c=none", "head-wise, c=1.5",
-             "layer-wise, generation budget", "layer-wise, c=none", "uniform window", "step cache")
+    shown = ("generation budget + step sensitivity", "layer-wise, generation budget + step sensitivity",
+             "generation budget", "layer-wise, generation budget", "head-wise, c=1.5", "layer-wise, c=1.5",
+             "uniform window", "step cache")
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
     for column, (kind, result) in enumerate(results.items()):
         for row, metric in enumerate(("ssim", "psnr")):
@@ -337,6 +364,8 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--kinds", default="sd3,flux")
     parser.add_argument("--curves", default=None, help="';'-separated curve names to run (default: all)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip uniform windows, the step cache and the target checks (to add curves to an earlier run with --render)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--embeddings", type=Path, default=None, help="precomputed prompt embeddings")
     parser.add_argument("--save-embeddings", type=Path, default=None, help="write them and stop")

@@ -35,7 +35,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 import ditfastattn  # noqa: E402
-import ditfastattn.calibration  # noqa: E402
 from e2e import FLUX_DEV, FLUX_TINY, build_transformer, environment, flux_image_ids
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +53,8 @@ class DenoisePipeline:
         self.transformer = transformer
         self.scheduler = scheduler
         self.step_seconds: list[float] = []
+        self.profile_step: int | None = None  # a step to run under torch.profiler (its table in `profile`)
+        self.profile: str | None = None
 
     def _mu(self, image_tokens: int) -> float:
         """FLUX's resolution-dependent shift: linear in the image token count between two anchors."""
@@ -76,7 +77,11 @@ class DenoisePipeline:
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         self.scheduler.set_timesteps(sigmas=sigmas, device=device, mu=self._mu(rows * cols))
         self.step_seconds = []
-        for t in self.scheduler.timesteps:
+        for index, t in enumerate(self.scheduler.timesteps):
+            profiler = None
+            if index == self.profile_step:
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                profiler.start()
             start = time.perf_counter()
             noise = transformer(
                 hidden_states=latents, timestep=t.expand(batch).to(dtype) / 1000, guidance=guidance,
@@ -87,6 +92,10 @@ class DenoisePipeline:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             self.step_seconds.append(time.perf_counter() - start)
+            if profiler is not None:
+                profiler.stop()
+                self.profile = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+                self.profile_step = None
         return latents
 
 
@@ -108,21 +117,6 @@ def peak_gib(device) -> float | None:
 def reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-
-
-class HostTimer:
-    """Wraps calibration's integer-program solver to add up the host time it takes."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        self.solve = ditfastattn.calibration.solve_layer
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.solve(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
 
 
 def rse_summary(plan) -> dict:
@@ -151,7 +145,7 @@ class LogLines(logging.Handler):
 
 
 def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, search_steps: int, text_len: int,
-             config: dict, impl: str, offload: bool | None, device, dtype) -> dict:
+             config: dict, impl: str, offload: bool | None, device, dtype, profile: bool = False) -> dict:
     embeds = prompts(batch, text_len, config, device, dtype)
     merged = {key: torch.cat([p[key] for p in embeds]) for key in embeds[0]}
     reset_peak(device)
@@ -166,18 +160,16 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
         search = ditfastattn.SearchConfig(delta=0.2, num_inference_steps=search_steps, height=size, width=size,
                                           impl=impl, offload_outputs=offload)
         reset_peak(device)
-        solver = HostTimer()
-        ditfastattn.calibration.solve_layer = solver
         log, library = LogLines(), logging.getLogger("ditfastattn")
         library.addHandler(log)
         library.setLevel(logging.INFO)
+        pipe.profile_step = search_steps - 1 if profile else None
         try:
             plan = ditfastattn.calibrate(pipe, embeds[:batch], search, progress=False)
             break
         except torch.OutOfMemoryError as err:
             attempts.append({"batch": batch, "error": str(err).splitlines()[0]})
         finally:
-            ditfastattn.calibration.solve_layer = solver.solve
             library.removeHandler(log)
         # Out of the except block, so the failed run's frames and tensors can be freed.
         gc.collect()
@@ -196,9 +188,13 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
         plain_step_s=plain_step, search_step_s_measured=measured, search_step_s=search_step,
         search_over_plain=search_step / plain_step, plain_50_s=FULL_STEPS * plain_step,
         search_50_s=plain_step + (FULL_STEPS - 1) * search_step, sparsity=plan.summary()["sparsity"],
-        solver_s_per_search_step=solver.seconds / (search_steps - 1), rse=rse_summary(plan),
+        solver_s_per_search_step=plan.provenance["search"]["seconds"]["solver"] / (search_steps - 1), rse=rse_summary(plan),
         head_bound=search.head_coefficient * search.delta / config["num_attention_heads"],
     )
+    if pipe.profile is not None:
+        row["profile_last_search_step"] = pipe.profile.splitlines()
+        print(pipe.profile, flush=True)
+        pipe.profile = None
     return row
 
 
@@ -212,6 +208,7 @@ def main() -> None:
     parser.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
                         help="SearchConfig.offload_outputs: previous-step outputs in host memory (auto: if they "
                              "would take over half the free GPU memory)")
+    parser.add_argument("--profile", action="store_true", help="the last search step under torch.profiler (table in the JSON)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/search_time.json; smoke: out/)")
     args = parser.parse_args()
     offload = {"auto": None, "on": True, "off": False}[args.offload]
@@ -236,7 +233,7 @@ def main() -> None:
     for size in sizes:
         plain_steps, search_steps = args.steps_2k if size >= 2048 else args.steps_1k
         result["runs"].append(run_size(pipe, size, args.batch, plain_steps, search_steps, text_len, config,
-                                       "reference" if args.smoke else "auto", offload, device, dtype))
+                                       "reference" if args.smoke else "auto", offload, device, dtype, args.profile))
         # Written after every size, so a run cut short by a time limit still leaves its results.
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"[{time.perf_counter() - start:6.1f} s] {size} done", flush=True)
