@@ -35,6 +35,12 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
     assert main(["generate", *TINY, "--plan", str(plan_path), "--prompt", "a small green cross at the right on a black background",
                  "-o", str(image)]) == 0
     assert image.stat().st_size > 0
+    priced = tmp_path / "priced.json"
+    assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.4", "--steps", "3",
+                 "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",
+                 "-o", str(priced)]) == 0
+    search = Plan.load(priced).provenance["search"]
+    assert search["budget"] == "generation" and search["target_sparsity"] == 0.4
 
 
 def run_error(argv, capsys):
@@ -122,6 +128,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         ([*cal, "--steps", "abc"], "--steps: 'abc' is not an integer"),
         ([*cal, "--steps", "0"], "--steps: must be >= 1"),
         ([*cal, "--delta", "inf"], "--delta: 'inf' is not a finite number"),
+        ([*cal, "--budget", "generation"], "set head_coefficient=None"),
         ([*cal, "--delta", "nan"], "--delta: 'nan' is not a finite number"),
         ([*cal, "--candidates", ""], "--candidates: give comma-separated method names"),
         ([*cal, "--candidates", "full,,cache"], "--candidates: give comma-separated method names"),

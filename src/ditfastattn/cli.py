@@ -337,12 +337,12 @@ def cmd_inspect(args) -> None:
 
 
 def _sensitivity(value: str | None):
-    """``measure``, or a calibrated plan whose measured layer weights are reused."""
+    """``measure``, or a calibrated plan whose sensitivity measurement is reused."""
     if value is None or value == "measure":
         return value
     weights = _load_plan(value, "--sensitivity").provenance.get("search", {}).get("sensitivity")
     if not weights:
-        raise CliError(f"--sensitivity: {value} holds no measured layer weights; calibrate with --sensitivity measure")
+        raise CliError(f"--sensitivity: {value} holds no sensitivity measurement; calibrate with --sensitivity measure")
     return weights
 
 
@@ -352,6 +352,8 @@ def _search_config(args):
     common = {
         "delta": args.delta,
         "head_coefficient": args.head_coefficient,
+        "budget": args.budget,
+        "granularity": args.granularity,
         "num_inference_steps": args.steps,
         "height": args.height,
         "width": args.width,
@@ -519,7 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     def search_args(p):
         p.add_argument("--steps", type=_POSITIVE, default=50, help="denoising steps")
         p.add_argument("--head-coefficient", type=_head_coefficient, default=1.5,
-                       help="c of the per-head bound c * delta / heads, or 'none'")
+                       help="c of the per-head bound c * delta / heads, or 'none' (must be 'none' with --budget generation)")
+        p.add_argument("--budget", choices=["layer", "generation"], default="layer",
+                       help="layer: delta bounds every layer at every step (the paper); generation: one exchange "
+                            "rate over all layers and steps (delta is then a price; best with a target)")
+        p.add_argument("--granularity", choices=["head", "layer"], default="head",
+                       help="one method per head, or per layer (a baseline)")
         p.add_argument("--method-set", default="aa+oc", help="aa, aa+oc, aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs")
         p.add_argument("--candidates", type=_candidates, default=None,
                        help="comma-separated methods (overrides --method-set)")
@@ -535,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--target-speedup", type=_number(float, above=1), default=None,
                            help="or this ideal attention speed-up")
     calibrate.add_argument("--sensitivity", default=None,
-                           help="'measure' (one extra pass per layer) or a plan whose measured layer weights to reuse")
+                           help="'measure' (probes: one pass per layer and one per step and kind of method) or a calibrated plan whose measurement to reuse")
     calibrate.add_argument("-o", "--output", required=True, help="plan file (JSON)")
     calibrate.add_argument("--png", default=None, help="also draw the plan's heatmap here (.png, .pdf, .svg, ...)")
     calibrate.set_defaults(run=cmd_calibrate)
