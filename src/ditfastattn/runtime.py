@@ -498,7 +498,7 @@ class Session:
         self.call_cache = {}
         segment = getattr(self.adapter, "image_segment", None)
         if segment is not None:
-            self.image_segment = segment(arguments)
+            self.image_segment = segment(self.transformer, arguments)
 
     def begin_call(self, module, args, kwargs) -> None:
         arguments = self._arguments(args, kwargs)

@@ -9,7 +9,8 @@ brings its own processor: SD3).
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -22,8 +23,9 @@ class Adapter(Protocol):
     FAMILY: str  # the short name plans store
     MODEL_CLASS: str  # the transformer class, for messages
     # Whether its pipelines run classifier-free guidance as one batch [unconditional; conditional],
-    # the order cfg_share needs.
+    # the order cfg_share needs; CFG says how they run it, for messages.
     CFG_IN_BATCH: bool
+    CFG: str
 
     def matches(self, transformer) -> bool:
         """Whether ``transformer`` belongs to this family."""
@@ -46,8 +48,8 @@ class DispatchAdapter(Adapter, Protocol):
         """The step's timestep from one transformer call's arguments (by name); it must fall from
         step to step within a generation (ditfastattn counts steps by it)."""
 
-    def image_segment(self, arguments: dict[str, Any]) -> tuple[int, int] | str:
-        """``(start, length)`` of the image tokens in the joint sequence of one transformer call
+    def image_segment(self, transformer, arguments: dict[str, Any]) -> tuple[int, int] | str:
+        """``(start, length)`` of the image tokens in the joint sequence of one call of ``transformer``
         (every other token is global: text, reference images, padding), or a sentence saying why
         this call has none ditfastattn can use (its layers then run only the stock attention)."""
 
@@ -63,6 +65,48 @@ class ProcessorAdapter(Adapter, Protocol):
 def timestep(arguments: dict[str, Any]):
     """The ``timestep`` argument: the default :meth:`DispatchAdapter.timestep`."""
     return arguments.get("timestep")
+
+
+def text_then_image(transformer, arguments: dict[str, Any]) -> tuple[int, int]:
+    """FLUX's layout: text first, then the image up to the first position id of another image
+    (reference images follow the target in FLUX.1 Kontext and FLUX.2)."""
+    ids = arguments.get("img_ids")
+    image = arguments["hidden_states"].shape[1] if ids is None else target_tokens(ids)
+    return arguments["encoder_hidden_states"].shape[1], image
+
+
+# The attention layers of the double-stream, then single-stream, models (FLUX and its kin).
+DOUBLE_THEN_SINGLE = (("transformer_blocks", "attn", True), ("single_transformer_blocks", "attn", True))
+
+
+@dataclass(frozen=True)
+class DispatchFamily:
+    """A :class:`DispatchAdapter` as data: the transformer class, its stock processors, its
+    attention layers (see :func:`model_spec`), where a call's image tokens are, and how its
+    pipelines run guidance."""
+
+    FAMILY: str
+    transformer: type
+    processors: tuple[type, ...]
+    layers: tuple[tuple[str, str, bool], ...]
+    image_segment: Callable[[Any, dict[str, Any]], tuple[int, int] | str]
+    CFG: str = "separate transformer calls"
+    CFG_IN_BATCH: bool = False
+    PAIR_MASKS: bool = False
+    timestep: Callable[[dict[str, Any]], Any] = timestep
+
+    @property
+    def MODEL_CLASS(self) -> str:  # noqa: N802 (the contract's name)
+        return self.transformer.__name__
+
+    def matches(self, transformer) -> bool:
+        return isinstance(transformer, self.transformer)
+
+    def describe(self, transformer) -> ModelSpec:
+        return model_spec(self.FAMILY, transformer, self.layers)
+
+    def stock_processor_types(self) -> tuple[type, ...]:
+        return self.processors
 
 
 def model_spec(family: str, transformer, groups: Sequence[tuple[str, str, bool]]) -> ModelSpec:

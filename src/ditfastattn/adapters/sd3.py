@@ -17,6 +17,7 @@ FAMILY = "sd3"
 MODEL_CLASS = "SD3Transformer2DModel"
 # Pipelines run classifier-free guidance as one batch [unconditional; conditional].
 CFG_IN_BATCH = True
+CFG = "one batch [unconditional; conditional]"
 
 
 def matches(transformer) -> bool:

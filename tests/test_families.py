@@ -1,0 +1,265 @@
+"""The dispatch families on tiny random configs (CPU, seconds): FLUX.1 Kontext, FLUX.2, Chroma,
+Qwen-Image, Z-Image and HunyuanImage 2.1.
+
+Each family's transformer is driven the way its diffusers pipeline calls it (inputs, masks,
+reference images, CFG in a batch, as separate calls or distilled), by a minimal pipeline that
+``ditfastattn.calibrate`` can run. Every family: an all-full plan is bitwise stock, remove() restores
+bit for bit, a compressed plan is finite and differs, calibration runs, every layer call sees the
+token layout its family has, and full heads in the op under that layout and padding equal the
+stock attention of every call (masks included: no compressed layer runs dense because of one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+import torch
+from conftest import tiny_flux
+from diffusers import (
+    ChromaTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
+    HunyuanImageTransformer2DModel,
+    QwenImageTransformer2DModel,
+    ZImageTransformer2DModel,
+)
+
+import ditfastattn
+from ditfastattn import Plan, SearchConfig, ops
+from ditfastattn.model import TokenLayout
+from ditfastattn.runtime import LayerRuntime
+
+STEPS = 3
+TEXT = 7
+H, W = 12, 10  # latent tokens of the generated image
+REF_H, REF_W = 5, 8  # of a reference image
+
+
+def grid(first: float, height: int, width: int, *extra) -> torch.Tensor:
+    """Position ids (height x width, 3 or 4 coordinates) with ``first`` as the first coordinate."""
+    axes = [torch.full((1,), float(first)), torch.arange(float(height)), torch.arange(float(width))]
+    return torch.cartesian_prod(*axes, *(torch.zeros(1) for _ in extra))
+
+
+@dataclass
+class Family:
+    make: Callable[[], torch.nn.Module]
+    latents: Callable[[torch.Generator, int], object]  # the generated image's latents, batch b
+    # (transformer, latents, scheduler timestep, text embeddings, negative) -> noise prediction
+    predict: Callable
+    cfg: str  # "separate", "batch" or "none": how its pipeline runs guidance
+    layout: Callable[[int], TokenLayout]  # the joint layers' layout at sequence length S
+    channels: int = 16  # text embedding width
+
+
+def call(transformer, **kwargs):
+    return transformer(**kwargs, return_dict=False)[0]
+
+
+def flux_kontext(transformer, latents, t, text, negative):
+    # FluxKontextPipeline: the reference image's latents after the target's, ids with first coordinate 1.
+    reference = torch.ones(latents.shape[0], REF_H * REF_W, latents.shape[2])
+    out = call(transformer, hidden_states=torch.cat([latents, reference], 1), encoder_hidden_states=text,
+               pooled_projections=torch.zeros(latents.shape[0], 16), timestep=t.expand(latents.shape[0]) / 1000,
+               img_ids=torch.cat([grid(0, H, W), grid(1, REF_H, REF_W)]), txt_ids=torch.zeros(TEXT, 3))
+    return out[:, : H * W]
+
+
+def flux2(transformer, latents, t, text, negative):
+    # Flux2Pipeline with one reference image: time coordinate 10 in its ids; guidance-distilled.
+    batch = latents.shape[0]
+    reference = torch.ones(batch, REF_H * REF_W, latents.shape[2])
+    ids = torch.cat([grid(0, H, W, "l"), grid(10, REF_H, REF_W, "l")])
+    out = call(transformer, hidden_states=torch.cat([latents, reference], 1), encoder_hidden_states=text,
+               timestep=t.expand(batch) / 1000, guidance=torch.full((batch,), 4.0),
+               img_ids=ids[None].expand(batch, -1, -1), txt_ids=torch.zeros(batch, TEXT, 4))
+    return out[:, : H * W]
+
+
+def chroma_mask(batch: int, valid: int, dtype):
+    """ChromaPipeline's mask: real tokens and one padding token, then the image (0.42 passes floats)."""
+    text = (torch.arange(TEXT) <= valid).to(dtype)
+    return torch.cat([text, torch.ones(H * W, dtype=torch.bool).to(dtype)])[None].expand(batch, -1)
+
+
+def chroma(dtype):
+    def predict(transformer, latents, t, text, negative):
+        return call(transformer, hidden_states=latents, encoder_hidden_states=text, timestep=t.expand(latents.shape[0]) / 1000,
+                    img_ids=grid(0, H, W), txt_ids=torch.zeros(TEXT, 3),
+                    attention_mask=chroma_mask(latents.shape[0], 1 if negative else 3, dtype))
+
+    return predict
+
+
+def qwen(transformer, latents, t, text, negative):
+    # QwenImagePipeline: a text mask (the negative prompt is shorter), true CFG as a second call.
+    mask = (torch.arange(TEXT) < (2 if negative else 5))[None].expand(latents.shape[0], -1)
+    return call(transformer, hidden_states=latents, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
+                timestep=t.expand(latents.shape[0]) / 1000, img_shapes=[[(1, H, W)]] * latents.shape[0])
+
+
+def zimage(transformer, latents, t, text, negative):
+    # ZImagePipeline: one batch [conditional; unconditional] of lists, captions of their own lengths
+    # (7 and 40 tokens: 32 and 64 after padding, so the batch is padded with a key mask), t rising.
+    batch = latents.shape[0]
+    captions = [text[b, :9] for b in range(batch)] + [torch.cat([text[b]] * 6)[:40] for b in range(batch)]
+    out = call(transformer, x=list(latents.repeat(2, 1, 1, 1, 1).unbind(0)), t=((1000 - t) / 1000).expand(2 * batch),
+               cap_feats=captions)
+    return torch.stack(out[:batch]) * 2 - torch.stack(out[batch:])
+
+
+def hunyuan(transformer, latents, t, text, negative):
+    mask = (torch.arange(TEXT) < (3 if negative else 6))[None].expand(latents.shape[0], -1).long()
+    return call(transformer, hidden_states=latents, timestep=t.expand(latents.shape[0]).float(), encoder_hidden_states=text,
+                encoder_attention_mask=mask)
+
+
+def seeded(make):
+    def build():
+        torch.manual_seed(0)
+        return make().eval()
+
+    return build
+
+
+FAMILIES = {
+    "flux-kontext": Family(seeded(tiny_flux), lambda g, b: torch.randn(b, H * W, 16, generator=g), flux_kontext, "separate",
+                           lambda s: TokenLayout(s, TEXT, H * W)),
+    "flux2": Family(seeded(lambda: Flux2Transformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2))),
+        lambda g, b: torch.randn(b, H * W, 8, generator=g), flux2, "none", lambda s: TokenLayout(s, TEXT, H * W)),
+    "chroma": Family(seeded(lambda: ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=16, approximator_hidden_dim=16,
+        approximator_layers=1)), lambda g, b: torch.randn(b, H * W, 16, generator=g), chroma(torch.float32),
+        "separate", lambda s: TokenLayout(s, TEXT, H * W)),
+    "qwenimage": Family(seeded(lambda: QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4))), lambda g, b: torch.randn(b, H * W, 16, generator=g), qwen,
+        "separate", lambda s: TokenLayout(s, TEXT, H * W)),
+    "zimage": Family(seeded(lambda: ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[128, 32, 32])),
+        lambda g, b: torch.randn(b, 4, 1, 2 * H, 2 * W, generator=g), zimage, "batch",
+        lambda s: TokenLayout(s, 0, H * W + 8)),  # 120 image tokens padded to 128
+    "hunyuanimage": Family(seeded(lambda: HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(4, 4))),
+        lambda g, b: torch.randn(b, 4, H, W, generator=g), hunyuan, "separate", lambda s: TokenLayout(s, 0, H * W)),
+}
+
+
+class MiniPipeline:
+    """The smallest pipeline ``ditfastattn.calibrate`` can drive: a flow-matching scheduler, the
+    transformer, and the family's calls with guidance as its pipeline runs it."""
+
+    def __init__(self, family: Family):
+        self.family = family
+        self.transformer = family.make()
+        self.scheduler = FlowMatchEulerDiscreteScheduler()
+
+    def __call__(self, num_inference_steps, generator, prompt_embeds, output_type="latent", **_):
+        family, batch = self.family, prompt_embeds.shape[0]
+        latents = family.latents(generator, batch)
+        negative = torch.randn(prompt_embeds.shape, generator=torch.Generator().manual_seed(99))
+        self.scheduler.set_timesteps(num_inference_steps)
+        with torch.no_grad():
+            for t in self.scheduler.timesteps:
+                noise = family.predict(self.transformer, latents, t, prompt_embeds, False)
+                if family.cfg == "separate":
+                    noise = 2 * noise - family.predict(self.transformer, latents, t, negative, True)
+                latents = self.scheduler.step(noise, t, latents).prev_sample
+        return SimpleNamespace(images=latents)
+
+
+def prompt(batch: int = 1, seed: int = 1) -> dict:
+    return {"prompt_embeds": torch.randn(batch, TEXT, 16, generator=torch.Generator().manual_seed(seed))}
+
+
+def generate(pipe, batch: int = 1):
+    return pipe(STEPS, torch.Generator().manual_seed(0), **prompt(batch)).images
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+def test_identity_is_stock_remove_restores_and_compression_differs(family, recorder):
+    pipe = MiniPipeline(FAMILIES[family])
+    stock = generate(pipe)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    assert torch.equal(generate(pipe), stock)
+    ditfastattn.remove(pipe)
+    assert torch.equal(generate(pipe), stock)
+    plan = Plan.uniform(pipe.transformer, STEPS, "arrow_residual:0.3")
+    methods = [[list(heads) for heads in rows] for rows in plan.methods]
+    methods[2][-1][0] = "cache"
+    ditfastattn.apply(pipe, Plan(plan.model, methods))
+    recorder.clear()
+    compressed = generate(pipe)
+    ditfastattn.remove(pipe)
+    assert bool(torch.isfinite(compressed).all()) and not torch.equal(compressed, stock)
+    assert torch.equal(generate(pipe), stock)
+    joint = {layer.name for layer in plan.model.layers if layer.text}
+    assert joint and {r["layer"] for r in recorder} == {layer.name for layer in plan.model.layers}
+    for record in recorder:
+        seq = record["q"].shape[1]
+        want = FAMILIES[family].layout(seq) if record["layer"] in joint else TokenLayout(seq, 0, seq)
+        assert record["layout"] == want, record["layer"]
+
+
+def test_full_heads_in_the_op_equal_the_stock_attention_of_every_call(family, monkeypatch):
+    """The layout and padding each call hands the op reproduce the stock attention, masks included."""
+    pipe = MiniPipeline(FAMILIES[family])
+    attend, checked = LayerRuntime.attend, []
+
+    def checking(self, q, k, v, **kwargs):
+        out = attend(self, q, k, v, **kwargs)
+        modes = torch.full((q.shape[2],), ops.MODE_FULL, dtype=torch.int32)
+        full = ops.headwise_attention(q, k, v, modes, **self.geometry.op, impl="reference")
+        torch.testing.assert_close(full, kwargs["dense"](), atol=2e-5, rtol=1e-4, msg=self.name)
+        checked.append(self.geometry.padding is not None)
+        return out
+
+    monkeypatch.setattr(LayerRuntime, "attend", checking)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "arrow:0.3"))
+    generate(pipe, batch=2)
+    ditfastattn.remove(pipe)
+    assert checked and any(checked) == (family in ("chroma", "qwenimage", "zimage", "hunyuanimage"))
+
+
+def test_calibration_runs_and_its_plan_applies(family):
+    pipe = MiniPipeline(FAMILIES[family])
+    plan = ditfastattn.calibrate(pipe, [prompt(seed=1), prompt(seed=2)],
+                                 SearchConfig(num_inference_steps=STEPS, delta=2.0), progress=False)
+    assert plan.model == ditfastattn.model.describe(pipe.transformer)
+    assert any(m != "full" for rows in plan.methods[1:] for heads in rows for m in heads)
+    ditfastattn.apply(pipe, plan)
+    assert bool(torch.isfinite(generate(pipe, batch=2)).all())
+    ditfastattn.remove(pipe)
+
+
+def test_chroma_boolean_masks_too():
+    # The token mask as booleans (diffusers' fix of Chroma's float mask): m_q & m_k, padded queries see nothing.
+    family = FAMILIES["chroma"]
+    pipe = MiniPipeline(Family(family.make, family.latents, chroma(torch.bool), "separate", family.layout))
+    stock = generate(pipe)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    assert torch.equal(generate(pipe), stock)
+    ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "arrow:0.3"))
+    compressed = generate(pipe)
+    ditfastattn.remove(pipe)
+    assert bool(torch.isfinite(compressed).all()) and not torch.equal(compressed, stock)
+
+
+def test_unsupported_transformer_names_the_supported_ones():
+    with pytest.raises(TypeError, match="SD3Transformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel, "
+                                        "ChromaTransformer2DModel, QwenImageTransformer2DModel, ZImageTransformer2DModel, "
+                                        "HunyuanImageTransformer2DModel"):
+        Plan.uniform(torch.nn.Linear(2, 2), STEPS, "full")
