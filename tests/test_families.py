@@ -263,3 +263,23 @@ def test_unsupported_transformer_names_the_supported_ones():
                                         "ChromaTransformer2DModel, QwenImageTransformer2DModel, ZImageTransformer2DModel, "
                                         "HunyuanImageTransformer2DModel"):
         Plan.uniform(torch.nn.Linear(2, 2), STEPS, "full")
+
+
+def test_a_family_this_diffusers_lacks_is_left_out_and_named(monkeypatch):
+    import importlib
+
+    from ditfastattn import adapters
+
+    real = importlib.import_module
+
+    def without_zimage(name, package=None):
+        if name == ".zimage":
+            raise ImportError("cannot import name 'ZImageTransformer2DModel' from 'diffusers'")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", without_zimage)
+    monkeypatch.setattr(adapters, "_missing", {})
+    monkeypatch.setattr(adapters, "_ADAPTERS", adapters._load())
+    assert "zimage" not in {adapter.FAMILY for adapter in adapters._ADAPTERS}
+    with pytest.raises(TypeError, match=r"HunyuanImageTransformer2DModel .*; this diffusers lacks zimage \(upgrade diffusers\)"):
+        adapters.adapter_for(FAMILIES["zimage"].make())

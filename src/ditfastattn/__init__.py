@@ -1,4 +1,5 @@
-"""ditfastattn: head-wise compressed attention for diffusers MMDiT pipelines (SD3, SD3.5, FLUX.1).
+"""ditfastattn: head-wise compressed attention for diffusers MMDiT pipelines (SD3, SD3.5, FLUX.1 and
+Kontext, FLUX.2, Chroma, Qwen-Image, Z-Image, HunyuanImage 2.1).
 
     import ditfastattn
     plan = ditfastattn.Plan.load("plan.json")

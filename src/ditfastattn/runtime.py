@@ -1049,13 +1049,13 @@ def apply(
 ) -> None:
     """Run ``pipe_or_transformer`` under ``plan`` until :func:`remove`.
 
-    Installs ditfastattn's processors on every attention layer the plan names (per module
-    instance, through diffusers' processor mechanism), tracks the denoising step from the
-    transformer's ``timestep``, and, given a pipeline, checks the step count whenever the
-    scheduler's timesteps are set (a scheduler swapped in later included). More steps than the
-    plan always raise; on the transformer alone, a generation that stopped short is logged when
-    the next one starts. ``impl`` picks the attention op ("auto", "gluon", "triton", "reference";
-    see :func:`ditfastattn.ops.headwise_attention`).
+    Takes over the attention of every layer the plan names (for the families that call diffusers'
+    ``dispatch_attention_fn``, by intercepting that call; SD3 through processors of its own, per
+    module instance), tracks the denoising step from the transformer's ``timestep``, and, given a
+    pipeline, checks the step count whenever the scheduler's timesteps are set (a scheduler
+    swapped in later included). More steps than the plan always raise; on the transformer alone, a
+    generation that stopped short is logged when the next one starts. ``impl`` picks the attention
+    op ("auto", "gluon", "triton", "reference"; see :func:`ditfastattn.ops.headwise_attention`).
 
     Cache heads read their layer's output of the previous step, which the runtime keeps only while
     the next step caches, per transformer call of a step. A call that did not run at the previous
@@ -1099,5 +1099,6 @@ def apply(
 
 
 def remove(pipe_or_transformer) -> Plan:
-    """Restore the original processors (bit for bit), drop hooks and buffers; returns the plan."""
+    """Restore the model (bit for bit): its processors, diffusers' dispatch function, no hooks or
+    buffers; returns the plan."""
     return uninstall(pipe_or_transformer)

@@ -8,12 +8,29 @@ intercepts their attention. SD3 calls SDPA itself and brings its own processor.
 
 from __future__ import annotations
 
+import importlib
+
 from .. import model
-from . import chroma, flux, flux2, hunyuanimage, qwenimage, sd3, zimage
+from . import sd3
 from .base import Adapter
 
-_ADAPTERS: tuple[Adapter, ...] = (sd3, flux.ADAPTER, flux2.ADAPTER, chroma.ADAPTER, qwenimage.ADAPTER, zimage.ADAPTER,
-                                  hunyuanimage.ADAPTER)
+_FAMILIES = ("flux", "flux2", "chroma", "qwenimage", "zimage", "hunyuanimage")
+_missing: dict[str, str] = {}  # family -> why this diffusers cannot load it
+
+
+def _load() -> tuple[Adapter, ...]:
+    """The adapters this diffusers can load: a family newer than it (FLUX.2, Z-Image and HunyuanImage
+    2.1 need diffusers 0.36) is left out, and named when a transformer is not supported."""
+    adapters: list[Adapter] = [sd3]
+    for family in _FAMILIES:
+        try:
+            adapters.append(importlib.import_module(f".{family}", __name__).ADAPTER)
+        except ImportError as err:
+            _missing[family] = str(err)
+    return tuple(adapters)
+
+
+_ADAPTERS = _load()
 
 
 def adapter_for(transformer) -> Adapter:
@@ -21,9 +38,10 @@ def adapter_for(transformer) -> Adapter:
         if adapter.matches(transformer):
             return adapter
     supported = ", ".join(adapter.MODEL_CLASS for adapter in _ADAPTERS)
+    missing = f"; this diffusers lacks {', '.join(sorted(_missing))} (upgrade diffusers)" if _missing else ""
     raise TypeError(
         f"ditfastattn does not support {type(transformer).__name__}; supported transformers: {supported} "
-        "(pass the pipeline or its `.transformer`)"
+        f"(pass the pipeline or its `.transformer`){missing}"
     )
 
 
