@@ -2,6 +2,13 @@
 
     python benchmarks/e2e.py            # CUDA GPU: benchmarks/results/e2e.json and benchmarks/e2e_speedup.png
     python benchmarks/e2e.py --smoke    # tiny models on the CPU (reference op): checks the script itself
+    python benchmarks/e2e.py --runs flux2:1024 flux2:2048 qwenimage:1024 ... --out results/e2e_families.json
+
+The other families at real size (``--runs KIND:SIZE``): ``flux-kontext`` (FLUX.1-dev with a
+reference image as large as the target), ``flux2`` (FLUX.2 [dev], 32B: an H200), ``chroma``,
+``qwenimage``, ``zimage``, ``hunyuanimage``; Chroma, Qwen-Image and HunyuanImage get a text mask
+(40% of the text real), as their pipelines pass one, so their layers run the Triton kernel with key
+padding. Where a mask rules out the flash SDPA backend, its columns stay empty.
 
 Random bf16 weights, eager mode. One transformer call is one denoising step; the runtime tracks
 steps from the `timestep` argument, so each measurement calls the transformer with decreasing
@@ -34,7 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    ChromaTransformer2DModel,
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+    HunyuanImageTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    ZImageTransformer2DModel,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ditfastattn
@@ -59,12 +74,43 @@ SD3_TINY = dict(SD3_MEDIUM, sample_size=32, in_channels=4, num_layers=2, attenti
                 joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
                 pos_embed_max_size=64)
 
-# kind: (class, full config, smoke config, text tokens, batch). SD3 pipelines batch CFG (2);
-# FLUX.1-dev is guidance-distilled (1).
+# The other families at their released sizes (the classes' defaults) and at toy size.
+FLUX2_DEV = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                 num_attention_heads=48, joint_attention_dim=15360, axes_dims_rope=(32, 32, 32, 32))
+FLUX2_TINY = dict(FLUX2_DEV, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))
+CHROMA = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+              num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56))
+CHROMA_TINY = dict(CHROMA, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                   joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+                   approximator_hidden_dim=32, approximator_layers=1)
+QWEN = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+            joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+QWEN_TINY = dict(QWEN, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+ZIMAGE = dict(in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
+              axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])
+ZIMAGE_TINY = dict(ZIMAGE, in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                   cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[512, 64, 64])
+HUNYUAN = dict(in_channels=64, out_channels=64, num_attention_heads=28, attention_head_dim=128, num_layers=20,
+               num_single_layers=40, num_refiner_layers=2, patch_size=(1, 1), text_embed_dim=3584, rope_axes_dim=(64, 64))
+HUNYUAN_TINY = dict(HUNYUAN, in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+                    num_single_layers=1, num_refiner_layers=1, text_embed_dim=32, rope_axes_dim=(8, 8))
+
+# kind: (class, full config, smoke config, text tokens, batch). SD3 pipelines batch CFG (2); the
+# others are guidance-distilled or run CFG as a second call (1 per call).
 MODELS = {
     "flux": (FluxTransformer2DModel, FLUX_DEV, FLUX_TINY, 512, 1),
     "sd3": (SD3Transformer2DModel, SD3_MEDIUM, SD3_TINY, 333, 2),
+    "flux-kontext": (FluxTransformer2DModel, FLUX_DEV, FLUX_TINY, 512, 1),
+    "flux2": (Flux2Transformer2DModel, FLUX2_DEV, FLUX2_TINY, 512, 1),
+    "chroma": (ChromaTransformer2DModel, CHROMA, CHROMA_TINY, 512, 1),
+    "qwenimage": (QwenImageTransformer2DModel, QWEN, QWEN_TINY, 1024, 1),
+    "zimage": (ZImageTransformer2DModel, ZIMAGE, ZIMAGE_TINY, 512, 1),
+    "hunyuanimage": (HunyuanImageTransformer2DModel, HUNYUAN, HUNYUAN_TINY, 1000, 1),
 }
+MASKED = ("chroma", "qwenimage", "hunyuanimage")  # their pipelines pass a text mask
+REAL_TEXT = 0.4  # share of the text tokens a mask keeps
 # Most important first: the time budget may cut the tail.
 RUNS = [("flux", 2048), ("flux", 1024), ("sd3", 1024), ("sd3", 2048)]
 TARGETS = (0.43, 0.68, 0.80)
@@ -92,6 +138,47 @@ def flux_image_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
     return torch.cat([torch.zeros(rows * cols, 1), grid.reshape(-1, 2).float()], dim=1).to(device, dtype)
 
 
+def image_tokens(kind: str, size: int) -> int:
+    """Tokens of the generated image at ``size`` x ``size`` pixels (HunyuanImage 2.1's VAE is /32)."""
+    return (size // 32) ** 2 if kind == "hunyuanimage" else (size // 16) ** 2
+
+
+def global_tokens(kind: str, size: int, text_len: int) -> int:
+    """Text and reference-image tokens (FLUX.1 Kontext: one reference as large as the target)."""
+    return text_len + (image_tokens(kind, size) if kind == "flux-kontext" else 0)
+
+
+def family_inputs(kind: str, config: dict, size: int, text_len: int, batch: int, randn, device, dtype) -> dict:
+    """A transformer call of the families other than FLUX.1 and SD3, as their pipelines make it."""
+    side = size // 16
+    real = torch.arange(text_len, device=device) < int(REAL_TEXT * text_len)
+    mask = real[None].expand(batch, -1)
+    if kind == "flux2":
+        ids = torch.cartesian_prod(*(torch.arange(n, device=device) for n in (1, side, side, 1))).to(dtype)
+        return dict(hidden_states=randn(batch, side * side, config["in_channels"]),
+                    encoder_hidden_states=randn(batch, text_len, config["joint_attention_dim"]), img_ids=ids[None],
+                    txt_ids=torch.zeros(1, text_len, 4, device=device, dtype=dtype),
+                    guidance=torch.full((batch,), 4.0, device=device), return_dict=False)
+    if kind == "chroma":  # ChromaPipeline: a float 0/1 mask over text and image
+        full = torch.cat([mask, torch.ones(batch, side * side, dtype=torch.bool, device=device)], 1)
+        return dict(hidden_states=randn(batch, side * side, config["in_channels"]),
+                    encoder_hidden_states=randn(batch, text_len, config["joint_attention_dim"]),
+                    img_ids=flux_image_ids(side, side, device, dtype),
+                    txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype), attention_mask=full.to(dtype),
+                    return_dict=False)
+    if kind == "qwenimage":
+        return dict(hidden_states=randn(batch, side * side, config["in_channels"]),
+                    encoder_hidden_states=randn(batch, text_len, config["joint_attention_dim"]),
+                    encoder_hidden_states_mask=mask, img_shapes=[[(1, side, side)]] * batch, return_dict=False)
+    if kind == "zimage":
+        return dict(x=[randn(config["in_channels"], 1, 2 * side, 2 * side) for _ in range(batch)],
+                    cap_feats=[randn(text_len, config["cap_feat_dim"]) for _ in range(batch)], return_dict=False)
+    side = size // 32  # hunyuanimage
+    return dict(hidden_states=randn(batch, config["in_channels"], side, side),
+                encoder_hidden_states=randn(batch, text_len, config["text_embed_dim"]), encoder_attention_mask=mask,
+                return_dict=False)
+
+
 def model_inputs(kind: str, config: dict, size: int, text_len: int, batch: int, device, dtype) -> dict:
     """Keyword arguments of one transformer call at ``size`` x ``size`` pixels, without the timestep."""
     g = torch.Generator(device).manual_seed(0)
@@ -99,8 +186,20 @@ def model_inputs(kind: str, config: dict, size: int, text_len: int, batch: int, 
     def randn(*shape):
         return torch.randn(shape, generator=g, device=device, dtype=dtype)
 
+    if kind not in ("flux", "flux-kontext", "sd3"):
+        return family_inputs(kind, config, size, text_len, batch, randn, device, dtype)
     text = randn(batch, text_len, config["joint_attention_dim"])
     pooled = randn(batch, config["pooled_projection_dim"])
+    if kind == "flux-kontext":  # the reference image's latents after the target's, ids with first coordinate 1
+        side = size // 16
+        reference = flux_image_ids(side, side, device, dtype)
+        reference[:, 0] = 1
+        return dict(
+            hidden_states=randn(batch, 2 * side * side, config["in_channels"]), encoder_hidden_states=text,
+            pooled_projections=pooled, img_ids=torch.cat([flux_image_ids(side, side, device, dtype), reference]),
+            txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
+            guidance=torch.full((batch,), 2.5, device=device), return_dict=False,
+        )
     if kind == "flux":
         side = size // 16  # VAE /8, then 2x2 patches packed into tokens
         return dict(
@@ -114,42 +213,49 @@ def model_inputs(kind: str, config: dict, size: int, text_len: int, batch: int, 
                 pooled_projections=pooled, return_dict=False)
 
 
-def timesteps(kind: str, steps: int, batch: int, device, dtype) -> list[torch.Tensor]:
-    """Decreasing timesteps of one generation, on the device as the pipelines pass them."""
+def timesteps(kind: str, steps: int, batch: int, device, dtype) -> list[dict]:
+    """The timestep argument of each call of one generation, on the device as the pipelines pass it."""
     values = [1.0 - k / steps for k in range(steps)]
-    if kind == "flux":  # FluxPipeline: t / 1000 in the latents' dtype
-        return [torch.full((batch,), v, device=device, dtype=dtype) for v in values]
-    return [torch.full((batch,), 1000.0 * v, device=device) for v in values]
+    if kind == "zimage":  # ZImagePipeline: (1000 - t) / 1000, rising
+        return [{"t": torch.full((batch,), 1.0 - v, device=device, dtype=dtype)} for v in values]
+    if kind in ("sd3", "hunyuanimage"):
+        return [{"timestep": torch.full((batch,), 1000.0 * v, device=device)} for v in values]
+    # FluxPipeline and its kin: t / 1000 in the latents' dtype
+    return [{"timestep": torch.full((batch,), v, device=device, dtype=dtype)} for v in values]
 
 
-def step_times(model, inputs: dict, steps: list[torch.Tensor]) -> list[float]:
+def device_of(inputs: dict) -> torch.device:
+    return next(v for v in inputs.values() if torch.is_tensor(v)).device if "x" not in inputs else inputs["x"][0].device
+
+
+def step_times(model, inputs: dict, steps: list[dict]) -> list[float]:
     """Milliseconds of each call of one generation; back-to-back events, so host gaps count."""
-    if inputs["hidden_states"].device.type != "cuda":
+    if device_of(inputs).type != "cuda":
         times = []
         for t in steps:
             start = time.perf_counter()
-            model(timestep=t, **inputs)
+            model(**t, **inputs)
             times.append(1e3 * (time.perf_counter() - start))
         return times
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(steps) + 1)]
     marks[0].record()
     for t, mark in zip(steps, marks[1:]):
-        model(timestep=t, **inputs)
+        model(**t, **inputs)
         mark.record()
     torch.cuda.synchronize()
     return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
 
 
-def host_syncs(model, inputs: dict, steps: list[torch.Tensor]) -> int | None:
+def host_syncs(model, inputs: dict, steps: list[dict]) -> int | None:
     """Synchronizing CUDA calls that step 1 of a generation makes (torch's sync debug mode)."""
-    if inputs["hidden_states"].device.type != "cuda":
+    if device_of(inputs).type != "cuda":
         return None
-    model(timestep=steps[0], **inputs)
+    model(**steps[0], **inputs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            model(timestep=steps[1], **inputs)
+            model(**steps[1], **inputs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -173,7 +279,7 @@ def attention_removed():
 
 
 def measure(model, inputs, steps, context=contextlib.nullcontext, syncs: bool = False) -> dict:
-    device = inputs["hidden_states"].device
+    device = device_of(inputs)
     with torch.no_grad(), context():
         step_times(model, inputs, steps[:2])  # warm-up: cuDNN plans, Triton compile and autotuning
         if device.type == "cuda":
@@ -235,7 +341,9 @@ def setup(kind: str, size: int, args, device, dtype):
     inputs = model_inputs(kind, config, size, text_len, batch, device, dtype)
     n_steps = args.steps or (6 if size >= 2048 else 8)
     steps = timesteps(kind, n_steps, batch, device, dtype)
-    row = {"model": kind, "size": size, "batch": batch, "image_tokens": (size // 16) ** 2, "text_len": text_len,
+    # text_len: every global token (text, a reference image), as plan summaries count them.
+    row = {"model": kind, "size": size, "batch": batch, "image_tokens": image_tokens(kind, size),
+           "text_len": global_tokens(kind, size, text_len), "masked_text": kind in MASKED,
            "steps_per_generation": n_steps}
     return inputs, steps, row, "reference" if args.smoke else "auto"
 
@@ -247,10 +355,12 @@ def run_config(model, kind: str, size: int, args, device, dtype) -> dict:
     out = row["variants"]
 
     out["stock"] = measure(model, inputs, steps, syncs=True)
-    out["stock_flash"] = measure(model, inputs, steps, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+    flash = kind not in MASKED  # the flash backend takes no attention mask
+    if flash:
+        out["stock_flash"] = measure(model, inputs, steps, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
     out["no_attention"] = measure(model, inputs, steps, attention_removed)
     row["attention_share"] = 1.0 - out["no_attention"]["ms"] / out["stock"]["ms"]
-    row["attention_share_flash"] = 1.0 - out["no_attention"]["ms"] / out["stock_flash"]["ms"]
+    row["attention_share_flash"] = 1.0 - out["no_attention"]["ms"] / out["stock_flash"]["ms"] if flash else None
 
     full = ditfastattn.Plan.uniform(model, n_steps, "full", num_image_tokens=image_tokens, text_len=text_len)
     plans = {"full_plan": full, "plan_one_cached_head": one_cached_head_plan(full, image_tokens, text_len)}
@@ -267,11 +377,12 @@ def run_config(model, kind: str, size: int, args, device, dtype) -> dict:
             sparsity=sparsity, plan_sparsity=summary["sparsity"], method_share=summary["method_share"],
             speedup=out["stock"]["ms"] / result["ms"],
             ceiling=1.0 / (1.0 - row["attention_share"] * sparsity),
-            speedup_vs_flash=out["stock_flash"]["ms"] / result["ms"],
-            ceiling_vs_flash=1.0 / (1.0 - row["attention_share_flash"] * sparsity),
         )
         result["of_ceiling"] = result["speedup"] / result["ceiling"]
-        result["of_ceiling_vs_flash"] = result["speedup_vs_flash"] / result["ceiling_vs_flash"]
+        if flash:
+            result.update(speedup_vs_flash=out["stock_flash"]["ms"] / result["ms"],
+                          ceiling_vs_flash=1.0 / (1.0 - row["attention_share_flash"] * sparsity))
+            result["of_ceiling_vs_flash"] = result["speedup_vs_flash"] / result["ceiling_vs_flash"]
         if "peak_gib" in result:
             result["extra_gib"] = result["peak_gib"] - out["stock"]["peak_gib"]
         out[name] = result
@@ -317,6 +428,8 @@ def plot(rows: list[dict], path: Path) -> None:
         x = [v["sparsity"] for v in plans]
         for key, label, color in (("", "cuDNN", "C0"), ("_flash", "flash (paper's baseline)", "C1")):
             share = row[f"attention_share{key}"]
+            if share is None:  # a masked family: no flash baseline
+                continue
             ax.plot(grid, 1.0 / (1.0 - share * grid), "--", color=color, label=f"ceiling vs {label}")
             speedup = "speedup_vs_flash" if key else "speedup"
             ax.plot(x, [v[speedup] for v in plans], "o", color=color, label=f"ditfastattn vs {label}")
@@ -338,14 +451,16 @@ def table(rows: list[dict]) -> str:
         for name, v in row["variants"].items():
             cells = f"{row['model']:5} {row['size']:4}  {name:20} {v['ms']:8.2f}"
             if "speedup" in v:
+                flash = [v.get(k, float("nan")) for k in ("speedup_vs_flash", "ceiling_vs_flash", "of_ceiling_vs_flash")]
                 cells += (f"  {v['sparsity']:6.3f}  {v['speedup']:6.3f}  {v['ceiling']:6.3f}  {v['of_ceiling']:6.3f} |"
-                          f"  {v['speedup_vs_flash']:6.3f}  {v['ceiling_vs_flash']:6.3f}  {v['of_ceiling_vs_flash']:6.3f} |")
+                          f"  {flash[0]:6.3f}  {flash[1]:6.3f}  {flash[2]:6.3f} |")
             else:
                 cells += " " * 51 + "|"
             cells += f" {v.get('peak_gib', float('nan')):7.2f}  {v.get('host_syncs_step1')}"
             lines.append(cells)
-        lines.append(f"      attention share {row['attention_share']:.3f} (cuDNN), {row['attention_share_flash']:.3f} "
-                     f"(flash); stock spread {row['stock_spread']:.3%}")
+        flash = row["attention_share_flash"]
+        lines.append(f"      attention share {row['attention_share']:.3f} (cuDNN), "
+                     f"{'-' if flash is None else f'{flash:.3f}'} (flash); stock spread {row['stock_spread']:.3%}")
     return "\n".join(lines)
 
 
