@@ -3,6 +3,8 @@ plan is applied, and the masks it reads."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from conftest import tiny_flux
@@ -26,7 +28,9 @@ def same(a, b):
 
 
 def test_remove_puts_the_stock_function_back_and_other_models_run_stock():
+    gc.collect()  # models other tests dropped with a plan applied release the function as they go
     stock_fn = transformer_flux.dispatch_attention_fn
+    assert not hasattr(stock_fn, "__wrapped__")
     first, second = tiny_flux(seed=0), tiny_flux(seed=1)
     inputs = flux_inputs()
     first_stock, second_stock = generate(first, inputs), generate(second, inputs)
@@ -42,6 +46,17 @@ def test_remove_puts_the_stock_function_back_and_other_models_run_stock():
     ditfastattn.remove(second)
     assert transformer_flux.dispatch_attention_fn is stock_fn
     assert same(generate(first, inputs), first_stock) and same(generate(second, inputs), second_stock)
+
+
+def test_a_model_dropped_with_a_plan_applied_releases_the_function():
+    gc.collect()
+    stock_fn = transformer_flux.dispatch_attention_fn
+    model = tiny_flux()
+    ditfastattn.apply(model, Plan.uniform(model, STEPS, "cache"))
+    assert transformer_flux.dispatch_attention_fn is not stock_fn
+    del model
+    gc.collect()
+    assert transformer_flux.dispatch_attention_fn is stock_fn
 
 
 def test_a_wrapper_installed_on_top_stays_after_remove():

@@ -1028,7 +1028,7 @@ def uninstall(pipe_or_transformer) -> Plan:
     for handle in session.handles:
         handle.remove()
     if not hasattr(session.adapter, "make_processor"):
-        dispatch.release(session.adapter)
+        session.release()
     if session.scheduler_hook is not None:
         session.scheduler_hook.undo()
     for layer in session.layers:

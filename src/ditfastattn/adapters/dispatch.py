@@ -13,6 +13,7 @@ the stock function back. The current layer is one slot for the process: one mode
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 
@@ -46,7 +47,11 @@ def _wrapper(stock):
 
 
 def intercept(session, modules: dict[str, torch.nn.Module]) -> list:
-    """Wrap the stock function for ``session``'s family and hook its layers; returns the hooks."""
+    """Wrap the stock function for ``session``'s family and hook its layers; returns the hooks.
+
+    ``session.release()`` undoes the wrapping (once); a transformer dropped without ``remove()``
+    does so when it is collected.
+    """
     for name in _processor_modules(session.adapter):
         module = sys.modules[name]
         entry = _wrapped.get(name)
@@ -55,6 +60,7 @@ def intercept(session, modules: dict[str, torch.nn.Module]) -> list:
             entry = _wrapped[name] = [stock, _wrapper(stock), 0]
             module.dispatch_attention_fn = entry[1]
         entry[2] += 1
+    session.release = weakref.finalize(session.transformer, release, session.adapter)
     handles = []
     for layer in session.layers:
         module = modules[layer.name]
