@@ -376,7 +376,7 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             gluon_reason = _gluon_unsupported(q, k, v)
             layout_reason = _gluon_layout_reason(layout, padding)
             if gluon_reason is None and layout_reason is None:
-                # Measured on an H100 (benchmarks/KERNEL_NOTES.md): faster than the Triton kernel on
+                # Measured on an H100 (docs/history/KERNEL_NOTES.md): faster than the Triton kernel on
                 # every head-dim-128 plan, dense 1.12-1.22x, sparse 1.04-1.20x.
                 impl = "gluon"
             else:

@@ -58,7 +58,7 @@ PRODUCER_REGS = gl.constexpr(24)
 # 128-key tiles three deep and a value ring two deep fill 224 KB of shared memory (the limit is
 # 227). The third key buffer and the order (each value tile after the next key tile) let the next
 # item's first key tile load two steps ahead: FLUX-1K arrows 2-6% faster than both rings two deep
-# in key-value order (H100, KERNEL_NOTES.md); 64-key tiles four deep ran 12-16% slower. At 64
+# in key-value order (H100, docs/history/KERNEL_NOTES.md); 64-key tiles four deep ran 12-16% slower. At 64
 # (SD3-1K, H100): both rings three deep 1-3% faster than two, a fourth key buffer no faster, 64-key
 # tiles four deep 12-15% slower.
 _CONFIGS = {128: [(128, 3, 2)], 64: [(128, 3, 3)]}
@@ -148,7 +148,7 @@ def _key_tile(j, start1, len1, text_start, text_len, BLOCK_N: gl.constexpr):
 
     Text first: all items of a head read the same text tiles, so the first key tile of an item, which
     the step between items waits on, is likely still in L2. Measured against the band first (H100,
-    same run): 1-4 points of the ideal on arrow plans, 1-2 on full mode (KERNEL_NOTES.md).
+    same run): 1-4 points of the ideal on arrow plans, 1-2 on full mode (docs/history/KERNEL_NOTES.md).
     """
     n_text = gl.cdiv(text_len, BLOCK_N)
     first = j < n_text
@@ -301,7 +301,7 @@ def _pack_p(p, dtype: gl.constexpr):
     The loop carries P from one step's softmax to the next step's PV. Carried as 16-bit values, it
     cost ptxas two PRMT a pair to rebuild the wgmma operand at every step (64 of 626 instructions a
     step at head dim 128); carried packed, none: 2-8 points of the ideal on every plan in graph
-    replay (H100, KERNEL_NOTES.md), outputs equal bit for bit.
+    replay (H100, docs/history/KERNEL_NOTES.md), outputs equal bit for bit.
     """
     ROWS: gl.constexpr = p.shape[0]
     COLS: gl.constexpr = p.shape[1]
