@@ -1,0 +1,21 @@
+"""Applies a plan during denoising, split by concern:
+
+- :mod:`.rows`: one layer's methods at one step compiled into the op's modes and masks;
+- :mod:`.budget`: the memory budget of the cache buffers;
+- :mod:`.routing`: whether full heads of mixed layers run on dense SDPA;
+- :mod:`.session`: the dynamic session (step tracking on the host, buffers, residuals, CFG sharing);
+- :mod:`.static`: the static session (device-side step counter and mode tables, for torch.compile);
+- :mod:`.install`: ``apply`` / ``remove`` and the hooks.
+"""
+
+from .install import _transformer_of, apply, install, remove, uninstall
+from .routing import dense_slots, full_head_cost
+from .rows import cache_heads, compile_row
+from .budget import fit_cache_budget
+from .session import CallGeometry, LayerRuntime, Session, _Buffers, cfg_batch_error, warn_short_generation
+from .static import StaticSession
+
+__all__ = [
+    "CallGeometry", "LayerRuntime", "Session", "StaticSession", "apply", "cache_heads", "cfg_batch_error", "compile_row",
+    "dense_slots", "fit_cache_budget", "full_head_cost", "install", "remove", "uninstall", "warn_short_generation",
+]

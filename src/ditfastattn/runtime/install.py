@@ -1,0 +1,157 @@
+"""Install and remove: ``apply`` / ``remove``, the hooks, and the family's way in (processors or
+the dispatch interception)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .. import ops
+from ..adapters import adapter_for, check_cfg_sharing, dispatch
+from ..plan import Plan, _is_int
+from .session import Session, logger
+from .static import StaticSession
+
+_SESSION_ATTR = "_ditfastattn_session"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _transformer_of(pipe_or_transformer):
+    if isinstance(pipe_or_transformer, torch.nn.Module):
+        return pipe_or_transformer, None
+    transformer = getattr(pipe_or_transformer, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer, pipe_or_transformer
+    raise TypeError(
+        f"expected a diffusers pipeline with a `.transformer` or a transformer module; got {type(pipe_or_transformer).__name__}"
+    )
+
+
+def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **session_args) -> Session:
+    transformer, pipe = _transformer_of(pipe_or_transformer)
+    if getattr(transformer, _SESSION_ATTR, None) is not None:
+        raise RuntimeError("a ditfastattn plan is already applied to this model; call ditfastattn.remove() first")
+    if impl not in ops.IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
+    if not isinstance(plan, Plan):
+        raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
+    adapter = adapter_for(transformer)
+    plan.check_compatible(adapter.describe(transformer))
+    check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads})
+    stock = adapter.stock_processor_types()
+    modules = {name: transformer.get_submodule(name) for name in plan.layer_names}
+    for name, module in modules.items():
+        if not isinstance(module.processor, stock):
+            raise TypeError(
+                f"{name} uses {type(module.processor).__name__}; ditfastattn works with diffusers' stock "
+                f"{', '.join(t.__name__ for t in stock)} only (undo fuse_qkv_projections / custom processors first)"
+            )
+    session = session_cls(transformer, plan, adapter, impl, **session_args)
+    session.install_layers(modules)
+    session.handles = [
+        transformer.register_forward_pre_hook(session.begin_call, with_kwargs=True),
+        transformer.register_forward_hook(session.end_call, with_kwargs=True),
+    ]
+    if hasattr(adapter, "make_processor"):  # a family that calls SDPA itself: its own processors
+        for layer in session.layers:
+            module = modules[layer.name]
+            session.originals[layer.name] = module.processor
+            module.set_processor(adapter.make_processor(layer, module.processor))
+    else:
+        session.handles += dispatch.intercept(session, modules)
+    if pipe is not None:
+        session.pipe = pipe
+        session.follow_scheduler(check=False)  # its timesteps may be a previous run's
+    setattr(transformer, _SESSION_ATTR, session)
+    return session
+
+
+def uninstall(pipe_or_transformer) -> Plan:
+    transformer, _ = _transformer_of(pipe_or_transformer)
+    session: Session | None = getattr(transformer, _SESSION_ATTR, None)
+    if session is None:
+        raise RuntimeError("no ditfastattn plan is applied to this model; nothing to remove")
+    for name, processor in session.originals.items():
+        transformer.get_submodule(name).set_processor(processor)
+    for handle in session.handles:
+        handle.remove()
+    if not hasattr(session.adapter, "make_processor"):
+        session.release()
+    if session.scheduler_hook is not None:
+        session.scheduler_hook.undo()
+    for layer in session.layers:
+        layer.free()
+    session.uninstall_layers({layer.name: transformer.get_submodule(layer.name) for layer in session.layers})
+    delattr(transformer, _SESSION_ATTR)
+    return session.plan
+
+
+def apply(
+    pipe_or_transformer,
+    plan: Plan,
+    *,
+    impl: str = "auto",
+    cache_budget_gib: float | None = None,
+    static: bool = False,
+    num_image_tokens: int | None = None,
+) -> None:
+    """Run ``pipe_or_transformer`` under ``plan`` until :func:`remove`.
+
+    Takes over the attention of every layer the plan names (for the families that call diffusers'
+    ``dispatch_attention_fn``, by intercepting that call; SD3 through processors of its own, per
+    module instance), tracks the denoising step from the transformer's ``timestep``, and, given a
+    pipeline, checks the step count whenever the scheduler's timesteps are set (a scheduler
+    swapped in later included). More steps than the plan always raise; on the transformer alone, a
+    generation that stopped short is logged when the next one starts. ``impl`` picks the attention
+    op ("auto", "gluon", "triton", "reference"; see :func:`ditfastattn.ops.headwise_attention`).
+
+    Cache heads read their layer's output of the previous step, which the runtime keeps only while
+    the next step caches, per transformer call of a step. A call that did not run at the previous
+    step (skip-layer guidance starts mid-generation) computes its cache heads instead, and its
+    ``arrow_residual`` heads where it kept no residual: exact, never a read of memory nothing
+    wrote. ``cache_budget_gib`` bounds those buffers (all call slots together): where
+    the plan would need more, the fewest cached heads per byte compute (``full``) instead, logged
+    once with the count. ``None`` keeps every buffer the plan needs.
+
+    ``static=True`` keeps the step counter and the per-step head modes on the device, so
+    ``torch.compile(transformer, fullgraph=True)`` compiles one graph for every step and CUDA
+    graphs can replay it. It needs the image token count (``num_image_tokens``, or the plan's
+    provenance), one transformer call per step (a second is refused: at once in eager calls, at
+    the next eager call or generation when compiled or replayed), no ``cfg_share``, and one
+    uncompiled call to build its tables and buffers. Layers that are full at every step run the stock attention; the
+    others run every head through the fused op, and keep an output buffer for the whole generation
+    if they ever cache.
+    """
+    if impl not in ops.IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
+    if cache_budget_gib is not None and not (_is_number(cache_budget_gib) and math.isfinite(cache_budget_gib)
+                                             and cache_budget_gib >= 0):
+        raise ValueError(
+            f"cache_budget_gib must be >= 0: a finite number of GiB, or None for no limit; got {cache_budget_gib!r}"
+        )
+    if num_image_tokens is not None and not (_is_int(num_image_tokens) and num_image_tokens > 0):
+        raise ValueError(f"num_image_tokens must be a positive int (e.g. FLUX 1024x1024: 4096); got {num_image_tokens!r}")
+    if not isinstance(static, bool):
+        raise TypeError(f"static must be True or False; got {static!r}")
+    budget = None if cache_budget_gib is None else int(cache_budget_gib * 2**30)
+    if static:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
+        tokens = num_image_tokens or plan.provenance.get("num_image_tokens")
+        if not tokens:
+            raise ValueError("static=True needs num_image_tokens= (e.g. FLUX 1024x1024: 4096) or a plan that records it")
+        install(pipe_or_transformer, plan, impl, StaticSession, cache_budget=budget, num_image_tokens=int(tokens))
+    else:
+        install(pipe_or_transformer, plan, impl, cache_budget=budget)
+    logger.info("applied %s plan (%s)", plan.provenance.get("source", "calibrated"), plan)
+
+
+def remove(pipe_or_transformer) -> Plan:
+    """Restore the model (bit for bit): its processors, diffusers' dispatch function, no hooks or
+    buffers; returns the plan."""
+    return uninstall(pipe_or_transformer)

@@ -1,0 +1,78 @@
+"""Full-head routing: whether full heads of mixed layers run on torch's dense SDPA or in the fused op."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .._geometry import MODE_FULL
+
+if TYPE_CHECKING:
+    from .session import CallGeometry
+
+logger = logging.getLogger("ditfastattn.runtime")
+
+
+_full_costs: dict[tuple, float] = {}
+
+
+def full_head_cost(q, k, v, text_start: int, text_len: int, geometry: CallGeometry | None = None) -> float:
+    """Time of full heads in the fused op over their time routed to torch's dense SDPA.
+
+    Routed heads are gathered, attended and scattered back (what a mixed layer does with them), so
+    the copies count: a fused op level with SDPA keeps its heads. Which is faster depends on the
+    GPU, the kernel and the shape, so it is measured once per shape on CUDA, outside graph capture,
+    and logged; elsewhere the fused op's full mode is SDPA itself (1.0). ``geometry`` (the call's
+    layout, when it has several global segments) replaces ``text_start``/``text_len``.
+    """
+    if q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return 1.0
+    layout = {"text_start": text_start, "text_len": text_len} if geometry is None else geometry.op
+    key = (tuple(q.shape), q.stride(), q.dtype, q.device, text_start, text_len,
+           None if geometry is None else geometry.layout)
+    if key not in _full_costs:
+        modes = torch.full((q.shape[2],), MODE_FULL, dtype=torch.int32, device=q.device)
+        heads = torch.arange(q.shape[2], device=q.device)
+        out = torch.empty_like(q)
+
+        def fused():
+            ops.headwise_attention(q, k, v, modes, **layout, out=out, impl="auto")
+
+        def routed():
+            picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
+            out.index_copy_(2, heads, F.scaled_dot_product_attention(*picked).transpose(1, 2))
+
+        medians = []
+        for run in (fused, routed):
+            run()  # compiles and tunes
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(8)]
+            events[0].record()
+            for event in events[1:]:
+                run()
+                event.record()
+            events[-1].synchronize()
+            medians.append(statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:])))
+        _full_costs[key] = medians[0] / medians[1]
+        logger.info(
+            "full heads at %s: fused op %.3f ms, routed to dense SDPA %.3f ms; full heads of mixed "
+            "layers run %s", tuple(q.shape), medians[0], medians[1],
+            "on dense SDPA" if _full_costs[key] > 1.0 else "in the fused op",
+        )
+    return _full_costs[key]
+
+
+def dense_slots(full_counts: list[int], fused_cost: float) -> int:
+    """How many full heads a static layer sends to dense SDPA at every step.
+
+    The slots cost one dense head each at every step, used or not; full heads beyond them run in
+    the fused kernel at ``fused_cost`` each. Returns the count with the least total.
+    """
+    def total(slots):
+        return sum(slots + fused_cost * max(0, n - slots) for n in full_counts)
+
+    return min(range(max(full_counts, default=0) + 1), key=lambda slots: (total(slots), slots))

@@ -1,0 +1,472 @@
+"""The dynamic session: step tracking on the host, per-layer buffers, residuals, CFG sharing."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..adapters import base
+from ..methods import parse_method
+from ..model import TokenLayout
+from ..plan import Plan, PlanMismatchError
+from .budget import _size, fit_cache_budget
+from .rows import _compile_rows, _Row, cache_heads
+
+logger = logging.getLogger("ditfastattn.runtime")
+
+
+def full_head_cost(*args) -> float:
+    """:func:`.routing.full_head_cost`, looked up on the package at each call: callers (and tests)
+    replace ``ditfastattn.runtime.full_head_cost`` to model another GPU."""
+    return sys.modules[__package__].full_head_cost(*args)
+
+
+@dataclass(frozen=True, eq=False)
+class CallGeometry:
+    """The token layout and padding of one layer call, in the forms the op and sessions take.
+
+    ``op`` holds the op's keyword arguments. ``text_start`` and ``text_len`` are the original
+    (text_start, text_len) form that ``Session.row`` and ``Session.after`` receive: exact when
+    ``simple`` (one global segment at the start or the end, no padding); otherwise ``text_len``
+    counts every global token and ``text_start`` is 0, so ``q.shape[1] - text_len`` is still the
+    image token count.
+    """
+
+    layout: TokenLayout
+    padding: ops.Padding | None
+    op: dict
+    text_start: int
+    text_len: int
+
+    @property
+    def simple(self) -> bool:
+        return "text_start" in self.op
+
+    @classmethod
+    def of(cls, seq: int, text_start, text_len, layout: TokenLayout | None, key_padding) -> "CallGeometry":
+        if layout is None:
+            return _text_geometry(seq, text_start, text_len)
+        padding = key_padding if key_padding is None or isinstance(key_padding, ops.Padding) else ops.Padding(key_padding)
+        legacy = layout.text_range()
+        if legacy is not None and padding is None:
+            return _text_geometry(seq, *legacy)
+        return cls(layout, padding, {"segments": layout, "key_padding": padding}, 0 if legacy is None else legacy[0],
+                   layout.num_global)
+
+    def rows(self, batch: slice) -> dict:
+        """The op's keyword arguments for the batch elements ``batch``."""
+        if self.padding is None:
+            return self.op
+        return {**self.op, "key_padding": ops.Padding(self.padding.mask[batch], self.padding.bias)}
+
+
+@functools.lru_cache(maxsize=256)
+def _text_geometry(seq: int, text_start: int, text_len: int) -> CallGeometry:
+    layout = TokenLayout.from_text(seq, text_start, text_len)
+    return CallGeometry(layout, None, {"text_start": text_start, "text_len": text_len}, text_start, text_len)
+
+
+class _Buffers:
+    """Output and residual buffers of one layer for one transformer call slot."""
+
+    __slots__ = ("out", "residual", "step", "captured")
+
+    def __init__(self):
+        self.out: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
+        self.step: int | None = None  # the step whose output `out` holds
+        self.captured: dict[int, int] = {}  # head -> step whose residual `residual` holds
+
+
+class LayerRuntime:
+    """The runtime side of one attention layer; adapters' processors call :meth:`attend`."""
+
+    def __init__(self, session: "Session", index: int, name: str):
+        self.session = session
+        self.index = index
+        self.name = name
+        self.spec = session.plan.model.layers[index]
+        self.slots: dict[int, _Buffers] = {}
+        self._rows: dict[tuple[int, torch.device], list[_Row]] = {}
+        self.geometry: CallGeometry | None = None  # of the call being attended
+
+    def row(self, q: torch.Tensor, num_image_tokens: int, route_full: bool) -> _Row:
+        dropped = self.session.dropped_steps(self.index, q, num_image_tokens)
+        key = (num_image_tokens, q.device, dropped, route_full)
+        if key not in self._rows:
+            self._rows[key] = _compile_rows(
+                self.session.plan, self.index, num_image_tokens, q.device, dropped, route_full
+            )
+        return self._rows[key][self.session.step]
+
+    def _buffers(self, q: torch.Tensor) -> _Buffers:
+        slot = self.slots.setdefault(self.session.call, _Buffers())
+        out = slot.out
+        if out is None or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            if out is not None and self.session.step > 0:
+                raise RuntimeError(
+                    f"{self.name}: the attention input changed from {tuple(out.shape)} {out.dtype} to "
+                    f"{tuple(q.shape)} {q.dtype} within one generation; cached heads cannot be reused"
+                )
+            slot.out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return slot
+
+    def attend(self, q, k, v, *, text_start: int | None = None, text_len: int | None = None, dense,
+               dense_only: str | bool = False, layout: TokenLayout | None = None, key_padding=None) -> torch.Tensor:
+        """Attention of one layer call under the plan; q, k, v are (B, S, H, D) views.
+
+        The token layout is ``text_start``/``text_len`` (one text segment at the start or the end)
+        or ``layout``; ``key_padding`` is a (B, S) bool mask or an ``ops.Padding``. ``dense()``
+        computes the stock attention (B, S, H, D); it serves layers whose heads are all ``full`` at
+        this step, which keeps an all-full plan bitwise equal to stock diffusers. ``dense_only``
+        says why this call can run only the stock attention (an input the op cannot express).
+        """
+        session = self.session
+        geometry = self.geometry = CallGeometry.of(q.shape[1], text_start, text_len, layout, key_padding)
+        if not geometry.simple:
+            session.check_layout_support(self)
+        row = self._runnable(session.row(self, q, k, v, geometry.text_start, geometry.text_len, dense))
+        if row.all_full and row.capture_modes is None and not row.keep:
+            return dense()
+        if dense_only and not row.all_full:
+            what = dense_only if isinstance(dense_only, str) else "attention masks and context parallelism"
+            raise NotImplementedError(
+                f"{self.name}: {what} runs only the stock attention, but the plan compresses this layer at step "
+                f"{session.step}; apply a plan that keeps this layer full, or call the model without it"
+            )
+        slot = self._buffers(q)
+        out = slot.out
+        if row.all_full:
+            result = session.dense(self, dense)
+            if row.keep:
+                out.copy_(result)
+        else:
+            result = out
+            self._compute(q, k, v, row, out, geometry)
+            if row.residual_add is not None:
+                out.add_(torch.where(row.residual_add, slot.residual, 0))
+        if row.capture_modes is not None:
+            arrow = torch.empty_like(out)
+            ops.headwise_attention(q, k, v, row.capture_modes, **geometry.op, out=arrow, impl=session.impl)
+            previous = slot.residual if slot.residual is not None else torch.zeros_like(out)
+            slot.residual = torch.where(row.capture_mask, result - arrow, previous)
+            slot.captured.update(dict.fromkeys(row.captured_heads, session.step))
+        slot.step = session.step
+        session.after(self, q, k, v, result, geometry.text_start, geometry.text_len)
+        if not row.keep:
+            slot.out = None  # the caller's reference keeps it alive just as long as it is used
+        return result
+
+    def _runnable(self, row: _Row) -> _Row:
+        """``row``, or its variant in which the heads that would read what this call slot does not
+        hold compute instead: cache heads when the slot did not run at the previous step (a call
+        that first appears mid-generation, such as skip-layer guidance), arrow_residual heads whose
+        residual this slot never captured."""
+        session = self.session
+        slot = self.slots.get(session.call)
+        missing = set()
+        if row.cache_heads and (slot is None or slot.out is None or slot.step != session.step - 1):
+            missing.update(row.cache_heads)
+        if row.residual_from:
+            captured = slot.captured if slot is not None else {}
+            missing.update(head for head, step in row.residual_from if captured.get(head) != step)
+        return row.computing(frozenset(missing)) if missing else row
+
+    def _compute(self, q, k, v, row: _Row, out, geometry: CallGeometry) -> None:
+        impl = self.session.impl
+        # Routed full heads run on maskless SDPA: with padding they stay in the fused op.
+        if row.full_heads is not None and geometry.padding is None:
+            ops.headwise_attention(q, k, v, row.sparse_modes, **geometry.op, out=out, impl=impl)
+            picked = [t.index_select(2, row.full_heads).transpose(1, 2) for t in (q, k, v)]
+            out.index_copy_(2, row.full_heads, F.scaled_dot_product_attention(*picked).transpose(1, 2))
+            return
+        # CFG is the first call of a step; later ones (skip-layer guidance) hold conditional rows
+        # only, so their cfg_share heads compute the whole batch: the sharing's conditional half.
+        if row.uncond_modes is None or self.session.call > 0:
+            ops.headwise_attention(q, k, v, row.modes, **geometry.op, out=out, impl=impl)
+            return
+        batch = q.shape[0]
+        if batch % 2:
+            raise cfg_batch_error(batch)
+        half = batch // 2
+        cond, uncond = slice(half, batch), slice(0, half)
+        ops.headwise_attention(q[cond], k[cond], v[cond], row.modes, **geometry.rows(cond), out=out[cond], impl=impl)
+        ops.headwise_attention(
+            q[uncond], k[uncond], v[uncond], row.uncond_modes, **geometry.rows(uncond), out=out[uncond], impl=impl,
+        )
+        out[uncond] = torch.where(row.share_mask, out[cond], out[uncond])
+
+    def free(self, call: int | None = None) -> None:
+        if call is None:
+            self.slots.clear()
+        else:
+            self.slots.pop(call, None)
+
+
+class Session:
+    """State of one applied plan: the current step, the call slot within it, and the layers."""
+
+    layer_cls = LayerRuntime
+    buffers_per_generation = False  # a layer holds its buffer only while its next step caches
+    # Whether row() and after() read ``layer.geometry`` (global segments on both sides, padding)
+    # rather than only their (text_start, text_len); a subclass that overrides row() says so itself.
+    layout_aware = True
+
+    def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None):
+        self.transformer = transformer
+        self.plan = plan
+        self.adapter = adapter
+        self.impl = impl
+        self.cache_budget = cache_budget
+        self._dropped: dict[tuple, list[frozenset[int]]] = {}
+        self.step = 0
+        self.call = 0
+        self.calls_per_step = 1
+        # Of the current transformer call: where its image tokens are (dispatch families), and what
+        # is computed once per call (e.g. a check of its attention mask).
+        self.image_segment: tuple[int, int] | str = "no transformer call has started"
+        self.call_cache: dict = {}
+        self._last_timestep: float | None = None
+        self._new_generation = True
+        self._running = False  # a generation has started (and may have stopped short of the plan's steps)
+        self._counted = False  # the scheduler's step count was checked for the next generation
+        self._checked = False  # ... for the current one
+        self.layers = [self.layer_cls(self, index, layer.name) for index, layer in enumerate(plan.model.layers)]
+        self.originals: dict[str, object] = {}
+        self.handles: list = []
+        self.pipe = None
+        self.scheduler_hook: _SchedulerHook | None = None
+        self._parameters = tuple(inspect.signature(transformer.forward).parameters)
+        self._timestep = getattr(adapter, "timestep", base.timestep)
+        self._cfg_share = any(parse_method(m).cfg_share for rows in plan.methods for heads in rows for m in heads)
+        self._inputs_checked: set[tuple] = set()
+
+    def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:
+        """The compiled plan row of ``layer`` at the current step (calibration decides it here).
+
+        ``layer.geometry`` is the call's full layout and padding; ``text_start``/``text_len`` its
+        original form (see :class:`CallGeometry`).
+        """
+        geometry = layer.geometry
+        return layer.row(q, geometry.layout.image_len, self.route_full(q, k, v, text_start, text_len, geometry))
+
+    def route_full(self, q, k, v, text_start: int, text_len: int, geometry: CallGeometry | None = None) -> bool:
+        """Whether full heads of mixed layers run on dense SDPA (impl="auto", where it is faster).
+
+        Never with padding: the routed heads run SDPA without a mask.
+        """
+        if geometry is not None and geometry.padding is not None:
+            return False
+        return self.impl == "auto" and full_head_cost(q, k, v, text_start, text_len, geometry) > 1.0
+
+    def check_layout_support(self, layer: LayerRuntime) -> None:
+        """Say once when ``layer``'s layout (several global segments, padding) reaches a row()
+        that reads only (text_start, text_len): its decisions then see the layout approximately."""
+        owner = next(cls for cls in type(self).__mro__ if "row" in vars(cls))
+        if vars(owner).get("layout_aware", False) or "layout_warned" in vars(self):
+            return
+        self.layout_warned = True
+        logger.warning(
+            "%s: %s scores candidates with one text segment and no padding, but this model's layers have %s; "
+            "its decisions are approximate there (the plan is applied with the exact layout)",
+            layer.name, type(self).__name__,
+            "global tokens on both sides of the image" if layer.geometry.layout.text_range() is None else "padding",
+        )
+
+    def dropped_steps(self, layer: int, q: torch.Tensor, num_image_tokens: int) -> frozenset[int]:
+        """Steps at which ``layer``'s cache heads compute instead, to keep the buffers within the budget."""
+        if self.cache_budget is None:
+            return frozenset()
+        batch, seq, _, _ = q.shape
+        static = self.buffers_per_generation
+        key = (batch, seq, q.element_size(), 1 if static else self.calls_per_step)
+        if key not in self._dropped:
+            # Every call slot (e.g. FLUX's true CFG) keeps its own buffers.
+            layer_bytes = [key[3] * batch * seq * spec.heads * spec.head_dim * key[2] for spec in self.plan.model.layers]
+            cached = cache_heads(self.plan)
+            dropped = fit_cache_budget(cached, layer_bytes, self.cache_budget, static=static)
+            self._dropped[key] = dropped
+            lost = sum(cached[t][l] for l, steps in enumerate(dropped) for t in steps)
+            if lost:
+                logger.warning(
+                    "the cache buffers of this plan exceed the %s budget at batch %d x %d tokens; "
+                    "%d of %d cached head-steps compute instead (raise cache_budget_gib for full speed)",
+                    _size(self.cache_budget), batch, seq, lost, sum(map(sum, cached)),
+                )
+        return self._dropped[key][layer]
+
+    def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
+        """Called after a layer's attention when its buffers are in use (calibration keeps residuals)."""
+
+    def dense(self, layer: LayerRuntime, dense) -> torch.Tensor:
+        """The stock attention of an all-full row (calibration hands back the one it already has)."""
+        return dense()
+
+    def _arguments(self, args, kwargs) -> dict:
+        """The transformer call's arguments by name."""
+        return {**dict(zip(self._parameters, args)), **kwargs}
+
+    def _call_layout(self, arguments: dict) -> None:
+        """The image segment of this call, for the dispatch families' joint layers."""
+        self.call_cache = {}
+        segment = getattr(self.adapter, "image_segment", None)
+        if segment is not None:
+            self.image_segment = segment(self.transformer, arguments)
+
+    def begin_call(self, module, args, kwargs) -> None:
+        arguments = self._arguments(args, kwargs)
+        timestep = self._timestep(arguments)
+        if timestep is None:
+            raise ValueError("ditfastattn tracks denoising steps from the transformer's `timestep` argument; none was passed")
+        self._call_layout(arguments)
+        self.follow_scheduler()
+        # One host read per transformer call: the step index comes from the timestep sequence.
+        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        last = self._last_timestep
+        if self._new_generation or last is None or value > last:
+            self._start_generation()
+            self._check_inputs(arguments.get("hidden_states"))
+        elif value == last:
+            self.call += 1
+            self.calls_per_step = max(self.calls_per_step, self.call + 1)
+        else:
+            calls = self.call + 1  # call slots of the step just done
+            self.step += 1
+            self.call = 0
+            if self.step >= self.plan.num_steps:
+                self._new_generation = True
+                raise _too_many_steps(self.plan.num_steps, "the pipeline")
+            # A call slot absent from the last step (skip-layer guidance after its last step)
+            # holds nothing a later step may read: its cache heads would compute anyway.
+            for layer in self.layers:
+                for call in [c for c in layer.slots if c >= calls]:
+                    layer.free(call)
+        self._last_timestep = value
+
+    def _check_inputs(self, hidden) -> None:
+        """At a generation's first call, what would otherwise fail only at step 1 (step 0 computes
+        every head with the stock attention): a batch without CFG for cfg_share, an impl that
+        cannot run on this device and dtype."""
+        if not torch.is_tensor(hidden):
+            return
+        if self._cfg_share and hidden.shape[0] % 2:
+            raise cfg_batch_error(hidden.shape[0])
+        device_type = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else getattr(self.transformer, "dtype", hidden.dtype))
+        if (hidden.device, dtype) not in self._inputs_checked:
+            reason = ops.impl_unsupported(self.impl, hidden.device, dtype, [l.head_dim for l in self.plan.model.layers])
+            if reason is not None:
+                raise RuntimeError(f"impl={self.impl!r} cannot run: {reason}. Use impl='auto' or impl='reference'.")
+            self._inputs_checked.add((hidden.device, dtype))
+
+    def end_call(self, module, args, kwargs, output) -> None:
+        if self.step == self.plan.num_steps - 1:
+            for layer in self.layers:
+                layer.free(self.call)
+
+    def _start_generation(self) -> None:
+        if self._running and not self._checked and self.step < self.plan.num_steps - 1:
+            warn_short_generation(self.step + 1, self.plan.num_steps)
+        self._running, self._checked, self._counted = True, self._counted, False
+        self.step, self.call, self._new_generation = 0, 0, False
+        for layer in self.layers:
+            layer.free()
+
+    def scheduler_set(self, num_steps: int) -> None:
+        self.plan.check_compatible(self.plan.model, num_steps)
+        self._new_generation = True
+        self._counted = True
+
+    def follow_scheduler(self, check: bool = True) -> None:
+        """Hook ``pipe.scheduler``'s ``set_timesteps``, whichever scheduler the pipeline holds now.
+
+        A scheduler swapped in after :func:`apply` had its timesteps set before it was hooked, so
+        with ``check`` its step count is checked at once (this is the generation's first call).
+        """
+        scheduler = getattr(self.pipe, "scheduler", None)
+        hooked = self.scheduler_hook.scheduler if self.scheduler_hook is not None else None
+        if scheduler is hooked:
+            return
+        if self.scheduler_hook is not None:
+            self.scheduler_hook.undo()
+            self.scheduler_hook = None
+        if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
+            return
+        self.scheduler_hook = _SchedulerHook(scheduler, self)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if check and timesteps is not None:
+            self.scheduler_set(len(timesteps))
+
+    def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Hook for sessions that keep state on the attention modules."""
+
+    def uninstall_layers(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Undo :meth:`install_layers`."""
+
+
+def cfg_batch_error(batch: int) -> ValueError:
+    return ValueError(
+        f"cfg_share needs a CFG batch [unconditional; conditional] of even size; got batch {batch} (guidance_scale "
+        "<= 1 turns classifier-free guidance off): raise guidance_scale above 1, or use a plan without cfg_share"
+    )
+
+
+def _too_many_steps(planned: int, who: str) -> PlanMismatchError:
+    return PlanMismatchError(
+        f"{who} ran more than the plan's {planned} denoising steps; "
+        f"pass num_inference_steps={planned} or calibrate a plan for your step count"
+    )
+
+
+def warn_short_generation(ran: int, planned: int) -> None:
+    logger.warning(
+        "the last generation stopped after %d of the plan's %d denoising steps, so it ran the plan's rows "
+        "for other steps (harmless for a warm-up or an interrupted run); pass num_inference_steps=%d, and apply "
+        "the plan to the pipeline rather than its transformer to have the step count checked before denoising",
+        ran, planned, planned,
+    )
+
+
+class _SchedulerHook:
+    """Tells the session the step count at every ``set_timesteps`` of one scheduler instance.
+
+    Wraps whatever ``set_timesteps`` the instance has (a user's own instance-level patch
+    included) and puts exactly that back on :meth:`undo`.
+    """
+
+    _ABSENT = object()
+
+    def __init__(self, scheduler, session: Session):
+        self.scheduler = scheduler
+        self.before = vars(scheduler).get("set_timesteps", self._ABSENT)
+        original = scheduler.set_timesteps
+        hook = self
+
+        # functools.wraps keeps the signature, which pipelines inspect (retrieve_timesteps).
+        @functools.wraps(original)
+        def set_timesteps(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if hook.active:  # a patch wrapped around this one may outlive remove()
+                session.scheduler_set(len(scheduler.timesteps))
+            return result
+
+        self.active = True
+        self.wrapper = set_timesteps
+        scheduler.set_timesteps = set_timesteps
+
+    def undo(self) -> None:
+        self.active = False
+        if vars(self.scheduler).get("set_timesteps") is not self.wrapper:
+            return  # patched again since apply: that patch stays (it calls this one, now inactive)
+        if self.before is self._ABSENT:
+            del self.scheduler.set_timesteps
+        else:
+            self.scheduler.set_timesteps = self.before

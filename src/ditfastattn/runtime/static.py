@@ -1,0 +1,259 @@
+"""The static session: the step counter and each step's head modes on the device, for
+``torch.compile`` and CUDA graphs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._geometry import MODE_FULL, MODE_SKIP
+from ..model import TokenLayout
+from ..plan import Plan
+from . import routing
+from .rows import _compile_rows
+from .session import CallGeometry, LayerRuntime, Session, _too_many_steps, full_head_cost, logger, warn_short_generation
+
+
+_STEP = "_ditfastattn_step"
+_LAST_TIMESTEP = "_ditfastattn_last_timestep"
+_FAULTS = "_ditfastattn_faults"
+# Bits of the faults a compiled call records on the device for the host to report later.
+_REPEATED_CALL, _EXTRA_STEP, _SHORT_GENERATION = 1, 2, 4
+
+
+class _StaticLayer(LayerRuntime):
+    """One code path for every step: the step's modes are gathered on the device from a table.
+
+    Nothing depends on the step on the host, so ``torch.compile(fullgraph=True)`` traces one graph
+    for the whole denoising loop and CUDA graphs can replay it. Tables and buffers are non-persistent
+    buffers of the attention module: they follow ``.to()`` and have static addresses. Only layers
+    that ever cache hold an output buffer; layers full at every step run the stock attention.
+    """
+
+    module: torch.nn.Module
+    built = False
+    routed = False
+
+    def build(self, q, k, v, text_start: int, text_len: int) -> None:
+        """Tables for this layer at ``q``'s shape; on the first call, which must run uncompiled."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{self.name}: static mode builds its tables and buffers on the first call; run one uncompiled "
+                "transformer call (or generation) with these shapes before torch.compile"
+            )
+        num_image_tokens, device, module = self.session.num_image_tokens, q.device, self.module
+        dropped = self.session.dropped_steps(self.index, q, num_image_tokens)
+        rows = _compile_rows(self.session.plan, self.index, num_image_tokens, device, dropped)
+        heads = rows[0].modes.numel()
+
+        def stack(values):
+            return torch.stack(values).to(device)
+
+        none = torch.full((heads,), MODE_SKIP, dtype=torch.int32, device=device)
+        flags = torch.zeros(heads, dtype=torch.bool, device=device)
+        # The rows' modes were checked on the host as they were made (ops.mode_tensor): the custom
+        # op reads none of these tables back, so a compiled or captured step has no host sync.
+        tables = {
+            "modes": stack([row.modes for row in rows]),
+            "residual_add": stack([flags if row.residual_add is None else row.residual_add.view(-1) for row in rows]),
+            "capture_modes": stack([none if row.capture_modes is None else row.capture_modes for row in rows]),
+            "capture_mask": stack([flags if row.capture_mask is None else row.capture_mask.view(-1) for row in rows]),
+        }
+        self.residuals = bool(tables["residual_add"].any())
+        self.caches = any(row.keep for row in rows)
+        self.stock = all(row.all_full for row in rows) and not self.residuals
+        if self.session.impl == "auto" and not self.stock:
+            tables.update(self._route_full_heads(tables["modes"], full_head_cost(q, k, v, text_start, text_len)))
+        for name, table in tables.items():
+            module.register_buffer(f"_ditfastattn_{name}", table, persistent=False)
+        self.built = True
+
+    def _route_full_heads(self, modes: torch.Tensor, fused_cost: float) -> dict[str, torch.Tensor]:
+        """Send up to a fixed number of each step's full heads to dense SDPA (cuDNN on Hopper).
+
+        ``dense_heads[step]`` lists distinct heads: the routed full heads, which the fused op then
+        skips, padded with other heads whose current output is written back (``dense_valid`` false).
+        """
+        full = (modes == MODE_FULL).cpu()
+        slots = routing.dense_slots(full.sum(1).tolist(), fused_cost)
+        self.routed = slots > 0
+        if not self.routed:
+            return {}
+        heads, valid = [], []
+        for step_full in full.tolist():
+            routed = [h for h, f in enumerate(step_full) if f][:slots]
+            padding = [h for h in range(len(step_full)) if h not in routed][: slots - len(routed)]
+            heads.append(routed + padding)
+            valid.append([True] * len(routed) + [False] * len(padding))
+        heads = torch.tensor(heads, dtype=torch.long, device=modes.device)
+        valid = torch.tensor(valid, dtype=torch.bool, device=modes.device)
+        sparse_modes = modes.clone()
+        sparse_modes.scatter_(1, heads, torch.where(valid, MODE_SKIP, sparse_modes.gather(1, heads)))
+        return {"modes": sparse_modes, "dense_heads": heads, "dense_valid": valid}
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buffer = self.module._buffers.get(name)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"{self.name}: the attention input changed to {tuple(like.shape)} {like.dtype} after the first "
+                    "call; static mode needs fixed shapes (apply again for the new ones)"
+                )
+            buffer = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+            self.module.register_buffer(name, buffer, persistent=False)
+        return buffer
+
+    def attend(self, q, k, v, *, text_start: int | None = None, text_len: int | None = None, dense,
+               dense_only: str | bool = False, layout: TokenLayout | None = None, key_padding=None) -> torch.Tensor:
+        if dense_only:
+            what = dense_only if isinstance(dense_only, str) else "attention masks or context parallelism"
+            raise NotImplementedError(f"{self.name}: static mode does not support {what}; apply without static=True")
+        # Shapes are fixed: the geometry of the first (eager) call serves the compiled ones.
+        geometry = self.geometry
+        if geometry is None or not torch.compiler.is_compiling():
+            geometry = self.geometry = CallGeometry.of(q.shape[1], text_start, text_len, layout, key_padding)
+        if not geometry.simple:
+            raise NotImplementedError(
+                f"{self.name}: static mode takes one text segment at the start or the end and no key padding "
+                "(this call has reference-image tokens or a text mask); apply without static=True"
+            )
+        text_start, text_len = geometry.text_start, geometry.text_len
+        if q.shape[1] - text_len != self.session.num_image_tokens:
+            raise ValueError(
+                f"{self.name}: static mode was applied for {self.session.num_image_tokens} image tokens but the "
+                f"model sees {q.shape[1] - text_len}; apply again with num_image_tokens={q.shape[1] - text_len}"
+            )
+        if not self.built:
+            self.build(q, k, v, text_start, text_len)
+        if self.stock:
+            return dense()
+        step = self.session.step_tensor()
+        module, impl = self.module, self.session.impl
+        # Cache heads skip, so their slice must hold last step's output: a persistent buffer. Layers
+        # that never cache write every element and take a fresh tensor.
+        out = self._buffer("_ditfastattn_out", q) if self.caches else torch.empty_like(q)
+        modes = module._ditfastattn_modes.index_select(0, step).view(-1)
+        torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, text_start, text_len, out, q.shape[-1] ** -0.5, impl)
+        if self.routed:
+            heads = module._ditfastattn_dense_heads.index_select(0, step).view(-1)
+            valid = module._ditfastattn_dense_valid.index_select(0, step).view(1, 1, -1, 1)
+            picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
+            dense = F.scaled_dot_product_attention(*picked).transpose(1, 2)
+            out.index_copy_(2, heads, torch.where(valid, dense, out.index_select(2, heads)))
+        if self.residuals:
+            residual = self._buffer("_ditfastattn_residual", q)
+            out.add_(torch.where(module._ditfastattn_residual_add.index_select(0, step).view(1, 1, -1, 1), residual, 0))
+            arrow = torch.empty_like(out)
+            capture = module._ditfastattn_capture_modes.index_select(0, step).view(-1)
+            torch.ops.ditfastattn.headwise_attention_(q, k, v, capture, text_start, text_len, arrow, q.shape[-1] ** -0.5, impl)
+            keep = module._ditfastattn_capture_mask.index_select(0, step).view(1, 1, -1, 1)
+            residual.copy_(torch.where(keep, out - arrow, residual))
+        return out
+
+    def free(self, call: int | None = None) -> None:
+        for name in ("_ditfastattn_out", "_ditfastattn_residual"):
+            self.module._buffers.pop(name, None)
+
+
+class StaticSession(Session):
+    """Session whose step counter lives on the device (no host read per call); one call per step."""
+
+    layer_cls = _StaticLayer
+    buffers_per_generation = True  # static addresses: a layer that ever caches holds its buffer throughout
+
+    def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None, num_image_tokens: int):
+        super().__init__(transformer, plan, adapter, impl, cache_budget)
+        if self._cfg_share:
+            raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
+        self.num_image_tokens = num_image_tokens
+        device = next(transformer.parameters()).device
+        # Shape (1,): index_select with it stays on the device (a 0-d index would be a host int).
+        transformer.register_buffer(_STEP, torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        transformer.register_buffer(_LAST_TIMESTEP, torch.full((1,), float("-inf"), device=device), persistent=False)
+        transformer.register_buffer(_FAULTS, torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+
+    def step_tensor(self) -> torch.Tensor:
+        return self.transformer._buffers[_STEP]
+
+    def begin_call(self, module, args, kwargs) -> None:
+        arguments = self._arguments(args, kwargs)
+        timestep = self._timestep(arguments)
+        if not torch.is_tensor(timestep):
+            raise ValueError("static mode tracks denoising steps from the transformer's `timestep` tensor; pass one")
+        buffers = self.transformer._buffers
+        step, last, faults = buffers[_STEP], buffers[_LAST_TIMESTEP], buffers[_FAULTS]
+        value = timestep.flatten()[:1].to(last.dtype)
+        final = self.plan.num_steps - 1
+        if torch.compiler.is_compiling() or (value.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # No host read here: record what the host cannot see now, reported at the next eager
+            # call or the next generation (scheduler.set_timesteps).
+            found = (
+                torch.where(value == last, _REPEATED_CALL, 0)
+                | torch.where((value < last) & (step >= final), _EXTRA_STEP, 0)
+                | torch.where((value > last) & (last > float("-inf")) & (step < final), _SHORT_GENERATION, 0)
+            )
+            faults.copy_(faults | found)
+        else:
+            # The layout may read the inputs on the host: only on eager calls (shapes are fixed).
+            self._call_layout(arguments)
+            self.follow_scheduler()
+            self._check_call(*torch.cat([value, last, step.to(last.dtype)]).tolist())
+        advanced = torch.where(value < last, step + 1, step).clamp(max=final)
+        step.copy_(torch.where(value > last, torch.zeros_like(step), advanced))
+        last.copy_(value)
+
+    def _check_call(self, value: float, last: float, step: float) -> None:
+        """The checks of an eager call, on host copies of the timestep and the device counters."""
+        self.report_faults()
+        final = self.plan.num_steps - 1
+        if value == last:
+            raise _second_call(f"the transformer was called again at step {int(step)}")
+        if value < last and step >= final:
+            raise _too_many_steps(self.plan.num_steps, "the pipeline")
+        if value > last and last > float("-inf") and step < final:
+            warn_short_generation(int(step) + 1, self.plan.num_steps)
+
+    def report_faults(self) -> None:
+        """Raise (or warn) for what compiled or graph-replayed calls recorded since the last report."""
+        faults = self.transformer._buffers[_FAULTS]
+        found = int(faults)
+        if not found:
+            return
+        faults.zero_()
+        if found & _REPEATED_CALL:
+            raise _second_call("a compiled or graph-replayed generation called the transformer twice in one step, "
+                               "so its output was wrong")
+        if found & _EXTRA_STEP:
+            raise _too_many_steps(self.plan.num_steps, "a compiled or graph-replayed generation")
+        logger.warning(
+            "a compiled or graph-replayed generation stopped short of the plan's %d denoising steps (harmless for "
+            "a warm-up or an interrupted run); pass num_inference_steps=%d",
+            self.plan.num_steps, self.plan.num_steps,
+        )
+
+    def end_call(self, module, args, kwargs, output) -> None:
+        """Buffers persist across generations in static mode (their addresses must not change)."""
+
+    def scheduler_set(self, num_steps: int) -> None:
+        self.plan.check_compatible(self.plan.model, num_steps)
+        self.report_faults()
+        self.transformer._buffers[_LAST_TIMESTEP].fill_(float("-inf"))
+
+    def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
+        for layer in self.layers:
+            layer.module = modules[layer.name]
+
+    def uninstall_layers(self, modules: dict[str, torch.nn.Module]) -> None:
+        for module in modules.values():
+            for name in [n for n in module._buffers if n.startswith("_ditfastattn_")]:
+                del module._buffers[name]
+        for name in (_STEP, _LAST_TIMESTEP, _FAULTS):
+            del self.transformer._buffers[name]
+
+
+def _second_call(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"static mode runs one transformer call per denoising step, but {what} (true CFG, skip-layer guidance): "
+        "one set of static buffers cannot replay a second call. Apply the plan without static=True, or run CFG "
+        "as one batched call"
+    )
