@@ -158,6 +158,8 @@ def test_full_heads_with_padding_match_sdpa_with_the_stock_mask(form):
     modes = torch.full((heads,), MODE_FULL, dtype=torch.int32)
     got = ops.headwise_attention(q, k, v, modes, text_start=0, text_len=77, key_padding=ops.Padding(~keep, table))
     torch.testing.assert_close(got, stock.transpose(1, 2), atol=2e-6, rtol=1e-5)
+    as_lists = ops.Padding(~keep, [list(row) for row in table])  # any 2 x 2 numbers
+    assert torch.equal(ops.headwise_attention(q, k, v, modes, text_start=0, text_len=77, key_padding=as_lists), got)
     if form == "bool pairs":  # padded queries see nothing: 0, as SDPA gives a fully masked row
         assert torch.all(got[~keep] == 0)
 

@@ -259,7 +259,8 @@ def _padding(key_padding, batch: int, seq: int, device) -> Padding | None:
         ok = False
     if not ok or any(math.isnan(x) or x == math.inf for x in values):
         raise ValueError(f"padding bias must be 2 x 2 numbers (no NaN or +inf), [query padded][key padded]; got {bias!r}")
-    return padding
+    table = ((values[0], values[1]), (values[2], values[3]))  # hashable floats: the kernels key on it
+    return padding if bias == table else Padding(mask, table)
 
 
 def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, scale=None, check_values=True,
