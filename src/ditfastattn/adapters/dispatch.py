@@ -107,7 +107,7 @@ def _attend(layer, stock, query, key, value, args, kwargs):
     reason = _unsupported(options)
     batch, seq = query.shape[:2]
     session = layer.session
-    layout = TokenLayout(seq, 0, seq)  # image-only layers (Z-Image's noise refiner, SD3.5's attn2)
+    layout = TokenLayout(seq, 0, seq)  # image-only layers (Z-Image's noise refiner)
     if layer.spec.text:
         segment = session.image_segment
         if isinstance(segment, str):
