@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_flux
@@ -233,15 +234,23 @@ def test_full_heads_in_the_op_equal_the_stock_attention_of_every_call(family, mo
     assert checked and any(checked) == (family in ("chroma", "qwenimage", "zimage", "hunyuanimage"))
 
 
-def test_calibration_runs_and_its_plan_applies(family):
+def test_calibration_scores_with_the_exact_layout_and_replays_bit_for_bit(family, recorder):
+    """Candidates are scored under each call's own layout and padding: the applied plan reproduces
+    the calibration run's every layer output exactly."""
     pipe = MiniPipeline(FAMILIES[family])
-    plan = ditfastattn.calibrate(pipe, [prompt(seed=1), prompt(seed=2)],
-                                 SearchConfig(num_inference_steps=STEPS, delta=2.0), progress=False)
+    prompts = [prompt(seed=1), prompt(seed=2)]
+    plan = ditfastattn.calibrate(pipe, prompts, SearchConfig(num_inference_steps=STEPS, delta=2.0), progress=False)
     assert plan.model == ditfastattn.model.describe(pipe.transformer)
     assert any(m != "full" for rows in plan.methods[1:] for heads in rows for m in heads)
+    calibrated = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
+    recorder.clear()
     ditfastattn.apply(pipe, plan)
-    assert bool(torch.isfinite(generate(pipe, batch=2)).all())
+    embeds = torch.cat([p["prompt_embeds"] for p in prompts])
+    assert bool(torch.isfinite(pipe(STEPS, torch.Generator().manual_seed(0), prompt_embeds=embeds).images).all())
     ditfastattn.remove(pipe)
+    applied = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
+    assert [a[:3] for a in applied] == [c[:3] for c in calibrated]
+    assert all(torch.equal(a[3], c[3]) for a, c in zip(applied, calibrated))
 
 
 def test_chroma_boolean_masks_too():
@@ -283,3 +292,13 @@ def test_a_family_this_diffusers_lacks_is_left_out_and_named(monkeypatch):
     assert "zimage" not in {adapter.FAMILY for adapter in adapters._ADAPTERS}
     with pytest.raises(TypeError, match=r"HunyuanImageTransformer2DModel .*; this diffusers lacks zimage \(upgrade diffusers\)"):
         adapters.adapter_for(FAMILIES["zimage"].make())
+
+
+def test_candidates_are_scored_under_the_calls_layout_and_padding(family):
+    """An arrow whose band covers the whole image is full attention under the call's own layout and
+    padding, so its score is zero; scored with one text segment and no padding it would not be."""
+    pipe = MiniPipeline(FAMILIES[family])
+    search = SearchConfig(num_inference_steps=STEPS, delta=0.0, candidates=("full", "arrow:1"))
+    plan = ditfastattn.calibrate(pipe, [prompt(seed=1, batch=2)], search, progress=False)
+    scores = np.array([[head for head in layer] for step in plan.scores["rse"][1:] for layer in step], dtype=float)
+    assert scores[..., 1].max() < 1e-9

@@ -124,11 +124,15 @@ class _HostOutputs:
 class _CalibrationSession(Session):
     """A session whose plan rows are decided on the fly from the candidates' errors.
 
+    Candidates run with each call's exact token layout and key padding (``layer.geometry``).
+
     ``weights`` (steps, layers, candidates) scales each score by how much that method's local error
     at that layer and step reaches the output (the sensitivity). With ``forced``, a plan whose
     methods are taken as given, the session only measures: at the layers in ``measure`` (all when
     None), as the sensitivity probe needs.
     """
+
+    layout_aware = True
 
     def __init__(
         self,
@@ -193,7 +197,7 @@ class _CalibrationSession(Session):
         if self.geometry is None and text_len:
             self.geometry = (image_tokens, text_len)
         methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
-        route_full = self.route_full(q, k, v, text_start, text_len)
+        route_full = self.route_full(q, k, v, text_start, text_len, layer.geometry)
         compiled_key = (self.step, layer.index, image_tokens, q.device, route_full)
         if compiled_key not in self.compiled:
             capture = [MODE_SKIP] * len(methods)
@@ -229,7 +233,7 @@ class _CalibrationSession(Session):
                 base = exact
             else:
                 modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
-                base = ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, impl=self.impl)
+                base = ops.headwise_attention(q, k, v, modes, **layer.geometry.op, impl=self.impl)
             for index in indices:
                 method = self.candidates[index]
                 if method.kind == "arrow_residual" and mode not in residuals:
@@ -362,7 +366,7 @@ class _CalibrationSession(Session):
         for mode in windows:
             modes = torch.tensor([mode if f else MODE_SKIP for f in full], dtype=torch.int32, device=q.device)
             arrow = torch.empty_like(out)
-            ops.headwise_attention(q, k, v, modes, text_start=text_start, text_len=text_len, out=arrow, impl=self.impl)
+            ops.headwise_attention(q, k, v, modes, **layer.geometry.op, out=arrow, impl=self.impl)
             previous = store.get(mode)
             store[mode] = torch.where(mask, out - arrow, previous if previous is not None else torch.zeros_like(out))
 
