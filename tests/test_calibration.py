@@ -419,3 +419,51 @@ def test_a_heavier_step_weight_keeps_that_step_more_exact():
     with pytest.raises(ValueError, match="weights for 3 steps but the search runs 5"):
         bad = {"steps": {"cache": [1.0, 1.0, 1.0]}}
         ditfastattn.calibrate(pipe, prompts("flux"), config("flux", sensitivity=bad), progress=False)
+
+
+def test_later_calls_are_scored_on_what_the_runtime_runs_there(monkeypatch, recorder):
+    # Skip-layer guidance adds a call of conditional rows only at steps 2-7 (it skips layer 1). There
+    # cfg_share heads compute unshared, and arrow_residual heads compute exactly until that call keeps
+    # a residual at a full step. Every head's output the calibration scores for a later call must be
+    # what the runtime runs for that head, and the pass must replay bit for bit.
+    from ditfastattn._calibration_session import _CalibrationSession, run_pass
+    from ditfastattn.adapters import adapter_for
+
+    pipe = make_pipeline("sd3")
+    steps, slg = 8, {"skip_guidance_layers": [1], "skip_layer_guidance_start": 0.2, "skip_layer_guidance_stop": 0.9}
+    spec = adapter_for(pipe.transformer).describe(pipe.transformer)
+    ar, csa = "arrow_residual:0.25", "cfg_share+arrow:0.25"
+    layer0 = [
+        ["full", "full", "full"], [ar, "cache", "full"], ["full", csa, ar], [ar, "cache", "cfg_share"],
+        [ar, ar, "cache"], ["cfg_share", "full", "arrow:0.25"], [ar, ar, csa], ["full", "cache", ar],
+    ]
+    plan = ditfastattn.Plan(spec, [[heads, ["full"] * 3] for heads in layer0])
+    search = config("sd3", num_inference_steps=steps,
+                    candidates=("full", "cache", "arrow:0.25", ar, "cfg_share", csa), pipeline_kwargs=slg)
+    call, _ = prompt_kwargs(prompts("sd3"))
+    call.update(SIZE, guidance_scale=4.0, **slg)
+    scored = {}
+    candidate_outputs = _CalibrationSession._candidate_outputs
+
+    def keep(self, layer, *args):
+        for index, out, unmeasured in candidate_outputs(self, layer, *args):
+            if self.call > 0:
+                scored[(self.step, layer.name, self.candidates[index].name)] = (out.clone(), unmeasured)
+            yield index, out, unmeasured
+
+    monkeypatch.setattr(_CalibrationSession, "_candidate_outputs", keep)
+    run_pass(pipe, spec, call, search, None, forced=plan)
+    calibrated = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
+    compared = set()
+    for r in recorder:
+        for head, method in enumerate(plan.methods[r["step"]][0]):
+            out, unmeasured = scored.get((r["step"], r["layer"], method), (None, None))
+            if r["call"] == 1 and out is not None and (unmeasured is None or not unmeasured[head]):
+                torch.testing.assert_close(out[:, :, head], r["out"][:, :, head], atol=0, rtol=0)
+                compared.add(method)
+    assert compared == {"full", "cache", "arrow:0.25", ar, "cfg_share", csa}
+    recorder.clear()
+    ditfastattn.apply(pipe, plan)
+    run_pipeline(pipe, steps=steps, batch=2, **call)
+    assert [(r["layer"], r["step"], r["call"]) for r in recorder] == [c[:3] for c in calibrated]
+    assert all(torch.equal(r["out"], c[3]) for r, c in zip(recorder, calibrated))

@@ -98,6 +98,24 @@ def test_calibration_with_skip_layer_guidance_is_reproducible(recorder, nan_empt
     assert plans[0].methods == plans[1].methods
 
 
+def test_calibration_with_skip_layer_guidance_and_residual_candidates_replays_bit_for_bit(recorder):
+    # The guidance call first appears at step 1, so it never kept the residual of the full step 0:
+    # its arrow_residual heads compute exactly, in calibration as in the runtime (a KeyError before).
+    pipe = sd3_pipeline()
+    prompts = {**embeds(2), **negative_embeds(2)}
+    config = ditfastattn.SearchConfig(delta=0.05, num_inference_steps=6, height=64, width=64, guidance_scale=4.0,
+                                      candidates=("full", "arrow_residual:0.25", "cfg_share"), pipeline_kwargs=SLG)
+    plan = ditfastattn.calibrate(pipe, [prompts], config, progress=False)
+    calibrated = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
+    assert "arrow_residual:0.25" in plan.methods[1][0] and any(c[1:3] == (1, 1) for c in calibrated)
+    recorder.clear()
+    ditfastattn.apply(pipe, plan)
+    run_pipeline(pipe, steps=6, batch=2, **prompts, **SLG)
+    applied = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
+    assert [a[:3] for a in applied] == [c[:3] for c in calibrated]
+    assert all(torch.equal(a[3], c[3]) for a, c in zip(applied, calibrated))
+
+
 def test_static_mode_refuses_a_second_call_per_step():
     pipe = flux_pipeline()
     plan = Plan.uniform(pipe.transformer, 3, "cache", num_image_tokens=1024)

@@ -5,8 +5,10 @@ At every step after the first, each attention layer (in execution order) compute
 output and every candidate's output, scores each head by its share of the layer's relative squared
 error (the head's squared error over the layer's variance, times the head count), and solves the
 head-wise integer program (:mod:`ditfastattn.search`). When a step calls the transformer more than
-once (true CFG), every call is scored: the decision, made at the step's first call, adds the
-errors each later call measured at the previous step, the latest it can know.
+once (true CFG, skip-layer guidance), every call is scored: the decision, made at the step's first
+call, adds the errors each later call measured at the previous step, the latest it can know.
+Each call is scored on what the runtime runs in it: later calls compute ``cfg_share`` heads
+unshared, and a call without a head's previous output or residual computes that head exactly.
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ class _CalibrationSession(Session):
         self.compiled: dict[tuple[int, int, int, torch.device], Any] = {}
         self.residuals: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
         self.locked: dict[tuple[int, int], float] = {}  # (layer, head) -> residual window since last full
+        self.last_full: dict[tuple[int, int], int] = {}  # (layer, head) -> last plain-full step; absent: 0
         self.geometry: tuple[int, int] | None = None
         self._stock: torch.Tensor | None = None  # the exact output of the layer just scored
         self.offload: _HostOutputs | None = None
@@ -202,28 +205,57 @@ class _CalibrationSession(Session):
         if compiled_key not in self.compiled:
             capture = [MODE_SKIP] * len(methods)
             self.compiled[compiled_key] = compile_row(
-                methods, keep=True, capture=capture, num_image_tokens=image_tokens, device=q.device, route_full=route_full
+                methods, keep=True, capture=capture, num_image_tokens=image_tokens, device=q.device, route_full=route_full,
+                residual_from=self._residual_from(layer.index, methods),
             )
         row = self.compiled[compiled_key]
         if row.residual_add is not None:
             self._load_residuals(layer, methods, image_tokens)
         return row
 
-    def _candidate_outputs(self, layer: LayerRuntime, q, k, v, text_start, text_len, exact):
-        """Yield (candidate index, output) one at a time, so memory stays bounded.
+    def _residual_from(self, layer: int, methods: list[Method]) -> list[tuple[int, int]]:
+        """(head, last plain-full step) of every arrow_residual head: the runtime's rule for which
+        residual a head adds (a call slot that did not keep it computes the head instead)."""
+        return [(h, self.last_full.get((layer, h), 0)) for h, m in enumerate(methods) if m.kind == "arrow_residual"]
 
-        ``cache`` yields nothing where the call has no previous output yet (a call slot that
-        first appears mid-generation, or step 0).
+    def _kept(self, layer: LayerRuntime, heads: int) -> torch.Tensor:
+        """(heads,) bool on the host: whether this call slot kept each head's residual at the head's
+        last plain-full step (``slot.captured``, which :meth:`_keep_residuals` fills)."""
+        slot = layer.slots.get(self.call)
+        captured = slot.captured if slot is not None else {}
+        return torch.tensor([captured.get(h) == self.last_full.get((layer.index, h), 0) for h in range(heads)])
+
+    def _candidate_outputs(self, layer: LayerRuntime, q, k, v, text_start, text_len, exact):
+        """Yield (candidate index, output, unmeasured) one at a time, so memory stays bounded.
+
+        Each output is what the runtime runs in this call if every head took the candidate; a
+        head it would compute exactly (no residual kept in this call slot) gets the exact output.
+        ``unmeasured`` is None or a (heads,) bool mask of heads whose error stays unknown (NaN).
+        ``cache`` yields nothing where the call slot did not run at the previous step (one that
+        first appears mid-generation, or step 0): it can run there from the next step on.
         """
         image_tokens = q.shape[1] - text_len
         heads = q.shape[2]
         slot = layer.slots.get(self.call)
         residuals = self.residuals.get((layer.index, self.call), {})
+        kept = unmeasured = None
+        if any(m.kind == "arrow_residual" for m in self.candidates):
+            kept = self._kept(layer, heads)
+            unmeasured = ~kept
+            if self.call > 0:
+                # Later calls are scored a step ahead: a head not kept computes exactly then, unless
+                # it runs full now and so keeps its residual for the next step (not measurable yet).
+                full_now = torch.tensor(
+                    [m.kind == "full" and not m.cfg_share
+                     for m in map(parse_method, self.plan.methods[self.step][layer.index])]
+                )
+                unmeasured = ~kept & full_now
+            kept_mask = kept.to(q.device).view(1, 1, -1, 1)
         by_mode: dict[int, list[int]] = {}
         for index, method in enumerate(self.candidates):
             if method.kind == "cache":
-                if slot is not None and slot.out is not None and self.step > 0:
-                    yield index, slot.out
+                if slot is not None and slot.out is not None and slot.step == self.step - 1:
+                    yield index, slot.out, None
             else:
                 by_mode.setdefault(method.mode(image_tokens), []).append(index)
         for mode, indices in by_mode.items():
@@ -236,15 +268,18 @@ class _CalibrationSession(Session):
                 base = ops.headwise_attention(q, k, v, modes, **layer.geometry.op, impl=self.impl)
             for index in indices:
                 method = self.candidates[index]
-                if method.kind == "arrow_residual" and mode not in residuals:
-                    continue  # no full step of this call has kept the residual yet
-                out = base
                 if method.kind == "arrow_residual":
-                    out = base + residuals[mode]
-                if method.cfg_share:
+                    if mode in residuals:
+                        yield index, torch.where(kept_mask, base + residuals[mode], exact), unmeasured
+                    elif self.call > 0:  # no full step of this call kept one: every head computes
+                        yield index, exact, unmeasured
+                    continue
+                out = base
+                # CFG is the step's first call; later ones (skip-layer guidance) run it unshared.
+                if method.cfg_share and self.call == 0:
                     half = out.shape[0] // 2
                     out = torch.cat([out[half:], out[half:]], dim=0)
-                yield index, out
+                yield index, out, None
 
     def _errors(self, layer: LayerRuntime, q, k, v, text_start, text_len, stock):
         """Squared error per candidate and head (NaN where a candidate cannot run yet), and the
@@ -253,8 +288,10 @@ class _CalibrationSession(Session):
         for index, method in enumerate(self.candidates):
             if method.name == "full":
                 errors[index] = 0.0
-        for candidate, out in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
+        for candidate, out, unmeasured in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
             errors[candidate] = head_squared_errors(out, stock)
+            if unmeasured is not None:
+                errors[candidate, unmeasured.to(q.device)] = float("nan")
         return errors, layer_variance(stock)
 
     def _scores(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> np.ndarray:
@@ -292,6 +329,7 @@ class _CalibrationSession(Session):
         for head, method in enumerate(chosen):
             if method.kind == "full" and not method.cfg_share:
                 self.locked.pop((index, head), None)
+                self.last_full[(index, head)] = step
             elif method.kind == "arrow_residual":
                 self.locked[(index, head)] = method.fraction
         self.plan.methods[step][index] = [m.name for m in chosen]
@@ -363,6 +401,8 @@ class _CalibrationSession(Session):
             return
         mask = torch.tensor(full, device=q.device).view(1, 1, -1, 1)
         store = self.residuals.setdefault((layer.index, self.call), {})
+        # Which residual this call slot holds per head; freed with the slot, as in the runtime.
+        layer.slots[self.call].captured.update((h, self.step) for h, f in enumerate(full) if f)
         for mode in windows:
             modes = torch.tensor([mode if f else MODE_SKIP for f in full], dtype=torch.int32, device=q.device)
             arrow = torch.empty_like(out)
@@ -371,13 +411,17 @@ class _CalibrationSession(Session):
             store[mode] = torch.where(mask, out - arrow, previous if previous is not None else torch.zeros_like(out))
 
     def _load_residuals(self, layer: LayerRuntime, methods: list[Method], image_tokens: int) -> None:
-        store = self.residuals[(layer.index, self.call)]
-        slot = layer.slots[self.call]
+        """The slot's residual for this row's arrow_residual heads that this call slot kept; the
+        others compute exactly (the runtime's rule), so their rows of it are never read."""
+        slot = layer.slots.get(self.call)
+        if slot is None:
+            return  # a call slot that first appears now kept nothing: its arrow_residual heads compute
+        store = self.residuals.get((layer.index, self.call), {})
+        kept = self._kept(layer, len(methods)).tolist()
         residual = None
-        for mode in {m.mode(image_tokens) for m in methods if m.kind == "arrow_residual"}:
-            mask = torch.tensor(
-                [m.kind == "arrow_residual" and m.mode(image_tokens) == mode for m in methods], device=store[mode].device
-            ).view(1, 1, -1, 1)
+        for mode in {m.mode(image_tokens) for m in methods if m.kind == "arrow_residual"} & set(store):
+            flags = [m.kind == "arrow_residual" and m.mode(image_tokens) == mode and kept[h] for h, m in enumerate(methods)]
+            mask = torch.tensor(flags, device=store[mode].device).view(1, 1, -1, 1)
             residual = torch.where(mask, store[mode], residual if residual is not None else torch.zeros_like(store[mode]))
         slot.residual = residual
 
