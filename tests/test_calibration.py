@@ -217,16 +217,34 @@ def test_plan_keeps_scores_and_provenance(tmp_path):
             assert rse[np.arange(len(chosen)), chosen].sum() <= 0.2
 
 
-def test_cfg_candidates_need_a_cfg_batch():
+def test_cfg_candidates_need_a_cfg_batch(recorder):
     pipe = make_pipeline("flux")
     with pytest.raises(ValueError, match="separate transformer calls, so cfg_share cannot apply"):
         ditfastattn.calibrate(pipe, prompts("flux"), config("flux", candidates=("full", "cfg_share")), progress=False)
+    # Guidance <= 1 builds no CFG batch: refused where the guidance is known, before any work.
+    cfg = ("full", "cfg_share+arrow:0.25")
+    for where in ({"guidance_scale": 1.0}, {"pipeline_kwargs": {"guidance_scale": 0.5}}):
+        with pytest.raises(ValueError, match="need classifier-free guidance.*guidance_scale above 1, or drop the cfg"):
+            SearchConfig(candidates=cfg, **where)
     sd3 = make_pipeline("sd3")
-    with pytest.raises(ValueError, match="cfg_share candidates need a CFG batch"):
-        ditfastattn.calibrate(
-            sd3, prompts("sd3", count=1), config("sd3", candidates=("full", "cfg_share"), guidance_scale=1.0),
-            progress=False,
-        )
+    unguided = [{**p, "guidance_scale": 1.0} for p in prompts("sd3")]
+    with pytest.raises(ValueError, match="guidance_scale 1 turns off"):
+        ditfastattn.calibrate(sd3, unguided, config("sd3", candidates=cfg, guidance_scale=None), progress=False)
+
+    class UnguidedByDefault(type(sd3)):
+        def __call__(self, *args, guidance_scale: float = 1.0, **kwargs):
+            return super().__call__(*args, guidance_scale=guidance_scale, **kwargs)
+
+    class Unguided(type(sd3)):  # its signature hides the guidance it sets: refused at the first call
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **{**kwargs, "guidance_scale": 1.0})
+
+    for pipeline, match in ((UnguidedByDefault, "guidance_scale 1 turns off"),
+                            (Unguided, "cfg_share needs a CFG batch .* got batch 1")):
+        with pytest.raises(ValueError, match=match):
+            ditfastattn.calibrate(pipeline(**sd3.components), prompts("sd3", count=1),
+                                  config("sd3", candidates=cfg, guidance_scale=None), progress=False)
+    assert recorder == []  # every refusal came before a layer ran
     assert not hasattr(sd3.transformer, "_ditfastattn_session")  # removed even on failure
 
 

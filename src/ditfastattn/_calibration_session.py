@@ -154,6 +154,8 @@ class _CalibrationSession(Session):
         super().__init__(transformer, plan, adapter, impl)
         self.config = config
         self.candidates: list[Method] = [parse_method(name) for name in config.candidates]
+        # An odd batch is refused at the generation's first call, before any work (Session._check_inputs).
+        self._cfg_share = any(m.cfg_share for m in self.candidates)
         self.progress = progress
         shape = (plan.num_steps, len(plan.model.layers), len(self.candidates))
         self.weights = np.ones(shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=np.float64), shape)
@@ -301,11 +303,6 @@ class _CalibrationSession(Session):
 
     def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
         step, index, heads = self.step, layer.index, q.shape[2]
-        if q.shape[0] % 2 and any(m.cfg_share for m in self.candidates):
-            raise ValueError(
-                f"cfg_share candidates need a CFG batch [unconditional; conditional]; {layer.name} got batch "
-                f"{q.shape[0]}: set guidance_scale > 1 or drop the cfg_share candidates"
-            )
         image_tokens, layer_text = q.shape[1] - text_len, text_len
         if measured:
             stock = dense()

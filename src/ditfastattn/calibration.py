@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -78,6 +79,18 @@ def _check_sensitivity(sensitivity) -> None:
     unknown = set(steps) - set(SENSITIVITY_KINDS)
     if unknown:
         raise ValueError(f"sensitivity steps name unknown kinds {sorted(unknown)}; known: {SENSITIVITY_KINDS}")
+
+
+def check_cfg_guidance(candidates, guidance_scale) -> None:
+    """cfg_share reuses the conditional half of a CFG batch, which a pipeline builds only with
+    guidance above 1 (a ``guidance_scale`` that is not a number is left to the pipeline)."""
+    if not any(parse_method(name).cfg_share for name in candidates):
+        return
+    if isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool) and guidance_scale <= 1:
+        raise ValueError(
+            f"cfg_share candidates need classifier-free guidance as one [unconditional; conditional] batch, which "
+            f"guidance_scale {guidance_scale:g} turns off: set guidance_scale above 1, or drop the cfg_share candidates"
+        )
 
 
 @dataclass(frozen=True)
@@ -181,6 +194,8 @@ class SearchConfig:
         if "full" not in names:
             raise ValueError("candidates must include 'full' (the exact method keeps every program feasible)")
         object.__setattr__(self, "candidates", tuple(dict.fromkeys(names)))
+        guidance = self.guidance_scale if self.guidance_scale is not None else self.pipeline_kwargs.get("guidance_scale")
+        check_cfg_guidance(names, guidance)
         if self.costs is not None:
             if not isinstance(self.costs, dict):
                 raise TypeError(f"costs must be a dict {{method name: relative latency}}; got {type(self.costs).__name__}")
@@ -264,6 +279,9 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     for name in ("height", "width", "guidance_scale"):
         if getattr(config, name) is not None:
             call[name] = getattr(config, name)
+    # Prompt dicts may set the guidance too; unset, it is the pipeline's default. (An odd batch that
+    # still reaches the transformer is refused at its first call.)
+    check_cfg_guidance(config.candidates, call.get("guidance_scale", _default_argument(pipe, "guidance_scale")))
     seconds: dict[str, Any] = {"sensitivity": 0.0, "passes": [], "solver": 0.0}
     sensitivity = config.sensitivity
     if sensitivity == "measure":
@@ -347,6 +365,15 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         )
     logger.info("calibrated %s, attention sparsity %.3f", plan, sparsity)
     return plan
+
+
+def _default_argument(pipe, name: str):
+    """The default of the pipeline call's argument ``name``; None where its signature has none."""
+    try:
+        parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+    except (TypeError, ValueError):  # a callable without a readable signature
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 # Layer-steps re-solved per predicted sparsity; more are subsampled by step.
