@@ -32,6 +32,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 import ditfastattn  # noqa: E402
@@ -47,7 +48,7 @@ SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
 class DenoisePipeline:
     """What calibrate needs of a FLUX pipeline: ``transformer``, ``scheduler`` and a call that runs
     FluxPipeline's denoising loop on packed random latents from prompt embeddings (no text
-    encoders, no VAE). Records the wall time of every step in ``step_seconds``."""
+    encoders, no VAE) and returns them as FluxPipeline does with ``output_type="latent"``. Records the wall time of every step in ``step_seconds``."""
 
     def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler):
         self.transformer = transformer
@@ -96,7 +97,7 @@ class DenoisePipeline:
                 profiler.stop()
                 self.profile = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
                 self.profile_step = None
-        return latents
+        return FluxPipelineOutput(images=latents)
 
 
 def prompts(batch: int, text_len: int, config: dict, device, dtype) -> list[dict]:
