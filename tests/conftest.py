@@ -161,4 +161,4 @@ def recorder(monkeypatch):
 def pytest_collection_modifyitems(session, config, items):
     """The Triton interpreter tests run last: the interpreter patches Triton's language modules in
     ways that outlive it (Gluon's sm_90 build then fails), whatever order the files were given in."""
-    items.sort(key=lambda item: item.path.name == "test_triton_kernel.py")
+    items.sort(key=lambda item: item.path.name in ("test_triton_kernel.py", "test_tiles_triton.py"))

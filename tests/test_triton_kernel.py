@@ -35,22 +35,26 @@ if not _triton._INTERPRET:  # imported earlier in this session without the inter
 FIRST, LAST = "text_first", "text_last"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreted_triton_stdlib():
+def interpreted_stdlib(patch: pytest.MonkeyPatch) -> None:
     """tests/conftest.py imports diffusers, which imports Triton before TRITON_INTERPRET is set
     here, so Triton's own @jit helpers (tl.sum, tl.max, tl.cdiv) were built for the compiler and
-    refuse to run in the interpreter. Swap in interpreted twins for this module's tests; one twin
+    refuse to run in the interpreter. Swap in interpreted twins (undone with ``patch``); one twin
     per function, so the interpreter's fast paths that compare combine functions still match."""
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     twins = {}
+    for module in (tl, tl.standard, tl.math):
+        for name, member in list(vars(module).items()):
+            if isinstance(member, JITFunction):
+                patch.setattr(module, name, twins.setdefault(id(member), InterpretedFunction(member.fn)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreted_triton_stdlib():
     with pytest.MonkeyPatch.context() as patch:
-        for module in (tl, tl.standard, tl.math):
-            for name, member in list(vars(module).items()):
-                if isinstance(member, JITFunction):
-                    patch.setattr(module, name, twins.setdefault(id(member), InterpretedFunction(member.fn)))
+        interpreted_stdlib(patch)
         yield
     if _INTERPRET_BEFORE is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -77,14 +81,15 @@ def _inputs(batch, seq, heads, dim, dtype, gen, layout="bshd"):
 
 def _check(q, k, v, modes, text_len, where, *, out=None, scale=None, return_lse=True, segments=None, padding=None):
     """The kernel against the reference and the same-precision yardstick; ``segments`` (global
-    (start, length) pairs) replaces ``text_len``/``where``, ``padding`` is an ``ops.Padding``."""
+    (start, length) pairs, or a TokenLayout) replaces ``text_len``/``where``, ``padding`` is an
+    ``ops.Padding``."""
     batch, seq, heads, dim = q.shape
     if segments is None:
         geometry = {"text_start": 0 if where == FIRST else seq - text_len, "text_len": text_len}
         layout = TokenLayout.from_text(seq, geometry["text_start"], text_len)
     else:
         geometry = {"segments": segments}
-        layout = TokenLayout.from_segments(seq, segments)
+        layout = segments if isinstance(segments, TokenLayout) else TokenLayout.from_segments(seq, segments)
     if out is None:
         out = torch.empty_like(q)
     out.fill_(float("nan"))

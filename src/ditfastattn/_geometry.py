@@ -5,17 +5,129 @@ Image tokens are cut into blocks of ``IMAGE_BLOCK`` tokens counted from the firs
 block ``i`` see the image keys of blocks ``j`` with ``|i - j| <= w`` plus every text key; text
 queries see everything. Plans store windows as fractions of the image tokens so that one plan
 carries across resolutions; :func:`window_blocks` is the only conversion.
+
+Tile windows: an image (video) segment known as a grid of frames x rows x cols latent patches
+(raster order) is cut into tiles of ``t x h x w`` patches, ``t * h * w == IMAGE_BLOCK`` (tiles at
+the grid's far edges may be partial). A tile head with half-widths ``(wt, wh, ww)`` lets an image
+query in tile ``(a, b, c)`` see the image keys of the tiles ``(a', b', c')`` with ``|a - a'| <= wt``,
+``|b - b'| <= wh`` and ``|c - c'| <= ww``, plus every global key. Its op mode packs the three
+half-widths with :data:`TILE_FLAG` (:func:`tile_mode`); plans store them as fractions of the grid's
+extent in tiles (:meth:`TileGrid.windows`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 
 IMAGE_BLOCK = 128
 
 # Integer head modes understood by the attention op.
 MODE_FULL = -1
 MODE_SKIP = -2
+
+# Tile modes: TILE_FLAG | wt << 20 | wh << 10 | ww, every half-width in [0, MAX_TILE_WINDOW].
+TILE_FLAG = 1 << 30
+TILE_BITS = 10
+MAX_TILE_WINDOW = (1 << TILE_BITS) - 1
+
+
+def tile_mode(wt: int, wh: int, ww: int) -> int:
+    """The op's head mode of a tile window with half-widths ``(wt, wh, ww)`` in tiles."""
+    for value in (wt, wh, ww):
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TILE_WINDOW):
+            raise ValueError(f"tile half-widths must be ints in [0, {MAX_TILE_WINDOW}]; got {(wt, wh, ww)}")
+    return TILE_FLAG | wt << 2 * TILE_BITS | wh << TILE_BITS | ww
+
+
+def is_tile_mode(mode: int) -> bool:
+    return mode >= TILE_FLAG
+
+
+def tile_window(mode: int) -> tuple[int, int, int]:
+    """``(wt, wh, ww)`` of a tile mode."""
+    if not is_tile_mode(mode):
+        raise ValueError(f"head mode {mode} is not a tile window (see tile_mode)")
+    return mode >> 2 * TILE_BITS & MAX_TILE_WINDOW, mode >> TILE_BITS & MAX_TILE_WINDOW, mode & MAX_TILE_WINDOW
+
+
+def default_tile(grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The tile shape ditfastattn uses for ``grid``: 2 x 8 x 8 for video, 1 x 8 x 16 for one frame."""
+    return (2, 8, 8) if grid[0] > 1 else (1, 8, 16)
+
+
+def positive_triple(value, what: str) -> tuple[int, int, int]:
+    """``value`` as a tuple of 3 positive ints (a grid or a tile shape); ValueError naming ``what``."""
+    try:
+        triple = tuple(value)
+    except TypeError:
+        triple = ()
+    if len(triple) != 3 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0
+                                   for x in triple):
+        raise ValueError(f"{what} must be 3 positive ints (frames, rows, cols); got {value!r}")
+    return tuple(int(x) for x in triple)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """An image segment as a ``grid`` of frames x rows x cols patches cut into ``tile``-shaped tiles."""
+
+    grid: tuple[int, int, int]
+    tile: tuple[int, int, int]
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid", positive_triple(self.grid, "a grid"))
+        object.__setattr__(self, "tile", positive_triple(self.tile, "a tile"))
+        if math.prod(self.tile) != IMAGE_BLOCK:
+            raise ValueError(f"a tile must hold {IMAGE_BLOCK} patches (one image block); {self.tile} holds "
+                             f"{math.prod(self.tile)}")
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """Tiles along frames, rows and cols (the last along each may be partial)."""
+        return tuple(-(-g // t) for g, t in zip(self.grid, self.tile))
+
+    @property
+    def num_tiles(self) -> int:
+        return math.prod(self.counts)
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def slots(self) -> int:
+        """Tokens of the image in tile order: every tile, partial ones too, padded to a whole block."""
+        return self.num_tiles * IMAGE_BLOCK
+
+    @property
+    def ragged(self) -> bool:
+        """Whether some tile is partial (the grid does not divide into whole tiles)."""
+        return any(g % t for g, t in zip(self.grid, self.tile))
+
+    def windows(self, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+        """Half-widths in tiles of a window whose half-width along each axis is ``fraction`` x the
+        axis's extent in tiles minus one (nearest, ties up): 0 keeps the query's own tiles along
+        that axis, 1 every tile of it, from any query."""
+        return tuple(min(MAX_TILE_WINDOW, math.floor(f * (n - 1) + 0.5)) for f, n in zip(fractions, self.counts))
+
+    def _extents(self, axis: int) -> list[int]:
+        size, tile = self.grid[axis], self.tile[axis]
+        return [min(tile, size - i * tile) for i in range(self.counts[axis])]
+
+    def image_pairs(self, mode: int) -> int:
+        """(image query, image key) pairs a tile head keeps: per axis, the sum over query tiles of
+        their extent times that of the tiles in their window (the count factorises over axes)."""
+        total = 1
+        for axis, half in enumerate(tile_window(mode)):
+            extents = self._extents(axis)
+            prefix = [0]
+            for extent in extents:
+                prefix.append(prefix[-1] + extent)
+            n = len(extents)
+            total *= sum(e * (prefix[min(n, i + half + 1)] - prefix[max(0, i - half)]) for i, e in enumerate(extents))
+        return total
 
 
 def num_image_blocks(num_image_tokens: int) -> int:
@@ -35,8 +147,9 @@ def window_blocks(fraction: float, num_image_tokens: int) -> int:
     return max(0, math.floor((fraction * blocks - 1.0) / 2.0 + 0.5))
 
 
-def kept_pairs(mode: int, num_image_tokens: int, text_len: int) -> int:
-    """Exact number of (query, key) pairs a head computes under ``mode``, over the joint sequence."""
+def kept_pairs(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> int:
+    """Exact number of (query, key) pairs a head computes under ``mode``, over the joint sequence;
+    tile modes need the image's ``tiles``."""
     seq = num_image_tokens + text_len
     if mode == MODE_SKIP:
         return 0
@@ -44,6 +157,10 @@ def kept_pairs(mode: int, num_image_tokens: int, text_len: int) -> int:
         return seq * seq
     if mode < 0:
         raise ValueError(f"unknown head mode {mode}")
+    if is_tile_mode(mode):
+        if tiles is None or tiles.tokens != num_image_tokens:
+            raise ValueError(f"a tile window's cost needs the grid of the {num_image_tokens} image tokens; got {tiles}")
+        return text_len * seq + num_image_tokens * text_len + tiles.image_pairs(mode)
     blocks = num_image_blocks(num_image_tokens)
     sizes = [min(IMAGE_BLOCK, num_image_tokens - b * IMAGE_BLOCK) for b in range(blocks)]
     prefix = [0]
@@ -56,7 +173,7 @@ def kept_pairs(mode: int, num_image_tokens: int, text_len: int) -> int:
     return text_len * seq + image_pairs
 
 
-def density(mode: int, num_image_tokens: int, text_len: int) -> float:
+def density(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
     """Share of a full head's attention FLOPs that ``mode`` computes (1.0 full, 0.0 skip)."""
     seq = num_image_tokens + text_len
-    return kept_pairs(mode, num_image_tokens, text_len) / float(seq * seq)
+    return kept_pairs(mode, num_image_tokens, text_len, tiles) / float(seq * seq)

@@ -9,6 +9,10 @@
 ``cfg_share``                  compute the conditional half of a CFG batch only (full attention)
                                and reuse it for the unconditional half
 ``cfg_share+arrow:<f>``        the same, with arrow attention on the conditional half
+``tile:<ft>,<fh>,<fw>``        tile window (images and video with a known grid): global rows and
+                               columns kept, image queries see the tiles within a half-width of
+                               f x (tiles - 1) along frames, rows and cols (0: own tiles only,
+                               1: the whole axis); 0 <= f <= 1
 =============================  ==============================================================
 """
 
@@ -18,19 +22,26 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ._geometry import MODE_FULL, MODE_SKIP, density, window_blocks
+from ._geometry import MODE_FULL, MODE_SKIP, TileGrid, density, tile_mode, window_blocks
 
-_NAME = re.compile(r"^(?:(?P<cfg>cfg_share)(?:\+arrow:(?P<cfg_f>[0-9.eE+-]+))?|full|cache|(?P<kind>arrow|arrow_residual):(?P<f>[0-9.eE+-]+))$")
+_NUMBER = r"[0-9.eE+-]+"
+_NAME = re.compile(
+    rf"^(?:(?P<cfg>cfg_share)(?:\+arrow:(?P<cfg_f>{_NUMBER}))?|full|cache|(?P<kind>arrow|arrow_residual):(?P<f>{_NUMBER})"
+    rf"|tile:(?P<tile>{_NUMBER},{_NUMBER},{_NUMBER}))$"
+)
 
 
 @dataclass(frozen=True)
 class Method:
-    kind: str  # "full", "cache", "arrow" or "arrow_residual"
+    kind: str  # "full", "cache", "arrow", "arrow_residual" or "tile"
     fraction: float | None = None
     cfg_share: bool = False
+    window: tuple[float, float, float] | None = None  # a tile window's fractions (frames, rows, cols)
 
     @property
     def name(self) -> str:
+        if self.window is not None:
+            return "tile:" + ",".join(f"{f:g}" for f in self.window)
         base = self.kind if self.fraction is None else f"{self.kind}:{self.fraction:g}"
         if not self.cfg_share:
             return base
@@ -41,27 +52,33 @@ class Method:
         """Whether the head's output is computed at this step (everything but ``cache``)."""
         return self.kind != "cache"
 
-    def mode(self, num_image_tokens: int) -> int:
-        """Integer head mode of the op for the computed part of this method."""
+    def mode(self, num_image_tokens: int, tiles: TileGrid | None = None) -> int:
+        """Integer head mode of the op for the computed part of this method; a tile window needs
+        the image's ``tiles`` (its grid and tile shape)."""
         if self.kind == "cache":
             return MODE_SKIP
         if self.kind == "full":
             return MODE_FULL
+        if self.kind == "tile":
+            if tiles is None:
+                raise ValueError(f"{self.name} needs the image grid (frames x rows x cols), which this call does not "
+                                 "give: its model family passes none, so use arrow:<f> windows there")
+            return tile_mode(*tiles.windows(self.window))
         return window_blocks(self.fraction, num_image_tokens)
 
-    def cost(self, num_image_tokens: int, text_len: int) -> float:
+    def cost(self, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
         """Share of a full head's attention FLOPs this method computes (CFG sharing halves it)."""
-        share = density(self.mode(num_image_tokens), num_image_tokens, text_len)
+        share = density(self.mode(num_image_tokens, tiles), num_image_tokens, text_len, tiles)
         return share / 2.0 if self.cfg_share else share
 
 
-def _fraction(text: str, name: str) -> float:
+def _fraction(text: str, name: str, low_open: bool = True) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"unknown method {name!r}: the window fraction must be a number in (0, 1]")
+    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+        raise ValueError(f"unknown method {name!r}: a window fraction must be a number in {'(' if low_open else '['}0, 1]")
     return value
 
 
@@ -72,8 +89,10 @@ def parse_method(name: str) -> Method:
     if match is None:
         raise ValueError(
             f"unknown method {name!r}; valid: 'full', 'cache', 'arrow:<f>', 'arrow_residual:<f>', "
-            "'cfg_share', 'cfg_share+arrow:<f>' with 0 < f <= 1"
+            "'cfg_share', 'cfg_share+arrow:<f>' with 0 < f <= 1, 'tile:<ft>,<fh>,<fw>' with 0 <= f <= 1"
         )
+    if match.group("tile"):
+        return Method("tile", window=tuple(_fraction(part, name, low_open=False) for part in match.group("tile").split(",")))
     if match.group("cfg"):
         if match.group("cfg_f") is None:
             return Method("full", None, cfg_share=True)

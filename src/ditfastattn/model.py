@@ -7,9 +7,12 @@ live transformer (:func:`describe`), so that code holding only plain data never 
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
+
+from ._geometry import TileGrid, positive_triple, default_tile
 
 
 def _is_int(value) -> bool:
@@ -78,11 +81,18 @@ class TokenLayout:
     attends to the global keys. Arrow attention bands the image segment only, in blocks counted
     from ``image_start``. The global tokens may sit before the image, after it, or both (FLUX.1
     Kontext: text, image, reference image).
+
+    ``grid`` (optional) is the image segment as frames x rows x cols latent patches in raster order;
+    it lets heads run tile windows (the op's tile modes, see :mod:`ditfastattn._geometry`) over tiles
+    of ``tile`` patches (:func:`~ditfastattn._geometry.default_tile` when None). Band, full and skip
+    heads ignore both.
     """
 
     seq_len: int
     image_start: int
     image_len: int
+    grid: tuple[int, int, int] | None = None
+    tile: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         for field in ("seq_len", "image_start", "image_len"):
@@ -93,6 +103,15 @@ class TokenLayout:
                 f"the image segment [{self.image_start}, {self.image_start + self.image_len}) runs past the "
                 f"{self.seq_len} tokens of the sequence"
             )
+        if self.grid is not None:
+            object.__setattr__(self, "grid", positive_triple(self.grid, "a grid"))
+            if math.prod(self.grid) != self.image_len:
+                raise ValueError(f"the grid {self.grid} holds {math.prod(self.grid)} patches; the image segment has "
+                                 f"{self.image_len} tokens")
+        if self.tile is not None:
+            if self.grid is None:
+                raise ValueError("a tile shape needs the image grid (grid=(frames, rows, cols))")
+            object.__setattr__(self, "tile", TileGrid(self.grid, self.tile).tile)
 
     @classmethod
     def from_text(cls, seq_len: int, text_start: int, text_len: int) -> "TokenLayout":
@@ -148,6 +167,13 @@ class TokenLayout:
         """The non-empty global segments as ``(start, length)``: before the image, after it."""
         pairs = ((0, self.image_start), (self.image_end, self.seq_len - self.image_end))
         return tuple(pair for pair in pairs if pair[1])
+
+    def tile_grid(self) -> TileGrid | None:
+        """The grid cut into this layout's tiles (the default shape when it names none), or None
+        without a grid."""
+        if self.grid is None:
+            return None
+        return TileGrid(self.grid, self.tile or default_tile(self.grid))
 
     def text_range(self) -> tuple[int, int] | None:
         """``(text_start, text_len)`` when the global tokens are one segment at the start or the end

@@ -1,10 +1,13 @@
-"""Head-wise attention op: every head of one launch runs its own mode (full, skip, arrow).
+"""Head-wise attention op: every head of one launch runs its own mode (full, skip, arrow band, tile window).
 
 The public entry point validates and dispatches; the implementations live in ``_reference`` (pure
 PyTorch, the oracle, any device), ``_triton`` (fused GPU kernel) and ``_gluon`` (warp-specialised
 Hopper kernel, head dims 64 and 128). None imports another (``_launch`` is the launch helper the
 two GPU kernels share). Every implementation takes the token layout as its image segment
-``(image_start, image_len)``, global tokens elsewhere, and optional key :class:`Padding`.
+``(image_start, image_len)``, global tokens elsewhere, and optional key :class:`Padding`. Tile
+windows need the image's grid: the reference indexes it directly; for the Triton kernel the
+dispatcher puts keys and values in tile order (``_tile_order``, the one place that reorders) and
+launches the kernel twice, once for the tile heads over them and once for the others.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
+from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP, is_tile_mode, tile_mode
 from ..model import TokenLayout
 
 __all__ = [
     "headwise_attention", "IMPLEMENTATIONS", "IMAGE_BLOCK", "KEY_PADDING", "MODE_FULL", "MODE_SKIP", "PAIR_PADDING",
-    "Padding", "TokenLayout", "check_mode_values", "gluon_available", "impl_unsupported", "mode_tensor",
+    "Padding", "TokenLayout", "check_mode_values", "gluon_available", "impl_unsupported", "mode_tensor", "tile_mode",
     "triton_available",
 ]
 
@@ -165,7 +168,9 @@ def _note_once(message: str, chosen: str = "the reference") -> None:
         logger.info("impl='auto' uses %s: %s", chosen, message)
 
 
-def _gluon_layout_reason(layout: TokenLayout, padding: Padding | None) -> str | None:
+def _gluon_layout_reason(layout: TokenLayout, padding: Padding | None, tiled: bool) -> str | None:
+    if tiled:
+        return "the Gluon kernel runs no tile windows (impl='triton' does)"
     if padding is not None:
         return "the Gluon kernel takes no key padding (impl='triton' does)"
     if layout.text_range() is None:
@@ -174,21 +179,21 @@ def _gluon_layout_reason(layout: TokenLayout, padding: Padding | None) -> str | 
     return None
 
 
-_MODE_VALUES = "-2 (skip), -1 (full) or w >= 0 (arrow of half-width w blocks)"
-# The tensor version at which a head-mode tensor's values were last checked, so that a reused
-# tensor costs one host read, not one per call.
-_CHECKED = "_ditfastattn_checked_version"
+_MODE_VALUES = "-2 (skip), -1 (full) or w >= 0 (arrow of half-width w blocks, or a tile window from tile_mode)"
+# (tensor version, host values) of a head-mode tensor when last read, so that a reused tensor
+# costs one host read, not one per call.
+_VALUES = "_ditfastattn_values"
 
 
 def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version
-    except RuntimeError:  # inference tensors keep no version counter: checked at every call
+    except RuntimeError:  # inference tensors keep no version counter: read at every call
         return None
 
 
 def check_mode_values(values) -> None:
-    """Raise ValueError unless every head mode (host ints) is -2, -1 or >= 0."""
+    """Raise ValueError unless every head mode (host ints) is -2, -1, >= 0 (an arrow or a tile window)."""
     bad = sorted({int(m) for m in values if int(m) < MODE_SKIP})
     if bad:
         raise ValueError(f"head_modes values must be {_MODE_VALUES}; got {bad}")
@@ -196,23 +201,28 @@ def check_mode_values(values) -> None:
 
 def mode_tensor(values, device) -> torch.Tensor:
     """An int32 head-mode tensor made from host values, checked here so that the op never reads it back."""
+    values = tuple(int(m) for m in values)
     check_mode_values(values)
-    with torch.inference_mode(False):  # a normal tensor, whose version counter marks it checked
-        modes = torch.tensor(list(values), dtype=torch.int32, device=device)
-    setattr(modes, _CHECKED, modes._version)
+    with torch.inference_mode(False):  # a normal tensor, whose version counter marks it read
+        modes = torch.tensor(values, dtype=torch.int32, device=device)
+    setattr(modes, _VALUES, (modes._version, values))
     return modes
 
 
-def _check_modes_on_host(head_modes: torch.Tensor) -> None:
-    # Where no host read is possible (tracing, CUDA graph capture) the kernels skip out-of-range modes.
+def _mode_values(head_modes: torch.Tensor) -> tuple[int, ...] | None:
+    """The head modes on the host, checked; None where no host read is possible (tracing, CUDA
+    graph capture), where the kernels skip out-of-range modes."""
     if torch.compiler.is_compiling() or (head_modes.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
+        return None
     version = _version(head_modes)
-    if version is not None and getattr(head_modes, _CHECKED, None) == version:
-        return
-    check_mode_values(head_modes.tolist())
+    known = getattr(head_modes, _VALUES, None)
+    if version is not None and known is not None and known[0] == version:
+        return known[1]
+    values = tuple(head_modes.tolist())
+    check_mode_values(values)
     if version is not None:
-        setattr(head_modes, _CHECKED, version)
+        setattr(head_modes, _VALUES, (version, values))
+    return values
 
 
 def _is_int(value) -> bool:
@@ -224,7 +234,18 @@ def _text_layout(seq: int, text_start: int, text_len: int) -> TokenLayout:
     return TokenLayout.from_text(seq, text_start, text_len)
 
 
-def _layout(seq: int, text_start, text_len, segments) -> TokenLayout:
+def _layout(seq: int, text_start, text_len, segments, grid, tile) -> TokenLayout:
+    layout = _segments_layout(seq, text_start, text_len, segments)
+    if grid is None and tile is None:
+        return layout
+    if layout.grid is not None:
+        raise ValueError("give the grid once: grid= (and tile=), or a segments TokenLayout that has one, not both")
+    if grid is None:
+        raise ValueError("tile= needs the image grid: pass grid=(frames, rows, cols) too")
+    return TokenLayout(layout.seq_len, layout.image_start, layout.image_len, grid, tile)
+
+
+def _segments_layout(seq: int, text_start, text_len, segments) -> TokenLayout:
     if segments is not None:
         if text_start is not None or text_len is not None:
             raise ValueError("give the token layout once: text_start= and text_len=, or segments=, not both")
@@ -264,10 +285,11 @@ def _padding(key_padding, batch: int, seq: int, device) -> Padding | None:
 
 
 def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, scale=None, check_values=True,
-           segments=None, key_padding=None):
+           segments=None, key_padding=None, grid=None, tile=None):
     """The one input check of every implementation; ``check_values`` reads ``head_modes`` on the host.
 
-    Returns the call's :class:`TokenLayout` and :class:`Padding` (or None).
+    Returns the call's :class:`TokenLayout`, :class:`Padding` (or None) and the head modes on the
+    host (None when not read).
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("head_modes", head_modes)):
         if not isinstance(t, torch.Tensor):
@@ -285,7 +307,7 @@ def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, sca
     batch, seq, heads, _ = q.shape
     if head_modes.dtype != torch.int32 or head_modes.shape != (heads,):
         raise ValueError(f"head_modes must be int32 of shape ({heads},); got {head_modes.dtype} {tuple(head_modes.shape)}")
-    layout = _layout(seq, text_start, text_len, segments)
+    layout = _layout(seq, text_start, text_len, segments, grid, tile)
     padding = _padding(key_padding, batch, seq, q.device)
     if scale is not None and not (
         isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
@@ -299,9 +321,14 @@ def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, sca
                 f"out must match q: {tuple(q.shape)} {q.dtype} on {q.device}; "
                 f"got {tuple(out.shape)} {out.dtype} on {out.device}"
             )
-    if check_values:
-        _check_modes_on_host(head_modes)
-    return layout, padding
+    values = _mode_values(head_modes) if check_values else None
+    if values is not None and layout.grid is None and any(is_tile_mode(m) for m in values):
+        raise ValueError(
+            f"heads {[h for h, m in enumerate(values) if is_tile_mode(m)]} run tile windows, which need the image "
+            "grid: pass grid=(frames, rows, cols) (and tile= for another tile shape than the default), or "
+            "segments=TokenLayout(..., grid=...)"
+        )
+    return layout, padding, values
 
 
 def headwise_attention(
@@ -318,6 +345,8 @@ def headwise_attention(
     scale: float | None = None,
     impl: str = "auto",
     return_lse: bool = False,
+    grid=None,
+    tile=None,
 ):
     """Joint attention of global (text, reference-image) and image tokens, each head in its own mode.
 
@@ -326,9 +355,12 @@ def headwise_attention(
         head_modes: int32 ``(H,)`` on q's device: ``-1`` full, ``-2`` skip, ``w >= 0`` arrow whose
             image queries in block ``i`` see image key blocks ``|i - j| <= w`` and all global keys;
             global queries see every key. Image blocks are ``IMAGE_BLOCK`` (128) tokens counted from
-            the first image token. Other values raise ValueError; checking them reads the tensor on
-            the host once per tensor version (none for tensors from :func:`mode_tensor`, none under
-            tracing or CUDA graph capture, where the kernels skip out-of-range modes).
+            the first image token. :func:`tile_mode` ``(wt, wh, ww)`` is a tile window (needs
+            ``grid``): image queries in tile ``(a, b, c)`` see the image keys of the tiles within
+            ``wt``, ``wh``, ``ww`` tiles along frames, rows and cols, and all global keys. Other
+            values raise ValueError; checking them reads the tensor on the host once per tensor
+            version (none for tensors from :func:`mode_tensor`, none under tracing or CUDA graph
+            capture, where the kernels skip out-of-range modes, and tile heads without a grid).
         text_start, text_len: the one global (text) segment ``[text_start, text_start + text_len)``,
             at the start (FLUX) or the end (SD3) of the sequence. ``text_len`` may be 0.
         segments: instead of ``text_start``/``text_len``, every global segment as ``(start, length)``
@@ -336,14 +368,18 @@ def headwise_attention(
             FLUX.1 Kontext's ``[(0, 512), (4608, 4096)]``: text, image, reference image.
         key_padding: ``(B, S)`` bool, True at padding tokens, which no query attends (a key mask); or
             a :class:`Padding` for boolean and float masks between queries and keys.
+        grid, tile: the image segment as ``(frames, rows, cols)`` latent patches in raster order, and
+            the tile shape of tile windows (``t * h * w == 128``; by default 2 x 8 x 8 for video,
+            1 x 8 x 16 for one frame); a :class:`TokenLayout` given as ``segments`` may carry both.
+            Tiles at the grid's far edges may be partial.
         out: ``(B, S, H, D)`` output written in place; skip heads leave their slice untouched, so
             plans with skip heads need it. Allocated when omitted.
         scale: softmax scale (finite, > 0), ``1 / sqrt(D)`` by default.
         impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 64 or 128,
             fp16/bf16, q/k/v strides that allow a TMA view, one global segment at the start or the
-            end, no key padding), or ``"auto"`` (on CUDA the Gluon kernel where it supports the
-            call, else Triton where it does, else the reference, logged once; the reference on the
-            CPU). An explicit impl never falls back. ``"triton"`` runs on the CPU only under
+            end, no key padding, no tile windows), or ``"auto"`` (on CUDA the Gluon kernel where it
+            supports the call, else Triton where it does, else the reference, logged once; the
+            reference on the CPU). An explicit impl never falls back. ``"triton"`` runs on the CPU only under
             ``TRITON_INTERPRET=1``.
         return_lse: also return the float32 log-sum-exp ``(B, H, S)`` of every computed row
             (``-inf`` for skip heads and fully masked rows), for merging partial results.
@@ -352,22 +388,26 @@ def headwise_attention(
         ``out``, or ``(out, lse)`` when ``return_lse``.
     """
     return _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, return_lse, check_values=True,
-                      segments=segments, key_padding=key_padding)
+                      segments=segments, key_padding=key_padding, grid=grid, tile=tile)
 
 
 def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, return_lse, *, check_values: bool,
-               segments=None, key_padding=None):
+               segments=None, key_padding=None, grid=None, tile=None):
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}")
-    layout, padding = _check(q, k, v, head_modes, text_start, text_len, out, scale=scale, check_values=check_values,
-                             segments=segments, key_padding=key_padding)
+    layout, padding, values = _check(q, k, v, head_modes, text_start, text_len, out, scale=scale,
+                                     check_values=check_values, segments=segments, key_padding=key_padding,
+                                     grid=grid, tile=tile)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if out is None:
-        # One host sync, only on this convenience path: the runtime always passes `out`.
-        if bool((head_modes == MODE_SKIP).any()):
+        # A host sync without host values, only on this convenience path: the runtime always passes `out`.
+        has_skip = bool((head_modes == MODE_SKIP).any()) if values is None else MODE_SKIP in values
+        if has_skip:
             raise ValueError("head_modes contains skip heads (-2): pass `out`, whose skipped slices are kept")
         out = torch.empty_like(q)
+    # Whether tile heads may run: on a gridded layout, unless the host values show none.
+    tiled = layout.grid is not None and (values is None or any(is_tile_mode(m) for m in values))
 
     if impl == "auto":
         # The interpreter is for testing the kernel, never an automatic choice on the CPU.
@@ -375,7 +415,7 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             impl = "reference"
         else:
             gluon_reason = _gluon_unsupported(q, k, v)
-            layout_reason = _gluon_layout_reason(layout, padding)
+            layout_reason = _gluon_layout_reason(layout, padding, tiled)
             if gluon_reason is None and layout_reason is None:
                 # Measured on an H100 (docs/history/KERNEL_NOTES.md): faster than the Triton kernel on
                 # every head-dim-128 plan, dense 1.12-1.22x, sparse 1.04-1.20x.
@@ -392,19 +432,43 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='reference' or impl='auto'.")
     elif impl == "gluon":
-        reason = _gluon_unsupported(q, k, v) or _gluon_layout_reason(layout, padding)
+        reason = _gluon_unsupported(q, k, v) or _gluon_layout_reason(layout, padding, tiled)
         if reason is not None:
             raise RuntimeError(f"impl='gluon' cannot run: {reason}. Use impl='triton', impl='reference' or impl='auto'.")
 
-    if impl == "gluon":
-        from . import _gluon as module
-    elif impl == "triton":
-        from . import _triton as module
+    segment = (layout.image_start, layout.image_len)
+    if impl == "reference":
+        from . import _reference
+
+        out, lse = _reference.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
+                                        layout.tile_grid())
+    elif impl == "gluon":
+        from . import _gluon
+
+        out, lse = _gluon.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding)
     else:
-        from . import _reference as module
-    out, lse = module.attention(q, k, v, head_modes, layout.image_start, layout.image_len, out, scale, return_lse,
-                                padding)
+        out, lse = _triton_attention(q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled)
     return (out, lse) if return_lse else out
+
+
+def _triton_attention(q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled):
+    """The Triton kernel's launches: the tile heads over keys and values in tile order, the other
+    heads (and the skip heads' log-sum-exps) over the call's own; a launch the host values show
+    empty is left out."""
+    from . import _triton
+
+    segment = (layout.image_start, layout.image_len)
+    lse = None
+    plain = values is None or any(not is_tile_mode(m) and (m != MODE_SKIP or return_lse) for m in values)
+    if plain or not tiled:
+        out, lse = _triton.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding)
+    if tiled:
+        from ._tile_order import tiled_keys
+
+        keys = tiled_keys(k, v, None if padding is None else padding.mask, layout)
+        out, lse = _triton.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding, tiled=keys,
+                                     lse=lse)
+    return out, lse
 
 
 @torch.library.custom_op("ditfastattn::headwise_attention_", mutates_args=("out",))

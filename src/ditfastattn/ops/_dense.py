@@ -9,8 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
+from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP, is_tile_mode, tile_window
 from ..model import TokenLayout
+
+
+def _tile_near(mode: int, layout: TokenLayout, index: torch.Tensor) -> torch.Tensor:
+    """(S, S) bool: whether the tiles of two tokens are within a tile head's window on every axis
+    (meaningful between image tokens only)."""
+    tiles = layout.tile_grid()
+    if tiles is None:
+        raise ValueError(f"tile mode {mode} needs a layout with a grid")
+    _, height, width = tiles.grid
+    patch = (index - layout.image_start).clamp(min=0)
+    coords = (patch // (height * width), patch // width % height, patch % width)
+    near = torch.ones(len(index), len(index), dtype=torch.bool, device=index.device)
+    for coord, size, half in zip(coords, tiles.tile, tile_window(mode)):
+        tile = coord // size
+        near &= (tile[:, None] - tile[None, :]).abs() <= half
+    return near
 
 
 def head_mask(mode: int, layout: TokenLayout, device=None) -> torch.Tensor:
@@ -20,8 +36,11 @@ def head_mask(mode: int, layout: TokenLayout, device=None) -> torch.Tensor:
     is_global = (index < layout.image_start) | (index >= layout.image_end)
     if mode == MODE_FULL:
         return torch.ones(seq, seq, dtype=torch.bool, device=device)
-    block = torch.div(index - layout.image_start, IMAGE_BLOCK, rounding_mode="floor")
-    near = (block[:, None] - block[None, :]).abs() <= mode
+    if is_tile_mode(mode):
+        near = _tile_near(mode, layout, index)
+    else:
+        block = torch.div(index - layout.image_start, IMAGE_BLOCK, rounding_mode="floor")
+        near = (block[:, None] - block[None, :]).abs() <= mode
     return is_global[:, None] | is_global[None, :] | near
 
 

@@ -1,19 +1,23 @@
 """PyTorch reference of head-wise attention: the oracle every other implementation is checked against.
 
 Runs on any device. It computes in float32 (float64 for float64 inputs) and only the pairs the
-definition keeps: full heads attend over all keys, arrow heads gather the global keys and the band
-of image blocks for each image query block (global queries attend over all keys). Each kept region
-is one scaled-dot-product attention; when the log-sum-exp or a padding bias is asked for, the scores
-are formed explicitly, with query rows chunked so that no score tensor grows past ``_MAX_SCORES``
-elements. Nothing of size S x S is built for long sequences.
+definition keeps: full heads attend over all keys; arrow heads gather the global keys and the band
+of image blocks for each image query block; tile heads, for each tile of image queries, the global
+keys and the image keys of the box of tiles in their window, indexed straight from the raster grid
+(no reordering). Global queries attend over all keys. Each kept region is one scaled-dot-product
+attention; when the log-sum-exp or a padding bias is asked for, the scores are formed explicitly,
+with query rows chunked so that no score tensor grows past ``_MAX_SCORES`` elements. Nothing of
+size S x S is built for long sequences.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
-from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP, num_image_blocks
+from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP, TileGrid, is_tile_mode, num_image_blocks, tile_window
 
 _MAX_SCORES = 1 << 25
 
@@ -40,7 +44,38 @@ def _attend(q, k, v, scale, want_lse, bias=None):
     return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if want_lse else None)
 
 
-def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None):
+def _band_regions(mode: int, image_start: int, image_len: int, everything: torch.Tensor):
+    """For each image block of queries: its rows (a slice) and the image keys of its band."""
+    image_end = image_start + image_len
+    for block in range(num_image_blocks(image_len)):
+        q0 = image_start + block * IMAGE_BLOCK
+        k0 = image_start + max(0, block - mode) * IMAGE_BLOCK
+        k1 = min(image_end, image_start + (block + mode + 1) * IMAGE_BLOCK)
+        yield slice(q0, min(image_end, q0 + IMAGE_BLOCK)), everything[k0:k1]
+
+
+def _box(tiles: TileGrid, lo, hi, image_start: int, device) -> torch.Tensor:
+    """Sequence indices of the patches of tiles ``lo`` to ``hi`` (inclusive, per axis), in raster order."""
+    frames, rows, cols = (
+        torch.arange(a * size, min((b + 1) * size, extent), device=device)
+        for a, b, size, extent in zip(lo, hi, tiles.tile, tiles.grid)
+    )
+    _, height, width = tiles.grid
+    index = (frames[:, None, None] * height + rows[None, :, None]) * width + cols[None, None, :]
+    return image_start + index.flatten()
+
+
+def _tile_regions(tiles: TileGrid, mode: int, image_start: int, device):
+    """For each tile of queries: its tokens and the image keys of its window (sequence indices)."""
+    half = tile_window(mode)
+    for tile in itertools.product(*(range(n) for n in tiles.counts)):
+        lo = [max(0, c - w) for c, w in zip(tile, half)]
+        hi = [min(n - 1, c + w) for c, w, n in zip(tile, half, tiles.counts)]
+        yield _box(tiles, tile, tile, image_start, device), _box(tiles, lo, hi, image_start, device)
+
+
+def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, tiles=None):
+    """``tiles`` is the image segment's TileGrid, for the tile heads."""
     batch, seq, _, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_out = None
@@ -55,20 +90,28 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         table = torch.tensor(padding.bias, dtype=compute, device=q.device)
 
     def bias(rows, keys):
-        """The padding bias of query rows ``rows`` (a slice) against key indices ``keys``, for _attend."""
+        """The padding bias of query rows ``rows`` (a slice or indices) against key indices ``keys``, for _attend."""
         if flags is None:
             return None
-        return lambda r0, r1: table[flags[:, rows.start + r0 : rows.start + r1, None], flags[:, None, keys]][:, None]
+        index = everything[rows] if isinstance(rows, slice) else rows
+        return lambda r0, r1: table[flags[:, index[r0:r1], None], flags[:, None, keys]][:, None]
 
     def write(rows, heads, result, lse):
-        out[:, rows, heads] = result.transpose(1, 2).to(out.dtype)
-        if lse is not None:
-            lse_out[:, heads, rows] = lse.to(torch.float32)
+        if isinstance(rows, slice):
+            out[:, rows, heads] = result.transpose(1, 2).to(out.dtype)
+            if lse is not None:
+                lse_out[:, heads, rows] = lse.to(torch.float32)
+        else:  # token indices (a tile's): index rows and heads as a grid
+            out[:, rows[:, None], heads[None]] = result.transpose(1, 2).to(out.dtype)
+            if lse is not None:
+                lse_out[:, heads[:, None], rows[None]] = lse.to(torch.float32)
 
     everything = torch.arange(seq, device=q.device)
     global_keys = torch.cat([everything[rows] for rows in global_rows]) if global_rows else everything[:0]
     for mode in sorted(set(modes)):
-        if mode <= MODE_SKIP:  # skip; out-of-range modes too, as the kernels do (the op checks them)
+        # Skip; out-of-range modes and tile windows without a grid too, as the kernels do (the op
+        # refuses both wherever it reads the modes).
+        if mode <= MODE_SKIP or (is_tile_mode(mode) and tiles is None):
             continue
         heads = torch.tensor([h for h, m in enumerate(modes) if m == mode], device=q.device)
         qg, kg, vg = (t.index_select(2, heads).transpose(1, 2).to(compute) for t in (q, k, v))
@@ -77,13 +120,12 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
             continue
         for rows in global_rows:
             write(rows, heads, *_attend(qg[:, :, rows], kg, vg, scale, return_lse, bias(rows, everything)))
-        for block in range(num_image_blocks(image_len)):
-            q0 = image_start + block * IMAGE_BLOCK
-            q1 = min(image_end, q0 + IMAGE_BLOCK)
-            k0 = image_start + max(0, block - mode) * IMAGE_BLOCK
-            k1 = min(image_end, image_start + (block + mode + 1) * IMAGE_BLOCK)
-            keys = torch.cat([global_keys, everything[k0:k1]])
-            rows = slice(q0, q1)
+        if is_tile_mode(mode):
+            regions = _tile_regions(tiles, mode, image_start, q.device)
+        else:
+            regions = _band_regions(mode, image_start, image_len, everything)
+        for rows, keys in regions:
+            keys = torch.cat([global_keys, keys])
             write(rows, heads, *_attend(qg[:, :, rows], kg[:, :, keys], vg[:, :, keys], scale, return_lse,
                                         bias(rows, keys)))
     return out, lse_out

@@ -9,16 +9,26 @@ counted from the start of their range, so with ``BLOCK_N`` dividing 128 every ba
 tile edge and only the last tile of a range can be partial: the whole tiles of every range run in
 one pipelined, unmasked loop, then each range's partial tile once, masked.
 
+Tile windows run in a second launch of the same kernel (``TILED``) over keys and values in tile
+order (``_tile_order``): each 128-slot image block is one t x h x w tile, so a head's window is
+(2wt+1)(2wh+1) runs of whole blocks, clipped at the grid's edges, and the image range has no
+partial tile. Each query tile is one tile of the grid, read and written at its raster rows; the
+slots a partial tile leaves are masked as keys (``RAGGED``, compiled out for grids of whole
+tiles). A launch runs only its own heads (tile heads in the tiled one, the others in the plain
+one); the other launch's heads are absent: ranked last, writing nothing.
+
 With key padding (``HAS_PAD``) each score gets the bias of its (query padded, key padded) pair,
 and a row whose every key is at ``-inf`` outputs 0; without it that code is compiled out.
 
 The 1-D grid runs the longest programs first: every tile that attends to a whole row (all tiles of
 full heads, the global-query tiles of arrow heads), then the arrow heads' image tiles by decreasing
-band, then the skip heads' tiles, which exit at once (writing only ``-inf`` log-sum-exps when
-asked). Heads are ranked inside the kernel from ``head_modes``, so the host never reads them.
+band (tile heads: by the tiles their window spans), then the skip heads' tiles, which exit at once
+(writing only ``-inf`` log-sum-exps when asked). Heads are ranked inside the kernel from
+``head_modes``, so the host never reads them.
 
 On Hopper, full key tiles and query tiles come through host-side TMA descriptors over a 2-D view
-of q/k/v when their strides allow one; otherwise, and for the masked tails, plain pointer loads.
+of q/k/v when their strides allow one; otherwise, and for the masked tails and the query tiles of
+the tiled launch, plain pointer loads.
 """
 
 from __future__ import annotations
@@ -30,13 +40,17 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP
+from .._geometry import IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL, MODE_SKIP, TILE_BITS, TILE_FLAG
 from ._launch import DirectLaunches, launch_key, on_device, rebased
 
 _LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 FULL = tl.constexpr(MODE_FULL)
 SKIP = tl.constexpr(MODE_SKIP)
+ABSENT = tl.constexpr(MODE_SKIP - 1)  # a head the other launch runs (and padding past the last head)
+TILE = tl.constexpr(TILE_FLAG)
+BITS = tl.constexpr(TILE_BITS)
+HALF_MASK = tl.constexpr(MAX_TILE_WINDOW)
 # Decided where the kernel is decorated, so launcher and kernel agree on interpreter mode.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 # The interpreter is slow per operation, not per element: few large tiles keep CI fast.
@@ -122,22 +136,67 @@ def _load(src, pos, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.c
 
 
 @triton.jit
-def _pos(j, ranges, BLOCK_N: tl.constexpr):
-    """Start of whole tile j: the first range's whole tiles, then the second's, then the third's."""
-    start1, n1, n2, start3 = ranges
-    return tl.where(j < n1, start1 + j * BLOCK_N, tl.where(j < n1 + n2, (j - n1) * BLOCK_N, start3 + (j - n1 - n2) * BLOCK_N))
+def _pos(j, ranges, BLOCK_N: tl.constexpr, TILED: tl.constexpr):
+    """Start of whole tile j: the image range's whole tiles, then the global keys before the image,
+    then those after it. A tiled image range is ``runs`` runs of ``per_run`` key tiles each, the
+    runs of one frame-tile row ``step_b`` apart, those of the next frame-tile ``step_a``."""
+    start1, n1, n2, start3, per_run, runs_b, step_a, step_b = ranges
+    if TILED:
+        run = j // per_run
+        image = start1 + (run // runs_b) * step_a + (run % runs_b) * step_b + (j - run * per_run) * BLOCK_N
+    else:
+        image = start1 + j * BLOCK_N
+    return tl.where(j < n1, image, tl.where(j < n1 + n2, (j - n1) * BLOCK_N, start3 + (j - n1 - n2) * BLOCK_N))
 
 
 @triton.jit
-def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row,
+def _slot_patch(slot, geo, TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                IMAGE_BLOCK: tl.constexpr):
+    """Raster index in the grid of each tile-order image slot, and whether the slot holds a patch
+    (False at the slots a partial tile leaves)."""
+    grid_t, grid_h, grid_w, n_h, n_w = geo
+    tile = slot // IMAGE_BLOCK
+    offset = slot % IMAGE_BLOCK
+    frame = tile // (n_h * n_w) * TILE_T + offset // (TILE_H * TILE_W)
+    row = tile // n_w % n_h * TILE_H + offset // TILE_W % TILE_H
+    col = tile % n_w * TILE_W + offset % TILE_W
+    return (frame * grid_h + row) * grid_w + col, (frame < grid_t) & (row < grid_h) & (col < grid_w)
+
+
+@triton.jit
+def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
-          INTERPRET: tl.constexpr):
-    pos = _pos(j, ranges, BLOCK_N)
+          INTERPRET: tl.constexpr, TILED: tl.constexpr, RAGGED: tl.constexpr, TILE_T: tl.constexpr,
+          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr):
+    pos = _pos(j, ranges, BLOCK_N, TILED)
     qk = _scores(q, _load(ks, pos, BLOCK_N, HEAD_DIM, USE_TMA), INTERPRET)
     v = _load(vs, pos, BLOCK_N, HEAD_DIM, USE_TMA)
     offs_n = tl.arange(0, BLOCK_N)
     k_pad = _key_pad(pad_row, pos, offs_n, offs_n < BLOCK_N, HAS_PAD)
-    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, 0, pad, k_pad, False, HAS_PAD, INTERPRET)
+    if RAGGED:
+        # Every run starts at a tile's first slot, which always holds a patch, so a row's first key
+        # tile keeps a finite score and the unpadded softmax never subtracts -inf from -inf.
+        _, inside = _slot_patch(pos - image_start + offs_n, geo, TILE_T, TILE_H, TILE_W, IMAGE_BLOCK)
+        valid = inside | (j >= ranges[1])
+    else:
+        valid = 0
+    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, pad, k_pad, RAGGED, HAS_PAD, INTERPRET)
+
+
+@triton.jit
+def _load_rows(base, offs_m, ok, s_s, s_d, HEAD_DIM: tl.constexpr):
+    """Rows ``offs_m`` of one (batch, head) (``base`` at its row 0) by pointer loads, 0 where not ``ok``."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(base + offs_m.to(tl.int64)[:, None] * s_s + offs_d[None, :] * s_d, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _window_tiles(modes, n_t, n_h, n_w):
+    """Tiles a tile mode's window spans (its work, for ranking heads), clipped to the grid."""
+    wt = (modes >> 2 * BITS) & HALF_MASK
+    wh = (modes >> BITS) & HALF_MASK
+    ww = modes & HALF_MASK
+    return tl.minimum(2 * wt + 1, n_t) * tl.minimum(2 * wh + 1, n_h) * tl.minimum(2 * ww + 1, n_w)
 
 
 @triton.jit
@@ -169,33 +228,56 @@ def _tail(acc, m_i, l_i, q, ks, vs, start, length, qk_scale, pad, pad_row,
 
 
 @triton.jit(do_not_specialize=[
-    "s_modes", "batch", "seq_len", "num_heads", "image_start", "image_len", "tune_bucket",
+    "s_modes", "batch", "seq_len", "num_heads", "image_start", "image_len", "grid_t", "grid_h", "grid_w",
+    "tune_bucket",
 ])
 def _headwise_kernel(
-    Q, K, V, O, LSE, MODES, PAD, PAD_BIAS, s_modes,
+    Q, K, V, O, LSE, MODES, PAD, QPAD, PAD_BIAS, s_modes,
     q_desc, k_desc, v_desc,
     sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
-    batch, seq_len, num_heads, image_start, image_len, qk_scale, tune_bucket,
+    batch, seq_len, num_heads, image_start, image_len, grid_t, grid_h, grid_w, qk_scale, tune_bucket,
     HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMAGE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_PAD: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, TILED: tl.constexpr, RAGGED: tl.constexpr, TILE_T: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
     # Few arguments: each one costs host time at every launch. tune_bucket only keys the autotuner.
-    # PAD is (B, S) uint8 (non-zero at padding tokens), PAD_BIAS the 2 x 2 bias table in log2 units.
+    # PAD is (B, S) uint8 (non-zero at padding tokens) in the keys' order, QPAD the same in the
+    # queries' (raster) order, PAD_BIAS the 2 x 2 bias table in log2 units. The grid (frames, rows,
+    # cols) and the tile shape serve the tiled launch only; there K and V are in tile order.
     image_end = image_start + image_len
     post_len = seq_len - image_end
+    n_t = tl.cdiv(grid_t, TILE_T)
+    n_h = tl.cdiv(grid_h, TILE_H)
+    n_w = tl.cdiv(grid_w, TILE_W)
+    geo = (grid_t, grid_h, grid_w, n_h, n_w)
+    if TILED:
+        tl.static_assert(BLOCK_M == IMAGE_BLOCK, "a tiled query tile is one grid tile")
+        key_image_len = n_t * n_h * n_w * IMAGE_BLOCK
+    else:
+        key_image_len = image_len
+    key_image_end = image_start + key_image_len
+    key_seq_len = key_image_end + post_len
     n_pre_tiles = tl.cdiv(image_start, BLOCK_M)
     n_global_tiles = n_pre_tiles + tl.cdiv(post_len, BLOCK_M)
-    n_image_tiles = tl.cdiv(image_len, BLOCK_M)
+    n_image_tiles = tl.cdiv(key_image_len, BLOCK_M)
     n_tiles = n_global_tiles + n_image_tiles
 
-    # Rank heads by work, descending (ties by index): full > arrow by width > skip > padding.
-    # Out-of-range modes (below SKIP; the host checks them where it can read them) rank and run as
-    # skip, so the padding past the last head always ranks last and is never written.
+    # Rank heads by work, descending (ties by index): full > arrow by width (tile heads by the tiles
+    # their window spans) > skip > absent. Out-of-range modes (below SKIP; the host checks them
+    # where it can read them) rank and run as skip. Heads of the other launch and the padding past
+    # the last head are absent: they rank last and are never written.
     idx = tl.arange(0, HEADS_POW2)
-    modes = tl.load(MODES + idx * s_modes, mask=idx < num_heads, other=SKIP - 1)
-    modes = tl.where(idx < num_heads, tl.maximum(modes, SKIP), modes)
-    key = tl.where(modes == FULL, 1 << 30, modes)
+    modes = tl.load(MODES + idx * s_modes, mask=idx < num_heads, other=ABSENT)
+    if TILED:
+        present = (idx < num_heads) & (modes >= TILE)
+    else:
+        present = (idx < num_heads) & (modes < TILE)
+    modes = tl.where(present, tl.maximum(modes, SKIP), ABSENT)
+    if TILED:
+        key = tl.where(present, _window_tiles(modes, n_t, n_h, n_w), ABSENT)
+    else:
+        key = tl.where(modes == FULL, 1 << 30, modes)
     ahead = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]))
     ranks = tl.sum(ahead.to(tl.int32), 1)
     n_full_heads = tl.sum((modes == FULL).to(tl.int32), 0)
@@ -203,8 +285,9 @@ def _headwise_kernel(
 
     # Program order, longest work first so that the last wave is short: every full-row tile (all
     # tiles of full heads, then the global-query tiles of arrow heads), then the arrow heads' image
-    # tiles by decreasing band, then the skip heads' tiles, which exit at once. Within a head the
-    # tiles of one batch element run together, so that programs running at once share keys and values.
+    # tiles by decreasing band, then the skip (and absent) heads' tiles, which exit at once. Within a
+    # head the tiles of one batch element run together, so that programs running at once share keys
+    # and values.
     pid = tl.program_id(0)
     end1 = n_full_heads * batch * n_tiles
     end2 = end1 + n_arrow_heads * batch * n_global_tiles
@@ -222,8 +305,9 @@ def _headwise_kernel(
     mode = tl.sum(tl.where(ranks == rank, modes, 0), 0)
 
     # Query rows of this tile: tiles 0 .. n_pre_tiles - 1 hold the global queries before the image,
-    # then those after it, then the image queries. Arrow image tiles see the band of blocks around
-    # their own; all other tiles see every image key.
+    # then those after it, then the image queries (in the tiled launch: one grid tile each, at its
+    # raster rows). Arrow and tile heads' image tiles see their window; all other tiles see every
+    # image key.
     is_image = tile >= n_global_tiles
     is_post = (tile >= n_pre_tiles) & (tile < n_global_tiles)
     image_tile = tile - n_global_tiles
@@ -231,60 +315,94 @@ def _headwise_kernel(
                        tl.where(is_post, image_end + (tile - n_pre_tiles) * BLOCK_M, tile * BLOCK_M))
     q_end = tl.where(is_image, image_end, tl.where(is_post, seq_len, image_start))
     banded = is_image & (mode >= 0)
-    block = image_tile * BLOCK_M // IMAGE_BLOCK
-    w = tl.minimum(tl.maximum(mode, 0), tl.cdiv(image_len, IMAGE_BLOCK))
-    lo = tl.where(banded, tl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
-    hi = tl.where(banded, tl.minimum((block + w + 1) * IMAGE_BLOCK, image_len), image_len)
     offs_m = q_start + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_end
+    if TILED:
+        patch, inside = _slot_patch(image_tile * IMAGE_BLOCK + tl.arange(0, BLOCK_M), geo, TILE_T, TILE_H, TILE_W,
+                                    IMAGE_BLOCK)
+        offs_m = tl.where(is_image, image_start + patch, offs_m)
+        row_ok = tl.where(is_image, inside, row_ok)
+        # The window's box of tiles around this one (every tile for global queries): runs of
+        # contiguous blocks along cols, one per (frame-tile, row-tile) pair.
+        t_a = image_tile // (n_h * n_w)
+        t_b = image_tile // n_w % n_h
+        t_c = image_tile % n_w
+        w_t = (mode >> 2 * BITS) & HALF_MASK
+        w_h = (mode >> BITS) & HALF_MASK
+        w_w = mode & HALF_MASK
+        a_lo = tl.where(banded, tl.maximum(t_a - w_t, 0), 0)
+        a_hi = tl.where(banded, tl.minimum(t_a + w_t, n_t - 1), n_t - 1)
+        b_lo = tl.where(banded, tl.maximum(t_b - w_h, 0), 0)
+        b_hi = tl.where(banded, tl.minimum(t_b + w_h, n_h - 1), n_h - 1)
+        c_lo = tl.where(banded, tl.maximum(t_c - w_w, 0), 0)
+        c_hi = tl.where(banded, tl.minimum(t_c + w_w, n_w - 1), n_w - 1)
+        runs_b = b_hi - b_lo + 1
+        per_run = (c_hi - c_lo + 1) * IMAGE_BLOCK // BLOCK_N
+        n1 = (a_hi - a_lo + 1) * runs_b * per_run
+        start1 = image_start + ((a_lo * n_h + b_lo) * n_w + c_lo) * IMAGE_BLOCK
+        len1 = n1 * BLOCK_N
+    else:
+        block = image_tile * BLOCK_M // IMAGE_BLOCK
+        w = tl.minimum(tl.maximum(mode, 0), tl.cdiv(image_len, IMAGE_BLOCK))
+        lo = tl.where(banded, tl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
+        hi = tl.where(banded, tl.minimum((block + w + 1) * IMAGE_BLOCK, image_len), image_len)
+        start1 = image_start + lo
+        len1 = hi - lo
+        n1 = len1 // BLOCK_N
+        runs_b = 1
+        per_run = 1
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
 
-    if mode != SKIP:
+    if mode >= FULL:
         offs_d = tl.arange(0, HEAD_DIM)
+        q_base = Q + b64 * sqb + h64 * sqh
         if USE_TMA:
-            q_rb, q_rh, q_ch = _view_coeffs(sqb, sqs, sqh)
             k_rb, k_rh, k_ch = _view_coeffs(skb, sks, skh)
             v_rb, v_rh, v_ch = _view_coeffs(svb, svs, svh)
-            q = q_desc.load([b * q_rb + h * q_rh + q_start, h * q_ch])
+            if TILED:  # a tile's rows are scattered: pointer loads
+                q = _load_rows(q_base, offs_m, row_ok, sqs, sqd, HEAD_DIM)
+            else:
+                q_rb, q_rh, q_ch = _view_coeffs(sqb, sqs, sqh)
+                q = q_desc.load([b * q_rb + h * q_rh + q_start, h * q_ch])
         else:
             k_rb, k_rh, k_ch = 0, 0, 0
             v_rb, v_rh, v_ch = 0, 0, 0
-            q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :] * sqd,
-                        mask=(offs_m < seq_len)[:, None], other=0.0)
+            q = _load_rows(q_base, offs_m, row_ok if TILED else offs_m < seq_len, sqs, sqd, HEAD_DIM)
         ks = (k_desc, K, b * k_rb + h * k_rh, h * k_ch, b64 * skb + h64 * skh, sks, skd)
         vs = (v_desc, V, b * v_rb + h * v_rh, h * v_ch, b64 * svb + h64 * svh, svs, svd)
-        pad_row = PAD + b64 * seq_len
+        pad_row = PAD + b64 * key_seq_len
         if HAS_PAD:
-            q_pad = tl.load(pad_row + offs_m, mask=offs_m < seq_len, other=0) != 0
+            q_pad = tl.load(QPAD + b64 * seq_len + offs_m, mask=row_ok, other=0) != 0
             pad = (q_pad, tl.load(PAD_BIAS), tl.load(PAD_BIAS + 1), tl.load(PAD_BIAS + 2), tl.load(PAD_BIAS + 3))
         else:
             pad = (row_ok, qk_scale, qk_scale, qk_scale, qk_scale)  # unused: no padding code is compiled
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        # One pipelined loop over the whole tiles of the three key ranges (image band or all image
-        # keys, global keys before the image, global keys after it), then the partial last tile of
-        # each range, masked.
-        start1 = image_start + lo
-        len1 = hi - lo
-        ranges = (start1, len1 // BLOCK_N, image_start // BLOCK_N, image_end)
-        n_full = len1 // BLOCK_N + image_start // BLOCK_N + post_len // BLOCK_N
+        # One pipelined loop over the whole tiles of the three key ranges (the image window or all
+        # image keys, global keys before the image, global keys after it), then the partial last
+        # tile of each range, masked (a tiled image range has none).
+        ranges = (start1, n1, image_start // BLOCK_N, key_image_end, per_run, runs_b, n_h * n_w * IMAGE_BLOCK,
+                  n_w * IMAGE_BLOCK)
+        n_full = n1 + image_start // BLOCK_N + post_len // BLOCK_N
         if INTERPRET:  # the interpreter (numpy 2) cannot take a run-time bound in range()
             j = 0
             while j < n_full:
-                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
-                                      USE_TMA, HAS_PAD, INTERPRET)
+                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
+                                      BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, TILED, RAGGED, TILE_T, TILE_H,
+                                      TILE_W, IMAGE_BLOCK)
                 j += 1
         else:
             for j in tl.range(0, n_full):
-                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
-                                      USE_TMA, HAS_PAD, INTERPRET)
+                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
+                                      BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, TILED, RAGGED, TILE_T, TILE_H,
+                                      TILE_W, IMAGE_BLOCK)
         acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, start1, len1, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
                               HAS_PAD, INTERPRET)
         acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, 0, image_start, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
                               HAS_PAD, INTERPRET)
-        acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, image_end, post_len, qk_scale, pad, pad_row, BLOCK_N,
+        acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, key_image_end, post_len, qk_scale, pad, pad_row, BLOCK_N,
                               HEAD_DIM, HAS_PAD, INTERPRET)
         if HAS_PAD:
             l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a fully masked row: acc is 0, so is its output
@@ -295,16 +413,17 @@ def _headwise_kernel(
             lse = (m_i + tl.math.log2(l_i)) * LN2  # -inf for a fully masked row (m_i stays -inf)
             tl.store(LSE + (b64 * num_heads + h64) * seq_len + offs_m, lse, mask=row_ok)
     elif RETURN_LSE:
-        tl.store(LSE + (b64 * num_heads + h64) * seq_len + offs_m,
-                 tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
+        if mode == SKIP:
+            tl.store(LSE + (b64 * num_heads + h64) * seq_len + offs_m,
+                     tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
 
 
 def _set_block_shapes(nargs):
-    """Descriptors carry their box shape, which depends on the tuned tile sizes."""
-    if isinstance(nargs["q_desc"], TensorDescriptor):
-        nargs["q_desc"].block_shape = [nargs["BLOCK_M"], nargs["HEAD_DIM"]]
-        nargs["k_desc"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
-        nargs["v_desc"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+    """Descriptors carry their box shape, which depends on the tuned tile sizes (the tiled launch
+    passes q itself: its query tiles are gathered)."""
+    for name, rows in (("q_desc", "BLOCK_M"), ("k_desc", "BLOCK_N"), ("v_desc", "BLOCK_N")):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [nargs[rows], nargs["HEAD_DIM"]]
 
 
 # (BLOCK_N, num_warps, num_stages) per head dim, query tiles of 128 rows (one image block, two
@@ -346,7 +465,7 @@ if _INTERPRET:
 else:
     _tuned = triton.autotune(
         configs=[c for configs in _CONFIGS.values() for c in configs],
-        key=["tune_bucket", "HEAD_DIM", "USE_TMA"],
+        key=["tune_bucket", "HEAD_DIM", "USE_TMA", "TILED"],
         prune_configs_by={"early_config_prune": _prune},
         do_bench=_bench,
     )(_headwise_kernel)
@@ -399,81 +518,93 @@ _launches = None if _INTERPRET else DirectLaunches(_headwise_kernel)
 _bias_tables: dict[tuple, torch.Tensor] = {}
 
 
-def _pad_args(padding, device):
-    """(PAD, PAD_BIAS) kernel arguments: the (B, S) uint8 padding flags and the bias table in log2
-    units, one tensor per table and device, made once (a copy to the GPU per call would cost more)."""
+def _pad_args(padding, tiled, device):
+    """(PAD, QPAD, PAD_BIAS) kernel arguments: the (B, S) uint8 padding flags of the keys (in tile
+    order in a tiled launch) and of the queries, and the bias table in log2 units, one tensor per
+    table and device, made once (a copy to the GPU per call would cost more)."""
     key = (padding.bias, device)
     table = _bias_tables.get(key)
     if table is None:
         values = [float(x) * _LOG2E for row in padding.bias for x in row]
         table = _bias_tables[key] = torch.tensor(values, dtype=torch.float32, device=device)
-    return padding.mask.contiguous().view(torch.uint8), table
+    flags = padding.mask.contiguous().view(torch.uint8)
+    keys = flags if tiled is None else tiled.key_mask.contiguous().view(torch.uint8)
+    return keys, flags, table
 
 
-def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, config=None,
-              warmup=False):
+def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, tiled=None,
+              lse=None, config=None, warmup=False):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
-    ``padding`` is an ``ops.Padding`` or None. ``config`` (one of :func:`tile_configs`) bypasses
-    autotuning, for checks of every configuration; ``warmup`` compiles (that config, or all of
-    them) without launching, for compiling ahead in threads.
+    ``padding`` is an ``ops.Padding`` or None. Without ``tiled`` the launch runs every head but the
+    tile heads; with it (``_tile_order.TiledKeys``: k, v and the key flags in tile order) only the
+    tile heads, whose keys and values it takes from there. ``lse`` is the buffer to write into (a
+    previous launch's, so that two launches fill one). ``config`` (one of :func:`tile_configs`)
+    bypasses autotuning, for checks of every configuration; ``warmup`` compiles (that config, or
+    all of them) without launching, for compiling ahead in threads.
     """
     if not scale > 0:
         raise ValueError(f"the Triton kernel needs a positive softmax scale; got {scale}")
     batch, seq, heads, dim = q.shape
-    lse = None
-    if return_lse and not warmup:
+    if return_lse and not warmup and lse is None:
         lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     if batch * seq * heads == 0:
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
+    if tiled is not None:
+        k, v = tiled.k, tiled.v
     # Unused without padding: any pointer of the same type in every such launch.
-    pad, pad_bias = (head_modes, head_modes) if padding is None else _pad_args(padding, q.device)
+    pads = (head_modes, head_modes, head_modes) if padding is None else _pad_args(padding, tiled, q.device)
+    geometry = (1, 1, 1, 1, 1, 1) if tiled is None else (*tiled.tiles.grid, *tiled.tiles.tile)
 
     key = None
     if not (_INTERPRET or warmup):
         key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, _PREFER_TMA,
                          None if config is None else tuple(config.items()), padding is not None,
-                         pad.data_ptr() % 16, pad_bias.data_ptr() % 16)
+                         *(t.data_ptr() % 16 for t in pads), geometry)
         plan = _plans.get(key)
         if plan is not None:
-            _launch_planned(key, plan, q, k, v, out, lse, head_modes, pad, pad_bias, scale)
+            _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, scale)
             return out, lse
 
     views = None
+    # The tiled launch gathers its query tiles with pointer loads: only k and v need a view there.
+    viewed = (q, k, v) if tiled is None else (k, v)
     if _PREFER_TMA and (
         _INTERPRET or _has_tma(q.device.index if q.device.index is not None else torch.cuda.current_device())
     ):
-        views = [_tma_view(t) for t in (q, k, v)]
+        views = [_tma_view(t) for t in viewed]
         if any(view is None for view in views):
             views = None
-    if views is None:
-        descs = (q, k, v)
-    else:
-        descs = tuple(
-            TensorDescriptor(t, [rows, cols], [t.stride(1), 1], [IMAGE_BLOCK, dim])
-            for t, (rows, cols) in zip((q, k, v), views)
+    descs = (q, k, v)
+    if views is not None:
+        made = tuple(
+            TensorDescriptor(t, [rows, cols], [t.stride(1), 1], [IMAGE_BLOCK, dim]) for t, (rows, cols) in zip(viewed, views)
         )
+        descs = descs[: 3 - len(made)] + made
 
     post_len = seq - image_start - image_len
+    image_tiles = None if tiled is None else tiled.tiles.num_tiles
 
     def grid(meta):
         block_m = meta["BLOCK_M"]
-        tiles = triton.cdiv(image_start, block_m) + triton.cdiv(post_len, block_m) + triton.cdiv(image_len, block_m)
-        return (heads * batch * tiles,)
+        image = triton.cdiv(image_len, block_m) if image_tiles is None else image_tiles
+        return (heads * batch * (triton.cdiv(image_start, block_m) + triton.cdiv(post_len, block_m) + image),)
 
     lse_arg = lse
     if lse_arg is None:  # unused without RETURN_LSE; a warmup needs only the pointer's type
         lse_arg = torch.empty(0, dtype=torch.float32, device=q.device) if return_lse else out
-    ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), batch, seq, heads, image_start, image_len)
-    tune_bucket = triton.next_power_of_2(seq)
-    args = (q, k, v, out, lse_arg, head_modes, pad, pad_bias, head_modes.stride(0), *descs, *ints, scale * _LOG2E,
-            tune_bucket)
+    ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), batch, seq, heads, image_start, image_len,
+            *geometry[:3])
+    tune_bucket = triton.next_power_of_2(k.shape[1])
+    args = _args(q, k, v, out, lse_arg, head_modes, pads, head_modes.stride(0), descs, ints, scale, tune_bucket)
     meta = dict(
         # At least 32 so that head counts up to 32 share one compiled kernel.
         HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, IMAGE_BLOCK=IMAGE_BLOCK,
         USE_TMA=views is not None, RETURN_LSE=return_lse, HAS_PAD=padding is not None, INTERPRET=_INTERPRET,
+        TILED=tiled is not None, RAGGED=tiled is not None and tiled.tiles.ragged, TILE_T=geometry[3],
+        TILE_H=geometry[4], TILE_W=geometry[5],
     )
     if _INTERPRET:
         c = config or dict(INTERPRET_CONFIG)
@@ -486,7 +617,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
             _headwise_kernel.warmup(*args, grid=grid, **meta, **c)
         return out, lse
     if config is None:
-        tune_key = (tune_bucket, dim, meta["USE_TMA"], q.dtype)
+        tune_key = (tune_bucket, dim, meta["USE_TMA"], meta["TILED"], q.dtype)
         if tune_key not in _chosen:
             with on_device(q.device.index):
                 _tuned[grid](*args, **meta)  # tunes on first use, then runs the best
@@ -499,17 +630,23 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     templates = None
     if views is not None:
         _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], **constexprs})
-        templates = tuple(rebased(d, None) for d in descs)
+        templates = tuple(rebased(d, None) if isinstance(d, TensorDescriptor) else None for d in descs)
     options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     plan = _plans[key] = (templates, (head_modes.stride(0), ints, tune_bucket), grid(constexprs), constexprs, options)
-    _launch_planned(key, plan, q, k, v, out, lse, head_modes, pad, pad_bias, scale)
+    _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, scale)
     return out, lse
 
 
-def _launch_planned(key, plan, q, k, v, out, lse, head_modes, pad, pad_bias, scale):
+def _args(q, k, v, out, lse, head_modes, pads, s_modes, descs, ints, scale, tune_bucket):
+    """The kernel's leading (non-constexpr) arguments, in order."""
+    return (q, k, v, out, lse, head_modes, *pads, s_modes, *descs, *ints, scale * _LOG2E, tune_bucket)
+
+
+def _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, scale):
     templates, (s_modes, ints, tune_bucket), grid, constexprs, options = plan
-    descs = (q, k, v) if templates is None else [rebased(t, x) for t, x in zip(templates, (q, k, v))]
-    args = (q, k, v, out, out if lse is None else lse, head_modes, pad, pad_bias, s_modes, *descs, *ints,
-            scale * _LOG2E, tune_bucket)
+    descs = (q, k, v)
+    if templates is not None:
+        descs = tuple(x if t is None else rebased(t, x) for t, x in zip(templates, descs))
+    args = _args(q, k, v, out, out if lse is None else lse, head_modes, pads, s_modes, descs, ints, scale, tune_bucket)
     with on_device(q.device.index):
         _launches(key, grid, args, constexprs, options)

@@ -1,0 +1,227 @@
+"""Tile windows: geometry, method names, the reference op against the dense oracle, the op's checks
+and the reorder into tile order (the kernel: test_tiles_triton.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ditfastattn import ops
+from ditfastattn._geometry import (
+    IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL, MODE_SKIP, TILE_FLAG, TileGrid, default_tile, density, is_tile_mode,
+    kept_pairs, tile_mode, tile_window,
+)
+from ditfastattn.methods import parse_method
+from ditfastattn.model import TokenLayout
+from ditfastattn.ops._dense import dense_attention, head_mask
+from ditfastattn.ops._tile_order import slot_order, tiled_keys
+
+# (grid, tile, global tokens before the image, after it): ragged on every axis, on some, on none;
+# a grid smaller than one tile; text before, after, both, none.
+LAYOUTS = [
+    ((3, 5, 7), (2, 8, 8), 5, 9),
+    ((1, 13, 11), (1, 8, 16), 7, 0),
+    ((5, 12, 20), (2, 8, 8), 0, 33),
+    ((4, 9, 10), (4, 4, 8), 0, 0),
+    ((2, 16, 16), (2, 8, 8), 3, 0),
+    ((2, 9, 17), (1, 8, 16), 20, 20),
+]
+
+
+def layout_of(grid, tile, before, after) -> TokenLayout:
+    image = math.prod(grid)
+    return TokenLayout(before + image + after, before, image, grid, tile)
+
+
+def windows_for(tiles: TileGrid) -> list[int]:
+    """Tile modes from the query's own tile to wider than the grid, each axis in turn."""
+    largest = tuple(n for n in tiles.counts)
+    return [tile_mode(0, 0, 0), tile_mode(1, 0, 0), tile_mode(0, 1, 0), tile_mode(0, 0, 1), tile_mode(1, 1, 1),
+            tile_mode(*largest)]
+
+
+# --- geometry ---------------------------------------------------------------------------------
+
+def test_tile_modes_pack_three_half_widths_apart_from_every_other_mode():
+    for half in [(0, 0, 0), (1, 2, 3), (MAX_TILE_WINDOW, 0, 7), (MAX_TILE_WINDOW,) * 3]:
+        mode = tile_mode(*half)
+        assert is_tile_mode(mode) and tile_window(mode) == half and mode < 2**31  # fits int32
+    for other in (MODE_SKIP, MODE_FULL, 0, 1, 1000, TILE_FLAG - 1):
+        assert not is_tile_mode(other)
+        with pytest.raises(ValueError, match="not a tile window"):
+            tile_window(other)
+    for bad in [(-1, 0, 0), (0, MAX_TILE_WINDOW + 1, 0), (0, 0, 1.0), (True, 0, 0)]:
+        with pytest.raises(ValueError, match="tile half-widths must be ints"):
+            tile_mode(*bad)
+
+
+@pytest.mark.parametrize("grid,tile,before,after", LAYOUTS)
+def test_kept_pairs_count_the_tile_mask(grid, tile, before, after):
+    layout = layout_of(grid, tile, before, after)
+    tiles = layout.tile_grid()
+    text = before + after
+    for mode in windows_for(tiles) + [MODE_FULL, MODE_SKIP, 0, 2]:
+        counted = 0 if mode == MODE_SKIP else int(head_mask(mode, layout).sum())
+        assert kept_pairs(mode, layout.image_len, text, tiles) == counted, mode
+        assert density(mode, layout.image_len, text, tiles) == pytest.approx(counted / layout.seq_len**2)
+    # A window wider than the grid keeps every pair.
+    assert kept_pairs(windows_for(tiles)[-1], layout.image_len, text, tiles) == layout.seq_len**2
+
+
+def test_tile_grids_count_partial_tiles_and_map_fractions_to_half_widths():
+    hunyuan = TileGrid((33, 45, 80), (2, 8, 8))
+    assert hunyuan.counts == (17, 6, 10) and hunyuan.ragged and hunyuan.slots == 1020 * IMAGE_BLOCK
+    assert hunyuan.windows((0, 0, 0)) == (0, 0, 0)
+    assert hunyuan.windows((1, 1, 1)) == (16, 5, 9)  # every tile of every axis, from any query
+    assert hunyuan.windows((0.5, 0.5, 0.5)) == (8, 3, 5)  # nearest, ties up: 2.5 -> 3, 4.5 -> 5
+    assert not TileGrid((2, 16, 32), (2, 8, 8)).ragged
+    assert default_tile((21, 45, 80)) == (2, 8, 8) and default_tile((1, 64, 64)) == (1, 8, 16)
+    with pytest.raises(ValueError, match="must hold 128 patches"):
+        TileGrid((4, 4, 4), (2, 4, 4))
+    with pytest.raises(ValueError, match="3 positive ints"):
+        TileGrid((0, 4, 4), (2, 8, 8))
+    with pytest.raises(ValueError, match="needs the grid"):
+        kept_pairs(tile_mode(0, 0, 0), 100, 0)
+
+
+def test_layouts_check_their_grid():
+    assert TokenLayout(20 + 105, 20, 105, (3, 5, 7)).tile_grid() == TileGrid((3, 5, 7), (2, 8, 8))
+    assert TokenLayout(105, 0, 105).tile_grid() is None
+    with pytest.raises(ValueError, match=r"holds 104 patches; the image segment has 105"):
+        TokenLayout(105, 0, 105, (2, 4, 13))
+    with pytest.raises(ValueError, match="a tile shape needs the image grid"):
+        TokenLayout(105, 0, 105, None, (2, 8, 8))
+    with pytest.raises(ValueError, match="must hold 128"):
+        TokenLayout(105, 0, 105, (3, 5, 7), (1, 8, 8))
+
+
+def test_tile_methods_parse_name_and_cost():
+    method = parse_method(" tile:0.5,0,1 ")
+    assert method.kind == "tile" and method.window == (0.5, 0.0, 1.0) and method.name == "tile:0.5,0,1"
+    assert parse_method(method.name) == method and method.computes
+    tiles = TileGrid((9, 20, 30), (2, 8, 8))  # counts (5, 3, 4)
+    assert method.mode(5400, tiles) == tile_mode(2, 0, 3)
+    assert method.cost(5400, 77, tiles) == density(tile_mode(2, 0, 3), 5400, 77, tiles)
+    with pytest.raises(ValueError, match="needs the image grid"):
+        method.mode(5400)
+    for bad in ("tile:1.5,0,0", "tile:0.5,0", "tile:-0.1,0,0", "tile:a,0,0", "cfg_share+tile:0,0,0"):
+        with pytest.raises(ValueError, match="unknown method"):
+            parse_method(bad)
+
+
+# --- the reference against the dense oracle ---------------------------------------------------
+
+def _qkv(batch, seq, heads, dim=16, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, seq, heads, dim, generator=gen) * 1.5).to(dtype) for _ in range(3)]
+
+
+def _assert_matches_oracle(q, k, v, modes, layout, padding=None):
+    modes_t = torch.tensor(modes, dtype=torch.int32)
+    out = torch.full_like(q, 1234.5)
+    got, lse = ops.headwise_attention(q, k, v, modes_t, segments=layout, key_padding=padding, out=out,
+                                      impl="reference", return_lse=True)
+    want, want_lse = dense_attention(q, k, v, modes, layout, padding)
+    kept = modes_t != MODE_SKIP
+    assert bool((got[:, :, ~kept] == 1234.5).all()), "skip heads written"
+    torch.testing.assert_close(got[:, :, kept], want, atol=1e-10, rtol=1e-10)
+    assert torch.equal(torch.isneginf(lse[:, kept]), torch.isneginf(want_lse))
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[:, kept][finite], want_lse[finite].float(), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("grid,tile,before,after", LAYOUTS)
+def test_reference_matches_the_dense_oracle(grid, tile, before, after):
+    layout = layout_of(grid, tile, before, after)
+    modes = windows_for(layout.tile_grid()) + [MODE_FULL, MODE_SKIP, 1]  # band heads in the same call
+    q, k, v = _qkv(2, layout.seq_len, len(modes), seed=sum(grid))
+    _assert_matches_oracle(q, k, v, modes, layout)
+
+
+@pytest.mark.parametrize("table", [ops.KEY_PADDING, ops.PAIR_PADDING, ((1.0, 0.0), (0.0, 0.0))])
+def test_reference_with_padding_matches_the_dense_oracle(table):
+    layout = layout_of((3, 10, 12), (2, 8, 8), 12, 4)
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, layout.seq_len, generator=gen) < 0.3
+    mask[1, : layout.image_start + 200] = True  # whole tiles padded, and tile rows that keep no key
+    modes = [tile_mode(0, 0, 0), tile_mode(1, 0, 1), MODE_FULL, 0]
+    q, k, v = _qkv(2, layout.seq_len, len(modes), seed=4)
+    _assert_matches_oracle(q, k, v, modes, layout, ops.Padding(mask, table))
+
+
+def test_a_window_over_the_whole_grid_is_full_attention():
+    layout = layout_of((3, 10, 12), (2, 8, 8), 9, 0)
+    q, k, v = (t.expand(-1, -1, 2, -1) for t in _qkv(1, layout.seq_len, 1))  # one head's inputs, twice
+    modes = torch.tensor([tile_mode(*layout.tile_grid().counts), MODE_FULL], dtype=torch.int32)
+    out = ops.headwise_attention(q, k, v, modes, segments=layout)
+    torch.testing.assert_close(out[:, :, 0], out[:, :, 1], atol=1e-12, rtol=1e-12)
+
+
+# --- the op's checks ------------------------------------------------------------------------
+
+def test_grid_is_given_once_and_tile_modes_need_one():
+    q, k, v = _qkv(1, 10 + 105, 2)
+    modes = torch.tensor([tile_mode(0, 0, 0), MODE_FULL], dtype=torch.int32)
+    text = {"text_start": 0, "text_len": 10}
+    with pytest.raises(ValueError, match=r"heads \[0\] run tile windows, which need the image grid: pass grid="):
+        ops.headwise_attention(q, k, v, modes, **text)
+    with pytest.raises(ValueError, match=r"the grid \(3, 5, 6\) holds 90 patches; the image segment has 105"):
+        ops.headwise_attention(q, k, v, modes, **text, grid=(3, 5, 6))
+    with pytest.raises(ValueError, match="give the grid once"):
+        ops.headwise_attention(q, k, v, modes, segments=TokenLayout(115, 10, 105, (3, 5, 7)), grid=(3, 5, 7))
+    with pytest.raises(ValueError, match="tile= needs the image grid"):
+        ops.headwise_attention(q, k, v, modes, **text, tile=(2, 8, 8))
+    with pytest.raises(ValueError, match="must hold 128"):
+        ops.headwise_attention(q, k, v, modes, **text, grid=(3, 5, 7), tile=(2, 4, 4))
+    by_keyword = ops.headwise_attention(q, k, v, modes, **text, grid=(3, 5, 7), tile=(1, 8, 16))
+    by_layout = ops.headwise_attention(q, k, v, modes, segments=TokenLayout(115, 10, 105, (3, 5, 7), (1, 8, 16)))
+    assert torch.equal(by_keyword, by_layout)
+    # Band, full and skip heads ignore the grid.
+    bands = torch.tensor([1, MODE_FULL], dtype=torch.int32)
+    assert torch.equal(ops.headwise_attention(q, k, v, bands, **text, grid=(3, 5, 7)),
+                       ops.headwise_attention(q, k, v, bands, **text))
+
+
+def test_gluon_runs_no_tile_windows(monkeypatch):
+    # On this CPU the device is the first reason the Gluon kernel cannot run; without it, the tiles are.
+    monkeypatch.setattr(ops, "_gluon_unsupported", lambda q, k, v: None)
+    q, k, v = _qkv(1, 105, 1, dtype=torch.bfloat16)
+    modes = torch.tensor([tile_mode(0, 0, 0)], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: the Gluon kernel runs no tile windows"):
+        ops.headwise_attention(q, k, v, modes, text_start=0, text_len=0, grid=(3, 5, 7), impl="gluon")
+    assert ops._gluon_layout_reason(TokenLayout(105, 0, 105, (3, 5, 7)), None, False) is None
+
+
+# --- the reorder into tile order ------------------------------------------------------------
+
+@pytest.mark.parametrize("grid,tile,before,after", LAYOUTS)
+def test_slot_order_puts_each_token_at_its_tile_slot(grid, tile, before, after):
+    layout = layout_of(grid, tile, before, after)
+    tiles = layout.tile_grid()
+    order = slot_order(layout, torch.device("cpu"))
+    assert order.shape == (layout.num_global + tiles.slots,)
+    assert torch.equal(order[:before], torch.arange(before))
+    assert torch.equal(order[before + tiles.slots :], torch.arange(layout.image_end, layout.seq_len))
+    # Each patch (f, y, x) goes to slot (tile index) * 128 + (offset inside its tile), both in raster order.
+    seen = set()
+    for token in range(layout.image_len):
+        f, y, x = token // (grid[1] * grid[2]), token // grid[2] % grid[1], token % grid[2]
+        (a, b, c), (t, r, s) = ((f // tile[0], y // tile[1], x // tile[2]),
+                                (f % tile[0], y % tile[1], x % tile[2]))
+        slot = ((a * tiles.counts[1] + b) * tiles.counts[2] + c) * IMAGE_BLOCK + (t * tile[1] + r) * tile[2] + s
+        assert int(order[before + slot]) == before + token
+        seen.add(slot)
+    assert len(seen) == layout.image_len  # the other slots are pad slots
+
+
+def test_tiled_keys_gather_keys_values_and_padding_flags():
+    layout = layout_of((3, 5, 7), (2, 8, 8), 5, 9)
+    q, k, v = _qkv(2, layout.seq_len, 3)
+    mask = torch.rand(2, layout.seq_len) < 0.5
+    keys = tiled_keys(k.transpose(1, 2).contiguous().transpose(1, 2), v, mask, layout)  # any strides
+    order = slot_order(layout, torch.device("cpu"))
+    assert torch.equal(keys.k, k[:, order]) and torch.equal(keys.v, v[:, order])
+    assert torch.equal(keys.key_mask, mask[:, order]) and keys.tiles == layout.tile_grid()
+    assert keys.k.is_contiguous() and tiled_keys(k, v, None, layout).key_mask is None
