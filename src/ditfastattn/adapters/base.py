@@ -2,8 +2,9 @@
 
 An adapter is a module that satisfies :class:`DispatchAdapter` (its processors call diffusers'
 ``dispatch_attention_fn``, which ditfastattn intercepts: FLUX.1, FLUX.2, Chroma, Qwen-Image,
-Z-Image, HunyuanImage 2.1) or :class:`ProcessorAdapter` (its processors call SDPA themselves, so it
-brings its own processor: SD3).
+Z-Image, HunyuanImage 2.1, HunyuanVideo and 1.5, Wan; or torch's SDPA, intercepted the same way:
+CogVideoX) or :class:`ProcessorAdapter` (its processors call SDPA themselves and it brings its own
+processor: SD3).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..model import LayerSpec, ModelSpec
+
+# An image segment: (start, length), or (start, length, (frames, rows, cols)) with its grid.
+Segment = tuple[int, int] | tuple[int, int, tuple[int, int, int]]
 
 
 class Adapter(Protocol):
@@ -38,8 +42,11 @@ class Adapter(Protocol):
 
 
 class DispatchAdapter(Adapter, Protocol):
-    """A family whose stock processors call ``dispatch_attention_fn``: metadata only."""
+    """A family whose stock processors call ``dispatch_attention_fn`` (or SDPA): metadata only."""
 
+    # What the processors call attention by: "dispatch" (diffusers' ``dispatch_attention_fn``, q, k,
+    # v as (B, S, H, D)) or "sdpa" (``F.scaled_dot_product_attention``, (B, H, S, D)).
+    CALLS: str
     # Whether attention masks are m_q & m_k or m_q * m_k of a token mask m, (B, 1, S, S), as
     # Chroma's blocks build them; otherwise masks are key masks, (B, 1, 1, S) or (B, S).
     PAIR_MASKS: bool
@@ -48,10 +55,12 @@ class DispatchAdapter(Adapter, Protocol):
         """The step's timestep from one transformer call's arguments (by name); it must fall from
         step to step within a generation (ditfastattn counts steps by it)."""
 
-    def image_segment(self, transformer, arguments: dict[str, Any]) -> tuple[int, int] | str:
+    def image_segment(self, transformer, arguments: dict[str, Any]) -> Segment | str:
         """``(start, length)`` of the image tokens in the joint sequence of one call of ``transformer``
-        (every other token is global: text, reference images, padding), or a sentence saying why
-        this call has none ditfastattn can use (its layers then run only the stock attention)."""
+        (every other token is global: text, reference images, padding), optionally with their
+        ``grid`` as a third item (frames, rows, cols of latent patches in raster order), or a sentence
+        saying why this call has none ditfastattn can use (its joint layers then run only the stock
+        attention). Image-only layers use the grid when the segment is their whole sequence."""
 
 
 class ProcessorAdapter(Adapter, Protocol):
@@ -89,11 +98,12 @@ class DispatchFamily:
     transformer: type
     processors: tuple[type, ...]
     layers: tuple[tuple[str, str, bool], ...]
-    image_segment: Callable[[Any, dict[str, Any]], tuple[int, int] | str]
+    image_segment: Callable[[Any, dict[str, Any]], Segment | str]
     CFG: str = "separate transformer calls"
     CFG_IN_BATCH: bool = False
     PAIR_MASKS: bool = False
     timestep: Callable[[dict[str, Any]], Any] = timestep
+    CALLS: str = "dispatch"
 
     @property
     def MODEL_CLASS(self) -> str:  # noqa: N802 (the contract's name)
@@ -133,3 +143,18 @@ def target_tokens(ids: torch.Tensor) -> int:
 def patch_tokens(sizes: Sequence[int], patch: Sequence[int]) -> int:
     """Tokens of a latent of ``sizes`` cut into patches of ``patch`` (per dimension)."""
     return math.prod(size // p for size, p in zip(sizes, patch))
+
+
+def video_segment(start: int, sizes: Sequence[int], config) -> Segment:
+    """The segment of a video latent of ``sizes`` (frames, height, width), its patches from
+    ``start`` on in raster order; the patch from a transformer's ``config``: ``patch_size`` as a
+    triple (Wan), or spatial with ``patch_size_t`` (None or absent: 1)."""
+    p = config.patch_size
+    patch = tuple(p) if isinstance(p, (tuple, list)) else (getattr(config, "patch_size_t", None) or 1, p, p)
+    grid = tuple(size // q for size, q in zip(sizes, patch))
+    return start, math.prod(grid), grid
+
+
+def video_first(transformer, arguments: dict[str, Any]) -> Segment:
+    """The segment of families whose sequence starts with the video, latents (B, C, F, H, W)."""
+    return video_segment(0, arguments["hidden_states"].shape[2:], transformer.config)

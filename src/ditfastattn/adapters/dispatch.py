@@ -1,13 +1,16 @@
 """The one interception point of the dispatch families: diffusers' ``dispatch_attention_fn`` as the
-modules of their stock processors call it.
+modules of their stock processors call it (or torch's SDPA, for CogVideoX, whose processor calls
+``F.scaled_dot_product_attention`` itself).
 
 While a plan is applied to such a model, the name ``dispatch_attention_fn`` in each of those
-modules is a wrapper, and a forward pre-hook on every attention module the plan covers names the
-layer that is running. The wrapper hands that layer's attention to the runtime
-(``LayerRuntime.attend``) with the token layout of the current transformer call and the padding of
-the mask the processor passes; every other call (layers outside the plan, other models) goes to the
-stock function untouched. The processors themselves are never replaced, and removing the plan puts
-the stock function back. The current layer is one slot for the process: one model runs at a time.
+modules is a wrapper (for an SDPA family, the name ``F`` is ``torch.nn.functional`` with its
+``scaled_dot_product_attention`` wrapped), and a forward pre-hook on every attention module the
+plan covers names the layer that is running. The wrapper hands that layer's attention to the
+runtime (``LayerRuntime.attend``) with the token layout of the current transformer call and the
+padding of the mask the processor passes; every other call (layers outside the plan, other models,
+other processors of the module) goes to the stock function untouched. The processors themselves
+are never replaced, and removing the plan puts the stock name back. The current layer is one slot
+for the process: one model runs at a time.
 """
 
 from __future__ import annotations
@@ -31,19 +34,45 @@ class _Current:
 
 
 _CURRENT = _Current()
-_wrapped: dict[str, list] = {}  # processor module name -> [stock function, wrapper, plans applied]
+# (processor module name, attribute) -> [stock object, wrapper, plans applied]
+_wrapped: dict[tuple[str, str], list] = {}
+# The module attribute each kind of family calls attention through.
+_ATTRIBUTE = {"dispatch": "dispatch_attention_fn", "sdpa": "F"}
 
 
-def _wrapper(stock):
-    def dispatch_attention_fn(query, key, value, *args, **kwargs):
+def _wrapper(stock, heads_first: bool = False):
+    """``stock`` handing the running plan layer's call to the runtime; q, k, v as (B, S, H, D), or
+    (B, H, S, D) with ``heads_first`` (SDPA), which the op takes as (B, S, H, D) views."""
+
+    def attention(query, key, value, *args, **kwargs):
         layer = _CURRENT.layer
         if layer is None:
             return stock(query, key, value, *args, **kwargs)
         _CURRENT.layer = None  # one attention per module call: a further call runs the stock one
-        return _attend(layer, stock, query, key, value, args, kwargs)
+        if not heads_first:
+            return _attend(layer, lambda: stock(query, key, value, *args, **kwargs), query, key, value, args, kwargs)
+        out = _attend(layer, lambda: stock(query, key, value, *args, **kwargs).transpose(1, 2),
+                      query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), args, kwargs)
+        return out.transpose(1, 2)
 
-    dispatch_attention_fn.__wrapped__ = stock
-    return dispatch_attention_fn
+    attention.__wrapped__ = stock
+    return attention
+
+
+class _Functional:
+    """``torch.nn.functional`` as an SDPA family's processor module sees it while a plan is applied:
+    ``scaled_dot_product_attention`` wrapped, every other name the real one."""
+
+    def __init__(self, functional):
+        self.__wrapped__ = functional
+        self.scaled_dot_product_attention = _wrapper(functional.scaled_dot_product_attention, heads_first=True)
+
+    def __getattr__(self, name):
+        return getattr(self.__wrapped__, name)
+
+
+def _wrap(calls: str, stock):
+    return _Functional(stock) if calls == "sdpa" else _wrapper(stock)
 
 
 def intercept(session, modules: dict[str, torch.nn.Module]) -> list:
@@ -52,13 +81,14 @@ def intercept(session, modules: dict[str, torch.nn.Module]) -> list:
     ``session.release()`` undoes the wrapping (once); a transformer dropped without ``remove()``
     does so when it is collected.
     """
-    for name in _processor_modules(session.adapter):
-        module = sys.modules[name]
-        entry = _wrapped.get(name)
-        if entry is None or module.dispatch_attention_fn is not entry[1]:
-            stock = module.dispatch_attention_fn
-            entry = _wrapped[name] = [stock, _wrapper(stock), 0]
-            module.dispatch_attention_fn = entry[1]
+    adapter = session.adapter
+    for key in _targets(adapter):
+        module = sys.modules[key[0]]
+        entry = _wrapped.get(key)
+        if entry is None or getattr(module, key[1]) is not entry[1]:
+            stock = getattr(module, key[1])
+            entry = _wrapped[key] = [stock, _wrap(adapter.CALLS, stock), 0]
+            setattr(module, key[1], entry[1])
         entry[2] += 1
     session.release = weakref.finalize(session.transformer, release, session.adapter)
     handles = []
@@ -70,22 +100,24 @@ def intercept(session, modules: dict[str, torch.nn.Module]) -> list:
 
 
 def release(adapter) -> None:
-    """Undo one :func:`intercept` of ``adapter``'s family: the last one puts the stock function back
+    """Undo one :func:`intercept` of ``adapter``'s family: the last one puts the stock name back
     (unless something else has wrapped it since, which then stays)."""
-    for name in _processor_modules(adapter):
-        entry = _wrapped.get(name)
+    for key in _targets(adapter):
+        entry = _wrapped.get(key)
         if entry is None:
             continue
         entry[2] -= 1
         if entry[2] <= 0:
-            del _wrapped[name]
-            module = sys.modules[name]
-            if module.dispatch_attention_fn is entry[1]:
-                module.dispatch_attention_fn = entry[0]
+            del _wrapped[key]
+            module = sys.modules[key[0]]
+            if getattr(module, key[1]) is entry[1]:
+                setattr(module, key[1], entry[0])
 
 
-def _processor_modules(adapter) -> list[str]:
-    return sorted({cls.__module__ for cls in adapter.stock_processor_types()})
+def _targets(adapter) -> list[tuple[str, str]]:
+    """(module, attribute) of every name ``adapter``'s processors call attention through."""
+    attribute = _ATTRIBUTE[adapter.CALLS]
+    return sorted({(cls.__module__, attribute) for cls in adapter.stock_processor_types()})
 
 
 def _enter(layer):
@@ -99,24 +131,24 @@ def _leave(module, args, output):
     _CURRENT.layer = None
 
 
-def _attend(layer, stock, query, key, value, args, kwargs):
-    def dense():
-        return stock(query, key, value, *args, **kwargs)
-
+def _attend(layer, dense, query, key, value, args, kwargs):
+    """``layer``'s attention through the runtime; ``dense()`` is the stock one as (B, S, H, D)."""
     options = {**dict(zip(_OPTIONS, args)), **kwargs}
     reason = _unsupported(options)
     batch, seq = query.shape[:2]
     session = layer.session
-    layout = TokenLayout(seq, 0, seq)  # image-only layers (Z-Image's noise refiner)
+    layout = TokenLayout(seq, 0, seq)  # image-only layers (Z-Image's noise refiner, Wan's self-attention)
+    segment = session.image_segment
     if layer.spec.text:
-        segment = session.image_segment
         if isinstance(segment, str):
             reason = reason or segment
         elif segment[0] + segment[1] > seq:
-            reason = reason or (f"the call's image segment {segment} does not fit the {seq} tokens this layer sees "
-                                f"(an input {session.adapter.MODEL_CLASS} ditfastattn does not know)")
+            reason = reason or (f"the call's image segment {segment[:2]} does not fit the {seq} tokens this layer "
+                                f"sees (an input {session.adapter.MODEL_CLASS} ditfastattn does not know)")
         else:
             layout = TokenLayout(seq, *segment)
+    elif not isinstance(segment, str) and tuple(segment[:2]) == (0, seq):
+        layout = TokenLayout(seq, *segment)  # with the call's grid
     padding, mask_reason = padding_of(options.get("attn_mask"), batch, seq, session.adapter.PAIR_MASKS, session)
     return layer.attend(query, key, value, layout=layout, key_padding=padding, dense=dense,
                         dense_only=reason or mask_reason)
