@@ -149,6 +149,7 @@ def recorder(monkeypatch):
                 "q": q.clone(), "k": k.clone(), "v": v.clone(),
                 "text_start": self.geometry.text_start, "text_len": self.geometry.text_len,
                 "layout": self.geometry.layout, "padding": self.geometry.padding,
+                "given_layout": kwargs.get("layout"),  # as the adapter gave it (with the video grid)
                 "out": out.clone(),
             }
         )

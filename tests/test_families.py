@@ -191,32 +191,53 @@ def family(request):
 
 
 def test_identity_is_stock_remove_restores_and_compression_differs(family, recorder):
-    pipe = MiniPipeline(FAMILIES[family])
-    stock = generate(pipe)
-    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
-    assert torch.equal(generate(pipe), stock)
-    ditfastattn.remove(pipe)
-    assert torch.equal(generate(pipe), stock)
-    plan = Plan.uniform(pipe.transformer, STEPS, "arrow_residual:0.3")
-    methods = [[list(heads) for heads in rows] for rows in plan.methods]
-    methods[2][-1][0] = "cache"
-    ditfastattn.apply(pipe, Plan(plan.model, methods))
-    recorder.clear()
-    compressed = generate(pipe)
-    ditfastattn.remove(pipe)
-    assert bool(torch.isfinite(compressed).all()) and not torch.equal(compressed, stock)
-    assert torch.equal(generate(pipe), stock)
+    plan = identity_remove_and_compression(FAMILIES[family], recorder, arrow_residual_and_a_cache_head)
     joint = {layer.name for layer in plan.model.layers if layer.text}
-    assert joint and {r["layer"] for r in recorder} == {layer.name for layer in plan.model.layers}
+    assert joint
     for record in recorder:
         seq = record["q"].shape[1]
         want = FAMILIES[family].layout(seq) if record["layer"] in joint else TokenLayout(seq, 0, seq)
         assert record["layout"] == want, record["layer"]
 
 
+def arrow_residual_and_a_cache_head(transformer) -> Plan:
+    plan = Plan.uniform(transformer, STEPS, "arrow_residual:0.3")
+    methods = [[list(heads) for heads in rows] for rows in plan.methods]
+    methods[2][-1][0] = "cache"
+    return Plan(plan.model, methods)
+
+
+def identity_remove_and_compression(family: Family, recorder, compressed: Callable) -> Plan:
+    """An all-full plan is bitwise stock, remove() restores bit for bit, and the plan
+    ``compressed(transformer)`` runs every layer, finite and different; ``recorder`` is left
+    holding its run. Returns that plan."""
+    pipe = MiniPipeline(family)
+    stock = generate(pipe)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    assert torch.equal(generate(pipe), stock)
+    ditfastattn.remove(pipe)
+    assert torch.equal(generate(pipe), stock)
+    plan = compressed(pipe.transformer)
+    ditfastattn.apply(pipe, plan)
+    recorder.clear()
+    out = generate(pipe)
+    ditfastattn.remove(pipe)
+    assert bool(torch.isfinite(out).all()) and not torch.equal(out, stock)
+    assert torch.equal(generate(pipe), stock)
+    assert {r["layer"] for r in recorder} == {layer.name for layer in plan.model.layers}
+    return plan
+
+
 def test_full_heads_in_the_op_equal_the_stock_attention_of_every_call(family, monkeypatch):
     """The layout and padding each call hands the op reproduce the stock attention, masks included."""
-    pipe = MiniPipeline(FAMILIES[family])
+    checked = full_heads_match_stock(FAMILIES[family], monkeypatch)
+    assert checked and any(checked) == (family in ("chroma", "qwenimage", "zimage", "hunyuanimage"))
+
+
+def full_heads_match_stock(family: Family, monkeypatch) -> list[bool]:
+    """Checks full heads in the op against the stock attention of every call of an arrow plan;
+    returns, per call, whether it had padding."""
+    pipe = MiniPipeline(family)
     attend, checked = LayerRuntime.attend, []
 
     def checking(self, q, k, v, **kwargs):
@@ -231,17 +252,23 @@ def test_full_heads_in_the_op_equal_the_stock_attention_of_every_call(family, mo
     ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "arrow:0.3"))
     generate(pipe, batch=2)
     ditfastattn.remove(pipe)
-    assert checked and any(checked) == (family in ("chroma", "qwenimage", "zimage", "hunyuanimage"))
+    return checked
 
 
 def test_calibration_scores_with_the_exact_layout_and_replays_bit_for_bit(family, recorder):
     """Candidates are scored under each call's own layout and padding: the applied plan reproduces
     the calibration run's every layer output exactly."""
-    pipe = MiniPipeline(FAMILIES[family])
-    prompts = [prompt(seed=1), prompt(seed=2)]
-    plan = ditfastattn.calibrate(pipe, prompts, SearchConfig(num_inference_steps=STEPS, delta=2.0), progress=False)
-    assert plan.model == ditfastattn.model.describe(pipe.transformer)
+    plan = calibrate_and_replay(FAMILIES[family], recorder, SearchConfig(num_inference_steps=STEPS, delta=2.0))
     assert any(m != "full" for rows in plan.methods[1:] for heads in rows for m in heads)
+
+
+def calibrate_and_replay(family: Family, recorder, search: SearchConfig) -> Plan:
+    """Calibrates on two prompts, applies the plan to both at once and checks that every layer
+    output of the calibration run comes again bit for bit; returns the plan."""
+    pipe = MiniPipeline(family)
+    prompts = [prompt(seed=1), prompt(seed=2)]
+    plan = ditfastattn.calibrate(pipe, prompts, search, progress=False)
+    assert plan.model == ditfastattn.model.describe(pipe.transformer)
     calibrated = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
     recorder.clear()
     ditfastattn.apply(pipe, plan)
@@ -251,6 +278,7 @@ def test_calibration_scores_with_the_exact_layout_and_replays_bit_for_bit(family
     applied = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
     assert [a[:3] for a in applied] == [c[:3] for c in calibrated]
     assert all(torch.equal(a[3], c[3]) for a, c in zip(applied, calibrated))
+    return plan
 
 
 def test_chroma_boolean_masks_too():
@@ -290,7 +318,7 @@ def test_a_family_this_diffusers_lacks_is_left_out_and_named(monkeypatch):
     monkeypatch.setattr(adapters, "_missing", {})
     monkeypatch.setattr(adapters, "_ADAPTERS", adapters._load())
     assert "zimage" not in {adapter.FAMILY for adapter in adapters._ADAPTERS}
-    with pytest.raises(TypeError, match=r"HunyuanImageTransformer2DModel .*; this diffusers lacks zimage \(upgrade diffusers\)"):
+    with pytest.raises(TypeError, match=r"HunyuanImageTransformer2DModel, .*WanTransformer3DModel .*; this diffusers lacks zimage \(upgrade diffusers\)"):
         adapters.adapter_for(FAMILIES["zimage"].make())
 
 

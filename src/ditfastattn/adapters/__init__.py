@@ -1,9 +1,10 @@
 """Model adapters: one module per model family, each satisfying the contract in :mod:`.base`.
 
 Families whose stock processors call diffusers' ``dispatch_attention_fn`` (FLUX.1 and Kontext,
-FLUX.2, Chroma, Qwen-Image, Z-Image, HunyuanImage 2.1) are metadata only: which transformer, which
-attention layers, where a call's image tokens are, how its pipelines batch CFG; :mod:`.dispatch`
-intercepts their attention. SD3 calls SDPA itself and brings its own processor.
+FLUX.2, Chroma, Qwen-Image, Z-Image, HunyuanImage 2.1, HunyuanVideo and 1.5, Wan 2.x) are metadata
+only: which transformer, which attention layers, where a call's image (video) tokens are, how its
+pipelines batch CFG; :mod:`.dispatch` intercepts their attention, and CogVideoX's SDPA call the same
+way. SD3 calls SDPA itself and brings its own processor.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from .. import model
 from . import sd3
 from .base import Adapter
 
-_FAMILIES = ("flux", "flux2", "chroma", "qwenimage", "zimage", "hunyuanimage")
+_FAMILIES = ("flux", "flux2", "chroma", "qwenimage", "zimage", "hunyuanimage", "hunyuanvideo", "hunyuanvideo15",
+             "cogvideox", "wan")
 _missing: dict[str, str] = {}  # family -> why this diffusers cannot load it
 
 
 def _load() -> tuple[Adapter, ...]:
     """The adapters this diffusers can load: a family newer than it (FLUX.2, Z-Image and HunyuanImage
-    2.1 need diffusers 0.36) is left out, and named when a transformer is not supported."""
+    2.1 need diffusers 0.36; HunyuanVideo 1.5 is as recent) is left out, and named when a
+    transformer is not supported."""
     adapters: list[Adapter] = [sd3]
     for family in _FAMILIES:
         try:
