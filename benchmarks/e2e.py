@@ -3,12 +3,25 @@
     python benchmarks/e2e.py            # CUDA GPU: benchmarks/results/e2e.json and benchmarks/e2e_speedup.png
     python benchmarks/e2e.py --smoke    # tiny models on the CPU (reference op): checks the script itself
     python benchmarks/e2e.py --runs flux2:1024 flux2:2048 qwenimage:1024 ... --out results/e2e_families.json
+    python benchmarks/e2e.py --runs hunyuanvideo:720x1280x129 wan:720x1280x81 --out results/e2e_video.json
 
 The other families at real size (``--runs KIND:SIZE``): ``flux-kontext`` (FLUX.1-dev with a
 reference image as large as the target), ``flux2`` (FLUX.2 [dev], 32B: an H200), ``chroma``,
 ``qwenimage``, ``zimage``, ``hunyuanimage``; Chroma, Qwen-Image and HunyuanImage get a text mask
 (40% of the text real), as their pipelines pass one, so their layers run the Triton kernel with key
 padding. Where a mask rules out the flash SDPA backend, its columns stay empty.
+
+Video families (``--runs KIND:HxWxF``, pixels and frames): ``hunyuanvideo`` (13B; 720x1280x129 is
+33 x 45 x 80 = 118,800 latent patches, 256 text tokens, 40% real), ``wan`` (Wan 2.1 14B; 720x1280x81
+is 21 x 45 x 80 = 75,600 patches; plans cover its self-attention, which has no text; the attention
+share counts its stock cross-attention too, under 1% of its attention FLOPs), ``hunyuanvideo15`` and
+``cogvideox`` (5B, CFG batch 2). HunyuanVideo's text mask rules out the flash baseline. One step
+is timed (a generation of 2: step 0 is full), with plans at sparsity 0.5, 0.68 and 0.8. The
+released depth fits one H200 (26-28 GB of bf16 weights), but a step of it takes tens of seconds,
+so the transformer runs a reduced number of blocks (``VIDEO_DEPTH``; ``--released-depth`` for all):
+each row states both depths and ``ms_released_depth`` = ms x released / run blocks (the embeddings
+and output layer are scaled along with the blocks: a slight overestimate). ``--budget-s`` also
+skips the plans of a run that started before it ran out.
 
 Random bf16 weights, eager mode. One transformer call is one denoising step; the runtime tracks
 steps from the `timestep` argument, so each measurement calls the transformer with decreasing
@@ -29,6 +42,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -43,13 +57,19 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     ChromaTransformer2DModel,
+    CogVideoXTransformer3DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HunyuanImageTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
+    HunyuanVideoTransformer3DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
+    WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ditfastattn
@@ -97,8 +117,31 @@ HUNYUAN = dict(in_channels=64, out_channels=64, num_attention_heads=28, attentio
 HUNYUAN_TINY = dict(HUNYUAN, in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
                     num_single_layers=1, num_refiner_layers=1, text_embed_dim=32, rope_axes_dim=(8, 8))
 
-# kind: (class, full config, smoke config, text tokens, batch). SD3 pipelines batch CFG (2); the
-# others are guidance-distilled or run CFG as a second call (1 per call).
+# The video families at their released sizes and at toy size.
+HUNYUANVIDEO = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+                    num_single_layers=40, num_refiner_layers=2, patch_size=2, patch_size_t=1, text_embed_dim=4096,
+                    pooled_projection_dim=768, rope_axes_dim=(16, 56, 56))
+HUNYUANVIDEO_TINY = dict(HUNYUANVIDEO, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+                         num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6))
+HUNYUANVIDEO15 = dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+                      num_refiner_layers=2, patch_size=1, patch_size_t=1, text_embed_dim=3584, text_embed_2_dim=1472,
+                      image_embed_dim=1152, rope_axes_dim=(16, 56, 56))
+HUNYUANVIDEO15_TINY = dict(HUNYUANVIDEO15, in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                           num_layers=2, num_refiner_layers=1, text_embed_dim=32, text_embed_2_dim=32,
+                           image_embed_dim=32, rope_axes_dim=(4, 6, 6))
+COGVIDEOX_5B = dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+                    text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49,
+                    patch_size=2, use_rotary_positional_embeddings=True)
+COGVIDEOX_TINY = dict(COGVIDEOX_5B, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                      time_embed_dim=16, text_embed_dim=32, num_layers=2)
+WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_TINY = dict(WAN_14B, in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, text_dim=32,
+                freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=64)
+
+# kind: (class, full config, smoke config, text tokens, batch). SD3 and CogVideoX pipelines batch
+# CFG (2); the others are guidance-distilled or run CFG as a second call (1 per call).
 MODELS = {
     "flux": (FluxTransformer2DModel, FLUX_DEV, FLUX_TINY, 512, 1),
     "sd3": (SD3Transformer2DModel, SD3_MEDIUM, SD3_TINY, 333, 2),
@@ -108,8 +151,23 @@ MODELS = {
     "qwenimage": (QwenImageTransformer2DModel, QWEN, QWEN_TINY, 1024, 1),
     "zimage": (ZImageTransformer2DModel, ZIMAGE, ZIMAGE_TINY, 512, 1),
     "hunyuanimage": (HunyuanImageTransformer2DModel, HUNYUAN, HUNYUAN_TINY, 1000, 1),
+    "hunyuanvideo": (HunyuanVideoTransformer3DModel, HUNYUANVIDEO, HUNYUANVIDEO_TINY, 256, 1),
+    "hunyuanvideo15": (HunyuanVideo15Transformer3DModel, HUNYUANVIDEO15, HUNYUANVIDEO15_TINY, 1000, 1),
+    "cogvideox": (CogVideoXTransformer3DModel, COGVIDEOX_5B, COGVIDEOX_TINY, 226, 2),
+    "wan": (WanTransformer3DModel, WAN_14B, WAN_TINY, 512, 1),
 }
-MASKED = ("chroma", "qwenimage", "hunyuanimage")  # their pipelines pass a text mask
+MASKED = ("chroma", "qwenimage", "hunyuanimage", "hunyuanvideo", "hunyuanvideo15")  # their pipelines pass a text mask
+# Video kinds: (VAE spatial, VAE temporal compression); latent channels are the configs' out_channels.
+VIDEO = {"hunyuanvideo": (8, 4), "hunyuanvideo15": (16, 4), "cogvideox": (8, 4), "wan": (8, 4)}
+# HunyuanVideo 1.5's conditions after the MLLM text: ByT5 glyph tokens (no glyphs: all padding) and
+# SigLIP image tokens (text to video: all padding).
+HV15_GLYPH, HV15_IMAGE = 256, 729
+# Blocks a video run builds, a tenth to a twentieth of the released depth (HunyuanVideo's 1:2 of
+# dual- and single-stream kept), so that a step stays a few seconds at 75-120k tokens.
+VIDEO_DEPTH = {"hunyuanvideo": dict(num_layers=1, num_single_layers=2), "hunyuanvideo15": dict(num_layers=3),
+               "cogvideox": dict(num_layers=4), "wan": dict(num_layers=3)}
+SMOKE_VIDEO = (128, 128, 9)  # 3 x 8 x 8 latent patches in every video family
+VIDEO_TARGETS = (0.5, 0.68, 0.80)
 REAL_TEXT = 0.4  # share of the text tokens a mask keeps
 # Most important first: the time budget may cut the tail.
 RUNS = [("flux", 2048), ("flux", 1024), ("sd3", 1024), ("sd3", 2048)]
@@ -138,14 +196,84 @@ def flux_image_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
     return torch.cat([torch.zeros(rows * cols, 1), grid.reshape(-1, 2).float()], dim=1).to(device, dtype)
 
 
-def image_tokens(kind: str, size: int) -> int:
-    """Tokens of the generated image at ``size`` x ``size`` pixels (HunyuanImage 2.1's VAE is /32)."""
+def parse_size(text: str) -> int | tuple[int, int, int]:
+    """``1024`` (a square image) or ``720x1280x129`` (a video: height x width x frames)."""
+    parts = tuple(int(part) for part in text.split("x"))
+    if len(parts) not in (1, 3):
+        raise SystemExit(f"a size is SIZE or HEIGHTxWIDTHxFRAMES; got {text!r}")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def size_label(size) -> str:
+    return "x".join(map(str, size)) if isinstance(size, tuple) else str(size)
+
+
+def video_latent(kind: str, size: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(frames, height, width) of the latents of a video of ``size`` = (height, width, frames) pixels."""
+    spatial, temporal = VIDEO[kind]
+    height, width, frames = size
+    return (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def video_grid(kind: str, config: dict, size: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(frames, rows, cols) of latent patches of a video of ``size``."""
+    p = config["patch_size"]
+    patch = tuple(p) if isinstance(p, (tuple, list)) else (config.get("patch_size_t") or 1, p, p)
+    return tuple(n // q for n, q in zip(video_latent(kind, size), patch))
+
+
+def image_tokens(kind: str, size, config: dict | None = None) -> int:
+    """Tokens of the generated image at ``size`` x ``size`` pixels (HunyuanImage 2.1's VAE is /32),
+    or of the video at ``size`` (needs the ``config`` for the patch sizes)."""
+    if kind in VIDEO:
+        return math.prod(video_grid(kind, config, size))
     return (size // 32) ** 2 if kind == "hunyuanimage" else (size // 16) ** 2
 
 
-def global_tokens(kind: str, size: int, text_len: int) -> int:
-    """Text and reference-image tokens (FLUX.1 Kontext: one reference as large as the target)."""
+def global_tokens(kind: str, size, text_len: int) -> int:
+    """Text and reference-image tokens of the compressed layers (FLUX.1 Kontext: one reference as
+    large as the target; Wan's self-attention: none)."""
+    if kind == "wan":
+        return 0
+    if kind == "hunyuanvideo15":
+        return text_len + HV15_GLYPH + HV15_IMAGE
     return text_len + (image_tokens(kind, size) if kind == "flux-kontext" else 0)
+
+
+def released_blocks(config: dict) -> int:
+    return config["num_layers"] + config.get("num_single_layers", 0)
+
+
+def video_inputs(kind: str, config: dict, size, text_len: int, batch: int, randn, device, dtype) -> dict:
+    """A transformer call of a video family, as its pipeline makes it."""
+    frames, height, width = video_latent(kind, size)
+    channels = config["out_channels"]
+    real = (torch.arange(text_len, device=device) < int(REAL_TEXT * text_len))[None].expand(batch, -1)
+    if kind == "hunyuanvideo":  # the mask in the latents' dtype, a distilled guidance embedding x 1000
+        return dict(hidden_states=randn(batch, channels, frames, height, width),
+                    encoder_hidden_states=randn(batch, text_len, config["text_embed_dim"]),
+                    encoder_attention_mask=real.to(dtype),
+                    pooled_projections=randn(batch, config["pooled_projection_dim"]),
+                    guidance=torch.full((batch,), 6000.0, device=device, dtype=dtype), return_dict=False)
+    if kind == "hunyuanvideo15":  # text to video: [latents, zero condition, zero mask] on the channels
+        zeros = torch.zeros(batch, channels + 1, frames, height, width, device=device, dtype=dtype)
+        return dict(hidden_states=torch.cat([randn(batch, channels, frames, height, width), zeros], 1),
+                    encoder_hidden_states=randn(batch, text_len, config["text_embed_dim"]),
+                    encoder_attention_mask=real.long(),
+                    encoder_hidden_states_2=randn(batch, HV15_GLYPH, config["text_embed_2_dim"]),
+                    encoder_attention_mask_2=torch.zeros(batch, HV15_GLYPH, device=device, dtype=torch.long),
+                    image_embeds=torch.zeros(batch, HV15_IMAGE, config["image_embed_dim"], device=device, dtype=dtype),
+                    return_dict=False)
+    if kind == "cogvideox":  # latents (B, F, C, H, W); RoPE over the patch grid, as CogVideoXPipeline makes it
+        _, rows, cols = video_grid(kind, config, size)
+        p = config["patch_size"]
+        crops = get_resize_crop_region_for_grid((rows, cols), config["sample_width"] // p, config["sample_height"] // p)
+        rope = get_3d_rotary_pos_embed(config["attention_head_dim"], crops, (rows, cols), frames, device=device)
+        return dict(hidden_states=randn(batch, frames, channels, height, width),
+                    encoder_hidden_states=randn(batch, text_len, config["text_embed_dim"]), image_rotary_emb=rope,
+                    return_dict=False)
+    return dict(hidden_states=randn(batch, channels, frames, height, width),  # wan: text (zero-padded) unmasked
+                encoder_hidden_states=randn(batch, text_len, config["text_dim"]), return_dict=False)
 
 
 def family_inputs(kind: str, config: dict, size: int, text_len: int, batch: int, randn, device, dtype) -> dict:
@@ -186,6 +314,8 @@ def model_inputs(kind: str, config: dict, size: int, text_len: int, batch: int, 
     def randn(*shape):
         return torch.randn(shape, generator=g, device=device, dtype=dtype)
 
+    if kind in VIDEO:
+        return video_inputs(kind, config, size, text_len, batch, randn, device, dtype)
     if kind not in ("flux", "flux-kontext", "sd3"):
         return family_inputs(kind, config, size, text_len, batch, randn, device, dtype)
     text = randn(batch, text_len, config["joint_attention_dim"])
@@ -220,6 +350,8 @@ def timesteps(kind: str, steps: int, batch: int, device, dtype) -> list[dict]:
         return [{"t": torch.full((batch,), 1.0 - v, device=device, dtype=dtype)} for v in values]
     if kind in ("sd3", "hunyuanimage"):
         return [{"timestep": torch.full((batch,), 1000.0 * v, device=device)} for v in values]
+    if kind in VIDEO:  # their pipelines: the scheduler's t in [0, 1000], in the latents' dtype
+        return [{"timestep": torch.full((batch,), 1000.0 * v, device=device, dtype=dtype)} for v in values]
     # FluxPipeline and its kin: t / 1000 in the latents' dtype
     return [{"timestep": torch.full((batch,), v, device=device, dtype=dtype)} for v in values]
 
@@ -339,12 +471,15 @@ def setup(kind: str, size: int, args, device, dtype):
     config = tiny_config if args.smoke else full_config
     text_len = 16 if args.smoke else text_len
     inputs = model_inputs(kind, config, size, text_len, batch, device, dtype)
-    n_steps = args.steps or (6 if size >= 2048 else 8)
+    # A video step takes seconds: one timed step, after step 0 (always full in a plan).
+    n_steps = args.steps or (2 if kind in VIDEO else 6 if size >= 2048 else 8)
     steps = timesteps(kind, n_steps, batch, device, dtype)
     # text_len: every global token (text, a reference image), as plan summaries count them.
-    row = {"model": kind, "size": size, "batch": batch, "image_tokens": image_tokens(kind, size),
+    row = {"model": kind, "size": size, "batch": batch, "image_tokens": image_tokens(kind, size, config),
            "text_len": global_tokens(kind, size, text_len), "masked_text": kind in MASKED,
            "steps_per_generation": n_steps}
+    if kind in VIDEO:
+        row["grid"] = video_grid(kind, config, size)
     return inputs, steps, row, "reference" if args.smoke else "auto"
 
 
@@ -353,8 +488,10 @@ def run_config(model, kind: str, size: int, args, device, dtype) -> dict:
     image_tokens, text_len, n_steps = row["image_tokens"], row["text_len"], row["steps_per_generation"]
     row["variants"] = {}
     out = row["variants"]
+    video = kind in VIDEO
+    syncs = not video  # counting them costs two more calls of seconds each
 
-    out["stock"] = measure(model, inputs, steps, syncs=True)
+    out["stock"] = measure(model, inputs, steps, syncs=syncs)
     flash = kind not in MASKED  # the flash backend takes no attention mask
     if flash:
         out["stock_flash"] = measure(model, inputs, steps, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
@@ -363,13 +500,20 @@ def run_config(model, kind: str, size: int, args, device, dtype) -> dict:
     row["attention_share_flash"] = 1.0 - out["no_attention"]["ms"] / out["stock_flash"]["ms"] if flash else None
 
     full = ditfastattn.Plan.uniform(model, n_steps, "full", num_image_tokens=image_tokens, text_len=text_len)
-    plans = {"full_plan": full, "plan_one_cached_head": one_cached_head_plan(full, image_tokens, text_len)}
-    plans.update({f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len) for t in TARGETS})
+    plans = {"full_plan": full}
+    if not video:
+        plans["plan_one_cached_head"] = one_cached_head_plan(full, image_tokens, text_len)
+    plans.update({f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len)
+                  for t in (VIDEO_TARGETS if video else TARGETS)})
+    row["skipped_variants"] = []
     for name, plan in plans.items():
+        if time.perf_counter() > args.deadline:
+            row["skipped_variants"].append(name)
+            continue
         summary = plan.summary(image_tokens, text_len)
         ditfastattn.apply(model, plan, impl=impl)
         try:
-            result = measure(model, inputs, steps, syncs=True)
+            result = measure(model, inputs, steps, syncs=syncs)
         finally:
             ditfastattn.remove(model)
         sparsity = statistics.fmean(summary["sparsity_per_step"][1:])
@@ -387,8 +531,10 @@ def run_config(model, kind: str, size: int, args, device, dtype) -> dict:
             result["extra_gib"] = result["peak_gib"] - out["stock"]["peak_gib"]
         out[name] = result
     # The same stock run again, last: the spread between the two is the noise floor.
-    out["stock_again"] = measure(model, inputs, steps)
-    row["stock_spread"] = abs(out["stock_again"]["ms"] / out["stock"]["ms"] - 1.0)
+    row["stock_spread"] = None
+    if time.perf_counter() <= args.deadline:
+        out["stock_again"] = measure(model, inputs, steps)
+        row["stock_spread"] = abs(out["stock_again"]["ms"] / out["stock"]["ms"] - 1.0)
     return row
 
 
@@ -434,8 +580,8 @@ def plot(rows: list[dict], path: Path) -> None:
             speedup = "speedup_vs_flash" if key else "speedup"
             ax.plot(x, [v[speedup] for v in plans], "o", color=color, label=f"ditfastattn vs {label}")
         ax.axhline(1.0, color="gray", lw=0.5)
-        ax.set_title(f"{row['model'].upper()} {row['size']}² (attention {row['attention_share']:.0%} of a step)",
-                     fontsize=9)
+        size = size_label(row["size"]) + ("" if isinstance(row["size"], (list, tuple)) else "²")
+        ax.set_title(f"{row['model'].upper()} {size} (attention {row['attention_share']:.0%} of a step)", fontsize=9)
         ax.set_xlabel("attention sparsity")
         ax.set_ylabel("end-to-end step speed-up")
     for ax in axes.flat[len(rows):]:
@@ -448,8 +594,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def table(rows: list[dict]) -> str:
     lines = ["model size  variant               ms    sparsity speedup ceiling  of_ceil | vs_flash ceil_fl of_ceil | peak_GiB syncs"]
     for row in rows:
+        if "blocks" in row:
+            lines.append(f"{row['model']} {size_label(row['size'])}: {row['blocks']} of {row['released_blocks']} blocks "
+                         f"run; a step of the released depth ~ ms x {row['released_blocks'] / row['blocks']:.1f}")
         for name, v in row["variants"].items():
-            cells = f"{row['model']:5} {row['size']:4}  {name:20} {v['ms']:8.2f}"
+            cells = f"{row['model']:5} {size_label(row['size']):4}  {name:20} {v['ms']:8.2f}"
             if "speedup" in v:
                 flash = [v.get(k, float("nan")) for k in ("speedup_vs_flash", "ceiling_vs_flash", "of_ceiling_vs_flash")]
                 cells += (f"  {v['sparsity']:6.3f}  {v['speedup']:6.3f}  {v['ceiling']:6.3f}  {v['of_ceiling']:6.3f} |"
@@ -458,19 +607,26 @@ def table(rows: list[dict]) -> str:
                 cells += " " * 51 + "|"
             cells += f" {v.get('peak_gib', float('nan')):7.2f}  {v.get('host_syncs_step1')}"
             lines.append(cells)
-        flash = row["attention_share_flash"]
+        flash, spread = row["attention_share_flash"], row["stock_spread"]
         lines.append(f"      attention share {row['attention_share']:.3f} (cuDNN), "
-                     f"{'-' if flash is None else f'{flash:.3f}'} (flash); stock spread {row['stock_spread']:.3%}")
+                     f"{'-' if flash is None else f'{flash:.3f}'} (flash); stock spread "
+                     f"{'-' if spread is None else f'{spread:.3%}'}")
+        if row.get("skipped_variants"):
+            lines.append(f"      skipped (time budget): {', '.join(row['skipped_variants'])}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU with the reference op")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="start no new model/resolution after this")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="start no new model/resolution, and no new plan within one, after this")
     parser.add_argument("--runs", nargs="+", default=[f"{kind}:{size}" for kind, size in RUNS],
-                        help="model:size pairs, e.g. flux:2048 sd3:1024")
-    parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
+                        help="model:size pairs, e.g. flux:2048 sd3:1024 wan:720x1280x81 (video: HxWxF)")
+    parser.add_argument("--released-depth", action="store_true",
+                        help="video models with all their blocks (default: VIDEO_DEPTH, a tenth to a twentieth)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per generation (default 6 at 2K, 8 at 1K, 2 for video)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e.json; smoke: out/)")
     parser.add_argument("--png", type=Path, default=None, help="plot (default e2e_speedup.png; smoke: out/)")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON")
@@ -492,10 +648,11 @@ def main() -> None:
 def run_all(args) -> dict:
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    runs = [(kind, int(size)) for kind, size in (r.split(":") for r in args.runs)]
+    runs = [(kind, parse_size(size)) for kind, size in (r.split(":") for r in args.runs)]
     if args.smoke:
-        runs = [(kind, 256) for kind in dict(runs)]
+        runs = [(kind, SMOKE_VIDEO if kind in VIDEO else 256) for kind in dict(runs)]
     start = time.perf_counter()
+    args.deadline = start + args.budget_s
     result = {"environment": environment(device), "smoke": args.smoke, "mode": "eager",
               "timing": "median of steps 1..N-1 of one generation, CUDA events, after a 2-step warm-up generation",
               "runs": [], "skipped": []}
@@ -505,12 +662,20 @@ def run_all(args) -> dict:
         if time.perf_counter() - start > args.budget_s:
             result["skipped"].append(f"{kind} {size}: time budget ({args.budget_s:.0f} s) spent")
             continue
+        released = MODELS[kind][2 if args.smoke else 1]
+        reduce = kind in VIDEO and not (args.smoke or args.released_depth)
+        config = {**released, **VIDEO_DEPTH[kind]} if reduce else released
         if kind not in models:
             models.clear()  # one full-size model on the GPU at a time
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            models[kind] = build_transformer(kind, MODELS[kind][2 if args.smoke else 1], device, dtype)
-        result["runs"].append(run_config(models[kind], kind, size, args, device, dtype))
+            models[kind] = build_transformer(kind, config, device, dtype)
+        row = run_config(models[kind], kind, size, args, device, dtype)
+        if kind in VIDEO:
+            row.update(blocks=released_blocks(config), released_blocks=released_blocks(released))
+            for variant in row["variants"].values():
+                variant["ms_released_depth"] = variant["ms"] * row["released_blocks"] / row["blocks"]
+        result["runs"].append(row)
         # Written after every run, so a run cut short by a time limit still leaves its results.
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"[{time.perf_counter() - start:6.1f} s] {kind} {size} done", flush=True)
