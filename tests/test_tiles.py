@@ -1,5 +1,5 @@
-"""Tile windows: geometry, method names, the reference op against the dense oracle, the op's checks
-and the reorder into tile order (the kernel: test_tiles_triton.py)."""
+"""Tile windows: geometry, method names, the reference op against the dense oracle, the op's checks,
+the reorder into tile order, and tile plans through the runtime (the kernel: test_tiles_triton.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import math
 
 import pytest
 import torch
+from conftest import flux_pipeline, run_pipeline
+from test_families import MiniPipeline, generate
+from test_runtime import find, with_methods
+from test_video_families import FAMILIES as VIDEO_FAMILIES
+from test_video_families import GRID as VIDEO_GRID
 
-from ditfastattn import ops
+import ditfastattn
+from ditfastattn import Plan, ops
 from ditfastattn._geometry import (
     IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL, MODE_SKIP, TILE_FLAG, TileGrid, default_tile, density, is_tile_mode,
     kept_pairs, tile_mode, tile_window,
@@ -17,6 +23,7 @@ from ditfastattn.methods import parse_method
 from ditfastattn.model import TokenLayout
 from ditfastattn.ops._dense import dense_attention, head_mask
 from ditfastattn.ops._tile_order import slot_order, tiled_keys
+from ditfastattn.runtime import Session
 
 # (grid, tile, global tokens before the image, after it): ragged on every axis, on some, on none;
 # a grid smaller than one tile; text before, after, both, none.
@@ -225,3 +232,98 @@ def test_tiled_keys_gather_keys_values_and_padding_flags():
     assert torch.equal(keys.k, k[:, order]) and torch.equal(keys.v, v[:, order])
     assert torch.equal(keys.key_mask, mask[:, order]) and keys.tiles == layout.tile_grid()
     assert keys.k.is_contiguous() and tiled_keys(k, v, None, layout).key_mask is None
+
+
+# --- tile plans through the runtime ---------------------------------------------------------
+
+STEPS = 3
+# 48 x 56 pixels -> 24 x 28 image tokens of the tiny FLUX: one frame, tiles of 1 x 8 x 16, ragged along cols.
+ODD = {"height": 48, "width": 56}
+GRID = (1, 24, 28)
+
+
+def report_grid(patch: pytest.MonkeyPatch) -> None:
+    """The tiny FLUX's calls report their image grid from now on, as the video families' adapters do."""
+    call_layout = Session._call_layout
+
+    def with_grid(self, arguments):
+        call_layout(self, arguments)
+        start, length = self.image_segment[:2]
+        assert length == math.prod(GRID)
+        self.image_segment = (start, length, GRID)
+
+    patch.setattr(Session, "_call_layout", with_grid)
+
+
+METHODS = ["tile:0,0,0", "tile:0,0.5,1", "cache", "arrow:0.5", "full", "tile:1,1,1"]
+
+
+def tile_plan(transformer) -> Plan:
+    return with_methods(Plan.uniform(transformer, STEPS, "full"),
+                        lambda step, layer, head: METHODS[(head + layer + step) % len(METHODS)])
+
+
+def check_heads(plan: Plan, records) -> set[str]:
+    """Every recorded call's heads against their method's definition (the dense oracle under the
+    call's layout and padding; cache heads: the previous step's output); returns the methods seen."""
+    checked = set()
+    for record in records:
+        layout, step, layer = record["layout"], record["step"], record["layer"]
+        index = plan.layer_names.index(layer)
+        for head in range(record["out"].shape[2]):
+            method = plan.method(step, index, head)
+            got = record["out"][:, :, head]
+            if method.kind == "cache":
+                assert torch.equal(got, find(records, layer, step - 1, record["call"])["out"][:, :, head])
+                continue
+            checked.add(method.name)
+            mode = method.mode(layout.image_len, layout.tile_grid())
+            qkv = (record[name][:, :, head : head + 1] for name in ("q", "k", "v"))
+            want, _ = dense_attention(*qkv, [mode], layout, record["padding"])
+            torch.testing.assert_close(got.double(), want[:, :, 0], atol=3e-5, rtol=1e-4)
+    return checked
+
+
+def test_a_tile_plan_follows_its_definition(monkeypatch, recorder):
+    report_grid(monkeypatch)
+    pipe = flux_pipeline()
+    plan = tile_plan(pipe.transformer)
+    ditfastattn.apply(pipe, plan)
+    run_pipeline(pipe, steps=STEPS, **ODD)
+    assert all(record["layout"].grid == GRID for record in recorder)
+    assert check_heads(plan, recorder) == {"full", "arrow:0.5", "tile:0,0,0", "tile:0,0.5,1", "tile:1,1,1"}
+
+
+@pytest.mark.parametrize("name", ["hunyuanvideo", "wan"])
+def test_tile_plans_on_the_video_families(name, recorder):
+    # Their adapters report the grid: 3 x 8 x 12 patches, 2 x 8 x 8 tiles, partial along frames
+    # and cols; HunyuanVideo's text is masked (key padding) and comes in a second call for CFG.
+    pipe = MiniPipeline(VIDEO_FAMILIES[name])
+    methods = {1: ("tile:0,0,0", "tile:1,1,1"), 2: ("cache", "tile:0,0.5,1")}  # per step, per head
+    plan = with_methods(Plan.uniform(pipe.transformer, STEPS, "full"), lambda step, layer, head: methods[step][head])
+    ditfastattn.apply(pipe, plan)
+    assert bool(torch.isfinite(generate(pipe)).all())
+    assert {record["layout"].grid for record in recorder} == {VIDEO_GRID}
+    assert check_heads(plan, recorder) == {"full", "tile:0,0,0", "tile:1,1,1", "tile:0,0.5,1"}
+    assert (name == "hunyuanvideo") == any(record["padding"] is not None for record in recorder)
+
+
+def test_band_plans_are_unchanged_by_a_grid(monkeypatch):
+    plain = flux_pipeline()
+    ditfastattn.apply(plain, Plan.uniform(plain.transformer, STEPS, "arrow:0.5"))
+    expected = run_pipeline(plain, steps=STEPS, **ODD)
+    report_grid(monkeypatch)
+    gridded = flux_pipeline()
+    ditfastattn.apply(gridded, Plan.uniform(gridded.transformer, STEPS, "arrow:0.5"))
+    assert torch.equal(run_pipeline(gridded, steps=STEPS, **ODD), expected)
+
+
+def test_tile_plans_need_a_grid_and_dynamic_mode():
+    pipe = flux_pipeline()
+    plan = Plan.uniform(pipe.transformer, STEPS, "tile:0,0,0")
+    ditfastattn.apply(pipe, plan)
+    with pytest.raises(ValueError, match=r"tile:0,0,0 needs the image grid"):
+        run_pipeline(pipe, steps=STEPS, **ODD)
+    ditfastattn.remove(pipe)
+    with pytest.raises(NotImplementedError, match=r"static mode does not run tile windows"):
+        ditfastattn.apply(pipe, plan, static=True, num_image_tokens=672)

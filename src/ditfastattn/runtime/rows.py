@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
-from .._geometry import MODE_SKIP
+from .._geometry import MODE_SKIP, TileGrid
 from ..methods import parse_method
 from ..plan import Plan
 
@@ -30,6 +30,7 @@ class _Row:
     methods: tuple
     capture: tuple[int, ...]
     num_image_tokens: int
+    tiles: TileGrid | None
     device: torch.device
     route_full: bool
     cache_heads: tuple[int, ...]  # heads that read the call slot's previous-step output
@@ -45,19 +46,21 @@ class _Row:
             methods = [_FULL if head in heads else m for head, m in enumerate(self.methods)]
             self.variants[heads] = compile_row(
                 methods, keep=self.keep, capture=self.capture, num_image_tokens=self.num_image_tokens,
-                device=self.device, route_full=self.route_full,
+                device=self.device, route_full=self.route_full, tiles=self.tiles,
             )
         return self.variants[heads]
 
 
 def compile_row(
-    methods, *, keep: bool, capture, num_image_tokens: int, device, route_full: bool = False, residual_from=None
+    methods, *, keep: bool, capture, num_image_tokens: int, device, route_full: bool = False, residual_from=None,
+    tiles: TileGrid | None = None,
 ) -> _Row:
     """Turn one layer's per-head methods at one step into the op's mode tensors and masks.
 
     ``capture`` lists, per head, the arrow window whose residual (full - arrow) must be kept now
     for a later ``arrow_residual`` step, or ``MODE_SKIP``. ``residual_from`` maps each
     ``arrow_residual`` head to the step whose residual it adds (None: the caller keeps residuals).
+    ``tiles`` (the call's grid in tiles) sizes tile windows; without it they raise ValueError.
     """
     heads = len(methods)
 
@@ -69,7 +72,7 @@ def compile_row(
     def mask(flags):
         return tensor(flags, torch.bool).view(1, 1, heads, 1) if any(flags) else None
 
-    modes = [m.mode(num_image_tokens) for m in methods]
+    modes = [m.mode(num_image_tokens, tiles) for m in methods]
     captured = [mode != MODE_SKIP for mode in capture]
     shared = [m.cfg_share for m in methods]
     plain_full = [m.kind == "full" and not m.cfg_share for m in methods]
@@ -90,6 +93,7 @@ def compile_row(
         methods=tuple(methods),
         capture=tuple(capture),
         num_image_tokens=num_image_tokens,
+        tiles=tiles,
         device=device,
         route_full=route_full,
         cache_heads=tuple(h for h, m in enumerate(methods) if m.kind == "cache"),
@@ -113,6 +117,7 @@ def _compile_rows(
     device: torch.device,
     dropped: frozenset[int] = frozenset(),
     route_full: bool = False,
+    tiles: TileGrid | None = None,
 ) -> list[_Row]:
     heads = plan.model.layers[layer].heads
     methods = [[plan.method(step, layer, head) for head in range(heads)] for step in range(plan.num_steps)]
@@ -141,7 +146,7 @@ def _compile_rows(
         rows.append(
             compile_row(
                 row, keep=keep, capture=capture, num_image_tokens=num_image_tokens, device=device,
-                route_full=route_full, residual_from=residual_from,
+                route_full=route_full, residual_from=residual_from, tiles=tiles,
             )
         )
     return rows

@@ -32,9 +32,10 @@ def full_head_cost(*args) -> float:
 class CallGeometry:
     """The token layout and padding of one layer call, in the forms the op and sessions take.
 
-    ``op`` holds the op's keyword arguments. ``text_start`` and ``text_len`` are the original
-    (text_start, text_len) form that ``Session.row`` and ``Session.after`` receive: exact when
-    ``simple`` (one global segment at the start or the end, no padding); otherwise ``text_len``
+    ``op`` holds the op's keyword arguments (the layout itself when it has several global segments,
+    padding or a grid). ``text_start`` and ``text_len`` are the original (text_start, text_len)
+    form that ``Session.row`` and ``Session.after`` receive: exact when ``simple`` (one global
+    segment at the start or the end, no padding; a grid may come with it); otherwise ``text_len``
     counts every global token and ``text_start`` is 0, so ``q.shape[1] - text_len`` is still the
     image token count.
     """
@@ -47,7 +48,7 @@ class CallGeometry:
 
     @property
     def simple(self) -> bool:
-        return "text_start" in self.op
+        return self.padding is None and self.layout.text_range() is not None
 
     @classmethod
     def of(cls, seq: int, text_start, text_len, layout: TokenLayout | None, key_padding) -> "CallGeometry":
@@ -56,7 +57,7 @@ class CallGeometry:
         padding = key_padding if key_padding is None or isinstance(key_padding, ops.Padding) else ops.Padding(key_padding)
         legacy = layout.text_range()
         if legacy is not None and padding is None:
-            return _text_geometry(seq, *legacy)
+            return _text_geometry(seq, *legacy) if layout.grid is None else _gridded_geometry(layout)
         return cls(layout, padding, {"segments": layout, "key_padding": padding}, 0 if legacy is None else legacy[0],
                    layout.num_global)
 
@@ -71,6 +72,13 @@ class CallGeometry:
 def _text_geometry(seq: int, text_start: int, text_len: int) -> CallGeometry:
     layout = TokenLayout.from_text(seq, text_start, text_len)
     return CallGeometry(layout, None, {"text_start": text_start, "text_len": text_len}, text_start, text_len)
+
+
+@functools.lru_cache(maxsize=256)
+def _gridded_geometry(layout: TokenLayout) -> CallGeometry:
+    """A layout of one global segment at the start or the end, with a grid: the op takes the layout
+    itself, so that tile heads see the grid."""
+    return CallGeometry(layout, None, {"segments": layout}, *layout.text_range())
 
 
 class _Buffers:
@@ -98,11 +106,13 @@ class LayerRuntime:
         self.geometry: CallGeometry | None = None  # of the call being attended
 
     def row(self, q: torch.Tensor, num_image_tokens: int, route_full: bool) -> _Row:
+        """The plan's row at this step, compiled for this call (tile windows: for its grid)."""
         dropped = self.session.dropped_steps(self.index, q, num_image_tokens)
-        key = (num_image_tokens, q.device, dropped, route_full)
+        tiles = None if self.geometry is None else self.geometry.layout.tile_grid()
+        key = (num_image_tokens, q.device, dropped, route_full, tiles)
         if key not in self._rows:
             self._rows[key] = _compile_rows(
-                self.session.plan, self.index, num_image_tokens, q.device, dropped, route_full
+                self.session.plan, self.index, num_image_tokens, q.device, dropped, route_full, tiles
             )
         return self._rows[key][self.session.step]
 

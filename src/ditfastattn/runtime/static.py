@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .._geometry import MODE_FULL, MODE_SKIP
+from ..methods import parse_method
 from ..model import TokenLayout
 from ..plan import Plan
 from . import routing
@@ -165,6 +166,9 @@ class StaticSession(Session):
         super().__init__(transformer, plan, adapter, impl, cache_budget)
         if self._cfg_share:
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
+        if any(parse_method(m).kind == "tile" for rows in plan.methods for heads in rows for m in heads):
+            raise NotImplementedError("static mode does not run tile windows (tile: methods) yet; apply without "
+                                      "static=True")
         self.num_image_tokens = num_image_tokens
         device = next(transformer.parameters()).device
         # Shape (1,): index_select with it stays on the device (a 0-d index would be a host int).
