@@ -5,11 +5,15 @@ Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp
 partial last block, for Triton also a second global segment after the image (reference-image
 tokens, as FLUX.1 Kontext and FLUX.2 place them) and key padding under each bias table (key masks,
 boolean and float 0/1 masks between queries and keys; runs of padding, batch elements with every
-key padded), random per-head plans (full, skip, arrows of every width), tensor layouts that
-take the TMA path ((B, S, H, D), (B, H, S, D) transposed, fused QKV slices) and, for Triton, one
-that takes the pointer path, outputs (B, S, H, D), (B, H, S, D) and, for Gluon, one off 16-byte
-alignment (the epilogue's stores without the aligned-vector hint), and every launch configuration
-the kernel chooses from (cases rotate through them). Half the cases first launch on other inputs of the same layout, so that the checked
+key padded), random per-head plans (full, skip, arrows of every width), for Triton also gridded
+layouts (a third of the cases: frames x rows x cols with tiles of 2 x 8 x 8 or 1 x 8 x 16, most
+grids ragged so that tiles are partial, tile windows of every extent mixed with full, skip and band
+heads in one call, run as the op runs them: the plain launch, then the tiled one over keys and
+values in tile order), tensor layouts that take the TMA path ((B, S, H, D), (B, H, S, D)
+transposed, fused QKV slices) and, for Triton, one that takes the pointer path, outputs
+(B, S, H, D), (B, H, S, D) and, for Gluon, one off 16-byte alignment (the epilogue's stores without
+the aligned-vector hint), and every launch configuration the kernel chooses from (cases rotate
+through them). Half the cases first launch on other inputs of the same layout, so that the checked
 launch reuses the compiled kernel directly, without Triton's dispatch (``ops._launch``). ``out`` is
 poisoned with NaN before each run: every computed element must be written and finite, skipped
 heads must keep the poison bit for bit.
@@ -44,6 +48,7 @@ from ditfastattn import _geometry
 from ditfastattn.model import TokenLayout
 from ditfastattn.ops import KEY_PADDING, MODE_FULL, MODE_SKIP, PAIR_PADDING, Padding, _triton, headwise_attention
 from ditfastattn.ops._dense import score_bias
+from ditfastattn.ops._tile_order import tiled_keys
 
 TEXT_LENS = (0, 77, 154, 333, 512)
 REFERENCE_LENS = (0, 0, 64, 130, 1024)  # global tokens after the image (Triton cases)
@@ -51,6 +56,9 @@ PADDING_TABLES = {"keys": KEY_PADDING, "pairs": PAIR_PADDING, "float 0/1": ((1.0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (32, 64, 128)
 MAX_RATIO = 2.0
+TILES = ((2, 8, 8), (1, 8, 16))
+TILE_HEAD_DIMS = (64, 128)  # the video models' (CogVideoX 64; HunyuanVideo, Wan 128)
+MAX_GRID_TOKENS = 4096  # the same-precision yardstick builds S x S masks per head
 
 
 def kernel_module(impl):
@@ -61,13 +69,32 @@ def kernel_module(impl):
     return _triton
 
 
+def random_grid(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """A grid and tile shape: mostly ragged (partial tiles along some axes), sometimes whole tiles,
+    sometimes smaller than one tile."""
+    tile = rng.choice(TILES)
+    while True:
+        if rng.random() < 0.2:  # whole tiles along every axis
+            grid = tuple(t * rng.randint(1, 4) for t in tile)
+        else:
+            grid = (1 if tile[0] == 1 else rng.randint(1, 9), rng.randint(1, 40), rng.randint(1, 60))
+        if math.prod(grid) <= MAX_GRID_TOKENS:
+            return grid, tile
+
+
 def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
-    dim = rng.choice(HEAD_DIMS if impl == "triton" else (64, 128))
-    layout = rng.choice(["bshd", "bshd", "bhsd", "fused", "padded"] if impl == "triton" else ["bshd", "bhsd", "fused"])
+    gridded = impl == "triton" and rng.random() < 0.35
+    dim = rng.choice(TILE_HEAD_DIMS if gridded else HEAD_DIMS if impl == "triton" else (64, 128))
+    layouts = ["bshd", "bshd", "bhsd", "fused"] + (["padded"] if impl == "triton" and not gridded else [])
+    layout = rng.choice(layouts)
     heads = rng.randint(1, 8)
     text_len = rng.choice(TEXT_LENS)
     blocks = rng.randint(1, 24)
     image = blocks * _geometry.IMAGE_BLOCK - rng.choice([0, 0, rng.randint(1, _geometry.IMAGE_BLOCK - 1)])
+    grid = tile = None
+    if gridded:
+        grid, tile = random_grid(rng)
+        image = math.prod(grid)
     if layout == "padded":  # odd strides: one compiled specialization for every pointer-path case
         heads |= 1
         if (image + text_len) % 2 == 0:
@@ -86,6 +113,9 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
                        "all_padded": rng.random() < 0.2}
     n_blocks = _geometry.num_image_blocks(image)
     modes = [rng.choice([MODE_FULL, MODE_SKIP, rng.randint(0, n_blocks)]) for _ in range(heads)]
+    if gridded:  # mostly tile heads, each a random window up to the whole grid
+        counts = _geometry.TileGrid(grid, tile).counts
+        modes = [_geometry.tile_mode(*(rng.randint(0, n) for n in counts)) if rng.random() < 0.6 else m for m in modes]
     configs = kernel_module(impl).tile_configs(dim)
     config = configs[index % len(configs)]
     extra = {}
@@ -95,7 +125,7 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
         "impl": impl,
         "dim": dim, "dtype": rng.choice(list(DTYPES)), "batch": rng.choice([1, 1, 2, 3]), "heads": heads,
         "text_len": text_len, "image": image, "text_first": text_first, "after": after, "padding": padding,
-        "layout": layout,
+        "layout": layout, "grid": grid, "tile": tile,
         "out_layout": rng.choice(["bshd", "bhsd"] + (["unaligned"] if impl == "gluon" else [])), "modes": modes,
         "return_lse": rng.random() < 0.5,
         "scale_in": rng.choice([0.5, 1.0, 2.0, 3.0]), "config": config, "warm": rng.random() < 0.5, **extra,
@@ -124,10 +154,8 @@ def make_inputs(case, gen):
 
 
 def case_layout(case, seq) -> TokenLayout:
-    """Text first then the image then reference tokens, or the image then text."""
-    if case["text_first"]:
-        return TokenLayout(seq, case["text_len"], case["image"])
-    return TokenLayout(seq, 0, case["image"])
+    """Text first then the image then reference tokens, or the image then text; with the case's grid."""
+    return TokenLayout(seq, case["text_len"] if case["text_first"] else 0, case["image"], case["grid"], case["tile"])
 
 
 def make_padding(case, batch, seq):
@@ -176,9 +204,15 @@ def run_case(case, gen):
     modes = torch.tensor(case["modes"], dtype=torch.int32, device="cuda")
 
     def launch(q, k, v, out):
-        return kernel_module(case["impl"]).attention(
-            q, k, v, modes, layout.image_start, layout.image_len, out, 1.0 / math.sqrt(dim), case["return_lse"],
-            padding, config=case["config"], **({"programs": case["programs"]} if "programs" in case else {}))
+        args = (q, k, v, modes, layout.image_start, layout.image_len, out, 1.0 / math.sqrt(dim), case["return_lse"],
+                padding)
+        extra = {"programs": case["programs"]} if "programs" in case else {}
+        out, lse = kernel_module(case["impl"]).attention(*args, config=case["config"], **extra)
+        if layout.grid is None:
+            return out, lse
+        # The op's second launch: the tile heads over keys and values in tile order.
+        keys = tiled_keys(k, v, None if padding is None else padding.mask, layout)
+        return _triton.attention(*args, tiled=keys, lse=lse, config=case["config"])
 
     if case["warm"]:  # a first launch on other inputs of the same layout: the checked one skips the JIT
         warm_q, warm_k, warm_v = make_inputs(case, gen)
@@ -218,27 +252,39 @@ def run_case(case, gen):
     return result
 
 
+# Grids of the precompiled tiled launches, per tile shape: ragged (pad slots masked) and whole.
+_WARM_GRIDS = {(2, 8, 8): ((3, 5, 7), (2, 8, 16)), (1, 8, 16): ((1, 13, 11), (1, 8, 16))}
+
+
 def precompile():
-    """Compile every configuration of both paths, with and without padding, ahead, in threads
-    (compilation releases the GIL)."""
+    """Compile every configuration of both paths, with and without padding, and of the tiled
+    launch, ragged or not, ahead, in threads (compilation releases the GIL)."""
     jobs = []
     for dtype in DTYPES.values():
-        for dim in HEAD_DIMS:
-            for layout in ("bshd", "padded"):
-                for return_lse in (False, True):
-                    for padded in (False, True):
-                        for config in _triton.tile_configs(dim):
-                            jobs.append((dtype, dim, layout, return_lse, padded, config))
+        for return_lse in (False, True):
+            for padded in (False, True):
+                for dim in HEAD_DIMS:
+                    for config in _triton.tile_configs(dim):
+                        for layout in ("bshd", "padded"):
+                            jobs.append((dtype, dim, layout, return_lse, padded, config, None))
+                        if dim in TILE_HEAD_DIMS:
+                            jobs.extend((dtype, dim, "bshd", return_lse, padded, config, grid)
+                                        for grids in _WARM_GRIDS.values() for grid in grids)
 
     def one(job):
-        dtype, dim, layout, return_lse, padded, config = job
+        dtype, dim, layout, return_lse, padded, config, grid = job
         gen = torch.Generator(device="cuda").manual_seed(0)
-        shape = (1, 255, 3, dim)
-        q, k, v = (make_tensor(shape, dtype, layout, gen) for _ in range(3))
+        image = 178 if grid is None else math.prod(grid)
+        tile = None if grid is None else next(t for t, grids in _WARM_GRIDS.items() if grid in grids)
+        seq = 77 + image
+        q, k, v = (make_tensor((1, seq, 3, dim), dtype, layout, gen) for _ in range(3))
         modes = torch.tensor([MODE_FULL, 0, MODE_SKIP], dtype=torch.int32, device="cuda")
-        padding = Padding(torch.zeros(1, 255, dtype=torch.bool, device="cuda")) if padded else None
-        _triton.attention(q, k, v, modes, 77, 178, torch.empty_like(q), 0.1, return_lse, padding, config=config,
-                          warmup=True)
+        padding = Padding(torch.zeros(1, seq, dtype=torch.bool, device="cuda")) if padded else None
+        keys = None
+        if grid is not None:
+            keys = tiled_keys(k, v, None if padding is None else padding.mask, TokenLayout(seq, 77, image, grid, tile))
+        _triton.attention(q, k, v, modes, 77, image, torch.empty_like(q), 0.1, return_lse, padding, tiled=keys,
+                          config=config, warmup=True)
 
     start = time.time()
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -257,7 +303,7 @@ def check(impl, args):
             break
         case = random_case(rng, index, impl)
         result = {**run_case(case, gen), "warm": case["warm"], "after": case["after"],
-                  "padded": case["padding"] is not None}
+                  "padded": case["padding"] is not None, "tiled": case["grid"] is not None}
         results.append(result)
         if not result["ok"]:
             failures.append({"case": case, "result": result})
@@ -270,12 +316,14 @@ def check(impl, args):
         "direct_launch_cases": sum(r["warm"] for r in results),
         "two_segment_cases": sum(r["after"] > 0 for r in results),
         "padded_cases": sum(r["padded"] for r in results),
+        "tile_cases": sum(r["tiled"] for r in results),
         "worst_error_ratio": max(r["ratio"] for r in results),
         "median_error_ratio": sorted(r["ratio"] for r in results)[len(results) // 2],
         "worst_lse_abs_error": max(r["lse_err"] for r in results),
         "worst_case": worst, "failures": failures[:20], "check_s": round(time.time() - start, 1),
     }
-    print(f"kernel_check {impl}: {summary['cases']} cases, {summary['failed']} failed, worst error ratio "
+    print(f"kernel_check {impl}: {summary['cases']} cases ({summary['tile_cases']} with tile windows), "
+          f"{summary['failed']} failed, worst error ratio "
           f"{summary['worst_error_ratio']:.3f} (median {summary['median_error_ratio']:.3f}), "
           f"worst |lse error| {summary['worst_lse_abs_error']:.2e}", flush=True)
     return summary
