@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,6 +332,40 @@ def test_evaluation_checks_before_its_first_image():
     with pytest.raises(ValueError, match="distinct deltas"):
         delta_sweep(pipe, [prompt], [prompt], [0.2, 0.2000001], ditfastattn.SearchConfig(num_inference_steps=2))
     assert calls == []
+
+
+# confusing output and lost work ----------------------------------------------------------------
+def test_one_progress_bar_at_a_time_with_log_lines_above_it(capsys):
+    # Calibration's bar replaces the pipeline's per-pass bar (restored after); under the CLI a log
+    # line prints on its own line above a bar, not inside it.
+    from tqdm.auto import tqdm
+
+    from ditfastattn.cli import _library_log
+
+    pipe = sd3_pipeline()
+    pipe.set_progress_bar_config(leave=True)
+    config = ditfastattn.SearchConfig(delta=0.2, num_inference_steps=3, height=32, width=32)
+    ditfastattn.calibrate(pipe, [{**embeds(), **negative_embeds()}], config)
+    err = capsys.readouterr().err
+    assert "ditfastattn calibrate" in err and "/4 [" in err and "/3 [" not in err  # 2 steps x 2 layers; no 3-step bar
+    assert pipe._progress_bar_config == {"leave": True}
+    with _library_log(verbose=False), tqdm(total=2, desc="bar") as bar:
+        bar.update(1)
+        logging.getLogger("ditfastattn.runtime").warning("a warning")
+    assert "ditfastattn: a warning" in re.split(r"[\r\n]", capsys.readouterr().err)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a folder no one can write in, even root: /proc")
+def test_evaluate_refuses_an_unwritable_folder_before_calibrating(tmp_path, capsys):
+    from ditfastattn.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    argv = ["evaluate", "--model", "testbed:sd3", "--device", "cpu", "--prompts", str(prompts),
+            "--calibration-prompts", str(prompts), "--out", "/proc/ditfastattn-evaluation"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--out /proc/ditfastattn-evaluation: cannot write in /proc" in err and err.count("\n") == 1
 
 
 # property: random plans on random tiny models -------------------------------------------------
