@@ -90,6 +90,8 @@ def test_program_needs_a_zero_error_candidate():
         ({"target_sparsity": float("nan")}, ValueError, "target_sparsity must be a finite number"),
         ({"offload_outputs": "yes"}, ValueError, "offload_outputs must be"),
         ({"pipeline_kwargs": ["x"]}, TypeError, "pipeline_kwargs must be a dict"),
+        ({"pipeline_kwargs": {"num_inference_steps": 3}}, ValueError, "set SearchConfig.num_inference_steps instead"),
+        ({"pipeline_kwargs": {"generator": None}}, ValueError, "set SearchConfig.seed instead"),
         ({"sensitivity": {"steps": {"window": [1.0, 1.0]}}}, ValueError, "unknown kinds"),
         ({"sensitivity": {"steps": {"cache": [1.0, 0.0]}}}, ValueError, "finite numbers > 0"),
     ],
@@ -337,6 +339,9 @@ def test_target_sparsity_lands_within_tolerance():
         ({"target_sparsity": 0.5, "target_speedup": 2.0}, "not both"),
         ({"sensitivity": "guess"}, "sensitivity must be"),
         ({"sensitivity": {"a": -1.0}}, "weights must be finite numbers > 0"),
+        ({"target_sparsity": 0.5, "num_inference_steps": 1}, "a sparsity target needs num_inference_steps >= 2"),
+        ({"sensitivity": "measure", "num_inference_steps": 1}, "sensitivity='measure' needs num_inference_steps >= 2"),
+        ({"sensitivity": "measure", "candidates": ("full", "arrow_residual:0.25")}, "needs an 'arrow:<f>' or 'cache'"),
     ],
 )
 def test_bad_targets_and_sensitivity(kwargs, match):

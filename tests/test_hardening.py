@@ -256,6 +256,31 @@ def test_a_bare_prompt_or_candidate_is_one_not_one_per_character():
 
 
 # plans ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "pipeline_kwargs,prompt,match",
+    [
+        ({}, {"output_type": "pil"}, "prompt dicts cannot set 'output_type'"),
+        ({"prompt_embeds": embeds()["prompt_embeds"]}, {}, r"pipeline_kwargs and the prompts both set \['prompt_embeds'\]"),
+        ({"height": 48}, {}, "height is SearchConfig.height=32 but 48 in the pipeline arguments"),
+        ({"skip_guidance_layer": [1]}, {}, "StableDiffusion3Pipeline takes no argument 'skip_guidance_layer'"),
+    ],
+)
+def test_calibrate_refuses_pipeline_arguments_it_cannot_pass(pipeline_kwargs, prompt, match):
+    pipe = sd3_pipeline()
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    config = ditfastattn.SearchConfig(num_inference_steps=2, height=32, width=32, pipeline_kwargs=pipeline_kwargs,
+                                      sensitivity="measure")
+    with pytest.raises(ValueError, match=match):
+        ditfastattn.calibrate(pipe, [{**embeds(), **negative_embeds(), **prompt}], config, progress=False)
+    assert calls == []  # before the sensitivity probes' first pass
+
+
+def test_calibrate_takes_a_search_config():
+    with pytest.raises(TypeError, match=r"config must be a SearchConfig \(e.g. SearchConfig\(delta=0.2\)\); got dict"):
+        ditfastattn.calibrate(sd3_pipeline(), ["a red circle"], {"delta": 0.2})
+
+
 def test_a_plan_with_non_finite_numbers_saves_and_loads(tmp_path):
     import numpy as np
 

@@ -28,7 +28,7 @@ from .runtime import _transformer_of
 from .ops import IMPLEMENTATIONS
 from .search import choose, fit_delta
 from .sensitivity import KINDS as SENSITIVITY_KINDS
-from .sensitivity import measure_sensitivity, weights_array
+from .sensitivity import measure_sensitivity, probe_method, weights_array
 
 logger = logging.getLogger("ditfastattn")
 
@@ -79,6 +79,18 @@ def _check_sensitivity(sensitivity) -> None:
     unknown = set(steps) - set(SENSITIVITY_KINDS)
     if unknown:
         raise ValueError(f"sensitivity steps name unknown kinds {sorted(unknown)}; known: {SENSITIVITY_KINDS}")
+
+
+# Pipeline arguments calibration sets itself, and the setting that controls each.
+_OWN_ARGUMENTS = {"num_inference_steps": "num_inference_steps", "generator": "seed", "output_type": None}
+
+
+def _check_own_arguments(keys, where: str) -> None:
+    for key in keys:
+        if key in _OWN_ARGUMENTS:
+            field = _OWN_ARGUMENTS[key]
+            fix = f"set SearchConfig.{field} instead" if field else "calibration reads the latents itself"
+            raise ValueError(f"{where} cannot set {key!r}, which calibration passes to the pipeline: {fix}")
 
 
 def check_cfg_guidance(candidates, guidance_scale) -> None:
@@ -133,7 +145,10 @@ class SearchConfig:
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
             ``None`` decides at the first layer: offload on CUDA when all layers' outputs would
             take more than half the free GPU memory.
-        pipeline_kwargs: extra keyword arguments for the pipeline call.
+        pipeline_kwargs: extra keyword arguments for the pipeline call (e.g. SD3's skip-layer
+            guidance). Not ``num_inference_steps``, ``generator`` or ``output_type``, which
+            calibration sets; an argument is given once over these, the prompt dicts and the
+            fields above. ``cfg_share`` candidates need the guidance above 1, checked before any work.
     """
 
     delta: float = 0.2
@@ -168,6 +183,9 @@ class SearchConfig:
             raise ValueError(f"target_speedup must be > 1; got {self.target_speedup!r}")
         _check_sensitivity(self.sensitivity)
         _integer("num_inference_steps", self.num_inference_steps, low=1)
+        if self.num_inference_steps < 2 and (self.target is not None or self.sensitivity == "measure"):
+            what = "a sparsity target" if self.target is not None else "sensitivity='measure'"
+            raise ValueError(f"{what} needs num_inference_steps >= 2: step 0 always runs every head full")
         _integer("seed", self.seed, low=0)
         for name in ("height", "width"):
             if getattr(self, name) is not None:
@@ -182,6 +200,7 @@ class SearchConfig:
             raise ValueError(f"offload_outputs must be True, False or None (decide from free memory); got {self.offload_outputs!r}")
         if not isinstance(self.pipeline_kwargs, dict):
             raise TypeError(f"pipeline_kwargs must be a dict of pipeline keyword arguments; got {type(self.pipeline_kwargs).__name__}")
+        _check_own_arguments(self.pipeline_kwargs, "pipeline_kwargs")
         if self.head_coefficient is not None and not self.head_coefficient > 0:
             raise ValueError(f"head_coefficient must be > 0 or None; got {self.head_coefficient!r}")
         if self.budget not in ("layer", "generation"):
@@ -194,6 +213,8 @@ class SearchConfig:
         if "full" not in names:
             raise ValueError("candidates must include 'full' (the exact method keeps every program feasible)")
         object.__setattr__(self, "candidates", tuple(dict.fromkeys(names)))
+        if self.sensitivity == "measure":
+            probe_method(names)  # raises when no candidate can probe
         guidance = self.guidance_scale if self.guidance_scale is not None else self.pipeline_kwargs.get("guidance_scale")
         check_cfg_guidance(names, guidance)
         if self.costs is not None:
@@ -264,7 +285,9 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     of the prompts. Applying it with :func:`ditfastattn.apply` to the same prompts and seed
     reproduces the calibration run's outputs bit for bit.
     """
-    config = config or SearchConfig()
+    config = SearchConfig() if config is None else config
+    if not isinstance(config, SearchConfig):
+        raise TypeError(f"config must be a SearchConfig (e.g. SearchConfig(delta=0.2)); got {type(config).__name__}")
     transformer, pipeline = _transformer_of(pipe)
     if pipeline is None:
         raise TypeError("calibrate needs the pipeline (it runs a denoising pass), not only its transformer")
@@ -274,11 +297,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     adapter = adapter_for(transformer)
     check_cfg_sharing(adapter, config.candidates)
     spec = adapter.describe(transformer)
-    call = dict(config.pipeline_kwargs)
-    call.update(kwargs)
-    for name in ("height", "width", "guidance_scale"):
-        if getattr(config, name) is not None:
-            call[name] = getattr(config, name)
+    call = _pipeline_call(pipe, config, kwargs)
     # Prompt dicts may set the guidance too; unset, it is the pipeline's default. (An odd batch that
     # still reaches the transformer is refused at its first call.)
     check_cfg_guidance(config.candidates, call.get("guidance_scale", _default_argument(pipe, "guidance_scale")))
@@ -367,12 +386,42 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     return plan
 
 
+def _pipeline_call(pipe, config: SearchConfig, prompts: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's keyword arguments for a pass (the step count, generator and output type
+    aside): pipeline_kwargs, the prompts' and the config's, each argument given once."""
+    _check_own_arguments(prompts, "prompt dicts")
+    call = dict(config.pipeline_kwargs)
+    both = sorted(set(call) & set(prompts))
+    if both:
+        raise ValueError(f"pipeline_kwargs and the prompts both set {both}: give each argument once")
+    call.update(prompts)
+    for name in ("height", "width", "guidance_scale"):
+        value = getattr(config, name)
+        if value is not None:
+            if name in call and call[name] != value:
+                raise ValueError(f"{name} is SearchConfig.{name}={value!r} but {call[name]!r} in the pipeline "
+                                 "arguments (pipeline_kwargs or the prompt dicts): give it once")
+            call[name] = value
+    parameters = _call_parameters(pipe)
+    if parameters is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(call) - set(parameters))
+        if unknown:
+            raise ValueError(f"{type(pipe).__name__} takes no argument {', '.join(map(repr, unknown))} "
+                             "(from pipeline_kwargs or the prompt dicts)")
+    return call
+
+
+def _call_parameters(pipe):
+    """The parameters of the pipeline's ``__call__``; None where its signature cannot be read."""
+    try:
+        return inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return None
+
+
 def _default_argument(pipe, name: str):
     """The default of the pipeline call's argument ``name``; None where its signature has none."""
-    try:
-        parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
-    except (TypeError, ValueError):  # a callable without a readable signature
-        return None
+    parameter = (_call_parameters(pipe) or {}).get(name)
     return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
