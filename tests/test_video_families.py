@@ -164,9 +164,6 @@ def family(request):
 # Calibration records the plan's resolution from the first layer with text, and Wan's layers have
 # none: its calibrate() fails in Plan.summary until _CalibrationSession.row also records
 # (image tokens, 0) when no layer of the model has text.
-NO_TEXT_CALIBRATION = pytest.mark.xfail(raises=ValueError, strict=True,
-                                        reason="calibration records no resolution for a model without text")
-CALIBRATED = [pytest.param(name, marks=NO_TEXT_CALIBRATION) if name.startswith("wan") else name for name in FAMILIES]
 
 
 def test_identity_is_stock_remove_restores_and_arrows_differ(family, recorder):
@@ -182,7 +179,7 @@ def test_full_heads_in_the_op_equal_the_stock_attention_of_every_call(family, mo
     assert checked and any(checked) == (family in MASKED)
 
 
-@pytest.mark.parametrize("family", CALIBRATED)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_calibration_replays_bit_for_bit(family, recorder):
     """Candidates are scored under each call's own layout and padding: the applied plan reproduces
     the calibration run's every layer output exactly."""
@@ -191,7 +188,7 @@ def test_calibration_replays_bit_for_bit(family, recorder):
     assert any(m.startswith("arrow") for rows in plan.methods[1:] for heads in rows for m in heads)
 
 
-@pytest.mark.parametrize("family", CALIBRATED)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_an_arrow_over_the_whole_video_scores_zero(family):
     """On a one-block video an arrow is full attention under the call's layout and padding, so its
     score is zero; scored with another layout or without the padding it would not be."""

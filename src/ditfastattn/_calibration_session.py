@@ -199,7 +199,9 @@ class _CalibrationSession(Session):
             self._stock = dense()
             self.later_calls[(layer.index, self.call)] = self._errors(layer, q, k, v, text_start, text_len, self._stock)
         image_tokens = q.shape[1] - text_len
-        if self.geometry is None and text_len:
+        # The resolution a plan records is that of the layers over text; a model without any
+        # (Wan's self-attention) records its image-only calls.
+        if self.geometry is None and (text_len or not any(spec.text for spec in self.plan.model.layers)):
             self.geometry = (image_tokens, text_len)
         methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
         route_full = self.route_full(q, k, v, text_start, text_len, layer.geometry)
