@@ -37,6 +37,30 @@ _ADAPTERS = _load()
 
 
 def adapter_for(transformer) -> Adapter:
+    """The adapter that runs ``transformer``; refuses one under diffusers' parallelism, which the
+    runtime and calibration do not follow (they would see one rank's tokens or heads)."""
+    adapter = _match(transformer)
+    _check_not_parallel(transformer)
+    return adapter
+
+
+def _check_not_parallel(transformer) -> None:
+    """ValueError when diffusers' context or tensor parallelism is enabled on ``transformer``."""
+    config = getattr(transformer, "_parallel_config", None)
+    processors = (getattr(module, "processor", None) for module in transformer.modules())
+    if config is None:  # enable_parallelism sets both; a processor configured by hand counts too
+        config = next((p._parallel_config for p in processors if getattr(p, "_parallel_config", None) is not None), None)
+    if config is None:
+        return
+    kind = "tensor" if getattr(config, "tensor_parallel_config", None) is not None else "context"
+    raise ValueError(
+        f"this {type(transformer).__name__} runs under diffusers' {kind} parallelism (enable_parallelism), which "
+        "ditfastattn does not support yet; it supports one full model per process: a single GPU, or data "
+        "parallelism with a whole model on each GPU. Load the model without parallel_config / enable_parallelism"
+    )
+
+
+def _match(transformer) -> Adapter:
     for adapter in _ADAPTERS:
         if adapter.matches(transformer):
             return adapter
@@ -51,7 +75,7 @@ def adapter_for(transformer) -> Adapter:
 def describe(pipe_or_transformer) -> model.ModelSpec:
     """The :class:`~ditfastattn.model.ModelSpec` of a supported transformer, or of a pipeline's."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
-    return adapter_for(transformer).describe(transformer)
+    return _match(transformer).describe(transformer)  # a parallel model's plans are made as any other's
 
 
 model.register_describer(describe)
