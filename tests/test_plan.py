@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_flux, tiny_sd3
 
 from ditfastattn import Plan, PlanMismatchError
-from ditfastattn._geometry import MODE_FULL, MODE_SKIP, density, kept_pairs, window_blocks
+from ditfastattn._geometry import MODE_FULL, MODE_SKIP, TileGrid, density, kept_pairs, window_blocks
 from ditfastattn.adapters import adapter_for
-from ditfastattn.methods import Method, parse_method
+from ditfastattn.methods import CFG_BATCH, FRACTION, KINDS, PREVIOUS_OUTPUT, RESIDUAL, WINDOW, Method, parse_method
 from ditfastattn.model import TokenLayout
 from ditfastattn.ops._dense import head_mask
 
@@ -24,8 +24,8 @@ from ditfastattn.ops._dense import head_mask
         ("arrow:0.125", Method("arrow", 0.125)),
         ("arrow:.5", Method("arrow", 0.5)),
         ("arrow_residual:0.0625", Method("arrow_residual", 0.0625)),
-        ("cfg_share", Method("full", None, True)),
-        ("cfg_share+arrow:0.25", Method("arrow", 0.25, True)),
+        ("cfg_share", Method("cfg_share")),
+        ("cfg_share+arrow:0.25", Method("cfg_share", 0.25)),
     ],
 )
 def test_parse_method_round_trips(name, method):
@@ -37,6 +37,53 @@ def test_parse_method_round_trips(name, method):
 def test_unknown_method_is_rejected(name):
     with pytest.raises(ValueError, match="unknown method"):
         parse_method(name)
+
+
+def _examples(kind):
+    """A name of each of ``kind``'s forms, its placeholders filled."""
+    return [form.replace(FRACTION, "0.25").replace(WINDOW, "0.5,0,1") for form in kind.forms]
+
+
+def test_the_method_registry_is_complete_and_consistent():
+    tiles = TileGrid((1, 32, 32), (1, 8, 16))  # 1024 image tokens
+    colours = set()
+    for kind in KINDS.values():
+        assert kind.forms and kind.reads in (None, PREVIOUS_OUTPUT, RESIDUAL, CFG_BATCH), kind.name
+        for name in _examples(kind):
+            method = parse_method(name)
+            assert method.kind == kind.name and method.name == name and parse_method(method.name) == method
+            cost = method.cost(1024, 77, tiles)
+            assert 0.0 <= cost <= (0.5 if method.shares_cfg else 1.0), name
+            assert (cost > 0) == method.computes, name
+            assert method.exact <= (cost == 1.0 and kind.reads is None), name
+            if kind.needs_grid:
+                with pytest.raises(ValueError, match="needs the image grid"):
+                    method.mode(1024)
+            else:
+                assert method.cost(1024, 77) == cost
+        # how plan pictures draw it: an RGB colour of its own
+        assert len(kind.colour) == 3 and all(0.0 <= c <= 1.0 for c in kind.colour), kind.name
+        colours.add(kind.colour)
+    assert len(colours) == len(KINDS)
+    assert [kind.name for kind in KINDS.values() if kind.exact] == ["full"]
+    with pytest.raises(ValueError, match="unknown method") as error:
+        parse_method("bogus:1")
+    for kind in KINDS.values():
+        for form in kind.forms:
+            assert repr(form) in str(error.value)
+
+
+def test_plan_pictures_count_every_method_kind():
+    from ditfastattn.visualize import kind_shares
+
+    plan = Plan.uniform(tiny_flux(), 2, "full")
+    names = [name for kind in KINDS.values() for name in _examples(kind)]
+    methods = [plan.methods[0], [[names[(layer * len(heads) + head) % len(names)] for head in range(len(heads))]
+                                 for layer, heads in enumerate(plan.methods[1])]]
+    shares = kind_shares(Plan(plan.model, methods))
+    assert set(shares) == set(KINDS)
+    assert all(shares[kind][1].sum() > 0 for kind in KINDS)
+    assert sum(shares.values()) == pytest.approx(torch.ones(2, len(plan.layer_names)).numpy())
 
 
 @pytest.mark.parametrize(

@@ -144,14 +144,14 @@ def check_definitions(plan, records, atol: float):
                 assert torch.equal(out[:, :, head], earlier), "cache must reuse the previous output exactly"
                 continue
             mode = method.mode(image_tokens)
-            rows = slice(half, None) if method.cfg_share else slice(None)
+            rows = slice(half, None) if method.shares_cfg else slice(None)
             expected = head_attention(record, head, mode, rows)
             if method.kind == "arrow_residual":
                 last_full = max(s for s in range(step) if plan.method(s, index, head).kind == "full")
                 then = find(records, layer, last_full, call)
                 expected = expected + head_attention(then, head, MODE_FULL) - head_attention(then, head, mode)
             torch.testing.assert_close(out[rows, :, head].double(), expected, atol=atol, rtol=1e-4)
-            if method.cfg_share:
+            if method.shares_cfg:
                 assert torch.equal(out[:half, :, head], out[half:, :, head]), "CFG sharing copies the cond half"
     return checked
 

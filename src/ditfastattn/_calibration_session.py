@@ -155,7 +155,7 @@ class _CalibrationSession(Session):
         self.config = config
         self.candidates: list[Method] = [parse_method(name) for name in config.candidates]
         # An odd batch is refused at the generation's first call, before any work (Session._check_inputs).
-        self._cfg_share = any(m.cfg_share for m in self.candidates)
+        self._cfg_share = any(m.shares_cfg for m in self.candidates)
         self.progress = progress
         shape = (plan.num_steps, len(plan.model.layers), len(self.candidates))
         self.weights = np.ones(shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=np.float64), shape)
@@ -220,7 +220,7 @@ class _CalibrationSession(Session):
     def _residual_from(self, layer: int, methods: list[Method]) -> list[tuple[int, int]]:
         """(head, last plain-full step) of every arrow_residual head: the runtime's rule for which
         residual a head adds (a call slot that did not keep it computes the head instead)."""
-        return [(h, self.last_full.get((layer, h), 0)) for h, m in enumerate(methods) if m.kind == "arrow_residual"]
+        return [(h, self.last_full.get((layer, h), 0)) for h, m in enumerate(methods) if m.reads_residual]
 
     def _kept(self, layer: LayerRuntime, heads: int) -> torch.Tensor:
         """(heads,) bool on the host: whether this call slot kept each head's residual at the head's
@@ -243,28 +243,27 @@ class _CalibrationSession(Session):
         slot = layer.slots.get(self.call)
         residuals = self.residuals.get((layer.index, self.call), {})
         kept = unmeasured = None
-        if any(m.kind == "arrow_residual" for m in self.candidates):
+        if any(m.reads_residual for m in self.candidates):
             kept = self._kept(layer, heads)
             unmeasured = ~kept
             if self.call > 0:
                 # Later calls are scored a step ahead: a head not kept computes exactly then, unless
                 # it runs full now and so keeps its residual for the next step (not measurable yet).
                 full_now = torch.tensor(
-                    [m.kind == "full" and not m.cfg_share
-                     for m in map(parse_method, self.plan.methods[self.step][layer.index])]
+                    [parse_method(name).exact for name in self.plan.methods[self.step][layer.index]]
                 )
                 unmeasured = ~kept & full_now
             kept_mask = kept.to(q.device).view(1, 1, -1, 1)
         by_mode: dict[int, list[int]] = {}
         for index, method in enumerate(self.candidates):
-            if method.kind == "cache":
+            if method.reads_previous_output:
                 if slot is not None and slot.out is not None and slot.step == self.step - 1:
                     yield index, slot.out, None
             else:
                 by_mode.setdefault(method.mode(image_tokens), []).append(index)
         for mode, indices in by_mode.items():
             if mode < 0:
-                if all(self.candidates[i].name == "full" for i in indices):
+                if all(self.candidates[i].exact for i in indices):
                     continue  # exact by definition: its error row stays 0
                 base = exact
             else:
@@ -272,7 +271,7 @@ class _CalibrationSession(Session):
                 base = ops.headwise_attention(q, k, v, modes, **layer.geometry.op, impl=self.impl)
             for index in indices:
                 method = self.candidates[index]
-                if method.kind == "arrow_residual":
+                if method.reads_residual:
                     if mode in residuals:
                         yield index, torch.where(kept_mask, base + residuals[mode], exact), unmeasured
                     elif self.call > 0:  # no full step of this call kept one: every head computes
@@ -280,7 +279,7 @@ class _CalibrationSession(Session):
                     continue
                 out = base
                 # CFG is the step's first call; later ones (skip-layer guidance) run it unshared.
-                if method.cfg_share and self.call == 0:
+                if method.shares_cfg and self.call == 0:
                     half = out.shape[0] // 2
                     out = torch.cat([out[half:], out[half:]], dim=0)
                 yield index, out, None
@@ -290,7 +289,7 @@ class _CalibrationSession(Session):
         layer's variance, both on the device (one host read per layer-step, in :meth:`_scores`)."""
         errors = torch.full((len(self.candidates), q.shape[2]), float("nan"), dtype=torch.float32, device=q.device)
         for index, method in enumerate(self.candidates):
-            if method.name == "full":
+            if method.exact:
                 errors[index] = 0.0
         for candidate, out, unmeasured in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
             errors[candidate] = head_squared_errors(out, stock)
@@ -326,10 +325,10 @@ class _CalibrationSession(Session):
             self.solver_seconds += time.perf_counter() - started
             chosen = [self.candidates[c] for c in choice]
         for head, method in enumerate(chosen):
-            if method.kind == "full" and not method.cfg_share:
+            if method.exact:
                 self.locked.pop((index, head), None)
                 self.last_full[(index, head)] = step
-            elif method.kind == "arrow_residual":
+            elif method.reads_residual:
                 self.locked[(index, head)] = method.fraction
         self.plan.methods[step][index] = [m.name for m in chosen]
         self.decided.add((step, index))
@@ -347,11 +346,11 @@ class _CalibrationSession(Session):
         seen: set[tuple] = set()
         for index, method in enumerate(self.candidates):
             # Windows that round to the same blocks at this resolution are one candidate.
-            signature = (method.kind, method.cfg_share, method.mode(image_tokens))
+            signature = (method.kind, method.mode(image_tokens))
             if signature in seen:
                 allowed[:, index] = False
             seen.add(signature)
-            if method.kind == "arrow_residual":
+            if method.reads_residual:
                 for head in range(heads):
                     locked = self.locked.get((layer, head))
                     allowed[head, index] &= locked is None or locked == method.fraction
@@ -363,7 +362,7 @@ class _CalibrationSession(Session):
 
     # residuals -----------------------------------------------------------------------------
     def _residual_modes(self, image_tokens: int) -> set[int]:
-        return {m.mode(image_tokens) for m in self.candidates if m.kind == "arrow_residual"}
+        return {m.mode(image_tokens) for m in self.candidates if m.reads_residual}
 
     def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
         self._keep_residuals(layer, q, k, v, out, text_start, text_len)
@@ -395,7 +394,7 @@ class _CalibrationSession(Session):
         if not windows:
             return
         methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
-        full = [m.kind == "full" and not m.cfg_share for m in methods]
+        full = [m.exact for m in methods]
         if not any(full):
             return
         mask = torch.tensor(full, device=q.device).view(1, 1, -1, 1)
@@ -418,8 +417,8 @@ class _CalibrationSession(Session):
         store = self.residuals.get((layer.index, self.call), {})
         kept = self._kept(layer, len(methods)).tolist()
         residual = None
-        for mode in {m.mode(image_tokens) for m in methods if m.kind == "arrow_residual"} & set(store):
-            flags = [m.kind == "arrow_residual" and m.mode(image_tokens) == mode and kept[h] for h, m in enumerate(methods)]
+        for mode in {m.mode(image_tokens) for m in methods if m.reads_residual} & set(store):
+            flags = [m.reads_residual and m.mode(image_tokens) == mode and kept[h] for h, m in enumerate(methods)]
             mask = torch.tensor(flags, device=store[mode].device).view(1, 1, -1, 1)
             residual = torch.where(mask, store[mode], residual if residual is not None else torch.zeros_like(store[mode]))
         slot.residual = residual

@@ -96,7 +96,7 @@ def _check_own_arguments(keys, where: str) -> None:
 def check_cfg_guidance(candidates, guidance_scale) -> None:
     """cfg_share reuses the conditional half of a CFG batch, which a pipeline builds only with
     guidance above 1 (a ``guidance_scale`` that is not a number is left to the pipeline)."""
-    if not any(parse_method(name).cfg_share for name in candidates):
+    if not any(parse_method(name).shares_cfg for name in candidates):
         return
     if isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool) and guidance_scale <= 1:
         raise ValueError(
@@ -446,7 +446,7 @@ def _solve_step(session, spec, config: SearchConfig, step: int, delta: float) ->
         allowed = np.isfinite(rse)
         seen = set()
         for c, method in enumerate(candidates):
-            signature = (method.kind, method.cfg_share, method.mode(image_tokens))
+            signature = (method.kind, method.mode(image_tokens))
             allowed[:, c] &= signature not in seen
             seen.add(signature)
         rows.append([candidates[c].name for c in choose(rse, cost, delta, config, allowed)])

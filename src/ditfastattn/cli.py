@@ -286,8 +286,9 @@ def _prepare(args, check=None):
 def _check_cfg(pipe, method_names, guidance_scale) -> None:
     """cfg_share methods need CFG as one batch: a family that batches it, and guidance above 1."""
     from .adapters import adapter_for, check_cfg_sharing
+    from .methods import parse_method
 
-    if not any(name.startswith("cfg_share") for name in method_names):
+    if not any(parse_method(name).shares_cfg for name in method_names):
         return
     try:
         check_cfg_sharing(adapter_for(pipe.transformer), method_names)

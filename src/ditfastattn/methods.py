@@ -14,6 +14,11 @@
                                f x (tiles - 1) along frames, rows and cols (0: own tiles only,
                                1: the whole axis); 0 <= f <= 1
 =============================  ==============================================================
+
+Each kind is one entry of :data:`KINDS`: its name forms, what it reads besides the call's q, k and
+v, the op mode it computes and its colour in plan pictures. The runtime, calibration and the
+pictures ask a :class:`Method` these questions rather than compare kind names, so a new method is
+one entry (plus its op mode, if it computes a new geometry).
 """
 
 from __future__ import annotations
@@ -21,55 +26,146 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 from ._geometry import MODE_FULL, MODE_SKIP, TileGrid, density, tile_mode, window_blocks
 
+# What a method reads besides the call's q, k and v.
+PREVIOUS_OUTPUT = "the head's output at its last computed step"
+RESIDUAL = "the residual (full - arrow) kept at the head's last full step"
+CFG_BATCH = "the conditional half of the CFG batch, for the unconditional half"
+
+# Placeholders of the name forms: a window fraction in (0, 1], a tile window's three in [0, 1].
+FRACTION = "<f>"
+WINDOW = "<ft>,<fh>,<fw>"
 _NUMBER = r"[0-9.eE+-]+"
-_NAME = re.compile(
-    rf"^(?:(?P<cfg>cfg_share)(?:\+arrow:(?P<cfg_f>{_NUMBER}))?|full|cache|(?P<kind>arrow|arrow_residual):(?P<f>{_NUMBER})"
-    rf"|tile:(?P<tile>{_NUMBER},{_NUMBER},{_NUMBER}))$"
-)
+
+
+def _full(method: Method, num_image_tokens: int, tiles: TileGrid | None) -> int:
+    return MODE_FULL
+
+
+def _skip(method: Method, num_image_tokens: int, tiles: TileGrid | None) -> int:
+    return MODE_SKIP
+
+
+def _band(method: Method, num_image_tokens: int, tiles: TileGrid | None) -> int:
+    """An arrow band of the method's fraction; no fraction (plain ``cfg_share``) is full attention."""
+    return MODE_FULL if method.fraction is None else window_blocks(method.fraction, num_image_tokens)
+
+
+def _tile(method: Method, num_image_tokens: int, tiles: TileGrid | None) -> int:
+    if tiles is None:
+        raise ValueError(f"{method.name} needs the image grid (frames x rows x cols), which this call does not "
+                         "give: its model family passes none, so use arrow:<f> windows there")
+    return tile_mode(*tiles.windows(method.window))
+
+
+@dataclass(frozen=True)
+class MethodKind:
+    """One kind of method: everything the rest of the package needs to know about it."""
+
+    name: str
+    forms: tuple[str, ...]  # its names, with FRACTION / WINDOW placeholders for the parameters
+    geometry: Callable[[Method, int, TileGrid | None], int]  # the op mode of what it computes
+    colour: tuple[float, float, float]  # RGB in [0, 1] of its share in plan pictures, labelled by name
+    reads: str | None = None  # PREVIOUS_OUTPUT, RESIDUAL, CFG_BATCH or None: q, k and v only
+    computes: bool = True  # False: the head's output is not computed at this step
+    exact: bool = False  # the head's exact output for the whole batch (what a residual is taken against)
+    needs_grid: bool = False  # its geometry needs the image's tile grid
+
+    def match(self, name: str) -> Method | None:
+        """The method ``name`` is one of this kind's forms of, else None (a fraction out of range raises)."""
+        for form in self.forms:
+            pattern = re.escape(form).replace(re.escape(FRACTION), f"(?P<f>{_NUMBER})")
+            pattern = pattern.replace(re.escape(WINDOW), f"(?P<w>{_NUMBER},{_NUMBER},{_NUMBER})")
+            found = re.fullmatch(pattern, name)
+            if found is None:
+                continue
+            groups = found.groupdict()
+            fraction = _fraction(groups["f"], name) if groups.get("f") is not None else None
+            window = None
+            if groups.get("w") is not None:
+                window = tuple(_fraction(part, name, low_open=False) for part in groups["w"].split(","))
+            return Method(self.name, fraction, window)
+        return None
+
+    def format(self, method: Method) -> str:
+        """The name of ``method``: the form whose placeholders its parameters fill."""
+        for form in self.forms:
+            if (FRACTION in form) != (method.fraction is not None) or (WINDOW in form) != (method.window is not None):
+                continue
+            if method.fraction is not None:
+                form = form.replace(FRACTION, f"{method.fraction:g}")
+            if method.window is not None:
+                form = form.replace(WINDOW, ",".join(f"{f:g}" for f in method.window))
+            return form
+        raise ValueError(f"{self.name} has no name form for fraction {method.fraction} and window {method.window}")
+
+
+KINDS: dict[str, MethodKind] = {
+    kind.name: kind
+    for kind in (
+        MethodKind("full", ("full",), _full, (0.85, 0.85, 0.85), exact=True),
+        MethodKind("arrow", (f"arrow:{FRACTION}",), _band, (0.20, 0.45, 0.85)),
+        MethodKind("arrow_residual", (f"arrow_residual:{FRACTION}",), _band, (0.55, 0.30, 0.80), reads=RESIDUAL),
+        MethodKind("cache", ("cache",), _skip, (0.95, 0.55, 0.10), reads=PREVIOUS_OUTPUT, computes=False),
+        MethodKind("cfg_share", ("cfg_share", f"cfg_share+arrow:{FRACTION}"), _band, (0.20, 0.70, 0.35),
+                   reads=CFG_BATCH),
+        MethodKind("tile", (f"tile:{WINDOW}",), _tile, (0.85, 0.25, 0.45), needs_grid=True),
+    )
+}
 
 
 @dataclass(frozen=True)
 class Method:
-    kind: str  # "full", "cache", "arrow", "arrow_residual" or "tile"
-    fraction: float | None = None
-    cfg_share: bool = False
+    kind: str  # a key of KINDS
+    fraction: float | None = None  # an arrow window's fraction
     window: tuple[float, float, float] | None = None  # a tile window's fractions (frames, rows, cols)
 
     @property
+    def spec(self) -> MethodKind:
+        return KINDS[self.kind]
+
+    @property
     def name(self) -> str:
-        if self.window is not None:
-            return "tile:" + ",".join(f"{f:g}" for f in self.window)
-        base = self.kind if self.fraction is None else f"{self.kind}:{self.fraction:g}"
-        if not self.cfg_share:
-            return base
-        return "cfg_share" if self.kind == "full" else f"cfg_share+{base}"
+        return self.spec.format(self)
 
     @property
     def computes(self) -> bool:
         """Whether the head's output is computed at this step (everything but ``cache``)."""
-        return self.kind != "cache"
+        return self.spec.computes
+
+    @property
+    def exact(self) -> bool:
+        """Whether the head gets its exact output for the whole batch (``full``)."""
+        return self.spec.exact
+
+    @property
+    def reads_previous_output(self) -> bool:
+        return self.spec.reads == PREVIOUS_OUTPUT
+
+    @property
+    def reads_residual(self) -> bool:
+        return self.spec.reads == RESIDUAL
+
+    @property
+    def shares_cfg(self) -> bool:
+        return self.spec.reads == CFG_BATCH
+
+    @property
+    def needs_grid(self) -> bool:
+        return self.spec.needs_grid
 
     def mode(self, num_image_tokens: int, tiles: TileGrid | None = None) -> int:
         """Integer head mode of the op for the computed part of this method; a tile window needs
         the image's ``tiles`` (its grid and tile shape)."""
-        if self.kind == "cache":
-            return MODE_SKIP
-        if self.kind == "full":
-            return MODE_FULL
-        if self.kind == "tile":
-            if tiles is None:
-                raise ValueError(f"{self.name} needs the image grid (frames x rows x cols), which this call does not "
-                                 "give: its model family passes none, so use arrow:<f> windows there")
-            return tile_mode(*tiles.windows(self.window))
-        return window_blocks(self.fraction, num_image_tokens)
+        return self.spec.geometry(self, num_image_tokens, tiles)
 
     def cost(self, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
         """Share of a full head's attention FLOPs this method computes (CFG sharing halves it)."""
         share = density(self.mode(num_image_tokens, tiles), num_image_tokens, text_len, tiles)
-        return share / 2.0 if self.cfg_share else share
+        return share / 2.0 if self.shares_cfg else share
 
 
 def _fraction(text: str, name: str, low_open: bool = True) -> float:
@@ -85,21 +181,13 @@ def _fraction(text: str, name: str, low_open: bool = True) -> float:
 @lru_cache(maxsize=None)
 def parse_method(name: str) -> Method:
     """Parse a method name (see the module docstring); raises ValueError naming the valid forms."""
-    match = _NAME.match(name.strip()) if isinstance(name, str) else None
-    if match is None:
-        raise ValueError(
-            f"unknown method {name!r}; valid: 'full', 'cache', 'arrow:<f>', 'arrow_residual:<f>', "
-            "'cfg_share', 'cfg_share+arrow:<f>' with 0 < f <= 1, 'tile:<ft>,<fh>,<fw>' with 0 <= f <= 1"
-        )
-    if match.group("tile"):
-        return Method("tile", window=tuple(_fraction(part, name, low_open=False) for part in match.group("tile").split(",")))
-    if match.group("cfg"):
-        if match.group("cfg_f") is None:
-            return Method("full", None, cfg_share=True)
-        return Method("arrow", _fraction(match.group("cfg_f"), name), cfg_share=True)
-    if match.group("kind"):
-        return Method(match.group("kind"), _fraction(match.group("f"), name))
-    return Method(name.strip())
+    if isinstance(name, str):
+        for kind in KINDS.values():
+            method = kind.match(name.strip())
+            if method is not None:
+                return method
+    forms = ", ".join(repr(form) for kind in KINDS.values() for form in kind.forms)
+    raise ValueError(f"unknown method {name!r}; valid: {forms} with {FRACTION} in (0, 1] and each of {WINDOW} in [0, 1]")
 
 
 def canonical(name: str) -> str:

@@ -173,11 +173,11 @@ class Plan:
         for step in range(self.num_steps):
             method = self.method(step, layer, head)
             where = f"step {step}, layer {name}, head {head}"
-            if step == 0 and method.kind in ("cache", "arrow_residual"):
+            if step == 0 and (method.reads_previous_output or method.reads_residual):
                 raise ValueError(f"{where}: step 0 must compute every head exactly once; got {method.name!r}")
-            if method.kind == "cache" and not computed:
+            if method.reads_previous_output and not computed:
                 raise ValueError(f"{where}: 'cache' needs an earlier step that computes this head")
-            if method.kind == "arrow_residual":
+            if method.reads_residual:
                 if last_full is None:
                     raise ValueError(f"{where}: {method.name!r} needs an earlier 'full' step of this head")
                 if residual_fraction not in (None, method.fraction):
@@ -186,7 +186,7 @@ class Plan:
                         f"step (step {last_full}); one residual window per full step"
                     )
                 residual_fraction = method.fraction
-            if method.kind == "full" and not method.cfg_share:
+            if method.exact:
                 last_full, residual_fraction = step, None
             computed = computed or method.computes
 

@@ -53,16 +53,16 @@ def probe_method(candidates) -> str:
 
 def arrow_probe(candidates) -> str | None:
     arrows = [parse_method(name) for name in candidates]
-    arrows = [m for m in arrows if m.kind == "arrow" and not m.cfg_share]
+    arrows = [m for m in arrows if m.kind == "arrow"]
     return min(arrows, key=lambda m: m.fraction).name if arrows else None
 
 
 def kind_of(method) -> str | None:
     """Which step profile weighs a method's scores: ``cache``, ``arrow`` (every approximate
     computation) or None (``full``, exact)."""
-    if method.kind == "cache":
+    if method.reads_previous_output:
         return "cache"
-    if method.kind == "full" and not method.cfg_share:
+    if method.exact:
         return None
     return "arrow"
 

@@ -7,31 +7,16 @@ from pathlib import Path
 import numpy as np
 
 from ._files import write_atomically
+from .methods import KINDS, parse_method
 from .plan import Plan
 
-# Method families and their colours (RGB in [0, 1]); a cell mixes them by head share.
-FAMILIES = {
-    "full": (0.85, 0.85, 0.85),
-    "arrow": (0.20, 0.45, 0.85),
-    "arrow_residual": (0.55, 0.30, 0.80),
-    "cache": (0.95, 0.55, 0.10),
-    "cfg_share": (0.20, 0.70, 0.35),
-}
-
-
-def family(name: str) -> str:
-    if name.startswith("cfg_share"):
-        return "cfg_share"
-    return name.split(":", 1)[0]
-
-
-def family_shares(plan: Plan) -> dict[str, np.ndarray]:
-    """(steps, layers) share of heads in each method family."""
-    shares = {name: np.zeros((plan.num_steps, len(plan.layer_names))) for name in FAMILIES}
+def kind_shares(plan: Plan) -> dict[str, np.ndarray]:
+    """(steps, layers) share of heads of each method kind."""
+    shares = {kind: np.zeros((plan.num_steps, len(plan.layer_names))) for kind in KINDS}
     for step, rows in enumerate(plan.methods):
         for layer, heads in enumerate(rows):
             for method in heads:
-                shares[family(method)][step, layer] += 1.0 / len(heads)
+                shares[parse_method(method).kind][step, layer] += 1.0 / len(heads)
     return shares
 
 
@@ -58,8 +43,9 @@ def plot_plan(
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
-    shares = family_shares(plan)
-    image = sum(shares[name][..., None] * np.array(colour) for name, colour in FAMILIES.items())
+    shares = kind_shares(plan)
+    # A cell mixes the kinds' colours by their share of its heads.
+    image = sum(shares[kind][..., None] * np.array(KINDS[kind].colour) for kind in KINDS)
     try:
         summary = plan.summary(num_image_tokens, text_len)
     except ValueError:
@@ -74,9 +60,9 @@ def plot_plan(
     heat.yaxis.set_major_locator(MaxNLocator(integer=True))
     heat.set_xlabel("attention layer (execution order)")
     heat.set_ylabel("denoising step")
-    used = [name for name in FAMILIES if shares[name].any()]
+    used = [kind for kind in KINDS if shares[kind].any()]
     heat.legend(
-        handles=[Patch(color=FAMILIES[name], label=name) for name in used],
+        handles=[Patch(color=KINDS[kind].colour, label=kind) for kind in used],
         loc="upper center", bbox_to_anchor=(0.5, 1.18), ncol=len(used), frameon=False, fontsize=8,
     )
     headline = title or f"{plan.model.model_class}: {plan.num_steps} steps x {len(plan.layer_names)} layers"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 
 from .. import model
+from ..methods import parse_method
 from . import sd3
 from .base import Adapter
 
@@ -83,7 +84,7 @@ model.register_describer(describe)
 
 def check_cfg_sharing(adapter: Adapter, method_names) -> None:
     """cfg_share needs CFG as one [unconditional; conditional] batch, which not every family uses."""
-    if not adapter.CFG_IN_BATCH and any(name.startswith("cfg_share") for name in method_names):
+    if not adapter.CFG_IN_BATCH and any(parse_method(name).shares_cfg for name in method_names):
         raise ValueError(
             f"{adapter.MODEL_CLASS} pipelines run classifier-free guidance as {adapter.CFG}, "
             "so cfg_share cannot apply; drop the cfg_share methods"

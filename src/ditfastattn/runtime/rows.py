@@ -74,8 +74,8 @@ def compile_row(
 
     modes = [m.mode(num_image_tokens, tiles) for m in methods]
     captured = [mode != MODE_SKIP for mode in capture]
-    shared = [m.cfg_share for m in methods]
-    plain_full = [m.kind == "full" and not m.cfg_share for m in methods]
+    shared = [m.shares_cfg for m in methods]
+    plain_full = [m.exact for m in methods]
     # With route_full, full heads of a mixed row go to torch's dense SDPA (cuDNN on Hopper, where it
     # beats the fused kernel's full mode); the fused op then runs only the other heads.
     split = route_full and any(plain_full) and not all(plain_full) and not any(shared)
@@ -83,7 +83,7 @@ def compile_row(
         all_full=all(plain_full),
         keep=keep,
         modes=tensor(modes),
-        residual_add=mask([m.kind == "arrow_residual" for m in methods]),
+        residual_add=mask([m.reads_residual for m in methods]),
         capture_modes=tensor(capture) if any(captured) else None,
         capture_mask=mask(captured),
         uncond_modes=tensor([MODE_SKIP if s else m for m, s in zip(modes, shared)]) if any(shared) else None,
@@ -96,7 +96,7 @@ def compile_row(
         tiles=tiles,
         device=device,
         route_full=route_full,
-        cache_heads=tuple(h for h, m in enumerate(methods) if m.kind == "cache"),
+        cache_heads=tuple(h for h, m in enumerate(methods) if m.reads_previous_output),
         captured_heads=tuple(h for h, c in enumerate(captured) if c),
         residual_from=None if residual_from is None else tuple(residual_from),
     )
@@ -104,7 +104,7 @@ def compile_row(
 
 def cache_heads(plan: Plan) -> list[list[int]]:
     """Number of ``cache`` heads of every layer at every step: ``[step][layer]``."""
-    return [[sum(parse_method(m).kind == "cache" for m in heads) for heads in rows] for rows in plan.methods]
+    return [[sum(parse_method(m).reads_previous_output for m in heads) for heads in rows] for rows in plan.methods]
 
 
 _FULL = parse_method("full")
@@ -122,13 +122,13 @@ def _compile_rows(
     heads = plan.model.layers[layer].heads
     methods = [[plan.method(step, layer, head) for head in range(heads)] for step in range(plan.num_steps)]
     for step in dropped:  # over the memory budget: these cache heads compute instead
-        methods[step] = [_FULL if m.kind == "cache" else m for m in methods[step]]
-    plain_full = [[m.kind == "full" and not m.cfg_share for m in row] for row in methods]
+        methods[step] = [_FULL if m.reads_previous_output else m for m in methods[step]]
+    plain_full = [[m.exact for m in row] for row in methods]
     all_full = [all(row) for row in plain_full]
     rows = []
     last_full = [None] * heads  # per head, the last plain-full step so far
     for step, row in enumerate(methods):
-        residual_from = [(head, last_full[head]) for head, m in enumerate(row) if m.kind == "arrow_residual"]
+        residual_from = [(head, last_full[head]) for head, m in enumerate(row) if m.reads_residual]
         for head in range(heads):
             if plain_full[step][head]:
                 last_full[head] = step
@@ -137,12 +137,12 @@ def _compile_rows(
             for later in range(step + 1, plan.num_steps) if plain_full[step][head] else ():
                 if plain_full[later][head]:
                     break
-                if methods[later][head].kind == "arrow_residual":
+                if methods[later][head].reads_residual:
                     capture[head] = methods[later][head].mode(num_image_tokens)
                     break
         # Only cache heads read the buffer; every other head is rewritten, so a layer whose next
         # step caches nothing frees its buffer and holds no memory until it needs one again.
-        keep = step + 1 < plan.num_steps and any(m.kind == "cache" for m in methods[step + 1])
+        keep = step + 1 < plan.num_steps and any(m.reads_previous_output for m in methods[step + 1])
         rows.append(
             compile_row(
                 row, keep=keep, capture=capture, num_image_tokens=num_image_tokens, device=device,

@@ -255,7 +255,7 @@ class Session:
         self.scheduler_hook: _SchedulerHook | None = None
         self._parameters = tuple(inspect.signature(transformer.forward).parameters)
         self._timestep = getattr(adapter, "timestep", base.timestep)
-        self._cfg_share = any(parse_method(m).cfg_share for rows in plan.methods for heads in rows for m in heads)
+        self._cfg_share = any(parse_method(m).shares_cfg for rows in plan.methods for heads in rows for m in heads)
         self._inputs_checked: set[tuple] = set()
 
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:

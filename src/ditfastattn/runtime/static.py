@@ -166,7 +166,7 @@ class StaticSession(Session):
         super().__init__(transformer, plan, adapter, impl, cache_budget)
         if self._cfg_share:
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
-        if any(parse_method(m).kind == "tile" for rows in plan.methods for heads in rows for m in heads):
+        if any(parse_method(m).needs_grid for rows in plan.methods for heads in rows for m in heads):
             raise NotImplementedError("static mode does not run tile windows (tile: methods) yet; apply without "
                                       "static=True")
         self.num_image_tokens = num_image_tokens
