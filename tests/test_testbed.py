@@ -1,6 +1,8 @@
 """The bundled testbed: data grammar, text encoder, trained pipelines and the evaluator (CPU, fast)."""
 
 import math
+import subprocess
+import sys
 
 import PIL.Image
 import pytest
@@ -173,3 +175,15 @@ def test_image_metrics():
     # PIL images in, same numbers out.
     pil = [PIL.Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
     assert image_metrics(pil, pil)["ssim"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_library_and_demo_never_import_the_training_code():
+    # The wheel leaves ditfastattn.testbed.training out (pyproject.toml): an import of it on the demo
+    # path would pass here, in a source checkout, and fail once installed.
+    code = (
+        "import sys, ditfastattn, ditfastattn.cli, ditfastattn.demo, ditfastattn.evaluation, ditfastattn.testbed; "
+        "print([m for m in sys.modules if m.startswith('ditfastattn.testbed.training')])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -10,8 +10,8 @@ procedural captioned shapes, with an evaluator that reads captions back from ima
     caption_accuracy(images, prompts)
 
 Modules: :mod:`.data` (dataset and caption grammar), :mod:`.text` (all-MiniLM-L6-v2 encoder),
-:mod:`.models`, :mod:`.pipeline`, :mod:`.evaluator`, :mod:`.train` (``python -m
-ditfastattn.testbed.train``).
+:mod:`.models`, :mod:`.pipeline`, :mod:`.evaluator`; :mod:`.training` (``python -m
+ditfastattn.testbed.training.train``, in a source checkout only: the wheel ships the weights).
 """
 
 from .data import Scenes, generate_batch, load_prompts, parse_caption, sample_scenes

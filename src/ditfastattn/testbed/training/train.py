@@ -1,8 +1,8 @@
 """Train a testbed model on freshly generated data within a hard wall-clock budget.
 
-    python -m ditfastattn.testbed.train --kind sd3 --minutes 7.5 --out out/sd3
-    python -m ditfastattn.testbed.train --kind flux --minutes 7.5 --out out/flux
-    python -m ditfastattn.testbed.train --kind evaluator --minutes 2 --out out/evaluator
+    python -m ditfastattn.testbed.training.train --kind sd3 --minutes 7.5 --out out/sd3
+    python -m ditfastattn.testbed.training.train --kind flux --minutes 7.5 --out out/flux
+    python -m ditfastattn.testbed.training.train --kind evaluator --minutes 2 --out out/evaluator
 
 Diffusion models (sd3, flux): rectified flow in pixel space. x_t = (1 - s) x0 + s noise, the model
 predicts the velocity noise - x0 under MSE; noise levels s are logit-normal, shifted like the
@@ -39,12 +39,12 @@ from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from . import data
-from .evaluator import CaptionReader, cell_targets, generator_accuracy, reader_loss
-from .models import DEFAULT_CONFIGS, build_transformer, velocity
-from .pipeline import SCHEDULER_CONFIG, load_pipeline
+from .. import data
+from ..evaluator import CaptionReader, cell_targets, generator_accuracy, reader_loss
+from ..models import DEFAULT_CONFIGS, build_transformer, velocity
+from ..pipeline import SCHEDULER_CONFIG, load_pipeline
+from ..text import get_text_encoder
 from .plotting import save_grid, save_loss_plot
-from .text import get_text_encoder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
