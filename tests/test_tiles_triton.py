@@ -119,3 +119,33 @@ def test_the_plain_launch_is_left_out_when_every_head_is_a_tile(monkeypatch):
                                     return_lse=True)
     assert launches == [True, False, True] and bool(lse[:, 1].isneginf().all())
     assert math.isfinite(float(lse[:, 0].max()))
+
+
+# Grids ragged along one axis each, then all three (2 x 8 x 8 tiles): whole tiles run unmasked and
+# partial ones masked, so each axis's partial tiles, and windows holding none, some or only
+# partial tiles, are their own case.
+RAGGED_GRIDS = [(3, 8, 8), (2, 11, 8), (2, 8, 13), (3, 9, 10)]
+
+
+@pytest.mark.parametrize("grid", RAGGED_GRIDS)
+@pytest.mark.parametrize("text_first", [True, False])
+def test_ragged_axes_match_the_reference(grid, text_first):
+    layout = layout_of(grid, (2, 8, 8), 77 if text_first else 0, 0 if text_first else 77)
+    gen = torch.Generator().manual_seed(sum(grid) + text_first)
+    q, k, v = _inputs(1, layout.seq_len, 5, 32, torch.bfloat16, gen)
+    modes = torch.tensor([tile_mode(0, 0, 0), MODE_FULL, 1, MODE_SKIP, tile_mode(1, 1, 1)], dtype=torch.int32)
+    padding = None
+    if not text_first:  # key padding with text after the image; none with it before (the unpadded softmax)
+        mask = torch.rand(1, layout.seq_len, generator=gen) < 0.3
+        mask[:, layout.image_start] = False  # pad slots copy this token: a padded copy would hide them
+        padding = ops.Padding(mask, ops.PAIR_PADDING)
+    _check(q, k, v, modes, None, None, segments=layout, padding=padding)
+
+
+def test_ragged_grid_with_key_tiles_of_one_block(monkeypatch):
+    # Key tiles of 128 slots: each is one grid tile, so a partial one is a single masked key tile.
+    monkeypatch.setattr(_triton, "INTERPRET_CONFIG", {"BLOCK_M": 128, "BLOCK_N": 128})
+    layout = layout_of((3, 9, 10), (2, 8, 8), 5, 40)
+    q, k, v = _inputs(1, layout.seq_len, 3, 32, torch.float16, torch.Generator().manual_seed(11))
+    modes = torch.tensor([tile_mode(0, 0, 1), 0, tile_mode(1, 0, 0)], dtype=torch.int32)
+    _check(q, k, v, modes, None, None, segments=layout)

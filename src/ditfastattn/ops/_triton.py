@@ -12,10 +12,19 @@ one pipelined, unmasked loop, then each range's partial tile once, masked.
 Tile windows run in a second launch of the same kernel (``TILED``) over keys and values in tile
 order (``_tile_order``): each 128-slot image block is one t x h x w tile, so a head's window is
 (2wt+1)(2wh+1) runs of whole blocks, clipped at the grid's edges, and the image range has no
-partial tile. Each query tile is one tile of the grid, read and written at its raster rows; the
-slots a partial tile leaves are masked as keys (``RAGGED``, compiled out for grids of whole
-tiles). A launch runs only its own heads (tile heads in the tiled one, the others in the plain
+partial key tile. Each query tile is one tile of the grid, read and written at its raster rows
+(a partial tile's valid ones only). On a grid that does not divide into whole tiles (``RAGGED``,
+compiled out otherwise) only the last tile along each axis is partial, so the whole tiles of a
+window are a box, which runs in the unmasked pipelined loop like any whole key tiles; its partial
+tiles, up to three faces of the window (the last tile of each run, the last run, the last
+frame-tile), run after it in loops of their own that mask the slots they leave, from the tile's
+coordinates (divisions by the grid once per key tile, the per-slot ones by the compile-time
+tile shape). A launch runs only its own heads (tile heads in the tiled one, the others in the plain
 one); the other launch's heads are absent: ranked last, writing nothing.
+
+The ragged path used to mask every key tile of the window, dividing each slot by the run-time grid,
+at about 4x the cost of a grid of whole tiles on an H200. Its speed with the split is to be measured
+on the GPU: ``PYTHONPATH=src python3 benchmarks/tile_reorder.py OUT.json``.
 
 With key padding (``HAS_PAD``) each score gets the bias of its (query padded, key padded) pair,
 and a row whose every key is at ``-inf`` outputs 0; without it that code is compiled out.
@@ -150,13 +159,11 @@ def _pos(j, ranges, BLOCK_N: tl.constexpr, TILED: tl.constexpr):
 
 
 @triton.jit
-def _slot_patch(slot, geo, TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                IMAGE_BLOCK: tl.constexpr):
-    """Raster index in the grid of each tile-order image slot, and whether the slot holds a patch
-    (False at the slots a partial tile leaves)."""
+def _tile_patches(tile, offset, geo, TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Raster index in the grid of the patches at slots ``offset`` of grid tile ``tile`` (tile order),
+    and whether each slot holds one (False at the slots a partial tile leaves). Divisions by the
+    run-time grid act on the one tile index; the per-slot ones are by the compile-time tile shape."""
     grid_t, grid_h, grid_w, n_h, n_w = geo
-    tile = slot // IMAGE_BLOCK
-    offset = slot % IMAGE_BLOCK
     frame = tile // (n_h * n_w) * TILE_T + offset // (TILE_H * TILE_W)
     row = tile // n_w % n_h * TILE_H + offset // TILE_W % TILE_H
     col = tile % n_w * TILE_W + offset % TILE_W
@@ -164,23 +171,63 @@ def _slot_patch(slot, geo, TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: t
 
 
 @triton.jit
+def _whole_end(hi, count, size, TILE: tl.constexpr):
+    """End (exclusive) of the whole tiles among a window's tiles up to ``hi`` along an axis of ``count``
+    tiles over ``size`` patches: only the axis's last tile can be partial."""
+    return hi + 1 - ((hi == count - 1) & (size % TILE != 0)).to(tl.int32)
+
+
+@triton.jit
+def _box(a_lo, a_end, b_lo, b_end, c_lo, c_end, image_start, n_h, n_w, BLOCK_N: tl.constexpr,
+         IMAGE_BLOCK: tl.constexpr):
+    """The key tiles of the box of grid tiles [a_lo, a_end) x [b_lo, b_end) x [c_lo, c_end) in tile
+    order: its first slot, its key tile count, key tiles per run and runs per frame-tile (the last two
+    at least 1, so that an empty box's positions divide by nothing)."""
+    runs_b = b_end - b_lo
+    per_run = (c_end - c_lo) * (IMAGE_BLOCK // BLOCK_N)
+    start = image_start + ((a_lo * n_h + b_lo) * n_w + c_lo) * IMAGE_BLOCK
+    return start, (a_end - a_lo) * runs_b * per_run, tl.maximum(per_run, 1), tl.maximum(runs_b, 1)
+
+
+@triton.jit
 def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
-          INTERPRET: tl.constexpr, TILED: tl.constexpr, RAGGED: tl.constexpr, TILE_T: tl.constexpr,
+          INTERPRET: tl.constexpr, TILED: tl.constexpr, MASKED: tl.constexpr, TILE_T: tl.constexpr,
           TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr):
+    """One key tile; ``MASKED``: an image key tile of a partial grid tile, its pad slots masked."""
     pos = _pos(j, ranges, BLOCK_N, TILED)
     qk = _scores(q, _load(ks, pos, BLOCK_N, HEAD_DIM, USE_TMA), INTERPRET)
     v = _load(vs, pos, BLOCK_N, HEAD_DIM, USE_TMA)
     offs_n = tl.arange(0, BLOCK_N)
     k_pad = _key_pad(pad_row, pos, offs_n, offs_n < BLOCK_N, HAS_PAD)
-    if RAGGED:
-        # Every run starts at a tile's first slot, which always holds a patch, so a row's first key
-        # tile keeps a finite score and the unpadded softmax never subtracts -inf from -inf.
-        _, inside = _slot_patch(pos - image_start + offs_n, geo, TILE_T, TILE_H, TILE_W, IMAGE_BLOCK)
-        valid = inside | (j >= ranges[1])
+    if MASKED:
+        # BLOCK_N divides IMAGE_BLOCK: a key tile lies in one grid tile.
+        slot = pos - image_start
+        _, valid = _tile_patches(slot // IMAGE_BLOCK, slot % IMAGE_BLOCK + offs_n, geo, TILE_T, TILE_H, TILE_W)
     else:
         valid = 0
-    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, pad, k_pad, RAGGED, HAS_PAD, INTERPRET)
+    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, pad, k_pad, MASKED, HAS_PAD, INTERPRET)
+
+
+@triton.jit
+def _loop(acc, m_i, l_i, q, ks, vs, ranges, n, qk_scale, pad, pad_row, geo, image_start,
+          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
+          INTERPRET: tl.constexpr, TILED: tl.constexpr, MASKED: tl.constexpr, TILE_T: tl.constexpr,
+          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr):
+    """Key tiles 0 .. n - 1 of ``ranges``, one ``_step`` each, in a pipelined loop."""
+    if INTERPRET:  # the interpreter (numpy 2) cannot take a run-time bound in range()
+        j = 0
+        while j < n:
+            acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
+                                  BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, TILED, MASKED, TILE_T, TILE_H,
+                                  TILE_W, IMAGE_BLOCK)
+            j += 1
+    else:
+        for j in tl.range(0, n):
+            acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
+                                  BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, TILED, MASKED, TILE_T, TILE_H,
+                                  TILE_W, IMAGE_BLOCK)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -318,8 +365,7 @@ def _headwise_kernel(
     offs_m = q_start + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_end
     if TILED:
-        patch, inside = _slot_patch(image_tile * IMAGE_BLOCK + tl.arange(0, BLOCK_M), geo, TILE_T, TILE_H, TILE_W,
-                                    IMAGE_BLOCK)
+        patch, inside = _tile_patches(image_tile, tl.arange(0, BLOCK_M), geo, TILE_T, TILE_H, TILE_W)
         offs_m = tl.where(is_image, image_start + patch, offs_m)
         row_ok = tl.where(is_image, inside, row_ok)
         # The window's box of tiles around this one (every tile for global queries): runs of
@@ -336,10 +382,13 @@ def _headwise_kernel(
         b_hi = tl.where(banded, tl.minimum(t_b + w_h, n_h - 1), n_h - 1)
         c_lo = tl.where(banded, tl.maximum(t_c - w_w, 0), 0)
         c_hi = tl.where(banded, tl.minimum(t_c + w_w, n_w - 1), n_w - 1)
-        runs_b = b_hi - b_lo + 1
-        per_run = (c_hi - c_lo + 1) * IMAGE_BLOCK // BLOCK_N
-        n1 = (a_hi - a_lo + 1) * runs_b * per_run
-        start1 = image_start + ((a_lo * n_h + b_lo) * n_w + c_lo) * IMAGE_BLOCK
+        # Its whole tiles, a box that ends short of the grid's last tile along each axis where that
+        # one is partial, run unmasked; the rest, up to three faces of partial tiles, masked.
+        a_cut = _whole_end(a_hi, n_t, grid_t, TILE_T)
+        b_cut = _whole_end(b_hi, n_h, grid_h, TILE_H)
+        c_cut = _whole_end(c_hi, n_w, grid_w, TILE_W)
+        start1, n1, per_run, runs_b = _box(a_lo, a_cut, b_lo, b_cut, c_lo, c_cut, image_start, n_h, n_w, BLOCK_N,
+                                           IMAGE_BLOCK)
         len1 = n1 * BLOCK_N
     else:
         block = image_tile * BLOCK_M // IMAGE_BLOCK
@@ -381,23 +430,30 @@ def _headwise_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         # One pipelined loop over the whole tiles of the three key ranges (the image window or all
-        # image keys, global keys before the image, global keys after it), then the partial last
-        # tile of each range, masked (a tiled image range has none).
-        ranges = (start1, n1, image_start // BLOCK_N, key_image_end, per_run, runs_b, n_h * n_w * IMAGE_BLOCK,
-                  n_w * IMAGE_BLOCK)
+        # image keys, global keys before the image, global keys after it), then, masked, a ragged
+        # grid's partial tiles in the window and the partial last tile of each range (a tiled image
+        # range has none).
+        steps = (n_h * n_w * IMAGE_BLOCK, n_w * IMAGE_BLOCK)
+        ranges = (start1, n1, image_start // BLOCK_N, key_image_end, per_run, runs_b, steps[0], steps[1])
         n_full = n1 + image_start // BLOCK_N + post_len // BLOCK_N
-        if INTERPRET:  # the interpreter (numpy 2) cannot take a run-time bound in range()
-            j = 0
-            while j < n_full:
-                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
-                                      BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, TILED, RAGGED, TILE_T, TILE_H,
-                                      TILE_W, IMAGE_BLOCK)
-                j += 1
-        else:
-            for j in tl.range(0, n_full):
-                acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
-                                      BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, TILED, RAGGED, TILE_T, TILE_H,
-                                      TILE_W, IMAGE_BLOCK)
+        acc, m_i, l_i = _loop(acc, m_i, l_i, q, ks, vs, ranges, n_full, qk_scale, pad, pad_row, geo, image_start,
+                              BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, TILED, False, TILE_T, TILE_H, TILE_W,
+                              IMAGE_BLOCK)
+        if RAGGED:  # then the partial tiles: the last of each run, the last run, the last frame-tile
+            faces = (
+                _box(a_lo, a_cut, b_lo, b_cut, c_cut, c_hi + 1, image_start, n_h, n_w, BLOCK_N, IMAGE_BLOCK),
+                _box(a_lo, a_cut, b_cut, b_hi + 1, c_lo, c_hi + 1, image_start, n_h, n_w, BLOCK_N, IMAGE_BLOCK),
+                _box(a_cut, a_hi + 1, b_lo, b_hi + 1, c_lo, c_hi + 1, image_start, n_h, n_w, BLOCK_N, IMAGE_BLOCK),
+            )
+            for i in tl.static_range(3):
+                # Each run starts at a tile's first slot, which always holds a patch: a row's first
+                # key tile here keeps a finite score, so the unpadded softmax never subtracts -inf
+                # from -inf even when no whole tile came before.
+                face = faces[i]  # (start, count, per_run, runs_b): ranges whose keys are all image keys
+                ranges = (face[0], face[1], 0, 0, face[2], face[3], steps[0], steps[1])
+                acc, m_i, l_i = _loop(acc, m_i, l_i, q, ks, vs, ranges, face[1], qk_scale, pad, pad_row, geo,
+                                      image_start, BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, True, True, TILE_T,
+                                      TILE_H, TILE_W, IMAGE_BLOCK)
         acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, start1, len1, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
                               HAS_PAD, INTERPRET)
         acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, 0, image_start, qk_scale, pad, pad_row, BLOCK_N, HEAD_DIM,
