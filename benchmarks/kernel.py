@@ -5,7 +5,7 @@ dense rows (cuDNN SDPA, flash SDPA, compiled FlexAttention without a mask, our k
 head full: the Triton kernel, and on Hopper the warp-specialised Gluon kernel), arrow plans at window fractions 1/32, 1/16, 1/8, 1/4, and mixed plans (a third full, a
 third arrow 1/8, a third skip; and one near the paper's 68% sparsity), each beside FlexAttention
 with the same per-head block mask. Speed-ups are over cuDNN; "of ideal" is speed-up x density,
-where density is the share of a dense head's FLOPs the plan computes (``ditfastattn._geometry``).
+where density is the share of a dense head's FLOPs the plan computes (``ditfastattn.ops.density``).
 Times are ``triton.testing.do_bench`` medians after warm-up, on fresh random inputs; each row is
 measured in three rounds over all rows (clocks drift as the card warms) and the median kept. A
 second column replays each call from a CUDA graph: GPU time without host launch overhead. A few
@@ -31,8 +31,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from ditfastattn import _geometry
-from ditfastattn.ops import MODE_FULL, MODE_SKIP, _gluon_unsupported, _triton, headwise_attention
+from ditfastattn import ops
+from ditfastattn.ops import MODE_FULL, MODE_SKIP, _triton, headwise_attention
 
 SHAPES = {
     "FLUX-2K": {"batch": 1, "heads": 24, "text": 512, "image": 16384, "dim": 128, "text_first": True},
@@ -50,11 +50,11 @@ def bench(fn) -> float:
 
 
 def plan_density(modes, image, text):
-    return sum(_geometry.density(m, image, text) for m in modes) / len(modes)
+    return sum(ops.density(m, image, text) for m in modes) / len(modes)
 
 
 def plan_pairs(modes, image, text):
-    return sum(_geometry.kept_pairs(m, image, text) for m in modes)
+    return sum(ops.density(m, image, text) for m in modes) * (image + text) ** 2
 
 
 def shuffled(modes, seed):
@@ -65,14 +65,14 @@ def shuffled(modes, seed):
 
 
 def mixed_third(heads, image):
-    w8 = _geometry.window_blocks(1 / 8, image)
+    w8 = ops.window_blocks(1 / 8, image)
     third = heads // 3
     return shuffled([MODE_FULL] * third + [w8] * third + [MODE_SKIP] * (heads - 2 * third), 1)
 
 
 def mixed_sparse(heads, image, text):
     """Full, arrow 1/8, arrow 1/32 and skip heads, the counts whose density is nearest 1 - 68%."""
-    w8, w32 = _geometry.window_blocks(1 / 8, image), _geometry.window_blocks(1 / 32, image)
+    w8, w32 = ops.window_blocks(1 / 8, image), ops.window_blocks(1 / 32, image)
     best = None
     for full in range(1, heads):
         for a8 in range(1, heads - full):
@@ -91,7 +91,7 @@ def plans(shape):
     heads, image, text = shape["heads"], shape["image"], shape["text"]
     result = {"full": [MODE_FULL] * heads}
     for name, fraction in FRACTIONS.items():
-        result[f"arrow {name}"] = [_geometry.window_blocks(fraction, image)] * heads
+        result[f"arrow {name}"] = [ops.window_blocks(fraction, image)] * heads
     result["mixed 1/3 full, 1/3 arrow 1/8, 1/3 skip"] = mixed_third(heads, image)
     result["mixed ~68% sparse"] = mixed_sparse(heads, image, text)
     return result
@@ -111,7 +111,7 @@ class FlexMask:
             mode = modes[h]
             q_text = (q_idx >= text_start) & (q_idx < text_start + text_len)
             kv_text = (kv_idx >= text_start) & (kv_idx < text_start + text_len)
-            distance = ((q_idx - image_start) // _geometry.IMAGE_BLOCK - (kv_idx - image_start) // _geometry.IMAGE_BLOCK)
+            distance = ((q_idx - image_start) // ops.IMAGE_BLOCK - (kv_idx - image_start) // ops.IMAGE_BLOCK)
             band = (mode == MODE_FULL) | (distance.abs() <= mode)
             return (mode != MODE_SKIP) & (q_text | kv_text | band)
 
@@ -121,7 +121,7 @@ class FlexMask:
         self.modes.copy_(torch.tensor(modes, dtype=torch.int32))
         # _compile: the builder never materialises the (seq x seq) mask (deprecated in torch 2.11, works).
         return create_block_mask(self.mask_mod, None, self.heads, self.seq, self.seq, device="cuda",
-                                 BLOCK_SIZE=_geometry.IMAGE_BLOCK, _compile=True)
+                                 BLOCK_SIZE=ops.IMAGE_BLOCK, _compile=True)
 
 
 def pointer_path(fn):
@@ -174,7 +174,7 @@ def run_shape(name, shape, flex, seed):
     out = torch.empty_like(q)
     dense_flops = 4.0 * batch * heads * seq * seq * dim
     cases, errors = [], []
-    gluon_reason = _gluon_unsupported(q, k, v)
+    gluon_reason = ops.impl_unsupported("gluon", q.device, q.dtype, [dim])
     use_gluon = gluon_reason is None
     if not use_gluon:
         errors.append(f"Gluon kernel not run: {gluon_reason}")
@@ -294,7 +294,7 @@ def host_overhead():
         "ours, pointer loads (_triton.attention, all skip)": host_us(
             pointer_path(lambda: _triton.attention(q, k, v, modes, 128, 128, out, 0.1, False))),
     }
-    if _gluon_unsupported(q, k, v) is None:
+    if ops.impl_unsupported("gluon", q.device, q.dtype, [q.shape[-1]]) is None:
         result["ours, Gluon (headwise_attention, all skip)"] = host_us(
             lambda: headwise_attention(q, k, v, modes, text_start=0, text_len=128, out=out, impl="gluon"))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):

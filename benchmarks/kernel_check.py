@@ -44,9 +44,10 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ditfastattn import _geometry
-from ditfastattn.model import TokenLayout
-from ditfastattn.ops import KEY_PADDING, MODE_FULL, MODE_SKIP, PAIR_PADDING, Padding, _triton, headwise_attention
+from ditfastattn import ops
+from ditfastattn.ops import (
+    KEY_PADDING, MODE_FULL, MODE_SKIP, PAIR_PADDING, Padding, TokenLayout, _triton, headwise_attention,
+)
 from ditfastattn.ops._dense import score_bias
 from ditfastattn.ops._tile_order import tiled_keys
 
@@ -90,7 +91,7 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
     heads = rng.randint(1, 8)
     text_len = rng.choice(TEXT_LENS)
     blocks = rng.randint(1, 24)
-    image = blocks * _geometry.IMAGE_BLOCK - rng.choice([0, 0, rng.randint(1, _geometry.IMAGE_BLOCK - 1)])
+    image = blocks * ops.IMAGE_BLOCK - rng.choice([0, 0, rng.randint(1, ops.IMAGE_BLOCK - 1)])
     grid = tile = None
     if gridded:
         grid, tile = random_grid(rng)
@@ -111,11 +112,11 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
         if rng.random() < 0.35:
             padding = {"table": rng.choice(list(PADDING_TABLES)), "seed": rng.randint(0, 2**31 - 1),
                        "all_padded": rng.random() < 0.2}
-    n_blocks = _geometry.num_image_blocks(image)
+    n_blocks = -(-image // ops.IMAGE_BLOCK)
     modes = [rng.choice([MODE_FULL, MODE_SKIP, rng.randint(0, n_blocks)]) for _ in range(heads)]
     if gridded:  # mostly tile heads, each a random window up to the whole grid
-        counts = _geometry.TileGrid(grid, tile).counts
-        modes = [_geometry.tile_mode(*(rng.randint(0, n) for n in counts)) if rng.random() < 0.6 else m for m in modes]
+        counts = ops.TileGrid(grid, tile).counts
+        modes = [ops.tile_mode(*(rng.randint(0, n) for n in counts)) if rng.random() < 0.6 else m for m in modes]
     configs = kernel_module(impl).tile_configs(dim)
     config = configs[index % len(configs)]
     extra = {}

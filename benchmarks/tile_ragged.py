@@ -21,7 +21,6 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditfastattn import ops
-from ditfastattn._geometry import TileGrid, density
 
 HEADS, DIM = 24, 128
 SHAPES = (((33, 45, 80), 256), ((32, 48, 80), 256), ((32, 48, 80), 0))
@@ -46,11 +45,11 @@ def main() -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense = bench(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
         where = dict(text_start=image if text else 0, text_len=text, impl="triton")
-        variants = [("tile", w, ops.tile_mode(*w), dict(grid=grid), TileGrid(grid, (2, 8, 8))) for w in WINDOWS]
+        variants = [("tile", w, ops.tile_mode(*w), dict(grid=grid), ops.TileGrid(grid, (2, 8, 8))) for w in WINDOWS]
         variants += [("band", w, w, {}, None) for w in BANDS] + [("full-triton", None, ops.MODE_FULL, {}, None)]
         for kind, window, mode, extra, tiles in variants:
             modes = torch.full((HEADS,), mode, dtype=torch.int32, device="cuda")
-            share = density(mode, image, text, tiles)
+            share = ops.density(mode, image, text, tiles)
             ms = bench(lambda: ops.headwise_attention(q, k, v, modes, **where, **extra))
             rows.append(dict(grid=grid, text=text, kind=kind, window=window, density=share, ms=ms, dense_ms=dense,
                              of_ideal=dense / ms * share))

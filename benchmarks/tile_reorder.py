@@ -12,7 +12,7 @@ SDPA dense; per tile plan (every head the window whose density is nearest 0.5, 0
 (``impl="triton"``, reorder included), the kernel alone on keys already in tile order, and
 FlexAttention (compiled) on the tile-ordered sequence with the same block mask (128-slot blocks:
 one tile each; pad slots masked; its own reorder not timed). Density is exact from the
-geometry (``ditfastattn._geometry``); "x cuDNN" is the speed-up over cuDNN dense and "of ideal" that
+geometry (``ditfastattn.ops.density``); "x cuDNN" is the speed-up over cuDNN dense and "of ideal" that
 speed-up times the density (100% = the full 1/density). The reorder's share is its time over the
 op's at each plan. FlexAttention's output is compared with the op's (``rel_err_vs_op``), so the
 block mask is checked to be the same (``--smoke`` compares the op with the reference too). Times are ``triton.testing.do_bench`` medians. The rows
@@ -44,9 +44,8 @@ import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 
-from ditfastattn import _geometry  # noqa: E402
-from ditfastattn.model import TokenLayout  # noqa: E402
-from ditfastattn.ops import _triton, headwise_attention  # noqa: E402
+from ditfastattn import ops  # noqa: E402
+from ditfastattn.ops import TokenLayout, _triton, headwise_attention  # noqa: E402
 from ditfastattn.ops._tile_order import slot_order, tiled_keys  # noqa: E402
 
 SHAPES = {
@@ -59,7 +58,7 @@ SMOKE_SHAPES = {
 }
 TILE = (2, 8, 8)
 TARGETS = (0.5, 0.32, 0.2)
-BLOCK = _geometry.IMAGE_BLOCK
+BLOCK = ops.IMAGE_BLOCK
 
 
 def window_for(target: float, layout: TokenLayout) -> tuple[tuple[int, int, int], float]:
@@ -69,7 +68,7 @@ def window_for(target: float, layout: TokenLayout) -> tuple[tuple[int, int, int]
     best = None
     for half in ((t, h, w) for t in range(tiles.counts[0]) for h in range(tiles.counts[1])
                  for w in range(tiles.counts[2])):
-        density = _geometry.density(_geometry.tile_mode(*half), layout.image_len, layout.num_global, tiles)
+        density = ops.density(ops.tile_mode(*half), layout.image_len, layout.num_global, tiles)
         shares = [min(2 * w + 1, n) / n for w, n in zip(half, tiles.counts)]
         far = abs(density - target) > 0.01
         key = (far, 0.0 if far else max(shares) / min(shares), abs(density - target))
@@ -185,7 +184,7 @@ def precompile(shapes) -> float:
     start = time.time()
     jobs = [(shape, config) for shape in shapes for config in _triton.tile_configs(shape.dim)]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(lambda job: job[0].kernel_only(_geometry.tile_mode(0, 0, 0), config=job[1], warmup=True)(),
+        list(pool.map(lambda job: job[0].kernel_only(ops.tile_mode(0, 0, 0), config=job[1], warmup=True)(),
                       jobs))
     return time.time() - start
 
@@ -230,7 +229,7 @@ def run(args) -> dict:
         if not smoke:
             add(shape, "cuDNN SDPA (dense)", "cudnn", shape.dense(SDPBackend.CUDNN_ATTENTION), 1.0)
         for target, half, density in plans[shape.name]:
-            mode = _geometry.tile_mode(*half)
+            mode = ops.tile_mode(*half)
             if add(shape, f"ours: tile {half} (~{target})", "ours", shape.op(mode), density, window=half) and smoke:
                 results[shape.name]["rows"][-1]["rel_err_vs_reference"] = shape.error_vs_reference(mode)
             add(shape, f"ours, kernel only: tile {half} (~{target})", "kernel", shape.kernel_only(mode), density,
@@ -244,7 +243,7 @@ def run(args) -> dict:
                 flex, error_vs_op = shape.flex(half, compiled=not smoke)
                 label = f"Flex + block mask: tile {half} (~{target})"
                 if add(shape, label, "flex", flex, density, window=half) is not None:
-                    shape.op(_geometry.tile_mode(*half))()
+                    shape.op(ops.tile_mode(*half))()
                     results[shape.name]["rows"][-1]["rel_err_vs_op"] = error_vs_op()
     for shape in shapes:
         summarise(results[shape.name])

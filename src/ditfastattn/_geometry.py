@@ -71,14 +71,20 @@ def positive_triple(value, what: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class TileGrid:
-    """An image segment as a ``grid`` of frames x rows x cols patches cut into ``tile``-shaped tiles."""
+    """An image segment as a ``grid`` of frames x rows x cols patches cut into ``tile``-shaped tiles
+    (``t * h * w == IMAGE_BLOCK``; :func:`default_tile` of the grid when None).
+
+    ``TileGrid((33, 45, 80)).counts`` gives the tiles along each axis, ``windows(fractions)`` the
+    half-widths of a plan's ``tile:<ft>,<fh>,<fw>``; :func:`density` takes it for tile modes.
+    """
 
     grid: tuple[int, int, int]
-    tile: tuple[int, int, int]
+    tile: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "grid", positive_triple(self.grid, "a grid"))
-        object.__setattr__(self, "tile", positive_triple(self.tile, "a tile"))
+        tile = default_tile(self.grid) if self.tile is None else self.tile
+        object.__setattr__(self, "tile", positive_triple(tile, "a tile"))
         if math.prod(self.tile) != IMAGE_BLOCK:
             raise ValueError(f"a tile must hold {IMAGE_BLOCK} patches (one image block); {self.tile} holds "
                              f"{math.prod(self.tile)}")
@@ -174,6 +180,8 @@ def kept_pairs(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid 
 
 
 def density(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
-    """Share of a full head's attention FLOPs that ``mode`` computes (1.0 full, 0.0 skip)."""
+    """Share of a full head's attention FLOPs that head mode ``mode`` computes (1.0 full, 0.0 skip),
+    exact from the block geometry, over ``num_image_tokens`` image and ``text_len`` global tokens;
+    a tile mode needs the image's ``tiles`` (a :class:`TileGrid` of those image tokens)."""
     seq = num_image_tokens + text_len
     return kept_pairs(mode, num_image_tokens, text_len, tiles) / float(seq * seq)

@@ -12,7 +12,7 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-from ._geometry import TileGrid, positive_triple, default_tile
+from ._geometry import TileGrid, positive_triple
 
 
 def _is_int(value) -> bool:
@@ -83,9 +83,9 @@ class TokenLayout:
     Kontext: text, image, reference image).
 
     ``grid`` (optional) is the image segment as frames x rows x cols latent patches in raster order;
-    it lets heads run tile windows (the op's tile modes, see :mod:`ditfastattn._geometry`) over tiles
-    of ``tile`` patches (:func:`~ditfastattn._geometry.default_tile` when None). Band, full and skip
-    heads ignore both.
+    it lets heads run tile windows (:func:`ditfastattn.ops.tile_mode`) over tiles of ``tile`` patches
+    (when None, 2 x 8 x 8 for video and 1 x 8 x 16 for one frame). Band, full and skip heads ignore
+    both.
     """
 
     seq_len: int
@@ -173,7 +173,7 @@ class TokenLayout:
         without a grid."""
         if self.grid is None:
             return None
-        return TileGrid(self.grid, self.tile or default_tile(self.grid))
+        return TileGrid(self.grid, self.tile)
 
     def text_range(self) -> tuple[int, int] | None:
         """``(text_start, text_len)`` when the global tokens are one segment at the start or the end

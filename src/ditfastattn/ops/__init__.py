@@ -21,13 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP, is_tile_mode, tile_mode
+# The geometry a mode computes (density, window_blocks, TileGrid) is public for benchmarks and
+# tools that count FLOPs; _geometry is its one home.
+from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP, TileGrid, density, is_tile_mode, tile_mode, window_blocks
 from ..model import TokenLayout
 
 __all__ = [
     "headwise_attention", "IMPLEMENTATIONS", "IMAGE_BLOCK", "KEY_PADDING", "MODE_FULL", "MODE_SKIP", "PAIR_PADDING",
-    "Padding", "TokenLayout", "check_mode_values", "gluon_available", "impl_unsupported", "mode_tensor", "tile_mode",
-    "triton_available",
+    "Padding", "TileGrid", "TokenLayout", "check_mode_values", "density", "gluon_available", "impl_unsupported",
+    "mode_tensor", "tile_mode", "triton_available", "window_blocks",
 ]
 
 logger = logging.getLogger(__name__)
