@@ -12,7 +12,7 @@ from ditfastattn import Plan, PlanMismatchError
 from ditfastattn._geometry import MODE_FULL, MODE_SKIP, TileGrid, density, kept_pairs, window_blocks
 from ditfastattn.adapters import adapter_for
 from ditfastattn.methods import CFG_BATCH, FRACTION, KINDS, PREVIOUS_OUTPUT, RESIDUAL, WINDOW, Method, parse_method
-from ditfastattn.model import TokenLayout
+from ditfastattn.model import LayerSpec, ModelSpec, TokenLayout
 from ditfastattn.ops._dense import head_mask
 
 
@@ -243,3 +243,87 @@ def test_plan_for_another_model_names_both_sides():
 def test_unsupported_model():
     with pytest.raises(TypeError, match="does not support Linear"):
         Plan.uniform(torch.nn.Linear(2, 2), 2, "full")
+
+
+# --- plans of tile windows: the grid they were made for -------------------------------------------
+
+VIDEO = ModelSpec("video", "VideoTransformer", (LayerSpec("joint", 2, 32, True), LayerSpec("image_only", 3, 16, False)))
+
+
+def _kept(mode, layout) -> int:
+    """(query, key) pairs the dense oracle's mask keeps: the count the summary must reproduce."""
+    return int(head_mask(mode, layout).sum())
+
+
+def test_tile_plans_record_their_grid_and_summarise_from_the_tile_geometry():
+    grid, text = (3, 10, 12), 16  # ragged along every axis in 2 x 8 x 8 tiles
+    plan = Plan.uniform(VIDEO, 3, "tile:0,0.5,1", grid=grid, text_len=text)
+    assert plan.provenance["grid"] == [3, 10, 12] and plan.provenance["tile"] == [2, 8, 8]
+    assert plan.provenance["num_image_tokens"] == 360
+    summary = plan.summary()
+    assert summary["grid"] == grid and summary["tile"] == (2, 8, 8) and summary["num_image_tokens"] == 360
+    mode = parse_method("tile:0,0.5,1").mode(360, TileGrid(grid))
+    kept = {True: _kept(mode, TokenLayout(360 + text, text, 360, grid)),
+            False: _kept(mode, TokenLayout(360, 0, 360, grid))}
+    flops = {layer.text: (360 + text * layer.text) ** 2 * layer.heads * layer.head_dim for layer in VIDEO.layers}
+    computed = sum(kept[layer.text] * layer.heads * layer.head_dim for layer in VIDEO.layers)
+    assert 0 < computed < sum(flops.values())
+    step = 1 - computed / sum(flops.values())
+    assert summary["sparsity_per_step"] == pytest.approx([0.0, step, step])
+    assert summary["sparsity_per_layer"]["image_only"] == pytest.approx(2 / 3 * (1 - kept[False] / 360**2))
+    # Another tile shape changes the geometry it counts, as it changes what the op computes.
+    other = Plan.uniform(VIDEO, 3, "tile:0,0.5,1", grid=grid, tile=(1, 8, 16), text_len=text)
+    assert other.provenance["tile"] == [1, 8, 16] and other.summary()["sparsity"] != summary["sparsity"]
+
+
+def test_tile_plans_round_trip_with_their_grid_and_old_plans_load_unchanged(tmp_path):
+    plan = Plan.uniform(VIDEO, 2, "tile:1,0,0.25", grid=(2, 16, 16), tile=(1, 8, 16), text_len=5)
+    plan.save(tmp_path / "tile.json")
+    loaded = Plan.load(tmp_path / "tile.json")
+    assert loaded.provenance == plan.provenance and loaded.summary() == plan.summary()
+    # A plan file from before grids were recorded: no grid keys, the same summary of its band heads.
+    image = Plan.uniform(tiny_flux(), 2, "arrow:0.25", num_image_tokens=256, text_len=7)
+    image.save(tmp_path / "image.json")
+    data = json.loads((tmp_path / "image.json").read_text())
+    assert "grid" not in data["provenance"] and "tile" not in data["provenance"]
+    assert Plan.load(tmp_path / "image.json").summary() == image.summary()
+
+
+def test_a_tile_plan_without_its_grid_names_the_fix():
+    plan = Plan.uniform(VIDEO, 2, "tile:0,0,0", num_image_tokens=360, text_len=16)
+    with pytest.raises(ValueError, match=r"tile windows \(tile:0,0,0\).*not record: pass grid=\(frames, rows, cols\)"):
+        plan.summary()
+    assert plan.summary(grid=(3, 10, 12))["sparsity"] == Plan.uniform(
+        VIDEO, 2, "tile:0,0,0", grid=(3, 10, 12), text_len=16).summary()["sparsity"]
+    recorded = Plan.uniform(VIDEO, 2, "tile:0,0,0", grid=(3, 10, 12), text_len=16)
+    with pytest.raises(ValueError, match="records for 360 image tokens, not 512: pass grid="):
+        recorded.summary(512)
+    assert recorded.summary(grid=(2, 16, 16))["num_image_tokens"] == 512
+    with pytest.raises(ValueError, match=r"holds 512 patches, not num_image_tokens=360"):
+        recorded.summary(360, grid=(2, 16, 16))
+    with pytest.raises(ValueError, match="tile= needs the image grid"):
+        recorded.summary(tile=(1, 8, 16))
+    # Band plans need no grid; without text layers the text length is 0.
+    image_only = ModelSpec("wan", "WanTransformer3DModel", (VIDEO.layers[1],))
+    assert Plan.uniform(image_only, 2, "tile:0,0,0", grid=(3, 10, 12)).summary()["text_len"] == 0
+    assert Plan.uniform(VIDEO, 2, "arrow:0.5", num_image_tokens=360, text_len=16).summary()["grid"] is None
+
+
+@pytest.mark.parametrize(
+    "provenance,match",
+    [
+        ({"grid": [3, 10, 12], "num_image_tokens": 100}, "holds 360 patches, but num_image_tokens is 100"),
+        ({"tile": [2, 8, 8]}, "needs the grid it cuts"),
+        ({"grid": [3, 10]}, "a grid must be 3 positive ints"),
+        ({"grid": [3, 10, 12], "tile": [2, 8, 4]}, "a tile must hold 128 patches"),
+    ],
+)
+def test_recorded_grids_are_checked(provenance, match, tmp_path):
+    plan = Plan.uniform(VIDEO, 2, "full")
+    with pytest.raises(ValueError, match=match):
+        Plan(VIDEO, plan.methods, provenance)
+    data = plan.to_json()
+    data["provenance"].update(provenance)
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        Plan.load(tmp_path / "plan.json")

@@ -85,6 +85,7 @@ def test_tile_grids_count_partial_tiles_and_map_fractions_to_half_widths():
     assert hunyuan.windows((0.5, 0.5, 0.5)) == (8, 3, 5)  # nearest, ties up: 2.5 -> 3, 4.5 -> 5
     assert not TileGrid((2, 16, 32), (2, 8, 8)).ragged
     assert default_tile((21, 45, 80)) == (2, 8, 8) and default_tile((1, 64, 64)) == (1, 8, 16)
+    assert ops.TileGrid((33, 45, 80)) == hunyuan and ops.TileGrid((1, 64, 64)).tile == (1, 8, 16)  # the default
     with pytest.raises(ValueError, match="must hold 128 patches"):
         TileGrid((4, 4, 4), (2, 4, 4))
     with pytest.raises(ValueError, match="3 positive ints"):
@@ -327,3 +328,24 @@ def test_tile_plans_need_a_grid_and_dynamic_mode():
     ditfastattn.remove(pipe)
     with pytest.raises(NotImplementedError, match=r"static mode does not run tile windows"):
         ditfastattn.apply(pipe, plan, static=True, num_image_tokens=672)
+
+
+@pytest.mark.parametrize("name", ["hunyuanvideo", "wan"])
+def test_a_tile_plan_made_for_a_family_grid_summarises_what_its_calls_compute(name, recorder):
+    # The plan records the grid its family's calls report, so the summary counts the windows the
+    # op ran: per layer, the pairs of each call's mask under its own layout (text, padding aside).
+    pipe = MiniPipeline(VIDEO_FAMILIES[name])
+    method = parse_method("tile:0,0.5,1")
+    plan = Plan.uniform(pipe.transformer, STEPS, method.name, grid=VIDEO_GRID)
+    ditfastattn.apply(pipe, plan)
+    generate(pipe)
+    layouts = {record["layer"]: record["layout"] for record in recorder}
+    assert {layout.grid for layout in layouts.values()} == {VIDEO_GRID}
+    text = {layout.num_global for layout in layouts.values() if layout.num_global}
+    assert len(text) == (name == "hunyuanvideo")  # Wan's self-attention has no text: its plans count 0
+    summary = plan.summary(text_len=text.pop() if text else None)
+    assert summary["grid"] == VIDEO_GRID and summary["tile"] == (2, 8, 8)
+    for layer, layout in layouts.items():
+        share = int(head_mask(method.mode(layout.image_len, layout.tile_grid()), layout).sum()) / layout.seq_len**2
+        assert 0 < share < 1
+        assert summary["sparsity_per_layer"][layer] == pytest.approx((1 - share) * (STEPS - 1) / STEPS)

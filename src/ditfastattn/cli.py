@@ -80,6 +80,15 @@ def _candidates(text: str) -> tuple[str, ...]:
     return items
 
 
+def _triple(text: str) -> tuple[int, int, int]:
+    """Three positive ints, comma-separated: a grid or a tile shape (frames, rows, cols)."""
+    parse = _number(int, minimum=1)
+    items = [item.strip() for item in text.split(",")]
+    if len(items) != 3:
+        raise argparse.ArgumentTypeError(f"give frames,rows,cols as three comma-separated integers; got {text!r}")
+    return tuple(parse(item) for item in items)
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty")
@@ -300,9 +309,12 @@ def _check_cfg(pipe, method_names, guidance_scale) -> None:
 
 
 def _format_summary(summary: dict, per_layer: bool = True) -> str:
+    grid = ""
+    if summary["grid"] is not None:
+        grid = f" (grid {' x '.join(map(str, summary['grid']))} in tiles of {' x '.join(map(str, summary['tile']))})"
     lines = [
         f"attention sparsity   {summary['sparsity']:.1%}  (ideal attention speed-up {summary['speedup_estimate']:.2f}x)",
-        f"geometry             {summary['num_image_tokens']} image tokens, {summary['text_len']} text tokens",
+        f"geometry             {summary['num_image_tokens']} image tokens{grid}, {summary['text_len']} text tokens",
         "methods (share of head-steps):",
     ]
     lines += [f"  {name:<28}{share:7.1%}" for name, share in summary["method_share"].items()]
@@ -327,13 +339,15 @@ def cmd_inspect(args) -> None:
     if search:
         candidates = ", ".join(map(str, search.get("candidates") or []))
         print(f"search: delta={search.get('delta')}, c={search.get('head_coefficient')}, candidates={candidates}")
+    geometry = {"num_image_tokens": args.num_image_tokens, "text_len": args.text_len, "grid": args.grid,
+                "tile": args.tile}
     try:
-        summary = plan.summary(args.num_image_tokens, args.text_len)
+        summary = plan.summary(**geometry)
     except ValueError as err:
-        raise CliError(f"{err} (use --num-image-tokens and --text-len)") from err
+        raise CliError(f"{err} (inspect takes --num-image-tokens, --text-len, --grid and --tile)") from err
     print(_format_summary(summary))
     if png:
-        plot_plan(plan, png, num_image_tokens=args.num_image_tokens, text_len=args.text_len)
+        plot_plan(plan, png, **geometry)
         print(f"heatmap: {png}")
 
 
@@ -573,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="geometry for the sparsity (default: the plan's)")
     inspect.add_argument("--text-len", type=_number(int, minimum=0), default=None,
                          help="text tokens for the sparsity (default: the plan's)")
+    inspect.add_argument("--grid", type=_triple, default=None, metavar="F,R,C",
+                         help="image grid (frames,rows,cols of latent patches) that sizes tile: windows "
+                              "(default: the plan's)")
+    inspect.add_argument("--tile", type=_triple, default=None, metavar="T,H,W",
+                         help="tile shape of tile: windows, T*H*W = 128 (default: the plan's, else 2,8,8 for "
+                              "video and 1,8,16 for one frame)")
     inspect.set_defaults(run=cmd_inspect)
     return parser
 

@@ -7,10 +7,12 @@ import json
 import math
 import numbers
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from ._files import write_atomically
+from ._geometry import TileGrid
 from .methods import Method, canonical, parse_method
 from .model import LayerSpec, ModelSpec, _is_int, describe
 
@@ -77,12 +79,24 @@ def _library_version() -> str:
     return __version__
 
 
+@dataclass(frozen=True)
+class _Resolution:
+    """The resolution a plan's costs are counted at: image and text tokens, and the image's tiles
+    (None when its grid is unknown, which only tile windows need)."""
+
+    num_image_tokens: int
+    text_len: int
+    tiles: TileGrid | None
+
+
 class Plan:
     """Head-wise compression plan.
 
     ``methods[step][layer][head]`` is a method name (see :mod:`ditfastattn.methods`). ``provenance``
-    records how the plan was made (resolution, text length, search settings, library version,
-    date); ``scores`` optionally keeps the per-head calibration scores it was derived from.
+    records how the plan was made (resolution as ``num_image_tokens`` and ``text_len``, and for
+    images known as a grid, as video is, ``grid`` (frames, rows, cols) and ``tile``, which size
+    ``tile:`` windows; search settings, library version, date); ``scores`` optionally keeps the
+    per-head calibration scores it was derived from.
     """
 
     def __init__(
@@ -105,6 +119,11 @@ class Plan:
         self.provenance.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         self.scores = _json_value(scores, "scores")
         self.validate()
+        tiles = self._recorded_tiles()
+        if tiles is not None:  # the tile shape written out, so that a later default cannot change its meaning
+            self.provenance.update(grid=list(tiles.grid), tile=list(tiles.tile))
+            if self.provenance.get("num_image_tokens") is None:
+                self.provenance["num_image_tokens"] = tiles.tokens
 
     # construction -------------------------------------------------------------------------
     @classmethod
@@ -116,14 +135,21 @@ class Plan:
         *,
         num_image_tokens: int | None = None,
         text_len: int | None = None,
+        grid: tuple[int, int, int] | None = None,
+        tile: tuple[int, int, int] | None = None,
     ) -> "Plan":
         """Every head of every layer runs ``method`` at every step except step 0, which runs ``full``.
 
         ``model`` is a transformer (or pipeline) of a supported family, or its :class:`ModelSpec`.
-        ``num_image_tokens`` and ``text_len`` (optional) let :meth:`summary` work without arguments.
+        ``num_image_tokens`` and ``text_len`` (optional) let :meth:`summary` work without arguments;
+        ``grid`` (frames, rows, cols of latent patches; ``num_image_tokens`` defaults to their count)
+        and ``tile`` (the tile shape, by default 2 x 8 x 8 for video, 1 x 8 x 16 for one frame) record
+        the image grid that sizes ``tile:`` windows.
         """
         if not (_is_int(num_inference_steps) and num_inference_steps >= 1):
             raise ValueError(f"num_inference_steps must be an int >= 1; got {num_inference_steps!r}")
+        if grid is None and tile is not None:
+            raise ValueError("tile= needs the image grid: pass grid=(frames, rows, cols) too")
         spec = describe(model)
         method = canonical(method)
         rows = [
@@ -131,6 +157,8 @@ class Plan:
             for step in range(num_inference_steps)
         ]
         provenance = {"source": f"uniform {method}", "num_image_tokens": num_image_tokens, "text_len": text_len}
+        if grid is not None:
+            provenance.update(grid=grid, tile=tile)
         return cls(spec, rows, provenance)
 
     # access -------------------------------------------------------------------------------
@@ -156,6 +184,11 @@ class Plan:
                 raise ValueError(f"provenance {key} must be an int >= {low} or absent; got {value!r}")
         if not isinstance(self.provenance.get("search", {}), dict):
             raise ValueError(f"provenance search must be a dict; got {self.provenance['search']!r}")
+        tiles = self._recorded_tiles()
+        tokens = self.provenance.get("num_image_tokens")
+        if tiles is not None and tokens is not None and tokens != tiles.tokens:
+            raise ValueError(f"provenance grid {list(tiles.grid)} holds {tiles.tokens} patches, but num_image_tokens "
+                             f"is {tokens}; record the grid of those image tokens")
         for step, rows in enumerate(self.methods):
             if len(rows) != len(layers):
                 raise ValueError(f"step {step} has {len(rows)} layers; the model has {len(layers)}")
@@ -204,39 +237,106 @@ class Plan:
             )
 
     # summary ------------------------------------------------------------------------------
-    def _geometry(self, num_image_tokens: int | None, text_len: int | None) -> tuple[int, int]:
+    def _recorded_tiles(self) -> TileGrid | None:
+        """The image grid and tile shape the provenance records, or None."""
+        grid, tile = self.provenance.get("grid"), self.provenance.get("tile")
+        if grid is None:
+            if tile is not None:
+                raise ValueError(f"provenance tile {tile!r} needs the grid it cuts: record grid (frames, rows, cols)")
+            return None
+        try:
+            return TileGrid(grid, tile)
+        except ValueError as err:
+            raise ValueError(f"the plan's grid and tile (provenance): {err}") from None
+
+    def _resolve(self, num_image_tokens=None, text_len=None, grid=None, tile=None) -> _Resolution:
+        """The resolution to count costs at: the arguments given, else the plan's. A grid given
+        sets the image tokens; without one, the plan's grid serves if it holds that many."""
         if num_image_tokens is not None and not (_is_int(num_image_tokens) and num_image_tokens > 0):
             raise ValueError(f"num_image_tokens must be a positive int; got {num_image_tokens!r}")
         if text_len is not None and not (_is_int(text_len) and text_len >= 0):
             raise ValueError(f"text_len must be an int >= 0; got {text_len!r}")
-        num_image_tokens = self.provenance.get("num_image_tokens") if num_image_tokens is None else num_image_tokens
-        text_len = self.provenance.get("text_len") if text_len is None else text_len
+        if grid is None and tile is not None:
+            raise ValueError("tile= needs the image grid: pass grid=(frames, rows, cols) too")
+        recorded = self._recorded_tiles()
+        if grid is not None:
+            tiles = TileGrid(grid, tile)
+            if tile is None and recorded is not None and recorded.grid == tiles.grid:
+                tiles = recorded
+            if num_image_tokens is not None and num_image_tokens != tiles.tokens:
+                raise ValueError(f"the grid {tiles.grid} holds {tiles.tokens} patches, not num_image_tokens="
+                                 f"{num_image_tokens}; give the grid of those image tokens (or the grid alone)")
+            num_image_tokens = tiles.tokens
+        else:
+            if num_image_tokens is None:
+                num_image_tokens = self.provenance.get("num_image_tokens")
+            tiles = recorded if recorded is not None and recorded.tokens == num_image_tokens else None
+        if text_len is None:
+            text_len = self.provenance.get("text_len")
+            if text_len is None and not any(layer.text for layer in self.model.layers):
+                text_len = 0  # nothing to attend over but the image (Wan's self-attention)
         if not num_image_tokens or text_len is None:
             raise ValueError(
                 "this plan does not record its resolution: pass num_image_tokens= and text_len= "
-                "(e.g. FLUX at 1024x1024: 4096 and 512; SD3: 4096 and 333)"
+                "(e.g. FLUX at 1024x1024: 4096 and 512; SD3: 4096 and 333), or grid= for video"
             )
-        return int(num_image_tokens), int(text_len)
+        return _Resolution(int(num_image_tokens), int(text_len), tiles)
 
-    def summary(self, num_image_tokens: int | None = None, text_len: int | None = None) -> dict[str, Any]:
+    def _geometry(self, num_image_tokens: int | None, text_len: int | None) -> tuple[int, int]:
+        """``(num_image_tokens, text_len)``: the arguments given, else the plan's."""
+        geometry = self._resolve(num_image_tokens, text_len)
+        return geometry.num_image_tokens, geometry.text_len
+
+    def _head_costs(self, geometry: _Resolution) -> list[list[list[float]]]:
+        """``[step][layer][head]``: the share of a full head's attention FLOPs each head computes."""
+        if geometry.tiles is None:
+            names = {m for rows in self.methods for heads in rows for m in heads}
+            windows = sorted(m for m in names if parse_method(m).needs_grid)
+            if windows:
+                recorded = self._recorded_tiles()
+                what = ("which the plan does not record" if recorded is None else
+                        f"which the plan records for {recorded.tokens} image tokens, not {geometry.num_image_tokens}")
+                raise ValueError(
+                    f"this plan's tile windows ({', '.join(windows[:3])}{', ...' if len(windows) > 3 else ''}) are "
+                    f"sized by the image grid, {what}: pass grid=(frames, rows, cols) of the "
+                    f"{geometry.num_image_tokens} image tokens (and tile= for another tile shape than the default), "
+                    "or record it when making the plan (Plan.uniform(..., grid=...), provenance 'grid')"
+                )
+        known: dict[tuple[str, int], float] = {}
+
+        def cost(name: str, text_len: int) -> float:
+            if (name, text_len) not in known:
+                known[name, text_len] = parse_method(name).cost(geometry.num_image_tokens, text_len, geometry.tiles)
+            return known[name, text_len]
+
+        texts = [geometry.text_len if layer.text else 0 for layer in self.model.layers]
+        return [[[cost(m, text) for m in heads] for heads, text in zip(rows, texts)] for rows in self.methods]
+
+    def summary(
+        self,
+        num_image_tokens: int | None = None,
+        text_len: int | None = None,
+        *,
+        grid: tuple[int, int, int] | None = None,
+        tile: tuple[int, int, int] | None = None,
+    ) -> dict[str, Any]:
         """Attention sparsity (fraction of attention FLOPs removed, exact from the block geometry).
 
         Keys: ``sparsity`` (overall), ``sparsity_per_step``, ``sparsity_per_layer``,
         ``method_counts``, ``method_share``, ``speedup_estimate`` (ideal attention speed-up
-        1 / (1 - sparsity)), and the geometry used. CFG sharing counts as half the cost of its
-        computed part (a CFG batch is assumed).
+        1 / (1 - sparsity)), and the geometry used (``grid`` and ``tile`` None where unknown). CFG
+        sharing counts as half the cost of its computed part (a CFG batch is assumed). The geometry
+        is the plan's unless given; ``tile:`` windows need the image's ``grid`` (frames, rows, cols).
         """
-        num_image_tokens, text_len = self._geometry(num_image_tokens, text_len)
+        geometry = self._resolve(num_image_tokens, text_len, grid, tile)
+        costs = self._head_costs(geometry)
         layer_flops, layer_kept = [], [[0.0] * len(self.model.layers) for _ in range(self.num_steps)]
         for index, layer in enumerate(self.model.layers):
-            tokens = num_image_tokens + (text_len if layer.text else 0)
-            layer_text = text_len if layer.text else 0
+            tokens = geometry.num_image_tokens + (geometry.text_len if layer.text else 0)
             per_head = float(tokens * tokens * layer.head_dim)
             layer_flops.append(per_head * layer.heads)
             for step in range(self.num_steps):
-                layer_kept[step][index] = per_head * sum(
-                    self.method(step, index, head).cost(num_image_tokens, layer_text) for head in range(layer.heads)
-                )
+                layer_kept[step][index] = per_head * sum(costs[step][index])
         step_total = sum(layer_flops)
         per_step = [1.0 - sum(row) / step_total for row in layer_kept]
         per_layer = {
@@ -246,6 +346,7 @@ class Plan:
         sparsity = 1.0 - sum(map(sum, layer_kept)) / (step_total * self.num_steps)
         counts = Counter(m for rows in self.methods for heads in rows for m in heads)
         total = sum(counts.values())
+        tiles = geometry.tiles
         return {
             "sparsity": sparsity,
             "sparsity_per_step": per_step,
@@ -253,8 +354,10 @@ class Plan:
             "method_counts": dict(sorted(counts.items())),
             "method_share": {k: v / total for k, v in sorted(counts.items())},
             "speedup_estimate": math.inf if sparsity >= 1.0 else 1.0 / (1.0 - sparsity),
-            "num_image_tokens": num_image_tokens,
-            "text_len": text_len,
+            "num_image_tokens": geometry.num_image_tokens,
+            "text_len": geometry.text_len,
+            "grid": None if tiles is None else tiles.grid,
+            "tile": None if tiles is None else tiles.tile,
             "num_steps": self.num_steps,
             "num_layers": len(self.model.layers),
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,9 @@ import numpy as np
 from ._files import write_atomically
 from .methods import KINDS, parse_method
 from .plan import Plan
+
+logger = logging.getLogger(__name__)
+
 
 def kind_shares(plan: Plan) -> dict[str, np.ndarray]:
     """(steps, layers) share of heads of each method kind."""
@@ -33,9 +37,11 @@ def plot_plan(
     *,
     num_image_tokens: int | None = None,
     text_len: int | None = None,
+    grid: tuple[int, int, int] | None = None,
+    tile: tuple[int, int, int] | None = None,
 ) -> Path:
     """Write a picture (format from the extension): the heatmap, and the attention sparsity per step
-    when the geometry is known (the plan's, or ``num_image_tokens`` and ``text_len``)."""
+    when the geometry is known (the plan's, or the arguments, as :meth:`Plan.summary` takes them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,8 +53,9 @@ def plot_plan(
     # A cell mixes the kinds' colours by their share of its heads.
     image = sum(shares[kind][..., None] * np.array(KINDS[kind].colour) for kind in KINDS)
     try:
-        summary = plan.summary(num_image_tokens, text_len)
-    except ValueError:
+        summary = plan.summary(num_image_tokens, text_len, grid=grid, tile=tile)
+    except ValueError as err:
+        logger.info("the plan picture has no sparsity curve: %s", err)
         summary = None
     rows = 2 if summary else 1
     fig, axes = plt.subplots(
@@ -57,6 +64,7 @@ def plot_plan(
     )
     heat = axes[0, 0]
     heat.imshow(image.clip(0, 1), aspect="auto", interpolation="nearest")
+    heat.xaxis.set_major_locator(MaxNLocator(integer=True))
     heat.yaxis.set_major_locator(MaxNLocator(integer=True))
     heat.set_xlabel("attention layer (execution order)")
     heat.set_ylabel("denoising step")
