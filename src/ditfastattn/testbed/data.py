@@ -117,12 +117,7 @@ class Scenes:
         bg_color = torch.zeros(n, dtype=torch.long)
         bg_kind = torch.zeros(n, dtype=torch.long)
         for i, d in enumerate(dicts):
-            objects = sorted(d["objects"], key=lambda o: POSITIONS.index(o["position"]))
-            if not 1 <= len(objects) <= MAX_OBJECTS:
-                raise ValueError(f"a scene holds 1 to {MAX_OBJECTS} objects, got {len(objects)}")
-            cells = [POSITIONS.index(o["position"]) for o in objects]
-            if len(set(cells)) != len(cells):
-                raise ValueError(f"two objects share a position in {d}")
+            objects, cells = ordered_objects(d, MAX_OBJECTS)
             for k, o in enumerate(objects):
                 longs["shape"][i, k] = SHAPES.index(o["shape"])
                 longs["color"][i, k] = COLOR_NAMES.index(o["color"])
@@ -144,6 +139,18 @@ class Scenes:
     @classmethod
     def from_captions(cls, captions: list[str]) -> Scenes:
         return cls.from_dicts([parse_caption(c) for c in captions])
+
+
+def ordered_objects(scene: dict, max_objects: int) -> tuple[list[dict], list[int]]:
+    """A scene dict's objects in reading order of their cells, and those cells; ValueError unless
+    it holds 1 to ``max_objects`` objects in distinct cells."""
+    objects = sorted(scene["objects"], key=lambda o: POSITIONS.index(o["position"]))
+    if not 1 <= len(objects) <= max_objects:
+        raise ValueError(f"a scene holds 1 to {max_objects} objects, got {len(objects)}")
+    cells = [POSITIONS.index(o["position"]) for o in objects]
+    if len(set(cells)) != len(cells):
+        raise ValueError(f"two objects share a position in {scene}")
+    return objects, cells
 
 
 def caption_from_dict(scene: dict) -> str:
@@ -196,12 +203,7 @@ def sample_scenes(n: int, seed: int | None = None, generator: torch.Generator | 
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     g = generator
-    count = torch.randint(1, MAX_OBJECTS + 1, (n,), generator=g)
-    # Distinct cells: the first `count` entries of a random permutation, then sorted (reading order).
-    cells = torch.rand(n, GRID * GRID, generator=g).argsort(dim=1)[:, :MAX_OBJECTS]
-    present = torch.arange(MAX_OBJECTS)[None, :] < count[:, None]
-    cells = torch.where(present, cells, GRID * GRID).sort(dim=1).values
-    cells = torch.where(present, cells, 0)
+    cells, present = sample_cells(n, MAX_OBJECTS, g)
     shape = torch.randint(len(SHAPES), (n, MAX_OBJECTS), generator=g)
     color = torch.randint(len(COLORS), (n, MAX_OBJECTS), generator=g)
     size = torch.randint(len(SIZES), (n, MAX_OBJECTS), generator=g)
@@ -220,6 +222,17 @@ def sample_scenes(n: int, seed: int | None = None, generator: torch.Generator | 
         bg_angle=torch.rand(n, generator=g) * 2 * math.pi,
         bg_phase=torch.rand(n, generator=g) * 2 * math.pi,
     )
+
+
+def sample_cells(n: int, max_objects: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 to ``max_objects`` distinct cells per scene: (cells (N, max_objects) long in reading order,
+    0 in absent slots; present (N, max_objects) bool, present slots first)."""
+    count = torch.randint(1, max_objects + 1, (n,), generator=generator)
+    # Distinct cells: the first `count` entries of a random permutation, then sorted (reading order).
+    cells = torch.rand(n, GRID * GRID, generator=generator).argsort(dim=1)[:, :max_objects]
+    present = torch.arange(max_objects)[None, :] < count[:, None]
+    cells = torch.where(present, cells, GRID * GRID).sort(dim=1).values
+    return torch.where(present, cells, 0), present
 
 
 def _signed_distances(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -292,12 +305,14 @@ def generate_batch(
     return render(scenes, device=device, dtype=dtype), scenes.captions(), scenes
 
 
-def sample_captions(n: int, seed: int) -> list[str]:
-    """``n`` distinct captions drawn from the grammar, deterministic by ``seed``."""
+def sample_captions(n: int, seed: int, sample=None) -> list[str]:
+    """``n`` distinct captions drawn from the grammar, deterministic by ``seed``; ``sample`` is the
+    scene sampler (this module's :func:`sample_scenes` by default; the video set passes its own)."""
+    sample = sample_scenes if sample is None else sample
     captions: list[str] = []
     generator = torch.Generator().manual_seed(seed)
     while len(captions) < n:
-        for c in sample_scenes(n, generator=generator).captions():
+        for c in sample(n, generator=generator).captions():
             if c not in captions and len(captions) < n:
                 captions.append(c)
     return captions
@@ -306,26 +321,36 @@ def sample_captions(n: int, seed: int) -> list[str]:
 PROMPT_FILES = {"calibration": "calibration_prompts.txt", "heldout": "heldout_prompts.txt"}
 
 
-def load_prompts(which: str = "heldout") -> list[str]:
-    """The bundled prompts: "calibration" (for calibrating plans) or "heldout" (for evaluating them)."""
-    path = Path(__file__).resolve().parent / PROMPT_FILES[which]
+def load_prompts(which: str = "heldout", files: dict[str, str] | None = None) -> list[str]:
+    """The bundled prompts: "calibration" (for calibrating plans) or "heldout" (for evaluating them);
+    ``files`` names the files of another set (the video set's)."""
+    files = PROMPT_FILES if files is None else files
+    if which not in files:
+        raise ValueError(f"which must be one of {sorted(files)}, got {which!r}")
+    path = Path(__file__).resolve().parent / files[which]
     return path.read_text().splitlines()
+
+
+def write_prompt_files(argv, files: dict[str, str], sample, seeds: tuple[int, int]) -> None:
+    """The command line that writes a set's prompt files: calibration prompts drawn with ``seeds[0]``,
+    held-out ones with ``seeds[1]``, none of them a calibration prompt."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=f"write {' and '.join(files.values())}")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    p.add_argument("-n", type=int, default=8, help="prompts per file")
+    args = p.parse_args(argv)
+    calibration = sample_captions(args.n, seed=seeds[0], sample=sample)
+    heldout = [c for c in sample_captions(4 * args.n, seed=seeds[1], sample=sample) if c not in calibration][: args.n]
+    for which, prompts in (("calibration", calibration), ("heldout", heldout)):
+        path = args.out / files[which]
+        path.write_text("\n".join(prompts) + "\n")
+        print(f"wrote {len(prompts)} prompts to {path}")
 
 
 def main(argv=None) -> None:
     """Write the bundled prompt files: ``python -m ditfastattn.testbed.data [--out DIR]``."""
-    import argparse
-
-    p = argparse.ArgumentParser(description="write calibration_prompts.txt and heldout_prompts.txt")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    p.add_argument("-n", type=int, default=8, help="prompts per file")
-    args = p.parse_args(argv)
-    calibration = sample_captions(args.n, seed=101)
-    heldout = [c for c in sample_captions(4 * args.n, seed=202) if c not in calibration][: args.n]
-    for which, prompts in (("calibration", calibration), ("heldout", heldout)):
-        path = args.out / PROMPT_FILES[which]
-        path.write_text("\n".join(prompts) + "\n")
-        print(f"wrote {len(prompts)} prompts to {path}")
+    write_prompt_files(argv, PROMPT_FILES, sample_scenes, (101, 202))
 
 
 if __name__ == "__main__":
