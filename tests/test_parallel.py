@@ -1,31 +1,208 @@
-"""diffusers' context and tensor parallelism: what ditfastattn refuses, before changing anything."""
+"""diffusers' parallelism: plans under Ulysses context parallelism (two gloo processes on the CPU),
+and what ditfastattn refuses, before changing anything."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from conftest import tiny_flux
+import torch
+from conftest import embeds, flux_pipeline, tiny_flux
+from diffusers import FluxTransformer2DModel
 
 import ditfastattn
 from ditfastattn.plan import Plan
 
+WORLD = 2
+TEXT, ROWS, COLS = 8, 16, 32  # 512 image tokens: 4 blocks of 128, so arrows drop blocks
+STEPS = 4
+# Per layer (FLUX's double block, then two single blocks), each head's method at steps 1..: every
+# method, rows where one rank's heads are all full and the other's all cached (placement swaps
+# them), and the ranks taking different paths in one call (stock on one, the op on the other).
+PATTERNS = (
+    ("full", "full", "cache", "arrow:0.25"),
+    ("arrow:0.25", "arrow_residual:0.25", "full", "cache"),
+    ("cache", "cache", "full", "full"),
+)
 
-@pytest.mark.parametrize("where", ["model", "processor", "tensor"])
-def test_apply_refuses_parallelism_before_any_change(where):
+
+def four_head_flux() -> FluxTransformer2DModel:
+    """tiny_flux with 4 heads, which 2 Ulysses ranks split."""
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def mixed_plan(model) -> Plan:
+    spec = ditfastattn.model.describe(model)
+    methods = [[list(PATTERNS[layer]) if step else ["full"] * 4 for layer in range(3)] for step in range(STEPS)]
+    return Plan(spec, methods, {"num_image_tokens": ROWS * COLS, "text_len": TEXT})
+
+
+def generate(model) -> list[torch.Tensor]:
+    """One generation's transformer outputs, called as FluxPipeline calls it."""
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, ROWS * COLS, 16, generator=generator)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(ROWS)), torch.arange(float(COLS)),
+                                     indexing="ij"), -1).reshape(-1, 3)
+    text = torch.randn(1, TEXT, 16, generator=generator)
+    pooled = torch.randn(1, 16, generator=generator)
+    outs = []
+    with torch.no_grad():
+        for step in range(STEPS):
+            out = model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
+                        timestep=torch.tensor([1.0 - step / STEPS]), img_ids=ids, txt_ids=torch.zeros(TEXT, 3),
+                        return_dict=False)[0]
+            outs.append(torch.empty_like(out).copy_(out))  # a plain tensor (context parallelism gathers lazily)
+    return outs
+
+
+def _ulysses_rank(rank: int, directory: str) -> None:
+    """One rank: stock Ulysses, then the plans applied to the parallel model; outputs to a file."""
+    import torch.distributed as dist
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it hangs)
+    torch.accelerator.device_count = lambda: 1  # diffusers picks the rank's device by it; the CPU has none
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        model = four_head_flux()
+        plan = mixed_plan(model)
+        weights = {name: p.clone() for name, p in model.named_parameters()}
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        result = {"stock": generate(model)}
+        ditfastattn.apply(model, Plan.uniform(model, STEPS, "full"), impl="reference")
+        result["all_full"] = generate(model)
+        ditfastattn.remove(model)
+        assert ditfastattn.apply(model, plan, impl="reference") is None
+        result["mixed"] = generate(model)
+        assert ditfastattn.remove(model) is plan
+        ditfastattn.apply(model, plan, impl="reference", balance_heads=True)
+        permuted = model.transformer_blocks[0].attn.to_q.weight.clone()
+        result["balanced"] = generate(model)
+        ditfastattn.remove(model)
+        result["permuted"] = not torch.equal(permuted, weights["transformer_blocks.0.attn.to_q.weight"])
+        result["restored"] = all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+        result["after_remove"] = generate(model)
+        with pytest.raises(ValueError, match="static=True does not run under context parallelism"):
+            ditfastattn.apply(model, plan, static=True, num_image_tokens=ROWS * COLS)
+        torch.save(result, f"{directory}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(directory, timeout_s: float = 120.0) -> list[dict]:
+    """Fork WORLD ranks (spawning re-imports torch and diffusers: tens of seconds on 2 cores)."""
+    context = torch.multiprocessing.start_processes(_ulysses_rank, args=(str(directory),), nprocs=WORLD, join=False,
+                                                    start_method="fork")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):  # raises with the rank's traceback if one fails
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the Ulysses ranks did not finish within {timeout_s:.0f} s")
+    return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor], bound: float) -> None:
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert (a - b).abs().max().item() <= bound, f"step {step}: {(a - b).abs().max().item():.3g} > {bound:.3g}"
+
+
+def test_plans_under_ulysses_match_one_process(tmp_path):
+    model = four_head_flux()
+    plan = mixed_plan(model)
+    single_stock = generate(model)
+    ditfastattn.apply(model, plan, impl="reference")
+    single_mixed = generate(model)
+    ditfastattn.remove(model)
+
+    ranks = _run_ranks(tmp_path)
+    for rank in ranks[1:]:  # every rank gathers the same output
+        for key in ("stock", "mixed", "balanced"):
+            assert all(torch.equal(a, b) for a, b in zip(rank[key], ranks[0][key]))
+    result = ranks[0]
+    assert all(torch.equal(a, b) for a, b in zip(result["all_full"], result["stock"]))
+    assert all(torch.equal(a, b) for a, b in zip(result["after_remove"], result["stock"]))
+    assert result["permuted"] and result["restored"]
+    # Ulysses reorders the keys of every attention (and placement the output projection's sum), so
+    # float32 results move by rounding: the plan's as much as the stock model's. Bound: 4x the stock
+    # difference, at least 16 ulps of the output's scale.
+    scale = max(out.abs().max().item() for out in single_stock)
+    stock_diff = max((a - b).abs().max().item() for a, b in zip(result["stock"], single_stock))
+    bound = max(4 * stock_diff, 16 * torch.finfo(torch.float32).eps * scale)
+    _assert_close(result["mixed"], single_mixed, bound)
+    _assert_close(result["balanced"], single_mixed, bound)
+    # the plan compresses: far from stock at the steps after the first
+    assert (result["mixed"][-1] - single_stock[-1]).abs().max().item() > 100 * bound
+
+
+def _fake_parallel(model, **config):
+    """A parallel config as enable_parallelism records it, without a process group."""
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig, TensorParallelConfig
+
+    if "tp_degree" in config:
+        model._parallel_config = ParallelConfig(tensor_parallel_config=TensorParallelConfig(**config))
+    else:
+        model._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(**config))
+    return model._parallel_config
+
+
+def _unchanged(model, stock_dispatch) -> bool:
     from diffusers.models.transformers import transformer_flux
 
-    model = tiny_flux()
+    return (not hasattr(model, "_ditfastattn_session") and not any(m._forward_pre_hooks for m in model.modules())
+            and transformer_flux.dispatch_attention_fn is stock_dispatch)
+
+
+@pytest.mark.parametrize("make, config, message", [
+    (four_head_flux, {"tp_degree": 2}, r"tensor parallelism .* one full model per process .* Ulysses context parallelism"),
+    (four_head_flux, {"ring_degree": 2}, r"ring attention \(ring_degree=2\) is not supported.*Use Ulysses: ContextParallelConfig\(ulysses_degree=N\)"),
+    (four_head_flux, {"ulysses_degree": 2, "ulysses_anything": True}, "ulysses_anything .* is not supported"),
+    (tiny_flux, {"ulysses_degree": 2}, r"has 3 heads, which 2 ranks cannot split evenly"),
+    (four_head_flux, {"ulysses_degree": 2}, r"no device mesh yet; call transformer.enable_parallelism"),
+])
+def test_apply_refuses_unsupported_parallelism_before_any_change(make, config, message):
+    from diffusers.models.transformers import transformer_flux
+
+    model = make()
     plan = Plan.uniform(model, 2, "cache")  # describing a parallel model still works: plans are made for it
-    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
-    if where == "tensor":
-        model._parallel_config = ParallelConfig(tensor_parallel_config=TensorParallelConfig(tp_degree=2))
-    elif where == "model":
-        model._parallel_config = config
-    else:
-        model.transformer_blocks[0].attn.processor._parallel_config = config
+    _fake_parallel(model, **config)
     stock = transformer_flux.dispatch_attention_fn
-    with pytest.raises(ValueError, match=f"{'tensor' if where == 'tensor' else 'context'} parallelism .* supports one full model per process"):
+    with pytest.raises(ValueError, match=message):
         ditfastattn.apply(model, plan)
-    assert not hasattr(model, "_ditfastattn_session") and not model._forward_pre_hooks
-    assert transformer_flux.dispatch_attention_fn is stock
-    assert not any(module._forward_pre_hooks for module in model.modules())
+    assert _unchanged(model, stock)
+
+
+def test_processor_configured_by_hand_and_balance_without_parallelism_are_refused():
+    from diffusers.models.transformers import transformer_flux
+
+    stock = transformer_flux.dispatch_attention_fn
+    model = four_head_flux()
+    plan = Plan.uniform(model, 2, "cache")
+    with pytest.raises(ValueError, match="balance_heads=True evens the heads of Ulysses ranks; .* without context"):
+        ditfastattn.apply(model, plan, balance_heads=True)
+    config = _fake_parallel(model, ulysses_degree=2)
+    model._parallel_config = None
+    model.transformer_blocks[0].attn.processor._parallel_config = config
+    with pytest.raises(ValueError, match="processors carry a parallel config the model does not"):
+        ditfastattn.apply(model, plan)
+    assert _unchanged(model, stock)
+
+
+def test_parallelism_enabled_after_apply_is_refused_at_the_next_call():
+    model = four_head_flux()
+    ditfastattn.apply(model, Plan.uniform(model, STEPS, "cache"), impl="reference")
+    _fake_parallel(model, ulysses_degree=2)
+    with pytest.raises(RuntimeError, match=r"enable_parallelism after apply\); call ditfastattn.remove\(\)"):
+        generate(model)
+    ditfastattn.remove(model)
+
+
+def test_calibration_under_context_parallelism_names_what_runs():
+    pipe = flux_pipeline()
+    _fake_parallel(pipe.transformer, ulysses_degree=2)
+    with pytest.raises(ValueError, match=r"only apply\(\) runs there \(Ulysses\).*calibrate on a model loaded without"):
+        ditfastattn.calibrate(pipe, [embeds()], ditfastattn.SearchConfig(num_inference_steps=2, height=16, width=16))

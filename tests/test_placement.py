@@ -8,7 +8,7 @@ import torch
 
 import ditfastattn
 from ditfastattn.model import LayerSpec, ModelSpec
-from ditfastattn.placement import head_costs, imbalance, permute_heads, permute_plan, place_heads
+from ditfastattn.placement import head_costs, imbalance, invert, permute_heads, permute_plan, place_heads
 from ditfastattn.plan import Plan
 
 from conftest import embeds, tiny_flux
@@ -124,3 +124,16 @@ def test_unknown_layouts_are_refused_before_any_change():
         permute_heads(model, plan, [type(p)(p.layer, (1, 0, 2), 1.0, 1.0) for p in place_heads(plan, 1)])
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
+
+
+def test_invert_puts_heads_and_weights_back_exactly():
+    model = tiny_flux()
+    plan = Plan.uniform(model, 2, "full", num_image_tokens=16, text_len=7)
+    placements = [type(p)(p.layer, (2, 0, 1), 1.5, 1.0) for p in place_heads(plan, 1)]
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    permuted = permute_heads(model, plan, placements)
+    inverse = invert(placements)
+    assert inverse[0].permutation == (1, 2, 0) and (inverse[0].imbalance_before, inverse[0].imbalance_after) == (1.0, 1.5)
+    assert permute_plan(permuted, inverse).methods == plan.methods
+    permute_heads(model, permuted, inverse)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

@@ -127,6 +127,18 @@ def place_heads(plan: Plan, world_size: int, *, num_image_tokens: int | None = N
     return placements
 
 
+def invert(placements) -> list[LayerPlacement]:
+    """The placements that put each layer's heads back in their original order."""
+    inverted = []
+    for placement in placements:
+        order = [0] * len(placement.permutation)
+        for position, head in enumerate(placement.permutation):
+            order[head] = position
+        inverted.append(LayerPlacement(placement.layer, tuple(order), placement.imbalance_after,
+                                       placement.imbalance_before))
+    return inverted
+
+
 def _permutations(plan: Plan, placements) -> dict[str, list[int]]:
     by_name = {placement.layer: list(placement.permutation) for placement in placements}
     unknown = sorted(set(by_name) - set(plan.layer_names))

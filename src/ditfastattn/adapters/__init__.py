@@ -37,27 +37,48 @@ def _load() -> tuple[Adapter, ...]:
 _ADAPTERS = _load()
 
 
-def adapter_for(transformer) -> Adapter:
+def adapter_for(transformer, *, context_parallel: bool = False) -> Adapter:
     """The adapter that runs ``transformer``; refuses one under diffusers' parallelism, which the
-    runtime and calibration do not follow (they would see one rank's tokens or heads)."""
+    runtime and calibration do not follow (they would see one rank's tokens or heads), unless
+    ``context_parallel`` (``apply``'s Ulysses session, which checks the configuration itself)."""
     adapter = _match(transformer)
-    _check_not_parallel(transformer)
+    if not context_parallel:
+        _check_not_parallel(transformer)
     return adapter
+
+
+def parallel_config(transformer):
+    """diffusers' ``ParallelConfig`` of ``transformer`` (``enable_parallelism`` sets it on the model
+    and its processors; a processor configured by hand counts too), or None."""
+    config = getattr(transformer, "_parallel_config", None)
+    if config is None:
+        processors = (getattr(module, "processor", None) for module in transformer.modules())
+        config = next((p._parallel_config for p in processors if getattr(p, "_parallel_config", None) is not None), None)
+    return config
 
 
 def _check_not_parallel(transformer) -> None:
     """ValueError when diffusers' context or tensor parallelism is enabled on ``transformer``."""
-    config = getattr(transformer, "_parallel_config", None)
-    processors = (getattr(module, "processor", None) for module in transformer.modules())
-    if config is None:  # enable_parallelism sets both; a processor configured by hand counts too
-        config = next((p._parallel_config for p in processors if getattr(p, "_parallel_config", None) is not None), None)
+    config = parallel_config(transformer)
     if config is None:
         return
-    kind = "tensor" if getattr(config, "tensor_parallel_config", None) is not None else "context"
+    if getattr(config, "tensor_parallel_config", None) is not None:
+        raise ValueError(parallel_error(transformer, "tensor"))
     raise ValueError(
+        f"this {type(transformer).__name__} runs under diffusers' context parallelism (enable_parallelism); of "
+        "ditfastattn, only apply() runs there (Ulysses). Calibration and evaluation run one whole model per process: "
+        "calibrate on a model loaded without parallel_config / enable_parallelism, then apply the plan to the "
+        "parallel model"
+    )
+
+
+def parallel_error(transformer, kind: str) -> str:
+    """Why ditfastattn refuses ``transformer`` under diffusers' ``kind`` parallelism, naming what runs."""
+    return (
         f"this {type(transformer).__name__} runs under diffusers' {kind} parallelism (enable_parallelism), which "
-        "ditfastattn does not support yet; it supports one full model per process: a single GPU, or data "
-        "parallelism with a whole model on each GPU. Load the model without parallel_config / enable_parallelism"
+        "ditfastattn does not support; it supports one full model per process (a single GPU, or data parallelism "
+        "with a whole model on each GPU), and apply() also Ulysses context parallelism "
+        "(enable_parallelism(config=ContextParallelConfig(ulysses_degree=N)))"
     )
 
 

@@ -10,7 +10,9 @@ runtime (``LayerRuntime.attend``) with the token layout of the current transform
 padding of the mask the processor passes; every other call (layers outside the plan, other models,
 other processors of the module) goes to the stock function untouched. The processors themselves
 are never replaced, and removing the plan puts the stock name back. The current layer is one slot
-for the process: one model runs at a time.
+for the process: one model runs at a time. Under diffusers' Ulysses context parallelism the call
+holds this rank's chunk of the sequence; the session (``ditfastattn.runtime.parallel``) trades it
+for its heads over the whole sequence, which the layout here describes.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ def _wrapper(stock, heads_first: bool = False):
             return stock(query, key, value, *args, **kwargs)
         _CURRENT.layer = None  # one attention per module call: a further call runs the stock one
         if not heads_first:
-            return _attend(layer, lambda: stock(query, key, value, *args, **kwargs), query, key, value, args, kwargs)
+            def call(q=query, k=key, v=value, **changed):  # the stock call, or it on other tensors or options
+                return stock(q, k, v, *args, **{**kwargs, **changed})
+
+            return _attend(layer, call, query, key, value, args, kwargs)
         out = _attend(layer, lambda: stock(query, key, value, *args, **kwargs).transpose(1, 2),
                       query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), args, kwargs)
         return out.transpose(1, 2)
@@ -132,11 +137,15 @@ def _leave(module, args, output):
 
 
 def _attend(layer, dense, query, key, value, args, kwargs):
-    """``layer``'s attention through the runtime; ``dense()`` is the stock one as (B, S, H, D)."""
+    """``layer``'s attention through the runtime; ``dense()`` is the stock one as (B, S, H, D) (for
+    the dispatch families, ``dense(q, k, v, **options)`` the stock function on other arguments)."""
     options = {**dict(zip(_OPTIONS, args)), **kwargs}
-    reason = _unsupported(options)
-    batch, seq = query.shape[:2]
     session = layer.session
+    parallel = options.get("parallel_config")
+    reason = _unsupported(options, session)
+    batch, seq = query.shape[:2]
+    if parallel is not None and session.context_parallel:
+        seq *= session.degree  # the whole sequence, which the Ulysses session gathers
     layout = TokenLayout(seq, 0, seq)  # image-only layers (Z-Image's noise refiner, Wan's self-attention)
     segment = session.image_segment
     if layer.spec.text:
@@ -149,13 +158,17 @@ def _attend(layer, dense, query, key, value, args, kwargs):
             layout = TokenLayout(seq, *segment)
     elif not isinstance(segment, str) and tuple(segment[:2]) == (0, seq):
         layout = TokenLayout(seq, *segment)  # with the call's grid
+    if parallel is not None and session.context_parallel:
+        if options.get("attn_mask") is not None:
+            reason = reason or "an attention mask under context parallelism"
+        return session.attend_sharded(layer, dense, query, key, value, layout=layout, dense_only=reason)
     padding, mask_reason = padding_of(options.get("attn_mask"), batch, seq, session.adapter.PAIR_MASKS, session)
     return layer.attend(query, key, value, layout=layout, key_padding=padding, dense=dense,
                         dense_only=reason or mask_reason)
 
 
-def _unsupported(options) -> str | None:
-    if options.get("parallel_config") is not None:
+def _unsupported(options, session) -> str | None:
+    if options.get("parallel_config") is not None and not session.context_parallel:
         return "context parallelism"
     if options.get("dropout_p") or options.get("is_causal") or options.get("enable_gqa"):
         return "dropout, causal or grouped-query attention"

@@ -11,6 +11,7 @@ import torch
 from .. import ops
 from ..adapters import adapter_for, check_cfg_sharing, dispatch
 from ..plan import Plan, _is_int
+from . import parallel
 from .session import Session, logger
 from .static import StaticSession
 
@@ -40,7 +41,7 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
         raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
     if not isinstance(plan, Plan):
         raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
-    adapter = adapter_for(transformer)
+    adapter = adapter_for(transformer, context_parallel=session_cls is parallel.UlyssesSession)
     plan.check_compatible(adapter.describe(transformer))
     check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads})
     stock = adapter.stock_processor_types()
@@ -88,7 +89,7 @@ def uninstall(pipe_or_transformer) -> Plan:
         layer.free()
     session.uninstall_layers({layer.name: transformer.get_submodule(layer.name) for layer in session.layers})
     delattr(transformer, _SESSION_ATTR)
-    return session.plan
+    return session.applied_plan
 
 
 def apply(
@@ -99,6 +100,7 @@ def apply(
     cache_budget_gib: float | None = None,
     static: bool = False,
     num_image_tokens: int | None = None,
+    balance_heads: bool = False,
 ) -> None:
     """Run ``pipe_or_transformer`` under ``plan`` until :func:`remove`.
 
@@ -126,6 +128,15 @@ def apply(
     uncompiled call to build its tables and buffers. Layers that are full at every step run the stock attention; the
     others run every head through the fused op, and keep an output buffer for the whole generation
     if they ever cache.
+
+    Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism(config=
+    ContextParallelConfig(ulysses_degree=N))`` first, then ``apply`` on every rank), each rank runs
+    its own heads' methods over the whole sequence and keeps only their buffers
+    (``cache_budget_gib`` is per rank). ``balance_heads=True`` then reorders each layer's heads
+    (the q/k/v and output projections, and the plan) so that the ranks' per-step costs are even,
+    and logs the imbalance before and after (every layer's: ``ditfastattn.placement.place_heads``;
+    it sizes costs at ``num_image_tokens`` or the plan's resolution); ``remove()`` restores the
+    weights. Ring attention, tensor parallelism and ``static=True`` under parallelism are refused.
     """
     if impl not in ops.IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
@@ -138,8 +149,16 @@ def apply(
         raise ValueError(f"num_image_tokens must be a positive int (e.g. FLUX 1024x1024: 4096); got {num_image_tokens!r}")
     if not isinstance(static, bool):
         raise TypeError(f"static must be True or False; got {static!r}")
+    if not isinstance(balance_heads, bool):
+        raise TypeError(f"balance_heads must be True or False; got {balance_heads!r}")
     budget = None if cache_budget_gib is None else int(cache_budget_gib * 2**30)
-    if static:
+    if parallel.context_parallel(_transformer_of(pipe_or_transformer)[0]):
+        install(pipe_or_transformer, plan, impl, parallel.UlyssesSession, cache_budget=budget, static=static,
+                balance_heads=balance_heads, num_image_tokens=num_image_tokens)
+    elif balance_heads:
+        raise ValueError("balance_heads=True evens the heads of Ulysses ranks; this transformer runs without context "
+                         "parallelism (enable_parallelism(config=ContextParallelConfig(ulysses_degree=N)) first)")
+    elif static:
         if not isinstance(plan, Plan):
             raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
         tokens = num_image_tokens or plan.provenance.get("num_image_tokens")

@@ -228,10 +228,14 @@ class Session:
     # Whether row() and after() read ``layer.geometry`` (global segments on both sides, padding)
     # rather than only their (text_start, text_len); a subclass that overrides row() says so itself.
     layout_aware = True
+    # diffusers' parallelism this session runs under (None: one whole model); see .parallel
+    context_parallel = False
+    parallel_config = None
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None):
         self.transformer = transformer
         self.plan = plan
+        self.applied_plan = plan  # what apply() was given (a parallel session runs its rank's slice of it)
         self.adapter = adapter
         self.impl = impl
         self.cache_budget = cache_budget
@@ -331,6 +335,11 @@ class Session:
             self.image_segment = segment(self.transformer, arguments)
 
     def begin_call(self, module, args, kwargs) -> None:
+        if getattr(self.transformer, "_parallel_config", None) is not self.parallel_config:
+            raise RuntimeError(
+                "diffusers' parallelism on this transformer changed after ditfastattn.apply (enable_parallelism "
+                "after apply); call ditfastattn.remove(), then apply the plan again"
+            )
         arguments = self._arguments(args, kwargs)
         timestep = self._timestep(arguments)
         if timestep is None:

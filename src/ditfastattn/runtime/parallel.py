@@ -1,0 +1,214 @@
+"""Plans under diffusers' Ulysses context parallelism.
+
+Under ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))`` each of
+the P ranks holds a 1/P chunk of every input stream of the transformer (text and image, split by
+diffusers' context-parallel plan), and diffusers' attention trades it, by an all-to-all, for the
+whole sequence of 1/P of the heads: rank r attends heads ``[r H / P, (r + 1) H / P)`` of every
+layer, then trades back. :class:`UlyssesSession` makes that trade itself at the interception point
+(``dispatch_attention_fn``), with the gathered tokens put back in the single-process order (all
+text chunks, then all image chunks), so the plan's windows see the geometry they were planned
+for. Each rank runs its own heads' slice of the plan (its cache buffers hold its own heads only,
+and ``cache_budget_gib`` bounds them per rank). A call whose heads on this rank are all plain
+``full`` at this step, with no buffer to keep, runs diffusers' own parallel attention untouched:
+an all-full plan is stock context parallelism bit for bit. Both paths exchange the same tensors
+in the same layout, so ranks may take different paths in one call.
+
+``balance_heads`` permutes each layer's heads (projection weights and plan together, see
+:mod:`ditfastattn.placement`) so that the ranks' per-step costs are even; ``remove()`` puts the
+weights back.
+
+Not supported (refused with what is): ring attention (``ring_degree > 1``), whose ranks hold
+sequence chunks of every head: a window would span the chunks of several ranks, and the op
+attends one whole sequence, with no query or key offsets, so it cannot run an arrow between two
+chunks, nor skip the chunks no window reaches; ``ulysses_anything`` (heads or tokens that P does
+not divide); tensor parallelism; ``static=True``; attention masks on compressed layers; layouts with
+the text after the image (the families with a diffusers context-parallel plan put it first).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from ..adapters import parallel_config, parallel_error
+from ..model import TokenLayout
+from ..placement import _check_world_size, invert, permute_heads, permute_plan, place_heads
+from ..plan import Plan
+from .session import CallGeometry, LayerRuntime, Session, logger
+
+
+def context_parallel(transformer) -> bool:
+    """Whether diffusers' parallelism (of any kind) is enabled on ``transformer``."""
+    return parallel_config(transformer) is not None
+
+
+def _ulysses(transformer, plan: Plan, adapter):
+    """(config, degree, rank, group) of ``transformer``'s Ulysses parallelism; ValueError naming what
+    runs for any other kind."""
+    config = parallel_config(transformer)
+    if getattr(config, "tensor_parallel_config", None) is not None:
+        raise ValueError(parallel_error(transformer, "tensor"))
+    if getattr(transformer, "_parallel_config", None) is not config:
+        raise ValueError(
+            f"{type(transformer).__name__}'s attention processors carry a parallel config the model does not; "
+            "enable context parallelism with transformer.enable_parallelism(config=ContextParallelConfig(...))"
+        )
+    if adapter.CALLS != "dispatch" or hasattr(adapter, "make_processor"):
+        raise ValueError(f"{adapter.MODEL_CLASS} does not attend through diffusers' dispatch_attention_fn, so "
+                         "ditfastattn cannot run it under context parallelism; run one whole model per process")
+    cp = config.context_parallel_config
+    if cp.ring_degree > 1:
+        raise ValueError(
+            f"ring attention (ring_degree={cp.ring_degree}) is not supported: its ranks hold sequence chunks of every "
+            "head, and a window spans the chunks of several ranks, which the op (one whole sequence per call) cannot "
+            "attend piecewise. Use Ulysses: ContextParallelConfig(ulysses_degree=N)"
+        )
+    if cp.ulysses_anything:
+        raise ValueError("ulysses_anything (heads or tokens the degree does not divide) is not supported; use "
+                         "ContextParallelConfig(ulysses_degree=N) with N dividing the heads and the token counts")
+    _check_world_size(plan, cp.ulysses_degree)
+    mesh = cp._ulysses_mesh
+    if mesh is None:
+        raise ValueError("the context parallel config has no device mesh yet; call transformer.enable_parallelism(...) "
+                         "before ditfastattn.apply")
+    return config, cp.ulysses_degree, cp._ulysses_local_rank, mesh.get_group()
+
+
+def rank_plan(plan: Plan, rank: int, degree: int) -> Plan:
+    """The slice of ``plan`` that Ulysses rank ``rank`` of ``degree`` runs: heads
+    ``[rank H / degree, (rank + 1) H / degree)`` of every layer, as a plan of a model with H / degree heads."""
+    spec = plan.model
+    layers = tuple(type(layer)(layer.name, layer.heads // degree, layer.head_dim, layer.text) for layer in spec.layers)
+    model = type(spec)(spec.family, spec.model_class, layers)
+    methods = [[heads[rank * len(heads) // degree:(rank + 1) * len(heads) // degree] for heads in rows]
+               for rows in plan.methods]
+    return Plan(model, methods, {**plan.provenance, "ulysses": {"rank": rank, "degree": degree}})
+
+
+@functools.lru_cache(maxsize=64)
+def _streams(layout: TokenLayout, local: int, degree: int) -> tuple[tuple[int, int, int], ...]:
+    """(start in a rank's chunk, length there, start in the whole sequence) of each input stream
+    diffusers splits: the text before the image, then the image and what follows it (a reference
+    image is part of the image stream)."""
+    seq = layout.seq_len
+    if local * degree != seq:
+        raise RuntimeError(f"each of the {degree} Ulysses ranks holds {local} tokens of this call, but the "
+                           f"transformer's inputs make {seq}; ditfastattn follows diffusers' own context-parallel "
+                           "plans, which split the text and image inputs in equal chunks")
+    start = layout.image_start
+    if start == 0 and layout.num_global:
+        raise NotImplementedError("ditfastattn runs under context parallelism where the text comes before the image "
+                                  "in the joint sequence (FLUX.1, FLUX.2, Qwen-Image) or there is none (Wan); "
+                                  "this layout has it after the image")
+    bounds = [(0, start), (start, seq - start)] if start else [(0, seq)]
+    for begin, length in bounds:
+        if length % degree:
+            raise RuntimeError(f"a stream of {length} tokens does not split into {degree} equal chunks; pick sizes "
+                               f"that ulysses_degree={degree} divides")
+    streams, offset = [], 0
+    for begin, length in bounds:
+        streams.append((offset, length // degree, begin))
+        offset += length // degree
+    return tuple(streams)
+
+
+class UlyssesSession(Session):
+    """A dynamic session on one Ulysses rank: the rank's heads of the plan, over the whole sequence."""
+
+    context_parallel = True
+
+    def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None,
+                 static: bool = False, balance_heads: bool = False, num_image_tokens: int | None = None):
+        self.parallel_config, self.degree, self.rank, self.group = _ulysses(transformer, plan, adapter)
+        if static:
+            raise ValueError("static=True does not run under context parallelism yet; apply without it (the dynamic "
+                             "session runs under Ulysses)")
+        self.placements = None
+        run = plan
+        if balance_heads:
+            self.placements = place_heads(plan, self.degree, num_image_tokens=num_image_tokens)
+            run = permute_plan(plan, self.placements)
+            _log_placement(self.placements, self.degree)
+        self.run_plan = run  # the plan in the placed head order
+        super().__init__(transformer, rank_plan(run, self.rank, self.degree), adapter, impl, cache_budget)
+        self.applied_plan = plan
+        # per layer: whether the plan compresses it at some step (its unsupported calls must fail on every rank)
+        self._compressed = [any(not plan.method(step, index, head).exact for step in range(plan.num_steps)
+                                for head in range(layer.heads)) for index, layer in enumerate(plan.model.layers)]
+        logger.info("Ulysses rank %d of %d runs its 1/%d of every layer's heads", self.rank, self.degree, self.degree)
+
+    def install_layers(self, modules) -> None:
+        if self.placements is not None:
+            permute_heads(self.transformer, self.applied_plan, self.placements)
+
+    def uninstall_layers(self, modules) -> None:
+        if self.placements is not None:
+            permute_heads(self.transformer, self.run_plan, invert(self.placements))
+
+    def attend_sharded(self, layer: LayerRuntime, call, q, k, v, *, layout: TokenLayout, dense_only) -> torch.Tensor:
+        """``layer``'s attention of one call on this rank's sequence chunk ``q``, ``k``, ``v`` (B, S / P, H, D).
+
+        ``call(q, k, v, **options)`` is diffusers' attention call (``call()``: as the processor made
+        it); ``layout`` is the whole sequence's. Returns (B, S / P, H, D), as diffusers' does.
+        """
+        batch, local, heads, dim = q.shape
+        streams = _streams(layout, local, self.degree)
+        if dense_only:
+            if self._compressed[layer.index]:
+                raise NotImplementedError(
+                    f"{layer.name}: {dense_only} runs only the stock attention, but the plan compresses this layer; "
+                    "apply a plan that keeps this layer full, or run it without context parallelism"
+                )
+            return call()
+        if self._runs_stock(layer, layout, q):
+            return call()
+        q, k, v = (self._gather(t, streams) for t in (q, k, v))
+        out = layer.attend(q, k, v, layout=layout, dense=lambda: call(q, k, v, parallel_config=None))
+        return self._scatter(out, streams, local)
+
+    def _runs_stock(self, layer: LayerRuntime, layout: TokenLayout, q) -> bool:
+        """Whether this rank's row of ``layer`` at this step is plain full with nothing to keep or capture."""
+        layer.geometry = CallGeometry.of(layout.seq_len, None, None, layout, None)  # tile windows are sized by it
+        batch, local, heads, dim = q.shape
+        # the gathered call's shape, dtype and device (the cache budget counts them), without its data
+        gathered = q.new_empty(1).expand(batch, local * self.degree, heads // self.degree, dim)
+        row = layer._runnable(layer.row(gathered, layout.image_len, route_full=False))
+        return row.all_full and row.capture_modes is None and not row.keep
+
+    def _gather(self, t: torch.Tensor, streams) -> torch.Tensor:
+        """(B, S / P, H, D) chunks of every head -> (B, S, H / P, D) of this rank's heads, in the whole
+        sequence's order. The send layout is diffusers' own."""
+        batch, local, heads, dim = t.shape
+        send = t.reshape(batch, local, self.degree, heads // self.degree, dim).permute(2, 1, 0, 3, 4).contiguous()
+        received = torch.empty_like(send)  # [r]: rank r's chunk of this rank's heads
+        dist.all_to_all_single(received, send, group=self.group)
+        out = t.new_empty(batch, local * self.degree, heads // self.degree, dim)
+        for offset, length, begin in streams:
+            out[:, begin:begin + length * self.degree].unflatten(1, (self.degree, length)).copy_(
+                received[:, offset:offset + length].permute(2, 0, 1, 3, 4))
+        return out
+
+    def _scatter(self, out: torch.Tensor, streams, local: int) -> torch.Tensor:
+        """The inverse of :meth:`_gather` for the attention output: (B, S, H / P, D) -> (B, S / P, H, D)."""
+        batch, _, heads, dim = out.shape
+        send = out.new_empty(self.degree, heads, batch, local, dim)  # [r]: rank r's chunk, diffusers' layout
+        for offset, length, begin in streams:
+            send[:, :, :, offset:offset + length].copy_(
+                out[:, begin:begin + length * self.degree].unflatten(1, (self.degree, length)).permute(1, 3, 0, 2, 4))
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
+        return received.flatten(0, 1).permute(1, 2, 0, 3).contiguous()
+
+
+def _log_placement(placements, degree: int) -> None:
+    before = [p.imbalance_before for p in placements]
+    after = [p.imbalance_after for p in placements]
+    worst = max(placements, key=lambda p: p.imbalance_before)
+    logger.info(
+        "head placement over %d Ulysses ranks: imbalance (slowest rank / mean, per layer) mean %.3f -> %.3f, "
+        "worst %.3f -> %.3f (%s); ditfastattn.placement.place_heads gives every layer's",
+        degree, sum(before) / len(before), sum(after) / len(after), worst.imbalance_before, worst.imbalance_after,
+        worst.layer,
+    )
