@@ -1,7 +1,10 @@
-"""Quality harness: images with and without plans, compared to full attention from the same seed.
+"""Quality harness: images (or videos) with and without plans, compared to full attention from the
+same seed.
 
-SSIM and PSNR (torchmetrics) are always computed. LPIPS and CLIP score need weights that are not
-downloaded here: they run only when found locally, and are otherwise skipped with a logged reason.
+SSIM and PSNR (torchmetrics) are always computed; for videos per frame, and over time as the
+agreement of frame-to-frame changes with the reference's (:func:`video_metrics`). LPIPS and CLIP
+score need weights that are not downloaded here: they run only when found locally (images only),
+and are otherwise skipped with a logged reason.
 """
 
 from __future__ import annotations
@@ -82,10 +85,61 @@ def image_metrics(images: torch.Tensor, references: torch.Tensor) -> dict[str, f
     return metrics
 
 
+def _checked_videos(videos: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if videos.shape != references.shape:
+        raise ValueError(f"videos {tuple(videos.shape)} and references {tuple(references.shape)} differ in shape")
+    if videos.dim() != 5 or videos.shape[2] != 3 or videos.shape[1] < 2:
+        raise ValueError(f"videos must be (N, F, 3, H, W) with F >= 2 frames, as video pipelines give them with "
+                         f"output_type='pt'; got {tuple(videos.shape)}")
+    return videos.float().cpu().clamp(0, 1), references.float().cpu().clamp(0, 1)
+
+
+@torch.no_grad()
+def video_scores(videos: torch.Tensor, references: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-video scores of ``videos`` against ``references``, both (N, F, 3, H, W) in [0, 1]:
+
+    - ``ssim``, ``psnr`` (N, F): each frame against the reference's same frame (PSNR in dB, inf
+      where a frame is identical).
+    - ``temporal_psnr`` (N,): PSNR in dB of the frame-to-frame changes (frame t+1 - frame t, every
+      t) against the reference's, with the pixels' peak 1: how far the video's motion and flicker
+      depart from the reference's. A constant error in every frame leaves it inf; errors that
+      change from frame to frame lower it.
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    videos, references = _checked_videos(videos, references)
+    n, frames = videos.shape[:2]
+    flat, flat_ref = videos.flatten(0, 1), references.flatten(0, 1)
+    ssim = structural_similarity_index_measure(flat, flat_ref, data_range=1.0, reduction="none")
+    psnr = peak_signal_noise_ratio(flat, flat_ref, data_range=1.0, dim=(1, 2, 3), reduction="none")
+    changes = (videos.diff(dim=1) - references.diff(dim=1)).double()
+    temporal = -10 * torch.log10(changes.square().mean(dim=(1, 2, 3, 4)))
+    return {"ssim": ssim.view(n, frames), "psnr": psnr.view(n, frames), "temporal_psnr": temporal.float()}
+
+
+def video_metrics(videos: torch.Tensor, references: torch.Tensor) -> dict[str, float | list[float]]:
+    """Means over videos of :func:`video_scores`: ``ssim`` and ``psnr`` over all frames,
+    ``temporal_psnr``, and ``ssim_per_frame`` and ``psnr_per_frame`` (one value per frame)."""
+    scores = video_scores(videos, references)
+    return {
+        "ssim": scores["ssim"].mean().item(),
+        "psnr": scores["psnr"].mean().item(),
+        "temporal_psnr": scores["temporal_psnr"].mean().item(),
+        "ssim_per_frame": scores["ssim"].mean(dim=0).tolist(),
+        "psnr_per_frame": scores["psnr"].mean(dim=0).tolist(),
+    }
+
+
+def _metrics(outputs: torch.Tensor, references: torch.Tensor) -> dict[str, Any]:
+    """Video metrics for videos (N, F, 3, H, W), image metrics for images (N, 3, H, W)."""
+    return video_metrics(outputs, references) if references.dim() == 5 else image_metrics(outputs, references)
+
+
 @torch.no_grad()
 def clip_score(images: torch.Tensor, prompts: Sequence[str]) -> float | None:
-    """CLIP score of images against their prompts, or None when CLIP's weights are not local."""
-    metric = _clip()
+    """CLIP score of images against their prompts, or None when CLIP's weights are not local (or
+    the outputs are videos)."""
+    metric = _clip() if images.dim() == 4 else None
     if metric is None or not all(isinstance(p, str) for p in prompts):
         return None
     return metric((images.float().cpu().clamp(0, 1) * 255).to(torch.uint8), list(prompts)).item()
@@ -97,25 +151,30 @@ def _as_list(prompts) -> list:
 
 
 def generate(pipe, prompts, *, num_inference_steps: int, seed: int = 0, **kwargs) -> tuple[torch.Tensor, float]:
-    """Images (N, 3, H, W) in [0, 1] for all prompts in one batch, and seconds per image."""
+    """Images (N, 3, H, W) in [0, 1] for all prompts in one batch, and seconds per image; from a
+    video pipeline (its output's ``frames``), videos (N, F, 3, H, W) and seconds per video."""
     prompts = _as_list(prompts)
     call, _ = prompt_kwargs(prompts)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    images = pipe(
+    output = pipe(
         num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed), output_type="pt",
         **call, **kwargs,
-    ).images
+    )
+    images = output.images if hasattr(output, "images") else output.frames
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return images.float().cpu(), (time.perf_counter() - start) / len(prompts)
 
 
 def _save(images: torch.Tensor, folder: Path) -> None:
+    """One PNG per image; a video's frames side by side in one PNG."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
+    if images.dim() == 5:
+        images = torch.cat(images.unbind(1), dim=-1)  # (N, 3, H, F * W)
     for index, image in enumerate(images):
         array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
         write_atomically(folder / f"{index:03d}.png", lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
@@ -137,6 +196,8 @@ def evaluate(
     Returns ``{"reference": {...}, name: {...}}`` (the reference is full attention) with sparsity, seconds per image, SSIM, PSNR and
     (when local weights exist) LPIPS and CLIP score. ``extra_metrics(images, prompts)`` may add
     its own numbers (the testbed adds caption accuracy). Images go to ``out_dir/<name>/`` if given.
+    A video pipeline's videos get :func:`video_metrics` instead (seconds are per video, each video
+    saved as its frames in a row).
     """
     if "reference" in plans:
         raise ValueError("'reference' names the full-attention images; give the plan another name")
@@ -166,7 +227,7 @@ def evaluate(
             images, seconds = generate(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed, **pipe_kwargs)
         finally:
             remove(pipe)
-        results[name] = {**describe(images, seconds, plan.summary()["sparsity"]), **image_metrics(images, reference)}
+        results[name] = {**describe(images, seconds, plan.summary()["sparsity"]), **_metrics(images, reference)}
         if out is not None:
             _save(images, out / name)
     return results

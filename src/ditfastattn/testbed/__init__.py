@@ -12,16 +12,23 @@ procedural captioned shapes, with an evaluator that reads captions back from ima
 Modules: :mod:`.data` (dataset and caption grammar), :mod:`.text` (all-MiniLM-L6-v2 encoder),
 :mod:`.models`, :mod:`.pipeline`, :mod:`.evaluator`; :mod:`.training` (``python -m
 ditfastattn.testbed.training.train``, in a source checkout only: the wheel ships the weights).
+
+The video testbed: :mod:`.video_data` (captioned clips of moving, appearing and colour-changing
+shapes) and :class:`VideoTestbedPipeline` (a ``HunyuanVideoTransformer3DModel``, sampled as
+``HunyuanVideoPipeline`` samples), loaded with ``load_pipeline("video")`` once trained
+(``train --kind video``); ``ditfastattn.evaluation.video_metrics`` compares clips per frame and
+over time.
 """
 
 from .data import Scenes, generate_batch, load_prompts, parse_caption, sample_scenes
 from .evaluator import caption_accuracy, caption_scores, image_metrics
-from .pipeline import FluxTestbedPipeline, SD3TestbedPipeline, load_pipeline
+from .pipeline import FluxTestbedPipeline, SD3TestbedPipeline, VideoTestbedPipeline, load_pipeline
 
 __all__ = [
     "FluxTestbedPipeline",
     "SD3TestbedPipeline",
     "Scenes",
+    "VideoTestbedPipeline",
     "caption_accuracy",
     "caption_scores",
     "generate_batch",

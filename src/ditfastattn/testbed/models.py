@@ -1,9 +1,10 @@
-"""The two testbed transformers, built from diffusers' own classes, and the tensor layouts they use.
+"""The testbed transformers, built from diffusers' own classes, and the tensor layouts they use.
 
-Both work in pixel space on 64x64 RGB images with 2x2 patches (1024 image tokens) and 32 text
-tokens of 384 dimensions, with 6 heads of head dim 32 per attention layer. Eight heads of 32 would
-make one SD3 joint layer 2.4M parameters, leaving room for only three layers under 16 MiB in bf16;
-six heads keep six layers, so heads can differ across depth as well as within a layer.
+The two image models work in pixel space on 64x64 RGB images with 2x2 patches (1024 image tokens)
+and 32 text tokens of 384 dimensions, with 6 heads of head dim 32 per attention layer. Eight heads
+of 32 would make one SD3 joint layer 2.4M parameters, leaving room for only three layers under
+16 MiB in bf16; six heads keep six layers, so heads can differ across depth as well as within a
+layer.
 
 - ``sd3``: ``SD3Transformer2DModel``, 6 joint layers, qk RMS norm (as in SD3.5), image tokens
   first. Timesteps are passed as ``sigma * 1000``, as ``StableDiffusion3Pipeline`` does.
@@ -11,14 +12,24 @@ six heads keep six layers, so heads can differ across depth as well as within a 
   first, RoPE over (index, row, column) with axes (8, 12, 12) summing to the head dim, no guidance
   embedding. Images enter packed as ``FluxPipeline`` packs latents: every 2x2 patch becomes one
   token of 12 channels. Timesteps are passed as ``sigma``, as ``FluxPipeline`` passes ``t / 1000``.
+
+The video testbed (``video``, not one of the image ``KINDS``): ``HunyuanVideoTransformer3DModel``
+on 8 frames of 48x48 RGB pixels (:mod:`.video_data`) with 3x3 spatial patches, a token grid of
+8 x 16 x 16 (2048 video tokens: 16 blocks of 128, or 4 x 2 x 2 tiles of 2 x 8 x 8), then the 32
+text tokens under their key mask; 3 dual-stream and 5 single-stream blocks of 4 heads of 32, RoPE
+axes (8, 12, 12) over (frame, row, column), one token-refiner layer, no guidance embedding (true
+CFG, as ``HunyuanVideoPipeline`` runs it with a negative prompt). 3.6M parameters, 7 MB in bf16:
+four heads keep eight layers within that. Timesteps are passed as ``sigma * 1000``, as
+``HunyuanVideoPipeline`` passes ``t``.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, SD3Transformer2DModel
 
 KINDS = ("sd3", "flux")
+VIDEO_KIND = "video"
 SD3_CONFIG = {
     "sample_size": 64,
     "patch_size": 2,
@@ -45,16 +56,38 @@ FLUX_CONFIG = {
     "guidance_embeds": False,
     "axes_dims_rope": (8, 12, 12),
 }
-DEFAULT_CONFIGS = {"sd3": SD3_CONFIG, "flux": FLUX_CONFIG}
+VIDEO_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "num_layers": 3,
+    "num_single_layers": 5,
+    "num_refiner_layers": 1,
+    "patch_size": 3,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "guidance_embeds": False,
+    "text_embed_dim": 384,
+    "pooled_projection_dim": 384,
+    "rope_axes_dim": (8, 12, 12),
+}
+DEFAULT_CONFIGS = {"sd3": SD3_CONFIG, "flux": FLUX_CONFIG, VIDEO_KIND: VIDEO_CONFIG}
 
 
-def build_transformer(kind: str, config: dict | None = None) -> SD3Transformer2DModel | FluxTransformer2DModel:
-    """A freshly initialised transformer of ``kind``; ``config`` overrides the defaults above."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+def build_transformer(
+    kind: str, config: dict | None = None
+) -> SD3Transformer2DModel | FluxTransformer2DModel | HunyuanVideoTransformer3DModel:
+    """A freshly initialised transformer of ``kind`` (an image kind or ``"video"``); ``config``
+    overrides the defaults above."""
+    if kind not in DEFAULT_CONFIGS:
+        raise ValueError(f"kind must be one of {tuple(DEFAULT_CONFIGS)}, got {kind!r}")
     cfg = {**DEFAULT_CONFIGS[kind], **(config or {})}
     if kind == "sd3":
         return SD3Transformer2DModel(**cfg)
+    if kind == VIDEO_KIND:
+        cfg["rope_axes_dim"] = tuple(cfg["rope_axes_dim"])
+        return HunyuanVideoTransformer3DModel(**cfg)
     cfg["axes_dims_rope"] = tuple(cfg["axes_dims_rope"])
     return FluxTransformer2DModel(**cfg)
 
@@ -96,8 +129,18 @@ def velocity(
     states: torch.Tensor,
     pooled: torch.Tensor,
 ) -> torch.Tensor:
-    """The transformer's flow-matching velocity (noise - image) for images ``x`` (B, 3, H, W) at
-    noise levels ``sigma`` (B,), called exactly as the testbed pipelines call it."""
+    """The transformer's flow-matching velocity (noise - image) for images ``x`` (B, 3, H, W), or
+    videos (B, 3, F, H, W) for ``"video"``, at noise levels ``sigma`` (B,), called exactly as the
+    testbed pipelines call it."""
+    if kind == VIDEO_KIND:
+        return transformer(
+            hidden_states=x,
+            timestep=sigma * 1000,
+            encoder_hidden_states=states,
+            encoder_attention_mask=text_mask(states),
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
     if kind == "sd3":
         return transformer(
             hidden_states=x,
@@ -117,3 +160,10 @@ def velocity(
         return_dict=False,
     )[0]
     return unpack_flux(out, height, width)
+
+
+def text_mask(states: torch.Tensor) -> torch.Tensor:
+    """(B, T) key mask of text states (B, T, D) in their dtype: 1 on real tokens, 0 on padding, which
+    the testbed's text encoder sets to exactly zero (:mod:`.text`); HunyuanVideo takes the mask as
+    its pipeline gives it."""
+    return (states != 0).any(dim=-1).to(states.dtype)

@@ -9,9 +9,12 @@ do, so code that hooks ``pipe.transformer``'s attention processors or wraps
   transformer call on a batch ``[uncond; cond]``; timestep ``t`` from the scheduler (sigma * 1000).
 - :class:`FluxTestbedPipeline` (``FluxPipeline`` with true CFG): latents stay packed; with
   guidance, two transformer calls per step, positive then negative; timestep ``t / 1000``.
+- :class:`VideoTestbedPipeline` (``HunyuanVideoPipeline`` with true CFG): videos (B, 3, F, H, W),
+  the text's key mask, two transformer calls per step, positive then negative; timestep ``t``.
+  Output ``frames`` as diffusers' video pipelines give them.
 
 The text encoder (:mod:`.text`) is cached per device and is not a pipeline component. Images are
-64x64 RGB in pixel space; there is no VAE.
+64x64 RGB in pixel space, videos 8 frames of 48x48; there is no VAE.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.hunyuan_video.pipeline_output import HunyuanVideoPipelineOutput
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
 
-from .models import KINDS, build_transformer, flux_image_ids, flux_text_ids, pack_flux, unpack_flux
+from .models import VIDEO_KIND, build_transformer, flux_image_ids, flux_text_ids, pack_flux, text_mask, unpack_flux
 from .text import encode_prompts
 
 logger = logging.getLogger("ditfastattn")
@@ -193,7 +197,90 @@ class FluxTestbedPipeline(_TestbedPipeline):
         return unpack_flux(latents, height, width)
 
 
-PIPELINES = {"sd3": SD3TestbedPipeline, "flux": FluxTestbedPipeline}
+class VideoTestbedPipeline(_TestbedPipeline):
+    """HunyuanVideo-style sampling of the video testbed: true CFG as two calls per step, positive
+    then negative, each with its text's key mask."""
+
+    kind = VIDEO_KIND
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_frames: int = 8,
+        height: int = 48,
+        width: int = 48,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+    ):
+        """Generate one video per prompt. ``output_type``: "pil" (a list of frame lists), "pt" (tensor
+        (N, F, 3, H, W) in [0, 1], float32), "np" (array (N, F, H, W, 3) in [0, 1]) or "latent" (the
+        denoised sample, (N, 3, F, H, W) in the model's dtype and range). Text states' padding rows
+        must be zero (as :mod:`.text` gives them): the key mask is read from them."""
+        config = self.transformer.config
+        if num_frames % config.patch_size_t or height % config.patch_size or width % config.patch_size:
+            raise ValueError(
+                f"num_frames must be a multiple of {config.patch_size_t}, height and width of {config.patch_size}; "
+                f"got {num_frames} frames of {height}x{width}"
+            )
+        if output_type not in ("pil", "pt", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
+        do_cfg = guidance_scale > 1.0
+        states, pooled, neg_states, neg_pooled = self._embeddings(
+            do_cfg,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+        )
+        device, dtype = self._execution_device, self.transformer.dtype
+        shape = (states.shape[0], config.in_channels, num_frames, height, width)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        def predict(timestep, text_states, text_pooled):
+            return self.transformer(
+                hidden_states=latents,
+                timestep=timestep,
+                encoder_hidden_states=text_states,
+                encoder_attention_mask=text_mask(text_states),
+                pooled_projections=text_pooled,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+
+        for t in self.progress_bar(self.scheduler.timesteps):
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            noise_pred = predict(timestep, states, pooled)
+            if do_cfg:
+                neg_noise_pred = predict(timestep, neg_states, neg_pooled)
+                noise_pred = neg_noise_pred + guidance_scale * (noise_pred - neg_noise_pred)
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        self.maybe_free_model_hooks()
+        if output_type == "latent":  # pixel space: the denoised sample before the [0, 1] mapping
+            return HunyuanVideoPipelineOutput(frames=latents) if return_dict else (latents,)
+        frames = (latents.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (N, F, 3, H, W)
+        if output_type == "pt":
+            out = frames
+        else:
+            out = frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+            if output_type == "pil":
+                out = [[PIL.Image.fromarray(a) for a in video] for video in (out * 255).round().astype(np.uint8)]
+        return HunyuanVideoPipelineOutput(frames=out) if return_dict else (out,)
+
+
+PIPELINES = {"sd3": SD3TestbedPipeline, "flux": FluxTestbedPipeline, VIDEO_KIND: VideoTestbedPipeline}
 
 
 def load_pipeline(
@@ -201,12 +288,19 @@ def load_pipeline(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     weights_dir: str | Path | None = None,
-) -> SD3TestbedPipeline | FluxTestbedPipeline:
-    """The trained testbed pipeline of ``kind`` ("sd3" or "flux") with the bundled weights (or those
-    in ``weights_dir``: ``{kind}.safetensors`` and ``{kind}_train_config.json`` from train.py)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+) -> SD3TestbedPipeline | FluxTestbedPipeline | VideoTestbedPipeline:
+    """The trained testbed pipeline of ``kind`` ("sd3", "flux" or "video") with the bundled weights
+    (or those in ``weights_dir``: ``{kind}.safetensors`` and ``{kind}_train_config.json`` from train.py)."""
+    if kind not in PIPELINES:
+        raise ValueError(f"kind must be one of {tuple(PIPELINES)}, got {kind!r}")
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    missing = [name for name in (f"{kind}_train_config.json", f"{kind}.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"no trained {kind} testbed in {folder} (missing {', '.join(missing)}): train one with "
+            f"`python -m ditfastattn.testbed.training.train --kind {kind} --out DIR` in a source checkout "
+            "and pass weights_dir=DIR"
+        )
     config = json.loads((folder / f"{kind}_train_config.json").read_text())
     transformer = build_transformer(kind, config["model_config"])
     transformer.load_state_dict(load_file(folder / f"{kind}.safetensors"))
