@@ -1,8 +1,9 @@
 """The video testbed: captioned procedural clips, the HunyuanVideo-style pipeline on a tiny random
-transformer, ditfastattn on it, and the video metrics (CPU, seconds)."""
+transformer, ditfastattn on it, the video metrics and one training step (CPU, seconds)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -264,3 +265,16 @@ def test_evaluate_compares_videos_with_full_attention(tmp_path):
     assert results["cache"]["ssim"] < 1.0 and math.isfinite(results["cache"]["temporal_psnr"])
     saved = sorted((tmp_path / "cache").glob("*.png"))
     assert len(saved) == 2 and PIL.Image.open(saved[0]).size == (FRAMES * vd.FRAME_SIZE, vd.FRAME_SIZE)
+
+
+def test_one_training_step_writes_a_loadable_testbed(encoder, tmp_path):
+    from ditfastattn.testbed.training import train
+
+    train.main(["--kind", "video", "--out", str(tmp_path), "--max-steps", "1", "--batch-size", "2", "--device", "cpu",
+                "--precision", "fp32", "--log-every", "1", "--sample-steps", "1", "--config", json.dumps(TINY)])
+    config = json.loads((tmp_path / "video_train_config.json").read_text())
+    assert config["steps"] == 1 and math.isfinite(config["final_loss"]) and config["model_config"]["num_layers"] == 1
+    assert (tmp_path / "video_samples.png").is_file() and (tmp_path / "video_loss.json").is_file()
+    pipe = load_pipeline("video", weights_dir=tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert torch.isfinite(run(pipe)).all()

@@ -3,11 +3,12 @@
     python -m ditfastattn.testbed.training.train --kind sd3 --minutes 7.5 --out out/sd3
     python -m ditfastattn.testbed.training.train --kind flux --minutes 7.5 --out out/flux
     python -m ditfastattn.testbed.training.train --kind evaluator --minutes 2 --out out/evaluator
+    python -m ditfastattn.testbed.training.train --kind video --minutes 6 --out out/video
 
-Diffusion models (sd3, flux): rectified flow in pixel space. x_t = (1 - s) x0 + s noise, the model
-predicts the velocity noise - x0 under MSE; noise levels s are logit-normal, shifted like the
-sampling scheduler so training sees the noise levels sampling visits. 10% of captions are
-dropped to "" for classifier-free guidance. bf16 autocast, AdamW with warm-up and a cosine decay
+Diffusion models (sd3, flux; video on the clips of :mod:`..video_data`): rectified flow in pixel
+space. x_t = (1 - s) x0 + s noise, the model predicts the velocity noise - x0 under MSE; noise
+levels s are logit-normal, shifted like the sampling scheduler so training sees the noise levels
+sampling visits. 10% of captions are dropped to "" for classifier-free guidance. bf16 autocast, AdamW with warm-up and a cosine decay
 over the time budget, EMA of the weights (the EMA weights are saved, in bf16).
 
 The evaluator: the caption reader CNN on clean and lightly degraded generator images (noise,
@@ -16,7 +17,8 @@ blur), so that it also reads imperfect samples.
 Outputs in --out: ``{kind}.safetensors``, ``{kind}_train_config.json`` (arguments, model config,
 steps, timing, final loss; for the evaluator its accuracy on fresh generator images),
 ``{kind}_loss.json`` and ``{kind}_loss.png``; for diffusion models also ``{kind}_samples.png``
-(held-out prompts, two seeds each, with the generator's own rendering of the prompt first).
+(held-out prompts, two seeds each, with the generator's own rendering of the prompt first; for
+video one row of frames per clip).
 The budget counts from the start of the script; training stops early enough to leave
 ``--reserve-seconds`` for saving and sampling. Runs are seeded, but stop by time, so the number of
 steps depends on the machine.
@@ -39,9 +41,9 @@ from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from .. import data
+from .. import data, video_data
 from ..evaluator import CaptionReader, cell_targets, generator_accuracy, reader_loss
-from ..models import DEFAULT_CONFIGS, build_transformer, velocity
+from ..models import DEFAULT_CONFIGS, VIDEO_KIND, build_transformer, velocity
 from ..pipeline import SCHEDULER_CONFIG, load_pipeline
 from ..text import get_text_encoder
 from .plotting import save_grid, save_loss_plot
@@ -49,12 +51,12 @@ from .plotting import save_grid, save_loss_plot
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kind", choices=("sd3", "flux", "evaluator"), required=True)
+    p.add_argument("--kind", choices=("sd3", "flux", VIDEO_KIND, "evaluator"), required=True)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--minutes", type=float, default=7.5, help="wall-clock budget of the whole script")
     p.add_argument("--reserve-seconds", type=float, default=30.0, help="part of the budget kept for saving/sampling")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (diffusion), 256 (evaluator)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (images), 64 (video), 256 (evaluator)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate; default 6e-4, evaluator 2e-3")
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -73,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     diffusion = args.kind != "evaluator"
-    args.batch_size = args.batch_size or (128 if diffusion else 256)
+    # A video clip holds twice an image's tokens: half the batch keeps the tokens per step.
+    args.batch_size = args.batch_size or (256 if not diffusion else 64 if args.kind == VIDEO_KIND else 128)
     args.lr = args.lr or (6e-4 if diffusion else 2e-3)
     return args
 
@@ -186,15 +189,16 @@ def diffusion_loss_fn(args, kind: str):
     scenes_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     shift = SCHEDULER_CONFIG["shift"]
+    source = video_data if kind == VIDEO_KIND else data
 
     def loss_fn(model):
-        images, captions, _ = data.generate_batch(args.batch_size, generator=scenes_gen, device=device)
+        images, captions, _ = source.generate_batch(args.batch_size, generator=scenes_gen, device=device)
         drop = torch.rand(len(captions), generator=scenes_gen) < args.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         states, pooled = encoder(captions)
         sigma = shifted_sigmas(images.shape[0], shift, noise_gen, device)
         noise = torch.randn(images.shape, generator=noise_gen, device=device)
-        s = sigma[:, None, None, None]
+        s = sigma.view(-1, *(1,) * (images.dim() - 1))
         x_t = (1 - s) * images + s * noise
         pred = velocity(kind, model, x_t, sigma, states, pooled)
         return F.mse_loss(pred.float(), noise - images)
@@ -217,20 +221,32 @@ def evaluator_loss_fn(args):
 
 
 def sample_grid(args, path: Path) -> None:
+    """Held-out prompts, two seeds each, after the generator's own rendering of the prompt; a video
+    testbed's as one row of frames per clip."""
+    video = args.kind == VIDEO_KIND
     pipe = load_pipeline(args.kind, device=args.device, weights_dir=args.out)
     pipe.set_progress_bar_config(disable=True)
-    prompts = data.load_prompts("heldout")[:8]
+    prompts = (video_data if video else data).load_prompts("heldout")[: 6 if video else 8]
     seeds = (0, 1)
     images, titles = [], []
     for prompt in prompts:
-        images.append(data.render(data.Scenes.from_captions([prompt]), device=args.device) / 2 + 0.5)
+        if video:  # (1, F, 3, H, W), as the pipeline gives frames
+            truth = video_data.render(video_data.VideoScenes.from_captions([prompt]), device=args.device)
+            images.append(truth.permute(0, 2, 1, 3, 4) / 2 + 0.5)
+        else:
+            images.append(data.render(data.Scenes.from_captions([prompt]), device=args.device) / 2 + 0.5)
         titles.append(prompt)
         for seed in seeds:
             g = torch.Generator(device=args.device).manual_seed(seed)
-            out = pipe(prompt, num_inference_steps=args.sample_steps, generator=g, output_type="pt").images
-            images.append(out)
+            out = pipe(prompt, num_inference_steps=args.sample_steps, generator=g, output_type="pt")
+            images.append(out.frames if video else out.images)
             titles.append(f"{args.kind}, seed {seed}")
-    save_grid(torch.cat(images), titles, path, ncols=2 * (1 + len(seeds)))
+    if video:  # the title on each row's first frame
+        frames = torch.cat(images)
+        titles = [title if f == 0 else "" for title in titles for f in range(frames.shape[1])]
+        save_grid(frames.flatten(0, 1), titles, path, ncols=frames.shape[1])
+    else:
+        save_grid(torch.cat(images), titles, path, ncols=2 * (1 + len(seeds)))
 
 
 def main(argv=None) -> None:
