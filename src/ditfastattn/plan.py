@@ -21,6 +21,7 @@ __all__ = ["LayerSpec", "ModelSpec", "Plan", "PlanMismatchError"]
 PLAN_TYPE = "ditfastattn.plan"
 PLAN_VERSION = 1
 _PLAN_FIELDS = {"type", "version", "model", "num_steps", "provenance", "methods", "scores"}
+_TILE_WITHOUT_GRID = "tile= needs the image grid: pass grid=(frames, rows, cols) too"
 
 
 class PlanMismatchError(ValueError):
@@ -149,7 +150,7 @@ class Plan:
         if not (_is_int(num_inference_steps) and num_inference_steps >= 1):
             raise ValueError(f"num_inference_steps must be an int >= 1; got {num_inference_steps!r}")
         if grid is None and tile is not None:
-            raise ValueError("tile= needs the image grid: pass grid=(frames, rows, cols) too")
+            raise ValueError(_TILE_WITHOUT_GRID)
         spec = describe(model)
         method = canonical(method)
         rows = [
@@ -249,7 +250,8 @@ class Plan:
         except ValueError as err:
             raise ValueError(f"the plan's grid and tile (provenance): {err}") from None
 
-    def _resolve(self, num_image_tokens=None, text_len=None, grid=None, tile=None) -> _Resolution:
+    def _resolve(self, num_image_tokens: int | None = None, text_len: int | None = None, grid=None,
+                 tile=None) -> _Resolution:
         """The resolution to count costs at: the arguments given, else the plan's. A grid given
         sets the image tokens; without one, the plan's grid serves if it holds that many."""
         if num_image_tokens is not None and not (_is_int(num_image_tokens) and num_image_tokens > 0):
@@ -257,7 +259,7 @@ class Plan:
         if text_len is not None and not (_is_int(text_len) and text_len >= 0):
             raise ValueError(f"text_len must be an int >= 0; got {text_len!r}")
         if grid is None and tile is not None:
-            raise ValueError("tile= needs the image grid: pass grid=(frames, rows, cols) too")
+            raise ValueError(_TILE_WITHOUT_GRID)
         recorded = self._recorded_tiles()
         if grid is not None:
             tiles = TileGrid(grid, tile)
