@@ -41,8 +41,8 @@ def mixed_plan(model) -> Plan:
     return Plan(spec, methods, {"num_image_tokens": ROWS * COLS, "text_len": TEXT})
 
 
-def generate(model) -> list[torch.Tensor]:
-    """One generation's transformer outputs, called as FluxPipeline calls it."""
+def generate(model, steps: int = STEPS) -> list[torch.Tensor]:
+    """One generation's transformer outputs (its first ``steps``), called as FluxPipeline calls it."""
     generator = torch.Generator().manual_seed(3)
     latents = torch.randn(1, ROWS * COLS, 16, generator=generator)
     ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(ROWS)), torch.arange(float(COLS)),
@@ -51,7 +51,7 @@ def generate(model) -> list[torch.Tensor]:
     pooled = torch.randn(1, 16, generator=generator)
     outs = []
     with torch.no_grad():
-        for step in range(STEPS):
+        for step in range(steps):
             out = model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
                         timestep=torch.tensor([1.0 - step / STEPS]), img_ids=ids, txt_ids=torch.zeros(TEXT, 3),
                         return_dict=False)[0]
@@ -78,6 +78,10 @@ def _ulysses_rank(rank: int, directory: str) -> None:
         ditfastattn.remove(model)
         assert ditfastattn.apply(model, plan, impl="reference") is None
         result["mixed"] = generate(model)
+        generate(model, steps=1)  # step 0 keeps the buffers that step 1's cache heads read
+        session = model._ditfastattn_session
+        result["buffers"] = {layer.name: tuple(slot.out.shape) for layer in session.layers
+                             for slot in layer.slots.values() if slot.out is not None}
         assert ditfastattn.remove(model) is plan
         ditfastattn.apply(model, plan, impl="reference", balance_heads=True)
         permuted = model.transformer_blocks[0].attn.to_q.weight.clone()
@@ -88,6 +92,9 @@ def _ulysses_rank(rank: int, directory: str) -> None:
         result["after_remove"] = generate(model)
         with pytest.raises(ValueError, match="static=True does not run under context parallelism"):
             ditfastattn.apply(model, plan, static=True, num_image_tokens=ROWS * COLS)
+        with pytest.raises(ValueError, match=r"balance_heads=True weighs each head .*Plan.uniform\(\.\.\., num_image"):
+            ditfastattn.apply(model, Plan.uniform(model, STEPS, "cache"), balance_heads=True)
+        assert not hasattr(model, "_ditfastattn_session")
         torch.save(result, f"{directory}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -127,6 +134,10 @@ def test_plans_under_ulysses_match_one_process(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(result["all_full"], result["stock"]))
     assert all(torch.equal(a, b) for a, b in zip(result["after_remove"], result["stock"]))
     assert result["permuted"] and result["restored"]
+    # Each rank keeps buffers for its own heads (2 of 4), in the layers where they cache at step 1.
+    shape = (1, TEXT + ROWS * COLS, 2, 8)
+    assert ranks[0]["buffers"] == {"single_transformer_blocks.1.attn": shape}
+    assert ranks[1]["buffers"] == {"transformer_blocks.0.attn": shape, "single_transformer_blocks.0.attn": shape}
     # Ulysses reorders the keys of every attention (and placement the output projection's sum), so
     # float32 results move by rounding: the plan's as much as the stock model's. Bound: 4x the stock
     # difference, at least 16 ulps of the output's scale.

@@ -128,7 +128,13 @@ class UlyssesSession(Session):
         self.placements = None
         run = plan
         if balance_heads:
-            self.placements = place_heads(plan, self.degree, num_image_tokens=num_image_tokens)
+            try:
+                self.placements = place_heads(plan, self.degree, num_image_tokens=num_image_tokens)
+            except ValueError as err:
+                raise ValueError(
+                    f"balance_heads=True weighs each head by its attention cost at the plan's resolution ({err}); "
+                    "calibrated plans record it, Plan.uniform(..., num_image_tokens=, text_len=) too"
+                ) from None
             run = permute_plan(plan, self.placements)
             _log_placement(self.placements, self.degree)
         self.run_plan = run  # the plan in the placed head order
