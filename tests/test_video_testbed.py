@@ -16,7 +16,7 @@ import ditfastattn
 from ditfastattn import Plan, SearchConfig
 from ditfastattn.evaluation import evaluate, video_metrics, video_scores
 from ditfastattn.testbed import video_data as vd
-from ditfastattn.testbed.models import VIDEO_CONFIG, build_transformer
+from ditfastattn.testbed.models import VIDEO_CONFIG, build_transformer, text_mask
 from ditfastattn.testbed.pipeline import SCHEDULER_CONFIG, VideoTestbedPipeline, load_pipeline
 
 STEPS = 3
@@ -278,3 +278,51 @@ def test_one_training_step_writes_a_loadable_testbed(encoder, tmp_path):
     pipe = load_pipeline("video", weights_dir=tmp_path)
     pipe.set_progress_bar_config(disable=True)
     assert torch.isfinite(run(pipe)).all()
+
+
+@pytest.fixture(scope="module")
+def text_states(encoder, tmp_path_factory):
+    from ditfastattn.testbed.training import text_states
+
+    path = tmp_path_factory.mktemp("states") / "video.pt"
+    text_states.main(["--kind", "video", "--count", "6", "--seed", "1", "--out", str(path)])
+    return path
+
+
+def test_text_states_stand_in_for_the_encoder(encoder, text_states):
+    from ditfastattn.testbed.training.text_states import TextStates
+
+    table = TextStates(text_states, "video")
+    pool = table.scenes()
+    captions = pool.captions() + ["", *vd.load_prompts("heldout")]
+    states, pooled = table(captions)
+    want, want_pooled = encoder(captions)
+    # int8 per token: each value within half a step, 1/254 of its token's largest magnitude.
+    bound = want.abs().amax(dim=-1, keepdim=True) / 254 + 1e-6
+    assert ((states - want).abs() <= bound).all()
+    assert torch.equal(text_mask(states), text_mask(want))  # padding stays exactly zero
+    assert torch.allclose(pooled, want_pooled, atol=float(bound.max()))
+    scenes, drawn = table.draw(pool, 5, torch.Generator().manual_seed(0))
+    assert scenes.captions() == drawn and set(drawn) <= set(pool.captions())
+    assert PROMPT not in table.captions
+    with pytest.raises(KeyError, match="no precomputed text states"):
+        table([PROMPT])
+    with pytest.raises(ValueError, match="--kind sd3"):
+        TextStates(text_states, "sd3")
+
+
+def test_training_from_text_states_needs_no_encoder(text_states, tmp_path, monkeypatch):
+    from ditfastattn.testbed import pipeline
+    from ditfastattn.testbed.training import train
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the text encoder was used")
+
+    monkeypatch.setattr(train, "get_text_encoder", no_encoder)
+    monkeypatch.setattr(pipeline, "encode_prompts", no_encoder)
+    train.main(["--kind", "video", "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "2", "--device", "cpu",
+                "--precision", "fp32", "--sample-steps", "1", "--config", json.dumps(TINY),
+                "--text-states", str(text_states)])
+    config = json.loads((tmp_path / "video_train_config.json").read_text())
+    assert config["steps"] == 2 and config["scene_pool"]["scenes"] == 6
+    assert (tmp_path / "video_samples.png").is_file()

