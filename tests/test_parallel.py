@@ -8,17 +8,19 @@ import time
 import pytest
 import torch
 from conftest import embeds, flux_pipeline, tiny_flux
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
 import ditfastattn
 from ditfastattn.plan import Plan
 
 WORLD = 2
-TEXT, ROWS, COLS = 8, 16, 32  # 512 image tokens: 4 blocks of 128, so arrows drop blocks
-STEPS = 4
-# Per layer (FLUX's double block, then two single blocks), each head's method at steps 1..: every
-# method, rows where one rank's heads are all full and the other's all cached (placement swaps
-# them), and the ranks taking different paths in one call (stock on one, the op on the other).
+TEXT, ROWS, COLS = 8, 16, 24  # 384 image tokens: 3 blocks of 128, so arrows drop blocks
+REAL_TEXT = 5  # Qwen-Image's text mask keeps the first 5 of the 8 text tokens
+STEPS = 3
+# Per layer (FLUX's double block, then two single blocks; Qwen-Image's two blocks), each head's
+# method at steps 1..: every method, rows where one rank's heads are all full and the other's all
+# cached (placement swaps them), and the ranks taking different paths in one call (stock on one,
+# the op on the other).
 PATTERNS = (
     ("full", "full", "cache", "arrow:0.25"),
     ("arrow:0.25", "arrow_residual:0.25", "full", "cache"),
@@ -35,61 +37,83 @@ def four_head_flux() -> FluxTransformer2DModel:
     ).eval()
 
 
+def four_head_qwen() -> QwenImageTransformer2DModel:
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
 def mixed_plan(model) -> Plan:
     spec = ditfastattn.model.describe(model)
-    methods = [[list(PATTERNS[layer]) if step else ["full"] * 4 for layer in range(3)] for step in range(STEPS)]
+    methods = [[list(PATTERNS[layer]) if step else ["full"] * 4 for layer in range(len(spec.layers))]
+               for step in range(STEPS)]
     return Plan(spec, methods, {"num_image_tokens": ROWS * COLS, "text_len": TEXT})
 
 
 def generate(model, steps: int = STEPS) -> list[torch.Tensor]:
-    """One generation's transformer outputs (its first ``steps``), called as FluxPipeline calls it."""
+    """One generation's transformer outputs (its first ``steps``), called as FluxPipeline or
+    QwenImagePipeline (with a text mask) calls it."""
     generator = torch.Generator().manual_seed(3)
     latents = torch.randn(1, ROWS * COLS, 16, generator=generator)
-    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(ROWS)), torch.arange(float(COLS)),
-                                     indexing="ij"), -1).reshape(-1, 3)
     text = torch.randn(1, TEXT, 16, generator=generator)
-    pooled = torch.randn(1, 16, generator=generator)
+    if isinstance(model, QwenImageTransformer2DModel):
+        inputs = dict(encoder_hidden_states_mask=(torch.arange(TEXT) < REAL_TEXT)[None], img_shapes=[[(1, ROWS, COLS)]])
+    else:
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(ROWS)), torch.arange(float(COLS)),
+                                         indexing="ij"), -1).reshape(-1, 3)
+        inputs = dict(pooled_projections=torch.randn(1, 16, generator=generator), img_ids=ids,
+                      txt_ids=torch.zeros(TEXT, 3))
     outs = []
     with torch.no_grad():
         for step in range(steps):
-            out = model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
-                        timestep=torch.tensor([1.0 - step / STEPS]), img_ids=ids, txt_ids=torch.zeros(TEXT, 3),
-                        return_dict=False)[0]
+            out = model(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([1.0 - step / STEPS]),
+                        return_dict=False, **inputs)[0]
             outs.append(torch.empty_like(out).copy_(out))  # a plain tensor (context parallelism gathers lazily)
     return outs
 
 
-def _ulysses_rank(rank: int, directory: str) -> None:
-    """One rank: stock Ulysses, then the plans applied to the parallel model; outputs to a file."""
-    import torch.distributed as dist
+def _plans_under_ulysses(model) -> dict:
+    """Stock Ulysses, an all-full plan and the mixed plan on ``model`` under Ulysses."""
     from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    plan = mixed_plan(model)
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    result = {"stock": generate(model)}
+    ditfastattn.apply(model, Plan.uniform(model, STEPS, "full"), impl="reference")
+    result["all_full"] = generate(model)
+    ditfastattn.remove(model)
+    assert ditfastattn.apply(model, plan, impl="reference") is None
+    result["mixed"] = generate(model)
+    generate(model, steps=1)  # step 0 keeps the buffers that step 1's cache heads read
+    session = model._ditfastattn_session
+    result["buffers"] = {layer.name: tuple(slot.out.shape) for layer in session.layers
+                         for slot in layer.slots.values() if slot.out is not None}
+    assert ditfastattn.remove(model) is plan
+    return result
+
+
+def _ulysses_rank(rank: int, directory: str) -> None:
+    """One rank: stock Ulysses, then plans applied to the parallel models; outputs to a file."""
+    import torch.distributed as dist
 
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it hangs)
     torch.accelerator.device_count = lambda: 1  # diffusers picks the rank's device by it; the CPU has none
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
     try:
+        result = {"qwen": _plans_under_ulysses(four_head_qwen())}
         model = four_head_flux()
-        plan = mixed_plan(model)
         weights = {name: p.clone() for name, p in model.named_parameters()}
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
-        result = {"stock": generate(model)}
-        ditfastattn.apply(model, Plan.uniform(model, STEPS, "full"), impl="reference")
-        result["all_full"] = generate(model)
-        ditfastattn.remove(model)
-        assert ditfastattn.apply(model, plan, impl="reference") is None
-        result["mixed"] = generate(model)
-        generate(model, steps=1)  # step 0 keeps the buffers that step 1's cache heads read
-        session = model._ditfastattn_session
-        result["buffers"] = {layer.name: tuple(slot.out.shape) for layer in session.layers
-                             for slot in layer.slots.values() if slot.out is not None}
-        assert ditfastattn.remove(model) is plan
+        flux = result["flux"] = _plans_under_ulysses(model)
+        plan = mixed_plan(model)
         ditfastattn.apply(model, plan, impl="reference", balance_heads=True)
         permuted = model.transformer_blocks[0].attn.to_q.weight.clone()
-        result["balanced"] = generate(model)
+        flux["balanced"] = generate(model)
         ditfastattn.remove(model)
-        result["permuted"] = not torch.equal(permuted, weights["transformer_blocks.0.attn.to_q.weight"])
-        result["restored"] = all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
-        result["after_remove"] = generate(model)
+        flux["permuted"] = not torch.equal(permuted, weights["transformer_blocks.0.attn.to_q.weight"])
+        flux["restored"] = all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+        flux["after_remove"] = generate(model)
         with pytest.raises(ValueError, match="static=True does not run under context parallelism"):
             ditfastattn.apply(model, plan, static=True, num_image_tokens=ROWS * COLS)
         with pytest.raises(ValueError, match=r"balance_heads=True weighs each head .*Plan.uniform\(\.\.\., num_image"):
@@ -118,36 +142,45 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor], bound: floa
         assert (a - b).abs().max().item() <= bound, f"step {step}: {(a - b).abs().max().item():.3g} > {bound:.3g}"
 
 
-def test_plans_under_ulysses_match_one_process(tmp_path):
-    model = four_head_flux()
-    plan = mixed_plan(model)
-    single_stock = generate(model)
-    ditfastattn.apply(model, plan, impl="reference")
-    single_mixed = generate(model)
+def _single_process(make) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Stock and mixed-plan outputs of the model ``make`` builds, in one process."""
+    model = make()
+    stock = generate(model)
+    ditfastattn.apply(model, mixed_plan(model), impl="reference")
+    mixed = generate(model)
     ditfastattn.remove(model)
+    return stock, mixed
 
+
+def test_plans_under_ulysses_match_one_process(tmp_path):
+    single = {"flux": _single_process(four_head_flux), "qwen": _single_process(four_head_qwen)}
     ranks = _run_ranks(tmp_path)
-    for rank in ranks[1:]:  # every rank gathers the same output
-        for key in ("stock", "mixed", "balanced"):
-            assert all(torch.equal(a, b) for a, b in zip(rank[key], ranks[0][key]))
-    result = ranks[0]
-    assert all(torch.equal(a, b) for a, b in zip(result["all_full"], result["stock"]))
-    assert all(torch.equal(a, b) for a, b in zip(result["after_remove"], result["stock"]))
-    assert result["permuted"] and result["restored"]
+    for family, (single_stock, single_mixed) in single.items():
+        result = ranks[0][family]
+        for rank in ranks[1:]:  # every rank gathers the same output
+            for key in ("stock", "mixed", "balanced"):
+                assert all(torch.equal(a, b) for a, b in zip(rank[family].get(key, []), result.get(key, [])))
+        assert all(torch.equal(a, b) for a, b in zip(result["all_full"], result["stock"]))
+        # Ulysses reorders the keys of every attention (and placement the output projection's sum),
+        # so float32 results move by rounding: the plan's as much as the stock model's. Bound: 4x the
+        # stock difference, at least 16 ulps of the output's scale.
+        scale = max(out.abs().max().item() for out in single_stock)
+        stock_diff = max((a - b).abs().max().item() for a, b in zip(result["stock"], single_stock))
+        bound = max(4 * stock_diff, 16 * torch.finfo(torch.float32).eps * scale)
+        _assert_close(result["mixed"], single_mixed, bound)
+        # the plan compresses: far from stock at the steps after the first
+        assert (result["mixed"][-1] - single_stock[-1]).abs().max().item() > 100 * bound
+        if family == "flux":
+            _assert_close(result["balanced"], single_mixed, bound)
+    flux = ranks[0]["flux"]
+    assert all(torch.equal(a, b) for a, b in zip(flux["after_remove"], flux["stock"]))
+    assert flux["permuted"] and flux["restored"]
     # Each rank keeps buffers for its own heads (2 of 4), in the layers where they cache at step 1.
     shape = (1, TEXT + ROWS * COLS, 2, 8)
-    assert ranks[0]["buffers"] == {"single_transformer_blocks.1.attn": shape}
-    assert ranks[1]["buffers"] == {"transformer_blocks.0.attn": shape, "single_transformer_blocks.0.attn": shape}
-    # Ulysses reorders the keys of every attention (and placement the output projection's sum), so
-    # float32 results move by rounding: the plan's as much as the stock model's. Bound: 4x the stock
-    # difference, at least 16 ulps of the output's scale.
-    scale = max(out.abs().max().item() for out in single_stock)
-    stock_diff = max((a - b).abs().max().item() for a, b in zip(result["stock"], single_stock))
-    bound = max(4 * stock_diff, 16 * torch.finfo(torch.float32).eps * scale)
-    _assert_close(result["mixed"], single_mixed, bound)
-    _assert_close(result["balanced"], single_mixed, bound)
-    # the plan compresses: far from stock at the steps after the first
-    assert (result["mixed"][-1] - single_stock[-1]).abs().max().item() > 100 * bound
+    assert ranks[0]["flux"]["buffers"] == {"single_transformer_blocks.1.attn": shape}
+    assert ranks[1]["flux"]["buffers"] == {"transformer_blocks.0.attn": shape, "single_transformer_blocks.0.attn": shape}
+    assert ranks[0]["qwen"]["buffers"] == {} and ranks[1]["qwen"]["buffers"].keys() == {
+        "transformer_blocks.0.attn", "transformer_blocks.1.attn"}
 
 
 def _fake_parallel(model, **config):

@@ -53,7 +53,7 @@ def _wrapper(stock, heads_first: bool = False):
         _CURRENT.layer = None  # one attention per module call: a further call runs the stock one
         if not heads_first:
             def call(q=query, k=key, v=value, **changed):  # the stock call, or it on other tensors or options
-                return stock(q, k, v, *args, **{**kwargs, **changed})
+                return stock(q, k, v, **{**dict(zip(_OPTIONS, args)), **kwargs, **changed})
 
             return _attend(layer, call, query, key, value, args, kwargs)
         out = _attend(layer, lambda: stock(query, key, value, *args, **kwargs).transpose(1, 2),
@@ -159,9 +159,10 @@ def _attend(layer, dense, query, key, value, args, kwargs):
     elif not isinstance(segment, str) and tuple(segment[:2]) == (0, seq):
         layout = TokenLayout(seq, *segment)  # with the call's grid
     if parallel is not None and session.context_parallel:
-        if options.get("attn_mask") is not None:
-            reason = reason or "an attention mask under context parallelism"
-        return session.attend_sharded(layer, dense, query, key, value, layout=layout, dense_only=reason)
+        mask = options.get("attn_mask")
+        if mask is not None:  # the rank's chunk of a key mask, gathered by the session; its form is every rank's
+            reason = reason or padding_of(mask, batch, query.shape[1], False, session)[1]
+        return session.attend_sharded(layer, dense, query, key, value, layout=layout, attn_mask=mask, dense_only=reason)
     padding, mask_reason = padding_of(options.get("attn_mask"), batch, seq, session.adapter.PAIR_MASKS, session)
     return layer.attend(query, key, value, layout=layout, key_padding=padding, dense=dense,
                         dense_only=reason or mask_reason)

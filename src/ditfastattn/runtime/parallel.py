@@ -11,7 +11,8 @@ for. Each rank runs its own heads' slice of the plan (its cache buffers hold its
 and ``cache_budget_gib`` bounds them per rank). A call whose heads on this rank are all plain
 ``full`` at this step, with no buffer to keep, runs diffusers' own parallel attention untouched:
 an all-full plan is stock context parallelism bit for bit. Both paths exchange the same tensors
-in the same layout, so ranks may take different paths in one call.
+in the same layout (a boolean key mask, such as Qwen-Image's text mask, is gathered after q, k and
+v, as diffusers gathers it), so ranks may take different paths in one call.
 
 ``balance_heads`` permutes each layer's heads (projection weights and plan together, see
 :mod:`ditfastattn.placement`) so that the ranks' per-step costs are even; ``remove()`` puts the
@@ -21,8 +22,9 @@ Not supported (refused with what is): ring attention (``ring_degree > 1``), whos
 sequence chunks of every head: a window would span the chunks of several ranks, and the op
 attends one whole sequence, with no query or key offsets, so it cannot run an arrow between two
 chunks, nor skip the chunks no window reaches; ``ulysses_anything`` (heads or tokens that P does
-not divide); tensor parallelism; ``static=True``; attention masks on compressed layers; layouts with
-the text after the image (the families with a diffusers context-parallel plan put it first).
+not divide); tensor parallelism; ``static=True``; attention masks other than boolean key masks on
+compressed layers; layouts with the text after the image (the families with a diffusers
+context-parallel plan put it first).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..adapters import parallel_config, parallel_error
+from ..adapters.dispatch import padding_of
 from ..model import TokenLayout
 from ..placement import _check_world_size, invert, permute_heads, permute_plan, place_heads
 from ..plan import Plan
@@ -153,11 +156,13 @@ class UlyssesSession(Session):
         if self.placements is not None:
             permute_heads(self.transformer, self.run_plan, invert(self.placements))
 
-    def attend_sharded(self, layer: LayerRuntime, call, q, k, v, *, layout: TokenLayout, dense_only) -> torch.Tensor:
+    def attend_sharded(self, layer: LayerRuntime, call, q, k, v, *, layout: TokenLayout, attn_mask=None,
+                       dense_only) -> torch.Tensor:
         """``layer``'s attention of one call on this rank's sequence chunk ``q``, ``k``, ``v`` (B, S / P, H, D).
 
         ``call(q, k, v, **options)`` is diffusers' attention call (``call()``: as the processor made
-        it); ``layout`` is the whole sequence's. Returns (B, S / P, H, D), as diffusers' does.
+        it); ``layout`` is the whole sequence's; ``attn_mask`` the chunk's boolean key mask, if any.
+        Returns (B, S / P, H, D), as diffusers' does.
         """
         batch, local, heads, dim = q.shape
         streams = _streams(layout, local, self.degree)
@@ -171,7 +176,12 @@ class UlyssesSession(Session):
         if self._runs_stock(layer, layout, q):
             return call()
         q, k, v = (self._gather(t, streams) for t in (q, k, v))
-        out = layer.attend(q, k, v, layout=layout, dense=lambda: call(q, k, v, parallel_config=None))
+        padding = None
+        if attn_mask is not None:  # after q, k and v, as diffusers gathers it
+            attn_mask = self._gather_mask(attn_mask, streams)
+            padding = padding_of(attn_mask, batch, layout.seq_len, False, self)[0]
+        out = layer.attend(q, k, v, layout=layout, key_padding=padding,
+                           dense=lambda: call(q, k, v, attn_mask=attn_mask, parallel_config=None))
         return self._scatter(out, streams, local)
 
     def _runs_stock(self, layer: LayerRuntime, layout: TokenLayout, q) -> bool:
@@ -194,6 +204,18 @@ class UlyssesSession(Session):
         for offset, length, begin in streams:
             out[:, begin:begin + length * self.degree].unflatten(1, (self.degree, length)).copy_(
                 received[:, offset:offset + length].permute(2, 0, 1, 3, 4))
+        return out
+
+    def _gather_mask(self, mask: torch.Tensor, streams) -> torch.Tensor:
+        """Every rank's chunk of a key mask (..., S / P), gathered as diffusers does, in the whole
+        sequence's order (..., S)."""
+        chunks = [torch.empty_like(mask) for _ in range(self.degree)]
+        dist.all_gather(chunks, mask.contiguous(), group=self.group)
+        stacked = torch.stack(chunks)
+        out = mask.new_empty(*mask.shape[:-1], mask.shape[-1] * self.degree)
+        for offset, length, begin in streams:
+            out[..., begin:begin + length * self.degree].unflatten(-1, (self.degree, length)).copy_(
+                stacked[..., offset:offset + length].movedim(0, -2))
         return out
 
     def _scatter(self, out: torch.Tensor, streams, local: int) -> torch.Tensor:
