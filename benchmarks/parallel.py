@@ -150,7 +150,7 @@ def run(rank: int, world: int, args) -> dict | None:
         single = result["one_gpu"] = {"stock": measure(model, inputs, steps)}
         for name, plan in plans.items():
             single[name] = timed_plan(plan)
-    dist.barrier()
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
     from diffusers.models._modeling_parallel import ContextParallelConfig
 
