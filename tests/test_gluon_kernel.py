@@ -106,3 +106,19 @@ def test_explicit_gluon_refuses_segments_and_padding(monkeypatch):
     with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*no key padding.*impl='triton'"):
         headwise_attention(q, k, v, modes, text_start=0, text_len=50, key_padding=torch.zeros(1, 300, dtype=torch.bool),
                            impl="gluon")
+
+
+@needs_gluon
+def test_builds_without_the_text_rows_of_arrow_heads():
+    # Calibration's arrow candidates (global_rows=False): the arrow heads' text-query tiles are no work items.
+    from ditfastattn.ops import _gluon
+
+    try:
+        kernel = _gluon.compile_sm90(torch.bfloat16, return_lse=False, global_rows=False)
+    except RuntimeError as err:  # no ptxas for sm_90 in this triton build
+        if "ptxas" in str(err).lower():
+            pytest.skip(f"cannot assemble for sm_90 here: {err}")
+        raise
+    assert kernel.metadata.num_warps == 12 and "wgmma.mma_async" in kernel.asm["ptx"]
+    with pytest.raises(Exception, match="log-sum-exps need every row"):
+        _gluon.compile_sm90(torch.bfloat16, return_lse=True, global_rows=False)

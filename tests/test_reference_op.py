@@ -292,3 +292,31 @@ def test_mode_values_are_read_once_per_tensor_version():
         unchecked = torch.tensor([-1, -6], dtype=torch.int32)
         with pytest.raises(ValueError, match=r"\[-6\]"):
             ops.headwise_attention(q, k, v, unchecked, text_start=0, text_len=4, out=out)
+
+
+def check_global_rows(impl, q, k, v, modes, layout, padding=None):
+    """``global_rows=False`` writes what the default call writes, except the global-query rows of
+    arrow and tile heads, which keep what ``out`` held (bit for bit)."""
+    kwargs = dict(segments=layout, key_padding=padding, impl=impl)
+    every = ops.headwise_attention(q, k, v, modes, out=torch.full_like(q, SENTINEL), **kwargs)
+    out = torch.full_like(q, float("nan"))
+    ops.headwise_attention(q, k, v, modes, out=out, global_rows=False, **kwargs)
+    windowed, kept = modes >= 0, modes != MODE_SKIP
+    image = slice(layout.image_start, layout.image_end)
+    glob = torch.ones(q.shape[1], dtype=torch.bool)
+    glob[image] = False
+    assert torch.equal(out[:, image][:, :, kept], every[:, image][:, :, kept])
+    full = modes == MODE_FULL
+    assert torch.equal(out[:, :, full], every[:, :, full])
+    assert bool(out[:, glob][:, :, windowed].isnan().all()), "global rows of windowed heads written"
+    assert bool(out[:, :, modes == MODE_SKIP].isnan().all()), "skip heads written"
+    with pytest.raises(ValueError, match="return_lse needs every row computed"):
+        ops.headwise_attention(q, k, v, modes, out=out, global_rows=False, return_lse=True, **kwargs)
+
+
+@pytest.mark.parametrize("segments", [[(0, 77)], [(300, 20)], [(0, 30), (330, 25)]])
+def test_global_rows_can_be_left_to_the_caller(segments):
+    seq = max(start + length for start, length in segments) + (0 if segments[-1][0] else 300)
+    q, k, v = random_qkv(2, seq, 4, 16, seed=seq)
+    modes = torch.tensor([MODE_FULL, 0, 1, MODE_SKIP], dtype=torch.int32)
+    check_global_rows("reference", q, k, v, modes, TokenLayout.from_segments(seq, segments))

@@ -242,3 +242,26 @@ def test_out_of_range_modes_run_as_skip_and_never_write_past_out():
     torch.testing.assert_close(out[:, :, [1, 3]].float(), ref[:, :, [1, 3]], atol=3e-2, rtol=2e-2)
     with pytest.raises(ValueError, match=r"-2 \(skip\), -1 \(full\) or w >= 0.*\[-7, -3\]"):
         headwise_attention(q, k, v, modes, text_start=0, text_len=20, out=out, impl="triton")
+
+
+@pytest.mark.parametrize("case", ["text last", "both sides, padded", "tiles"])
+def test_global_rows_can_be_left_to_the_caller(case):
+    from test_reference_op import check_global_rows
+    from test_tiles import layout_of
+
+    from ditfastattn._geometry import tile_mode
+
+    gen = torch.Generator().manual_seed(11)
+    modes = [MODE_FULL, 0, MODE_SKIP]
+    padding = None
+    if case == "tiles":  # the plain launch, then the tiled one over keys in tile order
+        layout = layout_of((1, 5, 9), (1, 8, 16), 13, 6)
+        modes.append(tile_mode(0, 1, 0))
+    elif case == "text last":
+        layout = TokenLayout.from_segments(170, [(150, 20)])
+    else:
+        layout = TokenLayout.from_segments(185, [(0, 30), (170, 15)])
+    q, k, v = _inputs(1, layout.seq_len, len(modes), 32, torch.bfloat16, gen)
+    if case.startswith("both"):
+        padding = ops.Padding(torch.rand(1, layout.seq_len, generator=gen) < 0.2, ops.PAIR_PADDING)
+    check_global_rows("triton", q, k, v, torch.tensor(modes, dtype=torch.int32), layout, padding)

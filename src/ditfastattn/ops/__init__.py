@@ -349,6 +349,7 @@ def headwise_attention(
     return_lse: bool = False,
     grid=None,
     tile=None,
+    global_rows: bool = True,
 ):
     """Joint attention of global (text, reference-image) and image tokens, each head in its own mode.
 
@@ -385,18 +386,26 @@ def headwise_attention(
             ``TRITON_INTERPRET=1``.
         return_lse: also return the float32 log-sum-exp ``(B, H, S)`` of every computed row
             (``-inf`` for skip heads and fully masked rows), for merging partial results.
+        global_rows: False leaves the global-query rows of arrow and tile heads unwritten: they
+            attend to every key, so they are full attention's rows, which a caller holding the
+            full output need not compute again (calibration scores candidates on the image rows).
+            Full heads write every row. Not with ``return_lse``.
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse``.
     """
     return _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, return_lse, check_values=True,
-                      segments=segments, key_padding=key_padding, grid=grid, tile=tile)
+                      segments=segments, key_padding=key_padding, grid=grid, tile=tile, global_rows=global_rows)
 
 
 def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, return_lse, *, check_values: bool,
-               segments=None, key_padding=None, grid=None, tile=None):
+               segments=None, key_padding=None, grid=None, tile=None, global_rows=True):
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}")
+    if not isinstance(global_rows, bool):
+        raise TypeError(f"global_rows must be True or False; got {global_rows!r}")
+    if return_lse and not global_rows:
+        raise ValueError("return_lse needs every row computed: pass global_rows=True")
     layout, padding, values = _check(q, k, v, head_modes, text_start, text_len, out, scale=scale,
                                      check_values=check_values, segments=segments, key_padding=key_padding,
                                      grid=grid, tile=tile)
@@ -443,17 +452,19 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
         from . import _reference
 
         out, lse = _reference.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
-                                        layout.tile_grid())
+                                        layout.tile_grid(), global_rows=global_rows)
     elif impl == "gluon":
         from . import _gluon
 
-        out, lse = _gluon.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding)
+        out, lse = _gluon.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
+                                    global_rows=global_rows)
     else:
-        out, lse = _triton_attention(q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled)
+        out, lse = _triton_attention(q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
+                                     global_rows)
     return (out, lse) if return_lse else out
 
 
-def _triton_attention(q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled):
+def _triton_attention(q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled, global_rows):
     """The Triton kernel's launches: the tile heads over keys and values in tile order, the other
     heads (and the skip heads' log-sum-exps) over the call's own; a launch the host values show
     empty is left out."""
@@ -463,13 +474,14 @@ def _triton_attention(q, k, v, head_modes, layout, out, scale, return_lse, paddi
     lse = None
     plain = values is None or any(not is_tile_mode(m) and (m != MODE_SKIP or return_lse) for m in values)
     if plain or not tiled:
-        out, lse = _triton.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding)
+        out, lse = _triton.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
+                                     global_rows=global_rows)
     if tiled:
         from ._tile_order import tiled_keys
 
         keys = tiled_keys(k, v, None if padding is None else padding.mask, layout)
         out, lse = _triton.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding, tiled=keys,
-                                     lse=lse)
+                                     lse=lse, global_rows=global_rows)
     return out, lse
 
 

@@ -172,17 +172,18 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
     (batch, head, first query row, end query row, key range start, its length, key tiles).
 
     Items run longest first: every full-row query tile (all tiles of full heads, then the text-query
-    tiles of arrow heads), then the arrow heads' image tiles by decreasing band. Within a head the
+    tiles of arrow heads, none without ``GLOBAL_ROWS``), then the arrow heads' image tiles by
+    decreasing band. Within a head the
     tiles of one batch element run together, so that the items running at once share keys and
     values (batch-fastest, batch 64 x 2048 ran at 79-83% of cuDNN; this order, 95-98%). Key tiles
     cover the text keys, then the image band (or all image keys).
     """
     (batch, n_text_tiles, n_image_tiles, n_full_heads, n_arrow_heads, end3, image_start, num_image,
-     text_start, text_len) = geometry
+     text_start, text_len, arrow_text_tiles) = geometry
     head_at, mode_at = table
     n_tiles_q = n_text_tiles + n_image_tiles
     end1 = n_full_heads * batch * n_tiles_q
-    end2 = end1 + n_arrow_heads * batch * n_text_tiles
+    end2 = end1 + n_arrow_heads * batch * arrow_text_tiles
     in2 = (t >= end1) & (t < end2)
     in3 = t >= end2
     p = t - gl.where(in3, end2, gl.where(in2, end1, 0))
@@ -494,7 +495,7 @@ def _headwise_kernel(
     batch, seq_len, num_heads, text_start, text_len, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
     V_STAGES: gl.constexpr,
-    RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr,
+    RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides.
@@ -505,9 +506,15 @@ def _headwise_kernel(
     n_text_tiles = gl.cdiv(text_len, BLOCK_M)
     n_image_tiles = gl.cdiv(num_image, BLOCK_M)
     head_at, mode_at, n_full_heads, n_arrow_heads = _rank_table(MODES, s_modes, num_heads, HEADS_POW2)
-    end3 = (n_full_heads + n_arrow_heads) * batch * (n_text_tiles + n_image_tiles)  # items that compute
+    # Without GLOBAL_ROWS the arrow heads' text-query tiles are no work items: their rows stay unwritten.
+    gl.static_assert(GLOBAL_ROWS or not RETURN_LSE, "log-sum-exps need every row")
+    if GLOBAL_ROWS:
+        arrow_text_tiles = n_text_tiles
+    else:
+        arrow_text_tiles = n_text_tiles * 0
+    end3 = (n_full_heads * (n_text_tiles + n_image_tiles) + n_arrow_heads * (arrow_text_tiles + n_image_tiles)) * batch
     geometry = (batch, n_text_tiles, n_image_tiles, n_full_heads, n_arrow_heads, end3, image_start, num_image,
-                text_start, text_len)
+                text_start, text_len, arrow_text_tiles)
     # The partitions read the ranking from shared memory (worker partitions take no tensors).
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     vec: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
@@ -611,7 +618,7 @@ def _descriptor(t, view, rows):
                             _smem_layout(rows, t.shape[-1], t.dtype))
 
 
-def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config, programs):
+def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config, programs, global_rows):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
@@ -626,7 +633,7 @@ def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, con
     out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
                    and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
-                      OUT_ALIGNED=out_aligned, **config)
+                      OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, **config)
     return templates, ints, grid, constexprs
 
 
@@ -635,7 +642,7 @@ _launches = DirectLaunches(_headwise_kernel)
 
 
 def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, config=None,
-              programs=None):
+              programs=None, global_rows=True):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views). The
@@ -643,7 +650,8 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     image_len)``, and no padding (``ops.headwise_attention`` sends other layouts to the Triton
     kernel). ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the
     number of programs (default: one per SM, or one per work item if fewer), so that small checks
-    can make each program take many items.
+    can make each program take many items. ``global_rows=False`` leaves the text-query rows of arrow
+    heads unwritten (not with ``return_lse``).
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
@@ -658,7 +666,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         return out, lse
     config = config or _DEFAULT_CONFIGS[dim]
     key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],
-                     config["K_STAGES"], config["V_STAGES"], programs)
+                     config["K_STAGES"], config["V_STAGES"], programs, global_rows)
     plan = _plans.get(key)
     if plan is None:
         if image_start + image_len == seq:  # text first
@@ -668,7 +676,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         else:
             raise ValueError("the Gluon kernel takes global tokens on one side of the image only; use the Triton kernel")
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config,
-                                          programs)
+                                          programs, global_rows)
     templates, ints, grid, constexprs = plan
     descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
@@ -678,7 +686,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     return out, lse
 
 
-def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128):
+def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True):
     """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel.
 
     For checks and resource reports: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``.
@@ -701,7 +709,7 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
     constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
-                  **config}
+                  "GLOBAL_ROWS": global_rows, **config}
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in names}
     constexprs = {(names.index(name),): value for name, value in constexprs.items()}

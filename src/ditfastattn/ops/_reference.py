@@ -74,15 +74,17 @@ def _tile_regions(tiles: TileGrid, mode: int, image_start: int, device):
         yield _box(tiles, tile, tile, image_start, device), _box(tiles, lo, hi, image_start, device)
 
 
-def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, tiles=None):
-    """``tiles`` is the image segment's TileGrid, for the tile heads."""
+def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, tiles=None, *,
+              global_rows=True):
+    """``tiles`` is the image segment's TileGrid, for the tile heads; ``global_rows=False`` leaves
+    the global-query rows of arrow and tile heads unwritten."""
     batch, seq, _, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_out = None
     if return_lse:
         lse_out = torch.full((batch, q.shape[2], seq), float("-inf"), dtype=torch.float32, device=q.device)
     image_end = image_start + image_len
-    global_rows = [rows for rows in (slice(0, image_start), slice(image_end, seq)) if rows.stop > rows.start]
+    global_slices = [rows for rows in (slice(0, image_start), slice(image_end, seq)) if rows.stop > rows.start]
     modes = [int(m) for m in head_modes.tolist()]
     flags = table = None
     if padding is not None:
@@ -107,7 +109,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
                 lse_out[:, heads[:, None], rows[None]] = lse.to(torch.float32)
 
     everything = torch.arange(seq, device=q.device)
-    global_keys = torch.cat([everything[rows] for rows in global_rows]) if global_rows else everything[:0]
+    global_keys = torch.cat([everything[rows] for rows in global_slices]) if global_slices else everything[:0]
     for mode in sorted(set(modes)):
         # Skip; out-of-range modes and tile windows without a grid too, as the kernels do (the op
         # refuses both wherever it reads the modes).
@@ -118,7 +120,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         if mode == MODE_FULL:
             write(slice(0, seq), heads, *_attend(qg, kg, vg, scale, return_lse, bias(slice(0, seq), everything)))
             continue
-        for rows in global_rows:
+        for rows in global_slices if global_rows else ():
             write(rows, heads, *_attend(qg[:, :, rows], kg, vg, scale, return_lse, bias(rows, everything)))
         if is_tile_mode(mode):
             regions = _tile_regions(tiles, mode, image_start, q.device)

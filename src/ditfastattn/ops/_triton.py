@@ -33,7 +33,8 @@ The 1-D grid runs the longest programs first: every tile that attends to a whole
 full heads, the global-query tiles of arrow heads), then the arrow heads' image tiles by decreasing
 band (tile heads: by the tiles their window spans), then the skip heads' tiles, which exit at once
 (writing only ``-inf`` log-sum-exps when asked). Heads are ranked inside the kernel from
-``head_modes``, so the host never reads them.
+``head_modes``, so the host never reads them. Without ``GLOBAL_ROWS`` the global-query tiles of
+arrow and tile heads exit at once too: a caller that has full attention's output has those rows.
 
 On Hopper, full key tiles and query tiles come through host-side TMA descriptors over a 2-D view
 of q/k/v when their strides allow one; otherwise, and for the masked tails and the query tiles of
@@ -286,7 +287,7 @@ def _headwise_kernel(
     HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMAGE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_PAD: tl.constexpr,
     INTERPRET: tl.constexpr, TILED: tl.constexpr, RAGGED: tl.constexpr, TILE_T: tl.constexpr,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, GLOBAL_ROWS: tl.constexpr,
 ):
     # Few arguments: each one costs host time at every launch. tune_bucket only keys the autotuner.
     # PAD is (B, S) uint8 (non-zero at padding tokens) in the keys' order, QPAD the same in the
@@ -350,6 +351,8 @@ def _headwise_kernel(
     b = (p % per_head) // section_tiles
     h = tl.sum(tl.where(ranks == rank, idx, 0), 0)
     mode = tl.sum(tl.where(ranks == rank, modes, 0), 0)
+    if not GLOBAL_ROWS:  # the global-query tiles of arrow and tile heads write nothing
+        mode = tl.where(in2, ABSENT, mode)
 
     # Query rows of this tile: tiles 0 .. n_pre_tiles - 1 hold the global queries before the image,
     # then those after it, then the image queries (in the tiled launch: one grid tile each, at its
@@ -589,7 +592,7 @@ def _pad_args(padding, tiled, device):
 
 
 def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, tiled=None,
-              lse=None, config=None, warmup=False):
+              lse=None, config=None, warmup=False, global_rows=True):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     ``padding`` is an ``ops.Padding`` or None. Without ``tiled`` the launch runs every head but the
@@ -597,7 +600,8 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     tile heads, whose keys and values it takes from there. ``lse`` is the buffer to write into (a
     previous launch's, so that two launches fill one). ``config`` (one of :func:`tile_configs`)
     bypasses autotuning, for checks of every configuration; ``warmup`` compiles (that config, or
-    all of them) without launching, for compiling ahead in threads.
+    all of them) without launching, for compiling ahead in threads. ``global_rows=False``: the
+    global-query tiles of arrow and tile heads exit at once (no log-sum-exps then).
     """
     if not scale > 0:
         raise ValueError(f"the Triton kernel needs a positive softmax scale; got {scale}")
@@ -618,7 +622,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     if not (_INTERPRET or warmup):
         key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, _PREFER_TMA,
                          None if config is None else tuple(config.items()), padding is not None,
-                         *(t.data_ptr() % 16 for t in pads), geometry)
+                         *(t.data_ptr() % 16 for t in pads), geometry, global_rows)
         plan = _plans.get(key)
         if plan is not None:
             _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, scale)
@@ -660,7 +664,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, IMAGE_BLOCK=IMAGE_BLOCK,
         USE_TMA=views is not None, RETURN_LSE=return_lse, HAS_PAD=padding is not None, INTERPRET=_INTERPRET,
         TILED=tiled is not None, RAGGED=tiled is not None and tiled.tiles.ragged, TILE_T=geometry[3],
-        TILE_H=geometry[4], TILE_W=geometry[5],
+        TILE_H=geometry[4], TILE_W=geometry[5], GLOBAL_ROWS=global_rows,
     )
     if _INTERPRET:
         c = config or dict(INTERPRET_CONFIG)
