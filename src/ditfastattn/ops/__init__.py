@@ -7,7 +7,9 @@ two GPU kernels share). Every implementation takes the token layout as its image
 ``(image_start, image_len)``, global tokens elsewhere, and optional key :class:`Padding`. Tile
 windows need the image's grid: the reference indexes it directly; for the Triton kernel the
 dispatcher puts keys and values in tile order (``_tile_order``, the one place that reorders) and
-launches the kernel twice, once for the tile heads over them and once for the others.
+launches the kernel twice, once for the tile heads over them and once for the others. The per-head
+statistics calibration scores candidates with (:func:`head_squared_errors`, :func:`head_variances`)
+dispatch the same way, in ``_stats``.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import torch
 # tools that count FLOPs; _geometry is its one home.
 from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP, TileGrid, density, is_tile_mode, tile_mode, window_blocks
 from ..model import TokenLayout
+from ._stats import head_squared_errors, head_variances
 
 __all__ = [
     "headwise_attention", "IMPLEMENTATIONS", "IMAGE_BLOCK", "KEY_PADDING", "MODE_FULL", "MODE_SKIP", "PAIR_PADDING",
-    "Padding", "TileGrid", "TokenLayout", "check_mode_values", "density", "gluon_available", "impl_unsupported",
-    "mode_tensor", "tile_mode", "triton_available", "window_blocks",
+    "Padding", "TileGrid", "TokenLayout", "check_mode_values", "density", "gluon_available", "head_squared_errors",
+    "head_variances", "impl_unsupported", "mode_tensor", "tile_mode", "triton_available", "window_blocks",
 ]
 
 logger = logging.getLogger(__name__)

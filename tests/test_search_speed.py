@@ -1,0 +1,104 @@
+"""What makes calibration's scoring cheap: the one-pass per-head statistics (``ops.head_squared_errors``,
+``ops.head_variances``; the Triton kernels through Triton's interpreter).
+
+Yardstick for the kernels: the error against a float64 computation must stay within twice that of
+the PyTorch reference (which takes the difference in the inputs' dtype) plus a few float32
+roundings of the result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_tiles_triton import _interpreted  # noqa: F401 (the interpreter for this module's kernels)
+
+from ditfastattn import ops
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _tensor(shape, dtype, gen, layout="bshd", scale=1.0, offset=0.0):
+    batch, seq, heads, dim = shape
+    if layout == "bhsd":  # (B, H, S, D) storage seen as (B, S, H, D)
+        x = torch.randn(batch, heads, seq, dim, generator=gen).transpose(1, 2)
+    elif layout == "strided":  # every other element of the head dim
+        x = torch.randn(batch, seq, heads, 2 * dim, generator=gen)[..., ::2]
+    else:
+        x = torch.randn(batch, seq, heads, dim, generator=gen)
+    return (x * scale + offset).to(dtype)
+
+
+def _relative(got, truth):
+    return ((got.double() - truth).abs().max() / truth.abs().max()).item()
+
+
+# (shape, layout, rows): awkward sizes (heads across a block of 8, head dims that are no power of
+# two), strided storage, a row range and a single row.
+SHAPES = [
+    ((3, 37, 5, 24), "bshd", None),
+    ((2, 131, 9, 64), "bhsd", (7, 100)),
+    ((1, 70, 3, 40), "strided", (69, 1)),
+    ((4, 19, 1, 128), "bshd", (0, 19)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape,layout,rows", SHAPES)
+def test_squared_errors_match_float64(shape, layout, rows, dtype):
+    gen = torch.Generator().manual_seed(sum(shape))
+    a = _tensor(shape, dtype, gen, layout)
+    b = (a.float() + 0.05 * _tensor(shape, torch.float32, gen, layout)).to(dtype)
+    start, length = rows or (0, shape[1])
+    truth = (a.double() - b.double())[:, start : start + length].square().sum(dim=(0, 1, 3))
+    got = ops.head_squared_errors(a, b, rows=rows, impl="triton")
+    reference = ops.head_squared_errors(a, b, rows=rows, impl="reference")
+    assert got.dtype == torch.float32 and got.shape == (shape[2],)
+    assert _relative(got, truth) <= 2 * _relative(reference, truth) + 8 * EPS32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape,layout,rows", SHAPES)
+def test_variances_match_float64(shape, layout, rows, dtype):
+    gen = torch.Generator().manual_seed(sum(shape) + 1)
+    x = _tensor(shape, dtype, gen, layout, scale=2.0, offset=3.0)
+    xd = x.double()
+    truth = (xd - xd.mean(dim=(0, 1, 3), keepdim=True)).square().sum(dim=(0, 1, 3))
+    got = ops.head_variances(x, impl="triton")
+    reference = ops.head_variances(x, impl="reference")
+    assert got.dtype == torch.float32 and got.shape == (shape[2],)
+    assert _relative(got, truth) <= 2 * _relative(reference, truth) + 8 * EPS32
+
+
+def test_variances_survive_a_mean_far_from_zero():
+    # Mean 1e4, spread 1: the one-pass sum of squares in float32 loses every digit here. Each tile's
+    # mean carries a float32 rounding of about log2(tile) * eps * 1e4 ~ 1e-2, which enters the squared
+    # deviations only squared: 1e-4 relative at most.
+    gen = torch.Generator().manual_seed(3)
+    x = _tensor((2, 300, 3, 64), torch.float32, gen, offset=1e4)
+    xd = x.double()
+    truth = (xd - xd.mean(dim=(0, 1, 3), keepdim=True)).square().sum(dim=(0, 1, 3))
+    n = x.shape[0] * x.shape[1] * x.shape[3]
+    one_pass = x.square().sum(dim=(0, 1, 3)) - x.sum(dim=(0, 1, 3)).square() / n
+    assert _relative(one_pass, truth) > 0.5
+    assert _relative(ops.head_variances(x, impl="triton"), truth) < 1e-4
+
+
+def test_statistics_check_their_inputs(monkeypatch):
+    a = torch.randn(2, 10, 3, 8)
+    with pytest.raises(ValueError, match=r"rows must be \(start, length\) ints within the 10 rows"):
+        ops.head_squared_errors(a, a, rows=(4, 7))
+    with pytest.raises(ValueError, match="one shape, dtype and device"):
+        ops.head_squared_errors(a, a[:, :9])
+    with pytest.raises(ValueError, match=r"\(batch, seq, heads, head_dim\)"):
+        ops.head_variances(a[0])
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.head_variances(a, impl="gluon")
+    with pytest.raises(RuntimeError, match=r"impl='triton' cannot run: dtype torch.float64 .*impl='reference'"):
+        ops.head_variances(a.double(), impl="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run: tensors are on cpu"):
+        ops.head_squared_errors(a, a, impl="triton")
+    # auto is the reference on the CPU; empty row ranges and tensors are exact zeros
+    assert ops.head_variances(a).shape == (3,)
+    assert torch.equal(ops.head_squared_errors(a, a + 1, rows=(3, 0)), torch.zeros(3))
+    assert torch.equal(ops.head_variances(a[:, :0]), torch.zeros(3))
