@@ -10,7 +10,9 @@ is the median over steps that do the measured work (plain: steps 1.., after the 
 warm-up; search: steps 2.., since step 0 searches nothing and step 1 also compiles and tunes the
 kernels), and the 50-step times are extrapolated: plain = 50 x step, search = plain step (step 0)
 + 49 x search step. If the batch does not fit the GPU's memory during search, it halves and the
-JSON says so.
+JSON says so. With ``--profile`` each run takes one more step, under torch.profiler and left out of
+the timings: its kernel table, its wall time and its kernels' total time (the rest is the GPU
+waiting on the host) for plain denoising and for search, side by side.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 
 import ditfastattn  # noqa: E402
 from e2e import FLUX_DEV, FLUX_TINY, build_transformer, environment, flux_image_ids
@@ -56,6 +59,9 @@ class DenoisePipeline:
         self.step_seconds: list[float] = []
         self.profile_step: int | None = None  # a step to run under torch.profiler (its table in `profile`)
         self.profile: str | None = None
+        # That step's wall time and the device time of its kernels: their difference is the time the
+        # GPU waited on the host (profiler overhead included).
+        self.profile_times: dict | None = None
 
     def _mu(self, image_tokens: int) -> float:
         """FLUX's resolution-dependent shift: linear in the image token count between two anchors."""
@@ -95,7 +101,11 @@ class DenoisePipeline:
             self.step_seconds.append(time.perf_counter() - start)
             if profiler is not None:
                 profiler.stop()
-                self.profile = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+                events = profiler.key_averages()
+                self.profile = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+                self.profile_times = {"wall_s": self.step_seconds[-1],
+                                      "device_s": sum(e.self_device_time_total for e in events
+                                                      if e.device_type == DeviceType.CUDA) / 1e6}
                 self.profile_step = None
         return FluxPipelineOutput(images=latents)
 
@@ -149,12 +159,20 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
              config: dict, impl: str, offload: bool | None, device, dtype, profile: bool = False) -> dict:
     embeds = prompts(batch, text_len, config, device, dtype)
     merged = {key: torch.cat([p[key] for p in embeds]) for key in embeds[0]}
+    # A profiled step is one more step, left out of the timings (the profiler slows it).
+    extra = 1 if profile else 0
+    plain_steps, search_steps = plain_steps + extra, search_steps + extra
     reset_peak(device)
+    pipe.profile_step = plain_steps - 1 if profile else None
     pipe(num_inference_steps=plain_steps, height=size, width=size, generator=torch.Generator().manual_seed(0),
          **merged)
     plain = list(pipe.step_seconds)
     row = {"size": size, "image_tokens": (size // 16) ** 2, "text_len": text_len, "plain_steps": plain,
            "plain_peak_gib": peak_gib(device)}
+    if pipe.profile is not None:  # the plain step's own kernels, to tell the search's extra work apart
+        row["profile_last_plain_step"] = pipe.profile.splitlines()
+        row["profile_last_plain_step_times"] = pipe.profile_times
+        pipe.profile = None
     del merged
     attempts = []
     while True:
@@ -179,8 +197,8 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
         if batch == 0:
             raise RuntimeError(f"calibration does not fit at {size}x{size}: {attempts}")
     searched = list(pipe.step_seconds)
-    plain_step = statistics.median(plain[1:])
-    measured = statistics.median(searched[2:])
+    plain_step = statistics.median(plain[1:len(plain) - extra])
+    measured = statistics.median(searched[2:len(searched) - extra])
     # A smaller batch that fit stands for the asked one at a cost linear in the batch (an upper
     # bound: the integer programs on the host do not grow with the batch).
     search_step = measured * len(embeds) / batch
@@ -194,6 +212,7 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
     )
     if pipe.profile is not None:
         row["profile_last_search_step"] = pipe.profile.splitlines()
+        row["profile_last_search_step_times"] = pipe.profile_times
         print(pipe.profile, flush=True)
         pipe.profile = None
     return row
@@ -209,7 +228,9 @@ def main() -> None:
     parser.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
                         help="SearchConfig.offload_outputs: previous-step outputs in host memory (auto: if they "
                              "would take over half the free GPU memory)")
-    parser.add_argument("--profile", action="store_true", help="the last search step under torch.profiler (table in the JSON)")
+    parser.add_argument("--profile", action="store_true",
+                        help="the last plain and the last search step under torch.profiler (tables, wall and kernel "
+                             "time in the JSON)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/search_time.json; smoke: out/)")
     args = parser.parse_args()
     offload = {"auto": None, "on": True, "off": False}[args.offload]
@@ -227,7 +248,8 @@ def main() -> None:
         "prompts": args.batch, "search": "SearchConfig(delta=0.2), default candidates",
         "allocator": os.environ["PYTORCH_CUDA_ALLOC_CONF"], "offload_outputs": args.offload,
         "method": "per-step wall times (synchronized) of a few-step run; 50-step times extrapolated: "
-                  "plain = 50 x median(plain steps 1..), search = plain step + 49 x median(search steps 2..)",
+                  "plain = 50 x median(plain steps 1..), search = plain step + 49 x median(search steps 2..); "
+                  "a profiled last step (--profile) is left out",
         "runs": [],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +269,10 @@ def main() -> None:
               f"{r['search_50_s']:13.1f} s  {r['search_peak_gib'] or float('nan'):8.1f}{scaled}")
         print(f"      plan sparsity {r['sparsity']:.3f}; min RSE per candidate (head bound {r['head_bound']:.4f}): "
               + ", ".join(f"{name} {v['min']:.3g}" for name, v in r["rse"].items() if name != "full"))
+        if "profile_last_search_step_times" in r:
+            plain, search = r["profile_last_plain_step_times"], r["profile_last_search_step_times"]
+            print(f"      profiled step (wall / kernels): plain {plain['wall_s']:.3f} / {plain['device_s']:.3f} s, "
+                  f"search {search['wall_s']:.3f} / {search['device_s']:.3f} s")
 
 if __name__ == "__main__":
     main()

@@ -258,7 +258,8 @@ def test_layer_granularity_picks_one_method_per_layer():
 
 
 def test_pooled_score_judges_heads_by_what_they_add_to_the_layer():
-    from ditfastattn._calibration_session import combine_scores, head_squared_errors, layer_variance
+    from ditfastattn._calibration_session import combine_scores, layer_variance
+    from ditfastattn.ops import head_squared_errors
 
     # Head 0 varies 50x more than head 1. The candidate adds 10x more squared error to head 0 than
     # to head 1, which is 5x less than head 1's relative to each head's own variance.
@@ -469,10 +470,13 @@ def test_later_calls_are_scored_on_what_the_runtime_runs_there(monkeypatch, reco
     candidate_outputs = _CalibrationSession._candidate_outputs
 
     def keep(self, layer, *args):
-        for index, out, unmeasured in candidate_outputs(self, layer, *args):
+        for candidate in candidate_outputs(self, layer, *args):
             if self.call > 0:
-                scored[(self.step, layer.name, self.candidates[index].name)] = (out.clone(), unmeasured)
-            yield index, out, unmeasured
+                assert not candidate.shared  # later calls run cfg_share unshared
+                rows = slice(None) if candidate.rows is None else slice(candidate.rows[0], sum(candidate.rows))
+                scored[(self.step, layer.name, self.candidates[candidate.index].name)] = (
+                    candidate.out[:, rows].clone(), candidate.unmeasured, rows)
+            yield candidate
 
     monkeypatch.setattr(_CalibrationSession, "_candidate_outputs", keep)
     run_pass(pipe, spec, call, search, None, forced=plan)
@@ -480,9 +484,9 @@ def test_later_calls_are_scored_on_what_the_runtime_runs_there(monkeypatch, reco
     compared = set()
     for r in recorder:
         for head, method in enumerate(plan.methods[r["step"]][0]):
-            out, unmeasured = scored.get((r["step"], r["layer"], method), (None, None))
+            out, unmeasured, rows = scored.get((r["step"], r["layer"], method), (None, None, None))
             if r["call"] == 1 and out is not None and (unmeasured is None or not unmeasured[head]):
-                torch.testing.assert_close(out[:, :, head], r["out"][:, :, head], atol=0, rtol=0)
+                torch.testing.assert_close(out[:, :, head], r["out"][:, rows, head], atol=0, rtol=0)
                 compared.add(method)
     assert compared == {"full", "cache", "arrow:0.25", ar, "cfg_share", csa}
     recorder.clear()

@@ -1,5 +1,6 @@
 """What makes calibration's scoring cheap: the one-pass per-head statistics (``ops.head_squared_errors``,
-``ops.head_variances``; the Triton kernels through Triton's interpreter).
+``ops.head_variances``; the Triton kernels through Triton's interpreter), arrow candidates scored
+on their image rows only, and cfg_share candidates scored without building their output.
 
 Yardstick for the kernels: the error against a float64 computation must stay within twice that of
 the PyTorch reference (which takes the difference in the inputs' dtype) plus a few float32
@@ -8,11 +9,15 @@ roundings of the result.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from test_tiles_triton import _interpreted  # noqa: F401 (the interpreter for this module's kernels)
 
 from ditfastattn import ops
+from ditfastattn._calibration_session import _CalibrationSession, _Candidate
+from ditfastattn.model import TokenLayout
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -102,3 +107,42 @@ def test_statistics_check_their_inputs(monkeypatch):
     assert ops.head_variances(a).shape == (3,)
     assert torch.equal(ops.head_squared_errors(a, a + 1, rows=(3, 0)), torch.zeros(3))
     assert torch.equal(ops.head_variances(a[:, :0]), torch.zeros(3))
+
+
+def _errors(candidate, exact, layout):
+    session = types.SimpleNamespace(impl="reference")
+    return _CalibrationSession._squared_errors(session, candidate, exact, layout)
+
+
+def test_arrow_candidates_count_their_image_rows_only():
+    # Global rows are left unwritten (here NaN): they are not read.
+    gen = torch.Generator().manual_seed(5)
+    layout = TokenLayout.from_segments(40, [(0, 6), (31, 9)])
+    exact = torch.randn(2, 40, 3, 8, generator=gen)
+    out = exact + 0.1 * torch.randn(2, 40, 3, 8, generator=gen)
+    out[:, :6] = out[:, 31:] = float("nan")
+    rows = (layout.image_start, layout.image_len)
+    got = _errors(_Candidate(0, out, rows=rows), exact, layout)
+    torch.testing.assert_close(got, (out - exact)[:, 6:31].square().sum(dim=(0, 1, 3)))
+    assert torch.equal(_errors(_Candidate(0, exact), exact, layout), torch.zeros(3))
+
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_cfg_share_candidates_score_the_output_they_stand_for(arrow):
+    # [unconditional; conditional]: both halves take the conditional half's output; where an arrow's
+    # global rows are not computed, the conditional half's exact rows, which they equal.
+    gen = torch.Generator().manual_seed(6)
+    layout = TokenLayout.from_segments(40, [(0, 6), (31, 9)])
+    exact = torch.randn(4, 40, 3, 8, generator=gen)
+    if arrow:
+        out = exact + 0.1 * torch.randn(4, 40, 3, 8, generator=gen)
+        full = out.clone()
+        full[:, :6], full[:, 31:] = exact[:, :6], exact[:, 31:]
+        out[:, :6] = out[:, 31:] = float("nan")
+        candidate = _Candidate(0, out, rows=(layout.image_start, layout.image_len), shared=True)
+    else:
+        out = full = exact
+        candidate = _Candidate(0, exact, shared=True)
+    shared = torch.cat([full[2:], full[2:]])
+    torch.testing.assert_close(_errors(candidate, exact, layout), (shared - exact).square().sum(dim=(0, 1, 3)))
+

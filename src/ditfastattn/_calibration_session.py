@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,21 +32,14 @@ from .search import choose
 logger = logging.getLogger("ditfastattn")
 
 
-def head_squared_errors(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """(H,) summed squared error of each head of ``out`` (B, S, H, D) against ``exact``, in float32.
-
-    The difference is taken in the inputs' dtype (exact where they are within a factor of two of
-    each other, the case that matters) and only the reduction runs in float32, so no float32 copy
-    of a layer's output is made: scoring is memory-bound and runs for every candidate.
-    """
-    return torch.linalg.vector_norm(out - exact, dim=(0, 1, 3), dtype=torch.float32).square()
+def stats_impl(impl: str) -> str:
+    """The implementation of the scores' reductions (:func:`ops.head_squared_errors`) for the op's ``impl``."""
+    return impl if impl in ("reference", "triton") else "auto"
 
 
-def layer_variance(exact: torch.Tensor) -> torch.Tensor:
+def layer_variance(exact: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """The layer output's summed squared deviation, each head about its own mean (a float32 scalar)."""
-    mean = exact.mean(dim=(0, 1, 3), keepdim=True, dtype=torch.float32)
-    variance = torch.linalg.vector_norm(exact - mean.to(exact.dtype), dtype=torch.float32).square()
-    return variance.clamp_min(torch.finfo(torch.float32).tiny)
+    return ops.head_variances(exact, impl=impl).sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def combine_scores(errors: torch.Tensor, variance: torch.Tensor, later=()) -> torch.Tensor:
@@ -63,6 +56,24 @@ def combine_scores(errors: torch.Tensor, variance: torch.Tensor, later=()) -> to
         later_errors = torch.where(torch.isnan(later_errors), errors * (later_variance / variance), later_errors)
         total_errors, total_variance = total_errors + later_errors, total_variance + later_variance
     return total_errors * (errors.shape[1] / total_variance)
+
+
+class _Candidate(NamedTuple):
+    """One candidate's output in one call, as :meth:`_CalibrationSession._candidate_outputs` yields it.
+
+    ``out`` holds every row, or only the image segment's where ``rows`` is that segment's (start,
+    length): an arrow or tile head's global-query rows attend to every key, as the exact output's
+    do, so they are not computed and count no error (it would be the kernel's rounding against the
+    stock attention). ``shared``: a cfg_share candidate at the step's first call, whose batch halves
+    both take the conditional half of ``out`` (and, in the rows ``out`` lacks, of the exact output).
+    ``unmeasured`` is None or a (heads,) bool mask of heads whose error stays unknown (NaN).
+    """
+
+    index: int
+    out: torch.Tensor
+    unmeasured: torch.Tensor | None = None
+    rows: tuple[int, int] | None = None
+    shared: bool = False
 
 
 class _HostOutputs:
@@ -215,6 +226,12 @@ class _CalibrationSession(Session):
         row = self.compiled[compiled_key]
         if row.residual_add is not None:
             self._load_residuals(layer, methods, image_tokens)
+        stock = self._stock
+        if row.all_full and stock is not None and (stock.shape, stock.dtype, stock.device) == (q.shape, q.dtype, q.device):
+            # The exact output scored just now becomes the slot's buffer: the runtime's copy of it into
+            # the buffer (kept for the next step's cache candidate) is then a copy onto itself, which
+            # torch skips. Its next write into the buffer comes after every reader of this step's.
+            layer.slots.setdefault(self.call, _Buffers()).out = stock
         return row
 
     def _residual_from(self, layer: int, methods: list[Method]) -> list[tuple[int, int]]:
@@ -230,15 +247,15 @@ class _CalibrationSession(Session):
         return torch.tensor([captured.get(h) == self.last_full.get((layer.index, h), 0) for h in range(heads)])
 
     def _candidate_outputs(self, layer: LayerRuntime, q, k, v, text_start, text_len, exact):
-        """Yield (candidate index, output, unmeasured) one at a time, so memory stays bounded.
+        """Yield each candidate's :class:`_Candidate` one at a time, so memory stays bounded.
 
         Each output is what the runtime runs in this call if every head took the candidate; a
         head it would compute exactly (no residual kept in this call slot) gets the exact output.
-        ``unmeasured`` is None or a (heads,) bool mask of heads whose error stays unknown (NaN).
         ``cache`` yields nothing where the call slot did not run at the previous step (one that
         first appears mid-generation, or step 0): it can run there from the next step on.
         """
-        image_tokens = q.shape[1] - text_len
+        layout = layer.geometry.layout
+        image_rows = (layout.image_start, layout.image_len)
         heads = q.shape[2]
         slot = layer.slots.get(self.call)
         residuals = self.residuals.get((layer.index, self.call), {})
@@ -258,31 +275,46 @@ class _CalibrationSession(Session):
         for index, method in enumerate(self.candidates):
             if method.reads_previous_output:
                 if slot is not None and slot.out is not None and slot.step == self.step - 1:
-                    yield index, slot.out, None
+                    yield _Candidate(index, slot.out)
             else:
-                by_mode.setdefault(method.mode(image_tokens), []).append(index)
+                by_mode.setdefault(method.mode(layout.image_len), []).append(index)
         for mode, indices in by_mode.items():
             if mode < 0:
                 if all(self.candidates[i].exact for i in indices):
                     continue  # exact by definition: its error row stays 0
-                base = exact
+                base, rows = exact, None
             else:
                 modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
-                base = ops.headwise_attention(q, k, v, modes, **layer.geometry.op, impl=self.impl)
+                base = ops.headwise_attention(q, k, v, modes, **layer.geometry.op, impl=self.impl, global_rows=False)
+                rows = image_rows
             for index in indices:
                 method = self.candidates[index]
                 if method.reads_residual:
                     if mode in residuals:
-                        yield index, torch.where(kept_mask, base + residuals[mode], exact), unmeasured
+                        yield _Candidate(index, torch.where(kept_mask, base + residuals[mode], exact), unmeasured, rows)
                     elif self.call > 0:  # no full step of this call kept one: every head computes
-                        yield index, exact, unmeasured
+                        yield _Candidate(index, exact, unmeasured)
                     continue
-                out = base
                 # CFG is the step's first call; later ones (skip-layer guidance) run it unshared.
-                if method.shares_cfg and self.call == 0:
-                    half = out.shape[0] // 2
-                    out = torch.cat([out[half:], out[half:]], dim=0)
-                yield index, out, None
+                yield _Candidate(index, base, None, rows, method.shares_cfg and self.call == 0)
+
+    def _squared_errors(self, candidate: _Candidate, exact: torch.Tensor, layout) -> torch.Tensor:
+        """(heads,) float32 squared error of one candidate's output against the exact one."""
+        out, rows, impl = candidate.out, candidate.rows, stats_impl(self.impl)
+        if not candidate.shared:
+            if out is exact:
+                return torch.zeros(exact.shape[2], dtype=torch.float32, device=exact.device)
+            return ops.head_squared_errors(out, exact, rows=rows, impl=impl)
+        half = exact.shape[0] // 2
+        cond, uncond = slice(half, None), slice(None, half)
+        # Both halves take the conditional half's output.
+        error = ops.head_squared_errors(out[cond], exact[uncond], rows=rows, impl=impl)
+        if out is not exact:
+            error = error + ops.head_squared_errors(out[cond], exact[cond], rows=rows, impl=impl)
+        if rows is not None:  # the rows out lacks: the conditional half's exact output, which they equal
+            for segment in layout.segments:
+                error = error + ops.head_squared_errors(exact[cond], exact[uncond], rows=segment, impl=impl)
+        return error
 
     def _errors(self, layer: LayerRuntime, q, k, v, text_start, text_len, stock):
         """Squared error per candidate and head (NaN where a candidate cannot run yet), and the
@@ -291,11 +323,11 @@ class _CalibrationSession(Session):
         for index, method in enumerate(self.candidates):
             if method.exact:
                 errors[index] = 0.0
-        for candidate, out, unmeasured in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
-            errors[candidate] = head_squared_errors(out, stock)
-            if unmeasured is not None:
-                errors[candidate, unmeasured.to(q.device)] = float("nan")
-        return errors, layer_variance(stock)
+        for candidate in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
+            errors[candidate.index] = self._squared_errors(candidate, stock, layer.geometry.layout)
+            if candidate.unmeasured is not None:
+                errors[candidate.index, candidate.unmeasured.to(q.device)] = float("nan")
+        return errors, layer_variance(stock, stats_impl(self.impl))
 
     def _scores(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> np.ndarray:
         """(heads, candidates) scores of this call plus the step's later calls as last measured."""
