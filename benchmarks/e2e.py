@@ -348,9 +348,9 @@ def timesteps(kind: str, steps: int, batch: int, device, dtype) -> list[dict]:
     values = [1.0 - k / steps for k in range(steps)]
     if kind == "zimage":  # ZImagePipeline: (1000 - t) / 1000, rising
         return [{"t": torch.full((batch,), 1.0 - v, device=device, dtype=dtype)} for v in values]
-    if kind in ("sd3", "hunyuanimage"):
+    if kind == "sd3":
         return [{"timestep": torch.full((batch,), 1000.0 * v, device=device)} for v in values]
-    if kind in VIDEO:  # their pipelines: the scheduler's t in [0, 1000], in the latents' dtype
+    if kind in VIDEO or kind == "hunyuanimage":  # their pipelines: the scheduler's t in [0, 1000], in the latents' dtype
         return [{"timestep": torch.full((batch,), 1000.0 * v, device=device, dtype=dtype)} for v in values]
     # FluxPipeline and its kin: t / 1000 in the latents' dtype
     return [{"timestep": torch.full((batch,), v, device=device, dtype=dtype)} for v in values]
