@@ -139,8 +139,9 @@ class _CalibrationSession(Session):
 
     Candidates run with each call's exact token layout and key padding (``layer.geometry``).
 
-    ``weights`` (steps, layers, candidates) scales each score by how much that method's local error
-    at that layer and step reaches the output (the sensitivity). With ``forced``, a plan whose
+    ``weights`` (steps, layers, candidates), or (steps, layers, heads, candidates) with a weight per
+    head (heads up to the model's most), scales each score by how much that method's local error at
+    that layer and step reaches the output (the sensitivity). With ``forced``, a plan whose
     methods are taken as given, the session only measures: at the layers in ``measure`` (all when
     None), as the sensitivity probe needs.
     """
@@ -168,8 +169,10 @@ class _CalibrationSession(Session):
         # An odd batch is refused at the generation's first call, before any work (Session._check_inputs).
         self._cfg_share = any(m.shares_cfg for m in self.candidates)
         self.progress = progress
-        shape = (plan.num_steps, len(plan.model.layers), len(self.candidates))
-        self.weights = np.ones(shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=np.float64), shape)
+        heads = max(layer.heads for layer in plan.model.layers)
+        shape = (plan.num_steps, len(plan.model.layers), heads, len(self.candidates))
+        weights = np.ones(shape) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.weights = np.broadcast_to(weights[:, :, None] if weights.ndim == 3 else weights, shape)
         self.forced = forced
         self.measure = measure
         self.measure_steps = measure_steps
@@ -332,7 +335,8 @@ class _CalibrationSession(Session):
     def _scores(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> np.ndarray:
         """(heads, candidates) scores of this call plus the step's later calls as last measured."""
         later = [value for (index, _call), value in sorted(self.later_calls.items()) if index == layer.index]
-        return combine_scores(errors, variance, later).T.double().cpu().numpy() * self.weights[self.step, layer.index]
+        scores = combine_scores(errors, variance, later).T.double().cpu().numpy()
+        return scores * self.weights[self.step, layer.index, : scores.shape[0]]
 
     def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
         step, index, heads = self.step, layer.index, q.shape[2]
