@@ -219,9 +219,6 @@ def test_identity_plan_is_stock_and_windows_change_the_video():
         assert torch.isfinite(compressed).all() and not torch.equal(compressed, stock), method
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="calibration reads the pipeline output's .images; diffusers' video pipelines (and this "
-                          "one) return .frames")
 def test_calibration_runs_and_its_plan_replays():
     pipe = tiny_pipeline()
     prompts = [embeds(1, seed=s) for s in (1, 2)]

@@ -189,6 +189,7 @@ class _CalibrationSession(Session):
         self.locked: dict[tuple[int, int], float] = {}  # (layer, head) -> residual window since last full
         self.last_full: dict[tuple[int, int], int] = {}  # (layer, head) -> last plain-full step; absent: 0
         self.geometry: tuple[int, int] | None = None
+        self.tiles = None  # the image grid (TileGrid) of the calls whose resolution the plan records
         self._stock: torch.Tensor | None = None  # the exact output of the layer just scored
         self.offload: _HostOutputs | None = None
         self._offload_decided = config.offload_outputs is False
@@ -217,6 +218,7 @@ class _CalibrationSession(Session):
         # (Wan's self-attention) records its image-only calls.
         if self.geometry is None and (text_len or not any(spec.text for spec in self.plan.model.layers)):
             self.geometry = (image_tokens, text_len)
+            self.tiles = layer.geometry.layout.tile_grid()
         methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
         route_full = self.route_full(q, k, v, text_start, text_len, layer.geometry)
         compiled_key = (self.step, layer.index, image_tokens, q.device, route_full)
@@ -544,4 +546,5 @@ def run_pass(
     missing = (steps - first) * len(spec.layers) - len(session.decided)
     if missing:
         raise RuntimeError(f"calibration decided only {len(session.decided)} layer-steps; {missing} were never run")
-    return session, output.images
+    # Image pipelines return the latents as ``.images``, diffusers' video pipelines as ``.frames``.
+    return session, output.frames if hasattr(output, "frames") else output.images
