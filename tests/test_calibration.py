@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import embeds, make_pipeline, negative_embeds, run_pipeline
+from conftest import TEXT_LEN, embeds, make_pipeline, negative_embeds, run_pipeline
 
 import ditfastattn
 from ditfastattn import SearchConfig
@@ -50,6 +50,25 @@ def test_integer_program_matches_brute_force(seed):
     if c is not None:
         assert (picked <= c * delta / heads).all()
     assert cost[np.arange(heads), choice].sum() == pytest.approx(expected_cost, abs=1e-9)
+
+
+def test_priced_choice_over_stacks_of_budgets_and_layer_steps():
+    from ditfastattn.search import solve_priced
+
+    rng = np.random.default_rng(0)
+    rse = rng.uniform(0, 1, (3, 4, 5))  # (layer-steps, heads, candidates)
+    rse[..., 0] = 0.0  # "full"
+    rse[0, 1, 2] = np.nan  # a candidate that could not run
+    cost = np.array([1.0, 0.0, 0.3, 0.2, 0.1])
+    allowed = rng.uniform(size=rse.shape) > 0.2
+    allowed[..., 0] = True
+    deltas = np.array([0.0, 0.01, 0.1, 1.0, 10.0])
+    price = np.where(allowed & np.isfinite(rse), cost + np.nan_to_num(rse) / np.maximum(deltas, 1e-300)[:, None, None, None], np.inf)
+    expected = {False: np.argmin(price, axis=-1), True: np.argmin(price.sum(axis=-2), axis=-1)[..., None].repeat(4, axis=-1)}
+    for uniform in (False, True):
+        expected[uniform][0] = 0  # delta 0 keeps everything full
+        assert (solve_priced(rse, cost, deltas, allowed, uniform=uniform) == expected[uniform]).all()
+        assert (solve_priced(rse[1], cost, 0.1, allowed[1], uniform=uniform) == expected[uniform][2, 1]).all()
 
 
 def test_head_constraint_binds():
@@ -330,6 +349,47 @@ def test_target_sparsity_lands_within_tolerance():
         progress=False,
     )
     assert speedup.methods == plan.methods
+
+
+# The testbeds' candidates, at 1024 image tokens where their arrows differ.
+TESTBED_CANDIDATES = ("full", "cache", "arrow:0.5", "arrow:0.25", "arrow:0.125")
+
+
+def sensitivity_like_the_testbeds(pipe, steps):
+    """Step weights shaped like the testbeds' measured ones (benchmarks/results/quality.json):
+    compressing is cheap early and dear late, and the last step is almost free. Each step then
+    compresses nearly everything or nothing, so a target rests on how well the first pass
+    predicts the second pass's steps."""
+    ramp = np.geomspace(0.5, 20.0, steps - 2).tolist()
+    names = ditfastattn.Plan.uniform(pipe.transformer, steps, "full").layer_names
+    return {"layers": {name: 1.0 for name in names}, "steps": {"cache": [1.0, *ramp, 0.03], "arrow": [1.0, *ramp, 0.05]}}
+
+
+@pytest.mark.parametrize("target", [0.3, 0.85])
+def test_target_sparsity_lands_at_the_ends_of_the_range(target):
+    pipe = make_pipeline("flux")
+    steps = 12
+    search = config(
+        "flux", target_sparsity=target, budget="generation", head_coefficient=None, num_inference_steps=steps,
+        candidates=TESTBED_CANDIDATES, sensitivity=sensitivity_like_the_testbeds(pipe, steps), height=64, width=64,
+    )
+    plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    assert abs(plan.summary()["sparsity"] - target) <= 0.02
+
+
+def test_a_target_out_of_reach_is_refused_with_the_most_reachable():
+    with pytest.raises(ValueError, match=r"target_sparsity 0.85 is out of reach in 5 steps.*at most 0\.800"):
+        SearchConfig(target_sparsity=0.85, num_inference_steps=5)
+    with pytest.raises(ValueError, match=r"target_speedup 6 \(sparsity 0\.833\) is out of reach in 5 steps"):
+        SearchConfig(target_speedup=6.0, num_inference_steps=5)
+    pipe = make_pipeline("flux")
+    # Without cache, the narrowest arrow on every head after step 0 is the most a plan removes.
+    most = ditfastattn.Plan.uniform(pipe.transformer, STEPS, "arrow:0.125", num_image_tokens=1024, text_len=TEXT_LEN)
+    most = most.summary()["sparsity"]
+    search = config("flux", target_sparsity=0.75, head_coefficient=None, candidates=("full", "arrow:0.125"), height=64, width=64)
+    assert most < 0.75
+    with pytest.raises(ValueError, match=rf"out of reach: .* at most {most:.3f} of the attention FLOPs"):
+        ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from .methods import parse_method
 from .plan import Plan
 from .runtime import _transformer_of
 from .ops import IMPLEMENTATIONS
-from .search import choose, fit_delta
+from .search import choose_many, fit_delta
 from .sensitivity import KINDS as SENSITIVITY_KINDS
 from .sensitivity import measure_sensitivity, probe_method, weights_array
 
@@ -116,7 +116,11 @@ class SearchConfig:
             everything full. With a target, the first pass's budget.
         target_sparsity: instead of a bare delta, the attention sparsity to reach (0 < t < 1):
             a first pass at ``delta`` records every candidate's scores, the budget that meets the
-            target on those scores is solved for, and a second pass calibrates with it.
+            target on those scores is solved for, and a second pass calibrates with it, adjusting
+            the budget step by step (see :class:`TargetController`); it lands within about 0.02.
+            Step 0 always runs every head full, so a target above ``1 - 1 / num_inference_steps``
+            is refused at once, and one above what the candidates can remove (every head after
+            step 0 at its cheapest candidate) after the first pass.
         target_speedup: the same, as the ideal attention speed-up ``1 / (1 - sparsity)``.
         head_coefficient: ``c`` in the per-head bound ``score <= c * delta / heads``; None disables it.
         candidates: method names to choose from; must include ``full``. See ``METHOD_SETS`` for
@@ -186,6 +190,12 @@ class SearchConfig:
         if self.num_inference_steps < 2 and (self.target is not None or self.sensitivity == "measure"):
             what = "a sparsity target" if self.target is not None else "sensitivity='measure'"
             raise ValueError(f"{what} needs num_inference_steps >= 2: step 0 always runs every head full")
+        if self.target is not None and self.target > 1 - 1 / self.num_inference_steps:
+            raise ValueError(
+                f"{self._target_name} is out of reach in {self.num_inference_steps} steps: step 0 always runs every "
+                f"head full, so a plan removes at most {1 - 1 / self.num_inference_steps:.3f} of the attention FLOPs; "
+                "lower the target or raise num_inference_steps"
+            )
         _integer("seed", self.seed, low=0)
         for name in ("height", "width"):
             if getattr(self, name) is not None:
@@ -232,6 +242,12 @@ class SearchConfig:
         if self.target_speedup is not None:
             return 1.0 - 1.0 / self.target_speedup
         return self.target_sparsity
+
+    @property
+    def _target_name(self) -> str:
+        if self.target_speedup is not None:
+            return f"target_speedup {self.target_speedup:g} (sparsity {self.target:.3f})"
+        return f"target_sparsity {self.target_sparsity:g}"
 
     @classmethod
     def from_method_set(cls, name: str, **kwargs) -> "SearchConfig":
@@ -320,6 +336,13 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         seconds["solver"] += session.solver_seconds
         if config.target is not None:
             first = session
+            reachable = reachable_sparsity(first, spec)
+            if config.target > reachable:
+                raise ValueError(
+                    f"{config._target_name} is out of reach: with these candidates at this resolution a plan removes "
+                    f"at most {reachable:.3f} of the attention FLOPs (every head after step 0 at its cheapest "
+                    "candidate); lower the target, or add candidates that remove more (such as 'cache')"
+                )
 
             def predict(delta):
                 return predicted_sparsity(first, spec, config, delta)
@@ -376,11 +399,11 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     scores = {"metric": "rse", "candidates": list(config.candidates), "rse": _scores(session.rse, spec)}
     plan = Plan(spec, session.plan.methods, provenance, scores)
     sparsity = plan.summary()["sparsity"]
-    if config.target is not None and abs(sparsity - config.target) > 0.02:
+    if config.target is not None and abs(sparsity - config.target) > TOLERANCE:
         logger.warning(
-            "ditfastattn calibrate: sparsity %.3f misses the target %.3f by more than 0.02 (the second pass's "
+            "ditfastattn calibrate: sparsity %.3f misses the target %.3f by more than %g (the second pass's "
             "activations differ from the first's); calibrate again with delta=%.4g as the starting point",
-            sparsity, config.target, fitted,
+            sparsity, config.target, TOLERANCE, fitted,
         )
     logger.info("calibrated %s, attention sparsity %.3f", plan, sparsity)
     return plan
@@ -425,32 +448,58 @@ def _default_argument(pipe, name: str):
     return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
-# Layer-steps re-solved per predicted sparsity; more are subsampled by step.
+# Layer-steps re-solved per budget where each solve is an integer program; more are subsampled by step.
 _PREDICT_LAYER_STEPS = 600
 
 
-def _sampled_steps(steps: int, layers: int) -> list[int]:
+def _sampled_steps(steps: int, layers: int, config: SearchConfig) -> list[int]:
+    if config.budget == "generation":  # a closed-form choice: every step, all budgets at once
+        return list(range(1, steps))
     stride = max(1, -(-((steps - 1) * layers) // _PREDICT_LAYER_STEPS))
     return list(range(1, steps, stride))
 
 
-def _solve_step(session, spec, config: SearchConfig, step: int, delta: float) -> list[list[str]]:
-    """Every layer of ``step`` re-solved at ``delta`` on a finished pass's scores."""
+def _distinct(candidates, image_tokens: int) -> np.ndarray:
+    """(candidates,) bool: False for a window that rounds to the same blocks as an earlier one."""
+    seen, distinct = set(), []
+    for method in candidates:
+        signature = (method.kind, method.mode(image_tokens))
+        distinct.append(signature not in seen)
+        seen.add(signature)
+    return np.array(distinct)
+
+
+def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas) -> np.ndarray:
+    """(budgets,) the summed sparsity of some steps whose ``scores`` (steps, layers, heads,
+    candidates: a pass's, or a prediction of them) are solved at each of ``deltas``; ``session``
+    (a finished pass) gives the resolution and the candidates' costs."""
     image_tokens, text_len = session.geometry
     candidates = session.candidates
-    rows = []
+    distinct = _distinct(candidates, image_tokens)
+    kept = np.zeros(len(deltas))
+    total = 0.0
     for index, layer in enumerate(spec.layers):
         layer_text = text_len if layer.text else 0
-        rse = session.rse[step, index, : layer.heads]
-        cost = np.array([session._cost(m, image_tokens, layer_text) for m in candidates])[None, :].repeat(layer.heads, 0)
-        allowed = np.isfinite(rse)
-        seen = set()
-        for c, method in enumerate(candidates):
-            signature = (method.kind, method.mode(image_tokens))
-            allowed[:, c] &= signature not in seen
-            seen.add(signature)
-        rows.append([candidates[c].name for c in choose(rse, cost, delta, config, allowed)])
-    return rows
+        rse = scores[:, index, : layer.heads]
+        cost = np.array([session._cost(m, image_tokens, layer_text) for m in candidates])
+        flops = np.array([m.cost(image_tokens, layer_text) for m in candidates])
+        choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & distinct)  # (budgets, steps, heads)
+        per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
+        kept += per_head * flops[choice].sum(axis=(1, 2))
+        total += per_head * layer.heads
+    return len(scores) - kept / total
+
+
+def _curves(session, spec, config: SearchConfig, deltas) -> np.ndarray:
+    """(steps, budgets) each step's sparsity at each budget on a finished pass's scores; steps
+    between samples take the nearest sample's row, and step 0 always computes everything."""
+    steps = session.plan.num_steps
+    sampled = _sampled_steps(steps, len(spec.layers), config)
+    rows = {step: _curve(session, spec, config, session.rse[[step]], deltas) for step in sampled}
+    curves = np.zeros((steps, len(deltas)))
+    for step in range(1, steps):
+        curves[step] = rows[min(sampled, key=lambda s: abs(step - s))]
+    return curves
 
 
 def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int) -> float:
@@ -465,58 +514,114 @@ def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int)
     return 1.0 - kept / total
 
 
+def reachable_sparsity(session, spec) -> float:
+    """The most sparsity a finished pass's candidates allow: every head of every step after the
+    first at its cheapest candidate that could run there."""
+    image_tokens, text_len = session.geometry
+    distinct = _distinct(session.candidates, image_tokens)
+    kept = total = 0.0
+    for index, layer in enumerate(spec.layers):
+        layer_text = text_len if layer.text else 0
+        flops = np.array([m.cost(image_tokens, layer_text) for m in session.candidates])
+        runs = np.isfinite(session.rse[1:, index, : layer.heads]) & distinct  # (steps - 1, heads, candidates)
+        per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
+        kept += per_head * (layer.heads + np.where(runs, flops, np.inf).min(axis=-1).sum())  # step 0: all full
+        total += per_head * layer.heads * session.plan.num_steps
+    return 1.0 - kept / total
+
+
+# How close calibrate brings the plan's sparsity to a target (warned about beyond).
+TOLERANCE = 0.02
+
+
 class TargetController:
     """The second pass's budget per step, so that the plan's sparsity lands on the target.
 
     The first pass's scores predict each step's sparsity at any budget, but they were measured on
-    its own trajectory (a cache head after a cached step reuses an older output, so cache errors
-    depend on how much the first pass cached), so the prediction drifts. At each step the
-    controller scales the prediction for the remaining steps by how the steps already decided
-    compare with their prediction, and picks the budget that meets what the target still needs.
+    its own trajectory. Arrow errors hardly depend on it; ``cache`` errors do, several times over:
+    a cached head reuses what its layer last produced, which is older (or approximate) when the
+    head did not compute exactly at the step before. So a second pass that compresses less (or
+    more) than the first sees smaller (or larger) cache errors where the first pass had not
+    computed the head, and about the same ones where it had. At each step the controller measures
+    the second pass's scores of the last few steps against the first's, per candidate and per
+    that distinction, predicts the remaining steps from the first pass's scores scaled
+    accordingly, and picks the budget at which they add what the target still needs.
+
+    Integer-program budgets (``budget="layer"``) are re-solved only once, on the first pass's
+    scores: there the drift is taken as one move of every step's sparsity curve along the (log)
+    budget axis, the move that best explains the steps already decided.
     """
 
-    GRID = 2.0 ** np.linspace(-5, 5, 41)
+    GRID = 2.0 ** (np.arange(-20, 21) / 2)  # budgets: the fitted one times 2^-10 .. 2^10
+    SHIFTS = np.arange(-8, 9)  # moves tried, in grid points (factors 2^-4 .. 2^4)
+    RECENT = 3  # steps whose scores measure the drift between the passes
+    SPREAD = 2  # grid points either side of a budget over which its miss is averaged (the prediction's error)
 
     def __init__(self, first, spec, config: SearchConfig, fitted: float):
-        self.spec, self.target = spec, config.target
+        self.first, self.spec, self.config, self.target = first, spec, config, config.target
         self.geometry = first.geometry
-        steps = first.plan.num_steps
-        sampled = _sampled_steps(steps, len(spec.layers))
+        self.steps = first.plan.num_steps
         self.deltas = fitted * self.GRID
-        table = np.array(
-            [[step_sparsity(spec, _solve_step(first, spec, config, step, d), *self.geometry) for d in self.deltas] for step in sampled]
-        )
-        # Steps between samples take the nearest sample's row; step 0 always computes everything.
-        self.predicted = np.zeros((steps, len(self.deltas)))
-        for step in range(1, steps):
-            self.predicted[step] = table[int(np.argmin([abs(step - s) for s in sampled]))]
+        self.resolve = config.budget == "generation"  # a closed-form choice: cheap to re-solve every step
+        self.predicted = None if self.resolve else _curves(first, spec, config, self.deltas)
+        # (steps, layers, heads): whether the first pass ran the head exactly at the step before
+        self.computed = np.zeros(first.rse.shape[:3], dtype=bool)
+        for step in range(1, self.steps):
+            for index, row in enumerate(first.plan.methods[step - 1]):
+                self.computed[step, index, : len(row)] = [parse_method(name).exact for name in row]
         self.realized: dict[int, float] = {}
+
+    def _scores(self, step: int, session) -> np.ndarray:
+        """The first pass's scores of steps ``step`` on, scaled to the second pass's: per candidate
+        and per whether the first pass had computed the head, by the geometric mean ratio of the
+        two passes' scores over the last ``RECENT`` steps."""
+        recent = list(range(max(1, step - self.RECENT), step))
+        now, before = session.rse[recent], self.first.rse[recent]
+        valid = np.isfinite(now) & np.isfinite(before) & (now > 0) & (before > 0)
+        logs = np.where(valid, np.log(np.where(valid, now, 1.0) / np.where(valid, before, 1.0)), 0.0)
+        ratios = np.ones((2, now.shape[-1]))  # (first pass had not computed / had, candidates)
+        for computed in (False, True):
+            counted = valid & (self.computed[recent, ..., None] == computed)
+            ratios[int(computed)] = np.exp(logs.sum(axis=(0, 1, 2), where=counted) / np.maximum(counted.sum(axis=(0, 1, 2)), 1))
+        logger.debug("ditfastattn calibrate: step %d, second-pass over first-pass scores %s", step, np.round(ratios, 3))
+        return self.first.rse[step:] * ratios[self.computed[step:].astype(int)]
+
+    def _moved(self, shift: int) -> np.ndarray:
+        return self.predicted[:, np.clip(np.arange(len(self.deltas)) + shift, 0, len(self.deltas) - 1)]
+
+    def _shift(self, step: int, session, realized: np.ndarray) -> int:
+        done = np.arange(1, step)
+        if not len(done):
+            return 0
+        used = np.array([int(np.argmin(abs(np.log(self.deltas / session.step_delta[t])))) for t in done])
+        misses = [float(np.abs(self._moved(j)[done, used] - realized).sum()) for j in self.SHIFTS]
+        return int(self.SHIFTS[np.lexsort((np.abs(self.SHIFTS), misses))[0]])  # ties: the smallest move
 
     def __call__(self, step: int, session) -> float:
         for done in range(1, step):
             if done not in self.realized:
                 self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry)
-        steps = self.predicted.shape[0]
-        done = list(range(1, step))
-        used = [int(np.argmin(abs(self.deltas - session.step_delta[t]))) for t in done]
-        predicted_done = sum(self.predicted[t, g] for t, g in zip(done, used))
-        realized_done = sum(self.realized[t] for t in done)
-        scale = realized_done / predicted_done if predicted_done > 1e-9 and realized_done > 1e-9 else 1.0
-        needed = self.target * steps - realized_done
-        rest = scale * self.predicted[step:].sum(axis=0)  # (grid,), non-decreasing in delta
-        return float(self.deltas[int(np.argmin(abs(rest - needed)))])
+        realized = np.array([self.realized[t] for t in range(1, step)])
+        if self.resolve:
+            rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas)
+        else:
+            shift = self._shift(step, session, realized)
+            rest = self._moved(shift)[step:].sum(axis=0)
+            logger.debug("ditfastattn calibrate: step %d, first-pass curves moved by 2^%g", step, shift / 2)
+        # Of the budgets whose prediction lands within half the tolerance of the best one, the one
+        # whose neighbours miss least: where the remaining steps' sparsity changes fast with the
+        # budget (a step half compressed), a prediction an octave off misses by much.
+        needed = self.target * self.steps - realized.sum()
+        miss = np.abs(rest - needed)
+        around = np.clip(np.arange(len(self.deltas))[:, None] + np.arange(-self.SPREAD, self.SPREAD + 1), 0, len(self.deltas) - 1)
+        robust = np.where(miss <= miss.min() + 0.5 * TOLERANCE * self.steps, miss[around].mean(axis=1), np.inf)
+        return float(self.deltas[int(np.argmin(robust))])
 
 
 def predicted_sparsity(session, spec, config: SearchConfig, delta: float) -> float:
-    """Sparsity the program would reach at ``delta`` on a finished pass's scores.
-
-    Every layer-step is re-solved (steps subsampled evenly when there are more than
-    ``_PREDICT_LAYER_STEPS`` layer-steps, each standing for the steps up to the next).
-    """
-    steps = session.plan.num_steps
-    sampled = _sampled_steps(steps, len(spec.layers))
-    per_step = {step: step_sparsity(spec, _solve_step(session, spec, config, step, delta), *session.geometry) for step in sampled}
-    return sum(per_step[max(s for s in sampled if s <= step)] for step in range(1, steps)) / steps
+    """Sparsity the program would reach at ``delta`` on a finished pass's scores (integer-program
+    budgets with more than ``_PREDICT_LAYER_STEPS`` layer-steps: steps subsampled evenly)."""
+    return float(_curves(session, spec, config, [delta]).sum() / session.plan.num_steps)
 
 
 def _scores(rse: np.ndarray, spec) -> list:

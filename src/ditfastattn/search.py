@@ -138,7 +138,7 @@ def fit_delta(predict, target: float, start: float, *, tolerance: float = 0.005,
 
 
 def solve_priced(
-    rse: np.ndarray, cost: np.ndarray, delta: float, allowed: np.ndarray | None = None, *, uniform: bool = False
+    rse: np.ndarray, cost: np.ndarray, delta, allowed: np.ndarray | None = None, *, uniform: bool = False
 ) -> np.ndarray:
     """One exchange rate for the whole generation: each head takes the candidate that minimises
     ``cost + rse / delta`` (with ``uniform``, the layer takes the one minimising the heads' sum).
@@ -146,19 +146,28 @@ def solve_priced(
     This is the Lagrangian of "least cost under one error budget summed over every layer, step
     and head": the budget goes wherever a unit of error buys the most cost, instead of the same
     ``delta`` at every layer and step. Larger ``delta`` compresses more; 0 keeps everything full.
+
+    ``rse`` is (heads, candidates), or any stack of such (``(..., heads, candidates)``, with
+    ``cost`` and ``allowed`` broadcast to it); ``delta`` a number or an array of budgets. Returns
+    the chosen candidate per head, shaped ``delta.shape + rse.shape[:-1]``.
     """
     rse = np.asarray(rse, dtype=np.float64)
-    cost = np.asarray(cost, dtype=np.float64)
-    ok = np.ones_like(rse, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    cost = np.broadcast_to(np.asarray(cost, dtype=np.float64), rse.shape)
+    ok = np.ones_like(rse, dtype=bool) if allowed is None else np.broadcast_to(np.asarray(allowed, dtype=bool), rse.shape)
     ok = ok & np.isfinite(rse)
-    if not (ok & (rse == 0)).any(axis=1).all():
+    if not (ok & (rse == 0)).any(axis=-1).all():
         raise ValueError("every head needs an allowed zero-error candidate ('full')")
-    if delta <= 0:
-        return np.argmax(ok & (rse == 0), axis=1)
-    price = np.where(ok, cost + np.where(ok, rse, 0.0) / delta + _TIE_BREAK * np.where(ok, rse, 0.0), np.inf)
+    deltas = np.asarray(delta, dtype=np.float64)
+    budget = deltas.reshape(deltas.shape + (1,) * rse.ndim)
+    safe = np.where(ok, rse, 0.0)
+    # A budget of 0 keeps everything full: its division is replaced below.
+    price = np.where(ok, cost + safe / np.where(budget > 0, budget, 1.0) + _TIE_BREAK * safe, np.inf)
     if uniform:
-        return np.full(rse.shape[0], int(np.argmin(price.sum(axis=0))))
-    return np.argmin(price, axis=1)
+        choice = np.repeat(np.argmin(price.sum(axis=-2), axis=-1)[..., None], rse.shape[-2], axis=-1)
+    else:
+        choice = np.argmin(price, axis=-1)
+    full = np.argmax(ok & (rse == 0), axis=-1)
+    return np.where(budget[..., 0] > 0, choice, full)
 
 
 def choose(rse, cost, delta: float, config, allowed=None) -> np.ndarray:
@@ -167,3 +176,17 @@ def choose(rse, cost, delta: float, config, allowed=None) -> np.ndarray:
         return solve_priced(rse, cost, delta, allowed, uniform=config.granularity == "layer")
     solve = solve_layer_uniform if config.granularity == "layer" else solve_layer
     return solve(rse, cost, delta, config.head_coefficient, allowed)
+
+
+def choose_many(rse, cost, deltas, config, allowed=None) -> np.ndarray:
+    """:func:`choose` at each of ``deltas`` for a stack of layer-steps ``(..., heads, candidates)``
+    (``cost`` and ``allowed`` broadcast to it): ``(budgets, ..., heads)``. The generation budget
+    solves them all at once; an integer program runs once per budget and layer-step."""
+    if config.budget == "generation":
+        return solve_priced(rse, cost, np.asarray(deltas, dtype=np.float64), allowed, uniform=config.granularity == "layer")
+    rse = np.asarray(rse, dtype=np.float64)
+    cost = np.broadcast_to(cost, rse.shape)
+    allowed = np.broadcast_to(np.ones(rse.shape, dtype=bool) if allowed is None else allowed, rse.shape)
+    stack = rse.reshape(-1, *rse.shape[-2:]), cost.reshape(-1, *rse.shape[-2:]), allowed.reshape(-1, *rse.shape[-2:])
+    rows = [[choose(r, c, float(d), config, a) for r, c, a in zip(*stack)] for d in deltas]
+    return np.array(rows, dtype=np.int64).reshape(len(deltas), *rse.shape[:-1])
