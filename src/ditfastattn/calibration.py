@@ -470,13 +470,13 @@ def _distinct(candidates, image_tokens: int) -> np.ndarray:
 
 
 def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas) -> np.ndarray:
-    """(budgets,) the summed sparsity of some steps whose ``scores`` (steps, layers, heads,
-    candidates: a pass's, or a prediction of them) are solved at each of ``deltas``; ``session``
-    (a finished pass) gives the resolution and the candidates' costs."""
+    """(budgets, steps) the sparsity of steps whose ``scores`` (steps, layers, heads, candidates:
+    a pass's, or a prediction of them) are solved at each of ``deltas``; ``session`` (a finished
+    pass) gives the resolution and the candidates' costs."""
     image_tokens, text_len = session.geometry
     candidates = session.candidates
     distinct = _distinct(candidates, image_tokens)
-    kept = np.zeros(len(deltas))
+    kept = np.zeros((len(deltas), len(scores)))
     total = 0.0
     for index, layer in enumerate(spec.layers):
         layer_text = text_len if layer.text else 0
@@ -485,9 +485,9 @@ def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas) -> n
         flops = np.array([m.cost(image_tokens, layer_text) for m in candidates])
         choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & distinct)  # (budgets, steps, heads)
         per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
-        kept += per_head * flops[choice].sum(axis=(1, 2))
+        kept += per_head * flops[choice].sum(axis=2)
         total += per_head * layer.heads
-    return len(scores) - kept / total
+    return 1.0 - kept / total
 
 
 def _curves(session, spec, config: SearchConfig, deltas) -> np.ndarray:
@@ -495,10 +495,10 @@ def _curves(session, spec, config: SearchConfig, deltas) -> np.ndarray:
     between samples take the nearest sample's row, and step 0 always computes everything."""
     steps = session.plan.num_steps
     sampled = _sampled_steps(steps, len(spec.layers), config)
-    rows = {step: _curve(session, spec, config, session.rse[[step]], deltas) for step in sampled}
+    rows = _curve(session, spec, config, session.rse[sampled], deltas).T
     curves = np.zeros((steps, len(deltas)))
     for step in range(1, steps):
-        curves[step] = rows[min(sampled, key=lambda s: abs(step - s))]
+        curves[step] = rows[int(np.argmin([abs(step - s) for s in sampled]))]
     return curves
 
 
@@ -603,7 +603,7 @@ class TargetController:
                 self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry)
         realized = np.array([self.realized[t] for t in range(1, step)])
         if self.resolve:
-            rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas)
+            rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas).sum(axis=1)
         else:
             shift = self._shift(step, session, realized)
             rest = self._moved(shift)[step:].sum(axis=0)

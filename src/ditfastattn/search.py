@@ -160,8 +160,12 @@ def solve_priced(
     deltas = np.asarray(delta, dtype=np.float64)
     budget = deltas.reshape(deltas.shape + (1,) * rse.ndim)
     safe = np.where(ok, rse, 0.0)
-    # A budget of 0 keeps everything full: its division is replaced below.
-    price = np.where(ok, cost + safe / np.where(budget > 0, budget, 1.0) + _TIE_BREAK * safe, np.inf)
+    # cost + rse / delta + tie-break, built in place (many budgets make it large); a budget of 0
+    # keeps everything full: its division is replaced below.
+    price = safe / np.where(budget > 0, budget, 1.0)
+    price += cost
+    price += _TIE_BREAK * safe
+    np.copyto(price, np.inf, where=~ok)
     if uniform:
         choice = np.repeat(np.argmin(price.sum(axis=-2), axis=-1)[..., None], rse.shape[-2], axis=-1)
     else:
