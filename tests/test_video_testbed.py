@@ -226,6 +226,12 @@ def test_calibration_runs_and_its_plan_replays():
                           pipeline_kwargs={"num_frames": FRAMES})
     plan = ditfastattn.calibrate(pipe, prompts, search, progress=False)
     assert 0 < plan.summary()["sparsity"] < 1
+    # The plan records the video grid, so tile windows on it can be counted.
+    grid = plan.provenance["grid"]
+    assert math.prod(grid) == plan.provenance["num_image_tokens"] and len(plan.provenance["tile"]) == 3
+    tiled = Plan(plan.model, [[["tile:0,0,0"] * len(heads) for heads in layers] for layers in plan.methods],
+                 plan.provenance)
+    assert 0 < tiled.summary()["sparsity"] < 1
     ditfastattn.apply(pipe, plan)
     assert torch.isfinite(run(pipe, batch=2, **{k: torch.cat([p[k] for p in prompts]) for k in prompts[0]})).all()
     ditfastattn.remove(pipe)

@@ -387,6 +387,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                         for key, value in seconds.items()},
         },
     }
+    if session.tiles is not None:  # tile: windows need the grid to be counted and drawn
+        provenance.update(grid=list(session.tiles.grid), tile=list(session.tiles.tile))
     if config.target is not None:
         provenance["search"].update(
             {
