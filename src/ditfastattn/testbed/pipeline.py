@@ -43,6 +43,11 @@ SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 DEFAULT_GUIDANCE_SCALE = 4.0
 
 
+def _check_output_type(output_type: str) -> None:
+    if output_type not in ("pil", "pt", "np", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
+
+
 class _TestbedPipeline(DiffusionPipeline):
     kind: str
 
@@ -84,6 +89,18 @@ class _TestbedPipeline(DiffusionPipeline):
         embeds = [prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds]
         return [None if e is None else e.to(device, dtype) for e in embeds]
 
+    def _true_cfg(self, latents, predict, cond, uncond, guidance_scale, do_cfg):
+        """Sampling with true CFG as two calls per step, positive then negative (FLUX, HunyuanVideo):
+        ``predict(latents, timestep, states, pooled)``, ``cond``/``uncond`` its (states, pooled)."""
+        for t in self.progress_bar(self.scheduler.timesteps):
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            noise_pred = predict(latents, timestep, *cond)
+            if do_cfg:
+                neg_noise_pred = predict(latents, timestep, *uncond)
+                noise_pred = neg_noise_pred + guidance_scale * (noise_pred - neg_noise_pred)
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        return latents
+
     @torch.no_grad()
     def __call__(
         self,
@@ -107,8 +124,7 @@ class _TestbedPipeline(DiffusionPipeline):
         denoised sample, (N, 3, H, W) in the model's dtype and range)."""
         if height % 4 or width % 4 or max(height, width) > 64:
             raise ValueError(f"height and width must be multiples of 4, at most 64; got {height}x{width}")
-        if output_type not in ("pil", "pt", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
+        _check_output_type(output_type)
         do_cfg = guidance_scale > 1.0
         embeds = self._embeddings(
             do_cfg,
@@ -187,13 +203,7 @@ class FluxTestbedPipeline(_TestbedPipeline):
                 return_dict=False,
             )[0]
 
-        for t in self.progress_bar(self.scheduler.timesteps):
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            noise_pred = predict(latents, timestep, states, pooled)
-            if do_cfg:
-                neg_noise_pred = predict(latents, timestep, neg_states, neg_pooled)
-                noise_pred = neg_noise_pred + guidance_scale * (noise_pred - neg_noise_pred)
-            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        latents = self._true_cfg(latents, predict, (states, pooled), (neg_states, neg_pooled), guidance_scale, do_cfg)
         return unpack_flux(latents, height, width)
 
 
@@ -232,8 +242,7 @@ class VideoTestbedPipeline(_TestbedPipeline):
                 f"num_frames must be a multiple of {config.patch_size_t}, height and width of {config.patch_size}; "
                 f"got {num_frames} frames of {height}x{width}"
             )
-        if output_type not in ("pil", "pt", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
+        _check_output_type(output_type)
         do_cfg = guidance_scale > 1.0
         states, pooled, neg_states, neg_pooled = self._embeddings(
             do_cfg,
@@ -249,7 +258,7 @@ class VideoTestbedPipeline(_TestbedPipeline):
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
 
-        def predict(timestep, text_states, text_pooled):
+        def predict(latents, timestep, text_states, text_pooled):
             return self.transformer(
                 hidden_states=latents,
                 timestep=timestep,
@@ -260,13 +269,7 @@ class VideoTestbedPipeline(_TestbedPipeline):
                 return_dict=False,
             )[0]
 
-        for t in self.progress_bar(self.scheduler.timesteps):
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            noise_pred = predict(timestep, states, pooled)
-            if do_cfg:
-                neg_noise_pred = predict(timestep, neg_states, neg_pooled)
-                noise_pred = neg_noise_pred + guidance_scale * (noise_pred - neg_noise_pred)
-            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        latents = self._true_cfg(latents, predict, (states, pooled), (neg_states, neg_pooled), guidance_scale, do_cfg)
         self.maybe_free_model_hooks()
         if output_type == "latent":  # pixel space: the denoised sample before the [0, 1] mapping
             return HunyuanVideoPipelineOutput(frames=latents) if return_dict else (latents,)
