@@ -329,3 +329,14 @@ def test_training_from_text_states_needs_no_encoder(text_states, tmp_path, monke
     config = json.loads((tmp_path / "video_train_config.json").read_text())
     assert config["steps"] == 2 and config["scene_pool"]["scenes"] == 6
     assert (tmp_path / "video_samples.png").is_file()
+
+
+def test_bundled_video_testbed_follows_its_captions():
+    pipe = load_pipeline("video")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a small yellow circle at the top right on black", "a large orange cross at the left on white"]
+    frames = pipe(prompts, num_inference_steps=4, num_frames=4, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").frames
+    assert frames.shape == (2, 4, 3, 48, 48)
+    dark, light = frames.mean(dim=(1, 2, 3, 4)).tolist()
+    assert dark < 0.2 and light > 0.8, (dark, light)
