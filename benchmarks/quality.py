@@ -50,6 +50,7 @@ AT = (0.4, 0.5, 0.6, 0.7, 0.8)
 UNIFORM = ("arrow:0.75", "arrow:0.5", "arrow:0.375", "arrow:0.25", "arrow:0.125")
 STEP_CACHE_PERIODS = (2, 3, 4, 5)
 TARGETS = (0.5, 0.6, 0.7)
+CALIBRATION_SEED = 7  # grammar seed of calibration prompts beyond the 8 bundled ones
 
 
 GENERATION_DELTAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -58,15 +59,19 @@ GENERATION_DELTAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 CURVE_TARGETS = (0.35, 0.45, 0.55, 0.65, 0.75, 0.85)
 
 
-def curves(kind: str) -> dict[str, dict]:
-    """Searched configurations: name -> SearchConfig changes ("measured" sensitivity is filled in
-    later; ``deltas`` picks the generation-budget grid, whose delta is an exchange rate; ``targets``
+def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
+    """Searched configurations: name -> SearchConfig changes (the sensitivity is filled in later:
+    "measured" is the probes' layer and step weights, "measured+heads" adds the head weights;
+    ``deltas`` picks the generation-budget grid, whose delta is an exchange rate; ``targets``
     draws the curve through target sparsities instead)."""
     generation = {"head_coefficient": None, "budget": "generation", "deltas": GENERATION_DELTAS}
-    stepped = {"head_coefficient": None, "budget": "generation", "sensitivity": "measured", "targets": CURVE_TARGETS}
+    stepped = {"head_coefficient": None, "budget": "generation", "sensitivity": "measured", "targets": targets}
+    headed = {**stepped, "sensitivity": "measured+heads"}
     named = {
         "generation budget + step sensitivity": stepped,
         "layer-wise, generation budget + step sensitivity": {**stepped, "granularity": "layer"},
+        "generation budget + step and head sensitivity": headed,
+        "layer-wise, generation budget + step and head sensitivity": {**headed, "granularity": "layer"},
         "generation budget + sensitivity": {**generation, "sensitivity": "measured"},
         "generation budget": generation,
         "layer-wise, generation budget": {**generation, "granularity": "layer"},
@@ -86,6 +91,11 @@ def curves(kind: str) -> dict[str, dict]:
     return named
 
 
+# Pairs of searched curves compared besides head-wise against layer-wise and the baselines.
+ABLATIONS = {
+    ("generation budget + step and head sensitivity", "generation budget + step sensitivity"),
+}
+
 # Target checks: name -> SearchConfig changes.
 TARGET_CONFIGS = {
     "generation budget + sensitivity": {"head_coefficient": None, "budget": "generation", "sensitivity": "measured"},
@@ -99,13 +109,24 @@ def step_cache_plan(transformer, steps: int, period: int) -> Plan:
     return Plan(plan.model, rows, {"source": f"step cache, every {period}", "num_image_tokens": 1024, "text_len": 32})
 
 
-def save_embeddings(path: Path, heldout_seed: int) -> None:
+def save_embeddings(path: Path, heldout_seed: int, calibration: int) -> None:
     from ditfastattn.testbed.text import encode_prompts
 
-    texts = load_prompts("calibration") + heldout_prompts(heldout_seed) + [""]
+    texts = calibration_prompts(calibration, heldout_seed) + heldout_prompts(heldout_seed) + [""]
     states, pooled = encode_prompts(texts)
     torch.save({"prompts": texts, "states": states, "pooled": pooled}, path)
     print(f"{len(texts)} prompt embeddings -> {path}")
+
+
+def calibration_prompts(count: int, heldout_seed: int) -> list[str]:
+    """The bundled calibration prompts, then (beyond them) captions drawn from the testbed's
+    grammar with ``CALIBRATION_SEED``, none of them held out."""
+    bundled = load_prompts("calibration")
+    if count <= len(bundled):
+        return bundled[:count]
+    taken = set(bundled) | set(heldout_prompts(heldout_seed))
+    drawn = [c for c in sample_captions(4 * count, seed=CALIBRATION_SEED) if c not in taken]
+    return bundled + drawn[: count - len(bundled)]
 
 
 def heldout_prompts(seed: int, count: int = 16) -> list[str]:
@@ -207,21 +228,21 @@ def run(kind: str, args, save) -> dict:
     keeps what it finished."""
     pipe = load_pipeline(kind, device=args.device, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    calibration = load_prompts("calibration")[: args.prompts]
+    calibration = calibration_prompts(args.prompts, args.heldout_seed)
     heldout = heldout_prompts(args.heldout_seed)[: args.heldout]
     base = SearchConfig(num_inference_steps=args.steps, candidates=SETS["AA+OC"], seed=0)
     references = {seed: images(pipe, heldout, args.steps, seed) for seed in args.seeds}
-    started = time.perf_counter()
-    sensitivity = dict(calibrate(
-        pipe, calibration, dataclasses.replace(base, delta=0.0, sensitivity="measure"), progress=False
-    ).provenance["search"]["sensitivity"])
-    result = {"plans": {}, "groups": {}, "targets": {}, "sensitivity": sensitivity,
-              "sensitivity_seconds": round(time.perf_counter() - started, 1)}
-    print(f"  {kind} sensitivity ({result['sensitivity_seconds']} s): {sensitivity}", flush=True)
+    sensitivity, seconds = measured_sensitivity(pipe, kind, calibration, base, args.sensitivity)
+    result = {"plans": {}, "groups": {}, "targets": {}, "sensitivity": sensitivity, "sensitivity_seconds": seconds}
+    print(f"  {kind} sensitivity ({seconds} s): layers {sensitivity['layers']}, steps {sensitivity['steps']}", flush=True)
+    # The probes' layer and step weights alone, and with the head weights.
+    by_name = {"measured": {k: v for k, v in sensitivity.items() if k != "heads"}, "measured+heads": sensitivity}
 
     def changes_of(changes):
         changes = {k: v for k, v in changes.items() if k not in ("deltas", "targets")}
-        return {**changes, "sensitivity": sensitivity} if changes.get("sensitivity") == "measured" else changes
+        if changes.get("sensitivity") in by_name:
+            changes["sensitivity"] = by_name[changes["sensitivity"]]
+        return changes
 
     def add(group, plans):
         result["plans"].update(score_plans(pipe, plans, heldout, args.steps, references))
@@ -249,7 +270,7 @@ def run(kind: str, args, save) -> dict:
             }
         print(f"  {kind} targets: {result['targets']}", flush=True)
     selected = [c.strip() for c in args.curves.split(";")] if args.curves else None
-    for curve, changes in curves(kind).items():
+    for curve, changes in curves(kind, args.targets).items():
         if selected is not None and curve not in selected:
             continue
         plans = {}
@@ -277,6 +298,25 @@ def run(kind: str, args, save) -> dict:
     return result
 
 
+def measured_sensitivity(pipe, kind: str, calibration, base: SearchConfig, folder: Path | None) -> tuple[dict, float]:
+    """The sensitivity measurement of ``kind`` and the seconds it took: read from ``folder`` when
+    it holds one for the same calibration prompts and steps, else measured (and written there)."""
+    path = None if folder is None else folder / f"sensitivity_{kind}_{len(calibration)}x{base.num_inference_steps}.json"
+    if path is not None and path.is_file():
+        stored = json.loads(path.read_text())
+        if stored["prompts"] == calibration:
+            return stored["sensitivity"], stored["seconds"]
+    started = time.perf_counter()
+    sensitivity = dict(calibrate(
+        pipe, calibration, dataclasses.replace(base, delta=0.0, sensitivity="measure"), progress=False
+    ).provenance["search"]["sensitivity"])
+    seconds = round(time.perf_counter() - started, 1)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"prompts": calibration, "seconds": seconds, "sensitivity": sensitivity}))
+    return sensitivity, seconds
+
+
 def statistics(result: dict, resamples: int) -> dict:
     """Matched-sparsity tables and paired differences from a result's per-plan rows."""
     rows, groups = result["plans"], result["groups"]
@@ -286,7 +326,7 @@ def statistics(result: dict, resamples: int) -> dict:
         result[f"{metric}_differences"] = {
             f"{a} - {b}": differences(stats["values"], a, b)
             for a in groups for b in groups if a != b and (a.startswith("head-wise") or a.startswith("generation"))
-            and (b.startswith("layer-wise") or b in ("uniform window", "step cache"))
+            and (b.startswith("layer-wise") or b in ("uniform window", "step cache") or (a, b) in ABLATIONS)
         }
     return result
 
@@ -327,8 +367,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("generation budget + step sensitivity", "layer-wise, generation budget + step sensitivity",
-             "generation budget", "layer-wise, generation budget", "head-wise, c=1.5", "layer-wise, c=1.5",
+    shown = ("generation budget + step and head sensitivity", "layer-wise, generation budget + step and head sensitivity",
+             "generation budget + step sensitivity", "layer-wise, generation budget + step sensitivity", "generation budget", "layer-wise, generation budget", "head-wise, c=1.5", "layer-wise, c=1.5",
              "uniform window", "step cache")
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
     for column, (kind, result) in enumerate(results.items()):
@@ -355,7 +395,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--prompts", type=int, default=8, help="calibration prompts (the bundled ones)")
+    parser.add_argument("--prompts", type=int, default=8,
+                        help="calibration prompts: the 8 bundled ones, then drawn from the grammar (give the same "
+                             "number to --save-embeddings)")
     parser.add_argument("--heldout", type=int, default=16, help="held-out prompts")
     parser.add_argument("--heldout-seed", type=int, default=2026, help="grammar seed of the held-out prompts")
     parser.add_argument("--seeds", default="1,2", help="generation seeds")
@@ -364,6 +406,11 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--kinds", default="sd3,flux")
     parser.add_argument("--curves", default=None, help="';'-separated curve names to run (default: all)")
+    parser.add_argument("--targets", default=",".join(map(str, CURVE_TARGETS)),
+                        help="target sparsities of the curves drawn through targets")
+    parser.add_argument("--sensitivity", type=Path, default=None,
+                        help="folder of sensitivity measurements: reused when one matches the calibration prompts "
+                             "and steps, else measured and written there")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip uniform windows, the step cache and the target checks (to add curves to an earlier run with --render)")
     parser.add_argument("--out", default="benchmarks/results")
@@ -373,7 +420,7 @@ def main() -> None:
                         help="quality JSON files of single kinds: merge them into the tables and the plot, and stop")
     args = parser.parse_args()
     if args.save_embeddings:
-        save_embeddings(args.save_embeddings, args.heldout_seed)
+        save_embeddings(args.save_embeddings, args.heldout_seed, args.prompts)
         return
     out = Path(args.out)
     if args.render:
@@ -392,6 +439,7 @@ def main() -> None:
         return
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.deltas = [float(d) for d in args.deltas.split(",")]
+    args.targets = [float(t) for t in args.targets.split(",")]
     args.target_c = None if args.target_c.lower() == "none" else float(args.target_c)
     if args.embeddings:
         use_embeddings(args.embeddings)

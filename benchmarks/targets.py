@@ -4,7 +4,8 @@ Calibrates each testbed at each target with the recommended search (one budget o
 generation, scores weighted by measured step and layer sensitivity; head-wise, and layer-wise as
 the baseline) and prints the sparsity reached against the target. No images are generated.
 
-    PYTHONPATH=src python benchmarks/targets.py --device cuda --steps 20 --prompts 8 --out benchmarks/results
+    PYTHONPATH=src python benchmarks/targets.py --device cuda --steps 20 --prompts 8 --out benchmarks/results \
+        --embeddings EMB.pt   # the prompts' states from quality.py --save-embeddings, on a GPU machine without the encoder
     PYTHONPATH=src python benchmarks/targets.py --steps 12 --prompts 2    # CPU, about 20 minutes
 
 The sensitivity is measured once per testbed (about steps + layers passes), or read from a
@@ -79,7 +80,13 @@ def main() -> None:
     parser.add_argument("--granularities", default="head,layer")
     parser.add_argument("--sensitivity", type=Path, default=None, help="a quality.json whose measured sensitivity to reuse")
     parser.add_argument("--out", type=Path, default=None, help="folder for targets.json")
+    parser.add_argument("--embeddings", type=Path, default=None,
+                        help="precomputed prompt embeddings (quality.py --save-embeddings), for machines without the encoder")
     args = parser.parse_args()
+    if args.embeddings is not None:
+        from quality import use_embeddings
+
+        use_embeddings(args.embeddings)
     args.targets = [float(t) for t in args.targets.split(",")]
     args.granularities = args.granularities.split(",")
     started = time.perf_counter()
