@@ -25,6 +25,7 @@ from .adapters import adapter_for, check_cfg_sharing
 from .methods import parse_method
 from .plan import Plan
 from .runtime import _transformer_of
+from .runtime.parallel import context_parallel
 from .ops import IMPLEMENTATIONS
 from .search import choose_many, fit_delta
 from .sensitivity import KINDS as SENSITIVITY_KINDS
@@ -310,7 +311,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     if isinstance(prompts, (str, dict)):
         prompts = [prompts]
     kwargs, prompts_hash = prompt_kwargs(prompts)
-    adapter = adapter_for(transformer)
+    adapter = adapter_for(transformer, context_parallel=context_parallel(transformer))  # Ulysses: run_pass checks it
     check_cfg_sharing(adapter, config.candidates)
     spec = adapter.describe(transformer)
     call = _pipeline_call(pipe, config, kwargs)
@@ -387,6 +388,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                         for key, value in seconds.items()},
         },
     }
+    if context_parallel(transformer):  # searched on the scores of each rank's heads, pooled
+        provenance["search"]["ulysses_degree"] = session.degree
     if session.tiles is not None:  # tile: windows need the grid to be counted and drawn
         provenance.update(grid=list(session.tiles.grid), tile=list(session.tiles.tile))
     if config.target is not None:

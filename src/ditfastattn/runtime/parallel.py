@@ -196,10 +196,11 @@ class Ulysses:
         return self._scatter(out, streams, local)
 
     def _stock_only(self, layer: LayerRuntime, reason: str) -> None:
-        """Whether a call that only the stock attention expresses (``reason``) may run it."""
+        """Raise unless a call that only the stock attention expresses (``reason``) may run it (by default,
+        calibration's: never, as it cannot score it)."""
         raise NotImplementedError(
-            f"{layer.name}: {reason} runs only the stock attention, which {type(self).__name__} cannot follow under "
-            "context parallelism; run it without context parallelism"
+            f"{layer.name}: {reason} runs only the stock attention, whose output calibration cannot score under "
+            "context parallelism; calibrate on one whole model per process"
         )
 
     def _runs_stock(self, layer: LayerRuntime, layout: TokenLayout, q) -> bool:
