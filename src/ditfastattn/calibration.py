@@ -301,6 +301,11 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     Returns a :class:`Plan` that keeps every candidate's per-head scores, the settings, and a hash
     of the prompts. Applying it with :func:`ditfastattn.apply` to the same prompts and seed
     reproduces the calibration run's outputs bit for bit.
+
+    Under diffusers' Ulysses context parallelism, call it on every rank with the same prompts and
+    config: each rank scores its own heads, the scores are pooled, and every rank returns the same
+    plan of all heads (the one a single process finds, up to float rounding of the scores), which
+    applies with or without parallelism. Ring attention and tensor parallelism are refused.
     """
     config = SearchConfig() if config is None else config
     if not isinstance(config, SearchConfig):
