@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 benchmarks/parallel.py    # 2 GPUs: results/parallel_2gpu.json
     torchrun --nproc-per-node 4 benchmarks/parallel.py    # 4 GPUs: results/parallel_4gpu.json
     python benchmarks/parallel.py --smoke                  # CPU, 2 gloo processes, tiny FLUX: checks the script
+    torchrun --nproc-per-node 2 benchmarks/parallel.py --calibrate 0.2   # also times calibration
 
 One process per GPU, each holding the whole model (random bf16 weights, eager), at 2048x2048
 (16384 image tokens, 512 text). Two synthetic plans at attention sparsity 0.68 (``--target``):
@@ -18,6 +19,11 @@ the full heads of a layer. In one run:
   layer's all-to-all waits for its slowest rank, so ``imbalance`` = sum over (step, layer) of the
   slowest rank's time / sum of the ranks' mean (1.0 is even); ``slowest_over_mean`` compares the
   ranks' totals. The placement's own estimate (from FLOPs) is logged alongside.
+
+With ``--calibrate DELTA``, ``ditfastattn.calibrate`` (one prompt, ``--steps`` steps, budget DELTA)
+runs on one GPU and under Ulysses (a FluxPipeline over the same transformer, precomputed prompt
+embeddings, no VAE): wall seconds of each, and the share of (step, layer, head) choices the two
+plans agree on (1.0 but for ties that bf16 rounding flips).
 
 Step times: median of steps 1..N-1 of one generation (CUDA events on rank 0, after a 2-step
 warm-up generation). Targets: a plan's speed-up under Ulysses within 5% of its one-GPU speed-up,
@@ -37,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from e2e import FLUX_DEV, FLUX_TINY, build_transformer, environment, measure, model_inputs, synthetic_plan, timesteps
 
 import ditfastattn
@@ -108,6 +115,18 @@ def rank_attention_ms(plan, rank: int, world: int, image_tokens: int, text_len: 
     return table
 
 
+def calibration(pipe, inputs, args, size: int, impl: str) -> tuple[dict, ditfastattn.Plan]:
+    """Wall seconds and sparsity of ``ditfastattn.calibrate`` on ``pipe`` at ``--calibrate``, and its plan."""
+    prompt = {"prompt_embeds": inputs["encoder_hidden_states"], "pooled_prompt_embeds": inputs["pooled_projections"]}
+    config = ditfastattn.SearchConfig(delta=args.calibrate, num_inference_steps=args.steps, height=size, width=size,
+                                      impl=impl)
+    started = time.perf_counter()
+    plan = ditfastattn.calibrate(pipe, [prompt], config, progress=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - started, "sparsity": plan.summary()["sparsity"]}, plan
+
+
 def imbalance(per_rank: list[list[list[float]]]) -> dict:
     """Imbalance of the ranks' (steps, layers) attention times."""
     cells = list(zip(*(sum(table, []) for table in per_rank)))  # per (step, layer): every rank's time
@@ -146,10 +165,17 @@ def run(rank: int, world: int, args) -> dict | None:
         finally:
             ditfastattn.remove(model)
 
+    pipe = None
+    if args.calibrate is not None:
+        pipe = FluxPipeline(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                            tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     if rank == 0:
         single = result["one_gpu"] = {"stock": measure(model, inputs, steps)}
         for name, plan in plans.items():
             single[name] = timed_plan(plan)
+        if pipe is not None:
+            result["calibration"] = {"delta": args.calibrate}
+            result["calibration"]["one_gpu"], one_plan = calibration(pipe, inputs, args, size, impl)
     dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
     from diffusers.models._modeling_parallel import ContextParallelConfig
@@ -159,6 +185,12 @@ def run(rank: int, world: int, args) -> dict | None:
     for name, plan in plans.items():
         ulysses[name] = timed_plan(plan)
         ulysses[f"{name}_balanced"] = timed_plan(plan, balance_heads=True)
+    if pipe is not None:
+        calibrated, many_plan = calibration(pipe, inputs, args, size, impl)
+        if rank == 0:
+            choices = [a == b for rows, others in zip(one_plan.methods, many_plan.methods)
+                       for heads, other in zip(rows, others) for a, b in zip(heads, other)]
+            result["calibration"]["ulysses"] = {**calibrated, "same_choices": sum(choices) / len(choices)}
 
     attention = {}
     for name, plan in plans.items():
@@ -197,6 +229,11 @@ def table(result: dict) -> str:
         lines.append(f"{variant:22} {base.get('ms', float('nan')):8.2f} {row['ms']:8.2f} "
                      f"{row.get('speedup', 1.0):8.3f} {row.get('of_one_gpu_speedup', float('nan')):8.3f} "
                      f"{row['scaling']:8.3f}")
+    if "calibration" in result:
+        cal = result["calibration"]
+        lines.append(f"calibrate at delta {cal['delta']:g}: 1 GPU {cal['one_gpu']['seconds']:.1f} s (sparsity "
+                     f"{cal['one_gpu']['sparsity']:.3f}), {world} GPUs {cal['ulysses']['seconds']:.1f} s (sparsity "
+                     f"{cal['ulysses']['sparsity']:.3f}); same choices {cal['ulysses']['same_choices']:.4f}")
     lines.append("attention per rank (ms, steps 1..): imbalance (sum of slowest / mean), slowest total / mean")
     for name, row in result["attention"].items():
         ranks = " ".join(f"{ms:8.1f}" for ms in row["rank_ms"])
@@ -229,6 +266,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="image side in pixels (default 2048)")
     parser.add_argument("--steps", type=int, default=6, help="steps per generation (default 6)")
     parser.add_argument("--target", type=float, default=0.68, help="attention sparsity of the plans (default 0.68)")
+    parser.add_argument("--calibrate", type=float, default=None, metavar="DELTA",
+                        help="also time ditfastattn.calibrate at this budget, on one GPU and under Ulysses")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON (default results/parallel_<N>gpu.json; smoke: out/parallel_smoke.json)")
     args = parser.parse_args()

@@ -1,5 +1,5 @@
-"""diffusers' parallelism: plans under Ulysses context parallelism (two gloo processes on the CPU),
-and what ditfastattn refuses, before changing anything."""
+"""diffusers' parallelism: plans applied and calibrated under Ulysses context parallelism (two gloo
+processes on the CPU), and what ditfastattn refuses, before changing anything."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import time
 
 import pytest
 import torch
-from conftest import embeds, flux_pipeline, tiny_flux
-from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+import numpy as np
+from conftest import embeds, flux_pipeline, tiny_flux, tiny_vae
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, QwenImageTransformer2DModel
 
 import ditfastattn
 from ditfastattn.plan import Plan
@@ -124,9 +125,9 @@ def _ulysses_rank(rank: int, directory: str) -> None:
         dist.destroy_process_group()
 
 
-def _run_ranks(directory, timeout_s: float = 120.0) -> list[dict]:
-    """Fork WORLD ranks (spawning re-imports torch and diffusers: tens of seconds on 2 cores)."""
-    context = torch.multiprocessing.start_processes(_ulysses_rank, args=(str(directory),), nprocs=WORLD, join=False,
+def _run_ranks(directory, rank_fn=_ulysses_rank, timeout_s: float = 120.0) -> list[dict]:
+    """Fork WORLD ranks running ``rank_fn`` (spawning re-imports torch and diffusers: tens of seconds on 2 cores)."""
+    context = torch.multiprocessing.start_processes(rank_fn, args=(str(directory),), nprocs=WORLD, join=False,
                                                     start_method="fork")
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1.0):  # raises with the rank's traceback if one fails
@@ -245,8 +246,136 @@ def test_parallelism_enabled_after_apply_is_refused_at_the_next_call():
     ditfastattn.remove(model)
 
 
-def test_calibration_under_context_parallelism_names_what_runs():
+# Calibration: FluxPipeline over the 4-head FLUX, 8 text tokens and 16 x 24 image tokens (Ulysses
+# splits both), two prompts; each search on both ranks and in one process.
+SEARCHES = {
+    "delta": {"delta": 0.3},
+    "target": {"target_sparsity": 0.45},
+    "sensitivity": {"delta": 0.3, "sensitivity": "measure"},
+    "residual": {"delta": 0.05, "candidates": ("full", "arrow:0.125", "arrow_residual:0.125")},  # full heads at later steps
+    "all_full": {"delta": 0.0},
+}
+
+
+def four_head_flux_pipeline() -> FluxPipeline:
+    return FluxPipeline(transformer=four_head_flux(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(),
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+
+
+def calibration_prompts() -> list[dict]:
+    generator = torch.Generator().manual_seed(5)
+    return [{"prompt_embeds": torch.randn(1, TEXT, 16, generator=generator),
+             "pooled_prompt_embeds": torch.randn(1, 16, generator=generator)} for _ in range(2)]
+
+
+def search(name: str) -> ditfastattn.SearchConfig:
+    # 1 pixel per latent (the tiny VAE), 2 x 2 latents per token
+    return ditfastattn.SearchConfig(num_inference_steps=STEPS + 1, height=2 * ROWS, width=2 * COLS, impl="reference",
+                                    **SEARCHES[name])
+
+
+def _transformer_outputs(pipe, run) -> list[torch.Tensor]:
+    """The transformer's outputs while ``run()`` runs ``pipe``."""
+    outs = []
+
+    def keep(module, args, output):
+        outs.append(torch.empty_like(output[0]).copy_(output[0]))  # a plain tensor (CP gathers lazily)
+
+    handle = pipe.transformer.register_forward_hook(keep)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return outs
+
+
+def _calibrating_rank(rank: int, directory: str) -> None:
+    """One rank: every search on the Ulysses pipeline (plans to files), and stock Ulysses's outputs."""
+    import torch.distributed as dist
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    torch.set_num_threads(1)
+    torch.accelerator.device_count = lambda: 1
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        pipe = four_head_flux_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        prompts = calibration_prompts()
+        result = {}
+        for name in SEARCHES:
+            outs = _transformer_outputs(
+                pipe, lambda: ditfastattn.calibrate(pipe, prompts, search(name), progress=False).save(
+                    f"{directory}/rank{rank}-{name}.json"))
+            if name == "all_full":
+                result["calibrated_all_full"] = outs
+        batch = {key: torch.cat([p[key] for p in prompts]) for key in prompts[0]}
+        config = search("all_full")
+        result["stock"] = _transformer_outputs(pipe, lambda: pipe(
+            **batch, num_inference_steps=config.num_inference_steps, height=config.height, width=config.width,
+            generator=torch.Generator().manual_seed(config.seed), output_type="latent"))
+        torch.save(result, f"{directory}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _rse(plan: Plan) -> np.ndarray:
+    return np.array([[np.nan if layer is None else layer for layer in step] for step in plan.scores["rse"][1:]],
+                    dtype=np.float64)
+
+
+def test_calibration_under_ulysses_matches_one_process(tmp_path):
+    pipe = four_head_flux_pipeline()
+    single = {name: ditfastattn.calibrate(pipe, calibration_prompts(), search(name), progress=False) for name in SEARCHES}
+    ranks = _run_ranks(tmp_path, _calibrating_rank, timeout_s=300.0)
+    for name, want in single.items():
+        plans = [Plan.load(tmp_path / f"rank{rank}-{name}.json") for rank in range(WORLD)]
+        for plan in plans[1:]:  # every rank solved the same programs on the same pooled scores
+            assert plan == plans[0] and plan.scores == plans[0].scores
+        got = plans[0]
+        assert got == want, name  # the same method for every head of every layer at every step
+        # Scores differ by float32 rounding (Ulysses's key order, the layer variance pooled over the ranks:
+        # ~1e-6 relative, measured 5e-6), and plans store them to 7 decimals.
+        np.testing.assert_allclose(_rse(got), _rse(want), rtol=1e-4, atol=1e-6)
+        assert got.provenance["search"]["candidates"] == list(search(name).candidates)
+        assert got.provenance["search"]["ulysses_degree"] == WORLD and "ulysses_degree" not in want.provenance["search"]
+    assert single["delta"].summary()["sparsity"] > 0.2  # the searches compress: their choices are tested
+    # residual heads, and heads that ran full at different later steps (each rank keeps its own residuals)
+    residual = single["residual"].methods
+    assert any(m.startswith("arrow_residual") for rows in residual for heads in rows for m in heads)
+    assert any(len(set(heads)) > 1 and "full" in heads for rows in residual[2:] for heads in rows)
+    targeted = [single["target"].provenance["search"], Plan.load(tmp_path / "rank0-target.json").provenance["search"]]
+    assert targeted[1]["target_sparsity"] == 0.45 and targeted[1]["delta"] == pytest.approx(targeted[0]["delta"], rel=1e-3)
+    np.testing.assert_allclose(targeted[1]["delta_per_step"], targeted[0]["delta_per_step"], rtol=1e-3)
+    weights = [single["sensitivity"].provenance["search"]["sensitivity"],
+               Plan.load(tmp_path / "rank0-sensitivity.json").provenance["search"]["sensitivity"]]
+    np.testing.assert_allclose(list(weights[1]["layers"].values()), list(weights[0]["layers"].values()), rtol=1e-3)
+    # delta 0: every head full, and the calibration pass is stock context parallelism bit for bit
+    assert all(m == "full" for rows in single["all_full"].methods for heads in rows for m in heads)
+    for rank in ranks:
+        assert len(rank["stock"]) == STEPS + 1
+        assert all(torch.equal(a, b) for a, b in zip(rank["calibrated_all_full"], rank["stock"], strict=True))
+    # The plan calibrated under Ulysses applies to one whole model.
+    ditfastattn.apply(pipe, Plan.load(tmp_path / "rank1-delta.json"), impl="reference")
+    ditfastattn.remove(pipe)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"ring_degree": 2}, r"ring attention \(ring_degree=2\) is not supported.*Use Ulysses"),
+    ({"tp_degree": 2}, r"tensor parallelism .* apply\(\) and calibrate\(\) also Ulysses context parallelism"),
+])
+def test_calibration_refuses_unsupported_parallelism_before_any_pass(config, message):
+    pipe = flux_pipeline()
+    _fake_parallel(pipe.transformer, **config)
+    with pytest.raises(ValueError, match=message):
+        ditfastattn.calibrate(pipe, [embeds()], ditfastattn.SearchConfig(num_inference_steps=2, height=16, width=16))
+    assert not hasattr(pipe.transformer, "_ditfastattn_session")
+
+
+def test_evaluation_under_context_parallelism_names_what_runs():
+    from ditfastattn.evaluation import evaluate
+
     pipe = flux_pipeline()
     _fake_parallel(pipe.transformer, ulysses_degree=2)
-    with pytest.raises(ValueError, match=r"only apply\(\) runs there \(Ulysses\).*calibrate on a model loaded without"):
-        ditfastattn.calibrate(pipe, [embeds()], ditfastattn.SearchConfig(num_inference_steps=2, height=16, width=16))
+    with pytest.raises(ValueError, match=r"apply\(\) and calibrate\(\) run there \(Ulysses\)\. Evaluation runs one whole"):
+        evaluate(pipe, [embeds()], {"plan": Plan.uniform(pipe.transformer, 2, "full")}, num_inference_steps=2)

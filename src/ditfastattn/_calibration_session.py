@@ -27,6 +27,7 @@ from ._geometry import MODE_SKIP
 from .methods import Method, parse_method
 from .plan import Plan
 from .runtime import LayerRuntime, Session, _Buffers, compile_row, install, uninstall
+from .runtime.parallel import Ulysses, context_parallel
 from .search import choose
 
 logger = logging.getLogger("ditfastattn")
@@ -219,7 +220,7 @@ class _CalibrationSession(Session):
         if self.geometry is None and (text_len or not any(spec.text for spec in self.plan.model.layers)):
             self.geometry = (image_tokens, text_len)
             self.tiles = layer.geometry.layout.tile_grid()
-        methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
+        methods = [parse_method(name) for name in self._own_row(layer.index)]
         route_full = self.route_full(q, k, v, text_start, text_len, layer.geometry)
         compiled_key = (self.step, layer.index, image_tokens, q.device, route_full)
         if compiled_key not in self.compiled:
@@ -242,14 +243,16 @@ class _CalibrationSession(Session):
     def _residual_from(self, layer: int, methods: list[Method]) -> list[tuple[int, int]]:
         """(head, last plain-full step) of every arrow_residual head: the runtime's rule for which
         residual a head adds (a call slot that did not keep it computes the head instead)."""
-        return [(h, self.last_full.get((layer, h), 0)) for h, m in enumerate(methods) if m.reads_residual]
+        first = self.own_heads(layer).start
+        return [(h, self.last_full.get((layer, first + h), 0)) for h, m in enumerate(methods) if m.reads_residual]
 
     def _kept(self, layer: LayerRuntime, heads: int) -> torch.Tensor:
         """(heads,) bool on the host: whether this call slot kept each head's residual at the head's
         last plain-full step (``slot.captured``, which :meth:`_keep_residuals` fills)."""
         slot = layer.slots.get(self.call)
         captured = slot.captured if slot is not None else {}
-        return torch.tensor([captured.get(h) == self.last_full.get((layer.index, h), 0) for h in range(heads)])
+        first = self.own_heads(layer.index).start
+        return torch.tensor([captured.get(h) == self.last_full.get((layer.index, first + h), 0) for h in range(heads)])
 
     def _candidate_outputs(self, layer: LayerRuntime, q, k, v, text_start, text_len, exact):
         """Yield each candidate's :class:`_Candidate` one at a time, so memory stays bounded.
@@ -272,7 +275,7 @@ class _CalibrationSession(Session):
                 # Later calls are scored a step ahead: a head not kept computes exactly then, unless
                 # it runs full now and so keeps its residual for the next step (not measurable yet).
                 full_now = torch.tensor(
-                    [parse_method(name).exact for name in self.plan.methods[self.step][layer.index]]
+                    [parse_method(name).exact for name in self._own_row(layer.index)]
                 )
                 unmeasured = ~kept & full_now
             kept_mask = kept.to(q.device).view(1, 1, -1, 1)
@@ -332,7 +335,20 @@ class _CalibrationSession(Session):
             errors[candidate.index] = self._squared_errors(candidate, stock, layer.geometry.layout)
             if candidate.unmeasured is not None:
                 errors[candidate.index, candidate.unmeasured.to(q.device)] = float("nan")
-        return errors, layer_variance(stock, stats_impl(self.impl))
+        return self._whole_layer(errors, layer_variance(stock, stats_impl(self.impl)))
+
+    def _whole_layer(self, errors: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's (squared errors (candidates, heads), variance) from those of this session's heads."""
+        return errors, variance
+
+    def own_heads(self, layer: int) -> range:
+        """The heads of ``layer`` this session computes (context parallelism: its rank's)."""
+        return range(self.plan.model.layers[layer].heads)
+
+    def _own_row(self, layer: int) -> list[str]:
+        """The current step's methods of this session's heads of ``layer``."""
+        heads = self.own_heads(layer)
+        return self.plan.methods[self.step][layer][heads.start:heads.stop]
 
     def _scores(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> np.ndarray:
         """(heads, candidates) scores of this call plus the step's later calls as last measured."""
@@ -341,7 +357,7 @@ class _CalibrationSession(Session):
         return scores * self.weights[self.step, layer.index, : scores.shape[0]]
 
     def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
-        step, index, heads = self.step, layer.index, q.shape[2]
+        step, index, heads = self.step, layer.index, layer.spec.heads  # every head of the layer, wherever computed
         image_tokens, layer_text = q.shape[1] - text_len, text_len
         if measured:
             stock = dense()
@@ -431,7 +447,7 @@ class _CalibrationSession(Session):
         windows = self._residual_modes(q.shape[1] - text_len)
         if not windows:
             return
-        methods = [parse_method(name) for name in self.plan.methods[self.step][layer.index]]
+        methods = [parse_method(name) for name in self._own_row(layer.index)]
         full = [m.exact for m in methods]
         if not any(full):
             return
@@ -473,6 +489,23 @@ class _CalibrationSession(Session):
                 del self.residuals[key]
 
 
+class _UlyssesCalibrationSession(Ulysses, _CalibrationSession):
+    """Calibration on one rank of diffusers' Ulysses context parallelism: the rank scores its own
+    heads over the whole sequence (as the applied plan runs them), the layer's errors and variance
+    are pooled over the ranks (one all-gather per layer call), and every rank solves the same
+    program over all the layer's heads, then runs its own heads' methods."""
+
+    def __init__(self, transformer, plan, adapter, impl, **kwargs):
+        self.join(transformer, plan, adapter)
+        super().__init__(transformer, plan, adapter, impl, **kwargs)
+
+    def _whole_layer(self, errors: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        candidates, heads = errors.shape
+        gathered = self.all_gather(torch.cat([errors.flatten(), variance.view(1)]))  # (ranks, errors + variance)
+        errors = gathered[:, :-1].unflatten(1, (candidates, heads)).transpose(0, 1).flatten(1)  # heads in rank order
+        return errors, gathered[:, -1].sum()
+
+
 def _clone(output):
     """A copy of a transformer's output (a tensor, a tuple of them, or a diffusers output class)."""
     if torch.is_tensor(output):
@@ -499,11 +532,9 @@ def run_pass(
     steps = config.num_inference_steps
     initial = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
 
-    def make_session(transformer, plan, adapter, impl):
-        return _CalibrationSession(transformer, plan, adapter, impl, config=config, progress=bar, **session_kwargs)
-
-    session = install(pipe, initial, config.impl, session_cls=make_session)
     transformer = pipe.transformer
+    session_cls = _UlyssesCalibrationSession if context_parallel(transformer) else _CalibrationSession
+    session = install(pipe, initial, config.impl, session_cls=session_cls, config=config, progress=bar, **session_kwargs)
     handles = []
     if record is not None:
         def keep(module, args, kwargs, output):

@@ -25,6 +25,7 @@ from .adapters import adapter_for, check_cfg_sharing
 from .methods import parse_method
 from .plan import Plan
 from .runtime import _transformer_of
+from .runtime.parallel import context_parallel
 from .ops import IMPLEMENTATIONS
 from .search import choose_many, fit_delta
 from .sensitivity import KINDS as SENSITIVITY_KINDS
@@ -300,6 +301,11 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     Returns a :class:`Plan` that keeps every candidate's per-head scores, the settings, and a hash
     of the prompts. Applying it with :func:`ditfastattn.apply` to the same prompts and seed
     reproduces the calibration run's outputs bit for bit.
+
+    Under diffusers' Ulysses context parallelism, call it on every rank with the same prompts and
+    config: each rank scores its own heads, the scores are pooled, and every rank returns the same
+    plan of all heads (the one a single process finds, up to float rounding of the scores), which
+    applies with or without parallelism. Ring attention and tensor parallelism are refused.
     """
     config = SearchConfig() if config is None else config
     if not isinstance(config, SearchConfig):
@@ -310,7 +316,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     if isinstance(prompts, (str, dict)):
         prompts = [prompts]
     kwargs, prompts_hash = prompt_kwargs(prompts)
-    adapter = adapter_for(transformer)
+    adapter = adapter_for(transformer, context_parallel=context_parallel(transformer))  # Ulysses: run_pass checks it
     check_cfg_sharing(adapter, config.candidates)
     spec = adapter.describe(transformer)
     call = _pipeline_call(pipe, config, kwargs)
@@ -387,6 +393,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                         for key, value in seconds.items()},
         },
     }
+    if context_parallel(transformer):  # searched on the scores of each rank's heads, pooled
+        provenance["search"]["ulysses_degree"] = session.degree
     if session.tiles is not None:  # tile: windows need the grid to be counted and drawn
         provenance.update(grid=list(session.tiles.grid), tile=list(session.tiles.tile))
     if config.target is not None:

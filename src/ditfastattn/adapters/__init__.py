@@ -40,7 +40,8 @@ _ADAPTERS = _load()
 def adapter_for(transformer, *, context_parallel: bool = False) -> Adapter:
     """The adapter that runs ``transformer``; refuses one under diffusers' parallelism, which the
     runtime and calibration do not follow (they would see one rank's tokens or heads), unless
-    ``context_parallel`` (``apply``'s Ulysses session, which checks the configuration itself)."""
+    ``context_parallel`` (the Ulysses sessions of ``apply`` and ``calibrate``, which check the
+    configuration themselves)."""
     adapter = _match(transformer)
     if not context_parallel:
         _check_not_parallel(transformer)
@@ -66,9 +67,8 @@ def _check_not_parallel(transformer) -> None:
         raise ValueError(parallel_error(transformer, "tensor"))
     raise ValueError(
         f"this {type(transformer).__name__} runs under diffusers' context parallelism (enable_parallelism); of "
-        "ditfastattn, only apply() runs there (Ulysses). Calibration and evaluation run one whole model per process: "
-        "calibrate on a model loaded without parallel_config / enable_parallelism, then apply the plan to the "
-        "parallel model"
+        "ditfastattn, apply() and calibrate() run there (Ulysses). Evaluation runs one whole model per process: "
+        "evaluate on a model loaded without parallel_config / enable_parallelism"
     )
 
 
@@ -77,7 +77,7 @@ def parallel_error(transformer, kind: str) -> str:
     return (
         f"this {type(transformer).__name__} runs under diffusers' {kind} parallelism (enable_parallelism), which "
         "ditfastattn does not support; it supports one full model per process (a single GPU, or data parallelism "
-        "with a whole model on each GPU), and apply() also Ulysses context parallelism "
+        "with a whole model on each GPU), and apply() and calibrate() also Ulysses context parallelism "
         "(enable_parallelism(config=ContextParallelConfig(ulysses_degree=N)))"
     )
 

@@ -41,7 +41,7 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
         raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
     if not isinstance(plan, Plan):
         raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
-    adapter = adapter_for(transformer, context_parallel=session_cls is parallel.UlyssesSession)
+    adapter = adapter_for(transformer, context_parallel=getattr(session_cls, "context_parallel", False))
     plan.check_compatible(adapter.describe(transformer))
     check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads})
     stock = adapter.stock_processor_types()

@@ -14,6 +14,13 @@ an all-full plan is stock context parallelism bit for bit. Both paths exchange t
 in the same layout (a boolean key mask, such as Qwen-Image's text mask, is gathered after q, k and
 v, as diffusers gathers it), so ranks may take different paths in one call.
 
+Calibration runs there too (:class:`Ulysses` is the trade, mixed into a session class: the
+applied :class:`UlyssesSession`, and calibration's): each rank scores its own heads over the whole
+sequence, and :meth:`Ulysses.all_gather` pools what the layer's program needs, which every rank
+then solves alike. Such a session gathers every call (it scores them all, and keeps every output
+for the next step's cache candidate); its all-full rows run diffusers' attention on the tokens in
+diffusers' own gathered order, so that they equal stock context parallelism bit for bit too.
+
 ``balance_heads`` permutes each layer's heads (projection weights and plan together, see
 :mod:`ditfastattn.placement`) so that the ranks' per-step costs are even; ``remove()`` puts the
 weights back.
@@ -117,14 +124,121 @@ def _streams(layout: TokenLayout, local: int, degree: int) -> tuple[tuple[int, i
     return tuple(streams)
 
 
-class UlyssesSession(Session):
-    """A dynamic session on one Ulysses rank: the rank's heads of the plan, over the whole sequence."""
+def _reorder(t: torch.Tensor, streams, degree: int, dim: int, to_ours: bool) -> torch.Tensor:
+    """``t``'s whole sequence (along ``dim``) from diffusers' gathered order (rank by rank, each
+    rank's chunk of every stream) to the single-process order (stream by stream), or back."""
+    out = t.new_empty(t.shape)
+    ours, theirs = (out, t) if to_ours else (t, out)
+    chunks = theirs.unflatten(dim, (degree, t.shape[dim] // degree))
+    for offset, length, begin in streams:
+        mine = ours.narrow(dim, begin, length * degree).unflatten(dim, (degree, length))
+        rank_by_rank = chunks.narrow(dim + 1, offset, length)
+        (mine if to_ours else rank_by_rank).copy_(rank_by_rank if to_ours else mine)
+    return out
+
+
+class Ulysses:
+    """The Ulysses trade of a session class on one rank (mixed in before :class:`Session` or a
+    subclass of it): each attention call's chunk of the sequence for the rank's heads over all of
+    it, the session's row on those, and the output traded back.
+
+    The session calls :meth:`join` before ``Session.__init__``; it says by :meth:`_runs_stock`
+    which calls keep diffusers' own parallel attention (none here: every call is gathered), and by
+    :meth:`_stock_only` whether it can run a call that only the stock attention expresses.
+    """
 
     context_parallel = True
 
+    def join(self, transformer, plan: Plan, adapter) -> None:
+        """Take ``transformer``'s Ulysses configuration; ValueError naming what runs for any other."""
+        self.parallel_config, self.degree, self.rank, self.group = _ulysses(transformer, plan, adapter)
+
+    def own_heads(self, layer: int) -> range:
+        """This rank's heads of ``layer`` (in the applied plan's head order)."""
+        heads = self.applied_plan.model.layers[layer].heads // self.degree
+        return range(self.rank * heads, (self.rank + 1) * heads)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(degree, *tensor.shape): every rank's ``tensor``, in rank order (one collective)."""
+        chunks = [torch.empty_like(tensor) for _ in range(self.degree)]
+        dist.all_gather(chunks, tensor.contiguous(), group=self.group)
+        return torch.stack(chunks)
+
+    def attend_sharded(self, layer: LayerRuntime, call, q, k, v, *, layout: TokenLayout, attn_mask=None,
+                       dense_only) -> torch.Tensor:
+        """``layer``'s attention of one call on this rank's sequence chunk ``q``, ``k``, ``v`` (B, S / P, H, D).
+
+        ``call(q, k, v, **options)`` is diffusers' attention call (``call()``: as the processor made
+        it); ``layout`` is the whole sequence's; ``attn_mask`` the chunk's boolean key mask, if any.
+        Returns (B, S / P, H, D), as diffusers' does.
+        """
+        batch, local, heads, dim = q.shape
+        streams = _streams(layout, local, self.degree)
+        if dense_only:
+            self._stock_only(layer, dense_only)
+            return call()
+        if self._runs_stock(layer, layout, q):
+            return call()
+        q, k, v = (self._gather(t, streams) for t in (q, k, v))
+        padding = None
+        if attn_mask is not None:  # after q, k and v, as diffusers gathers it
+            attn_mask = self._gather_mask(attn_mask, streams)
+            padding = padding_of(attn_mask, batch, layout.seq_len, False, self)[0]
+
+        def dense():
+            # On the tokens in diffusers' gathered order, as its Ulysses attention runs them: a
+            # full row's output is then stock context parallelism's bit for bit.
+            mask = None if attn_mask is None else _reorder(attn_mask, streams, self.degree, attn_mask.dim() - 1, False)
+            theirs = (_reorder(t, streams, self.degree, 1, False) for t in (q, k, v))
+            return _reorder(call(*theirs, attn_mask=mask, parallel_config=None), streams, self.degree, 1, True)
+
+        out = layer.attend(q, k, v, layout=layout, key_padding=padding, dense=dense)
+        return self._scatter(out, streams, local)
+
+    def _stock_only(self, layer: LayerRuntime, reason: str) -> None:
+        """Raise unless a call that only the stock attention expresses (``reason``) may run it (by default,
+        calibration's: never, as it cannot score it)."""
+        raise NotImplementedError(
+            f"{layer.name}: {reason} runs only the stock attention, whose output calibration cannot score under "
+            "context parallelism; calibrate on one whole model per process"
+        )
+
+    def _runs_stock(self, layer: LayerRuntime, layout: TokenLayout, q) -> bool:
+        """Whether this call runs diffusers' own parallel attention untouched."""
+        return False
+
+    def _gather(self, t: torch.Tensor, streams) -> torch.Tensor:
+        """(B, S / P, H, D) chunks of every head -> (B, S, H / P, D) of this rank's heads, in the whole
+        sequence's order. The send layout is diffusers' own."""
+        batch, local, heads, dim = t.shape
+        send = t.reshape(batch, local, self.degree, heads // self.degree, dim).permute(2, 1, 0, 3, 4).contiguous()
+        received = torch.empty_like(send)  # [r]: rank r's chunk of this rank's heads
+        dist.all_to_all_single(received, send, group=self.group)
+        return _reorder(received.flatten(0, 1).transpose(0, 1), streams, self.degree, 1, True)
+
+    def _gather_mask(self, mask: torch.Tensor, streams) -> torch.Tensor:
+        """Every rank's chunk of a key mask (..., S / P), gathered as diffusers does, in the whole
+        sequence's order (..., S)."""
+        return _reorder(self.all_gather(mask).movedim(0, -2).flatten(-2), streams, self.degree, mask.dim() - 1, True)
+
+    def _scatter(self, out: torch.Tensor, streams, local: int) -> torch.Tensor:
+        """The inverse of :meth:`_gather` for the attention output: (B, S, H / P, D) -> (B, S / P, H, D)."""
+        batch, _, heads, dim = out.shape
+        send = out.new_empty(self.degree, heads, batch, local, dim)  # [r]: rank r's chunk, diffusers' layout
+        for offset, length, begin in streams:
+            send[:, :, :, offset:offset + length].copy_(
+                out[:, begin:begin + length * self.degree].unflatten(1, (self.degree, length)).permute(1, 3, 0, 2, 4))
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
+        return received.flatten(0, 1).permute(1, 2, 0, 3).contiguous()
+
+
+class UlyssesSession(Ulysses, Session):
+    """A dynamic session on one Ulysses rank: the rank's heads of the plan, over the whole sequence."""
+
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None,
                  static: bool = False, balance_heads: bool = False, num_image_tokens: int | None = None):
-        self.parallel_config, self.degree, self.rank, self.group = _ulysses(transformer, plan, adapter)
+        self.join(transformer, plan, adapter)
         if static:
             raise ValueError("static=True does not run under context parallelism yet; apply without it (the dynamic "
                              "session runs under Ulysses)")
@@ -156,33 +270,12 @@ class UlyssesSession(Session):
         if self.placements is not None:
             permute_heads(self.transformer, self.run_plan, invert(self.placements))
 
-    def attend_sharded(self, layer: LayerRuntime, call, q, k, v, *, layout: TokenLayout, attn_mask=None,
-                       dense_only) -> torch.Tensor:
-        """``layer``'s attention of one call on this rank's sequence chunk ``q``, ``k``, ``v`` (B, S / P, H, D).
-
-        ``call(q, k, v, **options)`` is diffusers' attention call (``call()``: as the processor made
-        it); ``layout`` is the whole sequence's; ``attn_mask`` the chunk's boolean key mask, if any.
-        Returns (B, S / P, H, D), as diffusers' does.
-        """
-        batch, local, heads, dim = q.shape
-        streams = _streams(layout, local, self.degree)
-        if dense_only:
-            if self._compressed[layer.index]:
-                raise NotImplementedError(
-                    f"{layer.name}: {dense_only} runs only the stock attention, but the plan compresses this layer; "
-                    "apply a plan that keeps this layer full, or run it without context parallelism"
-                )
-            return call()
-        if self._runs_stock(layer, layout, q):
-            return call()
-        q, k, v = (self._gather(t, streams) for t in (q, k, v))
-        padding = None
-        if attn_mask is not None:  # after q, k and v, as diffusers gathers it
-            attn_mask = self._gather_mask(attn_mask, streams)
-            padding = padding_of(attn_mask, batch, layout.seq_len, False, self)[0]
-        out = layer.attend(q, k, v, layout=layout, key_padding=padding,
-                           dense=lambda: call(q, k, v, attn_mask=attn_mask, parallel_config=None))
-        return self._scatter(out, streams, local)
+    def _stock_only(self, layer: LayerRuntime, reason: str) -> None:
+        if self._compressed[layer.index]:
+            raise NotImplementedError(
+                f"{layer.name}: {reason} runs only the stock attention, but the plan compresses this layer; "
+                "apply a plan that keeps this layer full, or run it without context parallelism"
+            )
 
     def _runs_stock(self, layer: LayerRuntime, layout: TokenLayout, q) -> bool:
         """Whether this rank's row of ``layer`` at this step is plain full with nothing to keep or capture."""
@@ -192,42 +285,6 @@ class UlyssesSession(Session):
         gathered = q.new_empty(1).expand(batch, local * self.degree, heads // self.degree, dim)
         row = layer._runnable(layer.row(gathered, layout.image_len, route_full=False))
         return row.all_full and row.capture_modes is None and not row.keep
-
-    def _gather(self, t: torch.Tensor, streams) -> torch.Tensor:
-        """(B, S / P, H, D) chunks of every head -> (B, S, H / P, D) of this rank's heads, in the whole
-        sequence's order. The send layout is diffusers' own."""
-        batch, local, heads, dim = t.shape
-        send = t.reshape(batch, local, self.degree, heads // self.degree, dim).permute(2, 1, 0, 3, 4).contiguous()
-        received = torch.empty_like(send)  # [r]: rank r's chunk of this rank's heads
-        dist.all_to_all_single(received, send, group=self.group)
-        out = t.new_empty(batch, local * self.degree, heads // self.degree, dim)
-        for offset, length, begin in streams:
-            out[:, begin:begin + length * self.degree].unflatten(1, (self.degree, length)).copy_(
-                received[:, offset:offset + length].permute(2, 0, 1, 3, 4))
-        return out
-
-    def _gather_mask(self, mask: torch.Tensor, streams) -> torch.Tensor:
-        """Every rank's chunk of a key mask (..., S / P), gathered as diffusers does, in the whole
-        sequence's order (..., S)."""
-        chunks = [torch.empty_like(mask) for _ in range(self.degree)]
-        dist.all_gather(chunks, mask.contiguous(), group=self.group)
-        stacked = torch.stack(chunks)
-        out = mask.new_empty(*mask.shape[:-1], mask.shape[-1] * self.degree)
-        for offset, length, begin in streams:
-            out[..., begin:begin + length * self.degree].unflatten(-1, (self.degree, length)).copy_(
-                stacked[..., offset:offset + length].movedim(0, -2))
-        return out
-
-    def _scatter(self, out: torch.Tensor, streams, local: int) -> torch.Tensor:
-        """The inverse of :meth:`_gather` for the attention output: (B, S, H / P, D) -> (B, S / P, H, D)."""
-        batch, _, heads, dim = out.shape
-        send = out.new_empty(self.degree, heads, batch, local, dim)  # [r]: rank r's chunk, diffusers' layout
-        for offset, length, begin in streams:
-            send[:, :, :, offset:offset + length].copy_(
-                out[:, begin:begin + length * self.degree].unflatten(1, (self.degree, length)).permute(1, 3, 0, 2, 4))
-        received = torch.empty_like(send)
-        dist.all_to_all_single(received, send, group=self.group)
-        return received.flatten(0, 1).permute(1, 2, 0, 3).contiguous()
 
 
 def _log_placement(placements, degree: int) -> None:
