@@ -41,6 +41,7 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from quality import AT, CURVE_TARGETS, SETS, differences, heldout_prompts, images, matched, score_plans, use_embeddings
 
 import ditfastattn
@@ -180,8 +181,6 @@ def load(kind: str, args):
             return None
         torch.manual_seed(0)  # random weights: only the code path is checked
         transformer = build_transformer(VIDEO_KIND).to(args.device).eval()
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         pipe = VideoTestbedPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG))
     else:
         pipe = load_pipeline(kind, device=args.device, dtype=torch.float32)
