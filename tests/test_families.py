@@ -128,7 +128,7 @@ def seeded(make):
 
 FAMILIES = {
     "flux-kontext": Family(seeded(tiny_flux), lambda g, b: torch.randn(b, H * W, 16, generator=g), flux_kontext, "separate",
-                           lambda s: TokenLayout(s, TEXT, H * W)),
+                           lambda s: TokenLayout(s, TEXT, H * W, (1, H, W))),  # the grid from the target's ids
     "flux2": Family(seeded(lambda: Flux2Transformer2DModel(
         patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2))),

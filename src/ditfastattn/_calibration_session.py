@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
-from ._geometry import MODE_SKIP
+from ._geometry import MODE_SKIP, TileGrid
 from .methods import Method, parse_method
 from .plan import Plan
 from .runtime import LayerRuntime, Session, _Buffers, compile_row, install, uninstall
@@ -167,6 +167,7 @@ class _CalibrationSession(Session):
         super().__init__(transformer, plan, adapter, impl)
         self.config = config
         self.candidates: list[Method] = [parse_method(name) for name in config.candidates]
+        self._tile_candidates = [m.name for m in self.candidates if m.needs_grid]
         # An odd batch is refused at the generation's first call, before any work (Session._check_inputs).
         self._cfg_share = any(m.shares_cfg for m in self.candidates)
         self.progress = progress
@@ -190,7 +191,7 @@ class _CalibrationSession(Session):
         self.locked: dict[tuple[int, int], float] = {}  # (layer, head) -> residual window since last full
         self.last_full: dict[tuple[int, int], int] = {}  # (layer, head) -> last plain-full step; absent: 0
         self.geometry: tuple[int, int] | None = None
-        self.tiles = None  # the image grid (TileGrid) of the calls whose resolution the plan records
+        self.tiles: TileGrid | None = None  # the image grid of the calls whose resolution the plan records
         self._stock: torch.Tensor | None = None  # the exact output of the layer just scored
         self.offload: _HostOutputs | None = None
         self._offload_decided = config.offload_outputs is False
@@ -198,6 +199,9 @@ class _CalibrationSession(Session):
     # decisions -----------------------------------------------------------------------------
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense):
         key = (self.step, layer.index)
+        tiles = layer.geometry.layout.tile_grid()
+        if self._tile_candidates and tiles is None:
+            self._refuse_tiles(layer)
         self._stock = None
         if self.offload is not None and self.step > 0:
             restored = self.offload.take((layer.index, self.call), q.device)
@@ -219,15 +223,15 @@ class _CalibrationSession(Session):
         # (Wan's self-attention) records its image-only calls.
         if self.geometry is None and (text_len or not any(spec.text for spec in self.plan.model.layers)):
             self.geometry = (image_tokens, text_len)
-            self.tiles = layer.geometry.layout.tile_grid()
+            self.tiles = tiles
         methods = [parse_method(name) for name in self._own_row(layer.index)]
         route_full = self.route_full(q, k, v, text_start, text_len, layer.geometry)
-        compiled_key = (self.step, layer.index, image_tokens, q.device, route_full)
+        compiled_key = (self.step, layer.index, image_tokens, q.device, route_full, tiles)
         if compiled_key not in self.compiled:
             capture = [MODE_SKIP] * len(methods)
             self.compiled[compiled_key] = compile_row(
                 methods, keep=True, capture=capture, num_image_tokens=image_tokens, device=q.device, route_full=route_full,
-                residual_from=self._residual_from(layer.index, methods),
+                residual_from=self._residual_from(layer.index, methods), tiles=tiles,
             )
         row = self.compiled[compiled_key]
         if row.residual_add is not None:
@@ -239,6 +243,15 @@ class _CalibrationSession(Session):
             # torch skips. Its next write into the buffer comes after every reader of this step's.
             layer.slots.setdefault(self.call, _Buffers()).out = stock
         return row
+
+    def _refuse_tiles(self, layer: LayerRuntime) -> None:
+        """Tile candidates on a call without an image grid: refused at its first call, before the pass's work."""
+        shown = ", ".join(self._tile_candidates[:3]) + (", ..." if len(self._tile_candidates) > 3 else "")
+        raise ValueError(
+            f"the tile candidates ({shown}) need the image grid (frames x rows x cols of latent patches), which "
+            f"{layer.name} of {type(self.transformer).__name__} does not get in this call ({self.adapter.FAMILY} gives "
+            "no grid for it): search with arrow:<f> candidates instead (SearchConfig(candidates=...) without tile:)"
+        )
 
     def _residual_from(self, layer: int, methods: list[Method]) -> list[tuple[int, int]]:
         """(head, last plain-full step) of every arrow_residual head: the runtime's rule for which
@@ -263,6 +276,7 @@ class _CalibrationSession(Session):
         first appears mid-generation, or step 0): it can run there from the next step on.
         """
         layout = layer.geometry.layout
+        tiles = layout.tile_grid()
         image_rows = (layout.image_start, layout.image_len)
         heads = q.shape[2]
         slot = layer.slots.get(self.call)
@@ -285,7 +299,7 @@ class _CalibrationSession(Session):
                 if slot is not None and slot.out is not None and slot.step == self.step - 1:
                     yield _Candidate(index, slot.out)
             else:
-                by_mode.setdefault(method.mode(layout.image_len), []).append(index)
+                by_mode.setdefault(method.mode(layout.image_len, tiles), []).append(index)
         for mode, indices in by_mode.items():
             if mode < 0:
                 if all(self.candidates[i].exact for i in indices):
@@ -359,6 +373,7 @@ class _CalibrationSession(Session):
     def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
         step, index, heads = self.step, layer.index, layer.spec.heads  # every head of the layer, wherever computed
         image_tokens, layer_text = q.shape[1] - text_len, text_len
+        tiles = layer.geometry.layout.tile_grid()
         if measured:
             stock = dense()
             # Errors stay on the device until all candidates are scored: one host read per layer-step.
@@ -368,8 +383,8 @@ class _CalibrationSession(Session):
         if self.forced is not None:
             chosen = [parse_method(name) for name in self.forced.methods[step][index]]
         else:
-            cost = np.array([self._cost(m, image_tokens, layer_text) for m in self.candidates])[None, :].repeat(heads, 0)
-            allowed = self._allowed(index, heads, image_tokens) & np.isfinite(rse)
+            cost = np.array([self._cost(m, image_tokens, layer_text, tiles) for m in self.candidates])[None, :].repeat(heads, 0)
+            allowed = self._allowed(index, heads, image_tokens, tiles) & np.isfinite(rse)
             if step not in self.step_delta:
                 self.step_delta[step] = (
                     self.config.delta if self.delta_for_step is None else self.delta_for_step(step, self)
@@ -390,17 +405,19 @@ class _CalibrationSession(Session):
             self.progress.update(1)
             self.progress.set_postfix(step=step, refresh=False)
 
-    def _cost(self, method: Method, image_tokens: int, text_len: int) -> float:
+    def _cost(self, method: Method, image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
+        """A candidate's cost at this resolution: the measured one given in the config, else its FLOP
+        share (tile windows: on the image grid ``tiles``)."""
         if self.config.costs is not None and method.name in self.config.costs:
             return float(self.config.costs[method.name])
-        return method.cost(image_tokens, text_len)
+        return method.cost(image_tokens, text_len, tiles)
 
-    def _allowed(self, layer: int, heads: int, image_tokens: int) -> np.ndarray:
+    def _allowed(self, layer: int, heads: int, image_tokens: int, tiles: TileGrid | None = None) -> np.ndarray:
         allowed = np.ones((heads, len(self.candidates)), dtype=bool)
         seen: set[tuple] = set()
         for index, method in enumerate(self.candidates):
-            # Windows that round to the same blocks at this resolution are one candidate.
-            signature = (method.kind, method.mode(image_tokens))
+            # Windows that round to the same blocks (tiles) at this resolution are one candidate.
+            signature = (method.kind, method.mode(image_tokens, tiles))
             if signature in seen:
                 allowed[:, index] = False
             seen.add(signature)

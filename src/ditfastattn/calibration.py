@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._calibration_session import run_pass
+from ._geometry import TileGrid
 from .adapters import adapter_for, check_cfg_sharing
 from .methods import parse_method
 from .plan import Plan
@@ -34,10 +35,16 @@ from .sensitivity import measure_sensitivity, probe_method, weights_array
 logger = logging.getLogger("ditfastattn")
 
 ARROWS = ("arrow:0.125", "arrow:0.0625", "arrow:0.03125")
+# Tile windows for models whose calls give the image grid (the video families, SD3 and FLUX.1): the
+# query's own tiles, a small space-time neighbourhood, a wider one, and one axis at a time (whole
+# frames of the nearby frames, or the same place across the whole clip), for the search to choose
+# per head. On a single frame the temporal ones coincide with their spatial part and count once.
+TILES = ("tile:0,0,0", "tile:0.125,0.25,0.25", "tile:0.25,0.5,0.5", "tile:0,1,1", "tile:1,0,0")
 DEFAULT_CANDIDATES = ("full", "cache") + ARROWS
 METHOD_SETS: dict[str, tuple[str, ...]] = {
     "aa": ("full",) + ARROWS,
     "aa+oc": DEFAULT_CANDIDATES,
+    "ta+oc": ("full", "cache") + TILES,
     "aa+oc+cfg": DEFAULT_CANDIDATES + ("cfg_share",) + tuple(f"cfg_share+{a}" for a in ARROWS),
     "aa+oc+rs": DEFAULT_CANDIDATES + tuple(a.replace("arrow", "arrow_residual") for a in ARROWS),
     "aa+oc+cfg+rs": DEFAULT_CANDIDATES
@@ -125,7 +132,9 @@ class SearchConfig:
         target_speedup: the same, as the ideal attention speed-up ``1 / (1 - sparsity)``.
         head_coefficient: ``c`` in the per-head bound ``score <= c * delta / heads``; None disables it.
         candidates: method names to choose from; must include ``full``. See ``METHOD_SETS`` for
-            the paper's ablation sets ("aa", "aa+oc", "aa+oc+cfg", "aa+oc+rs", "aa+oc+cfg+rs").
+            the paper's ablation sets ("aa", "aa+oc", "aa+oc+cfg", "aa+oc+rs", "aa+oc+cfg+rs") and
+            "ta+oc", tile windows (``TILES``) with caching for models whose calls give the image grid
+            (video; a model without one refuses ``tile:`` candidates at its first call).
         num_inference_steps, height, width, guidance_scale: passed to the pipeline (None: its default).
         seed: seed of the calibration run's generator.
         costs: optional measured relative latency per method name (``full`` = 1); by default the
@@ -469,11 +478,12 @@ def _sampled_steps(steps: int, layers: int, config: SearchConfig) -> list[int]:
     return list(range(1, steps, stride))
 
 
-def _distinct(candidates, image_tokens: int) -> np.ndarray:
-    """(candidates,) bool: False for a window that rounds to the same blocks as an earlier one."""
+def _distinct(candidates, image_tokens: int, tiles: TileGrid | None = None) -> np.ndarray:
+    """(candidates,) bool: False for a window that rounds to the same blocks (tiles of the image
+    grid ``tiles``) as an earlier one."""
     seen, distinct = set(), []
     for method in candidates:
-        signature = (method.kind, method.mode(image_tokens))
+        signature = (method.kind, method.mode(image_tokens, tiles))
         distinct.append(signature not in seen)
         seen.add(signature)
     return np.array(distinct)
@@ -482,17 +492,17 @@ def _distinct(candidates, image_tokens: int) -> np.ndarray:
 def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas) -> np.ndarray:
     """(budgets, steps) the sparsity of steps whose ``scores`` (steps, layers, heads, candidates:
     a pass's, or a prediction of them) are solved at each of ``deltas``; ``session`` (a finished
-    pass) gives the resolution and the candidates' costs."""
+    pass) gives the resolution (its image grid too) and the candidates' costs."""
     image_tokens, text_len = session.geometry
-    candidates = session.candidates
-    distinct = _distinct(candidates, image_tokens)
+    tiles, candidates = session.tiles, session.candidates
+    distinct = _distinct(candidates, image_tokens, tiles)
     kept = np.zeros((len(deltas), len(scores)))
     total = 0.0
     for index, layer in enumerate(spec.layers):
         layer_text = text_len if layer.text else 0
         rse = scores[:, index, : layer.heads]
-        cost = np.array([session._cost(m, image_tokens, layer_text) for m in candidates])
-        flops = np.array([m.cost(image_tokens, layer_text) for m in candidates])
+        cost = np.array([session._cost(m, image_tokens, layer_text, tiles) for m in candidates])
+        flops = np.array([m.cost(image_tokens, layer_text, tiles) for m in candidates])
         choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & distinct)  # (budgets, steps, heads)
         per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
         kept += per_head * flops[choice].sum(axis=2)
@@ -512,15 +522,16 @@ def _curves(session, spec, config: SearchConfig, deltas) -> np.ndarray:
     return curves
 
 
-def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int) -> float:
-    """Fraction of one step's attention FLOPs that ``rows`` (one list of methods per layer) remove."""
+def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
+    """Fraction of one step's attention FLOPs that ``rows`` (one list of methods per layer) remove;
+    tile windows are counted on the image grid ``tiles``."""
     kept = total = 0.0
     for layer, methods in zip(spec.layers, rows):
         tokens = image_tokens + (text_len if layer.text else 0)
         layer_text = text_len if layer.text else 0
         per_head = float(tokens * tokens * layer.head_dim)
         total += per_head * layer.heads
-        kept += per_head * sum(parse_method(m).cost(image_tokens, layer_text) for m in methods)
+        kept += per_head * sum(parse_method(m).cost(image_tokens, layer_text, tiles) for m in methods)
     return 1.0 - kept / total
 
 
@@ -528,11 +539,11 @@ def reachable_sparsity(session, spec) -> float:
     """The most sparsity a finished pass's candidates allow: every head of every step after the
     first at its cheapest candidate that could run there."""
     image_tokens, text_len = session.geometry
-    distinct = _distinct(session.candidates, image_tokens)
+    distinct = _distinct(session.candidates, image_tokens, session.tiles)
     kept = total = 0.0
     for index, layer in enumerate(spec.layers):
         layer_text = text_len if layer.text else 0
-        flops = np.array([m.cost(image_tokens, layer_text) for m in session.candidates])
+        flops = np.array([m.cost(image_tokens, layer_text, session.tiles) for m in session.candidates])
         runs = np.isfinite(session.rse[1:, index, : layer.heads]) & distinct  # (steps - 1, heads, candidates)
         per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
         kept += per_head * (layer.heads + np.where(runs, flops, np.inf).min(axis=-1).sum())  # step 0: all full
@@ -570,6 +581,7 @@ class TargetController:
     def __init__(self, first, spec, config: SearchConfig, fitted: float):
         self.first, self.spec, self.config, self.target = first, spec, config, config.target
         self.geometry = first.geometry
+        self.tiles = first.tiles
         self.steps = first.plan.num_steps
         self.deltas = fitted * self.GRID
         self.resolve = config.budget == "generation"  # a closed-form choice: cheap to re-solve every step
@@ -610,7 +622,7 @@ class TargetController:
     def __call__(self, step: int, session) -> float:
         for done in range(1, step):
             if done not in self.realized:
-                self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry)
+                self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry, self.tiles)
         realized = np.array([self.realized[t] for t in range(1, step)])
         if self.resolve:
             rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas).sum(axis=1)

@@ -2,6 +2,8 @@
 
 Joint layers are ``transformer_blocks.{i}.attn`` (the last one is ``context_pre_only``); SD3.5
 dual-attention blocks add ``transformer_blocks.{i}.attn2``, image-only self-attention (no text).
+The image tokens are the latent's patches in raster order: a grid of rows x cols, so tile windows
+can run on them (:func:`image_segment`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-from ..model import LayerSpec, ModelSpec
+from ..model import LayerSpec, ModelSpec, TokenLayout
+from .base import Segment
 
 FAMILY = "sd3"
 MODEL_CLASS = "SD3Transformer2DModel"
@@ -33,6 +36,15 @@ def describe(transformer) -> ModelSpec:
                 head_dim = module.inner_dim // module.heads
                 layers.append(LayerSpec(f"transformer_blocks.{index}.{attr}", module.heads, head_dim, has_text))
     return ModelSpec(FAMILY, type(transformer).__name__, tuple(layers))
+
+
+def image_segment(transformer, arguments) -> Segment:
+    """The image tokens of one call, first in the joint sequence: the patches of the latent
+    (B, C, H, W) in raster order, as its patch embedding cuts them."""
+    height, width = arguments["hidden_states"].shape[-2:]
+    patch = transformer.config.patch_size
+    grid = (1, height // patch, width // patch)
+    return 0, grid[1] * grid[2], grid
 
 
 def stock_processor_types() -> tuple[type, ...]:
@@ -80,10 +92,13 @@ class SD3HeadwiseProcessor:
             return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False).transpose(1, 2)
 
         # The op takes (B, S, H, D) views of the very tensors stock SDPA sees.
-        out = self.layer.attend(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            text_start=image_len, text_len=text_len, dense=dense,
-        )
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        segment = self.layer.session.image_segment  # this transformer call's, with the image grid
+        if isinstance(segment, str) or tuple(segment[:2]) != (0, image_len):
+            out = self.layer.attend(q, k, v, text_start=image_len, text_len=text_len, dense=dense)
+        else:
+            layout = TokenLayout(image_len + text_len, 0, image_len, segment[2])
+            out = self.layer.attend(q, k, v, layout=layout, dense=dense)
         hidden_states = out.reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
 
         if encoder_hidden_states is not None:
