@@ -44,6 +44,7 @@ from ._calibration_session import run_pass
 from .methods import parse_method
 from .plan import Plan
 from .runtime import LayerRuntime, Session, install, uninstall
+from .runtime.parallel import context_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,16 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
             forced=plan_with("full", lambda step, index: False), measure=set(), record=recorded,
         )
         bar.update(1)
-        heads = head_weights(measure_head_fisher(pipe, spec, call, config), spec)
+        if context_parallel(pipe.transformer):
+            heads = None
+            logger.warning(
+                "ditfastattn sensitivity: head weights are not measured under context parallelism (their gradients "
+                "would cross the ranks' all-to-all), layer and step weights are; for head weights, measure on one "
+                "process (SearchConfig(sensitivity='measure') without enable_parallelism) and pass "
+                "plan.provenance['search']['sensitivity']"
+            )
+        else:
+            heads = head_weights(measure_head_fisher(pipe, spec, call, config), spec)
         bar.update(1)
         layer_ratios = []
         for index in range(len(spec.layers)):
@@ -148,9 +158,10 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
             kind: [1.0] + [float(f"{w:.6g}") for w in np.maximum(ratios[1:], 1e-12) / scale]
             for kind, ratios in step_ratios.items()
         },
-        "heads": heads,
         "probe": {"layers": layer_probe, "steps": step_probes},
     }
+    if heads is not None:
+        result["heads"] = heads
     logger.info(
         "ditfastattn sensitivity: layer weights %s; step weights %s",
         ", ".join(f"{layer.name} {w:.3g}" for layer, w in zip(spec.layers, layers)),
