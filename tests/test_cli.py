@@ -266,3 +266,14 @@ def test_the_testbed_loads_without_a_cast_warning():
     finally:
         diffusers_logger.removeHandler(handler)
     assert not [m for m in handler.messages if "float32" in m]
+
+
+@pytest.mark.parametrize("text, methods", [
+    ("full,cache,arrow:0.5", ("full", "cache", "arrow:0.5")),
+    ("full, cache,tile:0,0.5,1,arrow:0.25", ("full", "cache", "tile:0,0.5,1", "arrow:0.25")),
+    ("tile:0.34,1,1,full", ("tile:0.34,1,1", "full")),
+])
+def test_candidates_keep_the_commas_of_tile_windows(text, methods):
+    from ditfastattn.cli import _candidates
+
+    assert _candidates(text) == methods

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -72,10 +73,12 @@ def _deltas(text: str) -> list[float]:
 
 
 def _candidates(text: str) -> tuple[str, ...]:
-    items = tuple(item.strip() for item in text.split(","))
-    if not all(items):
+    # A tile window's name holds commas itself (tile:0,0.5,0.5): a method name starts with a letter.
+    items = tuple(item.strip() for item in re.split(r",(?=\s*[A-Za-z])", text))
+    if not all(items) or any(item.endswith(",") for item in items):
         raise argparse.ArgumentTypeError(
-            f"give comma-separated method names without empty entries (e.g. full,cache,arrow:0.125); got {text!r}"
+            f"give comma-separated method names without empty entries (e.g. full,cache,arrow:0.125,tile:0,0.5,0.5); "
+            f"got {text!r}"
         )
     return items
 
@@ -542,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "rate over all layers and steps (delta is then a price; best with a target)")
         p.add_argument("--granularity", choices=["head", "layer"], default="head",
                        help="one method per head, or per layer (a baseline)")
-        p.add_argument("--method-set", default="aa+oc", help="aa, aa+oc, aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs")
+        p.add_argument("--method-set", default="aa+oc", help="aa, aa+oc, aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs, ta+oc (tile windows: models with an image grid)")
         p.add_argument("--candidates", type=_candidates, default=None,
                        help="comma-separated methods (overrides --method-set)")
 
