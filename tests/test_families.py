@@ -137,7 +137,7 @@ FAMILIES = {
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=16, approximator_hidden_dim=16,
         approximator_layers=1)), lambda g, b: torch.randn(b, H * W, 16, generator=g), chroma(torch.float32),
-        "separate", lambda s: TokenLayout(s, TEXT, H * W)),
+        "separate", lambda s: TokenLayout(s, TEXT, H * W, (1, H, W))),
     "qwenimage": Family(seeded(lambda: QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, axes_dims_rope=(2, 2, 4))), lambda g, b: torch.randn(b, H * W, 16, generator=g), qwen,

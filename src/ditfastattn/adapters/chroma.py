@@ -10,7 +10,9 @@ from __future__ import annotations
 from diffusers import ChromaTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from .base import DOUBLE_THEN_SINGLE, DispatchFamily, text_then_image
+from .base import DOUBLE_THEN_SINGLE, DispatchFamily
+from .flux import image_segment
 
-ADAPTER = DispatchFamily("chroma", ChromaTransformer2DModel, (FluxAttnProcessor,), DOUBLE_THEN_SINGLE, text_then_image,
+# FLUX's layout and image grid (from raster img_ids), so tile windows run on Chroma too.
+ADAPTER = DispatchFamily("chroma", ChromaTransformer2DModel, (FluxAttnProcessor,), DOUBLE_THEN_SINGLE, image_segment,
                          PAIR_MASKS=True)
