@@ -35,7 +35,7 @@ from .sensitivity import measure_sensitivity, probe_method, weights_array
 logger = logging.getLogger("ditfastattn")
 
 ARROWS = ("arrow:0.125", "arrow:0.0625", "arrow:0.03125")
-# Tile windows for models whose calls give the image grid (the video families, SD3 and FLUX.1): the
+# Tile windows for models whose calls give the image grid (video families, SD3, FLUX.1, Chroma): the
 # query's own tiles, a small space-time neighbourhood, a wider one, and one axis at a time (whole
 # frames of the nearby frames, or the same place across the whole clip), for the search to choose
 # per head. On a single frame the temporal ones coincide with their spatial part and count once.
