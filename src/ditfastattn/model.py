@@ -7,6 +7,7 @@ live transformer (:func:`describe`), so that code holding only plain data never 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import asdict, dataclass
@@ -173,7 +174,7 @@ class TokenLayout:
         without a grid."""
         if self.grid is None:
             return None
-        return TileGrid(self.grid, self.tile)
+        return _tile_grid(self.grid, self.tile)
 
     def text_range(self) -> tuple[int, int] | None:
         """``(text_start, text_len)`` when the global tokens are one segment at the start or the end
@@ -202,3 +203,9 @@ def describe(model) -> ModelSpec:
     if _describer is None:
         raise RuntimeError("no model adapters are registered; import ditfastattn (not only ditfastattn.model)")
     return _describer(model)
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_grid(grid: tuple[int, int, int], tile: tuple[int, int, int] | None) -> TileGrid:
+    # Asked for at every attention call of a family with a grid: built (and checked) once per shape.
+    return TileGrid(grid, tile)
