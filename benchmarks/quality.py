@@ -19,6 +19,7 @@ same encoder and carried as a small file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -159,15 +160,22 @@ def images(pipe, prompts, steps, seed):
     return out.images
 
 
+@contextlib.contextmanager
+def applied(pipe, plan: Plan):
+    """``plan`` applied to ``pipe`` for the block, removed after it (also when it fails)."""
+    ditfastattn.apply(pipe, plan)
+    try:
+        yield
+    finally:
+        ditfastattn.remove(pipe)
+
+
 def score_plans(pipe, plans: dict[str, Plan], prompts, steps, references) -> dict[str, dict]:
     """Per plan: sparsity and per-prompt SSIM / PSNR (means over seeds)."""
     rows = {}
     for name, plan in plans.items():
-        ditfastattn.apply(pipe, plan)
-        try:
+        with applied(pipe, plan):
             scores = [per_image(images(pipe, prompts, steps, seed), reference) for seed, reference in references.items()]
-        finally:
-            ditfastattn.remove(pipe)
         rows[name] = {
             "sparsity": plan.summary(1024, 32)["sparsity"],
             "ssim": np.mean([s for s, _ in scores], axis=0).tolist(),

@@ -42,7 +42,7 @@ import diffusers
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from quality import AT, CURVE_TARGETS, SETS, differences, heldout_prompts, images, matched, score_plans, use_embeddings
+from quality import AT, CURVE_TARGETS, SETS, applied, differences, heldout_prompts, images, matched, score_plans, use_embeddings
 
 import ditfastattn
 from ditfastattn import Plan, SearchConfig, calibrate
@@ -147,11 +147,8 @@ def score_videos(pipe, plans: dict[str, Plan], prompts, steps, references) -> di
     PSNRs capped at 100 dB as identical frames give inf), and the per-frame means."""
     rows = {}
     for name, plan in plans.items():
-        ditfastattn.apply(pipe, plan)
-        try:
+        with applied(pipe, plan):
             scores = [video_scores(videos(pipe, prompts, steps, seed), reference) for seed, reference in references.items()]
-        finally:
-            ditfastattn.remove(pipe)
         mean = {key: torch.stack([s[key] for s in scores]).clamp(max=100.0).mean(dim=0) for key in scores[0]}
         rows[name] = {
             "sparsity": plan.summary()["sparsity"],
