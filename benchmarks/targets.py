@@ -22,6 +22,7 @@ import platform
 import time
 from pathlib import Path
 
+import diffusers
 import torch
 
 import ditfastattn
@@ -98,7 +99,8 @@ def main() -> None:
         meta = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "ditfastattn": ditfastattn.__version__, "steps": args.steps,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+            "ditfastattn": ditfastattn.__version__, "steps": args.steps,
             "calibration_prompts": args.prompts, "candidates": CANDIDATES,
             "sensitivity": str(args.sensitivity) if args.sensitivity else "measured",
             "seconds": round(time.perf_counter() - started, 1),
