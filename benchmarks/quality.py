@@ -321,7 +321,9 @@ def measured_sensitivity(pipe, kind: str, calibration, base: SearchConfig, folde
     seconds = round(time.perf_counter() - started, 1)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"prompts": calibration, "seconds": seconds, "sensitivity": sensitivity}))
+        partial = path.with_suffix(".partial")  # whole or absent for runs that read it meanwhile
+        partial.write_text(json.dumps({"prompts": calibration, "seconds": seconds, "sensitivity": sensitivity}))
+        partial.replace(path)
     return sensitivity, seconds
 
 

@@ -21,6 +21,10 @@ of them there, so kinds can run in separate commands.
     PYTHONPATH=src python benchmarks/tile_quality.py --device cuda --kinds sd3,flux --embeddings .carry/tile_embeddings.pt
     PYTHONPATH=src python benchmarks/tile_quality.py --device cuda --kinds video --embeddings .carry/tile_embeddings.pt
 
+Curves can run as separate processes side by side (``--curves``), sharing one sensitivity
+measurement (``--sensitivity FOLDER``: the first run writes it, the others read it), and be merged
+afterwards: ``--merge RUN_FOLDER ... --out FOLDER`` writes the merged JSON and renders it.
+
 Smoke check on the CPU (minutes; ``--untrained-video`` runs the video code on random weights when
 the trained ones are not bundled yet):
 
@@ -42,7 +46,8 @@ import diffusers
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from quality import AT, CURVE_TARGETS, SETS, applied, differences, heldout_prompts, images, matched, score_plans, use_embeddings
+from quality import (AT, CURVE_TARGETS, SETS, applied, differences, heldout_prompts, images, matched, measured_sensitivity,
+                     score_plans, use_embeddings)
 
 import ditfastattn
 from ditfastattn import Plan, SearchConfig, calibrate
@@ -199,12 +204,9 @@ def run(kind: str, args, save) -> dict | None:
     base = SearchConfig(num_inference_steps=args.steps, candidates=FULL_CACHE + band, seed=0)
     generate = images if image else videos
     references = {seed: generate(pipe, heldout, args.steps, seed) for seed in args.seeds}
-    started = time.perf_counter()
-    sensitivity = dict(calibrate(
-        pipe, calibration, dataclasses.replace(base, delta=0.0, sensitivity="measure"), progress=False
-    ).provenance["search"]["sensitivity"])
+    sensitivity, seconds = measured_sensitivity(pipe, kind, calibration, base, args.sensitivity)
     result = {"plans": {}, "groups": {}, "targets": {}, "calibration_seconds": {}, "sensitivity": sensitivity,
-              "sensitivity_seconds": round(time.perf_counter() - started, 1)}
+              "sensitivity_seconds": seconds}
     print(f"  {kind} sensitivity measured in {result['sensitivity_seconds']} s", flush=True)
     score = score_plans if image else score_videos
 
@@ -331,6 +333,22 @@ def render(out: Path, resamples: int) -> None:
     print(text)
 
 
+def merge(folders: list[Path], out: Path) -> None:
+    """One ``tile_quality_<kind>.json`` per kind in ``out`` from runs of different ``--curves`` in
+    ``folders`` (the same prompts, seeds and sensitivity): their curves together."""
+    for kind in sorted({p.stem.removeprefix("tile_quality_") for f in folders for p in f.glob("tile_quality_*.json")}):
+        parts = [json.loads(p.read_text()) for f in folders if (p := f / f"tile_quality_{kind}.json").is_file()]
+        merged = parts[0]
+        for part in parts[1:]:
+            if part["meta"]["seeds"] != merged["meta"]["seeds"] or part["meta"]["heldout"] != merged["meta"]["heldout"]:
+                raise SystemExit(f"{kind}: the runs scored different prompts or seeds; they cannot be merged")
+            for key in ("plans", "groups", "targets", "calibration_seconds"):
+                merged["result"][key].update(part["result"][key])
+            merged["meta"]["seconds"] = max(merged["meta"]["seconds"], part["meta"]["seconds"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"tile_quality_{kind}.json").write_text(json.dumps(merged, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -346,14 +364,21 @@ def main() -> None:
     parser.add_argument("--untrained-video", action="store_true",
                         help="without bundled video weights, run the video kind on random weights (a smoke check)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--sensitivity", type=Path, default=None,
+                        help="folder of sensitivity measurements: read when it holds this kind's, else written there "
+                             "(so that commands running different --curves share one)")
     parser.add_argument("--embeddings", type=Path, default=None, help="precomputed prompt embeddings")
     parser.add_argument("--save-embeddings", type=Path, default=None, help="write them and stop")
     parser.add_argument("--render", action="store_true", help="only render the table and plot from --out's JSON files")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="merge the JSON files of these folders (runs of different --curves) into --out, then render")
     args = parser.parse_args()
     if args.save_embeddings:
         save_embeddings(args.save_embeddings, args.heldout_seed)
         return
-    if args.render:
+    if args.merge:
+        merge(args.merge, args.out)
+    if args.render or args.merge:
         render(args.out, args.resamples)
         return
     args.seeds = [int(s) for s in args.seeds.split(",")]
