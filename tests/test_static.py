@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_flux, tiny_sd3
+from test_runtime import with_methods
+from test_tiles import hide_grid
+from test_video_families import GRID as VIDEO_GRID
+from test_video_families import tiny_wan
 
 import ditfastattn
 from ditfastattn import Plan
@@ -167,3 +171,102 @@ def test_static_and_dynamic_modes_route_full_heads_to_dense_alike(monkeypatch, i
     assert routed["transformer_blocks.0.attn"] == (impl == "auto")
     for step, (want, got) in enumerate(zip(dynamic, static)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+
+
+def test_the_custom_op_runs_tile_windows_with_a_legal_schema():
+    from ditfastattn import ops
+    from ditfastattn._geometry import tile_mode
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3 * 5 * 7 + 7, 3, 16, generator=generator) for _ in range(3))
+    modes = ops.mode_tensor([tile_mode(0, 1, 0), -1, 0], "cpu")
+    want = ops.headwise_attention(q, k, v, modes, text_start=105, text_len=7, grid=(3, 5, 7), tile=(1, 8, 16))
+    got = torch.zeros_like(q)
+    arguments = (q, k, v, modes, 105, 7, got, 16**-0.5, "reference", [3, 5, 7], [1, 8, 16])
+    torch.ops.ditfastattn.headwise_attention_(*arguments)
+    assert torch.equal(got, want)
+    op = torch.ops.ditfastattn.headwise_attention_.default
+    torch.library.opcheck(op, arguments)
+    torch.library.opcheck(op, arguments[:-2])
+    with pytest.raises(ValueError, match="tile= needs the image grid"):
+        op(*arguments[:-2], None, [1, 8, 16])
+
+
+# Tile windows beside every other kind of head; each head of each layer meets several over the steps.
+TILED = ["tile:0,0,0", "cache", "tile:0,0.5,1", "arrow:0.5", "full", "arrow_residual:0.5", "tile:1,1,1"]
+
+
+def tiled_plan(model, num_image_tokens: int) -> Plan:
+    return with_methods(Plan.uniform(model, STEPS, "full", num_image_tokens=num_image_tokens),
+                        lambda step, layer, head: TILED[(2 * head + layer + step) % len(TILED)])
+
+
+def wan_inputs(batch=1):
+    generator = torch.Generator().manual_seed(0)
+    frames, rows, cols = VIDEO_GRID
+    return {"hidden_states": torch.randn(batch, 4, frames, 2 * rows, 2 * cols, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, 7, 16, generator=generator)}
+
+
+def static_matches_dynamic(model, plan, inputs, num_image_tokens, compiled=False):
+    """``plan`` in static mode (two generations, and one compiled) gives the dynamic runtime's
+    outputs; remove() restores the model bit for bit."""
+    stock = denoise(model, inputs)
+    ditfastattn.apply(model, plan)
+    dynamic = denoise(model, inputs)
+    ditfastattn.remove(model)
+    ditfastattn.apply(model, plan, static=True, num_image_tokens=num_image_tokens)
+    static = denoise(model, inputs, generations=2)
+    tiled = {layer.name for layer in model._ditfastattn_session.layers if layer.tiles is not None}
+    for step, (want, got) in enumerate(zip(dynamic + dynamic, static)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step % STEPS}")
+    if compiled:
+        compiled_generation(model, inputs, dynamic)
+    ditfastattn.remove(model)
+    assert tiled == set(plan.layer_names)  # every layer ran tile windows
+    assert not [name for name, _ in model.named_buffers() if "ditfastattn" in name]
+    for want, got in zip(stock, denoise(model, inputs)):
+        assert torch.equal(got, want)
+    assert not torch.allclose(dynamic[-1], stock[-1], atol=1e-3)
+
+
+@torch.no_grad()
+def test_static_tile_windows_match_the_dynamic_runtime_compiled():
+    # FLUX reports its image grid from raster img_ids: 1 x 20 x 24 patches, tiles of 1 x 8 x 16.
+    model = tiny_flux()
+    static_matches_dynamic(model, tiled_plan(model, 20 * 24), flux_inputs(), 20 * 24, compiled=True)
+
+
+@torch.no_grad()
+def test_static_tile_windows_on_video_match_the_dynamic_runtime():
+    # Wan's self-attention sees the video alone: 3 x 8 x 12 patches in tiles of 2 x 8 x 8.
+    model = tiny_wan().eval()
+    tokens = VIDEO_GRID[0] * VIDEO_GRID[1] * VIDEO_GRID[2]
+    static_matches_dynamic(model, tiled_plan(model, tokens), wan_inputs(), tokens)
+
+
+@torch.no_grad()
+def test_static_tile_plans_need_a_call_that_reports_its_grid(monkeypatch):
+    model = tiny_flux()
+    plan = tiled_plan(model, 20 * 24)
+    hide_grid(monkeypatch)
+    ditfastattn.apply(model, plan, static=True)
+    with pytest.raises(ValueError, match=r"tile windows \(tile:0,0,0, tile:0,0.5,1, tile:1,1,1\), which need the "
+                                         r"image grid.*FluxTransformer2DModel call reports none; apply a plan without"):
+        model(**flux_inputs(), timestep=torch.tensor([TIMESTEPS[0]]))
+    # Raised before any layer ran: none built its tables.
+    assert not [name for name, _ in model.named_buffers() if name.endswith("_ditfastattn_modes")]
+    ditfastattn.remove(model)
+
+
+@torch.no_grad()
+def test_static_tile_windows_need_the_grid_they_were_sized_for():
+    model = tiny_flux()
+    ditfastattn.apply(model, tiled_plan(model, 20 * 24), static=True)
+    model(**flux_inputs(), timestep=torch.tensor([TIMESTEPS[0]]))
+    transposed = flux_inputs()  # the same 480 tokens as 24 rows of 20
+    transposed["img_ids"] = torch.cartesian_prod(torch.zeros(1), torch.arange(24.0), torch.arange(20.0))
+    with pytest.raises(ValueError, match=r"image grid \(1, 20, 24\) in tiles of \(1, 8, 16\) but this call has "
+                                         r"the image grid \(1, 24, 20\)"):
+        model(**transposed, timestep=torch.tensor([TIMESTEPS[1]]))
+    ditfastattn.remove(model)

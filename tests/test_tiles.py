@@ -316,17 +316,15 @@ def test_band_plans_are_unchanged_by_a_grid(monkeypatch):
     assert torch.equal(run_pipeline(plain, steps=STEPS, **ODD), expected)
 
 
-def test_tile_plans_need_a_grid_and_dynamic_mode(monkeypatch):
+def test_tile_plans_need_a_grid(monkeypatch):
+    # Static mode's check of the grid: test_static.py.
     pipe = flux_pipeline()
     plan = Plan.uniform(pipe.transformer, STEPS, "tile:0,0,0")
-    with monkeypatch.context() as patch:
-        hide_grid(patch)
-        ditfastattn.apply(pipe, plan)
-        with pytest.raises(ValueError, match=r"tile:0,0,0 needs the image grid"):
-            run_pipeline(pipe, steps=STEPS, **ODD)
-        ditfastattn.remove(pipe)
-    with pytest.raises(NotImplementedError, match=r"static mode does not run tile windows"):
-        ditfastattn.apply(pipe, plan, static=True, num_image_tokens=672)
+    hide_grid(monkeypatch)
+    ditfastattn.apply(pipe, plan)
+    with pytest.raises(ValueError, match=r"tile:0,0,0 needs the image grid"):
+        run_pipeline(pipe, steps=STEPS, **ODD)
+    ditfastattn.remove(pipe)
 
 
 @pytest.mark.parametrize("name", ["hunyuanvideo", "wan"])

@@ -149,3 +149,17 @@ def test_ragged_grid_with_key_tiles_of_one_block(monkeypatch):
     q, k, v = _inputs(1, layout.seq_len, 3, 32, torch.float16, torch.Generator().manual_seed(11))
     modes = torch.tensor([tile_mode(0, 0, 1), 0, tile_mode(1, 0, 0)], dtype=torch.int32)
     _check(q, k, v, modes, None, None, segments=layout)
+
+
+@pytest.mark.parametrize("modes", [[tile_mode(0, 1, 0), MODE_FULL, 1, MODE_SKIP], [tile_mode(0, 0, 0)] * 2,
+                                   [0, MODE_FULL]])
+def test_the_static_custom_op_launches_as_the_public_op(modes):
+    # Static mode's op never reads the modes on the host, so with a grid both launches always run:
+    # each must leave the other's heads alone, and the result is the public op's bit for bit.
+    layout = layout_of((3, 5, 7), (2, 8, 8), 5, 0)
+    q, k, v = _inputs(1, layout.seq_len, len(modes), 32, torch.bfloat16, torch.Generator().manual_seed(3))
+    head_modes = torch.tensor(modes, dtype=torch.int32)
+    want = ops.headwise_attention(q, k, v, head_modes, segments=layout, out=torch.zeros_like(q), impl="triton")
+    got = torch.zeros_like(q)
+    torch.ops.ditfastattn.headwise_attention_(q, k, v, head_modes, 0, 5, got, 32**-0.5, "triton", [3, 5, 7], [2, 8, 8])
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

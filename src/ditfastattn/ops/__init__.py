@@ -499,15 +499,26 @@ def headwise_attention_(
     out: torch.Tensor,
     scale: float,
     impl: str,
+    grid: list[int] | None = None,
+    tile: list[int] | None = None,
 ) -> None:
     """:func:`headwise_attention` into ``out``, as a torch custom op: opaque to torch.compile.
 
     It does not read ``head_modes`` back (no host sync inside a compiled step): static mode checks
-    its mode tables when it builds them, and the kernels skip out-of-range modes.
+    its mode tables when it builds them, and the kernels skip out-of-range modes. ``grid`` and
+    ``tile`` (3 ints each) let tile heads run; pass them only where some head may be a tile window,
+    as with them the Triton kernel gathers the keys into tile order at every call.
     """
-    _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, False, check_values=False)
+    layout = _op_layout(q.shape[1], text_start, text_len, *(None if t is None else tuple(t) for t in (grid, tile)))
+    _attention(q, k, v, head_modes, None, None, out, scale, impl, False, check_values=False, segments=layout)
+
+
+@functools.lru_cache(maxsize=256)
+def _op_layout(seq: int, text_start: int, text_len: int, grid: tuple | None, tile: tuple | None) -> TokenLayout:
+    # Built (and checked) once per shape: the custom op gets plain ints at every call.
+    return _layout(seq, text_start, text_len, None, grid, tile)
 
 
 @headwise_attention_.register_fake
-def _headwise_attention_fake(q, k, v, head_modes, text_start, text_len, out, scale, impl) -> None:
+def _headwise_attention_fake(q, k, v, head_modes, text_start, text_len, out, scale, impl, grid=None, tile=None) -> None:
     return None

@@ -127,7 +127,8 @@ def apply(
     the next eager call or generation when compiled or replayed), no ``cfg_share``, and one
     uncompiled call to build its tables and buffers. Layers that are full at every step run the stock attention; the
     others run every head through the fused op, and keep an output buffer for the whole generation
-    if they ever cache.
+    if they ever cache. Tile windows are sized for the image grid of that first call, which must
+    report one, and shapes stay fixed.
 
     Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism(config=
     ContextParallelConfig(ulysses_degree=N))`` first, then ``apply`` on every rank), each rank runs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._geometry import MODE_FULL, MODE_SKIP
+from .._geometry import MODE_FULL, MODE_SKIP, TileGrid
 from ..methods import parse_method
 from ..model import TokenLayout
 from ..plan import Plan
@@ -29,23 +29,32 @@ class _StaticLayer(LayerRuntime):
     for the whole denoising loop and CUDA graphs can replay it. Tables and buffers are non-persistent
     buffers of the attention module: they follow ``.to()`` and have static addresses. Only layers
     that ever cache hold an output buffer; layers full at every step run the stock attention.
+    Tile windows are sized for the first call's grid, which layers with a tile head at some step
+    pass to the op at every step (as plain ints, constants of the compiled graph).
     """
 
     module: torch.nn.Module
     built = False
     routed = False
+    tiles: TileGrid | None = None  # the grid the tables' tile windows were sized for
+    # The op's grid and tile shape as plain ints, where some head runs a tile window at some step.
+    grid_args: tuple[list[int], list[int]] | tuple[None, None] = (None, None)
 
     def build(self, q, k, v, text_start: int, text_len: int) -> None:
-        """Tables for this layer at ``q``'s shape; on the first call, which must run uncompiled."""
+        """Tables for this layer at ``q``'s shape and the call's grid; on the first call, which must run
+        uncompiled."""
         if torch.compiler.is_compiling():
             raise RuntimeError(
                 f"{self.name}: static mode builds its tables and buffers on the first call; run one uncompiled "
                 "transformer call (or generation) with these shapes before torch.compile"
             )
         num_image_tokens, device, module = self.session.num_image_tokens, q.device, self.module
+        tiles = self.geometry.layout.tile_grid()
         dropped = self.session.dropped_steps(self.index, q, num_image_tokens)
-        rows = _compile_rows(self.session.plan, self.index, num_image_tokens, device, dropped)
+        rows = _compile_rows(self.session.plan, self.index, num_image_tokens, device, dropped, tiles=tiles)
         heads = rows[0].modes.numel()
+        if any(m.needs_grid for row in rows for m in row.methods):
+            self.tiles, self.grid_args = tiles, (list(tiles.grid), list(tiles.tile))
 
         def stack(values):
             return torch.stack(values).to(device)
@@ -92,6 +101,13 @@ class _StaticLayer(LayerRuntime):
         sparse_modes.scatter_(1, heads, torch.where(valid, MODE_SKIP, sparse_modes.gather(1, heads)))
         return {"modes": sparse_modes, "dense_heads": heads, "dense_valid": valid}
 
+    def _check_grid(self, tiles: TileGrid | None) -> None:
+        if tiles != self.tiles:
+            raise ValueError(
+                f"{self.name}: static mode sized this layer's tile windows for {_grid(self.tiles)} but this call has "
+                f"{_grid(tiles)}; static mode needs fixed shapes (apply again for the new ones)"
+            )
+
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buffer = self.module._buffers.get(name)
         if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
@@ -126,6 +142,8 @@ class _StaticLayer(LayerRuntime):
             )
         if not self.built:
             self.build(q, k, v, text_start, text_len)
+        elif self.tiles is not None and not torch.compiler.is_compiling():
+            self._check_grid(geometry.layout.tile_grid())
         if self.stock:
             return dense()
         step = self.session.step_tensor()
@@ -134,7 +152,8 @@ class _StaticLayer(LayerRuntime):
         # that never cache write every element and take a fresh tensor.
         out = self._buffer("_ditfastattn_out", q) if self.caches else torch.empty_like(q)
         modes = module._ditfastattn_modes.index_select(0, step).view(-1)
-        torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, text_start, text_len, out, q.shape[-1] ** -0.5, impl)
+        torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, text_start, text_len, out, q.shape[-1] ** -0.5, impl,
+                                                  *self.grid_args)
         if self.routed:
             heads = module._ditfastattn_dense_heads.index_select(0, step).view(-1)
             valid = module._ditfastattn_dense_valid.index_select(0, step).view(1, 1, -1, 1)
@@ -166,9 +185,8 @@ class StaticSession(Session):
         super().__init__(transformer, plan, adapter, impl, cache_budget)
         if self._cfg_share:
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
-        if any(parse_method(m).needs_grid for rows in plan.methods for heads in rows for m in heads):
-            raise NotImplementedError("static mode does not run tile windows (tile: methods) yet; apply without "
-                                      "static=True")
+        self._tile_methods = sorted({m for rows in plan.methods for heads in rows for m in heads
+                                     if parse_method(m).needs_grid})
         self.num_image_tokens = num_image_tokens
         device = next(transformer.parameters()).device
         # Shape (1,): index_select with it stays on the device (a 0-d index would be a host int).
@@ -200,11 +218,26 @@ class StaticSession(Session):
         else:
             # The layout may read the inputs on the host: only on eager calls (shapes are fixed).
             self._call_layout(arguments)
+            self._require_grid()
             self.follow_scheduler()
             self._check_call(*torch.cat([value, last, step.to(last.dtype)]).tolist())
         advanced = torch.where(value < last, step + 1, step).clamp(max=final)
         step.copy_(torch.where(value > last, torch.zeros_like(step), advanced))
         last.copy_(value)
+
+    def _require_grid(self) -> None:
+        """Before any work: a plan with tile windows needs a call that reports the image grid, whose
+        tables (sized at the first call) then serve every step."""
+        segment = self.image_segment
+        if not self._tile_methods or (not isinstance(segment, str) and len(segment) == 3):
+            return
+        why = f" ({segment})" if isinstance(segment, str) else ""
+        raise ValueError(
+            f"the plan runs tile windows ({', '.join(self._tile_methods[:3])}"
+            f"{', ...' if len(self._tile_methods) > 3 else ''}), which need the image grid (frames x rows x cols), "
+            f"but this {self.adapter.MODEL_CLASS} call reports none{why}; apply a plan without tile: methods "
+            "(arrow:<f> windows; calibrate with SearchConfig candidates that have no tile:) for this model"
+        )
 
     def _check_call(self, value: float, last: float, step: float) -> None:
         """The checks of an eager call, on host copies of the timestep and the device counters."""
@@ -253,6 +286,10 @@ class StaticSession(Session):
                 del module._buffers[name]
         for name in (_STEP, _LAST_TIMESTEP, _FAULTS):
             del self.transformer._buffers[name]
+
+
+def _grid(tiles: TileGrid | None) -> str:
+    return "no image grid" if tiles is None else f"the image grid {tiles.grid} in tiles of {tiles.tile}"
 
 
 def _second_call(what: str) -> NotImplementedError:
