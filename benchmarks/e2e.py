@@ -175,6 +175,8 @@ TARGETS = (0.43, 0.68, 0.80)
 # Compressed heads of the synthetic plans, in the proportions of a searched plan (cache and
 # the three default windows); the rest run full, as many as the target sparsity allows.
 MIX = {"cache": 0.4, "arrow:0.125": 0.2, "arrow:0.0625": 0.2, "arrow:0.03125": 0.2}
+# The same with tile windows (rows x cols tiles of an image, every frame of a video) for the bands.
+TILE_MIX = {"cache": 0.4, "tile:0,0.25,0.25": 0.2, "tile:0,0.125,0.125": 0.2, "tile:0,0.0625,0.0625": 0.2}
 
 
 def build_transformer(kind: str, config: dict, device, dtype):
@@ -425,16 +427,19 @@ def measure(model, inputs, steps, context=contextlib.nullcontext, syncs: bool = 
     return result
 
 
-def synthetic_plan(full_plan, target: float, num_image_tokens: int, text_len: int, seed: int = 0):
+def synthetic_plan(full_plan, target: float, num_image_tokens: int, text_len: int, seed: int = 0, mix=MIX):
     """A plan whose steps 1.. reach ``target`` attention sparsity with heads drawn i.i.d.: ``full``
-    with probability p, else a method from MIX; p is bisected to the target."""
+    with probability p, else a method from ``mix``; p is bisected to the target. Tile windows are
+    sized by the grid ``full_plan`` records (``Plan.uniform(..., grid=)``)."""
     spec = full_plan.model
     steps, layers, heads = full_plan.num_steps, len(spec.layers), max(layer.heads for layer in spec.layers)
     rng = np.random.default_rng(seed)
     draw = rng.random((steps, layers, heads))
-    names = list(MIX)
-    pick = rng.choice(len(names), size=draw.shape, p=list(MIX.values()))
-    density = np.array([parse_method(n).cost(num_image_tokens, text_len) for n in names])[pick]
+    names = list(mix)
+    pick = rng.choice(len(names), size=draw.shape, p=list(mix.values()))
+    grid = full_plan.provenance.get("grid")
+    tiles = None if grid is None else ditfastattn.ops.TileGrid(tuple(grid), tuple(full_plan.provenance["tile"]))
+    density = np.array([parse_method(n).cost(num_image_tokens, text_len, tiles) for n in names])[pick]
     # Every layer attends over text and image here, so layers weigh by heads x head_dim.
     weight = np.array([layer.head_dim for layer in spec.layers], dtype=float)[None, :, None]
 
@@ -454,6 +459,8 @@ def synthetic_plan(full_plan, target: float, num_image_tokens: int, text_len: in
     ]
     provenance = {"source": f"synthetic, target sparsity {target}", "num_image_tokens": num_image_tokens,
                   "text_len": text_len}
+    if tiles is not None:
+        provenance.update(grid=list(tiles.grid), tile=list(tiles.tile))
     return ditfastattn.Plan(spec, methods, provenance)
 
 

@@ -3,6 +3,7 @@
     python benchmarks/e2e_compiled.py                       # CUDA GPU: results/e2e_compiled.json
     python benchmarks/e2e_compiled.py --runs flux:1024 sd3:1024 --targets 0.43 0.68 0.80
     python benchmarks/e2e_compiled.py --smoke               # tiny models, CPU, aot_eager: checks the script
+    python benchmarks/e2e_compiled.py --tiles               # plans with tile windows: results/e2e_compiled_tiles.json
 
 Same models, inputs and timing as `e2e.py` (random bf16 weights, one transformer call per step,
 median of steps 1..N-1 of one generation after a 2-step warm-up generation). For every compile
@@ -11,6 +12,8 @@ i.e. CUDA graphs), in one process: stock diffusers, stock with attention removed
 share under that mode) and ditfastattn with a static plan (`apply(..., static=True)`). The ceiling
 of a plan comes from the compiled stock run of the same mode. After the first compiled call,
 `torch._dynamo.config.error_on_recompile` is set: a recompile (e.g. one per step) fails the run.
+With ``--tiles`` the plans' compressed heads run tile windows (``TILE_MIX``) over the square
+image's grid of patches instead of arrow bands (FLUX, SD3, Chroma).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -25,11 +29,15 @@ from pathlib import Path
 import torch
 
 import ditfastattn
-from e2e import MODELS, attention_removed, build_transformer, environment, setup, step_times, synthetic_plan
+from e2e import (
+    MIX, MODELS, TILE_MIX, attention_removed, build_transformer, environment, setup, step_times, synthetic_plan,
+)
 
 HERE = Path(__file__).resolve().parent
 # "graph": no compiler, the eager step captured once with torch.cuda.graph and replayed.
 MODES = {"compile": None, "cudagraphs": "reduce-overhead", "graph": "manual capture"}
+# Kinds whose calls report the image's grid (read from the latent or raster position ids), for --tiles.
+TILED_KINDS = ("flux", "sd3", "chroma")
 
 
 def graphed_measure(model, inputs, steps, mode=None, backend=None, context=contextlib.nullcontext) -> dict:
@@ -103,8 +111,13 @@ def eager_ms(model, inputs, steps) -> float:
 def run_config(model, kind, size, args, device, dtype) -> dict:
     inputs, steps, row, impl = setup(kind, size, args, device, dtype)
     image_tokens, text_len, n_steps = row["image_tokens"], row["text_len"], row["steps_per_generation"]
-    full = ditfastattn.Plan.uniform(model, n_steps, "full", num_image_tokens=image_tokens, text_len=text_len)
-    plans = {f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len) for t in args.targets}
+    side = math.isqrt(image_tokens)  # a square image (TILED_KINDS)
+    grid = (1, side, side) if args.tiles else None
+    full = ditfastattn.Plan.uniform(model, n_steps, "full", num_image_tokens=image_tokens, text_len=text_len,
+                                    grid=grid)
+    mix = TILE_MIX if args.tiles else MIX
+    plans = {f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len, mix=mix) for t in args.targets}
+    row["methods"] = mix
     row.update(eager_stock_ms=eager_ms(model, inputs, steps), modes={})
     for mode_name in args.modes:
         if time.perf_counter() > args.deadline:
@@ -190,6 +203,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["flux:2048"], help="model:size pairs, e.g. flux:2048 sd3:1024")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--targets", nargs="*", type=float, default=[0.68], help="synthetic plan sparsities")
+    parser.add_argument("--tiles", action="store_true", help="plans with tile windows instead of arrow bands")
     parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no new compile mode after this")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e_compiled.json)")
@@ -207,9 +221,12 @@ def main() -> None:
     if args.smoke:
         args.modes = ["compile"]
     folder = HERE.parent / "out" if args.smoke else HERE / "results"
-    args.out = args.out or folder / ("e2e_compiled_smoke.json" if args.smoke else "e2e_compiled.json")
+    name = "e2e_compiled_tiles" if args.tiles else "e2e_compiled"
+    args.out = args.out or folder / (f"{name}_smoke.json" if args.smoke else f"{name}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = [(kind, int(size)) for kind, size in (r.split(":") for r in args.runs)]
+    if args.tiles and any(kind not in TILED_KINDS for kind, _ in runs):
+        parser.error(f"--tiles runs on {', '.join(TILED_KINDS)} (their calls report the image grid)")
     if args.smoke:
         runs = [(kind, 256) for kind, _ in runs]
     result = {"environment": environment(device), "smoke": args.smoke, "backend": args.backend,
