@@ -73,8 +73,6 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
         "layer-wise, generation budget + step sensitivity": {**stepped, "granularity": "layer"},
         "generation budget + step and head sensitivity": headed,
         "layer-wise, generation budget + step and head sensitivity": {**headed, "granularity": "layer"},
-        "generation budget + step and head sensitivity, refined": {**headed, "refine": 1},
-        "layer-wise, generation budget + step and head sensitivity, refined": {**headed, "granularity": "layer", "refine": 1},
         "generation budget + sensitivity": {**generation, "sensitivity": "measured"},
         "generation budget": generation,
         "layer-wise, generation budget": {**generation, "granularity": "layer"},
@@ -97,7 +95,6 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
 # Pairs of searched curves compared besides head-wise against layer-wise and the baselines.
 ABLATIONS = {
     ("generation budget + step and head sensitivity", "generation budget + step sensitivity"),
-    ("generation budget + step and head sensitivity, refined", "generation budget + step and head sensitivity"),
 }
 
 # Target checks: name -> SearchConfig changes.

@@ -38,10 +38,9 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
     priced = tmp_path / "priced.json"
     assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.4", "--steps", "3",
                  "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",
-                 "--refine", "1", "-o", str(priced)]) == 0
+                 "-o", str(priced)]) == 0
     search = Plan.load(priced).provenance["search"]
     assert search["budget"] == "generation" and search["target_sparsity"] == 0.4
-    assert len(search["refine"]) == 1
 
 
 def run_error(argv, capsys):
@@ -159,7 +158,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         ([*cal, "--head-coefficient", "0"], "--head-coefficient: must be > 0"),
         ([*cal, "--seed", "-1"], "--seed: must be >= 0"),
         ([*cal, "--target-sparsity", "1.5"], "--target-sparsity: must be < 1"),
-        ([*cal, "--refine", "-1"], "--refine: must be >= 0"),
         ([*cal, "--png", str(tmp_path / "heat.unknown")], "--png"),
         ([*cal[:-1], str(tmp_path / "same.png"), "--png", str(tmp_path / "same.png")], "same file"),
         ([*cal, "--method-set", "aa+oc+cfg", "--guidance-scale", "1"], "need classifier-free guidance"),

@@ -30,7 +30,6 @@ from .runtime.parallel import context_parallel
 from .ops import IMPLEMENTATIONS
 from .search import choose_many, fit_delta
 from .sensitivity import KINDS as SENSITIVITY_KINDS
-from .refine import refine_sensitivity
 from .sensitivity import measure_sensitivity, probe_method, weights_array
 
 logger = logging.getLogger("ditfastattn")
@@ -155,13 +154,6 @@ class SearchConfig:
             calibrated plan's ``provenance["search"]["sensitivity"]`` reuses it, as does a plain
             ``{layer name: weight}`` dict (layers only). Every score is multiplied by its weight,
             so the budget goes where a unit of local error does the least damage. None: all 1.
-        refine: rounds of step weights corrected in the plan's own context (see
-            :mod:`ditfastattn.refine`): after the search, one pass per run of steps (at most 10) and
-            kind of method measures how much making the plan's heads of that kind exact there
-            lowers the final error, each kind's step weights there are scaled by that drop over
-            the weighted error the search had counted, and the search runs again. Each round
-            costs about as many denoising passes as steps (the steps before a run replay), plus
-            the search's. 0: none.
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
@@ -189,7 +181,6 @@ class SearchConfig:
     budget: str = "layer"
     offload_outputs: bool | None = None
     sensitivity: str | dict[str, float] | None = None
-    refine: int = 0
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -206,9 +197,6 @@ class SearchConfig:
             raise ValueError(f"target_speedup must be > 1; got {self.target_speedup!r}")
         _check_sensitivity(self.sensitivity)
         _integer("num_inference_steps", self.num_inference_steps, low=1)
-        _integer("refine", self.refine, low=0)
-        if self.refine and self.num_inference_steps < 2:
-            raise ValueError("refine needs num_inference_steps >= 2: step 0 always runs every head full")
         if self.num_inference_steps < 2 and (self.target is not None or self.sensitivity == "measure"):
             what = "a sparsity target" if self.target is not None else "sensitivity='measure'"
             raise ValueError(f"{what} needs num_inference_steps >= 2: step 0 always runs every head full")
@@ -352,15 +340,41 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         seconds["sensitivity"] = time.perf_counter() - started
     weights = weights_array(sensitivity, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
-    session, fitted, predicted = _search(pipe, spec, call, config, weights, seconds, progress)
-    refined = []
-    for _ in range(config.refine):
+    passes = 1 if config.target is None else 2
+    fitted = predicted = None
+    with tqdm(
+        total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
+    ) as bar:
         started = time.perf_counter()
-        sensitivity, report = refine_sensitivity(pipe, spec, call, config, session, session.weights, sensitivity, progress=progress)
-        seconds.setdefault("refine", []).append(time.perf_counter() - started)
-        refined.append(report)
-        weights = weights_array(sensitivity, spec, config.candidates, steps)
-        session, fitted, predicted = _search(pipe, spec, call, config, weights, seconds, progress)
+        session, _ = run_pass(pipe, spec, call, config, bar, weights=weights)
+        seconds["passes"].append(time.perf_counter() - started)
+        seconds["solver"] += session.solver_seconds
+        if config.target is not None:
+            first = session
+            reachable = reachable_sparsity(first, spec)
+            if config.target > reachable:
+                raise ValueError(
+                    f"{config._target_name} is out of reach: with these candidates at this resolution a plan removes "
+                    f"at most {reachable:.3f} of the attention FLOPs (every head after step 0 at its cheapest "
+                    "candidate); lower the target, or add candidates that remove more (such as 'cache')"
+                )
+
+            def predict(delta):
+                return predicted_sparsity(first, spec, config, delta)
+
+            fitted = fit_delta(predict, config.target, config.delta)
+            predicted = predict(fitted)
+            logger.info(
+                "ditfastattn calibrate: first pass at delta %.4g; delta %.4g meets sparsity %.3f on its scores (%.3f)",
+                config.delta, fitted, config.target, predicted,
+            )
+            controller = TargetController(first, spec, config, fitted)
+            started = time.perf_counter()
+            session, _ = run_pass(
+                pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights, delta_for_step=controller
+            )
+            seconds["passes"].append(time.perf_counter() - started)
+            seconds["solver"] += session.solver_seconds
     image_tokens, text_len = session.geometry or (None, None)
     provenance = {
         "source": "calibrate",
@@ -388,8 +402,6 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                         for key, value in seconds.items()},
         },
     }
-    if refined:
-        provenance["search"]["refine"] = refined
     if context_parallel(transformer):  # searched on the scores of each rank's heads, pooled
         provenance["search"]["ulysses_degree"] = session.degree
     if session.tiles is not None:  # tile: windows need the grid to be counted and drawn
@@ -414,49 +426,6 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         )
     logger.info("calibrated %s, attention sparsity %.3f", plan, sparsity)
     return plan
-
-
-def _search(pipe, spec, call, config: SearchConfig, weights, seconds: dict, progress: bool):
-    """(finished session, fitted delta or None, predicted sparsity or None): the search's pass, or
-    with a target its two passes, on scores weighted by ``weights``."""
-    steps = config.num_inference_steps
-    passes = 1 if config.target is None else 2
-    fitted = predicted = None
-    with tqdm(
-        total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
-    ) as bar:
-        started = time.perf_counter()
-        session, _ = run_pass(pipe, spec, call, config, bar, weights=weights)
-        seconds["passes"].append(time.perf_counter() - started)
-        seconds["solver"] += session.solver_seconds
-        if config.target is None:
-            return session, fitted, predicted
-        first = session
-        reachable = reachable_sparsity(first, spec)
-        if config.target > reachable:
-            raise ValueError(
-                f"{config._target_name} is out of reach: with these candidates at this resolution a plan removes "
-                f"at most {reachable:.3f} of the attention FLOPs (every head after step 0 at its cheapest "
-                "candidate); lower the target, or add candidates that remove more (such as 'cache')"
-            )
-
-        def predict(delta):
-            return predicted_sparsity(first, spec, config, delta)
-
-        fitted = fit_delta(predict, config.target, config.delta)
-        predicted = predict(fitted)
-        logger.info(
-            "ditfastattn calibrate: first pass at delta %.4g; delta %.4g meets sparsity %.3f on its scores (%.3f)",
-            config.delta, fitted, config.target, predicted,
-        )
-        controller = TargetController(first, spec, config, fitted)
-        started = time.perf_counter()
-        session, _ = run_pass(
-            pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights, delta_for_step=controller
-        )
-        seconds["passes"].append(time.perf_counter() - started)
-        seconds["solver"] += session.solver_seconds
-    return session, fitted, predicted
 
 
 def _pipeline_call(pipe, config: SearchConfig, prompts: dict[str, Any]) -> dict[str, Any]:

@@ -381,7 +381,6 @@ def _search_config(args):
         "target_sparsity": getattr(args, "target_sparsity", None),
         "target_speedup": getattr(args, "target_speedup", None),
         "sensitivity": _sensitivity(getattr(args, "sensitivity", None)),
-        "refine": getattr(args, "refine", 0),
     }
     try:
         if args.candidates is not None:
@@ -562,8 +561,6 @@ def build_parser() -> argparse.ArgumentParser:
                            help="or this ideal attention speed-up")
     calibrate.add_argument("--sensitivity", default=None,
                            help="'measure' (probes: one pass per layer and one per step and kind of method) or a calibrated plan whose measurement to reuse")
-    calibrate.add_argument("--refine", type=_number(int, minimum=0), default=0,
-                           help="rounds of step weights corrected in the plan's context (about one pass per step each)")
     calibrate.add_argument("-o", "--output", required=True, help="plan file (JSON)")
     calibrate.add_argument("--png", default=None, help="also draw the plan's heatmap here (.png, .pdf, .svg, ...)")
     calibrate.set_defaults(run=cmd_calibrate)
