@@ -283,8 +283,7 @@ def calibrate_and_replay(family: Family, recorder, search: SearchConfig) -> Plan
 
 def test_chroma_boolean_masks_too():
     # The token mask as booleans (diffusers' fix of Chroma's float mask): m_q & m_k, padded queries see nothing.
-    family = FAMILIES["chroma"]
-    pipe = MiniPipeline(Family(family.make, family.latents, chroma(torch.bool), "separate", family.layout))
+    pipe = MiniPipeline(chroma_boolean())
     stock = generate(pipe)
     ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
     assert torch.equal(generate(pipe), stock)
@@ -293,6 +292,11 @@ def test_chroma_boolean_masks_too():
     compressed = generate(pipe)
     ditfastattn.remove(pipe)
     assert bool(torch.isfinite(compressed).all()) and not torch.equal(compressed, stock)
+
+
+def chroma_boolean() -> Family:
+    family = FAMILIES["chroma"]
+    return Family(family.make, family.latents, chroma(torch.bool), "separate", family.layout)
 
 
 def test_unsupported_transformer_names_the_supported_ones():
@@ -330,3 +334,56 @@ def test_candidates_are_scored_under_the_calls_layout_and_padding(family):
     plan = ditfastattn.calibrate(pipe, [prompt(seed=1, batch=2)], search, progress=False)
     scores = np.array([[head for head in layer] for step in plan.scores["rse"][1:] for layer in step], dtype=float)
     assert scores[..., 1].max() < 1e-9
+
+
+def route_full_heads(monkeypatch) -> list[bool]:
+    """Routes full heads of mixed layers to dense SDPA (as on a GPU where it beats the fused op) and
+    records, per routed call, whether it had padding."""
+    from ditfastattn.runtime import routing, session
+
+    monkeypatch.setattr(ditfastattn.runtime, "full_head_cost", lambda *args: 2.0)
+    calls = []
+
+    def attend_dense(q, k, v, heads, out, padding=None):
+        calls.append(padding is not None)
+        routing.attend_dense(q, k, v, heads, out, padding)
+
+    monkeypatch.setattr(session, "attend_dense", attend_dense)
+    return calls
+
+
+def one_full_head(transformer) -> Plan:
+    """Every layer mixed after step 0: head 0 full, the others an arrow (no cache: routing is all that differs)."""
+    plan = Plan.uniform(transformer, STEPS, "arrow:0.3")
+    methods = [[["full"] + list(heads[1:]) for heads in rows] for rows in plan.methods]
+    return Plan(plan.model, methods)
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "chroma", "chroma-boolean"])
+def test_routed_full_heads_of_padded_calls_attend_under_the_mask(family, monkeypatch):
+    """Full heads routed to dense SDPA take the call's padding (Qwen-Image's key mask, Chroma's
+    token-pair masks, whose padded queries see nothing): the same output as in the fused op, which
+    a maskless SDPA would not give."""
+    pipe = MiniPipeline(chroma_boolean() if family == "chroma-boolean" else FAMILIES[family])
+    stock = generate(pipe)
+    plan = one_full_head(pipe.transformer)
+    ditfastattn.apply(pipe, plan)
+    fused = generate(pipe)
+    ditfastattn.remove(pipe)
+    calls = route_full_heads(monkeypatch)
+    ditfastattn.apply(pipe, plan)
+    got = generate(pipe)
+    ditfastattn.remove(pipe)
+    assert calls and all(calls)
+    torch.testing.assert_close(got, fused, atol=1e-5, rtol=1e-5)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    assert torch.equal(generate(pipe), stock)
+    ditfastattn.remove(pipe)
+
+
+def test_calibration_with_routed_padded_full_heads_replays_bit_for_bit(recorder, monkeypatch):
+    """Calibration runs the routed full heads under the mask as the applied plan does."""
+    calls = route_full_heads(monkeypatch)
+    search = SearchConfig(num_inference_steps=STEPS, delta=0.2, candidates=("full", "cache"))
+    calibrate_and_replay(FAMILIES["qwenimage"], recorder, search)
+    assert calls and all(calls)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,38 @@ logger = logging.getLogger("ditfastattn.runtime")
 _full_costs: dict[tuple, float] = {}
 
 
+def sdpa_mask(padding: ops.Padding | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``padding`` as the ``attn_mask`` of torch's SDPA, in the form the stock processors pass.
+
+    A bias of only 0 and -inf becomes a boolean mask (True: attend), bit for bit the stock one
+    (Qwen-Image's key mask, Chroma's m_q & m_k); another (Chroma's float m_q * m_k) an additive
+    mask of ``dtype``. A bias that depends on the key alone gives a key mask (B, 1, 1, S), any
+    other a token-pair mask (B, 1, S, S). Built on the device from scalars: no host transfer.
+    """
+    if padding is None:
+        return None
+    boolean = all(value in (0.0, -math.inf) for row in padding.bias for value in row)
+    table = [[value == 0.0 for value in row] for row in padding.bias] if boolean else padding.bias
+    padded = padding.mask
+
+    def by_key(row):  # (B, S): the bias of every key for queries of one kind
+        return torch.where(padded, row[1], row[0])
+
+    if table[0] == table[1]:
+        mask = by_key(table[0])[:, None, None, :]
+    else:
+        mask = torch.where(padded[:, :, None], by_key(table[1])[:, None, :], by_key(table[0])[:, None, :])[:, None]
+    return mask if boolean else mask.to(dtype)
+
+
+def attend_dense(q, k, v, heads: torch.Tensor, out: torch.Tensor, padding: ops.Padding | None = None) -> None:
+    """Heads ``heads`` of (B, S, H, D) ``q``, ``k``, ``v`` attended by torch's dense SDPA under
+    ``padding``, written into the same heads of ``out``: a mixed layer's routed full heads."""
+    picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
+    attended = F.scaled_dot_product_attention(*picked, attn_mask=sdpa_mask(padding, q.dtype))
+    out.index_copy_(2, heads, attended.transpose(1, 2))
+
+
 def full_head_cost(q, k, v, text_start: int, text_len: int, geometry: CallGeometry | None = None) -> float:
     """Time of full heads in the fused op over their time routed to torch's dense SDPA.
 
@@ -28,13 +61,16 @@ def full_head_cost(q, k, v, text_start: int, text_len: int, geometry: CallGeomet
     the copies count: a fused op level with SDPA keeps its heads. Which is faster depends on the
     GPU, the kernel and the shape, so it is measured once per shape on CUDA, outside graph capture,
     and logged; elsewhere the fused op's full mode is SDPA itself (1.0). ``geometry`` (the call's
-    layout, when it has several global segments) replaces ``text_start``/``text_len``.
+    layout, when it has several global segments or padding) replaces ``text_start``/``text_len``;
+    with padding both sides run under its mask, measured once per form of padding (not per mask).
     """
     if q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return 1.0
     layout = {"text_start": text_start, "text_len": text_len} if geometry is None else geometry.op
+    padding = None if geometry is None else geometry.padding
     key = (tuple(q.shape), q.stride(), q.dtype, q.device, text_start, text_len,
-           None if geometry is None else geometry.layout)
+           None if geometry is None else geometry.layout,
+           None if padding is None else (padding.bias, tuple(padding.mask.shape)))
     if key not in _full_costs:
         modes = torch.full((q.shape[2],), MODE_FULL, dtype=torch.int32, device=q.device)
         heads = torch.arange(q.shape[2], device=q.device)
@@ -44,8 +80,7 @@ def full_head_cost(q, k, v, text_start: int, text_len: int, geometry: CallGeomet
             ops.headwise_attention(q, k, v, modes, **layout, out=out, impl="auto")
 
         def routed():
-            picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
-            out.index_copy_(2, heads, F.scaled_dot_product_attention(*picked).transpose(1, 2))
+            attend_dense(q, k, v, heads, out, padding)
 
         medians = []
         for run in (fused, routed):
@@ -59,8 +94,8 @@ def full_head_cost(q, k, v, text_start: int, text_len: int, geometry: CallGeomet
             medians.append(statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:])))
         _full_costs[key] = medians[0] / medians[1]
         logger.info(
-            "full heads at %s: fused op %.3f ms, routed to dense SDPA %.3f ms; full heads of mixed "
-            "layers run %s", tuple(q.shape), medians[0], medians[1],
+            "full heads at %s%s: fused op %.3f ms, routed to dense SDPA %.3f ms; full heads of mixed "
+            "layers run %s", tuple(q.shape), "" if padding is None else " with key padding", medians[0], medians[1],
             "on dense SDPA" if _full_costs[key] > 1.0 else "in the fused op",
         )
     return _full_costs[key]

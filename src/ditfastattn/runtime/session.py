@@ -9,7 +9,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from ..adapters import base
@@ -17,6 +16,7 @@ from ..methods import parse_method
 from ..model import TokenLayout
 from ..plan import Plan, PlanMismatchError
 from .budget import _size, fit_cache_budget
+from .routing import attend_dense
 from .rows import _compile_rows, _Row, cache_heads
 
 logger = logging.getLogger("ditfastattn.runtime")
@@ -191,11 +191,9 @@ class LayerRuntime:
 
     def _compute(self, q, k, v, row: _Row, out, geometry: CallGeometry) -> None:
         impl = self.session.impl
-        # Routed full heads run on maskless SDPA: with padding they stay in the fused op.
-        if row.full_heads is not None and geometry.padding is None:
+        if row.full_heads is not None:
             ops.headwise_attention(q, k, v, row.sparse_modes, **geometry.op, out=out, impl=impl)
-            picked = [t.index_select(2, row.full_heads).transpose(1, 2) for t in (q, k, v)]
-            out.index_copy_(2, row.full_heads, F.scaled_dot_product_attention(*picked).transpose(1, 2))
+            attend_dense(q, k, v, row.full_heads, out, geometry.padding)
             return
         # CFG is the first call of a step; later ones (skip-layer guidance) hold conditional rows
         # only, so their cfg_share heads compute the whole batch: the sharing's conditional half.
@@ -272,12 +270,8 @@ class Session:
         return layer.row(q, geometry.layout.image_len, self.route_full(q, k, v, text_start, text_len, geometry))
 
     def route_full(self, q, k, v, text_start: int, text_len: int, geometry: CallGeometry | None = None) -> bool:
-        """Whether full heads of mixed layers run on dense SDPA (impl="auto", where it is faster).
-
-        Never with padding: the routed heads run SDPA without a mask.
-        """
-        if geometry is not None and geometry.padding is not None:
-            return False
+        """Whether full heads of mixed layers run on dense SDPA (impl="auto", where it is faster);
+        with padding, under its mask as the stock attention takes it."""
         return self.impl == "auto" and full_head_cost(q, k, v, text_start, text_len, geometry) > 1.0
 
     def check_layout_support(self, layer: LayerRuntime) -> None:
