@@ -20,7 +20,7 @@ from ditfastattn._geometry import (
     kept_pairs, tile_mode, tile_window,
 )
 from ditfastattn.methods import parse_method
-from ditfastattn.model import TokenLayout
+from ditfastattn.model import TokenLayout, token_layout
 from ditfastattn.ops._dense import dense_attention, head_mask
 from ditfastattn.ops._tile_order import slot_order, tiled_keys
 from ditfastattn.runtime import Session
@@ -103,6 +103,15 @@ def test_layouts_check_their_grid():
         TokenLayout(105, 0, 105, None, (2, 8, 8))
     with pytest.raises(ValueError, match="must hold 128"):
         TokenLayout(105, 0, 105, (3, 5, 7), (1, 8, 8))
+
+
+def test_the_adapters_layouts_are_built_once_per_shape_and_checked():
+    layout = token_layout(20 + 105, 20, 105, [3, 5, 7])  # a grid as a list, as shapes give it
+    assert layout == TokenLayout(20 + 105, 20, 105, (3, 5, 7)) and token_layout(125, 20, 105, (3, 5, 7)) is layout
+    assert token_layout(125, 20, 105) == TokenLayout(125, 20, 105) != layout
+    for _ in range(2):  # a refused shape stays refused
+        with pytest.raises(ValueError, match=r"holds 104 patches; the image segment has 105"):
+            token_layout(105, 0, 105, (2, 4, 13))
 
 
 def test_tile_methods_parse_name_and_cost():

@@ -209,3 +209,14 @@ def describe(model) -> ModelSpec:
 def _tile_grid(grid: tuple[int, int, int], tile: tuple[int, int, int] | None) -> TileGrid:
     # Asked for at every attention call of a family with a grid: built (and checked) once per shape.
     return TileGrid(grid, tile)
+
+
+def token_layout(seq_len: int, image_start: int, image_len: int, grid: Sequence[int] | None = None) -> TokenLayout:
+    """``TokenLayout(seq_len, image_start, image_len, grid)``, built and checked once per shape: the
+    adapters ask for their call's layout at every attention call."""
+    return _token_layout(seq_len, image_start, image_len, None if grid is None else tuple(grid))
+
+
+@functools.lru_cache(maxsize=256)
+def _token_layout(seq_len: int, image_start: int, image_len: int, grid: tuple[int, int, int] | None) -> TokenLayout:
+    return TokenLayout(seq_len, image_start, image_len, grid)

@@ -17,13 +17,14 @@ for its heads over the whole sequence, which the layout here describes.
 
 from __future__ import annotations
 
+
 import sys
 import weakref
 
 import torch
 
 from .. import ops
-from ..model import TokenLayout
+from ..model import token_layout
 
 # The parameters of dispatch_attention_fn after (query, key, value), in order (diffusers 0.35-0.42).
 _OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "attention_kwargs")
@@ -146,7 +147,7 @@ def _attend(layer, dense, query, key, value, args, kwargs):
     batch, seq = query.shape[:2]
     if parallel is not None and session.context_parallel:
         seq *= session.degree  # the whole sequence, which the Ulysses session gathers
-    layout = TokenLayout(seq, 0, seq)  # image-only layers (Z-Image's noise refiner, Wan's self-attention)
+    layout = token_layout(seq, 0, seq)  # image-only layers (Z-Image's noise refiner, Wan's self-attention)
     segment = session.image_segment
     if layer.spec.text:
         if isinstance(segment, str):
@@ -155,9 +156,9 @@ def _attend(layer, dense, query, key, value, args, kwargs):
             reason = reason or (f"the call's image segment {segment[:2]} does not fit the {seq} tokens this layer "
                                 f"sees (an input {session.adapter.MODEL_CLASS} ditfastattn does not know)")
         else:
-            layout = TokenLayout(seq, *segment)
+            layout = token_layout(seq, *segment)
     elif not isinstance(segment, str) and tuple(segment[:2]) == (0, seq):
-        layout = TokenLayout(seq, *segment)  # with the call's grid
+        layout = token_layout(seq, *segment)  # with the call's grid
     if parallel is not None and session.context_parallel:
         mask = options.get("attn_mask")
         if mask is not None:  # the rank's chunk of a key mask, gathered by the session; its form is every rank's

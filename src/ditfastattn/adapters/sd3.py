@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-from ..model import LayerSpec, ModelSpec, TokenLayout
+from ..model import LayerSpec, ModelSpec, token_layout
 from .base import Segment
 
 FAMILY = "sd3"
@@ -97,7 +97,7 @@ class SD3HeadwiseProcessor:
         if isinstance(segment, str) or tuple(segment[:2]) != (0, image_len):
             out = self.layer.attend(q, k, v, text_start=image_len, text_len=text_len, dense=dense)
         else:
-            layout = TokenLayout(image_len + text_len, 0, image_len, segment[2])
+            layout = token_layout(image_len + text_len, 0, image_len, segment[2])
             out = self.layer.attend(q, k, v, layout=layout, dense=dense)
         hidden_states = out.reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
 
