@@ -387,3 +387,21 @@ def test_calibration_with_routed_padded_full_heads_replays_bit_for_bit(recorder,
     search = SearchConfig(num_inference_steps=STEPS, delta=0.2, candidates=("full", "cache"))
     calibrate_and_replay(FAMILIES["qwenimage"], recorder, search)
     assert calls and all(calls)
+
+
+def test_a_calls_mask_is_read_once_for_all_its_layers(monkeypatch):
+    # HunyuanImage hands every layer of a call the same mask tensor (Qwen-Image's and Chroma's
+    # processors build theirs per layer, so theirs are read per layer).
+    from ditfastattn.adapters import dispatch
+
+    reads, calls = [], []
+    original = dispatch.padding_of
+    monkeypatch.setattr(dispatch, "padding_of", lambda *args: reads.append(1) or original(*args))
+    pipe = MiniPipeline(FAMILIES["hunyuanimage"])
+    plan = Plan.uniform(pipe.transformer, STEPS, "arrow:0.3")
+    assert len([layer for layer in plan.model.layers if layer.text]) > 1
+    pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    ditfastattn.apply(pipe, plan)
+    generate(pipe)
+    ditfastattn.remove(pipe)
+    assert len(reads) == len(calls) > 0

@@ -164,7 +164,7 @@ def _attend(layer, dense, query, key, value, args, kwargs):
         if mask is not None:  # the rank's chunk of a key mask, gathered by the session; its form is every rank's
             reason = reason or padding_of(mask, batch, query.shape[1], False, session)[1]
         return session.attend_sharded(layer, dense, query, key, value, layout=layout, attn_mask=mask, dense_only=reason)
-    padding, mask_reason = padding_of(options.get("attn_mask"), batch, seq, session.adapter.PAIR_MASKS, session)
+    padding, mask_reason = _call_padding(options.get("attn_mask"), batch, seq, session)
     return layer.attend(query, key, value, layout=layout, key_padding=padding, dense=dense,
                         dense_only=reason or mask_reason)
 
@@ -177,6 +177,20 @@ def _unsupported(options, session) -> str | None:
     if options.get("scale") is not None or options.get("attention_kwargs"):
         return "a custom softmax scale or backend arguments"
     return None
+
+
+def _call_padding(mask, batch: int, seq: int, session) -> tuple[ops.Padding | None, str | None]:
+    """:func:`padding_of`, read once per mask per transformer call: the layers of a call get the
+    same mask tensor (one device op per layer saved), unless it was written in place meanwhile."""
+    if mask is None:
+        return None, None
+    key = ("padding", id(mask), batch, seq)
+    cached = session.call_cache.get(key)
+    if cached is not None and cached[0] is mask and cached[1] == mask._version:
+        return cached[2]
+    result = padding_of(mask, batch, seq, session.adapter.PAIR_MASKS, session)
+    session.call_cache[key] = (mask, mask._version, result)
+    return result
 
 
 def padding_of(mask, batch: int, seq: int, pairs: bool, session) -> tuple[ops.Padding | None, str | None]:
