@@ -3,9 +3,9 @@
 Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp16/bf16, batch 1-3,
 1-8 heads, text lengths 0/77/154/333/512 at the start or the end, image lengths with and without a
 partial last block, for Triton also a second global segment after the image (reference-image
-tokens, as FLUX.1 Kontext and FLUX.2 place them) and key padding under each bias table (key masks,
-boolean and float 0/1 masks between queries and keys; runs of padding, batch elements with every
-key padded), random per-head plans (full, skip, arrows of every width), for Triton also gridded
+tokens, as FLUX.1 Kontext and FLUX.2 place them), key padding (Triton: under each bias table, key
+masks, boolean and float 0/1 masks between queries and keys; Gluon: key masks; runs of padding at
+the end of the text, scattered padded tokens, batch elements with every key padded), random per-head plans (full, skip, arrows of every width), for Triton also gridded
 layouts (a third of the cases: frames x rows x cols with tiles of 2 x 8 x 8 or 1 x 8 x 16, most
 grids ragged so that tiles are partial, tile windows of every extent mixed with full, skip and band
 heads in one call, run as the op runs them: the plain launch, then the tiled one over keys and
@@ -112,6 +112,8 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
         if rng.random() < 0.35:
             padding = {"table": rng.choice(list(PADDING_TABLES)), "seed": rng.randint(0, 2**31 - 1),
                        "all_padded": rng.random() < 0.2}
+    elif rng.random() < 0.35:  # the Gluon kernel takes key masks only
+        padding = {"table": "keys", "seed": rng.randint(0, 2**31 - 1), "all_padded": rng.random() < 0.2}
     n_blocks = -(-image // ops.IMAGE_BLOCK)
     modes = [rng.choice([MODE_FULL, MODE_SKIP, rng.randint(0, n_blocks)]) for _ in range(heads)]
     if gridded:  # mostly tile heads, each a random window up to the whole grid

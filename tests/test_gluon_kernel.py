@@ -103,9 +103,43 @@ def test_explicit_gluon_refuses_segments_and_padding(monkeypatch):
     modes = torch.tensor([MODE_FULL, 0], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*both sides of the image.*impl='triton'"):
         headwise_attention(q, k, v, modes, segments=[(0, 50), (250, 50)], impl="gluon")
-    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*no key padding.*impl='triton'"):
-        headwise_attention(q, k, v, modes, text_start=0, text_len=50, key_padding=torch.zeros(1, 300, dtype=torch.bool),
-                           impl="gluon")
+    pairs = ops.Padding(torch.zeros(1, 300, dtype=torch.bool), ops.PAIR_PADDING)
+    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*key padding only as a key mask.*impl='triton'"):
+        headwise_attention(q, k, v, modes, text_start=0, text_len=50, key_padding=pairs, impl="gluon")
+
+
+def test_gluon_takes_key_masks_only():
+    # A key mask (padded keys never attended, every query alike) runs on the Gluon kernel; a bias
+    # that treats padded queries differently, or adds to real pairs, goes to the Triton kernel.
+    from ditfastattn import ops
+
+    layout = ops.TokenLayout.from_text(300, 0, 50)
+    mask = torch.zeros(1, 300, dtype=torch.bool)
+    assert ops._gluon_layout_reason(layout, ops.Padding(mask), tiled=False) is None
+    for bias in (ops.PAIR_PADDING, ((1.0, 0.0), (0.0, 0.0))):
+        reason = ops._gluon_layout_reason(layout, ops.Padding(mask, bias), tiled=False)
+        assert reason is not None and "impl='triton'" in reason
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_builds_with_key_padding(head_dim):
+    # The padded variant: two scalar loads of running counts a key tile, the flags only for tiles
+    # that hold padding, in both consumer warpgroups; same warps, registers and shared memory.
+    from ditfastattn.ops import _gluon
+
+    try:
+        plain = _gluon.compile_sm90(torch.bfloat16, head_dim=head_dim)
+        padded = _gluon.compile_sm90(torch.bfloat16, head_dim=head_dim, has_pad=True)
+    except RuntimeError as err:  # no ptxas for sm_90 in this triton build
+        if "ptxas" in str(err).lower():
+            pytest.skip(f"cannot assemble for sm_90 here: {err}")
+        raise
+    assert padded.metadata.num_warps == plain.metadata.num_warps == 12
+    assert padded.metadata.shared == plain.metadata.shared
+    loads = len(re.findall(r"ld\.global\S*\.b32", padded.asm["ptx"]))
+    assert loads > len(re.findall(r"ld\.global\S*\.b32", plain.asm["ptx"]))
+    assert re.search(r"\.maxnreg 168", padded.asm["ptx"])
 
 
 @needs_gluon

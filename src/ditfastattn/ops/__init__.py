@@ -176,8 +176,9 @@ def _note_once(message: str, chosen: str = "the reference") -> None:
 def _gluon_layout_reason(layout: TokenLayout, padding: Padding | None, tiled: bool) -> str | None:
     if tiled:
         return "the Gluon kernel runs no tile windows (impl='triton' does)"
-    if padding is not None:
-        return "the Gluon kernel takes no key padding (impl='triton' does)"
+    if padding is not None and padding.bias != KEY_PADDING:
+        return ("the Gluon kernel takes key padding only as a key mask (padded keys never attended, "
+                f"ops.KEY_PADDING); this call's padding bias is {padding.bias} (impl='triton' takes any)")
     if layout.text_range() is None:
         return ("the Gluon kernel takes one global segment, at the start or the end of the sequence; this call has "
                 f"global tokens on both sides of the image ({layout.segments}) (impl='triton' takes any layout)")
@@ -383,7 +384,7 @@ def headwise_attention(
         scale: softmax scale (finite, > 0), ``1 / sqrt(D)`` by default.
         impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 64 or 128,
             fp16/bf16, q/k/v strides that allow a TMA view, one global segment at the start or the
-            end, no key padding, no tile windows), or ``"auto"`` (on CUDA the Gluon kernel where it
+            end, key padding only as a key mask (``KEY_PADDING``), no tile windows), or ``"auto"`` (on CUDA the Gluon kernel where it
             supports the call, else Triton where it does, else the reference, logged once; the
             reference on the CPU). An explicit impl never falls back. ``"triton"`` runs on the CPU only under
             ``TRITON_INTERPRET=1``.

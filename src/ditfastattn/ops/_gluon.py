@@ -21,6 +21,13 @@ the start of each range, so with ``BLOCK_N`` dividing 128 every band edge is a t
 last tile of a range can be partial, and there the columns past the range are masked to -inf (its
 rows come from the TMA box as they lie in memory, or zeros past the view).
 
+With key padding (``HAS_PAD``: padded keys never attended, every query alike, as a ``(B, 1, 1, S)``
+key mask) the kernel reads running counts of padded keys, ``(B, S + 1)``: two scalar loads a key
+tile, issued while its QK^T runs, say whether the tile holds any; only such a tile (typically a
+text tile of a padded prompt) loads its flags and masks those columns. A row that has seen no
+unpadded key yet keeps a running maximum of -inf without turning its sums into NaN, and a row with
+none at all outputs 0 (log-sum-exp -inf).
+
 Item order and head ranking are computed in the kernel from ``head_modes`` exactly as in the
 Triton kernel, so the host never reads the plan. The kernel needs sm_90 (wgmma, setmaxnreg).
 """
@@ -207,8 +214,9 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
 
 # What the producer tells the consumers of an item, in its query buffer's slot of ``sched``:
 # (item or -1 when no work is left, key tiles, length of the first key range, batch, head, first
-# query row, end query row). The slot stays until the consumers release the query buffer.
-ITEM_FIELDS = gl.constexpr(7)
+# query row, end query row, start of the first key range). The slot stays until the consumers
+# release the query buffer.
+ITEM_FIELDS = gl.constexpr(8)
 
 
 @gluon.jit
@@ -264,7 +272,7 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
         mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
-        _publish(sched, qs, (t, n_kv, len1, b, h, q_start, q_end), one)
+        _publish(sched, qs, (t, n_kv, len1, b, h, q_start, q_end, start1), one)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + q_start, h * q_ch], q_ready.index(qs),
                                         q_smem.index(qs))
@@ -325,21 +333,47 @@ def _unpack_p(packed, dtype: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N: gl.constexpr, layout: gl.constexpr):
-    """Online-softmax step over one score tile, in log2 units; masks columns past a partial tile."""
+def _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N: gl.constexpr, HAS_PAD: gl.constexpr):
+    """(counts of batch ``b``, padded keys among the tile's) for the tile at row ``pos``, from the
+    running counts ``PAD`` (without ``HAS_PAD``, zeros: unused). Issued before the tile's QK^T is
+    waited on, which hides the loads."""
+    if HAS_PAD:
+        counts = PAD + b.to(gl.int64) * (seq_len + 1)
+        return counts, gl.load(counts + pos + gl.minimum(valid, BLOCK_N)) - gl.load(counts + pos)
+    else:
+        return PAD, 0
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N: gl.constexpr, layout: gl.constexpr,
+             HAS_PAD: gl.constexpr):
+    """Online-softmax step over one score tile, in log2 units; masks columns past a partial tile and
+    (``HAS_PAD``) padded keys, of which ``k_pad`` is (running counts, how many in this tile)."""
     if valid < BLOCK_N:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         s = gl.where((cols < valid)[None, :], s, float("-inf"))
+    if HAS_PAD:
+        counts, n_pad = k_pad
+        if n_pad > 0:
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+            at = counts + pos + cols
+            padded = (gl.load(at + 1, mask=cols < valid, other=0) - gl.load(at, mask=cols < valid, other=0)) != 0
+            s = gl.where(padded[None, :], float("-inf"), s)
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
+    if HAS_PAD:
+        # A row with no unpadded key so far: subtract 0, so that its -inf scores give 0, not NaN.
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = gl.exp2(s * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
 
 
 @gluon.jit
 def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.constexpr, RETURN_LSE: gl.constexpr,
-              OUT_ALIGNED: gl.constexpr):
+              OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr):
     """Normalise one warpgroup's rows of a finished item and store them (and their log-sum-exp).
 
     The rows go through ``scratch`` (the warpgroup's rows of the item's query buffer, no longer read)
@@ -355,7 +389,11 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
     HEAD_DIM: gl.constexpr = acc.shape[1]
     o_row_layout: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     # One reciprocal per row: a division per element costs range fix-ups on each.
-    scratch.store((acc * gl.convert_layout(1.0 / l_i, o_row_layout)[:, None]).to(O.dtype.element_ty))
+    if HAS_PAD:
+        inverse = gl.where(l_i > 0, 1.0 / l_i, 0.0)  # a row whose every key is padding outputs 0
+    else:
+        inverse = 1.0 / l_i
+    scratch.store((acc * gl.convert_layout(inverse, o_row_layout)[:, None]).to(O.dtype.element_ty))
     # 8 elements (16 bytes) a thread, a warp covering whole rows.
     rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [gl.num_warps(), 1],
                                                  [1, 0])
@@ -383,9 +421,9 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
 
 
 @gluon.jit
-def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
-              OUT_ALIGNED: gl.constexpr):
+def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PAD, WG: gl.constexpr,
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+              RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
 
     Each step issues QK^T of the next tile, then PV of the previous one, and runs the softmax of the
@@ -395,6 +433,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
     producer through ``sched``, so the loop carries only counters.
     """
     qk_scale = out_args[8]
+    seq_len = out_args[6]
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     ROWS: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = k_smem.dtype
@@ -411,16 +450,19 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
     if _field(sched, 0, 0) >= 0:
         n_kv = _field(sched, 0, 1)
         len1 = _field(sched, 0, 2)
+        b = _field(sched, 0, 3)
+        start1 = _field(sched, 0, 7)
         # Tile 0 of the first item: QK^T and softmax only; its PV runs under the next step's softmax.
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_smem.index(0).slice(WG * ROWS, ROWS), k_smem.index(0).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
+        pos, valid = _key_tile(0, start1, len1, text_start, text_len, BLOCK_N)
+        k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        pos, valid = _key_tile(0, 0, len1, 0, text_len, BLOCK_N)  # consumers need only the valid count
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N, s_layout, HAS_PAD)
         p_op = _pack_p(p, dtype)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         c = 1  # key tiles whose QK^T has been issued, over all items
@@ -433,12 +475,13 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
                 prev = (c - 1) % V_STAGES
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                pos, valid = _key_tile(j, start1, len1, text_start, text_len, BLOCK_N)
+                k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
-                pos, valid = _key_tile(j, 0, len1, 0, text_len, BLOCK_N)
-                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, qk_scale, BLOCK_N, s_layout)
+                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N, s_layout, HAS_PAD)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
@@ -452,23 +495,27 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
             if more:
                 n_kv = _field(sched, nxt, 1)
                 len1 = _field(sched, nxt, 2)
+                b = _field(sched, nxt, 3)
+                start1 = _field(sched, nxt, 7)
                 st = c % K_STAGES
                 prev = (c - 1) % V_STAGES
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q_smem.index(nxt).slice(WG * ROWS, ROWS), k_smem.index(st).permute((1, 0)),
                                   s_zero, use_acc=False, is_async=True)
+                pos, valid = _key_tile(0, start1, len1, text_start, text_len, BLOCK_N)
+                k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
-                pos, valid = _key_tile(0, 0, len1, 0, text_len, BLOCK_N)
                 m_next = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l_next = gl.zeros([ROWS], gl.float32, layout=row_layout)
-                p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, qk_scale, BLOCK_N, s_layout)
+                p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, k_pad, pos, qk_scale, BLOCK_N, s_layout,
+                                                    HAS_PAD)
                 p_op = _pack_p(p, dtype)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
-                _epilogue(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED)
+                _epilogue(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED, HAS_PAD)
                 acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
                 m_i = m_next
                 l_i = l_next
@@ -480,7 +527,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last), count=1)
         _epilogue(acc, m_i, l_i, sched, it % 2, q_smem.index(it % 2).slice(WG * ROWS, ROWS), q_empty, out_args,
-                  WG, RETURN_LSE, OUT_ALIGNED)
+                  WG, RETURN_LSE, OUT_ALIGNED, HAS_PAD)
 
 
 # Few compiled variants: only the output strides are specialised (multiples of 16 and a unit
@@ -490,15 +537,16 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_len, WG: gl.co
     "batch", "seq_len", "num_heads", "text_start", "text_len",
 ])
 def _headwise_kernel(
-    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, s_modes,
+    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, PAD, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
     batch, seq_len, num_heads, text_start, text_len, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
     V_STAGES: gl.constexpr,
-    RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr,
+    RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr, HAS_PAD: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
-    # view (likewise k, v): the host derives the coefficients from the strides.
+    # view (likewise k, v): the host derives the coefficients from the strides. PAD is (B, S + 1)
+    # int32, the padded keys before each position (read only with HAS_PAD).
     # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
     # left, so the longest-first order holds across the launch and no program idles while work waits.
     image_start = gl.where(text_start == 0, text_len, 0)
@@ -550,10 +598,10 @@ def _headwise_kernel(
         out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale)
         gl.warp_specialize(
             [
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 0, HEAD_DIM, BLOCK_N, K_STAGES,
-                             V_STAGES, RETURN_LSE, OUT_ALIGNED)),
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_len, 1, HEAD_DIM, BLOCK_N, K_STAGES,
-                             V_STAGES, RETURN_LSE, OUT_ALIGNED)),
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PAD, 0, HEAD_DIM,
+                             BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD)),
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PAD, 1, HEAD_DIM,
+                             BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD)),
                 (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, K_STAGES,
                              V_STAGES)),
             ],
@@ -578,6 +626,12 @@ def _headwise_kernel(
 # compiler's setmaxnreg gives the first consumer (default partition, 4 warps) 240 as well, since
 # (240 + 240 + 24) x 128 = 168 x 384. Checked in the PTX; a sum over the file would deadlock.
 _LAUNCH = {"num_warps": 4, "maxnreg": 168}
+
+
+def key_padding_only(padding) -> bool:
+    """Whether ``padding`` (an ``ops.Padding``) only keeps padded keys from being attended, as this
+    kernel masks them: every query alike, none masked otherwise."""
+    return all(row == (0.0, float("-inf")) for row in padding.bias)
 
 
 def view_coeffs(t: torch.Tensor):
@@ -618,7 +672,7 @@ def _descriptor(t, view, rows):
                             _smem_layout(rows, t.shape[-1], t.dtype))
 
 
-def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config, programs, global_rows):
+def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config, programs, global_rows, has_pad):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
@@ -633,7 +687,7 @@ def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, con
     out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
                    and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
-                      OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, **config)
+                      OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, **config)
     return templates, ints, grid, constexprs
 
 
@@ -647,16 +701,17 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views). The
     kernel takes one global (text) segment, before or after the image ``[image_start, image_start +
-    image_len)``, and no padding (``ops.headwise_attention`` sends other layouts to the Triton
-    kernel). ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the
+    image_len)``, and key padding with the bias ``ops.KEY_PADDING`` (``ops.headwise_attention``
+    sends other layouts and biases to the Triton kernel). ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the
     number of programs (default: one per SM, or one per work item if fewer), so that small checks
     can make each program take many items. ``global_rows=False`` leaves the text-query rows of arrow
     heads unwritten (not with ``return_lse``).
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
-    if padding is not None:
-        raise ValueError("the Gluon kernel takes no key padding; use the Triton kernel")
+    if padding is not None and not key_padding_only(padding):
+        raise ValueError("the Gluon kernel takes key padding only (padded keys never attended, bias "
+                         "ops.KEY_PADDING); use the Triton kernel")
     batch, seq, heads, dim = q.shape
     device = q.device.index
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if return_lse else None
@@ -666,7 +721,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         return out, lse
     config = config or _DEFAULT_CONFIGS[dim]
     key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],
-                     config["K_STAGES"], config["V_STAGES"], programs, global_rows)
+                     config["K_STAGES"], config["V_STAGES"], programs, global_rows, padding is not None)
     plan = _plans.get(key)
     if plan is None:
         if image_start + image_len == seq:  # text first
@@ -676,17 +731,19 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         else:
             raise ValueError("the Gluon kernel takes global tokens on one side of the image only; use the Triton kernel")
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config,
-                                          programs, global_rows)
+                                          programs, global_rows, padding is not None)
     templates, ints, grid, constexprs = plan
     descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
+    # Unused without padding: the same pointer type in every such launch.
+    pad = head_modes if padding is None else torch.nn.functional.pad(padding.mask.cumsum(1, dtype=torch.int32), (1, 0))
     with on_device(device):
-        args = (*descs, out, lse_arg, head_modes, _counter(device), *ints, scale * _LOG2E)
+        args = (*descs, out, lse_arg, head_modes, _counter(device), pad, *ints, scale * _LOG2E)
         _launches(key, grid, args, constexprs, _LAUNCH)
     return out, lse
 
 
-def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True):
+def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True, has_pad=False):
     """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel.
 
     For checks and resource reports: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``.
@@ -705,16 +762,17 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
     scalars = ["q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "sob", "sos", "soh",
                "batch", "seq_len", "num_heads", "text_start", "text_len", "s_modes"]
     signature = {"q_desc": desc(TILE_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
-                 "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32", "qk_scale": "fp32",
+                 "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32",
+                 "PAD": "*i32", "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
     constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
-                  "GLOBAL_ROWS": global_rows, **config}
+                  "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad, **config}
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in names}
     constexprs = {(names.index(name),): value for name, value in constexprs.items()}
     # The alignment the JIT sees on a contiguous launch: 16-byte pointers, output strides of 16k.
-    aligned = ("O", "LSE", "MODES", "COUNTER", "sob", "sos", "soh")
+    aligned = ("O", "LSE", "MODES", "COUNTER", "PAD", "sob", "sos", "soh")
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(_headwise_kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(_LAUNCH))
