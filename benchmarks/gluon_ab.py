@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import math
 import statistics
@@ -44,6 +45,14 @@ def time_both(fn) -> dict:
             "graph": triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")}
 
 
+def token_range(module, shape) -> tuple[int, int]:
+    """The two ints a kernel version's ``attention`` takes after the modes: the image range, or (before
+    the op took token layouts, at 8af6848 and earlier) the text range."""
+    if "text_start" in inspect.signature(module.attention).parameters:
+        return (0 if shape["text_first"] else shape["image"]), shape["text"]
+    return image_range(shape)
+
+
 def setup(shape, kernels):
     """Inputs of ``shape`` and, per plan, one launch closure per kernel name."""
     text, image, dim = shape["text"], shape["image"], shape["dim"]
@@ -53,7 +62,7 @@ def setup(shape, kernels):
     for plan_name, modes in plans(shape).items():
         modes_t = torch.tensor(modes, dtype=torch.int32, device="cuda")
         fns = {name: (lambda module=module, out=outs[name], modes_t=modes_t:
-                      module.attention(q, k, v, modes_t, *image_range(shape), out, 1 / math.sqrt(dim), False))
+                      module.attention(q, k, v, modes_t, *token_range(module, shape), out, 1 / math.sqrt(dim), False))
                for name, module in kernels.items()}
         cases[plan_name] = {"fns": fns, "density": plan_density(modes, image, text)}
     return cases, lambda: cudnn_dense(q, k, v), outs
