@@ -124,8 +124,9 @@ def test_gluon_takes_key_masks_only():
 @needs_gluon
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_builds_with_key_padding(head_dim):
-    # The padded variant: the producer loads running counts once per item, the consumers the flags
-    # of the tiles in ranges with padding; same warps and registers, shared memory within the limit.
+    # The padded variant: two scalar loads of running counts a key tile, the flags only for tiles
+    # that hold padding, in both consumer warpgroups; same warps and registers, shared memory within
+    # the limit.
     from ditfastattn.ops import _gluon
 
     try:
@@ -139,7 +140,6 @@ def test_builds_with_key_padding(head_dim):
     assert padded.metadata.shared <= 227 * 1024
     ptx = padded.asm["ptx"]
     assert len(re.findall(r"ld\.global\S*\.b32", ptx)) > len(re.findall(r"ld\.global\S*\.b32", plain.asm["ptx"]))
-    assert re.search(r"ld\.global\S*\.[ub]8", ptx) and not re.search(r"ld\.global\S*\.[ub]8", plain.asm["ptx"])
     assert re.search(r"\.maxnreg 168", ptx)
 
 

@@ -22,10 +22,9 @@ last tile of a range can be partial, and there the columns past the range are ma
 rows come from the TMA box as they lie in memory, or zeros past the view).
 
 With key padding (``HAS_PAD``: padded keys never attended, every query alike, as a ``(B, 1, 1, S)``
-key mask) the producer reads running counts of padded keys, ``(B, S + 1)``, once per item, and
-tells the consumers which of the item's two key ranges hold any padding; only the key tiles of such
-a range (typically the text tiles of a padded prompt) load their padding flags, while their QK^T
-runs, and mask those columns. A row that has seen no
+key mask) the kernel reads running counts of padded keys, ``(B, S + 1)``: two scalar loads a key
+tile, issued while its QK^T runs, say whether the tile holds any; only such a tile (typically a
+text tile of a padded prompt) loads its flags and masks those columns. A row that has seen no
 unpadded key yet keeps a running maximum of -inf without turning its sums into NaN, and a row with
 none at all outputs 0 (log-sum-exp -inf).
 
@@ -215,9 +214,9 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
 
 # What the producer tells the consumers of an item, in its query buffer's slot of ``sched``:
 # (item or -1 when no work is left, key tiles, length of the first key range, batch, head, first
-# query row, end query row, start of the first key range, which key ranges hold padding: 1 the
-# text keys, 2 the first range). The slot stays until the consumers release the query buffer.
-ITEM_FIELDS = gl.constexpr(9)
+# query row, end query row, start of the first key range). The slot stays until the consumers
+# release the query buffer.
+ITEM_FIELDS = gl.constexpr(8)
 
 
 @gluon.jit
@@ -241,21 +240,8 @@ def _load_ring(desc, smem, ready, empty, g, row, col, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _padded_ranges(PAD, b, seq_len, text_start, text_len, start1, len1, HAS_PAD: gl.constexpr):
-    """Which of an item's key ranges hold padding keys (bit 1: the text keys, bit 2: the first range),
-    from the running counts ``PAD`` of batch ``b``; 0 without ``HAS_PAD``."""
-    if HAS_PAD:
-        counts = PAD + b.to(gl.int64) * (seq_len + 1)
-        text = gl.load(counts + text_start + text_len) > gl.load(counts + text_start)
-        first = gl.load(counts + start1 + len1) > gl.load(counts + start1)
-        return text.to(gl.int32) + 2 * first.to(gl.int32)
-    else:
-        return 0
-
-
-@gluon.jit
-def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter, PAD, seq_len,
-              BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, HAS_PAD: gl.constexpr):
+def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter,
+              BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
     """Takes work items, longest first, and issues their TMA loads: the query tile into one of two
     buffers (its item number beside it, for the consumers), then key and value tiles into the rings,
     counted over all items.
@@ -286,8 +272,7 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
         mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
-        pads = _padded_ranges(PAD, b, seq_len, text_start, text_len, start1, len1, HAS_PAD)
-        _publish(sched, qs, (t, n_kv, len1, b, h, q_start, q_end, start1, pads), one)
+        _publish(sched, qs, (t, n_kv, len1, b, h, q_start, q_end, start1), one)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + q_start, h * q_ch], q_ready.index(qs),
                                         q_smem.index(qs))
@@ -348,35 +333,32 @@ def _unpack_p(packed, dtype: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _key_pad(PADF, b, pos, valid, seq_len, in_text, pads, BLOCK_N: gl.constexpr, layout: gl.constexpr,
-             HAS_PAD: gl.constexpr):
-    """(whether the key tile at row ``pos`` lies in a range with padding, its padding flags) from the
-    (B, S) flags ``PADF``; only such a tile loads them. Issued before the tile's QK^T is waited on,
-    which hides the load. Without ``HAS_PAD``: nothing (unused)."""
+def _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N: gl.constexpr, HAS_PAD: gl.constexpr):
+    """(counts of batch ``b``, padded keys among the tile's) for the tile at row ``pos``, from the
+    running counts ``PAD`` (without ``HAS_PAD``, zeros: unused). Issued before the tile's QK^T is
+    waited on, which hides the loads."""
     if HAS_PAD:
-        padded = (gl.where(in_text, pads & 1, pads & 2)) != 0
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-        if padded:
-            flags = gl.load(PADF + b.to(gl.int64) * seq_len + pos + cols, mask=cols < valid, other=0)
-        else:
-            flags = gl.zeros([BLOCK_N], gl.uint8, layout=gl.SliceLayout(0, layout))
-        return padded, flags
+        counts = PAD + b.to(gl.int64) * (seq_len + 1)
+        return counts, gl.load(counts + pos + gl.minimum(valid, BLOCK_N)) - gl.load(counts + pos)
     else:
-        return False, valid
+        return PAD, 0
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, valid, k_pad, qk_scale, BLOCK_N: gl.constexpr, layout: gl.constexpr,
+def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N: gl.constexpr, layout: gl.constexpr,
              HAS_PAD: gl.constexpr):
     """Online-softmax step over one score tile, in log2 units; masks columns past a partial tile and
-    (``HAS_PAD``) padded keys, ``k_pad`` from :func:`_key_pad`."""
+    (``HAS_PAD``) padded keys, of which ``k_pad`` is (running counts, how many in this tile)."""
     if valid < BLOCK_N:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         s = gl.where((cols < valid)[None, :], s, float("-inf"))
     if HAS_PAD:
-        padded, flags = k_pad
-        if padded:
-            s = gl.where((flags != 0)[None, :], float("-inf"), s)
+        counts, n_pad = k_pad
+        if n_pad > 0:
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+            at = counts + pos + cols
+            padded = (gl.load(at + 1, mask=cols < valid, other=0) - gl.load(at, mask=cols < valid, other=0)) != 0
+            s = gl.where(padded[None, :], float("-inf"), s)
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     if HAS_PAD:
         # A row with no unpadded key so far: subtract 0, so that its -inf scores give 0, not NaN.
@@ -439,7 +421,7 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
 
 
 @gluon.jit
-def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PADF, WG: gl.constexpr,
+def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PAD, WG: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
               RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
@@ -452,7 +434,6 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_le
     """
     qk_scale = out_args[8]
     seq_len = out_args[6]
-    n_text = gl.cdiv(text_len, BLOCK_N)  # key tiles below it are text tiles
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     ROWS: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = k_smem.dtype
@@ -471,18 +452,17 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_le
         len1 = _field(sched, 0, 2)
         b = _field(sched, 0, 3)
         start1 = _field(sched, 0, 7)
-        pads = _field(sched, 0, 8)
         # Tile 0 of the first item: QK^T and softmax only; its PV runs under the next step's softmax.
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_smem.index(0).slice(WG * ROWS, ROWS), k_smem.index(0).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
         pos, valid = _key_tile(0, start1, len1, text_start, text_len, BLOCK_N)
-        k_pad = _key_pad(PADF, b, pos, valid, seq_len, 0 < n_text, pads, BLOCK_N, s_layout, HAS_PAD)
+        k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, qk_scale, BLOCK_N, s_layout, HAS_PAD)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N, s_layout, HAS_PAD)
         p_op = _pack_p(p, dtype)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         c = 1  # key tiles whose QK^T has been issued, over all items
@@ -496,12 +476,12 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_le
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 pos, valid = _key_tile(j, start1, len1, text_start, text_len, BLOCK_N)
-                k_pad = _key_pad(PADF, b, pos, valid, seq_len, j < n_text, pads, BLOCK_N, s_layout, HAS_PAD)
+                k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
-                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, qk_scale, BLOCK_N, s_layout, HAS_PAD)
+                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N, s_layout, HAS_PAD)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
@@ -517,21 +497,20 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_le
                 len1 = _field(sched, nxt, 2)
                 b = _field(sched, nxt, 3)
                 start1 = _field(sched, nxt, 7)
-                pads = _field(sched, nxt, 8)
                 st = c % K_STAGES
                 prev = (c - 1) % V_STAGES
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q_smem.index(nxt).slice(WG * ROWS, ROWS), k_smem.index(st).permute((1, 0)),
                                   s_zero, use_acc=False, is_async=True)
                 pos, valid = _key_tile(0, start1, len1, text_start, text_len, BLOCK_N)
-                k_pad = _key_pad(PADF, b, pos, valid, seq_len, 0 < n_text, pads, BLOCK_N, s_layout, HAS_PAD)
+                k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
                 m_next = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l_next = gl.zeros([ROWS], gl.float32, layout=row_layout)
-                p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, k_pad, qk_scale, BLOCK_N, s_layout,
+                p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, k_pad, pos, qk_scale, BLOCK_N, s_layout,
                                                     HAS_PAD)
                 p_op = _pack_p(p, dtype)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -558,7 +537,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_le
     "batch", "seq_len", "num_heads", "text_start", "text_len",
 ])
 def _headwise_kernel(
-    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, PAD, PADF, s_modes,
+    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, PAD, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
     batch, seq_len, num_heads, text_start, text_len, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
@@ -567,8 +546,7 @@ def _headwise_kernel(
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides. PAD is (B, S + 1)
-    # int32, the padded keys before each position, PADF (B, S) uint8, non-zero at padded keys (read
-    # only with HAS_PAD).
+    # int32, the padded keys before each position (read only with HAS_PAD).
     # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
     # left, so the longest-first order holds across the launch and no program idles while work waits.
     image_start = gl.where(text_start == 0, text_len, 0)
@@ -620,12 +598,12 @@ def _headwise_kernel(
         out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale)
         gl.warp_specialize(
             [
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PADF, 0, HEAD_DIM,
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PAD, 0, HEAD_DIM,
                              BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD)),
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PADF, 1, HEAD_DIM,
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PAD, 1, HEAD_DIM,
                              BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD)),
-                (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, PAD, seq_len,
-                             BLOCK_N, K_STAGES, V_STAGES, HAS_PAD)),
+                (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, K_STAGES,
+                             V_STAGES)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -757,14 +735,10 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     templates, ints, grid, constexprs = plan
     descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
-    # Unused without padding: the same pointer types in every such launch.
-    if padding is None:
-        pads = (head_modes, out)
-    else:
-        pads = (torch.nn.functional.pad(padding.mask.cumsum(1, dtype=torch.int32), (1, 0)),
-                padding.mask.contiguous().view(torch.uint8))
+    # Unused without padding: the same pointer type in every such launch.
+    pad = head_modes if padding is None else torch.nn.functional.pad(padding.mask.cumsum(1, dtype=torch.int32), (1, 0))
     with on_device(device):
-        args = (*descs, out, lse_arg, head_modes, _counter(device), *pads, *ints, scale * _LOG2E)
+        args = (*descs, out, lse_arg, head_modes, _counter(device), pad, *ints, scale * _LOG2E)
         _launches(key, grid, args, constexprs, _LAUNCH)
     return out, lse
 
@@ -789,7 +763,7 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
                "batch", "seq_len", "num_heads", "text_start", "text_len", "s_modes"]
     signature = {"q_desc": desc(TILE_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
                  "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32",
-                 "PAD": "*i32", "PADF": "*u8" if has_pad else f"*{elem}", "qk_scale": "fp32",
+                 "PAD": "*i32", "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
     constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
@@ -798,7 +772,7 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
     signature = {name: signature[name] for name in names}
     constexprs = {(names.index(name),): value for name, value in constexprs.items()}
     # The alignment the JIT sees on a contiguous launch: 16-byte pointers, output strides of 16k.
-    aligned = ("O", "LSE", "MODES", "COUNTER", "PAD", "PADF", "sob", "sos", "soh")
+    aligned = ("O", "LSE", "MODES", "COUNTER", "PAD", "sob", "sos", "soh")
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(_headwise_kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(_LAUNCH))
