@@ -104,10 +104,13 @@ TARGET_CONFIGS = {
 }
 
 
-def step_cache_plan(transformer, steps: int, period: int) -> Plan:
-    plan = Plan.uniform(transformer, steps, "cache", num_image_tokens=1024, text_len=32)
+def step_cache_plan(transformer, steps: int, period: int, **layout) -> Plan:
+    """Every head computes at every ``period``-th step and reuses its output at the others;
+    ``layout``: the token layout ``Plan.uniform`` takes (default: the image testbeds')."""
+    layout = layout or {"num_image_tokens": 1024, "text_len": 32}
+    plan = Plan.uniform(transformer, steps, "cache", **layout)
     rows = [[["full" if step % period == 0 else m for m in heads] for heads in layers] for step, layers in enumerate(plan.methods)]
-    return Plan(plan.model, rows, {"source": f"step cache, every {period}", "num_image_tokens": 1024, "text_len": 32})
+    return Plan(plan.model, rows, {**plan.provenance, "source": f"step cache, every {period}"})
 
 
 def save_embeddings(path: Path, heldout_seed: int, calibration: int) -> None:

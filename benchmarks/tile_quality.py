@@ -7,8 +7,9 @@
   measurement (taken once with the band's candidates; its "arrow" step weights weigh every window),
   same everything else.
 - Video (``video``: 8 frames x 16 x 16 patches, tiles of 2 x 8 x 8, so 4 x 2 x 2 tiles; a band block
-  is half a frame): 3-D tiles against the 1-D band, head-wise and layer-wise, and uniform windows
-  (one window for every head after step 0, no search). Per-frame SSIM / PSNR and the PSNR of the
+  is half a frame): 3-D tiles against the 1-D band, head-wise and layer-wise, uniform windows
+  (one window for every head after step 0, no search) and a step cache alone (every k-th step
+  computes, the others reuse every head's output). Per-frame SSIM / PSNR and the PSNR of the
   frame-to-frame changes (``ditfastattn.evaluation.video_scores``) against full attention.
 
 Every plan is scored on held-out prompts x seeds against full attention; curves are interpolated
@@ -46,8 +47,8 @@ import diffusers
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from quality import (AT, CURVE_TARGETS, SETS, applied, differences, heldout_prompts, images, matched, measured_sensitivity,
-                     score_plans, use_embeddings)
+from quality import (AT, CURVE_TARGETS, SETS, STEP_CACHE_PERIODS, applied, differences, heldout_prompts, images, matched,
+                     measured_sensitivity, score_plans, step_cache_plan, use_embeddings)
 
 import ditfastattn
 from ditfastattn import Plan, SearchConfig, calibrate
@@ -103,7 +104,8 @@ COMPARISONS = {
     "video": [("head-wise, 3-D tiles", "head-wise, 1-D band"), ("head-wise, 3-D tiles, no cache", "head-wise, 1-D band, no cache"),
               ("head-wise, 3-D tiles", "layer-wise, 3-D tiles"),
               ("head-wise, 1-D band", "layer-wise, 1-D band"), ("head-wise, 3-D tiles", "uniform 3-D tile"),
-              ("head-wise, 3-D tiles", "uniform 1-D band"), ("uniform 3-D tile", "uniform 1-D band")],
+              ("head-wise, 3-D tiles", "uniform 1-D band"), ("uniform 3-D tile", "uniform 1-D band"),
+              ("head-wise, 3-D tiles", "step cache"), ("head-wise, 1-D band", "step cache")],
 }
 METRICS = {"image": ("ssim", "psnr"), "video": ("ssim", "psnr", "temporal_psnr")}
 
@@ -167,12 +169,17 @@ def score_videos(pipe, plans: dict[str, Plan], prompts, steps, references) -> di
 
 
 def uniform_plans(pipe, steps: int) -> dict[str, dict[str, Plan]]:
-    """The video's uniform baselines: group -> {name: plan}, every head after step 0 on one window."""
+    """The video's baselines without a search: group -> {name: plan}; every head after step 0 on
+    one window, or every head cached at all steps but every k-th."""
+    layout = {"text_len": VIDEO_TEXT, "grid": VIDEO_GRID}
+
     def uniform(method):
-        return Plan.uniform(pipe.transformer, steps, method, text_len=VIDEO_TEXT, grid=VIDEO_GRID)
+        return Plan.uniform(pipe.transformer, steps, method, **layout)
 
     return {"uniform 1-D band": {f"uniform {m}": uniform(m) for m in UNIFORM_BAND},
-            "uniform 3-D tile": {f"uniform {m}": uniform(m) for m in UNIFORM_TILES}}
+            "uniform 3-D tile": {f"uniform {m}": uniform(m) for m in UNIFORM_TILES},
+            "step cache": {f"step cache, every {k}": step_cache_plan(pipe.transformer, steps, k, **layout)
+                           for k in STEP_CACHE_PERIODS}}
 
 
 # --- one kind ----------------------------------------------------------------------------------
