@@ -192,6 +192,29 @@ def test_the_custom_op_runs_tile_windows_with_a_legal_schema():
         op(*arguments[:-2], None, [1, 8, 16])
 
 
+def test_the_custom_op_takes_global_segments_and_padding():
+    from ditfastattn import ops
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5 + 300 + 40, 3, 16, generator=generator) for _ in range(3))
+    modes = ops.mode_tensor([0, -1, 1], "cpu")
+    mask = torch.rand(2, 345, generator=generator) < 0.2
+    segments = [(0, 5), (305, 40)]
+    op = torch.ops.ditfastattn.headwise_attention_.default
+    for bias in (ops.KEY_PADDING, ops.PAIR_PADDING, ((1.0, 0.0), (0.0, 0.0))):
+        want = ops.headwise_attention(q, k, v, modes, segments=segments, key_padding=ops.Padding(mask, bias))
+        flat_bias = None if bias == ops.KEY_PADDING else [float(x) for row in bias for x in row]
+        arguments = (q, k, v, modes, 0, 0, torch.zeros_like(q), 16**-0.5, "reference", None, None, [0, 5, 305, 40],
+                     mask, flat_bias)
+        op(*arguments)
+        assert torch.equal(arguments[6], want)
+        torch.library.opcheck(op, arguments)
+    with pytest.raises(ValueError, match="give the token layout once"):
+        op(q, k, v, modes, 0, 5, torch.zeros_like(q), 0.25, "reference", None, None, [0, 5, 305, 40])
+    with pytest.raises(ValueError, match="padding_bias needs key_padding"):
+        op(q, k, v, modes, 0, 5, torch.zeros_like(q), 0.25, "reference", None, None, None, None, [0.0, 0.0, 0.0, 0.0])
+
+
 # Tile windows beside every other kind of head; each head of each layer meets several over the steps.
 TILED = ["tile:0,0,0", "cache", "tile:0,0.5,1", "arrow:0.5", "full", "arrow_residual:0.5", "tile:1,1,1"]
 
@@ -269,4 +292,81 @@ def test_static_tile_windows_need_the_grid_they_were_sized_for():
     with pytest.raises(ValueError, match=r"image grid \(1, 20, 24\) in tiles of \(1, 8, 16\) but this call has "
                                          r"the image grid \(1, 24, 20\)"):
         model(**transposed, timestep=torch.tensor([TIMESTEPS[1]]))
+    ditfastattn.remove(model)
+
+
+# Families whose calls carry a padding mask or several global segments: Qwen-Image (a text key mask),
+# Chroma (its float 0/1 token mask, and boolean m_q & m_k), FLUX.1 Kontext (reference-image tokens
+# after the image).
+MASKED = ["qwenimage", "chroma", "chroma-boolean", "flux-kontext"]
+MIXED = ["cache", "arrow:0.5", "arrow_residual:0.5", "full", "arrow:0.25"]
+
+
+def family_of(name):
+    from test_families import FAMILIES, chroma_boolean
+
+    return chroma_boolean() if name == "chroma-boolean" else FAMILIES[name]
+
+
+def family_denoise(family, transformer, negative: bool):
+    """One generation, one call per step; ``negative`` picks the family's other mask (a shorter prompt)."""
+    from test_families import TEXT
+
+    latents = family.latents(torch.Generator().manual_seed(0), 1)
+    text = torch.randn(1, TEXT, family.channels, generator=torch.Generator().manual_seed(1))
+    return [family.predict(transformer, latents, torch.tensor(t), text, negative) for t in TIMESTEPS]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", MASKED)
+def test_static_mode_takes_padding_masks_and_global_segments(name):
+    # The layout is fixed at the first call, the mask is each call's data: two generations with
+    # different masks match the dynamic runtime, eager and compiled as one graph without recompiles.
+    from test_families import H, W
+
+    family = family_of(name)
+    model = family.make()
+    plan = with_methods(Plan.uniform(model, STEPS, "full"), lambda step, layer, head: MIXED[(head + layer + step) % 5])
+    stock = family_denoise(family, model, False)
+    ditfastattn.apply(model, plan)
+    dynamic = {negative: family_denoise(family, model, negative) for negative in (False, True)}
+    ditfastattn.remove(model)
+    ditfastattn.apply(model, plan, static=True, num_image_tokens=H * W)
+    for negative in (False, True, False):
+        for step, (want, got) in enumerate(zip(dynamic[negative], family_denoise(family, model, negative))):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step}, negative {negative}")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    if name == "chroma":  # its float 0/1 mask is checked on the host: refused inside a compiled graph
+        with pytest.raises(Exception, match="float token mask inside torch.compile.*pass the mask as booleans"):
+            family_denoise(family, compiled, True)
+    else:
+        got = family_denoise(family, compiled, True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got += family_denoise(family, compiled, False)
+        for step, (want, got) in enumerate(zip(dynamic[True] + dynamic[False], got)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"compiled, call {step}")
+    torch._dynamo.reset()
+    ditfastattn.remove(model)
+    assert not [n for n, _ in model.named_buffers() if "ditfastattn" in n]
+    for want, got in zip(stock, family_denoise(family, model, False)):
+        assert torch.equal(got, want)
+    assert not torch.allclose(dynamic[False][-1], stock[-1], atol=1e-3)
+
+
+@torch.no_grad()
+def test_static_mode_refuses_a_call_without_the_first_calls_mask():
+    from test_families import FAMILIES, H, W
+
+    family = FAMILIES["qwenimage"]
+    model = family.make()
+    plan = Plan.uniform(model, STEPS, "arrow:0.5")
+    ditfastattn.apply(model, plan, static=True, num_image_tokens=H * W)
+    family_denoise(family, model, False)
+    layer = model._ditfastattn_session.layers[0]
+    q = torch.zeros(1, 7 + H * W, 2, 8)
+    with pytest.raises(ValueError, match="built for calls with a padding mask, and this call differs"):
+        with pytest.MonkeyPatch.context() as patch:  # as in a compiled call, which keeps the first call's geometry
+            patch.setattr(torch.compiler, "is_compiling", lambda: True)
+            layer.attend(q, q, q, dense=lambda: q, layout=layer.geometry.layout, key_padding=None)
     ditfastattn.remove(model)

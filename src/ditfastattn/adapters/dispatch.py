@@ -184,6 +184,8 @@ def _call_padding(mask, batch: int, seq: int, session) -> tuple[ops.Padding | No
     same mask tensor (one device op per layer saved), unless it was written in place meanwhile."""
     if mask is None:
         return None, None
+    if torch.compiler.is_compiling():  # a compiled graph reads the mask at every call, as data
+        return padding_of(mask, batch, seq, session.adapter.PAIR_MASKS, session)
     key = ("padding", id(mask), batch, seq)
     cached = session.call_cache.get(key)
     if cached is not None and cached[0] is mask and cached[1] == mask._version:
@@ -209,6 +211,9 @@ def padding_of(mask, batch: int, seq: int, pairs: bool, session) -> tuple[ops.Pa
         tokens = mask[:, 0].diagonal(dim1=-2, dim2=-1).expand(batch, seq)
         if mask.dtype == torch.bool:
             return ops.Padding(~tokens, ops.PAIR_PADDING), None
+        if mask.is_floating_point() and torch.compiler.is_compiling():
+            return None, ("a float token mask inside torch.compile (that it holds only 0 and 1 is read on the host, "
+                          "once per call); pass the mask as booleans (m_q & m_k), which compile")
         if mask.is_floating_point() and _binary(tokens, session):
             return ops.Padding(tokens == 0, FLOAT_PAIR_PADDING), None
     forms = "boolean key masks" + (", and token-pair masks of booleans or floats 0/1" if pairs else "")

@@ -502,24 +502,48 @@ def headwise_attention_(
     impl: str,
     grid: list[int] | None = None,
     tile: list[int] | None = None,
+    segments: list[int] | None = None,
+    key_padding: torch.Tensor | None = None,
+    padding_bias: list[float] | None = None,
 ) -> None:
     """:func:`headwise_attention` into ``out``, as a torch custom op: opaque to torch.compile.
 
     It does not read ``head_modes`` back (no host sync inside a compiled step): static mode checks
     its mode tables when it builds them, and the kernels skip out-of-range modes. ``grid`` and
     ``tile`` (3 ints each) let tile heads run; pass them only where some head may be a tile window,
-    as with them the Triton kernel gathers the keys into tile order at every call.
+    as with them the Triton kernel gathers the keys into tile order at every call. ``segments``
+    (start, length, start, length, ...: every global segment) replaces ``text_start`` and
+    ``text_len``, which must then be 0. ``key_padding`` is the ``(B, S)`` bool padding mask and
+    ``padding_bias`` its 2 x 2 bias table flattened (default :data:`KEY_PADDING`); see :class:`Padding`.
     """
-    layout = _op_layout(q.shape[1], text_start, text_len, *(None if t is None else tuple(t) for t in (grid, tile)))
-    _attention(q, k, v, head_modes, None, None, out, scale, impl, False, check_values=False, segments=layout)
+    if segments is not None and (text_start or text_len):
+        raise ValueError("give the token layout once: text_start and text_len, or segments (with 0, 0)")
+    if padding_bias is not None and key_padding is None:
+        raise ValueError("padding_bias needs key_padding")
+    layout = _op_layout(q.shape[1], text_start, text_len, *(None if t is None else tuple(t) for t in (grid, tile, segments)))
+    padding = None
+    if key_padding is not None:
+        if padding_bias is not None and len(padding_bias) != 4:
+            raise ValueError(f"padding_bias must be 4 numbers, [query padded][key padded] flattened; got {padding_bias!r}")
+        bias = KEY_PADDING if padding_bias is None else (tuple(padding_bias[:2]), tuple(padding_bias[2:]))
+        padding = Padding(key_padding, bias)
+    _attention(q, k, v, head_modes, None, None, out, scale, impl, False, check_values=False, segments=layout,
+               key_padding=padding)
 
 
 @functools.lru_cache(maxsize=256)
-def _op_layout(seq: int, text_start: int, text_len: int, grid: tuple | None, tile: tuple | None) -> TokenLayout:
+def _op_layout(seq: int, text_start: int, text_len: int, grid: tuple | None, tile: tuple | None,
+               segments: tuple | None) -> TokenLayout:
     # Built (and checked) once per shape: the custom op gets plain ints at every call.
-    return _layout(seq, text_start, text_len, None, grid, tile)
+    if segments is None:
+        return _layout(seq, text_start, text_len, None, grid, tile)
+    if len(segments) % 2:
+        raise ValueError(f"segments must be (start, length) pairs flattened; got {len(segments)} ints")
+    pairs = [tuple(segments[i:i + 2]) for i in range(0, len(segments), 2)]
+    return _layout(seq, None, None, pairs, grid, tile)
 
 
 @headwise_attention_.register_fake
-def _headwise_attention_fake(q, k, v, head_modes, text_start, text_len, out, scale, impl, grid=None, tile=None) -> None:
+def _headwise_attention_fake(q, k, v, head_modes, text_start, text_len, out, scale, impl, grid=None, tile=None,
+                             segments=None, key_padding=None, padding_bias=None) -> None:
     return None

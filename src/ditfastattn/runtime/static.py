@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .._geometry import MODE_FULL, MODE_SKIP, TileGrid
+from ..ops import KEY_PADDING, Padding
 from ..methods import parse_method
 from ..model import TokenLayout
 from ..plan import Plan
@@ -30,17 +31,19 @@ class _StaticLayer(LayerRuntime):
     buffers of the attention module: they follow ``.to()`` and have static addresses. Only layers
     that ever cache hold an output buffer; layers full at every step run the stock attention.
     Tile windows are sized for the first call's grid, which layers with a tile head at some step
-    pass to the op at every step (as plain ints, constants of the compiled graph).
+    pass to the op at every step (as plain ints, constants of the compiled graph). So is the token
+    layout (several global segments: reference images); a padding mask is data, read from each call.
     """
 
     module: torch.nn.Module
     built = False
     routed = False
+    layout_args: tuple[tuple[int, int], list[int] | None] = ((0, 0), None)  # set at the first call
     tiles: TileGrid | None = None  # the grid the tables' tile windows were sized for
     # The op's grid and tile shape as plain ints, where some head runs a tile window at some step.
     grid_args: tuple[list[int], list[int]] | tuple[None, None] = (None, None)
 
-    def build(self, q, k, v, text_start: int, text_len: int) -> None:
+    def build(self, q, k, v, geometry: CallGeometry) -> None:
         """Tables for this layer at ``q``'s shape and the call's grid; on the first call, which must run
         uncompiled."""
         if torch.compiler.is_compiling():
@@ -73,7 +76,8 @@ class _StaticLayer(LayerRuntime):
         self.caches = any(row.keep for row in rows)
         self.stock = all(row.all_full for row in rows) and not self.residuals
         if self.session.impl == "auto" and not self.stock:
-            tables.update(self._route_full_heads(tables["modes"], full_head_cost(q, k, v, text_start, text_len)))
+            cost = full_head_cost(q, k, v, geometry.text_start, geometry.text_len, None if geometry.simple else geometry)
+            tables.update(self._route_full_heads(tables["modes"], cost))
         for name, table in tables.items():
             module.register_buffer(f"_ditfastattn_{name}", table, persistent=False)
         self.built = True
@@ -125,15 +129,18 @@ class _StaticLayer(LayerRuntime):
         if dense_only:
             what = dense_only if isinstance(dense_only, str) else "attention masks or context parallelism"
             raise NotImplementedError(f"{self.name}: static mode does not support {what}; apply without static=True")
-        # Shapes are fixed: the geometry of the first (eager) call serves the compiled ones.
+        # Shapes are fixed: the geometry of the first (eager) call serves the compiled ones; the
+        # padding mask is each call's own (prompts change it).
         geometry = self.geometry
         if geometry is None or not torch.compiler.is_compiling():
             geometry = self.geometry = CallGeometry.of(q.shape[1], text_start, text_len, layout, key_padding)
-        if not geometry.simple:
-            raise NotImplementedError(
-                f"{self.name}: static mode takes one text segment at the start or the end and no key padding "
-                "(this call has reference-image tokens or a text mask); apply without static=True"
+            self.layout_args = _layout_args(geometry)
+        if (key_padding is None) != (geometry.padding is None):
+            raise ValueError(
+                f"{self.name}: static mode was built for calls {'with' if geometry.padding is not None else 'without'} "
+                "a padding mask, and this call differs; static mode needs the first call's form (apply again)"
             )
+        padding = key_padding if key_padding is None or isinstance(key_padding, Padding) else Padding(key_padding)
         text_start, text_len = geometry.text_start, geometry.text_len
         if q.shape[1] - text_len != self.session.num_image_tokens:
             raise ValueError(
@@ -141,7 +148,7 @@ class _StaticLayer(LayerRuntime):
                 f"model sees {q.shape[1] - text_len}; apply again with num_image_tokens={q.shape[1] - text_len}"
             )
         if not self.built:
-            self.build(q, k, v, text_start, text_len)
+            self.build(q, k, v, geometry)
         elif self.tiles is not None and not torch.compiler.is_compiling():
             self._check_grid(geometry.layout.tile_grid())
         if self.stock:
@@ -152,20 +159,22 @@ class _StaticLayer(LayerRuntime):
         # that never cache write every element and take a fresh tensor.
         out = self._buffer("_ditfastattn_out", q) if self.caches else torch.empty_like(q)
         modes = module._ditfastattn_modes.index_select(0, step).view(-1)
-        torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, text_start, text_len, out, q.shape[-1] ** -0.5, impl,
-                                                  *self.grid_args)
+        scale = q.shape[-1] ** -0.5
+        layout_ints, segments = self.layout_args
+        extra = (*self.grid_args, segments, *_padding_args(padding))
+        torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, *layout_ints, out, scale, impl, *extra)
         if self.routed:
             heads = module._ditfastattn_dense_heads.index_select(0, step).view(-1)
             valid = module._ditfastattn_dense_valid.index_select(0, step).view(1, 1, -1, 1)
             picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
-            dense = F.scaled_dot_product_attention(*picked).transpose(1, 2)
+            dense = F.scaled_dot_product_attention(*picked, attn_mask=routing.sdpa_mask(padding, q.dtype)).transpose(1, 2)
             out.index_copy_(2, heads, torch.where(valid, dense, out.index_select(2, heads)))
         if self.residuals:
             residual = self._buffer("_ditfastattn_residual", q)
             out.add_(torch.where(module._ditfastattn_residual_add.index_select(0, step).view(1, 1, -1, 1), residual, 0))
             arrow = torch.empty_like(out)
             capture = module._ditfastattn_capture_modes.index_select(0, step).view(-1)
-            torch.ops.ditfastattn.headwise_attention_(q, k, v, capture, text_start, text_len, arrow, q.shape[-1] ** -0.5, impl)
+            torch.ops.ditfastattn.headwise_attention_(q, k, v, capture, *layout_ints, arrow, scale, impl, *extra)
             keep = module._ditfastattn_capture_mask.index_select(0, step).view(1, 1, -1, 1)
             residual.copy_(torch.where(keep, out - arrow, residual))
         return out
@@ -286,6 +295,22 @@ class StaticSession(Session):
                 del module._buffers[name]
         for name in (_STEP, _LAST_TIMESTEP, _FAULTS):
             del self.transformer._buffers[name]
+
+
+def _layout_args(geometry: CallGeometry) -> tuple[tuple[int, int], list[int] | None]:
+    """The custom op's layout arguments for a call of ``geometry``: (text_start, text_len) and None,
+    or (0, 0) and every global segment flattened (several segments, or padding)."""
+    if geometry.simple:
+        return (geometry.text_start, geometry.text_len), None
+    return (0, 0), [value for segment in geometry.layout.segments for value in segment]
+
+
+def _padding_args(padding) -> tuple:
+    """The custom op's ``key_padding`` and ``padding_bias`` (None for a plain key mask) of ``padding``."""
+    if padding is None:
+        return None, None
+    bias = None if padding.bias == KEY_PADDING else [float(value) for row in padding.bias for value in row]
+    return padding.mask, bias
 
 
 def _grid(tiles: TileGrid | None) -> str:
