@@ -295,6 +295,29 @@ def precompile():
     return len(jobs), time.time() - start
 
 
+def precompile_gluon():
+    """Compile the Gluon kernel's variants the cases draw (dtype, head dim, LSE, key mask, output
+    alignment: its epilogue's two store forms) ahead, in threads, by launching each on a small input."""
+    from ditfastattn.ops import _gluon
+
+    jobs = [(dtype, dim, lse, padded, out_layout) for dtype in DTYPES.values() for dim in (64, 128)
+            for lse in (False, True) for padded in (False, True) for out_layout in ("bshd", "unaligned")]
+
+    def one(job):
+        dtype, dim, return_lse, padded, out_layout = job
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (make_tensor((1, 77 + 178, 3, dim), dtype, "bshd", gen) for _ in range(3))
+        modes = torch.tensor([MODE_FULL, 0, MODE_SKIP], dtype=torch.int32, device="cuda")
+        padding = Padding(torch.zeros(1, q.shape[1], dtype=torch.bool, device="cuda")) if padded else None
+        _gluon.attention(q, k, v, modes, 77, 178, make_out({"out_layout": out_layout}, q), 0.1, return_lse, padding)
+
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(one, jobs))
+    torch.cuda.synchronize()
+    return len(jobs), time.time() - start
+
+
 def check(impl, args):
     rng = random.Random(args.seed)
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
@@ -349,15 +372,12 @@ def main():
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "kernels": {},
     }
     for impl in args.impls:
-        if impl == "triton":
-            try:
-                n_compiled, compile_s = precompile()
-                print(f"precompiled {n_compiled} kernels in {compile_s:.1f} s", flush=True)
-            except Exception as err:  # the cases then compile what they need as they go
-                n_compiled, compile_s = 0, 0.0
-                print(f"precompile failed, compiling on demand: {err!r}", flush=True)
-        else:  # one variant per dtype, config and LSE flag, compiled as the cases need them
+        try:
+            n_compiled, compile_s = precompile() if impl == "triton" else precompile_gluon()
+            print(f"precompiled {n_compiled} {impl} kernels in {compile_s:.1f} s", flush=True)
+        except Exception as err:  # the cases then compile what they need as they go
             n_compiled, compile_s = 0, 0.0
+            print(f"precompile failed, compiling on demand: {err!r}", flush=True)
         summary["kernels"][impl] = {**check(impl, args), "precompiled_kernels": n_compiled,
                                     "precompile_s": round(compile_s, 1)}
         with open(args.out, "w") as f:  # after every kernel, so a later failure keeps the rest
