@@ -259,6 +259,15 @@ def run_case(case, gen):
 _WARM_GRIDS = {(2, 8, 8): ((3, 5, 7), (2, 8, 16)), (1, 8, 16): ((1, 13, 11), (1, 8, 16))}
 
 
+def compiled_in_threads(one, jobs) -> tuple[int, float]:
+    """Run ``one`` on every job in threads (compilation releases the GIL); (jobs, seconds)."""
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(one, jobs))
+    torch.cuda.synchronize()
+    return len(jobs), time.time() - start
+
+
 def precompile():
     """Compile every configuration of both paths, with and without padding, and of the tiled
     launch, ragged or not, ahead, in threads (compilation releases the GIL)."""
@@ -289,10 +298,7 @@ def precompile():
         _triton.attention(q, k, v, modes, 77, image, torch.empty_like(q), 0.1, return_lse, padding, tiled=keys,
                           config=config, warmup=True)
 
-    start = time.time()
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(one, jobs))
-    return len(jobs), time.time() - start
+    return compiled_in_threads(one, jobs)
 
 
 def precompile_gluon():
@@ -311,11 +317,7 @@ def precompile_gluon():
         padding = Padding(torch.zeros(1, q.shape[1], dtype=torch.bool, device="cuda")) if padded else None
         _gluon.attention(q, k, v, modes, 77, 178, make_out({"out_layout": out_layout}, q), 0.1, return_lse, padding)
 
-    start = time.time()
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(one, jobs))
-    torch.cuda.synchronize()
-    return len(jobs), time.time() - start
+    return compiled_in_threads(one, jobs)
 
 
 def check(impl, args):

@@ -17,7 +17,6 @@ for its heads over the whole sequence, which the layout here describes.
 
 from __future__ import annotations
 
-
 import sys
 import weakref
 

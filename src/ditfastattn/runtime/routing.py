@@ -46,12 +46,16 @@ def sdpa_mask(padding: ops.Padding | None, dtype: torch.dtype) -> torch.Tensor |
     return mask if boolean else mask.to(dtype)
 
 
-def attend_dense(q, k, v, heads: torch.Tensor, out: torch.Tensor, padding: ops.Padding | None = None) -> None:
+def dense_heads(q, k, v, heads: torch.Tensor, padding: ops.Padding | None = None) -> torch.Tensor:
     """Heads ``heads`` of (B, S, H, D) ``q``, ``k``, ``v`` attended by torch's dense SDPA under
-    ``padding``, written into the same heads of ``out``: a mixed layer's routed full heads."""
+    ``padding``, as (B, S, len(heads), D)."""
     picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
-    attended = F.scaled_dot_product_attention(*picked, attn_mask=sdpa_mask(padding, q.dtype))
-    out.index_copy_(2, heads, attended.transpose(1, 2))
+    return F.scaled_dot_product_attention(*picked, attn_mask=sdpa_mask(padding, q.dtype)).transpose(1, 2)
+
+
+def attend_dense(q, k, v, heads: torch.Tensor, out: torch.Tensor, padding: ops.Padding | None = None) -> None:
+    """:func:`dense_heads` written into the same heads of ``out``: a mixed layer's routed full heads."""
+    out.index_copy_(2, heads, dense_heads(q, k, v, heads, padding))
 
 
 def full_head_cost(q, k, v, text_start: int, text_len: int, geometry: CallGeometry | None = None) -> float:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._geometry import MODE_FULL, MODE_SKIP, TileGrid
 from ..ops import KEY_PADDING, Padding
@@ -166,8 +165,7 @@ class _StaticLayer(LayerRuntime):
         if self.routed:
             heads = module._ditfastattn_dense_heads.index_select(0, step).view(-1)
             valid = module._ditfastattn_dense_valid.index_select(0, step).view(1, 1, -1, 1)
-            picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
-            dense = F.scaled_dot_product_attention(*picked, attn_mask=routing.sdpa_mask(padding, q.dtype)).transpose(1, 2)
+            dense = routing.dense_heads(q, k, v, heads, padding)
             out.index_copy_(2, heads, torch.where(valid, dense, out.index_select(2, heads)))
         if self.residuals:
             residual = self._buffer("_ditfastattn_residual", q)
