@@ -73,6 +73,8 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
         "layer-wise, generation budget + step sensitivity": {**stepped, "granularity": "layer"},
         "generation budget + step and head sensitivity": headed,
         "layer-wise, generation budget + step and head sensitivity": {**headed, "granularity": "layer"},
+        "generation budget + step and head sensitivity, cache per step": {**headed, "cache": "step"},
+        "layer-wise, generation budget + step and head sensitivity, cache per step": {**headed, "cache": "step", "granularity": "layer"},
         "generation budget + sensitivity": {**generation, "sensitivity": "measured"},
         "generation budget": generation,
         "layer-wise, generation budget": {**generation, "granularity": "layer"},
@@ -95,6 +97,7 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
 # Pairs of searched curves compared besides head-wise against layer-wise and the baselines.
 ABLATIONS = {
     ("generation budget + step and head sensitivity", "generation budget + step sensitivity"),
+    ("generation budget + step and head sensitivity, cache per step", "generation budget + step and head sensitivity"),
 }
 
 # Target checks: name -> SearchConfig changes.
@@ -380,7 +383,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("generation budget + step and head sensitivity", "layer-wise, generation budget + step and head sensitivity",
+    shown = ("generation budget + step and head sensitivity, cache per step",
+             "layer-wise, generation budget + step and head sensitivity, cache per step",
+             "generation budget + step and head sensitivity", "layer-wise, generation budget + step and head sensitivity",
              "generation budget + step sensitivity", "layer-wise, generation budget + step sensitivity", "generation budget", "layer-wise, generation budget", "head-wise, c=1.5", "layer-wise, c=1.5",
              "uniform window", "step cache")
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)

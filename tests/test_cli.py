@@ -41,6 +41,11 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
                  "-o", str(priced)]) == 0
     search = Plan.load(priced).provenance["search"]
     assert search["budget"] == "generation" and search["target_sparsity"] == 0.4
+    assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.5", "--steps", "4", "--cache", "step",
+                 "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",
+                 "-o", str(priced)]) == 0
+    search = Plan.load(priced).provenance["search"]
+    assert search["cache"] == "step" and search["cached_steps"] == [1, 3]
 
 
 def run_error(argv, capsys):
@@ -152,6 +157,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         ([*cal, "--steps", "0"], "--steps: must be >= 1"),
         ([*cal, "--delta", "inf"], "--delta: 'inf' is not a finite number"),
         ([*cal, "--budget", "generation"], "set head_coefficient=None"),
+        ([*cal, "--cache", "step", "--target-sparsity", "0.5"], "cache='step' searches the windows of the other steps under one exchange rate: set budget='generation'"),
         ([*cal, "--delta", "nan"], "--delta: 'nan' is not a finite number"),
         ([*cal, "--candidates", ""], "--candidates: give comma-separated method names"),
         ([*cal, "--candidates", "full,,cache"], "--candidates: give comma-separated method names"),

@@ -144,7 +144,9 @@ class _CalibrationSession(Session):
     head (heads up to the model's most), scales each score by how much that method's local error at
     that layer and step reaches the output (the sensitivity). With ``forced``, a plan whose
     methods are taken as given, the session only measures: at the layers in ``measure`` (all when
-    None), as the sensitivity probe needs.
+    None), as the sensitivity probe needs. With ``cached_steps`` (a set of steps; ``SearchConfig(cache=
+    "step")``), caching is decided per step: at those steps every head reuses its previous output,
+    at the others none does.
     """
 
     layout_aware = True
@@ -163,6 +165,7 @@ class _CalibrationSession(Session):
         measure: set[int] | None = None,
         measure_steps: set[int] | None = None,
         delta_for_step=None,
+        cached_steps: frozenset[int] | None = None,
     ):
         super().__init__(transformer, plan, adapter, impl)
         self.config = config
@@ -179,6 +182,8 @@ class _CalibrationSession(Session):
         self.measure = measure
         self.measure_steps = measure_steps
         self.delta_for_step = delta_for_step  # (step, session) -> budget; None: config.delta
+        self.cached_steps = cached_steps
+        self._reuses = np.array([m.reads_previous_output for m in self.candidates])
         self.step_delta: dict[int, float] = {}
         self.solver_seconds = 0.0  # host time in the programs (reported in the plan's provenance)
         shape = (plan.num_steps, len(plan.model.layers), max(l.heads for l in plan.model.layers), len(self.candidates))
@@ -390,7 +395,12 @@ class _CalibrationSession(Session):
                     self.config.delta if self.delta_for_step is None else self.delta_for_step(step, self)
                 )
             started = time.perf_counter()
-            choice = choose(rse, cost, self.step_delta[step], self.config, allowed)
+            if self.cached_steps is not None and step in self.cached_steps:
+                choice = whole_step_cache(rse, self.candidates)
+            else:
+                if self.cached_steps is not None:
+                    allowed &= ~self._reuses
+                choice = choose(rse, cost, self.step_delta[step], self.config, allowed)
             self.solver_seconds += time.perf_counter() - started
             chosen = [self.candidates[c] for c in choice]
         for head, method in enumerate(chosen):
@@ -521,6 +531,14 @@ class _UlyssesCalibrationSession(Ulysses, _CalibrationSession):
         gathered = self.all_gather(torch.cat([errors.flatten(), variance.view(1)]))  # (ranks, errors + variance)
         errors = gathered[:, :-1].unflatten(1, (candidates, heads)).transpose(0, 1).flatten(1)  # heads in rank order
         return errors, gathered[:, -1].sum()
+
+
+def whole_step_cache(rse: np.ndarray, candidates: list[Method]) -> np.ndarray:
+    """(heads,) every head's choice at a step cached whole: ``cache``, or ``full`` for a head with
+    nothing to reuse (``rse`` (heads, candidates): NaN where a candidate could not run)."""
+    names = [m.name for m in candidates]
+    cache, full = names.index("cache"), names.index("full")
+    return np.where(np.isfinite(rse[:, cache]), cache, full)
 
 
 def _clone(output):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._calibration_session import run_pass
+from ._calibration_session import run_pass, whole_step_cache
 from ._geometry import TileGrid
 from .adapters import adapter_for, check_cfg_sharing
 from .methods import parse_method
@@ -147,13 +147,17 @@ class SearchConfig:
             candidate that minimises ``cost + score / delta`` (the Lagrangian of a single error
             budget over the whole generation; see :func:`ditfastattn.search.solve_priced`).
             Larger ``delta`` still compresses more; best used with a target.
-        sensitivity: how much a local error matters to the final output. ``"measure"`` probes it
-            first (see :mod:`ditfastattn.sensitivity`): per layer (one denoising pass each) and
-            per step and kind of method (cache, arrows; one pass each, the steps before the probed
-            one replayed, so about ``layers + steps`` passes in all). A measurement from a
-            calibrated plan's ``provenance["search"]["sensitivity"]`` reuses it, as does a plain
-            ``{layer name: weight}`` dict (layers only). Every score is multiplied by its weight,
-            so the budget goes where a unit of local error does the least damage. None: all 1.
+        cache: ``"head"``: ``cache`` is a candidate like the others, chosen head by head.
+            ``"step"``: caching is decided per step, for every head of the step or for none. A
+            step whose attention outputs all come from the step before leaves the model in a
+            consistent, slightly older state; one that mixes reused and fresh heads does not, and
+            costs the final output far more than its heads' scores add up to (on the FLUX testbed
+            40-90x more at the same sparsity; docs/history/CALIBRATION_NOTES.md). The steps cached
+            whole follow the step cache's schedule: every other step after step 0, or, for a
+            target below that, as many steps as the target holds, spread evenly
+            (:func:`cached_schedule`); the search places windows at the other steps for the rest
+            of the target. The single-step probes' weights were tried for choosing the steps and
+            chose worse ones. Needs a target, ``budget="generation"`` and a ``cache`` candidate.
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
@@ -179,6 +183,7 @@ class SearchConfig:
     impl: str = "auto"
     granularity: str = "head"
     budget: str = "layer"
+    cache: str = "head"
     offload_outputs: bool | None = None
     sensitivity: str | dict[str, float] | None = None
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -232,6 +237,17 @@ class SearchConfig:
         names = tuple(parse_method(name).name for name in self.candidates)  # raises on unknown names
         if "full" not in names:
             raise ValueError("candidates must include 'full' (the exact method keeps every program feasible)")
+        if self.cache not in ("head", "step"):
+            raise ValueError(f"cache must be 'head' or 'step'; got {self.cache!r}")
+        if self.cache == "step":
+            if "cache" not in names:
+                raise ValueError("cache='step' caches whole steps: add 'cache' to the candidates")
+            if self.target is None:
+                raise ValueError("cache='step' sizes its schedule of cached steps to a target: set target_sparsity "
+                                 "or target_speedup")
+            if self.budget != "generation":
+                raise ValueError("cache='step' searches the windows of the other steps under one exchange rate: "
+                                 "set budget='generation' (and head_coefficient=None)")
         object.__setattr__(self, "candidates", tuple(dict.fromkeys(names)))
         if self.sensitivity == "measure":
             probe_method(names)  # raises when no candidate can probe
@@ -341,17 +357,18 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     weights = weights_array(sensitivity, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
     passes = 1 if config.target is None else 2
+    cached = cached_schedule(steps, config.target) if config.cache == "step" else None
     fitted = predicted = None
     with tqdm(
         total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
     ) as bar:
         started = time.perf_counter()
-        session, _ = run_pass(pipe, spec, call, config, bar, weights=weights)
+        session, _ = run_pass(pipe, spec, call, config, bar, weights=weights, cached_steps=cached)
         seconds["passes"].append(time.perf_counter() - started)
         seconds["solver"] += session.solver_seconds
         if config.target is not None:
             first = session
-            reachable = reachable_sparsity(first, spec)
+            reachable = reachable_sparsity(first, spec, config, cached)
             if config.target > reachable:
                 raise ValueError(
                     f"{config._target_name} is out of reach: with these candidates at this resolution a plan removes "
@@ -360,7 +377,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                 )
 
             def predict(delta):
-                return predicted_sparsity(first, spec, config, delta)
+                return predicted_sparsity(first, spec, config, delta, cached)
 
             fitted = fit_delta(predict, config.target, config.delta)
             predicted = predict(fitted)
@@ -368,10 +385,11 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                 "ditfastattn calibrate: first pass at delta %.4g; delta %.4g meets sparsity %.3f on its scores (%.3f)",
                 config.delta, fitted, config.target, predicted,
             )
-            controller = TargetController(first, spec, config, fitted)
+            controller = TargetController(first, spec, config, fitted, cached)
             started = time.perf_counter()
             session, _ = run_pass(
-                pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights, delta_for_step=controller
+                pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights,
+                delta_for_step=controller, cached_steps=cached,
             )
             seconds["passes"].append(time.perf_counter() - started)
             seconds["solver"] += session.solver_seconds
@@ -397,11 +415,14 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
             "impl": config.impl,
             "granularity": config.granularity,
             "budget": config.budget,
+            "cache": config.cache,
             "sensitivity": sensitivity,
             "seconds": {key: [round(x, 3) for x in value] if isinstance(value, list) else round(value, 3)
                         for key, value in seconds.items()},
         },
     }
+    if cached is not None:
+        provenance["search"]["cached_steps"] = sorted(cached)
     if context_parallel(transformer):  # searched on the scores of each rank's heads, pooled
         provenance["search"]["ulysses_degree"] = session.degree
     if session.tiles is not None:  # tile: windows need the grid to be counted and drawn
@@ -489,37 +510,59 @@ def _distinct(candidates, image_tokens: int, tiles: TileGrid | None = None) -> n
     return np.array(distinct)
 
 
-def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas) -> np.ndarray:
+def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cached=None) -> np.ndarray:
     """(budgets, steps) the sparsity of steps whose ``scores`` (steps, layers, heads, candidates:
     a pass's, or a prediction of them) are solved at each of ``deltas``; ``session`` (a finished
-    pass) gives the resolution (its image grid too) and the candidates' costs."""
+    pass) gives the resolution (its image grid too) and the candidates' costs. ``cached`` (steps,)
+    bool: the steps cached whole (``cache="step"``), where no other step caches."""
     image_tokens, text_len = session.geometry
     tiles, candidates = session.tiles, session.candidates
-    distinct = _distinct(candidates, image_tokens, tiles)
+    allowed = _distinct(candidates, image_tokens, tiles)
+    if cached is not None:
+        allowed = allowed & ~np.array([m.reads_previous_output for m in candidates])
     kept = np.zeros((len(deltas), len(scores)))
+    kept_cached = np.zeros(len(scores))
     total = 0.0
     for index, layer in enumerate(spec.layers):
         layer_text = text_len if layer.text else 0
         rse = scores[:, index, : layer.heads]
         cost = np.array([session._cost(m, image_tokens, layer_text, tiles) for m in candidates])
         flops = np.array([m.cost(image_tokens, layer_text, tiles) for m in candidates])
-        choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & distinct)  # (budgets, steps, heads)
+        choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & allowed)  # (budgets, steps, heads)
         per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
         kept += per_head * flops[choice].sum(axis=2)
         total += per_head * layer.heads
+        if cached is not None:
+            whole = whole_step_cache(rse.reshape(-1, rse.shape[-1]), candidates).reshape(rse.shape[:-1])
+            kept_cached += per_head * flops[whole].sum(axis=1)
+    if cached is not None:
+        kept = np.where(np.asarray(cached, dtype=bool), kept_cached, kept)
     return 1.0 - kept / total
 
 
-def _curves(session, spec, config: SearchConfig, deltas) -> np.ndarray:
+def _curves(session, spec, config: SearchConfig, deltas, cached: frozenset[int] | None = None) -> np.ndarray:
     """(steps, budgets) each step's sparsity at each budget on a finished pass's scores; steps
     between samples take the nearest sample's row, and step 0 always computes everything."""
     steps = session.plan.num_steps
     sampled = _sampled_steps(steps, len(spec.layers), config)
-    rows = _curve(session, spec, config, session.rse[sampled], deltas).T
+    whole = None if cached is None else np.isin(sampled, sorted(cached))
+    rows = _curve(session, spec, config, session.rse[sampled], deltas, whole).T
     curves = np.zeros((steps, len(deltas)))
     for step in range(1, steps):
         curves[step] = rows[int(np.argmin([abs(step - s) for s in sampled]))]
     return curves
+
+
+def cached_schedule(steps: int, target: float) -> frozenset[int]:
+    """The steps ``cache="step"`` caches whole: every other step after step 0 (the step cache
+    that computes every 2nd step), or, where ``target`` holds fewer whole steps, as many as it
+    holds, spread evenly over those."""
+    every_other = np.arange(1, steps, 2)
+    count = min(len(every_other), int(np.floor(target * steps + 1e-9)))
+    if count == 0:
+        return frozenset()
+    picked = np.unique(np.round(np.linspace(0, len(every_other) - 1, count)).astype(int))
+    return frozenset(int(step) for step in every_other[picked])
 
 
 def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
@@ -535,18 +578,27 @@ def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int,
     return 1.0 - kept / total
 
 
-def reachable_sparsity(session, spec) -> float:
+def reachable_sparsity(session, spec, config: SearchConfig, cached: frozenset[int] | None = None) -> float:
     """The most sparsity a finished pass's candidates allow: every head of every step after the
-    first at its cheapest candidate that could run there."""
+    first at its cheapest candidate that could run there (with ``cached``, the steps cached whole
+    of ``cache="step"``: those cached, no head of the others)."""
     image_tokens, text_len = session.geometry
-    distinct = _distinct(session.candidates, image_tokens, session.tiles)
+    candidates = session.candidates
+    allowed = _distinct(candidates, image_tokens, session.tiles)
+    whole = np.zeros(session.plan.num_steps - 1, dtype=bool)
+    if cached is not None:
+        allowed = allowed & ~np.array([m.reads_previous_output for m in candidates])
+        whole = np.isin(np.arange(1, session.plan.num_steps), sorted(cached))
     kept = total = 0.0
     for index, layer in enumerate(spec.layers):
         layer_text = text_len if layer.text else 0
-        flops = np.array([m.cost(image_tokens, layer_text, session.tiles) for m in session.candidates])
-        runs = np.isfinite(session.rse[1:, index, : layer.heads]) & distinct  # (steps - 1, heads, candidates)
+        flops = np.array([m.cost(image_tokens, layer_text, session.tiles) for m in candidates])
+        rse = session.rse[1:, index, : layer.heads]  # (steps - 1, heads, candidates)
         per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
-        kept += per_head * (layer.heads + np.where(runs, flops, np.inf).min(axis=-1).sum())  # step 0: all full
+        cheapest = np.where(np.isfinite(rse) & allowed, flops, np.inf).min(axis=-1)  # (steps - 1, heads)
+        if cached is not None:
+            cheapest[whole] = flops[whole_step_cache(rse[whole].reshape(-1, rse.shape[-1]), candidates)].reshape(-1, layer.heads)
+        kept += per_head * (layer.heads + cheapest.sum())  # step 0: all full
         total += per_head * layer.heads * session.plan.num_steps
     return 1.0 - kept / total
 
@@ -571,6 +623,9 @@ class TargetController:
     Integer-program budgets (``budget="layer"``) are re-solved only once, on the first pass's
     scores: there the drift is taken as one move of every step's sparsity curve along the (log)
     budget axis, the move that best explains the steps already decided.
+
+    With ``cache="step"`` the steps cached whole (``cached``) are fixed before the second pass;
+    the budget moves only the other steps' windows.
     """
 
     GRID = 2.0 ** (np.arange(-20, 21) / 2)  # budgets: the fitted one times 2^-10 .. 2^10
@@ -578,14 +633,16 @@ class TargetController:
     RECENT = 3  # steps whose scores measure the drift between the passes
     SPREAD = 2  # grid points either side of a budget over which its miss is averaged (the prediction's error)
 
-    def __init__(self, first, spec, config: SearchConfig, fitted: float):
+    def __init__(self, first, spec, config: SearchConfig, fitted: float, cached: frozenset[int] | None = None):
         self.first, self.spec, self.config, self.target = first, spec, config, config.target
+        self.cached = cached
+        self.whole = None if cached is None else np.isin(np.arange(first.plan.num_steps), sorted(cached))
         self.geometry = first.geometry
         self.tiles = first.tiles
         self.steps = first.plan.num_steps
         self.deltas = fitted * self.GRID
         self.resolve = config.budget == "generation"  # a closed-form choice: cheap to re-solve every step
-        self.predicted = None if self.resolve else _curves(first, spec, config, self.deltas)
+        self.predicted = None if self.resolve else _curves(first, spec, config, self.deltas, cached)
         # (steps, layers, heads): whether the first pass ran the head exactly at the step before
         self.computed = np.zeros(first.rse.shape[:3], dtype=bool)
         for step in range(1, self.steps):
@@ -625,7 +682,8 @@ class TargetController:
                 self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry, self.tiles)
         realized = np.array([self.realized[t] for t in range(1, step)])
         if self.resolve:
-            rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas).sum(axis=1)
+            whole = None if self.whole is None else self.whole[step:]
+            rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas, whole).sum(axis=1)
         else:
             shift = self._shift(step, session, realized)
             rest = self._moved(shift)[step:].sum(axis=0)
@@ -640,10 +698,11 @@ class TargetController:
         return float(self.deltas[int(np.argmin(robust))])
 
 
-def predicted_sparsity(session, spec, config: SearchConfig, delta: float) -> float:
+def predicted_sparsity(session, spec, config: SearchConfig, delta: float, cached: frozenset[int] | None = None) -> float:
     """Sparsity the program would reach at ``delta`` on a finished pass's scores (integer-program
-    budgets with more than ``_PREDICT_LAYER_STEPS`` layer-steps: steps subsampled evenly)."""
-    return float(_curves(session, spec, config, [delta]).sum() / session.plan.num_steps)
+    budgets with more than ``_PREDICT_LAYER_STEPS`` layer-steps: steps subsampled evenly), with
+    ``cached`` the steps cached whole (``cache="step"``)."""
+    return float(_curves(session, spec, config, [delta], cached).sum() / session.plan.num_steps)
 
 
 def _scores(rse: np.ndarray, spec) -> list:

@@ -1,0 +1,83 @@
+"""SearchConfig(cache="step"): caching decided per step, for every head of a step or for none."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_pipeline, run_pipeline
+from test_calibration import SIZE, TESTBED_CANDIDATES, config, prompts, sensitivity_like_the_testbeds
+
+import ditfastattn
+from ditfastattn import SearchConfig
+from ditfastattn.calibration import cached_schedule, prompt_kwargs
+
+GENERATION = {"budget": "generation", "head_coefficient": None, "cache": "step"}
+
+
+def cached_rows(plan) -> list[str]:
+    """Per step: "all" when every head of every layer caches, "none" when none does, else "mixed"."""
+    rows = []
+    for step in plan.methods:
+        reused = [m == "cache" for layer in step for m in layer]
+        rows.append("all" if all(reused) else "none" if not any(reused) else "mixed")
+    return rows
+
+
+@pytest.mark.parametrize("steps", [2, 3, 5, 12, 20, 50])
+@pytest.mark.parametrize("target", [0.01, 0.1, 0.3, 0.45, 0.5, 0.6, 0.9])
+def test_the_schedule_is_every_other_step_or_as_many_as_the_target_holds_spread_evenly(steps, target):
+    cached = sorted(cached_schedule(steps, target))
+    every_other = list(range(1, steps, 2))
+    assert set(cached) <= set(every_other)  # never step 0, never two in a row
+    assert len(cached) == min(len(every_other), int(np.floor(target * steps + 1e-9)))
+    if len(cached) >= 2:
+        gaps = np.diff(cached)
+        assert gaps.max() - gaps.min() <= 2  # spread evenly over the other steps
+
+
+@pytest.mark.parametrize("target", [0.3, 0.6, 0.85])
+def test_a_target_is_met_with_whole_steps_cached_never_two_in_a_row(target):
+    pipe = make_pipeline("flux")
+    steps = 12
+    search = config(
+        "flux", target_sparsity=target, num_inference_steps=steps, candidates=TESTBED_CANDIDATES,
+        sensitivity=sensitivity_like_the_testbeds(pipe, steps), height=64, width=64, **GENERATION,
+    )
+    plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    assert abs(plan.summary()["sparsity"] - target) <= 0.02
+    rows = cached_rows(plan)
+    cached = plan.provenance["search"]["cached_steps"]
+    assert "mixed" not in rows and [s for s, row in enumerate(rows) if row == "all"] == cached
+    assert cached == sorted(cached_schedule(steps, target)) and cached
+
+
+def test_a_step_cache_plan_replays_bit_for_bit(recorder):
+    pipe = make_pipeline("sd3")
+    search = config("sd3", target_sparsity=0.6, candidates=TESTBED_CANDIDATES, **GENERATION)
+    plan = ditfastattn.calibrate(pipe, prompts("sd3"), search, progress=False)
+    calibrated = [(r["layer"], r["step"], r["out"]) for r in recorder]
+    assert plan.provenance["search"]["cached_steps"] == [1, 3] and "mixed" not in cached_rows(plan)
+    assert any(m.startswith("arrow") for step in (2, 4) for layer in plan.methods[step] for m in layer)
+    recorder.clear()
+    ditfastattn.apply(pipe, plan)
+    merged, _ = prompt_kwargs(prompts("sd3"))
+    run_pipeline(pipe, steps=search.num_inference_steps, batch=2, **SIZE, **merged, guidance_scale=search.guidance_scale)
+    applied = [(r["layer"], r["step"], r["out"]) for r in recorder]
+    calibrated = calibrated[-len(applied):]  # the second pass's
+    assert [a[:2] for a in applied] == [c[:2] for c in calibrated]
+    assert all(torch.equal(a[2], c[2]) for a, c in zip(applied, calibrated))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"cache": "layer"}, "cache must be 'head' or 'step'"),
+        ({**GENERATION, "target_sparsity": 0.5, "candidates": ("full", "arrow:0.25")}, "add 'cache' to the candidates"),
+        ({**GENERATION}, "set target_sparsity or target_speedup"),
+        ({"cache": "step", "target_sparsity": 0.5}, "set budget='generation'"),
+    ],
+)
+def test_bad_step_cache_settings_are_refused_with_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SearchConfig(**kwargs)
