@@ -75,6 +75,8 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
         "layer-wise, generation budget + step and head sensitivity": {**headed, "granularity": "layer"},
         "generation budget + step and head sensitivity, cache per step": {**headed, "cache": "step"},
         "layer-wise, generation budget + step and head sensitivity, cache per step": {**headed, "cache": "step", "granularity": "layer"},
+        "generation budget + step and head sensitivity, cache auto": {**headed, "cache": "auto"},
+        "layer-wise, generation budget + step and head sensitivity, cache auto": {**headed, "cache": "auto", "granularity": "layer"},
         "generation budget + sensitivity": {**generation, "sensitivity": "measured"},
         "generation budget": generation,
         "layer-wise, generation budget": {**generation, "granularity": "layer"},
@@ -300,6 +302,8 @@ def run(kind: str, args, save) -> dict:
                     "first_pass_delta": plan.provenance["search"]["first_pass_delta"],
                     "delta": plan.provenance["search"]["delta"],
                     "predicted_sparsity": plan.provenance["search"]["predicted_sparsity"],
+                    "cache": plan.provenance["search"]["cache"], **({"cache_final_rse": plan.provenance["search"]["cache_final_rse"]}
+                                                                   if "cache_final_rse" in plan.provenance["search"] else {}),
                 }
         else:
             for delta in changes.get("deltas", args.deltas):
@@ -383,7 +387,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("generation budget + step and head sensitivity, cache per step",
+    shown = ("generation budget + step and head sensitivity, cache auto",
+             "layer-wise, generation budget + step and head sensitivity, cache auto",
+             "generation budget + step and head sensitivity, cache per step",
              "layer-wise, generation budget + step and head sensitivity, cache per step",
              "generation budget + step and head sensitivity", "layer-wise, generation budget + step and head sensitivity",
              "generation budget + step sensitivity", "layer-wise, generation budget + step sensitivity", "generation budget", "layer-wise, generation budget", "head-wise, c=1.5", "layer-wise, c=1.5",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -72,8 +74,9 @@ def test_a_step_cache_plan_replays_bit_for_bit(recorder):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"cache": "layer"}, "cache must be 'head' or 'step'"),
-        ({**GENERATION, "target_sparsity": 0.5, "candidates": ("full", "arrow:0.25")}, "add 'cache' to the candidates"),
+        ({"cache": "layer"}, "cache must be 'head', 'step' or 'auto'"),
+        ({**GENERATION, "cache": "auto"}, "cache='auto' sizes its schedule of cached steps to a target"),
+        ({**GENERATION, "target_sparsity": 0.5, "candidates": ("full", "arrow:0.25")}, "cache='step' caches whole steps: add 'cache' to the candidates"),
         ({**GENERATION}, "set target_sparsity or target_speedup"),
         ({"cache": "step", "target_sparsity": 0.5}, "set budget='generation'"),
     ],
@@ -81,3 +84,34 @@ def test_a_step_cache_plan_replays_bit_for_bit(recorder):
 def test_bad_step_cache_settings_are_refused_with_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SearchConfig(**kwargs)
+
+
+def test_auto_keeps_the_search_whose_final_latents_are_nearer_full_attention(monkeypatch):
+    from ditfastattn import calibration
+
+    pipe = make_pipeline("flux")
+    steps = 8
+    search = config(
+        "flux", target_sparsity=0.5, num_inference_steps=steps, candidates=TESTBED_CANDIDATES,
+        sensitivity=sensitivity_like_the_testbeds(pipe, steps), height=64, width=64, **{**GENERATION, "cache": "auto"},
+    )
+    plans = {mode: ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, cache=mode), progress=False)
+             for mode in ("head", "step")}
+    auto = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    errors = auto.provenance["search"]["cache_final_rse"]
+    kept = min(errors, key=errors.get)
+    assert auto.methods == plans[kept].methods and auto.provenance["search"]["cache"] == kept
+    assert plans["head"].methods != plans["step"].methods and errors["head"] != errors["step"]
+    # The comparison decides: with the errors swapped the other plan is kept.
+    measured = calibration.relative_squared_error
+    monkeypatch.setattr(calibration, "relative_squared_error", lambda latents, reference: -measured(latents, reference))
+    other = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    assert other.methods == plans["head" if kept == "step" else "step"].methods
+
+
+def test_measured_sensitivity_runs_under_step_caching():
+    pipe = make_pipeline("flux")
+    search = config("flux", target_sparsity=0.5, candidates=TESTBED_CANDIDATES, sensitivity="measure", **GENERATION)
+    plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    assert set(plan.provenance["search"]["sensitivity"]["steps"]) == {"cache", "arrow"}
+    assert plan.provenance["search"]["cached_steps"] == sorted(cached_schedule(search.num_inference_steps, 0.5))

@@ -14,7 +14,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from .runtime.parallel import context_parallel
 from .ops import IMPLEMENTATIONS
 from .search import choose_many, fit_delta
 from .sensitivity import KINDS as SENSITIVITY_KINDS
-from .sensitivity import measure_sensitivity, probe_method, weights_array
+from .sensitivity import measure_sensitivity, probe_method, reference_pass, relative_squared_error, weights_array
 
 logger = logging.getLogger("ditfastattn")
 
@@ -158,6 +158,10 @@ class SearchConfig:
             (:func:`cached_schedule`); the search places windows at the other steps for the rest
             of the target. The single-step probes' weights were tried for choosing the steps and
             chose worse ones. Needs a target, ``budget="generation"`` and a ``cache`` candidate.
+            ``"auto"``: both searches, and the plan whose final latents on the calibration prompts
+            are nearer those of full attention (one more pass, uncompressed, to compare them
+            with: five in all). On the testbeds caching per step is far better on FLUX and worse
+            on SD3 at high sparsity (benchmarks/results/quality.md).
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
@@ -237,17 +241,17 @@ class SearchConfig:
         names = tuple(parse_method(name).name for name in self.candidates)  # raises on unknown names
         if "full" not in names:
             raise ValueError("candidates must include 'full' (the exact method keeps every program feasible)")
-        if self.cache not in ("head", "step"):
-            raise ValueError(f"cache must be 'head' or 'step'; got {self.cache!r}")
-        if self.cache == "step":
+        if self.cache not in ("head", "step", "auto"):
+            raise ValueError(f"cache must be 'head', 'step' or 'auto'; got {self.cache!r}")
+        if self.cache != "head":
             if "cache" not in names:
-                raise ValueError("cache='step' caches whole steps: add 'cache' to the candidates")
+                raise ValueError(f"cache={self.cache!r} caches whole steps: add 'cache' to the candidates")
             if self.target is None:
-                raise ValueError("cache='step' sizes its schedule of cached steps to a target: set target_sparsity "
-                                 "or target_speedup")
+                raise ValueError(f"cache={self.cache!r} sizes its schedule of cached steps to a target: set "
+                                 "target_sparsity or target_speedup")
             if self.budget != "generation":
-                raise ValueError("cache='step' searches the windows of the other steps under one exchange rate: "
-                                 "set budget='generation' (and head_coefficient=None)")
+                raise ValueError(f"cache={self.cache!r} searches the windows of the other steps under one exchange "
+                                 "rate: set budget='generation' (and head_coefficient=None)")
         object.__setattr__(self, "candidates", tuple(dict.fromkeys(names)))
         if self.sensitivity == "measure":
             probe_method(names)  # raises when no candidate can probe
@@ -356,43 +360,25 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         seconds["sensitivity"] = time.perf_counter() - started
     weights = weights_array(sensitivity, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
-    passes = 1 if config.target is None else 2
-    cached = cached_schedule(steps, config.target) if config.cache == "step" else None
-    fitted = predicted = None
+    modes = ("head", "step") if config.cache == "auto" else (config.cache,)
+    passes = (1 if config.target is None else 2) * len(modes)
     with tqdm(
         total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
     ) as bar:
+        searched = {mode: _search(pipe, spec, call, dataclasses.replace(config, cache=mode), weights, bar, seconds)
+                    for mode in modes}
+    final_rse = None
+    if config.cache == "auto":
+        # The additive score cannot rank the two (it misjudges partly cached steps): their outputs can.
         started = time.perf_counter()
-        session, _ = run_pass(pipe, spec, call, config, bar, weights=weights, cached_steps=cached)
-        seconds["passes"].append(time.perf_counter() - started)
-        seconds["solver"] += session.solver_seconds
-        if config.target is not None:
-            first = session
-            reachable = reachable_sparsity(first, spec, config, cached)
-            if config.target > reachable:
-                raise ValueError(
-                    f"{config._target_name} is out of reach: with these candidates at this resolution a plan removes "
-                    f"at most {reachable:.3f} of the attention FLOPs (every head after step 0 at its cheapest "
-                    "candidate); lower the target, or add candidates that remove more (such as 'cache')"
-                )
-
-            def predict(delta):
-                return predicted_sparsity(first, spec, config, delta, cached)
-
-            fitted = fit_delta(predict, config.target, config.delta)
-            predicted = predict(fitted)
-            logger.info(
-                "ditfastattn calibrate: first pass at delta %.4g; delta %.4g meets sparsity %.3f on its scores (%.3f)",
-                config.delta, fitted, config.target, predicted,
-            )
-            controller = TargetController(first, spec, config, fitted, cached)
-            started = time.perf_counter()
-            session, _ = run_pass(
-                pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights,
-                delta_for_step=controller, cached_steps=cached,
-            )
-            seconds["passes"].append(time.perf_counter() - started)
-            seconds["solver"] += session.solver_seconds
+        _, reference = reference_pass(pipe, spec, call, config)
+        seconds["reference"] = time.perf_counter() - started
+        final_rse = {mode: relative_squared_error(found.latents, reference) for mode, found in searched.items()}
+        logger.info("ditfastattn calibrate: final relative squared error, caching per head %.4g, per step %.4g",
+                    final_rse["head"], final_rse["step"])
+    mode = min(searched, key=final_rse.get) if final_rse else modes[0]
+    found = searched[mode]
+    session = found.session
     image_tokens, text_len = session.geometry or (None, None)
     provenance = {
         "source": "calibrate",
@@ -407,7 +393,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         "num_image_tokens": image_tokens,
         "text_len": text_len,
         "search": {
-            "delta": config.delta if fitted is None else fitted,
+            "delta": found.delta,
             "score": "head squared error / layer variance x heads",
             "head_coefficient": config.head_coefficient,
             "candidates": list(config.candidates),
@@ -415,14 +401,16 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
             "impl": config.impl,
             "granularity": config.granularity,
             "budget": config.budget,
-            "cache": config.cache,
+            "cache": mode,
             "sensitivity": sensitivity,
             "seconds": {key: [round(x, 3) for x in value] if isinstance(value, list) else round(value, 3)
                         for key, value in seconds.items()},
         },
     }
-    if cached is not None:
-        provenance["search"]["cached_steps"] = sorted(cached)
+    if found.cached is not None:
+        provenance["search"]["cached_steps"] = sorted(found.cached)
+    if final_rse is not None:  # cache="auto": both searches' final errors, the lower one kept
+        provenance["search"]["cache_final_rse"] = {key: float(f"{value:.6g}") for key, value in final_rse.items()}
     if context_parallel(transformer):  # searched on the scores of each rank's heads, pooled
         provenance["search"]["ulysses_degree"] = session.degree
     if session.tiles is not None:  # tile: windows need the grid to be counted and drawn
@@ -432,7 +420,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
             {
                 "target_sparsity": config.target,
                 "first_pass_delta": config.delta,
-                "predicted_sparsity": predicted,
+                "predicted_sparsity": found.predicted,
                 "delta_per_step": [round(session.step_delta.get(step, 0.0), 6) for step in range(steps)],
             }
         )
@@ -443,10 +431,57 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         logger.warning(
             "ditfastattn calibrate: sparsity %.3f misses the target %.3f by more than %g (the second pass's "
             "activations differ from the first's); calibrate again with delta=%.4g as the starting point",
-            sparsity, config.target, TOLERANCE, fitted,
+            sparsity, config.target, TOLERANCE, found.delta,
         )
     logger.info("calibrated %s, attention sparsity %.3f", plan, sparsity)
     return plan
+
+
+class _Searched(NamedTuple):
+    session: Any  # the last pass's session: the plan and its scores
+    latents: torch.Tensor  # its final latents
+    delta: float  # the budget searched at (with a target, the fitted one)
+    predicted: float | None  # with a target, the sparsity the first pass's scores predicted
+    cached: frozenset[int] | None  # cache="step": the steps cached whole
+
+
+def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict) -> _Searched:
+    """The calibration passes of one search (two with a target: the first to fit the budget)."""
+    steps = config.num_inference_steps
+    cached = cached_schedule(steps, config.target) if config.cache == "step" else None
+    started = time.perf_counter()
+    session, latents = run_pass(pipe, spec, call, config, bar, weights=weights, cached_steps=cached)
+    seconds["passes"].append(time.perf_counter() - started)
+    seconds["solver"] += session.solver_seconds
+    if config.target is None:
+        return _Searched(session, latents, config.delta, None, cached)
+    first = session
+    reachable = reachable_sparsity(first, spec, config, cached)
+    if config.target > reachable:
+        raise ValueError(
+            f"{config._target_name} is out of reach: with these candidates at this resolution a plan removes "
+            f"at most {reachable:.3f} of the attention FLOPs (every head after step 0 at its cheapest "
+            "candidate); lower the target, or add candidates that remove more (such as 'cache')"
+        )
+
+    def predict(delta):
+        return predicted_sparsity(first, spec, config, delta, cached)
+
+    fitted = fit_delta(predict, config.target, config.delta)
+    predicted = predict(fitted)
+    logger.info(
+        "ditfastattn calibrate: first pass at delta %.4g; delta %.4g meets sparsity %.3f on its scores (%.3f)",
+        config.delta, fitted, config.target, predicted,
+    )
+    controller = TargetController(first, spec, config, fitted, cached)
+    started = time.perf_counter()
+    session, latents = run_pass(
+        pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights,
+        delta_for_step=controller, cached_steps=cached,
+    )
+    seconds["passes"].append(time.perf_counter() - started)
+    seconds["solver"] += session.solver_seconds
+    return _Searched(session, latents, fitted, predicted, cached)
 
 
 def _pipeline_call(pipe, config: SearchConfig, prompts: dict[str, Any]) -> dict[str, Any]:

@@ -546,9 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "rate over all layers and steps (delta is then a price; best with a target)")
         p.add_argument("--granularity", choices=["head", "layer"], default="head",
                        help="one method per head, or per layer (a baseline)")
-        p.add_argument("--cache", choices=["head", "step"], default="head",
-                       help="head: caching is chosen head by head; step: for every head of a step or none "
-                            "(two passes; needs --budget generation)")
+        p.add_argument("--cache", choices=["head", "step", "auto"], default="head",
+                       help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
+                            "target and --budget generation); auto: both, keeping the plan nearer full attention")
         p.add_argument("--method-set", default="aa+oc", help="aa, aa+oc, aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs, ta+oc (tile windows: models with an image grid)")
         p.add_argument("--candidates", type=_candidates, default=None,
                        help="comma-separated methods (overrides --method-set)")

@@ -107,7 +107,7 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
 
     def probe(method: str, where, **kwargs):
         """(layer RSE where measured (steps, layers), final RSE) of one probe."""
-        probe_config = dataclasses.replace(config, candidates=("full", method), sensitivity=None)
+        probe_config = dataclasses.replace(config, candidates=("full", method), sensitivity=None, cache="head")
         session, latents = run_pass(pipe, spec, call, probe_config, None, forced=plan_with(method, where), **kwargs)
         # A layer's mean score over its heads is the layer's relative squared error.
         heads = np.array([layer.heads for layer in spec.layers])
@@ -118,10 +118,7 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
     passes = 2 + len(spec.layers) + len(step_probes) * (steps - 1)
     recorded: dict = {}
     with tqdm(total=passes, desc="ditfastattn sensitivity", unit="pass", disable=not progress) as bar:
-        _, reference = run_pass(
-            pipe, spec, call, dataclasses.replace(config, candidates=("full",), sensitivity=None), None,
-            forced=plan_with("full", lambda step, index: False), measure=set(), record=recorded,
-        )
+        _, reference = reference_pass(pipe, spec, call, config, record=recorded)
         bar.update(1)
         if context_parallel(pipe.transformer):
             heads = None
@@ -168,6 +165,15 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
         "; ".join(f"{kind} " + " ".join(f"{w:.2g}" for w in ws[1:]) for kind, ws in result["steps"].items()),
     )
     return result
+
+
+def reference_pass(pipe, spec, call: dict[str, Any], config, **kwargs):
+    """An uncompressed pass that measures nothing: (session, final latents); ``kwargs`` for
+    :func:`run_pass` (``record``)."""
+    steps = config.num_inference_steps
+    full = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
+    return run_pass(pipe, spec, call, dataclasses.replace(config, candidates=("full",), sensitivity=None, cache="head"),
+                    None, forced=full, measure=set(), **kwargs)
 
 
 def weights_array(sensitivity: dict | None, spec, candidates, steps: int) -> np.ndarray:
