@@ -1,0 +1,240 @@
+"""A plan's sparsity predicted from a calibration pass's scores, and the second pass steered onto a
+target: the budget that meets it (:func:`predicted_sparsity`, fitted by
+:func:`ditfastattn.search.fit_delta`), the most the candidates allow (:func:`reachable_sparsity`),
+the steps ``cache="step"`` caches whole (:func:`cached_schedule`), and the per-step budget of the
+second pass (:class:`TargetController`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._calibration_session import whole_step_cache
+from ._geometry import TileGrid
+from .methods import parse_method
+from .search import choose_many
+
+if TYPE_CHECKING:
+    from .calibration import SearchConfig
+
+logger = logging.getLogger("ditfastattn")
+
+
+# Layer-steps re-solved per budget where each solve is an integer program; more are subsampled by step.
+_PREDICT_LAYER_STEPS = 600
+
+
+def _sampled_steps(steps: int, layers: int, config: SearchConfig) -> list[int]:
+    if config.budget == "generation":  # a closed-form choice: every step, all budgets at once
+        return list(range(1, steps))
+    stride = max(1, -(-((steps - 1) * layers) // _PREDICT_LAYER_STEPS))
+    return list(range(1, steps, stride))
+
+
+def _distinct(candidates, image_tokens: int, tiles: TileGrid | None = None) -> np.ndarray:
+    """(candidates,) bool: False for a window that rounds to the same blocks (tiles of the image
+    grid ``tiles``) as an earlier one."""
+    seen, distinct = set(), []
+    for method in candidates:
+        signature = (method.kind, method.mode(image_tokens, tiles))
+        distinct.append(signature not in seen)
+        seen.add(signature)
+    return np.array(distinct)
+
+
+def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cached=None) -> np.ndarray:
+    """(budgets, steps) the sparsity of steps whose ``scores`` (steps, layers, heads, candidates:
+    a pass's, or a prediction of them) are solved at each of ``deltas``; ``session`` (a finished
+    pass) gives the resolution (its image grid too) and the candidates' costs. ``cached`` (steps,)
+    bool: the steps cached whole (``cache="step"``), where no other step caches."""
+    image_tokens, text_len = session.geometry
+    tiles, candidates = session.tiles, session.candidates
+    allowed = _distinct(candidates, image_tokens, tiles)
+    if cached is not None:
+        allowed = allowed & ~np.array([m.reads_previous_output for m in candidates])
+    kept = np.zeros((len(deltas), len(scores)))
+    kept_cached = np.zeros(len(scores))
+    total = 0.0
+    for index, layer in enumerate(spec.layers):
+        layer_text = text_len if layer.text else 0
+        rse = scores[:, index, : layer.heads]
+        cost = np.array([session._cost(m, image_tokens, layer_text, tiles) for m in candidates])
+        flops = np.array([m.cost(image_tokens, layer_text, tiles) for m in candidates])
+        choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & allowed)  # (budgets, steps, heads)
+        per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
+        kept += per_head * flops[choice].sum(axis=2)
+        total += per_head * layer.heads
+        if cached is not None:
+            whole = whole_step_cache(rse.reshape(-1, rse.shape[-1]), candidates).reshape(rse.shape[:-1])
+            kept_cached += per_head * flops[whole].sum(axis=1)
+    if cached is not None:
+        kept = np.where(np.asarray(cached, dtype=bool), kept_cached, kept)
+    return 1.0 - kept / total
+
+
+def _curves(session, spec, config: SearchConfig, deltas, cached: frozenset[int] | None = None) -> np.ndarray:
+    """(steps, budgets) each step's sparsity at each budget on a finished pass's scores; steps
+    between samples take the nearest sample's row, and step 0 always computes everything."""
+    steps = session.plan.num_steps
+    sampled = _sampled_steps(steps, len(spec.layers), config)
+    whole = None if cached is None else np.isin(sampled, sorted(cached))
+    rows = _curve(session, spec, config, session.rse[sampled], deltas, whole).T
+    curves = np.zeros((steps, len(deltas)))
+    for step in range(1, steps):
+        curves[step] = rows[int(np.argmin([abs(step - s) for s in sampled]))]
+    return curves
+
+
+def cached_schedule(steps: int, target: float) -> frozenset[int]:
+    """The steps ``cache="step"`` caches whole: every other step after step 0 (the step cache
+    that computes every 2nd step), or, where ``target`` holds fewer whole steps, as many as it
+    holds, spread evenly over those."""
+    every_other = np.arange(1, steps, 2)
+    count = min(len(every_other), int(np.floor(target * steps + 1e-9)))
+    if count == 0:
+        return frozenset()
+    picked = np.unique(np.round(np.linspace(0, len(every_other) - 1, count)).astype(int))
+    return frozenset(int(step) for step in every_other[picked])
+
+
+def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
+    """Fraction of one step's attention FLOPs that ``rows`` (one list of methods per layer) remove;
+    tile windows are counted on the image grid ``tiles``."""
+    kept = total = 0.0
+    for layer, methods in zip(spec.layers, rows):
+        tokens = image_tokens + (text_len if layer.text else 0)
+        layer_text = text_len if layer.text else 0
+        per_head = float(tokens * tokens * layer.head_dim)
+        total += per_head * layer.heads
+        kept += per_head * sum(parse_method(m).cost(image_tokens, layer_text, tiles) for m in methods)
+    return 1.0 - kept / total
+
+
+def reachable_sparsity(session, spec, config: SearchConfig, cached: frozenset[int] | None = None) -> float:
+    """The most sparsity a finished pass's candidates allow: every head of every step after the
+    first at its cheapest candidate that could run there (with ``cached``, the steps cached whole
+    of ``cache="step"``: those cached, no head of the others)."""
+    image_tokens, text_len = session.geometry
+    candidates = session.candidates
+    allowed = _distinct(candidates, image_tokens, session.tiles)
+    whole = np.zeros(session.plan.num_steps - 1, dtype=bool)
+    if cached is not None:
+        allowed = allowed & ~np.array([m.reads_previous_output for m in candidates])
+        whole = np.isin(np.arange(1, session.plan.num_steps), sorted(cached))
+    kept = total = 0.0
+    for index, layer in enumerate(spec.layers):
+        layer_text = text_len if layer.text else 0
+        flops = np.array([m.cost(image_tokens, layer_text, session.tiles) for m in candidates])
+        rse = session.rse[1:, index, : layer.heads]  # (steps - 1, heads, candidates)
+        per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
+        cheapest = np.where(np.isfinite(rse) & allowed, flops, np.inf).min(axis=-1)  # (steps - 1, heads)
+        if cached is not None:
+            cheapest[whole] = flops[whole_step_cache(rse[whole].reshape(-1, rse.shape[-1]), candidates)].reshape(-1, layer.heads)
+        kept += per_head * (layer.heads + cheapest.sum())  # step 0: all full
+        total += per_head * layer.heads * session.plan.num_steps
+    return 1.0 - kept / total
+
+
+# How close calibrate brings the plan's sparsity to a target (warned about beyond).
+TOLERANCE = 0.02
+
+
+class TargetController:
+    """The second pass's budget per step, so that the plan's sparsity lands on the target.
+
+    The first pass's scores predict each step's sparsity at any budget, but they were measured on
+    its own trajectory. Arrow errors hardly depend on it; ``cache`` errors do, several times over:
+    a cached head reuses what its layer last produced, which is older (or approximate) when the
+    head did not compute exactly at the step before. So a second pass that compresses less (or
+    more) than the first sees smaller (or larger) cache errors where the first pass had not
+    computed the head, and about the same ones where it had. At each step the controller measures
+    the second pass's scores of the last few steps against the first's, per candidate and per
+    that distinction, predicts the remaining steps from the first pass's scores scaled
+    accordingly, and picks the budget at which they add what the target still needs.
+
+    Integer-program budgets (``budget="layer"``) are re-solved only once, on the first pass's
+    scores: there the drift is taken as one move of every step's sparsity curve along the (log)
+    budget axis, the move that best explains the steps already decided.
+
+    With ``cache="step"`` the steps cached whole (``cached``) are fixed before the second pass;
+    the budget moves only the other steps' windows.
+    """
+
+    GRID = 2.0 ** (np.arange(-20, 21) / 2)  # budgets: the fitted one times 2^-10 .. 2^10
+    SHIFTS = np.arange(-8, 9)  # moves tried, in grid points (factors 2^-4 .. 2^4)
+    RECENT = 3  # steps whose scores measure the drift between the passes
+    SPREAD = 2  # grid points either side of a budget over which its miss is averaged (the prediction's error)
+
+    def __init__(self, first, spec, config: SearchConfig, fitted: float, cached: frozenset[int] | None = None):
+        self.first, self.spec, self.config, self.target = first, spec, config, config.target
+        self.cached = cached
+        self.whole = None if cached is None else np.isin(np.arange(first.plan.num_steps), sorted(cached))
+        self.geometry = first.geometry
+        self.tiles = first.tiles
+        self.steps = first.plan.num_steps
+        self.deltas = fitted * self.GRID
+        self.resolve = config.budget == "generation"  # a closed-form choice: cheap to re-solve every step
+        self.predicted = None if self.resolve else _curves(first, spec, config, self.deltas, cached)
+        # (steps, layers, heads): whether the first pass ran the head exactly at the step before
+        self.computed = np.zeros(first.rse.shape[:3], dtype=bool)
+        for step in range(1, self.steps):
+            for index, row in enumerate(first.plan.methods[step - 1]):
+                self.computed[step, index, : len(row)] = [parse_method(name).exact for name in row]
+        self.realized: dict[int, float] = {}
+
+    def _scores(self, step: int, session) -> np.ndarray:
+        """The first pass's scores of steps ``step`` on, scaled to the second pass's: per candidate
+        and per whether the first pass had computed the head, by the geometric mean ratio of the
+        two passes' scores over the last ``RECENT`` steps."""
+        recent = list(range(max(1, step - self.RECENT), step))
+        now, before = session.rse[recent], self.first.rse[recent]
+        valid = np.isfinite(now) & np.isfinite(before) & (now > 0) & (before > 0)
+        logs = np.where(valid, np.log(np.where(valid, now, 1.0) / np.where(valid, before, 1.0)), 0.0)
+        ratios = np.ones((2, now.shape[-1]))  # (first pass had not computed / had, candidates)
+        for computed in (False, True):
+            counted = valid & (self.computed[recent, ..., None] == computed)
+            ratios[int(computed)] = np.exp(logs.sum(axis=(0, 1, 2), where=counted) / np.maximum(counted.sum(axis=(0, 1, 2)), 1))
+        logger.debug("ditfastattn calibrate: step %d, second-pass over first-pass scores %s", step, np.round(ratios, 3))
+        return self.first.rse[step:] * ratios[self.computed[step:].astype(int)]
+
+    def _moved(self, shift: int) -> np.ndarray:
+        return self.predicted[:, np.clip(np.arange(len(self.deltas)) + shift, 0, len(self.deltas) - 1)]
+
+    def _shift(self, step: int, session, realized: np.ndarray) -> int:
+        done = np.arange(1, step)
+        if not len(done):
+            return 0
+        used = np.array([int(np.argmin(abs(np.log(self.deltas / session.step_delta[t])))) for t in done])
+        misses = [float(np.abs(self._moved(j)[done, used] - realized).sum()) for j in self.SHIFTS]
+        return int(self.SHIFTS[np.lexsort((np.abs(self.SHIFTS), misses))[0]])  # ties: the smallest move
+
+    def __call__(self, step: int, session) -> float:
+        for done in range(1, step):
+            if done not in self.realized:
+                self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry, self.tiles)
+        realized = np.array([self.realized[t] for t in range(1, step)])
+        if self.resolve:
+            whole = None if self.whole is None else self.whole[step:]
+            rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas, whole).sum(axis=1)
+        else:
+            shift = self._shift(step, session, realized)
+            rest = self._moved(shift)[step:].sum(axis=0)
+            logger.debug("ditfastattn calibrate: step %d, first-pass curves moved by 2^%g", step, shift / 2)
+        # Of the budgets whose prediction lands within half the tolerance of the best one, the one
+        # whose neighbours miss least: where the remaining steps' sparsity changes fast with the
+        # budget (a step half compressed), a prediction an octave off misses by much.
+        needed = self.target * self.steps - realized.sum()
+        miss = np.abs(rest - needed)
+        around = np.clip(np.arange(len(self.deltas))[:, None] + np.arange(-self.SPREAD, self.SPREAD + 1), 0, len(self.deltas) - 1)
+        robust = np.where(miss <= miss.min() + 0.5 * TOLERANCE * self.steps, miss[around].mean(axis=1), np.inf)
+        return float(self.deltas[int(np.argmin(robust))])
+
+
+def predicted_sparsity(session, spec, config: SearchConfig, delta: float, cached: frozenset[int] | None = None) -> float:
+    """Sparsity the program would reach at ``delta`` on a finished pass's scores (integer-program
+    budgets with more than ``_PREDICT_LAYER_STEPS`` layer-steps: steps subsampled evenly), with
+    ``cached`` the steps cached whole (``cache="step"``)."""
+    return float(_curves(session, spec, config, [delta], cached).sum() / session.plan.num_steps)
