@@ -46,6 +46,12 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
                  "-o", str(priced)]) == 0
     search = Plan.load(priced).provenance["search"]
     assert search["cache"] == "step" and search["cached_steps"] == [1, 3]
+    capsys.readouterr()
+    assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.5", "--steps", "4", "--cache", "auto",
+                 "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",
+                 "-o", str(priced)]) == 0
+    kept = Plan.load(priced).provenance["search"]["cache"]
+    assert f"cache auto: kept caching per {kept} (final latents' relative squared error: per head " in capsys.readouterr().out
 
 
 def run_error(argv, capsys):

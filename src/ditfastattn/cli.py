@@ -406,6 +406,10 @@ def cmd_calibrate(args) -> None:
     elapsed = time.perf_counter() - start
     plan.save(output)
     print(f"calibrated in {elapsed:.1f} s on {len(prompts)} prompts; plan written to {output}")
+    search = plan.provenance["search"]
+    if "cache_final_rse" in search:
+        errors = ", ".join(f"per {mode} {error:.4g}" for mode, error in search["cache_final_rse"].items())
+        print(f"cache auto: kept caching per {search['cache']} (final latents' relative squared error: {errors})")
     print(_format_summary(plan.summary(), per_layer=False))
     if png:
         plot_plan(plan, png)
