@@ -255,6 +255,8 @@ SEARCHES = {
     "sensitivity": {"delta": 0.3, "sensitivity": "measure"},
     "residual": {"delta": 0.05, "candidates": ("full", "arrow:0.125", "arrow_residual:0.125")},  # full heads at later steps
     "all_full": {"delta": 0.0},
+    # both searches and the uncompressed pass that decides between them, on each rank's gathered latents
+    "cache_auto": {"target_sparsity": 0.5, "budget": "generation", "head_coefficient": None, "cache": "auto"},
 }
 
 
@@ -359,6 +361,9 @@ def test_calibration_under_ulysses_matches_one_process(tmp_path):
                Plan.load(tmp_path / "rank0-sensitivity.json").provenance["search"]["sensitivity"]]
     np.testing.assert_allclose(list(weights[1]["layers"].values()), list(weights[0]["layers"].values()), rtol=1e-3)
     assert "heads" not in weights[1]
+    chosen = [single["cache_auto"].provenance["search"], Plan.load(tmp_path / "rank0-cache_auto.json").provenance["search"]]
+    assert chosen[1]["cache"] == chosen[0]["cache"]
+    np.testing.assert_allclose(list(chosen[1]["cache_final_rse"].values()), list(chosen[0]["cache_final_rse"].values()), rtol=1e-3)
     # delta 0: every head full, and the calibration pass is stock context parallelism bit for bit
     assert all(m == "full" for rows in single["all_full"].methods for heads in rows for m in heads)
     for rank in ranks:
