@@ -372,7 +372,7 @@ def _search_config(args):
         "head_coefficient": args.head_coefficient,
         "budget": args.budget,
         "granularity": args.granularity,
-        "cache": args.cache,
+        "cache": getattr(args, "cache", "head"),  # calibrate only: evaluate sweeps bare deltas
         "num_inference_steps": args.steps,
         "height": args.height,
         "width": args.width,
@@ -550,9 +550,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "rate over all layers and steps (delta is then a price; best with a target)")
         p.add_argument("--granularity", choices=["head", "layer"], default="head",
                        help="one method per head, or per layer (a baseline)")
-        p.add_argument("--cache", choices=["head", "step", "auto"], default="head",
-                       help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
-                            "target and --budget generation); auto: both, keeping the plan nearer full attention")
         p.add_argument("--method-set", default="aa+oc", help="aa, aa+oc, aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs, ta+oc (tile windows: models with an image grid)")
         p.add_argument("--candidates", type=_candidates, default=None,
                        help="comma-separated methods (overrides --method-set)")
@@ -567,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="reach this attention sparsity instead (two passes; --delta starts the first)")
     calibrate.add_argument("--target-speedup", type=_number(float, above=1), default=None,
                            help="or this ideal attention speed-up")
+    calibrate.add_argument("--cache", choices=["head", "step", "auto"], default="head",
+                           help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
+                                "target and --budget generation); auto: both, keeping the plan nearer full attention")
     calibrate.add_argument("--sensitivity", default=None,
                            help="'measure' (probes: one pass per layer and one per step and kind of method) or a calibrated plan whose measurement to reuse")
     calibrate.add_argument("-o", "--output", required=True, help="plan file (JSON)")
