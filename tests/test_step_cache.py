@@ -115,3 +115,11 @@ def test_measured_sensitivity_runs_under_step_caching():
     plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
     assert set(plan.provenance["search"]["sensitivity"]["steps"]) == {"cache", "arrow"}
     assert plan.provenance["search"]["cached_steps"] == sorted(cached_schedule(search.num_inference_steps, 0.5))
+
+
+def test_a_target_beyond_the_schedule_and_the_windows_is_refused_with_the_most_reachable():
+    pipe = make_pipeline("flux")
+    search = config("flux", target_sparsity=0.75, candidates=("full", "cache", "arrow:0.5"), height=64, width=64, **GENERATION)
+    with pytest.raises(ValueError, match=r"out of reach: .* at most 0\.\d+ .*\(steps \[1, 3\] cached whole, every head of "
+                                         r"the others at its cheapest window\)"):
+        ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)

@@ -459,10 +459,12 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict)
     first = session
     reachable = reachable_sparsity(first, spec, config, cached)
     if config.target > reachable:
+        most = ("every head after step 0 at its cheapest candidate" if cached is None else
+                f"steps {sorted(cached)} cached whole, every head of the others at its cheapest window")
         raise ValueError(
             f"{config._target_name} is out of reach: with these candidates at this resolution a plan removes "
-            f"at most {reachable:.3f} of the attention FLOPs (every head after step 0 at its cheapest "
-            "candidate); lower the target, or add candidates that remove more (such as 'cache')"
+            f"at most {reachable:.3f} of the attention FLOPs ({most}); lower the target, or add candidates that "
+            "remove more (such as 'cache', or narrower windows)"
         )
 
     def predict(delta):
