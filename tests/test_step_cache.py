@@ -123,3 +123,21 @@ def test_a_target_beyond_the_schedule_and_the_windows_is_refused_with_the_most_r
     with pytest.raises(ValueError, match=r"out of reach: .* at most 0\.\d+ .*\(steps \[1, 3\] cached whole, every head of "
                                          r"the others at its cheapest window\)"):
         ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+
+
+def test_one_progress_bar_counts_every_pass_of_auto(monkeypatch):
+    from ditfastattn import calibration
+
+    bars = []
+    real = calibration.tqdm
+
+    def counted(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(calibration, "tqdm", counted)
+    pipe = make_pipeline("flux")
+    search = config("flux", target_sparsity=0.5, candidates=TESTBED_CANDIDATES, **{**GENERATION, "cache": "auto"})
+    ditfastattn.calibrate(pipe, prompts("flux"), search, progress=True)
+    layers = len(ditfastattn.Plan.uniform(pipe.transformer, 2, "full").layer_names)
+    assert len(bars) == 1 and bars[0].n == bars[0].total == 5 * (search.num_inference_steps - 1) * layers

@@ -362,21 +362,21 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     weights = weights_array(sensitivity, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
     modes = ("head", "step") if config.cache == "auto" else (config.cache,)
-    passes = (1 if config.target is None else 2) * len(modes)
+    passes = (1 if config.target is None else 2) * len(modes) + (config.cache == "auto")
+    final_rse = None
     with tqdm(
         total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
     ) as bar:
         searched = {mode: _search(pipe, spec, call, dataclasses.replace(config, cache=mode), weights, bar, seconds)
                     for mode in modes}
-    final_rse = None
-    if config.cache == "auto":
-        # The additive score cannot rank the two (it misjudges partly cached steps): their outputs can.
-        started = time.perf_counter()
-        _, reference = reference_pass(pipe, spec, call, config)
-        seconds["reference"] = time.perf_counter() - started
-        final_rse = {mode: relative_squared_error(found.latents, reference) for mode, found in searched.items()}
-        logger.info("ditfastattn calibrate: final relative squared error, caching per head %.4g, per step %.4g",
-                    final_rse["head"], final_rse["step"])
+        if config.cache == "auto":
+            # The additive score cannot rank the two (it misjudges partly cached steps): their outputs can.
+            started = time.perf_counter()
+            _, reference = reference_pass(pipe, spec, call, config, progress=bar)
+            seconds["reference"] = time.perf_counter() - started
+            final_rse = {mode: relative_squared_error(found.latents, reference) for mode, found in searched.items()}
+            logger.info("ditfastattn calibrate: final relative squared error, caching per head %.4g, per step %.4g",
+                        final_rse["head"], final_rse["step"])
     mode = min(searched, key=final_rse.get) if final_rse else modes[0]
     found = searched[mode]
     session = found.session

@@ -167,13 +167,13 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
     return result
 
 
-def reference_pass(pipe, spec, call: dict[str, Any], config, **kwargs):
-    """An uncompressed pass that measures nothing: (session, final latents); ``kwargs`` for
-    :func:`run_pass` (``record``)."""
+def reference_pass(pipe, spec, call: dict[str, Any], config, progress: tqdm | None = None, **kwargs):
+    """An uncompressed pass that measures nothing: (session, final latents). ``progress`` counts
+    its layer-steps; ``kwargs`` for :func:`run_pass` (``record``)."""
     steps = config.num_inference_steps
     full = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
     return run_pass(pipe, spec, call, dataclasses.replace(config, candidates=("full",), sensitivity=None, cache="head"),
-                    None, forced=full, measure=set(), **kwargs)
+                    progress, forced=full, measure=set(), **kwargs)
 
 
 def weights_array(sensitivity: dict | None, spec, candidates, steps: int) -> np.ndarray:
