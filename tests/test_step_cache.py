@@ -141,3 +141,18 @@ def test_one_progress_bar_counts_every_pass_of_auto(monkeypatch):
     ditfastattn.calibrate(pipe, prompts("flux"), search, progress=True)
     layers = len(ditfastattn.Plan.uniform(pipe.transformer, 2, "full").layer_names)
     assert len(bars) == 1 and bars[0].n == bars[0].total == 5 * (search.num_inference_steps - 1) * layers
+
+
+def test_auto_reuses_the_probes_uncompressed_pass_with_the_same_result():
+    pipe = make_pipeline("flux")
+    search = config("flux", target_sparsity=0.5, candidates=TESTBED_CANDIDATES, sensitivity="measure",
+                    **{**GENERATION, "cache": "auto"})
+    measured = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    assert "reference" not in measured.provenance["search"]["seconds"]  # the probes' pass served
+    reused = ditfastattn.calibrate(
+        pipe, prompts("flux"), dataclasses.replace(search, sensitivity=measured.provenance["search"]["sensitivity"]),
+        progress=False,
+    )
+    assert "reference" in reused.provenance["search"]["seconds"]
+    assert reused.methods == measured.methods
+    assert reused.provenance["search"]["cache_final_rse"] == measured.provenance["search"]["cache_final_rse"]

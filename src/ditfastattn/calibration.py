@@ -354,15 +354,15 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     # still reaches the transformer is refused at its first call.)
     check_cfg_guidance(config.candidates, call.get("guidance_scale", _default_argument(pipe, "guidance_scale")))
     seconds: dict[str, Any] = {"sensitivity": 0.0, "passes": [], "solver": 0.0}
-    sensitivity = config.sensitivity
+    sensitivity, reference = config.sensitivity, None  # the uncompressed pass's latents, once run
     if sensitivity == "measure":
         started = time.perf_counter()
-        sensitivity = measure_sensitivity(pipe, spec, call, config, progress=progress)
+        sensitivity, reference = measure_sensitivity(pipe, spec, call, config, progress=progress)
         seconds["sensitivity"] = time.perf_counter() - started
     weights = weights_array(sensitivity, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
     modes = ("head", "step") if config.cache == "auto" else (config.cache,)
-    passes = (1 if config.target is None else 2) * len(modes) + (config.cache == "auto")
+    passes = (1 if config.target is None else 2) * len(modes) + (config.cache == "auto" and reference is None)
     final_rse = None
     with tqdm(
         total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
@@ -371,9 +371,10 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                     for mode in modes}
         if config.cache == "auto":
             # The additive score cannot rank the two (it misjudges partly cached steps): their outputs can.
-            started = time.perf_counter()
-            _, reference = reference_pass(pipe, spec, call, config, progress=bar)
-            seconds["reference"] = time.perf_counter() - started
+            if reference is None:
+                started = time.perf_counter()
+                _, reference = reference_pass(pipe, spec, call, config, progress=bar)
+                seconds["reference"] = time.perf_counter() - started
             final_rse = {mode: relative_squared_error(found.latents, reference) for mode, found in searched.items()}
             logger.info("ditfastattn calibrate: final relative squared error, caching per head %.4g, per step %.4g",
                         final_rse["head"], final_rse["step"])

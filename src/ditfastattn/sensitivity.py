@@ -88,10 +88,10 @@ def _normalised(ratios: np.ndarray) -> np.ndarray:
     return ratios / np.exp(np.log(ratios).mean())
 
 
-def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: bool = True) -> dict[str, Any]:
+def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: bool = True) -> tuple[dict[str, Any], Any]:
     """``{"layers": {layer name: weight}, "steps": {kind: [weight per step]}, "probe": {...}}``
-    for ``config.sensitivity``; ``call`` holds the pipeline's keyword arguments of the calibration
-    run (prompts included).
+    for ``config.sensitivity``, and the uncompressed pass's final latents the probes were measured
+    against; ``call`` holds the pipeline's keyword arguments of the calibration run (prompts included).
     """
     steps = config.num_inference_steps  # at least 2 (SearchConfig checks)
     layer_probe = probe_method(config.candidates)
@@ -164,7 +164,7 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
         ", ".join(f"{layer.name} {w:.3g}" for layer, w in zip(spec.layers, layers)),
         "; ".join(f"{kind} " + " ".join(f"{w:.2g}" for w in ws[1:]) for kind, ws in result["steps"].items()),
     )
-    return result
+    return result, reference
 
 
 def reference_pass(pipe, spec, call: dict[str, Any], config, progress: tqdm | None = None, **kwargs):
