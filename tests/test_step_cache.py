@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import make_pipeline, run_pipeline
+from conftest import embeds, make_pipeline, negative_embeds, run_pipeline
 from test_calibration import SIZE, TESTBED_CANDIDATES, config, prompts, sensitivity_like_the_testbeds
 
 import ditfastattn
@@ -156,3 +156,22 @@ def test_auto_reuses_the_probes_uncompressed_pass_with_the_same_result():
     assert "reference" in reused.provenance["search"]["seconds"]
     assert reused.methods == measured.methods
     assert reused.provenance["search"]["cache_final_rse"] == measured.provenance["search"]["cache_final_rse"]
+
+
+def test_true_cfg_caches_both_calls_of_a_cached_step_and_replays_bit_for_bit(recorder):
+    pipe = make_pipeline("flux")
+    cfg_prompts = [{**embeds(1, seed=i), **negative_embeds(1, seed=20 + i)} for i in range(2)]
+    search = config("flux", target_sparsity=0.5, candidates=TESTBED_CANDIDATES, pipeline_kwargs={"true_cfg_scale": 2.0},
+                    **GENERATION)
+    plan = ditfastattn.calibrate(pipe, cfg_prompts, search, progress=False)
+    calibrated = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
+    assert plan.provenance["search"]["cached_steps"] == [1, 3] and "mixed" not in cached_rows(plan)
+    recorder.clear()
+    ditfastattn.apply(pipe, plan)
+    merged, _ = prompt_kwargs(cfg_prompts)
+    run_pipeline(pipe, steps=search.num_inference_steps, batch=2, **SIZE, **merged, true_cfg_scale=2.0)
+    applied = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
+    calibrated = calibrated[-len(applied):]  # the second pass's
+    assert {call for _, _, call, _ in applied} == {0, 1}
+    assert [a[:3] for a in applied] == [c[:3] for c in calibrated]
+    assert all(torch.equal(a[3], c[3]) for a, c in zip(applied, calibrated))
