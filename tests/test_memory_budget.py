@@ -76,6 +76,55 @@ def test_budget_gives_up_the_buffer_that_saves_fewest_cached_heads_per_byte():
     assert static == [frozenset(range(3)), frozenset()]
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_a_step_cached_whole_gives_way_whole(seed, static):
+    rng = random.Random(seed)
+    steps, layers, heads = rng.randint(3, 8), rng.randint(2, 5), 4
+    cached = [[0] * layers] + [[rng.choice([0, 1, 4]) for _ in range(layers)] for _ in range(steps - 1)]
+    whole = frozenset(rng.sample(range(1, steps), 2))
+    for t in whole:
+        cached[t] = [heads] * layers
+    layer_bytes = [rng.choice([100, 200, 300]) for _ in range(layers)]
+    budget = rng.randint(0, sum(layer_bytes))
+    dropped = fit_cache_budget(cached, layer_bytes, budget, static=static, whole=whole)
+    for t in whole:  # every layer caches there, or none does
+        assert len({t in gone for gone in dropped}) == 1, (t, dropped)
+    kept = [{l for l in range(layers) if cached[t][l] and t not in dropped[l]} for t in range(steps)] + [set()]
+    if static:
+        assert sum(layer_bytes[l] for l in set().union(*kept)) <= budget
+    else:
+        assert all(held_during(kept, t, layer_bytes) <= budget for t in range(steps))
+    # Without the whole steps named, the same budget may split them: naming them changes only those.
+    plain = fit_cache_budget(cached, layer_bytes, budget, static=static)
+    assert all(gone - plain[l] <= whole for l, gone in enumerate(dropped))
+
+
+def test_a_budget_for_half_the_layers_computes_a_whole_cached_step_instead_of_mixing_it():
+    cached = [[0, 0, 0], [4, 4, 4], [0, 0, 0]]
+    assert fit_cache_budget(cached, [10, 10, 10], 20) == [frozenset({1}), frozenset(), frozenset()]
+    assert fit_cache_budget(cached, [10, 10, 10], 20, whole=frozenset({1})) == [frozenset({1})] * 3
+    assert fit_cache_budget(cached, [10, 10, 10], 30, whole=frozenset({1})) == [frozenset()] * 3
+
+
+@torch.no_grad()
+def test_runtime_computes_a_whole_cached_step_that_does_not_fit():
+    model = tiny_sd3()  # every layer's call of one shape: the budget is fitted per call shape
+    full = Plan.uniform(model, STEPS, "full")
+    whole = [[["cache" if step == 2 else "full"] * len(heads) for heads in rows] for step, rows in enumerate(full.methods)]
+    plan = Plan(full.model, whole, {"num_image_tokens": 256})
+    inputs = sd3_inputs()
+    sizes = layer_bytes(model, plan, inputs)
+    ditfastattn.apply(model, full)
+    want = denoise(model, inputs)
+    ditfastattn.remove(model)
+    ditfastattn.apply(model, plan, cache_budget_gib=(sum(sizes) - 1) / 2**30)  # one byte short of every layer's buffer
+    got = denoise(model, inputs)
+    ditfastattn.remove(model)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def denoise(model, inputs):
     return [model(**inputs, timestep=torch.full((2,), t)).sample for t in TIMESTEPS]
 

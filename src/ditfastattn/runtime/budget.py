@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 
-def fit_cache_budget(cached: list[list[int]], layer_bytes: list[int], budget: int, *, static: bool = False):
+def fit_cache_budget(
+    cached: list[list[int]], layer_bytes: list[int], budget: int, *, static: bool = False, whole: frozenset[int] = frozenset()
+):
     """Per layer, the steps whose ``cache`` heads run ``full`` instead, so the buffers they read fit ``budget`` bytes.
 
     A cache head at step t reads its layer's output of step t - 1, so the layer keeps that buffer
@@ -11,7 +13,17 @@ def fit_cache_budget(cached: list[list[int]], layer_bytes: list[int], budget: in
     caches (layers run in order: those already run hold step t's output, the rest step t - 1's).
     Buffers are given up greedily where they save the fewest cached heads per byte. A static
     session holds a buffer for the whole generation if the layer ever caches.
+
+    ``whole``: steps at which every head of every layer caches. Such a step gives way whole where
+    any of its layers would: a step that mixes reused and fresh heads costs the output far more
+    than either (``SearchConfig(cache="step")``).
     """
+    dropped = _fit(cached, layer_bytes, budget, static)
+    broken = {t for t in whole if any(t in steps for steps in dropped)}
+    return [steps | frozenset(t for t in broken if cached[t][layer]) for layer, steps in enumerate(dropped)]
+
+
+def _fit(cached: list[list[int]], layer_bytes: list[int], budget: int, static: bool) -> list[frozenset[int]]:
     steps, layers = len(cached), len(layer_bytes)
 
     def value(layer, step_set):

@@ -299,7 +299,9 @@ class Session:
             # Every call slot (e.g. FLUX's true CFG) keeps its own buffers.
             layer_bytes = [key[3] * batch * seq * spec.heads * spec.head_dim * key[2] for spec in self.plan.model.layers]
             cached = cache_heads(self.plan)
-            dropped = fit_cache_budget(cached, layer_bytes, self.cache_budget, static=static)
+            heads = [spec.heads for spec in self.plan.model.layers]
+            whole = frozenset(t for t, per_layer in enumerate(cached) if per_layer == heads)
+            dropped = fit_cache_budget(cached, layer_bytes, self.cache_budget, static=static, whole=whole)
             self._dropped[key] = dropped
             lost = sum(cached[t][l] for l, steps in enumerate(dropped) for t in steps)
             if lost:
