@@ -161,8 +161,15 @@ class SearchConfig:
             chose worse ones. Needs a target, ``budget="generation"`` and a ``cache`` candidate.
             ``"auto"``: both searches, and the plan whose final latents on the calibration prompts
             are nearer those of full attention (one more pass, uncompressed, to compare them
-            with: five in all). On the testbeds caching per step is far better on FLUX and worse
+            with: five in all; with ``sensitivity="measure"`` the probes' own serves). On the testbeds caching per step is far better on FLUX and worse
             on SD3 at high sparsity (benchmarks/results/quality.md).
+        sensitivity: how much a local error matters to the final output. ``"measure"`` probes it
+            first (see :mod:`ditfastattn.sensitivity`): per layer (one denoising pass each) and
+            per step and kind of method (cache, arrows; one pass each, the steps before the probed
+            one replayed, so about ``layers + steps`` passes in all). A measurement from a
+            calibrated plan's ``provenance["search"]["sensitivity"]`` reuses it, as does a plain
+            ``{layer name: weight}`` dict (layers only). Every score is multiplied by its weight,
+            so the budget goes where a unit of local error does the least damage. None: all 1.
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
