@@ -381,36 +381,50 @@ def markdown(meta: dict, results: dict) -> str:
     return "\n".join(lines)
 
 
+# Curves drawn (the tables hold every one): group -> (label, colour, line style). One colour per
+# search, solid head-wise and dashed layer-wise; the baselines dotted; cache auto (which coincides
+# with one of its two searches) drawn on top.
+PLOTTED = {
+    "generation budget + step and head sensitivity, cache auto": ("head-wise, cache auto (recommended)", "k", "-"),
+    "layer-wise, generation budget + step and head sensitivity, cache auto": ("layer-wise, cache auto", "k", "--"),
+    "generation budget + step and head sensitivity, cache per step": ("head-wise, cache per step", "C2", "-"),
+    "layer-wise, generation budget + step and head sensitivity, cache per step": ("layer-wise, cache per step", "C2", "--"),
+    "generation budget + step and head sensitivity": ("head-wise, cache per head", "C1", "-"),
+    "layer-wise, generation budget + step and head sensitivity": ("layer-wise, cache per head", "C1", "--"),
+    "generation budget": ("head-wise, no sensitivity", "C4", "-"),
+    "layer-wise, generation budget": ("layer-wise, no sensitivity", "C4", "--"),
+    "head-wise, c=1.5": ("head-wise, per-layer delta, c=1.5 (the paper)", "C5", "-"),
+    "step cache": ("step cache (every k-th step computes)", "C3", ":"),
+    "uniform window": ("uniform window", "C7", ":"),
+}
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("generation budget + step and head sensitivity, cache auto",
-             "layer-wise, generation budget + step and head sensitivity, cache auto",
-             "generation budget + step and head sensitivity, cache per step",
-             "layer-wise, generation budget + step and head sensitivity, cache per step",
-             "generation budget + step and head sensitivity", "layer-wise, generation budget + step and head sensitivity",
-             "generation budget + step sensitivity", "layer-wise, generation budget + step sensitivity", "generation budget", "layer-wise, generation budget", "head-wise, c=1.5", "layer-wise, c=1.5",
-             "uniform window", "step cache")
-    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8.6), squeeze=False)
     for column, (kind, result) in enumerate(results.items()):
         for row, metric in enumerate(("ssim", "psnr")):
             axis = axes[row][column]
-            for curve in shown:
+            for curve, (label, colour, style) in PLOTTED.items():
                 names = result["groups"].get(curve)
                 if not names:
                     continue
                 points = sorted((result["plans"][n]["sparsity"], np.mean(result["plans"][n][metric])) for n in names)
-                axis.plot(*zip(*points), "o-" if curve.startswith("head") else "s--", label=curve, markersize=4)
+                axis.plot(*zip(*points), linestyle=style, color=colour, marker="o" if style == "-" else "s",
+                          markersize=3.5, linewidth=1.3, label=label, zorder=3 if colour == "k" else 2,
+                          alpha=0.85 if colour == "k" else 1.0)
             axis.set_title(f"{kind} testbed")
             axis.set_xlabel("attention sparsity")
             axis.set_ylabel(f"{metric.upper()} vs full attention")
             axis.set_xlim(0.2, 0.95)
             axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
