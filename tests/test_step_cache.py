@@ -175,3 +175,18 @@ def test_true_cfg_caches_both_calls_of_a_cached_step_and_replays_bit_for_bit(rec
     assert {call for _, _, call, _ in applied} == {0, 1}
     assert [a[:3] for a in applied] == [c[:3] for c in calibrated]
     assert all(torch.equal(a[3], c[3]) for a, c in zip(applied, calibrated))
+
+
+def test_whole_steps_cached_around_tile_windows_on_a_video_grid():
+    from test_families import MiniPipeline, prompt
+    from test_video_families import FAMILIES as VIDEO_FAMILIES
+
+    pipe = MiniPipeline(VIDEO_FAMILIES["wan"])
+    search = SearchConfig(num_inference_steps=8, target_sparsity=0.6, candidates=("full", "cache", "tile:0,0,0", "tile:1,0,0"),
+                          **GENERATION)
+    plan = ditfastattn.calibrate(pipe, [prompt(seed=1, batch=2)], search, progress=False)
+    cached = plan.provenance["search"]["cached_steps"]
+    assert cached == sorted(cached_schedule(8, 0.6)) and "mixed" not in cached_rows(plan)
+    windows = {m for step in range(1, 8) if step not in cached for layer in plan.methods[step] for m in layer}
+    assert windows & {"tile:0,0,0", "tile:1,0,0"}, windows
+    assert abs(plan.summary()["sparsity"] - 0.6) <= 0.02
