@@ -45,6 +45,15 @@ def _distinct(candidates, image_tokens: int, tiles: TileGrid | None = None) -> n
     return np.array(distinct)
 
 
+def _allowed(session, by_step: bool) -> np.ndarray:
+    """(candidates,) bool: the distinct candidates at a finished pass's resolution; ``by_step``
+    (``cache="step"``): none that reuses the previous output, which only whole cached steps do."""
+    allowed = _distinct(session.candidates, session.geometry[0], session.tiles)
+    if by_step:
+        allowed &= ~np.array([m.reads_previous_output for m in session.candidates])
+    return allowed
+
+
 def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cached=None) -> np.ndarray:
     """(budgets, steps) the sparsity of steps whose ``scores`` (steps, layers, heads, candidates:
     a pass's, or a prediction of them) are solved at each of ``deltas``; ``session`` (a finished
@@ -52,9 +61,7 @@ def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cach
     bool: the steps cached whole (``cache="step"``), where no other step caches."""
     image_tokens, text_len = session.geometry
     tiles, candidates = session.tiles, session.candidates
-    allowed = _distinct(candidates, image_tokens, tiles)
-    if cached is not None:
-        allowed = allowed & ~np.array([m.reads_previous_output for m in candidates])
+    allowed = _allowed(session, cached is not None)
     kept = np.zeros((len(deltas), len(scores)))
     kept_cached = np.zeros(len(scores))
     total = 0.0
@@ -119,11 +126,8 @@ def reachable_sparsity(session, spec, config: SearchConfig, cached: frozenset[in
     of ``cache="step"``: those cached, no head of the others)."""
     image_tokens, text_len = session.geometry
     candidates = session.candidates
-    allowed = _distinct(candidates, image_tokens, session.tiles)
-    whole = np.zeros(session.plan.num_steps - 1, dtype=bool)
-    if cached is not None:
-        allowed = allowed & ~np.array([m.reads_previous_output for m in candidates])
-        whole = np.isin(np.arange(1, session.plan.num_steps), sorted(cached))
+    allowed = _allowed(session, cached is not None)
+    whole = np.isin(np.arange(1, session.plan.num_steps), sorted(cached or ()))
     kept = total = 0.0
     for index, layer in enumerate(spec.layers):
         layer_text = text_len if layer.text else 0
@@ -170,7 +174,6 @@ class TargetController:
 
     def __init__(self, first, spec, config: SearchConfig, fitted: float, cached: frozenset[int] | None = None):
         self.first, self.spec, self.config, self.target = first, spec, config, config.target
-        self.cached = cached
         self.whole = None if cached is None else np.isin(np.arange(first.plan.num_steps), sorted(cached))
         self.geometry = first.geometry
         self.tiles = first.tiles

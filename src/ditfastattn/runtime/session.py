@@ -238,7 +238,7 @@ class Session:
         self.impl = impl
         self.cache_budget = cache_budget
         self._dropped: dict[tuple, list[frozenset[int]]] = {}
-        self._broken: set[int] = set()  # whole cached steps that gave way at some call shape: at every one
+        self._broken: frozenset[int] = frozenset()  # whole cached steps that gave way at some call shape
         self.step = 0
         self.call = 0
         self.calls_per_step = 1
@@ -304,7 +304,10 @@ class Session:
             whole = frozenset(t for t, per_layer in enumerate(cached) if per_layer == heads)
             dropped = fit_cache_budget(cached, layer_bytes, self.cache_budget, static=static, whole=whole)
             self._dropped[key] = dropped
+            # A whole step given way at one call shape (SD3.5's attn2 and joint calls are fitted apart)
+            # gives way at every shape: folded into every shape's steps once, not at each call.
             self._broken |= {t for t in whole if any(t in steps for steps in dropped)}
+            self._dropped = {shape: [steps | self._broken for steps in per_layer] for shape, per_layer in self._dropped.items()}
             lost = sum(cached[t][l] for l, steps in enumerate(dropped) for t in steps)
             if lost:
                 logger.warning(
@@ -312,8 +315,7 @@ class Session:
                     "%d of %d cached head-steps compute instead (raise cache_budget_gib for full speed)",
                     _size(self.cache_budget), batch, seq, lost, sum(map(sum, cached)),
                 )
-        # A whole step given way at another call shape (SD3.5's attn2 and joint calls) gives way here too.
-        return self._dropped[key][layer] | frozenset(self._broken)
+        return self._dropped[key][layer]
 
     def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
         """Called after a layer's attention when its buffers are in use (calibration keeps residuals)."""
