@@ -2,7 +2,7 @@
 
 Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp16/bf16, batch 1-3,
 1-8 heads, text lengths 0/77/154/333/512 at the start or the end, image lengths with and without a
-partial last block, for Triton also a second global segment after the image (reference-image
+partial last block, a second global segment after the image (reference-image
 tokens, as FLUX.1 Kontext and FLUX.2 place them), key padding (Triton: under each bias table, key
 masks, boolean and float 0/1 masks between queries and keys; Gluon: key masks; runs of padding at
 the end of the text, scattered padded tokens, batch elements with every key padded), random per-head plans (full, skip, arrows of every width), for Triton also gridded
@@ -52,7 +52,7 @@ from ditfastattn.ops._dense import score_bias
 from ditfastattn.ops._tile_order import tiled_keys
 
 TEXT_LENS = (0, 77, 154, 333, 512)
-REFERENCE_LENS = (0, 0, 64, 130, 1024)  # global tokens after the image (Triton cases)
+REFERENCE_LENS = (0, 0, 64, 130, 1024)  # global tokens after the image, behind text first
 PADDING_TABLES = {"keys": KEY_PADDING, "pairs": PAIR_PADDING, "float 0/1": ((1.0, 0.0), (0.0, 0.0))}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (32, 64, 128)
@@ -102,13 +102,13 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
             image -= 1
     image = max(image, 1)
     text_first = rng.random() < 0.5
-    after = 0  # reference-image tokens after the image, behind text first (Triton only)
+    after = 0  # reference-image tokens after the image, behind text first
     padding = None
+    if text_first:
+        after = rng.choice(REFERENCE_LENS)
+        if layout == "padded" and (image + text_len + after) % 2 == 0:
+            after += 1
     if impl == "triton":
-        if text_first:
-            after = rng.choice(REFERENCE_LENS)
-            if layout == "padded" and (image + text_len + after) % 2 == 0:
-                after += 1
         if rng.random() < 0.35:
             padding = {"table": rng.choice(list(PADDING_TABLES)), "seed": rng.randint(0, 2**31 - 1),
                        "all_padded": rng.random() < 0.2}

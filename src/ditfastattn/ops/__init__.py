@@ -179,9 +179,6 @@ def _gluon_layout_reason(layout: TokenLayout, padding: Padding | None, tiled: bo
     if padding is not None and padding.bias != KEY_PADDING:
         return ("the Gluon kernel takes key padding only as a key mask (padded keys never attended, "
                 f"ops.KEY_PADDING); this call's padding bias is {padding.bias} (impl='triton' takes any)")
-    if layout.text_range() is None:
-        return ("the Gluon kernel takes one global segment, at the start or the end of the sequence; this call has "
-                f"global tokens on both sides of the image ({layout.segments}) (impl='triton' takes any layout)")
     return None
 
 
@@ -383,8 +380,8 @@ def headwise_attention(
             plans with skip heads need it. Allocated when omitted.
         scale: softmax scale (finite, > 0), ``1 / sqrt(D)`` by default.
         impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 64 or 128,
-            fp16/bf16, q/k/v strides that allow a TMA view, one global segment at the start or the
-            end, key padding only as a key mask (``KEY_PADDING``), no tile windows), or ``"auto"`` (on CUDA the Gluon kernel where it
+            fp16/bf16, q/k/v strides that allow a TMA view, global segments on either side of the
+            image, key padding only as a key mask (``KEY_PADDING``), no tile windows), or ``"auto"`` (on CUDA the Gluon kernel where it
             supports the call, else Triton where it does, else the reference, logged once; the
             reference on the CPU). An explicit impl never falls back. ``"triton"`` runs on the CPU only under
             ``TRITON_INTERPRET=1``.

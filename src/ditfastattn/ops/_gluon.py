@@ -16,9 +16,9 @@ mbarriers:
   other's matrix products do; each also issues PV of tile j-1 right after QK^T of tile j and
   computes softmax j while that PV runs, across item boundaries too.
 
-Key tiles cover two ranges (the text keys, then the image band or all image keys) counted from
-the start of each range, so with ``BLOCK_N`` dividing 128 every band edge is a tile edge; only the
-last tile of a range can be partial, and there the columns past the range are masked to -inf (its
+Key tiles cover three ranges (the global keys before the image, those after it, then the image
+band or all image keys) counted from the start of each range, so with ``BLOCK_N`` dividing 128
+every band edge is a tile edge; only the last tile of a range can be partial, and there the columns past the range are masked to -inf (its
 rows come from the TMA box as they lie in memory, or zeros past the view).
 
 With key padding (``HAS_PAD``: padded keys never attended, every query alike, as a ``(B, 1, 1, S)``
@@ -150,26 +150,37 @@ def _scalar(ref):
 
 
 @gluon.jit
-def _key_tile(j, start1, len1, text_start, text_len, BLOCK_N: gl.constexpr):
-    """Start row and valid row count of key tile j: the text keys' tiles, then the first range's.
+def _key_tile(j, start1, len1, image_start, num_image, seq_len, BLOCK_N: gl.constexpr):
+    """Start row and valid row count of key tile j: the tiles of the global keys before the image,
+    then of those after it, then the image range's (``start1``, ``len1``).
 
-    Text first: all items of a head read the same text tiles, so the first key tile of an item, which
-    the step between items waits on, is likely still in L2. Measured against the band first (H100,
-    same run): 1-4 points of the ideal on arrow plans, 1-2 on full mode (docs/history/KERNEL_NOTES.md).
+    Global keys first: all items of a head read the same global tiles, so the first key tile of an
+    item, which the step between items waits on, is likely still in L2. Measured against the band
+    first (H100, same run): 1-4 points of the ideal on arrow plans, 1-2 on full mode
+    (docs/history/KERNEL_NOTES.md).
     """
-    n_text = gl.cdiv(text_len, BLOCK_N)
-    first = j < n_text
-    pos = gl.where(first, text_start + j * BLOCK_N, start1 + (j - n_text) * BLOCK_N)
-    valid = gl.where(first, text_len - j * BLOCK_N, len1 - (j - n_text) * BLOCK_N)
+    after_start = image_start + num_image
+    n_before = gl.cdiv(image_start, BLOCK_N)
+    n_global = n_before + gl.cdiv(seq_len - after_start, BLOCK_N)
+    before = j < n_before
+    after = (j >= n_before) & (j < n_global)
+    pos = gl.where(before, j * BLOCK_N,
+                   gl.where(after, after_start + (j - n_before) * BLOCK_N, start1 + (j - n_global) * BLOCK_N))
+    valid = gl.where(before, image_start - j * BLOCK_N,
+                     gl.where(after, seq_len - after_start - (j - n_before) * BLOCK_N, len1 - (j - n_global) * BLOCK_N))
     return pos, valid
 
 
 @gluon.jit
-def _rows(tile, n_text_tiles, image_start, num_image, text_start, text_len):
-    """First and end query row of a query tile."""
+def _rows(tile, n_text_tiles, n_before_tiles, image_start, num_image, seq_len):
+    """First and end query row of a query tile: the global rows before the image, those after it,
+    then the image rows."""
     is_image = tile >= n_text_tiles
-    q_start = gl.where(is_image, image_start + (tile - n_text_tiles) * BLOCK_M, text_start + tile * BLOCK_M)
-    q_end = gl.where(is_image, image_start + num_image, text_start + text_len)
+    before = tile < n_before_tiles
+    after_start = image_start + num_image
+    q_start = gl.where(is_image, image_start + (tile - n_text_tiles) * BLOCK_M,
+                       gl.where(before, tile * BLOCK_M, after_start + (tile - n_before_tiles) * BLOCK_M))
+    q_end = gl.where(is_image, after_start, gl.where(before, image_start, seq_len))
     return q_start, q_end
 
 
@@ -186,7 +197,7 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
     cover the text keys, then the image band (or all image keys).
     """
     (batch, n_text_tiles, n_image_tiles, n_full_heads, n_arrow_heads, end3, image_start, num_image,
-     text_start, text_len, arrow_text_tiles) = geometry
+     n_before_tiles, seq_len, arrow_text_tiles) = geometry
     head_at, mode_at = table
     n_tiles_q = n_text_tiles + n_image_tiles
     end1 = n_full_heads * batch * n_tiles_q
@@ -200,7 +211,7 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
     tile = gl.where(in3, n_text_tiles, 0) + (p % per_head) % section_tiles
     h = _scalar(head_at.index(rank))
     mode = _scalar(mode_at.index(rank))
-    q_start, q_end = _rows(tile, n_text_tiles, image_start, num_image, text_start, text_len)
+    q_start, q_end = _rows(tile, n_text_tiles, n_before_tiles, image_start, num_image, seq_len)
 
     image_tile = tile - n_text_tiles
     banded = in3 & (mode >= 0)
@@ -209,7 +220,8 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
     lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
     hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
     b = (p % per_head) // section_tiles
-    return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + gl.cdiv(text_len, BLOCK_N)
+    n_global = gl.cdiv(image_start, BLOCK_N) + gl.cdiv(seq_len - image_start - num_image, BLOCK_N)
+    return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + n_global
 
 
 # What the producer tells the consumers of an item, in its query buffer's slot of ``sched``:
@@ -256,8 +268,9 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
     step before a value buffer (after QK^T, not PV), so the key tile a step waits on first, the next
     item's first among them, is not held behind a value buffer's release.
     """
-    text_start = geometry[8]
-    text_len = geometry[9]
+    image_start = geometry[6]
+    num_image = geometry[7]
+    seq_len = geometry[9]
     end3 = geometry[5]
     q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch = descs
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
@@ -279,7 +292,7 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
         # The next ticket's latency hides behind this item's loads.
         t = gl.num_programs(0) + gl.atomic_add(counter, 1, sem="relaxed")
         for j in range(n_kv):
-            pos, valid = _key_tile(j, start1, len1, text_start, text_len, BLOCK_N)
+            pos, valid = _key_tile(j, start1, len1, image_start, num_image, seq_len, BLOCK_N)
             _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch, K_STAGES)
             if c + j > 0:
                 _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
@@ -421,7 +434,7 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
 
 
 @gluon.jit
-def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PAD, WG: gl.constexpr,
+def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, WG: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
               RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
@@ -456,7 +469,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_le
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_smem.index(0).slice(WG * ROWS, ROWS), k_smem.index(0).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
-        pos, valid = _key_tile(0, start1, len1, text_start, text_len, BLOCK_N)
+        pos, valid = _key_tile(0, start1, len1, image_start, num_image, seq_len, BLOCK_N)
         k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
@@ -475,7 +488,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_le
                 prev = (c - 1) % V_STAGES
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                pos, valid = _key_tile(j, start1, len1, text_start, text_len, BLOCK_N)
+                pos, valid = _key_tile(j, start1, len1, image_start, num_image, seq_len, BLOCK_N)
                 k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
@@ -502,7 +515,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_le
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q_smem.index(nxt).slice(WG * ROWS, ROWS), k_smem.index(st).permute((1, 0)),
                                   s_zero, use_acc=False, is_async=True)
-                pos, valid = _key_tile(0, start1, len1, text_start, text_len, BLOCK_N)
+                pos, valid = _key_tile(0, start1, len1, image_start, num_image, seq_len, BLOCK_N)
                 k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
@@ -534,12 +547,12 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_le
 # head-dim stride let the epilogue store whole vectors).
 @gluon.jit(do_not_specialize=[
     "s_modes", "q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch",
-    "batch", "seq_len", "num_heads", "text_start", "text_len",
+    "batch", "seq_len", "num_heads", "image_start", "num_image",
 ])
 def _headwise_kernel(
     q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, PAD, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
-    batch, seq_len, num_heads, text_start, text_len, qk_scale,
+    batch, seq_len, num_heads, image_start, num_image, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
     V_STAGES: gl.constexpr,
     RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr, HAS_PAD: gl.constexpr,
@@ -549,9 +562,9 @@ def _headwise_kernel(
     # int32, the padded keys before each position (read only with HAS_PAD).
     # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
     # left, so the longest-first order holds across the launch and no program idles while work waits.
-    image_start = gl.where(text_start == 0, text_len, 0)
-    num_image = seq_len - text_len
-    n_text_tiles = gl.cdiv(text_len, BLOCK_M)
+    # Global (text, reference) rows: [0, image_start) and [image_start + num_image, seq_len).
+    n_before_tiles = gl.cdiv(image_start, BLOCK_M)
+    n_text_tiles = n_before_tiles + gl.cdiv(seq_len - image_start - num_image, BLOCK_M)
     n_image_tiles = gl.cdiv(num_image, BLOCK_M)
     head_at, mode_at, n_full_heads, n_arrow_heads = _rank_table(MODES, s_modes, num_heads, HEADS_POW2)
     # Without GLOBAL_ROWS the arrow heads' text-query tiles are no work items: their rows stay unwritten.
@@ -562,7 +575,7 @@ def _headwise_kernel(
         arrow_text_tiles = n_text_tiles * 0
     end3 = (n_full_heads * (n_text_tiles + n_image_tiles) + n_arrow_heads * (arrow_text_tiles + n_image_tiles)) * batch
     geometry = (batch, n_text_tiles, n_image_tiles, n_full_heads, n_arrow_heads, end3, image_start, num_image,
-                text_start, text_len, arrow_text_tiles)
+                n_before_tiles, seq_len, arrow_text_tiles)
     # The partitions read the ranking from shared memory (worker partitions take no tensors).
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     vec: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
@@ -598,9 +611,9 @@ def _headwise_kernel(
         out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale)
         gl.warp_specialize(
             [
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PAD, 0, HEAD_DIM,
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, 0, HEAD_DIM,
                              BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD)),
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, text_start, text_len, PAD, 1, HEAD_DIM,
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, 1, HEAD_DIM,
                              BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD)),
                 (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, K_STAGES,
                              V_STAGES)),
@@ -615,8 +628,8 @@ def _headwise_kernel(
         for t in range(end3 + gl.program_id(0), num_heads * per_head, gl.num_programs(0)):
             p = t - end3
             h = _scalar(head_smem.index(n_full_heads + n_arrow_heads + p // per_head))
-            q_start, q_end = _rows((p % per_head) // batch, n_text_tiles, image_start, num_image, text_start,
-                                   text_len)
+            q_start, q_end = _rows((p % per_head) // batch, n_text_tiles, n_before_tiles, image_start, num_image,
+                                   seq_len)
             rows = q_start + gl.arange(0, BLOCK_M, layout=out_layout)
             gl.store(LSE + ((p % batch).to(gl.int64) * num_heads + h) * seq_len + rows,
                      gl.full([BLOCK_M], float("-inf"), gl.float32, layout=out_layout), mask=rows < q_end)
@@ -672,7 +685,7 @@ def _descriptor(t, view, rows):
                             _smem_layout(rows, t.shape[-1], t.dtype))
 
 
-def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config, programs, global_rows, has_pad):
+def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config, programs, global_rows, has_pad):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
@@ -680,8 +693,9 @@ def _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, con
     # Checked here once per key; they keep no tensor alive, each launch rebases them.
     templates = tuple(rebased(_descriptor(t, view, n), None) for t, view, n in zip((q, k, v), views, rows))
     ints = (head_modes.stride(0), *(c for view in views for c in view[2:]), *out.stride(), batch, seq, heads,
-            text_start, text_len)
-    n_items = heads * batch * (triton.cdiv(text_len, TILE_ROWS) + triton.cdiv(seq - text_len, TILE_ROWS))
+            image_start, image_len)
+    after = seq - image_start - image_len
+    n_items = heads * batch * sum(triton.cdiv(n, TILE_ROWS) for n in (image_start, after, image_len))
     grid = (programs or min(n_items, _num_sms(q.device.index)),)
     # 16-byte output rows: every row of a tile starts on a 16-byte boundary and its head dim is unit-stride.
     out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
@@ -700,8 +714,8 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views). The
-    kernel takes one global (text) segment, before or after the image ``[image_start, image_start +
-    image_len)``, and key padding with the bias ``ops.KEY_PADDING`` (``ops.headwise_attention``
+    kernel takes global tokens (text, reference images) before and after the image ``[image_start,
+    image_start + image_len)``, and key padding with the bias ``ops.KEY_PADDING`` (``ops.headwise_attention``
     sends other layouts and biases to the Triton kernel). ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the
     number of programs (default: one per SM, or one per work item if fewer), so that small checks
     can make each program take many items. ``global_rows=False`` leaves the text-query rows of arrow
@@ -724,13 +738,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
                      config["K_STAGES"], config["V_STAGES"], programs, global_rows, padding is not None)
     plan = _plans.get(key)
     if plan is None:
-        if image_start + image_len == seq:  # text first
-            text_start, text_len = 0, image_start
-        elif image_start == 0:  # text last
-            text_start, text_len = image_len, seq - image_len
-        else:
-            raise ValueError("the Gluon kernel takes global tokens on one side of the image only; use the Triton kernel")
-        plan = _plans[key] = _launch_plan(q, k, v, head_modes, text_start, text_len, out, return_lse, config,
+        plan = _plans[key] = _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config,
                                           programs, global_rows, padding is not None)
     templates, ints, grid, constexprs = plan
     descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
@@ -760,7 +768,7 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
 
     names = list(_headwise_kernel.arg_names)
     scalars = ["q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "sob", "sos", "soh",
-               "batch", "seq_len", "num_heads", "text_start", "text_len", "s_modes"]
+               "batch", "seq_len", "num_heads", "image_start", "num_image", "s_modes"]
     signature = {"q_desc": desc(TILE_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
                  "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32",
                  "PAD": "*i32", "qk_scale": "fp32",
