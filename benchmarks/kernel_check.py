@@ -5,7 +5,7 @@ Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp
 partial last block, a second global segment after the image (reference-image
 tokens, as FLUX.1 Kontext and FLUX.2 place them), key padding (Triton: under each bias table, key
 masks, boolean and float 0/1 masks between queries and keys; Gluon: key masks; runs of padding at
-the end of the text, scattered padded tokens, batch elements with every key padded), random per-head plans (full, skip, arrows of every width), for Triton also gridded
+the end of the text, scattered padded tokens, batch elements with every key padded), random per-head plans (full, skip, arrows of every width), gridded
 layouts (a third of the cases: frames x rows x cols with tiles of 2 x 8 x 8 or 1 x 8 x 16, most
 grids ragged so that tiles are partial, tile windows of every extent mixed with full, skip and band
 heads in one call, run as the op runs them: the plain launch, then the tiled one over keys and
@@ -84,7 +84,7 @@ def random_grid(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, in
 
 
 def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
-    gridded = impl == "triton" and rng.random() < 0.35
+    gridded = rng.random() < 0.35
     dim = rng.choice(TILE_HEAD_DIMS if gridded else HEAD_DIMS if impl == "triton" else (64, 128))
     layouts = ["bshd", "bshd", "bhsd", "fused"] + (["padded"] if impl == "triton" and not gridded else [])
     layout = rng.choice(layouts)
@@ -215,7 +215,7 @@ def run_case(case, gen):
             return out, lse
         # The op's second launch: the tile heads over keys and values in tile order.
         keys = tiled_keys(k, v, None if padding is None else padding.mask, layout)
-        return _triton.attention(*args, tiled=keys, lse=lse, config=case["config"])
+        return kernel_module(case["impl"]).attention(*args, tiled=keys, lse=lse, config=case["config"], **extra)
 
     if case["warm"]:  # a first launch on other inputs of the same layout: the checked one skips the JIT
         warm_q, warm_k, warm_v = make_inputs(case, gen)
@@ -301,35 +301,63 @@ def precompile():
     return compiled_in_threads(one, jobs)
 
 
-def precompile_gluon():
-    """Compile the Gluon kernel's variants the cases draw (dtype, head dim, LSE, key mask, output
-    alignment: its epilogue's two store forms) ahead, in threads, by launching each on a small input."""
+def gluon_variants(case) -> set:
+    """The Gluon kernel's compiled variants a case launches: (dtype, head dim, LSE, key mask, output
+    off 16-byte alignment, tile shape or None), the plain launch's and, on a grid, the tiled one's
+    (whose key mask also covers the pad slots of a ragged grid)."""
+    padded = case["padding"] is not None
+    common = (case["dtype"], case["dim"], case["return_lse"])
+    unaligned = case["out_layout"] == "unaligned"
+    variants = {(*common, padded, unaligned, None)}
+    if case["grid"] is not None:
+        ragged = ops.TileGrid(case["grid"], case["tile"]).ragged
+        variants.add((*common, padded or ragged, unaligned, tuple(case["tile"])))
+    return variants
+
+
+def precompile_gluon(cases):
+    """Compile the Gluon kernel's variants that ``cases`` launch ahead, in threads, by launching each
+    on a small input (a whole grid of its tile shape for the tiled launch)."""
     from ditfastattn.ops import _gluon
 
-    jobs = [(dtype, dim, lse, padded, out_layout) for dtype in DTYPES.values() for dim in (64, 128)
-            for lse in (False, True) for padded in (False, True) for out_layout in ("bshd", "unaligned")]
+    jobs = sorted(set().union(*(gluon_variants(case) for case in cases)), key=repr)
 
     def one(job):
-        dtype, dim, return_lse, padded, out_layout = job
+        dtype, dim, return_lse, padded, unaligned, tile = job
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (make_tensor((1, 77 + 178, 3, dim), dtype, "bshd", gen) for _ in range(3))
-        modes = torch.tensor([MODE_FULL, 0, MODE_SKIP], dtype=torch.int32, device="cuda")
+        image = 178 if tile is None else 2 * math.prod(tile)
+        grid = None if tile is None else (tile[0], tile[1], 2 * tile[2])
+        q, k, v = (make_tensor((1, 77 + image, 3, dim), DTYPES[dtype], "bshd", gen) for _ in range(3))
+        modes = torch.tensor([MODE_FULL, 0 if tile is None else ops.tile_mode(0, 0, 0), MODE_SKIP], dtype=torch.int32,
+                             device="cuda")
         padding = Padding(torch.zeros(1, q.shape[1], dtype=torch.bool, device="cuda")) if padded else None
-        _gluon.attention(q, k, v, modes, 77, 178, make_out({"out_layout": out_layout}, q), 0.1, return_lse, padding)
+        keys = None
+        if tile is not None:
+            keys = tiled_keys(k, v, None if padding is None else padding.mask,
+                              TokenLayout(q.shape[1], 77, image, grid, tile))
+        out = make_out({"out_layout": "unaligned" if unaligned else "bshd"}, q)
+        _gluon.attention(q, k, v, modes, 77, image, out, 0.1, return_lse, padding, tiled=keys)
 
     return compiled_in_threads(one, jobs)
 
 
 def check(impl, args):
+    """Precompile, then run the cases until ``args.budget_s``; the summary."""
     rng = random.Random(args.seed)
+    cases = [random_case(rng, index, impl) for index in range(args.cases)]
+    try:
+        n_compiled, compile_s = precompile() if impl == "triton" else precompile_gluon(cases)
+        print(f"precompiled {n_compiled} {impl} kernels in {compile_s:.1f} s", flush=True)
+    except Exception as err:  # the cases then compile what they need as they go
+        n_compiled, compile_s = 0, 0.0
+        print(f"precompile failed, compiling on demand: {err!r}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     start = time.time()
     results, failures = [], []
     worst = None
-    for index in range(args.cases):
+    for case in cases:
         if time.time() - start > args.budget_s:
             break
-        case = random_case(rng, index, impl)
         result = {**run_case(case, gen), "warm": case["warm"], "after": case["after"],
                   "padded": case["padding"] is not None, "tiled": case["grid"] is not None}
         results.append(result)
@@ -349,6 +377,7 @@ def check(impl, args):
         "median_error_ratio": sorted(r["ratio"] for r in results)[len(results) // 2],
         "worst_lse_abs_error": max(r["lse_err"] for r in results),
         "worst_case": worst, "failures": failures[:20], "check_s": round(time.time() - start, 1),
+        "precompiled_kernels": n_compiled, "precompile_s": round(compile_s, 1),
     }
     print(f"kernel_check {impl}: {summary['cases']} cases ({summary['tile_cases']} with tile windows), "
           f"{summary['failed']} failed, worst error ratio "
@@ -374,14 +403,7 @@ def main():
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "kernels": {},
     }
     for impl in args.impls:
-        try:
-            n_compiled, compile_s = precompile() if impl == "triton" else precompile_gluon()
-            print(f"precompiled {n_compiled} {impl} kernels in {compile_s:.1f} s", flush=True)
-        except Exception as err:  # the cases then compile what they need as they go
-            n_compiled, compile_s = 0, 0.0
-            print(f"precompile failed, compiling on demand: {err!r}", flush=True)
-        summary["kernels"][impl] = {**check(impl, args), "precompiled_kernels": n_compiled,
-                                    "precompile_s": round(compile_s, 1)}
+        summary["kernels"][impl] = check(impl, args)
         with open(args.out, "w") as f:  # after every kernel, so a later failure keeps the rest
             json.dump(summary, f, indent=1)
 

@@ -49,13 +49,14 @@ def test_tma_views():
 
 
 @needs_gluon
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_builds_for_sm90_with_warp_specialisation(head_dim):
+@pytest.mark.parametrize("head_dim,tile", [(64, None), (128, None), (64, (1, 8, 16)), (128, (2, 8, 8))])
+def test_builds_for_sm90_with_warp_specialisation(head_dim, tile):
+    # tile: the tiled launch (tile windows over queries, keys and values in tile order)
     from ditfastattn.ops import _gluon
 
     config = _gluon.tile_configs(head_dim)[0]
     try:
-        kernel = _gluon.compile_sm90(torch.bfloat16, config, head_dim=head_dim)
+        kernel = _gluon.compile_sm90(torch.bfloat16, config, head_dim=head_dim, tile=tile, has_pad=tile is not None)
     except RuntimeError as err:  # no ptxas for sm_90 in this triton build
         if "ptxas" in str(err).lower():
             pytest.skip(f"cannot assemble for sm_90 here: {err}")
@@ -111,11 +112,10 @@ def test_gluon_takes_key_masks_only():
     # that treats padded queries differently, or adds to real pairs, goes to the Triton kernel.
     from ditfastattn import ops
 
-    layout = ops.TokenLayout.from_text(300, 0, 50)
     mask = torch.zeros(1, 300, dtype=torch.bool)
-    assert ops._gluon_layout_reason(layout, ops.Padding(mask), tiled=False) is None
+    assert ops._gluon_padding_reason(ops.Padding(mask)) is None and ops._gluon_padding_reason(None) is None
     for bias in (ops.PAIR_PADDING, ((1.0, 0.0), (0.0, 0.0))):
-        reason = ops._gluon_layout_reason(layout, ops.Padding(mask, bias), tiled=False)
+        reason = ops._gluon_padding_reason(ops.Padding(mask, bias))
         assert reason is not None and "impl='triton'" in reason
 
 

@@ -22,7 +22,7 @@ from ditfastattn._geometry import (
 from ditfastattn.methods import parse_method
 from ditfastattn.model import TokenLayout, token_layout
 from ditfastattn.ops._dense import dense_attention, head_mask
-from ditfastattn.ops._tile_order import slot_order, tiled_keys
+from ditfastattn.ops._tile_order import pad_slots, slot_order, tiled_keys
 from ditfastattn.runtime import Session
 
 # (grid, tile, global tokens before the image, after it): ragged on every axis, on some, on none;
@@ -201,14 +201,50 @@ def test_grid_is_given_once_and_tile_modes_need_one():
                        ops.headwise_attention(q, k, v, bands, **text))
 
 
-def test_gluon_runs_no_tile_windows(monkeypatch):
-    # On this CPU the device is the first reason the Gluon kernel cannot run; without it, the tiles are.
+def test_gluon_runs_tile_heads_in_a_tiled_launch_and_the_rest_in_the_plain_one(monkeypatch):
+    # On this CPU the device is the first reason the Gluon kernel cannot run: without it, the op's
+    # launches are recorded instead of run.
+    from ditfastattn.ops import _gluon
+
     monkeypatch.setattr(ops, "_gluon_unsupported", lambda q, k, v: None)
-    q, k, v = _qkv(1, 105, 1, dtype=torch.bfloat16)
-    modes = torch.tensor([tile_mode(0, 0, 0)], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: the Gluon kernel runs no tile windows"):
-        ops.headwise_attention(q, k, v, modes, text_start=0, text_len=0, grid=(3, 5, 7), impl="gluon")
-    assert ops._gluon_layout_reason(TokenLayout(105, 0, 105, (3, 5, 7)), None, False) is None
+    calls = []
+
+    def record(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, **options):
+        calls.append(options)
+        return out, options.get("lse")
+
+    monkeypatch.setattr(_gluon, "attention", record)
+    layout = layout_of((3, 5, 7), (2, 8, 8), 5, 9)
+    q, k, v = _qkv(1, layout.seq_len, 3, dtype=torch.bfloat16)
+    mixed = torch.tensor([tile_mode(0, 0, 0), MODE_FULL, MODE_SKIP], dtype=torch.int32)
+    ops.headwise_attention(q, k, v, mixed, segments=layout, out=torch.empty_like(q), impl="gluon")
+    assert [("tiled" in c) for c in calls] == [False, True]
+    keys = calls[1]["tiled"]
+    assert torch.equal(keys.order, slot_order(layout, torch.device("cpu"))) and torch.equal(keys.k, k[:, keys.order])
+    calls.clear()
+    only_tiles = torch.tensor([tile_mode(0, 0, 0), tile_mode(1, 1, 1), tile_mode(0, 0, 0)], dtype=torch.int32)
+    ops.headwise_attention(q, k, v, only_tiles, segments=layout, impl="gluon")
+    assert [("tiled" in c) for c in calls] == [True]
+    # Masks other than key padding stay refused, tiles or not.
+    pair = ops.Padding(torch.zeros(1, layout.seq_len, dtype=torch.bool), ops.PAIR_PADDING)
+    with pytest.raises(RuntimeError, match="impl='gluon' cannot run: the Gluon kernel takes key padding only"):
+        ops.headwise_attention(q, k, v, mixed, segments=layout, key_padding=pair, out=torch.empty_like(q),
+                               impl="gluon")
+
+
+@pytest.mark.parametrize("grid,tile,before,after", LAYOUTS)
+def test_pad_slots_are_the_slots_that_partial_tiles_leave(grid, tile, before, after):
+    layout = layout_of(grid, tile, before, after)
+    tiles = layout.tile_grid()
+    flags = pad_slots(layout, torch.device("cpu"))
+    assert int(flags.sum()) == tiles.slots - layout.image_len
+    # Every token keeps a slot of its own; the pad slots are the others.
+    order = slot_order(layout, torch.device("cpu"))
+    assert sorted(order[~flags].tolist()) == list(range(layout.seq_len))
+    keys = tiled_keys(*_qkv(1, layout.seq_len, 1)[1:], None, layout)
+    assert (keys.slot_pad is None) == (not tiles.ragged)
+    if tiles.ragged:
+        assert torch.equal(keys.slot_pad, flags)
 
 
 # --- the reorder into tile order ------------------------------------------------------------

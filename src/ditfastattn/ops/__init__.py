@@ -173,9 +173,7 @@ def _note_once(message: str, chosen: str = "the reference") -> None:
         logger.info("impl='auto' uses %s: %s", chosen, message)
 
 
-def _gluon_layout_reason(layout: TokenLayout, padding: Padding | None, tiled: bool) -> str | None:
-    if tiled:
-        return "the Gluon kernel runs no tile windows (impl='triton' does)"
+def _gluon_padding_reason(padding: Padding | None) -> str | None:
     if padding is not None and padding.bias != KEY_PADDING:
         return ("the Gluon kernel takes key padding only as a key mask (padded keys never attended, "
                 f"ops.KEY_PADDING); this call's padding bias is {padding.bias} (impl='triton' takes any)")
@@ -427,8 +425,8 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             impl = "reference"
         else:
             gluon_reason = _gluon_unsupported(q, k, v)
-            layout_reason = _gluon_layout_reason(layout, padding, tiled)
-            if gluon_reason is None and layout_reason is None:
+            padding_reason = _gluon_padding_reason(padding)
+            if gluon_reason is None and padding_reason is None:
                 # Measured on an H100 (docs/history/KERNEL_NOTES.md): faster than the Triton kernel on
                 # every head-dim-128 plan, dense 1.12-1.22x, sparse 1.04-1.20x.
                 impl = "gluon"
@@ -438,13 +436,13 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
                 if reason is not None:
                     _note_once(reason)
                 elif gluon_reason is None:
-                    _note_once(layout_reason, "the Triton kernel")
+                    _note_once(padding_reason, "the Triton kernel")
     elif impl == "triton":
         reason = _triton_unsupported(q)
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='reference' or impl='auto'.")
     elif impl == "gluon":
-        reason = _gluon_unsupported(q, k, v) or _gluon_layout_reason(layout, padding, tiled)
+        reason = _gluon_unsupported(q, k, v) or _gluon_padding_reason(padding)
         if reason is not None:
             raise RuntimeError(f"impl='gluon' cannot run: {reason}. Use impl='triton', impl='reference' or impl='auto'.")
 
@@ -454,35 +452,32 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
 
         out, lse = _reference.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
                                         layout.tile_grid(), global_rows=global_rows)
-    elif impl == "gluon":
-        from . import _gluon
-
-        out, lse = _gluon.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
-                                    global_rows=global_rows)
     else:
-        out, lse = _triton_attention(q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
-                                     global_rows)
+        if impl == "gluon":
+            from . import _gluon as kernel
+        else:
+            from . import _triton as kernel
+        out, lse = _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
+                             global_rows)
     return (out, lse) if return_lse else out
 
 
-def _triton_attention(q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled, global_rows):
-    """The Triton kernel's launches: the tile heads over keys and values in tile order, the other
-    heads (and the skip heads' log-sum-exps) over the call's own; a launch the host values show
-    empty is left out."""
-    from . import _triton
-
+def _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled, global_rows):
+    """A GPU kernel's launches (``kernel``: the Triton or the Gluon module, the same interface): the
+    tile heads over keys and values in tile order, the other heads (and the skip heads'
+    log-sum-exps) over the call's own; a launch the host values show empty is left out."""
     segment = (layout.image_start, layout.image_len)
     lse = None
     plain = values is None or any(not is_tile_mode(m) and (m != MODE_SKIP or return_lse) for m in values)
     if plain or not tiled:
-        out, lse = _triton.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
-                                     global_rows=global_rows)
+        out, lse = kernel.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
+                                    global_rows=global_rows)
     if tiled:
         from ._tile_order import tiled_keys
 
         keys = tiled_keys(k, v, None if padding is None else padding.mask, layout)
-        out, lse = _triton.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding, tiled=keys,
-                                     lse=lse, global_rows=global_rows)
+        out, lse = kernel.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding, tiled=keys,
+                                    lse=lse, global_rows=global_rows)
     return out, lse
 
 

@@ -28,6 +28,14 @@ text tile of a padded prompt) loads its flags and masks those columns. A row tha
 unpadded key yet keeps a running maximum of -inf without turning its sums into NaN, and a row with
 none at all outputs 0 (log-sum-exp -inf).
 
+Tile windows run in a second launch of the same kernel (``TILED``), as in the Triton kernel, over
+queries, keys and values gathered into tile order (``_tile_order``: each 128-slot image block one
+t x h x w grid tile, pad slots where a tile is partial). A query item is one grid tile; its key
+tiles are the global ones, then the window's box of grid tiles, ``(2wt+1)(2wh+1)`` runs of
+contiguous blocks. Pad slots are keys that the key mask (``HAS_PAD``) keeps out, and query rows the
+epilogue does not store: it writes each row at its raster position. Each launch runs only its own
+heads (tile heads in the tiled one, the others in the plain one).
+
 Item order and head ranking are computed in the kernel from ``head_modes`` exactly as in the
 Triton kernel, so the host never reads the plan. The kernel needs sm_90 (wgmma, setmaxnreg).
 """
@@ -45,7 +53,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .._geometry import IMAGE_BLOCK as _IMAGE_BLOCK, MODE_FULL, MODE_SKIP
+from .._geometry import IMAGE_BLOCK as _IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL, MODE_SKIP, TILE_BITS, TILE_FLAG
 from ._launch import DirectLaunches, launch_key, on_device, rebased
 
 HEAD_DIMS = (64, 128)
@@ -56,6 +64,10 @@ LN2 = gl.constexpr(0.6931471805599453)
 IMAGE_BLOCK = gl.constexpr(_IMAGE_BLOCK)
 FULL = gl.constexpr(MODE_FULL)
 SKIP = gl.constexpr(MODE_SKIP)
+ABSENT = gl.constexpr(MODE_SKIP - 1)  # a head the other launch runs, or padding past the last head
+TILE = gl.constexpr(TILE_FLAG)
+BITS = gl.constexpr(TILE_BITS)
+HALF_MASK = gl.constexpr(MAX_TILE_WINDOW)
 # Registers per thread of the two worker partitions (the second consumer warpgroup, the producer
 # warp). The default partition, the first consumer, gets what the kernel-wide cap leaves (_LAUNCH).
 CONSUMER_REGS = gl.constexpr(240)
@@ -116,30 +128,56 @@ def _counter(device_index: int) -> torch.Tensor:
 
 
 @gluon.jit
-def _rank_table(MODES, s_modes, num_heads, HEADS_POW2: gl.constexpr):
-    """Heads ranked by work, descending (ties by index): full > arrow by width > skip > padding.
+def _window_tiles(modes, counts):
+    """Grid tiles a tile mode's window spans (its work, for ranking heads), clipped to the grid."""
+    n_t, n_h, n_w = counts
+    wt = (modes >> 2 * BITS) & HALF_MASK
+    wh = (modes >> BITS) & HALF_MASK
+    ww = modes & HALF_MASK
+    return gl.minimum(2 * wt + 1, n_t) * gl.minimum(2 * wh + 1, n_h) * gl.minimum(2 * ww + 1, n_w)
 
-    Returns (head index at each rank, mode at each rank, number of full heads, number of arrow heads).
+
+@gluon.jit
+def _launch_modes(MODES, s_modes, idx, num_heads, counts, TILED: gl.constexpr):
+    """(mode, ranking key) of heads ``idx`` in this launch: the tile heads in the tiled one, the others
+    in the plain one; the rest and the padding past the last head are ABSENT. Out-of-range modes
+    (below SKIP) rank and run as skip."""
+    inside = idx < num_heads
+    modes = gl.load(MODES + idx * s_modes, mask=inside, other=ABSENT)
+    if TILED:
+        present = inside & (modes >= TILE)
+    else:
+        present = inside & (modes < TILE)
+    modes = gl.where(present, gl.maximum(modes, SKIP), ABSENT)
+    if TILED:
+        key = gl.where(present, _window_tiles(modes, counts), ABSENT)
+    else:
+        key = gl.where(modes == FULL, 1 << 30, modes)
+    return modes, key
+
+
+@gluon.jit
+def _rank_table(MODES, s_modes, num_heads, counts, HEADS_POW2: gl.constexpr, TILED: gl.constexpr):
+    """This launch's heads ranked by work, descending (ties by index): full > arrow by width (tile
+    heads by the grid tiles their window spans) > skip > absent.
+
+    Returns (head index at each rank, mode at each rank, number of full, arrow (or tile) and skip heads).
     """
     layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [gl.num_warps(), 1], [1, 0])
     idx_r = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(1, layout))
     idx_c = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(0, layout))
-    # Out-of-range modes (below SKIP) rank and run as skip: the padding past the last head stays last.
-    modes_r = gl.load(MODES + idx_r * s_modes, mask=idx_r < num_heads, other=SKIP - 1)
-    modes_r = gl.where(idx_r < num_heads, gl.maximum(modes_r, SKIP), modes_r)
-    modes_c = gl.load(MODES + idx_c * s_modes, mask=idx_c < num_heads, other=SKIP - 1)
-    modes_c = gl.where(idx_c < num_heads, gl.maximum(modes_c, SKIP), modes_c)
-    key_r = gl.where(modes_r == FULL, 1 << 30, modes_r)
-    key_c = gl.where(modes_c == FULL, 1 << 30, modes_c)
+    modes_r, key_r = _launch_modes(MODES, s_modes, idx_r, num_heads, counts, TILED)
+    modes_c, key_c = _launch_modes(MODES, s_modes, idx_c, num_heads, counts, TILED)
     ahead = (key_c[None, :] > key_r[:, None]) | ((key_c[None, :] == key_r[:, None]) & (idx_c[None, :] < idx_r[:, None]))
     ranks = gl.sum(ahead.to(gl.int32), 1)
     n_full_heads = gl.sum((modes_r == FULL).to(gl.int32), 0)
     n_arrow_heads = gl.sum((modes_r >= 0).to(gl.int32), 0)
+    n_skip_heads = gl.sum((modes_r == SKIP).to(gl.int32), 0)
     # Scatter by rank: entry r holds the head ranked r.
     at_rank = ranks[:, None] == idx_c[None, :]
     head_at = gl.sum(gl.where(at_rank, idx_r[:, None], 0), 0)
     mode_at = gl.sum(gl.where(at_rank, modes_r[:, None], 0), 0)
-    return head_at, mode_at, n_full_heads, n_arrow_heads
+    return head_at, mode_at, n_full_heads, n_arrow_heads, n_skip_heads
 
 
 @gluon.jit
@@ -150,9 +188,12 @@ def _scalar(ref):
 
 
 @gluon.jit
-def _key_tile(j, start1, len1, image_start, num_image, seq_len, BLOCK_N: gl.constexpr):
+def _key_tile(j, start1, len1, box, image_start, num_image, seq_len, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
     """Start row and valid row count of key tile j: the tiles of the global keys before the image,
-    then of those after it, then the image range's (``start1``, ``len1``).
+    then of those after it, then the image range's (``start1``, ``len1``). In the tiled launch the
+    image range is ``box`` = (per_run, runs_b, n_h, n_w): runs of ``per_run`` key tiles, ``runs_b``
+    of them a frame-tile (each a tile row, ``n_w`` grid tiles, after the last), frame-tiles
+    ``n_h * n_w`` grid tiles apart.
 
     Global keys first: all items of a head read the same global tiles, so the first key tile of an
     item, which the step between items waits on, is likely still in L2. Measured against the band
@@ -164,8 +205,14 @@ def _key_tile(j, start1, len1, image_start, num_image, seq_len, BLOCK_N: gl.cons
     n_global = n_before + gl.cdiv(seq_len - after_start, BLOCK_N)
     before = j < n_before
     after = (j >= n_before) & (j < n_global)
-    pos = gl.where(before, j * BLOCK_N,
-                   gl.where(after, after_start + (j - n_before) * BLOCK_N, start1 + (j - n_global) * BLOCK_N))
+    i = j - n_global
+    if TILED:
+        per_run, runs_b, n_h, n_w = box
+        run = i // per_run
+        image = start1 + ((run // runs_b) * n_h + run % runs_b) * n_w * IMAGE_BLOCK + (i - run * per_run) * BLOCK_N
+    else:
+        image = start1 + i * BLOCK_N
+    pos = gl.where(before, j * BLOCK_N, gl.where(after, after_start + (j - n_before) * BLOCK_N, image))
     valid = gl.where(before, image_start - j * BLOCK_N,
                      gl.where(after, seq_len - after_start - (j - n_before) * BLOCK_N, len1 - (j - n_global) * BLOCK_N))
     return pos, valid
@@ -185,9 +232,10 @@ def _rows(tile, n_text_tiles, n_before_tiles, image_start, num_image, seq_len):
 
 
 @gluon.jit
-def _work(t, geometry, table, BLOCK_N: gl.constexpr):
+def _work(t, geometry, table, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
     """Work item t (t below the count of items that compute) as
-    (batch, head, first query row, end query row, key range start, its length, key tiles).
+    (batch, head, first query row, end query row, key range start, its length, key tiles, key tiles
+    per run, runs per frame-tile); the last two are 1 outside the tiled launch.
 
     Items run longest first: every full-row query tile (all tiles of full heads, then the text-query
     tiles of arrow heads, none without ``GLOBAL_ROWS``), then the arrow heads' image tiles by
@@ -197,7 +245,7 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
     cover the text keys, then the image band (or all image keys).
     """
     (batch, n_text_tiles, n_image_tiles, n_full_heads, n_arrow_heads, end3, image_start, num_image,
-     n_before_tiles, seq_len, arrow_text_tiles) = geometry
+     n_before_tiles, seq_len, arrow_text_tiles, counts) = geometry
     head_at, mode_at = table
     n_tiles_q = n_text_tiles + n_image_tiles
     end1 = n_full_heads * batch * n_tiles_q
@@ -215,26 +263,47 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr):
 
     image_tile = tile - n_text_tiles
     banded = in3 & (mode >= 0)
-    block = image_tile * BLOCK_M // IMAGE_BLOCK
-    w = gl.minimum(gl.maximum(mode, 0), gl.cdiv(num_image, IMAGE_BLOCK))
-    lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
-    hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
     b = (p % per_head) // section_tiles
     n_global = gl.cdiv(image_start, BLOCK_N) + gl.cdiv(seq_len - image_start - num_image, BLOCK_N)
-    return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + n_global
+    if TILED:
+        # The window's box of grid tiles around this one (every tile for global queries).
+        n_t, n_h, n_w = counts
+        a_lo, a_end = _axis_range(image_tile // (n_h * n_w), (mode >> 2 * BITS) & HALF_MASK, n_t, banded)
+        b_lo, b_end = _axis_range(image_tile // n_w % n_h, (mode >> BITS) & HALF_MASK, n_h, banded)
+        c_lo, c_end = _axis_range(image_tile % n_w, mode & HALF_MASK, n_w, banded)
+        runs_b = b_end - b_lo
+        per_run = (c_end - c_lo) * (IMAGE_BLOCK // BLOCK_N)
+        n_image_keys = (a_end - a_lo) * runs_b * per_run
+        start = image_start + ((a_lo * n_h + b_lo) * n_w + c_lo) * IMAGE_BLOCK
+        return b, h, q_start, q_end, start, n_image_keys * BLOCK_N, n_image_keys + n_global, per_run, runs_b
+    else:
+        block = image_tile * BLOCK_M // IMAGE_BLOCK
+        w = gl.minimum(gl.maximum(mode, 0), gl.cdiv(num_image, IMAGE_BLOCK))
+        lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
+        hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
+        return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + n_global, 1, 1
+
+
+@gluon.jit
+def _axis_range(at, half, count, banded):
+    """[lo, end) of the grid tiles along one axis that a window of half-width ``half`` around tile
+    ``at`` covers (all ``count`` of them unless ``banded``)."""
+    lo = gl.where(banded, gl.maximum(at - half, 0), 0)
+    end = gl.where(banded, gl.minimum(at + half + 1, count), count)
+    return lo, end
 
 
 # What the producer tells the consumers of an item, in its query buffer's slot of ``sched``:
 # (item or -1 when no work is left, key tiles, length of the first key range, batch, head, first
-# query row, end query row, start of the first key range). The slot stays until the consumers
-# release the query buffer.
-ITEM_FIELDS = gl.constexpr(8)
+# query row, end query row, start of the first key range, and in the tiled launch key tiles per
+# run and runs per frame-tile). The slot stays until the consumers release the query buffer.
+ITEM_FIELDS = gl.constexpr(10)
 
 
 @gluon.jit
-def _publish(sched, slot, fields, layout: gl.constexpr):
+def _publish(sched, slot, fields, layout: gl.constexpr, FIRST: gl.constexpr = 0):
     for i in gl.static_range(len(fields)):
-        sched.index(slot * ITEM_FIELDS + i).store(gl.full([1], fields[i], gl.int32, layout=layout))
+        sched.index(slot * ITEM_FIELDS + FIRST + i).store(gl.full([1], fields[i], gl.int32, layout=layout))
 
 
 @gluon.jit
@@ -253,7 +322,7 @@ def _load_ring(desc, smem, ready, empty, g, row, col, STAGES: gl.constexpr):
 
 @gluon.jit
 def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter,
-              BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+              BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILED: gl.constexpr):
     """Takes work items, longest first, and issues their TMA loads: the query tile into one of two
     buffers (its item number beside it, for the consumers), then key and value tiles into the rings,
     counted over all items.
@@ -272,6 +341,8 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
     num_image = geometry[7]
     seq_len = geometry[9]
     end3 = geometry[5]
+    n_h = geometry[11][1]
+    n_w = geometry[11][2]
     q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch = descs
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     one: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
@@ -281,18 +352,21 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
     v_col = 0
     t = gl.program_id(0)
     while t < end3:
-        b, h, q_start, q_end, start1, len1, n_kv = _work(t, geometry, table, BLOCK_N)
+        b, h, q_start, q_end, start1, len1, n_kv, per_run, runs_b = _work(t, geometry, table, BLOCK_N, TILED)
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
         mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
         _publish(sched, qs, (t, n_kv, len1, b, h, q_start, q_end, start1), one)
+        if TILED:
+            _publish(sched, qs, (per_run, runs_b), one, 8)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + q_start, h * q_ch], q_ready.index(qs),
                                         q_smem.index(qs))
         # The next ticket's latency hides behind this item's loads.
         t = gl.num_programs(0) + gl.atomic_add(counter, 1, sem="relaxed")
         for j in range(n_kv):
-            pos, valid = _key_tile(j, start1, len1, image_start, num_image, seq_len, BLOCK_N)
+            pos, valid = _key_tile(j, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
+                                   BLOCK_N, TILED)
             _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch, K_STAGES)
             if c + j > 0:
                 _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
@@ -385,15 +459,37 @@ def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N: gl.constexpr, la
 
 
 @gluon.jit
+def _out_rows(rows, q_end, tiling, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
+    """Where tiled launch query rows ``rows`` (tile order) go in the output: image slots at their
+    patch's raster row, global rows after the image back by the pad slots; and whether each is
+    stored (not past ``q_end``, not a pad slot). Divisions by the run-time grid act on the tile
+    index; the per-slot ones are by the compile-time tile shape."""
+    image_start, num_image, grid_t, grid_h, grid_w, n_h, n_w = tiling
+    image_end = image_start + num_image
+    slot = rows - image_start
+    tile = slot // IMAGE_BLOCK
+    offset = slot % IMAGE_BLOCK
+    frame = tile // (n_h * n_w) * TILE_T + offset // (TILE_H * TILE_W)
+    row = tile // n_w % n_h * TILE_H + offset // TILE_W % TILE_H
+    col = tile % n_w * TILE_W + offset % TILE_W
+    in_image = (rows >= image_start) & (rows < image_end)
+    at = gl.where(in_image, image_start + (frame * grid_h + row) * grid_w + col,
+                  gl.where(rows >= image_end, rows - num_image + grid_t * grid_h * grid_w, rows))
+    inside = (frame < grid_t) & (row < grid_h) & (col < grid_w)
+    return at, (rows < q_end) & (inside | ~in_image)
+
+
+@gluon.jit
 def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.constexpr, RETURN_LSE: gl.constexpr,
-              OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr):
+              OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr, TILED: gl.constexpr, TILE_T: gl.constexpr,
+              TILE_H: gl.constexpr, TILE_W: gl.constexpr):
     """Normalise one warpgroup's rows of a finished item and store them (and their log-sum-exp).
 
     The rows go through ``scratch`` (the warpgroup's rows of the item's query buffer, no longer read)
     so that each thread stores 16-byte vectors instead of the accumulator layout's 4-byte pairs, and
     holds 8 addresses instead of 32.
     """
-    O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale = out_args
+    O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale, out_seq, tiling = out_args
     b = _field(sched, slot, 3)
     h = _field(sched, slot, 4)
     q_start = _field(sched, slot, 5)
@@ -416,18 +512,30 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
     b64 = b.to(gl.int64)
     h64 = h.to(gl.int64)
-    base = O + b64 * sob + h64 * soh + first_row.to(gl.int64) * sos
+    if TILED:  # each row at its raster position
+        at, stored = _out_rows(first_row + rows, q_end, tiling, TILE_T, TILE_H, TILE_W)
+        base = O + b64 * sob + h64 * soh
+        offsets = at.to(gl.int64)[:, None] * sos
+    else:
+        base = O + b64 * sob + h64 * soh + first_row.to(gl.int64) * sos
+        offsets = rows[:, None] * sos
+        stored = rows < q_end - first_row
     if OUT_ALIGNED:
         # Said here because what the launch specialised on (unit head-dim stride, 16-byte rows) does
         # not reach worker partitions, and without it their stores go out two bytes at a time.
-        ptrs = gl.multiple_of(base + rows[:, None] * sos + cols[None, :], [16, 16])
+        ptrs = gl.multiple_of(base + offsets + cols[None, :], [16, 16])
     else:
-        ptrs = base + (rows[:, None] * sos + cols[None, :] * sod)
-    gl.store(ptrs, out, mask=(rows < q_end - first_row)[:, None])
+        ptrs = base + (offsets + cols[None, :] * sod)
+    gl.store(ptrs, out, mask=stored[:, None])
     if RETURN_LSE:
         lse_rows = first_row + gl.arange(0, ROWS, layout=l_i.type.layout)
         lse = (m_i + gl.log2(l_i)) * LN2
-        gl.store(LSE + (b64 * num_heads + h64) * seq_len + lse_rows, lse, mask=lse_rows < q_end)
+        if TILED:
+            lse_at, lse_stored = _out_rows(lse_rows, q_end, tiling, TILE_T, TILE_H, TILE_W)
+        else:
+            lse_at = lse_rows
+            lse_stored = lse_rows < q_end
+        gl.store(LSE + (b64 * num_heads + h64) * out_seq + lse_at, lse, mask=lse_stored)
     # Done with the query buffer (read as scratch just now) and the item's slot.
     fence_async_shared()
     mbarrier.arrive(q_empty.index(slot), count=1)
@@ -436,7 +544,8 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
 @gluon.jit
 def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, WG: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-              RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr):
+              RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr, TILED: gl.constexpr,
+              TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
 
     Each step issues QK^T of the next tile, then PV of the previous one, and runs the softmax of the
@@ -447,6 +556,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
     """
     qk_scale = out_args[8]
     seq_len = out_args[6]
+    n_h = out_args[10][5]
+    n_w = out_args[10][6]
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     ROWS: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = k_smem.dtype
@@ -465,11 +576,18 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
         len1 = _field(sched, 0, 2)
         b = _field(sched, 0, 3)
         start1 = _field(sched, 0, 7)
+        if TILED:
+            per_run = _field(sched, 0, 8)
+            runs_b = _field(sched, 0, 9)
+        else:
+            per_run = 1
+            runs_b = 1
         # Tile 0 of the first item: QK^T and softmax only; its PV runs under the next step's softmax.
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_smem.index(0).slice(WG * ROWS, ROWS), k_smem.index(0).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
-        pos, valid = _key_tile(0, start1, len1, image_start, num_image, seq_len, BLOCK_N)
+        pos, valid = _key_tile(0, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
+                                   BLOCK_N, TILED)
         k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
@@ -488,7 +606,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 prev = (c - 1) % V_STAGES
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                pos, valid = _key_tile(j, start1, len1, image_start, num_image, seq_len, BLOCK_N)
+                pos, valid = _key_tile(j, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image,
+                                       seq_len, BLOCK_N, TILED)
                 k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
@@ -510,12 +629,16 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 len1 = _field(sched, nxt, 2)
                 b = _field(sched, nxt, 3)
                 start1 = _field(sched, nxt, 7)
+                if TILED:
+                    per_run = _field(sched, nxt, 8)
+                    runs_b = _field(sched, nxt, 9)
                 st = c % K_STAGES
                 prev = (c - 1) % V_STAGES
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q_smem.index(nxt).slice(WG * ROWS, ROWS), k_smem.index(st).permute((1, 0)),
                                   s_zero, use_acc=False, is_async=True)
-                pos, valid = _key_tile(0, start1, len1, image_start, num_image, seq_len, BLOCK_N)
+                pos, valid = _key_tile(0, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
+                                   BLOCK_N, TILED)
                 k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
@@ -528,7 +651,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 p_op = _pack_p(p, dtype)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
-                _epilogue(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED, HAS_PAD)
+                _epilogue(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
+                          TILED, TILE_T, TILE_H, TILE_W)
                 acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
                 m_i = m_next
                 l_i = l_next
@@ -540,22 +664,23 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last), count=1)
         _epilogue(acc, m_i, l_i, sched, it % 2, q_smem.index(it % 2).slice(WG * ROWS, ROWS), q_empty, out_args,
-                  WG, RETURN_LSE, OUT_ALIGNED, HAS_PAD)
+                  WG, RETURN_LSE, OUT_ALIGNED, HAS_PAD, TILED, TILE_T, TILE_H, TILE_W)
 
 
 # Few compiled variants: only the output strides are specialised (multiples of 16 and a unit
 # head-dim stride let the epilogue store whole vectors).
 @gluon.jit(do_not_specialize=[
     "s_modes", "q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch",
-    "batch", "seq_len", "num_heads", "image_start", "num_image",
+    "batch", "seq_len", "num_heads", "image_start", "num_image", "out_seq", "grid_t", "grid_h", "grid_w",
 ])
 def _headwise_kernel(
     q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, PAD, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
-    batch, seq_len, num_heads, image_start, num_image, qk_scale,
+    batch, seq_len, num_heads, image_start, num_image, out_seq, grid_t, grid_h, grid_w, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
     V_STAGES: gl.constexpr,
     RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr, HAS_PAD: gl.constexpr,
+    TILED: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides. PAD is (B, S + 1)
@@ -563,10 +688,18 @@ def _headwise_kernel(
     # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
     # left, so the longest-first order holds across the launch and no program idles while work waits.
     # Global (text, reference) rows: [0, image_start) and [image_start + num_image, seq_len).
+    # The tiled launch (q, k, v in tile order, num_image the image's slots, the output's rows in
+    # raster order, out_seq of them) reads the grid (frames, rows, cols) and the tile shape; the
+    # plain one passes a grid of one token (its tile counts are unused).
     n_before_tiles = gl.cdiv(image_start, BLOCK_M)
     n_text_tiles = n_before_tiles + gl.cdiv(seq_len - image_start - num_image, BLOCK_M)
     n_image_tiles = gl.cdiv(num_image, BLOCK_M)
-    head_at, mode_at, n_full_heads, n_arrow_heads = _rank_table(MODES, s_modes, num_heads, HEADS_POW2)
+    counts = (gl.cdiv(grid_t, TILE_T), gl.cdiv(grid_h, TILE_H), gl.cdiv(grid_w, TILE_W))
+    if TILED:
+        gl.static_assert(TILE_T * TILE_H * TILE_W == IMAGE_BLOCK, "a tile is one image block")
+        gl.static_assert(BLOCK_M == IMAGE_BLOCK, "a tiled query item is one grid tile")
+    head_at, mode_at, n_full_heads, n_arrow_heads, n_skip_heads = _rank_table(MODES, s_modes, num_heads, counts,
+                                                                              HEADS_POW2, TILED)
     # Without GLOBAL_ROWS the arrow heads' text-query tiles are no work items: their rows stay unwritten.
     gl.static_assert(GLOBAL_ROWS or not RETURN_LSE, "log-sum-exps need every row")
     if GLOBAL_ROWS:
@@ -575,7 +708,7 @@ def _headwise_kernel(
         arrow_text_tiles = n_text_tiles * 0
     end3 = (n_full_heads * (n_text_tiles + n_image_tiles) + n_arrow_heads * (arrow_text_tiles + n_image_tiles)) * batch
     geometry = (batch, n_text_tiles, n_image_tiles, n_full_heads, n_arrow_heads, end3, image_start, num_image,
-                n_before_tiles, seq_len, arrow_text_tiles)
+                n_before_tiles, seq_len, arrow_text_tiles, counts)
     # The partitions read the ranking from shared memory (worker partitions take no tensors).
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     vec: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
@@ -608,24 +741,27 @@ def _headwise_kernel(
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
         descs = (q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch)
-        out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale)
+        tiling = (image_start, num_image, grid_t, grid_h, grid_w, counts[1], counts[2])
+        out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale, out_seq, tiling)
         gl.warp_specialize(
             [
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, 0, HEAD_DIM,
-                             BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD)),
+                             BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD, TILED, TILE_T, TILE_H,
+                             TILE_W)),
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, 1, HEAD_DIM,
-                             BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD)),
+                             BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD, TILED, TILE_T, TILE_H,
+                             TILE_W)),
                 (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, K_STAGES,
-                             V_STAGES)),
+                             V_STAGES, TILED)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
         )
     if RETURN_LSE:
-        # Skip heads compute nothing; their log-sum-exp is -inf.
+        # Skip heads compute nothing; their log-sum-exp is -inf. (Skip heads run in the plain launch.)
         out_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
         per_head = batch * (n_text_tiles + n_image_tiles)
-        for t in range(end3 + gl.program_id(0), num_heads * per_head, gl.num_programs(0)):
+        for t in range(end3 + gl.program_id(0), end3 + n_skip_heads * per_head, gl.num_programs(0)):
             p = t - end3
             h = _scalar(head_smem.index(n_full_heads + n_arrow_heads + p // per_head))
             q_start, q_end = _rows((p % per_head) // batch, n_text_tiles, n_before_tiles, image_start, num_image,
@@ -685,15 +821,17 @@ def _descriptor(t, view, rows):
                             _smem_layout(rows, t.shape[-1], t.dtype))
 
 
-def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config, programs, global_rows, has_pad):
+def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config, programs, global_rows, has_pad,
+                 tiles):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
     rows = (TILE_ROWS, config["BLOCK_N"], config["BLOCK_N"])
     # Checked here once per key; they keep no tensor alive, each launch rebases them.
     templates = tuple(rebased(_descriptor(t, view, n), None) for t, view, n in zip((q, k, v), views, rows))
+    grid_tokens, tile = ((1, 1, 1), (1, 1, 1)) if tiles is None else (tiles.grid, tiles.tile)
     ints = (head_modes.stride(0), *(c for view in views for c in view[2:]), *out.stride(), batch, seq, heads,
-            image_start, image_len)
+            image_start, image_len, out.shape[1], *grid_tokens)
     after = seq - image_start - image_len
     n_items = heads * batch * sum(triton.cdiv(n, TILE_ROWS) for n in (image_start, after, image_len))
     grid = (programs or min(n_items, _num_sms(q.device.index)),)
@@ -701,7 +839,8 @@ def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, c
     out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
                    and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
-                      OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, **config)
+                      OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, TILED=tiles is not None,
+                      TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2], **config)
     return templates, ints, grid, constexprs
 
 
@@ -709,17 +848,20 @@ _plans: dict[tuple, tuple] = {}
 _launches = DirectLaunches(_headwise_kernel)
 
 
-def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, config=None,
-              programs=None, global_rows=True):
+def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, tiled=None,
+              lse=None, config=None, programs=None, global_rows=True):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views). The
     kernel takes global tokens (text, reference images) before and after the image ``[image_start,
     image_start + image_len)``, and key padding with the bias ``ops.KEY_PADDING`` (``ops.headwise_attention``
-    sends other layouts and biases to the Triton kernel). ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the
-    number of programs (default: one per SM, or one per work item if fewer), so that small checks
-    can make each program take many items. ``global_rows=False`` leaves the text-query rows of arrow
-    heads unwritten (not with ``return_lse``).
+    sends other biases to the Triton kernel). Without ``tiled`` the launch runs every head but the
+    tile heads; with it (``_tile_order.TiledKeys`` of this call) only the tile heads, over queries,
+    keys and values in tile order, and ``lse`` (the plain launch's) is filled in. ``config`` is one
+    of :func:`tile_configs` (default: the first). ``programs`` sets the number of programs (default:
+    one per SM, or one per work item if fewer), so that small checks can make each program take many
+    items. ``global_rows=False`` leaves the text-query rows of arrow and tile heads unwritten (not
+    with ``return_lse``).
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
@@ -728,31 +870,44 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
                          "ops.KEY_PADDING); use the Triton kernel")
     batch, seq, heads, dim = q.shape
     device = q.device.index
-    lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if return_lse else None
+    if return_lse and lse is None:
+        lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     if batch * seq * heads == 0:
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
+    key_mask = None if padding is None else padding.mask
+    tiles = None
+    if tiled is not None:
+        tiles = tiled.tiles
+        q, k, v, key_mask = q.index_select(1, tiled.order), tiled.k, tiled.v, tiled.key_mask
+        image_len = tiles.slots
+        if tiled.slot_pad is not None:  # pad slots are keys no query attends
+            key_mask = tiled.slot_pad.expand(batch, -1) if key_mask is None else key_mask | tiled.slot_pad
     config = config or _DEFAULT_CONFIGS[dim]
+    has_pad = key_mask is not None
     key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],
-                     config["K_STAGES"], config["V_STAGES"], programs, global_rows, padding is not None)
+                     config["K_STAGES"], config["V_STAGES"], programs, global_rows, has_pad,
+                     None if tiles is None else (tiles.grid, tiles.tile, out.shape[1]))
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config,
-                                          programs, global_rows, padding is not None)
+                                          programs, global_rows, has_pad, tiles)
     templates, ints, grid, constexprs = plan
     descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
     # Unused without padding: the same pointer type in every such launch.
-    pad = head_modes if padding is None else torch.nn.functional.pad(padding.mask.cumsum(1, dtype=torch.int32), (1, 0))
+    pad = head_modes if key_mask is None else torch.nn.functional.pad(key_mask.cumsum(1, dtype=torch.int32), (1, 0))
     with on_device(device):
         args = (*descs, out, lse_arg, head_modes, _counter(device), pad, *ints, scale * _LOG2E)
         _launches(key, grid, args, constexprs, _LAUNCH)
     return out, lse
 
 
-def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True, has_pad=False):
-    """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel.
+def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True, has_pad=False,
+                 tile=None):
+    """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel
+    (``tile``: the tiled launch for that tile shape).
 
     For checks and resource reports: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``.
     """
@@ -768,14 +923,16 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
 
     names = list(_headwise_kernel.arg_names)
     scalars = ["q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "sob", "sos", "soh",
-               "batch", "seq_len", "num_heads", "image_start", "num_image", "s_modes"]
+               "batch", "seq_len", "num_heads", "image_start", "num_image", "out_seq", "grid_t", "grid_h", "grid_w",
+               "s_modes"]
     signature = {"q_desc": desc(TILE_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
                  "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32",
                  "PAD": "*i32", "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
     constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
-                  "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad, **config}
+                  "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad, "TILED": tile is not None,
+                  **dict(zip(("TILE_T", "TILE_H", "TILE_W"), tile or (1, 1, 1))), **config}
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in names}
     constexprs = {(names.index(name),): value for name, value in constexprs.items()}
