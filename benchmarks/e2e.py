@@ -16,7 +16,8 @@ Video families (``--runs KIND:HxWxF``, pixels and frames): ``hunyuanvideo`` (13B
 is 21 x 45 x 80 = 75,600 patches; plans cover its self-attention, which has no text; the attention
 share counts its stock cross-attention too, under 1% of its attention FLOPs), ``hunyuanvideo15`` and
 ``cogvideox`` (5B, CFG batch 2). HunyuanVideo's text mask rules out the flash baseline. One step
-is timed (a generation of 2: step 0 is full), with plans at sparsity 0.5, 0.68 and 0.8. The
+is timed (a generation of 2: step 0 is full), with plans at sparsity 0.5, 0.68 and 0.8 (with
+``--tiles`` also the same targets with 3-D tile windows instead of bands: ``tiles_*``). The
 released depth fits one H200 (26-28 GB of bf16 weights), but a step of it takes tens of seconds,
 so the transformer runs a reduced number of blocks (``VIDEO_DEPTH``; ``--released-depth`` for all):
 each row states both depths and ``ms_released_depth`` = ms x released / run blocks (the embeddings
@@ -177,6 +178,9 @@ TARGETS = (0.43, 0.68, 0.80)
 MIX = {"cache": 0.4, "arrow:0.125": 0.2, "arrow:0.0625": 0.2, "arrow:0.03125": 0.2}
 # The same with tile windows (rows x cols tiles of an image, every frame of a video) for the bands.
 TILE_MIX = {"cache": 0.4, "tile:0,0.25,0.25": 0.2, "tile:0,0.125,0.125": 0.2, "tile:0,0.0625,0.0625": 0.2}
+# Video (--tiles): 3-D windows spanning about 1/2, 0.4 and 0.32 of each axis (an eighth, a sixteenth
+# and a thirty-second of the video's tiles, as the bands' widths).
+VIDEO_TILE_MIX = {"cache": 0.4, "tile:0.25,0.25,0.25": 0.2, "tile:0.2,0.2,0.2": 0.2, "tile:0.16,0.16,0.16": 0.2}
 
 
 def build_transformer(kind: str, config: dict, device, dtype):
@@ -512,6 +516,11 @@ def run_config(model, kind: str, size: int, args, device, dtype) -> dict:
         plans["plan_one_cached_head"] = one_cached_head_plan(full, image_tokens, text_len)
     plans.update({f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len)
                   for t in (VIDEO_TARGETS if video else TARGETS)})
+    if video and args.tiles:
+        tiled = ditfastattn.Plan.uniform(model, n_steps, "full", num_image_tokens=image_tokens, text_len=text_len,
+                                         grid=row["grid"])
+        plans.update({f"tiles_{t:.2f}": synthetic_plan(tiled, t, image_tokens, text_len, mix=VIDEO_TILE_MIX)
+                      for t in VIDEO_TARGETS})
     row["skipped_variants"] = []
     for name, plan in plans.items():
         if time.perf_counter() > args.deadline:
@@ -637,6 +646,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e.json; smoke: out/)")
     parser.add_argument("--png", type=Path, default=None, help="plot (default e2e_speedup.png; smoke: out/)")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON")
+    parser.add_argument("--tiles", action="store_true",
+                        help="video runs also time plans whose compressed heads run 3-D tile windows (VIDEO_TILE_MIX)")
     args = parser.parse_args()
     # A smoke run never overwrites the committed results.
     folder = HERE.parent / "out" if args.smoke else HERE

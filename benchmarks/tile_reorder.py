@@ -6,14 +6,17 @@ Shapes (bf16, batch 1, head dim 128): HunyuanVideo-like, a 33 x 45 x 80 grid (72
 75600 tokens), no text in self-attention, 40 heads. Tiles of 2 x 8 x 8 (both grids are ragged: the
 pad slots of partial tiles cost work the density does not count, reported as ``pad_slot_share``).
 
-Rows per shape: the reorder alone (keys and values gathered into tile order: all the op adds per
-call, since the kernel reads queries and writes outputs at their raster rows); cuDNN SDPA and flash
-SDPA dense; per tile plan (every head the window whose density is nearest 0.5, 0.32 and 0.2) the op
-(``impl="triton"``, reorder included), the kernel alone on keys already in tile order, and
+Rows per shape: the reorder alone (keys and values gathered into tile order: all the Triton op adds
+per call, since its kernel reads queries and writes outputs at their raster rows; the Gluon kernel,
+which loads query tiles by TMA, gathers the queries too); cuDNN SDPA and flash SDPA dense; per tile
+plan (every head the window whose density is nearest 0.5, 0.32 and 0.2) the op (``impl="triton"``
+and ``impl="gluon"``, reorder included; the Gluon output compared with the Triton one), the Triton
+kernel alone on keys already in tile order, and
 FlexAttention (compiled) on the tile-ordered sequence with the same block mask (128-slot blocks:
 one tile each; pad slots masked; its own reorder not timed). Density is exact from the
 geometry (``ditfastattn.ops.density``); "x cuDNN" is the speed-up over cuDNN dense and "of ideal" that
-speed-up times the density (100% = the full 1/density). The reorder's share is its time over the
+speed-up times the density (100% = the full 1/density); "per tile" that speed-up times the share of
+pairs a kernel of whole 128-slot tiles computes, pad slots included (what a ragged grid leaves). The reorder's share is its time over the
 op's at each plan. FlexAttention's output is compared with the op's (``rel_err_vs_op``), so the
 block mask is checked to be the same (``--smoke`` compares the op with the reference too). Times are ``triton.testing.do_bench`` medians. The rows
 run cheapest first across shapes (reorder, cuDNN, ours; then flash; then FlexAttention, which
@@ -51,12 +54,17 @@ from ditfastattn.ops._tile_order import slot_order, tiled_keys  # noqa: E402
 SHAPES = {
     "hunyuan": {"grid": (33, 45, 80), "text": 256, "heads": 24, "dim": 128},
     "wan": {"grid": (21, 45, 80), "text": 0, "heads": 40, "dim": 128},
+    # What the pad slots cost: HunyuanVideo's grid in tiles of 1 x 8 x 16 (ragged along rows only),
+    # and a grid of whole 2 x 8 x 8 tiles of about its size.
+    "hunyuan-1x8x16": {"grid": (33, 45, 80), "text": 256, "heads": 24, "dim": 128, "tile": (1, 8, 16)},
+    "hunyuan-whole": {"grid": (32, 48, 80), "text": 256, "heads": 24, "dim": 128},
 }
+DEFAULT_SHAPES = ("hunyuan", "wan")
 SMOKE_SHAPES = {
     "hunyuan": {"grid": (3, 10, 12), "text": 16, "heads": 2, "dim": 32},
     "wan": {"grid": (3, 9, 9), "text": 0, "heads": 2, "dim": 32},
 }
-TILE = (2, 8, 8)
+TILE = (2, 8, 8)  # unless a shape names its own
 TARGETS = (0.5, 0.32, 0.2)
 BLOCK = ops.IMAGE_BLOCK
 
@@ -82,9 +90,10 @@ class Shape:
 
     def __init__(self, name: str, spec: dict, device: str, dtype: torch.dtype):
         grid, text, heads, dim = spec["grid"], spec["text"], spec["heads"], spec["dim"]
+        tile = spec.get("tile", TILE)
         image = math.prod(grid)
         self.name, self.heads, self.dim = name, heads, dim
-        self.layout = TokenLayout(image + text, 0, image, grid, TILE)
+        self.layout = TokenLayout(image + text, 0, image, grid, tile)
         self.tiles = self.layout.tile_grid()
         gen = torch.Generator(device=device).manual_seed(0)
         self.q, self.k, self.v = (torch.randn(1, image + text, heads, dim, generator=gen, device=device).to(dtype)
@@ -97,15 +106,31 @@ class Shape:
         self.valid = (self.order != 0) | (position == 0)
         self._flex = None
         self.info = {
-            "tokens": image + text, "grid": grid, "tile": TILE, "text": text, "heads": heads, "dim": dim,
+            "tokens": image + text, "grid": grid, "tile": tile, "text": text, "heads": heads, "dim": dim,
             "tiles": self.tiles.counts, "slots": self.tiles.slots,
             "pad_slot_share": (self.tiles.slots - image) / image,
         }
 
-    def op(self, mode: int):
+    def op(self, mode: int, impl: str = "triton", out: torch.Tensor | None = None):
         modes = torch.full((self.heads,), mode, dtype=torch.int32, device=self.q.device)
-        return lambda: headwise_attention(self.q, self.k, self.v, modes, segments=self.layout, out=self.out,
-                                          impl="triton")
+        out = self.out if out is None else out
+        return lambda: headwise_attention(self.q, self.k, self.v, modes, segments=self.layout, out=out, impl=impl)
+
+    def gluon_vs_triton(self, mode: int) -> float:
+        """Relative difference of the Gluon op's output from the Triton op's (both bf16)."""
+        other = torch.empty_like(self.out)
+        self.op(mode, "gluon", other)()
+        self.op(mode)()
+        return float((other.float() - self.out.float()).norm() / self.out.float().norm())
+
+    def computed_density(self, half: tuple[int, int, int]) -> float:
+        """The (query, key) pairs a tile-order kernel computes, pad slots included (whole 128-slot
+        tiles), over a dense head's: what the pad slots leave of the ideal speed-up."""
+        image_pairs = ops.IMAGE_BLOCK ** 2
+        for n, w in zip(self.tiles.counts, half):
+            image_pairs *= sum(min(i + w, n - 1) - max(i - w, 0) + 1 for i in range(n))
+        text, slots = self.layout.num_global, self.tiles.slots
+        return (text * (text + slots) + slots * text + image_pairs) / (text + self.layout.image_len) ** 2
 
     def kernel_only(self, mode: int, **options):
         """The tiled launch alone, on keys already in tile order (``options``: config, warmup)."""
@@ -114,7 +139,10 @@ class Shape:
         return lambda: _triton.attention(self.q, self.k, self.v, modes, 0, self.layout.image_len, self.out,
                                          self.scale, False, tiled=keys, **options)
 
-    def reorder(self):
+    def reorder(self, queries: bool = False):
+        """Keys and values into tile order (and the queries: what the Gluon kernel's launch adds)."""
+        if queries:
+            return lambda: (tiled_keys(self.k, self.v, None, self.layout), self.q.index_select(1, self.order))
         return lambda: tiled_keys(self.k, self.v, None, self.layout)
 
     def dense(self, backend):
@@ -208,7 +236,8 @@ def run(args) -> dict:
     specs = SMOKE_SHAPES if smoke else SHAPES
     shapes = [Shape(name, specs[name], device, torch.bfloat16) for name in args.shapes]
     results = {s.name: {**s.info, "rows": [], "skipped": []} for s in shapes}
-    if not smoke:
+    triton_rows, gluon_rows = "triton" in args.impls, "gluon" in args.impls and not smoke
+    if triton_rows and not smoke:
         print(f"precompiled the tiled launch in {precompile(shapes):.1f} s", flush=True)
     plans = {s.name: [(target, *window_for(target, s.layout)) for target in TARGETS] for s in shapes}
 
@@ -227,13 +256,22 @@ def run(args) -> dict:
     for shape in shapes:
         add(shape, "reorder: k, v into tile order", "reorder", shape.reorder())
         if not smoke:
+            add(shape, "reorder: q, k, v into tile order", "reorder_qkv", shape.reorder(queries=True))
+        if not smoke:
             add(shape, "cuDNN SDPA (dense)", "cudnn", shape.dense(SDPBackend.CUDNN_ATTENTION), 1.0)
         for target, half, density in plans[shape.name]:
             mode = ops.tile_mode(*half)
-            if add(shape, f"ours: tile {half} (~{target})", "ours", shape.op(mode), density, window=half) and smoke:
-                results[shape.name]["rows"][-1]["rel_err_vs_reference"] = shape.error_vs_reference(mode)
-            add(shape, f"ours, kernel only: tile {half} (~{target})", "kernel", shape.kernel_only(mode), density,
-                window=half)
+            computed = shape.computed_density(half)
+            if triton_rows:
+                if add(shape, f"ours: tile {half} (~{target})", "ours", shape.op(mode), density, window=half,
+                       computed_density=computed) and smoke:
+                    results[shape.name]["rows"][-1]["rel_err_vs_reference"] = shape.error_vs_reference(mode)
+                add(shape, f"ours, kernel only: tile {half} (~{target})", "kernel", shape.kernel_only(mode), density,
+                    window=half)
+            gluon_ms = gluon_rows and add(shape, f"ours, Gluon: tile {half} (~{target})", "gluon",
+                                          shape.op(mode, "gluon"), density, window=half, computed_density=computed)
+            if gluon_ms and triton_rows:
+                results[shape.name]["rows"][-1]["rel_diff_vs_triton"] = shape.gluon_vs_triton(mode)
     if not smoke:
         for shape in shapes:
             add(shape, "flash SDPA (dense)", "flash", shape.dense(SDPBackend.FLASH_ATTENTION), 1.0)
@@ -254,26 +292,30 @@ def summarise(result: dict) -> None:
     """Speed-ups over cuDNN, shares of the ideal, and the reorder's share of the op's time."""
     rows = result["rows"]
     cudnn = next((r["ms"] for r in rows if r["kind"] == "cudnn"), None)
-    reorder = next((r["ms"] for r in rows if r["kind"] == "reorder"), None)
+    reorder = {kind: next((r["ms"] for r in rows if r["kind"] == f"reorder{suffix}"), None)
+               for kind, suffix in (("ours", ""), ("gluon", "_qkv"))}
     for row in rows:
         if cudnn is not None and row["density"] is not None:
             row["speedup_vs_cudnn"] = cudnn / row["ms"]
             row["ideal_speedup"] = 1.0 / row["density"]
             row["share_of_ideal"] = row["speedup_vs_cudnn"] * row["density"]
-        if row["kind"] == "ours" and reorder is not None:
-            row["reorder_share"] = reorder / row["ms"]
+            if row.get("computed_density") is not None:
+                row["share_of_ideal_per_computed_tile"] = row["speedup_vs_cudnn"] * row["computed_density"]
+        if reorder.get(row["kind"]) is not None:
+            row["reorder_share"] = reorder[row["kind"]] / row["ms"]
 
 
 def print_table(name: str, result: dict) -> None:
     print(f"\n{name}: {result['tokens']} tokens, grid {result['grid']} in {result['tiles']} tiles of {result['tile']} "
           f"(pad slots {result['pad_slot_share']:.1%}), {result['heads']} heads")
-    print(f"{'row':58s} {'ms':>9s} {'density':>8s} {'x cuDNN':>8s} {'of ideal':>9s} {'reorder':>8s}")
+    print(f"{'row':58s} {'ms':>9s} {'density':>8s} {'x cuDNN':>8s} {'of ideal':>9s} {'per tile':>9s} {'reorder':>8s}")
     for r in result["rows"]:
         def cell(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else "-"
 
         print(f"{r['label']:58s} {r['ms']:9.3f} {cell('density', '8.3f'):>8s} {cell('speedup_vs_cudnn', '8.2f'):>8s} "
-              f"{cell('share_of_ideal', '9.1%'):>9s} {cell('reorder_share', '8.2%'):>8s}")
+              f"{cell('share_of_ideal', '9.1%'):>9s} {cell('share_of_ideal_per_computed_tile', '9.1%'):>9s} "
+              f"{cell('reorder_share', '8.2%'):>8s}")
     if result["skipped"]:
         print("skipped (budget):", result["skipped"])
 
@@ -281,7 +323,9 @@ def print_table(name: str, result: dict) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="JSON results path")
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
+    parser.add_argument("--impls", nargs="*", default=["triton", "gluon"], choices=["triton", "gluon"],
+                        help="the op's kernels to time (Gluon: not with --smoke)")
     parser.add_argument("--budget-s", type=float, default=120.0, help="start no row after this long")
     parser.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (it compiles per shape)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
