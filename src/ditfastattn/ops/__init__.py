@@ -379,10 +379,10 @@ def headwise_attention(
         scale: softmax scale (finite, > 0), ``1 / sqrt(D)`` by default.
         impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 64 or 128,
             fp16/bf16, q/k/v strides that allow a TMA view, global segments on either side of the
-            image, key padding only as a key mask (``KEY_PADDING``), no tile windows), or ``"auto"`` (on CUDA the Gluon kernel where it
-            supports the call, else Triton where it does, else the reference, logged once; the
-            reference on the CPU). An explicit impl never falls back. ``"triton"`` runs on the CPU only under
-            ``TRITON_INTERPRET=1``.
+            image, tile windows, key padding only as a key mask (``KEY_PADDING``)), or ``"auto"``
+            (on CUDA the Gluon kernel where it supports the call, else Triton where it does, else
+            the reference, logged once; the reference on the CPU). An explicit impl never falls
+            back. ``"triton"`` runs on the CPU only under ``TRITON_INTERPRET=1``.
         return_lse: also return the float32 log-sum-exp ``(B, H, S)`` of every computed row
             (``-inf`` for skip heads and fully masked rows), for merging partial results.
         global_rows: False leaves the global-query rows of arrow and tile heads unwritten: they
