@@ -31,6 +31,7 @@ from diffusers import (
 import ditfastattn
 from ditfastattn import Plan, SearchConfig, ops
 from ditfastattn.model import TokenLayout
+from ditfastattn.adapters.dispatch import FLOAT_PAIR_PADDING
 from ditfastattn.runtime import LayerRuntime
 
 STEPS = 3
@@ -405,3 +406,20 @@ def test_a_calls_mask_is_read_once_for_all_its_layers(monkeypatch):
     generate(pipe)
     ditfastattn.remove(pipe)
     assert len(reads) == len(calls) > 0
+
+
+@pytest.mark.parametrize("bias,pairs", [(ops.KEY_PADDING, False), (ops.PAIR_PADDING, True),
+                                        (FLOAT_PAIR_PADDING, True)])
+def test_full_heads_under_token_pair_masks_stay_in_the_fused_op(bias, pairs):
+    """Routing full heads to dense SDPA under a mask that treats padded queries apart would build an
+    S x S mask (24 GiB at HunyuanVideo 1.5's 720p): their cost reads 0 (fused op) on any device.
+    A key mask is left to the measured cost (1.0, no routing, off a GPU)."""
+    from ditfastattn.runtime import routing
+    from ditfastattn.runtime.session import CallGeometry
+
+    q = torch.randn(1, 40, 2, 8)
+    mask = torch.zeros(1, 40, dtype=torch.bool)
+    mask[0, 30:] = True
+    geometry = CallGeometry.of(40, None, None, TokenLayout.from_text(40, 0, 10), ops.Padding(mask, bias))
+    cost = routing.full_head_cost(q, q, q, 0, 10, geometry)
+    assert cost == (0.0 if pairs else 1.0)

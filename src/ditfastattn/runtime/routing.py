@@ -67,11 +67,16 @@ def full_head_cost(q, k, v, text_start: int, text_len: int, geometry: CallGeomet
     and logged; elsewhere the fused op's full mode is SDPA itself (1.0). ``geometry`` (the call's
     layout, when it has several global segments or padding) replaces ``text_start``/``text_len``;
     with padding both sides run under its mask, measured once per form of padding (not per mask).
+    Under padding that treats padded queries apart (a token-pair mask: Chroma, HunyuanVideo 1.5) the
+    routed heads would need an S x S mask (24 GiB at HunyuanVideo 1.5's 720p x 121 frames) on a slow
+    SDPA backend, so full heads stay in the fused op (0.0), unmeasured.
     """
+    padding = None if geometry is None else geometry.padding
+    if padding is not None and padding.bias[0] != padding.bias[1]:
+        return 0.0
     if q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return 1.0
     layout = {"text_start": text_start, "text_len": text_len} if geometry is None else geometry.op
-    padding = None if geometry is None else geometry.padding
     key = (tuple(q.shape), q.stride(), q.dtype, q.device, text_start, text_len,
            None if geometry is None else geometry.layout,
            None if padding is None else (padding.bias, tuple(padding.mask.shape)))
