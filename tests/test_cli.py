@@ -64,21 +64,21 @@ def test_inspect_summarises_and_draws_tile_plans(tmp_path, capsys):
 
     spec = ModelSpec("hunyuanvideo", "HunyuanVideoTransformer3DModel", (LayerSpec("blocks.0.attn", 2, 32, True),))
     recorded, bare = tmp_path / "recorded.json", tmp_path / "bare.json"
-    plan = Plan.uniform(spec, 3, "tile:0,0.5,1", grid=(3, 10, 12), text_len=16)
+    plan = Plan.uniform(spec, 3, "tile:0,0.5,1", grid=(4, 10, 12), text_len=16)
     plan.save(recorded)
-    Plan.uniform(spec, 3, "tile:0,0.5,1", num_image_tokens=360, text_len=16).save(bare)
+    Plan.uniform(spec, 3, "tile:0,0.5,1", num_image_tokens=480, text_len=16).save(bare)
     sparsity = f"attention sparsity   {plan.summary()['sparsity']:.1%}"
     assert main(["inspect", str(recorded)]) == 0
     out = capsys.readouterr().out
-    assert sparsity in out and "360 image tokens (grid 3 x 10 x 12 in tiles of 2 x 8 x 8), 16 text tokens" in out
+    assert sparsity in out and "480 image tokens (grid 4 x 10 x 12 in tiles of 2 x 8 x 8), 16 text tokens" in out
     err = run_error(["inspect", str(bare)], capsys)
     assert "does not record: pass grid=" in err and "--grid" in err and err.count("\n") == 1
     # The grid given on the command line serves the summary and the picture's sparsity curve alike.
     png = tmp_path / "plan.png"
-    assert main(["inspect", str(bare), "--grid", "3,10,12", "--png", str(png), "-v"]) == 0
+    assert main(["inspect", str(bare), "--grid", "4,10,12", "--png", str(png), "-v"]) == 0
     captured = capsys.readouterr()
     assert sparsity in captured.out and png.stat().st_size > 0 and "no sparsity curve" not in captured.err
-    assert main(["inspect", str(recorded), "--tile", "1,8,16", "--grid", "3,10,12"]) == 0
+    assert main(["inspect", str(recorded), "--tile", "1,8,16", "--grid", "4,10,12"]) == 0
     assert "in tiles of 1 x 8 x 16" in capsys.readouterr().out
 
 

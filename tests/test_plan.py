@@ -257,14 +257,14 @@ def _kept(mode, layout) -> int:
 
 def test_tile_plans_record_their_grid_and_summarise_from_the_tile_geometry():
     grid, text = (3, 10, 12), 16  # ragged along every axis in 2 x 8 x 8 tiles
-    plan = Plan.uniform(VIDEO, 3, "tile:0,0.5,1", grid=grid, text_len=text)
+    plan = Plan.uniform(VIDEO, 3, "tile:0,0.5,1", grid=grid, tile=(2, 8, 8), text_len=text)
     assert plan.provenance["grid"] == [3, 10, 12] and plan.provenance["tile"] == [2, 8, 8]
     assert plan.provenance["num_image_tokens"] == 360
     summary = plan.summary()
     assert summary["grid"] == grid and summary["tile"] == (2, 8, 8) and summary["num_image_tokens"] == 360
-    mode = parse_method("tile:0,0.5,1").mode(360, TileGrid(grid))
-    kept = {True: _kept(mode, TokenLayout(360 + text, text, 360, grid)),
-            False: _kept(mode, TokenLayout(360, 0, 360, grid))}
+    mode = parse_method("tile:0,0.5,1").mode(360, TileGrid(grid, (2, 8, 8)))
+    kept = {True: _kept(mode, TokenLayout(360 + text, text, 360, grid, (2, 8, 8))),
+            False: _kept(mode, TokenLayout(360, 0, 360, grid, (2, 8, 8)))}
     flops = {layer.text: (360 + text * layer.text) ** 2 * layer.heads * layer.head_dim for layer in VIDEO.layers}
     computed = sum(kept[layer.text] * layer.heads * layer.head_dim for layer in VIDEO.layers)
     assert 0 < computed < sum(flops.values())

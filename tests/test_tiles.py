@@ -84,8 +84,12 @@ def test_tile_grids_count_partial_tiles_and_map_fractions_to_half_widths():
     assert hunyuan.windows((1, 1, 1)) == (16, 5, 9)  # every tile of every axis, from any query
     assert hunyuan.windows((0.5, 0.5, 0.5)) == (8, 3, 5)  # nearest, ties up: 2.5 -> 3, 4.5 -> 5
     assert not TileGrid((2, 16, 32), (2, 8, 8)).ragged
-    assert default_tile((21, 45, 80)) == (2, 8, 8) and default_tile((1, 64, 64)) == (1, 8, 16)
-    assert ops.TileGrid((33, 45, 80)) == hunyuan and ops.TileGrid((1, 64, 64)).tile == (1, 8, 16)  # the default
+    # The fewest pad slots, 2 x 8 x 8 first for video and 1 x 8 x 16 for one frame on ties.
+    assert default_tile((8, 16, 16)) == (2, 8, 8) and default_tile((1, 64, 64)) == (1, 8, 16)
+    assert default_tile((2, 45, 80)) == (2, 8, 8) and default_tile((4, 8, 12)) == (2, 8, 8)
+    assert default_tile((21, 45, 80)) == (1, 8, 16) and default_tile((33, 45, 80)) == (1, 8, 16)
+    assert default_tile((3, 32, 40)) == (1, 16, 8) and default_tile((1, 32, 40)) == (1, 16, 8)
+    assert ops.TileGrid((33, 45, 80)).tile == (1, 8, 16) and ops.TileGrid((1, 64, 64)).tile == (1, 8, 16)
     with pytest.raises(ValueError, match="must hold 128 patches"):
         TileGrid((4, 4, 4), (2, 4, 4))
     with pytest.raises(ValueError, match="3 positive ints"):
@@ -339,8 +343,8 @@ def test_a_tile_plan_follows_its_definition(recorder):
 
 @pytest.mark.parametrize("name", ["hunyuanvideo", "wan"])
 def test_tile_plans_on_the_video_families(name, recorder):
-    # Their adapters report the grid: 3 x 8 x 12 patches, 2 x 8 x 8 tiles, partial along frames
-    # and cols; HunyuanVideo's text is masked (key padding) and comes in a second call for CFG.
+    # Their adapters report the grid: 4 x 8 x 12 patches, 2 x 8 x 8 tiles, partial along
+    # cols; HunyuanVideo's text is masked (key padding) and comes in a second call for CFG.
     pipe = MiniPipeline(VIDEO_FAMILIES[name])
     methods = {1: ("tile:0,0,0", "tile:1,1,1"), 2: ("cache", "tile:0,0.5,1")}  # per step, per head
     plan = with_methods(Plan.uniform(pipe.transformer, STEPS, "full"), lambda step, layer, head: methods[step][head])
@@ -349,6 +353,22 @@ def test_tile_plans_on_the_video_families(name, recorder):
     assert {record["layout"].grid for record in recorder} == {VIDEO_GRID}
     assert check_heads(plan, recorder) == {"full", "tile:0,0,0", "tile:1,1,1", "tile:0,0.5,1"}
     assert (name == "hunyuanvideo") == any(record["padding"] is not None for record in recorder)
+
+
+@pytest.mark.parametrize("tile", [(1, 8, 16), (2, 8, 8), None])
+def test_a_plan_runs_in_the_tile_shape_it_records_for_the_call_grid(tile, recorder):
+    """Whatever the default tile of the grid (2 x 8 x 8 here), a plan that records another for that
+    grid computes its windows in it, as the oracle does in that shape; one that records none (made
+    before plans recorded it) runs the default."""
+    pipe = MiniPipeline(VIDEO_FAMILIES["wan"])
+    plan = Plan.uniform(pipe.transformer, STEPS, "tile:0,0,0", grid=VIDEO_GRID, tile=tile)
+    if tile is None:
+        plan = Plan(plan.model, plan.methods, {k: v for k, v in plan.provenance.items() if k != "tile"})
+    ditfastattn.apply(pipe, plan)
+    generate(pipe)
+    want = tile if tile is not None else default_tile(VIDEO_GRID)
+    assert {record["layout"].tile for record in recorder} == {want}
+    assert check_heads(plan, recorder) == {"full", "tile:0,0,0"}
 
 
 def test_band_plans_are_unchanged_by_a_grid(monkeypatch):

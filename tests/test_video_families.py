@@ -42,7 +42,7 @@ import ditfastattn
 from ditfastattn import Plan, SearchConfig
 from ditfastattn.model import TokenLayout
 
-GRID = (3, 8, 12)  # frames, rows, cols of latent patches: 288 tokens, 3 blocks
+GRID = (4, 8, 12)  # frames, rows, cols of latent patches: 384 tokens, 3 blocks; ragged in tiles of 2 x 8 x 8
 SMALL = (2, 4, 8)  # 64 tokens, one block
 C = 4  # latent channels
 

@@ -52,9 +52,25 @@ def tile_window(mode: int) -> tuple[int, int, int]:
     return mode >> 2 * TILE_BITS & MAX_TILE_WINDOW, mode >> TILE_BITS & MAX_TILE_WINDOW, mode & MAX_TILE_WINDOW
 
 
+# Tile shapes a grid may get, in order of preference: the first of those whose partial tiles leave
+# the fewest pad slots.
+VIDEO_TILES = ((2, 8, 8), (1, 8, 16), (1, 16, 8))
+FRAME_TILES = ((1, 8, 16), (1, 16, 8))
+
+
 def default_tile(grid: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The tile shape ditfastattn uses for ``grid``: 2 x 8 x 8 for video, 1 x 8 x 16 for one frame."""
-    return (2, 8, 8) if grid[0] > 1 else (1, 8, 16)
+    """The tile shape ditfastattn uses for ``grid``: of 2 x 8 x 8, 1 x 8 x 16 and 1 x 16 x 8 (one
+    frame: the last two), the first that leaves the fewest pad slots.
+
+    Pad slots (where a tile at the grid's edge is partial) are work that a kernel of whole 128-slot
+    tiles computes and the density does not count. At 720p (45 rows of patches) 2 x 8 x 8 tiles
+    leave 9.9% of HunyuanVideo's 33 x 45 x 80 patches and 11.7% of Wan's 21 x 45 x 80, 1 x 8 x 16
+    6.7% of both: the Gluon kernel's tile windows at HunyuanVideo's shape went from 69-73% to 80-82%
+    of the ideal speed-up (benchmarks/README.md). A plan runs in the tile shape it records for its
+    grid, whatever this default.
+    """
+    shapes = VIDEO_TILES if grid[0] > 1 else FRAME_TILES
+    return min(shapes, key=lambda tile: math.prod(-(-g // t) * t for g, t in zip(grid, tile)))
 
 
 def positive_triple(value, what: str) -> tuple[int, int, int]:

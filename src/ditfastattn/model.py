@@ -85,7 +85,8 @@ class TokenLayout:
 
     ``grid`` (optional) is the image segment as frames x rows x cols latent patches in raster order;
     it lets heads run tile windows (:func:`ditfastattn.ops.tile_mode`) over tiles of ``tile`` patches
-    (when None, 2 x 8 x 8 for video and 1 x 8 x 16 for one frame). Band, full and skip heads ignore
+    (when None, of 2 x 8 x 8 (video only), 1 x 8 x 16 and 1 x 16 x 8 the first that leaves the
+    fewest pad slots at the grid's edges). Band, full and skip heads ignore
     both.
     """
 
@@ -211,12 +212,17 @@ def _tile_grid(grid: tuple[int, int, int], tile: tuple[int, int, int] | None) ->
     return TileGrid(grid, tile)
 
 
-def token_layout(seq_len: int, image_start: int, image_len: int, grid: Sequence[int] | None = None) -> TokenLayout:
+def token_layout(seq_len: int, image_start: int, image_len: int,
+                 grid: Sequence[int] | TileGrid | None = None) -> TokenLayout:
     """``TokenLayout(seq_len, image_start, image_len, grid)``, built and checked once per shape: the
-    adapters ask for their call's layout at every attention call."""
-    return _token_layout(seq_len, image_start, image_len, None if grid is None else tuple(grid))
+    adapters ask for their call's layout at every attention call. ``grid`` as a :class:`TileGrid`
+    brings its tile shape (a plan's); as (frames, rows, cols), the default one."""
+    if isinstance(grid, TileGrid):
+        return _token_layout(seq_len, image_start, image_len, grid.grid, grid.tile)
+    return _token_layout(seq_len, image_start, image_len, None if grid is None else tuple(grid), None)
 
 
 @functools.lru_cache(maxsize=256)
-def _token_layout(seq_len: int, image_start: int, image_len: int, grid: tuple[int, int, int] | None) -> TokenLayout:
-    return TokenLayout(seq_len, image_start, image_len, grid)
+def _token_layout(seq_len: int, image_start: int, image_len: int, grid: tuple[int, int, int] | None,
+                  tile: tuple[int, int, int] | None) -> TokenLayout:
+    return TokenLayout(seq_len, image_start, image_len, grid, tile)

@@ -144,7 +144,8 @@ class Plan:
         ``model`` is a transformer (or pipeline) of a supported family, or its :class:`ModelSpec`.
         ``num_image_tokens`` and ``text_len`` (optional) let :meth:`summary` work without arguments;
         ``grid`` (frames, rows, cols of latent patches; ``num_image_tokens`` defaults to their count)
-        and ``tile`` (the tile shape, by default 2 x 8 x 8 for video, 1 x 8 x 16 for one frame) record
+        and ``tile`` (the tile shape, by default of 2 x 8 x 8 (video only), 1 x 8 x 16 and 1 x 16 x 8 the
+        first that leaves the fewest pad slots; a plan runs in the tile shape it records for the call's grid) record
         the image grid that sizes ``tile:`` windows.
         """
         if not (_is_int(num_inference_steps) and num_inference_steps >= 1):

@@ -13,6 +13,7 @@ import torch
 from .. import ops
 from ..adapters import base
 from ..methods import parse_method
+from .._geometry import TileGrid
 from ..model import TokenLayout
 from ..plan import Plan, PlanMismatchError
 from .budget import _size, fit_cache_budget
@@ -259,6 +260,8 @@ class Session:
         self._parameters = tuple(inspect.signature(transformer.forward).parameters)
         self._timestep = getattr(adapter, "timestep", base.timestep)
         self._cfg_share = any(parse_method(m).shares_cfg for rows in plan.methods for heads in rows for m in heads)
+        grid, tile = plan.provenance.get("grid"), plan.provenance.get("tile")
+        self._plan_tiles = None if grid is None or tile is None else TileGrid(tuple(grid), tuple(tile))
         self._inputs_checked: set[tuple] = set()
 
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:
@@ -333,7 +336,15 @@ class Session:
         self.call_cache = {}
         segment = getattr(self.adapter, "image_segment", None)
         if segment is not None:
-            self.image_segment = segment(self.transformer, arguments)
+            self.image_segment = self._planned_tiles(segment(self.transformer, arguments))
+
+    def _planned_tiles(self, segment):
+        """``segment`` with its grid in the tile shape the plan records for that grid, if any: a plan
+        computes the windows it was made with, whatever the default tile of a later version."""
+        planned = self._plan_tiles
+        if planned is None or isinstance(segment, str) or len(segment) < 3 or segment[2] is None:
+            return segment
+        return (*segment[:2], planned) if tuple(segment[2]) == planned.grid else segment
 
     def begin_call(self, module, args, kwargs) -> None:
         if getattr(self.transformer, "_parallel_config", None) is not self.parallel_config:
