@@ -247,3 +247,27 @@ def test_cogvideox_fused_projections_are_refused():
     with pytest.raises(TypeError, match="FusedCogVideoXAttnProcessor2_0; ditfastattn works with diffusers' stock "
                                         "CogVideoXAttnProcessor2_0 only"):
         ditfastattn.apply(pipe, plan)
+
+
+def test_the_masks_hunyuanvideo15_builds_per_layer_are_not_kept_alive(monkeypatch):
+    """Its processor builds an S x S token-pair mask in every layer (13 GB at 720p x 121 frames). The
+    runtime reads each once and must not hold on to it: a layer's mask is freed when its layer
+    returns, as in stock diffusers, not kept for the rest of the call or after it."""
+    import gc
+    import weakref
+
+    from ditfastattn.adapters import dispatch
+
+    seen = []
+    read = dispatch.padding_of
+
+    def recording(mask, *args):
+        seen.append(weakref.ref(mask))
+        return read(mask, *args)
+
+    monkeypatch.setattr(dispatch, "padding_of", recording)
+    pipe = MiniPipeline(FAMILIES["hunyuanvideo15"])
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "arrow:0.3"))
+    generate(pipe)
+    gc.collect()
+    assert len(seen) >= 2 * STEPS and all(ref() is None for ref in seen)

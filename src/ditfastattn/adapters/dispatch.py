@@ -179,18 +179,20 @@ def _unsupported(options, session) -> str | None:
 
 
 def _call_padding(mask, batch: int, seq: int, session) -> tuple[ops.Padding | None, str | None]:
-    """:func:`padding_of`, read once per mask per transformer call: the layers of a call get the
-    same mask tensor (one device op per layer saved), unless it was written in place meanwhile."""
+    """:func:`padding_of`, read once per mask per transformer call: most families give every layer
+    of a call the same mask tensor (one device op per layer saved), unless it was written in place
+    meanwhile. The cache holds the mask weakly: HunyuanVideo 1.5 builds an S x S mask in every layer
+    (13 GB at 720p), which a strong reference would keep alive for the rest of the call."""
     if mask is None:
         return None, None
     if torch.compiler.is_compiling():  # a compiled graph reads the mask at every call, as data
         return padding_of(mask, batch, seq, session.adapter.PAIR_MASKS, session)
     key = ("padding", id(mask), batch, seq)
     cached = session.call_cache.get(key)
-    if cached is not None and cached[0] is mask and cached[1] == mask._version:
+    if cached is not None and cached[0]() is mask and cached[1] == mask._version:
         return cached[2]
     result = padding_of(mask, batch, seq, session.adapter.PAIR_MASKS, session)
-    session.call_cache[key] = (mask, mask._version, result)
+    session.call_cache[key] = (weakref.ref(mask), mask._version, result)
     return result
 
 
