@@ -423,3 +423,18 @@ def test_full_heads_under_token_pair_masks_stay_in_the_fused_op(bias, pairs):
     geometry = CallGeometry.of(40, None, None, TokenLayout.from_text(40, 0, 10), ops.Padding(mask, bias))
     cost = routing.full_head_cost(q, q, q, 0, 10, geometry)
     assert cost == (0.0 if pairs else 1.0)
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "chroma", "hunyuanimage", "zimage"])
+def test_a_plan_runs_under_inference_mode_as_without(family):
+    """Masks made under torch.inference_mode keep no version counter, which the per-call padding
+    cache reads: such a mask is read at every layer instead, with the same images."""
+    pipe = MiniPipeline(FAMILIES[family])
+    plan = Plan.uniform(pipe.transformer, STEPS, "arrow:0.3")
+    methods = [[["cache" if step and h == 0 else m for h, m in enumerate(heads)] for heads in rows]
+               for step, rows in enumerate(plan.methods)]
+    ditfastattn.apply(pipe, Plan(plan.model, methods))
+    want = generate(pipe)
+    with torch.inference_mode():
+        got = generate(pipe)
+    assert torch.equal(got, want)

@@ -185,7 +185,9 @@ def _call_padding(mask, batch: int, seq: int, session) -> tuple[ops.Padding | No
     (13 GB at 720p), which a strong reference would keep alive for the rest of the call."""
     if mask is None:
         return None, None
-    if torch.compiler.is_compiling():  # a compiled graph reads the mask at every call, as data
+    # A compiled graph reads the mask at every call, as data; a tensor made under torch.inference_mode
+    # keeps no version counter that would show an in-place write, so it is read at every layer.
+    if torch.compiler.is_compiling() or mask.is_inference():
         return padding_of(mask, batch, seq, session.adapter.PAIR_MASKS, session)
     key = ("padding", id(mask), batch, seq)
     cached = session.call_cache.get(key)
