@@ -86,8 +86,7 @@ class TokenLayout:
     ``grid`` (optional) is the image segment as frames x rows x cols latent patches in raster order;
     it lets heads run tile windows (:func:`ditfastattn.ops.tile_mode`) over tiles of ``tile`` patches
     (when None, of 2 x 8 x 8 (video only), 1 x 8 x 16 and 1 x 16 x 8 the first that leaves the
-    fewest pad slots at the grid's edges). Band, full and skip heads ignore
-    both.
+    fewest pad slots at the grid's edges). Band, full and skip heads ignore both.
     """
 
     seq_len: int

@@ -371,9 +371,10 @@ def headwise_attention(
         key_padding: ``(B, S)`` bool, True at padding tokens, which no query attends (a key mask); or
             a :class:`Padding` for boolean and float masks between queries and keys.
         grid, tile: the image segment as ``(frames, rows, cols)`` latent patches in raster order, and
-            the tile shape of tile windows (``t * h * w == 128``; by default of 2 x 8 x 8 (video only),
-            1 x 8 x 16 and 1 x 16 x 8 the first that leaves the fewest pad slots); a :class:`TokenLayout` given as ``segments`` may carry both.
-            Tiles at the grid's far edges may be partial.
+            the tile shape of tile windows (``t * h * w == 128``; by default of 2 x 8 x 8 (video
+            only), 1 x 8 x 16 and 1 x 16 x 8 the first that leaves the fewest pad slots); a
+            :class:`TokenLayout` given as ``segments`` may carry both. Tiles at the grid's far edges
+            may be partial.
         out: ``(B, S, H, D)`` output written in place; skip heads leave their slice untouched, so
             plans with skip heads need it. Allocated when omitted.
         scale: softmax scale (finite, > 0), ``1 / sqrt(D)`` by default.
