@@ -370,3 +370,23 @@ def test_static_mode_refuses_a_call_without_the_first_calls_mask():
             patch.setattr(torch.compiler, "is_compiling", lambda: True)
             layer.attend(q, q, q, dense=lambda: q, layout=layer.geometry.layout, key_padding=None)
     ditfastattn.remove(model)
+
+
+@pytest.mark.parametrize("first_under_inference_mode", [True, False])
+def test_static_buffers_serve_generations_in_and_out_of_inference_mode(first_under_inference_mode):
+    """Static mode's buffers persist across generations and are written in place: made by a first
+    generation under torch.inference_mode, they still serve a later one outside it, and the reverse."""
+    model = tiny_sd3(dual=True)
+    plan = mixed_plan(model)
+    inputs = sd3_inputs()
+    with torch.no_grad():
+        ditfastattn.apply(model, plan)
+        want = denoise(model, inputs)
+        ditfastattn.remove(model)
+    ditfastattn.apply(model, plan, static=True)
+    for inference in (first_under_inference_mode, not first_under_inference_mode):
+        with torch.inference_mode() if inference else torch.no_grad():
+            got = denoise(model, inputs)
+        for step, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    ditfastattn.remove(model)

@@ -22,6 +22,14 @@ _FAULTS = "_ditfastattn_faults"
 _REPEATED_CALL, _EXTRA_STEP, _SHORT_GENERATION = 1, 2, 4
 
 
+
+def _normal_tensors():
+    """Tensors made here are normal ones even under torch.inference_mode: static mode's buffers
+    persist across generations and are written in place, which a tensor made by a first
+    generation under inference_mode would refuse in a later one outside it."""
+    return torch.inference_mode(False)
+
+
 class _StaticLayer(LayerRuntime):
     """One code path for every step: the step's modes are gathered on the device from a table.
 
@@ -78,6 +86,8 @@ class _StaticLayer(LayerRuntime):
             cost = full_head_cost(q, k, v, geometry.text_start, geometry.text_len, None if geometry.simple else geometry)
             tables.update(self._route_full_heads(tables["modes"], cost))
         for name, table in tables.items():
+            with _normal_tensors():
+                table = table.clone() if table.is_inference() else table
             module.register_buffer(f"_ditfastattn_{name}", table, persistent=False)
         self.built = True
 
@@ -119,7 +129,8 @@ class _StaticLayer(LayerRuntime):
                     f"{self.name}: the attention input changed to {tuple(like.shape)} {like.dtype} after the first "
                     "call; static mode needs fixed shapes (apply again for the new ones)"
                 )
-            buffer = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+            with _normal_tensors():
+                buffer = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
             self.module.register_buffer(name, buffer, persistent=False)
         return buffer
 
@@ -197,9 +208,11 @@ class StaticSession(Session):
         self.num_image_tokens = num_image_tokens
         device = next(transformer.parameters()).device
         # Shape (1,): index_select with it stays on the device (a 0-d index would be a host int).
-        transformer.register_buffer(_STEP, torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-        transformer.register_buffer(_LAST_TIMESTEP, torch.full((1,), float("-inf"), device=device), persistent=False)
-        transformer.register_buffer(_FAULTS, torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+        with _normal_tensors():
+            transformer.register_buffer(_STEP, torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+            transformer.register_buffer(_LAST_TIMESTEP, torch.full((1,), float("-inf"), device=device),
+                                        persistent=False)
+            transformer.register_buffer(_FAULTS, torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def step_tensor(self) -> torch.Tensor:
         return self.transformer._buffers[_STEP]
