@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from conftest import embeds, flux_pipeline, make_pipeline, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3
 from test_reference_op import masked_reference
 
@@ -257,3 +259,28 @@ def test_explicit_gluon_impl_is_accepted_and_never_falls_back():
     with pytest.raises(RuntimeError, match="impl='gluon' cannot run"):
         model(**inputs, timestep=torch.tensor([900.0]))
     ditfastattn.remove(model)
+
+
+def test_a_processor_replaced_after_apply_is_refused_not_silently_left_stock():
+    # SD3 runs ditfastattn's own processors: fuse_qkv_projections after apply replaces them, and
+    # the plan would silently stop. FLUX keeps diffusers' stock processor, whose attention call is
+    # intercepted: a new stock instance still runs the plan, another processor class does not.
+    pipe = sd3_pipeline()
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "arrow:0.3"))
+    pipe.transformer.fuse_qkv_projections()
+    with pytest.raises(RuntimeError, match=r"transformer_blocks.0.attn's attention processor was replaced.*"
+                                           r"FusedJointAttnProcessor2_0.*ditfastattn.remove\(\)"):
+        run_pipeline(pipe, STEPS)
+    ditfastattn.remove(pipe)
+    pipe.transformer.unfuse_qkv_projections()
+
+    pipe = flux_pipeline()
+    plan = Plan.uniform(pipe.transformer, STEPS, "arrow:0.3")
+    ditfastattn.apply(pipe, plan)
+    want = run_pipeline(pipe, STEPS)
+    pipe.transformer.set_attn_processor(FluxAttnProcessor())
+    assert torch.equal(run_pipeline(pipe, STEPS), want)
+    pipe.transformer.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(RuntimeError, match="attention processor was replaced after ditfastattn.apply"):
+        run_pipeline(pipe, STEPS)
+    ditfastattn.remove(pipe)

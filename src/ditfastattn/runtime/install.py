@@ -65,6 +65,7 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
             module.set_processor(adapter.make_processor(layer, module.processor))
     else:
         session.handles += dispatch.intercept(session, modules)
+    session.watch_processors(modules, exact=hasattr(adapter, "make_processor"))
     if pipe is not None:
         session.pipe = pipe
         session.follow_scheduler(check=False)  # its timesteps may be a previous run's

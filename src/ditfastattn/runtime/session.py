@@ -263,6 +263,7 @@ class Session:
         grid, tile = plan.provenance.get("grid"), plan.provenance.get("tile")
         self._plan_tiles = None if grid is None or tile is None else TileGrid(tuple(grid), tuple(tile))
         self._inputs_checked: set[tuple] = set()
+        self._processors: list[tuple] = []
 
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense) -> _Row:
         """The compiled plan row of ``layer`` at the current step (calibration decides it here).
@@ -363,6 +364,7 @@ class Session:
         last = self._last_timestep
         if self._new_generation or last is None or value > last:
             self._start_generation()
+            self.check_processors()
             self._check_inputs(arguments.get("hidden_states"))
         elif value == last:
             self.call += 1
@@ -435,6 +437,26 @@ class Session:
         timesteps = getattr(scheduler, "timesteps", None)
         if check and timesteps is not None:
             self.scheduler_set(len(timesteps))
+
+    def watch_processors(self, modules: dict[str, torch.nn.Module], exact: bool) -> None:
+        """Remember each layer's attention processor as apply left it: ditfastattn's own (``exact``)
+        or the stock one whose attention call it intercepts, which any stock processor makes."""
+        self._processors = [(name, module, module.processor, exact) for name, module in modules.items()]
+
+    def check_processors(self) -> None:
+        """Raise where a layer's processor was replaced since apply (``fuse_qkv_projections``,
+        ``set_attn_processor``), which would silently stop the plan there."""
+        stock = self.adapter.stock_processor_types()
+        for name, module, processor, exact in self._processors:
+            current = module.processor
+            if current is processor or (not exact and isinstance(current, stock)):
+                continue
+            raise RuntimeError(
+                f"{name}'s attention processor was replaced after ditfastattn.apply (now {type(current).__name__}: "
+                "fuse_qkv_projections or set_attn_processor?), so the plan would no longer run there; call "
+                "ditfastattn.remove() first, then apply the plan again (ditfastattn works with diffusers' stock "
+                "processors, unfused)"
+            )
 
     def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
         """Hook for sessions that keep state on the attention modules."""

@@ -238,6 +238,7 @@ class StaticSession(Session):
         else:
             # The layout may read the inputs on the host: only on eager calls (shapes are fixed).
             self._call_layout(arguments)
+            self.check_processors()
             self._require_grid()
             self.follow_scheduler()
             self._check_call(*torch.cat([value, last, step.to(last.dtype)]).tolist())
