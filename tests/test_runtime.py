@@ -284,3 +284,41 @@ def test_a_processor_replaced_after_apply_is_refused_not_silently_left_stock():
     with pytest.raises(RuntimeError, match="attention processor was replaced after ditfastattn.apply"):
         run_pipeline(pipe, STEPS)
     ditfastattn.remove(pipe)
+
+
+def test_image_to_image_runs_the_plan_rows_of_the_steps_it_runs(recorder):
+    # strength 0.5 of 6 steps: the pipeline starts its scheduler at step 3 (begin_index), so the
+    # plan's rows 3, 4, 5 run, each head as its row says (a cache row at the first step computes:
+    # there is no previous output to reuse).
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = FluxImg2ImgPipeline.from_pipe(flux_pipeline())
+    steps = 6
+    rows = {1: "cache", 2: "cache", 3: "cache", 4: "arrow:0.3", 5: "cache"}
+    plan = Plan.uniform(pipe.transformer, steps, "full")
+    plan = Plan(plan.model, [[[rows.get(step, "full")] * len(heads) for heads in layers]
+                             for step, layers in enumerate(plan.methods)])
+    ditfastattn.apply(pipe, plan)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    pipe(image=image, strength=0.5, num_inference_steps=steps, height=64, width=64, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **embeds(1))
+    assert sorted({record["step"] for record in recorder}) == [3, 4, 5]
+    for record in recorder:
+        if record["step"] == 5:  # cache: step 4's output
+            previous = find(recorder, record["layer"], 4, record["call"])
+            assert torch.equal(record["out"], previous["out"])
+        if record["step"] == 4:  # the arrow row, not a cache row
+            previous = find(recorder, record["layer"], 3, record["call"])
+            assert not torch.equal(record["out"], previous["out"])
+    ditfastattn.remove(pipe)
+
+
+def test_static_mode_refuses_a_schedule_that_starts_past_step_0():
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = FluxImg2ImgPipeline.from_pipe(flux_pipeline())
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 6, "cache"), static=True, num_image_tokens=1024)
+    with pytest.raises(NotImplementedError, match="starts at step 3 .*strength below 1.*without static=True"):
+        pipe(image=torch.rand(1, 3, 64, 64), strength=0.5, num_inference_steps=6, height=64, width=64,
+             output_type="latent", **embeds(1))
+    ditfastattn.remove(pipe)

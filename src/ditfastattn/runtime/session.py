@@ -409,9 +409,17 @@ class Session:
         if self._running and not self._checked and self.step < self.plan.num_steps - 1:
             warn_short_generation(self.step + 1, self.plan.num_steps)
         self._running, self._checked, self._counted = True, self._counted, False
-        self.step, self.call, self._new_generation = 0, 0, False
+        self.step, self.call, self._new_generation = self._first_step(), 0, False
         for layer in self.layers:
             layer.free()
+
+    def _first_step(self) -> int:
+        """The denoising step a generation starts at: 0, or where an image-to-image or inpainting
+        pipeline starts its scheduler (``begin_index``, which ``strength`` below 1 sets past the first
+        steps), so that every step runs the plan's row for it."""
+        scheduler = self.scheduler_hook.scheduler if self.scheduler_hook is not None else None
+        begin = getattr(scheduler, "begin_index", None)
+        return begin if isinstance(begin, int) and 0 < begin < self.plan.num_steps else 0
 
     def scheduler_set(self, num_steps: int) -> None:
         self.plan.check_compatible(self.plan.model, num_steps)

@@ -241,6 +241,11 @@ class StaticSession(Session):
             self.check_processors()
             self._require_grid()
             self.follow_scheduler()
+            if self._first_step():
+                raise NotImplementedError(
+                    f"static mode runs every generation from step 0, but the scheduler starts at step {self._first_step()} "
+                    "(an image-to-image or inpainting pipeline with strength below 1); apply without static=True"
+                )
             self._check_call(*torch.cat([value, last, step.to(last.dtype)]).tolist())
         advanced = torch.where(value < last, step + 1, step).clamp(max=final)
         step.copy_(torch.where(value > last, torch.zeros_like(step), advanced))
