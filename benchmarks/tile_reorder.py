@@ -49,7 +49,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention 
 
 from ditfastattn import ops  # noqa: E402
 from ditfastattn.ops import TokenLayout, _triton, headwise_attention  # noqa: E402
-from ditfastattn.ops._tile_order import slot_order, tiled_keys  # noqa: E402
+from ditfastattn.ops._tile_order import pad_slots, slot_order, tiled_keys  # noqa: E402
 
 SHAPES = {
     "hunyuan": {"grid": (33, 45, 80), "text": 256, "heads": 24, "dim": 128},
@@ -101,9 +101,7 @@ class Shape:
         self.out = torch.empty_like(self.q)
         self.scale = dim ** -0.5
         self.order = slot_order(self.layout, self.q.device)
-        # Pad slots copy the first image token (image_start = 0 here); its own slot is position 0.
-        position = torch.arange(len(self.order), device=device)
-        self.valid = (self.order != 0) | (position == 0)
+        self.valid = ~pad_slots(self.layout, self.q.device)
         self._flex = None
         self.info = {
             "tokens": image + text, "grid": grid, "tile": tile, "text": text, "heads": heads, "dim": dim,
