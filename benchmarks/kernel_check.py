@@ -3,9 +3,8 @@
 Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp16/bf16, batch 1-3,
 1-8 heads, text lengths 0/77/154/333/512 at the start or the end, image lengths with and without a
 partial last block, a second global segment after the image (reference-image
-tokens, as FLUX.1 Kontext and FLUX.2 place them), key padding (Triton: under each bias table, key
-masks, boolean and float 0/1 masks between queries and keys; Gluon: key masks; runs of padding at
-the end of the text, scattered padded tokens, batch elements with every key padded), random per-head plans (full, skip, arrows of every width), gridded
+tokens, as FLUX.1 Kontext and FLUX.2 place them), key padding under each bias table (key masks,
+boolean and float 0/1 masks between queries and keys; runs of padding at the end of the text, scattered padded tokens, batch elements with every key padded), random per-head plans (full, skip, arrows of every width), gridded
 layouts (a third of the cases: frames x rows x cols with tiles of 2 x 8 x 8 or 1 x 8 x 16, most
 grids ragged so that tiles are partial, tile windows of every extent mixed with full, skip and band
 heads in one call, run as the op runs them: the plain launch, then the tiled one over keys and
@@ -108,12 +107,9 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
         after = rng.choice(REFERENCE_LENS)
         if layout == "padded" and (image + text_len + after) % 2 == 0:
             after += 1
-    if impl == "triton":
-        if rng.random() < 0.35:
-            padding = {"table": rng.choice(list(PADDING_TABLES)), "seed": rng.randint(0, 2**31 - 1),
-                       "all_padded": rng.random() < 0.2}
-    elif rng.random() < 0.35:  # the Gluon kernel takes key masks only
-        padding = {"table": "keys", "seed": rng.randint(0, 2**31 - 1), "all_padded": rng.random() < 0.2}
+    if rng.random() < 0.35:
+        padding = {"table": rng.choice(list(PADDING_TABLES)), "seed": rng.randint(0, 2**31 - 1),
+                   "all_padded": rng.random() < 0.2}
     n_blocks = -(-image // ops.IMAGE_BLOCK)
     modes = [rng.choice([MODE_FULL, MODE_SKIP, rng.randint(0, n_blocks)]) for _ in range(heads)]
     if gridded:  # mostly tile heads, each a random window up to the whole grid
@@ -302,16 +298,17 @@ def precompile():
 
 
 def gluon_variants(case) -> set:
-    """The Gluon kernel's compiled variants a case launches: (dtype, head dim, LSE, key mask, output
-    off 16-byte alignment, tile shape or None), the plain launch's and, on a grid, the tiled one's
-    (whose key mask also covers the pad slots of a ragged grid)."""
+    """The Gluon kernel's compiled variants a case launches: (dtype, head dim, LSE, key mask, pair
+    table, output off 16-byte alignment, tile shape or None), the plain launch's and, on a grid, the
+    tiled one's (whose key mask also covers the pad slots of a ragged grid)."""
     padded = case["padding"] is not None
+    pair = padded and case["padding"]["table"] != "keys"
     common = (case["dtype"], case["dim"], case["return_lse"])
     unaligned = case["out_layout"] == "unaligned"
-    variants = {(*common, padded, unaligned, None)}
+    variants = {(*common, padded, pair, unaligned, None)}
     if case["grid"] is not None:
         ragged = ops.TileGrid(case["grid"], case["tile"]).ragged
-        variants.add((*common, padded or ragged, unaligned, tuple(case["tile"])))
+        variants.add((*common, padded or ragged, pair, unaligned, tuple(case["tile"])))
     return variants
 
 
@@ -323,14 +320,15 @@ def precompile_gluon(cases):
     jobs = sorted(set().union(*(gluon_variants(case) for case in cases)), key=repr)
 
     def one(job):
-        dtype, dim, return_lse, padded, unaligned, tile = job
+        dtype, dim, return_lse, padded, pair, unaligned, tile = job
         gen = torch.Generator(device="cuda").manual_seed(0)
         image = 178 if tile is None else 2 * math.prod(tile)
         grid = None if tile is None else (tile[0], tile[1], 2 * tile[2])
         q, k, v = (make_tensor((1, 77 + image, 3, dim), DTYPES[dtype], "bshd", gen) for _ in range(3))
         modes = torch.tensor([MODE_FULL, 0 if tile is None else ops.tile_mode(0, 0, 0), MODE_SKIP], dtype=torch.int32,
                              device="cuda")
-        padding = Padding(torch.zeros(1, q.shape[1], dtype=torch.bool, device="cuda")) if padded else None
+        table = PAIR_PADDING if pair else KEY_PADDING
+        padding = Padding(torch.zeros(1, q.shape[1], dtype=torch.bool, device="cuda"), table) if padded else None
         keys = None
         if tile is not None:
             keys = tiled_keys(k, v, None if padding is None else padding.mask,

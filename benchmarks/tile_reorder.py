@@ -54,9 +54,10 @@ from ditfastattn.ops._tile_order import pad_slots, slot_order, tiled_keys  # noq
 SHAPES = {
     "hunyuan": {"grid": (33, 45, 80), "text": 256, "heads": 24, "dim": 128},
     "wan": {"grid": (21, 45, 80), "text": 0, "heads": 40, "dim": 128},
-    # What the pad slots cost: HunyuanVideo's grid in tiles of 1 x 8 x 16 (ragged along rows only),
-    # and a grid of whole 2 x 8 x 8 tiles of about its size.
+    # What the pad slots cost: HunyuanVideo's and Wan's grids in tiles of 1 x 8 x 16 (ragged along
+    # rows only; the default tile at 720p), and a grid of whole 2 x 8 x 8 tiles of about its size.
     "hunyuan-1x8x16": {"grid": (33, 45, 80), "text": 256, "heads": 24, "dim": 128, "tile": (1, 8, 16)},
+    "wan-1x8x16": {"grid": (21, 45, 80), "text": 0, "heads": 40, "dim": 128, "tile": (1, 8, 16)},
     "hunyuan-whole": {"grid": (32, 48, 80), "text": 256, "heads": 24, "dim": 128},
 }
 DEFAULT_SHAPES = ("hunyuan", "wan")

@@ -4,6 +4,7 @@ an H100 through benchmarks/kernel_check.py)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -94,29 +95,99 @@ def test_gluon_needs_the_triton_release_of_its_api(monkeypatch):
     assert reason is not None and "triton >= 3.6" in reason and "3.5.1" in reason
 
 
-def test_explicit_gluon_refuses_pair_padding(monkeypatch):
-    # Where the Gluon kernel could run, a layout it does not take is an error naming impl='triton';
+# A table under which padded queries attend to padded keys only: the Gluon kernel does not take it.
+ONLY_PADDED_KEYS = ((0.0, -math.inf), (-math.inf, 0.0))
+
+
+def test_explicit_gluon_refuses_a_table_it_does_not_take(monkeypatch):
+    # Where the Gluon kernel could run, padding it does not take is an error naming impl='triton';
     # impl='auto' sends such calls to the Triton kernel instead.
     from ditfastattn import ops
 
     monkeypatch.setattr(ops, "_gluon_unsupported", lambda q, k, v: None)
     q, k, v = _qkv((1, 300, 2, 128))
     modes = torch.tensor([MODE_FULL, 0], dtype=torch.int32)
-    pairs = ops.Padding(torch.zeros(1, 300, dtype=torch.bool), ops.PAIR_PADDING)
-    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*key padding only as a key mask.*impl='triton'"):
-        headwise_attention(q, k, v, modes, text_start=0, text_len=50, key_padding=pairs, impl="gluon")
+    padding = ops.Padding(torch.zeros(1, 300, dtype=torch.bool), ONLY_PADDED_KEYS)
+    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*padded keys only.*impl='triton'"):
+        headwise_attention(q, k, v, modes, text_start=0, text_len=50, key_padding=padding, impl="gluon")
 
 
-def test_gluon_takes_key_masks_only():
-    # A key mask (padded keys never attended, every query alike) runs on the Gluon kernel; a bias
-    # that treats padded queries differently, or adds to real pairs, goes to the Triton kernel.
+@needs_gluon
+def test_gluon_takes_every_table_but_padded_keys_only():
+    # Key masks, Chroma's boolean and float 0/1 pair masks and other finite tables run on the Gluon
+    # kernel; a table under which a query kind sees padded keys only goes to the Triton kernel.
     from ditfastattn import ops
 
     mask = torch.zeros(1, 300, dtype=torch.bool)
-    assert ops._gluon_padding_reason(ops.Padding(mask)) is None and ops._gluon_padding_reason(None) is None
-    for bias in (ops.PAIR_PADDING, ((1.0, 0.0), (0.0, 0.0))):
-        reason = ops._gluon_padding_reason(ops.Padding(mask, bias))
-        assert reason is not None and "impl='triton'" in reason
+    assert ops._gluon_padding_reason(None) is None
+    for bias in (ops.KEY_PADDING, ops.PAIR_PADDING, ((1.0, 0.0), (0.0, 0.0)), ((0.5, -2.0), (-1.0, 3.0))):
+        assert ops._gluon_padding_reason(ops.Padding(mask, bias)) is None
+    reason = ops._gluon_padding_reason(ops.Padding(mask, ONLY_PADDED_KEYS))
+    assert reason is not None and "impl='triton'" in reason
+
+
+TABLES = [
+    ((0.0, -math.inf), (0.0, -math.inf)),  # KEY_PADDING
+    ((0.0, -math.inf), (-math.inf, -math.inf)),  # PAIR_PADDING: padded queries attend to nothing
+    ((1.0, 0.0), (0.0, 0.0)),  # Chroma's float m_q * m_k
+    ((0.5, -2.0), (-1.0, 3.0)),
+    ((-0.7, -math.inf), (2.0, 1.5)),
+]
+
+
+@needs_gluon
+@pytest.mark.parametrize("table", TABLES)
+def test_pair_table_arithmetic_matches_the_reference(table):
+    # The kernel's arithmetic on a pair table, emulated in float64: online softmax in log2 units over
+    # key tiles, a padded key's relative bias added only in tiles that hold padding, pad slots (flag
+    # 2) never attended, each row's real-key bias added to its log-sum-exp, rows whose kind attends to
+    # nothing stored as 0. It must equal the reference op under the table.
+    from ditfastattn import ops
+    from ditfastattn.ops import _gluon
+
+    gen = torch.Generator().manual_seed(3)
+    batch, seq, dim, block = 2, 300, 16, 128
+    q, k, v = (torch.randn(batch, seq, 1, dim, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(batch, seq, generator=gen) < 0.3
+    mask[1, :140] = True  # a whole tile of padding, and one tile without any
+    mask[1, 140:] = False
+    scale = dim ** -0.5
+    qk_scale = scale * _gluon._LOG2E
+    rel0, rel1, off0, off1 = _gluon.pair_table(table)
+    flags = mask.to(torch.int64)
+    out = torch.zeros(batch, seq, dim, dtype=torch.float64)
+    lse = torch.empty(batch, seq, dtype=torch.float64)
+    for b in range(batch):
+        query_padded = flags[b] == 1
+        relative = torch.where(query_padded, rel1, rel0) / qk_scale
+        offset = torch.where(query_padded, off1, off0)
+        m = torch.full((seq,), -math.inf, dtype=torch.float64)
+        l = torch.zeros(seq, dtype=torch.float64)
+        acc = torch.zeros(seq, dim, dtype=torch.float64)
+        for pos in range(0, seq, block):
+            s = q[b, :, 0] @ k[b, pos:pos + block, 0].T
+            key_flag = flags[b, pos:pos + block]
+            if bool((key_flag != 0).any()):
+                bias = torch.where(key_flag[None] == 1, relative[:, None],
+                                   torch.where(key_flag[None] == 0, 0.0, -math.inf))
+                s = s + bias
+            m_new = torch.maximum(m, s.max(1).values * qk_scale)
+            m_use = torch.where(torch.isneginf(m_new), 0.0, m_new)
+            p = torch.exp2(s * qk_scale - m_use[:, None])
+            alpha = torch.exp2(m - m_use)
+            l = l * alpha + p.sum(1)
+            acc = acc * alpha[:, None] + p @ v[b, pos:pos + block, 0]
+            m = m_new
+        live = (l > 0) & ~torch.isneginf(offset)
+        out[b] = acc * torch.where(live, 1 / l, 0.0)[:, None]
+        lse[b] = (m + torch.log2(l)) * math.log(2) + offset
+    modes = torch.tensor([MODE_FULL], dtype=torch.int32)
+    ref, ref_lse = headwise_attention(q, k, v, modes, text_start=0, text_len=0, impl="reference", return_lse=True,
+                                      key_padding=ops.Padding(mask, table))
+    torch.testing.assert_close(out, ref[:, :, 0], rtol=1e-10, atol=1e-12)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse[:, 0]))
+    finite = torch.isfinite(ref_lse[:, 0])
+    torch.testing.assert_close(lse[finite].float(), ref_lse[:, 0][finite])  # the reference keeps it in float32
 
 
 @needs_gluon
@@ -138,6 +209,27 @@ def test_builds_with_key_padding(head_dim):
     assert padded.metadata.shared <= 227 * 1024
     ptx = padded.asm["ptx"]
     assert len(re.findall(r"ld\.global\S*\.b32", ptx)) > len(re.findall(r"ld\.global\S*\.b32", plain.asm["ptx"]))
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim,tile", [(64, None), (128, None), (128, (1, 8, 16))])
+def test_builds_with_a_pair_table(head_dim, tile):
+    # Padding under a pair table: byte loads of the key and query kinds (only in tiles that hold
+    # padding, and in the epilogue), same warps, registers split and shared memory within the limit;
+    # and the variants without it compile to the same instructions (the table's code is constexpr).
+    from ditfastattn.ops import _gluon
+
+    try:
+        pair = _gluon.compile_sm90(torch.bfloat16, head_dim=head_dim, pair=True, tile=tile)
+    except RuntimeError as err:  # no ptxas for sm_90 in this triton build
+        if "ptxas" in str(err).lower():
+            pytest.skip(f"cannot assemble for sm_90 here: {err}")
+        raise
+    assert pair.metadata.num_warps == 12 and pair.metadata.shared <= 227 * 1024
+    ptx = pair.asm["ptx"]
+    regs = {int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)}
+    assert {240, 24} <= regs
+    assert re.search(r"ld\.global\S*\.u8", ptx) or re.search(r"ld\.global\S*\.b8", ptx)
     assert re.search(r"\.maxnreg 168", ptx)
 
 

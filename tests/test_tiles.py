@@ -214,7 +214,7 @@ def test_gluon_runs_tile_heads_in_a_tiled_launch_and_the_rest_in_the_plain_one(m
     calls = []
 
     def record(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, **options):
-        calls.append(options)
+        calls.append({**options, "padding": padding})
         return out, options.get("lse")
 
     monkeypatch.setattr(_gluon, "attention", record)
@@ -229,11 +229,15 @@ def test_gluon_runs_tile_heads_in_a_tiled_launch_and_the_rest_in_the_plain_one(m
     only_tiles = torch.tensor([tile_mode(0, 0, 0), tile_mode(1, 1, 1), tile_mode(0, 0, 0)], dtype=torch.int32)
     ops.headwise_attention(q, k, v, only_tiles, segments=layout, impl="gluon")
     assert [("tiled" in c) for c in calls] == [True]
-    # Masks other than key padding stay refused, tiles or not.
-    pair = ops.Padding(torch.zeros(1, layout.seq_len, dtype=torch.bool), ops.PAIR_PADDING)
-    with pytest.raises(RuntimeError, match="impl='gluon' cannot run: the Gluon kernel takes key padding only"):
-        ops.headwise_attention(q, k, v, mixed, segments=layout, key_padding=pair, out=torch.empty_like(q),
-                               impl="gluon")
+    # A pair table reaches both launches, whose keys carry the token flags in tile order.
+    calls.clear()
+    mask = torch.zeros(1, layout.seq_len, dtype=torch.bool)
+    mask[0, :3] = True
+    pair = ops.Padding(mask, ops.PAIR_PADDING)
+    ops.headwise_attention(q, k, v, mixed, segments=layout, key_padding=pair, out=torch.empty_like(q), impl="gluon")
+    assert [("tiled" in c) for c in calls] == [False, True]
+    assert all(c["padding"].bias == ops.PAIR_PADDING and torch.equal(c["padding"].mask, mask) for c in calls)
+    assert torch.equal(calls[1]["tiled"].key_mask, mask[:, keys.order])
 
 
 @pytest.mark.parametrize("grid,tile,before,after", LAYOUTS)

@@ -174,9 +174,12 @@ def _note_once(message: str, chosen: str = "the reference") -> None:
 
 
 def _gluon_padding_reason(padding: Padding | None) -> str | None:
-    if padding is not None and padding.bias != KEY_PADDING:
-        return ("the Gluon kernel takes key padding only as a key mask (padded keys never attended, "
-                f"ops.KEY_PADDING); this call's padding bias is {padding.bias} (impl='triton' takes any)")
+    """Why the Gluon kernel cannot take this padding, or None; asked only where the kernel imports."""
+    from . import _gluon
+
+    if padding is not None and _gluon.pair_table(padding.bias) is None:
+        return (f"the Gluon kernel does not take the padding bias {padding.bias}, under which a query attends to "
+                "padded keys only (impl='triton' takes any)")
     return None
 
 
@@ -380,7 +383,8 @@ def headwise_attention(
         scale: softmax scale (finite, > 0), ``1 / sqrt(D)`` by default.
         impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 64 or 128,
             fp16/bf16, q/k/v strides that allow a TMA view, global segments on either side of the
-            image, tile windows, key padding only as a key mask (``KEY_PADDING``)), or ``"auto"``
+            image, tile windows, padding under any bias table but one where a query kind attends to
+            padded keys only), or ``"auto"``
             (on CUDA the Gluon kernel where it supports the call, else Triton where it does, else
             the reference, logged once; the reference on the CPU). An explicit impl never falls
             back. ``"triton"`` runs on the CPU only under ``TRITON_INTERPRET=1``.
@@ -426,7 +430,7 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             impl = "reference"
         else:
             gluon_reason = _gluon_unsupported(q, k, v)
-            padding_reason = _gluon_padding_reason(padding)
+            padding_reason = None if gluon_reason is not None else _gluon_padding_reason(padding)
             if gluon_reason is None and padding_reason is None:
                 # Measured on an H100 (docs/history/KERNEL_NOTES.md): faster than the Triton kernel on
                 # every head-dim-128 plan, dense 1.12-1.22x, sparse 1.04-1.20x.

@@ -420,26 +420,48 @@ def _unpack_p(packed, dtype: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N: gl.constexpr, HAS_PAD: gl.constexpr):
-    """(counts of batch ``b``, padded keys among the tile's) for the tile at row ``pos``, from the
-    running counts ``PAD`` (without ``HAS_PAD``, zeros: unused). Issued before the tile's QK^T is
+def _key_pad(PAD, pair, slot, b, pos, valid, seq_len, BLOCK_N: gl.constexpr, HAS_PAD: gl.constexpr,
+             PAIR: gl.constexpr):
+    """What the softmax of the key tile at row ``pos`` needs of the padding: (counts of batch ``b``,
+    padded keys among the tile's) from the running counts ``PAD``, or with ``PAIR`` (the flags of
+    batch ``b``, that number, the first query row of this warpgroup in the item of ``sched`` slot
+    ``slot``, the bias table). Without ``HAS_PAD``, zeros: unused. Issued before the tile's QK^T is
     waited on, which hides the loads."""
     if HAS_PAD:
         counts = PAD + b.to(gl.int64) * (seq_len + 1)
-        return counts, gl.load(counts + pos + gl.minimum(valid, BLOCK_N)) - gl.load(counts + pos)
+        n_pad = gl.load(counts + pos + gl.minimum(valid, BLOCK_N)) - gl.load(counts + pos)
+        if PAIR:
+            FLAGS, PAIR_BIAS, sched, first = pair
+            return FLAGS + b.to(gl.int64) * seq_len, n_pad, _field(sched, slot, 5) + first, PAIR_BIAS
+        else:
+            return counts, n_pad
     else:
         return PAD, 0
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N: gl.constexpr, layout: gl.constexpr,
-             HAS_PAD: gl.constexpr):
+def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N: gl.constexpr, layout: gl.constexpr,
+             HAS_PAD: gl.constexpr, PAIR: gl.constexpr):
     """Online-softmax step over one score tile, in log2 units; masks columns past a partial tile and
-    (``HAS_PAD``) padded keys, of which ``k_pad`` is (running counts, how many in this tile)."""
+    (``HAS_PAD``) padded keys, of which ``k_pad`` is (running counts, how many in this tile). With
+    ``PAIR`` a padded key's score gets its query kind's bias relative to a real key instead (see
+    :func:`pair_table`; ``k_pad`` from :func:`_key_pad`), and a pad slot (flag 2) -inf."""
     if valid < BLOCK_N:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         s = gl.where((cols < valid)[None, :], s, float("-inf"))
-    if HAS_PAD:
+    if PAIR:
+        flags, n_pad, first_row, PAIR_BIAS = k_pad
+        if n_pad > 0:
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+            key_flag = gl.load(flags + pos + cols, mask=cols < valid, other=0)
+            rows = first_row + gl.arange(0, s.shape[0], layout=gl.SliceLayout(1, layout))
+            query_padded = gl.load(flags + rows, mask=rows < seq_len, other=0) == 1
+            # The table is in log2 units and s is not scaled yet.
+            relative = gl.where(query_padded, gl.load(PAIR_BIAS + 1), gl.load(PAIR_BIAS)) / qk_scale
+            bias = gl.where(key_flag[None, :] == 1, relative[:, None],
+                            gl.where(key_flag[None, :] == 0, 0.0, float("-inf")))
+            s = s + bias
+    elif HAS_PAD:
         counts, n_pad = k_pad
         if n_pad > 0:
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
@@ -480,10 +502,12 @@ def _out_rows(rows, q_end, tiling, TILE_T: gl.constexpr, TILE_H: gl.constexpr, T
 
 
 @gluon.jit
-def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.constexpr, RETURN_LSE: gl.constexpr,
-              OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr, TILED: gl.constexpr, TILE_T: gl.constexpr,
-              TILE_H: gl.constexpr, TILE_W: gl.constexpr):
-    """Normalise one warpgroup's rows of a finished item and store them (and their log-sum-exp).
+def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, pair, WG: gl.constexpr, RETURN_LSE: gl.constexpr,
+              OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr, PAIR: gl.constexpr, TILED: gl.constexpr,
+              TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
+    """Normalise one warpgroup's rows of a finished item and store them (and their log-sum-exp). With
+    ``PAIR`` each row's log-sum-exp gets its query kind's real-key bias, and a row whose kind attends
+    to nothing outputs 0 (log-sum-exp -inf).
 
     The rows go through ``scratch`` (the warpgroup's rows of the item's query buffer, no longer read)
     so that each thread stores 16-byte vectors instead of the accumulator layout's 4-byte pairs, and
@@ -498,7 +522,13 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
     HEAD_DIM: gl.constexpr = acc.shape[1]
     o_row_layout: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     # One reciprocal per row: a division per element costs range fix-ups on each.
-    if HAS_PAD:
+    if PAIR:
+        FLAGS, PAIR_BIAS = pair[0], pair[1]
+        q_rows = q_start + WG * ROWS + gl.arange(0, ROWS, layout=l_i.type.layout)
+        query_padded = gl.load(FLAGS + b.to(gl.int64) * seq_len + q_rows, mask=q_rows < q_end, other=0) == 1
+        offset = gl.where(query_padded, gl.load(PAIR_BIAS + 3), gl.load(PAIR_BIAS + 2))
+        inverse = gl.where((l_i > 0) & (offset > float("-inf")), 1.0 / l_i, 0.0)
+    elif HAS_PAD:
         inverse = gl.where(l_i > 0, 1.0 / l_i, 0.0)  # a row whose every key is padding outputs 0
     else:
         inverse = 1.0 / l_i
@@ -530,6 +560,8 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
     if RETURN_LSE:
         lse_rows = first_row + gl.arange(0, ROWS, layout=l_i.type.layout)
         lse = (m_i + gl.log2(l_i)) * LN2
+        if PAIR:
+            lse = lse + offset
         if TILED:
             lse_at, lse_stored = _out_rows(lse_rows, q_end, tiling, TILE_T, TILE_H, TILE_W)
         else:
@@ -542,10 +574,11 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, WG: gl.con
 
 
 @gluon.jit
-def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, WG: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-              RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr, TILED: gl.constexpr,
-              TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
+def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS, PAIR_BIAS,
+              WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
+              V_STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr,
+              PAIR: gl.constexpr, TILED: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr,
+              TILE_W: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
 
     Each step issues QK^T of the next tile, then PV of the previous one, and runs the softmax of the
@@ -561,6 +594,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     ROWS: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = k_smem.dtype
+    pair = (FLAGS, PAIR_BIAS, sched, WG * ROWS)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -588,12 +622,12 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                           use_acc=False, is_async=True)
         pos, valid = _key_tile(0, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
                                    BLOCK_N, TILED)
-        k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
+        k_pad = _key_pad(PAD, pair, 0, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N, s_layout, HAS_PAD)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N, s_layout, HAS_PAD, PAIR)
         p_op = _pack_p(p, dtype)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         c = 1  # key tiles whose QK^T has been issued, over all items
@@ -608,12 +642,12 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 pos, valid = _key_tile(j, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image,
                                        seq_len, BLOCK_N, TILED)
-                k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
+                k_pad = _key_pad(PAD, pair, it % 2, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
-                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, BLOCK_N, s_layout, HAS_PAD)
+                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N, s_layout, HAS_PAD, PAIR)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
@@ -639,20 +673,20 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                                   s_zero, use_acc=False, is_async=True)
                 pos, valid = _key_tile(0, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
                                    BLOCK_N, TILED)
-                k_pad = _key_pad(PAD, b, pos, valid, seq_len, BLOCK_N, HAS_PAD)
+                k_pad = _key_pad(PAD, pair, nxt, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
                 m_next = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l_next = gl.zeros([ROWS], gl.float32, layout=row_layout)
-                p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, k_pad, pos, qk_scale, BLOCK_N, s_layout,
-                                                    HAS_PAD)
+                p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N,
+                                                    s_layout, HAS_PAD, PAIR)
                 p_op = _pack_p(p, dtype)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
-                _epilogue(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, WG, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
-                          TILED, TILE_T, TILE_H, TILE_W)
+                _epilogue(acc, m_i, l_i, sched, it % 2, q, q_empty, out_args, pair, WG, RETURN_LSE, OUT_ALIGNED,
+                          HAS_PAD, PAIR, TILED, TILE_T, TILE_H, TILE_W)
                 acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
                 m_i = m_next
                 l_i = l_next
@@ -664,7 +698,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last), count=1)
         _epilogue(acc, m_i, l_i, sched, it % 2, q_smem.index(it % 2).slice(WG * ROWS, ROWS), q_empty, out_args,
-                  WG, RETURN_LSE, OUT_ALIGNED, HAS_PAD, TILED, TILE_T, TILE_H, TILE_W)
+                  pair, WG, RETURN_LSE, OUT_ALIGNED, HAS_PAD, PAIR, TILED, TILE_T, TILE_H, TILE_W)
 
 
 # Few compiled variants: only the output strides are specialised (multiples of 16 and a unit
@@ -674,17 +708,19 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
     "batch", "seq_len", "num_heads", "image_start", "num_image", "out_seq", "grid_t", "grid_h", "grid_w",
 ])
 def _headwise_kernel(
-    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, PAD, s_modes,
+    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, PAD, FLAGS, PAIR_BIAS, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
     batch, seq_len, num_heads, image_start, num_image, out_seq, grid_t, grid_h, grid_w, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
     V_STAGES: gl.constexpr,
     RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr, HAS_PAD: gl.constexpr,
-    TILED: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr,
+    PAIR: gl.constexpr, TILED: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides. PAD is (B, S + 1)
-    # int32, the padded keys before each position (read only with HAS_PAD).
+    # int32, the padded keys before each position (read only with HAS_PAD). With PAIR, FLAGS is the
+    # (B, S) uint8 kind of each token (0 real, 1 padding, 2 a pad slot of the tiled launch) and
+    # PAIR_BIAS the fp32 table of pair_table.
     # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
     # left, so the longest-first order holds across the launch and no program idles while work waits.
     # Global (text, reference) rows: [0, image_start) and [image_start + num_image, seq_len).
@@ -745,12 +781,12 @@ def _headwise_kernel(
         out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale, out_seq, tiling)
         gl.warp_specialize(
             [
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, 0, HEAD_DIM,
-                             BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD, TILED, TILE_T, TILE_H,
-                             TILE_W)),
-                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, 1, HEAD_DIM,
-                             BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD, TILED, TILE_T, TILE_H,
-                             TILE_W)),
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
+                             PAIR_BIAS, 0, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
+                             PAIR, TILED, TILE_T, TILE_H, TILE_W)),
+                (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
+                             PAIR_BIAS, 1, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
+                             PAIR, TILED, TILE_T, TILE_H, TILE_W)),
                 (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, K_STAGES,
                              V_STAGES, TILED)),
             ],
@@ -777,10 +813,25 @@ def _headwise_kernel(
 _LAUNCH = {"num_warps": 4, "maxnreg": 168}
 
 
-def key_padding_only(padding) -> bool:
-    """Whether ``padding`` (an ``ops.Padding``) only keeps padded keys from being attended, as this
-    kernel masks them: every query alike, none masked otherwise."""
-    return all(row == (0.0, float("-inf")) for row in padding.bias)
+def pair_table(bias) -> tuple | None:
+    """A padding bias table (``ops.Padding.bias``, ``[query padded][key padded]``) in the form the
+    kernel takes it: per query kind (real, padded), a padded key's bias relative to a real key's
+    (log2 units, -inf: never attended), then the real keys' bias (natural log; it only shifts the
+    log-sum-exp; -inf: the row attends to nothing and outputs 0). None for a table where a query
+    kind attends to padded keys only, which the kernel does not take."""
+    relative, offset = [], []
+    for real, padded in bias:
+        if real == float("-inf") and padded != float("-inf"):
+            return None
+        relative.append(float("-inf") if real == float("-inf") else (padded - real) * _LOG2E)
+        offset.append(real)
+    return (*relative, *offset)
+
+
+def key_mask_only(bias) -> bool:
+    """Whether the table only keeps padded keys from being attended, every query alike (``ops.KEY_PADDING``),
+    which the kernel runs without the pair table."""
+    return all(row == (0.0, float("-inf")) for row in bias)
 
 
 def view_coeffs(t: torch.Tensor):
@@ -822,7 +873,7 @@ def _descriptor(t, view, rows):
 
 
 def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config, programs, global_rows, has_pad,
-                 tiles):
+                 pair, tiles):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
@@ -839,13 +890,23 @@ def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, c
     out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
                    and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
-                      OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, TILED=tiles is not None,
+                      OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, PAIR=pair, TILED=tiles is not None,
                       TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2], **config)
     return templates, ints, grid, constexprs
 
 
 _plans: dict[tuple, tuple] = {}
 _launches = DirectLaunches(_headwise_kernel)
+_pair_biases: dict[tuple, torch.Tensor] = {}
+
+
+def _pair_bias(table, device) -> torch.Tensor:
+    """The pair table as the kernel reads it, one tensor per table and device, made once (a copy to
+    the GPU per call would cost more)."""
+    bias = _pair_biases.get((table, device))
+    if bias is None:
+        bias = _pair_biases[(table, device)] = torch.tensor(table, dtype=torch.float32, device=device)
+    return bias
 
 
 def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, tiled=None,
@@ -854,8 +915,8 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views). The
     kernel takes global tokens (text, reference images) before and after the image ``[image_start,
-    image_start + image_len)``, and key padding with the bias ``ops.KEY_PADDING`` (``ops.headwise_attention``
-    sends other biases to the Triton kernel). Without ``tiled`` the launch runs every head but the
+    image_start + image_len)``, and key padding under any bias table that :func:`pair_table` takes
+    (``ops.headwise_attention`` sends the others to the Triton kernel). Without ``tiled`` the launch runs every head but the
     tile heads; with it (``_tile_order.TiledKeys`` of this call) only the tile heads, over queries,
     keys and values in tile order, and ``lse`` (the plain launch's) is filled in. ``config`` is one
     of :func:`tile_configs` (default: the first). ``programs`` sets the number of programs (default:
@@ -865,9 +926,12 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
-    if padding is not None and not key_padding_only(padding):
-        raise ValueError("the Gluon kernel takes key padding only (padded keys never attended, bias "
-                         "ops.KEY_PADDING); use the Triton kernel")
+    table = None
+    if padding is not None and not key_mask_only(padding.bias):
+        table = pair_table(padding.bias)
+        if table is None:
+            raise ValueError(f"the Gluon kernel does not take the padding bias {padding.bias}, under which a query "
+                             "attends to padded keys only; use the Triton kernel")
     batch, seq, heads, dim = q.shape
     device = q.device.index
     if return_lse and lse is None:
@@ -877,37 +941,44 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
             lse.fill_(float("-inf"))
         return out, lse
     key_mask = None if padding is None else padding.mask
+    flags = None
     tiles = None
     if tiled is not None:
         tiles = tiled.tiles
         q, k, v, key_mask = q.index_select(1, tiled.order), tiled.k, tiled.v, tiled.key_mask
         image_len = tiles.slots
         if tiled.slot_pad is not None:  # pad slots are keys no query attends
+            if table is not None:  # under any table: a kind of their own
+                flags = key_mask.to(torch.uint8).masked_fill_(tiled.slot_pad, 2)
             key_mask = tiled.slot_pad.expand(batch, -1) if key_mask is None else key_mask | tiled.slot_pad
+    if table is not None and flags is None:
+        flags = key_mask.contiguous().view(torch.uint8)
     config = config or _DEFAULT_CONFIGS[dim]
     has_pad = key_mask is not None
     key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],
                      config["K_STAGES"], config["V_STAGES"], programs, global_rows, has_pad,
+                     None if flags is None else flags.data_ptr() % 16,
                      None if tiles is None else (tiles.grid, tiles.tile, out.shape[1]))
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config,
-                                          programs, global_rows, has_pad, tiles)
+                                          programs, global_rows, has_pad, flags is not None, tiles)
     templates, ints, grid, constexprs = plan
     descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
-    # Unused without padding: the same pointer type in every such launch.
+    # Unused without padding (or a pair table): the same pointer type in every such launch.
     pad = head_modes if key_mask is None else torch.nn.functional.pad(key_mask.cumsum(1, dtype=torch.int32), (1, 0))
+    pair = (head_modes, head_modes) if flags is None else (flags, _pair_bias(table, q.device))
     with on_device(device):
-        args = (*descs, out, lse_arg, head_modes, _counter(device), pad, *ints, scale * _LOG2E)
+        args = (*descs, out, lse_arg, head_modes, _counter(device), pad, *pair, *ints, scale * _LOG2E)
         _launches(key, grid, args, constexprs, _LAUNCH)
     return out, lse
 
 
 def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True, has_pad=False,
-                 tile=None):
+                 tile=None, pair=False):
     """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel
-    (``tile``: the tiled launch for that tile shape).
+    (``tile``: the tiled launch for that tile shape; ``pair``: padding under a pair table).
 
     For checks and resource reports: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``.
     """
@@ -927,17 +998,18 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
                "s_modes"]
     signature = {"q_desc": desc(TILE_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
                  "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32",
-                 "PAD": "*i32", "qk_scale": "fp32",
+                 "PAD": "*i32", "FLAGS": "*u8" if pair else "*i32", "PAIR_BIAS": "*fp32" if pair else "*i32",
+                 "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
     constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
-                  "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad, "TILED": tile is not None,
+                  "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad or pair, "PAIR": pair, "TILED": tile is not None,
                   **dict(zip(("TILE_T", "TILE_H", "TILE_W"), tile or (1, 1, 1))), **config}
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in names}
     constexprs = {(names.index(name),): value for name, value in constexprs.items()}
     # The alignment the JIT sees on a contiguous launch: 16-byte pointers, output strides of 16k.
-    aligned = ("O", "LSE", "MODES", "COUNTER", "PAD", "sob", "sos", "soh")
+    aligned = ("O", "LSE", "MODES", "COUNTER", "PAD", "FLAGS", "PAIR_BIAS", "sob", "sos", "soh")
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(_headwise_kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(_LAUNCH))
