@@ -8,8 +8,8 @@
 The other families at real size (``--runs KIND:SIZE``): ``flux-kontext`` (FLUX.1-dev with a
 reference image as large as the target), ``flux2`` (FLUX.2 [dev], 32B: an H200), ``chroma``,
 ``qwenimage``, ``zimage``, ``hunyuanimage``; Chroma, Qwen-Image and HunyuanImage get a text mask
-(40% of the text real), as their pipelines pass one, so their layers run the Triton kernel with key
-padding. Where a mask rules out the flash SDPA backend, its columns stay empty.
+(40% of the text real), as their pipelines pass one, which their compressed layers take in the fused
+kernel. Where a mask rules out the flash SDPA backend, its columns stay empty.
 
 Video families (``--runs KIND:HxWxF``, pixels and frames): ``hunyuanvideo`` (13B; 720x1280x129 is
 33 x 45 x 80 = 118,800 latent patches, 256 text tokens, 40% real), ``wan`` (Wan 2.1 14B; 720x1280x81
