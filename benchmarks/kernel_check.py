@@ -300,14 +300,15 @@ def precompile():
 def gluon_variants(case) -> set:
     """The Gluon kernel's compiled variants a case launches: (dtype, head dim, LSE, key mask, pair
     table, output off 16-byte alignment, tile shape or None), the plain launch's and, on a grid, the
-    tiled one's."""
+    tiled one's (whose key mask also covers the pad slots of a ragged grid)."""
     padded = case["padding"] is not None
     pair = padded and case["padding"]["table"] != "keys"
     common = (case["dtype"], case["dim"], case["return_lse"])
     unaligned = case["out_layout"] == "unaligned"
     variants = {(*common, padded, pair, unaligned, None)}
     if case["grid"] is not None:
-        variants.add((*common, padded, pair, unaligned, tuple(case["tile"])))
+        ragged = ops.TileGrid(case["grid"], case["tile"]).ragged
+        variants.add((*common, padded or ragged, pair, unaligned, tuple(case["tile"])))
     return variants
 
 

@@ -249,28 +249,10 @@ def test_pad_slots_are_the_slots_that_partial_tiles_leave(grid, tile, before, af
     # Every token keeps a slot of its own; the pad slots are the others.
     order = slot_order(layout, torch.device("cpu"))
     assert sorted(order[~flags].tolist()) == list(range(layout.seq_len))
-
-
-@pytest.mark.parametrize("grid,tile,before,after", LAYOUTS)
-def test_pad_slots_follow_from_each_tiles_coordinates(grid, tile, before, after):
-    # The Gluon kernel's tiled launch masks pad slots from a key tile's grid coordinates instead of
-    # loading flags (_gluon._mask_pad_slots): the patches inside the grid along each axis, compared
-    # with each slot's offset in its tile. That rule gives exactly pad_slots.
-    layout = layout_of(grid, tile, before, after)
-    tiles = layout.tile_grid()
-    _, count_h, count_w = tiles.counts
-    offset = torch.arange(IMAGE_BLOCK)
-    masks = []
-    for index in range(tiles.slots // IMAGE_BLOCK):
-        inside = [extent - coordinate * size for extent, coordinate, size in
-                  zip(grid, (index // (count_h * count_w), index // count_w % count_h, index % count_w), tile)]
-        assert min(inside) >= 1  # no tile lies wholly outside the grid
-        kept = ((offset // (tile[1] * tile[2]) < inside[0]) & (offset // tile[2] % tile[1] < inside[1])
-                & (offset % tile[2] < inside[2]))
-        masks.append(~kept)
-    image = slice(layout.image_start, layout.image_start + tiles.slots)
-    flags = pad_slots(layout, torch.device("cpu"))
-    assert torch.equal(torch.cat(masks), flags[image]) and not flags[: image.start].any() and not flags[image.stop:].any()
+    keys = tiled_keys(*_qkv(1, layout.seq_len, 1)[1:], None, layout)
+    assert (keys.slot_pad is None) == (not tiles.ragged)
+    if tiles.ragged:
+        assert torch.equal(keys.slot_pad, flags)
 
 
 # --- the reorder into tile order ------------------------------------------------------------

@@ -32,8 +32,8 @@ Tile windows run in a second launch of the same kernel (``TILED``), as in the Tr
 queries, keys and values gathered into tile order (``_tile_order``: each 128-slot image block one
 t x h x w grid tile, pad slots where a tile is partial). A query item is one grid tile; its key
 tiles are the global ones, then the window's box of grid tiles, ``(2wt+1)(2wh+1)`` runs of
-contiguous blocks. Pad slots are keys that the softmax masks from the key tile's grid coordinates
-(no loads), and query rows the epilogue does not store: it writes each row at its raster position. Each launch runs only its own
+contiguous blocks. Pad slots are keys that the key mask (``HAS_PAD``) keeps out, and query rows the
+epilogue does not store: it writes each row at its raster position. Each launch runs only its own
 heads (tile heads in the tiled one, the others in the plain one).
 
 Item order and head ranking are computed in the kernel from ``head_modes`` exactly as in the
@@ -440,40 +440,15 @@ def _key_pad(PAD, pair, slot, b, pos, valid, seq_len, BLOCK_N: gl.constexpr, HAS
 
 
 @gluon.jit
-def _mask_pad_slots(s, pos, tiling, BLOCK_N: gl.constexpr, layout: gl.constexpr, TILE_T: gl.constexpr,
-                    TILE_H: gl.constexpr, TILE_W: gl.constexpr):
-    """Scores of the tiled launch's key tile at ``pos`` with its pad slots at -inf: where the tile is
-    a partial grid tile, the slots past the grid, found from the tile's coordinates (a few scalar
-    operations a key tile; no loads). Global key tiles are left as they are."""
-    image_start, num_image, grid_t, grid_h, grid_w, n_h, n_w = tiling
-    tile = (pos - image_start) // IMAGE_BLOCK
-    # Patches of the grid inside this tile, per axis (at least one each).
-    in_t = grid_t - tile // (n_h * n_w) * TILE_T
-    in_h = grid_h - tile // n_w % n_h * TILE_H
-    in_w = grid_w - tile % n_w * TILE_W
-    image = (pos >= image_start) & (pos < image_start + num_image)
-    if image & ((in_t < TILE_T) | (in_h < TILE_H) | (in_w < TILE_W)):
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-        inside = (cols // (TILE_H * TILE_W) < in_t) & (cols // TILE_W % TILE_H < in_h) & (cols % TILE_W < in_w)
-        s = gl.where(inside[None, :], s, float("-inf"))
-    return s
-
-
-@gluon.jit
-def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, geometry, BLOCK_N: gl.constexpr, layout: gl.constexpr,
-             HAS_PAD: gl.constexpr, PAIR: gl.constexpr, TILED: gl.constexpr, TILE_T: gl.constexpr,
-             TILE_H: gl.constexpr, TILE_W: gl.constexpr):
-    """Online-softmax step over one score tile, in log2 units; masks columns past a partial tile, (in
-    the tiled launch) the pad slots of a partial grid tile, and (``HAS_PAD``) padded keys, of which
-    ``k_pad`` is (running counts, how many in this tile). With ``PAIR`` a padded key's score gets its
-    query kind's bias relative to a real key instead (see :func:`pair_table`; ``k_pad`` from
-    :func:`_key_pad`). ``geometry`` is (sequence length, the tiled launch's tiling)."""
-    seq_len, tiling = geometry
+def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N: gl.constexpr, layout: gl.constexpr,
+             HAS_PAD: gl.constexpr, PAIR: gl.constexpr):
+    """Online-softmax step over one score tile, in log2 units; masks columns past a partial tile and
+    (``HAS_PAD``) padded keys, of which ``k_pad`` is (running counts, how many in this tile). With
+    ``PAIR`` a padded key's score gets its query kind's bias relative to a real key instead (see
+    :func:`pair_table`; ``k_pad`` from :func:`_key_pad`), and a pad slot (flag 2) -inf."""
     if valid < BLOCK_N:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         s = gl.where((cols < valid)[None, :], s, float("-inf"))
-    if TILED:
-        s = _mask_pad_slots(s, pos, tiling, BLOCK_N, layout, TILE_T, TILE_H, TILE_W)
     if PAIR:
         flags, n_pad, first_row, PAIR_BIAS = k_pad
         if n_pad > 0:
@@ -483,7 +458,9 @@ def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, geometry, BLOCK_N: gl.con
             query_padded = gl.load(flags + rows, mask=rows < seq_len, other=0) == 1
             # The table is in log2 units and s is not scaled yet.
             relative = gl.where(query_padded, gl.load(PAIR_BIAS + 1), gl.load(PAIR_BIAS)) / qk_scale
-            s = s + gl.where(key_flag[None, :] != 0, relative[:, None], 0.0)
+            bias = gl.where(key_flag[None, :] == 1, relative[:, None],
+                            gl.where(key_flag[None, :] == 0, 0.0, float("-inf")))
+            s = s + bias
     elif HAS_PAD:
         counts, n_pad = k_pad
         if n_pad > 0:
@@ -618,7 +595,6 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
     ROWS: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = k_smem.dtype
     pair = (FLAGS, PAIR_BIAS, sched, WG * ROWS)
-    geometry = (seq_len, out_args[10])
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -651,8 +627,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
         mbarrier.arrive(k_empty.index(0), count=1)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, geometry, BLOCK_N, s_layout,
-                                      HAS_PAD, PAIR, TILED, TILE_T, TILE_H, TILE_W)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N, s_layout, HAS_PAD, PAIR)
         p_op = _pack_p(p, dtype)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         c = 1  # key tiles whose QK^T has been issued, over all items
@@ -672,8 +647,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
-                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, geometry, BLOCK_N,
-                                              s_layout, HAS_PAD, PAIR, TILED, TILE_T, TILE_H, TILE_W)
+                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N, s_layout, HAS_PAD, PAIR)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
@@ -706,9 +680,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 mbarrier.arrive(k_empty.index(st), count=1)
                 m_next = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l_next = gl.zeros([ROWS], gl.float32, layout=row_layout)
-                p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, k_pad, pos, qk_scale, geometry,
-                                                    BLOCK_N, s_layout, HAS_PAD, PAIR, TILED, TILE_T, TILE_H,
-                                                    TILE_W)
+                p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N,
+                                                    s_layout, HAS_PAD, PAIR)
                 p_op = _pack_p(p, dtype)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
@@ -746,7 +719,8 @@ def _headwise_kernel(
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides. PAD is (B, S + 1)
     # int32, the padded keys before each position (read only with HAS_PAD). With PAIR, FLAGS is the
-    # (B, S) uint8 padding flags and PAIR_BIAS the fp32 table of pair_table.
+    # (B, S) uint8 kind of each token (0 real, 1 padding, 2 a pad slot of the tiled launch) and
+    # PAIR_BIAS the fp32 table of pair_table.
     # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
     # left, so the longest-first order holds across the launch and no program idles while work waits.
     # Global (text, reference) rows: [0, image_start) and [image_start + num_image, seq_len).
@@ -760,7 +734,6 @@ def _headwise_kernel(
     if TILED:
         gl.static_assert(TILE_T * TILE_H * TILE_W == IMAGE_BLOCK, "a tile is one image block")
         gl.static_assert(BLOCK_M == IMAGE_BLOCK, "a tiled query item is one grid tile")
-        gl.static_assert(BLOCK_N == IMAGE_BLOCK, "a tiled key tile is one grid tile")
     head_at, mode_at, n_full_heads, n_arrow_heads, n_skip_heads = _rank_table(MODES, s_modes, num_heads, counts,
                                                                               HEADS_POW2, TILED)
     # Without GLOBAL_ROWS the arrow heads' text-query tiles are no work items: their rows stay unwritten.
@@ -968,12 +941,18 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
             lse.fill_(float("-inf"))
         return out, lse
     key_mask = None if padding is None else padding.mask
+    flags = None
     tiles = None
     if tiled is not None:
         tiles = tiled.tiles
         q, k, v, key_mask = q.index_select(1, tiled.order), tiled.k, tiled.v, tiled.key_mask
-        image_len = tiles.slots  # the kernel masks the pad slots from the grid
-    flags = None if table is None else key_mask.contiguous().view(torch.uint8)
+        image_len = tiles.slots
+        if tiled.slot_pad is not None:  # pad slots are keys no query attends
+            if table is not None:  # under any table: a kind of their own
+                flags = key_mask.to(torch.uint8).masked_fill_(tiled.slot_pad, 2)
+            key_mask = tiled.slot_pad.expand(batch, -1) if key_mask is None else key_mask | tiled.slot_pad
+    if table is not None and flags is None:
+        flags = key_mask.contiguous().view(torch.uint8)
     config = config or _DEFAULT_CONFIGS[dim]
     has_pad = key_mask is not None
     key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],

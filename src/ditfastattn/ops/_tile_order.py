@@ -23,13 +23,15 @@ from ..model import TokenLayout
 class TiledKeys(NamedTuple):
     """``k`` and ``v`` as (B, S', H, D) in tile order, S' = global tokens + ``tiles.slots``; ``key_mask``
     the key padding flags (B, S') in the same order, or None; ``order`` the (S',) sequence index each
-    position copies (:func:`slot_order`), for a kernel that reads queries in tile order too."""
+    position copies (:func:`slot_order`), for a kernel that reads queries in tile order too;
+    ``slot_pad`` the (S',) flags of the pad slots (:func:`pad_slots`), None when every tile is whole."""
 
     k: torch.Tensor
     v: torch.Tensor
     key_mask: torch.Tensor | None
     tiles: TileGrid
     order: torch.Tensor
+    slot_pad: torch.Tensor | None
 
 
 @functools.lru_cache(maxsize=64)
@@ -64,4 +66,6 @@ def tiled_keys(k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, 
     """``k``, ``v`` and the key padding flags of one call in tile order (one gather each)."""
     order = slot_order(layout, k.device)
     mask = None if key_mask is None else key_mask.index_select(1, order)
-    return TiledKeys(k.index_select(1, order), v.index_select(1, order), mask, layout.tile_grid(), order)
+    tiles = layout.tile_grid()
+    slot_pad = pad_slots(layout, k.device) if tiles.ragged else None
+    return TiledKeys(k.index_select(1, order), v.index_select(1, order), mask, tiles, order, slot_pad)
