@@ -126,6 +126,23 @@ def test_gluon_takes_every_table_but_padded_keys_only():
     assert reason is not None and "impl='triton'" in reason
 
 
+@needs_gluon
+def test_a_pair_table_first_seen_under_graph_capture_is_refused_clearly(monkeypatch):
+    # The table goes to the device once per table; that copy cannot be captured, so a first launch
+    # inside capture says to warm up, as the work counter does.
+    from ditfastattn.ops import _gluon
+
+    monkeypatch.setattr(_gluon, "_pair_biases", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be inside CUDA graph capture.*warm-up"):
+        _gluon._pair_bias((0.25, -1.0, 0.0, 0.5), torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    table = _gluon._pair_bias((0.25, -1.0, 0.0, 0.5), torch.device("cpu"))
+    assert table.tolist() == [0.25, -1.0, 0.0, 0.5]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _gluon._pair_bias((0.25, -1.0, 0.0, 0.5), torch.device("cpu")) is table  # made before: no copy
+
+
 TABLES = [
     ((0.0, -math.inf), (0.0, -math.inf)),  # KEY_PADDING
     ((0.0, -math.inf), (-math.inf, -math.inf)),  # PAIR_PADDING: padded queries attend to nothing

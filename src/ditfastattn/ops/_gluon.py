@@ -905,6 +905,9 @@ def _pair_bias(table, device) -> torch.Tensor:
     the GPU per call would cost more)."""
     bias = _pair_biases.get((table, device))
     if bias is None:
+        if torch.cuda.is_current_stream_capturing():  # a copy from the host cannot be captured
+            raise RuntimeError(f"the Gluon kernel's first launch with the padding bias {table} cannot be inside CUDA "
+                               "graph capture; call it once before capturing (warm-up)")
         bias = _pair_biases[(table, device)] = torch.tensor(table, dtype=torch.float32, device=device)
     return bias
 
