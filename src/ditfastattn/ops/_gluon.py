@@ -502,9 +502,9 @@ def _out_rows(rows, q_end, tiling, TILE_T: gl.constexpr, TILE_H: gl.constexpr, T
 
 
 @gluon.jit
-def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, pair, WG: gl.constexpr, RETURN_LSE: gl.constexpr,
-              OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr, PAIR: gl.constexpr, TILED: gl.constexpr,
-              TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
+def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, pair, WG: gl.constexpr,
+              RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr, PAIR: gl.constexpr,
+              TILED: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
     """Normalise one warpgroup's rows of a finished item and store them (and their log-sum-exp). With
     ``PAIR`` each row's log-sum-exp gets its query kind's real-key bias, and a row whose kind attends
     to nothing outputs 0 (log-sum-exp -inf).
@@ -627,7 +627,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
         mbarrier.arrive(k_empty.index(0), count=1)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N, s_layout, HAS_PAD, PAIR)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N, s_layout,
+                                      HAS_PAD, PAIR)
         p_op = _pack_p(p, dtype)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         c = 1  # key tiles whose QK^T has been issued, over all items
@@ -647,7 +648,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
-                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N, s_layout, HAS_PAD, PAIR)
+                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N,
+                                              s_layout, HAS_PAD, PAIR)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
@@ -890,8 +892,8 @@ def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, c
     out_aligned = (out.stride(3) == 1 and out.data_ptr() % 16 == 0
                    and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
-                      OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, PAIR=pair, TILED=tiles is not None,
-                      TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2], **config)
+                      OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, PAIR=pair,
+                      TILED=tiles is not None, TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2], **config)
     return templates, ints, grid, constexprs
 
 
@@ -919,10 +921,10 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views). The
     kernel takes global tokens (text, reference images) before and after the image ``[image_start,
     image_start + image_len)``, and key padding under any bias table that :func:`pair_table` takes
-    (``ops.headwise_attention`` sends the others to the Triton kernel). Without ``tiled`` the launch runs every head but the
-    tile heads; with it (``_tile_order.TiledKeys`` of this call) only the tile heads, over queries,
-    keys and values in tile order, and ``lse`` (the plain launch's) is filled in. ``config`` is one
-    of :func:`tile_configs` (default: the first). ``programs`` sets the number of programs (default:
+    (``ops.headwise_attention`` sends the others to the Triton kernel). Without ``tiled`` the launch
+    runs every head but the tile heads; with it (``_tile_order.TiledKeys`` of this call) only the
+    tile heads, over queries, keys and values in tile order, and ``lse`` (the plain launch's) is
+    filled in. ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the number of programs (default:
     one per SM, or one per work item if fewer), so that small checks can make each program take many
     items. ``global_rows=False`` leaves the text-query rows of arrow and tile heads unwritten (not
     with ``return_lse``).
