@@ -2,10 +2,11 @@
 
 Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp16/bf16, batch 1-3,
 1-8 heads, text lengths 0/77/154/333/512 at the start or the end, image lengths with and without a
-partial last block, a second global segment after the image (reference-image
-tokens, as FLUX.1 Kontext and FLUX.2 place them), key padding under each bias table (key masks,
-boolean and float 0/1 masks between queries and keys; runs of padding at the end of the text, scattered padded tokens, batch elements with every key padded), random per-head plans (full, skip, arrows of every width), gridded
-layouts (a third of the cases: frames x rows x cols with tiles of 2 x 8 x 8 or 1 x 8 x 16, most
+partial last block, a second global segment after the image (reference-image tokens, as FLUX.1
+Kontext and FLUX.2 place them), key padding under each bias table (key masks, boolean and float
+0/1 masks between queries and keys; runs of padding at the end of the text, scattered padded
+tokens, batch elements with every key padded), random per-head plans (full, skip, arrows of every
+width), gridded layouts (a third of the cases: frames x rows x cols with tiles of 2 x 8 x 8 or 1 x 8 x 16, most
 grids ragged so that tiles are partial, tile windows of every extent mixed with full, skip and band
 heads in one call, run as the op runs them: the plain launch, then the tiled one over keys and
 values in tile order), tensor layouts that take the TMA path ((B, S, H, D), (B, H, S, D)
