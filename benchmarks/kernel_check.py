@@ -71,12 +71,18 @@ def kernel_module(impl):
 
 
 def random_grid(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """A grid and tile shape: mostly ragged (partial tiles along some axes), sometimes whole tiles,
-    sometimes smaller than one tile."""
+    """A grid and tile shape: mostly ragged (partial tiles along some axes; a third of these only where
+    a partial tile's pad slots end its block, which the Gluon kernel masks without loads), sometimes
+    whole tiles, sometimes smaller than one tile."""
     tile = rng.choice(TILES)
     while True:
-        if rng.random() < 0.2:  # whole tiles along every axis
+        draw = rng.random()
+        if draw < 0.2:  # whole tiles along every axis
             grid = tuple(t * rng.randint(1, 4) for t in tile)
+        elif draw < 0.45:  # whole along cols, and along rows unless a tile is one frame deep
+            size_t, size_h, size_w = tile
+            rows = rng.randint(1, 40) if size_t == 1 else size_h * rng.randint(1, 4)
+            grid = (rng.randint(1, 3 if size_t == 1 else 9), rows, size_w * rng.randint(1, 4))
         else:
             grid = (1 if tile[0] == 1 else rng.randint(1, 9), rng.randint(1, 40), rng.randint(1, 60))
         if math.prod(grid) <= MAX_GRID_TOKENS:
@@ -300,31 +306,38 @@ def precompile():
 
 def gluon_variants(case) -> set:
     """The Gluon kernel's compiled variants a case launches: (dtype, head dim, LSE, key mask, pair
-    table, output off 16-byte alignment, tile shape or None), the plain launch's and, on a grid, the
-    tiled one's (whose key mask also covers the pad slots of a ragged grid)."""
+    table, output off 16-byte alignment, tile shape or None, pad slots ending each block), the plain
+    launch's and, on a grid, the tiled one's (whose key mask also covers the pad slots of a ragged
+    grid where they do not end each block)."""
+    from ditfastattn.ops import _gluon
+
     padded = case["padding"] is not None
     pair = padded and case["padding"]["table"] != "keys"
     common = (case["dtype"], case["dim"], case["return_lse"])
     unaligned = case["out_layout"] == "unaligned"
-    variants = {(*common, padded, pair, unaligned, None)}
+    variants = {(*common, padded, pair, unaligned, None, False)}
     if case["grid"] is not None:
-        ragged = ops.TileGrid(case["grid"], case["tile"]).ragged
-        variants.add((*common, padded or ragged, pair, unaligned, tuple(case["tile"])))
+        tiles = ops.TileGrid(case["grid"], case["tile"])
+        tail = _gluon.pad_tail(tiles)
+        variants.add((*common, padded or (tiles.ragged and not tail), pair, unaligned, tuple(case["tile"]), tail))
     return variants
 
 
 def precompile_gluon(cases):
     """Compile the Gluon kernel's variants that ``cases`` launch ahead, in threads, by launching each
-    on a small input (a whole grid of its tile shape for the tiled launch)."""
+    on a small input (for the tiled launch a grid of its tile shape, whole or ragged as the variant needs)."""
     from ditfastattn.ops import _gluon
 
     jobs = sorted(set().union(*(gluon_variants(case) for case in cases)), key=repr)
 
     def one(job):
-        dtype, dim, return_lse, padded, pair, unaligned, tile = job
+        dtype, dim, return_lse, padded, pair, unaligned, tile, tail = job
         gen = torch.Generator(device="cuda").manual_seed(0)
-        image = 178 if tile is None else 2 * math.prod(tile)
-        grid = None if tile is None else (tile[0], tile[1], 2 * tile[2])
+        grid = None
+        if tile is not None:  # whole tiles, or (tail) partial ones along the axis whose pad slots end a block
+            grid = (tile[0] + 1, tile[1], 2 * tile[2]) if tail and tile[0] > 1 else (
+                tile[0], tile[1] + 3 if tail else tile[1], 2 * tile[2])
+        image = 178 if tile is None else math.prod(grid)
         q, k, v = (make_tensor((1, 77 + image, 3, dim), DTYPES[dtype], "bshd", gen) for _ in range(3))
         modes = torch.tensor([MODE_FULL, 0 if tile is None else ops.tile_mode(0, 0, 0), MODE_SKIP], dtype=torch.int32,
                              device="cuda")

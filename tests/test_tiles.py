@@ -255,6 +255,49 @@ def test_pad_slots_are_the_slots_that_partial_tiles_leave(grid, tile, before, af
         assert torch.equal(keys.slot_pad, flags)
 
 
+# Ragged grids whose partial tiles hold their patches in their first slots (whole along cols; along
+# rows too unless a tile is one frame deep), and two whose pad slots do not end their blocks.
+TAIL_GRIDS = [((3, 45, 80), (1, 8, 16), True), ((1, 5, 32), (1, 8, 16), True), ((5, 16, 24), (2, 8, 8), True),
+              ((3, 8, 8), (2, 8, 8), True), ((33, 45, 80), (2, 8, 8), False), ((1, 13, 11), (1, 8, 16), False)]
+
+
+@pytest.mark.parametrize("grid,tile,tail", TAIL_GRIDS)
+def test_pad_slots_that_end_each_block_follow_from_the_run(grid, tile, tail):
+    # Where _gluon.pad_tail holds, the Gluon tiled launch takes each image key tile's valid slots
+    # from its run in the window's box (the row-tile and frame-tile it lies in, from the item's box
+    # bounds), as _work and _key_tile compute them, and masks the rest like a partial key tile.
+    # That count must be the tile's leading non-pad slots, with only pad slots after them, for
+    # every window and query tile.
+    from ditfastattn.ops import _gluon
+
+    layout = layout_of(grid, tile, 0, 0)
+    tiles = layout.tile_grid()
+    assert _gluon.pad_tail(tiles) == tail
+    if not tail:
+        return
+    pad = pad_slots(layout, torch.device("cpu")).view(-1, IMAGE_BLOCK)
+    n_t, n_h, n_w = tiles.counts
+    frames = grid[0] - (n_t - 1) * tile[0]
+    rows = grid[1] - (n_h - 1) * tile[1]
+    for mode in windows_for(tiles):
+        wt, wh, ww = tile_window(mode)
+        for query in range(n_t * n_h * n_w):
+            at = (query // (n_h * n_w), query // n_w % n_h, query % n_w)
+            (a_lo, a_end), (b_lo, b_end), (c_lo, c_end) = (
+                (max(0, c - w), min(n, c + w + 1)) for c, w, n in zip(at, (wt, wh, ww), (n_t, n_h, n_w)))
+            runs_b, per_run = b_end - b_lo, c_end - c_lo
+            tail_run = (n_t - 1 - a_lo) * runs_b if a_end == n_t else 1 << 30
+            tail_row = n_h - 1 - b_lo if b_end == n_h else -1
+            start = (a_lo * n_h + b_lo) * n_w + c_lo
+            for i in range((a_end - a_lo) * runs_b * per_run):
+                run, row = i // per_run, i // per_run % runs_b
+                block = start + ((run // runs_b) * n_h + row) * n_w + i - run * per_run
+                valid = (rows if row == tail_row else tile[1]) * tile[2]
+                if tile[0] > 1:
+                    valid *= frames if run >= tail_run else tile[0]
+                assert not pad[block, :valid].any() and pad[block, valid:].all(), (mode, query, i)
+
+
 # --- the reorder into tile order ------------------------------------------------------------
 
 @pytest.mark.parametrize("grid,tile,before,after", LAYOUTS)

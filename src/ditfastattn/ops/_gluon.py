@@ -32,8 +32,11 @@ Tile windows run in a second launch of the same kernel (``TILED``), as in the Tr
 queries, keys and values gathered into tile order (``_tile_order``: each 128-slot image block one
 t x h x w grid tile, pad slots where a tile is partial). A query item is one grid tile; its key
 tiles are the global ones, then the window's box of grid tiles, ``(2wt+1)(2wh+1)`` runs of
-contiguous blocks. Pad slots are keys that the key mask (``HAS_PAD``) keeps out, and query rows the
-epilogue does not store: it writes each row at its raster position. Each launch runs only its own
+contiguous blocks. Pad slots are keys that the key mask (``HAS_PAD``) keeps out or, where every
+partial tile's pad slots end its block (``PAD_TAIL``: whole along cols, and along rows unless a tile
+is one frame deep, as at 720p in 1 x 8 x 16 tiles), keys masked like the columns past a partial key
+tile, from the run each key tile lies in (no loads); and query rows the epilogue does not store: it
+writes each row at its raster position. Each launch runs only its own
 heads (tile heads in the tiled one, the others in the plain one).
 
 Item order and head ranking are computed in the kernel from ``head_modes`` exactly as in the
@@ -188,12 +191,17 @@ def _scalar(ref):
 
 
 @gluon.jit
-def _key_tile(j, start1, len1, box, image_start, num_image, seq_len, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
+def _key_tile(j, start1, len1, box, image_start, num_image, seq_len, BLOCK_N: gl.constexpr, TILED: gl.constexpr,
+              tail, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
     """Start row and valid row count of key tile j: the tiles of the global keys before the image,
     then of those after it, then the image range's (``start1``, ``len1``). In the tiled launch the
     image range is ``box`` = (per_run, runs_b, n_h, n_w): runs of ``per_run`` key tiles, ``runs_b``
     of them a frame-tile (each a tile row, ``n_w`` grid tiles, after the last), frame-tiles
-    ``n_h * n_w`` grid tiles apart.
+    ``n_h * n_w`` grid tiles apart. With ``PAD_TAIL`` (a ragged grid whose partial tiles hold their
+    patches in their first slots) an image tile's valid rows are the patches it holds, from
+    ``tail`` = (first run in the grid's last frame-tile, row-tile offset of the grid's last
+    row-tile, frames in that frame-tile, rows in that row-tile): the pad slots are then masked like
+    the columns past a partial tile, with no loads.
 
     Global keys first: all items of a head read the same global tiles, so the first key tile of an
     item, which the step between items waits on, is likely still in L2. Measured against the band
@@ -213,8 +221,15 @@ def _key_tile(j, start1, len1, box, image_start, num_image, seq_len, BLOCK_N: gl
     else:
         image = start1 + i * BLOCK_N
     pos = gl.where(before, j * BLOCK_N, gl.where(after, after_start + (j - n_before) * BLOCK_N, image))
+    if PAD_TAIL:
+        tail_run, tail_row, frames, rows = tail
+        image_valid = gl.where(run % runs_b == tail_row, rows, TILE_H) * TILE_W
+        if TILE_T > 1:
+            image_valid = image_valid * gl.where(run >= tail_run, frames, TILE_T)
+    else:
+        image_valid = len1 - (j - n_global) * BLOCK_N
     valid = gl.where(before, image_start - j * BLOCK_N,
-                     gl.where(after, seq_len - after_start - (j - n_before) * BLOCK_N, len1 - (j - n_global) * BLOCK_N))
+                     gl.where(after, seq_len - after_start - (j - n_before) * BLOCK_N, image_valid))
     return pos, valid
 
 
@@ -235,7 +250,8 @@ def _rows(tile, n_text_tiles, n_before_tiles, image_start, num_image, seq_len):
 def _work(t, geometry, table, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
     """Work item t (t below the count of items that compute) as
     (batch, head, first query row, end query row, key range start, its length, key tiles, key tiles
-    per run, runs per frame-tile); the last two are 1 outside the tiled launch.
+    per run, runs per frame-tile, and ``_key_tile``'s first two ``tail`` values); the last four are
+    1, 1, 0, 0 outside the tiled launch.
 
     Items run longest first: every full-row query tile (all tiles of full heads, then the text-query
     tiles of arrow heads, none without ``GLOBAL_ROWS``), then the arrow heads' image tiles by
@@ -273,15 +289,19 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
         c_lo, c_end = _axis_range(image_tile % n_w, mode & HALF_MASK, n_w, banded)
         runs_b = b_end - b_lo
         per_run = (c_end - c_lo) * (IMAGE_BLOCK // BLOCK_N)
+        # Where the box meets the grid's last frame-tile and row-tile (for PAD_TAIL).
+        tail_run = gl.where(a_end == n_t, (n_t - 1 - a_lo) * runs_b, 1 << 30)
+        tail_row = gl.where(b_end == n_h, n_h - 1 - b_lo, -1)
         n_image_keys = (a_end - a_lo) * runs_b * per_run
         start = image_start + ((a_lo * n_h + b_lo) * n_w + c_lo) * IMAGE_BLOCK
-        return b, h, q_start, q_end, start, n_image_keys * BLOCK_N, n_image_keys + n_global, per_run, runs_b
+        return (b, h, q_start, q_end, start, n_image_keys * BLOCK_N, n_image_keys + n_global, per_run, runs_b,
+                tail_run, tail_row)
     else:
         block = image_tile * BLOCK_M // IMAGE_BLOCK
         w = gl.minimum(gl.maximum(mode, 0), gl.cdiv(num_image, IMAGE_BLOCK))
         lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
         hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
-        return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + n_global, 1, 1
+        return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + n_global, 1, 1, 0, 0
 
 
 @gluon.jit
@@ -296,7 +316,8 @@ def _axis_range(at, half, count, banded):
 # What the producer tells the consumers of an item, in its query buffer's slot of ``sched``:
 # (item or -1 when no work is left, key tiles, length of the first key range, batch, head, first
 # query row, end query row, start of the first key range, and in the tiled launch key tiles per
-# run and runs per frame-tile). The slot stays until the consumers release the query buffer.
+# run and runs per frame-tile). The slot stays until the consumers release the query buffer. With
+# PAD_TAIL two more per slot follow all slots' fields (:func:`_tail_field`).
 ITEM_FIELDS = gl.constexpr(10)
 
 
@@ -312,6 +333,12 @@ def _field(sched, slot, i: gl.constexpr):
 
 
 @gluon.jit
+def _tail_field(sched, slot, i: gl.constexpr):
+    """Field ``i`` of the PAD_TAIL pair (``_key_tile``'s first two ``tail`` values) of a slot."""
+    return _scalar(sched.index(2 * ITEM_FIELDS + slot * 2 + i))
+
+
+@gluon.jit
 def _load_ring(desc, smem, ready, empty, g, row, col, STAGES: gl.constexpr):
     """Tile ``g`` (counted over all items) of a key or value ring, once its buffer is free."""
     s = g % STAGES
@@ -322,7 +349,8 @@ def _load_ring(desc, smem, ready, empty, g, row, col, STAGES: gl.constexpr):
 
 @gluon.jit
 def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter,
-              BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILED: gl.constexpr):
+              BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILED: gl.constexpr,
+              PAD_TAIL: gl.constexpr):
     """Takes work items, longest first, and issues their TMA loads: the query tile into one of two
     buffers (its item number beside it, for the consumers), then key and value tiles into the rings,
     counted over all items.
@@ -352,21 +380,27 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
     v_col = 0
     t = gl.program_id(0)
     while t < end3:
-        b, h, q_start, q_end, start1, len1, n_kv, per_run, runs_b = _work(t, geometry, table, BLOCK_N, TILED)
+        b, h, q_start, q_end, start1, len1, n_kv, per_run, runs_b, tail_run, tail_row = _work(t, geometry, table,
+                                                                                              BLOCK_N, TILED)
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
         mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
         _publish(sched, qs, (t, n_kv, len1, b, h, q_start, q_end, start1), one)
         if TILED:
             _publish(sched, qs, (per_run, runs_b), one, 8)
+            if PAD_TAIL:
+                for i in gl.static_range(2):
+                    sched.index(2 * ITEM_FIELDS + qs * 2 + i).store(gl.full([1], (tail_run, tail_row)[i], gl.int32,
+                                                                            layout=one))
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + q_start, h * q_ch], q_ready.index(qs),
                                         q_smem.index(qs))
         # The next ticket's latency hides behind this item's loads.
         t = gl.num_programs(0) + gl.atomic_add(counter, 1, sem="relaxed")
         for j in range(n_kv):
+            # Only the position is read here (no valid rows, so PAD_TAIL off and its tail unused).
             pos, valid = _key_tile(j, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
-                                   BLOCK_N, TILED)
+                                   BLOCK_N, TILED, (per_run, runs_b, n_h, n_w), False, 1, 1, 1)
             _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch, K_STAGES)
             if c + j > 0:
                 _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
@@ -577,8 +611,8 @@ def _epilogue(acc, m_i, l_i, sched, slot, scratch, q_empty, out_args, pair, WG: 
 def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS, PAIR_BIAS,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
               V_STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr,
-              PAIR: gl.constexpr, TILED: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr,
-              TILE_W: gl.constexpr):
+              PAIR: gl.constexpr, TILED: gl.constexpr, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr,
+              TILE_H: gl.constexpr, TILE_W: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
 
     Each step issues QK^T of the next tile, then PV of the previous one, and runs the softmax of the
@@ -595,6 +629,9 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
     ROWS: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = k_smem.dtype
     pair = (FLAGS, PAIR_BIAS, sched, WG * ROWS)
+    # The grid's last frame-tile and row-tile: how many frames and rows of patches they hold.
+    frames = out_args[10][2] - (gl.cdiv(out_args[10][2], TILE_T) - 1) * TILE_T
+    rows = out_args[10][3] - (n_h - 1) * TILE_H
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -616,12 +653,18 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
         else:
             per_run = 1
             runs_b = 1
+        if PAD_TAIL:
+            tail_run = _tail_field(sched, 0, 0)
+            tail_row = _tail_field(sched, 0, 1)
+        else:
+            tail_run = 0
+            tail_row = 0
         # Tile 0 of the first item: QK^T and softmax only; its PV runs under the next step's softmax.
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_smem.index(0).slice(WG * ROWS, ROWS), k_smem.index(0).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
         pos, valid = _key_tile(0, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
-                                   BLOCK_N, TILED)
+                               BLOCK_N, TILED, (tail_run, tail_row, frames, rows), PAD_TAIL, TILE_T, TILE_H, TILE_W)
         k_pad = _key_pad(PAD, pair, 0, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
@@ -642,7 +685,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 pos, valid = _key_tile(j, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image,
-                                       seq_len, BLOCK_N, TILED)
+                                       seq_len, BLOCK_N, TILED, (tail_run, tail_row, frames, rows), PAD_TAIL, TILE_T,
+                                       TILE_H, TILE_W)
                 k_pad = _key_pad(PAD, pair, it % 2, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
@@ -668,13 +712,17 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 if TILED:
                     per_run = _field(sched, nxt, 8)
                     runs_b = _field(sched, nxt, 9)
+                if PAD_TAIL:
+                    tail_run = _tail_field(sched, nxt, 0)
+                    tail_row = _tail_field(sched, nxt, 1)
                 st = c % K_STAGES
                 prev = (c - 1) % V_STAGES
                 mbarrier.wait(k_ready.index(st), (c // K_STAGES) & 1)
                 s = warpgroup_mma(q_smem.index(nxt).slice(WG * ROWS, ROWS), k_smem.index(st).permute((1, 0)),
                                   s_zero, use_acc=False, is_async=True)
                 pos, valid = _key_tile(0, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
-                                   BLOCK_N, TILED)
+                                       BLOCK_N, TILED, (tail_run, tail_row, frames, rows), PAD_TAIL, TILE_T, TILE_H,
+                                       TILE_W)
                 k_pad = _key_pad(PAD, pair, nxt, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
@@ -716,7 +764,8 @@ def _headwise_kernel(
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
     V_STAGES: gl.constexpr,
     RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr, HAS_PAD: gl.constexpr,
-    PAIR: gl.constexpr, TILED: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr,
+    PAIR: gl.constexpr, TILED: gl.constexpr, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr,
+    TILE_W: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides. PAD is (B, S + 1)
@@ -736,6 +785,7 @@ def _headwise_kernel(
     if TILED:
         gl.static_assert(TILE_T * TILE_H * TILE_W == IMAGE_BLOCK, "a tile is one image block")
         gl.static_assert(BLOCK_M == IMAGE_BLOCK, "a tiled query item is one grid tile")
+    gl.static_assert(TILED or not PAD_TAIL, "pad slots ending each block are a tiled launch's")
     head_at, mode_at, n_full_heads, n_arrow_heads, n_skip_heads = _rank_table(MODES, s_modes, num_heads, counts,
                                                                               HEADS_POW2, TILED)
     # Without GLOBAL_ROWS the arrow heads' text-query tiles are no work items: their rows stay unwritten.
@@ -760,7 +810,10 @@ def _headwise_kernel(
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        sched = gl.allocate_shared_memory(gl.int32, [2 * ITEM_FIELDS, 1], flat)
+        if PAD_TAIL:
+            sched = gl.allocate_shared_memory(gl.int32, [2 * ITEM_FIELDS + 4, 1], flat)
+        else:
+            sched = gl.allocate_shared_memory(gl.int32, [2 * ITEM_FIELDS, 1], flat)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
@@ -785,12 +838,12 @@ def _headwise_kernel(
             [
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
                              PAIR_BIAS, 0, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
-                             PAIR, TILED, TILE_T, TILE_H, TILE_W)),
+                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W)),
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
                              PAIR_BIAS, 1, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
-                             PAIR, TILED, TILE_T, TILE_H, TILE_W)),
+                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W)),
                 (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, K_STAGES,
-                             V_STAGES, TILED)),
+                             V_STAGES, TILED, PAD_TAIL)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -828,6 +881,16 @@ def pair_table(bias) -> tuple | None:
         relative.append(float("-inf") if real == float("-inf") else (padded - real) * _LOG2E)
         offset.append(real)
     return (*relative, *offset)
+
+
+def pad_tail(tiles) -> bool:
+    """Whether every partial tile of ``tiles`` (a ``TileGrid``) holds its patches in its first slots,
+    so that its pad slots are the tail of its block: whole along cols, and along rows too unless a
+    tile is one frame deep. The tiled launch then masks them as it masks a partial key tile, with no
+    loads (PAD_TAIL); other ragged grids mask them as padded keys."""
+    frames, rows, cols = tiles.grid
+    size_t, size_h, size_w = tiles.tile
+    return tiles.ragged and cols % size_w == 0 and (rows % size_h == 0 or size_t == 1)
 
 
 def key_mask_only(bias) -> bool:
@@ -875,7 +938,7 @@ def _descriptor(t, view, rows):
 
 
 def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config, programs, global_rows, has_pad,
-                 pair, tiles):
+                 pair, tiles, tail):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
@@ -893,7 +956,7 @@ def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, c
                    and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
                       OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, PAIR=pair,
-                      TILED=tiles is not None, TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2], **config)
+                      TILED=tiles is not None, PAD_TAIL=tail, TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2], **config)
     return templates, ints, grid, constexprs
 
 
@@ -924,10 +987,10 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     (``ops.headwise_attention`` sends the others to the Triton kernel). Without ``tiled`` the launch
     runs every head but the tile heads; with it (``_tile_order.TiledKeys`` of this call) only the
     tile heads, over queries, keys and values in tile order, and ``lse`` (the plain launch's) is
-    filled in. ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the number of programs (default:
-    one per SM, or one per work item if fewer), so that small checks can make each program take many
-    items. ``global_rows=False`` leaves the text-query rows of arrow and tile heads unwritten (not
-    with ``return_lse``).
+    filled in. ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the
+    number of programs (default: one per SM, or one per work item if fewer), so that small checks
+    can make each program take many items. ``global_rows=False`` leaves the text-query rows of arrow
+    and tile heads unwritten (not with ``return_lse``).
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
@@ -948,11 +1011,13 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     key_mask = None if padding is None else padding.mask
     flags = None
     tiles = None
+    tail = False
     if tiled is not None:
         tiles = tiled.tiles
         q, k, v, key_mask = q.index_select(1, tiled.order), tiled.k, tiled.v, tiled.key_mask
         image_len = tiles.slots
-        if tiled.slot_pad is not None:  # pad slots are keys no query attends
+        tail = pad_tail(tiles)
+        if tiled.slot_pad is not None and not tail:  # pad slots are keys no query attends
             if table is not None:  # under any table: a kind of their own
                 flags = key_mask.to(torch.uint8).masked_fill_(tiled.slot_pad, 2)
             key_mask = tiled.slot_pad.expand(batch, -1) if key_mask is None else key_mask | tiled.slot_pad
@@ -967,7 +1032,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config,
-                                          programs, global_rows, has_pad, flags is not None, tiles)
+                                          programs, global_rows, has_pad, flags is not None, tiles, tail)
     templates, ints, grid, constexprs = plan
     descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
@@ -981,9 +1046,10 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
 
 
 def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True, has_pad=False,
-                 tile=None, pair=False):
+                 tile=None, pair=False, pad_tail=False):
     """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel
-    (``tile``: the tiled launch for that tile shape; ``pair``: padding under a pair table).
+    (``tile``: the tiled launch for that tile shape; ``pair``: padding under a pair table;
+    ``pad_tail``: a ragged grid whose pad slots end each block).
 
     For checks and resource reports: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``.
     """
@@ -1009,6 +1075,7 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
     constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
                   "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad or pair, "PAIR": pair, "TILED": tile is not None,
+                  "PAD_TAIL": pad_tail,
                   **dict(zip(("TILE_T", "TILE_H", "TILE_W"), tile or (1, 1, 1))), **config}
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in names}
