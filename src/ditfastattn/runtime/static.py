@@ -22,7 +22,6 @@ _FAULTS = "_ditfastattn_faults"
 _REPEATED_CALL, _EXTRA_STEP, _SHORT_GENERATION = 1, 2, 4
 
 
-
 def _normal_tensors():
     """Tensors made here are normal ones even under torch.inference_mode: static mode's buffers
     persist across generations and are written in place, which a tensor made by a first
@@ -241,9 +240,10 @@ class StaticSession(Session):
             self.check_processors()
             self._require_grid()
             self.follow_scheduler()
-            if self._first_step():
+            first = self._first_step()
+            if first:
                 raise NotImplementedError(
-                    f"static mode runs every generation from step 0, but the scheduler starts at step {self._first_step()} "
+                    f"static mode runs every generation from step 0, but the scheduler starts at step {first} "
                     "(an image-to-image or inpainting pipeline with strength below 1); apply without static=True"
                 )
             self._check_call(*torch.cat([value, last, step.to(last.dtype)]).tolist())
