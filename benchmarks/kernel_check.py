@@ -216,8 +216,10 @@ def run_case(case, gen):
         out, lse = kernel_module(case["impl"]).attention(*args, config=case["config"], **extra)
         if layout.grid is None:
             return out, lse
-        # The op's second launch: the tile heads over keys and values in tile order.
-        keys = tiled_keys(k, v, None if padding is None else padding.mask, layout)
+        # The op's second launch: the tile heads in tile order (keys and values gathered where the kernel
+        # does not read them in place).
+        keys = tiled_keys(k, v, None if padding is None else padding.mask, layout,
+                          gather=not kernel_module(case["impl"]).TILES_IN_PLACE)
         return kernel_module(case["impl"]).attention(*args, tiled=keys, lse=lse, config=case["config"], **extra)
 
     if case["warm"]:  # a first launch on other inputs of the same layout: the checked one skips the JIT
@@ -346,7 +348,7 @@ def precompile_gluon(cases):
         keys = None
         if tile is not None:
             keys = tiled_keys(k, v, None if padding is None else padding.mask,
-                              TokenLayout(q.shape[1], 77, image, grid, tile))
+                              TokenLayout(q.shape[1], 77, image, grid, tile), gather=False)
         out = make_out({"out_layout": "unaligned" if unaligned else "bshd"}, q)
         _gluon.attention(q, k, v, modes, 77, image, out, 0.1, return_lse, padding, tiled=keys)
 

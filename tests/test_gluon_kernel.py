@@ -52,7 +52,7 @@ def test_tma_views():
 @needs_gluon
 @pytest.mark.parametrize("head_dim,tile", [(64, None), (128, None), (64, (1, 8, 16)), (128, (2, 8, 8))])
 def test_builds_for_sm90_with_warp_specialisation(head_dim, tile):
-    # tile: the tiled launch (tile windows over queries, keys and values in tile order)
+    # tile: the tiled launch (tile windows in tile order, grid tiles read in place)
     from ditfastattn.ops import _gluon
 
     config = _gluon.tile_configs(head_dim)[0]
@@ -69,6 +69,8 @@ def test_builds_for_sm90_with_warp_specialisation(head_dim, tile):
     assert {240, 24} <= regs
     assert re.search(r"\.maxnreg 168", ptx)
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "mbarrier.try_wait" in ptx
+    # the tiled launch reads grid tiles in place, as boxes of a 5-D view; the plain one has none
+    assert ("cp.async.bulk.tensor.5d" in ptx) == (tile is not None)
     # QK^T of the next tile in flight while the softmax waits on it
     assert "wgmma.wait_group.sync.aligned 1" in ptx
     # persistent: programs take work items from a launch-wide counter
@@ -119,11 +121,29 @@ def test_gluon_takes_every_table_but_padded_keys_only():
     from ditfastattn import ops
 
     mask = torch.zeros(1, 300, dtype=torch.bool)
-    assert ops._gluon_padding_reason(None) is None
+    assert ops._gluon_layout_reason(None) is None
     for bias in (ops.KEY_PADDING, ops.PAIR_PADDING, ((1.0, 0.0), (0.0, 0.0)), ((0.5, -2.0), (-1.0, 3.0))):
-        assert ops._gluon_padding_reason(ops.Padding(mask, bias)) is None
-    reason = ops._gluon_padding_reason(ops.Padding(mask, ONLY_PADDED_KEYS))
+        assert ops._gluon_layout_reason(ops.Padding(mask, bias)) is None
+    reason = ops._gluon_layout_reason(ops.Padding(mask, ONLY_PADDED_KEYS))
     assert reason is not None and "impl='triton'" in reason
+
+
+@needs_gluon
+def test_gluon_refuses_a_grid_of_more_tiles_than_its_packed_coordinates_hold(monkeypatch):
+    # The tiled launch packs a grid tile's coordinates in one register (10 bits for rows and cols):
+    # a grid with 1024 tiles along cols is refused, naming the Triton kernel, before any launch;
+    # 1023 are taken.
+    from ditfastattn import ops
+
+    assert ops._gluon_layout_reason(None, ops.TileGrid((1, 8, 16 * 1023), (1, 8, 16))) is None
+    reason = ops._gluon_layout_reason(None, ops.TileGrid((1, 8, 16 * 1024), (1, 8, 16)))
+    assert reason is not None and "(1, 1, 1024)" in reason and "impl='triton'" in reason
+    monkeypatch.setattr(ops, "_gluon_unsupported", lambda q, k, v: None)
+    grid = (1, 8, 16 * 1024)
+    q, k, v = _qkv((1, math.prod(grid), 1, 64))
+    modes = torch.tensor([ops.tile_mode(0, 0, 0)], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"impl='gluon' cannot run: .*1024.*impl='triton'"):
+        headwise_attention(q, k, v, modes, text_start=0, text_len=0, grid=grid, tile=(1, 8, 16), impl="gluon")
 
 
 @needs_gluon

@@ -224,7 +224,8 @@ def test_gluon_runs_tile_heads_in_a_tiled_launch_and_the_rest_in_the_plain_one(m
     ops.headwise_attention(q, k, v, mixed, segments=layout, out=torch.empty_like(q), impl="gluon")
     assert [("tiled" in c) for c in calls] == [False, True]
     keys = calls[1]["tiled"]
-    assert torch.equal(keys.order, slot_order(layout, torch.device("cpu"))) and torch.equal(keys.k, k[:, keys.order])
+    # The Gluon kernel reads keys and values in place: nothing is gathered for it.
+    assert torch.equal(keys.order, slot_order(layout, torch.device("cpu"))) and keys.k is None and keys.v is None
     calls.clear()
     only_tiles = torch.tensor([tile_mode(0, 0, 0), tile_mode(1, 1, 1), tile_mode(0, 0, 0)], dtype=torch.int32)
     ops.headwise_attention(q, k, v, only_tiles, segments=layout, impl="gluon")
@@ -296,6 +297,103 @@ def test_pad_slots_that_end_each_block_follow_from_the_run(grid, tile, tail):
                 if tile[0] > 1:
                     valid *= frames if run >= tail_run else tile[0]
                 assert not pad[block, :valid].any() and pad[block, valid:].all(), (mode, query, i)
+
+
+def _box(view: torch.Tensor, at: tuple, box: tuple) -> torch.Tensor:
+    """A TMA box read of ``box`` elements at ``at`` from ``view``: zeros past its bounds, as (rows, cols)."""
+    out = torch.zeros(box, dtype=view.dtype)
+    inside = tuple(slice(0, max(0, min(b, n - a))) for a, b, n in zip(at, box, view.shape))
+    out[inside] = view[tuple(slice(a, a + s.stop) for a, s in zip(at, inside))]
+    return out.reshape(-1, box[-1])
+
+
+# (batch, seq, heads, dim) -> the tensor the op gets: contiguous; heads outermost (a transpose);
+# a slice of a fused QKV projection.
+TENSOR_LAYOUTS = {
+    "bshd": lambda b, s, h, d: torch.randn(b, s, h, d),
+    "bhsd": lambda b, s, h, d: torch.randn(b, h, s, d).transpose(1, 2),
+    "fused": lambda b, s, h, d: torch.randn(b, s, 3, h, d)[:, :, 1],
+}
+
+
+@pytest.mark.parametrize("grid,tile,before,after", LAYOUTS)
+@pytest.mark.parametrize("tensor_layout", list(TENSOR_LAYOUTS))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gluon_reads_each_tile_in_place_where_the_tile_order_has_it(grid, tile, before, after, tensor_layout, batch):
+    # The Gluon tiled launch gathers nothing: its producer reads a grid tile as one box of a 5-D view
+    # of the image (grid_view; outer index by _outer_unit) and a global tile at its row of the call's
+    # sequence. Mirrored here as _work and the producer compute them (packed grid tiles included), each
+    # tile it reads must be the tile-order block the consumers take it for: the gathered tensor's
+    # block at _key_tile's position, with zeros in the pad slots.
+    from ditfastattn.ops import _gluon
+
+    layout = layout_of(grid, tile, before, after)
+    tiles = layout.tile_grid()
+    heads, dim = 3, 64
+    t = TENSOR_LAYOUTS[tensor_layout](batch, layout.seq_len, heads, dim)
+    rows, cols, rb, rh, ch = _gluon.view_coeffs(t)
+    shape, strides = _gluon.grid_view(t, grid)
+    image = torch.as_strided(t, shape, strides, t.storage_offset() + before * t.stride(1))
+    flat = torch.as_strided(t, (rows, cols), (t.stride(1), 1))  # the 2-D view of the global tiles
+    unit = max(min([s for s in (rb, rh) if s], default=1), 1)
+    gathered = t[:, slot_order(layout, torch.device("cpu"))]
+    pad = pad_slots(layout, torch.device("cpu"))
+    n_t, n_h, n_w = tiles.counts
+    limits = _gluon.TILE_COUNT_LIMITS
+    assert all(n < limit for n, limit in zip(tiles.counts, limits))
+
+    def pack(a, b, c):
+        return a << 20 | b << 10 | c
+
+    def read(b, h, row, packed):  # _place, then _copy_in_place
+        if packed < 0:
+            return flat[b * rb + h * rh + row: b * rb + h * rh + row + IMAGE_BLOCK, h * ch: h * ch + dim]
+        a, r, c = packed >> 20, packed >> 10 & 1023, packed & 1023
+        at = ((b * rb + h * rh) // unit, a * tile[0], r * tile[1], c * tile[2], h * ch)
+        return _box(image, at, (1, *tile, dim))
+
+    def expect(b, h, pos):
+        block = gathered[b, pos: pos + IMAGE_BLOCK, h].clone()
+        block[pad[pos: pos + IMAGE_BLOCK]] = 0
+        return block
+
+    after_start = before + tiles.slots
+    n_before = -(-before // IMAGE_BLOCK)
+    n_global = n_before + -(-after // IMAGE_BLOCK)
+    for b in range(batch):
+        for h in (0, heads - 1):
+            # Query tiles: global ones at their rows (those after the image back by the pad slots).
+            # (Rows past a global segment's end are never stored nor attended.)
+            for q_start in list(range(0, before, IMAGE_BLOCK)) + list(range(after_start, layout.seq_len, IMAGE_BLOCK)):
+                q_row = q_start - tiles.slots + layout.image_len if q_start >= after_start else q_start
+                end = before if q_start < before else gathered.shape[1]
+                want = gathered[b, q_start: min(q_start + IMAGE_BLOCK, end), h]
+                assert torch.equal(read(b, h, q_row, -1)[: len(want)], want)
+            for mode in windows_for(tiles)[::2]:
+                wt, wh, ww = tile_window(mode)
+                for query in range(tiles.num_tiles):
+                    at = (query // (n_h * n_w), query // n_w % n_h, query % n_w)
+                    assert torch.equal(read(b, h, 0, pack(*at)), expect(b, h, before + query * IMAGE_BLOCK))
+                    (a_lo, a_end), (b_lo, b_end), (c_lo, c_end) = (
+                        (max(0, i - w), min(n, i + w + 1)) for i, w, n in zip(at, (wt, wh, ww), tiles.counts))
+                    runs_b, per_run = b_end - b_lo, c_end - c_lo
+                    start = before + ((a_lo * n_h + b_lo) * n_w + c_lo) * IMAGE_BLOCK
+                    for j in range(n_global + (a_end - a_lo) * runs_b * per_run):
+                        row = j * IMAGE_BLOCK if j < n_before else (
+                            before + layout.image_len + (j - n_before) * IMAGE_BLOCK)
+                        box_tile = j - n_global
+                        run = box_tile // per_run
+                        packed = (pack(a_lo, b_lo, c_lo) + pack(run // runs_b, run % runs_b, box_tile - run * per_run)
+                                  if box_tile >= 0 else -1)
+                        if box_tile < 0:  # _key_tile's global rows, in tile order
+                            pos = j * IMAGE_BLOCK if j < n_before else after_start + (j - n_before) * IMAGE_BLOCK
+                            end = before if j < n_before else gathered.shape[1]
+                            want = gathered[b, pos: min(pos + IMAGE_BLOCK, end), h]
+                            assert torch.equal(read(b, h, row, packed)[: len(want)], want)
+                            continue
+                        pos = start + ((run // runs_b) * n_h + run % runs_b) * n_w * IMAGE_BLOCK + (
+                            box_tile - run * per_run) * IMAGE_BLOCK
+                        assert torch.equal(read(b, h, row, packed), expect(b, h, pos)), (mode, query, j)
 
 
 # --- the reorder into tile order ------------------------------------------------------------

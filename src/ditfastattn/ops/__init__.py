@@ -5,9 +5,10 @@ PyTorch, the oracle, any device), ``_triton`` (fused GPU kernel) and ``_gluon`` 
 Hopper kernel, head dims 64 and 128). None imports another (``_launch`` is the launch helper the
 two GPU kernels share). Every implementation takes the token layout as its image segment
 ``(image_start, image_len)``, global tokens elsewhere, and optional key :class:`Padding`. Tile
-windows need the image's grid: the reference indexes it directly; for the Triton kernel the
-dispatcher puts keys and values in tile order (``_tile_order``, the one place that reorders) and
-launches the kernel twice, once for the tile heads over them and once for the others. The per-head
+windows need the image's grid: the reference indexes it directly; for the GPU kernels the
+dispatcher puts the key padding flags in tile order (``_tile_order``, the one place that
+reorders), and keys and values too for the Triton kernel (the Gluon kernel reads them in place:
+``TILES_IN_PLACE``), and launches the kernel twice, once for the tile heads and once for the others. The per-head
 statistics calibration scores candidates with (:func:`head_squared_errors`, :func:`head_variances`)
 dispatch the same way, in ``_stats``.
 """
@@ -173,13 +174,18 @@ def _note_once(message: str, chosen: str = "the reference") -> None:
         logger.info("impl='auto' uses %s: %s", chosen, message)
 
 
-def _gluon_padding_reason(padding: Padding | None) -> str | None:
-    """Why the Gluon kernel cannot take this padding, or None; asked only where the kernel imports."""
+def _gluon_layout_reason(padding: Padding | None, tiles: TileGrid | None = None) -> str | None:
+    """Why the Gluon kernel cannot take this padding or (tile heads running) tile grid, or None; asked
+    only where the kernel imports."""
     from . import _gluon
 
     if padding is not None and _gluon.pair_table(padding.bias) is None:
         return (f"the Gluon kernel does not take the padding bias {padding.bias}, under which a query attends to "
                 "padded keys only (impl='triton' takes any)")
+    if tiles is not None and any(n >= limit for n, limit in zip(tiles.counts, _gluon.TILE_COUNT_LIMITS)):
+        return (f"the Gluon kernel takes at most {[n - 1 for n in _gluon.TILE_COUNT_LIMITS]} tiles along frames, "
+                f"rows and cols; the grid {tiles.grid} in tiles of {tiles.tile} has {tiles.counts} "
+                "(impl='triton' takes any)")
     return None
 
 
@@ -423,6 +429,7 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
         out = torch.empty_like(q)
     # Whether tile heads may run: on a gridded layout, unless the host values show none.
     tiled = layout.grid is not None and (values is None or any(is_tile_mode(m) for m in values))
+    tile_grid = layout.tile_grid() if tiled else None
 
     if impl == "auto":
         # The interpreter is for testing the kernel, never an automatic choice on the CPU.
@@ -430,7 +437,7 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             impl = "reference"
         else:
             gluon_reason = _gluon_unsupported(q, k, v)
-            padding_reason = None if gluon_reason is not None else _gluon_padding_reason(padding)
+            padding_reason = None if gluon_reason is not None else _gluon_layout_reason(padding, tile_grid)
             if gluon_reason is None and padding_reason is None:
                 # Measured on an H100 (docs/history/KERNEL_NOTES.md): faster than the Triton kernel on
                 # every head-dim-128 plan, dense 1.12-1.22x, sparse 1.04-1.20x.
@@ -447,7 +454,7 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run: {reason}. Use impl='reference' or impl='auto'.")
     elif impl == "gluon":
-        reason = _gluon_unsupported(q, k, v) or _gluon_padding_reason(padding)
+        reason = _gluon_unsupported(q, k, v) or _gluon_layout_reason(padding, tile_grid)
         if reason is not None:
             raise RuntimeError(f"impl='gluon' cannot run: {reason}. Use impl='triton', impl='reference' or impl='auto'.")
 
@@ -480,7 +487,7 @@ def _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, paddi
     if tiled:
         from ._tile_order import tiled_keys
 
-        keys = tiled_keys(k, v, None if padding is None else padding.mask, layout)
+        keys = tiled_keys(k, v, None if padding is None else padding.mask, layout, gather=not kernel.TILES_IN_PLACE)
         out, lse = kernel.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding, tiled=keys,
                                     lse=lse, global_rows=global_rows)
     return out, lse

@@ -28,9 +28,11 @@ text tile of a padded prompt) loads its flags and masks those columns. A row tha
 unpadded key yet keeps a running maximum of -inf without turning its sums into NaN, and a row with
 none at all outputs 0 (log-sum-exp -inf).
 
-Tile windows run in a second launch of the same kernel (``TILED``), as in the Triton kernel, over
-queries, keys and values gathered into tile order (``_tile_order``: each 128-slot image block one
-t x h x w grid tile, pad slots where a tile is partial). A query item is one grid tile; its key
+Tile windows run in a second launch of the same kernel (``TILED``), as in the Triton kernel, in
+tile order (``_tile_order``: each 128-slot image block one t x h x w grid tile, pad slots where a
+tile is partial), with nothing gathered: the producer reads each grid tile in place, as one box of
+a 5-D view of the image (frames, rows, cols), whose patches past the grid's edges arrive as zeros
+in the pad slots, and each global tile as the plain launch does. A query item is one grid tile; its key
 tiles are the global ones, then the window's box of grid tiles, ``(2wt+1)(2wh+1)`` runs of
 contiguous blocks. Pad slots are keys that the key mask (``HAS_PAD``) keeps out or, where every
 partial tile's pad slots end its block (``PAD_TAIL``: whole along cols, and along rows unless a tile
@@ -60,6 +62,7 @@ from .._geometry import IMAGE_BLOCK as _IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL,
 from ._launch import DirectLaunches, launch_key, on_device, rebased
 
 HEAD_DIMS = (64, 128)
+TILES_IN_PLACE = True  # the tiled launch reads grid tiles in place (5-D TMA boxes): nothing is gathered
 TILE_ROWS = 128  # query rows per work item: one image block, two consumer warpgroups of 64 rows
 BLOCK_M = gl.constexpr(TILE_ROWS)
 _LOG2E = 1.4426950408889634
@@ -250,8 +253,9 @@ def _rows(tile, n_text_tiles, n_before_tiles, image_start, num_image, seq_len):
 def _work(t, geometry, table, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
     """Work item t (t below the count of items that compute) as
     (batch, head, first query row, end query row, key range start, its length, key tiles, key tiles
-    per run, runs per frame-tile, and ``_key_tile``'s first two ``tail`` values); the last four are
-    1, 1, 0, 0 outside the tiled launch.
+    per run, runs per frame-tile, ``_key_tile``'s first two ``tail`` values, and in the tiled launch
+    the query tile's grid tile and the window box's first, packed (:func:`_pack_tile`), where the
+    producer reads them in place); the last five are 1, 1, 0, 0, 0 outside the tiled launch.
 
     Items run longest first: every full-row query tile (all tiles of full heads, then the text-query
     tiles of arrow heads, none without ``GLOBAL_ROWS``), then the arrow heads' image tiles by
@@ -284,9 +288,10 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
     if TILED:
         # The window's box of grid tiles around this one (every tile for global queries).
         n_t, n_h, n_w = counts
-        a_lo, a_end = _axis_range(image_tile // (n_h * n_w), (mode >> 2 * BITS) & HALF_MASK, n_t, banded)
-        b_lo, b_end = _axis_range(image_tile // n_w % n_h, (mode >> BITS) & HALF_MASK, n_h, banded)
-        c_lo, c_end = _axis_range(image_tile % n_w, mode & HALF_MASK, n_w, banded)
+        at = (image_tile // (n_h * n_w), image_tile // n_w % n_h, image_tile % n_w)
+        a_lo, a_end = _axis_range(at[0], (mode >> 2 * BITS) & HALF_MASK, n_t, banded)
+        b_lo, b_end = _axis_range(at[1], (mode >> BITS) & HALF_MASK, n_h, banded)
+        c_lo, c_end = _axis_range(at[2], mode & HALF_MASK, n_w, banded)
         runs_b = b_end - b_lo
         per_run = (c_end - c_lo) * (IMAGE_BLOCK // BLOCK_N)
         # Where the box meets the grid's last frame-tile and row-tile (for PAD_TAIL).
@@ -295,13 +300,13 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
         n_image_keys = (a_end - a_lo) * runs_b * per_run
         start = image_start + ((a_lo * n_h + b_lo) * n_w + c_lo) * IMAGE_BLOCK
         return (b, h, q_start, q_end, start, n_image_keys * BLOCK_N, n_image_keys + n_global, per_run, runs_b,
-                tail_run, tail_row)
+                tail_run, tail_row, (_pack_tile(*at), _pack_tile(a_lo, b_lo, c_lo)))
     else:
         block = image_tile * BLOCK_M // IMAGE_BLOCK
         w = gl.minimum(gl.maximum(mode, 0), gl.cdiv(num_image, IMAGE_BLOCK))
         lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
         hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
-        return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + n_global, 1, 1, 0, 0
+        return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + n_global, 1, 1, 0, 0, 0
 
 
 @gluon.jit
@@ -347,10 +352,69 @@ def _load_ring(desc, smem, ready, empty, g, row, col, STAGES: gl.constexpr):
     tma.async_copy_global_to_shared(desc, [row, col], ready.index(s), smem.index(s))
 
 
+# A grid tile (frame-tile a, row-tile b, col-tile c) packed in one int32 as a << 20 | b << 10 | c
+# (the producer's registers are few); -1 for none. Grids with more tiles along an axis run on the
+# Triton kernel (``grid_reason``).
+TILE_FIELD = gl.constexpr(10)
+TILE_COUNT_LIMITS = (1 << 31 - 2 * 10, 1 << 10, 1 << 10)
+
+
 @gluon.jit
-def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, counter,
+def _pack_tile(a, b, c):
+    return (a << 2 * TILE_FIELD) | (b << TILE_FIELD) | c
+
+
+@gluon.jit
+def _copy_in_place(desc, grid_desc, where, bar, dst, TILE_T: gl.constexpr, TILE_H: gl.constexpr,
+                   TILE_W: gl.constexpr):
+    """One tile of the tiled launch straight from the caller's tensor, at ``where`` = (row, packed
+    grid tile, column) from :func:`_place`: a global tile by ``desc`` at (row, column), or a grid
+    tile by the 5-D ``grid_desc`` at (outer = row, its first frame, row and col, column), its box
+    written in slot order into ``dst``. Patches past the grid's edges arrive as zeros: pad slots,
+    never attended or stored."""
+    row, tile, col = where
+    if tile >= 0:
+        box: gl.constexpr = grid_desc.block_type.shape
+        view = dst._reinterpret(dst.dtype, [1, box[1], box[2], box[3], box[4]], grid_desc.layout)
+        mask: gl.constexpr = (1 << TILE_FIELD) - 1
+        tma.async_copy_global_to_shared(grid_desc, [row, (tile >> 2 * TILE_FIELD) * TILE_T,
+                                                    ((tile >> TILE_FIELD) & mask) * TILE_H, (tile & mask) * TILE_W,
+                                                    col], bar, view)
+    else:
+        tma.async_copy_global_to_shared(desc, [row, col], bar, dst)
+
+
+@gluon.jit
+def _load_ring_in_place(desc, grid_desc, smem, ready, empty, g, where, STAGES: gl.constexpr, TILE_T: gl.constexpr,
+                        TILE_H: gl.constexpr, TILE_W: gl.constexpr):
+    """:func:`_load_ring` of the tiled launch, from the caller's tensor (:func:`_copy_in_place`)."""
+    s = g % STAGES
+    mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
+    mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+    _copy_in_place(desc, grid_desc, where, ready.index(s), smem.index(s), TILE_T, TILE_H, TILE_W)
+
+
+@gluon.jit
+def _outer_unit(rb, rh):
+    """Rows of the view per step of a 5-D view's outer dimension (:func:`grid_view`): batch and head
+    steps are both whole multiples of it."""
+    return gl.maximum(gl.where(rh == 0, rb, gl.where(rb == 0, rh, gl.minimum(rb, rh))), 1)
+
+
+@gluon.jit
+def _place(coeffs, b, h, row, tile):
+    """Where the tiled launch reads a tile of one tensor (``coeffs``: rb, rh, ch) in place: the packed
+    grid tile ``tile``, or where it is -1 the global tile at ``row`` of the caller's sequence. As
+    (view row, or for a grid tile the outer index; ``tile``; column)."""
+    rb, rh, ch = coeffs
+    base = b * rb + h * rh
+    return gl.where(tile >= 0, base // _outer_unit(rb, rh), base + row), tile, h * ch
+
+
+@gluon.jit
+def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, table, counter,
               BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILED: gl.constexpr,
-              PAD_TAIL: gl.constexpr):
+              PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
     """Takes work items, longest first, and issues their TMA loads: the query tile into one of two
     buffers (its item number beside it, for the consumers), then key and value tiles into the rings,
     counted over all items.
@@ -364,6 +428,10 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
     Each value tile is loaded after the next key tile, across items too: a key buffer frees half a
     step before a value buffer (after QK^T, not PV), so the key tile a step waits on first, the next
     item's first among them, is not held behind a value buffer's release.
+
+    The tiled launch reads every tile in place (``in_place``: the 5-D descriptors of q, k and v
+    over the image as (outer, frames, rows, cols, heads x head dim), and the image's patches): a
+    grid tile as one box of the grid, a global tile as in the plain launch.
     """
     image_start = geometry[6]
     num_image = geometry[7]
@@ -378,10 +446,16 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
     it = 0  # items taken so far
     v_row = 0  # the value tile still owed (tile c - 1): where it lies in the view
     v_col = 0
+    if TILED:
+        q_img, k_img, v_img, image_tokens = in_place
+        after_start = image_start + num_image
+        n_before = gl.cdiv(image_start, BLOCK_N)
+        n_global = n_before + gl.cdiv(seq_len - after_start, BLOCK_N)
+        v_where = (0, -1, 0)  # the owed value tile's place (_place)
     t = gl.program_id(0)
     while t < end3:
-        b, h, q_start, q_end, start1, len1, n_kv, per_run, runs_b, tail_run, tail_row = _work(t, geometry, table,
-                                                                                              BLOCK_N, TILED)
+        b, h, q_start, q_end, start1, len1, n_kv, per_run, runs_b, tail_run, tail_row, grid_at = _work(
+            t, geometry, table, BLOCK_N, TILED)
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
         mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
@@ -393,23 +467,50 @@ def _producer(geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, count
                     sched.index(2 * ITEM_FIELDS + qs * 2 + i).store(gl.full([1], (tail_run, tail_row)[i], gl.int32,
                                                                             layout=one))
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + q_start, h * q_ch], q_ready.index(qs),
-                                        q_smem.index(qs))
+        if TILED:
+            image = (q_start >= image_start) & (q_start < after_start)
+            # Global rows after the image sit past its patches, not its slots, in the caller's sequence.
+            q_row = gl.where(q_start >= after_start, q_start - num_image + image_tokens, q_start)
+            where = _place((q_rb, q_rh, q_ch), b, h, q_row, gl.where(image, grid_at[0], -1))
+            _copy_in_place(q_desc, q_img, where, q_ready.index(qs), q_smem.index(qs), TILE_T, TILE_H, TILE_W)
+        else:
+            tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + q_start, h * q_ch], q_ready.index(qs),
+                                            q_smem.index(qs))
         # The next ticket's latency hides behind this item's loads.
         t = gl.num_programs(0) + gl.atomic_add(counter, 1, sem="relaxed")
-        for j in range(n_kv):
-            # Only the position is read here (no valid rows, so PAD_TAIL off and its tail unused).
-            pos, valid = _key_tile(j, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
-                                   BLOCK_N, TILED, (per_run, runs_b, n_h, n_w), False, 1, 1, 1)
-            _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch, K_STAGES)
-            if c + j > 0:
-                _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
-            v_row = b * v_rb + h * v_rh + pos
-            v_col = h * v_ch
+        if TILED:
+            for j in range(n_kv):
+                # Key tiles as _key_tile orders them: global ones, then the box's grid tiles by runs.
+                row = gl.where(j < n_before, j * BLOCK_N, image_start + image_tokens + (j - n_before) * BLOCK_N)
+                box_tile = j - n_global
+                run = box_tile // per_run
+                tile = gl.where(box_tile >= 0, grid_at[1] + _pack_tile(run // runs_b, run % runs_b,
+                                                                       box_tile - run * per_run), -1)
+                where = _place((k_rb, k_rh, k_ch), b, h, row, tile)
+                _load_ring_in_place(k_desc, k_img, k_smem, k_ready, k_empty, c + j, where, K_STAGES, TILE_T, TILE_H,
+                                    TILE_W)
+                if c + j > 0:
+                    _load_ring_in_place(v_desc, v_img, v_smem, v_ready, v_empty, c + j - 1, v_where, V_STAGES, TILE_T,
+                                        TILE_H, TILE_W)
+                v_where = _place((v_rb, v_rh, v_ch), b, h, row, tile)
+        else:
+            for j in range(n_kv):
+                # Only the position is read here (no valid rows, so PAD_TAIL off and its tail unused).
+                pos, valid = _key_tile(j, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image,
+                                       seq_len, BLOCK_N, TILED, (per_run, runs_b, n_h, n_w), False, 1, 1, 1)
+                _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch, K_STAGES)
+                if c + j > 0:
+                    _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
+                v_row = b * v_rb + h * v_rh + pos
+                v_col = h * v_ch
         c += n_kv
         it += 1
     if c > 0:
-        _load_ring(v_desc, v_smem, v_ready, v_empty, c - 1, v_row, v_col, V_STAGES)
+        if TILED:
+            _load_ring_in_place(v_desc, v_img, v_smem, v_ready, v_empty, c - 1, v_where, V_STAGES, TILE_T, TILE_H,
+                                TILE_W)
+        else:
+            _load_ring(v_desc, v_smem, v_ready, v_empty, c - 1, v_row, v_col, V_STAGES)
     # No work left: item -1 tells the consumers.
     qs = it % 2
     mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
@@ -758,7 +859,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
     "batch", "seq_len", "num_heads", "image_start", "num_image", "out_seq", "grid_t", "grid_h", "grid_w",
 ])
 def _headwise_kernel(
-    q_desc, k_desc, v_desc, O, LSE, MODES, COUNTER, PAD, FLAGS, PAIR_BIAS, s_modes,
+    q_desc, k_desc, v_desc, q_img, k_img, v_img, O, LSE, MODES, COUNTER, PAD, FLAGS, PAIR_BIAS, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
     batch, seq_len, num_heads, image_start, num_image, out_seq, grid_t, grid_h, grid_w, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
@@ -768,16 +869,20 @@ def _headwise_kernel(
     TILE_W: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
-    # view (likewise k, v): the host derives the coefficients from the strides. PAD is (B, S + 1)
+    # view (likewise k, v): the host derives the coefficients from the strides. The tiled launch reads
+    # image tiles by q_img (k_img, v_img; None in the plain launch): 5-D views of the image, grid tile
+    # (a, b, c) of batch b0 and head h at (outer (b0*q_rb + h*q_rh) / unit, a*TILE_T, b*TILE_H,
+    # c*TILE_W, h*q_ch), unit the smaller nonzero of q_rb and q_rh. PAD is (B, S + 1)
     # int32, the padded keys before each position (read only with HAS_PAD). With PAIR, FLAGS is the
     # (B, S) uint8 kind of each token (0 real, 1 padding, 2 a pad slot of the tiled launch) and
     # PAIR_BIAS the fp32 table of pair_table.
     # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
     # left, so the longest-first order holds across the launch and no program idles while work waits.
     # Global (text, reference) rows: [0, image_start) and [image_start + num_image, seq_len).
-    # The tiled launch (q, k, v in tile order, num_image the image's slots, the output's rows in
-    # raster order, out_seq of them) reads the grid (frames, rows, cols) and the tile shape; the
-    # plain one passes a grid of one token (its tile counts are unused).
+    # The tiled launch (rows counted in tile order: num_image the image's slots, seq_len the tile
+    # order's length; q, k, v read in place and the output's rows in raster order, out_seq of them)
+    # reads the grid (frames, rows, cols) and the tile shape; the plain one passes a grid of one
+    # token (its tile counts are unused).
     n_before_tiles = gl.cdiv(image_start, BLOCK_M)
     n_text_tiles = n_before_tiles + gl.cdiv(seq_len - image_start - num_image, BLOCK_M)
     n_image_tiles = gl.cdiv(num_image, BLOCK_M)
@@ -833,6 +938,10 @@ def _headwise_kernel(
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
         descs = (q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch)
         tiling = (image_start, num_image, grid_t, grid_h, grid_w, counts[1], counts[2])
+        if TILED:
+            in_place = (q_img, k_img, v_img, grid_t * grid_h * grid_w)
+        else:
+            in_place = 0  # partitions take no None
         out_args = (O, LSE, sob, sos, soh, sod, seq_len, num_heads, qk_scale, out_seq, tiling)
         gl.warp_specialize(
             [
@@ -842,8 +951,8 @@ def _headwise_kernel(
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
                              PAIR_BIAS, 1, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
                              PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W)),
-                (_producer, (geometry, descs, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N, K_STAGES,
-                             V_STAGES, TILED, PAD_TAIL)),
+                (_producer, (geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N,
+                             K_STAGES, V_STAGES, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -926,6 +1035,12 @@ def view_coeffs(t: torch.Tensor):
     return (batch - 1) * rb + (heads - 1) * rh + seq, (heads - 1) * ch + dim, rb, rh, ch
 
 
+# Grid tiles read in place: a (1, t, h, w, head dim) box in 128-byte swizzle, which lays the box's
+# t*h*w patches out as the rows of a (128, head dim) tile (the copy's 64-column halves land where
+# the 2-D tile's do).
+_GRID_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5)
+
+
 @functools.lru_cache(maxsize=None)
 def _smem_layout(rows: int, dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, dim], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
@@ -937,6 +1052,31 @@ def _descriptor(t, view, rows):
                             _smem_layout(rows, t.shape[-1], t.dtype))
 
 
+def grid_view(t: torch.Tensor, grid: tuple) -> tuple | None:
+    """(shape, strides) of the 5-D TMA view of (B, S, H, D) ``t``'s image, a ``grid`` of (frames,
+    rows, cols) patches in raster order, from its first patch on: (outer, frames, rows, cols, heads x
+    head dim). The outer step is the smaller nonzero of the 2-D view's batch and head row steps
+    (:func:`view_coeffs`; the kernel's ``_outer_unit``), so batch b and head h sit at outer index
+    (b*rb + h*rh) / unit. None where that is not whole or no 2-D view exists."""
+    view = view_coeffs(t)
+    if view is None:
+        return None
+    rows, cols, rb, rh, _ = view
+    steps = [step for step in (rb, rh) if step]
+    unit = min(steps, default=1)
+    if any(step % unit for step in steps):
+        return None
+    frames, height, width = grid
+    pitch = t.stride(1)
+    outer = (rows - t.shape[1]) // unit + 1
+    return [outer, frames, height, width, cols], [unit * pitch, height * width * pitch, width * pitch, pitch, 1]
+
+
+def _grid_descriptor(t, tiles):
+    shape, strides = grid_view(t, tiles.grid)
+    return TensorDescriptor(t, shape, strides, [1, *tiles.tile, t.shape[-1]], _GRID_LAYOUT)
+
+
 def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config, programs, global_rows, has_pad,
                  pair, tiles, tail):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
@@ -945,6 +1085,9 @@ def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, c
     rows = (TILE_ROWS, config["BLOCK_N"], config["BLOCK_N"])
     # Checked here once per key; they keep no tensor alive, each launch rebases them.
     templates = tuple(rebased(_descriptor(t, view, n), None) for t, view, n in zip((q, k, v), views, rows))
+    if tiles is not None:  # the image's grid tiles, read in place
+        templates += tuple(rebased(_grid_descriptor(t, tiles), None) for t in (q, k, v))
+        seq += tiles.slots - tiles.tokens  # the tile order's length
     grid_tokens, tile = ((1, 1, 1), (1, 1, 1)) if tiles is None else (tiles.grid, tiles.tile)
     ints = (head_modes.stride(0), *(c for view in views for c in view[2:]), *out.stride(), batch, seq, heads,
             image_start, image_len, out.shape[1], *grid_tokens)
@@ -985,12 +1128,13 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     kernel takes global tokens (text, reference images) before and after the image ``[image_start,
     image_start + image_len)``, and key padding under any bias table that :func:`pair_table` takes
     (``ops.headwise_attention`` sends the others to the Triton kernel). Without ``tiled`` the launch
-    runs every head but the tile heads; with it (``_tile_order.TiledKeys`` of this call) only the
-    tile heads, over queries, keys and values in tile order, and ``lse`` (the plain launch's) is
-    filled in. ``config`` is one of :func:`tile_configs` (default: the first). ``programs`` sets the
-    number of programs (default: one per SM, or one per work item if fewer), so that small checks
-    can make each program take many items. ``global_rows=False`` leaves the text-query rows of arrow
-    and tile heads unwritten (not with ``return_lse``).
+    runs every head but the tile heads; with it (``_tile_order.TiledKeys`` of this call: the key
+    padding flags in tile order; keys and values are read in place) only the tile heads, in tile
+    order, and ``lse`` (the plain launch's) is filled in. ``config`` is one of :func:`tile_configs`
+    (default: the first). ``programs`` sets the number of programs (default: one per SM, or one per
+    work item if fewer), so that small checks can make each program take many items.
+    ``global_rows=False`` leaves the text-query rows of arrow and tile heads unwritten (not with
+    ``return_lse``).
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
@@ -1014,7 +1158,10 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     tail = False
     if tiled is not None:
         tiles = tiled.tiles
-        q, k, v, key_mask = q.index_select(1, tiled.order), tiled.k, tiled.v, tiled.key_mask
+        key_mask = tiled.key_mask
+        # Read in place, from an image view of whole outer steps (other strides: a copy first).
+        q, k, v = (t if grid_view(t, tiles.grid) else t.contiguous() for t in (q, k, v))
+        image_in_place = [t.narrow(1, image_start, tiles.tokens) for t in (q, k, v)]
         image_len = tiles.slots
         tail = pad_tail(tiles)
         if tiled.slot_pad is not None and not tail:  # pad slots are keys no query attends
@@ -1034,7 +1181,10 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config,
                                           programs, global_rows, has_pad, flags is not None, tiles, tail)
     templates, ints, grid, constexprs = plan
-    descs = [rebased(template, t) for template, t in zip(templates, (q, k, v))]
+    bases = (q, k, v) if tiled is None else (q, k, v, *image_in_place)
+    descs = [rebased(template, t) for template, t in zip(templates, bases)]
+    if tiled is None:
+        descs += [None] * 3
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
     # Unused without padding (or a pair table): the same pointer type in every such launch.
     pad = head_modes if key_mask is None else torch.nn.functional.pad(key_mask.cumsum(1, dtype=torch.int32), (1, 0))
@@ -1063,17 +1213,21 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
     def desc(rows):
         return f"tensordesc<{elem}[{rows}, {head_dim}],{_smem_layout(rows, head_dim, dtype)!r}>"
 
+    box = None if tile is None else ", ".join(map(str, (1, *tile, head_dim)))
+    grid_desc = f"tensordesc<{elem}[{box}],{_GRID_LAYOUT!r}>"
+
     names = list(_headwise_kernel.arg_names)
     scalars = ["q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "sob", "sos", "soh",
                "batch", "seq_len", "num_heads", "image_start", "num_image", "out_seq", "grid_t", "grid_h", "grid_w",
                "s_modes"]
     signature = {"q_desc": desc(TILE_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
+                 **({} if tile is None else dict.fromkeys(("q_img", "k_img", "v_img"), grid_desc)),
                  "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32",
                  "PAD": "*i32", "FLAGS": "*u8" if pair else "*i32", "PAIR_BIAS": "*fp32" if pair else "*i32",
                  "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
-    constexprs = {"sod": 1, "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
+    constexprs = {"sod": 1, **({} if tile else dict.fromkeys(("q_img", "k_img", "v_img"))), "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
                   "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad or pair, "PAIR": pair, "TILED": tile is not None,
                   "PAD_TAIL": pad_tail,
                   **dict(zip(("TILE_T", "TILE_H", "TILE_W"), tile or (1, 1, 1))), **config}

@@ -4,9 +4,11 @@ The image segment of a gridded layout is laid out tile by tile (tiles in raster 
 coordinates, patches inside a tile in raster order), each tile in one ``IMAGE_BLOCK`` of slots;
 the slots a partial tile leaves are pad slots, which copy an arbitrary image token and which the
 kernel masks as keys. Global tokens keep their places before and after the image. So a tile
-window's keys are whole blocks in (2wt+1)(2wh+1) contiguous runs. Only keys, values and the key
-padding flags are reordered: each query tile is read, and its output written, once, straight at
-its raster rows (the kernel computes them from the grid), which saves copying q and the output.
+window's keys are whole blocks in (2wt+1)(2wh+1) contiguous runs. The Triton kernel reads keys,
+values and the key padding flags reordered; each query tile is read, and its output written, once,
+straight at its raster rows (the kernel computes them from the grid), which saves copying q and the
+output. The Gluon kernel reads every grid tile in place (a 5-D box of the grid by TMA), so only
+the padding flags are reordered for it.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from ..model import TokenLayout
 
 
 class TiledKeys(NamedTuple):
-    """``k`` and ``v`` as (B, S', H, D) in tile order, S' = global tokens + ``tiles.slots``; ``key_mask``
+    """``k`` and ``v`` as (B, S', H, D) in tile order (None for a kernel that reads them in place), S' =
+    global tokens + ``tiles.slots``; ``key_mask``
     the key padding flags (B, S') in the same order, or None; ``order`` the (S',) sequence index each
     position copies (:func:`slot_order`), for a kernel that reads queries in tile order too;
     ``slot_pad`` the (S',) flags of the pad slots (:func:`pad_slots`), None when every tile is whole."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor | None
     key_mask: torch.Tensor | None
     tiles: TileGrid
     order: torch.Tensor
@@ -62,10 +65,14 @@ def pad_slots(layout: TokenLayout, device: torch.device) -> torch.Tensor:
     return (order == layout.image_start) & (position != layout.image_start)
 
 
-def tiled_keys(k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layout: TokenLayout) -> TiledKeys:
-    """``k``, ``v`` and the key padding flags of one call in tile order (one gather each)."""
+def tiled_keys(k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, layout: TokenLayout,
+               gather: bool = True) -> TiledKeys:
+    """``k``, ``v`` (unless not ``gather``) and the key padding flags of one call in tile order (one
+    gather each)."""
     order = slot_order(layout, k.device)
     mask = None if key_mask is None else key_mask.index_select(1, order)
     tiles = layout.tile_grid()
     slot_pad = pad_slots(layout, k.device) if tiles.ragged else None
+    if not gather:
+        return TiledKeys(None, None, mask, tiles, order, slot_pad)
     return TiledKeys(k.index_select(1, order), v.index_select(1, order), mask, tiles, order, slot_pad)
