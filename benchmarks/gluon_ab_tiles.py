@@ -1,15 +1,16 @@
-"""Same-run A/B of the Gluon kernel's tiled launch (tile windows) against an earlier version (GPU, sm_90).
+"""Same-run A/B of the Gluon kernel's tiled launch (tile windows) against other versions (GPU, sm_90).
 
-The earlier version is a copy of ``ops/_gluon.py`` from git (``git show COMMIT:src/ditfastattn/ops/_gluon.py
-> /tmp/prev.py``) whose tiled launch took queries, keys and values gathered into tile order (before
-the launch read them in place). At ``tile_reorder.py``'s shapes and windows, every head one window,
-each round times with ``do_bench`` (eager, L2 flushed) and ``do_bench_cudagraph`` medians: cuDNN SDPA
-dense; the committed op (what ``headwise_attention`` launches: nothing gathered); the earlier op
-(keys and values gathered, then its launch, which gathers the queries); the earlier launch on keys
-and values gathered beforehand; and the committed op again (its repeat shows the run's noise). The
-outputs are compared bit for bit before timing.
+Each variant is a copy of ``ops/_gluon.py`` (an edited copy, or one from git: ``git show
+COMMIT:src/ditfastattn/ops/_gluon.py > /tmp/prev.py``). A version whose tiled launch reads tiles in
+place (``TILES_IN_PLACE``) runs as the op does; an earlier one took queries, keys and values gathered
+into tile order, and runs twice: as its op did (keys and values gathered, then its launch, which
+gathers the queries) and on keys and values gathered beforehand (``NAME_launch``). At
+``tile_reorder.py``'s shapes and windows, every head one window, each round times with ``do_bench``
+(eager, L2 flushed) and ``do_bench_cudagraph`` medians: cuDNN SDPA dense, the committed op, each
+variant, and the committed op again (its repeat shows the run's noise). The outputs are compared
+bit for bit before timing.
 
-    PYTHONPATH=src python3 benchmarks/gluon_ab_tiles.py OUT.json before=/tmp/prev.py [--shapes ...] [--rounds 2]
+    PYTHONPATH=src python3 benchmarks/gluon_ab_tiles.py OUT.json NAME=PATH [NAME=PATH ...] [--shapes ...] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -32,45 +33,50 @@ from ditfastattn.ops._tile_order import tiled_keys
 DEFAULT_SHAPES = ("hunyuan-1x8x16", "wan-1x8x16", "hunyuan", "hunyuan-whole")
 
 
-def launches(shape: Shape, mode: int, earlier) -> dict:
-    """The launch closures of one window: committed op, earlier op, earlier launch alone."""
+def launches(shape: Shape, mode: int, variants: dict) -> dict:
+    """The launch closures of one window: the committed op, each variant's (see the module's
+    docstring), the committed op again; and their outputs."""
     modes = torch.full((shape.heads,), mode, dtype=torch.int32, device="cuda")
-    outs = {name: torch.empty_like(shape.out) for name in ("committed", "earlier", "earlier_launch")}
     args = (shape.q, shape.k, shape.v, modes, shape.layout.image_start, shape.layout.image_len)
     gathered = tiled_keys(shape.k, shape.v, None, shape.layout)
+    fns, outs = {}, {}
 
-    def committed():
-        keys = tiled_keys(shape.k, shape.v, None, shape.layout, gather=not _gluon.TILES_IN_PLACE)
-        _gluon.attention(*args, outs["committed"], shape.scale, False, tiled=keys)
+    def add(name, module, keys=None):
+        out = outs[name] = torch.empty_like(shape.out)
+        in_place = getattr(module, "TILES_IN_PLACE", False)
 
-    def before():
-        earlier.attention(*args, outs["earlier"], shape.scale, False, tiled=tiled_keys(shape.k, shape.v, None,
-                                                                                         shape.layout))
+        def fn():
+            tiled = keys or tiled_keys(shape.k, shape.v, None, shape.layout, gather=not in_place)
+            module.attention(*args, out, shape.scale, False, tiled=tiled)
 
-    def before_launch():
-        earlier.attention(*args, outs["earlier_launch"], shape.scale, False, tiled=gathered)
+        fns[name] = fn
 
-    return {"fns": {"committed": committed, "earlier": before, "earlier_launch": before_launch,
-                    "committed_again": committed}, "outs": outs}
+    add("committed", _gluon)
+    for name, module in variants.items():
+        add(name, module)
+        if not getattr(module, "TILES_IN_PLACE", False):
+            add(f"{name}_launch", module, gathered)
+    fns["committed_again"] = fns["committed"]
+    return {"fns": fns, "outs": outs}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="JSON results path")
-    parser.add_argument("variant", help="NAME=PATH of the earlier ops/_gluon.py")
+    parser.add_argument("variants", nargs="+", help="NAME=PATH of a copy of ops/_gluon.py")
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=sorted(SHAPES))
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    name, path = args.variant.split("=", 1)
-    earlier = load_variant(path, name)
+    paths = dict(spec.split("=", 1) for spec in args.variants)
+    variants = {name: load_variant(path, name) for name, path in paths.items()}
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "cudnn": torch.backends.cudnn.version(), "variant": {name: path}, "compare": [], "rounds": []}
+              "cudnn": torch.backends.cudnn.version(), "variants": paths, "compare": [], "rounds": []}
     setups = {}
     for shape_name in args.shapes:
         shape = Shape(shape_name, SHAPES[shape_name], "cuda", torch.bfloat16)
         for target in TARGETS:
             half, density = window_for(target, shape.layout)
-            case = launches(shape, ops.tile_mode(*half), earlier)
+            case = launches(shape, ops.tile_mode(*half), variants)
             for fn in case["fns"].values():
                 fn()
             base = case["outs"]["committed"]

@@ -18,7 +18,7 @@ geometry (``ditfastattn.ops.density``); "x cuDNN" is the speed-up over cuDNN den
 speed-up times the density (100% = the full 1/density); "per tile" that speed-up times the share of
 pairs a kernel of whole 128-slot tiles computes, pad slots included (what a ragged grid leaves). The reorder's share is its time over the
 op's at each plan. FlexAttention's output is compared with the op's (``rel_err_vs_op``), so the
-block mask is checked to be the same (``--smoke`` compares the op with the reference too). Times are ``triton.testing.do_bench`` medians. The rows
+block mask is checked to be the same (``--smoke`` compares the op with the reference too). Times are ``triton.testing.do_bench`` medians over at least 10 calls. The rows
 run cheapest first across shapes (reorder, cuDNN, ours; then flash; then FlexAttention, which
 compiles per shape); rows that would start after ``--budget-s`` are left out and listed.
 
@@ -44,6 +44,7 @@ if "--smoke" in sys.argv:  # before Triton is imported: the kernel then runs in 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+from gluon_ab import eager_ms  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 
@@ -59,6 +60,7 @@ SHAPES = {
     "hunyuan-1x8x16": {"grid": (33, 45, 80), "text": 256, "heads": 24, "dim": 128, "tile": (1, 8, 16)},
     "wan-1x8x16": {"grid": (21, 45, 80), "text": 0, "heads": 40, "dim": 128, "tile": (1, 8, 16)},
     "hunyuan-whole": {"grid": (32, 48, 80), "text": 256, "heads": 24, "dim": 128},
+    "hunyuan-whole-1x8x16": {"grid": (32, 48, 80), "text": 256, "heads": 24, "dim": 128, "tile": (1, 8, 16)},
 }
 DEFAULT_SHAPES = ("hunyuan", "wan")
 SMOKE_SHAPES = {
@@ -216,7 +218,7 @@ def precompile(shapes) -> float:
 
 def timer(smoke: bool):
     if not smoke:
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return eager_ms
 
     def wall(fn):  # the interpreter on the CPU: one sanity run, not a measurement
         start = time.perf_counter()
