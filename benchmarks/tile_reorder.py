@@ -61,6 +61,10 @@ SHAPES = {
     "wan-1x8x16": {"grid": (21, 45, 80), "text": 0, "heads": 40, "dim": 128, "tile": (1, 8, 16)},
     "hunyuan-whole": {"grid": (32, 48, 80), "text": 256, "heads": 24, "dim": 128},
     "hunyuan-whole-1x8x16": {"grid": (32, 48, 80), "text": 256, "heads": 24, "dim": 128, "tile": (1, 8, 16)},
+    # 2-D windows on images at 2048² (128 x 128 patches, whole 1 x 8 x 16 tiles): FLUX.1 (512 text
+    # tokens, head dim 128) and SD3 (333, head dim 64).
+    "flux-2k": {"grid": (1, 128, 128), "text": 512, "heads": 24, "dim": 128, "tile": (1, 8, 16)},
+    "sd3-2k": {"grid": (1, 128, 128), "text": 333, "heads": 24, "dim": 64, "tile": (1, 8, 16)},
 }
 DEFAULT_SHAPES = ("hunyuan", "wan")
 SMOKE_SHAPES = {
