@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import ditfastattn  # noqa: E402
 from e2e import (MODELS, SMOKE_VIDEO, VIDEO, VIDEO_DEPTH, build_transformer, environment, parse_size,  # noqa: E402
                  released_blocks, timesteps, video_inputs)
+from search_time import peak_gib, reset_peak  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RUNS = ("hunyuanvideo:720x1280x129", "wan:720x1280x81")
@@ -71,15 +72,6 @@ class VideoPipeline:
                 torch.cuda.synchronize()
             self.step_seconds.append(time.perf_counter() - start)
         return VideoOutput(frames=latents)
-
-
-def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-
-
-def reset_peak(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
 
 def run_model(kind: str, size, args, device, dtype) -> dict:
