@@ -7,7 +7,8 @@
   measurement (taken once with the band's candidates; its "arrow" step weights weigh every window),
   same everything else.
 - Video (``video``: 8 frames x 16 x 16 patches, tiles of 2 x 8 x 8, so 4 x 2 x 2 tiles; a band block
-  is half a frame): 3-D tiles against the 1-D band, head-wise and layer-wise, uniform windows
+  is half a frame; ``video-large``: 8 x 32 x 32, 4 x 4 x 4 tiles, a band block a strip of 4 patch
+  rows, an eighth of a frame): 3-D tiles against the 1-D band, head-wise and layer-wise, uniform windows
   (one window for every head after step 0, no search) and a step cache alone (every k-th step
   computes, the others reuse every head's output). Per-frame SSIM / PSNR and the PSNR of the
   frame-to-frame changes (``ditfastattn.evaluation.video_scores``) against full attention.
@@ -21,13 +22,15 @@ of them there, so kinds can run in separate commands.
     PYTHONPATH=src python benchmarks/tile_quality.py --save-embeddings .carry/tile_embeddings.pt   # CPU: the encoder
     PYTHONPATH=src python benchmarks/tile_quality.py --device cuda --kinds sd3,flux --embeddings .carry/tile_embeddings.pt
     PYTHONPATH=src python benchmarks/tile_quality.py --device cuda --kinds video --embeddings .carry/tile_embeddings.pt
+    PYTHONPATH=src python benchmarks/tile_quality.py --device cuda --kinds video-large --dtype bf16 \
+        --embeddings .carry/tile_embeddings.pt
 
 Curves can run as separate processes side by side (``--curves``), sharing one sensitivity
 measurement (``--sensitivity FOLDER``: the first run writes it, the others read it), and be merged
 afterwards: ``--merge RUN_FOLDER ... --out FOLDER`` writes the merged JSON and renders it.
 
-Smoke check on the CPU (minutes; ``--untrained-video`` runs the video code on random weights when
-the trained ones are not bundled yet):
+Smoke check on the CPU (minutes; ``--untrained-video`` runs a video kind's code on random weights
+when its trained ones are not bundled):
 
     PYTHONPATH=src python benchmarks/tile_quality.py --steps 4 --prompts 2 --heldout 2 --seeds 1 \\
         --targets 0.4,0.6 --resamples 50 --kinds sd3,video --untrained-video --out /tmp/tile_smoke
@@ -53,26 +56,53 @@ from quality import (AT, CURVE_TARGETS, SETS, STEP_CACHE_PERIODS, applied, diffe
 import ditfastattn
 from ditfastattn import Plan, SearchConfig, calibrate
 from ditfastattn.evaluation import video_scores
-from ditfastattn.testbed import VideoTestbedPipeline, load_pipeline, load_prompts
+from ditfastattn.testbed import load_pipeline, load_prompts
 from ditfastattn.testbed import video_data
-from ditfastattn.testbed.models import VIDEO_KIND, build_transformer
-from ditfastattn.testbed.pipeline import SCHEDULER_CONFIG, WEIGHTS_DIR
+from ditfastattn.testbed.models import LARGE_VIDEO_KIND, VIDEO_FRAME_SIZES, VIDEO_KIND, build_transformer, is_video
+from ditfastattn.testbed.pipeline import PIPELINES, SCHEDULER_CONFIG, WEIGHTS_DIR
 
 IMAGE_KINDS = ("sd3", "flux")
-VIDEO_GRID, VIDEO_TEXT = (8, 16, 16), 32
+VIDEO_TEXT = 32
 FULL_CACHE = ("full", "cache")
 # The band as quality.py searches it on the 8 image blocks; the image tiles: the query's own
 # 8 x 16 tile (the band's 1/8), its column of 3 tiles (5/16) and of 5 (7/16), then whole rows of
 # 1 and 3 tiles (1/4, 5/8): about the band's densities, in square and wide shapes.
 IMAGE_BAND = tuple(m for m in SETS["AA+OC"] if m not in FULL_CACHE)
 IMAGE_TILES = ("tile:0,0,0", "tile:0,0.34,0", "tile:0,0.67,0", "tile:0,0,1", "tile:0,0.34,1")
-# Video: bands of 1, 3, 5 and 9 half-frame blocks; tiles of one 2 x 8 x 8 tile (1/16), +-1 tile in
-# time (5/32), the whole frame pair (1/4), the same place across the clip (1/4), and a frame
-# pair's neighbourhood +-1 in time with the whole frame (5/8).
-VIDEO_BAND = ("arrow:0.0625", "arrow:0.125", "arrow:0.25", "arrow:0.5")
-VIDEO_TILES = ("tile:0,0,0", "tile:0.34,0,0", "tile:0,1,1", "tile:1,0,0", "tile:0.34,1,1")
 UNIFORM_BAND = ("arrow:0.75", "arrow:0.5", "arrow:0.375", "arrow:0.25", "arrow:0.125")
-UNIFORM_TILES = ("tile:0.67,1,1", "tile:0.34,1,1", "tile:0,1,1", "tile:0.34,0,0", "tile:0,0,0")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoWindows:
+    """A video kind's token grid, the windows its searches choose from and its uniform windows."""
+
+    grid: tuple[int, int, int]
+    band: tuple[str, ...]
+    tiles: tuple[str, ...]
+    uniform_tiles: tuple[str, ...]
+
+
+VIDEO_WINDOWS = {
+    # Bands of 1, 3, 5 and 9 half-frame blocks; tiles of one 2 x 8 x 8 tile (1/16), +-1 tile in
+    # time (5/32), the whole frame pair (1/4), the same place across the clip (1/4), and a frame
+    # pair's neighbourhood +-1 in time with the whole frame (5/8).
+    VIDEO_KIND: VideoWindows(
+        grid=(8, 16, 16),
+        band=("arrow:0.0625", "arrow:0.125", "arrow:0.25", "arrow:0.5"),
+        tiles=("tile:0,0,0", "tile:0.34,0,0", "tile:0,1,1", "tile:1,0,0", "tile:0.34,1,1"),
+        uniform_tiles=("tile:0.67,1,1", "tile:0.34,1,1", "tile:0,1,1", "tile:0.34,0,0", "tile:0,0,0"),
+    ),
+    # 64 blocks of 4 patch rows, 4 x 4 x 4 tiles. Bands of 3, 5, 9, 17 and 33 blocks (0.05-0.5 of
+    # the image pairs); tiles of about the same densities: one tile (1/64), +-1 in time (0.04), +-1
+    # in rows and cols (0.10), +-1 along all three (0.24), +-1 in time and +-2 in rows and cols (0.48).
+    LARGE_VIDEO_KIND: VideoWindows(
+        grid=(8, 32, 32),
+        band=("arrow:0.03125", "arrow:0.0625", "arrow:0.125", "arrow:0.25", "arrow:0.5"),
+        tiles=("tile:0,0,0", "tile:0.34,0,0", "tile:0,0.34,0.34", "tile:0.34,0.34,0.34", "tile:0.34,0.67,0.67"),
+        uniform_tiles=("tile:0.67,0.67,0.67", "tile:0.34,0.67,0.67", "tile:0.34,0.34,0.67", "tile:0.34,0.34,0.34",
+                       "tile:0,0.34,0.34"),
+    ),
+}
 STEPPED = {"head_coefficient": None, "budget": "generation"}
 
 
@@ -87,13 +117,14 @@ def searched_curves(kind: str) -> dict[str, dict]:
             "head-wise, 1-D band, no cache": {"candidates": ("full",) + IMAGE_BAND},
             "head-wise, 2-D tiles, no cache": {"candidates": ("full",) + IMAGE_TILES},
         }
+    windows = VIDEO_WINDOWS[kind]
     return {
-        "head-wise, 3-D tiles": {"candidates": FULL_CACHE + VIDEO_TILES},
-        "head-wise, 1-D band": {"candidates": FULL_CACHE + VIDEO_BAND},
-        "layer-wise, 3-D tiles": {"candidates": FULL_CACHE + VIDEO_TILES, "granularity": "layer"},
-        "layer-wise, 1-D band": {"candidates": FULL_CACHE + VIDEO_BAND, "granularity": "layer"},
-        "head-wise, 1-D band, no cache": {"candidates": ("full",) + VIDEO_BAND},
-        "head-wise, 3-D tiles, no cache": {"candidates": ("full",) + VIDEO_TILES},
+        "head-wise, 3-D tiles": {"candidates": FULL_CACHE + windows.tiles},
+        "head-wise, 1-D band": {"candidates": FULL_CACHE + windows.band},
+        "layer-wise, 3-D tiles": {"candidates": FULL_CACHE + windows.tiles, "granularity": "layer"},
+        "layer-wise, 1-D band": {"candidates": FULL_CACHE + windows.band, "granularity": "layer"},
+        "head-wise, 1-D band, no cache": {"candidates": ("full",) + windows.band},
+        "head-wise, 3-D tiles, no cache": {"candidates": ("full",) + windows.tiles},
     }
 
 
@@ -168,31 +199,36 @@ def score_videos(pipe, plans: dict[str, Plan], prompts, steps, references) -> di
     return rows
 
 
-def uniform_plans(pipe, steps: int) -> dict[str, dict[str, Plan]]:
+def uniform_plans(kind: str, pipe, steps: int) -> dict[str, dict[str, Plan]]:
     """The video's baselines without a search: group -> {name: plan}; every head after step 0 on
     one window, or every head cached at all steps but every k-th."""
-    layout = {"text_len": VIDEO_TEXT, "grid": VIDEO_GRID}
+    windows = VIDEO_WINDOWS[kind]
+    layout = {"text_len": VIDEO_TEXT, "grid": windows.grid}
 
     def uniform(method):
         return Plan.uniform(pipe.transformer, steps, method, **layout)
 
     return {"uniform 1-D band": {f"uniform {m}": uniform(m) for m in UNIFORM_BAND},
-            "uniform 3-D tile": {f"uniform {m}": uniform(m) for m in UNIFORM_TILES},
+            "uniform 3-D tile": {f"uniform {m}": uniform(m) for m in windows.uniform_tiles},
             "step cache": {f"step cache, every {k}": step_cache_plan(pipe.transformer, steps, k, **layout)
                            for k in STEP_CACHE_PERIODS}}
 
 
 # --- one kind ----------------------------------------------------------------------------------
 
+def untrained(kind: str) -> bool:
+    return is_video(kind) and not (WEIGHTS_DIR / f"{kind}.safetensors").is_file()
+
+
 def load(kind: str, args):
-    if kind == VIDEO_KIND and not (WEIGHTS_DIR / "video.safetensors").is_file():
+    if untrained(kind):
         if not args.untrained_video:
             return None
         torch.manual_seed(0)  # random weights: only the code path is checked
-        transformer = build_transformer(VIDEO_KIND).to(args.device).eval()
-        pipe = VideoTestbedPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG))
+        transformer = build_transformer(kind).to(args.device, args.dtype).eval()
+        pipe = PIPELINES[kind](transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG))
     else:
-        pipe = load_pipeline(kind, device=args.device, dtype=torch.float32)
+        pipe = load_pipeline(kind, device=args.device, dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -203,11 +239,11 @@ def run(kind: str, args, save) -> dict | None:
     pipe = load(kind, args)
     if pipe is None:
         print(f"  {kind}: no trained weights in {WEIGHTS_DIR} (train with `python -m ditfastattn.testbed.training.train "
-              "--kind video`, or pass --untrained-video for a smoke check): skipped", flush=True)
+              f"--kind {kind}`, or pass --untrained-video for a smoke check): skipped", flush=True)
         return None
     image = kind in IMAGE_KINDS
     calibration, heldout = prompts_of(kind, args)
-    band = IMAGE_BAND if image else VIDEO_BAND
+    band = IMAGE_BAND if image else VIDEO_WINDOWS[kind].band
     base = SearchConfig(num_inference_steps=args.steps, candidates=FULL_CACHE + band, seed=0)
     generate = images if image else videos
     references = {seed: generate(pipe, heldout, args.steps, seed) for seed in args.seeds}
@@ -224,7 +260,7 @@ def run(kind: str, args, save) -> dict | None:
         print(f"  {kind} {group}: sparsities {[round(result['plans'][n]['sparsity'], 3) for n in plans]}", flush=True)
 
     if not image:
-        for group, plans in uniform_plans(pipe, args.steps).items():
+        for group, plans in uniform_plans(kind, pipe, args.steps).items():
             if args.curves is None or group in args.curves:
                 add(group, plans)
     for curve, changes in searched_curves(kind).items():
@@ -266,7 +302,8 @@ def statistics(kind: str, result: dict, resamples: int) -> dict:
     return result
 
 
-def markdown(meta: dict, results: dict) -> str:
+def markdown(metas: dict[str, dict], results: dict) -> str:
+    meta = next(iter(metas.values()))
     lines = [
         f"Tile windows against the 1-D band: {meta['steps']} steps, {meta['calibration_prompts']} calibration prompts, "
         f"{meta['heldout']} held-out prompts (grammar seed {meta['heldout_seed']}) x seeds {meta['seeds']}, "
@@ -281,6 +318,9 @@ def markdown(meta: dict, results: dict) -> str:
 
     header = ["| curve | " + " | ".join(map(str, AT)) + " |", "|---" * (len(AT) + 1) + "|"]
     for kind, result in results.items():
+        run = metas[kind]
+        lines += [f"**{kind}**: {run['device']}, {run['date']}, {run.get('dtype', 'float32')}, {run['heldout']} held-out "
+                  f"prompts x seeds {run['seeds']}, targets {run['targets']}.", ""]
         if result.get("untrained"):
             lines += [f"**{kind}: random weights (smoke check), not a quality result.**", ""]
         for metric in METRICS[family(kind)]:
@@ -333,8 +373,7 @@ def render(out: Path, resamples: int) -> None:
     if not loaded:
         return
     results = {kind: statistics(kind, data["result"], resamples) for kind, data in loaded.items()}
-    meta = next(iter(loaded.values()))["meta"]
-    text = markdown(meta, results)
+    text = markdown({kind: data["meta"] for kind, data in loaded.items()}, results)
     (out / "tile_quality.md").write_text(text)
     plot(results, out / "tile_quality.png")
     print(text)
@@ -369,7 +408,9 @@ def main() -> None:
     parser.add_argument("--curves", default=None, help="';'-separated curve names to run (default: all)")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--untrained-video", action="store_true",
-                        help="without bundled video weights, run the video kind on random weights (a smoke check)")
+                        help="run a video kind without bundled weights on random ones (a smoke check)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="the testbed's dtype (bf16 runs the GPU kernels as at full size)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--sensitivity", type=Path, default=None,
                         help="folder of sensitivity measurements: read when it holds this kind's, else written there "
@@ -391,18 +432,17 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.targets = [float(t) for t in args.targets.split(",")]
     args.curves = None if args.curves is None else {c.strip() for c in args.curves.split(";")}
+    args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     kinds = args.kinds.split(",")
-    unknown = sorted(set(kinds) - set(IMAGE_KINDS) - {VIDEO_KIND})
+    unknown = sorted(set(kinds) - set(IMAGE_KINDS) - set(VIDEO_FRAME_SIZES))
     if unknown:
-        parser.error(f"unknown kinds {unknown}; choose from {IMAGE_KINDS + (VIDEO_KIND,)}")
+        parser.error(f"unknown kinds {unknown}; choose from {IMAGE_KINDS + tuple(VIDEO_FRAME_SIZES)}")
     if args.embeddings:
         use_embeddings(args.embeddings)
     args.out.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
         started = time.perf_counter()
-        untrained = kind == VIDEO_KIND and not (WEIGHTS_DIR / "video.safetensors").is_file()
-
-        def save(result, kind=kind, started=started, untrained=untrained):
+        def save(result, kind=kind, started=started, untrained=untrained(kind)):
             meta = {
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
@@ -410,6 +450,7 @@ def main() -> None:
                 "ditfastattn": ditfastattn.__version__, "steps": args.steps, "calibration_prompts": args.prompts,
                 "heldout": args.heldout, "heldout_seed": args.heldout_seed, "seeds": args.seeds,
                 "targets": args.targets, "seconds": round(time.perf_counter() - started, 1),
+                "dtype": str(args.dtype).removeprefix("torch."),
             }
             payload = {"meta": meta, "result": {**result, "untrained": untrained}}
             (args.out / f"tile_quality_{kind}.json").write_text(json.dumps(payload, indent=1))

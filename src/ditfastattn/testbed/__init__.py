@@ -15,9 +15,9 @@ ditfastattn.testbed.training.train``, in a source checkout only: the wheel ships
 
 The video testbed: :mod:`.video_data` (captioned clips of moving, appearing and colour-changing
 shapes) and :class:`VideoTestbedPipeline` (a ``HunyuanVideoTransformer3DModel``, sampled as
-``HunyuanVideoPipeline`` samples), loaded with ``load_pipeline("video")`` once trained
-(``train --kind video``); ``ditfastattn.evaluation.video_metrics`` compares clips per frame and
-over time.
+``HunyuanVideoPipeline`` samples), loaded with ``load_pipeline("video")`` (8 frames of 48x48) or
+``load_pipeline("video-large")`` (8 frames of 96x96: a band block a strip of the frame, as at real
+video sizes); ``ditfastattn.evaluation.video_metrics`` compares clips per frame and over time.
 """
 
 from .data import Scenes, generate_batch, load_prompts, parse_caption, sample_scenes

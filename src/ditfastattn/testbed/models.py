@@ -21,6 +21,12 @@ axes (8, 12, 12) over (frame, row, column), one token-refiner layer, no guidance
 CFG, as ``HunyuanVideoPipeline`` runs it with a negative prompt). 3.6M parameters, 7 MB in bf16:
 four heads keep eight layers within that. Timesteps are passed as ``sigma * 1000``, as
 ``HunyuanVideoPipeline`` passes ``t``.
+
+The large video testbed (``video-large``): the same transformer and clips at twice the resolution,
+8 frames of 96x96 pixels, a token grid of 8 x 32 x 32 (8192 video tokens: 64 blocks of 128, each a
+quarter of a frame's rows, or 4 x 4 x 4 tiles of 2 x 8 x 8). There a band block is a strip of 4
+patch rows across the frame, as at real video sizes, where the small testbed's blocks are already
+compact half frames.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, SD
 
 KINDS = ("sd3", "flux")
 VIDEO_KIND = "video"
+LARGE_VIDEO_KIND = "video-large"
+# Frame size in pixels of each video testbed (8 frames, 3x3 patches).
+VIDEO_FRAME_SIZES = {VIDEO_KIND: 48, LARGE_VIDEO_KIND: 96}
 SD3_CONFIG = {
     "sample_size": 64,
     "patch_size": 2,
@@ -72,20 +81,24 @@ VIDEO_CONFIG = {
     "pooled_projection_dim": 384,
     "rope_axes_dim": (8, 12, 12),
 }
-DEFAULT_CONFIGS = {"sd3": SD3_CONFIG, "flux": FLUX_CONFIG, VIDEO_KIND: VIDEO_CONFIG}
+DEFAULT_CONFIGS = {"sd3": SD3_CONFIG, "flux": FLUX_CONFIG, VIDEO_KIND: VIDEO_CONFIG, LARGE_VIDEO_KIND: VIDEO_CONFIG}
+
+
+def is_video(kind: str) -> bool:
+    return kind in VIDEO_FRAME_SIZES
 
 
 def build_transformer(
     kind: str, config: dict | None = None
 ) -> SD3Transformer2DModel | FluxTransformer2DModel | HunyuanVideoTransformer3DModel:
-    """A freshly initialised transformer of ``kind`` (an image kind or ``"video"``); ``config``
+    """A freshly initialised transformer of ``kind`` (an image kind or a video kind); ``config``
     overrides the defaults above."""
     if kind not in DEFAULT_CONFIGS:
         raise ValueError(f"kind must be one of {tuple(DEFAULT_CONFIGS)}, got {kind!r}")
     cfg = {**DEFAULT_CONFIGS[kind], **(config or {})}
     if kind == "sd3":
         return SD3Transformer2DModel(**cfg)
-    if kind == VIDEO_KIND:
+    if is_video(kind):
         cfg["rope_axes_dim"] = tuple(cfg["rope_axes_dim"])
         return HunyuanVideoTransformer3DModel(**cfg)
     cfg["axes_dims_rope"] = tuple(cfg["axes_dims_rope"])
@@ -130,9 +143,9 @@ def velocity(
     pooled: torch.Tensor,
 ) -> torch.Tensor:
     """The transformer's flow-matching velocity (noise - image) for images ``x`` (B, 3, H, W), or
-    videos (B, 3, F, H, W) for ``"video"``, at noise levels ``sigma`` (B,), called exactly as the
+    videos (B, 3, F, H, W) for a video kind, at noise levels ``sigma`` (B,), called exactly as the
     testbed pipelines call it."""
-    if kind == VIDEO_KIND:
+    if is_video(kind):
         return transformer(
             hidden_states=x,
             timestep=sigma * 1000,

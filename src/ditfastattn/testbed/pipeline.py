@@ -14,7 +14,8 @@ do, so code that hooks ``pipe.transformer``'s attention processors or wraps
   Output ``frames`` as diffusers' video pipelines give them.
 
 The text encoder (:mod:`.text`) is cached per device and is not a pipeline component. Images are
-64x64 RGB in pixel space, videos 8 frames of 48x48; there is no VAE.
+64x64 RGB in pixel space, videos 8 frames of 48x48 (``video``) or 96x96 (``video-large``,
+:class:`LargeVideoTestbedPipeline`); there is no VAE.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
 
-from .models import VIDEO_KIND, build_transformer, flux_image_ids, flux_text_ids, pack_flux, text_mask, unpack_flux
+from .models import (LARGE_VIDEO_KIND, VIDEO_FRAME_SIZES, VIDEO_KIND, build_transformer, flux_image_ids, flux_text_ids,
+                     pack_flux, text_mask, unpack_flux)
 from .text import encode_prompts
 
 logger = logging.getLogger("ditfastattn")
@@ -213,6 +215,11 @@ class VideoTestbedPipeline(_TestbedPipeline):
 
     kind = VIDEO_KIND
 
+    @property
+    def frame_size(self) -> int:
+        """Default frame height and width in pixels: the size this kind was trained on."""
+        return VIDEO_FRAME_SIZES[self.kind]
+
     @torch.no_grad()
     def __call__(
         self,
@@ -221,8 +228,8 @@ class VideoTestbedPipeline(_TestbedPipeline):
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_frames: int = 8,
-        height: int = 48,
-        width: int = 48,
+        height: int | None = None,
+        width: int | None = None,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
@@ -235,8 +242,10 @@ class VideoTestbedPipeline(_TestbedPipeline):
         """Generate one video per prompt. ``output_type``: "pil" (a list of frame lists), "pt" (tensor
         (N, F, 3, H, W) in [0, 1], float32), "np" (array (N, F, H, W, 3) in [0, 1]) or "latent" (the
         denoised sample, (N, 3, F, H, W) in the model's dtype and range). Text states' padding rows
-        must be zero (as :mod:`.text` gives them): the key mask is read from them."""
+        must be zero (as :mod:`.text` gives them): the key mask is read from them. ``height`` and
+        ``width`` default to :attr:`frame_size`."""
         config = self.transformer.config
+        height, width = height or self.frame_size, width or self.frame_size
         if num_frames % config.patch_size_t or height % config.patch_size or width % config.patch_size:
             raise ValueError(
                 f"num_frames must be a multiple of {config.patch_size_t}, height and width of {config.patch_size}; "
@@ -283,7 +292,14 @@ class VideoTestbedPipeline(_TestbedPipeline):
         return HunyuanVideoPipelineOutput(frames=out) if return_dict else (out,)
 
 
-PIPELINES = {"sd3": SD3TestbedPipeline, "flux": FluxTestbedPipeline, VIDEO_KIND: VideoTestbedPipeline}
+class LargeVideoTestbedPipeline(VideoTestbedPipeline):
+    """The video testbed at 96x96 pixels a frame (``video-large``): sampled as the small one."""
+
+    kind = LARGE_VIDEO_KIND
+
+
+PIPELINES = {"sd3": SD3TestbedPipeline, "flux": FluxTestbedPipeline, VIDEO_KIND: VideoTestbedPipeline,
+             LARGE_VIDEO_KIND: LargeVideoTestbedPipeline}
 
 
 def load_pipeline(
@@ -292,7 +308,7 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     weights_dir: str | Path | None = None,
 ) -> SD3TestbedPipeline | FluxTestbedPipeline | VideoTestbedPipeline:
-    """The trained testbed pipeline of ``kind`` ("sd3", "flux" or "video") with the bundled weights
+    """The trained testbed pipeline of ``kind`` ("sd3", "flux", "video" or "video-large") with the bundled weights
     (or those in ``weights_dir``: ``{kind}.safetensors`` and ``{kind}_train_config.json`` from train.py)."""
     if kind not in PIPELINES:
         raise ValueError(f"kind must be one of {tuple(PIPELINES)}, got {kind!r}")

@@ -1,6 +1,7 @@
 """Procedural captioned videos: the video testbed's training data and its caption grammar.
 
-Each video is ``FRAMES`` RGB frames of ``FRAME_SIZE`` x ``FRAME_SIZE`` pixels (values in [-1, 1])
+Each video is ``FRAMES`` RGB frames of ``FRAME_SIZE`` x ``FRAME_SIZE`` pixels (values in [-1, 1]),
+or of ``size`` x ``size`` where :func:`render` is asked for another size (the same clip, scaled)
 holding 1-2 objects on a plain background. An object starts in one cell of a 3x3 grid and may
 move (left, right, up or down, slowly or quickly), appear at frame ``EVENT_FRAME``, or turn
 another colour there. A scene is integer attributes and its caption is a function of them, so a
@@ -223,35 +224,45 @@ def sample_scenes(n: int, seed: int | None = None, generator: torch.Generator | 
     return VideoScenes(**keep, cell=cells, present=present, bg_color=bg_color, offset=offset * present[..., None])
 
 
-def object_centres(scenes: VideoScenes, device: torch.device | str | None = None) -> torch.Tensor:
-    """(N, 2, FRAMES, 2) centre (x, y) in pixels of every object slot at every frame."""
-    cell_size = FRAME_SIZE / GRID
-    cell, offset = scenes.cell.to(device), scenes.offset.to(device)
+def object_centres(
+    scenes: VideoScenes, device: torch.device | str | None = None, size: int = FRAME_SIZE
+) -> torch.Tensor:
+    """(N, 2, FRAMES, 2) centre (x, y) in pixels of every object slot at every frame of ``size``-pixel
+    frames (offsets and speeds are in pixels of ``FRAME_SIZE`` frames and scale with the frame)."""
+    scale = size / FRAME_SIZE
+    cell_size = size / GRID
+    cell, offset = scenes.cell.to(device), scenes.offset.to(device) * scale
     row = torch.div(cell, GRID, rounding_mode="floor")
     start = torch.stack([(cell % GRID + 0.5) * cell_size, (row + 0.5) * cell_size], dim=-1) + offset
     steps = torch.tensor(((0.0, 0.0),) + _STEPS, device=device)[scenes.motion.to(device)]  # (N, 2, 2)
-    velocity = steps * torch.tensor(_SPEED_PX, device=device)[scenes.speed.to(device)][..., None]
+    velocity = steps * (torch.tensor(_SPEED_PX, device=device) * scale)[scenes.speed.to(device)][..., None]
     frames = torch.arange(FRAMES, device=device, dtype=torch.float32)
     return start[:, :, None, :] + velocity[:, :, None, :] * frames[None, None, :, None]
 
 
 def render(
-    scenes: VideoScenes, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    scenes: VideoScenes,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    size: int = FRAME_SIZE,
 ) -> torch.Tensor:
-    """Render scenes to videos (N, 3, FRAMES, FRAME_SIZE, FRAME_SIZE) in [-1, 1], antialiased, on
-    ``device``: the (batch, channels, frames, height, width) layout of video latents."""
+    """Render scenes to videos (N, 3, FRAMES, size, size) in [-1, 1], antialiased, on ``device``: the
+    (batch, channels, frames, height, width) layout of video latents. Another ``size`` than
+    ``FRAME_SIZE`` scales the whole clip: cells, objects, jitter and speeds."""
+    if size < 1:
+        raise ValueError(f"a frame must be at least 1 pixel wide; got size={size}")
     s = {k: v.to(device) for k, v in vars(scenes).items()}
     n = len(scenes)
-    coords = torch.arange(FRAME_SIZE, device=device, dtype=torch.float32) + 0.5
+    coords = torch.arange(size, device=device, dtype=torch.float32) + 0.5
     bg_palette = torch.tensor(list(BACKGROUND_COLORS.values()), device=device)
-    video = bg_palette[s["bg_color"]][:, :, None, None, None].expand(n, 3, FRAMES, FRAME_SIZE, FRAME_SIZE)
+    video = bg_palette[s["bg_color"]][:, :, None, None, None].expand(n, 3, FRAMES, size, size)
 
-    centres = object_centres(scenes, device)  # (N, 2, F, 2)
+    centres = object_centres(scenes, device, size)  # (N, 2, F, 2)
     dx = coords[None, None, None, None, :] - centres[..., 0, None, None]  # (N, 2, F, 1, W)
     dy = coords[None, None, None, :, None] - centres[..., 1, None, None]  # (N, 2, F, H, 1)
-    r = torch.tensor(_HALF_EXTENT, device=device)[s["size"]][..., None, None, None]
+    r = (torch.tensor(_HALF_EXTENT, device=device) * (size / FRAME_SIZE))[s["size"]][..., None, None, None]
     sdf = _signed_distances(dx, dy, r)  # (N, 2, 4, F, H, W)
-    index = s["shape"][:, :, None, None, None, None].expand(n, MAX_OBJECTS, 1, FRAMES, FRAME_SIZE, FRAME_SIZE)
+    index = s["shape"][:, :, None, None, None, None].expand(n, MAX_OBJECTS, 1, FRAMES, size, size)
     sdf = sdf.gather(2, index)[:, :, 0]  # (N, 2, F, H, W)
     frames = torch.arange(FRAMES, device=device)
     after = frames >= EVENT_FRAME  # (F,)
@@ -271,10 +282,11 @@ def generate_batch(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    size: int = FRAME_SIZE,
 ) -> tuple[torch.Tensor, list[str], VideoScenes]:
-    """``n`` fresh (videos in [-1, 1], captions, scenes), deterministic by ``seed``."""
+    """``n`` fresh (videos in [-1, 1] of ``size``-pixel frames, captions, scenes), deterministic by ``seed``."""
     scenes = sample_scenes(n, seed=seed, generator=generator)
-    return render(scenes, device=device, dtype=dtype), scenes.captions(), scenes
+    return render(scenes, device=device, dtype=dtype, size=size), scenes.captions(), scenes
 
 
 def sample_captions(n: int, seed: int) -> list[str]:

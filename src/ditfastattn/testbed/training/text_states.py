@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import data, video_data
-from ..models import VIDEO_KIND
+from ..models import VIDEO_FRAME_SIZES, is_video
 from ..text import TEXT_DIM, TEXT_TOKENS, get_text_encoder
 
 FORMAT = "ditfastattn.testbed.text_states"
@@ -27,7 +27,7 @@ FORMAT = "ditfastattn.testbed.text_states"
 
 def source(kind: str):
     """The data module of a testbed kind: its scenes, captions and bundled prompts."""
-    return video_data if kind == VIDEO_KIND else data
+    return video_data if is_video(kind) else data
 
 
 def build(kind: str, count: int, seed: int) -> dict:
@@ -69,7 +69,7 @@ class TextStates:
         if not isinstance(table, dict) or table.get("type") != FORMAT:
             raise ValueError(f"{path} is not a text-states file; write one with "
                              "`python -m ditfastattn.testbed.training.text_states`")
-        if table["kind"] != kind:
+        if source(table["kind"]) is not source(kind):  # the video kinds share their captions
             raise ValueError(f"{path} holds {table['kind']} captions; this run trains {kind}: write one with --kind {kind}")
         self.kind, self.seed, self.count = kind, table["seed"], table["count"]
         self.captions = table["captions"]
@@ -114,7 +114,7 @@ class TextStates:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kind", choices=("sd3", "flux", VIDEO_KIND), required=True)
+    p.add_argument("--kind", choices=("sd3", "flux", *VIDEO_FRAME_SIZES), required=True)
     p.add_argument("--count", type=int, default=3072, help="scenes in the training pool")
     p.add_argument("--seed", type=int, default=0, help="seed the pool's scenes are drawn with")
     p.add_argument("--out", type=Path, required=True)

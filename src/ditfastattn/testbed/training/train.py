@@ -4,6 +4,8 @@
     python -m ditfastattn.testbed.training.train --kind flux --minutes 7.5 --out out/flux
     python -m ditfastattn.testbed.training.train --kind evaluator --minutes 2 --out out/evaluator
     python -m ditfastattn.testbed.training.train --kind video --minutes 6 --out out/video
+    python -m ditfastattn.testbed.training.train --kind video-large --minutes 6 --out out/video-large \
+        --init src/ditfastattn/testbed/weights/video.safetensors
 
 Diffusion models (sd3, flux; video on the clips of :mod:`..video_data`): rectified flow in pixel
 space. x_t = (1 - s) x0 + s noise, the model predicts the velocity noise - x0 under MSE; noise
@@ -19,7 +21,9 @@ steps, timing, final loss; for the evaluator its accuracy on fresh generator ima
 ``{kind}_loss.json`` and ``{kind}_loss.png``; for diffusion models also ``{kind}_samples.png``
 (held-out prompts, two seeds each, with the generator's own rendering of the prompt first; for
 video one row of frames per clip).
-``--text-states FILE`` (from :mod:`.text_states`) trains a diffusion model without the text
+``--init FILE`` starts from trained weights of the same architecture instead of a random
+initialisation (the large video testbed starts from the small one's: the same clips at twice the
+resolution). ``--text-states FILE`` (from :mod:`.text_states`) trains a diffusion model without the text
 encoder, on the file's pool of scenes and their precomputed states: for a GPU machine the encoder
 cannot travel to.
 The budget counts from the start of the script; training stops early enough to leave
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import platform
@@ -40,13 +45,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from .. import data, video_data
 from ..evaluator import CaptionReader, cell_targets, generator_accuracy, reader_loss
-from ..models import DEFAULT_CONFIGS, VIDEO_KIND, build_transformer, velocity
+from ..models import (DEFAULT_CONFIGS, LARGE_VIDEO_KIND, VIDEO_FRAME_SIZES, VIDEO_KIND, build_transformer, is_video,
+                      velocity)
 from ..pipeline import SCHEDULER_CONFIG, load_pipeline
 from ..text import get_text_encoder
 from .plotting import save_grid, save_loss_plot
@@ -55,12 +61,13 @@ from .text_states import TextStates
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kind", choices=("sd3", "flux", VIDEO_KIND, "evaluator"), required=True)
+    p.add_argument("--kind", choices=("sd3", "flux", *VIDEO_FRAME_SIZES, "evaluator"), required=True)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--minutes", type=float, default=7.5, help="wall-clock budget of the whole script")
     p.add_argument("--reserve-seconds", type=float, default=30.0, help="part of the budget kept for saving/sampling")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (images), 64 (video), 256 (evaluator)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: 128 (images), 64 (video), 16 (video-large), 256 (evaluator)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate; default 6e-4, evaluator 2e-3")
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -71,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the sample grid; 0: no grid")
     p.add_argument("--config", type=json.loads, default=None, help="JSON overriding the model config")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from these weights (a .safetensors of the same model config) instead of random ones")
     p.add_argument("--text-states", type=Path, default=None,
                    help="precomputed text states (python -m ditfastattn.testbed.training.text_states): train on "
                         "their pool of scenes, without the text encoder")
@@ -84,8 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     diffusion = args.kind != "evaluator"
     if args.text_states is not None and not diffusion:
         p.error("--text-states is for the diffusion models; the evaluator reads no text")
-    # A video clip holds twice an image's tokens: half the batch keeps the tokens per step.
-    args.batch_size = args.batch_size or (256 if not diffusion else 64 if args.kind == VIDEO_KIND else 128)
+    if args.init is not None and not (diffusion and args.init.is_file()):
+        p.error(f"--init must be a .safetensors file of a diffusion testbed; got {args.init}")
+    # A video clip holds twice an image's tokens (a large one 8x): the batch shrinks to keep the
+    # tokens per step.
+    default_batch = {VIDEO_KIND: 64, LARGE_VIDEO_KIND: 16}.get(args.kind, 128)
+    args.batch_size = args.batch_size or (default_batch if diffusion else 256)
     args.lr = args.lr or (6e-4 if diffusion else 2e-3)
     return args
 
@@ -197,7 +210,8 @@ def diffusion_loss_fn(args, kind: str):
     scenes_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     shift = SCHEDULER_CONFIG["shift"]
-    source = video_data if kind == VIDEO_KIND else data
+    source = video_data if is_video(kind) else data
+    render = functools.partial(video_data.render, size=VIDEO_FRAME_SIZES[kind]) if is_video(kind) else data.render
     if args.text_states is None:
         encoder = get_text_encoder(str(device))
     else:
@@ -206,10 +220,11 @@ def diffusion_loss_fn(args, kind: str):
 
     def loss_fn(model):
         if args.text_states is None:
-            images, captions, _ = source.generate_batch(args.batch_size, generator=scenes_gen, device=device)
+            scenes = source.sample_scenes(args.batch_size, generator=scenes_gen)
+            captions = scenes.captions()
         else:
             scenes, captions = encoder.draw(pool, args.batch_size, scenes_gen)
-            images = source.render(scenes, device=device)
+        images = render(scenes, device=device)
         drop = torch.rand(len(captions), generator=scenes_gen) < args.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         states, pooled = encoder(captions)
@@ -240,7 +255,7 @@ def evaluator_loss_fn(args):
 def sample_grid(args, path: Path) -> None:
     """Held-out prompts, two seeds each, after the generator's own rendering of the prompt; a video
     testbed's as one row of frames per clip."""
-    video = args.kind == VIDEO_KIND
+    video = is_video(args.kind)
     pipe = load_pipeline(args.kind, device=args.device, weights_dir=args.out)
     pipe.set_progress_bar_config(disable=True)
     table = None if args.text_states is None else TextStates(args.text_states, args.kind, args.device)
@@ -249,7 +264,8 @@ def sample_grid(args, path: Path) -> None:
     images, titles = [], []
     for prompt in prompts:
         if video:  # (1, F, 3, H, W), as the pipeline gives frames
-            truth = video_data.render(video_data.VideoScenes.from_captions([prompt]), device=args.device)
+            truth = video_data.render(video_data.VideoScenes.from_captions([prompt]), device=args.device,
+                                      size=VIDEO_FRAME_SIZES[args.kind])
             images.append(truth.permute(0, 2, 1, 3, 4) / 2 + 0.5)
         else:
             images.append(data.render(data.Scenes.from_captions([prompt]), device=args.device) / 2 + 0.5)
@@ -281,7 +297,10 @@ def main(argv=None) -> None:
         loss_fn = evaluator_loss_fn(args)
     else:
         model_config = {**DEFAULT_CONFIGS[args.kind], **(args.config or {})}
-        model = build_transformer(args.kind, model_config).to(args.device)
+        model = build_transformer(args.kind, model_config)
+        if args.init is not None:
+            model.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
+        model = model.to(args.device)
         loss_fn = diffusion_loss_fn(args, args.kind)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.kind}: {n_params / 1e6:.2f}M parameters, budget {budget.seconds:.0f} s of training on {args.device}")
