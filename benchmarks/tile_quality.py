@@ -127,6 +127,7 @@ def searched_curves(kind: str) -> dict[str, dict]:
         "layer-wise, 1-D band": {"candidates": FULL_CACHE + windows.band, "granularity": "layer"},
         "head-wise, 1-D band, no cache": {"candidates": ("full",) + windows.band},
         "head-wise, 3-D tiles, no cache": {"candidates": ("full",) + windows.tiles},
+        "head-wise, 3-D tiles + 1-D band": {"candidates": FULL_CACHE + windows.tiles + windows.band},
     }
 
 
@@ -134,7 +135,9 @@ def searched_curves(kind: str) -> dict[str, dict]:
 COMPARISONS = {
     "image": [("head-wise, 2-D tiles", "head-wise, 1-D band"), ("head-wise, 2-D tiles + 1-D band", "head-wise, 1-D band"),
               ("head-wise, 2-D tiles, no cache", "head-wise, 1-D band, no cache")],
-    "video": [("head-wise, 3-D tiles", "head-wise, 1-D band"), ("head-wise, 3-D tiles, no cache", "head-wise, 1-D band, no cache"),
+    "video": [("head-wise, 3-D tiles", "head-wise, 1-D band"), ("head-wise, 3-D tiles + 1-D band", "head-wise, 1-D band"),
+              ("head-wise, 3-D tiles + 1-D band", "head-wise, 3-D tiles"),
+              ("head-wise, 3-D tiles, no cache", "head-wise, 1-D band, no cache"),
               ("head-wise, 3-D tiles", "layer-wise, 3-D tiles"),
               ("head-wise, 1-D band", "layer-wise, 1-D band"), ("head-wise, 3-D tiles", "uniform 3-D tile"),
               ("head-wise, 3-D tiles", "uniform 1-D band"), ("uniform 3-D tile", "uniform 1-D band"),

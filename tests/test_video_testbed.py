@@ -36,6 +36,18 @@ def test_clips_are_deterministic_by_seed():
     assert a.min() >= -1 and a.max() <= 1
 
 
+def test_a_clip_at_another_size_is_the_same_clip_scaled():
+    scenes = vd.sample_scenes(16, seed=5)
+    small, large = vd.render(scenes), vd.render(scenes, size=2 * vd.FRAME_SIZE)
+    assert large.shape == (16, 3, vd.FRAMES, 2 * vd.FRAME_SIZE, 2 * vd.FRAME_SIZE)
+    assert torch.equal(vd.object_centres(scenes, size=2 * vd.FRAME_SIZE), 2 * vd.object_centres(scenes))
+    # Pooled 2x2, the large clip is the small one but for the antialiased edges.
+    difference = (torch.nn.functional.avg_pool3d(large, (1, 2, 2)) - small).abs()
+    assert difference.mean() < 1e-3 and (difference > 0.1).float().mean() < 1e-3
+    with pytest.raises(ValueError, match="at least 1 pixel"):
+        vd.render(scenes, size=0)
+
+
 def test_captions_cover_the_grammar_and_parse_back():
     scenes = vd.sample_scenes(400, seed=7)
     captions, dicts = scenes.captions(), scenes.to_dicts()
@@ -283,6 +295,26 @@ def test_one_training_step_writes_a_loadable_testbed(encoder, tmp_path):
     assert torch.isfinite(run(pipe)).all()
 
 
+def test_training_can_start_from_trained_weights(encoder, tmp_path):
+    from safetensors.torch import load_file
+
+    from ditfastattn.testbed.training import train
+
+    common = ["--kind", "video", "--max-steps", "1", "--batch-size", "2", "--device", "cpu", "--precision", "fp32",
+              "--sample-steps", "0", "--config", json.dumps(TINY)]
+    train.main([*common, "--out", str(tmp_path / "a")])
+    init = tmp_path / "a" / "video.safetensors"
+    # A step too small to move any weight: what is saved is what it started from.
+    train.main([*common, "--out", str(tmp_path / "b"), "--init", str(init), "--lr", "1e-30"])
+    start, saved = load_file(init), load_file(tmp_path / "b" / "video.safetensors")
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--kind", "video", "--out", str(tmp_path), "--init", str(tmp_path / "missing.safetensors")])
+    with pytest.raises(RuntimeError, match="size mismatch"):  # weights of another model config
+        train.main(["--kind", "video", "--max-steps", "1", "--batch-size", "2", "--device", "cpu", "--precision", "fp32",
+                    "--sample-steps", "0", "--out", str(tmp_path / "c"), "--init", str(init)])
+
+
 @pytest.fixture(scope="module")
 def text_states(encoder, tmp_path_factory):
     from ditfastattn.testbed.training import text_states
@@ -312,6 +344,8 @@ def test_text_states_stand_in_for_the_encoder(encoder, text_states):
         table([PROMPT])
     with pytest.raises(ValueError, match="--kind sd3"):
         TextStates(text_states, "sd3")
+    # The large video testbed draws the same captions: one file serves both video kinds.
+    assert TextStates(text_states, "video-large").captions == table.captions
 
 
 def test_training_from_text_states_needs_no_encoder(text_states, tmp_path, monkeypatch):
@@ -331,12 +365,14 @@ def test_training_from_text_states_needs_no_encoder(text_states, tmp_path, monke
     assert (tmp_path / "video_samples.png").is_file()
 
 
-def test_bundled_video_testbed_follows_its_captions():
-    pipe = load_pipeline("video")
+@pytest.mark.parametrize("kind, frames, size", [("video", 4, 48), ("video-large", 2, 96)])
+def test_bundled_video_testbeds_follow_their_captions_at_their_size(kind, frames, size):
+    pipe = load_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
+    assert pipe.frame_size == size
     prompts = ["a small yellow circle at the top right on black", "a large orange cross at the left on white"]
-    frames = pipe(prompts, num_inference_steps=4, num_frames=4, generator=torch.Generator().manual_seed(0),
+    videos = pipe(prompts, num_inference_steps=4, num_frames=frames, generator=torch.Generator().manual_seed(0),
                   output_type="pt").frames
-    assert frames.shape == (2, 4, 3, 48, 48)
-    dark, light = frames.mean(dim=(1, 2, 3, 4)).tolist()
+    assert videos.shape == (2, frames, 3, size, size)
+    dark, light = videos.mean(dim=(1, 2, 3, 4)).tolist()
     assert dark < 0.2 and light > 0.8, (dark, light)
