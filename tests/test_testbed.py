@@ -141,8 +141,11 @@ def test_bundled_weights_fit_the_size_limits():
 
     names = [name for name in os.listdir(WEIGHTS) if name.endswith(".safetensors")]
     sizes = {name: os.path.getsize(os.path.join(WEIGHTS, name)) for name in names}
-    assert set(sizes) == {"sd3.safetensors", "flux.safetensors", "evaluator.safetensors", "video.safetensors"}
-    assert max(sizes.values()) < 16 * 2**20 and sum(sizes.values()) <= 40_000_000
+    assert set(sizes) == {"sd3.safetensors", "flux.safetensors", "evaluator.safetensors", "video.safetensors",
+                          "video-large.safetensors"}
+    # 16 MiB a file; together small enough that the checkout, the diffusers wheel and a run's inputs
+    # still fit the 64 MiB that travels to the GPU machine.
+    assert max(sizes.values()) < 16 * 2**20 and sum(sizes.values()) <= 48_000_000
 
 
 def test_evaluator_reads_generator_images():

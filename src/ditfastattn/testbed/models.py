@@ -23,10 +23,10 @@ four heads keep eight layers within that. Timesteps are passed as ``sigma * 1000
 ``HunyuanVideoPipeline`` passes ``t``.
 
 The large video testbed (``video-large``): the same transformer and clips at twice the resolution,
-8 frames of 96x96 pixels, a token grid of 8 x 32 x 32 (8192 video tokens: 64 blocks of 128, each a
-quarter of a frame's rows, or 4 x 4 x 4 tiles of 2 x 8 x 8). There a band block is a strip of 4
-patch rows across the frame, as at real video sizes, where the small testbed's blocks are already
-compact half frames.
+8 frames of 96x96 pixels, a token grid of 8 x 32 x 32 (8192 video tokens: 64 blocks of 128, or
+4 x 4 x 4 tiles of 2 x 8 x 8). There a band block is a strip of 4 patch rows across the frame, an
+eighth of it, as at real video sizes, where the small testbed's blocks are already compact half
+frames. Its weights were fine-tuned from the small testbed's (``train --init``).
 """
 
 from __future__ import annotations
