@@ -308,13 +308,10 @@ def statistics(kind: str, result: dict, resamples: int) -> dict:
 
 
 def markdown(metas: dict[str, dict], results: dict) -> str:
-    meta = next(iter(metas.values()))
     lines = [
-        f"Tile windows against the 1-D band: {meta['steps']} steps, {meta['calibration_prompts']} calibration prompts, "
-        f"{meta['heldout']} held-out prompts (grammar seed {meta['heldout_seed']}) x seeds {meta['seeds']}, "
-        f"{meta['device']}, {meta['date']}. Searched curves: generation budget + step sensitivity through target "
-        f"sparsities {meta['targets']}. Values at matched attention sparsity against full attention "
-        "[95% bootstrap interval over prompts]; differences are paired.",
+        "Tile windows against the 1-D band. Searched curves: generation budget + step sensitivity through each "
+        "kind's target sparsities. Values at matched attention sparsity against full attention [95% bootstrap "
+        "interval over prompts]; differences are paired.",
         "",
     ]
 
@@ -324,8 +321,9 @@ def markdown(metas: dict[str, dict], results: dict) -> str:
     header = ["| curve | " + " | ".join(map(str, AT)) + " |", "|---" * (len(AT) + 1) + "|"]
     for kind, result in results.items():
         run = metas[kind]
-        lines += [f"**{kind}**: {run['device']}, {run['date']}, {run.get('dtype', 'float32')}, {run['heldout']} held-out "
-                  f"prompts x seeds {run['seeds']}, targets {run['targets']}.", ""]
+        lines += [f"**{kind}**: {run['device']}, {run['date']}, {run.get('dtype', 'float32')}, {run['steps']} steps, "
+                  f"{run['calibration_prompts']} calibration prompts, {run['heldout']} held-out prompts (grammar seed "
+                  f"{run['heldout_seed']}) x seeds {run['seeds']}, targets {run['targets']}.", ""]
         if result.get("untrained"):
             lines += [f"**{kind}: random weights (smoke check), not a quality result.**", ""]
         for metric in METRICS[family(kind)]:
