@@ -282,11 +282,10 @@ def generate_batch(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    size: int = FRAME_SIZE,
 ) -> tuple[torch.Tensor, list[str], VideoScenes]:
-    """``n`` fresh (videos in [-1, 1] of ``size``-pixel frames, captions, scenes), deterministic by ``seed``."""
+    """``n`` fresh (videos in [-1, 1], captions, scenes), deterministic by ``seed``."""
     scenes = sample_scenes(n, seed=seed, generator=generator)
-    return render(scenes, device=device, dtype=dtype, size=size), scenes.captions(), scenes
+    return render(scenes, device=device, dtype=dtype), scenes.captions(), scenes
 
 
 def sample_captions(n: int, seed: int) -> list[str]:
