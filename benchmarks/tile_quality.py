@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import platform
 import time
@@ -450,6 +451,7 @@ def main() -> None:
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
                 "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+                "triton": importlib.metadata.version("triton"),
                 "ditfastattn": ditfastattn.__version__, "steps": args.steps, "calibration_prompts": args.prompts,
                 "heldout": args.heldout, "heldout_seed": args.heldout_seed, "seeds": args.seeds,
                 "targets": args.targets, "seconds": round(time.perf_counter() - started, 1),
