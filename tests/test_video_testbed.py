@@ -308,6 +308,13 @@ def test_training_can_start_from_trained_weights(encoder, tmp_path):
     train.main([*common, "--out", str(tmp_path / "b"), "--init", str(init), "--lr", "1e-30"])
     start, saved = load_file(init), load_file(tmp_path / "b" / "video.safetensors")
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
+    # The run records the one it started from, and that one's own start in turn.
+    first = json.loads((tmp_path / "a" / "video_train_config.json").read_text())
+    second = json.loads((tmp_path / "b" / "video_train_config.json").read_text())
+    assert "init_from" not in first and second["init_from"] == {"weights": "video.safetensors", **first}
+    train.main([*common, "--out", str(tmp_path / "d"), "--init", str(tmp_path / "b" / "video.safetensors")])
+    third = json.loads((tmp_path / "d" / "video_train_config.json").read_text())
+    assert third["init_from"]["init_from"] == second["init_from"]
     with pytest.raises(SystemExit):
         train.parse_args(["--kind", "video", "--out", str(tmp_path), "--init", str(tmp_path / "missing.safetensors")])
     with pytest.raises(RuntimeError, match="size mismatch"):  # weights of another model config

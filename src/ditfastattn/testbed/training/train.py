@@ -23,7 +23,8 @@ steps, timing, final loss; for the evaluator its accuracy on fresh generator ima
 video one row of frames per clip).
 ``--init FILE`` starts from trained weights of the same architecture instead of a random
 initialisation (the large video testbed starts from the small one's: the same clips at twice the
-resolution). ``--text-states FILE`` (from :mod:`.text_states`) trains a diffusion model without the text
+resolution); the config records, as ``init_from``, the config written beside those weights, so a
+run's whole chain of trainings stays in its file. ``--text-states FILE`` (from :mod:`.text_states`) trains a diffusion model without the text
 encoder, on the file's pool of scenes and their precomputed states: for a GPU machine the encoder
 cannot travel to.
 The budget counts from the start of the script; training stops early enough to leave
@@ -284,6 +285,15 @@ def sample_grid(args, path: Path) -> None:
         save_grid(torch.cat(images), titles, path, ncols=2 * (1 + len(seeds)))
 
 
+def init_record(init: Path) -> dict:
+    """What ``--init`` started from: the training config written beside those weights (which holds
+    its own ``init_from``, so a chain of runs stays traceable), or only the file's name."""
+    config = init.with_name(f"{init.stem}_train_config.json")
+    if config.is_file():
+        return {"weights": init.name, **json.loads(config.read_text())}
+    return {"weights": init.name}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     budget = Budget(args.minutes, args.reserve_seconds, args.max_steps)
@@ -328,6 +338,8 @@ def main(argv=None) -> None:
         "device": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else platform.processor(),
         "torch": torch.__version__,
     }
+    if args.init is not None:
+        config["init_from"] = init_record(args.init)
     if args.kind == "evaluator":
         reloaded = CaptionReader(**model_config)
         reloaded.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
