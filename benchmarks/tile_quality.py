@@ -9,8 +9,9 @@
 - Video (``video``: 8 frames x 16 x 16 patches, tiles of 2 x 8 x 8, so 4 x 2 x 2 tiles; a band block
   is half a frame; ``video-large``: 8 x 32 x 32, 4 x 4 x 4 tiles, a band block a strip of 4 patch
   rows, an eighth of a frame): 3-D tiles against the 1-D band, head-wise and layer-wise, uniform windows
-  (one window for every head after step 0, no search) and a step cache alone (every k-th step
-  computes, the others reuse every head's output). Per-frame SSIM / PSNR and the PSNR of the
+  (one window for every head after step 0, no search), a step cache alone (every k-th step
+  computes, the others reuse every head's output), and tiles and band under ``cache="auto"`` (the
+  README's recommended search: caching per head or per whole step, whichever final output is nearer). Per-frame SSIM / PSNR and the PSNR of the
   frame-to-frame changes (``ditfastattn.evaluation.video_scores``) against full attention.
 
 Every plan is scored on held-out prompts x seeds against full attention; curves are interpolated
@@ -129,6 +130,8 @@ def searched_curves(kind: str) -> dict[str, dict]:
         "head-wise, 1-D band, no cache": {"candidates": ("full",) + windows.band},
         "head-wise, 3-D tiles, no cache": {"candidates": ("full",) + windows.tiles},
         "head-wise, 3-D tiles + 1-D band": {"candidates": FULL_CACHE + windows.tiles + windows.band},
+        "head-wise, 3-D tiles, cache auto": {"candidates": FULL_CACHE + windows.tiles, "cache": "auto"},
+        "head-wise, 1-D band, cache auto": {"candidates": FULL_CACHE + windows.band, "cache": "auto"},
     }
 
 
@@ -142,7 +145,10 @@ COMPARISONS = {
               ("head-wise, 3-D tiles", "layer-wise, 3-D tiles"),
               ("head-wise, 1-D band", "layer-wise, 1-D band"), ("head-wise, 3-D tiles", "uniform 3-D tile"),
               ("head-wise, 3-D tiles", "uniform 1-D band"), ("uniform 3-D tile", "uniform 1-D band"),
-              ("head-wise, 3-D tiles", "step cache"), ("head-wise, 1-D band", "step cache")],
+              ("head-wise, 3-D tiles", "step cache"), ("head-wise, 1-D band", "step cache"),
+              ("head-wise, 3-D tiles, cache auto", "head-wise, 1-D band, cache auto"),
+              ("head-wise, 3-D tiles, cache auto", "head-wise, 3-D tiles"),
+              ("head-wise, 3-D tiles, cache auto", "step cache")],
 }
 METRICS = {"image": ("ssim", "psnr"), "video": ("ssim", "psnr", "temporal_psnr")}
 
@@ -289,6 +295,7 @@ def run(kind: str, args, save) -> dict | None:
             result["targets"][f"{curve}, target {target}"] = {
                 "target": target, "sparsity": plan.summary()["sparsity"],
                 "methods": sorted({m for rows in plan.methods for heads in rows for m in heads}),
+                "cache": plan.provenance["search"]["cache"],
             }
             add(curve, {f"{curve}, target={target:g}": plan})
     return result
@@ -337,7 +344,9 @@ def markdown(metas: dict[str, dict], results: dict) -> str:
                       for name, per in result[f"{metric}_differences"].items()]
             lines.append("")
         lines += [f"### {kind}: targets", "", "| curve, target | sparsity | methods chosen |", "|---|---|---|"]
-        lines += [f"| {name} | {row['sparsity']:.3f} | {', '.join(row['methods'])} |" for name, row in result["targets"].items()]
+        # Runs before the caching mode was recorded show none.
+        lines += [f"| {name} | {row['sparsity']:.3f} | {', '.join(row['methods'])}"
+                  f"{'; caching per ' + row['cache'] if 'cache' in row else ''} |" for name, row in result["targets"].items()]
         lines.append("")
     return "\n".join(lines)
 
