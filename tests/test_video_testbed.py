@@ -315,6 +315,11 @@ def test_training_can_start_from_trained_weights(encoder, tmp_path):
     train.main([*common, "--out", str(tmp_path / "d"), "--init", str(tmp_path / "b" / "video.safetensors")])
     third = json.loads((tmp_path / "d" / "video_train_config.json").read_text())
     assert third["init_from"]["init_from"] == second["init_from"]
+    bare = tmp_path / "bare" / "start.safetensors"  # weights without their config: only the name
+    bare.parent.mkdir()
+    bare.write_bytes(init.read_bytes())
+    train.main([*common, "--out", str(tmp_path / "e"), "--init", str(bare)])
+    assert json.loads((tmp_path / "e" / "video_train_config.json").read_text())["init_from"] == {"weights": bare.name}
     with pytest.raises(SystemExit):
         train.parse_args(["--kind", "video", "--out", str(tmp_path), "--init", str(tmp_path / "missing.safetensors")])
     with pytest.raises(RuntimeError, match="size mismatch"):  # weights of another model config
