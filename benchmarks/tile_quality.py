@@ -12,7 +12,8 @@
   (one window for every head after step 0, no search), a step cache alone (every k-th step
   computes, the others reuse every head's output), and tiles and band under ``cache="auto"`` (the
   README's recommended search: caching per head or per whole step, whichever final output is
-  nearer). Per-frame SSIM / PSNR and the PSNR of the frame-to-frame changes (``ditfastattn.evaluation.video_scores``) against full attention.
+  nearer). Per-frame SSIM / PSNR and the PSNR of the frame-to-frame changes
+  (``ditfastattn.evaluation.video_scores``) against full attention.
 
 Every plan is scored on held-out prompts x seeds against full attention; curves are interpolated
 at matched sparsity with 95% bootstrap intervals over prompts, paired between curves

@@ -25,8 +25,8 @@ video one row of frames per clip).
 initialisation (the large video testbed starts from the small one's: the same clips at twice the
 resolution); the config records, as ``init_from``, the config written beside those weights, so a
 run's whole chain of trainings stays in its file. ``--text-states FILE`` (from :mod:`.text_states`)
-trains a diffusion model without the text encoder, on the file's pool of scenes and their precomputed states: for a GPU machine the encoder
-cannot travel to.
+trains a diffusion model without the text encoder, on the file's pool of scenes and their
+precomputed states: for a GPU machine the encoder cannot travel to.
 The budget counts from the start of the script; training stops early enough to leave
 ``--reserve-seconds`` for saving and sampling. Runs are seeded, but stop by time, so the number of
 steps depends on the machine.
