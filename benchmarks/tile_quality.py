@@ -10,9 +10,9 @@
   is half a frame; ``video-large``: 8 x 32 x 32, 4 x 4 x 4 tiles, a band block a strip of 4 patch
   rows, an eighth of a frame): 3-D tiles against the 1-D band, head-wise and layer-wise, uniform windows
   (one window for every head after step 0, no search), a step cache alone (every k-th step
-  computes, the others reuse every head's output), and tiles and band under ``cache="auto"`` (the
-  README's recommended search: caching per head or per whole step, whichever final output is
-  nearer). Per-frame SSIM / PSNR and the PSNR of the frame-to-frame changes
+  computes, the others reuse every head's output), and tiles and band under ``cache="auto"``,
+  head- and layer-wise (the README's recommended search: caching per head or per whole step,
+  whichever final output is nearer). Per-frame SSIM / PSNR and the PSNR of the frame-to-frame changes
   (``ditfastattn.evaluation.video_scores``) against full attention.
 
 Every plan is scored on held-out prompts x seeds against full attention; curves are interpolated
@@ -133,6 +133,10 @@ def searched_curves(kind: str) -> dict[str, dict]:
         "head-wise, 3-D tiles + 1-D band": {"candidates": FULL_CACHE + windows.tiles + windows.band},
         "head-wise, 3-D tiles, cache auto": {"candidates": FULL_CACHE + windows.tiles, "cache": "auto"},
         "head-wise, 1-D band, cache auto": {"candidates": FULL_CACHE + windows.band, "cache": "auto"},
+        "layer-wise, 3-D tiles, cache auto": {"candidates": FULL_CACHE + windows.tiles, "cache": "auto",
+                                              "granularity": "layer"},
+        "layer-wise, 1-D band, cache auto": {"candidates": FULL_CACHE + windows.band, "cache": "auto",
+                                             "granularity": "layer"},
     }
 
 
@@ -149,7 +153,9 @@ COMPARISONS = {
               ("head-wise, 3-D tiles", "step cache"), ("head-wise, 1-D band", "step cache"),
               ("head-wise, 3-D tiles, cache auto", "head-wise, 1-D band, cache auto"),
               ("head-wise, 3-D tiles, cache auto", "head-wise, 3-D tiles"),
-              ("head-wise, 3-D tiles, cache auto", "step cache")],
+              ("head-wise, 3-D tiles, cache auto", "step cache"),
+              ("head-wise, 3-D tiles, cache auto", "layer-wise, 3-D tiles, cache auto"),
+              ("head-wise, 1-D band, cache auto", "layer-wise, 1-D band, cache auto")],
 }
 METRICS = {"image": ("ssim", "psnr"), "video": ("ssim", "psnr", "temporal_psnr")}
 
