@@ -61,7 +61,8 @@ from ditfastattn import Plan, SearchConfig, calibrate
 from ditfastattn.evaluation import video_scores
 from ditfastattn.testbed import load_pipeline, load_prompts
 from ditfastattn.testbed import video_data
-from ditfastattn.testbed.models import LARGE_VIDEO_KIND, VIDEO_FRAME_SIZES, VIDEO_KIND, build_transformer, is_video
+from ditfastattn.testbed.models import (DEFAULT_CONFIGS, LARGE_VIDEO_KIND, VIDEO_FRAME_SIZES, VIDEO_KIND, build_transformer,
+                                        is_video)
 from ditfastattn.testbed.pipeline import PIPELINES, SCHEDULER_CONFIG, WEIGHTS_DIR
 
 IMAGE_KINDS = ("sd3", "flux")
@@ -77,9 +78,8 @@ UNIFORM_BAND = ("arrow:0.75", "arrow:0.5", "arrow:0.375", "arrow:0.25", "arrow:0
 
 @dataclasses.dataclass(frozen=True)
 class VideoWindows:
-    """A video kind's token grid, the windows its searches choose from and its uniform windows."""
+    """The windows a video kind's searches choose from and its uniform windows."""
 
-    grid: tuple[int, int, int]
     band: tuple[str, ...]
     tiles: tuple[str, ...]
     uniform_tiles: tuple[str, ...]
@@ -90,7 +90,6 @@ VIDEO_WINDOWS = {
     # time (5/32), the whole frame pair (1/4), the same place across the clip (1/4), and a frame
     # pair's neighbourhood +-1 in time with the whole frame (5/8).
     VIDEO_KIND: VideoWindows(
-        grid=(8, 16, 16),
         band=("arrow:0.0625", "arrow:0.125", "arrow:0.25", "arrow:0.5"),
         tiles=("tile:0,0,0", "tile:0.34,0,0", "tile:0,1,1", "tile:1,0,0", "tile:0.34,1,1"),
         uniform_tiles=("tile:0.67,1,1", "tile:0.34,1,1", "tile:0,1,1", "tile:0.34,0,0", "tile:0,0,0"),
@@ -100,7 +99,6 @@ VIDEO_WINDOWS = {
     # +-1 along all three (0.24), to the whole frame pair (1/4) and it +-1 in time (0.63): uniform
     # windows showed that this model wants whole frames, which compact tiles alone do not give.
     LARGE_VIDEO_KIND: VideoWindows(
-        grid=(8, 32, 32),
         band=("arrow:0.03125", "arrow:0.0625", "arrow:0.125", "arrow:0.25", "arrow:0.5"),
         tiles=("tile:0,0,0", "tile:0.34,0,0", "tile:0,0.34,0.34", "tile:0.34,0.34,0.34", "tile:0,1,1",
                "tile:0.34,1,1"),
@@ -109,6 +107,13 @@ VIDEO_WINDOWS = {
     ),
 }
 STEPPED = {"head_coefficient": None, "budget": "generation"}
+
+
+def video_grid(kind: str) -> tuple[int, int, int]:
+    """A video kind's token grid: frames x rows x cols of its patches."""
+    config = DEFAULT_CONFIGS[kind]
+    side = VIDEO_FRAME_SIZES[kind] // config["patch_size"]
+    return video_data.FRAMES // config["patch_size_t"], side, side
 
 
 def searched_curves(kind: str) -> dict[str, dict]:
@@ -222,7 +227,7 @@ def uniform_plans(kind: str, pipe, steps: int) -> dict[str, dict[str, Plan]]:
     """The video's baselines without a search: group -> {name: plan}; every head after step 0 on
     one window, or every head cached at all steps but every k-th."""
     windows = VIDEO_WINDOWS[kind]
-    layout = {"text_len": VIDEO_TEXT, "grid": windows.grid}
+    layout = {"text_len": VIDEO_TEXT, "grid": video_grid(kind)}
 
     def uniform(method):
         return Plan.uniform(pipe.transformer, steps, method, **layout)
