@@ -5,7 +5,9 @@
   curve drawn through target sparsities) with the 1-D arrow band as its windows, against the same
   search with 2-D tile windows, and with both. Same full and cache candidates, same sensitivity
   measurement (taken once with the band's candidates; its "arrow" step weights weigh every window),
-  same everything else.
+  same everything else. With ``--own-probes`` each curve's searches weigh by a measurement taken on
+  its own windows instead, as ``SearchConfig(sensitivity="measure")`` does (tiles get a step
+  profile of their own, probed with the narrowest tile window).
 - Video (``video``: 8 frames x 16 x 16 patches, tiles of 2 x 8 x 8, so 4 x 2 x 2 tiles; a band block
   is half a frame; ``video-large``: 8 x 32 x 32, 4 x 4 x 4 tiles, a band block a strip of 4 patch
   rows, an eighth of a frame): 3-D tiles against the 1-D band, head-wise and layer-wise, uniform windows
@@ -28,7 +30,8 @@ of them there, so kinds can run in separate commands.
         --embeddings .carry/tile_embeddings.pt
 
 Curves can run as separate processes side by side (``--curves``), sharing one sensitivity
-measurement (``--sensitivity FOLDER``: the first run writes it, the others read it), and be merged
+measurement (``--sensitivity FOLDER``: the first run writes it, the others read it; ``--measure-only``
+takes the ones the selected curves need and stops, so that the curves' runs can start after it), and be merged
 afterwards: ``--merge RUN_FOLDER ... --out FOLDER`` writes the merged JSON and renders it.
 
 Smoke check on the CPU (minutes; ``--untrained-video`` runs a video kind's code on random weights
@@ -45,6 +48,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -138,6 +142,8 @@ def searched_curves(kind: str) -> dict[str, dict]:
         "head-wise, 3-D tiles + 1-D band": {"candidates": FULL_CACHE + windows.tiles + windows.band},
         "head-wise, 3-D tiles, cache auto": {"candidates": FULL_CACHE + windows.tiles, "cache": "auto"},
         "head-wise, 1-D band, cache auto": {"candidates": FULL_CACHE + windows.band, "cache": "auto"},
+        "head-wise, 3-D tiles + 1-D band, cache auto": {"candidates": FULL_CACHE + windows.tiles + windows.band,
+                                                        "cache": "auto"},
         "layer-wise, 3-D tiles, cache auto": {"candidates": FULL_CACHE + windows.tiles, "cache": "auto",
                                               "granularity": "layer"},
         "layer-wise, 1-D band, cache auto": {"candidates": FULL_CACHE + windows.band, "cache": "auto",
@@ -145,6 +151,8 @@ def searched_curves(kind: str) -> dict[str, dict]:
     }
 
 
+# A curve searched on a measurement of its own windows' probes (--own-probes) other than the band's.
+OWN = ", own probes"
 # Paired differences reported: (first, second) curve names, first minus second.
 COMPARISONS = {
     "image": [("head-wise, 2-D tiles", "head-wise, 1-D band"), ("head-wise, 2-D tiles + 1-D band", "head-wise, 1-D band"),
@@ -160,7 +168,14 @@ COMPARISONS = {
               ("head-wise, 3-D tiles, cache auto", "head-wise, 3-D tiles"),
               ("head-wise, 3-D tiles, cache auto", "step cache"),
               ("head-wise, 3-D tiles, cache auto", "layer-wise, 3-D tiles, cache auto"),
-              ("head-wise, 1-D band, cache auto", "layer-wise, 1-D band, cache auto")],
+              ("head-wise, 1-D band, cache auto", "layer-wise, 1-D band, cache auto"),
+              # --own-probes: tiles weighed by a profile of their own against the band's standing in for it
+              (f"head-wise, 3-D tiles, cache auto{OWN}", "head-wise, 3-D tiles, cache auto"),
+              (f"head-wise, 3-D tiles, cache auto{OWN}", "head-wise, 1-D band, cache auto"),
+              (f"head-wise, 3-D tiles, cache auto{OWN}", f"layer-wise, 3-D tiles, cache auto{OWN}"),
+              (f"head-wise, 3-D tiles, cache auto{OWN}", "step cache"),
+              (f"head-wise, 3-D tiles + 1-D band, cache auto{OWN}", f"head-wise, 3-D tiles, cache auto{OWN}"),
+              (f"head-wise, 3-D tiles + 1-D band, cache auto{OWN}", "head-wise, 1-D band, cache auto")],
 }
 METRICS = {"image": ("ssim", "psnr"), "video": ("ssim", "psnr", "temporal_psnr")}
 
@@ -257,6 +272,13 @@ def load(kind: str, args):
     return pipe
 
 
+def window_kinds(candidates) -> str:
+    """The window kinds among ``candidates`` ("arrow", "tile" or "tile+arrow"): the step profiles a
+    sensitivity measurement taken on them has besides the cache's."""
+    kinds = {name.split(":")[0] for name in candidates}
+    return "+".join(kind for kind in ("tile", "arrow") if kind in kinds)
+
+
 def run(kind: str, args, save) -> dict | None:
     """Calibrate and score every curve of ``kind``; ``save(result)`` after each, so a run cut short
     keeps what it finished. None when the kind has no weights (the video testbed before training)."""
@@ -270,11 +292,28 @@ def run(kind: str, args, save) -> dict | None:
     band = IMAGE_BAND if image else VIDEO_WINDOWS[kind].band
     base = SearchConfig(num_inference_steps=args.steps, candidates=FULL_CACHE + band, seed=0)
     generate = images if image else videos
+    result = {"plans": {}, "groups": {}, "targets": {}, "calibration_seconds": {}, "sensitivities": {}}
+
+    def sensitivity_of(candidates) -> tuple[str, dict]:
+        """(its window kinds, the measurement) a curve's searches weigh by: the band's, or with
+        --own-probes one taken on the curve's own windows (each set measured once per run)."""
+        probes = window_kinds(candidates) if args.own_probes else "arrow"
+        if probes not in result["sensitivities"]:
+            own = probes != "arrow"
+            folder = args.sensitivity / probes if own and args.sensitivity is not None else args.sensitivity
+            config = dataclasses.replace(base, candidates=tuple(dict.fromkeys(FULL_CACHE + candidates))) if own else base
+            sensitivity, seconds = measured_sensitivity(pipe, kind, calibration, config, folder)
+            result["sensitivities"][probes] = {"sensitivity": sensitivity, "seconds": seconds}
+            print(f"  {kind} sensitivity ({probes} probes) measured in {seconds} s", flush=True)
+        return probes, result["sensitivities"][probes]["sensitivity"]
+
+    curves = {curve: changes for curve, changes in searched_curves(kind).items()
+              if args.curves is None or curve in args.curves}
+    if args.measure_only:
+        for changes in curves.values():
+            sensitivity_of(changes["candidates"])
+        return result
     references = {seed: generate(pipe, heldout, args.steps, seed) for seed in args.seeds}
-    sensitivity, seconds = measured_sensitivity(pipe, kind, calibration, base, args.sensitivity)
-    result = {"plans": {}, "groups": {}, "targets": {}, "calibration_seconds": {}, "sensitivity": sensitivity,
-              "sensitivity_seconds": seconds}
-    print(f"  {kind} sensitivity measured in {result['sensitivity_seconds']} s", flush=True)
     score = score_plans if image else score_videos
 
     def add(group, plans):
@@ -288,9 +327,9 @@ def run(kind: str, args, save) -> dict | None:
         for group, plans in uniform_plans(kind, pipe, args.steps).items():
             if args.curves is None or group in args.curves:
                 add(group, plans)
-    for curve, changes in searched_curves(kind).items():
-        if args.curves is not None and curve not in args.curves:
-            continue
+    for name, changes in curves.items():
+        probes, sensitivity = sensitivity_of(changes["candidates"])
+        curve = name if probes == "arrow" else name + OWN
         result["calibration_seconds"][curve] = 0.0
         for target in args.targets:
             started = time.perf_counter()
@@ -307,7 +346,7 @@ def run(kind: str, args, save) -> dict | None:
             result["targets"][f"{curve}, target {target}"] = {
                 "target": target, "sparsity": plan.summary()["sparsity"],
                 "methods": sorted({m for rows in plan.methods for heads in rows for m in heads}),
-                "cache": plan.provenance["search"]["cache"],
+                "cache": plan.provenance["search"]["cache"], "probes": probes,
             }
             add(curve, {f"{curve}, target={target:g}": plan})
     return result
@@ -413,8 +452,8 @@ def merge(folders: list[Path], out: Path) -> None:
         for part in parts[1:]:
             if part["meta"]["seeds"] != merged["meta"]["seeds"] or part["meta"]["heldout"] != merged["meta"]["heldout"]:
                 raise SystemExit(f"{kind}: the runs scored different prompts or seeds; they cannot be merged")
-            for key in ("plans", "groups", "targets", "calibration_seconds"):
-                merged["result"][key].update(part["result"][key])
+            for key in ("plans", "groups", "targets", "calibration_seconds", "sensitivities"):
+                merged["result"].setdefault(key, {}).update(part["result"].get(key, {}))
             merged["meta"]["seconds"] = max(merged["meta"]["seconds"], part["meta"]["seconds"])
         out.mkdir(parents=True, exist_ok=True)
         (out / f"tile_quality_{kind}.json").write_text(json.dumps(merged, indent=1))
@@ -440,6 +479,11 @@ def main() -> None:
     parser.add_argument("--sensitivity", type=Path, default=None,
                         help="folder of sensitivity measurements: read when it holds this kind's, else written there "
                              "(so that commands running different --curves share one)")
+    parser.add_argument("--own-probes", action="store_true",
+                        help="weigh each curve's searches by a sensitivity measurement taken on its own windows "
+                             "(default: one taken on the band's, for every curve)")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="take the sensitivity measurements the selected curves need, write them and stop")
     parser.add_argument("--embeddings", type=Path, default=None, help="precomputed prompt embeddings")
     parser.add_argument("--save-embeddings", type=Path, default=None, help="write them and stop")
     parser.add_argument("--render", action="store_true", help="only render the table and plot from --out's JSON files")
@@ -477,12 +521,14 @@ def main() -> None:
                 "heldout": args.heldout, "heldout_seed": args.heldout_seed, "seeds": args.seeds,
                 "targets": args.targets, "seconds": round(time.perf_counter() - started, 1),
                 "dtype": str(args.dtype).removeprefix("torch."),
+                "commit": os.environ.get("BENCH_COMMIT"),  # the device's copy of the tree has no .git
             }
             payload = {"meta": meta, "result": {**result, "untrained": untrained}}
             (args.out / f"tile_quality_{kind}.json").write_text(json.dumps(payload, indent=1))
 
         run(kind, args, save)
-    render(args.out, args.resamples)
+    if not args.measure_only:
+        render(args.out, args.resamples)
 
 
 if __name__ == "__main__":
