@@ -5,9 +5,7 @@
   curve drawn through target sparsities) with the 1-D arrow band as its windows, against the same
   search with 2-D tile windows, and with both. Same full and cache candidates, same sensitivity
   measurement (taken once with the band's candidates; its "arrow" step weights weigh every window),
-  same everything else. With ``--own-probes`` each curve's searches weigh by a measurement taken on
-  its own windows instead, as ``SearchConfig(sensitivity="measure")`` does (tiles get a step
-  profile of their own, probed with the narrowest tile window).
+  same everything else (``SearchConfig(sensitivity="measure")`` weighs tiles by a band probe too).
 - Video (``video``: 8 frames x 16 x 16 patches, tiles of 2 x 8 x 8, so 4 x 2 x 2 tiles; a band block
   is half a frame; ``video-large``: 8 x 32 x 32, 4 x 4 x 4 tiles, a band block a strip of 4 patch
   rows, an eighth of a frame): 3-D tiles against the 1-D band, head-wise and layer-wise, uniform windows
@@ -31,7 +29,7 @@ of them there, so kinds can run in separate commands.
 
 Curves can run as separate processes side by side (``--curves``), sharing one sensitivity
 measurement (``--sensitivity FOLDER``: the first run writes it, the others read it; ``--measure-only``
-takes the ones the selected curves need and stops, so that the curves' runs can start after it), and be merged
+takes it and stops, so that the curves' runs can start after it), and be merged
 afterwards: ``--merge RUN_FOLDER ... --out FOLDER`` writes the merged JSON and renders it.
 
 Smoke check on the CPU (minutes; ``--untrained-video`` runs a video kind's code on random weights
@@ -151,8 +149,6 @@ def searched_curves(kind: str) -> dict[str, dict]:
     }
 
 
-# A curve searched on a measurement of its own windows' probes (--own-probes) other than the band's.
-OWN = ", own probes"
 # Paired differences reported: (first, second) curve names, first minus second.
 COMPARISONS = {
     "image": [("head-wise, 2-D tiles", "head-wise, 1-D band"), ("head-wise, 2-D tiles + 1-D band", "head-wise, 1-D band"),
@@ -169,13 +165,8 @@ COMPARISONS = {
               ("head-wise, 3-D tiles, cache auto", "step cache"),
               ("head-wise, 3-D tiles, cache auto", "layer-wise, 3-D tiles, cache auto"),
               ("head-wise, 1-D band, cache auto", "layer-wise, 1-D band, cache auto"),
-              # --own-probes: tiles weighed by a profile of their own against the band's standing in for it
-              (f"head-wise, 3-D tiles, cache auto{OWN}", "head-wise, 3-D tiles, cache auto"),
-              (f"head-wise, 3-D tiles, cache auto{OWN}", "head-wise, 1-D band, cache auto"),
-              (f"head-wise, 3-D tiles, cache auto{OWN}", f"layer-wise, 3-D tiles, cache auto{OWN}"),
-              (f"head-wise, 3-D tiles, cache auto{OWN}", "step cache"),
-              (f"head-wise, 3-D tiles + 1-D band, cache auto{OWN}", f"head-wise, 3-D tiles, cache auto{OWN}"),
-              (f"head-wise, 3-D tiles + 1-D band, cache auto{OWN}", "head-wise, 1-D band, cache auto")],
+              ("head-wise, 3-D tiles + 1-D band, cache auto", "head-wise, 3-D tiles, cache auto"),
+              ("head-wise, 3-D tiles + 1-D band, cache auto", "head-wise, 1-D band, cache auto")],
 }
 METRICS = {"image": ("ssim", "psnr"), "video": ("ssim", "psnr", "temporal_psnr")}
 
@@ -272,13 +263,6 @@ def load(kind: str, args):
     return pipe
 
 
-def window_kinds(candidates) -> str:
-    """The window kinds among ``candidates`` ("arrow", "tile" or "tile+arrow"): the step profiles a
-    sensitivity measurement taken on them has besides the cache's."""
-    kinds = {name.split(":")[0] for name in candidates}
-    return "+".join(kind for kind in ("tile", "arrow") if kind in kinds)
-
-
 def run(kind: str, args, save) -> dict | None:
     """Calibrate and score every curve of ``kind``; ``save(result)`` after each, so a run cut short
     keeps what it finished. None when the kind has no weights (the video testbed before training)."""
@@ -292,26 +276,11 @@ def run(kind: str, args, save) -> dict | None:
     band = IMAGE_BAND if image else VIDEO_WINDOWS[kind].band
     base = SearchConfig(num_inference_steps=args.steps, candidates=FULL_CACHE + band, seed=0)
     generate = images if image else videos
-    result = {"plans": {}, "groups": {}, "targets": {}, "calibration_seconds": {}, "sensitivities": {}}
-
-    def sensitivity_of(candidates) -> tuple[str, dict]:
-        """(its window kinds, the measurement) a curve's searches weigh by: the band's, or with
-        --own-probes one taken on the curve's own windows (each set measured once per run)."""
-        probes = window_kinds(candidates) if args.own_probes else "arrow"
-        if probes not in result["sensitivities"]:
-            own = probes != "arrow"
-            folder = args.sensitivity / probes if own and args.sensitivity is not None else args.sensitivity
-            config = dataclasses.replace(base, candidates=tuple(dict.fromkeys(FULL_CACHE + candidates))) if own else base
-            sensitivity, seconds = measured_sensitivity(pipe, kind, calibration, config, folder)
-            result["sensitivities"][probes] = {"sensitivity": sensitivity, "seconds": seconds}
-            print(f"  {kind} sensitivity ({probes} probes) measured in {seconds} s", flush=True)
-        return probes, result["sensitivities"][probes]["sensitivity"]
-
-    curves = {curve: changes for curve, changes in searched_curves(kind).items()
-              if args.curves is None or curve in args.curves}
+    sensitivity, seconds = measured_sensitivity(pipe, kind, calibration, base, args.sensitivity)
+    result = {"plans": {}, "groups": {}, "targets": {}, "calibration_seconds": {}, "sensitivity": sensitivity,
+              "sensitivity_seconds": seconds}
+    print(f"  {kind} sensitivity measured in {result['sensitivity_seconds']} s", flush=True)
     if args.measure_only:
-        for changes in curves.values():
-            sensitivity_of(changes["candidates"])
         return result
     references = {seed: generate(pipe, heldout, args.steps, seed) for seed in args.seeds}
     score = score_plans if image else score_videos
@@ -327,9 +296,9 @@ def run(kind: str, args, save) -> dict | None:
         for group, plans in uniform_plans(kind, pipe, args.steps).items():
             if args.curves is None or group in args.curves:
                 add(group, plans)
-    for name, changes in curves.items():
-        probes, sensitivity = sensitivity_of(changes["candidates"])
-        curve = name if probes == "arrow" else name + OWN
+    for curve, changes in searched_curves(kind).items():
+        if args.curves is not None and curve not in args.curves:
+            continue
         result["calibration_seconds"][curve] = 0.0
         for target in args.targets:
             started = time.perf_counter()
@@ -346,7 +315,7 @@ def run(kind: str, args, save) -> dict | None:
             result["targets"][f"{curve}, target {target}"] = {
                 "target": target, "sparsity": plan.summary()["sparsity"],
                 "methods": sorted({m for rows in plan.methods for heads in rows for m in heads}),
-                "cache": plan.provenance["search"]["cache"], "probes": probes,
+                "cache": plan.provenance["search"]["cache"],
             }
             add(curve, {f"{curve}, target={target:g}": plan})
     return result
@@ -452,8 +421,8 @@ def merge(folders: list[Path], out: Path) -> None:
         for part in parts[1:]:
             if part["meta"]["seeds"] != merged["meta"]["seeds"] or part["meta"]["heldout"] != merged["meta"]["heldout"]:
                 raise SystemExit(f"{kind}: the runs scored different prompts or seeds; they cannot be merged")
-            for key in ("plans", "groups", "targets", "calibration_seconds", "sensitivities"):
-                merged["result"].setdefault(key, {}).update(part["result"].get(key, {}))
+            for key in ("plans", "groups", "targets", "calibration_seconds"):
+                merged["result"][key].update(part["result"][key])
             merged["meta"]["seconds"] = max(merged["meta"]["seconds"], part["meta"]["seconds"])
         out.mkdir(parents=True, exist_ok=True)
         (out / f"tile_quality_{kind}.json").write_text(json.dumps(merged, indent=1))
@@ -479,11 +448,8 @@ def main() -> None:
     parser.add_argument("--sensitivity", type=Path, default=None,
                         help="folder of sensitivity measurements: read when it holds this kind's, else written there "
                              "(so that commands running different --curves share one)")
-    parser.add_argument("--own-probes", action="store_true",
-                        help="weigh each curve's searches by a sensitivity measurement taken on its own windows "
-                             "(default: one taken on the band's, for every curve)")
     parser.add_argument("--measure-only", action="store_true",
-                        help="take the sensitivity measurements the selected curves need, write them and stop")
+                        help="take the sensitivity measurement (into --sensitivity) and stop")
     parser.add_argument("--embeddings", type=Path, default=None, help="precomputed prompt embeddings")
     parser.add_argument("--save-embeddings", type=Path, default=None, help="write them and stop")
     parser.add_argument("--render", action="store_true", help="only render the table and plot from --out's JSON files")

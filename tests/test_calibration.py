@@ -402,7 +402,7 @@ def test_a_target_out_of_reach_is_refused_with_the_most_reachable():
         ({"sensitivity": {"a": -1.0}}, "weights must be finite numbers > 0"),
         ({"target_sparsity": 0.5, "num_inference_steps": 1}, "a sparsity target needs num_inference_steps >= 2"),
         ({"sensitivity": "measure", "num_inference_steps": 1}, "sensitivity='measure' needs num_inference_steps >= 2"),
-        ({"sensitivity": "measure", "candidates": ("full", "arrow_residual:0.25")}, "needs an 'arrow:<f>', 'tile:"),
+        ({"sensitivity": "measure", "candidates": ("full",)}, "probes need a candidate besides 'full'"),
     ],
 )
 def test_bad_targets_and_sensitivity(kwargs, match):

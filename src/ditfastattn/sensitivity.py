@@ -11,16 +11,11 @@ denoising pass: the local relative squared error there and the final latents' re
 error against the uncompressed pass; their ratio is the sensitivity.
 
 - Layers: one pass per layer, every head of the layer compressed at every step after the first
-  with the narrowest arrow among the candidates (the narrowest tile window when there is none,
-  ``cache`` when there is neither).
-- Steps: for each kind of method among the candidates, one pass per step with every head of every
-  layer compressed at that step only: ``cache``; ``arrow``, the narrowest arrow standing for every
-  band-shaped approximation (arrows, residual arrows, CFG sharing); ``tile``, the narrowest tile
-  window standing for the tile windows. Tiles and bands get profiles of their own because the same
-  local error of the two shapes does different damage downstream: on the large video testbed a
-  search given both ranked them unlike their final errors (benchmarks/README.md, tile windows). The
-  steps before the probed one replay the uncompressed pass's transformer outputs instead of
-  running, so probing step s costs the steps from s on.
+  with the narrowest arrow among the candidates (``cache`` when nothing computes approximately).
+- Steps: for each kind of method among the candidates (``cache``, and the narrowest arrow standing
+  for everything that computes approximately, tile windows included), one pass per step with every
+  head of every layer compressed at that step only. The steps before it replay the uncompressed
+  pass's transformer outputs instead of running, so probing step s costs the steps from s on.
 
 - Heads: within a layer, heads differ in how much of their output reaches the step's prediction.
   One extra pass, uncompressed, takes the diagonal Fisher of every head's attention output at every
@@ -30,11 +25,16 @@ error against the uncompressed pass; their ratio is the sensitivity.
   unchanged (benchmarks/results/quality.md). Probing each head on its own, as the layers are,
   was tried and was no better than no head weights, at one pass per head.
 
+A probe measures how a local error at one place travels, so it need not be a candidate: when the
+candidates compute approximately but hold no plain arrow (tile windows only, say), the narrowest
+default arrow (:data:`STAND_IN_PROBE`) probes for them. A band stands in for tile windows even when
+they could be probed themselves: on the large video testbed, tiles weighed by a profile probed with
+their own narrowest window made plans 0.006-0.014 SSIM worse at 0.5-0.7 sparsity than tiles weighed
+by the band's profile, on two prompt sets (docs/history/CALIBRATION_NOTES.md).
+
 The weight of a score at (step, layer, head, method) is ``steps[kind][step] * layers[layer] *
 heads[layer][step][head]``: layer weights are normalised to a geometric mean of 1, step weights
-over all kinds and steps together (so the exchange rate between the kinds is kept). A measurement
-without a ``tile`` profile (made before tiles had one, or on candidates without tiles) weighs tile
-windows by its ``arrow`` profile.
+over all kinds and steps together (so the exchange rate between caching and arrows is kept).
 """
 
 from __future__ import annotations
@@ -55,41 +55,39 @@ from .runtime.parallel import context_parallel
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("cache", "arrow", "tile")
+KINDS = ("cache", "arrow")
+STAND_IN_PROBE = "arrow:0.03125"  # the narrowest of the default arrows (calibration.ARROWS)
 
 
 def probe_method(candidates) -> str:
-    """The narrowest plain arrow among the candidates, else the narrowest tile window, else ``cache``."""
-    window = arrow_probe(candidates) or tile_probe(candidates)
-    if window is not None:
-        return window
+    """The layers' probe: :func:`arrow_probe`'s, else ``cache``."""
+    arrow = arrow_probe(candidates)
+    if arrow is not None:
+        return arrow
     if "cache" in candidates:
         return "cache"
-    raise ValueError("the sensitivity probe needs an 'arrow:<f>', 'tile:<ft>,<fh>,<fw>' or 'cache' candidate")
+    raise ValueError("the sensitivity probes need a candidate besides 'full': a window ('arrow:<f>', "
+                     "'tile:<ft>,<fh>,<fw>', ...) or 'cache'")
 
 
 def arrow_probe(candidates) -> str | None:
-    arrows = [parse_method(name) for name in candidates]
-    arrows = [m for m in arrows if m.kind == "arrow"]
-    return min(arrows, key=lambda m: m.fraction).name if arrows else None
-
-
-def tile_probe(candidates) -> str | None:
-    """The tile window with the smallest half-widths (their fractions summed over the three axes;
-    the grid, which would give its density, is not known before the first call)."""
-    tiles = [parse_method(name) for name in candidates]
-    tiles = [m for m in tiles if m.kind == "tile"]
-    return min(tiles, key=lambda m: (sum(m.window), m.window)).name if tiles else None
+    """The probe of everything that computes approximately: the narrowest plain arrow among the
+    candidates, else :data:`STAND_IN_PROBE` if any of them computes approximately, else None."""
+    methods = [parse_method(name) for name in candidates]
+    arrows = [m for m in methods if m.kind == "arrow"]
+    if arrows:
+        return min(arrows, key=lambda m: m.fraction).name
+    return STAND_IN_PROBE if any(kind_of(m) == "arrow" for m in methods) else None
 
 
 def kind_of(method) -> str | None:
-    """Which step profile weighs a method's scores: ``cache``, ``tile`` (tile windows), ``arrow``
-    (every other approximate computation) or None (``full``, exact)."""
+    """Which step profile weighs a method's scores: ``cache``, ``arrow`` (every approximate
+    computation) or None (``full``, exact)."""
     if method.reads_previous_output:
         return "cache"
     if method.exact:
         return None
-    return "tile" if method.kind == "tile" else "arrow"
+    return "arrow"
 
 
 def relative_squared_error(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -110,8 +108,7 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
     """
     steps = config.num_inference_steps  # at least 2 (SearchConfig checks)
     layer_probe = probe_method(config.candidates)
-    step_probes = {"cache": "cache" if "cache" in config.candidates else None, "arrow": arrow_probe(config.candidates),
-                   "tile": tile_probe(config.candidates)}
+    step_probes = {"cache": "cache" if "cache" in config.candidates else None, "arrow": arrow_probe(config.candidates)}
     step_probes = {kind: method for kind, method in step_probes.items() if method is not None}
 
     def plan_with(method: str, where) -> Plan:
@@ -206,10 +203,7 @@ def weights_array(sensitivity: dict | None, spec, candidates, steps: int) -> np.
     if layer_weights is not None:
         _check_names(layer_weights, names)
         weights *= np.array([float(layer_weights[name]) for name in names])[None, :, None]
-    profiles = dict(sensitivity.get("steps") or {}) if layered else {}
-    if "tile" not in profiles and "arrow" in profiles:  # measured without tiles: the band stands for them
-        profiles["tile"] = profiles["arrow"]
-    for kind, per_step in profiles.items():
+    for kind, per_step in (sensitivity.get("steps") or {}).items() if layered else ():
         _check_steps(len(per_step), steps, f"{kind} weights")
         columns = [c for c, name in enumerate(candidates) if kind_of(parse_method(name)) == kind]
         weights[:, :, columns] *= np.asarray(per_step, dtype=np.float64)[:, None, None]
