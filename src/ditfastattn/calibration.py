@@ -165,8 +165,9 @@ class SearchConfig:
             on SD3 at high sparsity (benchmarks/results/quality.md).
         sensitivity: how much a local error matters to the final output. ``"measure"`` probes it
             first (see :mod:`ditfastattn.sensitivity`): per layer (one denoising pass each) and
-            per step and kind of method (cache, and a band standing for every window; one pass each, the steps before the probed
-            one replayed, so about ``layers + steps`` passes in all). A measurement from a
+            per step and kind of method (cache, and a band standing for every window shape; one
+            pass each, the steps before the probed one replayed, so about ``layers + steps``
+            passes in all). A measurement from a
             calibrated plan's ``provenance["search"]["sensitivity"]`` reuses it, as does a plain
             ``{layer name: weight}`` dict (layers only). Every score is multiplied by its weight,
             so the budget goes where a unit of local error does the least damage. None: all 1.
