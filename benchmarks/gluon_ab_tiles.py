@@ -8,7 +8,9 @@ gathers the queries) and on keys and values gathered beforehand (``NAME_launch``
 ``tile_reorder.py``'s shapes and windows, every head one window, each round times with ``do_bench``
 (eager, L2 flushed) and ``do_bench_cudagraph`` medians: cuDNN SDPA dense, the committed op, each
 variant, and the committed op again (its repeat shows the run's noise). The outputs are compared
-bit for bit before timing.
+bit for bit before timing. ``--real-text F`` keeps the first F of the text keys and pads the rest
+(a key mask, as HunyuanVideo's pipeline passes, marked ``global_only`` as the runtime marks it; the
+cuDNN column stays unmasked).
 
     PYTHONPATH=src python3 benchmarks/gluon_ab_tiles.py OUT.json NAME=PATH [NAME=PATH ...] [--shapes ...] [--rounds 2]
 """
@@ -33,12 +35,24 @@ from ditfastattn.ops._tile_order import tiled_keys
 DEFAULT_SHAPES = ("hunyuan-1x8x16", "wan-1x8x16", "hunyuan", "hunyuan-whole")
 
 
-def launches(shape: Shape, mode: int, variants: dict) -> dict:
+def text_mask(shape: Shape, real_text: float | None) -> torch.Tensor | None:
+    """The key mask (1, S), True at padding, that keeps the first ``real_text`` of the text keys
+    (after the image), or None."""
+    if real_text is None:
+        return None
+    text_start = shape.layout.image_start + shape.layout.image_len
+    mask = torch.zeros(1, shape.q.shape[1], dtype=torch.bool, device=shape.q.device)
+    mask[:, text_start + round(real_text * (mask.shape[1] - text_start)):] = True
+    return mask
+
+
+def launches(shape: Shape, mode: int, variants: dict, key_mask: torch.Tensor | None = None) -> dict:
     """The launch closures of one window: the committed op, each variant's (see the module's
     docstring), the committed op again; and their outputs."""
     modes = torch.full((shape.heads,), mode, dtype=torch.int32, device="cuda")
     args = (shape.q, shape.k, shape.v, modes, shape.layout.image_start, shape.layout.image_len)
-    gathered = tiled_keys(shape.k, shape.v, None, shape.layout)
+    padding = None if key_mask is None else ops.Padding(key_mask, global_only=True)
+    gathered = tiled_keys(shape.k, shape.v, key_mask, shape.layout)
     fns, outs = {}, {}
 
     def add(name, module, keys=None):
@@ -46,8 +60,8 @@ def launches(shape: Shape, mode: int, variants: dict) -> dict:
         in_place = getattr(module, "TILES_IN_PLACE", False)
 
         def fn():
-            tiled = keys or tiled_keys(shape.k, shape.v, None, shape.layout, gather=not in_place)
-            module.attention(*args, out, shape.scale, False, tiled=tiled)
+            tiled = keys or tiled_keys(shape.k, shape.v, key_mask, shape.layout, gather=not in_place)
+            module.attention(*args, out, shape.scale, False, padding, tiled=tiled)
 
         fns[name] = fn
 
@@ -66,17 +80,20 @@ def main():
     parser.add_argument("variants", nargs="+", help="NAME=PATH of a copy of ops/_gluon.py")
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=sorted(SHAPES))
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--real-text", type=float, default=None,
+                        help="share of the text keys kept; the rest are padding (a key mask)")
     args = parser.parse_args()
     paths = dict(spec.split("=", 1) for spec in args.variants)
     variants = {name: load_variant(path, name) for name, path in paths.items()}
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "cudnn": torch.backends.cudnn.version(), "variants": paths, "compare": [], "rounds": []}
+              "cudnn": torch.backends.cudnn.version(), "variants": paths, "real_text": args.real_text, "compare": [],
+              "rounds": []}
     setups = {}
     for shape_name in args.shapes:
         shape = Shape(shape_name, SHAPES[shape_name], "cuda", torch.bfloat16)
         for target in TARGETS:
             half, density = window_for(target, shape.layout)
-            case = launches(shape, ops.tile_mode(*half), variants)
+            case = launches(shape, ops.tile_mode(*half), variants, text_mask(shape, args.real_text))
             for fn in case["fns"].values():
                 fn()
             base = case["outs"]["committed"]

@@ -5,7 +5,8 @@ Several hundred random cases per kernel: head dims 32/64/128 (Gluon: 64/128), fp
 partial last block, a second global segment after the image (reference-image tokens, as FLUX.1
 Kontext and FLUX.2 place them), key padding under each bias table (key masks, boolean and float
 0/1 masks between queries and keys; runs of padding at the end of the text, scattered padded
-tokens, batch elements with every key padded), random per-head plans (full, skip, arrows of every
+tokens, batch elements with every key padded; half of them with no image token padded, marked
+``global_only``, which tile launches under a key mask take to skip the image tiles' checks), random per-head plans (full, skip, arrows of every
 width), gridded layouts (a third of the cases: frames x rows x cols with tiles of 2 x 8 x 8 or 1 x 8 x 16, most
 grids ragged so that tiles are partial, tile windows of every extent mixed with full, skip and band
 heads in one call, run as the op runs them: the plain launch, then the tiled one over keys and
@@ -116,7 +117,7 @@ def random_case(rng: random.Random, index: int, impl: str = "triton") -> dict:
             after += 1
     if rng.random() < 0.35:
         padding = {"table": rng.choice(list(PADDING_TABLES)), "seed": rng.randint(0, 2**31 - 1),
-                   "all_padded": rng.random() < 0.2}
+                   "all_padded": rng.random() < 0.2, "global_only": rng.random() < 0.5}
     n_blocks = -(-image // ops.IMAGE_BLOCK)
     modes = [rng.choice([MODE_FULL, MODE_SKIP, rng.randint(0, n_blocks)]) for _ in range(heads)]
     if gridded:  # mostly tile heads, each a random window up to the whole grid
@@ -166,7 +167,8 @@ def case_layout(case, seq) -> TokenLayout:
 
 def make_padding(case, batch, seq):
     """Runs of padding at the end of the first global segment (a text mask), scattered padded tokens
-    anywhere, and maybe a batch element whose every token is padding."""
+    anywhere, and maybe a batch element whose every token is padding; or (``global_only``) none of
+    it in the image, which the padding then says (as the runtime marks a text mask)."""
     spec = case["padding"]
     if spec is None:
         return None
@@ -179,7 +181,11 @@ def make_padding(case, batch, seq):
         mask[b, start + valid : start + text] = True
     if spec["all_padded"]:
         mask[-1] = True
-    return Padding(mask.cuda(), PADDING_TABLES[spec["table"]])
+    global_only = spec.get("global_only", False)
+    if global_only:
+        layout = case_layout(case, seq)
+        mask[:, layout.image_start : layout.image_start + layout.image_len] = False
+    return Padding(mask.cuda(), PADDING_TABLES[spec["table"]], global_only)
 
 
 def sdpa_same_precision(q, k, v, modes, layout, padding, kept):
@@ -308,20 +314,22 @@ def precompile():
 
 def gluon_variants(case) -> set:
     """The Gluon kernel's compiled variants a case launches: (dtype, head dim, LSE, key mask, pair
-    table, output off 16-byte alignment, tile shape or None, pad slots ending each block), the plain
-    launch's and, on a grid, the tiled one's (whose key mask also covers the pad slots of a ragged
-    grid where they do not end each block)."""
+    table, output off 16-byte alignment, tile shape or None, pad slots ending each block, padding
+    checked on global key tiles only), the plain launch's and, on a grid, the tiled one's (whose key
+    mask also covers the pad slots of a ragged grid where they do not end each block)."""
     from ditfastattn.ops import _gluon
 
     padded = case["padding"] is not None
     pair = padded and case["padding"]["table"] != "keys"
     common = (case["dtype"], case["dim"], case["return_lse"])
     unaligned = case["out_layout"] == "unaligned"
-    variants = {(*common, padded, pair, unaligned, None, False)}
+    variants = {(*common, padded, pair, unaligned, None, False, False)}
     if case["grid"] is not None:
         tiles = ops.TileGrid(case["grid"], case["tile"])
         tail = _gluon.pad_tail(tiles)
-        variants.add((*common, padded or (tiles.ragged and not tail), pair, unaligned, tuple(case["tile"]), tail))
+        global_only = padded and not pair and case["padding"]["global_only"] and (tail or not tiles.ragged)
+        variants.add((*common, padded or (tiles.ragged and not tail), pair, unaligned, tuple(case["tile"]), tail,
+                      global_only))
     return variants
 
 
@@ -333,7 +341,7 @@ def precompile_gluon(cases):
     jobs = sorted(set().union(*(gluon_variants(case) for case in cases)), key=repr)
 
     def one(job):
-        dtype, dim, return_lse, padded, pair, unaligned, tile, tail = job
+        dtype, dim, return_lse, padded, pair, unaligned, tile, tail, global_only = job
         gen = torch.Generator(device="cuda").manual_seed(0)
         grid = None
         if tile is not None:  # whole tiles, or (tail) partial ones along the axis whose pad slots end a block
@@ -344,7 +352,8 @@ def precompile_gluon(cases):
         modes = torch.tensor([MODE_FULL, 0 if tile is None else ops.tile_mode(0, 0, 0), MODE_SKIP], dtype=torch.int32,
                              device="cuda")
         table = PAIR_PADDING if pair else KEY_PADDING
-        padding = Padding(torch.zeros(1, q.shape[1], dtype=torch.bool, device="cuda"), table) if padded else None
+        padding = Padding(torch.zeros(1, q.shape[1], dtype=torch.bool, device="cuda"), table,
+                          global_only) if padded else None
         keys = None
         if tile is not None:
             keys = tiled_keys(k, v, None if padding is None else padding.mask,

@@ -13,6 +13,7 @@ from test_static import flux_inputs
 
 import ditfastattn
 from ditfastattn import Plan, ops
+from ditfastattn.model import TokenLayout
 from ditfastattn.adapters import dispatch
 
 STEPS = 3
@@ -94,6 +95,28 @@ def test_masks_become_the_padding_that_matches_sdpa(form):
     got = ops.headwise_attention(q, k, v, torch.full((2,), -1, dtype=torch.int32), text_start=0, text_len=6,
                                  key_padding=padding)
     torch.testing.assert_close(got, want.transpose(1, 2), atol=2e-6, rtol=1e-5)
+
+
+def test_a_text_mask_on_a_grid_is_marked_global_only_once_per_call():
+    """Where no image token is padded (a text's tail is), the padding says so, read once per mask per
+    call; an image token padded, no grid (no tile windows), a pair table or an in-place write since
+    the read leave it unmarked."""
+    session = type("Session", (), {"call_cache": {}})()
+    image, text = 32, 8
+    layout = TokenLayout(image + text, 0, image, (2, 4, 4))
+    mask = torch.zeros(2, image + text, dtype=torch.bool)
+    mask[:, image + 5 :] = True
+    padding = ops.Padding(mask)
+    marked = dispatch._global_only(padding, layout, session)
+    assert marked.global_only and marked.mask is mask and marked.bias == padding.bias
+    assert dispatch._global_only(padding, layout, session) is marked
+    image_padded = mask.clone()
+    image_padded[1, 3] = True
+    assert not dispatch._global_only(ops.Padding(image_padded), layout, session).global_only
+    assert not dispatch._global_only(padding, TokenLayout(image + text, 0, image), session).global_only
+    assert not dispatch._global_only(ops.Padding(mask, ops.PAIR_PADDING), layout, session).global_only
+    mask[0, 0] = True
+    assert not dispatch._global_only(padding, layout, session).global_only
 
 
 def test_masks_the_op_cannot_express_are_named():

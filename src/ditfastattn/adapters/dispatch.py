@@ -17,6 +17,7 @@ for its heads over the whole sequence, which the layout here describes.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import weakref
 
@@ -164,6 +165,7 @@ def _attend(layer, dense, query, key, value, args, kwargs):
             reason = reason or padding_of(mask, batch, query.shape[1], False, session)[1]
         return session.attend_sharded(layer, dense, query, key, value, layout=layout, attn_mask=mask, dense_only=reason)
     padding, mask_reason = _call_padding(options.get("attn_mask"), batch, seq, session)
+    padding = _global_only(padding, layout, session)
     return layer.attend(query, key, value, layout=layout, key_padding=padding, dense=dense,
                         dense_only=reason or mask_reason)
 
@@ -196,6 +198,27 @@ def _call_padding(mask, batch: int, seq: int, session) -> tuple[ops.Padding | No
     result = padding_of(mask, batch, seq, session.adapter.PAIR_MASKS, session)
     session.call_cache[key] = (weakref.ref(mask), mask._version, result)
     return result
+
+
+def _global_only(padding: ops.Padding | None, layout, session) -> ops.Padding | None:
+    """``padding`` marked ``global_only`` where no token of ``layout``'s image grid is padding (a text
+    mask: HunyuanVideo's), so that tile windows skip the image keys' padding checks. One host read per
+    mask, image segment and transformer call; none under torch.compile, CUDA graph capture or for a
+    mask made under ``torch.inference_mode`` (no version counter to trust), where ``padding`` stays
+    as it is (correct, slower)."""
+    if (padding is None or padding.global_only or layout is None or layout.grid is None
+            or padding.bias != ops.KEY_PADDING):  # under a pair table the kernel reads every token's kind anyway
+        return padding
+    mask = padding.mask
+    if torch.compiler.is_compiling() or mask.is_inference() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return padding
+    key = ("global_only", id(mask), mask._version, layout.image_start, layout.image_len)
+    cached = session.call_cache.get(key)
+    if cached is None or cached[0]() is not mask:
+        image = mask[:, layout.image_start : layout.image_start + layout.image_len]
+        marked = None if bool(image.any()) else dataclasses.replace(padding, global_only=True)
+        cached = session.call_cache[key] = (weakref.ref(mask), marked)
+    return padding if cached[1] is None or cached[1].mask is not mask else cached[1]
 
 
 def padding_of(mask, batch: int, seq: int, pairs: bool, session) -> tuple[ops.Padding | None, str | None]:

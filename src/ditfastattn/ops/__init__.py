@@ -15,6 +15,7 @@ dispatch the same way, in ``_stats``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -63,10 +64,16 @@ class Padding:
       ``m_q & m_k``, as Chroma's blocks build from a boolean token mask.
     - ``((1, 0), (0, 0))``: the float mask ``m_q * m_k`` of 0/1 that diffusers 0.42's Chroma
       pipeline passes (SDPA adds it: +1 between two real tokens, nothing masked).
+
+    ``global_only``: the caller has checked that no token of the image segment is padding (only
+    global tokens, such as a text's tail, are), so the Gluon kernel's tile launch checks padding on
+    the global key tiles alone. Left False, every key tile is checked; set it True only as the
+    runtime does, from a read of the mask: an image token padded under it would be attended.
     """
 
     mask: torch.Tensor
     bias: tuple = KEY_PADDING
+    global_only: bool = False
 
 
 def _interpreting() -> bool:
@@ -291,7 +298,7 @@ def _padding(key_padding, batch: int, seq: int, device) -> Padding | None:
     if not ok or any(math.isnan(x) or x == math.inf for x in values):
         raise ValueError(f"padding bias must be 2 x 2 numbers (no NaN or +inf), [query padded][key padded]; got {bias!r}")
     table = ((values[0], values[1]), (values[2], values[3]))  # hashable floats: the kernels key on it
-    return padding if bias == table else Padding(mask, table)
+    return padding if bias == table else dataclasses.replace(padding, bias=table)
 
 
 def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, scale=None, check_values=True,

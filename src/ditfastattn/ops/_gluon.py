@@ -195,7 +195,8 @@ def _scalar(ref):
 
 @gluon.jit
 def _key_tile(j, start1, len1, box, image_start, num_image, seq_len, BLOCK_N: gl.constexpr, TILED: gl.constexpr,
-              tail, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
+              tail, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr,
+              IMAGE_POS: gl.constexpr = True):
     """Start row and valid row count of key tile j: the tiles of the global keys before the image,
     then of those after it, then the image range's (``start1``, ``len1``). In the tiled launch the
     image range is ``box`` = (per_run, runs_b, n_h, n_w): runs of ``per_run`` key tiles, ``runs_b``
@@ -204,7 +205,9 @@ def _key_tile(j, start1, len1, box, image_start, num_image, seq_len, BLOCK_N: gl
     patches in their first slots) an image tile's valid rows are the patches it holds, from
     ``tail`` = (first run in the grid's last frame-tile, row-tile offset of the grid's last
     row-tile, frames in that frame-tile, rows in that row-tile): the pad slots are then masked like
-    the columns past a partial tile, with no loads.
+    the columns past a partial tile, with no loads. Without ``IMAGE_POS`` an image tile's start row
+    is ``image_start`` (the tiled launch's consumers under ``PAD_GLOBAL`` only test whether a tile is
+    global).
 
     Global keys first: all items of a head read the same global tiles, so the first key tile of an
     item, which the step between items waits on, is likely still in L2. Measured against the band
@@ -220,7 +223,10 @@ def _key_tile(j, start1, len1, box, image_start, num_image, seq_len, BLOCK_N: gl
     if TILED:
         per_run, runs_b, n_h, n_w = box
         run = i // per_run
-        image = start1 + ((run // runs_b) * n_h + run % runs_b) * n_w * IMAGE_BLOCK + (i - run * per_run) * BLOCK_N
+        if IMAGE_POS:
+            image = start1 + ((run // runs_b) * n_h + run % runs_b) * n_w * IMAGE_BLOCK + (i - run * per_run) * BLOCK_N
+        else:
+            image = image_start
     else:
         image = start1 + i * BLOCK_N
     pos = gl.where(before, j * BLOCK_N, gl.where(after, after_start + (j - n_before) * BLOCK_N, image))
@@ -556,15 +562,21 @@ def _unpack_p(packed, dtype: gl.constexpr, layout: gl.constexpr):
 
 @gluon.jit
 def _key_pad(PAD, pair, slot, b, pos, valid, seq_len, BLOCK_N: gl.constexpr, HAS_PAD: gl.constexpr,
-             PAIR: gl.constexpr):
+             PAIR: gl.constexpr, PAD_GLOBAL: gl.constexpr = False, image=(0, 0)):
     """What the softmax of the key tile at row ``pos`` needs of the padding: (counts of batch ``b``,
     padded keys among the tile's) from the running counts ``PAD``, or with ``PAIR`` (the flags of
     batch ``b``, that number, the first query row of this warpgroup in the item of ``sched`` slot
     ``slot``, the bias table). Without ``HAS_PAD``, zeros: unused. Issued before the tile's QK^T is
-    waited on, which hides the loads."""
+    waited on, which hides the loads. With ``PAD_GLOBAL`` (no image key padded) a tile inside
+    ``image`` = (image_start, num_image) counts none and loads nothing."""
     if HAS_PAD:
         counts = PAD + b.to(gl.int64) * (seq_len + 1)
-        n_pad = gl.load(counts + pos + gl.minimum(valid, BLOCK_N)) - gl.load(counts + pos)
+        if PAD_GLOBAL:
+            outside = (pos < image[0]) | (pos >= image[0] + image[1])
+            n_pad = (gl.load(counts + pos + gl.minimum(valid, BLOCK_N), mask=outside, other=0)
+                     - gl.load(counts + pos, mask=outside, other=0))
+        else:
+            n_pad = gl.load(counts + pos + gl.minimum(valid, BLOCK_N)) - gl.load(counts + pos)
         if PAIR:
             FLAGS, PAIR_BIAS, sched, first = pair
             return FLAGS + b.to(gl.int64) * seq_len, n_pad, _field(sched, slot, 5) + first, PAIR_BIAS
@@ -713,7 +725,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
               V_STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr,
               PAIR: gl.constexpr, TILED: gl.constexpr, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr,
-              TILE_H: gl.constexpr, TILE_W: gl.constexpr):
+              TILE_H: gl.constexpr, TILE_W: gl.constexpr, PAD_GLOBAL: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
 
     Each step issues QK^T of the next tile, then PV of the previous one, and runs the softmax of the
@@ -765,8 +777,10 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
         s = warpgroup_mma(q_smem.index(0).slice(WG * ROWS, ROWS), k_smem.index(0).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
         pos, valid = _key_tile(0, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
-                               BLOCK_N, TILED, (tail_run, tail_row, frames, rows), PAD_TAIL, TILE_T, TILE_H, TILE_W)
-        k_pad = _key_pad(PAD, pair, 0, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR)
+                               BLOCK_N, TILED, (tail_run, tail_row, frames, rows), PAD_TAIL, TILE_T, TILE_H, TILE_W,
+                               not PAD_GLOBAL)
+        k_pad = _key_pad(PAD, pair, 0, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR, PAD_GLOBAL,
+                         (image_start, num_image))
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
@@ -787,8 +801,9 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 pos, valid = _key_tile(j, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image,
                                        seq_len, BLOCK_N, TILED, (tail_run, tail_row, frames, rows), PAD_TAIL, TILE_T,
-                                       TILE_H, TILE_W)
-                k_pad = _key_pad(PAD, pair, it % 2, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR)
+                                       TILE_H, TILE_W, not PAD_GLOBAL)
+                k_pad = _key_pad(PAD, pair, it % 2, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR, PAD_GLOBAL,
+                                 (image_start, num_image))
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
@@ -823,8 +838,9 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                                   s_zero, use_acc=False, is_async=True)
                 pos, valid = _key_tile(0, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image, seq_len,
                                        BLOCK_N, TILED, (tail_run, tail_row, frames, rows), PAD_TAIL, TILE_T, TILE_H,
-                                       TILE_W)
-                k_pad = _key_pad(PAD, pair, nxt, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR)
+                                       TILE_W, not PAD_GLOBAL)
+                k_pad = _key_pad(PAD, pair, nxt, b, pos, valid, seq_len, BLOCK_N, HAS_PAD, PAIR, PAD_GLOBAL,
+                                 (image_start, num_image))
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(_unpack_p(p_op, dtype, p_layout), v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
@@ -866,7 +882,7 @@ def _headwise_kernel(
     V_STAGES: gl.constexpr,
     RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr, HAS_PAD: gl.constexpr,
     PAIR: gl.constexpr, TILED: gl.constexpr, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr,
-    TILE_W: gl.constexpr,
+    TILE_W: gl.constexpr, PAD_GLOBAL: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides. The tiled launch reads
@@ -891,6 +907,7 @@ def _headwise_kernel(
         gl.static_assert(TILE_T * TILE_H * TILE_W == IMAGE_BLOCK, "a tile is one image block")
         gl.static_assert(BLOCK_M == IMAGE_BLOCK, "a tiled query item is one grid tile")
     gl.static_assert(TILED or not PAD_TAIL, "pad slots ending each block are a tiled launch's")
+    gl.static_assert((TILED and HAS_PAD and not PAIR) or not PAD_GLOBAL, "PAD_GLOBAL is the tiled key mask's")
     head_at, mode_at, n_full_heads, n_arrow_heads, n_skip_heads = _rank_table(MODES, s_modes, num_heads, counts,
                                                                               HEADS_POW2, TILED)
     # Without GLOBAL_ROWS the arrow heads' text-query tiles are no work items: their rows stay unwritten.
@@ -947,10 +964,10 @@ def _headwise_kernel(
             [
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
                              PAIR_BIAS, 0, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
-                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W)),
+                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, PAD_GLOBAL)),
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
                              PAIR_BIAS, 1, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
-                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W)),
+                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, PAD_GLOBAL)),
                 (_producer, (geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N,
                              K_STAGES, V_STAGES, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W)),
             ],
@@ -1078,7 +1095,7 @@ def _grid_descriptor(t, tiles):
 
 
 def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config, programs, global_rows, has_pad,
-                 pair, tiles, tail):
+                 pair, tiles, tail, pad_global):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
@@ -1099,7 +1116,8 @@ def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, c
                    and all(stride * out.element_size() % 16 == 0 for stride in out.stride()[:3]))
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
                       OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, PAIR=pair,
-                      TILED=tiles is not None, PAD_TAIL=tail, TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2], **config)
+                      TILED=tiles is not None, PAD_TAIL=tail, TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2],
+                      PAD_GLOBAL=pad_global, **config)
     return templates, ints, grid, constexprs
 
 
@@ -1172,14 +1190,18 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         flags = key_mask.contiguous().view(torch.uint8)
     config = config or _DEFAULT_CONFIGS[dim]
     has_pad = key_mask is not None
+    # Padding among the global tokens only, the pad slots (if any) ending their blocks: image key
+    # tiles need no padding check (HunyuanVideo's text mask under tile windows: no spills in the step).
+    pad_global = (has_pad and flags is None and tiles is not None and padding is not None and padding.global_only
+                  and (tail or tiled.slot_pad is None))
     key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],
                      config["K_STAGES"], config["V_STAGES"], programs, global_rows, has_pad,
                      None if flags is None else flags.data_ptr() % 16,
-                     None if tiles is None else (tiles.grid, tiles.tile, out.shape[1]))
+                     None if tiles is None else (tiles.grid, tiles.tile, out.shape[1]), pad_global)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config,
-                                          programs, global_rows, has_pad, flags is not None, tiles, tail)
+                                          programs, global_rows, has_pad, flags is not None, tiles, tail, pad_global)
     templates, ints, grid, constexprs = plan
     bases = (q, k, v) if tiled is None else (q, k, v, *image_in_place)
     descs = [rebased(template, t) for template, t in zip(templates, bases)]
@@ -1196,10 +1218,11 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
 
 
 def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True, has_pad=False,
-                 tile=None, pair=False, pad_tail=False):
+                 tile=None, pair=False, pad_tail=False, pad_global=False):
     """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel
     (``tile``: the tiled launch for that tile shape; ``pair``: padding under a pair table;
-    ``pad_tail``: a ragged grid whose pad slots end each block).
+    ``pad_tail``: a ragged grid whose pad slots end each block; ``pad_global``: key padding among
+    the global tokens only, with ``has_pad`` and ``tile``).
 
     For checks and resource reports: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``.
     """
@@ -1229,7 +1252,7 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
     constexprs = {"sod": 1, **({} if tile else dict.fromkeys(("q_img", "k_img", "v_img"))), "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
                   "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad or pair, "PAIR": pair, "TILED": tile is not None,
-                  "PAD_TAIL": pad_tail,
+                  "PAD_TAIL": pad_tail, "PAD_GLOBAL": pad_global,
                   **dict(zip(("TILE_T", "TILE_H", "TILE_W"), tile or (1, 1, 1))), **config}
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in names}

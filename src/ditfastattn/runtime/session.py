@@ -6,6 +6,7 @@ import functools
 import inspect
 import logging
 import sys
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ class CallGeometry:
         """The op's keyword arguments for the batch elements ``batch``."""
         if self.padding is None:
             return self.op
-        return {**self.op, "key_padding": ops.Padding(self.padding.mask[batch], self.padding.bias)}
+        return {**self.op, "key_padding": dataclasses.replace(self.padding, mask=self.padding.mask[batch])}
 
 
 @functools.lru_cache(maxsize=256)
