@@ -100,8 +100,8 @@ def test_masks_become_the_padding_that_matches_sdpa(form):
 def test_a_text_mask_on_a_grid_is_marked_global_only_once_per_call():
     """Where no image token is padded (a text's tail is), the padding says so, read once per mask per
     call; an image token padded, no grid (no tile windows), a pair table or an in-place write since
-    the read leave it unmarked."""
-    session = type("Session", (), {"call_cache": {}})()
+    the read leave it unmarked; so does a session without tile windows (no read)."""
+    session = type("Session", (), {"call_cache": {}, "tile_windows": True})()
     image, text = 32, 8
     layout = TokenLayout(image + text, 0, image, (2, 4, 4))
     mask = torch.zeros(2, image + text, dtype=torch.bool)
@@ -117,6 +117,9 @@ def test_a_text_mask_on_a_grid_is_marked_global_only_once_per_call():
     assert not dispatch._global_only(ops.Padding(mask, ops.PAIR_PADDING), layout, session).global_only
     mask[0, 0] = True
     assert not dispatch._global_only(padding, layout, session).global_only
+    mask[0, 0] = False
+    bands = type("Session", (), {"call_cache": {}, "tile_windows": False})()
+    assert dispatch._global_only(padding, layout, bands) is padding and not bands.call_cache
 
 
 def test_masks_the_op_cannot_express_are_named():

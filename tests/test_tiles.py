@@ -498,6 +498,9 @@ def test_tile_plans_on_the_video_families(name, recorder):
     assert {record["layout"].grid for record in recorder} == {VIDEO_GRID}
     assert check_heads(plan, recorder) == {"full", "tile:0,0,0", "tile:1,1,1", "tile:0,0.5,1"}
     assert (name == "hunyuanvideo") == any(record["padding"] is not None for record in recorder)
+    # its text key mask pads no video token, and every call's padding says so (the tile launch then
+    # checks the text key tiles only)
+    assert all(record["padding"].global_only for record in recorder if record["padding"] is not None)
 
 
 @pytest.mark.parametrize("tile", [(1, 8, 16), (2, 8, 8), None])

@@ -171,6 +171,7 @@ class _CalibrationSession(Session):
         self.config = config
         self.candidates: list[Method] = [parse_method(name) for name in config.candidates]
         self._tile_candidates = [m.name for m in self.candidates if m.needs_grid]
+        self.tile_windows = bool(self._tile_candidates)
         # An odd batch is refused at the generation's first call, before any work (Session._check_inputs).
         self._cfg_share = any(m.shares_cfg for m in self.candidates)
         self.progress = progress

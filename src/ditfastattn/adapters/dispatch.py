@@ -203,10 +203,10 @@ def _call_padding(mask, batch: int, seq: int, session) -> tuple[ops.Padding | No
 def _global_only(padding: ops.Padding | None, layout, session) -> ops.Padding | None:
     """``padding`` marked ``global_only`` where no token of ``layout``'s image grid is padding (a text
     mask: HunyuanVideo's), so that tile windows skip the image keys' padding checks. One host read per
-    mask, image segment and transformer call; none under torch.compile, CUDA graph capture or for a
-    mask made under ``torch.inference_mode`` (no version counter to trust), where ``padding`` stays
-    as it is (correct, slower)."""
-    if (padding is None or padding.global_only or layout is None or layout.grid is None
+    mask, image segment and transformer call, only where the session runs tile windows; none under
+    torch.compile, CUDA graph capture or for a mask made under ``torch.inference_mode`` (no version
+    counter to trust), where ``padding`` stays as it is (correct, slower)."""
+    if (padding is None or padding.global_only or layout is None or layout.grid is None or not session.tile_windows
             or padding.bias != ops.KEY_PADDING):  # under a pair table the kernel reads every token's kind anyway
         return padding
     mask = padding.mask

@@ -261,6 +261,8 @@ class Session:
         self._parameters = tuple(inspect.signature(transformer.forward).parameters)
         self._timestep = getattr(adapter, "timestep", base.timestep)
         self._cfg_share = any(parse_method(m).shares_cfg for rows in plan.methods for heads in rows for m in heads)
+        # Whether any head runs a tile window (dispatch marks text masks for the tile launch only then).
+        self.tile_windows = any(parse_method(m).needs_grid for rows in plan.methods for heads in rows for m in heads)
         grid, tile = plan.provenance.get("grid"), plan.provenance.get("tile")
         self._plan_tiles = None if grid is None or tile is None else TileGrid(tuple(grid), tuple(tile))
         self._inputs_checked: set[tuple] = set()
