@@ -370,6 +370,35 @@ def test_consumer_steps_hold_no_spills(options):
 
 
 @needs_gluon
+def test_only_unpadded_images_without_pad_slots_in_the_mask_skip_the_image_checks():
+    # PAD_GLOBAL leaves image key tiles unchecked: only where the caller says no image token is padded,
+    # under a plain key mask, and with no pad slot among the masked keys (they end their blocks or
+    # the grid is whole); a pad slot let through would be attended.
+    from ditfastattn.model import TokenLayout
+    from ditfastattn.ops import Padding, _gluon
+    from ditfastattn.ops._tile_order import tiled_keys
+
+    def keys(grid, tile):
+        image = math.prod(grid)
+        k = v = torch.zeros(1, image + 16, 1, 8)
+        mask = torch.zeros(1, image + 16, dtype=torch.bool)
+        mask[:, image + 10 :] = True
+        return tiled_keys(k, v, mask, TokenLayout(image + 16, 0, image, grid, tile), gather=False), mask
+
+    ragged_tail, mask = keys((3, 12, 16), (1, 8, 16))  # rows ragged, one frame deep: pad slots end blocks
+    ragged, _ = keys((3, 12, 16), (2, 8, 8))  # pad slots inside blocks: in the key mask
+    whole, _ = keys((2, 8, 16), (1, 8, 16))
+    marked, unmarked = Padding(mask, global_only=True), Padding(mask)
+    assert _gluon.pad_tail(ragged_tail.tiles) and not _gluon.pad_tail(ragged.tiles)
+    assert _gluon.global_padding_only(marked, ragged_tail, True, False)
+    assert _gluon.global_padding_only(marked, whole, False, False)
+    assert not _gluon.global_padding_only(marked, ragged, False, False)
+    assert not _gluon.global_padding_only(unmarked, ragged_tail, True, False)
+    assert not _gluon.global_padding_only(marked, ragged_tail, True, True)  # a pair table
+    assert not _gluon.global_padding_only(marked, None, False, False)  # the plain launch
+
+
+@needs_gluon
 def test_text_padding_alone_keeps_the_tile_step_free_of_spills():
     # A key mask over the text only (HunyuanVideo) under tile windows on a ragged grid: checking the
     # padding on the global key tiles alone (PAD_GLOBAL) leaves the default consumer's step without

@@ -1019,6 +1019,15 @@ def pad_tail(tiles) -> bool:
     return tiles.ragged and cols % size_w == 0 and (rows % size_h == 0 or size_t == 1)
 
 
+def global_padding_only(padding, tiled, tail: bool, pair: bool) -> bool:
+    """Whether a tile launch may check key padding on the global key tiles alone (``PAD_GLOBAL``):
+    the caller says no image token is padded (``padding.global_only``), no pair table reads token
+    kinds, and no pad slot sits in the key mask (they end their blocks, ``tail``, or there are none).
+    HunyuanVideo's text mask under tile windows: no spills in the step."""
+    return (tiled is not None and padding is not None and padding.global_only and not pair
+            and (tail or tiled.slot_pad is None))
+
+
 def key_mask_only(bias) -> bool:
     """Whether the table only keeps padded keys from being attended, every query alike (``ops.KEY_PADDING``),
     which the kernel runs without the pair table."""
@@ -1190,10 +1199,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         flags = key_mask.contiguous().view(torch.uint8)
     config = config or _DEFAULT_CONFIGS[dim]
     has_pad = key_mask is not None
-    # Padding among the global tokens only, the pad slots (if any) ending their blocks: image key
-    # tiles need no padding check (HunyuanVideo's text mask under tile windows: no spills in the step).
-    pad_global = (has_pad and flags is None and tiles is not None and padding is not None and padding.global_only
-                  and (tail or tiled.slot_pad is None))
+    pad_global = global_padding_only(padding, tiled, tail, flags is not None)
     key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],
                      config["K_STAGES"], config["V_STAGES"], programs, global_rows, has_pad,
                      None if flags is None else flags.data_ptr() % 16,
