@@ -218,7 +218,7 @@ def _global_only(padding: ops.Padding | None, layout, session) -> ops.Padding | 
         image = mask[:, layout.image_start : layout.image_start + layout.image_len]
         marked = None if bool(image.any()) else dataclasses.replace(padding, global_only=True)
         cached = session.call_cache[key] = (weakref.ref(mask), marked)
-    return padding if cached[1] is None or cached[1].mask is not mask else cached[1]
+    return padding if cached[1] is None else cached[1]
 
 
 def padding_of(mask, batch: int, seq: int, pairs: bool, session) -> tuple[ops.Padding | None, str | None]:
