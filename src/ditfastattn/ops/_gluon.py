@@ -562,7 +562,7 @@ def _unpack_p(packed, dtype: gl.constexpr, layout: gl.constexpr):
 
 @gluon.jit
 def _key_pad(PAD, pair, slot, b, pos, valid, seq_len, BLOCK_N: gl.constexpr, HAS_PAD: gl.constexpr,
-             PAIR: gl.constexpr, PAD_GLOBAL: gl.constexpr = False, image=(0, 0)):
+             PAIR: gl.constexpr, PAD_GLOBAL: gl.constexpr, image):
     """What the softmax of the key tile at row ``pos`` needs of the padding: (counts of batch ``b``,
     padded keys among the tile's) from the running counts ``PAD``, or with ``PAIR`` (the flags of
     batch ``b``, that number, the first query row of this warpgroup in the item of ``sched`` slot
@@ -1024,8 +1024,8 @@ def global_padding_only(padding, tiled, tail: bool, pair: bool) -> bool:
     the caller says no image token is padded (``padding.global_only``), no pair table reads token
     kinds, and no pad slot sits in the key mask (they end their blocks, ``tail``, or there are none).
     HunyuanVideo's text mask under tile windows: no spills in the step."""
-    return (tiled is not None and padding is not None and padding.global_only and not pair
-            and (tail or tiled.slot_pad is None))
+    return (tiled is not None and tiled.key_mask is not None and padding is not None and padding.global_only
+            and not pair and (tail or tiled.slot_pad is None))
 
 
 def key_mask_only(bias) -> bool:

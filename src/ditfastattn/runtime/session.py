@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
 import sys
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -260,9 +260,10 @@ class Session:
         self.scheduler_hook: _SchedulerHook | None = None
         self._parameters = tuple(inspect.signature(transformer.forward).parameters)
         self._timestep = getattr(adapter, "timestep", base.timestep)
-        self._cfg_share = any(parse_method(m).shares_cfg for rows in plan.methods for heads in rows for m in heads)
+        methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
+        self._cfg_share = any(m.shares_cfg for m in methods)
         # Whether any head runs a tile window (dispatch marks text masks for the tile launch only then).
-        self.tile_windows = any(parse_method(m).needs_grid for rows in plan.methods for heads in rows for m in heads)
+        self.tile_windows = any(m.needs_grid for m in methods)
         grid, tile = plan.provenance.get("grid"), plan.provenance.get("tile")
         self._plan_tiles = None if grid is None or tile is None else TileGrid(tuple(grid), tuple(tile))
         self._inputs_checked: set[tuple] = set()
