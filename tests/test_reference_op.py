@@ -244,6 +244,9 @@ def _args(seq=40, heads=2):
          ValueError, "2 x 2"),
         (lambda a, kw: kw.update(key_padding=ops.Padding(torch.zeros(1, 40, dtype=torch.bool),
                                                          ((0, float("inf")), (0, 0)))), ValueError, r"\+inf"),
+        (lambda a, kw: kw.update(key_padding=ops.Padding(torch.zeros(1, 40, dtype=torch.bool),
+                                                         global_only=torch.tensor(True))), TypeError,
+         "global_only must be True or False"),
     ],
 )
 def test_bad_input_names_the_fix(mutate, error, match):

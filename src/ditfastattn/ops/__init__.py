@@ -289,6 +289,8 @@ def _padding(key_padding, batch: int, seq: int, device) -> Padding | None:
         raise ValueError(f"key_padding must be a bool tensor (batch, seq) = ({batch}, {seq}), True at padding; got {got}")
     if mask.device != device:
         raise ValueError(f"key_padding must be on q's device {device}; got {mask.device}")
+    if not isinstance(padding.global_only, bool):
+        raise TypeError(f"Padding.global_only must be True or False; got {padding.global_only!r}")
     bias = padding.bias
     try:
         ok = len(bias) == 2 and all(len(row) == 2 for row in bias)
