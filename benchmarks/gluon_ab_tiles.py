@@ -59,9 +59,12 @@ def launches(shape: Shape, mode: int, variants: dict, key_mask: torch.Tensor | N
         out = outs[name] = torch.empty_like(shape.out)
         in_place = getattr(module, "TILES_IN_PLACE", False)
 
+        # A version that orders the tile heads' query tiles gets the host modes, as the op passes them.
+        order = {"modes": (mode,) * shape.heads} if getattr(module, "ORDERS_TILES", False) else {}
+
         def fn():
             tiled = keys or tiled_keys(shape.k, shape.v, key_mask, shape.layout, gather=not in_place)
-            module.attention(*args, out, shape.scale, False, padding, tiled=tiled)
+            module.attention(*args, out, shape.scale, False, padding, tiled=tiled, **order)
 
         fns[name] = fn
 

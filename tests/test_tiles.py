@@ -3,6 +3,7 @@ the reorder into tile order, and tile plans through the runtime (the kernel: tes
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from ditfastattn._geometry import (
 from ditfastattn.methods import parse_method
 from ditfastattn.model import TokenLayout, token_layout
 from ditfastattn.ops._dense import dense_attention, head_mask
+from ditfastattn.ops._item_order import head_order, order_table
 from ditfastattn.ops._tile_order import pad_slots, slot_order, tiled_keys
 from ditfastattn.runtime import Session
 
@@ -223,6 +225,8 @@ def test_gluon_runs_tile_heads_in_a_tiled_launch_and_the_rest_in_the_plain_one(m
     mixed = torch.tensor([tile_mode(0, 0, 0), MODE_FULL, MODE_SKIP], dtype=torch.int32)
     ops.headwise_attention(q, k, v, mixed, segments=layout, out=torch.empty_like(q), impl="gluon")
     assert [("tiled" in c) for c in calls] == [False, True]
+    # The tiled launch gets the host modes, by which it orders each tile head's query tiles.
+    assert "modes" not in calls[0] and calls[1]["modes"] == tuple(mixed.tolist())
     keys = calls[1]["tiled"]
     # The Gluon kernel reads keys and values in place: nothing is gathered for it.
     assert torch.equal(keys.order, slot_order(layout, torch.device("cpu"))) and keys.k is None and keys.v is None
@@ -239,6 +243,47 @@ def test_gluon_runs_tile_heads_in_a_tiled_launch_and_the_rest_in_the_plain_one(m
     assert [("tiled" in c) for c in calls] == [False, True]
     assert all(c["padding"].bias == ops.PAIR_PADDING and torch.equal(c["padding"].mask, mask) for c in calls)
     assert torch.equal(calls[1]["tiled"].key_mask, mask[:, keys.order])
+
+
+def _box_tiles(at, window, counts) -> int:
+    """The grid tiles within ``window`` of tile ``at``, counted one by one."""
+    return sum(all(abs(x - a) <= w for x, a, w in zip(other, at, window))
+               for other in itertools.product(*(range(n) for n in counts)))
+
+
+@pytest.mark.parametrize("window,counts", [((16, 3, 2), (33, 6, 5)), ((10, 2, 1), (33, 6, 5)),
+                                           ((0, 1, 1), (1, 16, 8)), ((2, 0, 3), (4, 3, 7))])
+@pytest.mark.parametrize("shared_bytes", [0, 2**62])
+def test_tile_heads_run_their_largest_boxes_first_or_frame_by_frame(window, counts, shared_bytes):
+    kv_tile_bytes = 2 * IMAGE_BLOCK * 128 * 2
+    # Largest first only where the centre box outgrows the shared L2 (none, or all the memory there is).
+    longest_first = shared_bytes == 0
+    order = head_order(window, counts, kv_tile_bytes, shared_bytes).tolist()
+    assert sorted(order) == list(range(math.prod(counts)))  # every query tile once
+    at = list(itertools.product(*(range(n) for n in counts)))  # raster order
+    sizes = [_box_tiles(at[tile], window, counts) for tile in order]
+    frames = [at[tile][0] for tile in order]
+    if longest_first:
+        runs = [(-size, tile) for size, tile in zip(sizes, order)]
+    else:
+        runs = [(frame, -size, tile) for frame, size, tile in zip(frames, sizes, order)]
+    assert runs == sorted(runs)  # ties in raster order
+
+
+def test_the_tile_order_turns_longest_first_where_the_centre_box_outgrows_the_shared_l2():
+    kv_tile_bytes = 2 * IMAGE_BLOCK * 128 * 2
+    centre = 33 * 6 * 5 * kv_tile_bytes  # HunyuanVideo's 720p grid in 1 x 8 x 16 tiles, window (16, 3, 2)
+    by_frames = head_order((16, 3, 2), (33, 6, 5), kv_tile_bytes, centre)
+    longest = head_order((16, 3, 2), (33, 6, 5), kv_tile_bytes, centre - 1)
+    assert by_frames[0] == 2 * 5 + 2 and longest[0] == 16 * 30 + 2 * 5 + 2  # frame 0's centre tile, the grid's
+    tiles = TileGrid((33, 45, 80))
+    values = (tile_mode(16, 3, 2), MODE_FULL, tile_mode(16, 3, 2), tile_mode(1, 0, 0))
+    table = order_table(values, tiles, 128, 2, torch.device("cpu"), shared_bytes=centre - 1)
+    assert table.shape == (4, tiles.num_tiles) and table.dtype == torch.int32
+    assert torch.equal(table[0], longest) and torch.equal(table[2], table[0])
+    assert torch.equal(table[3], head_order((1, 0, 0), tiles.counts, kv_tile_bytes, centre - 1))
+    # Images (one frame-tile deep) keep raster order: no table.
+    assert order_table(values, TileGrid((1, 128, 128)), 128, 2, torch.device("cpu"), shared_bytes=0) is None
 
 
 @pytest.mark.parametrize("grid,tile,before,after", LAYOUTS)

@@ -3,8 +3,9 @@
 The public entry point validates and dispatches; the implementations live in ``_reference`` (pure
 PyTorch, the oracle, any device), ``_triton`` (fused GPU kernel) and ``_gluon`` (warp-specialised
 Hopper kernel, head dims 64 and 128). None imports another (``_launch`` is the launch helper the
-two GPU kernels share). Every implementation takes the token layout as its image segment
-``(image_start, image_len)``, global tokens elsewhere, and optional key :class:`Padding`. Tile
+two GPU kernels share, ``_item_order`` the Gluon kernel's order of video query tiles). Every
+implementation takes the token layout as its image segment ``(image_start, image_len)``, global
+tokens elsewhere, and optional key :class:`Padding`. Tile
 windows need the image's grid: the reference indexes it directly; for the GPU kernels the
 dispatcher puts the key padding flags in tile order (``_tile_order``, the one place that
 reorders), and keys and values too for the Triton kernel (the Gluon kernel reads them in place:
@@ -497,8 +498,9 @@ def _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, paddi
         from ._tile_order import tiled_keys
 
         keys = tiled_keys(k, v, None if padding is None else padding.mask, layout, gather=not kernel.TILES_IN_PLACE)
+        order = {"modes": values} if kernel.ORDERS_TILES else {}
         out, lse = kernel.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding, tiled=keys,
-                                    lse=lse, global_rows=global_rows)
+                                    lse=lse, global_rows=global_rows, **order)
     return out, lse
 
 

@@ -42,7 +42,10 @@ writes each row at its raster position. Each launch runs only its own
 heads (tile heads in the tiled one, the others in the plain one).
 
 Item order and head ranking are computed in the kernel from ``head_modes`` exactly as in the
-Triton kernel, so the host never reads the plan. The kernel needs sm_90 (wgmma, setmaxnreg).
+Triton kernel, so the host never reads the plan; where the caller knows the modes on the host, the
+tiled launch on video grids takes each tile head's order of query tiles from a table
+(``_item_order``: the largest window boxes first where a box outgrows the L2's share, which keeps
+the programs in step). The kernel needs sm_90 (wgmma, setmaxnreg).
 """
 
 from __future__ import annotations
@@ -59,10 +62,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .._geometry import IMAGE_BLOCK as _IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL, MODE_SKIP, TILE_BITS, TILE_FLAG
+from ._item_order import order_table
 from ._launch import DirectLaunches, launch_key, on_device, rebased
 
 HEAD_DIMS = (64, 128)
 TILES_IN_PLACE = True  # the tiled launch reads grid tiles in place (5-D TMA boxes): nothing is gathered
+ORDERS_TILES = True  # given the host head modes, the tiled launch orders each head's query tiles (_item_order)
 TILE_ROWS = 128  # query rows per work item: one image block, two consumer warpgroups of 64 rows
 BLOCK_M = gl.constexpr(TILE_ROWS)
 _LOG2E = 1.4426950408889634
@@ -256,12 +261,14 @@ def _rows(tile, n_text_tiles, n_before_tiles, image_start, num_image, seq_len):
 
 
 @gluon.jit
-def _work(t, geometry, table, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
+def _work(t, geometry, table, order, BLOCK_N: gl.constexpr, TILED: gl.constexpr, ORDERED: gl.constexpr):
     """Work item t (t below the count of items that compute) as
     (batch, head, first query row, end query row, key range start, its length, key tiles, key tiles
     per run, runs per frame-tile, ``_key_tile``'s first two ``tail`` values, and in the tiled launch
     the query tile's grid tile and the window box's first, packed (:func:`_pack_tile`), where the
     producer reads them in place); the last five are 1, 1, 0, 0, 0 outside the tiled launch.
+    With ``ORDERED`` a tile head's image tiles run in the order of its row of ``order`` (heads x
+    grid tiles, :mod:`._item_order`), else in raster order.
 
     Items run longest first: every full-row query tile (all tiles of full heads, then the text-query
     tiles of arrow heads, none without ``GLOBAL_ROWS``), then the arrow heads' image tiles by
@@ -284,6 +291,9 @@ def _work(t, geometry, table, BLOCK_N: gl.constexpr, TILED: gl.constexpr):
     rank = gl.where(in2 | in3, n_full_heads, 0) + p // per_head
     tile = gl.where(in3, n_text_tiles, 0) + (p % per_head) % section_tiles
     h = _scalar(head_at.index(rank))
+    if ORDERED:
+        image_at = gl.load(order + h * n_image_tiles + (tile - n_text_tiles), mask=in3, other=0)
+        tile = gl.where(in3, n_text_tiles + image_at, tile)
     mode = _scalar(mode_at.index(rank))
     q_start, q_end = _rows(tile, n_text_tiles, n_before_tiles, image_start, num_image, seq_len)
 
@@ -418,9 +428,10 @@ def _place(coeffs, b, h, row, tile):
 
 
 @gluon.jit
-def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, table, counter,
+def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, table, order, counter,
               BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILED: gl.constexpr,
-              PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr):
+              PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr,
+              ORDERED: gl.constexpr):
     """Takes work items, longest first, and issues their TMA loads: the query tile into one of two
     buffers (its item number beside it, for the consumers), then key and value tiles into the rings,
     counted over all items.
@@ -461,7 +472,7 @@ def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, ta
     t = gl.program_id(0)
     while t < end3:
         b, h, q_start, q_end, start1, len1, n_kv, per_run, runs_b, tail_run, tail_row, grid_at = _work(
-            t, geometry, table, BLOCK_N, TILED)
+            t, geometry, table, order, BLOCK_N, TILED, ORDERED)
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
         mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
@@ -875,14 +886,14 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
     "batch", "seq_len", "num_heads", "image_start", "num_image", "out_seq", "grid_t", "grid_h", "grid_w",
 ])
 def _headwise_kernel(
-    q_desc, k_desc, v_desc, q_img, k_img, v_img, O, LSE, MODES, COUNTER, PAD, FLAGS, PAIR_BIAS, s_modes,
+    q_desc, k_desc, v_desc, q_img, k_img, v_img, O, LSE, MODES, COUNTER, PAD, FLAGS, PAIR_BIAS, ORDER, s_modes,
     q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
     batch, seq_len, num_heads, image_start, num_image, out_seq, grid_t, grid_h, grid_w, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
     V_STAGES: gl.constexpr,
     RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr, HAS_PAD: gl.constexpr,
     PAIR: gl.constexpr, TILED: gl.constexpr, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr,
-    TILE_W: gl.constexpr, PAD_GLOBAL: gl.constexpr,
+    TILE_W: gl.constexpr, PAD_GLOBAL: gl.constexpr, ORDERED: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides. The tiled launch reads
@@ -891,7 +902,8 @@ def _headwise_kernel(
     # c*TILE_W, h*q_ch), unit the smaller nonzero of q_rb and q_rh. PAD is (B, S + 1)
     # int32, the padded keys before each position (read only with HAS_PAD). With PAIR, FLAGS is the
     # (B, S) uint8 kind of each token (0 real, 1 padding, 2 a pad slot of the tiled launch) and
-    # PAIR_BIAS the fp32 table of pair_table.
+    # PAIR_BIAS the fp32 table of pair_table. With ORDERED, ORDER is the (heads, grid tiles) int32 run
+    # order of each tile head's query tiles (_item_order).
     # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
     # left, so the longest-first order holds across the launch and no program idles while work waits.
     # Global (text, reference) rows: [0, image_start) and [image_start + num_image, seq_len).
@@ -908,6 +920,7 @@ def _headwise_kernel(
         gl.static_assert(BLOCK_M == IMAGE_BLOCK, "a tiled query item is one grid tile")
     gl.static_assert(TILED or not PAD_TAIL, "pad slots ending each block are a tiled launch's")
     gl.static_assert((TILED and HAS_PAD and not PAIR) or not PAD_GLOBAL, "PAD_GLOBAL is the tiled key mask's")
+    gl.static_assert(TILED or not ORDERED, "an order of grid tiles is the tiled launch's")
     head_at, mode_at, n_full_heads, n_arrow_heads, n_skip_heads = _rank_table(MODES, s_modes, num_heads, counts,
                                                                               HEADS_POW2, TILED)
     # Without GLOBAL_ROWS the arrow heads' text-query tiles are no work items: their rows stay unwritten.
@@ -968,8 +981,8 @@ def _headwise_kernel(
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
                              PAIR_BIAS, 1, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
                              PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, PAD_GLOBAL)),
-                (_producer, (geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, table, COUNTER, BLOCK_N,
-                             K_STAGES, V_STAGES, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W)),
+                (_producer, (geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, table, ORDER, COUNTER,
+                             BLOCK_N, K_STAGES, V_STAGES, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, ORDERED)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -1104,7 +1117,7 @@ def _grid_descriptor(t, tiles):
 
 
 def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config, programs, global_rows, has_pad,
-                 pair, tiles, tail, pad_global):
+                 pair, tiles, tail, pad_global, ordered):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
@@ -1126,7 +1139,7 @@ def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, c
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
                       OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, PAIR=pair,
                       TILED=tiles is not None, PAD_TAIL=tail, TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2],
-                      PAD_GLOBAL=pad_global, **config)
+                      PAD_GLOBAL=pad_global, ORDERED=ordered, **config)
     return templates, ints, grid, constexprs
 
 
@@ -1148,7 +1161,7 @@ def _pair_bias(table, device) -> torch.Tensor:
 
 
 def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, tiled=None,
-              lse=None, config=None, programs=None, global_rows=True):
+              lse=None, config=None, programs=None, global_rows=True, modes=None):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views). The
@@ -1161,7 +1174,10 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     (default: the first). ``programs`` sets the number of programs (default: one per SM, or one per
     work item if fewer), so that small checks can make each program take many items.
     ``global_rows=False`` leaves the text-query rows of arrow and tile heads unwritten (not with
-    ``return_lse``).
+    ``return_lse``). ``modes``, the host values of ``head_modes`` where the caller knows them, let the
+    tiled launch run each tile head's query tiles in the order of :func:`._item_order.order_table`
+    (raster order without them, or on images); the order changes when a tile runs, not what it
+    computes.
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
@@ -1200,14 +1216,16 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     config = config or _DEFAULT_CONFIGS[dim]
     has_pad = key_mask is not None
     pad_global = global_padding_only(padding, tiled, tail, flags is not None)
+    order = None if tiles is None or modes is None else order_table(modes, tiles, dim, q.element_size(), q.device)
     key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],
                      config["K_STAGES"], config["V_STAGES"], programs, global_rows, has_pad,
                      None if flags is None else flags.data_ptr() % 16,
-                     None if tiles is None else (tiles.grid, tiles.tile, out.shape[1]), pad_global)
+                     None if tiles is None else (tiles.grid, tiles.tile, out.shape[1]), pad_global, order is not None)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config,
-                                          programs, global_rows, has_pad, flags is not None, tiles, tail, pad_global)
+                                          programs, global_rows, has_pad, flags is not None, tiles, tail, pad_global,
+                                          order is not None)
     templates, ints, grid, constexprs = plan
     bases = (q, k, v) if tiled is None else (q, k, v, *image_in_place)
     descs = [rebased(template, t) for template, t in zip(templates, bases)]
@@ -1218,17 +1236,19 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     pad = head_modes if key_mask is None else torch.nn.functional.pad(key_mask.cumsum(1, dtype=torch.int32), (1, 0))
     pair = (head_modes, head_modes) if flags is None else (flags, _pair_bias(table, q.device))
     with on_device(device):
-        args = (*descs, out, lse_arg, head_modes, _counter(device), pad, *pair, *ints, scale * _LOG2E)
+        args = (*descs, out, lse_arg, head_modes, _counter(device), pad, *pair,
+                head_modes if order is None else order, *ints, scale * _LOG2E)
         _launches(key, grid, args, constexprs, _LAUNCH)
     return out, lse
 
 
 def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True, has_pad=False,
-                 tile=None, pair=False, pad_tail=False, pad_global=False):
+                 tile=None, pair=False, pad_tail=False, pad_global=False, ordered=False):
     """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel
     (``tile``: the tiled launch for that tile shape; ``pair``: padding under a pair table;
     ``pad_tail``: a ragged grid whose pad slots end each block; ``pad_global``: key padding among
-    the global tokens only, with ``has_pad`` and ``tile``).
+    the global tokens only, with ``has_pad`` and ``tile``; ``ordered``: the tile heads' query tiles in
+    the order of a table, with ``tile``).
 
     For checks and resource reports: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``.
     """
@@ -1253,18 +1273,19 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
                  **({} if tile is None else dict.fromkeys(("q_img", "k_img", "v_img"), grid_desc)),
                  "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32",
                  "PAD": "*i32", "FLAGS": "*u8" if pair else "*i32", "PAIR_BIAS": "*fp32" if pair else "*i32",
+                 "ORDER": "*i32",
                  "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
     constexprs = {"sod": 1, **({} if tile else dict.fromkeys(("q_img", "k_img", "v_img"))), "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
                   "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad or pair, "PAIR": pair, "TILED": tile is not None,
-                  "PAD_TAIL": pad_tail, "PAD_GLOBAL": pad_global,
+                  "PAD_TAIL": pad_tail, "PAD_GLOBAL": pad_global, "ORDERED": ordered,
                   **dict(zip(("TILE_T", "TILE_H", "TILE_W"), tile or (1, 1, 1))), **config}
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in names}
     constexprs = {(names.index(name),): value for name, value in constexprs.items()}
     # The alignment the JIT sees on a contiguous launch: 16-byte pointers, output strides of 16k.
-    aligned = ("O", "LSE", "MODES", "COUNTER", "PAD", "FLAGS", "PAIR_BIAS", "sob", "sos", "soh")
+    aligned = ("O", "LSE", "MODES", "COUNTER", "PAD", "FLAGS", "PAIR_BIAS", "ORDER", "sob", "sos", "soh")
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(_headwise_kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(_LAUNCH))

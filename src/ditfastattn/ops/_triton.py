@@ -64,6 +64,7 @@ HALF_MASK = tl.constexpr(MAX_TILE_WINDOW)
 # Decided where the kernel is decorated, so launcher and kernel agree on interpreter mode.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 TILES_IN_PLACE = False  # the tiled launch reads keys and values gathered into tile order
+ORDERS_TILES = False  # the tiled launch runs each head's query tiles in raster order
 # The interpreter is slow per operation, not per element: few large tiles keep CI fast.
 INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64}
 
