@@ -78,7 +78,13 @@ def order_table(values: tuple[int, ...], tiles: TileGrid, head_dim: int, element
     device = torch.device(device)
     if shared_bytes is None:
         shared_bytes = _shared_l2_bytes(torch.cuda.current_device() if device.index is None else device.index)
+    return _stacked(tuple(values), tiles.counts, kv_tile_bytes, shared_bytes, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _stacked(values: tuple[int, ...], counts: tuple[int, int, int], kv_tile_bytes: int, shared_bytes: int,
+             device: torch.device) -> torch.Tensor:
+    # Once per set of head modes, not per call: a call's host work stays one lookup, no loop over heads.
     # Heads that are no tile windows do not run in the tiled launch: any row will do.
-    rows = [head_order(tile_window(mode) if is_tile_mode(mode) else (0, 0, 0), tiles.counts, kv_tile_bytes,
-                       shared_bytes, device) for mode in values]
-    return torch.stack(rows)
+    return torch.stack([head_order(tile_window(mode) if is_tile_mode(mode) else (0, 0, 0), counts, kv_tile_bytes,
+                                   shared_bytes, device) for mode in values])
