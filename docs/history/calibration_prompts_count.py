@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q
-from oracle_heads import committed_sensitivity, environment, score_paired
+from e2e import environment
+from oracle_heads import committed_sensitivity, score_paired
 from ditfastattn import Plan, SearchConfig, calibrate
 from ditfastattn.testbed.pipeline import load_pipeline
 
@@ -58,7 +59,8 @@ def main():
         (f"head, {n} prompts", f"layer, {n} prompts"), ("head, 8 prompts", "layer, 8 prompts"),
         (f"head, {n} prompts", "head, 8 prompts"), (f"layer, {n} prompts", "layer, 8 prompts")])
     result = {
-        "meta": {**environment(args.device), "kind": kind, "target": target, "steps": steps, "heldout": len(held), "seeds": seeds,
+        "meta": {**environment(torch.device(args.device)), "kind": kind, "target": target, "steps": steps,
+                 "heldout": len(held), "seeds": seeds,
                  "calibration_seconds": seconds, "seconds": round(time.perf_counter() - started, 1)},
         "plans": {k: {"sparsity": r["sparsity"], "ssim": float(np.mean(r["ssim"])), "psnr": float(np.mean(r["psnr"]))}
                   for k, r in scored.items()},

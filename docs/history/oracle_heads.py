@@ -12,7 +12,6 @@ benchmarks/quality.py on held-out prompts x seeds (SSIM against full attention, 
 """
 import argparse
 import dataclasses
-import datetime
 import json
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import quality as q
+from e2e import environment
 import ditfastattn
 from ditfastattn import Plan, SearchConfig, calibrate
 from ditfastattn.testbed.pipeline import load_pipeline
@@ -124,8 +124,9 @@ def main():
         ("head", "layer"), ("head, local search", "layer, local search"), ("head, local search", "layer"),
         ("head, local search", "head"), ("layer, local search", "layer")])
     result = {
-        "meta": {**environment(args.device), "kind": args.kind, "target": args.target, "calibration_prompts": len(cal),
-                 "steps": args.steps, "heldout": len(held), "seeds": seeds, "seconds": round(time.perf_counter() - started, 1)},
+        "meta": {**environment(torch.device(args.device)), "kind": args.kind, "target": args.target,
+                 "calibration_prompts": len(cal), "steps": args.steps, "heldout": len(held), "seeds": seeds,
+                 "seconds": round(time.perf_counter() - started, 1)},
         "search": log,
         "plans": {n: {"sparsity": r["sparsity"], "ssim": float(np.mean(r["ssim"])), "psnr": float(np.mean(r["psnr"])),
                       "calibration_rse": (log[n.split(",")[0]]["end_rse"] if "local" in n else
@@ -161,11 +162,6 @@ def committed_sensitivity(kind: str, steps: int):
     sensitivity = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/quality.json").read_text())
     sensitivity = sensitivity["results"][kind]["sensitivity"]
     return sensitivity if len(sensitivity["steps"]["cache"]) == steps else "measure"
-
-
-def environment(device: str) -> dict:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
 
 
 if __name__ == "__main__":
