@@ -510,6 +510,11 @@ class _CalibrationSession(Session):
         self.residuals.clear()
         self.later_calls.clear()
 
+    def switch_expert(self) -> None:
+        super().switch_expert()  # the other expert's outputs: no cache candidate at this step
+        self.residuals.clear()
+        self.later_calls.clear()  # scored on the other expert's weights
+
     def end_call(self, module, args, kwargs, output) -> None:
         super().end_call(module, args, kwargs, output)
         if self.step == self.plan.num_steps - 1:
@@ -576,22 +581,26 @@ def run_pass(
         def keep(module, args, kwargs, output):
             record[(session.step, session.call)] = _clone(output)
 
-        handles.append(transformer.register_forward_hook(keep, with_kwargs=True))
-    own_forward = transformer.__dict__.get("forward")  # e.g. an offload wrapper: restored as it was
+        handles += [expert.register_forward_hook(keep, with_kwargs=True) for expert in session.experts]
+    # e.g. an offload wrapper: restored as it was
+    own_forwards = [(expert, expert.__dict__.get("forward")) for expert in session.experts]
     # One progress bar at a time: calibration's own, not the pipeline's per pass.
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(**{**bar_config, "disable": True})
     if replay is not None:
         recorded, until = replay
-        forward = transformer.forward
 
-        def replayed(*args, **kwargs):
-            if session.step < until:
-                return _clone(recorded[(session.step, session.call)])
-            return forward(*args, **kwargs)
+        def replaying(forward):
+            def replayed(*args, **kwargs):
+                if session.step < until:
+                    return _clone(recorded[(session.step, session.call)])
+                return forward(*args, **kwargs)
 
-        transformer.forward = replayed
+            return replayed
+
+        for expert in session.experts:
+            expert.forward = replaying(expert.forward)
     try:
         with torch.no_grad():
             output = pipe(
@@ -604,10 +613,11 @@ def run_pass(
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(**bar_config)
         if replay is not None:
-            if own_forward is None:
-                del transformer.forward
-            else:
-                transformer.forward = own_forward
+            for expert, own_forward in own_forwards:
+                if own_forward is None:
+                    del expert.forward
+                else:
+                    expert.forward = own_forward
         uninstall(pipe)
     first = max(replay[1], 1) if replay is not None else 1  # step 0 decides nothing; replayed steps run nothing
     missing = (steps - first) * len(spec.layers) - len(session.decided)

@@ -338,7 +338,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     after the first (two passes with a target; one more per layer with ``sensitivity="measure"``).
     Returns a :class:`Plan` that keeps every candidate's per-head scores, the settings, and a hash
     of the prompts. Applying it with :func:`ditfastattn.apply` to the same prompts and seed
-    reproduces the calibration run's outputs bit for bit.
+    reproduces the calibration run's outputs bit for bit. A pipeline with a second expert (Wan 2.2
+    A14B's ``transformer_2``) is searched over both experts' steps, as :func:`ditfastattn.apply` runs it.
 
     Under diffusers' Ulysses context parallelism, call it on every rank with the same prompts and
     config: each rank scores its own heads, the scores are pooled, and every rank returns the same

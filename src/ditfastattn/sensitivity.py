@@ -147,7 +147,9 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
         layer_ratios = []
         for index in range(len(spec.layers)):
             layer_rse, final = probe(layer_probe, lambda step, i, index=index: i == index, measure={index})
-            layer_ratios.append(final / max(float(layer_rse[1:, index].mean()), 1e-12))
+            # nanmean: a cache probe measures nothing where there is no previous output of its own to
+            # reuse (a second expert's first step), and computes there.
+            layer_ratios.append(final / max(float(np.nanmean(layer_rse[1:, index])), 1e-12))
             bar.update(1)
         step_ratios = {kind: np.ones(steps) for kind in step_probes}
         for kind, method in step_probes.items():
@@ -157,15 +159,18 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
                 layer_rse, final = probe(
                     method, lambda s, i, step=step: s == step, measure_steps={step}, replay=(recorded, replay_until)
                 )
+                # NaN where the probe could not run (no cache at a second expert's first step): the
+                # search cannot choose it there either, so any weight serves; it gets the mean's.
                 step_ratios[kind][step] = final / max(float(layer_rse[step].sum()), 1e-12)
                 bar.update(1)
     layers = _normalised(np.array(layer_ratios))
     measured = np.concatenate([ratios[1:] for ratios in step_ratios.values()]) if step_ratios else np.ones(0)
+    measured = measured[np.isfinite(measured)]
     scale = np.exp(np.log(np.maximum(measured, 1e-12)).mean()) if measured.size else 1.0
     result = {
         "layers": {layer.name: float(f"{w:.6g}") for layer, w in zip(spec.layers, layers)},
         "steps": {
-            kind: [1.0] + [float(f"{w:.6g}") for w in np.maximum(ratios[1:], 1e-12) / scale]
+            kind: [1.0] + [float(f"{w:.6g}") for w in np.where(np.isfinite(ratios[1:]), np.maximum(ratios[1:], 1e-12) / scale, 1.0)]
             for kind, ratios in step_ratios.items()
         },
         "probe": {"layers": layer_probe, "steps": step_probes},
@@ -284,46 +289,48 @@ def measure_head_fisher(pipe, spec, call: dict[str, Any], config) -> np.ndarray:
     fisher = np.zeros((steps, len(spec.layers), max(layer.heads for layer in spec.layers)))
     plan = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
     session = install(pipe, plan, config.impl, session_cls=_FisherSession)
-    transformer = pipe.transformer
-    forward = transformer.forward
     # Only the taps need gradients: the weights' would cost memory and time.
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    trainable = [p for expert in session.experts for p in expert.parameters() if p.requires_grad]
     generator: dict[torch.device, torch.Generator] = {}
 
-    def measured(*args, **kwargs):
-        if session.step == 0:
-            return forward(*args, **kwargs)
-        session.taps = []
-        try:
-            with torch.enable_grad():
-                output = forward(*args, **kwargs)
-                sample = _first_tensor(output)
-                probes = [probe for _, probe in session.taps]
-                if not probes:
-                    return output
-                device = sample.device
-                if device not in generator:
-                    generator[device] = torch.Generator(device).manual_seed(config.seed)
-                z = torch.randn(sample.shape, generator=generator[device], device=device, dtype=sample.dtype)
-                grads = torch.autograd.grad(sample, probes, grad_outputs=z, allow_unused=True)
-                squares = [
-                    torch.zeros(probe.shape[2], device=device) if g is None
-                    else torch.linalg.vector_norm(g, dim=(0, 1, 3), dtype=torch.float32).square()
-                    for probe, g in zip(probes, grads)
-                ]
-                host = torch.cat(squares).cpu().numpy()  # one read for the whole call
-                offsets = np.cumsum([0] + [square.shape[0] for square in squares])
-                for (index, _), start, end in zip(session.taps, offsets[:-1], offsets[1:]):
-                    fisher[session.step, index, : end - start] += host[start:end]
-        finally:
-            session.taps = None
-        return output  # the pipeline reads it under no_grad; the backward pass freed its graph's buffers
+    def measuring(forward):  # each expert's own forward
+        def measured(*args, **kwargs):
+            if session.step == 0:
+                return forward(*args, **kwargs)
+            session.taps = []
+            try:
+                with torch.enable_grad():
+                    output = forward(*args, **kwargs)
+                    sample = _first_tensor(output)
+                    probes = [probe for _, probe in session.taps]
+                    if not probes:
+                        return output
+                    device = sample.device
+                    if device not in generator:
+                        generator[device] = torch.Generator(device).manual_seed(config.seed)
+                    z = torch.randn(sample.shape, generator=generator[device], device=device, dtype=sample.dtype)
+                    grads = torch.autograd.grad(sample, probes, grad_outputs=z, allow_unused=True)
+                    squares = [
+                        torch.zeros(probe.shape[2], device=device) if g is None
+                        else torch.linalg.vector_norm(g, dim=(0, 1, 3), dtype=torch.float32).square()
+                        for probe, g in zip(probes, grads)
+                    ]
+                    host = torch.cat(squares).cpu().numpy()  # one read for the whole call
+                    offsets = np.cumsum([0] + [square.shape[0] for square in squares])
+                    for (index, _), start, end in zip(session.taps, offsets[:-1], offsets[1:]):
+                        fisher[session.step, index, : end - start] += host[start:end]
+            finally:
+                session.taps = None
+            return output  # the pipeline reads it under no_grad; the backward pass freed its graph's buffers
+
+        return measured
 
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(**{**bar_config, "disable": True})
-    own_forward = transformer.__dict__.get("forward")
-    transformer.forward = measured
+    own_forwards = [(expert, expert.__dict__.get("forward")) for expert in session.experts]
+    for expert in session.experts:
+        expert.forward = measuring(expert.forward)
     for parameter in trainable:
         parameter.requires_grad_(False)
     try:
@@ -332,10 +339,11 @@ def measure_head_fisher(pipe, spec, call: dict[str, Any], config) -> np.ndarray:
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
-        if own_forward is None:
-            del transformer.forward
-        else:
-            transformer.forward = own_forward
+        for expert, own_forward in own_forwards:
+            if own_forward is None:
+                del expert.forward
+            else:
+                expert.forward = own_forward
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(**bar_config)
         uninstall(pipe)

@@ -81,8 +81,9 @@ def _wrap(calls: str, stock):
     return _Functional(stock) if calls == "sdpa" else _wrapper(stock)
 
 
-def intercept(session, modules: dict[str, torch.nn.Module]) -> list:
-    """Wrap the stock function for ``session``'s family and hook its layers; returns the hooks.
+def intercept(session, modules: list[dict[str, torch.nn.Module]]) -> list:
+    """Wrap the stock function for ``session``'s family and hook its layers (``modules``: each
+    expert's attention modules by layer name; one dict but for a second expert); returns the hooks.
 
     ``session.release()`` undoes the wrapping (once); a transformer dropped without ``remove()``
     does so when it is collected.
@@ -98,10 +99,11 @@ def intercept(session, modules: dict[str, torch.nn.Module]) -> list:
         entry[2] += 1
     session.release = weakref.finalize(session.transformer, release, session.adapter)
     handles = []
-    for layer in session.layers:
-        module = modules[layer.name]
-        handles.append(module.register_forward_pre_hook(_enter(layer)))
-        handles.append(module.register_forward_hook(_leave, always_call=True))
+    for expert_modules in modules:
+        for layer in session.layers:
+            module = expert_modules[layer.name]
+            handles.append(module.register_forward_pre_hook(_enter(layer)))
+            handles.append(module.register_forward_hook(_leave, always_call=True))
     return handles
 
 

@@ -3,7 +3,8 @@
 Self-attention layers ``blocks.{i}.attn1`` see only video tokens (no global tokens: windows are
 purely local). Cross-attention ``blocks.{i}.attn2`` to the text, and in image-to-video to the
 image-encoder tokens before it, stays stock. Wan 2.2 A14B pipelines hand the low-noise steps to a
-second expert, ``transformer_2``, which a plan applied to the pipeline leaves stock. Wan 2.2 TI2V
+second expert, ``transformer_2``: a plan applied to the pipeline runs on both, each at its own steps
+(``ditfastattn.runtime.install.experts_of``), and calibration scores both. Wan 2.2 TI2V
 passes a timestep per token (0 on a conditioning first frame), so steps are counted by the last
 token's. VACE and Animate are other transformer classes and are refused.
 """

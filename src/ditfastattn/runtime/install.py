@@ -33,9 +33,18 @@ def _transformer_of(pipe_or_transformer):
     )
 
 
+def experts_of(transformer, pipe) -> list[torch.nn.Module]:
+    """The transformers a plan applied to ``pipe`` runs on: ``pipe.transformer`` and, where the
+    pipeline hands the low-noise steps to a second expert of the same architecture (Wan 2.2 A14B's
+    ``transformer_2``), that one too. Given a transformer alone, that transformer."""
+    second = getattr(pipe, "transformer_2", None) if pipe is not None else None
+    return [transformer] + ([second] if isinstance(second, torch.nn.Module) and second is not transformer else [])
+
+
 def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **session_args) -> Session:
     transformer, pipe = _transformer_of(pipe_or_transformer)
-    if getattr(transformer, _SESSION_ATTR, None) is not None:
+    experts = experts_of(transformer, pipe)
+    if any(getattr(expert, _SESSION_ATTR, None) is not None for expert in experts):
         raise RuntimeError("a ditfastattn plan is already applied to this model; call ditfastattn.remove() first")
     if impl not in ops.IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
@@ -43,34 +52,69 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
         raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
     adapter = adapter_for(transformer, context_parallel=getattr(session_cls, "context_parallel", False))
     plan.check_compatible(adapter.describe(transformer))
+    if len(experts) > 1:
+        _check_second_expert(experts[1], transformer, adapter, session_cls)
     check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads})
     stock = adapter.stock_processor_types()
-    modules = {name: transformer.get_submodule(name) for name in plan.layer_names}
-    for name, module in modules.items():
-        if not isinstance(module.processor, stock):
-            raise TypeError(
-                f"{name} uses {type(module.processor).__name__}; ditfastattn works with diffusers' stock "
-                f"{', '.join(t.__name__ for t in stock)} only (undo fuse_qkv_projections / custom processors first)"
-            )
+    modules = [{name: expert.get_submodule(name) for name in plan.layer_names} for expert in experts]
+    for index, expert_modules in enumerate(modules):
+        for name, module in expert_modules.items():
+            if not isinstance(module.processor, stock):
+                raise TypeError(
+                    f"{_module_name(index, name)} uses {type(module.processor).__name__}; ditfastattn works with "
+                    f"diffusers' stock {', '.join(t.__name__ for t in stock)} only (undo fuse_qkv_projections / "
+                    "custom processors first)"
+                )
     session = session_cls(transformer, plan, adapter, impl, **session_args)
-    session.install_layers(modules)
+    session.experts = experts
+    session.install_layers(modules[0])
     session.handles = [
-        transformer.register_forward_pre_hook(session.begin_call, with_kwargs=True),
-        transformer.register_forward_hook(session.end_call, with_kwargs=True),
+        handle for expert in experts for handle in (
+            expert.register_forward_pre_hook(session.begin_call, with_kwargs=True),
+            expert.register_forward_hook(session.end_call, with_kwargs=True),
+        )
     ]
     if hasattr(adapter, "make_processor"):  # a family that calls SDPA itself: its own processors
-        for layer in session.layers:
-            module = modules[layer.name]
-            session.originals[layer.name] = module.processor
-            module.set_processor(adapter.make_processor(layer, module.processor))
+        for expert_modules in modules:
+            for layer in session.layers:
+                module = expert_modules[layer.name]
+                session.originals.append((module, module.processor))
+                module.set_processor(adapter.make_processor(layer, module.processor))
     else:
         session.handles += dispatch.intercept(session, modules)
-    session.watch_processors(modules, exact=hasattr(adapter, "make_processor"))
+    session.watch_processors([(_module_name(index, name), module) for index, expert_modules in enumerate(modules)
+                              for name, module in expert_modules.items()], exact=hasattr(adapter, "make_processor"))
     if pipe is not None:
         session.pipe = pipe
         session.follow_scheduler(check=False)  # its timesteps may be a previous run's
-    setattr(transformer, _SESSION_ATTR, session)
+    for expert in experts:
+        setattr(expert, _SESSION_ATTR, session)
     return session
+
+
+def _module_name(expert: int, name: str) -> str:
+    """A layer's name as errors show it: the second expert's prefixed with ``transformer_2.``."""
+    return name if expert == 0 else f"transformer_2.{name}"
+
+
+def _check_second_expert(expert, transformer, adapter, session_cls) -> None:
+    """A second expert runs the same plan rows at its own steps: it must be the same model."""
+    if not getattr(session_cls, "supports_experts", False):
+        raise ValueError(
+            "this pipeline hands the low-noise steps to a second expert (transformer_2), which static=True and "
+            "context parallelism do not follow yet; apply the plan without static=True or parallelism, or to "
+            "pipe.transformer alone (transformer_2 then runs stock)"
+        )
+    patches = [getattr(getattr(model, "config", None), "patch_size", None) for model in (expert, transformer)]
+    if type(expert) is not type(transformer) or adapter.describe(expert) != adapter.describe(transformer) or (
+            patches[0] != patches[1]):  # the token grid both experts' calls are laid out on
+        raise ValueError(
+            f"pipe.transformer_2 ({type(expert).__name__}) is not the same architecture as pipe.transformer "
+            f"({type(transformer).__name__}), so one plan cannot cover both; apply the plan to pipe.transformer alone"
+        )
+    if parallel.context_parallel(expert) or parallel.context_parallel(transformer):
+        raise ValueError("context parallelism with a second expert (transformer_2) is not supported yet; "
+                         "apply the plan to pipe.transformer alone")
 
 
 def uninstall(pipe_or_transformer) -> Plan:
@@ -78,8 +122,8 @@ def uninstall(pipe_or_transformer) -> Plan:
     session: Session | None = getattr(transformer, _SESSION_ATTR, None)
     if session is None:
         raise RuntimeError("no ditfastattn plan is applied to this model; nothing to remove")
-    for name, processor in session.originals.items():
-        transformer.get_submodule(name).set_processor(processor)
+    for module, processor in session.originals:
+        module.set_processor(processor)
     for handle in session.handles:
         handle.remove()
     if not hasattr(session.adapter, "make_processor"):
@@ -88,8 +132,9 @@ def uninstall(pipe_or_transformer) -> Plan:
         session.scheduler_hook.undo()
     for layer in session.layers:
         layer.free()
-    session.uninstall_layers({layer.name: transformer.get_submodule(layer.name) for layer in session.layers})
-    delattr(transformer, _SESSION_ATTR)
+    session.uninstall_layers({layer.name: session.transformer.get_submodule(layer.name) for layer in session.layers})
+    for expert in session.experts:
+        delattr(expert, _SESSION_ATTR)
     return session.applied_plan
 
 
@@ -112,6 +157,12 @@ def apply(
     swapped in later included). More steps than the plan always raise; on the transformer alone, a
     generation that stopped short is logged when the next one starts. ``impl`` picks the attention
     op ("auto", "gluon", "triton", "reference"; see :func:`ditfastattn.ops.headwise_attention`).
+
+    A pipeline that hands the low-noise steps to a second expert of the same architecture (Wan 2.2
+    A14B's ``transformer_2``) runs the plan on both, each expert at its own steps; a head never
+    reads the other expert's outputs, so at an expert's first step its ``cache`` heads compute.
+    Static mode and context parallelism do not follow a second expert yet (refused; apply to
+    ``pipe.transformer`` alone to leave ``transformer_2`` stock).
 
     Cache heads read their layer's output of the previous step, which the runtime keeps only while
     the next step caches, per transformer call of a step. A call that did not run at the previous

@@ -148,6 +148,7 @@ class Ulysses:
     """
 
     context_parallel = True
+    supports_experts = False
 
     def join(self, transformer, plan: Plan, adapter) -> None:
         """Take ``transformer``'s Ulysses configuration; ValueError naming what runs for any other."""

@@ -231,6 +231,8 @@ class Session:
     # diffusers' parallelism this session runs under (None: one whole model); see .parallel
     context_parallel = False
     parallel_config = None
+    # Whether one session may run a pipeline's second expert too (Wan 2.2 A14B's transformer_2).
+    supports_experts = True
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None):
         self.transformer = transformer
@@ -254,8 +256,10 @@ class Session:
         self._counted = False  # the scheduler's step count was checked for the next generation
         self._checked = False  # ... for the current one
         self.layers = [self.layer_cls(self, index, layer.name) for index, layer in enumerate(plan.model.layers)]
-        self.originals: dict[str, object] = {}
+        self.originals: list[tuple[torch.nn.Module, object]] = []  # (attention module, its processor at apply)
         self.handles: list = []
+        self.experts = [transformer]  # the transformers the hooks are on (install sets them)
+        self._expert: torch.nn.Module | None = None  # the one of the last call
         self.pipe = None
         self.scheduler_hook: _SchedulerHook | None = None
         self._parameters = tuple(inspect.signature(transformer.forward).parameters)
@@ -385,7 +389,17 @@ class Session:
             for layer in self.layers:
                 for call in [c for c in layer.slots if c >= calls]:
                     layer.free(call)
+        if module is not self._expert:
+            self.switch_expert()
+            self._expert = module
         self._last_timestep = value
+
+    def switch_expert(self) -> None:
+        """A call by another transformer than the last one (a second expert taking over): no head
+        reads the other's outputs or residuals, which another model's weights made; its cache and
+        ``arrow_residual`` heads compute until it has kept its own (exact, as after a skipped call)."""
+        for layer in self.layers:
+            layer.free()
 
     def _check_inputs(self, hidden) -> None:
         """At a generation's first call, what would otherwise fail only at step 1 (step 0 computes
@@ -450,10 +464,10 @@ class Session:
         if check and timesteps is not None:
             self.scheduler_set(len(timesteps))
 
-    def watch_processors(self, modules: dict[str, torch.nn.Module], exact: bool) -> None:
-        """Remember each layer's attention processor as apply left it: ditfastattn's own (``exact``)
-        or the stock one whose attention call it intercepts, which any stock processor makes."""
-        self._processors = [(name, module, module.processor, exact) for name, module in modules.items()]
+    def watch_processors(self, modules: list[tuple[str, torch.nn.Module]], exact: bool) -> None:
+        """Remember each (name, attention module)'s processor as apply left it: ditfastattn's own
+        (``exact``) or the stock one whose attention call it intercepts, which any stock processor makes."""
+        self._processors = [(name, module, module.processor, exact) for name, module in modules]
 
     def check_processors(self) -> None:
         """Raise where a layer's processor was replaced since apply (``fuse_qkv_projections``,

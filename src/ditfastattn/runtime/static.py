@@ -197,6 +197,7 @@ class StaticSession(Session):
 
     layer_cls = _StaticLayer
     buffers_per_generation = True  # static addresses: a layer that ever caches holds its buffer throughout
+    supports_experts = False  # the step counter and buffers live on one transformer
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None, num_image_tokens: int):
         super().__init__(transformer, plan, adapter, impl, cache_budget)

@@ -1,0 +1,156 @@
+"""Wan 2.2 A14B's two experts: ``WanPipeline`` hands the high-noise steps to ``transformer`` and
+the low-noise ones to ``transformer_2``. One plan applied to the pipeline runs on both, each at
+its own steps, and no head of one expert reads the other's outputs. Tiny random configs on the
+real diffusers pipeline (CPU, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+import ditfastattn
+from ditfastattn import Plan, SearchConfig
+
+STEPS = 6
+SIZE = dict(height=128, width=192, num_frames=13)  # 4 x 8 x 12 latent patches: 384 tokens, 6 blocks
+
+
+def tiny_expert(seed: int, layers: int = 2) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                 out_channels=16, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers,
+                                 rope_max_seq_len=32)
+
+
+def pipeline(second: WanTransformer3DModel | None = None) -> WanPipeline:
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=tiny_expert(1), transformer_2=second or tiny_expert(2), boundary_ratio=0.875)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompts(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=torch.randn(1, 8, 16, generator=g), negative_prompt_embeds=torch.randn(1, 8, 16, generator=g))
+
+
+def generate(pipe) -> torch.Tensor:
+    return pipe(**prompts(), **SIZE, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                output_type="latent").frames
+
+
+def first_expert_steps(pipe) -> int:
+    """How many steps the pipeline gives the first expert (two calls a step: CFG)."""
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    generate(pipe)
+    handle.remove()
+    return len(calls) // 2
+
+
+def plan_with(pipe, rows: dict[int, str]) -> Plan:
+    """Every head full, but at the steps of ``rows`` every head of every layer runs its method."""
+    full = Plan.uniform(pipe.transformer, STEPS, "full")
+    return Plan(full.model, [[[rows.get(step, "full")] * layer.heads for layer in full.model.layers]
+                             for step in range(STEPS)])
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return pipeline()
+
+
+@pytest.fixture(scope="module")
+def boundary(pipe):
+    steps = first_expert_steps(pipe)
+    assert 0 < steps < STEPS - 1
+    return steps
+
+
+def test_one_plan_runs_on_both_experts_each_at_its_own_steps(pipe, boundary):
+    stock = generate(pipe)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    assert torch.equal(generate(pipe), stock)
+    ditfastattn.remove(pipe)
+    for rows in ({step: "arrow:0.125" for step in range(boundary, STEPS)}, {1: "arrow:0.125"}):
+        ditfastattn.apply(pipe, plan_with(pipe, rows))
+        out = generate(pipe)
+        ditfastattn.remove(pipe)
+        assert bool(torch.isfinite(out).all()) and not torch.equal(out, stock)
+    assert torch.equal(generate(pipe), stock)
+    for expert in (pipe.transformer, pipe.transformer_2):
+        assert not hasattr(expert, "_ditfastattn_session")
+        assert not expert._forward_pre_hooks and not expert._forward_hooks
+
+
+def test_no_head_reads_the_other_experts_outputs(pipe, boundary):
+    stock = generate(pipe)
+    outputs = {}
+    for step in (boundary - 1, boundary, boundary + 1):
+        ditfastattn.apply(pipe, plan_with(pipe, {step: "cache"}))
+        outputs[step] = generate(pipe)
+        ditfastattn.remove(pipe)
+    # At the second expert's first step there is nothing of its own to reuse: its heads compute.
+    assert torch.equal(outputs[boundary], stock)
+    assert not torch.equal(outputs[boundary - 1], stock) and not torch.equal(outputs[boundary + 1], stock)
+
+
+def test_calibration_decides_both_experts_steps_and_replays_bit_for_bit(pipe, boundary):
+    recorded = []
+
+    def keep(module, args, output):
+        recorded.append((module is pipe.transformer_2, output[0].clone()))
+
+    handles = [expert.register_forward_hook(keep) for expert in (pipe.transformer, pipe.transformer_2)]
+    try:
+        plan = ditfastattn.calibrate(pipe, [prompts()], SearchConfig(
+            delta=1.0, num_inference_steps=STEPS, candidates=("full", "arrow:0.125", "cache"),
+            pipeline_kwargs=dict(SIZE)), progress=False)
+        calibrated = list(recorded)
+        recorded.clear()
+        ditfastattn.apply(pipe, plan)
+        generate(pipe)
+        ditfastattn.remove(pipe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    methods = plan.methods
+    assert any(m != "full" for step in methods[boundary:] for heads in step for m in heads)
+    assert all(m != "cache" for heads in methods[boundary] for m in heads)  # nothing of its own yet
+    assert [second for second, _ in calibrated] == [False] * 2 * boundary + [True] * 2 * (STEPS - boundary)
+    assert [second for second, _ in recorded] == [second for second, _ in calibrated]
+    assert all(torch.equal(a, c) for (_, a), (_, c) in zip(recorded, calibrated))
+
+
+def test_refused_where_one_plan_cannot_cover_both(pipe):
+    processors = [m.processor for m in pipe.transformer_2.modules() if hasattr(m, "processor")]
+    with pytest.raises(ValueError, match="transformer_2.*static=True"):
+        ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"), static=True, num_image_tokens=384)
+    other = pipeline(second=tiny_expert(2, layers=1))
+    with pytest.raises(ValueError, match="not the same architecture"):
+        ditfastattn.apply(other, Plan.uniform(other.transformer, STEPS, "full"))
+    for model in (pipe, other):
+        for expert in (model.transformer, model.transformer_2):
+            assert not hasattr(expert, "_ditfastattn_session") and not expert._forward_pre_hooks
+    assert [m.processor for m in pipe.transformer_2.modules() if hasattr(m, "processor")] == processors
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    with pytest.raises(RuntimeError, match="already applied"):
+        ditfastattn.apply(pipe.transformer_2, Plan.uniform(pipe.transformer, STEPS, "full"))
+    ditfastattn.remove(pipe)
+
+
+def test_sensitivity_probes_and_head_weights_cover_the_second_expert(pipe, boundary):
+    plan = ditfastattn.calibrate(pipe, [prompts()], SearchConfig(
+        target_sparsity=0.5, num_inference_steps=STEPS, budget="generation", sensitivity="measure",
+        head_coefficient=None, cache="auto", pipeline_kwargs=dict(SIZE)), progress=False)
+    sensitivity = plan.provenance["search"]["sensitivity"]
+    # The Fisher pass took gradients through transformer_2 too: its steps' head weights are measured, not the
+    # 1 of a layer that measured nothing.
+    for rows in sensitivity["heads"].values():
+        assert all(any(w != 1.0 for w in rows[step]) for step in range(1, STEPS))
+    assert all(w > 0 for kind in sensitivity["steps"].values() for w in kind[1:])
+    assert abs(plan.summary()["sparsity"] - 0.5) <= 0.02
