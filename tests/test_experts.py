@@ -5,6 +5,8 @@ real diffusers pipeline (CPU, seconds)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
@@ -118,6 +120,7 @@ def test_calibration_decides_both_experts_steps_and_replays_bit_for_bit(pipe, bo
     finally:
         for handle in handles:
             handle.remove()
+    assert plan.provenance["expert_switch_steps"] == [boundary]
     methods = plan.methods
     assert any(m != "full" for step in methods[boundary:] for heads in step for m in heads)
     assert all(m != "cache" for heads in methods[boundary] for m in heads)  # nothing of its own yet
@@ -154,3 +157,22 @@ def test_sensitivity_probes_and_head_weights_cover_the_second_expert(pipe, bound
         assert all(any(w != 1.0 for w in rows[step]) for step in range(1, STEPS))
     assert all(w > 0 for kind in sensitivity["steps"].values() for w in kind[1:])
     assert abs(plan.summary()["sparsity"] - 0.5) <= 0.02
+
+
+def test_a_boundary_other_than_the_calibration_runs_is_logged_once(pipe, boundary, caplog):
+    plan = plan_with(pipe, {})
+    plan = Plan(plan.model, plan.methods, {"expert_switch_steps": [boundary]})
+    ratio = pipe.config.boundary_ratio
+    ditfastattn.apply(pipe, plan)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ditfastattn"):
+            generate(pipe)
+            assert not caplog.records
+            pipe.register_to_config(boundary_ratio=0.5)  # the second expert takes over later
+            generate(pipe)
+            generate(pipe)
+    finally:
+        pipe.register_to_config(boundary_ratio=ratio)
+        ditfastattn.remove(pipe)
+    warnings = [r.getMessage() for r in caplog.records if "transformer_2" in r.getMessage()]
+    assert len(warnings) == 1 and f"in the plan's calibration run at step {boundary}" in warnings[0]

@@ -418,6 +418,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                         for key, value in seconds.items()},
         },
     }
+    if len(session.experts) > 1:  # where the second expert took over: apply() checks it against its own run
+        provenance["expert_switch_steps"] = list(session.switch_steps)
     if found.cached is not None:
         provenance["search"]["cached_steps"] = sorted(found.cached)
     if final_rse is not None:  # cache="auto": both searches' final errors, the lower one kept

@@ -160,7 +160,9 @@ def apply(
 
     A pipeline that hands the low-noise steps to a second expert of the same architecture (Wan 2.2
     A14B's ``transformer_2``) runs the plan on both, each expert at its own steps; a head never
-    reads the other expert's outputs, so at an expert's first step its ``cache`` heads compute.
+    reads the other expert's outputs, so at an expert's first step its ``cache`` heads compute. A
+    calibrated plan records the step the second expert took over at; taking over at another step
+    (another ``boundary_ratio`` or scheduler shift) is logged once.
     Static mode and context parallelism do not follow a second expert yet (refused; apply to
     ``pipe.transformer`` alone to leave ``transformer_2`` stock).
 

@@ -260,6 +260,8 @@ class Session:
         self.handles: list = []
         self.experts = [transformer]  # the transformers the hooks are on (install sets them)
         self._expert: torch.nn.Module | None = None  # the one of the last call
+        self.switch_steps: list[int] = []  # the steps another expert took over at, this generation
+        self._switch_warned = False
         self.pipe = None
         self.scheduler_hook: _SchedulerHook | None = None
         self._parameters = tuple(inspect.signature(transformer.forward).parameters)
@@ -370,7 +372,8 @@ class Session:
         # One host read per transformer call: the step index comes from the timestep sequence.
         value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         last = self._last_timestep
-        if self._new_generation or last is None or value > last:
+        starting = self._new_generation or last is None or value > last
+        if starting:
             self._start_generation()
             self.check_processors()
             self._check_inputs(arguments.get("hidden_states"))
@@ -390,9 +393,24 @@ class Session:
                 for call in [c for c in layer.slots if c >= calls]:
                     layer.free(call)
         if module is not self._expert:
+            if not starting:
+                self._note_switch()
             self.switch_expert()
             self._expert = module
         self._last_timestep = value
+
+    def _note_switch(self) -> None:
+        """Record the step another expert took over at, and say once where it differs from the
+        plan's calibration run: the plan's rows there were searched on the other expert."""
+        self.switch_steps.append(self.step)
+        planned = self.plan.provenance.get("expert_switch_steps")
+        if planned is not None and self.step not in planned and not self._switch_warned:
+            self._switch_warned = True
+            logger.warning(
+                "the pipeline's second expert (transformer_2) took over at step %d, but in the plan's calibration run "
+                "at step %s (another boundary_ratio, scheduler shift or step count?), so some steps run rows searched "
+                "on the other expert; calibrate for this setting", self.step, ", ".join(map(str, planned)),
+            )
 
     def switch_expert(self) -> None:
         """A call by another transformer than the last one (a second expert taking over): no head
@@ -428,6 +446,7 @@ class Session:
             warn_short_generation(self.step + 1, self.plan.num_steps)
         self._running, self._checked, self._counted = True, self._counted, False
         self.step, self.call, self._new_generation = self._first_step(), 0, False
+        self.switch_steps = []
         for layer in self.layers:
             layer.free()
 
