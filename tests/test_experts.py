@@ -176,3 +176,27 @@ def test_a_boundary_other_than_the_calibration_runs_is_logged_once(pipe, boundar
         ditfastattn.remove(pipe)
     warnings = [r.getMessage() for r in caplog.records if "transformer_2" in r.getMessage()]
     assert len(warnings) == 1 and f"in the plan's calibration run at step {boundary}" in warnings[0]
+
+
+def test_the_plan_picture_marks_where_the_second_expert_takes_over(pipe, boundary, tmp_path, monkeypatch):
+    from ditfastattn import visualize
+
+    drawn = {}
+    save = visualize._save
+    monkeypatch.setattr(visualize, "_save", lambda fig, path, dpi: drawn.setdefault("fig", fig) and save(fig, path, dpi))
+    plan = plan_with(pipe, {step: "arrow:0.125" for step in range(boundary, STEPS)})
+    plan = Plan(plan.model, plan.methods, {"expert_switch_steps": [boundary]})
+    assert visualize.plot_plan(plan, tmp_path / "plan.png").stat().st_size > 0
+    heat = drawn["fig"].axes[0]
+    assert [line.get_ydata()[0] for line in heat.lines] == [boundary - 0.5]
+    assert any("transformer_2" in text.get_text() for text in heat.texts)
+
+
+def test_inspect_says_where_the_second_expert_takes_over(pipe, boundary, tmp_path, capsys):
+    from ditfastattn.cli import main
+
+    plan = plan_with(pipe, {})
+    path = tmp_path / "plan.json"
+    Plan(plan.model, plan.methods, {"expert_switch_steps": [boundary]}).save(path)
+    assert main(["inspect", str(path), "--num-image-tokens", "384", "--text-len", "0"]) == 0
+    assert f"second expert (transformer_2) from step {boundary}\n" in capsys.readouterr().out

@@ -342,6 +342,8 @@ def cmd_inspect(args) -> None:
     if search:
         candidates = ", ".join(map(str, search.get("candidates") or []))
         print(f"search: delta={search.get('delta')}, c={search.get('head_coefficient')}, candidates={candidates}")
+    if provenance.get("expert_switch_steps"):
+        print(f"second expert (transformer_2) from step {', '.join(map(str, provenance['expert_switch_steps']))}")
     geometry = {"num_image_tokens": args.num_image_tokens, "text_len": args.text_len, "grid": args.grid,
                 "tile": args.tile}
     try:

@@ -73,6 +73,11 @@ def plot_plan(
         handles=[Patch(color=KINDS[kind].colour, label=kind) for kind in used],
         loc="upper center", bbox_to_anchor=(0.5, 1.18), ncol=len(used), frameon=False, fontsize=8,
     )
+    switches = plan.provenance.get("expert_switch_steps", [])
+    for step in switches:  # Wan 2.2 A14B: the rows below run on the second expert
+        heat.axhline(step - 0.5, color="black", linewidth=1.5)
+        heat.text(len(plan.layer_names) - 0.5, step - 0.5, "transformer_2 from here", fontsize=7, ha="right", va="top",
+                  bbox=dict(facecolor="white", alpha=0.8, linewidth=0))
     headline = title or f"{plan.model.model_class}: {plan.num_steps} steps x {len(plan.layer_names)} layers"
     if summary:
         headline += f" | attention sparsity {summary['sparsity']:.1%}"
@@ -83,6 +88,8 @@ def plot_plan(
         curve.set_xlabel("denoising step")
         curve.set_ylabel("sparsity")
         curve.grid(alpha=0.3)
+        for step in switches:
+            curve.axvline(step - 0.5, color="grey", linewidth=1)
     fig.suptitle(headline, fontsize=10, y=0.995)
     fig.tight_layout()
     try:
