@@ -167,12 +167,11 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
     measured = np.concatenate([ratios[1:] for ratios in step_ratios.values()]) if step_ratios else np.ones(0)
     measured = measured[np.isfinite(measured)]
     scale = np.exp(np.log(np.maximum(measured, 1e-12)).mean()) if measured.size else 1.0
+    weights = {kind: np.where(np.isfinite(ratios), np.maximum(ratios, 1e-12) / scale, 1.0)
+               for kind, ratios in step_ratios.items()}
     result = {
         "layers": {layer.name: float(f"{w:.6g}") for layer, w in zip(spec.layers, layers)},
-        "steps": {
-            kind: [1.0] + [float(f"{w:.6g}") for w in np.where(np.isfinite(ratios[1:]), np.maximum(ratios[1:], 1e-12) / scale, 1.0)]
-            for kind, ratios in step_ratios.items()
-        },
+        "steps": {kind: [1.0] + [float(f"{w:.6g}") for w in ws[1:]] for kind, ws in weights.items()},
         "probe": {"layers": layer_probe, "steps": step_probes},
     }
     if heads is not None:
