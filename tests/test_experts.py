@@ -25,12 +25,12 @@ def tiny_expert(seed: int, layers: int = 2) -> WanTransformer3DModel:
                                  rope_max_seq_len=32)
 
 
-def pipeline(second: WanTransformer3DModel | None = None) -> WanPipeline:
+def pipeline(second: WanTransformer3DModel | None = None, boundary_ratio: float | None = 0.875) -> WanPipeline:
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       transformer=tiny_expert(1), transformer_2=second or tiny_expert(2), boundary_ratio=0.875)
+                       transformer=tiny_expert(1), transformer_2=second or tiny_expert(2), boundary_ratio=boundary_ratio)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -134,7 +134,7 @@ def test_refused_where_one_plan_cannot_cover_both(pipe):
     with pytest.raises(ValueError, match="transformer_2.*static=True"):
         ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"), static=True, num_image_tokens=384)
     other = pipeline(second=tiny_expert(2, layers=1))
-    with pytest.raises(ValueError, match="not the same architecture"):
+    with pytest.raises(ValueError, match=r"not the same model as pipe.transformer \(1 attention layers against 2\)"):
         ditfastattn.apply(other, Plan.uniform(other.transformer, STEPS, "full"))
     for model in (pipe, other):
         for expert in (model.transformer, model.transformer_2):
@@ -200,3 +200,65 @@ def test_inspect_says_where_the_second_expert_takes_over(pipe, boundary, tmp_pat
     Plan(plan.model, plan.methods, {"expert_switch_steps": [boundary]}).save(path)
     assert main(["inspect", str(path), "--num-image-tokens", "384", "--text-len", "0"]) == 0
     assert f"second expert (transformer_2) from step {boundary}\n" in capsys.readouterr().out
+
+
+def test_a_second_expert_the_pipeline_never_calls_is_left_alone():
+    unused = pipeline(second=tiny_expert(2, layers=1), boundary_ratio=None)
+    stock = generate(unused)
+    ditfastattn.apply(unused, Plan.uniform(unused.transformer, STEPS, "full"), static=True, num_image_tokens=384)
+    assert not hasattr(unused.transformer_2, "_ditfastattn_session")
+    ditfastattn.remove(unused)
+    ditfastattn.apply(unused, Plan.uniform(unused.transformer, STEPS, "full"))
+    assert torch.equal(generate(unused), stock)
+    ditfastattn.remove(unused)
+
+
+def test_experts_changed_after_apply_are_refused_and_remove_still_restores(pipe):
+    stock = generate(pipe)
+    second = pipe.transformer_2
+    for change in (lambda: setattr(pipe, "transformer_2", tiny_expert(3)), lambda: pipe.register_to_config(boundary_ratio=None)):
+        ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "arrow:0.125"))
+        change()
+        try:
+            with pytest.raises(RuntimeError, match="changed after ditfastattn.apply"):
+                generate(pipe)
+        finally:
+            ditfastattn.remove(pipe)
+            pipe.transformer_2 = second
+            pipe.register_to_config(boundary_ratio=0.875)
+    assert torch.equal(generate(pipe), stock)
+    assert not pipe.transformer._forward_pre_hooks and not second._forward_pre_hooks
+
+
+def test_remove_on_the_pipeline_finds_a_plan_applied_to_transformer_2_alone(pipe):
+    stock = generate(pipe)
+    ditfastattn.apply(pipe.transformer_2, Plan.uniform(pipe.transformer, STEPS, "arrow:0.125"))
+    ditfastattn.remove(pipe)
+    assert not hasattr(pipe.transformer_2, "_ditfastattn_session") and torch.equal(generate(pipe), stock)
+
+
+def test_the_step_cache_schedule_leaves_the_switch_step_to_windows():
+    early = pipeline(boundary_ratio=0.95)  # the second expert from step 1, which the schedule would cache
+    assert first_expert_steps(early) == 1
+    plan = ditfastattn.calibrate(early, [prompts()], SearchConfig(
+        target_sparsity=0.5, num_inference_steps=STEPS, budget="generation", head_coefficient=None, cache="step",
+        pipeline_kwargs=dict(SIZE)), progress=False)
+    assert plan.provenance["expert_switch_steps"] == [1]
+    assert 1 not in plan.provenance["search"]["cached_steps"]
+    assert all(m != "cache" for heads in plan.methods[1] for m in heads)
+    assert abs(plan.summary()["sparsity"] - 0.5) <= 0.02
+
+
+@pytest.mark.parametrize("ratio, ran", [(1.5, "0"), (0.0, "none")])
+def test_a_generation_whose_second_expert_runs_every_step_or_none_is_logged(pipe, boundary, caplog, ratio, ran):
+    plan = plan_with(pipe, {})
+    ditfastattn.apply(pipe, Plan(plan.model, plan.methods, {"expert_switch_steps": [boundary]}))
+    pipe.register_to_config(boundary_ratio=ratio)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ditfastattn"):
+            generate(pipe)
+    finally:
+        pipe.register_to_config(boundary_ratio=0.875)
+        ditfastattn.remove(pipe)
+    assert any(f"took over at step {ran}, but in the plan's calibration run at step {boundary}" in r.getMessage()
+               for r in caplog.records)

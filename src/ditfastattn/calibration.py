@@ -469,6 +469,9 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict)
     if config.target is None:
         return _Searched(session, latents, config.delta, None, cached)
     first = session
+    if cached is not None and first.switch_steps:
+        # A second expert's first step has nothing of its own to reuse (it computes): windows there.
+        cached = cached - frozenset(first.switch_steps)
     reachable = reachable_sparsity(first, spec, config, cached)
     if config.target > reachable:
         most = ("every head after step 0 at its cheapest candidate" if cached is None else

@@ -12,7 +12,7 @@ from .. import ops
 from ..adapters import adapter_for, check_cfg_sharing, dispatch
 from ..plan import Plan, _is_int
 from . import parallel
-from .session import Session, logger
+from .session import Session, experts_of, logger
 from .static import StaticSession
 
 _SESSION_ATTR = "_ditfastattn_session"
@@ -31,14 +31,6 @@ def _transformer_of(pipe_or_transformer):
     raise TypeError(
         f"expected a diffusers pipeline with a `.transformer` or a transformer module; got {type(pipe_or_transformer).__name__}"
     )
-
-
-def experts_of(transformer, pipe) -> list[torch.nn.Module]:
-    """The transformers a plan applied to ``pipe`` runs on: ``pipe.transformer`` and, where the
-    pipeline hands the low-noise steps to a second expert of the same architecture (Wan 2.2 A14B's
-    ``transformer_2``), that one too. Given a transformer alone, that transformer."""
-    second = getattr(pipe, "transformer_2", None) if pipe is not None else None
-    return [transformer] + ([second] if isinstance(second, torch.nn.Module) and second is not transformer else [])
 
 
 def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **session_args) -> Session:
@@ -105,12 +97,22 @@ def _check_second_expert(expert, transformer, adapter, session_cls) -> None:
             "context parallelism do not follow yet; apply the plan without static=True or parallelism, or to "
             "pipe.transformer alone (transformer_2 then runs stock)"
         )
-    patches = [getattr(getattr(model, "config", None), "patch_size", None) for model in (expert, transformer)]
-    if type(expert) is not type(transformer) or adapter.describe(expert) != adapter.describe(transformer) or (
-            patches[0] != patches[1]):  # the token grid both experts' calls are laid out on
+    specs = adapter.describe(transformer), adapter.describe(expert)
+    patches = [getattr(getattr(model, "config", None), "patch_size", None) for model in (transformer, expert)]
+    if type(expert) is not type(transformer):
+        differs = f"{type(expert).__name__} against {type(transformer).__name__}"
+    elif len(specs[0].layers) != len(specs[1].layers):
+        differs = f"{len(specs[1].layers)} attention layers against {len(specs[0].layers)}"
+    elif specs[0] != specs[1]:
+        differs = "attention layers of other head counts or sizes"
+    elif patches[0] != patches[1]:  # the token grid both experts' calls are laid out on
+        differs = f"patch size {patches[1]} against {patches[0]}"
+    else:
+        differs = None
+    if differs:
         raise ValueError(
-            f"pipe.transformer_2 ({type(expert).__name__}) is not the same architecture as pipe.transformer "
-            f"({type(transformer).__name__}), so one plan cannot cover both; apply the plan to pipe.transformer alone"
+            f"pipe.transformer_2 is not the same model as pipe.transformer ({differs}); ditfastattn runs one plan "
+            "on both experts, so they must match (a plan applied to pipe.transformer alone leaves transformer_2 stock)"
         )
     if parallel.context_parallel(expert) or parallel.context_parallel(transformer):
         raise ValueError("context parallelism with a second expert (transformer_2) is not supported yet; "
@@ -118,8 +120,11 @@ def _check_second_expert(expert, transformer, adapter, session_cls) -> None:
 
 
 def uninstall(pipe_or_transformer) -> Plan:
-    transformer, _ = _transformer_of(pipe_or_transformer)
-    session: Session | None = getattr(transformer, _SESSION_ATTR, None)
+    transformer, pipe = _transformer_of(pipe_or_transformer)
+    # A plan applied to the pipeline sits on every expert; one applied to transformer_2 alone, there.
+    candidates = [transformer] + [getattr(pipe, "transformer_2", None)] * (pipe is not None)
+    session: Session | None = next(
+        (s for s in (getattr(model, _SESSION_ATTR, None) for model in candidates) if s is not None), None)
     if session is None:
         raise RuntimeError("no ditfastattn plan is applied to this model; nothing to remove")
     for module, processor in session.originals:
@@ -161,8 +166,10 @@ def apply(
     A pipeline that hands the low-noise steps to a second expert of the same architecture (Wan 2.2
     A14B's ``transformer_2``) runs the plan on both, each expert at its own steps; a head never
     reads the other expert's outputs, so at an expert's first step its ``cache`` heads compute. A
-    calibrated plan records the step the second expert took over at; taking over at another step
-    (another ``boundary_ratio`` or scheduler shift) is logged once.
+    calibrated plan records the step the second expert took over at; a generation whose expert
+    takes over at another step, or at none (another ``boundary_ratio`` or scheduler shift), is
+    logged once. Changing the experts after ``apply`` (``transformer_2``, or ``boundary_ratio``
+    to or from None) is refused at the next generation.
     Static mode and context parallelism do not follow a second expert yet (refused; apply to
     ``pipe.transformer`` alone to leave ``transformer_2`` stock).
 

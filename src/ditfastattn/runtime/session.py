@@ -220,6 +220,18 @@ class LayerRuntime:
             self.slots.pop(call, None)
 
 
+def experts_of(transformer, pipe) -> list[torch.nn.Module]:
+    """The transformers a plan applied to ``pipe`` runs on: ``pipe.transformer`` and, where the
+    pipeline hands the low-noise steps to a second expert (Wan 2.2 A14B's ``transformer_2``; one
+    with ``boundary_ratio=None`` never does), that one too. Given a transformer alone, that one."""
+    second = getattr(pipe, "transformer_2", None) if pipe is not None else None
+    config = getattr(pipe, "config", None) or {}
+    if not isinstance(second, torch.nn.Module) or second is transformer or (
+            "boundary_ratio" in config and config["boundary_ratio"] is None):
+        return [transformer]
+    return [transformer, second]
+
+
 class Session:
     """State of one applied plan: the current step, the call slot within it, and the layers."""
 
@@ -375,7 +387,10 @@ class Session:
         starting = self._new_generation or last is None or value > last
         if starting:
             self._start_generation()
+            self.check_experts()
             self.check_processors()
+            if module is not self.experts[0]:  # the second expert from the first step on
+                self.switch_steps.append(self.step)
             self._check_inputs(arguments.get("hidden_states"))
         elif value == last:
             self.call += 1
@@ -394,22 +409,32 @@ class Session:
                     layer.free(call)
         if module is not self._expert:
             if not starting:
-                self._note_switch()
+                self.switch_steps.append(self.step)
             self.switch_expert()
             self._expert = module
         self._last_timestep = value
 
-    def _note_switch(self) -> None:
-        """Record the step another expert took over at, and say once where it differs from the
-        plan's calibration run: the plan's rows there were searched on the other expert."""
-        self.switch_steps.append(self.step)
+    def _check_switches(self) -> None:
+        """Say once when a generation's experts took over at other steps than in the plan's
+        calibration run: the plan's rows there were searched on the other expert."""
         planned = self.plan.provenance.get("expert_switch_steps")
-        if planned is not None and self.step not in planned and not self._switch_warned:
-            self._switch_warned = True
-            logger.warning(
-                "the pipeline's second expert (transformer_2) took over at step %d, but in the plan's calibration run "
-                "at step %s (another boundary_ratio, scheduler shift or step count?), so some steps run rows searched "
-                "on the other expert; calibrate for this setting", self.step, ", ".join(map(str, planned)),
+        if planned is None or self.switch_steps == planned or self._switch_warned:
+            return
+        self._switch_warned = True
+        logger.warning(
+            "the pipeline's second expert (transformer_2) took over at step %s, but in the plan's calibration run at "
+            "step %s (another boundary_ratio, scheduler shift or pipeline?), so some steps run rows searched on the "
+            "other expert; calibrate for this setting",
+            ", ".join(map(str, self.switch_steps)) or "none", ", ".join(map(str, planned)) or "none",
+        )
+
+    def check_experts(self) -> None:
+        """Raise where the pipeline's experts changed since apply (``pipe.transformer_2`` set or
+        replaced, ``boundary_ratio`` set), which would leave one running stock."""
+        if self.pipe is not None and experts_of(self.transformer, self.pipe) != self.experts:
+            raise RuntimeError(
+                "the pipeline's second expert (transformer_2, or whether boundary_ratio calls it) changed after "
+                "ditfastattn.apply; call ditfastattn.remove(), then apply the plan again"
             )
 
     def switch_expert(self) -> None:
@@ -438,6 +463,7 @@ class Session:
 
     def end_call(self, module, args, kwargs, output) -> None:
         if self.step == self.plan.num_steps - 1:
+            self._check_switches()
             for layer in self.layers:
                 layer.free(self.call)
 
