@@ -215,3 +215,16 @@ def test_budget_must_not_be_negative():
     with pytest.raises(ValueError, match="cache_budget_gib must be >= 0"):
         ditfastattn.apply(model, Plan.uniform(model, 2, "full"), cache_budget_gib=-1)
     assert not hasattr(model, "_ditfastattn_session")
+
+
+def test_the_budget_is_logged_once_when_cfg_is_a_second_call(caplog):
+    # The step's second call refits the same shape for its own buffers: one line, not one per call slot.
+    from test_experts import STEPS, generate, pipeline, plan_with
+
+    pipe = pipeline()
+    ditfastattn.apply(pipe, plan_with(pipe, {step: "cache" for step in range(1, STEPS)}), cache_budget_gib=0)
+    with caplog.at_level(logging.WARNING, logger="ditfastattn"):
+        generate(pipe)
+        generate(pipe)
+    ditfastattn.remove(pipe)
+    assert len([r for r in caplog.records if "cached head-steps compute instead" in r.getMessage()]) == 1

@@ -255,6 +255,7 @@ class Session:
         self.cache_budget = cache_budget
         self._dropped: dict[tuple, list[frozenset[int]]] = {}
         self._broken: frozenset[int] = frozenset()  # whole cached steps that gave way at some call shape
+        self._budget_said: set[tuple[int, int, int]] = set()  # (batch, tokens, head-steps computed) logged
         self.step = 0
         self.call = 0
         self.calls_per_step = 1
@@ -335,7 +336,9 @@ class Session:
             self._broken |= {t for t in whole if any(t in steps for steps in dropped)}
             self._dropped = {shape: [steps | self._broken for steps in per_layer] for shape, per_layer in self._dropped.items()}
             lost = sum(cached[t][l] for l, steps in enumerate(dropped) for t in steps)
-            if lost:
+            # Said once: a step's later calls refit the same shape for their own buffers.
+            if lost and (batch, seq, lost) not in self._budget_said:
+                self._budget_said.add((batch, seq, lost))
                 logger.warning(
                     "the cache buffers of this plan exceed the %s budget at batch %d x %d tokens; "
                     "%d of %d cached head-steps compute instead (raise cache_budget_gib for full speed)",
