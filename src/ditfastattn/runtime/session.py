@@ -424,11 +424,13 @@ class Session:
         if planned is None or self.switch_steps == planned or self._switch_warned:
             return
         self._switch_warned = True
+        def at(steps):
+            return f"at step {', '.join(map(str, steps))}" if steps else "at no step"
+
         logger.warning(
-            "the pipeline's second expert (transformer_2) took over at step %s, but in the plan's calibration run at "
-            "step %s (another boundary_ratio, scheduler shift or pipeline?), so some steps run rows searched on the "
-            "other expert; calibrate for this setting",
-            ", ".join(map(str, self.switch_steps)) or "none", ", ".join(map(str, planned)) or "none",
+            "the pipeline's second expert (transformer_2) took over %s, but %s in the plan's calibration run (another "
+            "boundary_ratio, scheduler shift or pipeline?), so some steps run rows searched on the other expert; "
+            "calibrate for this setting", at(self.switch_steps), at(planned),
         )
 
     def check_experts(self) -> None:
