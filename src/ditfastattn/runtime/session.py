@@ -424,6 +424,7 @@ class Session:
         if planned is None or self.switch_steps == planned or self._switch_warned:
             return
         self._switch_warned = True
+
         def at(steps):
             return f"at step {', '.join(map(str, steps))}" if steps else "at no step"
 
