@@ -21,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q
 from e2e import environment
-from oracle_heads import committed_sensitivity, score_paired
-from ditfastattn import Plan, SearchConfig, calibrate
-from ditfastattn.testbed.pipeline import load_pipeline
+from oracle_heads import recommended_search, score_paired, testbed
+from ditfastattn import Plan, calibrate
 
 
 def main():
@@ -37,14 +36,10 @@ def main():
     started = time.perf_counter()
     eight = json.loads(args.eight.read_text())
     kind, target, steps, seeds = eight["meta"]["kind"], eight["meta"]["target"], eight["meta"]["steps"], eight["meta"]["seeds"]
-    q.use_embeddings(args.embeddings)
-    pipe = load_pipeline(kind, device=args.device, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = testbed(kind, args.embeddings, args.device)
     cal = q.calibration_prompts(args.prompts, 2026)
     held = q.heldout_prompts(2026)[: eight["meta"]["heldout"]]
-    sens = committed_sensitivity(kind, steps)
-    base = SearchConfig(num_inference_steps=steps, candidates=q.SETS["AA+OC"], seed=0, head_coefficient=None,
-                        budget="generation", sensitivity=sens, cache="step", target_sparsity=target)
+    base = recommended_search(kind, steps, target)
     plans, seconds = {}, {}
     for gran in ("head", "layer"):
         t0 = time.perf_counter()

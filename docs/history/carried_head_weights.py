@@ -12,7 +12,6 @@ benchmarks/quality.py against the 8-prompt head- and layer-wise plans of an orac
 """
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -25,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q
 from e2e import environment
-from oracle_heads import committed_sensitivity, score_paired
-from ditfastattn import Plan, SearchConfig, calibrate
-from ditfastattn.testbed.pipeline import load_pipeline
+from oracle_heads import committed_sensitivity, recommended_search, score_paired, testbed
+from ditfastattn import Plan, calibrate
 
 
 def carried(sensitivity: dict, cached: list[int]) -> dict:
@@ -53,15 +51,12 @@ def main():
     started = time.perf_counter()
     given = json.loads(args.plans.read_text())
     kind, target, steps, seeds = given["meta"]["kind"], given["meta"]["target"], given["meta"]["steps"], given["meta"]["seeds"]
-    q.use_embeddings(args.embeddings)
-    pipe = load_pipeline(kind, device=args.device, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = testbed(kind, args.embeddings, args.device)
     cal = q.calibration_prompts(8, 2026)
     held = q.heldout_prompts(2026)[: given["meta"]["heldout"]]
     cached = [s for s in range(steps) if given["methods"]["head"][s][0][0] == "cache"]
-    config = SearchConfig(num_inference_steps=steps, candidates=q.SETS["AA+OC"], seed=0, head_coefficient=None,
-                          budget="generation", sensitivity=carried(committed_sensitivity(kind, steps), cached),
-                          cache="step", target_sparsity=target, granularity="head")
+    config = recommended_search(kind, steps, target, granularity="head",
+                                sensitivity=carried(committed_sensitivity(kind, steps), cached))
     t0 = time.perf_counter()
     plans = {"head, carried head weights": calibrate(pipe, cal, config, progress=False)}
     calibration_seconds = round(time.perf_counter() - t0, 1)

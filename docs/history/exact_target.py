@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q
 from e2e import environment
-from oracle_heads import committed_sensitivity, score_paired
-from ditfastattn import SearchConfig, calibrate
-from ditfastattn.testbed.pipeline import load_pipeline
+from oracle_heads import recommended_search, score_paired, testbed
+from ditfastattn import calibrate
 
 
 def main():
@@ -40,15 +39,11 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     started = time.perf_counter()
-    q.use_embeddings(args.embeddings)
-    pipe = load_pipeline(args.kind, device=args.device, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = testbed(args.kind, args.embeddings, args.device)
     cal = q.calibration_prompts(8, 2026)
     held = q.heldout_prompts(2026)[: args.heldout]
     seeds = [int(s) for s in args.seeds.split(",")]
-    base = SearchConfig(num_inference_steps=args.steps, candidates=q.SETS["AA+OC"], seed=0, head_coefficient=None,
-                        budget="generation", sensitivity=committed_sensitivity(args.kind, args.steps), cache=args.cache,
-                        target_sparsity=args.target)
+    base = recommended_search(args.kind, args.steps, args.target, cache=args.cache)
     plans, seconds = {}, {}
     for gran in ("head", "layer"):
         t0 = time.perf_counter()

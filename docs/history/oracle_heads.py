@@ -45,15 +45,11 @@ def main():
     p.add_argument("--budget-s", type=float, default=1e9, help="stop the local searches after this many seconds in all")
     args = p.parse_args()
     started = time.perf_counter()
-    q.use_embeddings(args.embeddings)
-    pipe = load_pipeline(args.kind, device=args.device, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = testbed(args.kind, args.embeddings, args.device)
     cal = q.calibration_prompts(args.prompts, 2026)
     held = q.heldout_prompts(2026)[: args.heldout]
     seeds = [int(s) for s in args.seeds.split(",")]
-    sens = committed_sensitivity(args.kind, args.steps)
-    base = SearchConfig(num_inference_steps=args.steps, candidates=q.SETS["AA+OC"], seed=0, head_coefficient=None,
-                        budget="generation", sensitivity=sens, cache="step", target_sparsity=args.target)
+    base = recommended_search(args.kind, args.steps, args.target)
 
     def latents(plan=None):
         if plan is not None:
@@ -162,6 +158,23 @@ def committed_sensitivity(kind: str, steps: int):
     sensitivity = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/quality.json").read_text())
     sensitivity = sensitivity["results"][kind]["sensitivity"]
     return sensitivity if len(sensitivity["steps"]["cache"]) == steps else "measure"
+
+
+def testbed(kind: str, embeddings: Path, device: str):
+    """The testbed's float32 pipeline, its prompts encoded from ``embeddings``, no progress bars."""
+    q.use_embeddings(embeddings)
+    pipe = load_pipeline(kind, device=device, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def recommended_search(kind: str, steps: int, target: float, **fields) -> SearchConfig:
+    """The recommended search (generation budget, the committed step and head sensitivity, caching
+    per step) at ``target``, as these experiments start from; ``fields`` change it."""
+    settings = dict(num_inference_steps=steps, candidates=q.SETS["AA+OC"], seed=0, head_coefficient=None,
+                    budget="generation", sensitivity=committed_sensitivity(kind, steps), cache="step",
+                    target_sparsity=target)
+    return SearchConfig(**{**settings, **fields})
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
     if not isinstance(plan, Plan):
         raise TypeError(f"expected a ditfastattn.Plan (e.g. Plan.load(path)); got {type(plan).__name__}")
     adapter = adapter_for(transformer, context_parallel=getattr(session_cls, "context_parallel", False))
-    plan.check_compatible(adapter.describe(transformer))
+    spec = adapter.describe(transformer)
+    plan.check_compatible(spec)
     if len(experts) > 1:
-        _check_second_expert(experts[1], transformer, adapter, session_cls)
+        _check_second_expert(experts[1], transformer, spec, adapter, session_cls)
     check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads})
     stock = adapter.stock_processor_types()
     modules = [{name: expert.get_submodule(name) for name in plan.layer_names} for expert in experts]
@@ -89,7 +90,7 @@ def _module_name(expert: int, name: str) -> str:
     return name if expert == 0 else f"transformer_2.{name}"
 
 
-def _check_second_expert(expert, transformer, adapter, session_cls) -> None:
+def _check_second_expert(expert, transformer, spec, adapter, session_cls) -> None:
     """A second expert runs the same plan rows at its own steps: it must be the same model."""
     if not getattr(session_cls, "supports_experts", False):
         raise ValueError(
@@ -97,7 +98,7 @@ def _check_second_expert(expert, transformer, adapter, session_cls) -> None:
             "context parallelism do not follow yet; apply the plan without static=True or parallelism, or to "
             "pipe.transformer alone (transformer_2 then runs stock)"
         )
-    specs = adapter.describe(transformer), adapter.describe(expert)
+    specs = spec, adapter.describe(expert)
     patches = [getattr(getattr(model, "config", None), "patch_size", None) for model in (transformer, expert)]
     if type(expert) is not type(transformer):
         differs = f"{type(expert).__name__} against {type(transformer).__name__}"
@@ -121,10 +122,9 @@ def _check_second_expert(expert, transformer, adapter, session_cls) -> None:
 
 def uninstall(pipe_or_transformer) -> Plan:
     transformer, pipe = _transformer_of(pipe_or_transformer)
-    # A plan applied to the pipeline sits on every expert; one applied to transformer_2 alone, there.
-    candidates = [transformer] + [getattr(pipe, "transformer_2", None)] * (pipe is not None)
-    session: Session | None = next(
-        (s for s in (getattr(model, _SESSION_ATTR, None) for model in candidates) if s is not None), None)
+    session: Session | None = getattr(transformer, _SESSION_ATTR, None)
+    if session is None and pipe is not None:  # a plan applied to transformer_2 alone
+        session = getattr(getattr(pipe, "transformer_2", None), _SESSION_ATTR, None)
     if session is None:
         raise RuntimeError("no ditfastattn plan is applied to this model; nothing to remove")
     for module, processor in session.originals:

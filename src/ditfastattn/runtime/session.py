@@ -411,9 +411,9 @@ class Session:
                 for call in [c for c in layer.slots if c >= calls]:
                     layer.free(call)
         if module is not self._expert:
-            if not starting:
+            if not starting:  # a generation's start has freed everything already
                 self.switch_steps.append(self.step)
-            self.switch_expert()
+                self.switch_expert()
             self._expert = module
         self._last_timestep = value
 
