@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import embeds, flux_pipeline, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3
+from conftest import embeds, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3
 from diffusers import FlowMatchEulerDiscreteScheduler
 from test_runtime import find, head_attention, with_methods
 
@@ -116,30 +116,6 @@ def test_calibration_with_skip_layer_guidance_and_residual_candidates_replays_bi
     applied = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
     assert [a[:3] for a in applied] == [c[:3] for c in calibrated]
     assert all(torch.equal(a[3], c[3]) for a, c in zip(applied, calibrated))
-
-
-def test_static_mode_refuses_a_second_call_per_step():
-    pipe = flux_pipeline()
-    plan = Plan.uniform(pipe.transformer, 3, "cache", num_image_tokens=1024)
-    ditfastattn.apply(pipe, plan, static=True)
-    with pytest.raises(NotImplementedError, match="called again at step 0 .*without static=True"):
-        run_pipeline(pipe, steps=3, true_cfg_scale=3.0, **negative_embeds())
-    run_pipeline(pipe, steps=3)  # one call per step still runs
-
-
-@torch.no_grad()
-def test_static_mode_reports_a_second_call_made_under_compile():
-    torch._dynamo.reset()
-    model = tiny_sd3()
-    ditfastattn.apply(model, Plan.uniform(model, 2, "cache"), static=True, num_image_tokens=256)
-    call(model, 900.0)  # the uncompiled call that builds the tables
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
-    for t in (900.0, 900.0, 500.0):  # a repeated timestep: no host read inside the graph
-        call(compiled, t)
-    with pytest.raises(NotImplementedError, match="called the transformer twice in one step"):
-        call(model, 900.0)
-    call(model, 900.0)  # reported once
-    torch._dynamo.reset()
 
 
 # step count -----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_flux, tiny_sd3
+from conftest import flux_pipeline, negative_embeds, run_pipeline, sd3_pipeline, tiny_flux, tiny_sd3
+from test_hardening import SLG, call
 from test_runtime import with_methods
 from test_tiles import hide_grid
 from test_video_families import GRID as VIDEO_GRID
@@ -390,3 +391,92 @@ def test_static_buffers_serve_generations_in_and_out_of_inference_mode(first_und
         for step, (a, b) in enumerate(zip(got, want)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {step}")
     ditfastattn.remove(model)
+
+
+# several transformer calls per step -----------------------------------------------------------
+def pipeline_static_matches_dynamic(pipe, plan, **kwargs):
+    """``plan`` on ``pipe`` in static mode (two generations) makes the dynamic runtime's images, which
+    differ from stock ones; remove() restores the pipeline bit for bit. Returns the static session."""
+    stock = run_pipeline(pipe, **kwargs)
+    ditfastattn.apply(pipe, plan)
+    dynamic = run_pipeline(pipe, **kwargs)
+    ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, plan, static=True)
+    session = pipe.transformer._ditfastattn_session
+    for generation in range(2):
+        torch.testing.assert_close(run_pipeline(pipe, **kwargs), dynamic, atol=1e-5, rtol=1e-5,
+                                   msg=f"generation {generation}")
+    ditfastattn.remove(pipe)
+    assert not torch.allclose(dynamic, stock, atol=1e-3)
+    assert torch.equal(run_pipeline(pipe, **kwargs), stock)
+    return session
+
+
+CALL_METHODS = ["cache", "arrow_residual:0.5", "arrow:0.25", "full"]
+
+
+@torch.no_grad()
+def test_static_mode_runs_true_cfg_as_a_second_call():
+    # FLUX's true CFG calls the transformer twice per step: each call keeps its own buffers, so a
+    # cache head of the negative call reuses the negative call's previous output.
+    pipe = flux_pipeline()
+    plan = with_methods(Plan.uniform(pipe.transformer, STEPS, "full", num_image_tokens=1024),
+                        lambda step, layer, head: CALL_METHODS[(head + layer + step) % 4])
+    session = pipeline_static_matches_dynamic(pipe, plan, steps=STEPS, true_cfg_scale=3.0, **negative_embeds())
+    assert session.calls_per_step == 2
+
+
+@torch.no_grad()
+def test_static_mode_computes_what_a_call_that_appears_mid_generation_did_not_keep():
+    # SD3's skip-layer guidance adds a call at steps 1 and 2 of 6 only: at step 1 its cache heads, and
+    # always its arrow_residual heads (it missed the full step 0), compute, as the dynamic runtime does.
+    pipe = sd3_pipeline()
+    plan = with_methods(Plan.uniform(pipe.transformer, 6, "full", num_image_tokens=1024),
+                        lambda step, layer, head: CALL_METHODS[(head + step) % 3])
+    session = pipeline_static_matches_dynamic(pipe, plan, steps=6, **SLG)
+    assert session.calls_per_step == 2
+
+
+@torch.no_grad()
+def test_fullgraph_compile_with_a_second_call_per_step():
+    # A step's two calls (the negative prompt shorter) compile once each for every step: the call
+    # slot is data on the device, as the step is, and each call length keeps its own token layout.
+    model = tiny_flux()
+    plan = mixed_plan(model)
+    inputs = flux_inputs()
+    negative = {**inputs, "encoder_hidden_states": torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(5)),
+                "txt_ids": torch.zeros(5, 3)}
+
+    def generation(model, timesteps=TIMESTEPS):
+        return [model(**prompt, timestep=torch.full((1,), t)).sample for t in timesteps for prompt in (inputs, negative)]
+
+    ditfastattn.apply(model, plan)
+    dynamic = generation(model)
+    ditfastattn.remove(model)
+    ditfastattn.apply(model, plan, static=True, num_image_tokens=20 * 24)
+    generation(model)  # eager: builds the tables, and a second slot at the first second call
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    got = generation(compiled, TIMESTEPS[:1])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got += generation(compiled, TIMESTEPS[1:])
+    for index, (a, b) in enumerate(zip(got, dynamic)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {index // 2}, call {index % 2}")
+    assert not torch.allclose(dynamic[3], dynamic[2], atol=1e-3)  # the two calls differ
+    torch._dynamo.reset()
+    ditfastattn.remove(model)
+
+
+@torch.no_grad()
+def test_static_mode_reports_a_call_under_compile_that_the_eager_calls_did_not_make():
+    torch._dynamo.reset()
+    model = tiny_sd3()
+    ditfastattn.apply(model, Plan.uniform(model, 2, "cache"), static=True, num_image_tokens=256)
+    call(model, 900.0)  # the uncompiled call that builds the tables: one call per step
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    for t in (900.0, 900.0, 500.0):  # a repeated timestep: no host read inside the graph
+        call(compiled, t)
+    with pytest.raises(RuntimeError, match="more often in one step than the 1 call.*run one whole step eagerly"):
+        call(model, 900.0)
+    call(model, 900.0)  # reported once
+    torch._dynamo.reset()

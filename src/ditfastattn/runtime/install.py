@@ -184,12 +184,14 @@ def apply(
     ``static=True`` keeps the step counter and the per-step head modes on the device, so
     ``torch.compile(transformer, fullgraph=True)`` compiles one graph for every step and CUDA
     graphs can replay it. It needs the image token count (``num_image_tokens``, or the plan's
-    provenance), one transformer call per step (a second is refused: at once in eager calls, at
-    the next eager call or generation when compiled or replayed), no ``cfg_share``, and one
-    uncompiled call to build its tables and buffers. Layers that are full at every step run the stock attention; the
-    others run every head through the fused op, and keep an output buffer for the whole generation
-    if they ever cache. Tile windows are sized for the image grid of that first call, which must
-    report one, and shapes stay fixed.
+    provenance), no ``cfg_share``, and one uncompiled step (every call of it) to build its tables
+    and buffers. Several transformer calls per step (true CFG as a second call, skip-layer
+    guidance) keep apart as in the dynamic runtime, with the call's index on the device too; a
+    compiled or replayed step that calls more often than the eager ones did is reported at the next
+    eager call or generation. Layers that are full at every step run the stock attention; the
+    others run every head through the fused op, and keep an output buffer per call for the whole
+    generation if they ever cache. Tile windows are sized for the image grid of the first call,
+    which must report one, and shapes stay those of the eager calls.
 
     Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism(config=
     ContextParallelConfig(ulysses_degree=N))`` first, then ``apply`` on every rank), each rank runs

@@ -322,7 +322,7 @@ class Session:
             return frozenset()
         batch, seq, _, _ = q.shape
         static = self.buffers_per_generation
-        key = (batch, seq, q.element_size(), 1 if static else self.calls_per_step)
+        key = (batch, seq, q.element_size(), self.calls_per_step)
         if key not in self._dropped:
             # Every call slot (e.g. FLUX's true CFG) keeps its own buffers.
             layer_bytes = [key[3] * batch * seq * spec.heads * spec.head_dim * key[2] for spec in self.plan.model.layers]

@@ -18,8 +18,13 @@ from .session import CallGeometry, LayerRuntime, Session, _too_many_steps, full_
 _STEP = "_ditfastattn_step"
 _LAST_TIMESTEP = "_ditfastattn_last_timestep"
 _FAULTS = "_ditfastattn_faults"
+_CALL = "_ditfastattn_call"  # the call slot within the step (CFG's second call: 1)
+_SLOT_STEP = "_ditfastattn_slot_step"  # per call slot, the step it last ran at
+_FRESH = "_ditfastattn_fresh"  # whether this call's slot ran at the previous step (its outputs may be read)
 # Bits of the faults a compiled call records on the device for the host to report later.
-_REPEATED_CALL, _EXTRA_STEP, _SHORT_GENERATION = 1, 2, 4
+_EXTRA_CALL, _EXTRA_STEP, _SHORT_GENERATION = 1, 2, 4
+# A slot that never ran: no step is one after it.
+_NEVER = -2
 
 
 def _normal_tensors():
@@ -38,13 +43,13 @@ class _StaticLayer(LayerRuntime):
     that ever cache hold an output buffer; layers full at every step run the stock attention.
     Tile windows are sized for the first call's grid, which layers with a tile head at some step
     pass to the op at every step (as plain ints, constants of the compiled graph). So is the token
-    layout (several global segments: reference images); a padding mask is data, read from each call.
+    layout of each call length (several global segments: reference images; a step's calls may
+    differ); a padding mask is data, read from each call. Each call slot of a step has its buffers.
     """
 
     module: torch.nn.Module
     built = False
     routed = False
-    layout_args: tuple[tuple[int, int], list[int] | None] = ((0, 0), None)  # set at the first call
     tiles: TileGrid | None = None  # the grid the tables' tile windows were sized for
     # The op's grid and tile shape as plain ints, where some head runs a tile window at some step.
     grid_args: tuple[list[int], list[int]] | tuple[None, None] = (None, None)
@@ -78,6 +83,10 @@ class _StaticLayer(LayerRuntime):
             "capture_modes": stack([none if row.capture_modes is None else row.capture_modes for row in rows]),
             "capture_mask": stack([flags if row.capture_mask is None else row.capture_mask.view(-1) for row in rows]),
         }
+        if self.session.calls_per_step > 1:  # which heads read what their call slot kept (see _fresh_modes)
+            tables["cache_heads"] = torch.tensor([[h in row.cache_heads for h in range(heads)] for row in rows],
+                                                 device=device)
+            tables["residual_from"] = torch.tensor([_residual_steps(row, heads) for row in rows], device=device)
         self.residuals = bool(tables["residual_add"].any())
         self.caches = any(row.keep for row in rows)
         self.stock = all(row.all_full for row in rows) and not self.residuals
@@ -120,30 +129,61 @@ class _StaticLayer(LayerRuntime):
                 f"{_grid(tiles)}; static mode needs fixed shapes (apply again for the new ones)"
             )
 
-    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def _slot(self, name: str, like: torch.Tensor, fill=0) -> tuple[torch.Tensor, torch.Tensor]:
+        """This call slot's part of the module's buffer ``name``, shaped like ``like``: (row, view).
+
+        The buffer holds one flat row per call slot (a step's calls may differ in batch or length:
+        skip-layer guidance, a negative prompt of its own length). With one slot the view is the
+        buffer itself; with several, ``row`` is a copy of the slot's row (the slot index is data on the
+        device) that :meth:`_store` writes back. Adding slots or length (eager calls only) keeps what
+        the rows hold."""
+        session = self.session
+        slots, size = session.calls_per_step, like.numel()
         buffer = self.module._buffers.get(name)
-        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
+        if buffer is None or len(buffer) < slots or buffer.shape[1] < size or buffer.dtype != like.dtype or (
+                buffer.device != like.device):
             if torch.compiler.is_compiling():
                 raise RuntimeError(
-                    f"{self.name}: the attention input changed to {tuple(like.shape)} {like.dtype} after the first "
-                    "call; static mode needs fixed shapes (apply again for the new ones)"
+                    f"{self.name}: the attention input changed to {tuple(like.shape)} {like.dtype} after the eager "
+                    "calls; static mode needs the shapes of its eager calls (apply again for new ones)"
                 )
+            kept = buffer if buffer is not None and buffer.dtype == like.dtype and buffer.device == like.device else None
             with _normal_tensors():
-                buffer = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
-            self.module.register_buffer(name, buffer, persistent=False)
-        return buffer
+                grown = torch.full((slots, max(size, 0 if kept is None else buffer.shape[1])), fill, dtype=like.dtype,
+                                   device=like.device)
+            if kept is not None:
+                grown[:len(kept), :kept.shape[1]] = kept
+            self.module.register_buffer(name, grown, persistent=False)
+            buffer = grown
+        row = buffer.index_select(0, session.call_tensor()) if slots > 1 else buffer
+        return row, row[0, :size].view(like.shape)
+
+    def _store(self, name: str, row: torch.Tensor) -> None:
+        """Write back a row :meth:`_slot` copied (several call slots)."""
+        if self.session.calls_per_step > 1:
+            self.module._buffers[name].index_copy_(0, self.session.call_tensor(), row)
 
     def attend(self, q, k, v, *, text_start: int | None = None, text_len: int | None = None, dense,
                dense_only: str | bool = False, layout: TokenLayout | None = None, key_padding=None) -> torch.Tensor:
         if dense_only:
             what = dense_only if isinstance(dense_only, str) else "attention masks or context parallelism"
             raise NotImplementedError(f"{self.name}: static mode does not support {what}; apply without static=True")
-        # Shapes are fixed: the geometry of the first (eager) call serves the compiled ones; the
-        # padding mask is each call's own (prompts change it).
-        geometry = self.geometry
-        if geometry is None or not torch.compiler.is_compiling():
+        # Shapes are fixed: the geometry of the eager calls serves the compiled ones of the same length
+        # (a step's calls may differ: CFG's negative prompt of another length); the padding mask is
+        # each call's own (prompts change it).
+        geometries = self.__dict__.setdefault("geometries", {})
+        if torch.compiler.is_compiling():
+            if q.shape[1] not in geometries:
+                raise RuntimeError(
+                    f"{self.name}: a compiled call of {q.shape[1]} tokens, but no eager call of that length came first; "
+                    "static mode learns each call's token layout eagerly: run one whole step (every call of it) "
+                    "before compiling"
+                )
+            geometry, layout_args = geometries[q.shape[1]]
+        else:
             geometry = self.geometry = CallGeometry.of(q.shape[1], text_start, text_len, layout, key_padding)
-            self.layout_args = _layout_args(geometry)
+            layout_args = _layout_args(geometry)
+            geometries[q.shape[1]] = geometry, layout_args
         if (key_padding is None) != (geometry.padding is None):
             raise ValueError(
                 f"{self.name}: static mode was built for calls {'with' if geometry.padding is not None else 'without'} "
@@ -162,14 +202,21 @@ class _StaticLayer(LayerRuntime):
             self._check_grid(geometry.layout.tile_grid())
         if self.stock:
             return dense()
-        step = self.session.step_tensor()
-        module, impl = self.module, self.session.impl
-        # Cache heads skip, so their slice must hold last step's output: a persistent buffer. Layers
-        # that never cache write every element and take a fresh tensor.
-        out = self._buffer("_ditfastattn_out", q) if self.caches else torch.empty_like(q)
+        session = self.session
+        step = session.step_tensor()
+        module, impl = self.module, session.impl
         modes = module._ditfastattn_modes.index_select(0, step).view(-1)
+        residual_add = module._ditfastattn_residual_add.index_select(0, step).view(-1)
+        if session.calls_per_step > 1:
+            modes, residual_add = self._fresh_modes(step, modes, residual_add)
+        # Cache heads skip, so their slice must hold the call slot's last output: a persistent
+        # buffer per slot. Layers that never cache write every element and take a fresh tensor.
+        if self.caches:
+            outs, out = self._slot("_ditfastattn_out", q)
+        else:
+            out = torch.empty_like(q)
         scale = q.shape[-1] ** -0.5
-        layout_ints, segments = self.layout_args
+        layout_ints, segments = layout_args
         extra = (*self.grid_args, segments, *_padding_args(padding))
         torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, *layout_ints, out, scale, impl, *extra)
         if self.routed:
@@ -178,22 +225,55 @@ class _StaticLayer(LayerRuntime):
             dense = routing.dense_heads(q, k, v, heads, padding)
             out.index_copy_(2, heads, torch.where(valid, dense, out.index_select(2, heads)))
         if self.residuals:
-            residual = self._buffer("_ditfastattn_residual", q)
-            out.add_(torch.where(module._ditfastattn_residual_add.index_select(0, step).view(1, 1, -1, 1), residual, 0))
+            residuals, residual = self._slot("_ditfastattn_residual", q)
+            out.add_(torch.where(residual_add.view(1, 1, -1, 1), residual, 0))
             arrow = torch.empty_like(out)
             capture = module._ditfastattn_capture_modes.index_select(0, step).view(-1)
             torch.ops.ditfastattn.headwise_attention_(q, k, v, capture, *layout_ints, arrow, scale, impl, *extra)
-            keep = module._ditfastattn_capture_mask.index_select(0, step).view(1, 1, -1, 1)
-            residual.copy_(torch.where(keep, out - arrow, residual))
+            keep = module._ditfastattn_capture_mask.index_select(0, step)
+            residual.copy_(torch.where(keep.view(1, 1, -1, 1), out - arrow, residual))
+            self._store("_ditfastattn_residual", residuals)
+            # The step each head's residual was captured at, per slot: what a slot added later finds.
+            rows, captured = self._captured(step)
+            captured.copy_(torch.where(keep.view(-1), step, captured))
+            self._store("_ditfastattn_captured", rows)
+        if self.caches:
+            self._store("_ditfastattn_out", outs)
         return out
 
+    def _captured(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, view) of the step whose residual this call slot holds for each head."""
+        return self._slot("_ditfastattn_captured", step.new_empty(self.module._ditfastattn_modes.shape[1]), _NEVER)
+
+    def _fresh_modes(self, step, modes, residual_add):
+        """``modes`` and ``residual_add`` of this step's row for a call slot that may not hold what its
+        heads read (on the device): cache heads compute when the slot did not run at the previous step
+        (a call that first appears mid-generation, such as skip-layer guidance), ``arrow_residual``
+        heads when it did not capture the residual they add; exact, as in the dynamic runtime."""
+        module = self.module
+        stale = module._ditfastattn_cache_heads.index_select(0, step).view(-1) & ~self.session.fresh_tensor()
+        if self.residuals:
+            kept = self._captured(step)[1] == module._ditfastattn_residual_from.index_select(0, step).view(-1)
+            stale = stale | (residual_add & ~kept)
+            residual_add = residual_add & kept
+        return torch.where(stale, MODE_FULL, modes), residual_add
+
     def free(self, call: int | None = None) -> None:
-        for name in ("_ditfastattn_out", "_ditfastattn_residual"):
+        for name in ("_ditfastattn_out", "_ditfastattn_residual", "_ditfastattn_captured"):
             self.module._buffers.pop(name, None)
 
 
+def _residual_steps(row, heads: int) -> list[int]:
+    """Per head, the step whose captured residual the row's ``arrow_residual`` head adds; -1 for other
+    heads, and ``_NEVER - 1`` (which no capture matches: the head computes) where no step made one."""
+    steps = [-1] * heads
+    for head, step in row.residual_from:
+        steps[head] = _NEVER - 1 if step is None else step
+    return steps
+
+
 class StaticSession(Session):
-    """Session whose step counter lives on the device (no host read per call); one call per step."""
+    """Session whose step counter and call slot live on the device (no host read per compiled call)."""
 
     layer_cls = _StaticLayer
     buffers_per_generation = True  # static addresses: a layer that ever caches holds its buffer throughout
@@ -213,9 +293,30 @@ class StaticSession(Session):
             transformer.register_buffer(_LAST_TIMESTEP, torch.full((1,), float("-inf"), device=device),
                                         persistent=False)
             transformer.register_buffer(_FAULTS, torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+            transformer.register_buffer(_CALL, torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+            transformer.register_buffer(_FRESH, torch.ones(1, dtype=torch.bool, device=device), persistent=False)
+            transformer.register_buffer(_SLOT_STEP, torch.full((1,), _NEVER, device=device), persistent=False)
 
     def step_tensor(self) -> torch.Tensor:
         return self.transformer._buffers[_STEP]
+
+    def call_tensor(self) -> torch.Tensor:
+        return self.transformer._buffers[_CALL]
+
+    def fresh_tensor(self) -> torch.Tensor:
+        return self.transformer._buffers[_FRESH]
+
+    def _add_call_slots(self, slots: int) -> None:
+        """Keep ``slots`` transformer calls per step apart (CFG as a second call: 2), each with its own
+        buffers (the new ones empty, never run). Only eager calls add slots; every layer then builds its
+        tables again (the cache budget counts every slot)."""
+        self.calls_per_step = slots
+        ran = self.transformer._buffers[_SLOT_STEP]
+        with _normal_tensors():
+            grown = torch.cat([ran, ran.new_full((slots - len(ran),), _NEVER)])
+        self.transformer.register_buffer(_SLOT_STEP, grown, persistent=False)
+        for layer in self.layers:
+            layer.built = False
 
     def begin_call(self, module, args, kwargs) -> None:
         arguments = self._arguments(args, kwargs)
@@ -223,14 +324,16 @@ class StaticSession(Session):
         if not torch.is_tensor(timestep):
             raise ValueError("static mode tracks denoising steps from the transformer's `timestep` tensor; pass one")
         buffers = self.transformer._buffers
-        step, last, faults = buffers[_STEP], buffers[_LAST_TIMESTEP], buffers[_FAULTS]
+        step, last, faults, call = buffers[_STEP], buffers[_LAST_TIMESTEP], buffers[_FAULTS], buffers[_CALL]
         value = timestep.flatten()[:1].to(last.dtype)
         final = self.plan.num_steps - 1
+        next_call = torch.where(value == last, call + 1, 0)
+        starting = value > last
         if torch.compiler.is_compiling() or (value.is_cuda and torch.cuda.is_current_stream_capturing()):
             # No host read here: record what the host cannot see now, reported at the next eager
             # call or the next generation (scheduler.set_timesteps).
             found = (
-                torch.where(value == last, _REPEATED_CALL, 0)
+                torch.where(next_call >= self.calls_per_step, _EXTRA_CALL, 0)
                 | torch.where((value < last) & (step >= final), _EXTRA_STEP, 0)
                 | torch.where((value > last) & (last > float("-inf")) & (step < final), _SHORT_GENERATION, 0)
             )
@@ -247,10 +350,20 @@ class StaticSession(Session):
                     f"static mode runs every generation from step 0, but the scheduler starts at step {first} "
                     "(an image-to-image or inpainting pipeline with strength below 1); apply without static=True"
                 )
-            self._check_call(*torch.cat([value, last, step.to(last.dtype)]).tolist())
+            value_, last_, step_, call_ = torch.cat([value, last, step.to(last.dtype), next_call.to(last.dtype)]).tolist()
+            self._check_call(value_, last_, step_)
+            if call_ >= self.calls_per_step:
+                self._add_call_slots(int(call_) + 1)
         advanced = torch.where(value < last, step + 1, step).clamp(max=final)
-        step.copy_(torch.where(value > last, torch.zeros_like(step), advanced))
+        step.copy_(torch.where(starting, torch.zeros_like(step), advanced))
         last.copy_(value)
+        # The call's slot, and whether it ran at the previous step of this generation (an extra call
+        # under compile shares the last slot, recorded above as a fault).
+        call.copy_(next_call.clamp(max=self.calls_per_step - 1))
+        ran = buffers[_SLOT_STEP]
+        ran.copy_(torch.where(starting, _NEVER, ran))
+        buffers[_FRESH].copy_(ran.index_select(0, call) == step - 1)
+        ran.index_copy_(0, call, step)
 
     def _require_grid(self) -> None:
         """Before any work: a plan with tile windows needs a call that reports the image grid, whose
@@ -270,8 +383,6 @@ class StaticSession(Session):
         """The checks of an eager call, on host copies of the timestep and the device counters."""
         self.report_faults()
         final = self.plan.num_steps - 1
-        if value == last:
-            raise _second_call(f"the transformer was called again at step {int(step)}")
         if value < last and step >= final:
             raise _too_many_steps(self.plan.num_steps, "the pipeline")
         if value > last and last > float("-inf") and step < final:
@@ -284,9 +395,13 @@ class StaticSession(Session):
         if not found:
             return
         faults.zero_()
-        if found & _REPEATED_CALL:
-            raise _second_call("a compiled or graph-replayed generation called the transformer twice in one step, "
-                               "so its output was wrong")
+        if found & _EXTRA_CALL:
+            raise RuntimeError(
+                f"a compiled or graph-replayed generation called the transformer more often in one step than the "
+                f"{self.calls_per_step} call(s) per step the eager calls before it made, so its output was wrong: run "
+                "one whole step eagerly (every call of it: CFG's second call, skip-layer guidance) before compiling "
+                "or capturing"
+            )
         if found & _EXTRA_STEP:
             raise _too_many_steps(self.plan.num_steps, "a compiled or graph-replayed generation")
         logger.warning(
@@ -311,7 +426,7 @@ class StaticSession(Session):
         for module in modules.values():
             for name in [n for n in module._buffers if n.startswith("_ditfastattn_")]:
                 del module._buffers[name]
-        for name in (_STEP, _LAST_TIMESTEP, _FAULTS):
+        for name in (_STEP, _LAST_TIMESTEP, _FAULTS, _CALL, _FRESH, _SLOT_STEP):
             del self.transformer._buffers[name]
 
 
@@ -333,11 +448,3 @@ def _padding_args(padding) -> tuple:
 
 def _grid(tiles: TileGrid | None) -> str:
     return "no image grid" if tiles is None else f"the image grid {tiles.grid} in tiles of {tiles.tile}"
-
-
-def _second_call(what: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"static mode runs one transformer call per denoising step, but {what} (true CFG, skip-layer guidance): "
-        "one set of static buffers cannot replay a second call. Apply the plan without static=True, or run CFG "
-        "as one batched call"
-    )
