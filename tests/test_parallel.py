@@ -3,6 +3,7 @@ processes on the CPU), and what ditfastattn refuses, before changing anything.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -96,14 +97,23 @@ def _plans_under_ulysses(model) -> dict:
     return result
 
 
-def _ulysses_rank(rank: int, directory: str) -> None:
-    """One rank: stock Ulysses, then plans applied to the parallel models; outputs to a file."""
+@contextlib.contextmanager
+def _process_group(rank: int, directory: str):
+    """This forked rank in a gloo group of WORLD ranks, for the block's duration."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it hangs)
     torch.accelerator.device_count = lambda: 1  # diffusers picks the rank's device by it; the CPU has none
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _ulysses_rank(rank: int, directory: str) -> None:
+    """One rank: stock Ulysses, then plans applied to the parallel models; outputs to a file."""
+    with _process_group(rank, directory):
         result = {"qwen": _plans_under_ulysses(four_head_qwen())}
         model = four_head_flux()
         weights = {name: p.clone() for name, p in model.named_parameters()}
@@ -122,8 +132,6 @@ def _ulysses_rank(rank: int, directory: str) -> None:
             ditfastattn.apply(model, Plan.uniform(model, STEPS, "cache"), balance_heads=True)
         assert not hasattr(model, "_ditfastattn_session")
         torch.save(result, f"{directory}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _run_ranks(directory, rank_fn=_ulysses_rank, timeout_s: float = 120.0) -> list[dict]:
@@ -294,13 +302,9 @@ def _transformer_outputs(pipe, run) -> list[torch.Tensor]:
 
 def _calibrating_rank(rank: int, directory: str) -> None:
     """One rank: every search on the Ulysses pipeline (plans to files), and stock Ulysses's outputs."""
-    import torch.distributed as dist
     from diffusers.models._modeling_parallel import ContextParallelConfig
 
-    torch.set_num_threads(1)
-    torch.accelerator.device_count = lambda: 1
-    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with _process_group(rank, directory):
         pipe = four_head_flux_pipeline()
         pipe.set_progress_bar_config(disable=True)
         pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
@@ -318,8 +322,6 @@ def _calibrating_rank(rank: int, directory: str) -> None:
             **batch, num_inference_steps=config.num_inference_steps, height=config.height, width=config.width,
             generator=torch.Generator().manual_seed(config.seed), output_type="latent"))
         torch.save(result, f"{directory}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _rse(plan: Plan) -> np.ndarray:
