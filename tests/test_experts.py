@@ -18,19 +18,21 @@ STEPS = 6
 SIZE = dict(height=128, width=192, num_frames=13)  # 4 x 8 x 12 latent patches: 384 tokens, 6 blocks
 
 
-def tiny_expert(seed: int, layers: int = 2) -> WanTransformer3DModel:
+def tiny_expert(seed: int, layers: int = 2, heads: int = 2) -> WanTransformer3DModel:
     torch.manual_seed(seed)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16,
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=8, in_channels=16,
                                  out_channels=16, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers,
                                  rope_max_seq_len=32)
 
 
-def pipeline(second: WanTransformer3DModel | None = None, boundary_ratio: float | None = 0.875) -> WanPipeline:
+def pipeline(second: WanTransformer3DModel | None = None, boundary_ratio: float | None = 0.875,
+             heads: int = 2) -> WanPipeline:
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       transformer=tiny_expert(1), transformer_2=second or tiny_expert(2), boundary_ratio=boundary_ratio)
+                       transformer=tiny_expert(1, heads=heads), transformer_2=second or tiny_expert(2, heads=heads),
+                       boundary_ratio=boundary_ratio)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

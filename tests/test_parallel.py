@@ -11,16 +11,18 @@ import pytest
 import torch
 import numpy as np
 from conftest import embeds, flux_pipeline, tiny_flux, tiny_vae
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, QwenImageTransformer2DModel
+from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                       QwenImageTransformer2DModel, WanTransformer3DModel)
+from test_experts import tiny_expert
 
 import ditfastattn
 from ditfastattn.plan import Plan
 
 WORLD = 2
-TEXT, ROWS, COLS = 8, 16, 24  # 384 image tokens: 3 blocks of 128, so arrows drop blocks
+TEXT, ROWS, COLS = 8, 16, 24  # 384 image tokens (Wan: one frame of them): 3 blocks of 128, so arrows drop blocks
 REAL_TEXT = 5  # Qwen-Image's text mask keeps the first 5 of the 8 text tokens
 STEPS = 3
-# Per layer (FLUX's double block, then two single blocks; Qwen-Image's two blocks), each head's
+# Per layer (FLUX's double block, then two single blocks; Qwen-Image's and Wan's two blocks), each head's
 # method at steps 1..: every method, rows where one rank's heads are all full and the other's all
 # cached (placement swaps them), and the ranks taking different paths in one call (stock on one,
 # the op on the other).
@@ -48,6 +50,10 @@ def four_head_qwen() -> QwenImageTransformer2DModel:
     ).eval()
 
 
+def four_head_wan() -> WanTransformer3DModel:
+    return tiny_expert(0, heads=4).eval()
+
+
 def mixed_plan(model) -> Plan:
     spec = ditfastattn.model.describe(model)
     methods = [[list(PATTERNS[layer]) if step else ["full"] * 4 for layer in range(len(spec.layers))]
@@ -56,12 +62,15 @@ def mixed_plan(model) -> Plan:
 
 
 def generate(model, steps: int = STEPS) -> list[torch.Tensor]:
-    """One generation's transformer outputs (its first ``steps``), called as FluxPipeline or
-    QwenImagePipeline (with a text mask) calls it."""
+    """One generation's transformer outputs (its first ``steps``), called as FluxPipeline,
+    QwenImagePipeline (with a text mask) or WanPipeline (one frame of 2 x 2 patches) calls it."""
     generator = torch.Generator().manual_seed(3)
-    latents = torch.randn(1, ROWS * COLS, 16, generator=generator)
+    wan = isinstance(model, WanTransformer3DModel)
+    latents = torch.randn((1, 16, 1, 2 * ROWS, 2 * COLS) if wan else (1, ROWS * COLS, 16), generator=generator)
     text = torch.randn(1, TEXT, 16, generator=generator)
-    if isinstance(model, QwenImageTransformer2DModel):
+    if wan:
+        inputs = {}
+    elif isinstance(model, QwenImageTransformer2DModel):
         inputs = dict(encoder_hidden_states_mask=(torch.arange(TEXT) < REAL_TEXT)[None], img_shapes=[[(1, ROWS, COLS)]])
     else:
         ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(ROWS)), torch.arange(float(COLS)),
@@ -114,7 +123,7 @@ def _process_group(rank: int, directory: str):
 def _ulysses_rank(rank: int, directory: str) -> None:
     """One rank: stock Ulysses, then plans applied to the parallel models; outputs to a file."""
     with _process_group(rank, directory):
-        result = {"qwen": _plans_under_ulysses(four_head_qwen())}
+        result = {"qwen": _plans_under_ulysses(four_head_qwen()), "wan": _plans_under_ulysses(four_head_wan())}
         model = four_head_flux()
         weights = {name: p.clone() for name, p in model.named_parameters()}
         flux = result["flux"] = _plans_under_ulysses(model)
@@ -163,7 +172,8 @@ def _single_process(make) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def test_plans_under_ulysses_match_one_process(tmp_path):
-    single = {"flux": _single_process(four_head_flux), "qwen": _single_process(four_head_qwen)}
+    single = {"flux": _single_process(four_head_flux), "qwen": _single_process(four_head_qwen),
+              "wan": _single_process(four_head_wan)}
     ranks = _run_ranks(tmp_path)
     for family, (single_stock, single_mixed) in single.items():
         result = ranks[0][family]
@@ -191,6 +201,9 @@ def test_plans_under_ulysses_match_one_process(tmp_path):
     assert ranks[1]["flux"]["buffers"] == {"transformer_blocks.0.attn": shape, "single_transformer_blocks.0.attn": shape}
     assert ranks[0]["qwen"]["buffers"] == {} and ranks[1]["qwen"]["buffers"].keys() == {
         "transformer_blocks.0.attn", "transformer_blocks.1.attn"}
+    video = (1, ROWS * COLS, 2, 8)  # Wan's self-attention: the video alone
+    assert ranks[0]["wan"]["buffers"] == {} and ranks[1]["wan"]["buffers"] == {"blocks.0.attn1": video,
+                                                                               "blocks.1.attn1": video}
 
 
 def _fake_parallel(model, **config):
