@@ -13,6 +13,7 @@ import numpy as np
 from conftest import embeds, flux_pipeline, tiny_flux, tiny_vae
 from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                        QwenImageTransformer2DModel, WanTransformer3DModel)
+import test_experts as experts
 from test_experts import tiny_expert
 
 import ditfastattn
@@ -268,6 +269,15 @@ def test_parallelism_enabled_after_apply_is_refused_at_the_next_call():
     ditfastattn.remove(model)
 
 
+def test_parallelism_enabled_on_the_second_expert_after_apply_is_refused_at_its_next_call():
+    pipe = experts.pipeline()
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, experts.STEPS, "cache"), impl="reference")
+    _fake_parallel(pipe.transformer_2, ulysses_degree=2)
+    with pytest.raises(RuntimeError, match=r"enable_parallelism after apply\); call ditfastattn.remove\(\)"):
+        experts.generate(pipe)
+    ditfastattn.remove(pipe)
+
+
 # Calibration: FluxPipeline over the 4-head FLUX, 8 text tokens and 16 x 24 image tokens (Ulysses
 # splits both), two prompts; each search on both ranks and in one process.
 SEARCHES = {
@@ -387,6 +397,163 @@ def test_calibration_under_ulysses_matches_one_process(tmp_path):
     # The plan calibrated under Ulysses applies to one whole model.
     ditfastattn.apply(pipe, Plan.load(tmp_path / "rank1-delta.json"), impl="reference")
     ditfastattn.remove(pipe)
+
+
+# Wan 2.2 A14B's two experts: test_experts.py's WanPipeline (CFG as a second call, the second
+# expert from the boundary step on), with 4 heads a layer, each expert under its own enable_parallelism.
+EXPERT_SEARCH = dict(delta=0.4, candidates=("full", "arrow:0.25", "arrow_residual:0.25", "cache"))
+
+
+def four_head_experts():
+    return experts.pipeline(heads=4)
+
+
+def expert_plan(pipe, boundary: int) -> Plan:
+    """PATTERNS at the first expert's steps; every head full at the second expert's first step (its
+    cache heads would compute there anyway; its arrow_residual heads keep a residual of its own),
+    then PATTERNS reversed."""
+    spec = ditfastattn.model.describe(pipe.transformer)
+
+    def row(step: int, layer: int) -> list[str]:
+        if step in (0, boundary):
+            return ["full"] * 4
+        return list(PATTERNS[layer] if step < boundary else PATTERNS[layer][::-1])
+
+    return Plan(spec, [[row(step, layer) for layer in range(len(spec.layers))] for step in range(experts.STEPS)],
+                {"num_image_tokens": 384, "text_len": 0})
+
+
+def expert_search() -> ditfastattn.SearchConfig:
+    return ditfastattn.SearchConfig(num_inference_steps=experts.STEPS, impl="reference",
+                                    pipeline_kwargs=dict(experts.SIZE), **EXPERT_SEARCH)
+
+
+def _experts_state(pipe) -> tuple:
+    """What apply changes on a pipeline's experts: sessions, hooks, weights, Wan's attention function."""
+    from diffusers.models.transformers import transformer_wan
+
+    models = (pipe.transformer, pipe.transformer_2)
+    return (transformer_wan.dispatch_attention_fn, [hasattr(m, "_ditfastattn_session") for m in models],
+            [(len(m._forward_pre_hooks), len(m._forward_hooks)) for model in models for m in model.modules()],
+            [p.clone() for model in models for p in model.parameters()])
+
+
+def _unchanged_experts(pipe, before: tuple) -> bool:
+    after = _experts_state(pipe)
+    return after[:3] == before[:3] and all(torch.equal(a, b) for a, b in zip(after[3], before[3], strict=True))
+
+
+def _own_mesh(rank: int):
+    """A (ring, ulysses) mesh over every rank with process groups of its own: init_device_mesh gives any
+    mesh spanning the world the default group, which would make both experts' groups one."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    alone = [dist.new_group([r]) for r in range(WORLD)]  # every rank takes part in making every group
+    return DeviceMesh.from_group([alone[rank], dist.new_group(list(range(WORLD)))], "cpu",
+                                 mesh=torch.arange(WORLD).view(1, WORLD), mesh_dim_names=("ring", "ulysses"))
+
+
+def _experts_rank(rank: int, directory: str) -> None:
+    """One rank: Wan's two experts under Ulysses, stock and under plans; calibration; the refusals."""
+    import torch.distributed as dist
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+    from torch.distributed.device_mesh import DeviceMesh
+
+    with _process_group(rank, directory):
+        pipe = four_head_experts()
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        pipe.transformer_2.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD, mesh=_own_mesh(rank)))
+        models = (pipe.transformer, pipe.transformer_2)
+        boundary = experts.first_expert_steps(pipe)
+        result = {"stock": experts.generate(pipe)}
+        ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, experts.STEPS, "full"), impl="reference")
+        result["all_full"] = experts.generate(pipe)
+        ditfastattn.remove(pipe)
+        plan = expert_plan(pipe, boundary)
+        # Which process group each expert's calls trade over (two groups of the same ranks).
+        groups = {expert: expert._parallel_config.context_parallel_config._ulysses_mesh.get_group() for expert in models}
+        assert groups[models[0]] is not groups[models[1]]
+        traded, trade = [], dist.all_to_all_single
+
+        def recording(*args, group=None, **kwargs):
+            traded.append((session._expert, group))
+            return trade(*args, group=group, **kwargs)
+
+        ditfastattn.apply(pipe, plan, impl="reference")
+        session = pipe.transformer._ditfastattn_session
+        dist.all_to_all_single = recording
+        try:
+            result["mixed"] = experts.generate(pipe)
+        finally:
+            dist.all_to_all_single = trade
+        ditfastattn.remove(pipe)
+        result["own_groups"] = ({expert for expert, _ in traded} == set(groups)
+                                and all(group is groups[expert] for expert, group in traded))
+        weights = [{name: p.clone() for name, p in expert.named_parameters()} for expert in models]
+        ditfastattn.apply(pipe, plan, impl="reference", balance_heads=True)
+        result["permuted"] = [not torch.equal(expert.blocks[0].attn1.to_q.weight, own["blocks.0.attn1.to_q.weight"])
+                              for expert, own in zip(models, weights)]
+        result["balanced"] = experts.generate(pipe)
+        ditfastattn.remove(pipe)
+        result["restored"] = all(torch.equal(p, own[name]) for expert, own in zip(models, weights)
+                                 for name, p in expert.named_parameters())
+        result["after_remove"] = experts.generate(pipe)
+        ditfastattn.calibrate(pipe, [experts.prompts()], expert_search(), progress=False).save(
+            f"{directory}/rank{rank}-experts.json")
+        # Refused before any change: parallelism on one expert only (either), or the experts' Ulysses groups
+        # splitting the heads otherwise (here the second mesh's ranks in the other order).
+        lone, other = four_head_experts(), four_head_experts()
+        lone.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        other.transformer_2.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        refusals = [(lone, r"enabled on pipe.transformer but not on pipe.transformer_2; .* enable it on both"),
+                    (other, r"enabled on pipe.transformer_2 but not on pipe.transformer; .* enable it on both")]
+        for model, message in refusals:
+            before = _experts_state(model)
+            for run in (lambda: ditfastattn.apply(model, plan, balance_heads=True),
+                        lambda: ditfastattn.calibrate(model, [experts.prompts()], expert_search(), progress=False)):
+                with pytest.raises(ValueError, match=message):
+                    run()
+                assert _unchanged_experts(model, before)
+        reversed_mesh = DeviceMesh("cpu", torch.tensor([list(range(WORLD))[::-1]]), mesh_dim_names=("ring", "ulysses"))
+        other.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD, mesh=reversed_mesh))
+        before = _experts_state(other)
+        with pytest.raises(ValueError, match=r"pipe.transformer's Ulysses group is ranks \[1, 0\] \(ulysses_degree=2\)"
+                                             r" but pipe.transformer_2's is \[0, 1\] .* same ulysses_degree and device mesh"):
+            ditfastattn.apply(other, plan, balance_heads=True)
+        assert _unchanged_experts(other, before)
+        result["boundary"] = boundary
+        torch.save(result, f"{directory}/rank{rank}.pt")
+
+
+def test_two_wan_experts_under_ulysses_match_one_process(tmp_path):
+    pipe = four_head_experts()
+    boundary = experts.first_expert_steps(pipe)
+    assert 0 < boundary < experts.STEPS - 1
+    stock = experts.generate(pipe)
+    plan = expert_plan(pipe, boundary)
+    ditfastattn.apply(pipe, plan, impl="reference")
+    mixed = experts.generate(pipe)
+    ditfastattn.remove(pipe)
+    calibrated = ditfastattn.calibrate(pipe, [experts.prompts()], expert_search(), progress=False)
+    ranks = _run_ranks(tmp_path, _experts_rank)
+    for rank in ranks[1:]:  # every rank gathers the same latents
+        for key in ("stock", "mixed", "balanced"):
+            assert torch.equal(rank[key], ranks[0][key])
+    result = ranks[0]
+    assert result["boundary"] == boundary
+    assert torch.equal(result["all_full"], result["stock"]) and torch.equal(result["after_remove"], result["stock"])
+    assert result["own_groups"]
+    # The file's bound (test_plans_under_ulysses_match_one_process), on the final latents.
+    stock_diff = (result["stock"] - stock).abs().max().item()
+    bound = max(4 * stock_diff, 16 * torch.finfo(torch.float32).eps * stock.abs().max().item())
+    _assert_close([result["mixed"], result["balanced"]], [mixed, mixed], bound)
+    assert (result["mixed"] - stock).abs().max().item() > 100 * bound  # the plan compresses on both experts
+    assert result["permuted"] == [True, True] and result["restored"]
+    plans = [Plan.load(tmp_path / f"rank{rank}-experts.json") for rank in range(WORLD)]
+    assert plans[0] == plans[1] == calibrated  # the same method for every head of every layer at every step
+    assert plans[0].provenance["expert_switch_steps"] == calibrated.provenance["expert_switch_steps"] == [boundary]
+    assert any(m != "full" for step in calibrated.methods[boundary + 1:] for heads in step for m in heads)
 
 
 @pytest.mark.parametrize("config, message", [

@@ -169,20 +169,23 @@ def permute_plan(plan: Plan, placements) -> Plan:
     return Plan(plan.model, methods, provenance, scores)
 
 
-def permute_heads(transformer: torch.nn.Module, plan: Plan, placements) -> Plan:
+def permute_heads(transformer: torch.nn.Module | list[torch.nn.Module], plan: Plan, placements) -> Plan:
     """Reorder the heads of every placed layer of ``transformer`` in place (q/k/v projection rows,
     output projection columns, norms across heads) and return the plan permuted to match.
+    ``transformer`` may be a list of models the plan runs on (a pipeline's experts), reordered alike.
 
     Heads are independent in attention, so the permuted model under the returned plan computes what
     the original model computes under ``plan`` (up to the summation order of the output projection).
     A layer whose parameters are not all known to hold heads in blocks, or shared by every head, is
-    refused before any weight changes.
+    refused before any weight (of any of the models) changes.
     """
     orders = _permutations(plan, placements)
+    models = [transformer] if isinstance(transformer, torch.nn.Module) else transformer
     edits = []
-    for layer in plan.model.layers:
-        if layer.name in orders:
-            edits += _layer_edits(transformer, layer.name, layer.heads, layer.head_dim, orders[layer.name])
+    for model in models:
+        for layer in plan.model.layers:
+            if layer.name in orders:
+                edits += _layer_edits(model, layer.name, layer.heads, layer.head_dim, orders[layer.name])
     with torch.no_grad():
         for parameter, dim, index in edits:
             parameter.copy_(parameter.index_select(dim, index))

@@ -59,7 +59,7 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
                     "custom processors first)"
                 )
     session = session_cls(transformer, plan, adapter, impl, **session_args)
-    session.experts = experts
+    session.set_experts(experts)
     session.install_layers(modules[0])
     session.handles = [
         handle for expert in experts for handle in (
@@ -91,12 +91,13 @@ def _module_name(expert: int, name: str) -> str:
 
 
 def _check_second_expert(expert, transformer, spec, adapter, session_cls) -> None:
-    """A second expert runs the same plan rows at its own steps: it must be the same model."""
+    """A second expert runs the same plan rows at its own steps: it must be the same model, under
+    parallelism where the first is (the Ulysses session compares their groups)."""
     if not getattr(session_cls, "supports_experts", False):
         raise ValueError(
-            "this pipeline hands the low-noise steps to a second expert (transformer_2), which static=True and "
-            "context parallelism do not follow yet; apply the plan without static=True or parallelism, or to "
-            "pipe.transformer alone (transformer_2 then runs stock)"
+            "this pipeline hands the low-noise steps to a second expert (transformer_2), which static=True does not "
+            "follow yet; apply the plan without static=True, or to pipe.transformer alone (transformer_2 then runs "
+            "stock)"
         )
     specs = spec, adapter.describe(expert)
     patches = [getattr(getattr(model, "config", None), "patch_size", None) for model in (transformer, expert)]
@@ -115,9 +116,15 @@ def _check_second_expert(expert, transformer, spec, adapter, session_cls) -> Non
             f"pipe.transformer_2 is not the same model as pipe.transformer ({differs}); ditfastattn runs one plan "
             "on both experts, so they must match (a plan applied to pipe.transformer alone leaves transformer_2 stock)"
         )
-    if parallel.context_parallel(expert) or parallel.context_parallel(transformer):
-        raise ValueError("context parallelism with a second expert (transformer_2) is not supported yet; "
-                         "apply the plan to pipe.transformer alone")
+    parallel_on = [parallel.context_parallel(model) for model in (transformer, expert)]
+    if parallel_on[0] != parallel_on[1]:
+        on, off = ("pipe.transformer", "pipe.transformer_2") if parallel_on[0] else ("pipe.transformer_2",
+                                                                                   "pipe.transformer")
+        raise ValueError(
+            f"diffusers' parallelism is enabled on {on} but not on {off}; one plan runs on both experts, so enable "
+            "it on both (each its own enable_parallelism(config=ContextParallelConfig(ulysses_degree=N)), the same "
+            "N), or on neither"
+        )
 
 
 def uninstall(pipe_or_transformer) -> Plan:
@@ -170,8 +177,8 @@ def apply(
     takes over at another step, or at none (another ``boundary_ratio`` or scheduler shift), is
     logged once. Changing the experts after ``apply`` (``transformer_2``, or ``boundary_ratio``
     to or from None) is refused at the next generation.
-    Static mode and context parallelism do not follow a second expert yet (refused; apply to
-    ``pipe.transformer`` alone to leave ``transformer_2`` stock).
+    Static mode does not follow a second expert yet (refused; apply to ``pipe.transformer`` alone
+    to leave ``transformer_2`` stock).
 
     Cache heads read their layer's output of the previous step, which the runtime keeps only while
     the next step caches, per transformer call of a step. A call that did not run at the previous
@@ -200,7 +207,11 @@ def apply(
     (the q/k/v and output projections, and the plan) so that the ranks' per-step costs are even,
     and logs the imbalance before and after (every layer's: ``ditfastattn.placement.place_heads``;
     it sizes costs at ``num_image_tokens`` or the plan's resolution); ``remove()`` restores the
-    weights. Ring attention, tensor parallelism and ``static=True`` under parallelism are refused.
+    weights. With a second expert, enable parallelism on each (its own ``enable_parallelism``, the
+    same ``ulysses_degree`` and mesh layout): each expert's calls trade over its own process group,
+    and ``balance_heads`` reorders both alike; parallelism on one expert only, or groups that split
+    the heads otherwise, are refused. Ring attention, tensor parallelism and ``static=True`` under
+    parallelism are refused.
     """
     if impl not in ops.IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
@@ -216,7 +227,8 @@ def apply(
     if not isinstance(balance_heads, bool):
         raise TypeError(f"balance_heads must be True or False; got {balance_heads!r}")
     budget = None if cache_budget_gib is None else int(cache_budget_gib * 2**30)
-    if parallel.context_parallel(_transformer_of(pipe_or_transformer)[0]):
+    # parallelism on either expert picks the Ulysses session, whose install refuses it on one only
+    if any(map(parallel.context_parallel, experts_of(*_transformer_of(pipe_or_transformer)))):
         install(pipe_or_transformer, plan, impl, parallel.UlyssesSession, cache_budget=budget, static=static,
                 balance_heads=balance_heads, num_image_tokens=num_image_tokens)
     elif balance_heads:

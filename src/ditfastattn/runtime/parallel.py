@@ -25,6 +25,12 @@ diffusers' own gathered order, so that they equal stock context parallelism bit 
 :mod:`ditfastattn.placement`) so that the ranks' per-step costs are even; ``remove()`` puts the
 weights back.
 
+A pipeline's second expert (Wan 2.2 A14B's ``transformer_2``) takes its own ``enable_parallelism``:
+its own config, mesh and process group. Each call trades over the group of the expert being
+called, and ``balance_heads`` permutes both experts alike. Their groups must hold the same ranks
+in the same order, so that a rank runs the same heads of the plan on both (refused otherwise, as is
+parallelism on one expert only).
+
 Not supported (refused with what is): ring attention (``ring_degree > 1``), whose ranks hold
 sequence chunks of every head: a window would span the chunks of several ranks, and the op
 attends one whole sequence, with no query or key offsets, so it cannot run an arrow between two
@@ -37,6 +43,7 @@ context-parallel plan put it first).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -54,9 +61,18 @@ def context_parallel(transformer) -> bool:
     return parallel_config(transformer) is not None
 
 
-def _ulysses(transformer, plan: Plan, adapter):
-    """(config, degree, rank, group) of ``transformer``'s Ulysses parallelism; ValueError naming what
-    runs for any other kind."""
+class _Group(NamedTuple):
+    """One transformer's Ulysses parallelism, as this rank takes part in it."""
+
+    config: object  # diffusers' ParallelConfig, which enable_parallelism recorded on the model
+    degree: int
+    rank: int  # this rank's place in its Ulysses group: it attends heads [rank H / degree, (rank + 1) H / degree)
+    group: dist.ProcessGroup
+    ranks: tuple[int, ...]  # the group's global ranks, by place
+
+
+def _ulysses(transformer, plan: Plan, adapter) -> _Group:
+    """``transformer``'s Ulysses parallelism on this rank; ValueError naming what runs for any other kind."""
     config = parallel_config(transformer)
     if getattr(config, "tensor_parallel_config", None) is not None:
         raise ValueError(parallel_error(transformer, "tensor"))
@@ -83,7 +99,7 @@ def _ulysses(transformer, plan: Plan, adapter):
     if mesh is None:
         raise ValueError("the context parallel config has no device mesh yet; call transformer.enable_parallelism(...) "
                          "before ditfastattn.apply")
-    return config, cp.ulysses_degree, cp._ulysses_local_rank, mesh.get_group()
+    return _Group(config, cp.ulysses_degree, cp._ulysses_local_rank, mesh.get_group(), tuple(mesh.mesh.tolist()))
 
 
 def rank_plan(plan: Plan, rank: int, degree: int) -> Plan:
@@ -145,14 +161,40 @@ class Ulysses:
     The session calls :meth:`join` before ``Session.__init__``; it says by :meth:`_runs_stock`
     which calls keep diffusers' own parallel attention (none here: every call is gathered), and by
     :meth:`_stock_only` whether it can run a call that only the stock attention expresses.
+    :meth:`set_experts` takes a second expert's own parallel config and group; a call trades over
+    the group of the expert being called.
     """
 
     context_parallel = True
-    supports_experts = False
 
     def join(self, transformer, plan: Plan, adapter) -> None:
         """Take ``transformer``'s Ulysses configuration; ValueError naming what runs for any other."""
-        self.parallel_config, self.degree, self.rank, self.group = _ulysses(transformer, plan, adapter)
+        joined = _ulysses(transformer, plan, adapter)
+        self.degree, self.rank = joined.degree, joined.rank
+        self._groups = {transformer: joined}
+
+    def set_experts(self, experts) -> None:
+        first = self._groups[self.transformer]
+        for expert in experts[1:]:
+            joined = _ulysses(expert, self.applied_plan, self.adapter)
+            if joined.ranks != first.ranks:
+                raise ValueError(
+                    f"on this rank, pipe.transformer's Ulysses group is ranks {list(first.ranks)} "
+                    f"(ulysses_degree={first.degree}) but pipe.transformer_2's is {list(joined.ranks)} "
+                    f"(ulysses_degree={joined.degree}); one plan runs on both experts, each rank the same heads of it, "
+                    "so give both the same ulysses_degree and device mesh layout (enable_parallelism(config="
+                    "ContextParallelConfig(ulysses_degree=N)) on each, any mesh= of the same ranks in the same order)"
+                )
+            self._groups[expert] = joined
+        super().set_experts(experts)
+
+    def parallel_config_of(self, expert):
+        return self._groups[expert].config
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The process group of the expert being called (each expert's enable_parallelism made its own)."""
+        return self._groups[self._expert if self._expert is not None else self.transformer].group
 
     def own_heads(self, layer: int) -> range:
         """This rank's heads of ``layer`` (in the applied plan's head order)."""
@@ -264,12 +306,12 @@ class UlyssesSession(Ulysses, Session):
         logger.info("Ulysses rank %d of %d runs its 1/%d of every layer's heads", self.rank, self.degree, self.degree)
 
     def install_layers(self, modules) -> None:
-        if self.placements is not None:
-            permute_heads(self.transformer, self.applied_plan, self.placements)
+        if self.placements is not None:  # every expert alike: they run the same plan rows
+            permute_heads(self.experts, self.applied_plan, self.placements)
 
     def uninstall_layers(self, modules) -> None:
         if self.placements is not None:
-            permute_heads(self.transformer, self.run_plan, invert(self.placements))
+            permute_heads(self.experts, self.run_plan, invert(self.placements))
 
     def _stock_only(self, layer: LayerRuntime, reason: str) -> None:
         if self._compressed[layer.index]:

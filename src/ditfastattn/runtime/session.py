@@ -240,9 +240,8 @@ class Session:
     # Whether row() and after() read ``layer.geometry`` (global segments on both sides, padding)
     # rather than only their (text_start, text_len); a subclass that overrides row() says so itself.
     layout_aware = True
-    # diffusers' parallelism this session runs under (None: one whole model); see .parallel
+    # Whether this session runs under diffusers' parallelism (False: one whole model); see .parallel
     context_parallel = False
-    parallel_config = None
     # Whether one session may run a pipeline's second expert too (Wan 2.2 A14B's transformer_2).
     supports_experts = True
 
@@ -373,7 +372,7 @@ class Session:
         return (*segment[:2], planned) if tuple(segment[2]) == planned.grid else segment
 
     def begin_call(self, module, args, kwargs) -> None:
-        if getattr(self.transformer, "_parallel_config", None) is not self.parallel_config:
+        if getattr(module, "_parallel_config", None) is not self.parallel_config_of(module):
             raise RuntimeError(
                 "diffusers' parallelism on this transformer changed after ditfastattn.apply (enable_parallelism "
                 "after apply); call ditfastattn.remove(), then apply the plan again"
@@ -416,6 +415,15 @@ class Session:
                 self.switch_expert()
             self._expert = module
         self._last_timestep = value
+
+    def set_experts(self, experts: list[torch.nn.Module]) -> None:
+        """Follow the calls of ``experts`` (the transformer first), as install hooks them; raises,
+        before install changes anything, where the session cannot run on them all."""
+        self.experts = experts
+
+    def parallel_config_of(self, expert: torch.nn.Module):
+        """The diffusers parallel config ``expert`` ran under at apply (None: one whole model)."""
+        return None
 
     def _check_switches(self) -> None:
         """Say once when a generation's experts took over at other steps than in the plan's
