@@ -49,6 +49,10 @@ class _StaticLayer(LayerRuntime):
 
     module: torch.nn.Module
     built = False
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.geometries: dict[int, tuple] = {}  # per call length: its CallGeometry and the op's layout arguments
     routed = False
     tiles: TileGrid | None = None  # the grid the tables' tile windows were sized for
     # The op's grid and tile shape as plain ints, where some head runs a tile window at some step.
@@ -171,7 +175,7 @@ class _StaticLayer(LayerRuntime):
         # Shapes are fixed: the geometry of the eager calls serves the compiled ones of the same length
         # (a step's calls may differ: CFG's negative prompt of another length); the padding mask is
         # each call's own (prompts change it).
-        geometries = self.__dict__.setdefault("geometries", {})
+        geometries = self.geometries
         if torch.compiler.is_compiling():
             if q.shape[1] not in geometries:
                 raise RuntimeError(
