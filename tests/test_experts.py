@@ -133,8 +133,6 @@ def test_calibration_decides_both_experts_steps_and_replays_bit_for_bit(pipe, bo
 
 def test_refused_where_one_plan_cannot_cover_both(pipe):
     processors = [m.processor for m in pipe.transformer_2.modules() if hasattr(m, "processor")]
-    with pytest.raises(ValueError, match="transformer_2.*static=True"):
-        ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"), static=True, num_image_tokens=384)
     other = pipeline(second=tiny_expert(2, layers=1))
     with pytest.raises(ValueError, match=r"not the same model as pipe.transformer \(1 attention layers against 2\)"):
         ditfastattn.apply(other, Plan.uniform(other.transformer, STEPS, "full"))
@@ -202,6 +200,40 @@ def test_inspect_says_where_the_second_expert_takes_over(pipe, boundary, tmp_pat
     Plan(plan.model, plan.methods, {"expert_switch_steps": [boundary]}).save(path)
     assert main(["inspect", str(path), "--num-image-tokens", "384", "--text-len", "0"]) == 0
     assert f"second expert (transformer_2) from step {boundary}\n" in capsys.readouterr().out
+
+
+@torch.no_grad()
+def test_static_mode_runs_both_experts_compiled(pipe, boundary):
+    # The step counter is every expert's buffer; each expert's layers keep their own tables and
+    # buffers, and the second expert's first step computes its cache heads, as the dynamic runtime
+    # does. Eager, then with both experts compiled in place (one graph each for every step).
+    methods = ["cache", "arrow_residual:0.25", "arrow:0.125", "full"]
+    full = Plan.uniform(pipe.transformer, STEPS, "full", num_image_tokens=384)
+    plan = Plan(full.model, [[[methods[(head + layer + step) % 4] if step else "full" for head in range(layer_spec.heads)]
+                              for layer, layer_spec in enumerate(full.model.layers)] for step in range(STEPS)])
+    assert any("cache" in heads for heads in plan.methods[boundary])  # at the second expert's first step
+    stock = generate(pipe)
+    ditfastattn.apply(pipe, plan)
+    dynamic = generate(pipe)
+    ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, plan, static=True, num_image_tokens=384)
+    try:
+        for _ in range(2):
+            torch.testing.assert_close(generate(pipe), dynamic, atol=1e-5, rtol=1e-5)
+        torch._dynamo.reset()
+        for expert in (pipe.transformer, pipe.transformer_2):
+            expert.compile(fullgraph=True, backend="aot_eager", dynamic=False)
+        torch.testing.assert_close(generate(pipe), dynamic, atol=1e-5, rtol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(generate(pipe), dynamic, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+        for expert in (pipe.transformer, pipe.transformer_2):
+            expert._compiled_call_impl = None
+        ditfastattn.remove(pipe)
+    assert not [n for e in (pipe.transformer, pipe.transformer_2) for n, _ in e.named_buffers() if "ditfastattn" in n]
+    assert torch.equal(generate(pipe), stock)
+    assert not torch.allclose(dynamic, stock, atol=1e-3)
 
 
 def test_a_second_expert_the_pipeline_never_calls_is_left_alone():

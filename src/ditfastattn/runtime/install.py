@@ -46,7 +46,7 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
     spec = adapter.describe(transformer)
     plan.check_compatible(spec)
     if len(experts) > 1:
-        _check_second_expert(experts[1], transformer, spec, adapter, session_cls)
+        _check_second_expert(experts[1], transformer, spec, adapter)
     check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads})
     stock = adapter.stock_processor_types()
     modules = [{name: expert.get_submodule(name) for name in plan.layer_names} for expert in experts]
@@ -90,15 +90,9 @@ def _module_name(expert: int, name: str) -> str:
     return name if expert == 0 else f"transformer_2.{name}"
 
 
-def _check_second_expert(expert, transformer, spec, adapter, session_cls) -> None:
+def _check_second_expert(expert, transformer, spec, adapter) -> None:
     """A second expert runs the same plan rows at its own steps: it must be the same model, under
     parallelism where the first is (the Ulysses session compares their groups)."""
-    if not getattr(session_cls, "supports_experts", False):
-        raise ValueError(
-            "this pipeline hands the low-noise steps to a second expert (transformer_2), which static=True does not "
-            "follow yet; apply the plan without static=True, or to pipe.transformer alone (transformer_2 then runs "
-            "stock)"
-        )
     specs = spec, adapter.describe(expert)
     patches = [getattr(getattr(model, "config", None), "patch_size", None) for model in (transformer, expert)]
     if type(expert) is not type(transformer):
@@ -177,8 +171,7 @@ def apply(
     takes over at another step, or at none (another ``boundary_ratio`` or scheduler shift), is
     logged once. Changing the experts after ``apply`` (``transformer_2``, or ``boundary_ratio``
     to or from None) is refused at the next generation.
-    Static mode does not follow a second expert yet (refused; apply to ``pipe.transformer`` alone
-    to leave ``transformer_2`` stock).
+    Static mode follows both experts too (each expert's compiled graph holds the step counter).
 
     Cache heads read their layer's output of the previous step, which the runtime keeps only while
     the next step caches, per transformer call of a step. A call that did not run at the previous

@@ -242,8 +242,6 @@ class Session:
     layout_aware = True
     # Whether this session runs under diffusers' parallelism (False: one whole model); see .parallel
     context_parallel = False
-    # Whether one session may run a pipeline's second expert too (Wan 2.2 A14B's transformer_2).
-    supports_experts = True
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None):
         self.transformer = transformer
@@ -321,7 +319,7 @@ class Session:
             return frozenset()
         batch, seq, _, _ = q.shape
         static = self.buffers_per_generation
-        key = (batch, seq, q.element_size(), self.calls_per_step)
+        key = (batch, seq, q.element_size(), self.buffer_copies)
         if key not in self._dropped:
             # Every call slot (e.g. FLUX's true CFG) keeps its own buffers.
             layer_bytes = [key[3] * batch * seq * spec.heads * spec.head_dim * key[2] for spec in self.plan.model.layers]
@@ -344,6 +342,12 @@ class Session:
                     _size(self.cache_budget), batch, seq, lost, sum(map(sum, cached)),
                 )
         return self._dropped[key][layer]
+
+    @property
+    def buffer_copies(self) -> int:
+        """How many buffers each caching layer holds at once: one per call slot of a step (an expert
+        switch frees the other expert's)."""
+        return self.calls_per_step
 
     def after(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
         """Called after a layer's attention when its buffers are in use (calibration keeps residuals)."""

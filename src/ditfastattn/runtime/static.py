@@ -47,12 +47,16 @@ class _StaticLayer(LayerRuntime):
     differ); a padding mask is data, read from each call. Each call slot of a step has its buffers.
     """
 
-    module: torch.nn.Module
-    built = False
-
     def __init__(self, *args):
         super().__init__(*args)
         self.geometries: dict[int, tuple] = {}  # per call length: its CallGeometry and the op's layout arguments
+        self.modules: list[torch.nn.Module] = []  # this layer's attention module in each expert
+        self.built_on: set[int] = set()  # the experts whose module holds this layer's tables
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """This layer's attention module in the expert being called (its tables and buffers)."""
+        return self.modules[self.session.expert_index]
     routed = False
     tiles: TileGrid | None = None  # the grid the tables' tile windows were sized for
     # The op's grid and tile shape as plain ints, where some head runs a tile window at some step.
@@ -87,7 +91,7 @@ class _StaticLayer(LayerRuntime):
             "capture_modes": stack([none if row.capture_modes is None else row.capture_modes for row in rows]),
             "capture_mask": stack([flags if row.capture_mask is None else row.capture_mask.view(-1) for row in rows]),
         }
-        if self.session.calls_per_step > 1:  # which heads read what their call slot kept (see _fresh_modes)
+        if self.session.keeps_apart:  # which heads read what their call slot kept (see _fresh_modes)
             tables["cache_heads"] = torch.tensor([[h in row.cache_heads for h in range(heads)] for row in rows],
                                                  device=device)
             tables["residual_from"] = torch.tensor([_residual_steps(row, heads) for row in rows], device=device)
@@ -101,7 +105,7 @@ class _StaticLayer(LayerRuntime):
             with _normal_tensors():
                 table = table.clone() if table.is_inference() else table
             module.register_buffer(f"_ditfastattn_{name}", table, persistent=False)
-        self.built = True
+        self.built_on.add(self.session.expert_index)
 
     def _route_full_heads(self, modes: torch.Tensor, fused_cost: float) -> dict[str, torch.Tensor]:
         """Send up to a fixed number of each step's full heads to dense SDPA (cuDNN on Hopper).
@@ -200,7 +204,7 @@ class _StaticLayer(LayerRuntime):
                 f"{self.name}: static mode was applied for {self.session.num_image_tokens} image tokens but the "
                 f"model sees {q.shape[1] - text_len}; apply again with num_image_tokens={q.shape[1] - text_len}"
             )
-        if not self.built:
+        if self.session.expert_index not in self.built_on:
             self.build(q, k, v, geometry)
         elif self.tiles is not None and not torch.compiler.is_compiling():
             self._check_grid(geometry.layout.tile_grid())
@@ -211,7 +215,7 @@ class _StaticLayer(LayerRuntime):
         module, impl = self.module, session.impl
         modes = module._ditfastattn_modes.index_select(0, step).view(-1)
         residual_add = module._ditfastattn_residual_add.index_select(0, step).view(-1)
-        if session.calls_per_step > 1:
+        if session.keeps_apart:
             modes, residual_add = self._fresh_modes(step, modes, residual_add)
         # Cache heads skip, so their slice must hold the call slot's last output: a persistent
         # buffer per slot. Layers that never cache write every element and take a fresh tensor.
@@ -263,8 +267,9 @@ class _StaticLayer(LayerRuntime):
         return torch.where(stale, MODE_FULL, modes), residual_add
 
     def free(self, call: int | None = None) -> None:
-        for name in ("_ditfastattn_out", "_ditfastattn_residual", "_ditfastattn_captured"):
-            self.module._buffers.pop(name, None)
+        for module in self.modules:
+            for name in ("_ditfastattn_out", "_ditfastattn_residual", "_ditfastattn_captured"):
+                module._buffers.pop(name, None)
 
 
 def _residual_steps(row, heads: int) -> list[int]:
@@ -281,7 +286,7 @@ class StaticSession(Session):
 
     layer_cls = _StaticLayer
     buffers_per_generation = True  # static addresses: a layer that ever caches holds its buffer throughout
-    supports_experts = False  # the step counter and buffers live on one transformer
+    expert_index = 0  # of the expert being called (a constant of each expert's compiled graph)
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None, num_image_tokens: int):
         super().__init__(transformer, plan, adapter, impl, cache_budget)
@@ -293,41 +298,71 @@ class StaticSession(Session):
         device = next(transformer.parameters()).device
         # Shape (1,): index_select with it stays on the device (a 0-d index would be a host int).
         with _normal_tensors():
-            transformer.register_buffer(_STEP, torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-            transformer.register_buffer(_LAST_TIMESTEP, torch.full((1,), float("-inf"), device=device),
-                                        persistent=False)
-            transformer.register_buffer(_FAULTS, torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
-            transformer.register_buffer(_CALL, torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-            transformer.register_buffer(_FRESH, torch.ones(1, dtype=torch.bool, device=device), persistent=False)
-            transformer.register_buffer(_SLOT_STEP, torch.full((1,), _NEVER, device=device), persistent=False)
+            self._counters = {
+                _STEP: torch.zeros(1, dtype=torch.long, device=device),
+                _LAST_TIMESTEP: torch.full((1,), float("-inf"), device=device),
+                _FAULTS: torch.zeros(1, dtype=torch.int32, device=device),
+                _CALL: torch.zeros(1, dtype=torch.long, device=device),
+                _FRESH: torch.ones(1, dtype=torch.bool, device=device),
+                _SLOT_STEP: torch.full((1, 1), _NEVER, device=device),  # [expert, call slot]
+            }
+
+    @property
+    def buffer_copies(self) -> int:
+        """Every expert keeps its own buffers for the whole generation, one per call slot."""
+        return self.calls_per_step * len(self.experts)
+
+    @property
+    def keeps_apart(self) -> bool:
+        """Whether the call slots and experts keep buffers apart, each reading only what it kept."""
+        return self.calls_per_step > 1 or len(self.experts) > 1
+
+    def set_experts(self, experts) -> None:
+        """Every expert holds the same counters (as its own buffers: static addresses in each one's
+        graph), and ``_SLOT_STEP`` a row per expert: an expert's first step computes its cache heads."""
+        super().set_experts(experts)
+        ran = self._counters[_SLOT_STEP]
+        with _normal_tensors():
+            self._counters[_SLOT_STEP] = ran.new_full((len(experts), ran.shape[1]), _NEVER)
+        self._register_counters()
+
+    def _register_counters(self) -> None:
+        for expert in self.experts:
+            for name, tensor in self._counters.items():
+                expert.register_buffer(name, tensor, persistent=False)
 
     def step_tensor(self) -> torch.Tensor:
-        return self.transformer._buffers[_STEP]
+        return self._counter(_STEP)
 
     def call_tensor(self) -> torch.Tensor:
-        return self.transformer._buffers[_CALL]
+        return self._counter(_CALL)
 
     def fresh_tensor(self) -> torch.Tensor:
-        return self.transformer._buffers[_FRESH]
+        return self._counter(_FRESH)
+
+    def _counter(self, name: str) -> torch.Tensor:
+        """A shared counter, as a buffer of the expert being called (its compiled graph's own)."""
+        return self.experts[self.expert_index]._buffers[name]
 
     def _add_call_slots(self, slots: int) -> None:
         """Keep ``slots`` transformer calls per step apart (CFG as a second call: 2), each with its own
         buffers (the new ones empty, never run). Only eager calls add slots; every layer then builds its
         tables again (the cache budget counts every slot)."""
         self.calls_per_step = slots
-        ran = self.transformer._buffers[_SLOT_STEP]
+        ran = self._counters[_SLOT_STEP]
         with _normal_tensors():
-            grown = torch.cat([ran, ran.new_full((slots - len(ran),), _NEVER)])
-        self.transformer.register_buffer(_SLOT_STEP, grown, persistent=False)
+            self._counters[_SLOT_STEP] = torch.cat([ran, ran.new_full((len(ran), slots - ran.shape[1]), _NEVER)], 1)
+        self._register_counters()
         for layer in self.layers:
-            layer.built = False
+            layer.built_on.clear()
 
     def begin_call(self, module, args, kwargs) -> None:
         arguments = self._arguments(args, kwargs)
         timestep = self._timestep(arguments)
         if not torch.is_tensor(timestep):
             raise ValueError("static mode tracks denoising steps from the transformer's `timestep` tensor; pass one")
-        buffers = self.transformer._buffers
+        self.expert_index = next(i for i, expert in enumerate(self.experts) if expert is module)
+        buffers = module._buffers  # every expert's are the same tensors
         step, last, faults, call = buffers[_STEP], buffers[_LAST_TIMESTEP], buffers[_FAULTS], buffers[_CALL]
         value = timestep.flatten()[:1].to(last.dtype)
         final = self.plan.num_steps - 1
@@ -355,6 +390,8 @@ class StaticSession(Session):
                     "(an image-to-image or inpainting pipeline with strength below 1); apply without static=True"
                 )
             value_, last_, step_, call_ = torch.cat([value, last, step.to(last.dtype), next_call.to(last.dtype)]).tolist()
+            if value_ > last_:
+                self.check_experts()
             self._check_call(value_, last_, step_)
             if call_ >= self.calls_per_step:
                 self._add_call_slots(int(call_) + 1)
@@ -366,6 +403,7 @@ class StaticSession(Session):
         call.copy_(next_call.clamp(max=self.calls_per_step - 1))
         ran = buffers[_SLOT_STEP]
         ran.copy_(torch.where(starting, _NEVER, ran))
+        ran = ran[self.expert_index]
         buffers[_FRESH].copy_(ran.index_select(0, call) == step - 1)
         ran.index_copy_(0, call, step)
 
@@ -394,7 +432,7 @@ class StaticSession(Session):
 
     def report_faults(self) -> None:
         """Raise (or warn) for what compiled or graph-replayed calls recorded since the last report."""
-        faults = self.transformer._buffers[_FAULTS]
+        faults = self._counters[_FAULTS]
         found = int(faults)
         if not found:
             return
@@ -420,18 +458,19 @@ class StaticSession(Session):
     def scheduler_set(self, num_steps: int) -> None:
         self.plan.check_compatible(self.plan.model, num_steps)
         self.report_faults()
-        self.transformer._buffers[_LAST_TIMESTEP].fill_(float("-inf"))
+        self._counters[_LAST_TIMESTEP].fill_(float("-inf"))
 
     def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
         for layer in self.layers:
-            layer.module = modules[layer.name]
+            layer.modules = [expert.get_submodule(layer.name) for expert in self.experts]
 
     def uninstall_layers(self, modules: dict[str, torch.nn.Module]) -> None:
-        for module in modules.values():
+        for module in (module for layer in self.layers for module in layer.modules):
             for name in [n for n in module._buffers if n.startswith("_ditfastattn_")]:
                 del module._buffers[name]
-        for name in (_STEP, _LAST_TIMESTEP, _FAULTS, _CALL, _FRESH, _SLOT_STEP):
-            del self.transformer._buffers[name]
+        for expert in self.experts:
+            for name in self._counters:
+                del expert._buffers[name]
 
 
 def _layout_args(geometry: CallGeometry) -> tuple[tuple[int, int], list[int] | None]:
