@@ -47,6 +47,11 @@ class _StaticLayer(LayerRuntime):
     differ); a padding mask is data, read from each call. Each call slot of a step has its buffers.
     """
 
+    routed = False
+    tiles: TileGrid | None = None  # the grid the tables' tile windows were sized for
+    # The op's grid and tile shape as plain ints, where some head runs a tile window at some step.
+    grid_args: tuple[list[int], list[int]] | tuple[None, None] = (None, None)
+
     def __init__(self, *args):
         super().__init__(*args)
         self.geometries: dict[int, tuple] = {}  # per call length: its CallGeometry and the op's layout arguments
@@ -57,10 +62,6 @@ class _StaticLayer(LayerRuntime):
     def module(self) -> torch.nn.Module:
         """This layer's attention module in the expert being called (its tables and buffers)."""
         return self.modules[self.session.expert_index]
-    routed = False
-    tiles: TileGrid | None = None  # the grid the tables' tile windows were sized for
-    # The op's grid and tile shape as plain ints, where some head runs a tile window at some step.
-    grid_args: tuple[list[int], list[int]] | tuple[None, None] = (None, None)
 
     def build(self, q, k, v, geometry: CallGeometry) -> None:
         """Tables for this layer at ``q``'s shape and the call's grid; on the first call, which must run
