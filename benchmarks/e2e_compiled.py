@@ -4,6 +4,7 @@
     python benchmarks/e2e_compiled.py --runs flux:1024 sd3:1024 --targets 0.43 0.68 0.80
     python benchmarks/e2e_compiled.py --smoke               # tiny models, CPU, aot_eager: checks the script
     python benchmarks/e2e_compiled.py --tiles               # plans with tile windows: results/e2e_compiled_tiles.json
+    python benchmarks/e2e_compiled.py --cfg --check         # true CFG: two calls per step, static vs dynamic checked
 
 Same models, inputs and timing as `e2e.py` (random bf16 weights, one transformer call per step,
 median of steps 1..N-1 of one generation after a 2-step warm-up generation). For every compile
@@ -13,7 +14,11 @@ share under that mode) and ditfastattn with a static plan (`apply(..., static=Tr
 of a plan comes from the compiled stock run of the same mode. After the first compiled call,
 `torch._dynamo.config.error_on_recompile` is set: a recompile (e.g. one per step) fails the run.
 With ``--tiles`` the plans' compressed heads run tile windows (``TILE_MIX``) over the square
-image's grid of patches instead of arrow bands (FLUX, SD3, Chroma).
+image's grid of patches instead of arrow bands (FLUX, SD3, Chroma). With ``--cfg`` every step makes
+two transformer calls, the second with another text (true CFG, as FluxPipeline's ``true_cfg_scale``,
+Qwen-Image and Wan run it), and a step's time is both calls'. With ``--check`` each static plan's
+generation is first compared, call by call, with the dynamic runtime's (both eager; the CPU tests
+check the compiled graph against them).
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ MODES = {"compile": None, "cudagraphs": "reduce-overhead", "graph": "manual capt
 TILED_KINDS = ("flux", "sd3", "chroma")
 
 
-def graphed_measure(model, inputs, steps, mode=None, backend=None, context=contextlib.nullcontext) -> dict:
+def graphed_measure(model, inputs, steps, mode=None, backend=None, context=contextlib.nullcontext, negative=None) -> dict:
     """Capture one eager transformer call in a CUDA graph (timestep as a static input), then time
-    a generation of replays; the static plan's step counter advances inside the graph."""
+    a generation of replays; the static plan's step counter advances inside the graph. One call per
+    step: ``negative`` (true CFG) is refused before any run."""
     timestep = steps[0].clone()
     side = torch.cuda.Stream()
     with torch.no_grad(), context():
@@ -78,12 +84,28 @@ def graphed_measure(model, inputs, steps, mode=None, backend=None, context=conte
     return result
 
 
-def compiled_measure(model, inputs, steps, mode, backend, context=contextlib.nullcontext) -> dict:
+class TrueCFG:
+    """A transformer called twice per step, as true CFG does: with the inputs, then with ``negative``
+    in their place; returns the second call's output."""
+
+    def __init__(self, model, negative: dict):
+        self.model, self.negative = model, negative
+
+    def __call__(self, **inputs):
+        self.model(**inputs)
+        return self.model(**{**inputs, **self.negative})
+
+
+def calls(model, negative: dict | None):
+    return model if negative is None else TrueCFG(model, negative)
+
+
+def compiled_measure(model, inputs, steps, mode, backend, context=contextlib.nullcontext, negative=None) -> dict:
     """Compile ``model`` afresh, warm up with one 2-step generation, then time one generation."""
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+    compiled = calls(torch.compile(model, fullgraph=True, dynamic=False, mode=mode, backend=backend), negative)
     with torch.no_grad(), context():
         start = time.perf_counter()
         step_times(compiled, inputs, steps[:1])
@@ -108,6 +130,32 @@ def eager_ms(model, inputs, steps) -> float:
         return statistics.median(step_times(model, inputs, steps)[1:])
 
 
+def outputs(model, inputs, steps, negative) -> list[torch.Tensor]:
+    """Every call's output of one generation (with ``negative``: both calls of each step)."""
+    prompts = [{}] if negative is None else [{}, negative]
+    with torch.no_grad():
+        return [model(**t, **{**inputs, **prompt})[0].float() for t in steps for prompt in prompts]
+
+
+def check_static(model, plan, inputs, steps, negative, impl) -> dict:
+    """The static plan's outputs against the dynamic runtime's, call by call, both eager on the same
+    kernels: the largest absolute difference over the outputs' standard deviation. Calls mixing up
+    their buffers would make it as large as the plan's own effect, given for scale (``plan_vs_stock``:
+    the dynamic runtime's last step against stock attention's)."""
+    stock = outputs(model, inputs, steps, negative)
+    results = {}
+    for static in (False, True):
+        ditfastattn.apply(model, plan, impl=impl, static=static)
+        try:
+            results[static] = outputs(model, inputs, steps, negative)
+        finally:
+            ditfastattn.remove(model)
+    errors = [float((a - b).abs().max() / b.std()) for a, b in zip(results[True], results[False])]
+    moved = [float((a - b).abs().max() / b.std()) for a, b in zip(results[False][-2:], stock[-2:])]
+    return {"max_error_over_std": max(errors), "per_call": [round(e, 5) for e in errors],
+            "plan_vs_stock_last_step": [round(m, 4) for m in moved]}
+
+
 def run_config(model, kind, size, args, device, dtype) -> dict:
     inputs, steps, row, impl = setup(kind, size, args, device, dtype)
     image_tokens, text_len, n_steps = row["image_tokens"], row["text_len"], row["steps_per_generation"]
@@ -118,7 +166,17 @@ def run_config(model, kind, size, args, device, dtype) -> dict:
     mix = TILE_MIX if args.tiles else MIX
     plans = {f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len, mix=mix) for t in args.targets}
     row["methods"] = mix
-    row.update(eager_stock_ms=eager_ms(model, inputs, steps), modes={})
+    negative = None
+    if args.cfg:
+        generator = torch.Generator(device).manual_seed(1)
+        text = inputs["encoder_hidden_states"]
+        negative = {"encoder_hidden_states": torch.randn(text.shape, generator=generator, device=device, dtype=dtype)}
+        row["calls_per_step"] = 2
+    if args.check:
+        row["check"] = {name: check_static(model, plan, inputs, steps, negative, impl) for name, plan in plans.items()}
+        print(f"  {kind} {size} check: {json.dumps({n: c['max_error_over_std'] for n, c in row['check'].items()})}",
+              flush=True)
+    row.update(eager_stock_ms=eager_ms(calls(model, negative), inputs, steps), modes={})
     for mode_name in args.modes:
         if time.perf_counter() > args.deadline:
             row.setdefault("skipped_modes", []).append(mode_name)
@@ -126,8 +184,8 @@ def run_config(model, kind, size, args, device, dtype) -> dict:
         mode = MODES[mode_name]
         measure = graphed_measure if mode_name == "graph" else compiled_measure
         out = row["modes"][mode_name] = {}
-        out["stock"] = measure(model, inputs, steps, mode, args.backend)
-        out["no_attention"] = measure(model, inputs, steps, mode, args.backend, attention_removed)
+        out["stock"] = measure(model, inputs, steps, mode, args.backend, negative=negative)
+        out["no_attention"] = measure(model, inputs, steps, mode, args.backend, attention_removed, negative=negative)
         share = 1.0 - out["no_attention"]["ms"] / out["stock"]["ms"]
         out["attention_share"] = share
         args.checkpoint(row)
@@ -138,8 +196,8 @@ def run_config(model, kind, size, args, device, dtype) -> dict:
             ditfastattn.apply(model, plan, impl=impl, static=True)
             try:
                 with torch.no_grad():  # the uncompiled generation that builds tables and buffers
-                    step_times(model, inputs, steps[:2])
-                result = measure(model, inputs, steps, mode, args.backend)
+                    step_times(calls(model, negative), inputs, steps[:2])
+                result = measure(model, inputs, steps, mode, args.backend, negative=negative)
             finally:
                 ditfastattn.remove(model)
             result.update(sparsity=sparsity, speedup=out["stock"]["ms"] / result["ms"],
@@ -204,6 +262,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--targets", nargs="*", type=float, default=[0.68], help="synthetic plan sparsities")
     parser.add_argument("--tiles", action="store_true", help="plans with tile windows instead of arrow bands")
+    parser.add_argument("--cfg", action="store_true", help="true CFG: two transformer calls per step")
+    parser.add_argument("--check", action="store_true", help="compare each compiled plan with the dynamic runtime")
     parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no new compile mode after this")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/e2e_compiled.json)")
@@ -220,8 +280,10 @@ def main() -> None:
     args.backend = "aot_eager" if args.smoke else "inductor"
     if args.smoke:
         args.modes = ["compile"]
+    if args.cfg and "graph" in args.modes:
+        parser.error("--cfg runs under torch.compile (--modes compile cudagraphs): a manual capture holds one call")
     folder = HERE.parent / "out" if args.smoke else HERE / "results"
-    name = "e2e_compiled_tiles" if args.tiles else "e2e_compiled"
+    name = "e2e_compiled_tiles" if args.tiles else "e2e_compiled_cfg" if args.cfg else "e2e_compiled"
     args.out = args.out or folder / (f"{name}_smoke.json" if args.smoke else f"{name}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = [(kind, int(size)) for kind, size in (r.split(":") for r in args.runs)]
