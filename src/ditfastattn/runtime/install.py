@@ -171,7 +171,8 @@ def apply(
     takes over at another step, or at none (another ``boundary_ratio`` or scheduler shift), is
     logged once. Changing the experts after ``apply`` (``transformer_2``, or ``boundary_ratio``
     to or from None) is refused at the next generation.
-    Static mode follows both experts too (each expert's compiled graph holds the step counter).
+    Static mode follows both experts too (the step counter is a buffer of each, so each expert's
+    compiled graph advances it); the switch-step log is the dynamic runtime's only.
 
     Cache heads read their layer's output of the previous step, which the runtime keeps only while
     the next step caches, per transformer call of a step. A call that did not run at the previous
