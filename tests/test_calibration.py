@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import itertools
 
@@ -349,6 +351,22 @@ def test_target_sparsity_lands_within_tolerance():
         progress=False,
     )
     assert speedup.methods == plan.methods
+
+
+def test_a_target_missed_by_uncounted_residual_captures_says_why(caplog):
+    # The search counts each step's method alone; the plan's sparsity also counts the windows its
+    # full steps compute for later arrow_residual steps, so the plan lands below the target.
+    pipe = make_pipeline("sd3")
+    search = config("sd3", target_sparsity=0.5, candidates=("full", "arrow_residual:0.25"), num_inference_steps=6,
+                    height=64, width=64)
+    with caplog.at_level(logging.WARNING, logger="ditfastattn"):
+        plan = ditfastattn.calibrate(pipe, prompts("sd3", count=1), search, progress=False)
+    assert plan.summary()["sparsity"] < 0.48
+    assert [r.getMessage() for r in caplog.records if "misses the target" in r.getMessage()] == [
+        f"ditfastattn calibrate: sparsity {plan.summary()['sparsity']:.3f} misses the target 0.500 by more than 0.02 "
+        "(the plan's full steps also compute the windows of the residuals that later arrow_residual steps add, "
+        f"which the search does not count yet); calibrate again with delta={plan.provenance['search']['delta']:.4g} as the "
+        "starting point"]
 
 
 # The testbeds' candidates, at 1024 image tokens where their arrows differ.

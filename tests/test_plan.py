@@ -141,6 +141,23 @@ def test_summary_weights_layers_by_their_flops():
     assert summary["sparsity_per_layer"]["transformer_blocks.0.attn2"] == pytest.approx(0.5)
 
 
+def test_summary_counts_the_window_a_full_step_computes_for_a_later_residual():
+    # Head 0 of the image-only layer: full, full, arrow_residual, arrow_residual, full, cache,
+    # arrow_residual. Its residual is kept at steps 1 and 4 (the last full step before each run),
+    # which compute that window too; step 0 and the cached step keep none.
+    model = tiny_sd3(dual=True)
+    plan = Plan.uniform(model, 7, "full")
+    methods = [[list(h) for h in rows] for rows in plan.methods]
+    for step, method in {2: "arrow_residual:0.25", 3: "arrow_residual:0.25", 5: "cache", 6: "arrow_residual:0.25"}.items():
+        methods[step][1][0] = method
+    summary = Plan(plan.model, methods).summary(num_image_tokens=1024, text_len=7)
+    step_flops = (2 * 1031**2 + 1024**2) * 3
+    window = density(window_blocks(0.25, 1024), 1024, 0) * 1024**2
+    assert window < 1024**2
+    want = [0, -window, 1024**2 - window, 1024**2 - window, -window, 1024**2, 1024**2 - window]
+    assert summary["sparsity_per_step"] == pytest.approx([w / step_flops for w in want])
+
+
 def test_summary_needs_a_resolution():
     plan = Plan.uniform(tiny_flux(), 2, "cache")
     with pytest.raises(ValueError, match="num_image_tokens"):

@@ -143,14 +143,15 @@ def score_paired(pipe, plans, held, steps, seeds, pairs):
     references = {seed: q.images(pipe, held, steps, seed) for seed in seeds}
     scored = q.score_plans(pipe, plans, held, steps, references)
     ssim = {name: np.array(row["ssim"]) for name, row in scored.items()}
-    boot = np.random.default_rng(1).integers(0, len(held), (2000, len(held)))
+    return scored, ssim, {f"{a} - {b}": paired_difference(ssim[a], ssim[b]) for a, b in pairs}
 
-    def paired(a, b):
-        d = ssim[a] - ssim[b]
-        low, high = np.percentile(d[boot].mean(axis=1), [2.5, 97.5])
-        return {"mean": float(d.mean()), "low": float(low), "high": float(high)}
 
-    return scored, ssim, {f"{a} - {b}": paired(a, b) for a, b in pairs}
+def paired_difference(a, b, resamples: int = 2000) -> dict:
+    """Mean of ``a - b`` (per-prompt scores) with a 95% paired bootstrap interval over prompts."""
+    d = np.asarray(a) - np.asarray(b)
+    boot = np.random.default_rng(1).integers(0, len(d), (resamples, len(d)))
+    low, high = np.percentile(d[boot].mean(axis=1), [2.5, 97.5])
+    return {"mean": float(d.mean()), "low": float(low), "high": float(high)}
 
 
 def committed_sensitivity(kind: str, steps: int):

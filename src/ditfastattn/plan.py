@@ -313,7 +313,17 @@ class Plan:
             return known[name, text_len]
 
         texts = [geometry.text_len if layer.text else 0 for layer in self.model.layers]
-        return [[[cost(m, text) for m in heads] for heads, text in zip(rows, texts)] for rows in self.methods]
+        costs = [[[cost(m, text) for m in heads] for heads, text in zip(rows, texts)] for rows in self.methods]
+        # A full step also computes the window of the head's next arrow_residual step (before its next
+        # full step), whose residual (full - arrow) that step adds: the runtime's capture.
+        for layer, text in enumerate(texts):
+            for head in range(self.model.layers[layer].heads):
+                methods = [parse_method(rows[layer][head]) for rows in self.methods]
+                for step, method in enumerate(methods):
+                    later = next((m for m in methods[step + 1:] if m.exact or m.reads_residual), None)
+                    if method.exact and later is not None and later.reads_residual:
+                        costs[step][layer][head] += cost(later.name, text)
+        return costs
 
     def summary(
         self,
@@ -328,7 +338,8 @@ class Plan:
         Keys: ``sparsity`` (overall), ``sparsity_per_step``, ``sparsity_per_layer``,
         ``method_counts``, ``method_share``, ``speedup_estimate`` (ideal attention speed-up
         1 / (1 - sparsity)), and the geometry used (``grid`` and ``tile`` None where unknown). CFG
-        sharing counts as half the cost of its computed part (a CFG batch is assumed). The geometry
+        sharing counts as half the cost of its computed part (a CFG batch is assumed); a full step
+        that keeps a residual for a later ``arrow_residual`` step also counts that window. The geometry
         is the plan's unless given; ``tile:`` windows need the image's ``grid`` (frames, rows, cols).
         """
         geometry = self._resolve(num_image_tokens, text_len, grid, tile)
