@@ -84,7 +84,7 @@ def plot_plan(
         curve = axes[1, 0]
         curve.plot(range(plan.num_steps), summary["sparsity_per_step"], marker=".", color="black")
         curve.set_xlim(-0.5, plan.num_steps - 0.5)
-        curve.set_ylim(0, 1)
+        curve.set_ylim(min(0.0, *summary["sparsity_per_step"]), 1)  # a step keeping residuals removes less than 0
         curve.set_xlabel("denoising step")
         curve.set_ylabel("sparsity")
         curve.grid(alpha=0.3)
