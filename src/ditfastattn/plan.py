@@ -316,7 +316,8 @@ class Plan:
         costs = [[[cost(m, text) for m in heads] for heads, text in zip(rows, texts)] for rows in self.methods]
         # A full step also computes the window of the head's next arrow_residual step (before its next
         # full step), whose residual (full - arrow) that step adds: the runtime's capture.
-        for layer, text in enumerate(texts):
+        residual = {name for name, _ in known if parse_method(name).reads_residual}
+        for layer, text in enumerate(texts if residual else ()):
             for head in range(self.model.layers[layer].heads):
                 methods = [parse_method(rows[layer][head]) for rows in self.methods]
                 for step, method in enumerate(methods):
