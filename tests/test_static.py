@@ -480,3 +480,44 @@ def test_static_mode_reports_a_call_under_compile_that_the_eager_calls_did_not_m
         call(model, 900.0)
     call(model, 900.0)  # reported once
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_static_mode_runs_qwen_image_true_cfg_with_a_shorter_negative_prompt_compiled():
+    # QwenImagePipeline: true CFG as a second call whose prompt has its own length and text mask.
+    # Each call length keeps its token layout; the masks are data. Eager and compiled, every call
+    # as the dynamic runtime's.
+    from test_families import FAMILIES, TEXT, H, W, call as family_call
+
+    family = FAMILIES["qwenimage"]
+    model = family.make()
+    latents = family.latents(torch.Generator().manual_seed(0), 1)
+    text = torch.randn(1, TEXT, family.channels, generator=torch.Generator().manual_seed(1))
+    prompts = [(text, 5), (text[:, :4], 2)]  # (text, real tokens): the negative prompt is shorter
+
+    def generation(transformer, timesteps=TIMESTEPS):
+        return [family_call(transformer, hidden_states=latents, encoder_hidden_states=words,
+                            encoder_hidden_states_mask=(torch.arange(words.shape[1]) < real)[None],
+                            timestep=torch.tensor([t / 1000]), img_shapes=[[(1, H, W)]])
+                for t in timesteps for words, real in prompts]
+
+    plan = with_methods(Plan.uniform(model, STEPS, "full"), lambda step, layer, head: MIXED[(head + layer + step) % 5])
+    stock = generation(model)
+    ditfastattn.apply(model, plan)
+    dynamic = generation(model)
+    ditfastattn.remove(model)
+    ditfastattn.apply(model, plan, static=True, num_image_tokens=H * W)
+    try:
+        for index, (got, want) in enumerate(zip(generation(model), dynamic)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"eager, call {index}")
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+        got = generation(compiled, TIMESTEPS[:1])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got += generation(compiled, TIMESTEPS[1:])
+        for index, (a, b) in enumerate(zip(got, dynamic)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"compiled, call {index}")
+    finally:
+        torch._dynamo.reset()
+        ditfastattn.remove(model)
+    assert not torch.allclose(dynamic[-1], stock[-1], atol=1e-3)
