@@ -455,16 +455,25 @@ def test_fullgraph_compile_with_a_second_call_per_step():
     ditfastattn.remove(model)
     ditfastattn.apply(model, plan, static=True, num_image_tokens=20 * 24)
     generation(model)  # eager: builds the tables, and a second slot at the first second call
+    compiled_calls_match(model, generation, dynamic)
+    assert not torch.allclose(dynamic[3], dynamic[2], atol=1e-3)  # the two calls differ
+    ditfastattn.remove(model)
+
+
+def compiled_calls_match(model, generation, want):
+    """``generation(model, timesteps)`` (every call of those steps) with ``model`` compiled as one
+    graph per call shape: no recompile after the first step, every call as ``want``."""
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
-    got = generation(compiled, TIMESTEPS[:1])
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got += generation(compiled, TIMESTEPS[1:])
-    for index, (a, b) in enumerate(zip(got, dynamic)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {index // 2}, call {index % 2}")
-    assert not torch.allclose(dynamic[3], dynamic[2], atol=1e-3)  # the two calls differ
-    torch._dynamo.reset()
-    ditfastattn.remove(model)
+    try:
+        got = generation(compiled, TIMESTEPS[:1])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got += generation(compiled, TIMESTEPS[1:])
+    finally:
+        torch._dynamo.reset()
+    calls = len(got) // len(TIMESTEPS)
+    for index, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"compiled, step {index // calls}, call {index % calls}")
 
 
 @torch.no_grad()
@@ -510,14 +519,7 @@ def test_static_mode_runs_qwen_image_true_cfg_with_a_shorter_negative_prompt_com
     try:
         for index, (got, want) in enumerate(zip(generation(model), dynamic)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"eager, call {index}")
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
-        got = generation(compiled, TIMESTEPS[:1])
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            got += generation(compiled, TIMESTEPS[1:])
-        for index, (a, b) in enumerate(zip(got, dynamic)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"compiled, call {index}")
+        compiled_calls_match(model, generation, dynamic)
     finally:
-        torch._dynamo.reset()
         ditfastattn.remove(model)
     assert not torch.allclose(dynamic[-1], stock[-1], atol=1e-3)
