@@ -105,8 +105,10 @@ def test_calibration_with_skip_layer_guidance_and_residual_candidates_replays_bi
     # its arrow_residual heads compute exactly, in calibration as in the runtime (a KeyError before).
     pipe = sd3_pipeline()
     prompts = {**embeds(2), **negative_embeds(2)}
+    # Costs that keep arrow_residual cheaper than cfg_share with its capture paid (as at 4096 tokens).
     config = ditfastattn.SearchConfig(delta=0.05, num_inference_steps=6, height=64, width=64, guidance_scale=4.0,
-                                      candidates=("full", "arrow_residual:0.25", "cfg_share"), pipeline_kwargs=SLG)
+                                      candidates=("full", "arrow_residual:0.25", "cfg_share"), pipeline_kwargs=SLG,
+                                      costs={"arrow_residual:0.25": 0.2, "cfg_share": 0.5})
     plan = ditfastattn.calibrate(pipe, [prompts], config, progress=False)
     calibrated = [(r["layer"], r["step"], r["call"], r["out"]) for r in recorder]
     assert "arrow_residual:0.25" in plan.methods[1][0] and any(c[1:3] == (1, 1) for c in calibrated)

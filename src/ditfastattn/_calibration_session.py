@@ -185,6 +185,7 @@ class _CalibrationSession(Session):
         self.delta_for_step = delta_for_step  # (step, session) -> budget; None: config.delta
         self.cached_steps = cached_steps
         self._reuses = np.array([m.reads_previous_output for m in self.candidates])
+        self._residual = np.array([m.reads_residual for m in self.candidates])
         self.step_delta: dict[int, float] = {}
         self.solver_seconds = 0.0  # host time in the programs (reported in the plan's provenance)
         shape = (plan.num_steps, len(plan.model.layers), max(l.heads for l in plan.model.layers), len(self.candidates))
@@ -196,6 +197,8 @@ class _CalibrationSession(Session):
         self.residuals: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
         self.locked: dict[tuple[int, int], float] = {}  # (layer, head) -> residual window since last full
         self.last_full: dict[tuple[int, int], int] = {}  # (layer, head) -> last plain-full step; absent: 0
+        # step -> (layer, head) whose choice there paid for its residual's capture (see _captures)
+        self.charged: dict[int, set[tuple[int, int]]] = {}
         self.geometry: tuple[int, int] | None = None
         self.tiles: TileGrid | None = None  # the image grid of the calls whose resolution the plan records
         self._stock: torch.Tensor | None = None  # the exact output of the layer just scored
@@ -390,6 +393,7 @@ class _CalibrationSession(Session):
             chosen = [parse_method(name) for name in self.forced.methods[step][index]]
         else:
             cost = np.array([self._cost(m, image_tokens, layer_text, tiles) for m in self.candidates])[None, :].repeat(heads, 0)
+            cost += self._captures(index, heads, cost)
             allowed = self._allowed(index, heads, image_tokens, tiles) & np.isfinite(rse)
             if step not in self.step_delta:
                 self.step_delta[step] = (
@@ -405,6 +409,8 @@ class _CalibrationSession(Session):
             self.solver_seconds += time.perf_counter() - started
             chosen = [self.candidates[c] for c in choice]
         for head, method in enumerate(chosen):
+            if method.reads_residual and (index, head) not in self.locked:
+                self.charged.setdefault(step, set()).add((index, head))
             if method.exact:
                 self.locked.pop((index, head), None)
                 self.last_full[(index, head)] = step
@@ -415,6 +421,13 @@ class _CalibrationSession(Session):
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(step=step, refresh=False)
+
+    def _captures(self, layer: int, heads: int, cost: np.ndarray) -> np.ndarray:
+        """(heads, candidates) what each candidate adds for the residual capture: an arrow_residual
+        candidate that would be the head's first since its last exact step also pays for the window
+        that step computes to keep the residual (the runtime's capture; its later ones share it)."""
+        free = np.array([(layer, head) not in self.locked for head in range(heads)])
+        return np.where(free[:, None] & self._residual[None, :], cost, 0.0)
 
     def _cost(self, method: Method, image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
         """A candidate's cost at this resolution: the measured one given in the config, else its FLOP

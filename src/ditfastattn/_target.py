@@ -15,7 +15,7 @@ import numpy as np
 from ._calibration_session import whole_step_cache
 from ._geometry import TileGrid
 from .methods import parse_method
-from .search import choose_many
+from .search import choose, choose_many, solve_priced
 
 if TYPE_CHECKING:
     from .calibration import SearchConfig
@@ -54,14 +54,50 @@ def _allowed(session, by_step: bool) -> np.ndarray:
     return allowed
 
 
-def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cached=None) -> np.ndarray:
+def _charged_computed(rse, cost, flops, deltas, config: SearchConfig, allowed, candidates, locked, whole=None):
+    """The choices at each of ``deltas`` of one layer's steps (``rse``: (steps, heads, candidates))
+    made step by step, as a pass makes them where candidates read a residual: an arrow_residual
+    candidate that would be a head's first since its last exact step also pays for the capture
+    (the pass's ``_captures``), and a head that reads one keeps its window until it next computes
+    exactly. ``locked`` (heads,): each head's residual window at the first of these steps (NaN:
+    none); ``whole`` (steps,) bool: steps cached whole. Returns the FLOP share each head computes
+    (budgets, steps, heads), captures included."""
+    fractions = np.array([m.fraction if m.reads_residual else np.nan for m in candidates])
+    residual, exact = np.isfinite(fractions), np.array([m.exact for m in candidates])
+    state = np.broadcast_to(np.asarray(locked, dtype=np.float64), (len(deltas), rse.shape[1])).copy()
+    computed = np.zeros((len(deltas), *rse.shape[:2]))
+    for step in range(len(rse)):
+        free = np.isnan(state)[..., None] & residual  # (budgets, heads, candidates): would pay the capture
+        if whole is not None and whole[step]:
+            pick = np.broadcast_to(whole_step_cache(rse[step], candidates), state.shape)
+        else:
+            ok = allowed[step] & (~residual | free | (fractions == state[..., None]))
+            paid = cost + np.where(free, cost, 0.0)
+            if config.budget == "generation":  # the exchange rate folded into the errors: one solve
+                with np.errstate(divide="ignore"):  # a budget of 0 leaves only error-free candidates
+                    scaled = np.where(rse[step] == 0, 0.0, rse[step] / np.asarray(deltas, dtype=np.float64)[:, None, None])
+                pick = solve_priced(scaled, paid, 1.0, ok, uniform=config.granularity == "layer")
+            else:
+                pick = np.stack([choose(rse[step], c, float(d), config, a) for d, c, a in zip(deltas, paid, ok)])
+        charged = np.take_along_axis(free, pick[..., None], axis=-1)[..., 0]
+        computed[:, step] = flops[pick] * (1 + charged)
+        state = np.where(exact[pick], np.nan, np.where(residual[pick], fractions[pick], state))
+    return computed
+
+
+def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cached=None, locked=None) -> np.ndarray:
     """(budgets, steps) the sparsity of steps whose ``scores`` (steps, layers, heads, candidates:
     a pass's, or a prediction of them) are solved at each of ``deltas``; ``session`` (a finished
     pass) gives the resolution (its image grid too) and the candidates' costs. ``cached`` (steps,)
-    bool: the steps cached whole (``cache="step"``), where no other step caches."""
+    bool: the steps cached whole (``cache="step"``), where no other step caches. With
+    arrow_residual candidates the steps are solved in order and pay for their captures, from
+    ``locked`` (layers, heads): the residual window each head reads at the first step (NaN: none)."""
     image_tokens, text_len = session.geometry
     tiles, candidates = session.tiles, session.candidates
     allowed = _allowed(session, cached is not None)
+    residual = any(m.reads_residual for m in candidates)
+    if residual and locked is None:
+        locked = np.full(scores.shape[1:3], np.nan)
     kept = np.zeros((len(deltas), len(scores)))
     kept_cached = np.zeros(len(scores))
     total = 0.0
@@ -70,9 +106,14 @@ def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cach
         rse = scores[:, index, : layer.heads]
         cost = np.array([session._cost(m, image_tokens, layer_text, tiles) for m in candidates])
         flops = np.array([m.cost(image_tokens, layer_text, tiles) for m in candidates])
-        choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & allowed)  # (budgets, steps, heads)
         per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
-        kept += per_head * flops[choice].sum(axis=2)
+        if residual:
+            computed = _charged_computed(rse, cost, flops, deltas, config, np.isfinite(rse) & allowed, candidates,
+                                           locked[index, : layer.heads], cached)
+            kept += per_head * computed.sum(axis=2)
+        else:
+            choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & allowed)  # (budgets, steps, heads)
+            kept += per_head * flops[choice].sum(axis=2)
         total += per_head * layer.heads
         if cached is not None:
             whole = whole_step_cache(rse.reshape(-1, rse.shape[-1]), candidates).reshape(rse.shape[:-1])
@@ -107,26 +148,31 @@ def cached_schedule(steps: int, target: float) -> frozenset[int]:
     return frozenset(int(step) for step in every_other[picked])
 
 
-def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
+def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None,
+                  charged=frozenset()) -> float:
     """Fraction of one step's attention FLOPs that ``rows`` (one list of methods per layer) remove;
-    tile windows are counted on the image grid ``tiles``."""
+    tile windows are counted on the image grid ``tiles``; the (layer, head) pairs ``charged`` also
+    pay their residual's capture (their method's cost once more)."""
     kept = total = 0.0
-    for layer, methods in zip(spec.layers, rows):
+    for index, (layer, methods) in enumerate(zip(spec.layers, rows)):
         tokens = image_tokens + (text_len if layer.text else 0)
         layer_text = text_len if layer.text else 0
         per_head = float(tokens * tokens * layer.head_dim)
         total += per_head * layer.heads
-        kept += per_head * sum(parse_method(m).cost(image_tokens, layer_text, tiles) for m in methods)
+        kept += per_head * sum(parse_method(m).cost(image_tokens, layer_text, tiles) * (1 + ((index, head) in charged))
+                               for head, m in enumerate(methods))
     return 1.0 - kept / total
 
 
 def reachable_sparsity(session, spec, config: SearchConfig, cached: frozenset[int] | None = None) -> float:
     """The most sparsity a finished pass's candidates allow: every head of every step after the
-    first at its cheapest candidate that could run there (with ``cached``, the steps cached whole
-    of ``cache="step"``: those cached, no head of the others)."""
+    first at its cheapest candidate that could run there, and the capture at step 0 of a head
+    whose cheapest reads a residual (with ``cached``, the steps cached whole of ``cache="step"``:
+    those cached, no head of the others)."""
     image_tokens, text_len = session.geometry
     candidates = session.candidates
     allowed = _allowed(session, cached is not None)
+    residual = np.array([m.reads_residual for m in candidates])
     whole = np.isin(np.arange(1, session.plan.num_steps), sorted(cached or ()))
     kept = total = 0.0
     for index, layer in enumerate(spec.layers):
@@ -137,7 +183,10 @@ def reachable_sparsity(session, spec, config: SearchConfig, cached: frozenset[in
         cheapest = np.where(np.isfinite(rse) & allowed, flops, np.inf).min(axis=-1)  # (steps - 1, heads)
         if cached is not None:
             cheapest[whole] = flops[whole_step_cache(rse[whole].reshape(-1, rse.shape[-1]), candidates)].reshape(-1, layer.heads)
-        kept += per_head * (layer.heads + cheapest.sum())  # step 0: all full
+        # Only step 0 computes exactly, so a head whose cheapest reads a residual pays one capture there.
+        plain = np.where(np.isfinite(rse) & allowed & ~residual, flops, np.inf).min(axis=-1)
+        capture = np.where(cheapest < plain, cheapest, np.inf).min(axis=0)
+        kept += per_head * (layer.heads + cheapest.sum() + capture[np.isfinite(capture)].sum())  # step 0: all full
         total += per_head * layer.heads * session.plan.num_steps
     return 1.0 - kept / total
 
@@ -203,6 +252,13 @@ class TargetController:
         logger.debug("ditfastattn calibrate: step %d, second-pass over first-pass scores %s", step, np.round(ratios, 3))
         return self.first.rse[step:] * ratios[self.computed[step:].astype(int)]
 
+    def _locked(self, session) -> np.ndarray:
+        """(layers, heads) the residual window each head of the second pass reads so far (NaN: none)."""
+        locked = np.full(self.first.rse.shape[1:3], np.nan)
+        for (layer, head), fraction in session.locked.items():
+            locked[layer, head] = fraction
+        return locked
+
     def _moved(self, shift: int) -> np.ndarray:
         return self.predicted[:, np.clip(np.arange(len(self.deltas)) + shift, 0, len(self.deltas) - 1)]
 
@@ -217,11 +273,13 @@ class TargetController:
     def __call__(self, step: int, session) -> float:
         for done in range(1, step):
             if done not in self.realized:
-                self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry, self.tiles)
+                self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry, self.tiles,
+                                                    session.charged.get(done, frozenset()))
         realized = np.array([self.realized[t] for t in range(1, step)])
         if self.resolve:
             whole = None if self.whole is None else self.whole[step:]
-            rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas, whole).sum(axis=1)
+            rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas, whole,
+                          self._locked(session)).sum(axis=1)
         else:
             shift = self._shift(step, session, realized)
             rest = self._moved(shift)[step:].sum(axis=0)

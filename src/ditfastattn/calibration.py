@@ -441,14 +441,10 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     plan = Plan(spec, session.plan.methods, provenance, scores)
     sparsity = plan.summary()["sparsity"]
     if config.target is not None and abs(sparsity - config.target) > TOLERANCE:
-        if sparsity < config.target and any(parse_method(m).reads_residual for m in config.candidates):
-            why = ("the plan's full steps also compute the windows of the residuals that later arrow_residual "
-                   "steps add, which the search does not count yet")
-        else:
-            why = "the second pass's activations differ from the first's"
         logger.warning(
-            "ditfastattn calibrate: sparsity %.3f misses the target %.3f by more than %g (%s); calibrate again with "
-            "delta=%.4g as the starting point", sparsity, config.target, TOLERANCE, why, found.delta,
+            "ditfastattn calibrate: sparsity %.3f misses the target %.3f by more than %g (the second pass's "
+            "activations differ from the first's); calibrate again with delta=%.4g as the starting point",
+            sparsity, config.target, TOLERANCE, found.delta,
         )
     logger.info("calibrated %s, attention sparsity %.3f", plan, sparsity)
     return plan
