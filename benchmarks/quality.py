@@ -77,6 +77,9 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
         "layer-wise, generation budget + step and head sensitivity, cache per step": {**headed, "cache": "step", "granularity": "layer"},
         "generation budget + step and head sensitivity, cache auto": {**headed, "cache": "auto"},
         "layer-wise, generation budget + step and head sensitivity, cache auto": {**headed, "cache": "auto", "granularity": "layer"},
+        "generation budget + step and head sensitivity, cache auto, AA+OC+RS": {**headed, "cache": "auto", "candidates": SETS["AA+OC+RS"]},
+        "layer-wise, generation budget + step and head sensitivity, cache auto, AA+OC+RS": {
+            **headed, "cache": "auto", "candidates": SETS["AA+OC+RS"], "granularity": "layer"},
         "generation budget + sensitivity": {**generation, "sensitivity": "measured"},
         "generation budget": generation,
         "layer-wise, generation budget": {**generation, "granularity": "layer"},
@@ -100,6 +103,7 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
 ABLATIONS = {
     ("generation budget + step and head sensitivity", "generation budget + step sensitivity"),
     ("generation budget + step and head sensitivity, cache per step", "generation budget + step and head sensitivity"),
+    ("generation budget + step and head sensitivity, cache auto, AA+OC+RS", "generation budget + step and head sensitivity, cache auto"),
 }
 
 # Target checks: name -> SearchConfig changes.
