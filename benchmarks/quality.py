@@ -391,6 +391,9 @@ def markdown(meta: dict, results: dict) -> str:
 PLOTTED = {
     "generation budget + step and head sensitivity, cache auto": ("head-wise, cache auto (recommended)", "k", "-"),
     "layer-wise, generation budget + step and head sensitivity, cache auto": ("layer-wise, cache auto", "k", "--"),
+    "generation budget + step and head sensitivity, cache auto, AA+OC+RS": ("head-wise, cache auto, residual sharing", "C6", "-"),
+    "layer-wise, generation budget + step and head sensitivity, cache auto, AA+OC+RS": (
+        "layer-wise, cache auto, residual sharing", "C6", "--"),
     "generation budget + step and head sensitivity, cache per step": ("head-wise, cache per step", "C2", "-"),
     "layer-wise, generation budget + step and head sensitivity, cache per step": ("layer-wise, cache per step", "C2", "--"),
     "generation budget + step and head sensitivity": ("head-wise, cache per head", "C1", "-"),
