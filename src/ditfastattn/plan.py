@@ -319,11 +319,13 @@ class Plan:
         residual = {name for name, _ in known if parse_method(name).reads_residual}
         for layer, text in enumerate(texts if residual else ()):
             for head in range(self.model.layers[layer].heads):
-                methods = [parse_method(rows[layer][head]) for rows in self.methods]
-                for step, method in enumerate(methods):
-                    later = next((m for m in methods[step + 1:] if m.exact or m.reads_residual), None)
+                later = None  # the head's next exact or residual-reading method after this step
+                for step in reversed(range(self.num_steps)):
+                    method = parse_method(self.methods[step][layer][head])
                     if method.exact and later is not None and later.reads_residual:
                         costs[step][layer][head] += cost(later.name, text)
+                    if method.exact or method.reads_residual:
+                        later = method
         return costs
 
     def summary(
