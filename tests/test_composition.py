@@ -1,13 +1,15 @@
-"""ditfastattn next to what users already have: LoRA, CPU offload, diffusers' attention backends."""
+"""ditfastattn next to what users already have: LoRA, CPU offload, diffusers' attention backends and caches."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-from conftest import flux_pipeline, run_pipeline, sd3_pipeline
+from conftest import HEIGHT, WIDTH, embeds, flux_pipeline, run_pipeline, sd3_pipeline
 
 import ditfastattn
-from ditfastattn import Plan
+from ditfastattn import Plan, SearchConfig, calibrate
 
 STEPS = 3
 
@@ -74,3 +76,96 @@ def test_attention_backend_context_reaches_dense_layers(monkeypatch):
     with attention_backend("_native_math"):
         run_pipeline(pipe, steps=STEPS)
     assert chosen and all(str(name.value) == "_native_math" for name in chosen)
+
+
+def pyramid_attention_broadcast():
+    """Every attention layer runs at every other step only (steps 0, 2, 4, ...)."""
+    from diffusers.hooks import PyramidAttentionBroadcastConfig
+
+    return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                           spatial_attention_timestep_skip_range=(-1, 1001),
+                                           current_timestep_callback=lambda: 500)
+
+
+def diffusers_cache(name: str):
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig, TextKVCacheConfig
+
+    return {
+        "FirstBlockCache": lambda: FirstBlockCacheConfig(threshold=0.9),
+        "PyramidAttentionBroadcast": pyramid_attention_broadcast,
+        "TaylorSeerCache": lambda: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
+        "TextKVCache": TextKVCacheConfig,
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["FirstBlockCache", "PyramidAttentionBroadcast", "TaylorSeerCache", "TextKVCache"])
+def test_diffusers_caches_run_under_a_plan_and_remove_restores(name):
+    steps = 6
+    pipe = flux_pipeline()
+    plain = run_pipeline(pipe, steps=steps)
+    pipe.transformer.enable_cache(diffusers_cache(name))
+    stock = run_pipeline(pipe, steps=steps)
+    assert torch.equal(stock, plain) == (name == "TextKVCache")  # the others skip work, so change the output
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, steps, "full"))
+    assert torch.equal(run_pipeline(pipe, steps=steps), stock)
+    ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, compressed_over(pipe.transformer, steps))
+    compressed_out = run_pipeline(pipe, steps=steps)
+    assert torch.isfinite(compressed_out).all() and not torch.equal(compressed_out, stock)
+    ditfastattn.remove(pipe)
+    assert torch.equal(run_pipeline(pipe, steps=steps), stock)
+
+
+def compressed_over(transformer, steps: int) -> Plan:
+    """Heads that read the past (a cache, a residual) beside full ones, at every step after the first."""
+    model = Plan.uniform(transformer, steps, "full").model
+    kinds = ("full", "cache", "arrow_residual:0.5")
+    return Plan(model, [[[kinds[head % 3] if step else "full" for head in range(layer.heads)] for layer in model.layers]
+                        for step in range(steps)])
+
+
+def test_cache_heads_compute_where_a_diffusers_cache_skipped_their_layer_the_step_before(caplog):
+    steps = 6
+    pipe = flux_pipeline()
+    pipe.transformer.enable_cache(pyramid_attention_broadcast())
+    stock = run_pipeline(pipe, steps=steps)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, steps, "cache"))
+    with caplog.at_level(logging.WARNING, logger="ditfastattn"):
+        cached = run_pipeline(pipe, steps=steps)
+        run_pipeline(pipe, steps=steps)
+    # The 3 layers run at steps 0, 2 and 4 only; at 2 and 4 their cache heads find no output of the
+    # step before and compute, exactly as stock.
+    assert torch.equal(cached, stock)
+    said = [record.getMessage() for record in caplog.records if "had not run at the step before" in record.getMessage()]
+    assert len(said) == 1  # once, not per generation
+    assert said[0].startswith("6 layer-steps") and "PyramidAttentionBroadcast on pipe.transformer" in said[0]
+    ditfastattn.remove(pipe)
+
+
+def test_static_mode_refuses_a_layer_skipping_cache():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = flux_pipeline()
+    pipe.transformer.enable_cache(pyramid_attention_broadcast())
+    plan = Plan.uniform(pipe.transformer, STEPS, "cache")
+    with pytest.raises(ValueError, match=r"PyramidAttentionBroadcast enabled.*without static=True.*disable_cache\(\)"):
+        ditfastattn.apply(pipe, plan, static=True, num_image_tokens=1024)
+    assert not hasattr(pipe.transformer, "_ditfastattn_session")  # refused before anything changed
+    pipe.transformer.disable_cache()
+    ditfastattn.apply(pipe, plan, static=True, num_image_tokens=1024)
+    run_pipeline(pipe, steps=STEPS)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.9))  # after apply: refused at the next generation
+    with pytest.raises(ValueError, match="FirstBlockCache enabled"):
+        run_pipeline(pipe, steps=STEPS)
+    ditfastattn.remove(pipe)
+
+
+def test_calibrate_refuses_a_layer_skipping_cache_before_any_pass():
+    pipe = flux_pipeline()
+    pipe.transformer.enable_cache(pyramid_attention_broadcast())
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    config = SearchConfig(num_inference_steps=STEPS, pipeline_kwargs={"height": HEIGHT, "width": WIDTH})
+    with pytest.raises(ValueError, match=r"pipe.transformer has diffusers' PyramidAttentionBroadcast.*pipe.transformer.disable_cache\(\)"):
+        calibrate(pipe, [embeds(1)], config, progress=False)
+    assert not calls

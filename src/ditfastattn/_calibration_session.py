@@ -635,6 +635,10 @@ def run_pass(
     first = max(replay[1], 1) if replay is not None else 1  # step 0 decides nothing; replayed steps run nothing
     missing = (steps - first) * len(spec.layers) - len(session.decided)
     if missing:
-        raise RuntimeError(f"calibration decided only {len(session.decided)} layer-steps; {missing} were never run")
+        raise RuntimeError(
+            f"calibration decided only {len(session.decided)} layer-steps; {missing} were never run: calibration "
+            "measures every attention layer at every step, so remove what skips layers or blocks first (a diffusers "
+            "cache: transformer.disable_cache())"
+        )
     # Image pipelines return the latents as ``.images``, diffusers' video pipelines as ``.frames``.
     return session, output.frames if hasattr(output, "frames") else output.images

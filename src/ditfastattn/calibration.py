@@ -27,7 +27,9 @@ from .adapters import adapter_for, check_cfg_sharing
 from .methods import parse_method
 from .plan import Plan
 from .runtime import _transformer_of
+from .runtime.caches import named, refuse_layer_skipping_caches
 from .runtime.parallel import context_parallel
+from .runtime.session import experts_of
 from .ops import IMPLEMENTATIONS
 from .search import fit_delta
 from .sensitivity import KINDS as SENSITIVITY_KINDS
@@ -352,6 +354,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     transformer, pipeline = _transformer_of(pipe)
     if pipeline is None:
         raise TypeError("calibrate needs the pipeline (it runs a denoising pass), not only its transformer")
+    refuse_layer_skipping_caches(named(experts_of(transformer, pipeline), pipeline),
+                                 "calibration measures every layer at every step")
     if isinstance(prompts, (str, dict)):
         prompts = [prompts]
     kwargs, prompts_hash = prompt_kwargs(prompts)

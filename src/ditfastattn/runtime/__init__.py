@@ -5,6 +5,7 @@
 - :mod:`.routing`: whether full heads of mixed layers run on dense SDPA;
 - :mod:`.session`: the dynamic session (step tracking on the host, buffers, residuals, CFG sharing);
 - :mod:`.static`: the static session (device-side step counter and mode tables, for torch.compile);
+- :mod:`.caches`: diffusers' own caches next to a plan (which skip layers, where that is refused);
 - :mod:`.install`: ``apply`` / ``remove`` and the hooks.
 """
 

@@ -13,7 +13,7 @@ from ..adapters import adapter_for, check_cfg_sharing, dispatch
 from ..plan import Plan, _is_int
 from . import parallel
 from .session import Session, experts_of, logger
-from .static import StaticSession
+from .static import StaticSession, refuse_static_caches
 
 _SESSION_ATTR = "_ditfastattn_session"
 
@@ -234,6 +234,8 @@ def apply(
         tokens = num_image_tokens or plan.provenance.get("num_image_tokens")
         if not tokens:
             raise ValueError("static=True needs num_image_tokens= (e.g. FLUX 1024x1024: 4096) or a plan that records it")
+        transformer, pipe = _transformer_of(pipe_or_transformer)
+        refuse_static_caches(experts_of(transformer, pipe), pipe)
         install(pipe_or_transformer, plan, impl, StaticSession, cache_budget=budget, num_image_tokens=int(tokens))
     else:
         install(pipe_or_transformer, plan, impl, cache_budget=budget)

@@ -18,6 +18,7 @@ from .._geometry import TileGrid
 from ..model import TokenLayout
 from ..plan import Plan, PlanMismatchError
 from .budget import _size, fit_cache_budget
+from .caches import layer_skipping_cache, named
 from .routing import attend_dense
 from .rows import _compile_rows, _Row, cache_heads
 
@@ -186,6 +187,8 @@ class LayerRuntime:
         missing = set()
         if row.cache_heads and (slot is None or slot.out is None or slot.step != session.step - 1):
             missing.update(row.cache_heads)
+            if slot is not None and slot.step is not None and slot.step < session.step - 1:
+                session.skipped_layer_steps += 1  # ran in this slot before, not at the step before
         if row.residual_from:
             captured = slot.captured if slot is not None else {}
             missing.update(head for head, step in row.residual_from if captured.get(head) != step)
@@ -272,6 +275,8 @@ class Session:
         self._expert: torch.nn.Module | None = None  # the one of the last call
         self.switch_steps: list[int] = []  # the steps another expert took over at, this generation
         self._switch_warned = False
+        self.skipped_layer_steps = 0  # this generation's: see _report_skipped_layers
+        self._skipped_said = False
         self.pipe = None
         self.scheduler_hook: _SchedulerHook | None = None
         self._parameters = tuple(inspect.signature(transformer.forward).parameters)
@@ -482,14 +487,31 @@ class Session:
     def end_call(self, module, args, kwargs, output) -> None:
         if self.step == self.plan.num_steps - 1:
             self._check_switches()
+            self._report_skipped_layers()
             for layer in self.layers:
                 layer.free(self.call)
+
+    def _report_skipped_layers(self) -> None:
+        """Say once when layers that the plan caches at some step had not run at the step before
+        (a diffusers cache such as FirstBlockCache skipping them): their cache heads computed."""
+        if not self.skipped_layer_steps or self._skipped_said:
+            return
+        self._skipped_said = True
+        caches = [f"diffusers' {cache} on {name}" for name, model in named(self.experts, self.pipe).items()
+                  if (cache := layer_skipping_cache(model)) is not None]
+        why = ", ".join(caches) or "a hook that skips them"
+        logger.warning(
+            "%d layer-steps of this generation computed their cache heads because the layer had not run at the step "
+            "before (%s): exact, but the plan removed less attention than its sparsity says", self.skipped_layer_steps,
+            why,
+        )
 
     def _start_generation(self) -> None:
         if self._running and not self._checked and self.step < self.plan.num_steps - 1:
             warn_short_generation(self.step + 1, self.plan.num_steps)
         self._running, self._checked, self._counted = True, self._counted, False
         self.step, self.call, self._new_generation = self._first_step(), 0, False
+        self.skipped_layer_steps = 0
         self.switch_steps = []
         for layer in self.layers:
             layer.free()

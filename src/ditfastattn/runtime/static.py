@@ -11,6 +11,7 @@ from ..methods import parse_method
 from ..model import TokenLayout
 from ..plan import Plan
 from . import routing
+from .caches import named, refuse_layer_skipping_caches
 from .rows import _compile_rows
 from .session import CallGeometry, LayerRuntime, Session, _too_many_steps, full_head_cost, logger, warn_short_generation
 
@@ -25,6 +26,16 @@ _FRESH = "_ditfastattn_fresh"  # whether this call's slot ran at the previous st
 _EXTRA_CALL, _EXTRA_STEP, _SHORT_GENERATION = 1, 2, 4
 # A slot that never ran: no step is one after it.
 _NEVER = -2
+
+
+def refuse_static_caches(experts, pipe) -> None:
+    """Static mode's freshness is per call slot, not per layer: refuse diffusers' caches that skip
+    layers (before apply changes anything, and at each eager generation start)."""
+    refuse_layer_skipping_caches(
+        named(experts, pipe), "static mode reads a caching layer's last output as the previous step's",
+        "run the plan without static=True (the dynamic runtime composes with it: ditfastattn.remove(), then apply "
+        "again), or ",
+    )
 
 
 def _normal_tensors():
@@ -393,6 +404,7 @@ class StaticSession(Session):
             value_, last_, step_, call_ = torch.cat([value, last, step.to(last.dtype), next_call.to(last.dtype)]).tolist()
             if value_ > last_:
                 self.check_experts()
+                refuse_static_caches(self.experts, self.pipe)
             self._check_call(value_, last_, step_)
             if call_ >= self.calls_per_step:
                 self._add_call_slots(int(call_) + 1)
