@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -37,6 +34,7 @@ from ditfastattn import Plan, SearchConfig, calibrate
 from ditfastattn.testbed import pipeline as testbed_pipeline
 from ditfastattn.testbed.data import load_prompts, sample_captions
 from ditfastattn.testbed.pipeline import load_pipeline
+from e2e import environment
 
 # 1024 image tokens are 8 blocks: the paper's 1/8..1/32 windows all collapse to the diagonal block.
 ARROWS = ("arrow:0.5", "arrow:0.25", "arrow:0.125")
@@ -355,10 +353,36 @@ def statistics(result: dict, resamples: int) -> dict:
     return result
 
 
+def counterpart(curve: str) -> str:
+    """The layer-wise form of a head-wise curve's search."""
+    return curve.replace("head-wise", "layer-wise", 1) if curve.startswith("head-wise") else f"layer-wise, {curve}"
+
+
+# The paired differences' tables, in order: each takes the comparisons (head-wise curve, other
+# curve) that no earlier one took.
+DIFFERENCE_SECTIONS = (
+    ("head-wise against layer-wise, the same search", lambda a, b: b == counterpart(a)),
+    ("against the baselines", lambda a, b: b in ("uniform window", "step cache")),
+    ("ablations", lambda a, b: (a, b) in ABLATIONS),
+    ("head-wise against the other layer-wise searches", lambda a, b: True),
+)
+
+# What each merged run's meta keeps in the merged file's list of runs.
+RUN_KEYS = ("date", "device", "torch", "diffusers", "ditfastattn", "commit", "seconds")
+
+
+def runs(meta: dict) -> list[dict]:
+    """The runs a quality JSON's rows come from (one, unless it was merged with --render)."""
+    return meta.get("runs") or [{key: meta.get(key) for key in RUN_KEYS}]
+
+
 def markdown(meta: dict, results: dict) -> str:
+    dates = sorted({run["date"][:10] for run in runs(meta)})
+    devices = ", ".join(sorted({run["device"] for run in runs(meta)}))
     lines = [
         f"Testbeds, {meta['steps']} steps, {meta['calibration_prompts']} calibration prompts, {meta['heldout']} held-out "
-        f"prompts (grammar seed {meta['heldout_seed']}) x seeds {meta['seeds']}, {meta['device']}, {meta['date']}.",
+        f"prompts (grammar seed {meta['heldout_seed']}) x seeds {meta['seeds']}, {devices}, "
+        f"{' to '.join((dates[0], dates[-1])) if len(dates) > 1 else dates[0]}.",
         "SSIM against full attention, interpolated at matched attention sparsity; [95% bootstrap interval over prompts].",
         "",
     ]
@@ -373,11 +397,18 @@ def markdown(meta: dict, results: dict) -> str:
             for curve, per in result[metric].items():
                 lines.append(f"| {curve} | " + " | ".join(cell(per[str(at)], digits) for at in AT) + " |")
             lines.append("")
-        lines += [f"### {kind}: SSIM differences (paired)", "", "| comparison | " + " | ".join(map(str, AT)) + " |",
-                  "|---" * (len(AT) + 1) + "|"]
-        for name, per in result["ssim_differences"].items():
-            lines.append(f"| {name} | " + " | ".join(cell(per[str(at)]) for at in AT) + " |")
-        lines += ["", f"### {kind}: target sparsity (two passes)", "", "| target | reached | first-pass delta | fitted delta | predicted |",
+        remaining = dict(result["ssim_differences"])
+        for title, belongs in DIFFERENCE_SECTIONS:
+            rows = {name: per for name, per in remaining.items() if belongs(*name.split(" - ", 1))}
+            if not rows:
+                continue
+            lines += [f"### {kind}: SSIM differences (paired), {title}", "", "| comparison | " + " | ".join(map(str, AT)) + " |",
+                      "|---" * (len(AT) + 1) + "|"]
+            for name, per in rows.items():
+                lines.append(f"| {name} | " + " | ".join(cell(per[str(at)]) for at in AT) + " |")
+                del remaining[name]
+            lines.append("")
+        lines += [f"### {kind}: target sparsity (two passes)", "", "| target | reached | first-pass delta | fitted delta | predicted |",
                   "|---|---|---|---|---|"]
         for target, row in result["targets"].items():
             lines.append(f"| {target} | {row['sparsity']:.3f} | {row['first_pass_delta']:g} | {row['delta']:.4g} | {row['predicted_sparsity']:.3f} |")
@@ -470,7 +501,9 @@ def main() -> None:
     out = Path(args.out)
     if args.render:
         loaded = [json.loads(path.read_text()) for path in args.render]
-        meta = {**loaded[0]["meta"], "seconds": sum(d["meta"]["seconds"] for d in loaded)}
+        merged_runs = [run for data in loaded for run in runs(data["meta"])]
+        meta = {**loaded[0]["meta"], "date": max(run["date"] for run in merged_runs),
+                "seconds": sum(d["meta"]["seconds"] for d in loaded), "runs": merged_runs}
         merged: dict[str, dict] = {}
         for data in loaded:  # later files add curves to (or replace curves of) earlier ones
             for kind, result in data["results"].items():
@@ -493,12 +526,7 @@ def main() -> None:
 
     def meta():
         return {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "diffusers": diffusers.__version__,
-            "ditfastattn": ditfastattn.__version__,
+            **environment(torch.device(args.device)),
             "steps": args.steps,
             "calibration_prompts": args.prompts,
             "heldout": args.heldout,
