@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import HEIGHT, WIDTH, embeds, flux_pipeline, run_pipeline, sd3_pipeline
+from conftest import HEIGHT, WIDTH, embeds, flux_pipeline, negative_embeds, run_pipeline, sd3_pipeline
 
 import ditfastattn
 from ditfastattn import Plan, SearchConfig, calibrate
@@ -169,3 +169,23 @@ def test_calibrate_refuses_a_layer_skipping_cache_before_any_pass():
     with pytest.raises(ValueError, match=r"pipe.transformer has diffusers' PyramidAttentionBroadcast.*pipe.transformer.disable_cache\(\)"):
         calibrate(pipe, [embeds(1)], config, progress=False)
     assert not calls
+
+
+def test_a_pag_pipeline_is_refused_before_denoising_and_naming_the_way_without_pag():
+    from diffusers import StableDiffusion3PAGPipeline, StableDiffusion3Pipeline
+
+    stock_pipe = sd3_pipeline()
+    pag = StableDiffusion3PAGPipeline.from_pipe(stock_pipe, pag_applied_layers=["blocks.1"])
+    ditfastattn.apply(pag, Plan.uniform(pag.transformer, STEPS, "arrow:0.5"))
+    steps = []
+    pag.transformer.register_forward_hook(lambda *args: steps.append(1))
+    with pytest.raises(RuntimeError, match=r"PAGCFGJointAttnProcessor2_0\): this is a perturbed-attention guidance.*from_pipe"):
+        pag(num_inference_steps=STEPS, height=HEIGHT, width=WIDTH, guidance_scale=4.0, pag_scale=3.0, output_type="pt",
+            **embeds(1), **negative_embeds(1))
+    assert not steps  # refused at the first call's start
+    ditfastattn.remove(pag)
+    plain = StableDiffusion3Pipeline.from_pipe(pag)  # the way the error names
+    expected = run_pipeline(plain, steps=STEPS)
+    ditfastattn.apply(plain, Plan.uniform(plain.transformer, STEPS, "full"))
+    assert torch.equal(run_pipeline(plain, steps=STEPS), expected)
+    ditfastattn.remove(plain)

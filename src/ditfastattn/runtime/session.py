@@ -562,9 +562,16 @@ class Session:
             current = module.processor
             if current is processor or (not exact and isinstance(current, stock)):
                 continue
+            replaced = f"{name}'s attention processor was replaced after ditfastattn.apply (now {type(current).__name__}"
+            if type(current).__name__.startswith("PAG"):
+                # diffusers' PAG pipelines set these on their pag_applied_layers at every call.
+                raise RuntimeError(
+                    f"{replaced}): this is a perturbed-attention guidance (PAG) pipeline, which runs its own processors "
+                    "on its pag_applied_layers, and ditfastattn does not run under PAG; call ditfastattn.remove(), or "
+                    "apply the plan to the same components without PAG (StableDiffusion3Pipeline.from_pipe(pipe))"
+                )
             raise RuntimeError(
-                f"{name}'s attention processor was replaced after ditfastattn.apply (now {type(current).__name__}: "
-                "fuse_qkv_projections or set_attn_processor?), so the plan would no longer run there; call "
+                f"{replaced}: fuse_qkv_projections or set_attn_processor?), so the plan would no longer run there; call "
                 "ditfastattn.remove() first, then apply the plan again (ditfastattn works with diffusers' stock "
                 "processors, unfused)"
             )
