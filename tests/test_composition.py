@@ -53,6 +53,20 @@ def test_model_cpu_offload():
     ditfastattn.remove(pipe)
 
 
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading(offload_type):
+    reference = flux_pipeline()
+    ditfastattn.apply(reference, compressed(reference.transformer))
+    expected = run_pipeline(reference, steps=STEPS)
+    pipe = flux_pipeline()
+    cpu = torch.device("cpu")  # the hooks move the groups the same way between any two devices
+    pipe.transformer.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type=offload_type,
+                                          num_blocks_per_group=1)
+    ditfastattn.apply(pipe, compressed(pipe.transformer))
+    assert torch.equal(run_pipeline(pipe, steps=STEPS), expected)
+    ditfastattn.remove(pipe)
+
+
 def test_attention_backend_context_reaches_dense_layers(monkeypatch):
     from diffusers.models import attention_dispatch
     from diffusers.models.attention_dispatch import attention_backend
