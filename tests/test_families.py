@@ -438,3 +438,53 @@ def test_a_plan_runs_under_inference_mode_as_without(family):
     with torch.inference_mode():
         got = generate(pipe)
     assert torch.equal(got, want)
+
+
+def score_skipped_first_block(transformer, blocks: str) -> None:
+    """What diffusers' perturbed-attention guider puts on a layer for its perturbed call: the
+    attention's scores skipped (the output is the values), by a torch function mode on F.sdpa; on
+    the first of ``blocks``."""
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    apply_layer_skip(transformer, LayerSkipConfig(indices=[0], fqn=blocks, skip_attention=False,
+                                                  skip_attention_scores=True, skip_ff=False))
+
+
+# The families diffusers' layer skip supports, and their blocks of joint attention.
+SCORE_SKIP_BLOCKS = {"qwenimage": "transformer_blocks", "zimage": "layers", "hunyuanimage": "transformer_blocks"}
+
+
+@pytest.mark.parametrize("name", list(SCORE_SKIP_BLOCKS))
+def test_a_layer_under_diffusers_attention_score_skip_runs_stock_whatever_the_plan(name):
+    pipe = MiniPipeline(FAMILIES[name])
+    compressed = Plan.uniform(pipe.transformer, STEPS, "arrow:0.5")
+    ditfastattn.apply(pipe.transformer, compressed)
+    without_skip = generate(pipe)
+    ditfastattn.remove(pipe.transformer)
+    score_skipped_first_block(pipe.transformer, SCORE_SKIP_BLOCKS[name])
+    stock = generate(pipe)
+    skipped = {index for index, layer in enumerate(compressed.model.layers)
+               if layer.name.startswith(f"{SCORE_SKIP_BLOCKS[name]}.0.")}
+    assert len(skipped) == 1
+    first_full = Plan(compressed.model, [[["full"] * len(heads) if index in skipped else list(heads)
+                                          for index, heads in enumerate(step)] for step in compressed.methods])
+    outputs = []
+    for plan in (Plan.uniform(pipe.transformer, STEPS, "full"), compressed, first_full):
+        ditfastattn.apply(pipe.transformer, plan)
+        outputs.append(generate(pipe))
+        ditfastattn.remove(pipe.transformer)
+    assert torch.equal(outputs[0], stock)
+    # The skipped layer's output is its values whatever its heads' methods; the others still compress.
+    assert torch.equal(outputs[1], outputs[2]) and not torch.equal(outputs[1], stock)
+    assert not torch.equal(outputs[1], without_skip)
+
+
+def test_static_mode_refuses_diffusers_attention_score_skip():
+    pipe = MiniPipeline(FAMILIES["qwenimage"])
+    score_skipped_first_block(pipe.transformer, SCORE_SKIP_BLOCKS["qwenimage"])
+    ditfastattn.apply(pipe.transformer, Plan.uniform(pipe.transformer, STEPS, "arrow:0.5"), static=True,
+                      num_image_tokens=H * W)
+    with pytest.raises(NotImplementedError, match=r"transformer_blocks.0.attn: static mode does not run under diffusers' "
+                                                  "attention-score skip"):
+        generate(pipe)
+    ditfastattn.remove(pipe.transformer)

@@ -6,6 +6,7 @@
 - :mod:`.session`: the dynamic session (step tracking on the host, buffers, residuals, CFG sharing);
 - :mod:`.static`: the static session (device-side step counter and mode tables, for torch.compile);
 - :mod:`.caches`: diffusers' own caches next to a plan (which skip layers, where that is refused);
+- :mod:`.layer_skip`: diffusers' attention-score skip (perturbed-attention guidance) runs stock;
 - :mod:`.install`: ``apply`` / ``remove`` and the hooks.
 """
 

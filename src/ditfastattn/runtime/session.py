@@ -19,6 +19,7 @@ from ..model import TokenLayout
 from ..plan import Plan, PlanMismatchError
 from .budget import _size, fit_cache_budget
 from .caches import layer_skipping_cache, named
+from .layer_skip import attention_scores_skipped
 from .routing import attend_dense
 from .rows import _compile_rows, _Row, cache_heads
 
@@ -142,6 +143,8 @@ class LayerRuntime:
         says why this call can run only the stock attention (an input the op cannot express).
         """
         session = self.session
+        if attention_scores_skipped():  # the identity on v, which the stock call gives (see .layer_skip)
+            return dense()
         geometry = self.geometry = CallGeometry.of(q.shape[1], text_start, text_len, layout, key_padding)
         if not geometry.simple:
             session.check_layout_support(self)

@@ -12,6 +12,7 @@ from ..model import TokenLayout
 from ..plan import Plan
 from . import routing
 from .caches import named, refuse_layer_skipping_caches
+from .layer_skip import attention_scores_skipped
 from .rows import _compile_rows
 from .session import CallGeometry, LayerRuntime, Session, _too_many_steps, full_head_cost, logger, warn_short_generation
 
@@ -188,6 +189,11 @@ class _StaticLayer(LayerRuntime):
         if dense_only:
             what = dense_only if isinstance(dense_only, str) else "attention masks or context parallelism"
             raise NotImplementedError(f"{self.name}: static mode does not support {what}; apply without static=True")
+        if not torch.compiler.is_compiling() and attention_scores_skipped():
+            raise NotImplementedError(
+                f"{self.name}: static mode does not run under diffusers' attention-score skip (perturbed-attention or "
+                "skip-layer guidance with skip_attention_scores); apply without static=True"
+            )
         # Shapes are fixed: the geometry of the eager calls serves the compiled ones of the same length
         # (a step's calls may differ: CFG's negative prompt of another length); the padding mask is
         # each call's own (prompts change it).
