@@ -189,11 +189,6 @@ class _StaticLayer(LayerRuntime):
         if dense_only:
             what = dense_only if isinstance(dense_only, str) else "attention masks or context parallelism"
             raise NotImplementedError(f"{self.name}: static mode does not support {what}; apply without static=True")
-        if not torch.compiler.is_compiling() and attention_scores_skipped():
-            raise NotImplementedError(
-                f"{self.name}: static mode does not run under diffusers' attention-score skip (perturbed-attention or "
-                "skip-layer guidance with skip_attention_scores); apply without static=True"
-            )
         # Shapes are fixed: the geometry of the eager calls serves the compiled ones of the same length
         # (a step's calls may differ: CFG's negative prompt of another length); the padding mask is
         # each call's own (prompts change it).
@@ -228,6 +223,11 @@ class _StaticLayer(LayerRuntime):
             self._check_grid(geometry.layout.tile_grid())
         if self.stock:
             return dense()
+        if not torch.compiler.is_compiling() and attention_scores_skipped():
+            raise NotImplementedError(
+                f"{self.name}: static mode does not run under diffusers' attention-score skip (perturbed-attention or "
+                "skip-layer guidance with skip_attention_scores); apply without static=True"
+            )
         session = self.session
         step = session.step_tensor()
         module, impl = self.module, session.impl
