@@ -33,6 +33,7 @@ def main():
     p.add_argument("--target", type=float, default=0.6)
     p.add_argument("--cache", default="auto")
     p.add_argument("--candidates", default="AA+OC", choices=list(q.SETS), help="the candidate set (quality.py's SETS)")
+    p.add_argument("--add", default="", help="semicolon-separated candidates added to the set, e.g. arrow:0.75")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--seeds", default="1,2")
@@ -44,7 +45,8 @@ def main():
     cal = q.calibration_prompts(8, 2026)
     held = q.heldout_prompts(2026)[: args.heldout]
     seeds = [int(s) for s in args.seeds.split(",")]
-    base = recommended_search(args.kind, args.steps, args.target, cache=args.cache, candidates=q.SETS[args.candidates])
+    candidates = q.SETS[args.candidates] + tuple(name for name in args.add.split(";") if name)
+    base = recommended_search(args.kind, args.steps, args.target, cache=args.cache, candidates=candidates)
     plans, seconds = {}, {}
     for gran in ("head", "layer"):
         t0 = time.perf_counter()
@@ -54,7 +56,7 @@ def main():
     scored, ssim, differences = score_paired(pipe, plans, held, args.steps, seeds, [("head", "layer")])
     result = {
         "meta": {**environment(torch.device(args.device)), "kind": args.kind, "target": args.target, "cache": args.cache,
-                 "candidates": args.candidates,
+                 "candidates": args.candidates, "added": args.add,
                  "steps": args.steps, "heldout": len(held), "seeds": seeds, "calibration_seconds": seconds,
                  "seconds": round(time.perf_counter() - started, 1)},
         "plans": {k: {"sparsity": r["sparsity"], "ssim": float(np.mean(r["ssim"])), "psnr": float(np.mean(r["psnr"])),
