@@ -203,3 +203,20 @@ def test_a_pag_pipeline_is_refused_before_denoising_and_naming_the_way_without_p
     ditfastattn.apply(plain, Plan.uniform(plain.transformer, STEPS, "full"))
     assert torch.equal(run_pipeline(plain, steps=STEPS), expected)
     ditfastattn.remove(plain)
+
+
+def test_a_torch_compile_wrapper_is_refused_naming_compile_in_place():
+    pipe = flux_pipeline()
+    plan = compressed(pipe.transformer)
+    ditfastattn.apply(pipe, plan)
+    expected = run_pipeline(pipe, steps=STEPS)
+    ditfastattn.remove(pipe)
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    with pytest.raises(TypeError, match=r"torch.compile's wrapper \(OptimizedModule\) of a FluxTransformer2DModel.*"
+                                        r"pipe.transformer._orig_mod.*pipe.transformer.compile"):
+        ditfastattn.apply(pipe, plan)
+    pipe.transformer = pipe.transformer._orig_mod  # the way the error names
+    ditfastattn.apply(pipe, plan)
+    pipe.transformer.compile(backend="eager")  # the dynamic runtime: the compiler breaks the graph at its hooks
+    assert torch.equal(run_pipeline(pipe, steps=STEPS), expected)
+    ditfastattn.remove(pipe)

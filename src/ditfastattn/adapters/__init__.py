@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from .. import model
 from ..methods import parse_method
 from . import sd3
@@ -86,6 +88,14 @@ def _match(transformer) -> Adapter:
     for adapter in _ADAPTERS:
         if adapter.matches(transformer):
             return adapter
+    inner = getattr(transformer, "_orig_mod", None)  # torch.compile(model)'s wrapper
+    if isinstance(inner, torch.nn.Module) and any(adapter.matches(inner) for adapter in _ADAPTERS):
+        raise TypeError(
+            f"this is torch.compile's wrapper ({type(transformer).__name__}) of a {type(inner).__name__}, whose "
+            "attention ditfastattn cannot reach: put the model back (pipe.transformer = pipe.transformer._orig_mod), "
+            "apply the plan, then compile in place (pipe.transformer.compile(...); apply with static=True for one "
+            "graph per generation)"
+        )
     supported = ", ".join(adapter.MODEL_CLASS for adapter in _ADAPTERS)
     missing = f"; this diffusers lacks {', '.join(sorted(_missing))} (upgrade diffusers)" if _missing else ""
     raise TypeError(
