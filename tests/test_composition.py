@@ -220,3 +220,52 @@ def test_a_torch_compile_wrapper_is_refused_naming_compile_in_place():
     pipe.transformer.compile(backend="eager")  # the dynamic runtime: the compiler breaks the graph at its hooks
     assert torch.equal(run_pipeline(pipe, steps=STEPS), expected)
     ditfastattn.remove(pipe)
+
+
+def modular_sd3():
+    """diffusers' modular SD3 denoising with its CFG guider, which calls the transformer once per condition."""
+    import warnings
+
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+        StableDiffusion3T2ICoreDenoiseStep)
+
+    base = sd3_pipeline()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # guiders are experimental
+        pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+        pipe.update_components(transformer=base.transformer, scheduler=base.scheduler,
+                               guider=ClassifierFreeGuidance(guidance_scale=4.0))
+    return pipe
+
+
+def run_modular(pipe, batch: int = 1) -> torch.Tensor:
+    positive, negative = embeds(batch), negative_embeds(batch)
+    return pipe(**positive, **negative, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(0), output="latents")
+
+
+def test_a_modular_pipeline_with_a_guider_runs_a_plan_and_remove_restores():
+    pipe = modular_sd3()
+    stock = run_modular(pipe)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    assert torch.equal(run_modular(pipe), stock)
+    ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, compressed(pipe.transformer))
+    out = run_modular(pipe)
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
+    ditfastattn.remove(pipe)
+    assert torch.equal(run_modular(pipe), stock)
+
+
+def test_cfg_share_is_refused_where_a_guider_calls_once_per_condition():
+    pipe = modular_sd3()
+    plan = Plan.uniform(pipe.transformer, STEPS, "cfg_share")
+    with pytest.raises(ValueError, match=r"guider \(ClassifierFreeGuidance\) calls the transformer once per condition"):
+        ditfastattn.apply(pipe, plan)
+    # Given the transformer alone, the pipeline is unseen: a step's second call of the first's batch
+    # (two prompts: an even batch, which the halves would split across prompts) is refused.
+    ditfastattn.apply(pipe.transformer, plan)
+    with pytest.raises(ValueError, match=r"called the transformer again at step 0 on a batch of 2, as its first call"):
+        run_modular(pipe, batch=2)
+    ditfastattn.remove(pipe.transformer)

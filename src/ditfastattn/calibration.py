@@ -360,7 +360,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         prompts = [prompts]
     kwargs, prompts_hash = prompt_kwargs(prompts)
     adapter = adapter_for(transformer, context_parallel=context_parallel(transformer))  # Ulysses: run_pass checks it
-    check_cfg_sharing(adapter, config.candidates)
+    check_cfg_sharing(adapter, config.candidates, pipeline)
     spec = adapter.describe(transformer)
     call = _pipeline_call(pipe, config, kwargs)
     # Prompt dicts may set the guidance too; unset, it is the pipeline's default. (An odd batch that

@@ -303,7 +303,7 @@ def _check_cfg(pipe, method_names, guidance_scale) -> None:
     if not any(parse_method(name).shares_cfg for name in method_names):
         return
     try:
-        check_cfg_sharing(adapter_for(pipe.transformer), method_names)
+        check_cfg_sharing(adapter_for(pipe.transformer), method_names, pipe)
     except ValueError as err:
         raise CliError(str(err)) from None
     if guidance_scale is not None and guidance_scale <= 1:

@@ -113,10 +113,20 @@ def describe(pipe_or_transformer) -> model.ModelSpec:
 model.register_describer(describe)
 
 
-def check_cfg_sharing(adapter: Adapter, method_names) -> None:
-    """cfg_share needs CFG as one [unconditional; conditional] batch, which not every family uses."""
-    if not adapter.CFG_IN_BATCH and any(parse_method(name).shares_cfg for name in method_names):
+def check_cfg_sharing(adapter: Adapter, method_names, pipe=None) -> None:
+    """cfg_share needs CFG as one [unconditional; conditional] batch, which not every family uses,
+    nor a pipeline ``pipe`` whose guidance is a diffusers guider (modular pipelines)."""
+    if not any(parse_method(name).shares_cfg for name in method_names):
+        return
+    if not adapter.CFG_IN_BATCH:
         raise ValueError(
             f"{adapter.MODEL_CLASS} pipelines run classifier-free guidance as {adapter.CFG}, "
             "so cfg_share cannot apply; drop the cfg_share methods"
+        )
+    guider = getattr(pipe, "guider", None) if pipe is not None else None
+    if guider is not None:  # a guider calls the transformer once per condition: no batch to share across
+        raise ValueError(
+            f"this pipeline's guider ({type(guider).__name__}) calls the transformer once per condition, not on one "
+            "[unconditional; conditional] batch, so cfg_share cannot apply (it would share across prompts); drop the "
+            "cfg_share methods, or use the pipeline that batches CFG (StableDiffusion3Pipeline)"
         )

@@ -47,7 +47,7 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
     plan.check_compatible(spec)
     if len(experts) > 1:
         _check_second_expert(experts[1], transformer, spec, adapter)
-    check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads})
+    check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads}, pipe)
     stock = adapter.stock_processor_types()
     modules = [{name: expert.get_submodule(name) for name in plan.layer_names} for expert in experts]
     for index, expert_modules in enumerate(modules):

@@ -286,6 +286,7 @@ class Session:
         self._timestep = getattr(adapter, "timestep", base.timestep)
         methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
         self._cfg_share = any(m.shares_cfg for m in methods)
+        self._first_call_batch: int | None = None  # of the current step (see _check_cfg_batch)
         # Whether any head runs a tile window (dispatch marks text masks for the tile launch only then).
         self.tile_windows = any(m.needs_grid for m in methods)
         grid, tile = plan.provenance.get("grid"), plan.provenance.get("tile")
@@ -427,6 +428,25 @@ class Session:
                 self.switch_expert()
             self._expert = module
         self._last_timestep = value
+        if self._cfg_share:
+            self._check_cfg_batch(arguments.get("hidden_states"))
+
+    def _check_cfg_batch(self, hidden) -> None:
+        """cfg_share splits a call's batch into [unconditional; conditional] halves. A pipeline that
+        calls the transformer once per condition (a diffusers guider) makes a step's calls of one
+        batch size, where skip-layer guidance's extra call has half the first's: refuse the second."""
+        if not torch.is_tensor(hidden):
+            return
+        if self.call == 0:
+            self._first_call_batch = hidden.shape[0]
+        elif hidden.shape[0] == self._first_call_batch:
+            self._new_generation = True
+            raise ValueError(
+                f"cfg_share shares attention between the halves of one [unconditional; conditional] batch, but this "
+                f"pipeline called the transformer again at step {self.step} on a batch of {hidden.shape[0]}, as its "
+                "first call (a guider calling once per condition?), so the halves are not those; drop the cfg_share "
+                "methods, or use the pipeline that batches CFG (StableDiffusion3Pipeline)"
+            )
 
     def set_experts(self, experts: list[torch.nn.Module]) -> None:
         """Follow the calls of ``experts`` (the transformer first), as install hooks them; raises,
