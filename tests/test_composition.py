@@ -239,9 +239,9 @@ def modular_sd3():
     return pipe
 
 
-def run_modular(pipe, batch: int = 1) -> torch.Tensor:
+def run_modular(pipe, batch: int = 1, steps: int = STEPS) -> torch.Tensor:
     positive, negative = embeds(batch), negative_embeds(batch)
-    return pipe(**positive, **negative, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+    return pipe(**positive, **negative, height=HEIGHT, width=WIDTH, num_inference_steps=steps,
                 generator=torch.Generator().manual_seed(0), output="latents")
 
 
@@ -269,3 +269,17 @@ def test_cfg_share_is_refused_where_a_guider_calls_once_per_condition():
     with pytest.raises(ValueError, match=r"called the transformer again at step 0 on a batch of 2, as its first call"):
         run_modular(pipe, batch=2)
     ditfastattn.remove(pipe.transformer)
+
+
+def test_calibrate_a_modular_pipeline_and_run_its_plan():
+    steps = 10
+    pipe = modular_sd3()
+    stock = run_modular(pipe, steps=steps)
+    config = SearchConfig(num_inference_steps=steps, height=HEIGHT, width=WIDTH, delta=0.5)
+    with pytest.warns(UserWarning, match="output_type"):  # diffusers' modular pipelines ignore it, and say so
+        plan = calibrate(pipe, [{**embeds(1), **negative_embeds(1)}], config, progress=False)
+    assert plan.summary()["sparsity"] > 0.2
+    ditfastattn.apply(pipe, plan)
+    out = run_modular(pipe, steps=steps)
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
+    ditfastattn.remove(pipe)

@@ -640,5 +640,17 @@ def run_pass(
             "measures every attention layer at every step, so remove what skips layers or blocks first (a diffusers "
             "cache: transformer.disable_cache())"
         )
-    # Image pipelines return the latents as ``.images``, diffusers' video pipelines as ``.frames``.
-    return session, output.frames if hasattr(output, "frames") else output.images
+    return session, _final_latents(output)
+
+
+def _final_latents(output) -> torch.Tensor:
+    """A pass's final latents (``output_type="latent"``): ``.images`` of image pipelines, ``.frames``
+    of diffusers' video ones, ``latents`` of a modular pipeline's state."""
+    for name in ("frames", "images"):
+        if hasattr(output, name):
+            return getattr(output, name)
+    latents = output.get("latents") if callable(getattr(output, "get", None)) else None
+    if not torch.is_tensor(latents):
+        raise TypeError(f"the pipeline returned a {type(output).__name__} without images, frames or latents; calibrate "
+                        "reads the final latents of a pipeline that returns them (output_type='latent')")
+    return latents
