@@ -283,3 +283,22 @@ def test_calibrate_a_modular_pipeline_and_run_its_plan():
     out = run_modular(pipe, steps=steps)
     assert torch.isfinite(out).all() and not torch.equal(out, stock)
     ditfastattn.remove(pipe)
+
+
+def test_a_second_order_scheduler_is_refused_before_denoising():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    pipe = sd3_pipeline()
+    euler = pipe.scheduler
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(euler.config)  # timesteps 1000, 667, 667, 334, 334, ...
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "cache"))
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler evaluates the model twice at some timesteps"):
+        run_pipeline(pipe, steps=STEPS)
+    assert not calls
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(euler.config)
+    expected = sd3_pipeline()
+    ditfastattn.apply(expected, Plan.uniform(expected.transformer, STEPS, "cache"))
+    assert torch.equal(run_pipeline(pipe, steps=STEPS), run_pipeline(expected, steps=STEPS))
+    ditfastattn.remove(pipe)

@@ -568,9 +568,8 @@ class Session:
         if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
             return
         self.scheduler_hook = _SchedulerHook(scheduler, self)
-        timesteps = getattr(scheduler, "timesteps", None)
-        if check and timesteps is not None:
-            self.scheduler_set(len(timesteps))
+        if check and getattr(scheduler, "timesteps", None) is not None:
+            self.scheduler_set(_steps_of(scheduler))
 
     def watch_processors(self, modules: list[tuple[str, torch.nn.Module]], exact: bool) -> None:
         """Remember each (name, attention module)'s processor as apply left it: ditfastattn's own
@@ -629,6 +628,19 @@ def warn_short_generation(ran: int, planned: int) -> None:
     )
 
 
+def _steps_of(scheduler) -> int:
+    """The denoising steps of ``scheduler``'s timesteps: one per timestep, which tells them apart."""
+    timesteps = scheduler.timesteps
+    values = timesteps.tolist() if torch.is_tensor(timesteps) else list(timesteps)
+    if len(set(values)) != len(values):
+        raise ValueError(
+            f"{type(scheduler).__name__} evaluates the model twice at some timesteps (a second-order scheduler), but "
+            "ditfastattn tells denoising steps apart by their timestep, so a plan runs with first-order schedulers "
+            "only: use one such as FlowMatchEulerDiscreteScheduler, or ditfastattn.remove()"
+        )
+    return len(values)
+
+
 class _SchedulerHook:
     """Tells the session the step count at every ``set_timesteps`` of one scheduler instance.
 
@@ -649,7 +661,7 @@ class _SchedulerHook:
         def set_timesteps(*args, **kwargs):
             result = original(*args, **kwargs)
             if hook.active:  # a patch wrapped around this one may outlive remove()
-                session.scheduler_set(len(scheduler.timesteps))
+                session.scheduler_set(_steps_of(scheduler))
             return result
 
         self.active = True
