@@ -186,6 +186,9 @@ def test_cfg_share_needs_a_cfg_batch():
     ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 2, "cfg_share"))
     with pytest.raises(ValueError, match="cfg_share needs a CFG batch"):
         run_pipeline(pipe, steps=2, guidance_scale=1.0)
+    # Two prompts without guidance make an even batch, which would share across the prompts.
+    with pytest.raises(ValueError, match=r"cfg_share needs a CFG batch.*without classifier-free guidance"):
+        run_pipeline(pipe, steps=2, batch=2, guidance_scale=1.0)
 
 
 def test_true_cfg_keeps_separate_caches_per_call(recorder):

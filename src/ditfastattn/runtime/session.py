@@ -494,6 +494,13 @@ class Session:
         """At a generation's first call, what would otherwise fail only at step 1 (step 0 computes
         every head with the stock attention): a batch without CFG for cfg_share, an impl that
         cannot run on this device and dtype."""
+        if self._cfg_share and getattr(self.pipe, "do_classifier_free_guidance", True) is False:
+            # An even batch of prompts would pass the check below and share across prompts.
+            raise ValueError(
+                "cfg_share needs a CFG batch [unconditional; conditional], but this generation runs without "
+                "classifier-free guidance (guidance_scale <= 1), so its batch holds the prompts themselves: raise "
+                "guidance_scale above 1, or use a plan without cfg_share"
+            )
         if not torch.is_tensor(hidden):
             return
         if self._cfg_share and hidden.shape[0] % 2:
