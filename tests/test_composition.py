@@ -302,3 +302,17 @@ def test_a_second_order_scheduler_is_refused_before_denoising():
     ditfastattn.apply(expected, Plan.uniform(expected.transformer, STEPS, "cache"))
     assert torch.equal(run_pipeline(pipe, steps=STEPS), run_pipeline(expected, steps=STEPS))
     ditfastattn.remove(pipe)
+
+
+def test_calibration_under_offloading_finds_the_plain_pipelines_plan():
+    pytest.importorskip("accelerate")
+    config = SearchConfig(num_inference_steps=4, height=HEIGHT, width=WIDTH, delta=0.5, guidance_scale=4.0)
+    prompts = [{**embeds(1), **negative_embeds(1)}]
+    plain = calibrate(sd3_pipeline(), prompts, config, progress=False)
+    assert plain.summary()["sparsity"] > 0
+    model_offload, group_offload = sd3_pipeline(), sd3_pipeline()
+    model_offload.enable_model_cpu_offload(device="cpu")
+    cpu = torch.device("cpu")
+    group_offload.transformer.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+    for pipe in (model_offload, group_offload):
+        assert calibrate(pipe, prompts, config, progress=False).methods == plain.methods
