@@ -220,6 +220,10 @@ def test_a_torch_compile_wrapper_is_refused_naming_compile_in_place():
     pipe.transformer.compile(backend="eager")  # the dynamic runtime: the compiler breaks the graph at its hooks
     assert torch.equal(run_pipeline(pipe, steps=STEPS), expected)
     ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, plan)
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")  # a wrapper made after apply reaches it
+    assert torch.equal(run_pipeline(pipe, steps=STEPS), expected)
+    ditfastattn.remove(pipe)
 
 
 def modular_sd3():

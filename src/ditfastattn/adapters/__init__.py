@@ -93,8 +93,8 @@ def _match(transformer) -> Adapter:
         raise TypeError(
             f"this is torch.compile's wrapper ({type(transformer).__name__}) of a {type(inner).__name__}, whose "
             "attention ditfastattn cannot reach: put the model back (pipe.transformer = pipe.transformer._orig_mod), "
-            "apply the plan, then compile in place (pipe.transformer.compile(...); apply with static=True for one "
-            "graph per generation)"
+            "apply the plan, then compile (pipe.transformer.compile(...) or torch.compile(pipe.transformer); apply "
+            "with static=True for one graph per generation)"
         )
     supported = ", ".join(adapter.MODEL_CLASS for adapter in _ADAPTERS)
     missing = f"; this diffusers lacks {', '.join(sorted(_missing))} (upgrade diffusers)" if _missing else ""
