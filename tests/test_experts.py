@@ -296,3 +296,19 @@ def test_a_generation_whose_second_expert_runs_every_step_or_none_is_logged(pipe
         ditfastattn.remove(pipe)
     assert any(f"took over {ran}, but at step {boundary} in the plan's calibration run" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_layer_skipping_cache_on_the_second_expert_is_named():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = pipeline()
+    pipe.transformer_2.enable_cache(FirstBlockCacheConfig(threshold=0.9))
+    with pytest.raises(ValueError, match=r"pipe.transformer_2 has diffusers' FirstBlockCache enabled.*"
+                                         r"call pipe.transformer_2.disable_cache\(\)"):
+        ditfastattn.calibrate(pipe, [prompts()], SearchConfig(num_inference_steps=STEPS, pipeline_kwargs=dict(SIZE)),
+                              progress=False)
+    with pytest.raises(ValueError, match="pipe.transformer_2 has diffusers' FirstBlockCache enabled"):
+        ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "cache"), static=True, num_image_tokens=384)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "cache"))  # the dynamic runtime composes
+    assert torch.isfinite(generate(pipe)).all()
+    ditfastattn.remove(pipe)
