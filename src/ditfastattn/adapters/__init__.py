@@ -123,7 +123,7 @@ def check_cfg_sharing(adapter: Adapter, method_names, pipe=None) -> None:
             f"{adapter.MODEL_CLASS} pipelines run classifier-free guidance as {adapter.CFG}, "
             "so cfg_share cannot apply; drop the cfg_share methods"
         )
-    guider = getattr(pipe, "guider", None) if pipe is not None else None
+    guider = getattr(pipe, "guider", None)
     if guider is not None:  # a guider calls the transformer once per condition: no batch to share across
         raise ValueError(
             f"this pipeline's guider ({type(guider).__name__}) calls the transformer once per condition, not on one "

@@ -221,8 +221,10 @@ def apply(
     if not isinstance(balance_heads, bool):
         raise TypeError(f"balance_heads must be True or False; got {balance_heads!r}")
     budget = None if cache_budget_gib is None else int(cache_budget_gib * 2**30)
+    transformer, pipe = _transformer_of(pipe_or_transformer)
+    experts = experts_of(transformer, pipe)
     # parallelism on either expert picks the Ulysses session, whose install refuses it on one only
-    if any(map(parallel.context_parallel, experts_of(*_transformer_of(pipe_or_transformer)))):
+    if any(map(parallel.context_parallel, experts)):
         install(pipe_or_transformer, plan, impl, parallel.UlyssesSession, cache_budget=budget, static=static,
                 balance_heads=balance_heads, num_image_tokens=num_image_tokens)
     elif balance_heads:
@@ -234,8 +236,7 @@ def apply(
         tokens = num_image_tokens or plan.provenance.get("num_image_tokens")
         if not tokens:
             raise ValueError("static=True needs num_image_tokens= (e.g. FLUX 1024x1024: 4096) or a plan that records it")
-        transformer, pipe = _transformer_of(pipe_or_transformer)
-        refuse_static_caches(experts_of(transformer, pipe), pipe)
+        refuse_static_caches(experts, pipe)
         install(pipe_or_transformer, plan, impl, StaticSession, cache_budget=budget, num_image_tokens=int(tokens))
     else:
         install(pipe_or_transformer, plan, impl, cache_budget=budget)
