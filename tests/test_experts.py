@@ -236,6 +236,21 @@ def test_static_mode_runs_both_experts_compiled(pipe, boundary):
     assert not torch.allclose(dynamic, stock, atol=1e-3)
 
 
+@torch.no_grad()
+def test_static_mode_follows_both_experts_cast_after_apply(boundary):
+    # .to() gives each expert its own copy of the shared step counter: the second expert counted
+    # from step 0 when it took over (silently), until the session shares them again.
+    full = Plan.uniform(pipeline().transformer, STEPS, "full", num_image_tokens=384)
+    plan = Plan(full.model, [[["cache" if (head + step) % 2 else "arrow:0.125" for head in range(spec.heads)] if step
+                              else ["full"] * spec.heads for spec in full.model.layers] for step in range(STEPS)])
+    cast_first = pipeline().to(torch.float64)
+    ditfastattn.apply(cast_first, plan, static=True, num_image_tokens=384)
+    cast_after = pipeline()
+    ditfastattn.apply(cast_after, plan, static=True, num_image_tokens=384)
+    cast_after.to(torch.float64)
+    assert torch.equal(generate(cast_after), generate(cast_first))
+
+
 def test_a_second_expert_the_pipeline_never_calls_is_left_alone():
     unused = pipeline(second=tiny_expert(2, layers=1), boundary_ratio=None)
     stock = generate(unused)

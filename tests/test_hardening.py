@@ -120,6 +120,123 @@ def test_calibration_with_skip_layer_guidance_and_residual_candidates_replays_bi
     assert all(torch.equal(a[3], c[3]) for a, c in zip(applied, calibrated))
 
 
+def end_cfg_after_step_1(pipe, step, timestep, tensors):
+    """diffusers' documented way to end CFG early: drop the unconditional halves in a step callback."""
+    if step == 1:
+        pipe._guidance_scale = 0.0
+        tensors = {name: tensor.chunk(2)[-1] for name, tensor in tensors.items()}
+    return tensors
+
+
+END_CFG = {"callback_on_step_end": end_cfg_after_step_1,
+           "callback_on_step_end_tensor_inputs": ["prompt_embeds", "pooled_prompt_embeds"]}
+
+
+def rows_of(pipe, per_step) -> Plan:
+    """A plan whose every layer runs the heads' methods ``per_step[step]``."""
+    spec = Plan.uniform(pipe.transformer, len(per_step), "full").model
+    return Plan(spec, [[list(heads) for _ in spec.layers] for heads in per_step])
+
+
+def test_a_callback_ending_cfg_early_computes_what_the_halved_batch_cannot_read(caplog):
+    # From step 2 the batch holds the two prompts' conditional rows only. Cache heads would read
+    # step 1's outputs of the CFG batch and arrow_residual heads a residual of it (both failed on a
+    # shape mismatch), and cfg_share heads would share between the two prompts (silently). They
+    # run as the plan with those heads computing: full, and cfg_share's conditional method.
+    pipe = sd3_pipeline()
+    mixed = ["cache", "arrow_residual:0.5", "cfg_share+arrow:0.5"]
+    ditfastattn.apply(pipe, rows_of(pipe, [["full"] * 3, mixed, ["full", "full", "arrow:0.5"],
+                                           ["cache", "full", "arrow:0.5"]]))
+    want = run_pipeline(pipe, steps=4, batch=2, **END_CFG)
+    ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, rows_of(pipe, [["full"] * 3, mixed, mixed, mixed]))
+    with caplog.at_level(logging.WARNING, logger="ditfastattn"):
+        got = run_pipeline(pipe, steps=4, batch=2, **END_CFG)
+    assert torch.equal(got, want)
+    assert re.search(r"changed shape within a generation.*: 2 layer-steps computed their cache and arrow_residual "
+                     r"heads.*; 4 layer-steps ran their cfg_share heads' conditional method", caplog.text)
+
+
+def test_static_mode_refuses_a_call_that_changed_shape_within_a_generation():
+    # Its buffers hold each call slot's rows at one shape: a halved batch would read the first
+    # half (the unconditional rows). Eager calls raise at once; compiled ones report it next.
+    def call_with(model, batch, timestep):
+        generator = torch.Generator().manual_seed(batch)
+        return model(hidden_states=torch.randn(batch, 4, 32, 32, generator=generator),
+                     encoder_hidden_states=torch.randn(batch, 7, 16, generator=generator),
+                     pooled_projections=torch.randn(batch, 16, generator=generator),
+                     timestep=torch.full((batch,), timestep))
+
+    torch._dynamo.reset()
+    model = tiny_sd3()
+    ditfastattn.apply(model, Plan.uniform(model, 3, "cache"), static=True, num_image_tokens=256)
+    with torch.no_grad():
+        call_with(model, 2, 900.0)
+        with pytest.raises(RuntimeError, match="changed shape within a generation.*apply the plan without static=True"):
+            call_with(model, 1, 500.0)
+        call_with(model, 2, 900.0)  # a new generation
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+        call_with(compiled, 2, 500.0)
+        call_with(compiled, 1, 100.0)
+        with pytest.raises(RuntimeError, match="within a generation in a compiled or graph-replayed generation, so its "
+                                               "output was wrong"):
+            call_with(model, 2, 900.0)
+        arrows = tiny_sd3()  # no head reads a kept output: any shape runs
+        ditfastattn.apply(arrows, Plan.uniform(arrows, 3, "arrow:0.5"), static=True, num_image_tokens=256)
+        for batch, timestep in ((2, 900.0), (1, 500.0), (2, 100.0)):
+            call_with(arrows, batch, timestep)
+    torch._dynamo.reset()
+
+
+def test_calibrate_refuses_a_generation_whose_batch_changes_naming_the_callback():
+    pipe = sd3_pipeline()
+    config = ditfastattn.SearchConfig(num_inference_steps=4, height=64, width=64, guidance_scale=4.0,
+                                      pipeline_kwargs=END_CFG)
+    with pytest.raises(ValueError, match=r"at step 2 the input changed from \(2, 4, 64, 64\) to \(1, 4, 64, 64\) "
+                                         r"\(a callback that ends classifier-free guidance early\?\); calibrate without it"):
+        ditfastattn.calibrate(pipe, [{**embeds(1), **negative_embeds(1)}], config, progress=False)
+
+
+# a pipeline changed after apply ---------------------------------------------------------------
+@pytest.mark.parametrize("static", [False, True])
+def test_a_transformer_swapped_into_the_pipeline_after_apply_is_refused_and_remove_still_restores(static):
+    # The plan's hooks stay on the transformer it was applied to: the new one ran stock, silently,
+    # and remove(pipe) found no plan on it.
+    pipe = sd3_pipeline()
+    stock = run_pipeline(pipe, steps=3)
+    applied = pipe.transformer
+    ditfastattn.apply(pipe, Plan.uniform(applied, 3, "cache"), static=static, num_image_tokens=1024 if static else None)
+    pipe.transformer = tiny_sd3(seed=1)
+    with pytest.raises(RuntimeError, match="pipe.transformer was replaced after ditfastattn.apply.*remove\\(pipe\\)"):
+        run_pipeline(pipe, steps=3)
+    ditfastattn.remove(pipe)
+    pipe.transformer = applied
+    assert torch.equal(run_pipeline(pipe, steps=3), stock)
+    assert not [name for name, _ in applied.named_buffers() if "ditfastattn" in name]
+
+
+@torch.no_grad()
+def test_static_mode_follows_a_model_cast_after_apply():
+    # .to() gave the model new counter tensors, the timestep's in bfloat16, where 998 rounds to 1000:
+    # two steps counted as one (and the session kept counting on the old tensors).
+    def generation(model):
+        generator = torch.Generator().manual_seed(0)
+        inputs = {"hidden_states": torch.randn(1, 4, 32, 32, generator=generator),
+                  "encoder_hidden_states": torch.randn(1, 7, 16, generator=generator),
+                  "pooled_projections": torch.randn(1, 16, generator=generator)}
+        inputs = {name: tensor.to(torch.bfloat16) for name, tensor in inputs.items()}
+        return [model(**inputs, timestep=torch.tensor([t])).sample for t in (1000.0, 998.0, 996.0)]
+
+    plan = Plan.uniform(tiny_sd3(), 3, "arrow_residual:0.5")
+    cast_first = tiny_sd3().to(torch.bfloat16)
+    ditfastattn.apply(cast_first, plan, static=True, num_image_tokens=256)
+    model = tiny_sd3()
+    ditfastattn.apply(model, plan, static=True, num_image_tokens=256)
+    model.to(torch.bfloat16)
+    for got, want in zip(generation(model), generation(cast_first), strict=True):
+        assert torch.equal(got, want)
+
+
 # step count -----------------------------------------------------------------------------------
 def test_a_short_generation_on_the_transformer_alone_runs_the_first_rows_and_is_reported(caplog):
     # On the transformer alone the step count is known only once a generation ends (a warm-up, as the

@@ -204,6 +204,7 @@ class _CalibrationSession(Session):
         self._stock: torch.Tensor | None = None  # the exact output of the layer just scored
         self.offload: _HostOutputs | None = None
         self._offload_decided = config.offload_outputs is False
+        self._call_shapes: dict[int, torch.Size] = {}  # call slot -> its input's shape, this generation
 
     # decisions -----------------------------------------------------------------------------
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense):
@@ -522,6 +523,23 @@ class _CalibrationSession(Session):
         super()._start_generation()
         self.residuals.clear()
         self.later_calls.clear()
+        self._call_shapes.clear()
+
+    def begin_call(self, module, args, kwargs) -> None:
+        super().begin_call(module, args, kwargs)
+        hidden = self._arguments(args, kwargs).get("hidden_states")
+        if not torch.is_tensor(hidden):
+            return
+        shape = self._call_shapes.setdefault(self.call, hidden.shape)
+        if shape != hidden.shape:
+            # The candidates' errors and the kept outputs are of one shape per call slot.
+            self._new_generation = True
+            raise ValueError(
+                f"calibrate measures each transformer call of a step at one shape, but at step {self.step} the input "
+                f"changed from {tuple(shape)} to {tuple(hidden.shape)} (a callback that ends classifier-free guidance "
+                "early?); calibrate without it: the plan then runs under it, computing the heads that would read "
+                "outputs of the old shape"
+            )
 
     def switch_expert(self) -> None:
         super().switch_expert()  # the other expert's outputs: no cache candidate at this step

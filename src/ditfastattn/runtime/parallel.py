@@ -326,7 +326,7 @@ class UlyssesSession(Ulysses, Session):
         batch, local, heads, dim = q.shape
         # the gathered call's shape, dtype and device (the cache budget counts them), without its data
         gathered = q.new_empty(1).expand(batch, local * self.degree, heads // self.degree, dim)
-        row = layer._runnable(layer.row(gathered, layout.image_len, route_full=False))
+        row = layer._runnable(layer.row(gathered, layout.image_len, route_full=False), gathered)
         return row.all_full and row.capture_modes is None and not row.keep
 
 

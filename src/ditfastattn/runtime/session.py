@@ -97,6 +97,11 @@ class _Buffers:
         self.captured: dict[int, int] = {}  # head -> step whose residual `residual` holds
 
 
+def _holds_like(kept: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether ``kept`` (a slot's output or residual) has the rows of a call on ``q``."""
+    return kept.shape == q.shape and kept.dtype == q.dtype and kept.device == q.device
+
+
 class LayerRuntime:
     """The runtime side of one attention layer; adapters' processors call :meth:`attend`."""
 
@@ -122,13 +127,7 @@ class LayerRuntime:
 
     def _buffers(self, q: torch.Tensor) -> _Buffers:
         slot = self.slots.setdefault(self.session.call, _Buffers())
-        out = slot.out
-        if out is None or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            if out is not None and self.session.step > 0:
-                raise RuntimeError(
-                    f"{self.name}: the attention input changed from {tuple(out.shape)} {out.dtype} to "
-                    f"{tuple(q.shape)} {q.dtype} within one generation; cached heads cannot be reused"
-                )
+        if slot.out is None or not _holds_like(slot.out, q):  # a new shape: _runnable dropped what it held
             slot.out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return slot
 
@@ -148,7 +147,7 @@ class LayerRuntime:
         geometry = self.geometry = CallGeometry.of(q.shape[1], text_start, text_len, layout, key_padding)
         if not geometry.simple:
             session.check_layout_support(self)
-        row = self._runnable(session.row(self, q, k, v, geometry.text_start, geometry.text_len, dense))
+        row = self._runnable(session.row(self, q, k, v, geometry.text_start, geometry.text_len, dense), q)
         if row.all_full and row.capture_modes is None and not row.keep:
             return dense()
         if dense_only and not row.all_full:
@@ -180,13 +179,20 @@ class LayerRuntime:
             slot.out = None  # the caller's reference keeps it alive just as long as it is used
         return result
 
-    def _runnable(self, row: _Row) -> _Row:
+    def _runnable(self, row: _Row, q: torch.Tensor) -> _Row:
         """``row``, or its variant in which the heads that would read what this call slot does not
         hold compute instead: cache heads when the slot did not run at the previous step (a call
         that first appears mid-generation, such as skip-layer guidance), arrow_residual heads whose
         residual this slot never captured."""
         session = self.session
         slot = self.slots.get(session.call)
+        if slot is not None and not (slot.out is None or _holds_like(slot.out, q)) or (
+                slot is not None and slot.residual is not None and not _holds_like(slot.residual, q)):
+            # Another shape than this slot's last call (a callback ending CFG early halves the batch):
+            # what it holds belongs to other rows, so the heads that would read it compute.
+            self.slots[session.call] = slot = _Buffers()
+            if row.cache_heads or row.residual_from:
+                session.reshaped_layer_steps += 1
         missing = set()
         if row.cache_heads and (slot is None or slot.out is None or slot.step != session.step - 1):
             missing.update(row.cache_heads)
@@ -203,9 +209,12 @@ class LayerRuntime:
             ops.headwise_attention(q, k, v, row.sparse_modes, **geometry.op, out=out, impl=impl)
             attend_dense(q, k, v, row.full_heads, out, geometry.padding)
             return
-        # CFG is the first call of a step; later ones (skip-layer guidance) hold conditional rows
-        # only, so their cfg_share heads compute the whole batch: the sharing's conditional half.
-        if row.uncond_modes is None or self.session.call > 0:
+        # CFG is the first call of a step; later ones (skip-layer guidance), and every call once CFG
+        # ended (see Session._check_cfg_batch), hold conditional rows only, so their cfg_share heads
+        # compute the whole batch: the sharing's conditional half.
+        if row.uncond_modes is None or not self.session.cfg_halves:
+            if row.uncond_modes is not None and self.session.call == 0:
+                self.session.unshared_layer_steps += 1
             ops.headwise_attention(q, k, v, row.modes, **geometry.op, out=out, impl=impl)
             return
         batch = q.shape[0]
@@ -280,6 +289,8 @@ class Session:
         self._switch_warned = False
         self.skipped_layer_steps = 0  # this generation's: see _report_skipped_layers
         self._skipped_said = False
+        self.reshaped_layer_steps = self.unshared_layer_steps = 0  # this generation's: see _report_reshaped_calls
+        self._reshaped_said = False
         self.pipe = None
         self.scheduler_hook: _SchedulerHook | None = None
         self._parameters = tuple(inspect.signature(transformer.forward).parameters)
@@ -287,6 +298,8 @@ class Session:
         methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
         self._cfg_share = any(m.shares_cfg for m in methods)
         self._first_call_batch: int | None = None  # of the current step (see _check_cfg_batch)
+        self._cfg_batch: int | None = None  # of the generation's first call: the CFG batch
+        self.cfg_halves = True  # whether this call's batch is [unconditional; conditional]
         # Whether any head runs a tile window (dispatch marks text masks for the tile launch only then).
         self.tile_windows = any(m.needs_grid for m in methods)
         grid, tile = plan.provenance.get("grid"), plan.provenance.get("tile")
@@ -437,9 +450,15 @@ class Session:
         batch size, where skip-layer guidance's extra call has half the first's: refuse the second."""
         if not torch.is_tensor(hidden):
             return
+        batch = hidden.shape[0]
+        if self.call == 0 and self._cfg_batch is None:
+            self._cfg_batch = batch
+        # A step whose first call has another batch than the generation's first (a callback that ended
+        # CFG early, as diffusers documents) holds conditional rows only: nothing to share there.
+        self.cfg_halves = self.call == 0 and batch == self._cfg_batch
         if self.call == 0:
-            self._first_call_batch = hidden.shape[0]
-        elif hidden.shape[0] == self._first_call_batch:
+            self._first_call_batch = batch
+        elif batch == self._first_call_batch:
             self._new_generation = True
             raise ValueError(
                 f"cfg_share shares attention between the halves of one [unconditional; conditional] batch, but this "
@@ -473,6 +492,17 @@ class Session:
             "boundary_ratio, scheduler shift or pipeline?), so some steps run rows searched on the other expert; "
             "calibrate for this setting", at(self.switch_steps), at(planned),
         )
+
+    def check_pipeline_transformer(self) -> None:
+        """Raise, as a generation starts, where ``pipe.transformer`` was replaced since apply: the new
+        one would run stock, with no sign that the plan is off. A torch.compile wrapper of it is it."""
+        current = getattr(self.pipe, "transformer", None)
+        if self.pipe is not None and getattr(current, "_orig_mod", current) is not self.transformer:
+            raise RuntimeError(
+                "pipe.transformer was replaced after ditfastattn.apply, and the plan stays on the transformer it was "
+                "applied to, so this generation would run without it; call ditfastattn.remove(pipe), then apply the "
+                "plan again"
+            )
 
     def check_experts(self) -> None:
         """Raise where the pipeline's experts changed since apply (``pipe.transformer_2`` set or
@@ -518,6 +548,7 @@ class Session:
         if self.step == self.plan.num_steps - 1:
             self._check_switches()
             self._report_skipped_layers()
+            self._report_reshaped_calls()
             for layer in self.layers:
                 layer.free(self.call)
 
@@ -536,12 +567,32 @@ class Session:
             why,
         )
 
+    def _report_reshaped_calls(self) -> None:
+        """Say once when a generation's calls changed shape midway (a callback ending classifier-free
+        guidance early halves the batch): the heads that would read the old shape's outputs computed,
+        and cfg_share heads, with no halves left to share between, computed the conditional half's method."""
+        if self._reshaped_said or not (self.reshaped_layer_steps or self.unshared_layer_steps):
+            return
+        self._reshaped_said = True
+        what = []
+        if self.reshaped_layer_steps:
+            what.append(f"{self.reshaped_layer_steps} layer-steps computed their cache and arrow_residual heads, which "
+                        "would have read outputs of the old shape")
+        if self.unshared_layer_steps:
+            what.append(f"{self.unshared_layer_steps} layer-steps ran their cfg_share heads' conditional method on the "
+                        "whole batch, which holds no [unconditional; conditional] halves any more")
+        logger.warning(
+            "the transformer's input changed shape within a generation (a callback that ends classifier-free guidance "
+            "early?): %s; exact, but the plan removed less attention than its sparsity says", "; ".join(what),
+        )
+
     def _start_generation(self) -> None:
         if self._running and not self._checked and self.step < self.plan.num_steps - 1:
             warn_short_generation(self.step + 1, self.plan.num_steps)
         self._running, self._checked, self._counted = True, self._counted, False
         self.step, self.call, self._new_generation = self._first_step(), 0, False
-        self.skipped_layer_steps = 0
+        self.skipped_layer_steps = self.reshaped_layer_steps = self.unshared_layer_steps = 0
+        self._cfg_batch = None
         self.switch_steps = []
         for layer in self.layers:
             layer.free()
@@ -555,6 +606,7 @@ class Session:
         return begin if isinstance(begin, int) and 0 < begin < self.plan.num_steps else 0
 
     def scheduler_set(self, num_steps: int) -> None:
+        self.check_pipeline_transformer()
         self.plan.check_compatible(self.plan.model, num_steps)
         self._new_generation = True
         self._counted = True
@@ -672,6 +724,7 @@ class _SchedulerHook:
             return result
 
         self.active = True
+        set_timesteps.ditfastattn_session = session  # remove(pipe) finds it after pipe.transformer was replaced
         self.wrapper = set_timesteps
         scheduler.set_timesteps = set_timesteps
 

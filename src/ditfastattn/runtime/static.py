@@ -23,8 +23,9 @@ _FAULTS = "_ditfastattn_faults"
 _CALL = "_ditfastattn_call"  # the call slot within the step (CFG's second call: 1)
 _SLOT_STEP = "_ditfastattn_slot_step"  # per call slot, the step it last ran at
 _FRESH = "_ditfastattn_fresh"  # whether this call's slot ran at the previous step (its outputs may be read)
+_SLOT_SIZE = "_ditfastattn_slot_size"  # per call slot, its input's size this generation
 # Bits of the faults a compiled call records on the device for the host to report later.
-_EXTRA_CALL, _EXTRA_STEP, _SHORT_GENERATION = 1, 2, 4
+_EXTRA_CALL, _EXTRA_STEP, _SHORT_GENERATION, _RESHAPED = 1, 2, 4, 8
 # A slot that never ran: no step is one after it.
 _NEVER = -2
 
@@ -310,8 +311,10 @@ class StaticSession(Session):
         super().__init__(transformer, plan, adapter, impl, cache_budget)
         if self._cfg_share:
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
-        self._tile_methods = sorted({m for rows in plan.methods for heads in rows for m in heads
-                                     if parse_method(m).needs_grid})
+        methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
+        self._tile_methods = sorted(m.name for m in methods if m.needs_grid)
+        # Whether a head reads what an earlier step kept (then a call slot's shape must not change).
+        self._reads_kept = any(m.reads_previous_output or m.reads_residual for m in methods)
         self.num_image_tokens = num_image_tokens
         device = next(transformer.parameters()).device
         # Shape (1,): index_select with it stays on the device (a 0-d index would be a host int).
@@ -323,6 +326,7 @@ class StaticSession(Session):
                 _CALL: torch.zeros(1, dtype=torch.long, device=device),
                 _FRESH: torch.ones(1, dtype=torch.bool, device=device),
                 _SLOT_STEP: torch.full((1, 1), _NEVER, device=device),  # [expert, call slot]
+                _SLOT_SIZE: torch.full((1, 1), _NEVER, dtype=torch.long, device=device),  # [expert, call slot]
             }
 
     @property
@@ -339,15 +343,27 @@ class StaticSession(Session):
         """Every expert holds the same counters (as its own buffers: static addresses in each one's
         graph), and ``_SLOT_STEP`` a row per expert: an expert's first step computes its cache heads."""
         super().set_experts(experts)
-        ran = self._counters[_SLOT_STEP]
         with _normal_tensors():
-            self._counters[_SLOT_STEP] = ran.new_full((len(experts), ran.shape[1]), _NEVER)
+            for name in (_SLOT_STEP, _SLOT_SIZE):
+                ran = self._counters[name]
+                self._counters[name] = ran.new_full((len(experts), ran.shape[1]), _NEVER)
         self._register_counters()
 
     def _register_counters(self) -> None:
         for expert in self.experts:
             for name, tensor in self._counters.items():
                 expert.register_buffer(name, tensor, persistent=False)
+
+    def _follow_moves(self, module: torch.nn.Module) -> None:
+        """Take the counters of ``module`` after a ``.to()`` of the model since apply: new tensors, each
+        expert its own and the timestep cast (in bfloat16 a 50-step schedule has timesteps that round
+        alike, which would count as one step); back in float32, and shared by every expert again."""
+        if all(expert._buffers.get(name) is tensor for expert in self.experts for name, tensor in self._counters.items()):
+            return
+        with _normal_tensors():
+            self._counters = {name: module._buffers[name] for name in self._counters}
+            self._counters[_LAST_TIMESTEP] = self._counters[_LAST_TIMESTEP].float()
+        self._register_counters()
 
     def step_tensor(self) -> torch.Tensor:
         return self._counter(_STEP)
@@ -367,9 +383,10 @@ class StaticSession(Session):
         buffers (the new ones empty, never run). Only eager calls add slots; every layer then builds its
         tables again (the cache budget counts every slot)."""
         self.calls_per_step = slots
-        ran = self._counters[_SLOT_STEP]
         with _normal_tensors():
-            self._counters[_SLOT_STEP] = torch.cat([ran, ran.new_full((len(ran), slots - ran.shape[1]), _NEVER)], 1)
+            for name in (_SLOT_STEP, _SLOT_SIZE):
+                ran = self._counters[name]
+                self._counters[name] = torch.cat([ran, ran.new_full((len(ran), slots - ran.shape[1]), _NEVER)], 1)
         self._register_counters()
         for layer in self.layers:
             layer.built_on.clear()
@@ -380,13 +397,16 @@ class StaticSession(Session):
         if not torch.is_tensor(timestep):
             raise ValueError("static mode tracks denoising steps from the transformer's `timestep` tensor; pass one")
         self.expert_index = next(i for i, expert in enumerate(self.experts) if expert is module)
+        compiled = torch.compiler.is_compiling() or (timestep.is_cuda and torch.cuda.is_current_stream_capturing())
+        if not compiled:
+            self._follow_moves(module)
         buffers = module._buffers  # every expert's are the same tensors
         step, last, faults, call = buffers[_STEP], buffers[_LAST_TIMESTEP], buffers[_FAULTS], buffers[_CALL]
         value = timestep.flatten()[:1].to(last.dtype)
         final = self.plan.num_steps - 1
         next_call = torch.where(value == last, call + 1, 0)
         starting = value > last
-        if torch.compiler.is_compiling() or (value.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if compiled:
             # No host read here: record what the host cannot see now, reported at the next eager
             # call or the next generation (scheduler.set_timesteps).
             found = (
@@ -425,6 +445,24 @@ class StaticSession(Session):
         ran = ran[self.expert_index]
         buffers[_FRESH].copy_(ran.index_select(0, call) == step - 1)
         ran.index_copy_(0, call, step)
+        self._check_size(arguments.get("hidden_states"), starting, call, faults, compiled)
+
+    def _check_size(self, hidden, starting, call, faults, compiled: bool) -> None:
+        """A call slot's input must keep its shape within a generation: its buffers hold rows of that
+        shape (a callback that ends classifier-free guidance early halves the batch, and the smaller
+        input would read the first rows: the unconditional half's). Eager calls raise at once,
+        compiled ones record a fault."""
+        if not (self._reads_kept and torch.is_tensor(hidden)):
+            return
+        sizes = self._counter(_SLOT_SIZE)
+        sizes.copy_(torch.where(starting, _NEVER, sizes))
+        held = sizes[self.expert_index].index_select(0, call)
+        reshaped = (held != _NEVER) & (held != hidden.numel())
+        sizes[self.expert_index].index_copy_(0, call, torch.where(reshaped, held, hidden.numel()))
+        if compiled:
+            faults.copy_(faults | torch.where(reshaped, _RESHAPED, 0))
+        elif bool(reshaped):
+            raise _reshaped_error()
 
     def _require_grid(self) -> None:
         """Before any work: a plan with tile windows needs a call that reports the image grid, whose
@@ -465,6 +503,8 @@ class StaticSession(Session):
             )
         if found & _EXTRA_STEP:
             raise _too_many_steps(self.plan.num_steps, "a compiled or graph-replayed generation")
+        if found & _RESHAPED:
+            raise _reshaped_error(" in a compiled or graph-replayed generation, so its output was wrong")
         logger.warning(
             "a compiled or graph-replayed generation stopped short of the plan's %d denoising steps (harmless for "
             "a warm-up or an interrupted run); pass num_inference_steps=%d",
@@ -475,7 +515,9 @@ class StaticSession(Session):
         """Buffers persist across generations in static mode (their addresses must not change)."""
 
     def scheduler_set(self, num_steps: int) -> None:
+        self.check_pipeline_transformer()
         self.plan.check_compatible(self.plan.model, num_steps)
+        self._follow_moves(self.experts[0])
         self.report_faults()
         self._counters[_LAST_TIMESTEP].fill_(float("-inf"))
 
@@ -490,6 +532,14 @@ class StaticSession(Session):
         for expert in self.experts:
             for name in self._counters:
                 del expert._buffers[name]
+
+
+def _reshaped_error(where: str = "") -> RuntimeError:
+    return RuntimeError(
+        f"the transformer's input changed shape within a generation{where} (a callback that ends classifier-free "
+        "guidance early?); static mode keeps one shape per call: apply the plan without static=True (the dynamic "
+        "runtime computes the heads that would read outputs of the old shape)"
+    )
 
 
 def _layout_args(geometry: CallGeometry) -> tuple[tuple[int, int], list[int] | None]:
