@@ -1,4 +1,5 @@
-"""ditfastattn next to what users already have: LoRA, CPU offload, diffusers' attention backends and caches."""
+"""ditfastattn next to what users already have: LoRA, offloading, diffusers' attention backends, caches, guiders,
+modular and ControlNet pipelines, compile wrappers and schedulers."""
 
 from __future__ import annotations
 
@@ -320,3 +321,76 @@ def test_calibration_under_offloading_finds_the_plain_pipelines_plan():
     group_offload.transformer.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
     for pipe in (model_offload, group_offload):
         assert calibrate(pipe, prompts, config, progress=False).methods == plain.methods
+
+
+def controlnet_pipeline(kind: str):
+    """A tiny ControlNet pipeline around the tests' tiny transformer and VAE, its controlnet's
+    zero-initialised output layers randomised so that it changes the image."""
+    from diffusers import (FluxControlNetModel, FluxControlNetPipeline, SD3ControlNetModel,
+                           StableDiffusion3ControlNetPipeline)
+
+    torch.manual_seed(5)
+    if kind == "flux":
+        base = flux_pipeline()
+        controlnet = FluxControlNetModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=3, joint_attention_dim=16,
+                                         pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+        cls, encoders = FluxControlNetPipeline, ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    else:
+        base = sd3_pipeline()
+        controlnet = SD3ControlNetModel(sample_size=32, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=3, joint_attention_dim=16, caption_projection_dim=24,
+                                        pooled_projection_dim=16, out_channels=4, pos_embed_max_size=32)
+        cls = StableDiffusion3ControlNetPipeline
+        encoders = tuple(f"{part}{n}" for n in ("", "_2", "_3") for part in ("text_encoder", "tokenizer"))
+    for parameter in controlnet.parameters():
+        parameter.data.normal_(0, 0.05)
+    return cls(transformer=base.transformer, controlnet=controlnet.eval(), scheduler=base.scheduler, vae=base.vae,
+               **dict.fromkeys(encoders))
+
+
+def run_controlnet(pipe):
+    torch.manual_seed(11)  # the control image's VAE latents are sampled without the generator
+    control = torch.rand(1, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(3))
+    cfg = {} if "Flux" in type(pipe).__name__ else {**negative_embeds(1), "guidance_scale": 4.0}
+    return run_pipeline(pipe, steps=STEPS, control_image=control, **cfg)
+
+
+def flat(tensors) -> list[torch.Tensor]:
+    """A controlnet's output (tensors, in tuples and lists, or None) as one list."""
+    if torch.is_tensor(tensors):
+        return [tensors]
+    return [t for part in tensors or () for t in flat(part)]
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_a_controlnet_pipeline_runs_the_plan_on_its_transformer_and_leaves_the_controlnet_stock(kind):
+    pipe = controlnet_pipeline(kind)
+    outputs = []
+    pipe.controlnet.register_forward_hook(lambda module, args, output: outputs.append(output))
+    stock = run_controlnet(pipe)
+    stock_first = outputs[0]
+    processors = {name: type(p) for name, p in pipe.controlnet.attn_processors.items()}
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    assert torch.equal(run_controlnet(pipe), stock)
+    ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, compressed(pipe.transformer))
+    outputs.clear()
+    assert not torch.equal(run_controlnet(pipe), stock)
+    # Step 0 runs every head full, so the controlnet sees the stock inputs there: its attention is stock.
+    assert flat(outputs[0]) and all(torch.equal(a, b) for a, b in zip(flat(outputs[0]), flat(stock_first)))
+    assert {name: type(p) for name, p in pipe.controlnet.attn_processors.items()} == processors
+    ditfastattn.remove(pipe)
+    assert torch.equal(run_controlnet(pipe), stock)
+
+
+def test_calibrate_a_controlnet_pipeline():
+    pipe = controlnet_pipeline("flux")
+    control = torch.rand(1, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(3))
+    config = SearchConfig(num_inference_steps=STEPS, height=HEIGHT, width=WIDTH, delta=0.5)
+    torch.manual_seed(11)
+    plan = calibrate(pipe, [{**embeds(1), "control_image": control}], config, progress=False)
+    assert plan.summary()["sparsity"] > 0.2
+    ditfastattn.apply(pipe, plan)
+    assert torch.isfinite(run_controlnet(pipe)).all()
+    ditfastattn.remove(pipe)
