@@ -183,13 +183,11 @@ class LayerRuntime:
         """``row``, or its variant in which the heads that would read what this call slot does not
         hold compute instead: cache heads when the slot did not run at the previous step (a call
         that first appears mid-generation, such as skip-layer guidance), arrow_residual heads whose
-        residual this slot never captured."""
+        residual this slot never captured, and both where the slot holds another shape than ``q``'s
+        (a callback ending CFG early halves the batch: what it holds belongs to other rows)."""
         session = self.session
         slot = self.slots.get(session.call)
-        if slot is not None and not (slot.out is None or _holds_like(slot.out, q)) or (
-                slot is not None and slot.residual is not None and not _holds_like(slot.residual, q)):
-            # Another shape than this slot's last call (a callback ending CFG early halves the batch):
-            # what it holds belongs to other rows, so the heads that would read it compute.
+        if slot is not None and any(kept is not None and not _holds_like(kept, q) for kept in (slot.out, slot.residual)):
             self.slots[session.call] = slot = _Buffers()
             if row.cache_heads or row.residual_from:
                 session.reshaped_layer_steps += 1

@@ -504,7 +504,7 @@ class StaticSession(Session):
         if found & _EXTRA_STEP:
             raise _too_many_steps(self.plan.num_steps, "a compiled or graph-replayed generation")
         if found & _RESHAPED:
-            raise _reshaped_error(" in a compiled or graph-replayed generation, so its output was wrong")
+            raise _reshaped_error(" of a compiled or graph-replayed run, so its output was wrong")
         logger.warning(
             "a compiled or graph-replayed generation stopped short of the plan's %d denoising steps (harmless for "
             "a warm-up or an interrupted run); pass num_inference_steps=%d",
