@@ -3,6 +3,7 @@ modular and ControlNet pipelines, compile wrappers and schedulers."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -184,6 +185,48 @@ def test_calibrate_refuses_a_layer_skipping_cache_before_any_pass():
     with pytest.raises(ValueError, match=r"pipe.transformer has diffusers' PyramidAttentionBroadcast.*pipe.transformer.disable_cache\(\)"):
         calibrate(pipe, [embeds(1)], config, progress=False)
     assert not calls
+
+
+def skip_last_single_block_at_odd_steps(transformer) -> None:
+    """A block cache as cache-dit and ParaAttention make one: the transformer's forward patched to run
+    fewer blocks at some steps (here the last single block at steps 1, 3, 5), marked _is_cached."""
+    from unittest import mock
+
+    original, calls = transformer.forward, iter(range(10**6))
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if next(calls) % 2 == 0:
+            return original(*args, **kwargs)
+        with mock.patch.object(transformer, "single_transformer_blocks", transformer.single_transformer_blocks[:-1]):
+            return original(*args, **kwargs)
+
+    transformer.forward = forward
+    transformer._is_cached = True
+
+
+def test_a_block_cache_of_another_library_composes_exactly_and_static_mode_and_calibrate_refuse_it(caplog):
+    steps = 6
+    pipe, want_pipe = flux_pipeline(), flux_pipeline()
+    skip_last_single_block_at_odd_steps(pipe.transformer)
+    skip_last_single_block_at_odd_steps(want_pipe.transformer)
+    # The skipped layer runs at steps 0, 2, 4: at 2 and 4 its cache heads find no output of the
+    # step before and compute, as a plan keeping it full there does.
+    cached = Plan.uniform(pipe.transformer, steps, "cache")
+    last = cached.model.layers.index(next(l for l in cached.model.layers if l.name.startswith("single_transformer_blocks.1")))
+    computing = [[["full"] * len(heads) if layer == last and step in (2, 4) else heads for layer, heads in enumerate(row)]
+                 for step, row in enumerate(cached.methods)]
+    ditfastattn.apply(want_pipe, Plan(cached.model, computing))
+    want = run_pipeline(want_pipe, steps=steps)
+    ditfastattn.apply(pipe, cached)
+    with caplog.at_level(logging.WARNING, logger="ditfastattn"):
+        assert torch.equal(run_pipeline(pipe, steps=steps), want)
+    assert "2 layer-steps" in caplog.text and "a block cache (cache-dit or ParaAttention" in caplog.text
+    ditfastattn.remove(pipe)
+    with pytest.raises(ValueError, match=r"block cache \(cache-dit.*without static=True.*cache_dit.disable_cache\(pipe\)"):
+        ditfastattn.apply(pipe, cached, static=True, num_image_tokens=1024)
+    with pytest.raises(ValueError, match=r"pipe.transformer has a block cache .*calibration measures every layer"):
+        calibrate(pipe, [embeds(1)], SearchConfig(num_inference_steps=steps, height=HEIGHT, width=WIDTH), progress=False)
 
 
 def test_a_pag_pipeline_is_refused_before_denoising_and_naming_the_way_without_pag():

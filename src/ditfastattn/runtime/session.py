@@ -556,8 +556,8 @@ class Session:
         if not self.skipped_layer_steps or self._skipped_said:
             return
         self._skipped_said = True
-        caches = [f"diffusers' {cache} on {name}" for name, model in named(self.experts, self.pipe).items()
-                  if (cache := layer_skipping_cache(model)) is not None]
+        caches = [f"{cache[0]} on {name}" for name, model in named(self.experts, self.pipe).items()
+                  if (cache := layer_skipping_cache(model, name)) is not None]
         why = ", ".join(caches) or "a hook that skips them"
         logger.warning(
             "%d layer-steps of this generation computed their cache heads because the layer had not run at the step "
