@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 
 import pytest
 import torch
@@ -324,7 +325,8 @@ def test_calibrate_a_modular_pipeline_and_run_its_plan():
     pipe = modular_sd3()
     stock = run_modular(pipe, steps=steps)
     config = SearchConfig(num_inference_steps=steps, height=HEIGHT, width=WIDTH, delta=0.5)
-    with pytest.warns(UserWarning, match="output_type"):  # diffusers' modular pipelines ignore it, and say so
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*output_type")  # which modular pipelines do not take, and say so
         plan = calibrate(pipe, [{**embeds(1), **negative_embeds(1)}], config, progress=False)
     assert plan.summary()["sparsity"] > 0.2
     ditfastattn.apply(pipe, plan)

@@ -13,6 +13,7 @@ unshared, and a call without a head's previous output or residual computes that 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections import deque
@@ -634,10 +635,8 @@ def run_pass(
             expert.forward = replaying(expert.forward)
     try:
         with torch.no_grad():
-            output = pipe(
-                num_inference_steps=steps, generator=torch.Generator().manual_seed(config.seed), output_type="latent",
-                **call,
-            )
+            output = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(config.seed),
+                          **latent_output(pipe), **call)
     finally:
         for handle in handles:
             handle.remove()
@@ -659,6 +658,16 @@ def run_pass(
             "cache: transformer.disable_cache())"
         )
     return session, _final_latents(output)
+
+
+def latent_output(pipe) -> dict[str, str]:
+    """The argument that makes ``pipe`` return its latents undecoded: ``output_type="latent"``, which
+    diffusers' modular pipelines do not take (they warn, and return their state with the latents)."""
+    try:
+        accepts = "output_type" in inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        accepts = True
+    return {"output_type": "latent"} if accepts else {}
 
 
 def _final_latents(output) -> torch.Tensor:

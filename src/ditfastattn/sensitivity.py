@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._calibration_session import run_pass
+from ._calibration_session import latent_output, run_pass
 from .methods import parse_method
 from .plan import Plan
 from .runtime import LayerRuntime, Session, install, uninstall
@@ -334,7 +334,8 @@ def measure_head_fisher(pipe, spec, call: dict[str, Any], config) -> np.ndarray:
         parameter.requires_grad_(False)
     try:
         with torch.no_grad():
-            pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(config.seed), output_type="latent", **call)
+            pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(config.seed), **latent_output(pipe),
+                 **call)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
