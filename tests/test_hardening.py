@@ -202,10 +202,27 @@ def test_calibrate_refuses_a_generation_whose_batch_changes_naming_the_callback(
 def test_a_transformer_swapped_into_the_pipeline_after_apply_is_refused_and_remove_still_restores(static):
     # The plan's hooks stay on the transformer it was applied to: the new one ran stock, silently,
     # and remove(pipe) found no plan on it.
+    class Holding(torch.nn.Module):  # a wrapper that runs the applied transformer (PEFT's, say): no swap
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
     pipe = sd3_pipeline()
     stock = run_pipeline(pipe, steps=3)
     applied = pipe.transformer
     ditfastattn.apply(pipe, Plan.uniform(applied, 3, "cache"), static=static, num_image_tokens=1024 if static else None)
+    planned = run_pipeline(pipe, steps=3)
+    pipe.transformer = Holding(applied)
+    assert torch.equal(run_pipeline(pipe, steps=3), planned)
     pipe.transformer = tiny_sd3(seed=1)
     with pytest.raises(RuntimeError, match="pipe.transformer was replaced after ditfastattn.apply.*remove\\(pipe\\)"):
         run_pipeline(pipe, steps=3)

@@ -493,9 +493,11 @@ class Session:
 
     def check_pipeline_transformer(self) -> None:
         """Raise, as a generation starts, where ``pipe.transformer`` was replaced since apply: the new
-        one would run stock, with no sign that the plan is off. A torch.compile wrapper of it is it."""
+        one would run stock, with no sign that the plan is off. A wrapper that holds it (torch.compile's,
+        PEFT's) runs it: that is no replacement."""
         current = getattr(self.pipe, "transformer", None)
-        if self.pipe is not None and getattr(current, "_orig_mod", current) is not self.transformer:
+        if self.pipe is not None and not (isinstance(current, torch.nn.Module) and any(
+                module is self.transformer for module in current.modules())):
             raise RuntimeError(
                 "pipe.transformer was replaced after ditfastattn.apply, and the plan stays on the transformer it was "
                 "applied to, so this generation would run without it; call ditfastattn.remove(pipe), then apply the "
