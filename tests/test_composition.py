@@ -439,3 +439,39 @@ def test_calibrate_a_controlnet_pipeline():
     ditfastattn.apply(pipe, plan)
     assert torch.isfinite(run_controlnet(pipe)).all()
     ditfastattn.remove(pipe)
+
+
+def test_flux2_klein_runs_the_plan_with_its_negative_prompt_as_a_second_call():
+    # Flux2KleinPipeline (not its KV-cache variant, whose processors are refused) runs stock FLUX.2
+    # attention, CFG as a second call per step.
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                          timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=2, norm_num_groups=4,
+                             layers_per_block=1, mid_block_add_attention=False)
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                              transformer=transformer.eval())
+    generator = torch.Generator().manual_seed(1)
+    prompts = {"prompt_embeds": torch.randn(1, 7, 16, generator=generator),
+               "negative_prompt_embeds": torch.randn(1, 7, 16, generator=generator)}
+
+    def run():
+        return pipe(**prompts, guidance_scale=4.0, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    stock = run()
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "full"))
+    assert torch.equal(run(), stock)
+    ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, compressed(pipe.transformer))
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    out = run()
+    handle.remove()
+    assert len(calls) == 2 * STEPS and torch.isfinite(out).all() and not torch.equal(out, stock)
+    ditfastattn.remove(pipe)
+    assert torch.equal(run(), stock)
