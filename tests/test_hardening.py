@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import embeds, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3
+from conftest import embeds, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3, tiny_vae
 from diffusers import FlowMatchEulerDiscreteScheduler
 from test_runtime import find, head_attention, with_methods
 
@@ -155,6 +155,41 @@ def test_a_callback_ending_cfg_early_computes_what_the_halved_batch_cannot_read(
     assert torch.equal(got, want)
     assert re.search(r"changed shape within a generation.*: 2 layer-steps computed their cache and arrow_residual "
                      r"heads.*; 4 layer-steps ran their cfg_share heads' conditional method", caplog.text)
+
+
+def test_z_image_cfg_truncation_runs_a_plan_that_caches():
+    # ZImagePipeline's own cfg_truncation drops the unconditional rows (and their longer caption's
+    # padding) from the step where t passes it: every plan with cache heads failed there.
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+                                           n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                           axes_dims=[4, 6, 6], axes_lens=[128, 32, 32])
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                          transformer=transformer.eval())
+    generator = torch.Generator().manual_seed(1)
+    captions = {"prompt_embeds": [torch.randn(9, 16, generator=generator)],
+                "negative_prompt_embeds": [torch.randn(40, 16, generator=generator)]}
+
+    def run():
+        return pipe(**captions, guidance_scale=4.0, cfg_truncation=0.3, height=64, width=64, num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    batches = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    stock = run()
+    handle.remove()
+    ended = batches.index(1)
+    assert batches[:ended] == [2] * ended and 0 < ended < 3
+    cached = Plan.uniform(pipe.transformer, 4, "cache")
+    ditfastattn.apply(pipe, Plan(cached.model, [[["full"] * len(heads) if step == ended else heads for heads in row]
+                                                for step, row in enumerate(cached.methods)]))
+    want = run()
+    ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, cached)
+    assert torch.equal(run(), want) and not torch.equal(want, stock)
+    ditfastattn.remove(pipe)
 
 
 def test_static_mode_refuses_a_call_that_changed_shape_within_a_generation():
