@@ -157,7 +157,7 @@ def test_a_callback_ending_cfg_early_computes_what_the_halved_batch_cannot_read(
                      r"heads.*; 4 layer-steps ran their cfg_share heads' conditional method", caplog.text)
 
 
-def test_z_image_cfg_truncation_runs_a_plan_that_caches():
+def test_z_image_cfg_truncation_runs_a_caching_plan_exactly_and_static_mode_and_calibrate_refuse_it():
     # ZImagePipeline's own cfg_truncation drops the unconditional rows (and their longer caption's
     # padding) from the step where t passes it: every plan with cache heads failed there.
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
@@ -190,6 +190,15 @@ def test_z_image_cfg_truncation_runs_a_plan_that_caches():
     ditfastattn.apply(pipe, cached)
     assert torch.equal(run(), want) and not torch.equal(want, stock)
     ditfastattn.remove(pipe)
+    # Its latents are a list (one per batch element): static mode and calibrate see the batch shrink.
+    ditfastattn.apply(pipe, cached, static=True, num_image_tokens=1024)
+    with pytest.raises(RuntimeError, match="changed shape within a generation.*Z-Image's cfg_truncation"):
+        run()
+    ditfastattn.remove(pipe)
+    config = ditfastattn.SearchConfig(num_inference_steps=4, height=64, width=64, guidance_scale=4.0,
+                                      pipeline_kwargs={"cfg_truncation": 0.3})
+    with pytest.raises(ValueError, match=rf"at step {ended} the input changed from \(2, 4, 1, 64, 64\) to \(1, 4, 1, 64, 64\)"):
+        ditfastattn.calibrate(pipe, [captions], config, progress=False)
 
 
 def test_static_mode_refuses_a_call_that_changed_shape_within_a_generation():
@@ -228,7 +237,8 @@ def test_calibrate_refuses_a_generation_whose_batch_changes_naming_the_callback(
     config = ditfastattn.SearchConfig(num_inference_steps=4, height=64, width=64, guidance_scale=4.0,
                                       pipeline_kwargs=END_CFG)
     with pytest.raises(ValueError, match=r"at step 2 the input changed from \(2, 4, 64, 64\) to \(1, 4, 64, 64\) "
-                                         r"\(a callback that ends classifier-free guidance early\?\); calibrate without it"):
+                                         r"\(classifier-free guidance ended early, by a step callback or Z-Image's cfg_truncation\?\); "
+                                         r"calibrate without that"):
         ditfastattn.calibrate(pipe, [{**embeds(1), **negative_embeds(1)}], config, progress=False)
 
 

@@ -28,6 +28,7 @@ from ._geometry import MODE_SKIP, TileGrid
 from .methods import Method, parse_method
 from .plan import Plan
 from .runtime import LayerRuntime, Session, _Buffers, compile_row, install, uninstall
+from .runtime.session import latents_shape
 from .runtime.parallel import Ulysses, context_parallel
 from .search import choose
 
@@ -528,18 +529,18 @@ class _CalibrationSession(Session):
 
     def begin_call(self, module, args, kwargs) -> None:
         super().begin_call(module, args, kwargs)
-        hidden = self._arguments(args, kwargs).get("hidden_states")
-        if not torch.is_tensor(hidden):
+        shape = latents_shape(self._arguments(args, kwargs))
+        if shape is None:
             return
-        shape = self._call_shapes.setdefault(self.call, hidden.shape)
-        if shape != hidden.shape:
+        first = self._call_shapes.setdefault(self.call, shape)
+        if shape != first:
             # The candidates' errors and the kept outputs are of one shape per call slot.
             self._new_generation = True
             raise ValueError(
                 f"calibrate measures each transformer call of a step at one shape, but at step {self.step} the input "
-                f"changed from {tuple(shape)} to {tuple(hidden.shape)} (a callback that ends classifier-free guidance "
-                "early?); calibrate without it: the plan then runs under it, computing the heads that would read "
-                "outputs of the old shape"
+                f"changed from {first} to {shape} (classifier-free guidance ended early, by a "
+                "step callback or Z-Image's cfg_truncation?); calibrate without that: the plan then runs under it, "
+                "computing the heads that would read outputs of the old shape"
             )
 
     def switch_expert(self) -> None:

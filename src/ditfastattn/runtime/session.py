@@ -233,6 +233,17 @@ class LayerRuntime:
             self.slots.pop(call, None)
 
 
+def latents_shape(arguments: dict) -> tuple | None:
+    """The shape of a transformer call's latents: ``hidden_states`` (its first argument where it has
+    none), a tensor or, as Z-Image takes them, a list of one per batch element (batch first)."""
+    latents = arguments.get("hidden_states", next(iter(arguments.values()), None))
+    if torch.is_tensor(latents):
+        return tuple(latents.shape)
+    if isinstance(latents, (list, tuple)) and latents and all(torch.is_tensor(t) for t in latents):
+        return (len(latents), *latents[0].shape)
+    return None
+
+
 def experts_of(transformer, pipe) -> list[torch.nn.Module]:
     """The transformers a plan applied to ``pipe`` runs on: ``pipe.transformer`` and, where the
     pipeline hands the low-noise steps to a second expert (Wan 2.2 A14B's ``transformer_2``; one
@@ -582,8 +593,8 @@ class Session:
             what.append(f"{self.unshared_layer_steps} layer-steps ran their cfg_share heads' conditional method on the "
                         "whole batch, which holds no [unconditional; conditional] halves any more")
         logger.warning(
-            "the transformer's input changed shape within a generation (a callback that ends classifier-free guidance "
-            "early?): %s; exact, but the plan removed less attention than its sparsity says", "; ".join(what),
+            "the transformer's input changed shape within a generation (classifier-free guidance ended early, by a step "
+            "callback or Z-Image's cfg_truncation?): %s; exact, but the plan removed less attention than its sparsity says", "; ".join(what),
         )
 
     def _start_generation(self) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._geometry import MODE_FULL, MODE_SKIP, TileGrid
@@ -14,7 +16,8 @@ from . import routing
 from .caches import named, refuse_layer_skipping_caches
 from .layer_skip import attention_scores_skipped
 from .rows import _compile_rows
-from .session import CallGeometry, LayerRuntime, Session, _too_many_steps, full_head_cost, logger, warn_short_generation
+from .session import (CallGeometry, LayerRuntime, Session, _too_many_steps, full_head_cost, latents_shape, logger,
+                      warn_short_generation)
 
 
 _STEP = "_ditfastattn_step"
@@ -445,20 +448,21 @@ class StaticSession(Session):
         ran = ran[self.expert_index]
         buffers[_FRESH].copy_(ran.index_select(0, call) == step - 1)
         ran.index_copy_(0, call, step)
-        self._check_size(arguments.get("hidden_states"), starting, call, faults, compiled)
+        self._check_size(latents_shape(arguments), starting, call, faults, compiled)
 
-    def _check_size(self, hidden, starting, call, faults, compiled: bool) -> None:
+    def _check_size(self, shape, starting, call, faults, compiled: bool) -> None:
         """A call slot's input must keep its shape within a generation: its buffers hold rows of that
         shape (a callback that ends classifier-free guidance early halves the batch, and the smaller
         input would read the first rows: the unconditional half's). Eager calls raise at once,
         compiled ones record a fault."""
-        if not (self._reads_kept and torch.is_tensor(hidden)):
+        if not (self._reads_kept and shape is not None):
             return
+        size = math.prod(shape)
         sizes = self._counter(_SLOT_SIZE)
         sizes.copy_(torch.where(starting, _NEVER, sizes))
         held = sizes[self.expert_index].index_select(0, call)
-        reshaped = (held != _NEVER) & (held != hidden.numel())
-        sizes[self.expert_index].index_copy_(0, call, torch.where(reshaped, held, hidden.numel()))
+        reshaped = (held != _NEVER) & (held != size)
+        sizes[self.expert_index].index_copy_(0, call, torch.where(reshaped, held, size))
         if compiled:
             faults.copy_(faults | torch.where(reshaped, _RESHAPED, 0))
         elif bool(reshaped):
@@ -536,8 +540,8 @@ class StaticSession(Session):
 
 def _reshaped_error(where: str = "") -> RuntimeError:
     return RuntimeError(
-        f"the transformer's input changed shape within a generation{where} (a callback that ends classifier-free "
-        "guidance early?); static mode keeps one shape per call: apply the plan without static=True (the dynamic "
+        f"the transformer's input changed shape within a generation{where} (classifier-free guidance ended early, "
+        "by a step callback or Z-Image's cfg_truncation?); static mode keeps one shape per call: apply the plan without static=True (the dynamic "
         "runtime computes the heads that would read outputs of the old shape)"
     )
 
