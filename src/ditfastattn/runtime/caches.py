@@ -24,7 +24,8 @@ def layer_skipping_cache(model, name: str = "transformer") -> tuple[str, str] | 
     if getattr(model, "is_cache_enabled", False):
         kind = type(getattr(model, "_cache_config", None)).__name__
         if kind not in _EVERY_LAYER:
-            return f"diffusers' {kind.removesuffix('Config')}", f"call {name}.disable_cache() first (enable_cache(...) again after)"
+            undo = f"call {name}.disable_cache() first (enable_cache(...) again after)"
+            return f"diffusers' {kind.removesuffix('Config')}", undo
     if getattr(model, "_is_cached", False) is True:
         return ("a block cache (cache-dit or ParaAttention: it set _is_cached)",
                 "turn that cache off first (cache-dit: cache_dit.disable_cache(pipe))")

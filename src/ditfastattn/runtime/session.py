@@ -187,7 +187,8 @@ class LayerRuntime:
         (a callback ending CFG early halves the batch: what it holds belongs to other rows)."""
         session = self.session
         slot = self.slots.get(session.call)
-        if slot is not None and any(kept is not None and not _holds_like(kept, q) for kept in (slot.out, slot.residual)):
+        if slot is not None and any(kept is not None and not _holds_like(kept, q)
+                                    for kept in (slot.out, slot.residual)):
             self.slots[session.call] = slot = _Buffers()
             if row.cache_heads or row.residual_from:
                 session.reshaped_layer_steps += 1
@@ -593,8 +594,9 @@ class Session:
             what.append(f"{self.unshared_layer_steps} layer-steps ran their cfg_share heads' conditional method on the "
                         "whole batch, which holds no [unconditional; conditional] halves any more")
         logger.warning(
-            "the transformer's input changed shape within a generation (classifier-free guidance ended early, by a step "
-            "callback or Z-Image's cfg_truncation?): %s; exact, but the plan removed less attention than its sparsity says", "; ".join(what),
+            "the transformer's input changed shape within a generation (classifier-free guidance ended early, by a "
+            "step callback or Z-Image's cfg_truncation?): %s; exact, but the plan removed less attention than its "
+            "sparsity says", "; ".join(what),
         )
 
     def _start_generation(self) -> None:

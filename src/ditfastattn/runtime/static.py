@@ -361,7 +361,8 @@ class StaticSession(Session):
         """Take the counters of ``module`` after a ``.to()`` of the model since apply: new tensors, each
         expert its own and the timestep cast (in bfloat16 a 50-step schedule has timesteps that round
         alike, which would count as one step); back in float32, and shared by every expert again."""
-        if all(expert._buffers.get(name) is tensor for expert in self.experts for name, tensor in self._counters.items()):
+        counters = self._counters.items()
+        if all(expert._buffers.get(name) is tensor for expert in self.experts for name, tensor in counters):
             return
         with _normal_tensors():
             self._counters = {name: module._buffers[name] for name in self._counters}
@@ -541,8 +542,8 @@ class StaticSession(Session):
 def _reshaped_error(where: str = "") -> RuntimeError:
     return RuntimeError(
         f"the transformer's input changed shape within a generation{where} (classifier-free guidance ended early, "
-        "by a step callback or Z-Image's cfg_truncation?); static mode keeps one shape per call: apply the plan without static=True (the dynamic "
-        "runtime computes the heads that would read outputs of the old shape)"
+        "by a step callback or Z-Image's cfg_truncation?); static mode keeps one shape per call: apply the plan "
+        "without static=True (the dynamic runtime computes the heads that would read outputs of the old shape)"
     )
 
 
