@@ -316,6 +316,33 @@ def test_image_to_image_runs_the_plan_rows_of_the_steps_it_runs(recorder):
     ditfastattn.remove(pipe)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_plan_applied_mid_generation_runs_its_rows_from_the_step_the_scheduler_is_at(static):
+    # Applied from a step callback after step 1, the plan's first call is step 2: it ran row 0 there
+    # (and every later row one step late), silently. Static mode, which counts from step 0, refuses.
+    steps = 5
+    rows = ["full", "arrow:0.25", "arrow:0.5", "cache", "arrow:0.25"]
+    plan = Plan.uniform(flux_pipeline().transformer, steps, "full")
+    plan = Plan(plan.model, [[[rows[step]] * len(heads) for heads in layers] for step, layers in enumerate(plan.methods)])
+    from_step_2 = Plan(plan.model, [plan.methods[0]] * 2 + plan.methods[2:])
+    reference = flux_pipeline()
+    ditfastattn.apply(reference, from_step_2)
+    want = run_pipeline(reference, steps)
+
+    def apply_after_step_1(pipe, step, timestep, tensors):
+        if step == 1:
+            ditfastattn.apply(pipe, plan, static=static, num_image_tokens=1024 if static else None)
+        return tensors
+
+    pipe = flux_pipeline()
+    if static:
+        with pytest.raises(NotImplementedError, match="starts at step 2 .*a plan applied mid-generation"):
+            run_pipeline(pipe, steps, callback_on_step_end=apply_after_step_1)
+    else:
+        assert torch.equal(run_pipeline(pipe, steps, callback_on_step_end=apply_after_step_1), want)
+    ditfastattn.remove(pipe)
+
+
 def test_static_mode_refuses_a_schedule_that_starts_past_step_0():
     from diffusers import FluxImg2ImgPipeline
 

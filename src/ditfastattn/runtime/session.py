@@ -611,12 +611,15 @@ class Session:
             layer.free()
 
     def _first_step(self) -> int:
-        """The denoising step a generation starts at: 0, or where an image-to-image or inpainting
-        pipeline starts its scheduler (``begin_index``, which ``strength`` below 1 sets past the first
-        steps), so that every step runs the plan's row for it."""
+        """The denoising step a generation starts at, so that every step runs the plan's row for it:
+        0, where an image-to-image or inpainting pipeline starts its scheduler (``begin_index``, which
+        ``strength`` below 1 sets past the first steps), or, for a plan applied mid-generation (from a
+        step callback), the step the scheduler is at (``step_index``, None until its first step)."""
         scheduler = self.scheduler_hook.scheduler if self.scheduler_hook is not None else None
-        begin = getattr(scheduler, "begin_index", None)
-        return begin if isinstance(begin, int) and 0 < begin < self.plan.num_steps else 0
+        for index in (getattr(scheduler, "step_index", None), getattr(scheduler, "begin_index", None)):
+            if isinstance(index, int) and 0 < index < self.plan.num_steps:
+                return index
+        return 0
 
     def scheduler_set(self, num_steps: int) -> None:
         self.check_pipeline_transformer()

@@ -425,14 +425,15 @@ class StaticSession(Session):
             self.check_processors()
             self._require_grid()
             self.follow_scheduler()
-            first = self._first_step()
-            if first:
-                raise NotImplementedError(
-                    f"static mode runs every generation from step 0, but the scheduler starts at step {first} "
-                    "(an image-to-image or inpainting pipeline with strength below 1); apply without static=True"
-                )
             value_, last_, step_, call_ = torch.cat([value, last, step.to(last.dtype), next_call.to(last.dtype)]).tolist()
             if value_ > last_:
+                first = self._first_step()
+                if first:
+                    raise NotImplementedError(
+                        f"static mode runs every generation from step 0, but this one starts at step {first} (an "
+                        "image-to-image or inpainting pipeline with strength below 1, or a plan applied mid-generation); "
+                        "apply without static=True"
+                    )
                 self.check_experts()
                 refuse_static_caches(self.experts, self.pipe)
             self._check_call(value_, last_, step_)
