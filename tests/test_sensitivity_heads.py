@@ -113,3 +113,17 @@ def test_a_head_that_reaches_nothing_is_compressed_and_its_neighbours_are_not():
         row = plan.methods[step][0]
         assert row[1] != "full", (step, row)
         assert all(method == "full" for head, method in enumerate(row) if head != 1), (step, row)
+
+
+def test_calibrate_measures_head_sensitivity_under_inference_mode_as_without():
+    # The measurement's backward pass failed under a caller's torch.inference_mode ("does not require
+    # grad"); prompt embeddings made there are inference tensors.
+    pipe = make_pipeline("sd3")
+    config = SearchConfig(num_inference_steps=4, height=64, width=64, guidance_scale=4.0, delta=0.5,
+                          sensitivity="measure")
+    plain = ditfastattn.calibrate(pipe, [{**embeds(1), **negative_embeds(1)}], config, progress=False)
+    with torch.inference_mode():
+        prompts = {**embeds(1), **negative_embeds(1)}
+        assert all(tensor.is_inference() for tensor in prompts.values())
+        inferred = ditfastattn.calibrate(pipe, [prompts], config, progress=False)
+    assert inferred.methods == plain.methods and inferred.scores == plain.scores

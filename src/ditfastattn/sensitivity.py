@@ -333,7 +333,7 @@ def measure_head_fisher(pipe, spec, call: dict[str, Any], config) -> np.ndarray:
     for parameter in trainable:
         parameter.requires_grad_(False)
     try:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # the backward pass, under a caller's inference_mode too
             pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(config.seed), **latent_output(pipe),
                  **call)
     finally:
