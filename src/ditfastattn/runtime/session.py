@@ -97,9 +97,9 @@ class _Buffers:
         self.captured: dict[int, int] = {}  # head -> step whose residual `residual` holds
 
 
-def _holds_like(kept: torch.Tensor, q: torch.Tensor) -> bool:
-    """Whether ``kept`` (a slot's output or residual) has the rows of a call on ``q``."""
-    return kept.shape == q.shape and kept.dtype == q.dtype and kept.device == q.device
+def _fits(kept: torch.Tensor | None, q: torch.Tensor) -> bool:
+    """Whether ``kept`` (a slot's output or residual, if any) has the rows of a call on ``q``."""
+    return kept is None or (kept.shape == q.shape and kept.dtype == q.dtype and kept.device == q.device)
 
 
 class LayerRuntime:
@@ -127,7 +127,7 @@ class LayerRuntime:
 
     def _buffers(self, q: torch.Tensor) -> _Buffers:
         slot = self.slots.setdefault(self.session.call, _Buffers())
-        if slot.out is None or not _holds_like(slot.out, q):  # a new shape: _runnable dropped what it held
+        if slot.out is None or not _fits(slot.out, q):  # a new shape: _runnable dropped what it held
             slot.out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return slot
 
@@ -187,8 +187,7 @@ class LayerRuntime:
         (a callback ending CFG early halves the batch: what it holds belongs to other rows)."""
         session = self.session
         slot = self.slots.get(session.call)
-        if slot is not None and any(kept is not None and not _holds_like(kept, q)
-                                    for kept in (slot.out, slot.residual)):
+        if slot is not None and not (_fits(slot.out, q) and _fits(slot.residual, q)):
             self.slots[session.call] = slot = _Buffers()
             if row.cache_heads or row.residual_from:
                 session.reshaped_layer_steps += 1
