@@ -20,8 +20,10 @@ class _Row:
     keep: bool  # the next step reads this layer's output buffer (it has cache heads)
     modes: torch.Tensor  # (H,) int32 modes of the main op call
     residual_add: torch.Tensor | None  # (1, 1, H, 1) bool: arrow_residual heads
+    residual_runs: tuple[tuple[int, int], ...]  # the same heads as runs [start, stop) of adjacent heads
     capture_modes: torch.Tensor | None  # (H,) windows whose residual is captured now; others skip
     capture_mask: torch.Tensor | None  # (1, 1, H, 1) bool
+    capture_runs: tuple[tuple[int, int], ...]  # the captured heads as runs [start, stop)
     uncond_modes: torch.Tensor | None  # (H,) modes of the unconditional half; CFG-shared heads skip
     share_mask: torch.Tensor | None  # (1, 1, H, 1) bool: CFG-shared heads
     full_heads: torch.Tensor | None  # indices of plain-full heads of a mixed row: they run dense SDPA
@@ -74,6 +76,7 @@ def compile_row(
 
     modes = [m.mode(num_image_tokens, tiles) for m in methods]
     captured = [mode != MODE_SKIP for mode in capture]
+    reads_residual = [m.reads_residual for m in methods]
     shared = [m.shares_cfg for m in methods]
     plain_full = [m.exact for m in methods]
     # With route_full, full heads of a mixed row go to torch's dense SDPA (cuDNN on Hopper, where it
@@ -83,9 +86,11 @@ def compile_row(
         all_full=all(plain_full),
         keep=keep,
         modes=tensor(modes),
-        residual_add=mask([m.reads_residual for m in methods]),
+        residual_add=mask(reads_residual),
+        residual_runs=_runs(reads_residual),
         capture_modes=tensor(capture) if any(captured) else None,
         capture_mask=mask(captured),
+        capture_runs=_runs(captured),
         uncond_modes=tensor([MODE_SKIP if s else m for m, s in zip(modes, shared)]) if any(shared) else None,
         share_mask=mask(shared),
         full_heads=tensor([h for h, f in enumerate(plain_full) if f], torch.long) if split else None,
@@ -100,6 +105,18 @@ def compile_row(
         captured_heads=tuple(h for h, c in enumerate(captured) if c),
         residual_from=None if residual_from is None else tuple(residual_from),
     )
+
+
+def _runs(flags) -> tuple[tuple[int, int], ...]:
+    """The flagged heads as runs [start, stop) of adjacent heads: slices of the (B, S, H, D) output
+    are views, so work on them touches those heads' bytes only, where a mask touches every head's."""
+    runs = []
+    for head, flag in enumerate(flags):
+        if flag and runs and runs[-1][1] == head:
+            runs[-1][1] = head + 1
+        elif flag:
+            runs.append([head, head + 1])
+    return tuple((start, stop) for start, stop in runs)
 
 
 def cache_heads(plan: Plan) -> list[list[int]]:

@@ -165,13 +165,16 @@ class LayerRuntime:
         else:
             result = out
             self._compute(q, k, v, row, out, geometry)
-            if row.residual_add is not None:
-                out.add_(torch.where(row.residual_add, slot.residual, 0))
+            for start, stop in row.residual_runs:
+                out[:, :, start:stop].add_(slot.residual[:, :, start:stop])
         if row.capture_modes is not None:
             arrow = torch.empty_like(out)
             ops.headwise_attention(q, k, v, row.capture_modes, **geometry.op, out=arrow, impl=session.impl)
-            previous = slot.residual if slot.residual is not None else torch.zeros_like(out)
-            slot.residual = torch.where(row.capture_mask, result - arrow, previous)
+            if slot.residual is None:
+                # Rows of heads this slot never captured are never read (_runnable computes those heads).
+                slot.residual = torch.empty_like(out)
+            for start, stop in row.capture_runs:
+                torch.sub(result[:, :, start:stop], arrow[:, :, start:stop], out=slot.residual[:, :, start:stop])
             slot.captured.update(dict.fromkeys(row.captured_heads, session.step))
         slot.step = session.step
         session.after(self, q, k, v, result, geometry.text_start, geometry.text_len)
