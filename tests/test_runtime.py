@@ -168,6 +168,18 @@ def test_every_method_follows_its_definition(pipeline_kind, recorder):
     assert checked == {"full", "cache", "arrow:0.5", "arrow_residual:0.5"}
 
 
+def test_residual_heads_apart_add_and_capture_only_their_own_rows(pipeline_kind, recorder):
+    # Heads 0 and 2 keep residuals with head 1 between them: adding or capturing over the span
+    # of both would change head 1, which caches (an exact copy) or runs a plain window.
+    pipe = make_pipeline(pipeline_kind)
+    rows = [["full"] * 3, ["arrow_residual:0.5", "cache", "arrow_residual:0.5"],
+            ["full", "arrow:0.5", "full"], ["arrow_residual:0.5", "cache", "arrow_residual:0.5"]]
+    plan = with_methods(Plan.uniform(pipe.transformer, STEPS, "full"), lambda step, layer, head: rows[step][head])
+    ditfastattn.apply(pipe, plan)
+    run_pipeline(pipe, steps=STEPS, **ODD)
+    assert check_definitions(plan, recorder, atol=3e-5) == {"full", "cache", "arrow:0.5", "arrow_residual:0.5"}
+
+
 def test_cfg_sharing_follows_its_definition(recorder):
     pipe = sd3_pipeline(dual=True)
     plan = mixed_plan(pipe.transformer, STEPS, cfg=True)
