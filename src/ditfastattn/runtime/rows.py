@@ -20,10 +20,10 @@ class _Row:
     keep: bool  # the next step reads this layer's output buffer (it has cache heads)
     modes: torch.Tensor  # (H,) int32 modes of the main op call
     residual_add: torch.Tensor | None  # (1, 1, H, 1) bool: arrow_residual heads
-    residual_runs: tuple[tuple[int, int], ...]  # the same heads as runs [start, stop) of adjacent heads
+    residual_index: slice | torch.Tensor | None  # the same heads, for _heads_index's slices or gathers
     capture_modes: torch.Tensor | None  # (H,) windows whose residual is captured now; others skip
     capture_mask: torch.Tensor | None  # (1, 1, H, 1) bool
-    capture_runs: tuple[tuple[int, int], ...]  # the captured heads as runs [start, stop)
+    capture_index: slice | torch.Tensor | None  # the captured heads, likewise
     uncond_modes: torch.Tensor | None  # (H,) modes of the unconditional half; CFG-shared heads skip
     share_mask: torch.Tensor | None  # (1, 1, H, 1) bool: CFG-shared heads
     full_heads: torch.Tensor | None  # indices of plain-full heads of a mixed row: they run dense SDPA
@@ -87,10 +87,10 @@ def compile_row(
         keep=keep,
         modes=tensor(modes),
         residual_add=mask(reads_residual),
-        residual_runs=_runs(reads_residual),
+        residual_index=_heads_index(reads_residual, device),
         capture_modes=tensor(capture) if any(captured) else None,
         capture_mask=mask(captured),
-        capture_runs=_runs(captured),
+        capture_index=_heads_index(captured, device),
         uncond_modes=tensor([MODE_SKIP if s else m for m, s in zip(modes, shared)]) if any(shared) else None,
         share_mask=mask(shared),
         full_heads=tensor([h for h, f in enumerate(plain_full) if f], torch.long) if split else None,
@@ -107,16 +107,16 @@ def compile_row(
     )
 
 
-def _runs(flags) -> tuple[tuple[int, int], ...]:
-    """The flagged heads as runs [start, stop) of adjacent heads: slices of the (B, S, H, D) output
-    are views, so work on them touches those heads' bytes only, where a mask touches every head's."""
-    runs = []
-    for head, flag in enumerate(flags):
-        if flag and runs and runs[-1][1] == head:
-            runs[-1][1] = head + 1
-        elif flag:
-            runs.append([head, head + 1])
-    return tuple((start, stop) for start, stop in runs)
+def _heads_index(flags, device) -> slice | torch.Tensor | None:
+    """The flagged heads of a (B, S, H, D) output, to work on their bytes only where a mask would
+    touch every head's: a slice (a view, one launch) where they are adjacent, else their indices
+    (gathers, a fixed number of launches however scattered they are). None where none is flagged."""
+    heads = [head for head, flag in enumerate(flags) if flag]
+    if not heads:
+        return None
+    if heads[-1] - heads[0] + 1 == len(heads):
+        return slice(heads[0], heads[-1] + 1)
+    return torch.tensor(heads, dtype=torch.long, device=device)
 
 
 def cache_heads(plan: Plan) -> list[list[int]]:

@@ -165,16 +165,15 @@ class LayerRuntime:
         else:
             result = out
             self._compute(q, k, v, row, out, geometry)
-            for start, stop in row.residual_runs:
-                out[:, :, start:stop].add_(slot.residual[:, :, start:stop])
+            if row.residual_index is not None:
+                _add_heads(out, slot.residual, row.residual_index)
         if row.capture_modes is not None:
             arrow = torch.empty_like(out)
             ops.headwise_attention(q, k, v, row.capture_modes, **geometry.op, out=arrow, impl=session.impl)
             if slot.residual is None:
                 # Rows of heads this slot never captured are never read (_runnable computes those heads).
                 slot.residual = torch.empty_like(out)
-            for start, stop in row.capture_runs:
-                torch.sub(result[:, :, start:stop], arrow[:, :, start:stop], out=slot.residual[:, :, start:stop])
+            _store_difference(slot.residual, result, arrow, row.capture_index)
             slot.captured.update(dict.fromkeys(row.captured_heads, session.step))
         slot.step = session.step
         session.after(self, q, k, v, result, geometry.text_start, geometry.text_len)
@@ -234,6 +233,22 @@ class LayerRuntime:
             self.slots.clear()
         else:
             self.slots.pop(call, None)
+
+
+def _add_heads(out: torch.Tensor, residual: torch.Tensor, heads: slice | torch.Tensor) -> None:
+    """``out += residual`` on ``heads`` (dim 2) only."""
+    if isinstance(heads, slice):
+        out[:, :, heads].add_(residual[:, :, heads])
+    else:
+        out.index_add_(2, heads, residual.index_select(2, heads))
+
+
+def _store_difference(residual, result, arrow, heads: slice | torch.Tensor) -> None:
+    """``residual = result - arrow`` on ``heads`` (dim 2) only; other heads keep what they hold."""
+    if isinstance(heads, slice):
+        torch.sub(result[:, :, heads], arrow[:, :, heads], out=residual[:, :, heads])
+    else:
+        residual.index_copy_(2, heads, result.index_select(2, heads).sub_(arrow.index_select(2, heads)))
 
 
 def latents_shape(arguments: dict) -> tuple | None:
