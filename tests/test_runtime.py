@@ -180,6 +180,31 @@ def test_residual_heads_apart_add_and_capture_only_their_own_rows(pipeline_kind,
     assert check_definitions(plan, recorder, atol=3e-5) == {"full", "cache", "arrow:0.5", "arrow_residual:0.5"}
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_generation_that_failed_inside_the_transformer_leaves_the_next_one_exact(static):
+    # An error mid-call (out of memory in a block, say) leaves the session mid-step, its buffers
+    # and counters part-written: the next generation must run as on a fresh model.
+    plan_rows = [["full"] * 3, ["cache", "arrow_residual:0.5", "arrow:0.5"], ["full"] * 3,
+                 ["cache", "arrow_residual:0.5", "arrow:0.5"]]
+    pipes = [sd3_pipeline(), sd3_pipeline()]
+    for pipe in pipes:
+        plan = with_methods(Plan.uniform(pipe.transformer, 4, "full"), lambda step, layer, head: plan_rows[step][head])
+        ditfastattn.apply(pipe, plan, static=static, num_image_tokens=1024 if static else None)
+    failing, fresh = pipes
+    calls = []
+
+    def fail_at_the_third_call(*_):
+        calls.append(None)
+        if len(calls) == 3:
+            raise MemoryError("out of memory")
+
+    hook = failing.transformer.transformer_blocks[-1].register_forward_hook(fail_at_the_third_call)
+    with pytest.raises(MemoryError):
+        run_pipeline(failing, steps=4, seed=9)
+    hook.remove()
+    assert torch.equal(run_pipeline(failing, steps=4, seed=3), run_pipeline(fresh, steps=4, seed=3))
+
+
 def test_cfg_sharing_follows_its_definition(recorder):
     pipe = sd3_pipeline(dual=True)
     plan = mixed_plan(pipe.transformer, STEPS, cfg=True)
