@@ -271,20 +271,25 @@ def test_a_torch_compile_wrapper_is_refused_naming_compile_in_place():
     ditfastattn.remove(pipe)
 
 
-def modular_sd3():
-    """diffusers' modular SD3 denoising with its CFG guider, which calls the transformer once per condition."""
-    import warnings
-
+def modular_sd3(decode: bool = False):
+    """diffusers' modular SD3 denoising with its CFG guider, which calls the transformer once per condition;
+    with ``decode``, followed by its VAE decode step."""
     from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.modular_pipelines import SequentialPipelineBlocks
+    from diffusers.modular_pipelines.stable_diffusion_3.decoders import StableDiffusion3DecodeStep
     from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
         StableDiffusion3T2ICoreDenoiseStep)
 
     base = sd3_pipeline()
+    blocks = StableDiffusion3T2ICoreDenoiseStep()
+    if decode:
+        blocks = SequentialPipelineBlocks.from_blocks_dict({"denoise": blocks, "decode": StableDiffusion3DecodeStep()})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # guiders are experimental
-        pipe = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+        pipe = blocks.init_pipeline()
         pipe.update_components(transformer=base.transformer, scheduler=base.scheduler,
-                               guider=ClassifierFreeGuidance(guidance_scale=4.0))
+                               guider=ClassifierFreeGuidance(guidance_scale=4.0),
+                               **({"vae": base.vae} if decode else {}))
     return pipe
 
 
@@ -333,6 +338,23 @@ def test_calibrate_a_modular_pipeline_and_run_its_plan():
     out = run_modular(pipe, steps=steps)
     assert torch.isfinite(out).all() and not torch.equal(out, stock)
     ditfastattn.remove(pipe)
+
+
+def test_calibrate_a_modular_pipeline_with_a_decode_step_decodes_nothing():
+    steps = 6
+    pipe = modular_sd3(decode=True)
+    decodes = []
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda *args, **kwargs: decodes.append(1) or decode(*args, **kwargs)
+    assert torch.is_tensor(pipe(**embeds(1), **negative_embeds(1), height=HEIGHT, width=WIDTH, num_inference_steps=steps,
+                                output_type="pt", output="images"))
+    assert len(decodes) == 1
+    config = SearchConfig(num_inference_steps=steps, height=HEIGHT, width=WIDTH, delta=0.5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*output_type")
+        plan = calibrate(pipe, [{**embeds(1), **negative_embeds(1)}], config, progress=False)
+    assert len(decodes) == 1
+    assert plan.summary()["sparsity"] > 0.2
 
 
 def test_a_second_order_scheduler_is_refused_before_denoising():

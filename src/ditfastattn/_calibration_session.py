@@ -662,8 +662,12 @@ def run_pass(
 
 
 def latent_output(pipe) -> dict[str, str]:
-    """The argument that makes ``pipe`` return its latents undecoded: ``output_type="latent"``, which
-    diffusers' modular pipelines do not take (they warn, and return their state with the latents)."""
+    """The argument that makes ``pipe`` return its latents undecoded: ``output_type="latent"``. A
+    diffusers modular pipeline takes it only where one of its blocks reads it (a decode step; others
+    warn that it is ignored), and returns its state, latents included, either way."""
+    block_inputs = getattr(getattr(pipe, "blocks", None), "input_names", None)
+    if block_inputs is not None:
+        return {"output_type": "latent"} if "output_type" in block_inputs else {}
     try:
         accepts = "output_type" in inspect.signature(type(pipe).__call__).parameters
     except (TypeError, ValueError):
