@@ -56,6 +56,25 @@ def test_model_cpu_offload():
     ditfastattn.remove(pipe)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential CPU offload runs each module on a CUDA device")
+@pytest.mark.parametrize("make", [sd3_pipeline, flux_pipeline], ids=["sd3", "flux"])
+def test_sequential_cpu_offload(make):
+    pytest.importorskip("accelerate")
+    inputs = {**embeds(1), **(negative_embeds(1) if make is sd3_pipeline else {})}
+    inputs = {name: value.cuda() for name, value in inputs.items()}
+    reference = make().to("cuda")
+    stock = run_pipeline(reference, steps=STEPS, **inputs)
+    ditfastattn.apply(reference, compressed(reference.transformer))
+    expected = run_pipeline(reference, steps=STEPS, **inputs)
+    assert not torch.equal(expected, stock)
+    pipe = make()
+    pipe.enable_sequential_cpu_offload(device="cuda")
+    ditfastattn.apply(pipe, compressed(pipe.transformer))
+    assert torch.equal(run_pipeline(pipe, steps=STEPS, **inputs), expected)
+    ditfastattn.remove(pipe)
+    assert torch.equal(run_pipeline(pipe, steps=STEPS, **inputs), stock)
+
+
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 def test_group_offloading(offload_type):
     reference = flux_pipeline()
