@@ -54,21 +54,27 @@ def main():
         seconds[gran] = round(time.perf_counter() - t0, 1)
         print(gran, plans[gran].summary()["sparsity"], plans[gran].provenance["search"]["cache"], seconds[gran], flush=True)
     scored, ssim, differences = score_paired(pipe, plans, held, args.steps, seeds, [("head", "layer")])
+    meta = {**environment(torch.device(args.device)), "kind": args.kind, "target": args.target, "cache": args.cache,
+            "candidates": args.candidates, "added": args.add, "steps": args.steps, "heldout": len(held), "seeds": seeds,
+            "calibration_seconds": seconds, "seconds": round(time.perf_counter() - started, 1)}
+    write_result(args.out, meta, plans, scored, ssim, differences,
+                 {k: {"cache": plan.provenance["search"]["cache"]} for k, plan in plans.items()})
+
+
+def write_result(out: Path, meta: dict, plans, scored, ssim, differences, extra: dict) -> None:
+    """Write the run's JSON (each plan's sparsity, mean SSIM and PSNR with its ``extra`` fields, the paired
+    differences, per-prompt SSIM, the plans' methods) and print its plans and differences."""
     result = {
-        "meta": {**environment(torch.device(args.device)), "kind": args.kind, "target": args.target, "cache": args.cache,
-                 "candidates": args.candidates, "added": args.add,
-                 "steps": args.steps, "heldout": len(held), "seeds": seeds, "calibration_seconds": seconds,
-                 "seconds": round(time.perf_counter() - started, 1)},
+        "meta": meta,
         "plans": {k: {"sparsity": r["sparsity"], "ssim": float(np.mean(r["ssim"])), "psnr": float(np.mean(r["psnr"])),
-                      "cache": plans[k].provenance["search"]["cache"]} for k, r in scored.items()},
+                      **extra[k]} for k, r in scored.items()},
         "differences": differences,
         "per_prompt_ssim": {k: v.tolist() for k, v in ssim.items()},
         "methods": {k: plan.methods for k, plan in plans.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result))
     print(json.dumps({k: result[k] for k in ("plans", "differences")}, indent=1))
-
 
 if __name__ == "__main__":
     main()
