@@ -11,7 +11,7 @@ from conftest import tiny_flux, tiny_sd3
 from ditfastattn import Plan, PlanMismatchError
 from ditfastattn._geometry import MODE_FULL, MODE_SKIP, TileGrid, density, kept_pairs, window_blocks
 from ditfastattn.adapters import adapter_for
-from ditfastattn.methods import CFG_BATCH, FRACTION, KINDS, PREVIOUS_OUTPUT, RESIDUAL, WINDOW, Method, parse_method
+from ditfastattn.methods import CFG_BATCH, FACTOR, FRACTION, KINDS, PREVIOUS_OUTPUT, RESIDUAL, WINDOW, Method, parse_method
 from ditfastattn.model import LayerSpec, ModelSpec, TokenLayout
 from ditfastattn.ops._dense import head_mask
 
@@ -41,7 +41,7 @@ def test_unknown_method_is_rejected(name):
 
 def _examples(kind):
     """A name of each of ``kind``'s forms, its placeholders filled."""
-    return [form.replace(FRACTION, "0.25").replace(WINDOW, "0.5,0,1") for form in kind.forms]
+    return [form.replace(FRACTION, "0.25").replace(WINDOW, "0.5,0,1").replace(FACTOR, "3") for form in kind.forms]
 
 
 def test_the_method_registry_is_complete_and_consistent():
@@ -308,7 +308,7 @@ def test_tile_plans_round_trip_with_their_grid_and_old_plans_load_unchanged(tmp_
 
 def test_a_tile_plan_without_its_grid_names_the_fix():
     plan = Plan.uniform(VIDEO, 2, "tile:0,0,0", num_image_tokens=360, text_len=16)
-    with pytest.raises(ValueError, match=r"tile windows \(tile:0,0,0\).*not record: pass grid=\(frames, rows, cols\)"):
+    with pytest.raises(ValueError, match=r"tile windows or pooled keys \(tile:0,0,0\).*not record: pass grid=\(frames, rows, cols\)"):
         plan.summary()
     assert plan.summary(grid=(3, 10, 12))["sparsity"] == Plan.uniform(
         VIDEO, 2, "tile:0,0,0", grid=(3, 10, 12), text_len=16).summary()["sparsity"]

@@ -574,13 +574,14 @@ def test_band_plans_are_unchanged_by_a_grid(monkeypatch):
     assert torch.equal(run_pipeline(plain, steps=STEPS, **ODD), expected)
 
 
-def test_tile_plans_need_a_grid(monkeypatch):
+@pytest.mark.parametrize("method", ["tile:0,0,0", "pool:2"])
+def test_tile_and_pool_plans_need_a_grid(method, monkeypatch):
     # Static mode's check of the grid: test_static.py.
     pipe = flux_pipeline()
-    plan = Plan.uniform(pipe.transformer, STEPS, "tile:0,0,0")
+    plan = Plan.uniform(pipe.transformer, STEPS, method)
     hide_grid(monkeypatch)
     ditfastattn.apply(pipe, plan)
-    with pytest.raises(ValueError, match=r"tile:0,0,0 needs the image grid"):
+    with pytest.raises(ValueError, match=f"{method} needs the image grid"):
         run_pipeline(pipe, steps=STEPS, **ODD)
     ditfastattn.remove(pipe)
 

@@ -107,7 +107,7 @@ def _check(q, k, v, modes, text_len, where, *, out=None, scale=None, return_lse=
         assert lse is None or bool(torch.isneginf(lse).all())
         return
     assert bool(torch.isfinite(got[:, :, kept]).all()), "unwritten or non-finite output"
-    base, _ = dense_attention(q, k, v, modes, layout, padding, scale, compute=torch.float32, rounded=q.dtype)
+    base, base_lse = dense_attention(q, k, v, modes, layout, padding, scale, compute=torch.float32, rounded=q.dtype)
     norm = ref[:, :, kept].norm()
     err = (got[:, :, kept].float() - ref[:, :, kept]).norm() / norm
     base_err = (base - ref[:, :, kept]).norm() / norm
@@ -117,7 +117,9 @@ def _check(q, k, v, modes, text_len, where, *, out=None, scale=None, return_lse=
         assert bool(torch.isneginf(lse[:, skip]).all())
         masked = torch.isneginf(ref_lse[:, kept])  # rows that keep no key: -inf in both
         assert torch.equal(torch.isneginf(lse[:, kept]), masked)
-        torch.testing.assert_close(lse[:, kept][~masked], ref_lse[:, kept][~masked], atol=2e-4, rtol=1e-5)
+        # pool heads read patch means rounded to the inputs' dtype: twice the yardstick's lse error more
+        slack = 2.0 * float((base_lse[~masked] - ref_lse[:, kept][~masked]).abs().max())
+        torch.testing.assert_close(lse[:, kept][~masked], ref_lse[:, kept][~masked], atol=2e-4 + slack, rtol=1e-5)
 
 
 @pytest.mark.parametrize("where", [FIRST, LAST])
@@ -198,6 +200,24 @@ def test_segments_and_padding(seed):
         table = [ops.KEY_PADDING, ops.PAIR_PADDING, ((1.0, 0.0), (0.0, 0.0))][seed - 1]
         padding = ops.Padding(mask, table)
     _check(q, k, v, modes, None, None, segments=segments, padding=padding, return_lse=rng.random() < 0.7)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pool_heads_beside_the_kernel_heads(seed):
+    # Pool heads run on flash attention (the CPU's here), two calls merged by log-sum-exp, after a
+    # kernel launch that skips them; awkward grids (partial patches, two frames), text on either side.
+    rng = random.Random(200 + seed)
+    gen = torch.Generator().manual_seed(seed)
+    grid = rng.choice([(1, 9, 11), (2, 6, 8), (1, 12, 10), (1, 2, 3)])
+    before, after = rng.choice([(0, 0), (7, 0), (0, 5), (4, 3)])
+    image = math.prod(grid)
+    layout = TokenLayout(before + image + after, before, image, grid)
+    dtype = rng.choice([torch.bfloat16, torch.float16])
+    modes = [ops.pool_mode(2), MODE_FULL, ops.pool_mode(3), 1, MODE_SKIP, ops.pool_mode(2)]
+    if seed == 3:  # pool heads alone: no kernel launch
+        modes = [ops.pool_mode(2), ops.pool_mode(4)]
+    q, k, v = _inputs(rng.randint(1, 2), layout.seq_len, len(modes), rng.choice([32, 64]), dtype, gen)
+    _check(q, k, v, ops.mode_tensor(modes, "cpu"), None, None, segments=layout, return_lse=seed % 2 == 0)
 
 
 def test_fully_masked_rows_output_zero():

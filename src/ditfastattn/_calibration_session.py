@@ -257,12 +257,12 @@ class _CalibrationSession(Session):
         return row
 
     def _refuse_tiles(self, layer: LayerRuntime) -> None:
-        """Tile candidates on a call without an image grid: refused at its first call, before the pass's work."""
+        """Tile or pool candidates on a call without an image grid: refused at its first call, before the pass's work."""
         shown = ", ".join(self._tile_candidates[:3]) + (", ..." if len(self._tile_candidates) > 3 else "")
         raise ValueError(
-            f"the tile candidates ({shown}) need the image grid (frames x rows x cols of latent patches), which "
+            f"the tile and pool candidates ({shown}) need the image grid (frames x rows x cols of latent patches), which "
             f"{layer.name} of {type(self.transformer).__name__} does not get in this call ({self.adapter.FAMILY} gives "
-            "no grid for it): search with arrow:<f> candidates instead (SearchConfig(candidates=...) without tile:)"
+            "no grid for it): search with arrow:<f> candidates instead (SearchConfig(candidates=...) without tile: or pool:)"
         )
 
     def _residual_from(self, layer: int, methods: list[Method]) -> list[tuple[int, int]]:

@@ -13,6 +13,13 @@ query in tile ``(a, b, c)`` see the image keys of the tiles ``(a', b', c')`` wit
 ``|b - b'| <= wh`` and ``|c - c'| <= ww``, plus every global key. Its op mode packs the three
 half-widths with :data:`TILE_FLAG` (:func:`tile_mode`); plans store them as fractions of the grid's
 extent in tiles (:meth:`TileGrid.windows`).
+
+Pooled keys: a pool head of factor ``p`` (:func:`pool_mode`) lets an image query see every global
+key and the image keys and values averaged over each whole ``p x p`` patch of every frame, each
+average standing for the ``p * p`` keys it replaces (a ``log(p * p)`` score bias); image tokens of
+the partial patches at a grid's bottom and right edges stay keys of their own. Global queries see
+every key. Equivalently: full attention over keys and values where each whole patch's tokens are
+replaced by the patch's mean.
 """
 
 from __future__ import annotations
@@ -31,6 +38,37 @@ MODE_SKIP = -2
 TILE_FLAG = 1 << 30
 TILE_BITS = 10
 MAX_TILE_WINDOW = (1 << TILE_BITS) - 1
+
+
+# Pool modes: POOL_FLAG | p, for a factor p in [2, MAX_POOL_FACTOR]; arrow half-widths stay below POOL_FLAG.
+POOL_FLAG = 1 << 29
+MAX_POOL_FACTOR = 64
+
+
+def pool_mode(factor: int) -> int:
+    """The op's head mode of pooled keys over ``factor x factor`` patches."""
+    if not (isinstance(factor, int) and not isinstance(factor, bool) and 2 <= factor <= MAX_POOL_FACTOR):
+        raise ValueError(f"a pool factor must be an int in [2, {MAX_POOL_FACTOR}]; got {factor!r}")
+    return POOL_FLAG | factor
+
+
+def is_pool_mode(mode: int) -> bool:
+    return POOL_FLAG <= mode < TILE_FLAG
+
+
+def pool_factor(mode: int) -> int:
+    """``p`` of a pool mode."""
+    if not is_pool_mode(mode):
+        raise ValueError(f"head mode {mode} is not a pool mode (see pool_mode)")
+    return mode & ~POOL_FLAG
+
+
+def pooled_keys(grid: tuple[int, int, int], factor: int) -> tuple[int, int]:
+    """``(patches, loose)``: the whole ``factor x factor`` patches of the frames x rows x cols
+    ``grid`` (one pooled key each) and the image tokens outside them (keys of their own)."""
+    frames, rows, cols = grid
+    whole = (rows // factor) * (cols // factor)
+    return frames * whole, frames * (rows * cols - whole * factor * factor)
 
 
 def tile_mode(wt: int, wh: int, ww: int) -> int:
@@ -171,7 +209,7 @@ def window_blocks(fraction: float, num_image_tokens: int) -> int:
 
 def kept_pairs(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> int:
     """Exact number of (query, key) pairs a head computes under ``mode``, over the joint sequence;
-    tile modes need the image's ``tiles``."""
+    tile and pool modes need the image's ``tiles`` (a pool head counts each pooled key once)."""
     seq = num_image_tokens + text_len
     if mode == MODE_SKIP:
         return 0
@@ -183,6 +221,10 @@ def kept_pairs(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid 
         if tiles is None or tiles.tokens != num_image_tokens:
             raise ValueError(f"a tile window's cost needs the grid of the {num_image_tokens} image tokens; got {tiles}")
         return text_len * seq + num_image_tokens * text_len + tiles.image_pairs(mode)
+    if is_pool_mode(mode):
+        if tiles is None or tiles.tokens != num_image_tokens:
+            raise ValueError(f"pooled keys' cost needs the grid of the {num_image_tokens} image tokens; got {tiles}")
+        return text_len * seq + num_image_tokens * (text_len + sum(pooled_keys(tiles.grid, pool_factor(mode))))
     blocks = num_image_blocks(num_image_tokens)
     sizes = [min(IMAGE_BLOCK, num_image_tokens - b * IMAGE_BLOCK) for b in range(blocks)]
     prefix = [0]
@@ -198,6 +240,6 @@ def kept_pairs(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid 
 def density(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
     """Share of a full head's attention FLOPs that head mode ``mode`` computes (1.0 full, 0.0 skip),
     exact from the block geometry, over ``num_image_tokens`` image and ``text_len`` global tokens;
-    a tile mode needs the image's ``tiles`` (a :class:`TileGrid` of those image tokens)."""
+    tile and pool modes need the image's ``tiles`` (a :class:`TileGrid` of those image tokens)."""
     seq = num_image_tokens + text_len
     return kept_pairs(mode, num_image_tokens, text_len, tiles) / float(seq * seq)

@@ -13,6 +13,10 @@
                                columns kept, image queries see the tiles within a half-width of
                                f x (tiles - 1) along frames, rows and cols (0: own tiles only,
                                1: the whole axis); 0 <= f <= 1
+``pool:<p>``                   pooled keys (images and video with a known grid): global rows
+                               and columns kept, image queries see the image keys and values
+                               averaged over each whole p x p patch of a frame (weighted p x p),
+                               and the tokens of partial patches at the grid's edges; p >= 2
 =============================  ==============================================================
 
 Each kind is one entry of :data:`KINDS`: its name forms, what it reads besides the call's q, k and
@@ -28,16 +32,18 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from ._geometry import MODE_FULL, MODE_SKIP, TileGrid, density, tile_mode, window_blocks
+from ._geometry import MAX_POOL_FACTOR, MODE_FULL, MODE_SKIP, TileGrid, density, pool_mode, tile_mode, window_blocks
 
 # What a method reads besides the call's q, k and v.
 PREVIOUS_OUTPUT = "the head's output at its last computed step"
 RESIDUAL = "the residual (full - arrow) kept at the head's last full step"
 CFG_BATCH = "the conditional half of the CFG batch, for the unconditional half"
 
-# Placeholders of the name forms: a window fraction in (0, 1], a tile window's three in [0, 1].
+# Placeholders of the name forms: a window fraction in (0, 1], a tile window's three in [0, 1], a
+# pool factor (an int >= 2).
 FRACTION = "<f>"
 WINDOW = "<ft>,<fh>,<fw>"
+FACTOR = "<p>"
 _NUMBER = r"[0-9.eE+-]+"
 
 
@@ -61,6 +67,13 @@ def _tile(method: Method, num_image_tokens: int, tiles: TileGrid | None) -> int:
     return tile_mode(*tiles.windows(method.window))
 
 
+def _pool(method: Method, num_image_tokens: int, tiles: TileGrid | None) -> int:
+    if tiles is None:
+        raise ValueError(f"{method.name} needs the image grid (frames x rows x cols), which this call does not "
+                         "give: its model family passes none, so use arrow:<f> windows there")
+    return pool_mode(method.factor)
+
+
 @dataclass(frozen=True)
 class MethodKind:
     """One kind of method: everything the rest of the package needs to know about it."""
@@ -72,13 +85,14 @@ class MethodKind:
     reads: str | None = None  # PREVIOUS_OUTPUT, RESIDUAL, CFG_BATCH or None: q, k and v only
     computes: bool = True  # False: the head's output is not computed at this step
     exact: bool = False  # the head's exact output for the whole batch (what a residual is taken against)
-    needs_grid: bool = False  # its geometry needs the image's tile grid
+    needs_grid: bool = False  # its geometry needs the image's grid
 
     def match(self, name: str) -> Method | None:
         """The method ``name`` is one of this kind's forms of, else None (a fraction out of range raises)."""
         for form in self.forms:
             pattern = re.escape(form).replace(re.escape(FRACTION), f"(?P<f>{_NUMBER})")
             pattern = pattern.replace(re.escape(WINDOW), f"(?P<w>{_NUMBER},{_NUMBER},{_NUMBER})")
+            pattern = pattern.replace(re.escape(FACTOR), f"(?P<p>{_NUMBER})")
             found = re.fullmatch(pattern, name)
             if found is None:
                 continue
@@ -87,20 +101,25 @@ class MethodKind:
             window = None
             if groups.get("w") is not None:
                 window = tuple(_fraction(part, name, low_open=False) for part in groups["w"].split(","))
-            return Method(self.name, fraction, window)
+            factor = _factor(groups["p"], name) if groups.get("p") is not None else None
+            return Method(self.name, fraction, window, factor)
         return None
 
     def format(self, method: Method) -> str:
         """The name of ``method``: the form whose placeholders its parameters fill."""
         for form in self.forms:
-            if (FRACTION in form) != (method.fraction is not None) or (WINDOW in form) != (method.window is not None):
+            if ((FRACTION in form) != (method.fraction is not None) or (WINDOW in form) != (method.window is not None)
+                    or (FACTOR in form) != (method.factor is not None)):
                 continue
             if method.fraction is not None:
                 form = form.replace(FRACTION, f"{method.fraction:g}")
             if method.window is not None:
                 form = form.replace(WINDOW, ",".join(f"{f:g}" for f in method.window))
+            if method.factor is not None:
+                form = form.replace(FACTOR, str(method.factor))
             return form
-        raise ValueError(f"{self.name} has no name form for fraction {method.fraction} and window {method.window}")
+        raise ValueError(f"{self.name} has no name form for fraction {method.fraction}, window {method.window} and "
+                         f"factor {method.factor}")
 
 
 KINDS: dict[str, MethodKind] = {
@@ -113,6 +132,7 @@ KINDS: dict[str, MethodKind] = {
         MethodKind("cfg_share", ("cfg_share", f"cfg_share+arrow:{FRACTION}"), _band, (0.20, 0.70, 0.35),
                    reads=CFG_BATCH),
         MethodKind("tile", (f"tile:{WINDOW}",), _tile, (0.85, 0.25, 0.45), needs_grid=True),
+        MethodKind("pool", (f"pool:{FACTOR}",), _pool, (0.10, 0.65, 0.65), needs_grid=True),
     )
 }
 
@@ -122,6 +142,7 @@ class Method:
     kind: str  # a key of KINDS
     fraction: float | None = None  # an arrow window's fraction
     window: tuple[float, float, float] | None = None  # a tile window's fractions (frames, rows, cols)
+    factor: int | None = None  # a pool head's patch side
 
     @property
     def spec(self) -> MethodKind:
@@ -158,8 +179,8 @@ class Method:
         return self.spec.needs_grid
 
     def mode(self, num_image_tokens: int, tiles: TileGrid | None = None) -> int:
-        """Integer head mode of the op for the computed part of this method; a tile window needs
-        the image's ``tiles`` (its grid and tile shape)."""
+        """Integer head mode of the op for the computed part of this method; a tile window and
+        pooled keys need the image's ``tiles`` (its grid and tile shape)."""
         return self.spec.geometry(self, num_image_tokens, tiles)
 
     def cost(self, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
@@ -178,6 +199,16 @@ def _fraction(text: str, name: str, low_open: bool = True) -> float:
     return value
 
 
+def _factor(text: str, name: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 2 <= value <= MAX_POOL_FACTOR:
+        raise ValueError(f"unknown method {name!r}: a pool factor must be an int in [2, {MAX_POOL_FACTOR}]")
+    return value
+
+
 @lru_cache(maxsize=None)
 def parse_method(name: str) -> Method:
     """Parse a method name (see the module docstring); raises ValueError naming the valid forms."""
@@ -187,7 +218,8 @@ def parse_method(name: str) -> Method:
             if method is not None:
                 return method
     forms = ", ".join(repr(form) for kind in KINDS.values() for form in kind.forms)
-    raise ValueError(f"unknown method {name!r}; valid: {forms} with {FRACTION} in (0, 1] and each of {WINDOW} in [0, 1]")
+    raise ValueError(f"unknown method {name!r}; valid: {forms} with {FRACTION} in (0, 1], each of {WINDOW} in [0, 1] "
+                     f"and {FACTOR} an int in [2, {MAX_POOL_FACTOR}]")
 
 
 def canonical(name: str) -> str:

@@ -300,8 +300,8 @@ class Plan:
                 what = ("which the plan does not record" if recorded is None else
                         f"which the plan records for {recorded.tokens} image tokens, not {geometry.num_image_tokens}")
                 raise ValueError(
-                    f"this plan's tile windows ({', '.join(windows[:3])}{', ...' if len(windows) > 3 else ''}) are "
-                    f"sized by the image grid, {what}: pass grid=(frames, rows, cols) of the "
+                    f"this plan's tile windows or pooled keys ({', '.join(windows[:3])}"
+                    f"{', ...' if len(windows) > 3 else ''}) are sized by the image grid, {what}: pass grid=(frames, rows, cols) of the "
                     f"{geometry.num_image_tokens} image tokens (and tile= for another tile shape than the default), "
                     "or record it when making the plan (Plan.uniform(..., grid=...), provenance 'grid')"
                 )

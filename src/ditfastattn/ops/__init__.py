@@ -1,4 +1,5 @@
-"""Head-wise attention op: every head of one launch runs its own mode (full, skip, arrow band, tile window).
+"""Head-wise attention op: every head of one launch runs its own mode (full, skip, arrow band, tile
+window, pooled keys).
 
 The public entry point validates and dispatches; the implementations live in ``_reference`` (pure
 PyTorch, the oracle, any device), ``_triton`` (fused GPU kernel) and ``_gluon`` (warp-specialised
@@ -10,6 +11,8 @@ windows need the image's grid: the reference indexes it directly; for the GPU ke
 dispatcher puts the key padding flags in tile order (``_tile_order``, the one place that
 reorders), and keys and values too for the Triton kernel (the Gluon kernel reads them in place:
 ``TILES_IN_PLACE``), and launches the kernel twice, once for the tile heads and once for the others. The per-head
+Pool heads run in the reference, or under either GPU kernel on PyTorch's flash attention
+(``_pooled``: two calls merged by log-sum-exp), the kernel launched with them skipped. The per-head
 statistics calibration scores candidates with (:func:`head_squared_errors`, :func:`head_variances`)
 dispatch the same way, in ``_stats``.
 """
@@ -28,14 +31,17 @@ import torch
 
 # The geometry a mode computes (density, window_blocks, TileGrid) is public for benchmarks and
 # tools that count FLOPs; _geometry is its one home.
-from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP, TileGrid, density, is_tile_mode, tile_mode, window_blocks
+from .._geometry import (
+    IMAGE_BLOCK, MODE_FULL, MODE_SKIP, TileGrid, density, is_pool_mode, is_tile_mode, pool_factor, pool_mode, tile_mode,
+    window_blocks,
+)
 from ..model import TokenLayout
 from ._stats import head_squared_errors, head_variances
 
 __all__ = [
     "headwise_attention", "IMPLEMENTATIONS", "IMAGE_BLOCK", "KEY_PADDING", "MODE_FULL", "MODE_SKIP", "PAIR_PADDING",
     "Padding", "TileGrid", "TokenLayout", "check_mode_values", "density", "gluon_available", "head_squared_errors",
-    "head_variances", "impl_unsupported", "mode_tensor", "tile_mode", "triton_available", "window_blocks",
+    "head_variances", "impl_unsupported", "mode_tensor", "pool_mode", "tile_mode", "triton_available", "window_blocks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -197,7 +203,8 @@ def _gluon_layout_reason(padding: Padding | None, tiles: TileGrid | None = None)
     return None
 
 
-_MODE_VALUES = "-2 (skip), -1 (full) or w >= 0 (arrow of half-width w blocks, or a tile window from tile_mode)"
+_MODE_VALUES = ("-2 (skip), -1 (full) or w >= 0 (arrow of half-width w blocks, or pooled keys from pool_mode, or a "
+                "tile window from tile_mode)")
 # (tensor version, host values) of a head-mode tensor when last read, so that a reused tensor
 # costs one host read, not one per call.
 _VALUES = "_ditfastattn_values"
@@ -211,7 +218,7 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def check_mode_values(values) -> None:
-    """Raise ValueError unless every head mode (host ints) is -2, -1, >= 0 (an arrow or a tile window)."""
+    """Raise ValueError unless every head mode (host ints) is -2, -1, >= 0 (an arrow, pooled keys or a tile window)."""
     bad = sorted({int(m) for m in values if int(m) < MODE_SKIP})
     if bad:
         raise ValueError(f"head_modes values must be {_MODE_VALUES}; got {bad}")
@@ -348,6 +355,13 @@ def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, sca
             "grid: pass grid=(frames, rows, cols) (and tile= for another tile shape than the default), or "
             "segments=TokenLayout(..., grid=...)"
         )
+    pooled = [] if values is None else [h for h, m in enumerate(values) if is_pool_mode(m)]
+    if pooled and layout.grid is None:
+        raise ValueError(f"heads {pooled} run pooled keys, which need the image grid: pass grid=(frames, rows, cols) "
+                         "or segments=TokenLayout(..., grid=...)")
+    if pooled and padding is not None:
+        raise ValueError(f"heads {pooled} run pooled keys, which take no key padding (a patch mean would mix padded "
+                         "keys in): use arrow or tile windows where the call pads its tokens")
     return layout, padding, values
 
 
@@ -382,6 +396,12 @@ def headwise_attention(
             values raise ValueError; checking them reads the tensor on the host once per tensor
             version (none for tensors from :func:`mode_tensor`, none under tracing or CUDA graph
             capture, where the kernels skip out-of-range modes, and tile heads without a grid).
+            :func:`pool_mode` ``(p)`` is pooled keys (needs ``grid``, takes no ``key_padding``):
+            image queries see all global keys, the image keys and values averaged over each whole
+            ``p x p`` patch of a frame (each mean weighted ``p * p``), and the image tokens of the
+            partial patches at the grid's edges; global queries see every key. Under the GPU impls
+            pool heads run on PyTorch's flash attention (two calls merged by log-sum-exp), so they
+            need host-readable modes: not under tracing or CUDA graph capture.
         text_start, text_len: the one global (text) segment ``[text_start, text_start + text_len)``,
             at the start (FLUX) or the end (SD3) of the sequence. ``text_len`` may be 0.
         segments: instead of ``text_start``/``text_len``, every global segment as ``(start, length)``
@@ -406,7 +426,7 @@ def headwise_attention(
             back. ``"triton"`` runs on the CPU only under ``TRITON_INTERPRET=1``.
         return_lse: also return the float32 log-sum-exp ``(B, H, S)`` of every computed row
             (``-inf`` for skip heads and fully masked rows), for merging partial results.
-        global_rows: False leaves the global-query rows of arrow and tile heads unwritten: they
+        global_rows: False leaves the global-query rows of arrow, tile and pool heads unwritten: they
             attend to every key, so they are full attention's rows, which a caller holding the
             full output need not compute again (calibration scores candidates on the image rows).
             Full heads write every row. Not with ``return_lse``.
@@ -479,8 +499,23 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             from . import _gluon as kernel
         else:
             from . import _triton as kernel
-        out, lse = _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
-                             global_rows)
+        pooled = {} if values is None else {m: [h for h, x in enumerate(values) if x == m] for m in values
+                                             if is_pool_mode(m)}
+        if pooled:  # the kernel skips them; flash attention computes them after
+            values = tuple(MODE_SKIP if is_pool_mode(m) else m for m in values)
+            head_modes = mode_tensor(values, q.device)
+        lse = None
+        if not pooled or any(m != MODE_SKIP or return_lse for m in values):
+            out, lse = _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
+                                 global_rows)
+        if pooled:
+            from . import _pooled
+
+            if return_lse and lse is None:
+                lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=torch.float32, device=q.device)
+            for mode, heads in pooled.items():
+                _pooled.attention(q, k, v, heads, pool_factor(mode), layout.image_start, layout.tile_grid(), out, scale,
+                                  lse, global_rows=global_rows)
     return (out, lse) if return_lse else out
 
 

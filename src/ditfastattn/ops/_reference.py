@@ -4,7 +4,9 @@ Runs on any device. It computes in float32 (float64 for float64 inputs) and only
 definition keeps: full heads attend over all keys; arrow heads gather the global keys and the band
 of image blocks for each image query block; tile heads, for each tile of image queries, the global
 keys and the image keys of the box of tiles in their window, indexed straight from the raster grid
-(no reordering). Global queries attend over all keys. Each kept region is one scaled-dot-product
+(no reordering); pool heads' image queries, the global keys, the image tokens outside whole patches
+and each whole patch's mean key and value with a log(p * p) score bias. Global queries attend over
+all keys. Each kept region is one scaled-dot-product
 attention; when the log-sum-exp or a padding bias is asked for, the scores are formed explicitly,
 with query rows chunked so that no score tensor grows past ``_MAX_SCORES`` elements. Nothing of
 size S x S is built for long sequences.
@@ -13,11 +15,14 @@ size S x S is built for long sequences.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 
-from .._geometry import IMAGE_BLOCK, MODE_FULL, MODE_SKIP, TileGrid, is_tile_mode, num_image_blocks, tile_window
+from .._geometry import (
+    IMAGE_BLOCK, MODE_FULL, MODE_SKIP, TileGrid, is_pool_mode, is_tile_mode, num_image_blocks, pool_factor, tile_window,
+)
 
 _MAX_SCORES = 1 << 25
 
@@ -74,10 +79,34 @@ def _tile_regions(tiles: TileGrid, mode: int, image_start: int, device):
         yield _box(tiles, tile, tile, image_start, device), _box(tiles, lo, hi, image_start, device)
 
 
+def _pooled_keys(k, v, tiles: TileGrid, factor: int, image_start: int, global_keys: torch.Tensor):
+    """Keys and values (B, h, K, D) a pool head's image queries attend to, and their (K,) score bias:
+    the global keys and the image tokens outside whole patches (bias 0), then each whole
+    ``factor x factor`` patch's mean (bias log(factor ** 2))."""
+    frames, rows, cols = tiles.grid
+    whole_rows, whole_cols = rows // factor * factor, cols // factor * factor
+    loose = torch.ones(frames, rows, cols, dtype=torch.bool, device=k.device)
+    loose[:, :whole_rows, :whole_cols] = False
+    own = torch.cat([global_keys, image_start + loose.flatten().nonzero().flatten()])
+    batch, heads, _, dim = k.shape
+
+    def means(x):
+        grid = x[:, :, image_start : image_start + tiles.tokens].reshape(batch, heads, frames, rows, cols, dim)
+        grid = grid[:, :, :, :whole_rows, :whole_cols].reshape(
+            batch, heads, frames, whole_rows // factor, factor, whole_cols // factor, factor, dim)
+        return torch.cat([x[:, :, own], grid.mean(dim=(4, 6)).reshape(batch, heads, -1, dim)], dim=2)
+
+    keys = means(k)
+    bias = torch.zeros(keys.shape[2], dtype=k.dtype, device=k.device)
+    bias[len(own):] = math.log(factor * factor)
+    return keys, means(v), bias
+
+
 def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, tiles=None, *,
               global_rows=True):
-    """``tiles`` is the image segment's TileGrid, for the tile heads; ``global_rows=False`` leaves
-    the global-query rows of arrow and tile heads unwritten."""
+    """``tiles`` is the image segment's TileGrid, for the tile and pool heads; ``global_rows=False``
+    leaves the global-query rows of arrow, tile and pool heads unwritten. Pool heads take no padding
+    (the op refuses it)."""
     batch, seq, _, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_out = None
@@ -111,9 +140,9 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     everything = torch.arange(seq, device=q.device)
     global_keys = torch.cat([everything[rows] for rows in global_slices]) if global_slices else everything[:0]
     for mode in sorted(set(modes)):
-        # Skip; out-of-range modes and tile windows without a grid too, as the kernels do (the op
-        # refuses both wherever it reads the modes).
-        if mode <= MODE_SKIP or (is_tile_mode(mode) and tiles is None):
+        # Skip; out-of-range modes and tile windows or pooled keys without a grid too, as the kernels
+        # do (the op refuses these wherever it reads the modes).
+        if mode <= MODE_SKIP or ((is_tile_mode(mode) or is_pool_mode(mode)) and tiles is None):
             continue
         heads = torch.tensor([h for h, m in enumerate(modes) if m == mode], device=q.device)
         qg, kg, vg = (t.index_select(2, heads).transpose(1, 2).to(compute) for t in (q, k, v))
@@ -122,6 +151,11 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
             continue
         for rows in global_slices if global_rows else ():
             write(rows, heads, *_attend(qg[:, :, rows], kg, vg, scale, return_lse, bias(rows, everything)))
+        if is_pool_mode(mode):
+            kp, vp, pooled = _pooled_keys(kg, vg, tiles, pool_factor(mode), image_start, global_keys)
+            rows = slice(image_start, image_end)
+            write(rows, heads, *_attend(qg[:, :, rows], kp, vp, scale, return_lse, lambda r0, r1: pooled))
+            continue
         if is_tile_mode(mode):
             regions = _tile_regions(tiles, mode, image_start, q.device)
         else:

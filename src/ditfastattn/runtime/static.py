@@ -315,6 +315,11 @@ class StaticSession(Session):
         if self._cfg_share:
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
         methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
+        pooled = sorted(m.name for m in methods if m.kind == "pool")
+        if pooled:
+            # Their flash calls need the head modes on the host, which a compiled step does not read.
+            raise NotImplementedError(f"static mode does not run pooled keys ({', '.join(pooled)}) yet; apply without "
+                                      "static=True, or a plan calibrated without pool: candidates")
         self._tile_methods = sorted(m.name for m in methods if m.needs_grid)
         # Whether a head reads what an earlier step kept (then a call slot's shape must not change).
         self._reads_kept = any(m.reads_previous_output or m.reads_residual for m in methods)

@@ -1,0 +1,96 @@
+"""Pool heads on stock attention kernels: PyTorch's flash attention, beside the fused kernels.
+
+A pool head's image queries attend to two key sets: the global keys with the image tokens outside
+whole patches (``own``), and the means of the whole ``p x p`` patches, each weighted ``p * p``
+(``pooled``). Flash attention takes no per-key bias, so each set is one flash call and the two are
+merged by their log-sum-exps, the pooled one's raised by ``log(p * p)``; the merge is exact. Global
+queries attend to every key in one more call. Means accumulate in float32 and are rounded to the
+inputs' dtype, as flash attention reads them. CUDA runs ``_scaled_dot_product_flash_attention`` (fp16,
+bf16), the CPU (the kernels' interpreter tests) its CPU twin; both return the log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .._geometry import TileGrid
+
+
+def _flash(q, k, v, scale):
+    """(B, h, Sq, D), (B, h, Sk, D) -> out (B, h, Sq, D) in q's dtype, lse (B, h, Sq) float32."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return out, lse.float()
+
+
+@functools.lru_cache(maxsize=64)
+def _own_keys(seq: int, image_start: int, grid: tuple[int, int, int], factor: int, device: torch.device) -> torch.Tensor:
+    """Sequence indices of the global keys and the image tokens outside whole patches (built once
+    per shape: finding them reads the device)."""
+    frames, rows, cols = grid
+    loose = torch.ones(frames, rows, cols, dtype=torch.bool)
+    loose[:, : rows // factor * factor, : cols // factor * factor] = False
+    index = torch.arange(seq)
+    image_end = image_start + frames * rows * cols
+    return torch.cat([index[:image_start], image_start + loose.flatten().nonzero().flatten(), index[image_end:]]).to(device)
+
+
+def _key_sets(k, v, tiles: TileGrid, factor: int, image_start: int):
+    """``(own keys, own values, pooled keys, pooled values)``, each (B, h, K, D); a set may be empty.
+    The patch means accumulate in float32 (torch's reductions of fp16 / bf16 do) and come out in
+    the inputs' dtype."""
+    frames, rows, cols = tiles.grid
+    whole_rows, whole_cols = rows // factor * factor, cols // factor * factor
+    batch, heads, seq, dim = k.shape
+    own = _own_keys(seq, image_start, tiles.grid, factor, k.device)
+
+    def means(x):
+        grid = x[:, :, image_start : image_start + tiles.tokens].reshape(batch, heads, frames, rows, cols, dim)
+        grid = grid[:, :, :, :whole_rows, :whole_cols].reshape(
+            batch, heads, frames, whole_rows // factor, factor, whole_cols // factor, factor, dim)
+        return grid.mean(dim=(4, 6)).reshape(batch, heads, -1, dim)
+
+    return k[:, :, own], v[:, :, own], means(k), means(v)
+
+
+def attention(q, k, v, heads: list[int], factor: int, image_start: int, tiles: TileGrid, out, scale,
+              lse_out=None, *, global_rows=True) -> None:
+    """Pool heads ``heads`` (of factor ``factor``) of ``q, k, v`` (B, S, H, D) into ``out`` (and
+    ``lse_out`` (B, H, S), when given); ``global_rows=False`` leaves the global-query rows unwritten."""
+    if heads == list(range(heads[0], heads[0] + len(heads))):  # adjacent heads: views, no gather
+        index = slice(heads[0], heads[0] + len(heads))
+        qh, kh, vh = (t[:, :, index].transpose(1, 2) for t in (q, k, v))
+    else:
+        index = torch.tensor(heads, device=q.device)
+        qh, kh, vh = (t.index_select(2, index).transpose(1, 2) for t in (q, k, v))
+    seq, image_end = q.shape[1], image_start + tiles.tokens
+
+    def write(rows: slice, result, lse):
+        out[:, rows, index] = result.transpose(1, 2).to(out.dtype)
+        if lse_out is not None:
+            lse_out[:, index, rows] = lse
+
+    if global_rows:
+        for rows in (slice(0, image_start), slice(image_end, seq)):
+            if rows.stop > rows.start:
+                write(rows, *_flash(qh[:, :, rows], kh, vh, scale))
+    image = qh[:, :, image_start:image_end]
+    own_k, own_v, pooled_k, pooled_v = _key_sets(kh, vh, tiles, factor, image_start)
+    parts = []
+    if own_k.shape[2]:
+        parts.append(_flash(image, own_k, own_v, scale))
+    if pooled_k.shape[2]:
+        result, lse = _flash(image, pooled_k, pooled_v, scale)
+        parts.append((result, lse + math.log(factor * factor)))
+    if len(parts) == 1:
+        write(slice(image_start, image_end), *parts[0])
+        return
+    (out_a, lse_a), (out_b, lse_b) = parts
+    lse = torch.logaddexp(lse_a, lse_b)
+    merged = torch.lerp(out_a.float(), out_b.float(), torch.exp(lse_b - lse)[..., None])  # b's share of the weight
+    write(slice(image_start, image_end), merged, lse)

@@ -1,0 +1,198 @@
+"""Pooled keys (``pool:<p>``): geometry and cost, the method's name, the reference op against the
+dense oracle (float64), the op's checks, pool plans through the runtime and the search (the GPU
+path under the Triton interpreter: test_triton_kernel.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import flux_pipeline, run_pipeline, sd3_pipeline
+from test_runtime import with_methods
+from test_tile_search import methods_of, search_and_replay
+from test_tiles import ODD, STEPS, check_heads
+
+import ditfastattn
+from ditfastattn import Plan, ops
+from ditfastattn._geometry import (
+    MAX_POOL_FACTOR, MODE_FULL, MODE_SKIP, POOL_FLAG, TILE_FLAG, TileGrid, density, is_pool_mode, is_tile_mode,
+    kept_pairs, pool_factor, pool_mode, pooled_keys, tile_mode,
+)
+from ditfastattn.methods import parse_method
+from ditfastattn.model import TokenLayout
+from ditfastattn.ops._dense import dense_attention, patch_means
+
+# (grid, global tokens before the image, after it): patches ragged along rows, cols, both, none;
+# two frames; a grid smaller than a patch; text before, after, both, none.
+LAYOUTS = [
+    ((1, 9, 11), 7, 0),
+    ((2, 6, 8), 0, 5),
+    ((1, 12, 10), 4, 3),
+    ((3, 5, 7), 0, 0),
+    ((1, 2, 3), 6, 0),
+]
+
+
+def layout_of(grid, before, after) -> TokenLayout:
+    image = math.prod(grid)
+    return TokenLayout(before + image + after, before, image, grid)
+
+
+def inputs(layout: TokenLayout, heads: int, dtype=torch.float32, seed=0, batch=2, dim=16):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, layout.seq_len, heads, dim, generator=gen) * 1.5).to(dtype) for _ in range(3)]
+
+
+def twin_heads(layout: TokenLayout):
+    """q, k, v of two heads with the same inputs."""
+    return [t.expand(-1, -1, 2, -1).contiguous() for t in inputs(layout, 1)]
+
+
+# --- geometry and names ---------------------------------------------------------------------------
+
+def test_pool_modes_sit_between_arrows_and_tiles():
+    for factor in (2, 3, MAX_POOL_FACTOR):
+        mode = pool_mode(factor)
+        assert is_pool_mode(mode) and not is_tile_mode(mode) and pool_factor(mode) == factor and mode < 2**31
+    for other in (MODE_SKIP, MODE_FULL, 0, 7, POOL_FLAG - 1, tile_mode(0, 0, 0), TILE_FLAG):
+        assert not is_pool_mode(other)
+    for bad in (1, 0, MAX_POOL_FACTOR + 1, 2.0, True):
+        with pytest.raises(ValueError, match="pool factor"):
+            pool_mode(bad)
+
+
+@pytest.mark.parametrize("grid,before,after", LAYOUTS)
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_kept_pairs_count_one_key_per_patch_and_each_loose_token(grid, before, after, factor):
+    layout = layout_of(grid, before, after)
+    frames, rows, cols = grid
+    patches, loose = pooled_keys(grid, factor)
+    assert patches == frames * (rows // factor) * (cols // factor)
+    assert patches * factor**2 + loose == math.prod(grid)
+    text, image, seq = before + after, layout.image_len, layout.seq_len
+    tiles = TileGrid(grid)
+    want = text * seq + image * (text + patches + loose)
+    assert kept_pairs(pool_mode(factor), image, text, tiles) == want
+    assert density(pool_mode(factor), image, text, tiles) == want / seq**2
+    with pytest.raises(ValueError, match="needs the grid"):
+        kept_pairs(pool_mode(factor), image, text)
+
+
+def test_pool_methods_parse_name_and_cost():
+    method = parse_method(" pool:2 ")
+    assert method.kind == "pool" and method.factor == 2 and method.name == "pool:2" and method.needs_grid
+    tiles = TileGrid((1, 64, 64))
+    assert method.mode(4096, tiles) == pool_mode(2)
+    # FLUX at 1024^2: 512 text tokens; image queries see 512 + 1024 keys
+    assert method.cost(4096, 512, tiles) == pytest.approx((512 * 4608 + 4096 * 1536) / 4608**2)
+    assert parse_method("pool:4").cost(4096, 512, tiles) < method.cost(4096, 512, tiles)
+    with pytest.raises(ValueError, match="pool:2 needs the image grid"):
+        method.mode(4096)
+    for bad in ("pool:1", "pool:2.5", "pool:0", f"pool:{MAX_POOL_FACTOR + 1}"):
+        with pytest.raises(ValueError, match="pool factor must be an int"):
+            parse_method(bad)
+
+
+# --- the reference op against the dense oracle --------------------------------------------------
+
+def test_patch_means_replace_each_whole_patch_by_its_mean():
+    layout = layout_of((1, 3, 5), 2, 0)
+    x = torch.arange(2 * layout.seq_len, dtype=torch.float64).reshape(1, layout.seq_len, 2)
+    got = patch_means(x, pool_mode(2), layout)
+    grid = x[0, 2:].reshape(3, 5, 2)
+    assert torch.equal(got[0, :2], x[0, :2])  # text untouched
+    image = got[0, 2:].reshape(3, 5, 2)
+    assert torch.equal(image[0, 0], grid[:2, :2].mean(dim=(0, 1))) and torch.equal(image[1, 3], grid[:2, 2:4].mean((0, 1)))
+    assert torch.equal(image[2], grid[2]) and torch.equal(image[:, 4], grid[:, 4])  # partial patches stay
+
+
+@pytest.mark.parametrize("grid,before,after", LAYOUTS)
+def test_reference_matches_the_dense_oracle(grid, before, after):
+    layout = layout_of(grid, before, after)
+    modes = [pool_mode(2), MODE_FULL, pool_mode(3), 0, pool_mode(4), tile_mode(0, 0, 0)]
+    q, k, v = inputs(layout, len(modes), seed=sum(grid) + before)
+    out, lse = ops.headwise_attention(q, k, v, ops.mode_tensor(modes, "cpu"), segments=layout, impl="reference",
+                                      return_lse=True)
+    want, want_lse = dense_attention(q, k, v, modes, layout)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-6, rtol=1e-6)
+    # float64 in, float64 out: the reference is the oracle up to summation order
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    out64 = ops.headwise_attention(q64, k64, v64, ops.mode_tensor(modes, "cpu"), segments=layout, impl="reference")
+    torch.testing.assert_close(out64, want, atol=1e-12, rtol=1e-12)
+
+
+def test_a_factor_above_the_grid_is_full_attention():
+    layout = layout_of((1, 2, 3), 6, 0)  # no whole 4 x 4 patch: every image key stays its own
+    q, k, v = twin_heads(layout)
+    modes = ops.mode_tensor([pool_mode(4), MODE_FULL], "cpu")
+    out = ops.headwise_attention(q, k, v, modes, segments=layout, impl="reference")
+    torch.testing.assert_close(out[:, :, 0], out[:, :, 1], atol=1e-6, rtol=1e-6)
+
+
+def test_pool_heads_are_pooled_attention_not_full_attention():
+    # the patch means change what image queries see; global queries see every key as full heads do
+    layout = layout_of((1, 6, 6), 5, 0)
+    q, k, v = twin_heads(layout)
+    out = ops.headwise_attention(q, k, v, ops.mode_tensor([pool_mode(2), MODE_FULL], "cpu"), segments=layout,
+                                 impl="reference")
+    torch.testing.assert_close(out[:, :5, 0], out[:, :5, 1], atol=1e-6, rtol=1e-6)
+    assert (out[:, 5:, 0] - out[:, 5:, 1]).abs().max() > 1e-2
+
+
+def test_global_rows_false_leaves_the_pool_heads_global_rows():
+    layout = layout_of((1, 6, 6), 5, 3)
+    q, k, v = inputs(layout, 2)
+    out = torch.full_like(q, float("nan"))
+    ops.headwise_attention(q, k, v, ops.mode_tensor([pool_mode(2), MODE_FULL], "cpu"), segments=layout, out=out,
+                           impl="reference", global_rows=False)
+    assert bool(out[:, :5, 0].isnan().all() and out[:, -3:, 0].isnan().all())
+    assert bool(out[:, 5:-3, 0].isfinite().all() and out[:, :, 1].isfinite().all())
+
+
+def test_pool_heads_need_a_grid_and_take_no_padding():
+    layout = layout_of((1, 6, 6), 5, 0)
+    q, k, v = inputs(layout, 2)
+    modes = ops.mode_tensor([pool_mode(2), MODE_FULL], "cpu")
+    with pytest.raises(ValueError, match=r"heads \[0\] run pooled keys, which need the image grid"):
+        ops.headwise_attention(q, k, v, modes, text_start=0, text_len=5, impl="reference")
+    mask = torch.zeros(q.shape[0], q.shape[1], dtype=torch.bool)
+    mask[:, 4] = True
+    with pytest.raises(ValueError, match="take no key padding"):
+        ops.headwise_attention(q, k, v, modes, segments=layout, key_padding=mask, impl="reference")
+
+
+# --- pool plans through the runtime and the search ------------------------------------------------
+
+def pool_plan(transformer) -> Plan:
+    methods = ["pool:2", "full", "pool:3", "cache", "arrow:0.5", "pool:5"]
+    return with_methods(Plan.uniform(transformer, STEPS, "full"),
+                        lambda step, layer, head: methods[(head + layer + step) % len(methods)])
+
+
+@pytest.mark.parametrize("make", [flux_pipeline, sd3_pipeline], ids=["flux", "sd3"])
+def test_a_pool_plan_follows_its_definition_and_remove_restores(make, recorder):
+    pipe = make()
+    stock = run_pipeline(pipe, steps=STEPS, **ODD)
+    plan = pool_plan(pipe.transformer)
+    ditfastattn.apply(pipe, plan)
+    pooled = run_pipeline(pipe, steps=STEPS, **ODD)
+    assert bool(torch.isfinite(pooled).all()) and not torch.equal(pooled, stock)
+    assert len({"pool:2", "pool:3", "pool:5"} & check_heads(plan, recorder)) >= 2
+    ditfastattn.remove(pipe)
+    assert torch.equal(run_pipeline(pipe, steps=STEPS, **ODD), stock)
+
+
+def test_static_mode_refuses_pool_plans_at_apply():
+    pipe = flux_pipeline()
+    plan = Plan.uniform(pipe.transformer, STEPS, "pool:2")
+    with pytest.raises(NotImplementedError, match=r"static mode does not run pooled keys \(pool:2\)"):
+        ditfastattn.apply(pipe, plan, static=True, num_image_tokens=24 * 28)
+    assert torch.equal(run_pipeline(pipe, steps=STEPS, **ODD), run_pipeline(flux_pipeline(), steps=STEPS, **ODD))
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_a_search_with_pool_candidates_replays_bit_for_bit(kind, recorder):
+    plan = search_and_replay(kind, ("full", "cache", "arrow:0.25", "pool:2", "pool:4"), recorder)
+    assert methods_of(plan) & {"pool:2", "pool:4"}
