@@ -43,6 +43,7 @@ SETS = {
     "AA+OC": ("full", "cache") + ARROWS,
     "AA+OC+CFG": ("full", "cache", "cfg_share") + ARROWS + tuple(f"cfg_share+{a}" for a in ARROWS),
     "AA+OC+RS": ("full", "cache") + ARROWS + tuple(a.replace("arrow", "arrow_residual") for a in ARROWS),
+    "AA+OC+PK": ("full", "cache") + ARROWS + ("pool:2", "pool:4"),
 }
 DELTAS = (0.05, 0.12, 0.3, 0.7, 1.6, 4.0, 10.0)
 AT = (0.4, 0.5, 0.6, 0.7, 0.8)
@@ -78,6 +79,9 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
         "generation budget + step and head sensitivity, cache auto, AA+OC+RS": {**headed, "cache": "auto", "candidates": SETS["AA+OC+RS"]},
         "layer-wise, generation budget + step and head sensitivity, cache auto, AA+OC+RS": {
             **headed, "cache": "auto", "candidates": SETS["AA+OC+RS"], "granularity": "layer"},
+        "generation budget + step and head sensitivity, cache auto, AA+OC+PK": {**headed, "cache": "auto", "candidates": SETS["AA+OC+PK"]},
+        "layer-wise, generation budget + step and head sensitivity, cache auto, AA+OC+PK": {
+            **headed, "cache": "auto", "candidates": SETS["AA+OC+PK"], "granularity": "layer"},
         "generation budget + sensitivity": {**generation, "sensitivity": "measured"},
         "generation budget": generation,
         "layer-wise, generation budget": {**generation, "granularity": "layer"},
@@ -102,6 +106,7 @@ ABLATIONS = {
     ("generation budget + step and head sensitivity", "generation budget + step sensitivity"),
     ("generation budget + step and head sensitivity, cache per step", "generation budget + step and head sensitivity"),
     ("generation budget + step and head sensitivity, cache auto, AA+OC+RS", "generation budget + step and head sensitivity, cache auto"),
+    ("generation budget + step and head sensitivity, cache auto, AA+OC+PK", "generation budget + step and head sensitivity, cache auto"),
 }
 
 # Target checks: name -> SearchConfig changes.
@@ -425,6 +430,9 @@ PLOTTED = {
     "generation budget + step and head sensitivity, cache auto, AA+OC+RS": ("head-wise, cache auto, residual sharing", "C6", "-"),
     "layer-wise, generation budget + step and head sensitivity, cache auto, AA+OC+RS": (
         "layer-wise, cache auto, residual sharing", "C6", "--"),
+    "generation budget + step and head sensitivity, cache auto, AA+OC+PK": ("head-wise, cache auto, pooled keys", "C9", "-"),
+    "layer-wise, generation budget + step and head sensitivity, cache auto, AA+OC+PK": (
+        "layer-wise, cache auto, pooled keys", "C9", "--"),
     "generation budget + step and head sensitivity, cache per step": ("head-wise, cache per step", "C2", "-"),
     "layer-wise, generation budget + step and head sensitivity, cache per step": ("layer-wise, cache per step", "C2", "--"),
     "generation budget + step and head sensitivity": ("head-wise, cache per head", "C1", "-"),
