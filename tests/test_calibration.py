@@ -123,6 +123,7 @@ def test_bad_search_config(kwargs, error, match):
 def test_method_sets():
     assert SearchConfig.from_method_set("aa").candidates == ("full", "arrow:0.125", "arrow:0.0625", "arrow:0.03125")
     assert "arrow_residual:0.125" in SearchConfig.from_method_set("aa+oc+cfg+rs").candidates
+    assert SearchConfig.from_method_set("aa+oc+pk").candidates == ditfastattn.METHOD_SETS["aa+oc"] + ("pool:2", "pool:4")
     with pytest.raises(ValueError, match="unknown method set"):
         SearchConfig.from_method_set("everything")
 

@@ -43,10 +43,14 @@ ARROWS = ("arrow:0.125", "arrow:0.0625", "arrow:0.03125")
 # frames of the nearby frames, or the same place across the whole clip), for the search to choose
 # per head. On a single frame the temporal ones coincide with their spatial part and count once.
 TILES = ("tile:0,0,0", "tile:0.125,0.25,0.25", "tile:0.25,0.5,0.5", "tile:0,1,1", "tile:1,0,0")
+# Pooled keys over 2 x 2 and 4 x 4 patches, beside the arrows: for models whose calls give the image
+# grid and pad no tokens (SD3, FLUX.1, the video families without a text mask).
+POOLS = ("pool:2", "pool:4")
 DEFAULT_CANDIDATES = ("full", "cache") + ARROWS
 METHOD_SETS: dict[str, tuple[str, ...]] = {
     "aa": ("full",) + ARROWS,
     "aa+oc": DEFAULT_CANDIDATES,
+    "aa+oc+pk": DEFAULT_CANDIDATES + POOLS,
     "ta+oc": ("full", "cache") + TILES,
     "aa+oc+cfg": DEFAULT_CANDIDATES + ("cfg_share",) + tuple(f"cfg_share+{a}" for a in ARROWS),
     "aa+oc+rs": DEFAULT_CANDIDATES + tuple(a.replace("arrow", "arrow_residual") for a in ARROWS),
@@ -137,7 +141,9 @@ class SearchConfig:
         candidates: method names to choose from; must include ``full``. See ``METHOD_SETS`` for
             the paper's ablation sets ("aa", "aa+oc", "aa+oc+cfg", "aa+oc+rs", "aa+oc+cfg+rs") and
             "ta+oc", tile windows (``TILES``) with caching for models whose calls give the image grid
-            (video; a model without one refuses ``tile:`` candidates at its first call).
+            (video; a model without one refuses ``tile:`` candidates at its first call), and
+            "aa+oc+pk", the default with pooled keys (``POOLS``) beside the arrows (models with an
+            image grid and no padding mask).
         num_inference_steps, height, width, guidance_scale: passed to the pipeline (None: its default).
         seed: seed of the calibration run's generator.
         costs: optional measured relative latency per method name (``full`` = 1); by default the

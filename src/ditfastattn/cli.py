@@ -552,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "rate over all layers and steps (delta is then a price; best with a target)")
         p.add_argument("--granularity", choices=["head", "layer"], default="head",
                        help="one method per head, or per layer (a baseline)")
-        p.add_argument("--method-set", default="aa+oc", help="aa, aa+oc, aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs, ta+oc (tile windows: models with an image grid)")
+        p.add_argument("--method-set", default="aa+oc",
+                       help="aa, aa+oc, aa+oc+pk (pooled keys), aa+oc+cfg, aa+oc+rs, aa+oc+cfg+rs, ta+oc (tile "
+                            "windows); tile windows and pooled keys need a model whose calls give the image grid")
         p.add_argument("--candidates", type=_candidates, default=None,
                        help="comma-separated methods (overrides --method-set)")
 

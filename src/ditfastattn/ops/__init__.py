@@ -503,7 +503,7 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
                                              if is_pool_mode(m)}
         if pooled:  # the kernel skips them; flash attention computes them after
             values = tuple(MODE_SKIP if is_pool_mode(m) else m for m in values)
-            head_modes = mode_tensor(values, q.device)
+            head_modes = _kernel_modes(head_modes, values)
         lse = None
         if not pooled or any(m != MODE_SKIP or return_lse for m in values):
             out, lse = _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
@@ -517,6 +517,23 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
                 _pooled.attention(q, k, v, heads, pool_factor(mode), layout.image_start, layout.tile_grid(), out, scale,
                                   lse, global_rows=global_rows)
     return (out, lse) if return_lse else out
+
+
+# (tensor version, mode tensor) of a head-mode tensor's modes with pool heads skipped, when last made.
+_KERNEL_MODES = "_ditfastattn_kernel_modes"
+
+
+def _kernel_modes(head_modes: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
+    """``values`` (the host modes with pool heads skipped) as a mode tensor, made once per version of
+    ``head_modes``: a copy to the device at every call would wait for the GPU."""
+    version = _version(head_modes)
+    known = getattr(head_modes, _KERNEL_MODES, None)
+    if version is not None and known is not None and known[0] == version:
+        return known[1]
+    modes = mode_tensor(values, head_modes.device)
+    if version is not None:
+        setattr(head_modes, _KERNEL_MODES, (version, modes))
+    return modes
 
 
 def _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled, global_rows):

@@ -40,6 +40,12 @@ def _own_keys(seq: int, image_start: int, grid: tuple[int, int, int], factor: in
     return torch.cat([index[:image_start], image_start + loose.flatten().nonzero().flatten(), index[image_end:]]).to(device)
 
 
+@functools.lru_cache(maxsize=256)
+def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The heads as an index tensor on ``device``, made once (a copy to the device waits for the GPU)."""
+    return torch.tensor(heads, device=device)
+
+
 def _key_sets(k, v, tiles: TileGrid, factor: int, image_start: int):
     """``(own keys, own values, pooled keys, pooled values)``, each (B, h, K, D); a set may be empty.
     The patch means accumulate in float32 (torch's reductions of fp16 / bf16 do) and come out in
@@ -66,7 +72,7 @@ def attention(q, k, v, heads: list[int], factor: int, image_start: int, tiles: T
         index = slice(heads[0], heads[0] + len(heads))
         qh, kh, vh = (t[:, :, index].transpose(1, 2) for t in (q, k, v))
     else:
-        index = torch.tensor(heads, device=q.device)
+        index = _head_index(tuple(heads), q.device)
         qh, kh, vh = (t.index_select(2, index).transpose(1, 2) for t in (q, k, v))
     seq, image_end = q.shape[1], image_start + tiles.tokens
 
