@@ -1,12 +1,21 @@
-"""Pool heads on stock attention kernels: PyTorch's flash attention, beside the fused kernels.
+"""Pool heads on stock attention kernels (PyTorch's SDPA), beside the fused kernels.
 
 A pool head's image queries attend to two key sets: the global keys with the image tokens outside
 whole patches (``own``), and the means of the whole ``p x p`` patches, each weighted ``p * p``
-(``pooled``). Flash attention takes no per-key bias, so each set is one flash call and the two are
-merged by their log-sum-exps, the pooled one's raised by ``log(p * p)``; the merge is exact. Global
-queries attend to every key in one more call. Means accumulate in float32 and are rounded to the
-inputs' dtype, as flash attention reads them. CUDA runs ``_scaled_dot_product_flash_attention`` (fp16,
-bf16), the CPU (the kernels' interpreter tests) its CPU twin; both return the log-sum-exp.
+(``pooled``: a ``log(p * p)`` score bias). Stock kernels take no per-key bias on their fast paths,
+so one of two exact forms carries it:
+
+- widened (no log-sum-exp asked for, as the runtime calls it): one SDPA call over both sets with
+  the bias folded into extra head-dim columns (queries 1, pooled keys the bias / scale split into
+  two bf16/fp16-exact parts, own keys 0), padded to head dim + 8; cuDNN first, which ran it at
+  0.42-0.62 of the ideal speed-up on an H100 where FlashAttention-2 ran it at 0.11-0.27
+  (``docs/history/pool_forms.py``);
+- merged (with the log-sum-exp): one flash call per set, merged by their log-sum-exps, the pooled
+  one's raised by ``log(p * p)``.
+
+Global queries attend to every key in one more call. Means accumulate in float32 and are rounded
+to the inputs' dtype, as the kernels read them. CUDA runs ``_scaled_dot_product_flash_attention``
+for the merged form, the CPU (the kernels' interpreter tests) its CPU twin.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._geometry import TileGrid
 
@@ -26,6 +37,33 @@ def _flash(q, k, v, scale):
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
     return out, lse.float()
+
+
+# Extra head-dim columns of the widened form: the bias's two parts, then zeros to keep rows 16-byte aligned.
+_WIDEN = 8
+# cuDNN first for the widened head dim (D + 8): FlashAttention-2 ran it 2x slower on an H100.
+_WIDENED_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
+
+
+def _widened(image, own_k, own_v, pooled_k, pooled_v, bias: float, scale: float):
+    """Image queries (B, h, n, D) over the own and pooled keys, the pooled ones raised by ``bias``,
+    in one SDPA call: ``scale * (q . k + 1 * hi + 1 * lo) = scale * q . k + bias`` on pooled keys,
+    ``hi + lo = bias / scale`` as near as two numbers of the inputs' dtype get."""
+    batch, heads, rows, dim = image.shape
+    own, keys = own_k.shape[2], own_k.shape[2] + pooled_k.shape[2]
+    hi = torch.tensor(bias / scale, dtype=image.dtype).item()
+    lo = bias / scale - hi
+    query = image.new_zeros(batch, heads, rows, dim + _WIDEN)
+    query[..., :dim] = image
+    query[..., dim : dim + 2] = 1.0
+    key = image.new_zeros(batch, heads, keys, dim + _WIDEN)
+    key[:, :, :own, :dim], key[:, :, own:, :dim] = own_k, pooled_k
+    key[:, :, own:, dim], key[:, :, own:, dim + 1] = hi, lo
+    value = image.new_zeros(batch, heads, keys, dim + _WIDEN)
+    value[:, :, :own, :dim], value[:, :, own:, :dim] = own_v, pooled_v
+    with sdpa_kernel(_WIDENED_BACKENDS, set_priority=True):
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)[..., :dim]
 
 
 @functools.lru_cache(maxsize=64)
@@ -83,10 +121,16 @@ def attention(q, k, v, heads: list[int], factor: int, image_start: int, tiles: T
 
     if global_rows:
         for rows in (slice(0, image_start), slice(image_end, seq)):
-            if rows.stop > rows.start:
+            if rows.stop > rows.start and lse_out is None:
+                write(rows, F.scaled_dot_product_attention(qh[:, :, rows], kh, vh, scale=scale), None)
+            elif rows.stop > rows.start:
                 write(rows, *_flash(qh[:, :, rows], kh, vh, scale))
     image = qh[:, :, image_start:image_end]
     own_k, own_v, pooled_k, pooled_v = _key_sets(kh, vh, tiles, factor, image_start)
+    if lse_out is None and own_k.shape[2] and pooled_k.shape[2]:
+        result = _widened(image, own_k, own_v, pooled_k, pooled_v, math.log(factor * factor), scale)
+        write(slice(image_start, image_end), result, None)
+        return
     parts = []
     if own_k.shape[2]:
         parts.append(_flash(image, own_k, own_v, scale))
