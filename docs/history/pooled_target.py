@@ -1,7 +1,9 @@
-"""Pooled keys and values (``pool:<f>``, see pooled_kv.py) in the recommended search at one target.
+"""Pooled keys and values (``pool:<p>``) in the recommended search at one target.
 
 Four plans from the same search at ``--target``: head- and layer-wise, each with the default
-candidates and with ``pool:0.5`` and ``pool:0.25`` added; all scored like quality.py (held-out
+candidates and with ``pool:2`` and ``pool:4`` added (the library's method since 515486c; the
+committed results of 2026-12-05 before it ran pooled_kv.py's patch, ``pool:0.5`` and
+``pool:0.25``, the same computation on the testbeds' 32 x 32 grid); all scored like quality.py (held-out
 prompts x seeds, SSIM against full attention) with paired bootstrap differences over prompts.
 
     PYTHONPATH=src python pooled_target.py OUT.json --kind flux --target 0.7 --cache step --embeddings emb.pt
@@ -16,9 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pooled_kv  # noqa: E402
-
-pooled_kv.install()
 import quality as q  # noqa: E402
 from e2e import environment  # noqa: E402
 from exact_target import write_result  # noqa: E402
@@ -26,7 +25,7 @@ from oracle_heads import recommended_search, score_paired, testbed  # noqa: E402
 
 from ditfastattn import calibrate  # noqa: E402
 
-POOLS = ("pool:0.5", "pool:0.25")
+POOLS = ("pool:2", "pool:4")
 
 
 def main():

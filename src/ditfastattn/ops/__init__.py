@@ -11,8 +11,8 @@ windows need the image's grid: the reference indexes it directly; for the GPU ke
 dispatcher puts the key padding flags in tile order (``_tile_order``, the one place that
 reorders), and keys and values too for the Triton kernel (the Gluon kernel reads them in place:
 ``TILES_IN_PLACE``), and launches the kernel twice, once for the tile heads and once for the others. The per-head
-Pool heads run in the reference, or under either GPU kernel on PyTorch's flash attention
-(``_pooled``: two calls merged by log-sum-exp), the kernel launched with them skipped. The per-head
+Pool heads run in the reference, or under either GPU kernel on PyTorch's SDPA (``_pooled``), the
+kernel launched with them skipped. The per-head
 statistics calibration scores candidates with (:func:`head_squared_errors`, :func:`head_variances`)
 dispatch the same way, in ``_stats``.
 """
@@ -400,8 +400,8 @@ def headwise_attention(
             image queries see all global keys, the image keys and values averaged over each whole
             ``p x p`` patch of a frame (each mean weighted ``p * p``), and the image tokens of the
             partial patches at the grid's edges; global queries see every key. Under the GPU impls
-            pool heads run on PyTorch's flash attention (two calls merged by log-sum-exp), so they
-            need host-readable modes: not under tracing or CUDA graph capture.
+            pool heads run on PyTorch's SDPA (cuDNN first; flash attention when the log-sum-exp is
+            asked for), so they need host-readable modes: not under tracing or CUDA graph capture.
         text_start, text_len: the one global (text) segment ``[text_start, text_start + text_len)``,
             at the start (FLUX) or the end (SD3) of the sequence. ``text_len`` may be 0.
         segments: instead of ``text_start``/``text_len``, every global segment as ``(start, length)``

@@ -7,8 +7,8 @@ so one of two exact forms carries it:
 
 - widened (no log-sum-exp asked for, as the runtime calls it): one SDPA call over both sets with
   the bias folded into extra head-dim columns (queries 1, pooled keys the bias / scale split into
-  two bf16/fp16-exact parts, own keys 0), padded to head dim + 8; cuDNN first, which ran it at
-  0.42-0.62 of the ideal speed-up on an H100 where FlashAttention-2 ran it at 0.11-0.27
+  two parts of the inputs' dtype, own keys 0), padded to head dim + 8; cuDNN first, which ran it at
+  0.22-0.54 of the ideal speed-up on an H100 where FlashAttention-2 ran it at 0.11-0.27
   (``docs/history/pool_forms.py``);
 - merged (with the log-sum-exp): one flash call per set, merged by their log-sum-exps, the pooled
   one's raised by ``log(p * p)``.
