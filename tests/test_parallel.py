@@ -32,6 +32,12 @@ PATTERNS = (
     ("arrow:0.25", "arrow_residual:0.25", "full", "cache"),
     ("cache", "cache", "full", "full"),
 )
+# FLUX with pooled keys (the call's grid, 16 x 24: whole 2 x 2 and 4 x 4 patches, partial 5 x 5 ones).
+POOL_PATTERNS = (
+    ("pool:2", "full", "cache", "pool:5"),
+    ("arrow:0.25", "pool:4", "full", "pool:2"),
+    ("pool:2", "pool:2", "full", "full"),
+)
 
 
 def four_head_flux() -> FluxTransformer2DModel:
@@ -55,9 +61,9 @@ def four_head_wan() -> WanTransformer3DModel:
     return tiny_expert(0, heads=4).eval()
 
 
-def mixed_plan(model) -> Plan:
+def mixed_plan(model, patterns=PATTERNS) -> Plan:
     spec = ditfastattn.model.describe(model)
-    methods = [[list(PATTERNS[layer]) if step else ["full"] * 4 for layer in range(len(spec.layers))]
+    methods = [[list(patterns[layer]) if step else ["full"] * 4 for layer in range(len(spec.layers))]
                for step in range(STEPS)]
     return Plan(spec, methods, {"num_image_tokens": ROWS * COLS, "text_len": TEXT})
 
@@ -136,6 +142,9 @@ def _ulysses_rank(rank: int, directory: str) -> None:
         flux["permuted"] = not torch.equal(permuted, weights["transformer_blocks.0.attn.to_q.weight"])
         flux["restored"] = all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
         flux["after_remove"] = generate(model)
+        ditfastattn.apply(model, mixed_plan(model, POOL_PATTERNS), impl="reference")
+        flux["pooled"] = generate(model)
+        ditfastattn.remove(model)
         with pytest.raises(ValueError, match="static=True does not run under context parallelism"):
             ditfastattn.apply(model, plan, static=True, num_image_tokens=ROWS * COLS)
         with pytest.raises(ValueError, match=r"balance_heads=True weighs each head .*Plan.uniform\(\.\.\., num_image"):
@@ -193,6 +202,10 @@ def test_plans_under_ulysses_match_one_process(tmp_path):
         assert (result["mixed"][-1] - single_stock[-1]).abs().max().item() > 100 * bound
         if family == "flux":
             _assert_close(result["balanced"], single_mixed, bound)
+            model = four_head_flux()
+            ditfastattn.apply(model, mixed_plan(model, POOL_PATTERNS), impl="reference")
+            _assert_close(result["pooled"], generate(model), bound)  # each rank's pool heads see the whole grid
+            assert (result["pooled"][-1] - single_mixed[-1]).abs().max().item() > 100 * bound
     flux = ranks[0]["flux"]
     assert all(torch.equal(a, b) for a, b in zip(flux["after_remove"], flux["stock"]))
     assert flux["permuted"] and flux["restored"]
