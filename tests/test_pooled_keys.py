@@ -9,12 +9,15 @@ import math
 import pytest
 import torch
 from conftest import flux_pipeline, run_pipeline, sd3_pipeline
+from test_families import MiniPipeline, generate, prompt
 from test_runtime import with_methods
+from test_video_families import FAMILIES as VIDEO_FAMILIES
+from test_video_families import GRID as VIDEO_GRID
 from test_tile_search import methods_of, search_and_replay
 from test_tiles import ODD, STEPS, check_heads
 
 import ditfastattn
-from ditfastattn import Plan, ops
+from ditfastattn import Plan, SearchConfig, ops
 from ditfastattn._geometry import (
     MAX_POOL_FACTOR, MODE_FULL, MODE_SKIP, POOL_FLAG, TILE_FLAG, TileGrid, density, is_pool_mode, is_tile_mode,
     kept_pairs, pool_factor, pool_mode, pooled_keys, tile_mode,
@@ -182,6 +185,32 @@ def test_a_pool_plan_follows_its_definition_and_remove_restores(make, recorder):
     assert len({"pool:2", "pool:3", "pool:5"} & check_heads(plan, recorder)) >= 2
     ditfastattn.remove(pipe)
     assert torch.equal(run_pipeline(pipe, steps=STEPS, **ODD), stock)
+
+
+def test_pool_plans_on_video_pool_each_frame_and_refuse_text_masks(recorder):
+    # Wan's self-attention: the video alone, a grid of frames; each frame's patches pool on their own
+    pipe = MiniPipeline(VIDEO_FAMILIES["wan"])
+    methods = {1: ("pool:2", "full"), 2: ("cache", "pool:3")}  # per step, per head
+    plan = with_methods(Plan.uniform(pipe.transformer, STEPS, "full"), lambda step, layer, head: methods[step][head])
+    ditfastattn.apply(pipe, plan)
+    assert bool(torch.isfinite(generate(pipe)).all())
+    assert {record["layout"].grid for record in recorder} == {VIDEO_GRID} and VIDEO_GRID[0] > 1
+    assert check_heads(plan, recorder) == {"full", "pool:2", "pool:3"}
+    ditfastattn.remove(pipe)
+    # HunyuanVideo masks its text: a patch mean must not mix padding in, so pool plans and pool
+    # candidates are refused at the first call (step 0, all full), before any step runs them
+    recorder.clear()
+    pipe = MiniPipeline(VIDEO_FAMILIES["hunyuanvideo"])
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "pool:2"))
+    with pytest.raises(ValueError, match=r"pooled keys \(pool:2\) take no key padding, but .* without pool: methods"):
+        generate(pipe)
+    ditfastattn.remove(pipe)
+    search = SearchConfig(num_inference_steps=STEPS, delta=1.0, candidates=("full", "arrow:0.5", "pool:2"))
+    with pytest.raises(ValueError, match=r"pooled keys \(pool:2\) take no key padding"):
+        ditfastattn.calibrate(pipe, [prompt(seed=1)], search, progress=False)
+    assert len(calls) == 2 and not recorder  # one call each, no layer computed
 
 
 def test_static_mode_refuses_pool_plans_at_apply():

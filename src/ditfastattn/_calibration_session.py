@@ -174,6 +174,7 @@ class _CalibrationSession(Session):
         self.candidates: list[Method] = [parse_method(name) for name in config.candidates]
         self._tile_candidates = [m.name for m in self.candidates if m.needs_grid]
         self.tile_windows = bool(self._tile_candidates)
+        self.pool_methods = sorted(m.name for m in self.candidates if m.kind == "pool")
         # An odd batch is refused at the generation's first call, before any work (Session._check_inputs).
         self._cfg_share = any(m.shares_cfg for m in self.candidates)
         self.progress = progress
@@ -214,6 +215,7 @@ class _CalibrationSession(Session):
         tiles = layer.geometry.layout.tile_grid()
         if self._tile_candidates and tiles is None:
             self._refuse_tiles(layer)
+        self.refuse_padded_pool(layer, self.pool_methods)
         self._stock = None
         if self.offload is not None and self.step > 0:
             restored = self.offload.take((layer.index, self.call), q.device)

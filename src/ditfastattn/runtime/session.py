@@ -329,6 +329,7 @@ class Session:
         self.cfg_halves = True  # whether this call's batch is [unconditional; conditional]
         # Whether any head runs a tile window (dispatch marks text masks for the tile launch only then).
         self.tile_windows = any(m.needs_grid for m in methods)
+        self.pool_methods = sorted(m.name for m in methods if m.kind == "pool")
         grid, tile = plan.provenance.get("grid"), plan.provenance.get("tile")
         self._plan_tiles = None if grid is None or tile is None else TileGrid(tuple(grid), tuple(tile))
         self._inputs_checked: set[tuple] = set()
@@ -341,7 +342,18 @@ class Session:
         original form (see :class:`CallGeometry`).
         """
         geometry = layer.geometry
+        self.refuse_padded_pool(layer, self.pool_methods)
         return layer.row(q, geometry.layout.image_len, self.route_full(q, k, v, text_start, text_len, geometry))
+
+    def refuse_padded_pool(self, layer: LayerRuntime, pooled: list[str]) -> None:
+        """Pooled keys on a call that pads its tokens: refused at the first call (step 0), before the
+        steps that would run them; a patch mean would mix padded keys in."""
+        if pooled and layer.geometry.padding is not None:
+            raise ValueError(
+                f"pooled keys ({', '.join(pooled[:3])}{', ...' if len(pooled) > 3 else ''}) take no key padding, but "
+                f"{layer.name} of {type(self.transformer).__name__} gets a padding mask in this call ({self.adapter.FAMILY}); "
+                "use a plan, or SearchConfig candidates, without pool: methods for this model"
+            )
 
     def route_full(self, q, k, v, text_start: int, text_len: int, geometry: CallGeometry | None = None) -> bool:
         """Whether full heads of mixed layers run on dense SDPA (impl="auto", where it is faster);
