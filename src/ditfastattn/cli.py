@@ -603,8 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--text-len", type=_number(int, minimum=0), default=None,
                          help="text tokens for the sparsity (default: the plan's)")
     inspect.add_argument("--grid", type=_triple, default=None, metavar="F,R,C",
-                         help="image grid (frames,rows,cols of latent patches) that sizes tile: windows "
-                              "(default: the plan's)")
+                         help="image grid (frames,rows,cols of latent patches) that sizes tile: windows and "
+                              "pool: keys (default: the plan's)")
     inspect.add_argument("--tile", type=_triple, default=None, metavar="T,H,W",
                          help="tile shape of tile: windows, T*H*W = 128 (default: the plan's, else 2,8,8 for "
                               "video and 1,8,16 for one frame)")
