@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import flux_pipeline, run_pipeline, sd3_pipeline
+from test_families import FAMILIES as IMAGE_FAMILIES
 from test_families import MiniPipeline, generate, prompt
 from test_runtime import with_methods
 from test_video_families import FAMILIES as VIDEO_FAMILIES
@@ -185,6 +186,18 @@ def test_a_pool_plan_follows_its_definition_and_remove_restores(make, recorder):
     assert len({"pool:2", "pool:3", "pool:5"} & check_heads(plan, recorder)) >= 2
     ditfastattn.remove(pipe)
     assert torch.equal(run_pipeline(pipe, steps=STEPS, **ODD), stock)
+
+
+def test_a_pool_plan_on_kontext_sees_the_reference_image_whole(recorder):
+    # FLUX.1 Kontext: text, the image (its grid), then the reference image, a global segment that
+    # pool heads' image queries see in full
+    pipe = MiniPipeline(IMAGE_FAMILIES["flux-kontext"])
+    plan = pool_plan(pipe.transformer)
+    ditfastattn.apply(pipe, plan)
+    assert bool(torch.isfinite(generate(pipe)).all())
+    assert all(len(record["layout"].segments) == 2 and record["layout"].grid for record in recorder)
+    assert len({"pool:2", "pool:3", "pool:5"} & check_heads(plan, recorder)) >= 2
+    ditfastattn.remove(pipe)
 
 
 def test_pool_plans_on_video_pool_each_frame_and_refuse_text_masks(recorder):
