@@ -575,14 +575,23 @@ def test_band_plans_are_unchanged_by_a_grid(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["tile:0,0,0", "pool:2"])
-def test_tile_and_pool_plans_need_a_grid(method, monkeypatch):
-    # Static mode's check of the grid: test_static.py.
+def test_tile_and_pool_plans_need_a_grid(method, monkeypatch, recorder):
+    # Refused at the first call (step 0, all full), before any step runs; static mode's check: test_static.py.
     pipe = flux_pipeline()
     plan = Plan.uniform(pipe.transformer, STEPS, method)
     hide_grid(monkeypatch)
     ditfastattn.apply(pipe, plan)
+    with pytest.raises(ValueError, match=f"{method} needs the image grid .* use a plan with arrow:<f> windows"):
+        run_pipeline(pipe, steps=STEPS, **ODD)
+    assert not recorder  # no layer computed
+    ditfastattn.remove(pipe)
+    # checked per layer: the first call of the first layer with such a method refuses
+    plan = with_methods(Plan.uniform(pipe.transformer, STEPS, "full"),
+                        lambda step, layer, head: method if layer == 1 else "arrow:0.5")
+    ditfastattn.apply(pipe, plan)
     with pytest.raises(ValueError, match=f"{method} needs the image grid"):
         run_pipeline(pipe, steps=STEPS, **ODD)
+    assert [(r["step"], r["layer"]) for r in recorder] == [(0, plan.layer_names[0])]
     ditfastattn.remove(pipe)
 
 

@@ -330,6 +330,11 @@ class Session:
         # Whether any head runs a tile window (dispatch marks text masks for the tile launch only then).
         self.tile_windows = any(m.needs_grid for m in methods)
         self.pool_methods = sorted(m.name for m in methods if m.kind == "pool")
+        # Per layer, its methods that need the image grid (tile windows, pooled keys), at any step.
+        self._grid_methods = {
+            layer: sorted({m for rows in plan.methods for m in rows[layer] if parse_method(m).needs_grid})
+            for layer in range(len(plan.model.layers))
+        }
         grid, tile = plan.provenance.get("grid"), plan.provenance.get("tile")
         self._plan_tiles = None if grid is None or tile is None else TileGrid(tuple(grid), tuple(tile))
         self._inputs_checked: set[tuple] = set()
@@ -343,6 +348,13 @@ class Session:
         """
         geometry = layer.geometry
         self.refuse_padded_pool(layer, self.pool_methods)
+        needs_grid = self._grid_methods.get(layer.index)
+        if needs_grid and geometry.layout.grid is None:  # at the first call, not at the step that runs them
+            raise ValueError(
+                f"{needs_grid[0]} needs the image grid (frames x rows x cols), which {layer.name} of this "
+                f"{type(self.transformer).__name__} call does not get ({self.adapter.FAMILY}): use a plan with "
+                "arrow:<f> windows in its place for this model"
+            )
         return layer.row(q, geometry.layout.image_len, self.route_full(q, k, v, text_start, text_len, geometry))
 
     def refuse_padded_pool(self, layer: LayerRuntime, pooled: list[str]) -> None:
