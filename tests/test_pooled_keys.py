@@ -4,11 +4,13 @@ path under the Triton interpreter: test_triton_kernel.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from conftest import flux_pipeline, run_pipeline, sd3_pipeline
+from test_calibration import config, prompts
 from test_families import FAMILIES as IMAGE_FAMILIES
 from test_families import MiniPipeline, generate, prompt
 from test_runtime import with_methods
@@ -238,3 +240,16 @@ def test_static_mode_refuses_pool_plans_at_apply():
 def test_a_search_with_pool_candidates_replays_bit_for_bit(kind, recorder):
     plan = search_and_replay(kind, ("full", "cache", "arrow:0.25", "pool:2", "pool:4"), recorder)
     assert methods_of(plan) & {"pool:2", "pool:4"}
+
+
+def test_measured_costs_steer_the_recommended_search_and_survive_its_forced_passes():
+    # cache="auto" and sensitivity="measure" run forced passes (probes, the uncompressed one) with
+    # other candidates; costs naming the searched ones must not stop them (they raised before).
+    # Pool heads priced at a full head's cost are never worth their error; at their FLOPs they are.
+    pipe = flux_pipeline()
+    search = config("flux", delta=0.5, candidates=("full", "cache", "arrow:0.25", "pool:2"), target_sparsity=0.5,
+                    budget="generation", head_coefficient=None, sensitivity="measure", cache="auto")
+    priced = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, costs={"pool:2": 1.0}),
+                                   progress=False)
+    assert "pool:2" not in methods_of(priced)
+    assert "pool:2" in methods_of(ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False))

@@ -120,7 +120,9 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
 
     def probe(method: str, where, **kwargs):
         """(layer RSE where measured (steps, layers), final RSE) of one probe."""
-        probe_config = dataclasses.replace(config, candidates=("full", method), sensitivity=None, cache="head")
+        # A forced pass: no choice to price, so no costs (they may name candidates the probe lacks).
+        probe_config = dataclasses.replace(config, candidates=("full", method), sensitivity=None, cache="head",
+                                           costs=None)
         session, latents = run_pass(pipe, spec, call, probe_config, None, forced=plan_with(method, where), **kwargs)
         # A layer's mean score over its heads is the layer's relative squared error.
         heads = np.array([layer.heads for layer in spec.layers])
@@ -189,8 +191,8 @@ def reference_pass(pipe, spec, call: dict[str, Any], config, progress: tqdm | No
     its layer-steps; ``kwargs`` for :func:`run_pass` (``record``)."""
     steps = config.num_inference_steps
     full = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
-    return run_pass(pipe, spec, call, dataclasses.replace(config, candidates=("full",), sensitivity=None, cache="head"),
-                    progress, forced=full, measure=set(), **kwargs)
+    uncompressed = dataclasses.replace(config, candidates=("full",), sensitivity=None, cache="head", costs=None)
+    return run_pass(pipe, spec, call, uncompressed, progress, forced=full, measure=set(), **kwargs)
 
 
 def weights_array(sensitivity: dict | None, spec, candidates, steps: int) -> np.ndarray:
