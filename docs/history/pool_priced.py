@@ -12,7 +12,6 @@ about the same priced (time) sparsity; each plan's FLOP and priced sparsity are 
 
     PYTHONPATH=src python pool_priced.py OUT.json --kind flux --target 0.6 --pool-target 0.63 --cache auto --embeddings emb.pt
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402
 from e2e import environment  # noqa: E402
 from exact_target import write_result  # noqa: E402
-from oracle_heads import recommended_search, score_paired, testbed  # noqa: E402
-from pooled_target import pool_share  # noqa: E402
+from oracle_heads import recommended_search, score_paired  # noqa: E402
+from pooled_target import arguments, pool_share, setup  # noqa: E402
 
 from ditfastattn import calibrate, ops  # noqa: E402
 from ditfastattn.methods import parse_method  # noqa: E402
@@ -50,22 +49,10 @@ def priced_sparsity(plan, costs) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("out", type=Path)
-    p.add_argument("--kind", default="flux")
-    p.add_argument("--target", type=float, default=0.6)
-    p.add_argument("--pool-target", type=float, default=None, help="FLOP target of the pooled plan (default --target)")
-    p.add_argument("--cache", default="auto")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--heldout-seed", type=int, default=2026)
-    p.add_argument("--seeds", default="1,2")
-    p.add_argument("--embeddings", type=Path, required=True)
-    args = p.parse_args()
+    args = arguments(0.6, "auto", **{"--pool-target": dict(type=float, default=None,
+                                                          help="FLOP target of the pooled plan (default --target)")})
     started = time.perf_counter()
-    pipe = testbed(args.kind, args.embeddings, "cpu")
-    cal = q.calibration_prompts(8, 2026)
-    held = q.heldout_prompts(args.heldout_seed)[:16]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    pipe, cal, held, seeds = setup(args)
     tiles = ops.TileGrid(GRID)
     costs = {name: parse_method(name).cost(TOKENS, TEXT, tiles) * ratio for name, ratio in SLOWDOWN.items()}
     plans, seconds = {}, {}

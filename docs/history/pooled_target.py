@@ -28,22 +28,33 @@ from ditfastattn import calibrate  # noqa: E402
 POOLS = ("pool:2", "pool:4")
 
 
-def main():
+def arguments(target: float, cache: str, **more) -> argparse.Namespace:
+    """The run's arguments (``more``: extra options, name -> add_argument keywords)."""
     p = argparse.ArgumentParser()
     p.add_argument("out", type=Path)
     p.add_argument("--kind", default="flux")
-    p.add_argument("--target", type=float, default=0.7)
-    p.add_argument("--cache", default="step")
+    p.add_argument("--target", type=float, default=target)
+    p.add_argument("--cache", default=cache)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--heldout-seed", type=int, default=2026)
     p.add_argument("--seeds", default="1,2")
     p.add_argument("--embeddings", type=Path, required=True)
-    args = p.parse_args()
-    started = time.perf_counter()
+    for name, options in more.items():
+        p.add_argument(name, **options)
+    return p.parse_args()
+
+
+def setup(args):
+    """(testbed pipeline, calibration prompts, held-out prompts, seeds) of the run."""
     pipe = testbed(args.kind, args.embeddings, "cpu")
-    cal = q.calibration_prompts(8, 2026)
     held = q.heldout_prompts(args.heldout_seed)[:16]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    return pipe, q.calibration_prompts(8, 2026), held, [int(s) for s in args.seeds.split(",")]
+
+
+def main():
+    args = arguments(0.7, "step")
+    started = time.perf_counter()
+    pipe, cal, held, seeds = setup(args)
     plans, seconds = {}, {}
     for name, gran, extra in (("head", "head", ()), ("layer", "layer", ()), ("head+pool", "head", POOLS),
                               ("layer+pool", "layer", POOLS)):
