@@ -355,7 +355,7 @@ def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, sca
             "grid: pass grid=(frames, rows, cols) (and tile= for another tile shape than the default), or "
             "segments=TokenLayout(..., grid=...)"
         )
-    pooled = [] if values is None else [h for h, m in enumerate(values) if is_pool_mode(m)]
+    pooled = [] if values is None else [h for _, heads in _pool_split(values)[0] for h in heads]
     if pooled and layout.grid is None:
         raise ValueError(f"heads {pooled} run pooled keys, which need the image grid: pass grid=(frames, rows, cols) "
                          "or segments=TokenLayout(..., grid=...)")
@@ -499,13 +499,12 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             from . import _gluon as kernel
         else:
             from . import _triton as kernel
-        pooled = {} if values is None else {m: [h for h, x in enumerate(values) if x == m] for m in values
-                                             if is_pool_mode(m)}
-        if pooled:  # the kernel skips them; flash attention computes them after
-            values = tuple(MODE_SKIP if is_pool_mode(m) else m for m in values)
+        pooled, kernel_values, kernel_idle = ((), values, False) if values is None else _pool_split(values)
+        if pooled:  # the kernel skips them; SDPA computes them after
+            values = kernel_values
             head_modes = _kernel_modes(head_modes, values)
         lse = None
-        if not pooled or any(m != MODE_SKIP or return_lse for m in values):
+        if not (pooled and kernel_idle) or return_lse:
             out, lse = _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
                                  global_rows)
         if pooled:
@@ -513,10 +512,23 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
 
             if return_lse and lse is None:
                 lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=torch.float32, device=q.device)
-            for mode, heads in pooled.items():
+            for mode, heads in pooled:
                 _pooled.attention(q, k, v, heads, pool_factor(mode), layout.image_start, layout.tile_grid(), out, scale,
                                   lse, global_rows=global_rows)
     return (out, lse) if return_lse else out
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_split(values: tuple[int, ...]) -> tuple[tuple[tuple[int, tuple[int, ...]], ...], tuple[int, ...], bool]:
+    """``((pool mode, its heads), ...)``, the modes with pool heads skipped, and whether those are all
+    skip; once per host modes (a plan has few distinct rows: no loop over heads per call)."""
+    groups = {}
+    for head, mode in enumerate(values):
+        if is_pool_mode(mode):
+            groups.setdefault(mode, []).append(head)
+    kernel_values = tuple(MODE_SKIP if is_pool_mode(m) else m for m in values) if groups else values
+    idle = all(m == MODE_SKIP for m in kernel_values)
+    return tuple((mode, tuple(heads)) for mode, heads in groups.items()), kernel_values, idle
 
 
 # (tensor version, mode tensor) of a head-mode tensor's modes with pool heads skipped, when last made.

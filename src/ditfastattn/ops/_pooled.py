@@ -102,15 +102,15 @@ def _key_sets(k, v, tiles: TileGrid, factor: int, image_start: int):
     return k[:, :, own], v[:, :, own], means(k), means(v)
 
 
-def attention(q, k, v, heads: list[int], factor: int, image_start: int, tiles: TileGrid, out, scale,
+def attention(q, k, v, heads: tuple[int, ...], factor: int, image_start: int, tiles: TileGrid, out, scale,
               lse_out=None, *, global_rows=True) -> None:
     """Pool heads ``heads`` (of factor ``factor``) of ``q, k, v`` (B, S, H, D) into ``out`` (and
     ``lse_out`` (B, H, S), when given); ``global_rows=False`` leaves the global-query rows unwritten."""
-    if heads == list(range(heads[0], heads[0] + len(heads))):  # adjacent heads: views, no gather
+    if heads == tuple(range(heads[0], heads[0] + len(heads))):  # adjacent heads: views, no gather
         index = slice(heads[0], heads[0] + len(heads))
         qh, kh, vh = (t[:, :, index].transpose(1, 2) for t in (q, k, v))
     else:
-        index = _head_index(tuple(heads), q.device)
+        index = _head_index(heads, q.device)
         qh, kh, vh = (t.index_select(2, index).transpose(1, 2) for t in (q, k, v))
     seq, image_end = q.shape[1], image_start + tiles.tokens
 
