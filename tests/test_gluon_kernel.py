@@ -351,6 +351,7 @@ def _spills(step: list[str]) -> int:
     {"head_dim": 128}, {"head_dim": 64}, {"head_dim": 128, "has_pad": True},
     {"head_dim": 128, "tile": (1, 8, 16), "pad_tail": True}, {"head_dim": 128, "tile": (2, 8, 8)},
     {"head_dim": 64, "tile": (1, 8, 16)}, {"head_dim": 128, "tile": (1, 8, 16), "pad_tail": True, "ordered": True},
+    {"head_dim": 128, "pool": True}, {"head_dim": 64, "pool": True},
 ], ids=str)
 def test_consumer_steps_hold_no_spills(options):
     # One local load a step (the barrier base, spilled by a producer edit) cost 4-5 points of the ideal

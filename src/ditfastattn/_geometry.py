@@ -43,6 +43,9 @@ MAX_TILE_WINDOW = (1 << TILE_BITS) - 1
 # Pool modes: POOL_FLAG | p, for a factor p in [2, MAX_POOL_FACTOR]; arrow half-widths stay below POOL_FLAG.
 POOL_FLAG = 1 << 29
 MAX_POOL_FACTOR = 64
+# A fused kernel's pool heads: POOL_FLAG | slot << POOL_SLOT_SHIFT | p, where slot is the head's
+# column in the patch-mean buffer the caller hands the kernel (factors stay below 1 << POOL_SLOT_SHIFT).
+POOL_SLOT_SHIFT = 8
 
 
 def pool_mode(factor: int) -> int:

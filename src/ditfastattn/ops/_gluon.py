@@ -61,12 +61,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .._geometry import IMAGE_BLOCK as _IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL, MODE_SKIP, TILE_BITS, TILE_FLAG
+from .._geometry import (IMAGE_BLOCK as _IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT,
+                         TILE_BITS, TILE_FLAG)
 from ._item_order import order_table
 from ._launch import DirectLaunches, launch_key, on_device, rebased
 
 HEAD_DIMS = (64, 128)
 TILES_IN_PLACE = True  # the tiled launch reads grid tiles in place (5-D TMA boxes): nothing is gathered
+FUSED_POOL = True  # pool heads over whole patches run in the plain launch, from a buffer of patch means
 ORDERS_TILES = True  # given the host head modes, the tiled launch orders each head's query tiles (_item_order)
 TILE_ROWS = 128  # query rows per work item: one image block, two consumer warpgroups of 64 rows
 BLOCK_M = gl.constexpr(TILE_ROWS)
@@ -78,6 +80,8 @@ SKIP = gl.constexpr(MODE_SKIP)
 ABSENT = gl.constexpr(MODE_SKIP - 1)  # a head the other launch runs, or padding past the last head
 TILE = gl.constexpr(TILE_FLAG)
 BITS = gl.constexpr(TILE_BITS)
+POOLED = gl.constexpr(POOL_FLAG)
+SLOT_SHIFT = gl.constexpr(POOL_SLOT_SHIFT)
 HALF_MASK = gl.constexpr(MAX_TILE_WINDOW)
 # Registers per thread of the two worker partitions (the second consumer warpgroup, the producer
 # warp). The default partition, the first consumer, gets what the kernel-wide cap leaves (_LAUNCH).
@@ -149,10 +153,10 @@ def _window_tiles(modes, counts):
 
 
 @gluon.jit
-def _launch_modes(MODES, s_modes, idx, num_heads, counts, TILED: gl.constexpr):
+def _launch_modes(MODES, s_modes, idx, num_heads, counts, num_image, TILED: gl.constexpr):
     """(mode, ranking key) of heads ``idx`` in this launch: the tile heads in the tiled one, the others
     in the plain one; the rest and the padding past the last head are ABSENT. Out-of-range modes
-    (below SKIP) rank and run as skip."""
+    (below SKIP) rank and run as skip. A pool head ranks as the arrow of about as many image keys."""
     inside = idx < num_heads
     modes = gl.load(MODES + idx * s_modes, mask=inside, other=ABSENT)
     if TILED:
@@ -163,22 +167,25 @@ def _launch_modes(MODES, s_modes, idx, num_heads, counts, TILED: gl.constexpr):
     if TILED:
         key = gl.where(present, _window_tiles(modes, counts), ABSENT)
     else:
-        key = gl.where(modes == FULL, 1 << 30, modes)
+        factor = gl.maximum(modes & ((1 << SLOT_SHIFT) - 1), 1)
+        pooled = num_image // (factor * factor) // (2 * IMAGE_BLOCK)
+        key = gl.where(modes == FULL, 1 << 30, gl.where(modes >= POOLED, pooled, modes))
     return modes, key
 
 
 @gluon.jit
-def _rank_table(MODES, s_modes, num_heads, counts, HEADS_POW2: gl.constexpr, TILED: gl.constexpr):
-    """This launch's heads ranked by work, descending (ties by index): full > arrow by width (tile
-    heads by the grid tiles their window spans) > skip > absent.
+def _rank_table(MODES, s_modes, num_heads, counts, num_image, HEADS_POW2: gl.constexpr, TILED: gl.constexpr):
+    """This launch's heads ranked by work, descending (ties by index): full > arrow by width (pool
+    heads among them by their image key count; tile heads by the grid tiles their window spans) >
+    skip > absent.
 
     Returns (head index at each rank, mode at each rank, number of full, arrow (or tile) and skip heads).
     """
     layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [gl.num_warps(), 1], [1, 0])
     idx_r = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(1, layout))
     idx_c = gl.arange(0, HEADS_POW2, layout=gl.SliceLayout(0, layout))
-    modes_r, key_r = _launch_modes(MODES, s_modes, idx_r, num_heads, counts, TILED)
-    modes_c, key_c = _launch_modes(MODES, s_modes, idx_c, num_heads, counts, TILED)
+    modes_r, key_r = _launch_modes(MODES, s_modes, idx_r, num_heads, counts, num_image, TILED)
+    modes_c, key_c = _launch_modes(MODES, s_modes, idx_c, num_heads, counts, num_image, TILED)
     ahead = (key_c[None, :] > key_r[:, None]) | ((key_c[None, :] == key_r[:, None]) & (idx_c[None, :] < idx_r[:, None]))
     ranks = gl.sum(ahead.to(gl.int32), 1)
     n_full_heads = gl.sum((modes_r == FULL).to(gl.int32), 0)
@@ -266,7 +273,9 @@ def _work(t, geometry, table, order, BLOCK_N: gl.constexpr, TILED: gl.constexpr,
     (batch, head, first query row, end query row, key range start, its length, key tiles, key tiles
     per run, runs per frame-tile, ``_key_tile``'s first two ``tail`` values, and in the tiled launch
     the query tile's grid tile and the window box's first, packed (:func:`_pack_tile`), where the
-    producer reads them in place); the last five are 1, 1, 0, 0, 0 outside the tiled launch.
+    producer reads them in place; then a pool head's factor and slot, or 0, 0); the five before those
+    are 1, 1, 0, 0, 0 outside the tiled launch, and those are 0, 0 in it. A pool head's image tiles
+    take their image keys from the patch-mean buffer: rows [0, patches) of its slot.
     With ``ORDERED`` a tile head's image tiles run in the order of its row of ``order`` (heads x
     grid tiles, :mod:`._item_order`), else in raster order.
 
@@ -316,13 +325,18 @@ def _work(t, geometry, table, order, BLOCK_N: gl.constexpr, TILED: gl.constexpr,
         n_image_keys = (a_end - a_lo) * runs_b * per_run
         start = image_start + ((a_lo * n_h + b_lo) * n_w + c_lo) * IMAGE_BLOCK
         return (b, h, q_start, q_end, start, n_image_keys * BLOCK_N, n_image_keys + n_global, per_run, runs_b,
-                tail_run, tail_row, (_pack_tile(*at), _pack_tile(a_lo, b_lo, c_lo)))
+                tail_run, tail_row, (_pack_tile(*at), _pack_tile(a_lo, b_lo, c_lo)), 0, 0)
     else:
         block = image_tile * BLOCK_M // IMAGE_BLOCK
         w = gl.minimum(gl.maximum(mode, 0), gl.cdiv(num_image, IMAGE_BLOCK))
         lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
         hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
-        return b, h, q_start, q_end, image_start + lo, hi - lo, gl.cdiv(hi - lo, BLOCK_N) + n_global, 1, 1, 0, 0, 0
+        pool = banded & (mode >= POOLED)
+        factor = gl.where(pool, mode & ((1 << SLOT_SHIFT) - 1), 0)
+        slot = gl.where(pool, (mode - POOLED) >> SLOT_SHIFT, 0)
+        start = gl.where(pool, 0, image_start + lo)
+        length = gl.where(pool, num_image // gl.maximum(factor * factor, 1), hi - lo)
+        return b, h, q_start, q_end, start, length, gl.cdiv(length, BLOCK_N) + n_global, 1, 1, 0, 0, 0, factor, slot
 
 
 @gluon.jit
@@ -431,7 +445,7 @@ def _place(coeffs, b, h, row, tile):
 def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, table, order, counter,
               BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILED: gl.constexpr,
               PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr, TILE_W: gl.constexpr,
-              ORDERED: gl.constexpr):
+              ORDERED: gl.constexpr, POOL: gl.constexpr):
     """Takes work items, longest first, and issues their TMA loads: the query tile into one of two
     buffers (its item number beside it, for the consumers), then key and value tiles into the rings,
     counted over all items.
@@ -449,6 +463,10 @@ def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, ta
     The tiled launch reads every tile in place (``in_place``: the 5-D descriptors of q, k and v
     over the image as (outer, frames, rows, cols, heads x head dim), and the image's patches): a
     grid tile as one box of the grid, a global tile as in the plain launch.
+
+    With ``POOL``, a pool head's image key and value tiles come from the patch-mean buffer
+    (``pool_desc``: keys at rows ``b * pool_rows``, values ``batch * pool_rows`` rows further, the
+    head's slot as its column block).
     """
     image_start = geometry[6]
     num_image = geometry[7]
@@ -456,13 +474,17 @@ def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, ta
     end3 = geometry[5]
     n_h = geometry[11][1]
     n_w = geometry[11][2]
-    q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch = descs
+    q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, pool_desc, pool_rows = descs
     q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
     one: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     c = 0  # key tiles loaded so far
     it = 0  # items taken so far
     v_row = 0  # the value tile still owed (tile c - 1): where it lies in the view
     v_col = 0
+    v_pooled = 0  # whether that value tile is a patch mean's
+    batch = geometry[0]
+    HEAD_DIM: gl.constexpr = k_smem.shape[2]
+    n_global = gl.cdiv(image_start, BLOCK_N) + gl.cdiv(seq_len - image_start - num_image, BLOCK_N)
     if TILED:
         q_img, k_img, v_img, image_tokens = in_place
         after_start = image_start + num_image
@@ -471,7 +493,7 @@ def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, ta
         v_where = (0, -1, 0)  # the owed value tile's place (_place)
     t = gl.program_id(0)
     while t < end3:
-        b, h, q_start, q_end, start1, len1, n_kv, per_run, runs_b, tail_run, tail_row, grid_at = _work(
+        b, h, q_start, q_end, start1, len1, n_kv, per_run, runs_b, tail_run, tail_row, grid_at, factor, slot = _work(
             t, geometry, table, order, BLOCK_N, TILED, ORDERED)
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
@@ -483,6 +505,8 @@ def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, ta
                 for i in gl.static_range(2):
                     sched.index(2 * ITEM_FIELDS + qs * 2 + i).store(gl.full([1], (tail_run, tail_row)[i], gl.int32,
                                                                             layout=one))
+        elif POOL:
+            _publish(sched, qs, (factor,), one, 8)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
         if TILED:
             image = (q_start >= image_start) & (q_start < after_start)
@@ -515,17 +539,40 @@ def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, ta
                 # Only the position is read here (no valid rows, so PAD_TAIL off and its tail unused).
                 pos, valid = _key_tile(j, start1, len1, (per_run, runs_b, n_h, n_w), image_start, num_image,
                                        seq_len, BLOCK_N, TILED, (per_run, runs_b, n_h, n_w), False, 1, 1, 1)
-                _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch, K_STAGES)
-                if c + j > 0:
-                    _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
-                v_row = b * v_rb + h * v_rh + pos
-                v_col = h * v_ch
+                if POOL:
+                    pooled = (factor > 0) & (j >= n_global)
+                    if pooled:
+                        _load_ring(pool_desc, k_smem, k_ready, k_empty, c + j, b * pool_rows + pos, slot * HEAD_DIM,
+                                   K_STAGES)
+                    else:
+                        _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch,
+                                   K_STAGES)
+                    if c + j > 0:
+                        if v_pooled != 0:
+                            _load_ring(pool_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
+                        else:
+                            _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
+                    v_pooled = pooled.to(gl.int32)
+                    v_row = gl.where(pooled, (batch + b) * pool_rows + pos, b * v_rb + h * v_rh + pos)
+                    v_col = gl.where(pooled, slot * HEAD_DIM, h * v_ch)
+                else:
+                    _load_ring(k_desc, k_smem, k_ready, k_empty, c + j, b * k_rb + h * k_rh + pos, h * k_ch,
+                               K_STAGES)
+                    if c + j > 0:
+                        _load_ring(v_desc, v_smem, v_ready, v_empty, c + j - 1, v_row, v_col, V_STAGES)
+                    v_row = b * v_rb + h * v_rh + pos
+                    v_col = h * v_ch
         c += n_kv
         it += 1
     if c > 0:
         if TILED:
             _load_ring_in_place(v_desc, v_img, v_smem, v_ready, v_empty, c - 1, v_where, V_STAGES, TILE_T, TILE_H,
                                 TILE_W)
+        elif POOL:
+            if v_pooled != 0:
+                _load_ring(pool_desc, v_smem, v_ready, v_empty, c - 1, v_row, v_col, V_STAGES)
+            else:
+                _load_ring(v_desc, v_smem, v_ready, v_empty, c - 1, v_row, v_col, V_STAGES)
         else:
             _load_ring(v_desc, v_smem, v_ready, v_empty, c - 1, v_row, v_col, V_STAGES)
     # No work left: item -1 tells the consumers.
@@ -599,11 +646,13 @@ def _key_pad(PAD, pair, slot, b, pos, valid, seq_len, BLOCK_N: gl.constexpr, HAS
 
 @gluon.jit
 def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N: gl.constexpr, layout: gl.constexpr,
-             HAS_PAD: gl.constexpr, PAIR: gl.constexpr):
+             HAS_PAD: gl.constexpr, PAIR: gl.constexpr, pool_bias, POOL: gl.constexpr):
     """Online-softmax step over one score tile, in log2 units; masks columns past a partial tile and
     (``HAS_PAD``) padded keys, of which ``k_pad`` is (running counts, how many in this tile). With
     ``PAIR`` a padded key's score gets its query kind's bias relative to a real key instead (see
-    :func:`pair_table`; ``k_pad`` from :func:`_key_pad`), and a pad slot (flag 2) -inf."""
+    :func:`pair_table`; ``k_pad`` from :func:`_key_pad`), and a pad slot (flag 2) -inf. With ``POOL``
+    every score of the tile is raised by ``pool_bias`` (log2 units: a pool head's patch means stand for
+    ``p * p`` keys each), folded into the row maximum the exponent subtracts."""
     if valid < BLOCK_N:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         s = gl.where((cols < valid)[None, :], s, float("-inf"))
@@ -626,16 +675,29 @@ def _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N: gl.cons
             at = counts + pos + cols
             padded = (gl.load(at + 1, mask=cols < valid, other=0) - gl.load(at, mask=cols < valid, other=0)) != 0
             s = gl.where(padded[None, :], float("-inf"), s)
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    if POOL:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale + pool_bias)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     if HAS_PAD:
         # A row with no unpadded key so far: subtract 0, so that its -inf scores give 0, not NaN.
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = gl.exp2(s * qk_scale - m_use[:, None])
+    if POOL:
+        p = gl.exp2(s * qk_scale - (m_use - pool_bias)[:, None])
+    else:
+        p = gl.exp2(s * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _pool_bias(factor):
+    """The score bias of a pool head's patch means in log2 units, ``log2(p * p)``; 0 for ``factor`` 0
+    (no pool head)."""
+    return gl.where(factor > 0, 2.0 * gl.log2(gl.maximum(factor, 1).to(gl.float32)), 0.0)
 
 
 @gluon.jit
@@ -736,14 +798,16 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
               V_STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, HAS_PAD: gl.constexpr,
               PAIR: gl.constexpr, TILED: gl.constexpr, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr,
-              TILE_H: gl.constexpr, TILE_W: gl.constexpr, PAD_GLOBAL: gl.constexpr):
+              TILE_H: gl.constexpr, TILE_W: gl.constexpr, PAD_GLOBAL: gl.constexpr, POOL: gl.constexpr):
     """One warpgroup's 64 rows of every item the producer hands over, as one stream of key tiles.
 
     Each step issues QK^T of the next tile, then PV of the previous one, and runs the softmax of the
     next tile while that PV runs. The next tile may be the first of the next item (its query is
     already in the other buffer), so an item's last PV, its epilogue and the next item's first QK^T
     overlap like any other step: no pipeline drains between items. What an item is comes from the
-    producer through ``sched``, so the loop carries only counters.
+    producer through ``sched``, so the loop carries only counters. With ``POOL`` a pool head's item
+    (its factor in the item's field 8) raises the scores of its image key tiles, the patch means, by
+    ``log2(p * p)``.
     """
     qk_scale = out_args[8]
     seq_len = out_args[6]
@@ -764,6 +828,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    n_global = gl.cdiv(image_start, BLOCK_N) + gl.cdiv(seq_len - image_start - num_image, BLOCK_N)
 
     mbarrier.wait(q_ready.index(0), 0)
     if _field(sched, 0, 0) >= 0:
@@ -777,6 +842,10 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
         else:
             per_run = 1
             runs_b = 1
+        if POOL:
+            item_bias = _pool_bias(_field(sched, 0, 8))
+        else:
+            item_bias = 0.0
         if PAD_TAIL:
             tail_run = _tail_field(sched, 0, 0)
             tail_row = _tail_field(sched, 0, 1)
@@ -797,7 +866,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N, s_layout,
-                                      HAS_PAD, PAIR)
+                                      HAS_PAD, PAIR, gl.where(n_global == 0, item_bias, 0.0), POOL)
         p_op = _pack_p(p, dtype)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         c = 1  # key tiles whose QK^T has been issued, over all items
@@ -820,7 +889,7 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(st), count=1)
                 p, alpha, m_i, l_i = _softmax(s, m_i, l_i, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N,
-                                              s_layout, HAS_PAD, PAIR)
+                                              s_layout, HAS_PAD, PAIR, gl.where(j >= n_global, item_bias, 0.0), POOL)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
@@ -839,6 +908,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 if TILED:
                     per_run = _field(sched, nxt, 8)
                     runs_b = _field(sched, nxt, 9)
+                if POOL:
+                    item_bias = _pool_bias(_field(sched, nxt, 8))
                 if PAD_TAIL:
                     tail_run = _tail_field(sched, nxt, 0)
                     tail_row = _tail_field(sched, nxt, 1)
@@ -859,7 +930,8 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
                 m_next = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l_next = gl.zeros([ROWS], gl.float32, layout=row_layout)
                 p, alpha, m_next, l_next = _softmax(s, m_next, l_next, valid, k_pad, pos, qk_scale, seq_len, BLOCK_N,
-                                                    s_layout, HAS_PAD, PAIR)
+                                                    s_layout, HAS_PAD, PAIR, gl.where(n_global == 0, item_bias, 0.0),
+                                                    POOL)
                 p_op = _pack_p(p, dtype)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
@@ -882,18 +954,18 @@ def _consumer(out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_im
 # Few compiled variants: only the output strides are specialised (multiples of 16 and a unit
 # head-dim stride let the epilogue store whole vectors).
 @gluon.jit(do_not_specialize=[
-    "s_modes", "q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch",
+    "s_modes", "q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "pool_rows",
     "batch", "seq_len", "num_heads", "image_start", "num_image", "out_seq", "grid_t", "grid_h", "grid_w",
 ])
 def _headwise_kernel(
-    q_desc, k_desc, v_desc, q_img, k_img, v_img, O, LSE, MODES, COUNTER, PAD, FLAGS, PAIR_BIAS, ORDER, s_modes,
-    q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, sob, sos, soh, sod,
+    q_desc, k_desc, v_desc, q_img, k_img, v_img, pool_desc, O, LSE, MODES, COUNTER, PAD, FLAGS, PAIR_BIAS, ORDER,
+    s_modes, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, pool_rows, sob, sos, soh, sod,
     batch, seq_len, num_heads, image_start, num_image, out_seq, grid_t, grid_h, grid_w, qk_scale,
     HEADS_POW2: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr,
     V_STAGES: gl.constexpr,
     RETURN_LSE: gl.constexpr, OUT_ALIGNED: gl.constexpr, GLOBAL_ROWS: gl.constexpr, HAS_PAD: gl.constexpr,
     PAIR: gl.constexpr, TILED: gl.constexpr, PAD_TAIL: gl.constexpr, TILE_T: gl.constexpr, TILE_H: gl.constexpr,
-    TILE_W: gl.constexpr, PAD_GLOBAL: gl.constexpr, ORDERED: gl.constexpr,
+    TILE_W: gl.constexpr, PAD_GLOBAL: gl.constexpr, ORDERED: gl.constexpr, POOL: gl.constexpr,
 ):
     # Element (b, s, h, d) of q sits at row b*q_rb + h*q_rh + s, column h*q_ch + d of q_desc's 2-D
     # view (likewise k, v): the host derives the coefficients from the strides. The tiled launch reads
@@ -903,7 +975,9 @@ def _headwise_kernel(
     # int32, the padded keys before each position (read only with HAS_PAD). With PAIR, FLAGS is the
     # (B, S) uint8 kind of each token (0 real, 1 padding, 2 a pad slot of the tiled launch) and
     # PAIR_BIAS the fp32 table of pair_table. With ORDERED, ORDER is the (heads, grid tiles) int32 run
-    # order of each tile head's query tiles (_item_order).
+    # order of each tile head's query tiles (_item_order). With POOL, pool_desc is a 2-D view of the
+    # (2B, pool_rows, slots, D) patch-mean buffer (keys, then values) whose slots the pool heads' modes
+    # name (POOL_FLAG | slot << SLOT_SHIFT | p); None otherwise.
     # Persistent: a few programs per SM at most, each taking work items from COUNTER until none is
     # left, so the longest-first order holds across the launch and no program idles while work waits.
     # Global (text, reference) rows: [0, image_start) and [image_start + num_image, seq_len).
@@ -921,8 +995,9 @@ def _headwise_kernel(
     gl.static_assert(TILED or not PAD_TAIL, "pad slots ending each block are a tiled launch's")
     gl.static_assert((TILED and HAS_PAD and not PAIR) or not PAD_GLOBAL, "PAD_GLOBAL is the tiled key mask's")
     gl.static_assert(TILED or not ORDERED, "an order of grid tiles is the tiled launch's")
+    gl.static_assert(not (POOL and TILED), "pool heads run in the plain launch")
     head_at, mode_at, n_full_heads, n_arrow_heads, n_skip_heads = _rank_table(MODES, s_modes, num_heads, counts,
-                                                                              HEADS_POW2, TILED)
+                                                                              num_image, HEADS_POW2, TILED)
     # Without GLOBAL_ROWS the arrow heads' text-query tiles are no work items: their rows stay unwritten.
     gl.static_assert(GLOBAL_ROWS or not RETURN_LSE, "log-sum-exps need every row")
     if GLOBAL_ROWS:
@@ -966,7 +1041,10 @@ def _headwise_kernel(
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
-        descs = (q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch)
+        if POOL:
+            descs = (q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, pool_desc, pool_rows)
+        else:  # partitions take no None
+            descs = (q_desc, k_desc, v_desc, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, k_desc, pool_rows)
         tiling = (image_start, num_image, grid_t, grid_h, grid_w, counts[1], counts[2])
         if TILED:
             in_place = (q_img, k_img, v_img, grid_t * grid_h * grid_w)
@@ -977,12 +1055,12 @@ def _headwise_kernel(
             [
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
                              PAIR_BIAS, 0, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
-                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, PAD_GLOBAL)),
+                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, PAD_GLOBAL, POOL)),
                 (_consumer, (out_args, q_smem, k_smem, v_smem, bars, sched, image_start, num_image, PAD, FLAGS,
                              PAIR_BIAS, 1, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, RETURN_LSE, OUT_ALIGNED, HAS_PAD,
-                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, PAD_GLOBAL)),
+                             PAIR, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, PAD_GLOBAL, POOL)),
                 (_producer, (geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, table, ORDER, COUNTER,
-                             BLOCK_N, K_STAGES, V_STAGES, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, ORDERED)),
+                             BLOCK_N, K_STAGES, V_STAGES, TILED, PAD_TAIL, TILE_T, TILE_H, TILE_W, ORDERED, POOL)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -1117,7 +1195,7 @@ def _grid_descriptor(t, tiles):
 
 
 def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config, programs, global_rows, has_pad,
-                 pair, tiles, tail, pad_global, ordered):
+                 pair, tiles, tail, pad_global, ordered, pooled):
     """What a launch takes from the key alone: descriptor templates, integer arguments, grid, constexprs."""
     batch, seq, heads, dim = q.shape
     views = [view_coeffs(t) for t in (q, k, v)]
@@ -1127,8 +1205,11 @@ def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, c
     if tiles is not None:  # the image's grid tiles, read in place
         templates += tuple(rebased(_grid_descriptor(t, tiles), None) for t in (q, k, v))
         seq += tiles.slots - tiles.tokens  # the tile order's length
+    if pooled is not None:  # the patch means, keys then values, a slot per pool head
+        templates += (rebased(_descriptor(pooled, view_coeffs(pooled), config["BLOCK_N"]), None),)
     grid_tokens, tile = ((1, 1, 1), (1, 1, 1)) if tiles is None else (tiles.grid, tiles.tile)
-    ints = (head_modes.stride(0), *(c for view in views for c in view[2:]), *out.stride(), batch, seq, heads,
+    ints = (head_modes.stride(0), *(c for view in views for c in view[2:]), 0 if pooled is None else pooled.shape[1],
+            *out.stride(), batch, seq, heads,
             image_start, image_len, out.shape[1], *grid_tokens)
     after = seq - image_start - image_len
     n_items = heads * batch * sum(triton.cdiv(n, TILE_ROWS) for n in (image_start, after, image_len))
@@ -1139,7 +1220,7 @@ def _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, c
     constexprs = dict(HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, RETURN_LSE=return_lse,
                       OUT_ALIGNED=out_aligned, GLOBAL_ROWS=global_rows, HAS_PAD=has_pad, PAIR=pair,
                       TILED=tiles is not None, PAD_TAIL=tail, TILE_T=tile[0], TILE_H=tile[1], TILE_W=tile[2],
-                      PAD_GLOBAL=pad_global, ORDERED=ordered, **config)
+                      PAD_GLOBAL=pad_global, ORDERED=ordered, POOL=pooled is not None, **config)
     return templates, ints, grid, constexprs
 
 
@@ -1161,7 +1242,7 @@ def _pair_bias(table, device) -> torch.Tensor:
 
 
 def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, tiled=None,
-              lse=None, config=None, programs=None, global_rows=True, modes=None):
+              lse=None, config=None, programs=None, global_rows=True, modes=None, pooled=None):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     The caller has checked the inputs (CUDA sm_90, fp16/bf16, head dim 64 or 128, TMA views). The
@@ -1177,10 +1258,15 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     ``return_lse``). ``modes``, the host values of ``head_modes`` where the caller knows them, let the
     tiled launch run each tile head's query tiles in the order of :func:`._item_order.order_table`
     (raster order without them, or on images); the order changes when a tile runs, not what it
-    computes.
+    computes. ``pooled``, the plain launch's (2B, patches, slots, D) patch means of its pool heads
+    (keys for batches [0, B), values for [B, 2B); ``ops``' dispatcher builds it), lets the modes name
+    pool heads as ``POOL_FLAG | slot << POOL_SLOT_SHIFT | p``; those need every frame's rows and cols
+    divisible by ``p`` (no loose tokens).
     """
     if not scale > 0:
         raise ValueError(f"the Gluon kernel needs a positive softmax scale; got {scale}")
+    if pooled is not None and tiled is not None:
+        raise ValueError("pool heads run in the plain launch: pass pooled without tiled")
     table = None
     if padding is not None and not key_mask_only(padding.bias):
         table = pair_table(padding.bias)
@@ -1220,17 +1306,19 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, config["BLOCK_N"],
                      config["K_STAGES"], config["V_STAGES"], programs, global_rows, has_pad,
                      None if flags is None else flags.data_ptr() % 16,
-                     None if tiles is None else (tiles.grid, tiles.tile, out.shape[1]), pad_global, order is not None)
+                     None if tiles is None else (tiles.grid, tiles.tile, out.shape[1]), pad_global, order is not None,
+                     None if pooled is None else pooled.shape)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _launch_plan(q, k, v, head_modes, image_start, image_len, out, return_lse, config,
                                           programs, global_rows, has_pad, flags is not None, tiles, tail, pad_global,
-                                          order is not None)
+                                          order is not None, pooled)
     templates, ints, grid, constexprs = plan
     bases = (q, k, v) if tiled is None else (q, k, v, *image_in_place)
     descs = [rebased(template, t) for template, t in zip(templates, bases)]
     if tiled is None:
         descs += [None] * 3
+    descs.append(None if pooled is None else rebased(templates[-1], pooled))
     lse_arg = lse if lse is not None else out  # unused without RETURN_LSE
     # Unused without padding (or a pair table): the same pointer type in every such launch.
     pad = head_modes if key_mask is None else torch.nn.functional.pad(key_mask.cumsum(1, dtype=torch.int32), (1, 0))
@@ -1243,9 +1331,10 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
 
 
 def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=128, global_rows=True, has_pad=False,
-                 tile=None, pair=False, pad_tail=False, pad_global=False, ordered=False):
+                 tile=None, pair=False, pad_tail=False, pad_global=False, ordered=False, pool=False):
     """Compile the kernel for sm_90 without a GPU (PTX and cubin via ptxas); returns the compiled kernel
-    (``tile``: the tiled launch for that tile shape; ``pair``: padding under a pair table;
+    (``tile``: the tiled launch for that tile shape; ``pool``: the plain launch with pool heads read
+    from a patch-mean buffer; ``pair``: padding under a pair table;
     ``pad_tail``: a ragged grid whose pad slots end each block; ``pad_global``: key padding among
     the global tokens only, with ``has_pad`` and ``tile``; ``ordered``: the tile heads' query tiles in
     the order of a table, with ``tile``).
@@ -1266,18 +1355,21 @@ def compile_sm90(dtype=torch.bfloat16, config=None, return_lse=True, head_dim=12
     grid_desc = f"tensordesc<{elem}[{box}],{_GRID_LAYOUT!r}>"
 
     names = list(_headwise_kernel.arg_names)
-    scalars = ["q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "sob", "sos", "soh",
+    scalars = ["q_rb", "q_rh", "q_ch", "k_rb", "k_rh", "k_ch", "v_rb", "v_rh", "v_ch", "pool_rows", "sob", "sos", "soh",
                "batch", "seq_len", "num_heads", "image_start", "num_image", "out_seq", "grid_t", "grid_h", "grid_w",
                "s_modes"]
     signature = {"q_desc": desc(TILE_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
                  **({} if tile is None else dict.fromkeys(("q_img", "k_img", "v_img"), grid_desc)),
+                 **({"pool_desc": desc(block_n)} if pool else {}),
                  "O": f"*{elem}", "LSE": "*fp32", "MODES": "*i32", "COUNTER": "*i32",
                  "PAD": "*i32", "FLAGS": "*u8" if pair else "*i32", "PAIR_BIAS": "*fp32" if pair else "*i32",
                  "ORDER": "*i32",
                  "qk_scale": "fp32",
                  **{name: "i32" for name in scalars}}
     # As launched on a contiguous output: the JIT turns the unit stride into a constant.
-    constexprs = {"sod": 1, **({} if tile else dict.fromkeys(("q_img", "k_img", "v_img"))), "HEADS_POW2": 32, "HEAD_DIM": head_dim, "RETURN_LSE": return_lse, "OUT_ALIGNED": True,
+    constexprs = {"sod": 1, **({} if tile else dict.fromkeys(("q_img", "k_img", "v_img"))),
+                  **({} if pool else {"pool_desc": None}), "HEADS_POW2": 32, "HEAD_DIM": head_dim,
+                  "RETURN_LSE": return_lse, "OUT_ALIGNED": True, "POOL": pool,
                   "GLOBAL_ROWS": global_rows, "HAS_PAD": has_pad or pair, "PAIR": pair, "TILED": tile is not None,
                   "PAD_TAIL": pad_tail, "PAD_GLOBAL": pad_global, "ORDERED": ordered,
                   **dict(zip(("TILE_T", "TILE_H", "TILE_W"), tile or (1, 1, 1))), **config}
