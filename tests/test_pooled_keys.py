@@ -22,7 +22,7 @@ from test_tiles import ODD, STEPS, check_heads
 import ditfastattn
 from ditfastattn import Plan, SearchConfig, ops
 from ditfastattn._geometry import (
-    MAX_POOL_FACTOR, MODE_FULL, MODE_SKIP, POOL_FLAG, TILE_FLAG, TileGrid, density, is_pool_mode, is_tile_mode,
+    MAX_POOL_FACTOR, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT, TILE_FLAG, TileGrid, density, is_pool_mode, is_tile_mode,
     kept_pairs, pool_factor, pool_mode, pooled_keys, tile_mode,
 )
 from ditfastattn.methods import parse_method
@@ -127,6 +127,25 @@ def test_reference_matches_the_dense_oracle(grid, before, after):
     q64, k64, v64 = (t.double() for t in (q, k, v))
     out64 = ops.headwise_attention(q64, k64, v64, ops.mode_tensor(modes, "cpu"), segments=layout, impl="reference")
     torch.testing.assert_close(out64, want, atol=1e-12, rtol=1e-12)
+
+
+def test_fused_pool_heads_are_named_by_their_slots():
+    # The split for a kernel that fuses pool heads (the Gluon kernel): a factor that divides the
+    # grid's rows and cols runs in the kernel, each head named by its slot of the patch-mean buffer
+    # (test_triton_kernel.py checks the buffer); the others run on SDPA, skipped in the kernel.
+    from ditfastattn.ops import _pool_split
+
+    grid = (2, 12, 8)  # 2 and 4 divide 12 and 8; 3 does not divide 8
+    modes = (pool_mode(4), MODE_FULL, pool_mode(2), pool_mode(3), pool_mode(4), MODE_SKIP, 1)
+    sdpa, kernel_values, idle, fused = _pool_split(modes, grid)
+    assert sdpa == ((pool_mode(3), (3,)),) and fused == ((4, (0, 4)), (2, (2,))) and not idle
+    slots = {head: (mode - POOL_FLAG) >> POOL_SLOT_SHIFT for head, mode in enumerate(kernel_values)
+             if is_pool_mode(mode)}
+    assert slots == {0: 0, 4: 1, 2: 2}
+    assert all(kernel_values[head] & ((1 << POOL_SLOT_SHIFT) - 1) == pool_factor(modes[head]) for head in slots)
+    assert kernel_values[3] == MODE_SKIP and [kernel_values[h] for h in (1, 5, 6)] == [MODE_FULL, MODE_SKIP, 1]
+    # without a fusing kernel every pool head runs on SDPA
+    assert _pool_split(modes, None)[3] == () and not any(is_pool_mode(m) for m in _pool_split(modes, None)[1])
 
 
 def test_a_factor_above_the_grid_is_full_attention():

@@ -26,11 +26,12 @@ pytest.importorskip("triton")
 from ditfastattn import ops  # noqa: E402
 from ditfastattn.model import TokenLayout  # noqa: E402
 from ditfastattn.ops import MODE_FULL, MODE_SKIP, headwise_attention  # noqa: E402
-from ditfastattn.ops import _triton  # noqa: E402
-from ditfastattn.ops._dense import dense_attention  # noqa: E402
+from ditfastattn.ops import _pool_means, _triton  # noqa: E402
+from ditfastattn.ops._dense import dense_attention, patch_means  # noqa: E402
 
 if not _triton._INTERPRET:  # imported earlier in this session without the interpreter
     _triton = importlib.reload(_triton)
+    _pool_means = importlib.reload(_pool_means)
 
 FIRST, LAST = "text_first", "text_last"
 
@@ -218,6 +219,31 @@ def test_pool_heads_beside_the_kernel_heads(seed):
         modes = [ops.pool_mode(2), ops.pool_mode(4)]
     q, k, v = _inputs(rng.randint(1, 2), layout.seq_len, len(modes), rng.choice([32, 64]), dtype, gen)
     _check(q, k, v, ops.mode_tensor(modes, "cpu"), None, None, segments=layout, return_lse=seed % 2 == 0)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_patch_mean_buffer_of_fused_pool_heads(layout):
+    # The buffer the Gluon kernel reads its pool heads' image keys and values from: each slot's
+    # patch means (factors 4 and 2 here, heads out of order, two frames, text on both sides) in
+    # the inputs' dtype, keys for batches [0, B) and values for [B, 2B), zeros past its patch count.
+    grid, before, after = (2, 12, 8), 5, 3
+    image = math.prod(grid)
+    seq = before + image + after
+    token_layout = TokenLayout(seq, before, image, grid)
+    gen = torch.Generator().manual_seed(11)
+    _, k, v = _inputs(2, seq, 5, 64, torch.bfloat16, gen, layout)
+    fused = ((4, (0, 4)), (2, (2,)))
+    buffer = _pool_means.kernel_means(k, v, fused, before, ops.TileGrid(grid))
+    batch, (frames, rows, cols) = k.shape[0], grid
+    assert buffer.shape == (2 * batch, image // 4, 3, 64) and buffer.dtype == k.dtype
+    for slot, (p, head) in enumerate([(4, 0), (4, 4), (2, 2)]):
+        corners = torch.tensor([before + (f * rows + r) * cols + c for f in range(frames)
+                                for r in range(0, rows, p) for c in range(0, cols, p)])
+        for half, x in enumerate((k, v)):
+            want = patch_means(x[:, :, head].double(), ops.pool_mode(p), token_layout)[:, corners].to(x.dtype)
+            got = buffer[half * batch : (half + 1) * batch, : len(corners), slot]
+            torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=2**-7)
+        assert not buffer[:, len(corners) :, slot].any()
 
 
 def test_fully_masked_rows_output_zero():

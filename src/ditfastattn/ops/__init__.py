@@ -11,8 +11,10 @@ windows need the image's grid: the reference indexes it directly; for the GPU ke
 dispatcher puts the key padding flags in tile order (``_tile_order``, the one place that
 reorders), and keys and values too for the Triton kernel (the Gluon kernel reads them in place:
 ``TILES_IN_PLACE``), and launches the kernel twice, once for the tile heads and once for the others. The per-head
-Pool heads run in the reference, or under either GPU kernel on PyTorch's SDPA (``_pooled``), the
-kernel launched with them skipped. The per-head
+Pool heads run in the reference; under the Gluon kernel (``FUSED_POOL``) those whose factor divides
+the grid's rows and cols run in its plain launch, their image keys and values read from a buffer of
+patch means the dispatcher builds (``_pool_means``, a Triton kernel); the others, and all of them under the
+Triton kernel, on PyTorch's SDPA (``_pooled``), the kernel launched with them skipped. The per-head
 statistics calibration scores candidates with (:func:`head_squared_errors`, :func:`head_variances`)
 dispatch the same way, in ``_stats``.
 """
@@ -32,8 +34,8 @@ import torch
 # The geometry a mode computes (density, window_blocks, TileGrid) is public for benchmarks and
 # tools that count FLOPs; _geometry is its one home.
 from .._geometry import (
-    IMAGE_BLOCK, MODE_FULL, MODE_SKIP, TileGrid, density, is_pool_mode, is_tile_mode, pool_factor, pool_mode, tile_mode,
-    window_blocks,
+    IMAGE_BLOCK, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT, TileGrid, density, is_pool_mode, is_tile_mode,
+    pool_factor, pool_mode, tile_mode, window_blocks,
 )
 from ..model import TokenLayout
 from ._stats import head_squared_errors, head_variances
@@ -355,7 +357,7 @@ def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, sca
             "grid: pass grid=(frames, rows, cols) (and tile= for another tile shape than the default), or "
             "segments=TokenLayout(..., grid=...)"
         )
-    pooled = [] if values is None else [h for _, heads in _pool_split(values)[0] for h in heads]
+    pooled = [] if values is None else [h for _, heads in _pool_split(values, None)[0] for h in heads]
     if pooled and layout.grid is None:
         raise ValueError(f"heads {pooled} run pooled keys, which need the image grid: pass grid=(frames, rows, cols) "
                          "or segments=TokenLayout(..., grid=...)")
@@ -399,9 +401,11 @@ def headwise_attention(
             :func:`pool_mode` ``(p)`` is pooled keys (needs ``grid``, takes no ``key_padding``):
             image queries see all global keys, the image keys and values averaged over each whole
             ``p x p`` patch of a frame (each mean weighted ``p * p``), and the image tokens of the
-            partial patches at the grid's edges; global queries see every key. Under the GPU impls
-            pool heads run on PyTorch's SDPA (cuDNN first; flash attention when the log-sum-exp is
-            asked for), so they need host-readable modes: not under tracing or CUDA graph capture.
+            partial patches at the grid's edges; global queries see every key. Under the Gluon impl
+            pool heads whose ``p`` divides the grid's rows and cols run in the fused kernel; the
+            others, and all under the Triton impl, on PyTorch's SDPA (cuDNN first; flash attention
+            when the log-sum-exp is asked for). Either way they need host-readable modes: not under
+            tracing or CUDA graph capture.
         text_start, text_len: the one global (text) segment ``[text_start, text_start + text_len)``,
             at the start (FLUX) or the end (SD3) of the sequence. ``text_len`` may be 0.
         segments: instead of ``text_start``/``text_len``, every global segment as ``(start, length)``
@@ -499,14 +503,21 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             from . import _gluon as kernel
         else:
             from . import _triton as kernel
-        pooled, kernel_values, kernel_idle = ((), values, False) if values is None else _pool_split(values)
-        if pooled:  # the kernel skips them; SDPA computes them after
+        fusable = layout.grid if getattr(kernel, "FUSED_POOL", False) else None
+        pooled, kernel_values, kernel_idle, fused = (((), values, False, ()) if values is None
+                                                     else _pool_split(values, fusable))
+        if pooled or fused:  # the kernel skips SDPA's heads and names its own by their buffer slots
             values = kernel_values
             head_modes = _kernel_modes(head_modes, values)
+        means = None
+        if fused:
+            from ._pool_means import kernel_means
+
+            means = kernel_means(k, v, fused, layout.image_start, layout.tile_grid())
         lse = None
         if not (pooled and kernel_idle) or return_lse:
             out, lse = _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
-                                 global_rows)
+                                 global_rows, means)
         if pooled:
             from . import _pooled
 
@@ -519,16 +530,32 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
 
 
 @functools.lru_cache(maxsize=256)
-def _pool_split(values: tuple[int, ...]) -> tuple[tuple[tuple[int, tuple[int, ...]], ...], tuple[int, ...], bool]:
-    """``((pool mode, its heads), ...)``, the modes with pool heads skipped, and whether those are all
-    skip; once per host modes (a plan has few distinct rows: no loop over heads per call)."""
+def _pool_split(values: tuple[int, ...], fusable: tuple[int, int, int] | None):
+    """Where pool heads run, once per host modes (a plan has few distinct rows: no loop over heads
+    per call): ``((pool mode, its heads), ...)`` on SDPA; the kernel's modes, with those heads
+    skipped and the fused ones named by their slot in the patch-mean buffer
+    (``POOL_FLAG | slot << POOL_SLOT_SHIFT | p``); whether the kernel's modes are all skip; and
+    ``((p, its heads), ...)`` fused, in slot order. A head is fused where ``fusable``, the grid of
+    a kernel that fuses pool heads, has rows and cols that ``p`` divides (no loose tokens)."""
     groups = {}
     for head, mode in enumerate(values):
         if is_pool_mode(mode):
             groups.setdefault(mode, []).append(head)
-    kernel_values = tuple(MODE_SKIP if is_pool_mode(m) else m for m in values) if groups else values
+
+    def whole(factor):
+        return fusable is not None and fusable[1] % factor == 0 and fusable[2] % factor == 0
+
+    fused = tuple((pool_factor(mode), tuple(heads)) for mode, heads in groups.items() if whole(pool_factor(mode)))
+    sdpa = tuple((mode, tuple(heads)) for mode, heads in groups.items() if not whole(pool_factor(mode)))
+    kernel_values = [MODE_SKIP if is_pool_mode(m) else m for m in values]
+    slot = 0
+    for factor, heads in fused:
+        for head in heads:
+            kernel_values[head] = POOL_FLAG | slot << POOL_SLOT_SHIFT | factor
+            slot += 1
+    kernel_values = tuple(kernel_values)
     idle = all(m == MODE_SKIP for m in kernel_values)
-    return tuple((mode, tuple(heads)) for mode, heads in groups.items()), kernel_values, idle
+    return sdpa, kernel_values, idle, fused
 
 
 # (tensor version, mode tensor) of a head-mode tensor's modes with pool heads skipped, when last made.
@@ -548,16 +575,19 @@ def _kernel_modes(head_modes: torch.Tensor, values: tuple[int, ...]) -> torch.Te
     return modes
 
 
-def _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled, global_rows):
+def _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled, global_rows,
+              means=None):
     """A GPU kernel's launches (``kernel``: the Triton or the Gluon module, the same interface): the
     tile heads over keys and values in tile order, the other heads (and the skip heads'
-    log-sum-exps) over the call's own; a launch the host values show empty is left out."""
+    log-sum-exps, the fused pool heads over ``means``) over the call's own; a launch the host
+    values show empty is left out."""
     segment = (layout.image_start, layout.image_len)
     lse = None
     plain = values is None or any(not is_tile_mode(m) and (m != MODE_SKIP or return_lse) for m in values)
     if plain or not tiled:
+        fused = {} if means is None else {"pooled": means}
         out, lse = kernel.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
-                                    global_rows=global_rows)
+                                    global_rows=global_rows, **fused)
     if tiled:
         from ._tile_order import tiled_keys
 
