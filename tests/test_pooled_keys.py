@@ -148,6 +148,26 @@ def test_fused_pool_heads_are_named_by_their_slots():
     assert _pool_split(modes, None)[3] == () and not any(is_pool_mode(m) for m in _pool_split(modes, None)[1])
 
 
+def test_kernel_modes_and_slot_heads_are_made_once_per_plan_row():
+    # A plan row's kernel modes and its slots' heads reach the device once, not at every call (a copy
+    # from the host waits for the GPU), and are made again when the row's tensor changes.
+    from ditfastattn.ops import _kernel_modes, _pool_split
+
+    modes = (pool_mode(4), MODE_FULL, pool_mode(2), pool_mode(4))
+    row = ops.mode_tensor(modes, "cpu")
+    _, values, _, fused = _pool_split(modes, (1, 8, 8))
+    first, heads = _kernel_modes(row, values, fused)
+    assert heads.tolist() == [0, 3, 2] and first.tolist() == list(values)
+    for other in range(300):  # other rows in between
+        _kernel_modes(ops.mode_tensor((other, pool_mode(2)), "cpu"), *_pool_split((other, pool_mode(2)), (1, 8, 8))[1::2])
+    again, heads_again = _kernel_modes(row, values, fused)
+    assert again is first and heads_again is heads
+    row[1] = 3  # an edited row is read anew
+    _, values, _, fused = _pool_split(tuple(row.tolist()), (1, 8, 8))
+    edited, _ = _kernel_modes(row, values, fused)
+    assert edited is not first and edited[1] == 3
+
+
 def test_a_factor_above_the_grid_is_full_attention():
     layout = layout_of((1, 2, 3), 6, 0)  # no whole 4 x 4 patch: every image key stays its own
     q, k, v = twin_heads(layout)

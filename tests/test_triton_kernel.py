@@ -233,7 +233,8 @@ def test_patch_mean_buffer_of_fused_pool_heads(layout):
     gen = torch.Generator().manual_seed(11)
     _, k, v = _inputs(2, seq, 5, 64, torch.bfloat16, gen, layout)
     fused = ((4, (0, 4)), (2, (2,)))
-    buffer = _pool_means.kernel_means(k, v, fused, before, ops.TileGrid(grid))
+    slot_heads = torch.tensor([0, 4, 2], dtype=torch.int32)
+    buffer = _pool_means.kernel_means(k, v, fused, slot_heads, before, ops.TileGrid(grid))
     batch, (frames, rows, cols) = k.shape[0], grid
     assert buffer.shape == (2 * batch, image // 4, 3, 64) and buffer.dtype == k.dtype
     for slot, (p, head) in enumerate([(4, 0), (4, 4), (2, 2)]):

@@ -508,12 +508,12 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
                                                      else _pool_split(values, fusable))
         if pooled or fused:  # the kernel skips SDPA's heads and names its own by their buffer slots
             values = kernel_values
-            head_modes = _kernel_modes(head_modes, values)
+            head_modes, slot_heads = _kernel_modes(head_modes, values, fused)
         means = None
         if fused:
             from ._pool_means import kernel_means
 
-            means = kernel_means(k, v, fused, layout.image_start, layout.tile_grid())
+            means = kernel_means(k, v, fused, slot_heads, layout.image_start, layout.tile_grid())
         lse = None
         if not (pooled and kernel_idle) or return_lse:
             out, lse = _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
@@ -529,7 +529,8 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
     return (out, lse) if return_lse else out
 
 
-@functools.lru_cache(maxsize=256)
+# A plan's rows are distinct per layer and step (FLUX, 50 steps: 57 x 50): room for all of them.
+@functools.lru_cache(maxsize=8192)
 def _pool_split(values: tuple[int, ...], fusable: tuple[int, int, int] | None):
     """Where pool heads run, once per host modes (a plan has few distinct rows: no loop over heads
     per call): ``((pool mode, its heads), ...)`` on SDPA; the kernel's modes, with those heads
@@ -558,21 +559,26 @@ def _pool_split(values: tuple[int, ...], fusable: tuple[int, int, int] | None):
     return sdpa, kernel_values, idle, fused
 
 
-# (tensor version, mode tensor) of a head-mode tensor's modes with pool heads skipped, when last made.
+# (tensor version, mode tensor, slot heads) of a head-mode tensor's kernel modes, when last made.
 _KERNEL_MODES = "_ditfastattn_kernel_modes"
 
 
-def _kernel_modes(head_modes: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
-    """``values`` (the host modes with pool heads skipped) as a mode tensor, made once per version of
-    ``head_modes``: a copy to the device at every call would wait for the GPU."""
+def _kernel_modes(head_modes: torch.Tensor, values: tuple[int, ...], fused) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``values`` (the kernel's modes, from :func:`_pool_split`) as a mode tensor, and the head of
+    each slot of the fused pool heads ``fused`` as an int32 tensor (None without), made once per
+    version of ``head_modes``: a copy from the host's pageable memory at every call would wait for
+    the GPU to reach it."""
     version = _version(head_modes)
     known = getattr(head_modes, _KERNEL_MODES, None)
     if version is not None and known is not None and known[0] == version:
-        return known[1]
+        return known[1], known[2]
     modes = mode_tensor(values, head_modes.device)
+    slot_heads = None
+    if fused:
+        slot_heads = torch.tensor([h for _, heads in fused for h in heads], dtype=torch.int32, device=head_modes.device)
     if version is not None:
-        setattr(head_modes, _KERNEL_MODES, (version, modes))
-    return modes
+        setattr(head_modes, _KERNEL_MODES, (version, modes, slot_heads))
+    return modes, slot_heads
 
 
 def _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled, global_rows,

@@ -10,8 +10,6 @@ per-call dispatch (``_launch``), whose host time would be paid once per pool fac
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -30,9 +28,10 @@ def _means_kernel(K, V, OUT, HEADS, skb, sks, skh, skd, svb, svs, svh, svd, sob,
                   FACTOR: tl.constexpr, BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr):
     # Program (patch block, slot in the group, batch element): keys' means at row b of OUT's first
     # dimension, values' at batch + b; rows from count to out_rows get zeros (their loads masked).
+    # HEADS holds the head of every slot, the group's from first_slot on.
     b = tl.program_id(2)
     slot = tl.program_id(1)
-    head = tl.load(HEADS + slot).to(tl.int64)
+    head = tl.load(HEADS + first_slot + slot).to(tl.int64)
     patch = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     inside = patch < count
     across = cols // FACTOR
@@ -55,18 +54,14 @@ def _means_kernel(K, V, OUT, HEADS, skb, sks, skh, skd, svb, svs, svh, svd, sob,
              mask=stored)
 
 
-@functools.lru_cache(maxsize=256)
-def _heads(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The heads as an int32 tensor on ``device``, made once (a copy to the device waits for the GPU)."""
-    return torch.tensor(heads, dtype=torch.int32, device=device)
-
-
-def kernel_means(k, v, fused, image_start: int, tiles: TileGrid) -> torch.Tensor:
+def kernel_means(k, v, fused, slot_heads: torch.Tensor, image_start: int, tiles: TileGrid) -> torch.Tensor:
     """The buffer a fused kernel reads its pool heads' image keys and values from: (2B, patches,
     slots, D), the keys' patch means for batch b at b, the values' at B + b, one slot per pool head
     in the order of ``fused`` ((p, heads), ...), each over every frame's whole ``p x p`` patches (p
     divides the grid's rows and cols); rows past a head's patch count are zeros (read, never
-    attended: a masked column times a finite value). ``k``, ``v``: (B, S, H, D), any strides."""
+    attended: a masked column times a finite value). ``k``, ``v``: (B, S, H, D), any strides;
+    ``slot_heads``: the head of each slot, int32 on their device (made once per plan row by the
+    caller: a copy from the host at every call would wait for the GPU)."""
     batch, _, _, dim = k.shape
     _, rows, cols = tiles.grid
     counts = [tiles.tokens // (factor * factor) for factor, _ in fused]
@@ -76,17 +71,16 @@ def kernel_means(k, v, fused, image_start: int, tiles: TileGrid) -> torch.Tensor
     slot = 0
     for (factor, heads), count in zip(fused, counts):
         grid = (triton.cdiv(out_rows, _BLOCK_P), len(heads), batch)
-        index = _heads(heads, k.device)
         ints = (*k.stride(), *v.stride(), *buffer.stride()[:3], image_start, rows, cols, count, out_rows, slot, batch)
         constexprs = {"FACTOR": factor, "BLOCK_P": _BLOCK_P, "HEAD_DIM": dim}
         if _INTERPRET:
-            _means_kernel[grid](k, v, buffer, index, *ints, **constexprs)
+            _means_kernel[grid](k, v, buffer, slot_heads, *ints, **constexprs)
         else:
             # Everything the JIT specialises on (int values, pointer alignments, dtype, constexprs) and the grid.
-            key = (k.device.index, k.dtype, *(t.data_ptr() % 16 for t in (k, v, buffer, index)), ints, grid, factor,
-                   dim)
+            key = (k.device.index, k.dtype, *(t.data_ptr() % 16 for t in (k, v, buffer, slot_heads)), ints, grid,
+                   factor, dim)
             with on_device(k.device.index):
-                _launches(key, grid, (k, v, buffer, index, *ints), constexprs, {})
+                _launches(key, grid, (k, v, buffer, slot_heads, *ints), constexprs, {})
         slot += len(heads)
     return buffer
 

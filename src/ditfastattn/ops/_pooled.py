@@ -78,7 +78,8 @@ def _own_keys(seq: int, image_start: int, grid: tuple[int, int, int], factor: in
     return torch.cat([index[:image_start], image_start + loose.flatten().nonzero().flatten(), index[image_end:]]).to(device)
 
 
-@functools.lru_cache(maxsize=256)
+# Room for every row of a long plan (FLUX, 50 steps: 57 x 50): a miss copies from the host, which waits for the GPU.
+@functools.lru_cache(maxsize=8192)
 def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """The heads as an index tensor on ``device``, made once (a copy to the device waits for the GPU)."""
     return torch.tensor(heads, device=device)
