@@ -1,16 +1,28 @@
-"""Speed of pool heads (``pool:<p>``) against dense cuDNN / flash SDPA and arrows of the same density.
+"""Correctness and speed of pool heads (``pool:<p>``) against dense cuDNN / flash SDPA and arrows of the
+same density.
 
-Pool heads run on PyTorch's flash attention (two calls merged by log-sum-exp: the global keys with
-the image tokens outside whole patches; the patch means, raised by log(p * p)), beside the fused
-kernel's launch for the other heads. Per shape, on fresh random inputs: dense cuDNN and flash SDPA,
-the op with every head full, every head ``pool:2`` / ``pool:4``, the arrow whose density is nearest
-each, and a mixed plan (half the heads arrow 1/8, half pool:2, interleaved). Correctness first: each
-plan's output against the float32 reference op, every element, beside the same-precision yardstick
-(flash SDPA in the inputs' dtype against float32 SDPA, dense, on 4 heads). Times: ``triton.testing.do_bench``
-medians after warm-up. Speed-up is over cuDNN; "of ideal" is speed-up x density (1.0: the plan runs
-exactly as much faster as it computes fewer pairs).
+On Hopper the op runs pool heads whose factor divides the grid's rows and cols inside the Gluon
+kernel (their image keys and values read from a buffer of patch means); the others, and all of
+them under ``impl="triton"``, on PyTorch's SDPA beside the kernel's launch.
 
-    PYTHONPATH=src python3 benchmarks/pool_speed.py OUT.json
+First a correctness check of the fused path through the public op (``--cases`` random cases:
+grids of 1-3 frames whose rows and cols ``p`` divides or not, text before and / or after the
+image, batch 1-3, head dims 64 / 128, bf16 / fp16, (B, S, H, D), (B, H, S, D) and fused-QKV
+layouts, pool heads of factors 2-4 mixed with full, skip and arrow heads, with and without the
+log-sum-exp, global rows or not): every computed element against the float32 reference op, the
+error at most twice the same-precision yardstick's (``ops._dense``: probabilities, patch means and
+output rounded to the inputs' dtype), skip heads untouched, log-sum-exps within the same slack as
+the CPU tests'.
+
+Then per shape, on fresh random inputs: dense cuDNN and flash SDPA, the op with every head full,
+every head ``pool:2`` / ``pool:4`` (fused, and under ``impl="triton"``: SDPA), the arrow whose
+density is nearest each, and a mixed plan (half the heads arrow 1/8, half pool:2, interleaved).
+Each plan's output against the float32 reference op, every element, beside the same-precision
+yardstick (flash SDPA in the inputs' dtype against float32 SDPA, dense, on 4 heads). Times:
+``triton.testing.do_bench`` medians after warm-up. Speed-up is over cuDNN; "of ideal" is speed-up x
+density (1.0: the plan runs exactly as much faster as it computes fewer pairs).
+
+    PYTHONPATH=src python3 benchmarks/pool_speed.py OUT.json [--cases 120]
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +39,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditfastattn import ops
+from ditfastattn.ops._dense import dense_attention
 
 SHAPES = {  # the image as rows x cols of patches; text before (FLUX) or after (SD3) it
     "FLUX-1K": {"batch": 1, "heads": 24, "text": 512, "grid": (1, 64, 64), "dim": 128, "text_first": True},
@@ -44,15 +58,97 @@ def nearest_arrow(target: float, image: int, text: int) -> int:
     return min(widths, key=lambda w: abs(ops.density(w, image, text) - target))
 
 
+def random_case(rng: random.Random) -> dict:
+    factors = rng.sample([2, 3, 4], rng.randint(1, 3))
+    whole = rng.random() < 0.7  # rows and cols every factor divides: all pool heads fused
+    unit = math.lcm(*factors) if whole else 1
+    grid = (rng.choice([1, 1, 2, 3]), unit * rng.randint(max(1, 4 // unit), 48 // unit),
+            unit * rng.randint(max(1, 4 // unit), 48 // unit))
+    heads = rng.randint(1, 8)
+    image = math.prod(grid)
+    modes = [rng.choice([ops.pool_mode(rng.choice(factors)), ops.pool_mode(rng.choice(factors)), ops.MODE_FULL,
+                         ops.MODE_SKIP, rng.randint(0, -(-image // ops.IMAGE_BLOCK))]) for _ in range(heads)]
+    return_lse = rng.random() < 0.5
+    return {"grid": grid, "before": rng.choice([0, 77, 333, 512]), "after": rng.choice([0, 0, 154]),
+            "batch": rng.choice([1, 1, 2, 3]), "dim": rng.choice([64, 128]), "dtype": rng.choice(["bf16", "fp16"]),
+            "layout": rng.choice(["bshd", "bhsd", "fused"]), "modes": modes, "return_lse": return_lse,
+            "global_rows": return_lse or rng.random() < 0.6, "scale_in": rng.choice([0.5, 1.0, 2.0])}
+
+
+def inputs(case, seq, gen):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case["dtype"]]
+    batch, heads, dim = case["batch"], len(case["modes"]), case["dim"]
+    if case["layout"] == "fused":
+        qkv = (torch.randn(batch, seq, 3, heads, dim, device="cuda", generator=gen) * case["scale_in"]).to(dtype)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    shape = (batch, heads, seq, dim) if case["layout"] == "bhsd" else (batch, seq, heads, dim)
+    made = [(torch.randn(shape, device="cuda", generator=gen) * case["scale_in"]).to(dtype) for _ in range(3)]
+    return tuple(t.transpose(1, 2) for t in made) if case["layout"] == "bhsd" else tuple(made)
+
+
+def check_case(case, gen) -> dict:
+    """The op (Gluon on Hopper) against the float32 reference, beside the same-precision yardstick."""
+    image = math.prod(case["grid"])
+    seq = case["before"] + image + case["after"]
+    layout = ops.TokenLayout(seq, case["before"], image, case["grid"])
+    q, k, v = inputs(case, seq, gen)
+    modes = ops.mode_tensor(case["modes"], "cuda")
+    out = torch.full_like(q, float("nan"))
+    got = ops.headwise_attention(q, k, v, modes, segments=layout, out=out, return_lse=case["return_lse"],
+                                 global_rows=case["global_rows"])
+    got, lse = got if case["return_lse"] else (got, None)
+    ref, ref_lse = ops.headwise_attention(q.float(), k.float(), v.float(), modes, segments=layout, impl="reference",
+                                          return_lse=True, out=torch.zeros(q.shape, device="cuda"))
+    kept = torch.tensor([m != ops.MODE_SKIP for m in case["modes"]], device="cuda")
+    result = {"skip_untouched": bool(torch.isnan(got[:, :, ~kept]).all())}
+    rows = torch.ones(seq, dtype=torch.bool, device="cuda")
+    if not case["global_rows"]:  # global rows of pool and arrow heads stay unwritten: full heads' are checked
+        rows[: layout.image_start] = rows[layout.image_end :] = False
+    if bool(kept.any()):
+        sub = got[:, rows][:, :, kept].float()
+        reference = ref[:, rows][:, :, kept]
+        base = dense_attention(q, k, v, case["modes"], layout, compute=torch.float32, rounded=q.dtype)[0][:, rows]
+        norm = reference.norm()
+        err = float((sub - reference).norm() / norm)
+        base_err = float((base - reference).norm() / norm)
+        result.update(finite=bool(torch.isfinite(sub).all()), err=err, base_err=base_err,
+                      ratio=err / base_err if base_err > 0 else float("inf"))
+        if lse is not None:
+            base_lse = dense_attention(q, k, v, case["modes"], layout, compute=torch.float32, rounded=q.dtype)[1]
+            slack = 2.0 * float((base_lse - ref_lse[:, kept]).abs().max())
+            result["lse_err"] = float((lse[:, kept] - ref_lse[:, kept]).abs().max())
+            result["lse_ok"] = result["lse_err"] <= 2e-4 + slack + 1e-5 * float(ref_lse[:, kept].abs().max())
+            result["lse_skip_ok"] = bool(torch.isneginf(lse[:, ~kept]).all())
+    else:
+        result.update(finite=True, err=0.0, base_err=0.0, ratio=0.0)
+    result["ok"] = (result["skip_untouched"] and result["finite"] and result["ratio"] <= 2.0
+                    and result.get("lse_ok", True) and result.get("lse_skip_ok", True))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="JSON results")
+    parser.add_argument("--cases", type=int, default=120, help="random correctness cases before the timings")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     results = {"environment": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                                "triton": triton.__version__},
-               "rows": []}
+               "rows": [], "cases": []}
+    rng = random.Random(args.seed)
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    for index in range(args.cases):
+        case = random_case(rng)
+        result = {"case": case, **check_case(case, gen)}
+        results["cases"].append(result)
+        if not result["ok"]:
+            print(f"case {index} FAILED: {result}", flush=True)
+    passed = sum(r["ok"] for r in results["cases"])
+    worst = max((r["ratio"] for r in results["cases"]), default=0.0)
+    results["check"] = {"cases": args.cases, "passed": passed, "worst_ratio": worst}
+    print(f"check: {passed}/{args.cases} cases pass, worst error ratio {worst:.2f} (at most 2)", flush=True)
     for name, shape in SHAPES.items():
         batch, heads, text, grid, dim = shape["batch"], shape["heads"], shape["text"], shape["grid"], shape["dim"]
         image = math.prod(grid)
@@ -81,12 +177,16 @@ def main() -> None:
         band = ops.window_blocks(1 / 8, image)
         plans["mixed: arrow 1/8 and pool:2"] = [band if h % 2 else ops.pool_mode(2) for h in range(heads)]
         print(f"{name}: cuDNN {cudnn:.3f} ms, flash {flash:.3f} ms, yardstick error {yardstick:.2e}", flush=True)
+        for p in pooled:
+            plans[f"pool:{p}, impl='triton' (SDPA)"] = plans[f"pool:{p}"]
+        plans["mixed, impl='triton' (SDPA)"] = plans["mixed: arrow 1/8 and pool:2"]
         for plan, values in plans.items():
             modes = ops.mode_tensor(values, "cuda")
             out = torch.empty_like(qs)
+            impl = "triton" if "impl='triton'" in plan else "auto"
 
             def run():
-                ops.headwise_attention(qs, ks, vs, modes, segments=layout, out=out)
+                ops.headwise_attention(qs, ks, vs, modes, segments=layout, out=out, impl=impl)
 
             run()
             reference = ops.headwise_attention(qs.float(), ks.float(), vs.float(), modes, segments=layout,
@@ -101,6 +201,8 @@ def main() -> None:
             print(f"  {plan:30} density {density:.3f}  {ms:7.3f} ms  x{cudnn / ms:5.2f} vs cuDNN  "
                   f"of ideal {row['of_ideal']:.2f}  error {error:.2e}{'' if row['within_twice_yardstick'] else ' FAIL'}",
                   flush=True)
+    if passed < args.cases:
+        print(f"{args.cases - passed} correctness cases FAILED", flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 
