@@ -205,8 +205,9 @@ def test_segments_and_padding(seed):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_pool_heads_beside_the_kernel_heads(seed):
-    # Pool heads run on flash attention (the CPU's here), two calls merged by log-sum-exp, after a
-    # kernel launch that skips them; awkward grids (partial patches, two frames), text on either side.
+    # Pool heads whose factor leaves partial patches run on flash attention (the CPU's here), two
+    # calls merged by log-sum-exp, after a kernel launch that skips them; the others in the kernel.
+    # Awkward grids (partial patches, two frames), text on either side.
     rng = random.Random(200 + seed)
     gen = torch.Generator().manual_seed(seed)
     grid = rng.choice([(1, 9, 11), (2, 6, 8), (1, 12, 10), (1, 2, 3)])
@@ -218,6 +219,32 @@ def test_pool_heads_beside_the_kernel_heads(seed):
     if seed == 3:  # pool heads alone: no kernel launch
         modes = [ops.pool_mode(2), ops.pool_mode(4)]
     q, k, v = _inputs(rng.randint(1, 2), layout.seq_len, len(modes), rng.choice([32, 64]), dtype, gen)
+    _check(q, k, v, ops.mode_tensor(modes, "cpu"), None, None, segments=layout, return_lse=seed % 2 == 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_pool_heads_in_the_kernel(seed, monkeypatch):
+    # Grids every factor divides: each pool head runs in the kernel's launch, its image keys and
+    # values read from the patch-mean buffer by its slot, none on SDPA. Heads of two factors out of
+    # order beside full, skip and arrow heads; two frames; text before, after, both.
+    from ditfastattn.ops import _pooled
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("a pool head whose factor divides the grid ran on SDPA")
+
+    monkeypatch.setattr(_pooled, "attention", no_sdpa)
+    rng = random.Random(300 + seed)
+    gen = torch.Generator().manual_seed(seed)
+    grid = [(1, 8, 12), (2, 4, 8), (1, 12, 8), (2, 8, 4)][seed]
+    before, after = [(7, 0), (0, 5), (4, 3), (0, 0)][seed]
+    image = math.prod(grid)
+    layout = TokenLayout(before + image + after, before, image, grid)
+    modes = [ops.pool_mode(4), MODE_FULL, ops.pool_mode(2), 1, MODE_SKIP, ops.pool_mode(4)]
+    if seed == 3:  # pool heads alone
+        modes = [ops.pool_mode(2), ops.pool_mode(4)]
+    dtype = rng.choice([torch.bfloat16, torch.float16])
+    q, k, v = _inputs(rng.randint(1, 2), layout.seq_len, len(modes), rng.choice([32, 64]), dtype, gen,
+                      rng.choice(["bshd", "bhsd", "fused"]))
     _check(q, k, v, ops.mode_tensor(modes, "cpu"), None, None, segments=layout, return_lse=seed % 2 == 0)
 
 

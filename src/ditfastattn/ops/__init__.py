@@ -11,10 +11,10 @@ windows need the image's grid: the reference indexes it directly; for the GPU ke
 dispatcher puts the key padding flags in tile order (``_tile_order``, the one place that
 reorders), and keys and values too for the Triton kernel (the Gluon kernel reads them in place:
 ``TILES_IN_PLACE``), and launches the kernel twice, once for the tile heads and once for the others. The per-head
-Pool heads run in the reference; under the Gluon kernel (``FUSED_POOL``) those whose factor divides
-the grid's rows and cols run in its plain launch, their image keys and values read from a buffer of
-patch means the dispatcher builds (``_pool_means``, a Triton kernel); the others, and all of them under the
-Triton kernel, on PyTorch's SDPA (``_pooled``), the kernel launched with them skipped. The per-head
+Pool heads run in the reference; under the GPU kernels (``FUSED_POOL``) those whose factor divides
+the grid's rows and cols run in the plain launch, their image keys and values read from a buffer of
+patch means the dispatcher builds (``_pool_means``, a Triton kernel); the others on PyTorch's SDPA
+(``_pooled``), the kernel launched with them skipped. The per-head
 statistics calibration scores candidates with (:func:`head_squared_errors`, :func:`head_variances`)
 dispatch the same way, in ``_stats``.
 """
@@ -401,11 +401,10 @@ def headwise_attention(
             :func:`pool_mode` ``(p)`` is pooled keys (needs ``grid``, takes no ``key_padding``):
             image queries see all global keys, the image keys and values averaged over each whole
             ``p x p`` patch of a frame (each mean weighted ``p * p``), and the image tokens of the
-            partial patches at the grid's edges; global queries see every key. Under the Gluon impl
+            partial patches at the grid's edges; global queries see every key. Under the GPU impls
             pool heads whose ``p`` divides the grid's rows and cols run in the fused kernel; the
-            others, and all under the Triton impl, on PyTorch's SDPA (cuDNN first; flash attention
-            when the log-sum-exp is asked for). Either way they need host-readable modes: not under
-            tracing or CUDA graph capture.
+            others on PyTorch's SDPA (cuDNN first; flash attention when the log-sum-exp is asked
+            for). Either way they need host-readable modes: not under tracing or CUDA graph capture.
         text_start, text_len: the one global (text) segment ``[text_start, text_start + text_len)``,
             at the start (FLUX) or the end (SD3) of the sequence. ``text_len`` may be 0.
         segments: instead of ``text_start``/``text_len``, every global segment as ``(start, length)``

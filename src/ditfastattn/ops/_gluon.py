@@ -82,6 +82,7 @@ TILE = gl.constexpr(TILE_FLAG)
 BITS = gl.constexpr(TILE_BITS)
 POOLED = gl.constexpr(POOL_FLAG)
 SLOT_SHIFT = gl.constexpr(POOL_SLOT_SHIFT)
+FACTOR_MASK = gl.constexpr((1 << POOL_SLOT_SHIFT) - 1)
 HALF_MASK = gl.constexpr(MAX_TILE_WINDOW)
 # Registers per thread of the two worker partitions (the second consumer warpgroup, the producer
 # warp). The default partition, the first consumer, gets what the kernel-wide cap leaves (_LAUNCH).
@@ -167,7 +168,7 @@ def _launch_modes(MODES, s_modes, idx, num_heads, counts, num_image, TILED: gl.c
     if TILED:
         key = gl.where(present, _window_tiles(modes, counts), ABSENT)
     else:
-        factor = gl.maximum(modes & ((1 << SLOT_SHIFT) - 1), 1)
+        factor = gl.maximum(modes & FACTOR_MASK, 1)
         pooled = num_image // (factor * factor) // (2 * IMAGE_BLOCK)
         key = gl.where(modes == FULL, 1 << 30, gl.where(modes >= POOLED, pooled, modes))
     return modes, key
@@ -332,7 +333,7 @@ def _work(t, geometry, table, order, BLOCK_N: gl.constexpr, TILED: gl.constexpr,
         lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
         hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
         pool = banded & (mode >= POOLED)
-        factor = gl.where(pool, mode & ((1 << SLOT_SHIFT) - 1), 0)
+        factor = gl.where(pool, mode & FACTOR_MASK, 0)
         slot = gl.where(pool, (mode - POOLED) >> SLOT_SHIFT, 0)
         start = gl.where(pool, 0, image_start + lo)
         length = gl.where(pool, num_image // gl.maximum(factor * factor, 1), hi - lo)

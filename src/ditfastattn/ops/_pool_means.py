@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .._geometry import TileGrid
 from ._launch import DirectLaunches, on_device
+from ._triton import _round
 
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -25,7 +26,7 @@ _BLOCK_P = 32  # patches a program averages
 @triton.jit
 def _means_kernel(K, V, OUT, HEADS, skb, sks, skh, skd, svb, svs, svh, svd, sob, sop, sos,
                   image_start, rows, cols, count, out_rows, first_slot, batch,
-                  FACTOR: tl.constexpr, BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  FACTOR: tl.constexpr, BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr, INTERPRET: tl.constexpr):
     # Program (patch block, slot in the group, batch element): keys' means at row b of OUT's first
     # dimension, values' at batch + b; rows from count to out_rows get zeros (their loads masked).
     # HEADS holds the head of every slot, the group's from first_slot on.
@@ -49,9 +50,12 @@ def _means_kernel(K, V, OUT, HEADS, skb, sks, skh, skd, svb, svs, svh, svd, sob,
         v_sum += tl.load(v_base + token[:, None] * svs + dims[None, :] * svd, mask=inside[:, None], other=0.0)
     rows_out = patch.to(tl.int64)[:, None] * sop + (first_slot + slot) * sos + dims[None, :]
     stored = (patch < out_rows)[:, None]
-    tl.store(OUT + b.to(tl.int64) * sob + rows_out, (k_sum / (FACTOR * FACTOR)).to(OUT.dtype.element_ty), mask=stored)
-    tl.store(OUT + (batch + b).to(tl.int64) * sob + rows_out, (v_sum / (FACTOR * FACTOR)).to(OUT.dtype.element_ty),
+    dtype = OUT.dtype.element_ty
+    # Rounded to nearest as the GPU converts (the interpreter would truncate: a biased error).
+    tl.store(OUT + b.to(tl.int64) * sob + rows_out, _round(k_sum / (FACTOR * FACTOR), dtype, INTERPRET).to(dtype),
              mask=stored)
+    tl.store(OUT + (batch + b).to(tl.int64) * sob + rows_out,
+             _round(v_sum / (FACTOR * FACTOR), dtype, INTERPRET).to(dtype), mask=stored)
 
 
 def kernel_means(k, v, fused, slot_heads: torch.Tensor, image_start: int, tiles: TileGrid) -> torch.Tensor:
@@ -72,7 +76,7 @@ def kernel_means(k, v, fused, slot_heads: torch.Tensor, image_start: int, tiles:
     for (factor, heads), count in zip(fused, counts):
         grid = (triton.cdiv(out_rows, _BLOCK_P), len(heads), batch)
         ints = (*k.stride(), *v.stride(), *buffer.stride()[:3], image_start, rows, cols, count, out_rows, slot, batch)
-        constexprs = {"FACTOR": factor, "BLOCK_P": _BLOCK_P, "HEAD_DIM": dim}
+        constexprs = {"FACTOR": factor, "BLOCK_P": _BLOCK_P, "HEAD_DIM": dim, "INTERPRET": _INTERPRET}
         if _INTERPRET:
             _means_kernel[grid](k, v, buffer, slot_heads, *ints, **constexprs)
         else:

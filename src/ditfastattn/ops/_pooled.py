@@ -1,4 +1,5 @@
-"""Pool heads on stock attention kernels (PyTorch's SDPA), beside the fused kernels.
+"""Pool heads on stock attention kernels (PyTorch's SDPA), beside the fused kernels: those whose factor
+leaves partial patches at the grid's edges (the kernels run the others themselves).
 
 A pool head's image queries attend to two key sets: the global keys with the image tokens outside
 whole patches (``own``), and the means of the whole ``p x p`` patches, each weighted ``p * p``

@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._geometry import IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL, MODE_SKIP, TILE_BITS, TILE_FLAG
+from .._geometry import (IMAGE_BLOCK, MAX_TILE_WINDOW, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT, TILE_BITS,
+                         TILE_FLAG)
 from ._launch import DirectLaunches, launch_key, on_device, rebased
 
 _LOG2E = 1.4426950408889634
@@ -61,10 +62,14 @@ ABSENT = tl.constexpr(MODE_SKIP - 1)  # a head the other launch runs (and paddin
 TILE = tl.constexpr(TILE_FLAG)
 BITS = tl.constexpr(TILE_BITS)
 HALF_MASK = tl.constexpr(MAX_TILE_WINDOW)
+POOLED = tl.constexpr(POOL_FLAG)
+SLOT_SHIFT = tl.constexpr(POOL_SLOT_SHIFT)
+FACTOR_MASK = tl.constexpr((1 << POOL_SLOT_SHIFT) - 1)
 # Decided where the kernel is decorated, so launcher and kernel agree on interpreter mode.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 TILES_IN_PLACE = False  # the tiled launch reads keys and values gathered into tile order
 ORDERS_TILES = False  # the tiled launch runs each head's query tiles in raster order
+FUSED_POOL = True  # pool heads over whole patches run in the plain launch, from a buffer of patch means
 # The interpreter is slow per operation, not per element: few large tiles keep CI fast.
 INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64}
 
@@ -97,8 +102,11 @@ def _scores(q, k, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, pad, k_pad,
-                MASKED: tl.constexpr, HAS_PAD: tl.constexpr, INTERPRET: tl.constexpr):
-    """Online-softmax step over one key tile; scores kept in log2 units (exp2, log2e in qk_scale)."""
+                MASKED: tl.constexpr, HAS_PAD: tl.constexpr, INTERPRET: tl.constexpr, bias=0.0,
+                BIASED: tl.constexpr = False):
+    """Online-softmax step over one key tile; scores kept in log2 units (exp2, log2e in qk_scale).
+    ``BIASED``: every score raised by ``bias`` (log2 units: a pool head's patch means, ``p * p``
+    keys each), folded into the row maximum the exponent subtracts."""
     if HAS_PAD:
         # bias[query padded][key padded], in log2 units; a row may have seen no finite score yet,
         # so its running maximum can be -inf, which must not be subtracted from -inf scores.
@@ -111,6 +119,12 @@ def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, pad, k_pad,
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
+    elif BIASED:
+        if MASKED:
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + bias)
+        p = tl.math.exp2(qk * qk_scale - (m_new - bias)[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
     else:
         if MASKED:
             qk = tl.where(valid[None, :], qk, float("-inf"))
@@ -196,8 +210,9 @@ def _box(a_lo, a_end, b_lo, b_end, c_lo, c_end, image_start, n_h, n_w, BLOCK_N: 
 def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
           INTERPRET: tl.constexpr, TILED: tl.constexpr, MASKED: tl.constexpr, TILE_T: tl.constexpr,
-          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr):
-    """One key tile; ``MASKED``: an image key tile of a partial grid tile, its pad slots masked."""
+          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr, bias=0.0, BIASED: tl.constexpr = False):
+    """One key tile; ``MASKED``: an image key tile of a partial grid tile, its pad slots masked;
+    ``BIASED``: its scores raised by ``bias``."""
     pos = _pos(j, ranges, BLOCK_N, TILED)
     qk = _scores(q, _load(ks, pos, BLOCK_N, HEAD_DIM, USE_TMA), INTERPRET)
     v = _load(vs, pos, BLOCK_N, HEAD_DIM, USE_TMA)
@@ -209,27 +224,27 @@ def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, imag
         _, valid = _tile_patches(slot // IMAGE_BLOCK, slot % IMAGE_BLOCK + offs_n, geo, TILE_T, TILE_H, TILE_W)
     else:
         valid = 0
-    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, pad, k_pad, MASKED, HAS_PAD, INTERPRET)
+    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, valid, pad, k_pad, MASKED, HAS_PAD, INTERPRET, bias, BIASED)
 
 
 @triton.jit
 def _loop(acc, m_i, l_i, q, ks, vs, ranges, n, qk_scale, pad, pad_row, geo, image_start,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
           INTERPRET: tl.constexpr, TILED: tl.constexpr, MASKED: tl.constexpr, TILE_T: tl.constexpr,
-          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr):
+          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr, bias=0.0, BIASED: tl.constexpr = False):
     """Key tiles 0 .. n - 1 of ``ranges``, one ``_step`` each, in a pipelined loop."""
     if INTERPRET:  # the interpreter (numpy 2) cannot take a run-time bound in range()
         j = 0
         while j < n:
             acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
                                   BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, TILED, MASKED, TILE_T, TILE_H,
-                                  TILE_W, IMAGE_BLOCK)
+                                  TILE_W, IMAGE_BLOCK, bias, BIASED)
             j += 1
     else:
         for j in tl.range(0, n):
             acc, m_i, l_i = _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
                                   BLOCK_N, HEAD_DIM, USE_TMA, HAS_PAD, INTERPRET, TILED, MASKED, TILE_T, TILE_H,
-                                  TILE_W, IMAGE_BLOCK)
+                                  TILE_W, IMAGE_BLOCK, bias, BIASED)
     return acc, m_i, l_i
 
 
@@ -258,7 +273,8 @@ def _view_coeffs(sb, ss, sh):
 
 @triton.jit
 def _tail(acc, m_i, l_i, q, ks, vs, start, length, qk_scale, pad, pad_row,
-          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, INTERPRET: tl.constexpr):
+          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, INTERPRET: tl.constexpr, bias=0.0,
+          BIASED: tl.constexpr = False):
     """The partial last tile of keys [start, start + length), masked; nothing when there is none."""
     tail = length % BLOCK_N
     if tail > 0:
@@ -273,28 +289,31 @@ def _tail(acc, m_i, l_i, q, ks, vs, start, length, qk_scale, pad, pad_row,
         v = tl.load(vs[1] + vs[4] + rows[:, None] * vs[5] + offs_d[None, :] * vs[6], mask=valid[:, None], other=0.0)
         k_pad = _key_pad(pad_row, first, offs_n, valid, HAS_PAD)
         acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, _scores(q, k, INTERPRET), v, qk_scale, valid, pad, k_pad, True,
-                                    HAS_PAD, INTERPRET)
+                                    HAS_PAD, INTERPRET, bias, BIASED)
     return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=[
     "s_modes", "batch", "seq_len", "num_heads", "image_start", "image_len", "grid_t", "grid_h", "grid_w",
-    "tune_bucket",
+    "spb", "sps", "tune_bucket",
 ])
 def _headwise_kernel(
-    Q, K, V, O, LSE, MODES, PAD, QPAD, PAD_BIAS, s_modes,
+    Q, K, V, O, LSE, MODES, PAD, QPAD, PAD_BIAS, POOL_KV, s_modes,
     q_desc, k_desc, v_desc,
     sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
-    batch, seq_len, num_heads, image_start, image_len, grid_t, grid_h, grid_w, qk_scale, tune_bucket,
+    batch, seq_len, num_heads, image_start, image_len, grid_t, grid_h, grid_w, spb, sps, qk_scale, tune_bucket,
     HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMAGE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_PAD: tl.constexpr,
     INTERPRET: tl.constexpr, TILED: tl.constexpr, RAGGED: tl.constexpr, TILE_T: tl.constexpr,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr, GLOBAL_ROWS: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, GLOBAL_ROWS: tl.constexpr, POOL: tl.constexpr,
 ):
     # Few arguments: each one costs host time at every launch. tune_bucket only keys the autotuner.
     # PAD is (B, S) uint8 (non-zero at padding tokens) in the keys' order, QPAD the same in the
     # queries' (raster) order, PAD_BIAS the 2 x 2 bias table in log2 units. The grid (frames, rows,
-    # cols) and the tile shape serve the tiled launch only; there K and V are in tile order.
+    # cols) and the tile shape serve the tiled launch only; there K and V are in tile order. With
+    # POOL, POOL_KV is the (2B, patches, slots, D) patch-mean buffer (strides spb, sps; keys, then
+    # values B further) whose slots the pool heads' modes name (POOL_FLAG | slot << SLOT_SHIFT | p).
+    tl.static_assert(not (POOL and (TILED or HAS_PAD)), "pool heads run in the plain launch, unpadded")
     image_end = image_start + image_len
     post_len = seq_len - image_end
     n_t = tl.cdiv(grid_t, TILE_T)
@@ -313,8 +332,8 @@ def _headwise_kernel(
     n_image_tiles = tl.cdiv(key_image_len, BLOCK_M)
     n_tiles = n_global_tiles + n_image_tiles
 
-    # Rank heads by work, descending (ties by index): full > arrow by width (tile heads by the tiles
-    # their window spans) > skip > absent. Out-of-range modes (below SKIP; the host checks them
+    # Rank heads by work, descending (ties by index): full > arrow by width (pool heads among them by
+    # their image key count; tile heads by the tiles their window spans) > skip > absent. Out-of-range modes (below SKIP; the host checks them
     # where it can read them) rank and run as skip. Heads of the other launch and the padding past
     # the last head are absent: they rank last and are never written.
     idx = tl.arange(0, HEADS_POW2)
@@ -327,7 +346,9 @@ def _headwise_kernel(
     if TILED:
         key = tl.where(present, _window_tiles(modes, n_t, n_h, n_w), ABSENT)
     else:
-        key = tl.where(modes == FULL, 1 << 30, modes)
+        factors = tl.maximum(modes & FACTOR_MASK, 1)
+        pooled = image_len // (factors * factors) // (2 * IMAGE_BLOCK)
+        key = tl.where(modes == FULL, 1 << 30, tl.where(modes >= POOLED, pooled, modes))
     ahead = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]))
     ranks = tl.sum(ahead.to(tl.int32), 1)
     n_full_heads = tl.sum((modes == FULL).to(tl.int32), 0)
@@ -400,6 +421,11 @@ def _headwise_kernel(
         w = tl.minimum(tl.maximum(mode, 0), tl.cdiv(image_len, IMAGE_BLOCK))
         lo = tl.where(banded, tl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
         hi = tl.where(banded, tl.minimum((block + w + 1) * IMAGE_BLOCK, image_len), image_len)
+        if POOL:  # a pool head's image keys come from the patch-mean buffer, after the global ones
+            pool = banded & (mode >= POOLED)
+            factor = mode & FACTOR_MASK
+            slot = (mode - POOLED) >> SLOT_SHIFT
+            hi = tl.where(pool, lo, hi)
         start1 = image_start + lo
         len1 = hi - lo
         n1 = len1 // BLOCK_N
@@ -465,6 +491,19 @@ def _headwise_kernel(
                               HAS_PAD, INTERPRET)
         acc, m_i, l_i = _tail(acc, m_i, l_i, q, ks, vs, key_image_end, post_len, qk_scale, pad, pad_row, BLOCK_N,
                               HEAD_DIM, HAS_PAD, INTERPRET)
+        if POOL:
+            if pool:  # the patch means, each raised by log2(p * p), by pointer loads
+                patches = image_len // (factor * factor)
+                column = slot.to(tl.int64) * HEAD_DIM
+                pks = (k_desc, POOL_KV, 0, 0, b64 * spb + column, sps, 1)
+                pvs = (k_desc, POOL_KV, 0, 0, (batch + b64) * spb + column, sps, 1)
+                bias = 2.0 * tl.math.log2(factor.to(tl.float32))
+                ranges = (0, patches // BLOCK_N, 0, 0, 1, 1, steps[0], steps[1])
+                acc, m_i, l_i = _loop(acc, m_i, l_i, q, pks, pvs, ranges, patches // BLOCK_N, qk_scale, pad, pad_row,
+                                      geo, image_start, BLOCK_N, HEAD_DIM, False, HAS_PAD, INTERPRET, False, False,
+                                      TILE_T, TILE_H, TILE_W, IMAGE_BLOCK, bias, True)
+                acc, m_i, l_i = _tail(acc, m_i, l_i, q, pks, pvs, 0, patches, qk_scale, pad, pad_row, BLOCK_N,
+                                      HEAD_DIM, HAS_PAD, INTERPRET, bias, True)
         if HAS_PAD:
             l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a fully masked row: acc is 0, so is its output
         out = _round(acc / l_i[:, None], O.dtype.element_ty, INTERPRET).to(O.dtype.element_ty)
@@ -594,7 +633,7 @@ def _pad_args(padding, tiled, device):
 
 
 def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_lse, padding=None, *, tiled=None,
-              lse=None, config=None, warmup=False, global_rows=True):
+              lse=None, config=None, warmup=False, global_rows=True, pooled=None):
     """Launch the kernel; no host sync. Returns ``(out, lse or None)``.
 
     ``padding`` is an ``ops.Padding`` or None. Without ``tiled`` the launch runs every head but the
@@ -603,10 +642,16 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     previous launch's, so that two launches fill one). ``config`` (one of :func:`tile_configs`)
     bypasses autotuning, for checks of every configuration; ``warmup`` compiles (that config, or
     all of them) without launching, for compiling ahead in threads. ``global_rows=False``: the
-    global-query tiles of arrow and tile heads exit at once (no log-sum-exps then).
+    global-query tiles of arrow and tile heads exit at once (no log-sum-exps then). ``pooled``, the
+    plain launch's (2B, patches, slots, D) patch means of its pool heads (keys for batches [0, B),
+    values for [B, 2B); ``ops``' dispatcher builds it), lets the modes name pool heads as
+    ``POOL_FLAG | slot << POOL_SLOT_SHIFT | p``; those need every frame's rows and cols divisible by
+    ``p`` (no loose tokens) and no padding.
     """
     if not scale > 0:
         raise ValueError(f"the Triton kernel needs a positive softmax scale; got {scale}")
+    if pooled is not None and (tiled is not None or padding is not None):
+        raise ValueError("pool heads run in the plain launch, without padding: pass pooled without tiled or padding")
     batch, seq, heads, dim = q.shape
     if return_lse and not warmup and lse is None:
         lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
@@ -624,10 +669,11 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     if not (_INTERPRET or warmup):
         key = launch_key(q, k, v, out, head_modes, image_start, image_len, return_lse, _PREFER_TMA,
                          None if config is None else tuple(config.items()), padding is not None,
-                         *(t.data_ptr() % 16 for t in pads), geometry, global_rows)
+                         *(t.data_ptr() % 16 for t in pads), geometry, global_rows,
+                         None if pooled is None else (pooled.stride(), pooled.data_ptr() % 16))
         plan = _plans.get(key)
         if plan is not None:
-            _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, scale)
+            _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, pooled, scale)
             return out, lse
 
     views = None
@@ -658,15 +704,15 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     if lse_arg is None:  # unused without RETURN_LSE; a warmup needs only the pointer's type
         lse_arg = torch.empty(0, dtype=torch.float32, device=q.device) if return_lse else out
     ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), batch, seq, heads, image_start, image_len,
-            *geometry[:3])
+            *geometry[:3], *((0, 0) if pooled is None else pooled.stride()[:2]))
     tune_bucket = triton.next_power_of_2(k.shape[1])
-    args = _args(q, k, v, out, lse_arg, head_modes, pads, head_modes.stride(0), descs, ints, scale, tune_bucket)
+    args = _args(q, k, v, out, lse_arg, head_modes, pads, pooled, head_modes.stride(0), descs, ints, scale, tune_bucket)
     meta = dict(
         # At least 32 so that head counts up to 32 share one compiled kernel.
         HEADS_POW2=max(32, triton.next_power_of_2(heads)), HEAD_DIM=dim, IMAGE_BLOCK=IMAGE_BLOCK,
         USE_TMA=views is not None, RETURN_LSE=return_lse, HAS_PAD=padding is not None, INTERPRET=_INTERPRET,
         TILED=tiled is not None, RAGGED=tiled is not None and tiled.tiles.ragged, TILE_T=geometry[3],
-        TILE_H=geometry[4], TILE_W=geometry[5], GLOBAL_ROWS=global_rows,
+        TILE_H=geometry[4], TILE_W=geometry[5], GLOBAL_ROWS=global_rows, POOL=pooled is not None,
     )
     if _INTERPRET:
         c = config or dict(INTERPRET_CONFIG)
@@ -695,20 +741,23 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         templates = tuple(rebased(d, None) if isinstance(d, TensorDescriptor) else None for d in descs)
     options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     plan = _plans[key] = (templates, (head_modes.stride(0), ints, tune_bucket), grid(constexprs), constexprs, options)
-    _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, scale)
+    _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, pooled, scale)
     return out, lse
 
 
-def _args(q, k, v, out, lse, head_modes, pads, s_modes, descs, ints, scale, tune_bucket):
-    """The kernel's leading (non-constexpr) arguments, in order."""
-    return (q, k, v, out, lse, head_modes, *pads, s_modes, *descs, *ints, scale * _LOG2E, tune_bucket)
+def _args(q, k, v, out, lse, head_modes, pads, pooled, s_modes, descs, ints, scale, tune_bucket):
+    """The kernel's leading (non-constexpr) arguments, in order (without ``pooled``, any pointer of
+    the same type in its place: unused)."""
+    return (q, k, v, out, lse, head_modes, *pads, q if pooled is None else pooled, s_modes, *descs, *ints,
+            scale * _LOG2E, tune_bucket)
 
 
-def _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, scale):
+def _launch_planned(key, plan, q, k, v, out, lse, head_modes, pads, pooled, scale):
     templates, (s_modes, ints, tune_bucket), grid, constexprs, options = plan
     descs = (q, k, v)
     if templates is not None:
         descs = tuple(x if t is None else rebased(t, x) for t, x in zip(templates, descs))
-    args = _args(q, k, v, out, out if lse is None else lse, head_modes, pads, s_modes, descs, ints, scale, tune_bucket)
+    args = _args(q, k, v, out, out if lse is None else lse, head_modes, pads, pooled, s_modes, descs, ints, scale,
+                 tune_bucket)
     with on_device(q.device.index):
         _launches(key, grid, args, constexprs, options)
