@@ -1,11 +1,12 @@
 """Correctness and speed of pool heads (``pool:<p>``) against dense cuDNN / flash SDPA and arrows of the
 same density.
 
-On Hopper the op runs pool heads whose factor divides the grid's rows and cols inside the Gluon
-kernel (their image keys and values read from a buffer of patch means); the others, and all of
-them under ``impl="triton"``, on PyTorch's SDPA beside the kernel's launch.
+The op runs pool heads whose factor divides the grid's rows and cols inside the fused kernel (the
+Gluon one on Hopper, ``impl="triton"`` the Triton one), their image keys and values read from a
+buffer of patch means; the others on PyTorch's SDPA beside the kernel's launch.
 
-First a correctness check of the fused path through the public op (``--cases`` random cases:
+First a correctness check of the fused paths through the public op (``--cases`` random cases, each
+under one of ``--impls`` in turn:
 grids of 1-3 frames whose rows and cols ``p`` divides or not, text before and / or after the
 image, batch 1-3, head dims 64 / 128, bf16 / fp16, (B, S, H, D), (B, H, S, D) and fused-QKV
 layouts, pool heads of factors 2-4 mixed with full, skip and arrow heads, with and without the
@@ -15,14 +16,14 @@ output rounded to the inputs' dtype), skip heads untouched, log-sum-exps within 
 the CPU tests'.
 
 Then per shape, on fresh random inputs: dense cuDNN and flash SDPA, the op with every head full,
-every head ``pool:2`` / ``pool:4`` (fused, and under ``impl="triton"``: SDPA), the arrow whose
+every head ``pool:2`` / ``pool:4`` (``impl="auto"``, and ``impl="triton"``), the arrow whose
 density is nearest each, and a mixed plan (half the heads arrow 1/8, half pool:2, interleaved).
 Each plan's output against the float32 reference op, every element, beside the same-precision
 yardstick (flash SDPA in the inputs' dtype against float32 SDPA, dense, on 4 heads). Times:
 ``triton.testing.do_bench`` medians after warm-up. Speed-up is over cuDNN; "of ideal" is speed-up x
 density (1.0: the plan runs exactly as much faster as it computes fewer pairs).
 
-    PYTHONPATH=src python3 benchmarks/pool_speed.py OUT.json [--cases 120]
+    PYTHONPATH=src python3 benchmarks/pool_speed.py OUT.json [--cases 120] [--impls auto triton]
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def inputs(case, seq, gen):
     return tuple(t.transpose(1, 2) for t in made) if case["layout"] == "bhsd" else tuple(made)
 
 
-def check_case(case, gen) -> dict:
-    """The op (Gluon on Hopper) against the float32 reference, beside the same-precision yardstick."""
+def check_case(case, gen, impl: str) -> dict:
+    """The op under ``impl`` against the float32 reference, beside the same-precision yardstick."""
     image = math.prod(case["grid"])
     seq = case["before"] + image + case["after"]
     layout = ops.TokenLayout(seq, case["before"], image, case["grid"])
@@ -95,7 +96,7 @@ def check_case(case, gen) -> dict:
     modes = ops.mode_tensor(case["modes"], "cuda")
     out = torch.full_like(q, float("nan"))
     got = ops.headwise_attention(q, k, v, modes, segments=layout, out=out, return_lse=case["return_lse"],
-                                 global_rows=case["global_rows"])
+                                 global_rows=case["global_rows"], impl=impl)
     got, lse = got if case["return_lse"] else (got, None)
     ref, ref_lse = ops.headwise_attention(q.float(), k.float(), v.float(), modes, segments=layout, impl="reference",
                                           return_lse=True, out=torch.zeros(q.shape, device="cuda"))
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("out", help="JSON results")
     parser.add_argument("--cases", type=int, default=120, help="random correctness cases before the timings")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--impls", nargs="+", default=["auto", "triton"], help="the op's impls the cases rotate through")
     args = parser.parse_args()
     results = {"environment": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                "device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -141,7 +143,8 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     for index in range(args.cases):
         case = random_case(rng)
-        result = {"case": case, **check_case(case, gen)}
+        impl = args.impls[index % len(args.impls)]
+        result = {"case": case, "impl": impl, **check_case(case, gen, impl)}
         results["cases"].append(result)
         if not result["ok"]:
             print(f"case {index} FAILED: {result}", flush=True)
@@ -178,8 +181,8 @@ def main() -> None:
         plans["mixed: arrow 1/8 and pool:2"] = [band if h % 2 else ops.pool_mode(2) for h in range(heads)]
         print(f"{name}: cuDNN {cudnn:.3f} ms, flash {flash:.3f} ms, yardstick error {yardstick:.2e}", flush=True)
         for p in pooled:
-            plans[f"pool:{p}, impl='triton' (SDPA)"] = plans[f"pool:{p}"]
-        plans["mixed, impl='triton' (SDPA)"] = plans["mixed: arrow 1/8 and pool:2"]
+            plans[f"pool:{p}, impl='triton'"] = plans[f"pool:{p}"]
+        plans["mixed, impl='triton'"] = plans["mixed: arrow 1/8 and pool:2"]
         for plan, values in plans.items():
             modes = ops.mode_tensor(values, "cuda")
             out = torch.empty_like(qs)
