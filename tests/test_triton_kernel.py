@@ -248,6 +248,20 @@ def test_fused_pool_heads_in_the_kernel(seed, monkeypatch):
     _check(q, k, v, ops.mode_tensor(modes, "cpu"), None, None, segments=layout, return_lse=seed % 2 == 0)
 
 
+def test_pool_modes_the_host_cannot_read_run_as_full_attention():
+    # The custom op does not read the modes (no host sync inside a compiled step), so no patch-mean
+    # buffer is built: a pool mode reaching the kernel runs as a band wider than the image, full
+    # attention, never over keys it was not given.
+    gen = torch.Generator().manual_seed(21)
+    grid, text = (1, 8, 8), 5
+    seq = text + math.prod(grid)
+    q, k, v = (t.expand(-1, -1, 2, -1).contiguous() for t in _inputs(1, seq, 1, 32, torch.bfloat16, gen))
+    modes = ops.mode_tensor([ops.pool_mode(2), MODE_FULL], "cpu")
+    out = torch.empty_like(q)
+    torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, 0, text, out, 32**-0.5, "triton", list(grid))
+    assert torch.equal(out[:, :, 0], out[:, :, 1])
+
+
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_patch_mean_buffer_of_fused_pool_heads(layout):
     # The buffer the Gluon kernel reads its pool heads' image keys and values from: each slot's

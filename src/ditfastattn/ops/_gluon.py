@@ -269,14 +269,17 @@ def _rows(tile, n_text_tiles, n_before_tiles, image_start, num_image, seq_len):
 
 
 @gluon.jit
-def _work(t, geometry, table, order, BLOCK_N: gl.constexpr, TILED: gl.constexpr, ORDERED: gl.constexpr):
+def _work(t, geometry, table, order, BLOCK_N: gl.constexpr, TILED: gl.constexpr, ORDERED: gl.constexpr,
+          POOL: gl.constexpr):
     """Work item t (t below the count of items that compute) as
     (batch, head, first query row, end query row, key range start, its length, key tiles, key tiles
     per run, runs per frame-tile, ``_key_tile``'s first two ``tail`` values, and in the tiled launch
     the query tile's grid tile and the window box's first, packed (:func:`_pack_tile`), where the
     producer reads them in place; then a pool head's factor and slot, or 0, 0); the five before those
-    are 1, 1, 0, 0, 0 outside the tiled launch, and those are 0, 0 in it. A pool head's image tiles
-    take their image keys from the patch-mean buffer: rows [0, patches) of its slot.
+    are 1, 1, 0, 0, 0 outside the tiled launch, and those are 0, 0 in it. With ``POOL`` a pool head's
+    image tiles take their image keys from the patch-mean buffer: rows [0, patches) of its slot;
+    without it (no buffer: modes the host could not read) a pool mode runs as a band wider than the
+    image, full attention.
     With ``ORDERED`` a tile head's image tiles run in the order of its row of ``order`` (heads x
     grid tiles, :mod:`._item_order`), else in raster order.
 
@@ -332,7 +335,7 @@ def _work(t, geometry, table, order, BLOCK_N: gl.constexpr, TILED: gl.constexpr,
         w = gl.minimum(gl.maximum(mode, 0), gl.cdiv(num_image, IMAGE_BLOCK))
         lo = gl.where(banded, gl.maximum(block - w, 0) * IMAGE_BLOCK, 0)
         hi = gl.where(banded, gl.minimum((block + w + 1) * IMAGE_BLOCK, num_image), num_image)
-        pool = banded & (mode >= POOLED)
+        pool = banded & (mode >= POOLED) & POOL
         factor = gl.where(pool, mode & FACTOR_MASK, 0)
         slot = gl.where(pool, (mode - POOLED) >> SLOT_SHIFT, 0)
         start = gl.where(pool, 0, image_start + lo)
@@ -495,7 +498,7 @@ def _producer(geometry, descs, in_place, q_smem, k_smem, v_smem, bars, sched, ta
     t = gl.program_id(0)
     while t < end3:
         b, h, q_start, q_end, start1, len1, n_kv, per_run, runs_b, tail_run, tail_row, grid_at, factor, slot = _work(
-            t, geometry, table, order, BLOCK_N, TILED, ORDERED)
+            t, geometry, table, order, BLOCK_N, TILED, ORDERED, POOL)
         qs = it % 2
         # Fresh barriers count as having completed the phase before 0, so the first lap passes.
         mbarrier.wait(q_empty.index(qs), ((it // 2) & 1) ^ 1)
