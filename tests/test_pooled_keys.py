@@ -199,7 +199,8 @@ def test_fused_pool_paths_build_for_the_gpu(arch):
 
 def test_kernel_modes_and_slot_heads_are_made_once_per_plan_row():
     # A plan row's kernel modes and its slots' heads reach the device once, not at every call (a copy
-    # from the host waits for the GPU), and are made again when the row's tensor changes.
+    # from the host waits for the GPU), and are made again when the row's tensor or the grid (which
+    # heads fuse) changes.
     from ditfastattn.ops import _kernel_modes, _pool_split
 
     modes = (pool_mode(4), MODE_FULL, pool_mode(2), pool_mode(4))
@@ -211,6 +212,10 @@ def test_kernel_modes_and_slot_heads_are_made_once_per_plan_row():
         _kernel_modes(ops.mode_tensor((other, pool_mode(2)), "cpu"), *_pool_split((other, pool_mode(2)), (1, 8, 8))[1::2])
     again, heads_again = _kernel_modes(row, values, fused)
     assert again is first and heads_again is heads
+    # on a grid that p = 4 leaves partial patches in, those heads run on SDPA: skipped in the kernel
+    _, ragged_values, _, ragged_fused = _pool_split(modes, (1, 8, 6))
+    ragged, ragged_heads = _kernel_modes(row, ragged_values, ragged_fused)
+    assert ragged.tolist() == list(ragged_values) and ragged[0] == MODE_SKIP and ragged_heads.tolist() == [2]
     row[1] = 3  # an edited row is read anew
     _, values, _, fused = _pool_split(tuple(row.tolist()), (1, 8, 8))
     edited, _ = _kernel_modes(row, values, fused)

@@ -248,6 +248,17 @@ def test_fused_pool_heads_in_the_kernel(seed, monkeypatch):
     _check(q, k, v, ops.mode_tensor(modes, "cpu"), None, None, segments=layout, return_lse=seed % 2 == 0)
 
 
+def test_one_plan_row_on_grids_it_fuses_on_and_not():
+    # A row's pool heads run in the kernel on a grid that p divides and on SDPA on one it does not:
+    # the same mode tensor on both, in turn, follows the reference each time.
+    gen = torch.Generator().manual_seed(17)
+    modes = ops.mode_tensor([ops.pool_mode(4), MODE_FULL, ops.pool_mode(2)], "cpu")
+    for grid in [(1, 8, 8), (1, 8, 6), (1, 8, 8)]:
+        layout = TokenLayout(5 + math.prod(grid), 5, math.prod(grid), grid)
+        q, k, v = _inputs(1, layout.seq_len, 3, 32, torch.bfloat16, gen)
+        _check(q, k, v, modes, None, None, segments=layout, return_lse=False)
+
+
 def test_pool_modes_the_host_cannot_read_run_as_full_attention():
     # The custom op does not read the modes (no host sync inside a compiled step), so no patch-mean
     # buffer is built: a pool mode reaching the kernel runs as a band wider than the image, full

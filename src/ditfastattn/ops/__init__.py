@@ -558,25 +558,25 @@ def _pool_split(values: tuple[int, ...], fusable: tuple[int, int, int] | None):
     return sdpa, kernel_values, idle, fused
 
 
-# (tensor version, mode tensor, slot heads) of a head-mode tensor's kernel modes, when last made.
+# (tensor version, kernel modes, mode tensor, slot heads) of a head-mode tensor, when last made.
 _KERNEL_MODES = "_ditfastattn_kernel_modes"
 
 
 def _kernel_modes(head_modes: torch.Tensor, values: tuple[int, ...], fused) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``values`` (the kernel's modes, from :func:`_pool_split`) as a mode tensor, and the head of
     each slot of the fused pool heads ``fused`` as an int32 tensor (None without), made once per
-    version of ``head_modes``: a copy from the host's pageable memory at every call would wait for
-    the GPU to reach it."""
+    version of ``head_modes`` and kernel modes (which heads fuse depends on the call's grid): a copy
+    from the host's pageable memory at every call would wait for the GPU to reach it."""
     version = _version(head_modes)
     known = getattr(head_modes, _KERNEL_MODES, None)
-    if version is not None and known is not None and known[0] == version:
-        return known[1], known[2]
+    if version is not None and known is not None and known[:2] == (version, values):
+        return known[2], known[3]
     modes = mode_tensor(values, head_modes.device)
     slot_heads = None
     if fused:
         slot_heads = torch.tensor([h for _, heads in fused for h in heads], dtype=torch.int32, device=head_modes.device)
     if version is not None:
-        setattr(head_modes, _KERNEL_MODES, (version, modes, slot_heads))
+        setattr(head_modes, _KERNEL_MODES, (version, values, modes, slot_heads))
     return modes, slot_heads
 
 
