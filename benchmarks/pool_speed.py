@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("out", help="JSON results")
     parser.add_argument("--cases", type=int, default=120, help="random correctness cases before the timings")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--impls", nargs="+", default=["auto", "triton"], help="the op's impls the cases rotate through")
+    parser.add_argument("--impls", nargs="+", default=["auto", "triton"],
+                        help="the op's impls the cases rotate through")
     args = parser.parse_args()
     results = {"environment": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                "device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -189,7 +189,8 @@ def test_fused_pool_paths_build_for_the_gpu(arch):
 
     pytest.importorskip("triton")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(ditfastattn.__file__).parents[1]), env.get("PYTHONPATH")]))
+    source = str(Path(ditfastattn.__file__).parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, "-c", _BUILD, str(arch)], capture_output=True, text=True, env=env)
     if run.returncode and "ptxas" in run.stderr.lower():
         pytest.skip(f"cannot assemble here: {run.stderr[-300:]}")
@@ -209,7 +210,8 @@ def test_kernel_modes_and_slot_heads_are_made_once_per_plan_row():
     first, heads = _kernel_modes(row, values, fused)
     assert heads.tolist() == [0, 3, 2] and first.tolist() == list(values)
     for other in range(300):  # other rows in between
-        _kernel_modes(ops.mode_tensor((other, pool_mode(2)), "cpu"), *_pool_split((other, pool_mode(2)), (1, 8, 8))[1::2])
+        other_modes = (other, pool_mode(2))
+        _kernel_modes(ops.mode_tensor(other_modes, "cpu"), *_pool_split(other_modes, (1, 8, 8))[1::2])
     again, heads_again = _kernel_modes(row, values, fused)
     assert again is first and heads_again is heads
     # on a grid that p = 4 leaves partial patches in, those heads run on SDPA: skipped in the kernel

@@ -210,7 +210,8 @@ def _box(a_lo, a_end, b_lo, b_end, c_lo, c_end, image_start, n_h, n_w, BLOCK_N: 
 def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, image_start,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
           INTERPRET: tl.constexpr, TILED: tl.constexpr, MASKED: tl.constexpr, TILE_T: tl.constexpr,
-          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr, bias=0.0, BIASED: tl.constexpr = False):
+          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr, bias=0.0,
+          BIASED: tl.constexpr = False):
     """One key tile; ``MASKED``: an image key tile of a partial grid tile, its pad slots masked;
     ``BIASED``: its scores raised by ``bias``."""
     pos = _pos(j, ranges, BLOCK_N, TILED)
@@ -231,7 +232,8 @@ def _step(acc, m_i, l_i, q, ks, vs, ranges, j, qk_scale, pad, pad_row, geo, imag
 def _loop(acc, m_i, l_i, q, ks, vs, ranges, n, qk_scale, pad, pad_row, geo, image_start,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, HAS_PAD: tl.constexpr,
           INTERPRET: tl.constexpr, TILED: tl.constexpr, MASKED: tl.constexpr, TILE_T: tl.constexpr,
-          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr, bias=0.0, BIASED: tl.constexpr = False):
+          TILE_H: tl.constexpr, TILE_W: tl.constexpr, IMAGE_BLOCK: tl.constexpr, bias=0.0,
+          BIASED: tl.constexpr = False):
     """Key tiles 0 .. n - 1 of ``ranges``, one ``_step`` each, in a pipelined loop."""
     if INTERPRET:  # the interpreter (numpy 2) cannot take a run-time bound in range()
         j = 0
@@ -333,9 +335,10 @@ def _headwise_kernel(
     n_tiles = n_global_tiles + n_image_tiles
 
     # Rank heads by work, descending (ties by index): full > arrow by width (pool heads among them by
-    # their image key count; tile heads by the tiles their window spans) > skip > absent. Out-of-range modes (below SKIP; the host checks them
-    # where it can read them) rank and run as skip. Heads of the other launch and the padding past
-    # the last head are absent: they rank last and are never written.
+    # their image key count; tile heads by the tiles their window spans) > skip > absent.
+    # Out-of-range modes (below SKIP; the host checks them where it can read them) rank and run as
+    # skip. Heads of the other launch and the padding past the last head are absent: they rank last
+    # and are never written.
     idx = tl.arange(0, HEADS_POW2)
     modes = tl.load(MODES + idx * s_modes, mask=idx < num_heads, other=ABSENT)
     if TILED:
