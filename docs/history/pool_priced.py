@@ -11,6 +11,9 @@ The target itself counts FLOPs, so the pooled plan gets ``--pool-target``, a lit
 about the same priced (time) sparsity; each plan's FLOP and priced sparsity are reported.
 
     PYTHONPATH=src python pool_priced.py OUT.json --kind flux --target 0.6 --pool-target 0.63 --cache auto --embeddings emb.pt
+
+``--slowdown pool:2=R,pool:4=R`` replaces those ratios: on the fused kernels (e34980a) 0.97 / 0.93 and
+0.93 / 0.87 (``benchmarks/results/pool_speed_h100.json``), 1.04 and 1.07.
 """
 import sys
 import time
@@ -29,7 +32,8 @@ from pooled_target import arguments, pool_share, setup  # noqa: E402
 from ditfastattn import calibrate, ops  # noqa: E402
 from ditfastattn.methods import parse_method  # noqa: E402
 
-# Time per FLOP of a pool head against an arrow's at FLUX 2048² on an H100 (results/pool_speed.json).
+# Time per FLOP of a pool head against an arrow's at FLUX 2048² on an H100, on SDPA
+# (../docs/history/results/pool_speed_sdpa_h100_1893693.json).
 SLOWDOWN = {"pool:2": 0.97 / 0.53, "pool:4": 0.93 / 0.42}
 TOKENS, TEXT, GRID = 1024, 32, (1, 32, 32)  # the testbeds' layout
 
@@ -50,11 +54,14 @@ def priced_sparsity(plan, costs) -> float:
 
 def main():
     args = arguments(0.6, "auto", **{"--pool-target": dict(type=float, default=None,
-                                                          help="FLOP target of the pooled plan (default --target)")})
+                                                          help="FLOP target of the pooled plan (default --target)"),
+                                     "--slowdown": dict(default=None, help="pool:2=R,pool:4=R (default: on SDPA)")})
+    slowdown = SLOWDOWN if args.slowdown is None else {
+        name: float(ratio) for name, ratio in (item.split("=") for item in args.slowdown.split(","))}
     started = time.perf_counter()
     pipe, cal, held, seeds = setup(args)
     tiles = ops.TileGrid(GRID)
-    costs = {name: parse_method(name).cost(TOKENS, TEXT, tiles) * ratio for name, ratio in SLOWDOWN.items()}
+    costs = {name: parse_method(name).cost(TOKENS, TEXT, tiles) * ratio for name, ratio in slowdown.items()}
     plans, seconds = {}, {}
     pooled = {"candidates": q.SETS["AA+OC+PK"], "costs": costs}
     for name, target, extra in (("head", args.target, {}),
