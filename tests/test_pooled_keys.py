@@ -131,7 +131,7 @@ def test_reference_matches_the_dense_oracle(grid, before, after):
 
 
 def test_fused_pool_heads_are_named_by_their_slots():
-    # The split for a kernel that fuses pool heads (both GPU kernels): a factor that divides the
+    # The split of the GPU kernels' dispatch: a factor that divides the
     # grid's rows and cols runs in the kernel, each head named by its slot of the patch-mean buffer
     # (test_triton_kernel.py checks the buffer); the others run on SDPA, skipped in the kernel.
     from ditfastattn.ops import _pool_split
@@ -145,7 +145,7 @@ def test_fused_pool_heads_are_named_by_their_slots():
     assert slots == {0: 0, 4: 1, 2: 2}
     assert all(kernel_values[head] & ((1 << POOL_SLOT_SHIFT) - 1) == pool_factor(modes[head]) for head in slots)
     assert kernel_values[3] == MODE_SKIP and [kernel_values[h] for h in (1, 5, 6)] == [MODE_FULL, MODE_SKIP, 1]
-    # without a fusing kernel every pool head runs on SDPA
+    # without a grid none is fused
     assert _pool_split(modes, None)[3] == () and not any(is_pool_mode(m) for m in _pool_split(modes, None)[1])
 
 

@@ -11,7 +11,7 @@ windows need the image's grid: the reference indexes it directly; for the GPU ke
 dispatcher puts the key padding flags in tile order (``_tile_order``, the one place that
 reorders), and keys and values too for the Triton kernel (the Gluon kernel reads them in place:
 ``TILES_IN_PLACE``), and launches the kernel twice, once for the tile heads and once for the others. The per-head
-Pool heads run in the reference; under the GPU kernels (``FUSED_POOL``) those whose factor divides
+Pool heads run in the reference; under the GPU kernels those whose factor divides
 the grid's rows and cols run in the plain launch, their image keys and values read from a buffer of
 patch means the dispatcher builds (``_pool_means``, a Triton kernel); the others on PyTorch's SDPA
 (``_pooled``), the kernel launched with them skipped. The per-head
@@ -357,11 +357,12 @@ def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, sca
             "grid: pass grid=(frames, rows, cols) (and tile= for another tile shape than the default), or "
             "segments=TokenLayout(..., grid=...)"
         )
-    pooled = [] if values is None else [h for _, heads in _pool_split(values, None)[0] for h in heads]
-    if pooled and layout.grid is None:
-        raise ValueError(f"heads {pooled} run pooled keys, which need the image grid: pass grid=(frames, rows, cols) "
-                         "or segments=TokenLayout(..., grid=...)")
-    if pooled and padding is not None:
+    pool_groups = () if values is None else _pool_split(values, None)[0]  # cached: no loop over heads per call
+    if pool_groups and (layout.grid is None or padding is not None):
+        pooled = [h for _, heads in pool_groups for h in heads]
+        if layout.grid is None:
+            raise ValueError(f"heads {pooled} run pooled keys, which need the image grid: pass grid=(frames, rows, "
+                             "cols) or segments=TokenLayout(..., grid=...)")
         raise ValueError(f"heads {pooled} run pooled keys, which take no key padding (a patch mean would mix padded "
                          "keys in): use arrow or tile windows where the call pads its tokens")
     return layout, padding, values
@@ -502,9 +503,8 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             from . import _gluon as kernel
         else:
             from . import _triton as kernel
-        fusable = layout.grid if getattr(kernel, "FUSED_POOL", False) else None
         pooled, kernel_values, kernel_idle, fused = (((), values, False, ()) if values is None
-                                                     else _pool_split(values, fusable))
+                                                     else _pool_split(values, layout.grid))
         if pooled or fused:  # the kernel skips SDPA's heads and names its own by their buffer slots
             values = kernel_values
             head_modes, slot_heads = _kernel_modes(head_modes, values, fused)
@@ -535,8 +535,8 @@ def _pool_split(values: tuple[int, ...], fusable: tuple[int, int, int] | None):
     per call): ``((pool mode, its heads), ...)`` on SDPA; the kernel's modes, with those heads
     skipped and the fused ones named by their slot in the patch-mean buffer
     (``POOL_FLAG | slot << POOL_SLOT_SHIFT | p``); whether the kernel's modes are all skip; and
-    ``((p, its heads), ...)`` fused, in slot order. A head is fused where ``fusable``, the grid of
-    a kernel that fuses pool heads, has rows and cols that ``p`` divides (no loose tokens)."""
+    ``((p, its heads), ...)`` fused, in slot order. A head is fused where ``fusable``, the call's grid
+    (None: none fused), has rows and cols that ``p`` divides (no loose tokens)."""
     groups = {}
     for head, mode in enumerate(values):
         if is_pool_mode(mode):

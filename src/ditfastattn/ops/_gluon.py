@@ -68,7 +68,6 @@ from ._launch import DirectLaunches, launch_key, on_device, rebased
 
 HEAD_DIMS = (64, 128)
 TILES_IN_PLACE = True  # the tiled launch reads grid tiles in place (5-D TMA boxes): nothing is gathered
-FUSED_POOL = True  # pool heads over whole patches run in the plain launch, from a buffer of patch means
 ORDERS_TILES = True  # given the host head modes, the tiled launch orders each head's query tiles (_item_order)
 TILE_ROWS = 128  # query rows per work item: one image block, two consumer warpgroups of 64 rows
 BLOCK_M = gl.constexpr(TILE_ROWS)

@@ -69,7 +69,6 @@ FACTOR_MASK = tl.constexpr((1 << POOL_SLOT_SHIFT) - 1)
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 TILES_IN_PLACE = False  # the tiled launch reads keys and values gathered into tile order
 ORDERS_TILES = False  # the tiled launch runs each head's query tiles in raster order
-FUSED_POOL = True  # pool heads over whole patches run in the plain launch, from a buffer of patch means
 # The interpreter is slow per operation, not per element: few large tiles keep CI fast.
 INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64}
 

@@ -317,7 +317,7 @@ class StaticSession(Session):
         methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
         pooled = sorted(m.name for m in methods if m.kind == "pool")
         if pooled:
-            # Their flash calls need the head modes on the host, which a compiled step does not read.
+            # The op reads their head modes on the host (buffer slots, or SDPA), which a compiled step does not.
             raise NotImplementedError(f"static mode does not run pooled keys ({', '.join(pooled)}) yet; apply without "
                                       "static=True, or a plan calibrated without pool: candidates")
         self._tile_methods = sorted(m.name for m in methods if m.needs_grid)
