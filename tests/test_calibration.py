@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import numpy as np
@@ -420,6 +421,7 @@ def test_a_target_out_of_reach_is_refused_with_the_most_reachable():
         ({"sensitivity": {"a": -1.0}}, "weights must be finite numbers > 0"),
         ({"target_sparsity": 0.5, "num_inference_steps": 1}, "a sparsity target needs num_inference_steps >= 2"),
         ({"sensitivity": "measure", "num_inference_steps": 1}, "sensitivity='measure' needs num_inference_steps >= 2"),
+        ({"sensitivity": "schedule", "num_inference_steps": 1}, "sensitivity='schedule' needs num_inference_steps >= 2"),
         ({"sensitivity": "measure", "candidates": ("full",)}, "probes need a candidate besides 'full'"),
     ],
 )
@@ -506,6 +508,98 @@ def test_measured_sensitivity_weighs_steps_and_kinds_and_reuses_exactly():
     assert plan.provenance["search"]["seconds"]["sensitivity"] > 0
     reused = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity=measured), progress=False)
     assert reused.methods == plan.methods
+
+
+def squared_step_sizes(sigmas, steps: int) -> np.ndarray:
+    sizes = np.diff(-np.asarray(sigmas, dtype=np.float64)[: steps + 1])
+    return sizes[1:] ** 2 / np.exp(np.mean(np.log(sizes[1:] ** 2)))
+
+
+def test_schedule_weights_are_the_squared_step_sizes_and_refuse_schedules_without_them():
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ditfastattn.sensitivity import schedule_step_weights
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(12)
+    weights = schedule_step_weights(scheduler, 12)
+    assert weights[0] == 1.0 and len(weights) == 12
+    assert np.allclose(weights[1:], squared_step_sizes(scheduler.sigmas.numpy(), 12), rtol=1e-5)
+    # Shifted flow matching takes its largest steps late; the last (to sigma 0) is short again.
+    assert np.all(np.diff(weights[1:-1]) > 0) and weights[-1] < weights[-2]
+    with pytest.raises(ValueError, match="sigmas, which SimpleNamespace does not give for 12 steps"):
+        schedule_step_weights(SimpleNamespace(), 12)
+    with pytest.raises(ValueError, match="noise levels that fall at every step"):
+        schedule_step_weights(SimpleNamespace(sigmas=torch.tensor([1.0, 0.5, 0.5, 0.0])), 3)
+
+
+def test_schedule_sensitivity_weighs_steps_as_the_pipeline_schedules_them_and_reuses_exactly():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = make_pipeline("flux")
+    # Shifted: the test pipeline's own schedule takes equal steps, which would weigh every step alike.
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
+    search = config("flux", delta=0.05, budget="generation", head_coefficient=None, sensitivity="schedule")
+    plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    recorded = plan.provenance["search"]["sensitivity"]
+    # The sigmas the pipeline set, as the hooked scheduler holds them after the pass.
+    expected = squared_step_sizes(pipe.scheduler.sigmas.numpy(), STEPS)
+    assert expected.max() > 10 * expected.min()
+    assert set(recorded["steps"]) == {"cache", "arrow"} and recorded["probe"] == {"steps": "schedule"}
+    for per_step in recorded["steps"].values():
+        assert per_step[0] == 1.0 and np.allclose(per_step[1:], expected, rtol=1e-5)
+    reused = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity=recorded),
+                                   progress=False)
+    assert reused.methods == plan.methods
+    plain = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity=None), progress=False)
+    # The heaviest step keeps more exact than without weights.
+    heaviest = 1 + int(np.argmax(expected))
+    assert plan.summary()["sparsity_per_step"][heaviest] < plain.summary()["sparsity_per_step"][heaviest]
+
+
+def test_measured_layers_with_schedule_steps_skip_the_step_probes(monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ditfastattn import sensitivity
+
+    pipe = make_pipeline("flux")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
+    passes = []
+    run_pass = sensitivity.run_pass
+    monkeypatch.setattr(sensitivity, "run_pass", lambda *args, **kwargs: passes.append(1) or run_pass(*args, **kwargs))
+    search = config("flux", delta=0.05, budget="generation", head_coefficient=None, sensitivity="measure+schedule")
+    plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    recorded = plan.provenance["search"]["sensitivity"]
+    assert len(passes) == 1 + len(plan.layer_names)  # the uncompressed pass and one per layer: no step probes
+    assert set(recorded["layers"]) == set(plan.layer_names) and set(recorded["heads"]) == set(plan.layer_names)
+    assert recorded["probe"] == {"layers": sensitivity.probe_method(search.candidates), "steps": "schedule"}
+    expected = squared_step_sizes(pipe.scheduler.sigmas.numpy(), STEPS)
+    assert all(np.allclose(per_step[1:], expected, rtol=1e-5) for per_step in recorded["steps"].values())
+    reused = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity=recorded),
+                                   progress=False)
+    assert reused.methods == plan.methods
+    assert len(passes) == 1 + len(plan.layer_names)  # reused: nothing measured again
+
+
+def test_schedule_sensitivity_refuses_a_scheduler_without_noise_levels_and_leaves_the_model_as_it_was():
+    pipe = make_pipeline("flux")
+    scheduler = pipe.scheduler
+    original = scheduler.set_timesteps
+
+    @functools.wraps(original)  # the pipeline reads its signature
+    def set_timesteps(*args, **kwargs):
+        original(*args, **kwargs)
+        scheduler.sigmas = None
+
+    scheduler.set_timesteps = set_timesteps
+    search = config("flux", delta=0.2, sensitivity="schedule")
+    with pytest.raises(ValueError, match="sensitivity='schedule' reads the noise level of every step"):
+        ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    assert "forward" not in pipe.transformer.__dict__ and pipe.scheduler.set_timesteps is set_timesteps
+    ditfastattn.apply(pipe, ditfastattn.Plan.uniform(pipe.transformer, STEPS, "full"))
+    ditfastattn.remove(pipe)
 
 
 def test_a_heavier_step_weight_keeps_that_step_more_exact():

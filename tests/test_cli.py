@@ -38,9 +38,10 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
     priced = tmp_path / "priced.json"
     assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.4", "--steps", "3",
                  "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",
-                 "-o", str(priced)]) == 0
+                 "--sensitivity", "schedule", "-o", str(priced)]) == 0
     search = Plan.load(priced).provenance["search"]
     assert search["budget"] == "generation" and search["target_sparsity"] == 0.4
+    assert search["sensitivity"]["probe"] == {"steps": "schedule"} and len(search["sensitivity"]["steps"]["arrow"]) == 3
     assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.5", "--steps", "4", "--cache", "step",
                  "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",
                  "-o", str(priced)]) == 0

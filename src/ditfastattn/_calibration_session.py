@@ -148,7 +148,9 @@ class _CalibrationSession(Session):
     methods are taken as given, the session only measures: at the layers in ``measure`` (all when
     None), as the sensitivity probe needs. With ``cached_steps`` (a set of steps; ``SearchConfig(cache=
     "step")``), caching is decided per step: at those steps every head reuses its previous output,
-    at the others none does.
+    at the others none does. ``weigh_steps(scheduler, num_steps)``, called whenever the pipeline
+    sets the timesteps (before any step is decided), gives (steps, candidates) factors by which the
+    weights are multiplied (``sensitivity="schedule"``: from the scheduler's noise levels).
     """
 
     layout_aware = True
@@ -168,6 +170,7 @@ class _CalibrationSession(Session):
         measure_steps: set[int] | None = None,
         delta_for_step=None,
         cached_steps: frozenset[int] | None = None,
+        weigh_steps=None,
     ):
         super().__init__(transformer, plan, adapter, impl)
         self.config = config
@@ -182,6 +185,8 @@ class _CalibrationSession(Session):
         shape = (plan.num_steps, len(plan.model.layers), heads, len(self.candidates))
         weights = np.ones(shape) if weights is None else np.asarray(weights, dtype=np.float64)
         self.weights = np.broadcast_to(weights[:, :, None] if weights.ndim == 3 else weights, shape)
+        self._given_weights = self.weights
+        self.weigh_steps = weigh_steps
         self.forced = forced
         self.measure = measure
         self.measure_steps = measure_steps
@@ -208,6 +213,12 @@ class _CalibrationSession(Session):
         self.offload: _HostOutputs | None = None
         self._offload_decided = config.offload_outputs is False
         self._call_shapes: dict[int, torch.Size] = {}  # call slot -> its input's shape, this generation
+
+    def scheduler_set(self, num_steps: int) -> None:
+        super().scheduler_set(num_steps)
+        if self.weigh_steps is not None:
+            factors = self.weigh_steps(self.scheduler_hook.scheduler, num_steps)
+            self.weights = self._given_weights * factors[:, None, None, :]
 
     # decisions -----------------------------------------------------------------------------
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense):

@@ -33,7 +33,9 @@ from .runtime.session import experts_of
 from .ops import IMPLEMENTATIONS
 from .search import fit_delta
 from .sensitivity import KINDS as SENSITIVITY_KINDS
-from .sensitivity import measure_sensitivity, probe_method, reference_pass, relative_squared_error, weights_array
+from .sensitivity import MODES as SENSITIVITY_MODES
+from .sensitivity import (measure_sensitivity, probe_method, reference_pass, relative_squared_error, schedule_weigher,
+                          weights_array)
 
 logger = logging.getLogger("ditfastattn")
 
@@ -77,12 +79,12 @@ def _integer(name: str, value, low: int) -> int:
 
 
 def _check_sensitivity(sensitivity) -> None:
-    """None, "measure", a measurement ({"layers": {...}, "steps": {kind: [...]}}) or layer weights."""
-    if sensitivity is None or sensitivity == "measure":
+    """None, one of ``SENSITIVITY_MODES``, a measurement ({"layers": {...}, "steps": {kind: [...]}}) or layer weights."""
+    if sensitivity is None or (isinstance(sensitivity, str) and sensitivity in SENSITIVITY_MODES):
         return
     if not isinstance(sensitivity, dict):
         raise ValueError(
-            f"sensitivity must be None, 'measure', a measurement from a calibrated plan's "
+            f"sensitivity must be None, 'measure', 'schedule', 'measure+schedule', a measurement from a calibrated plan's "
             f"provenance['search']['sensitivity'], or a dict of layer weights; got {sensitivity!r}"
         )
     structured = "layers" in sensitivity or "steps" in sensitivity
@@ -178,7 +180,14 @@ class SearchConfig:
             passes in all). A measurement from a
             calibrated plan's ``provenance["search"]["sensitivity"]`` reuses it, as does a plain
             ``{layer name: weight}`` dict (layers only). Every score is multiplied by its weight,
-            so the budget goes where a unit of local error does the least damage. None: all 1.
+            so the budget goes where a unit of local error does the least damage. ``"schedule"``:
+            step weights without probes, from the pipeline's own noise levels, ``(sigma_s -
+            sigma_{s+1})²`` at step s (see :func:`ditfastattn.sensitivity.schedule_step_weights`;
+            needs a scheduler with ``sigmas``, as the flow-matching ones have); no layer or head
+            weights. ``"measure+schedule"``: the layer and head weights measured as by
+            ``"measure"``, the step weights from the noise levels instead of the step probes, so
+            about ``layers`` passes instead of ``layers + steps`` (on both testbeds at 0.6
+            sparsity the two searches tie; docs/history/CALIBRATION_NOTES.md). None: all 1.
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
@@ -223,8 +232,8 @@ class SearchConfig:
             raise ValueError(f"target_speedup must be > 1; got {self.target_speedup!r}")
         _check_sensitivity(self.sensitivity)
         _integer("num_inference_steps", self.num_inference_steps, low=1)
-        if self.num_inference_steps < 2 and (self.target is not None or self.sensitivity == "measure"):
-            what = "a sparsity target" if self.target is not None else "sensitivity='measure'"
+        if self.num_inference_steps < 2 and (self.target is not None or self.sensitivity in SENSITIVITY_MODES):
+            what = "a sparsity target" if self.target is not None else f"sensitivity={self.sensitivity!r}"
             raise ValueError(f"{what} needs num_inference_steps >= 2: step 0 always runs every head full")
         if self.target is not None and self.target > 1 - 1 / self.num_inference_steps:
             raise ValueError(
@@ -270,7 +279,7 @@ class SearchConfig:
                 raise ValueError(f"cache={self.cache!r} searches the windows of the other steps under one exchange "
                                  "rate: set budget='generation' (and head_coefficient=None)")
         object.__setattr__(self, "candidates", tuple(dict.fromkeys(names)))
-        if self.sensitivity == "measure":
+        if self.sensitivity in ("measure", "measure+schedule"):
             probe_method(names)  # raises when no candidate can probe
         guidance = self.guidance_scale if self.guidance_scale is not None else self.pipeline_kwargs.get("guidance_scale")
         check_cfg_guidance(names, guidance)
@@ -374,11 +383,17 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     check_cfg_guidance(config.candidates, call.get("guidance_scale", _default_argument(pipe, "guidance_scale")))
     seconds: dict[str, Any] = {"sensitivity": 0.0, "passes": [], "solver": 0.0}
     sensitivity, reference = config.sensitivity, None  # the uncompressed pass's latents, once run
-    if sensitivity == "measure":
+    by_schedule = sensitivity in ("schedule", "measure+schedule")
+    if sensitivity in ("measure", "measure+schedule"):
         started = time.perf_counter()
-        sensitivity, reference = measure_sensitivity(pipe, spec, call, config, progress=progress)
+        sensitivity, reference = measure_sensitivity(pipe, spec, call, config, progress=progress,
+                                                     probe_steps=not by_schedule)
         seconds["sensitivity"] = time.perf_counter() - started
-    weights = weights_array(sensitivity, spec, config.candidates, config.num_inference_steps)
+    elif by_schedule:
+        sensitivity = {}
+    schedule: list[float] = []  # the step weights from the noise levels, read at each pass's start
+    weigh_steps = schedule_weigher(config.candidates, schedule) if by_schedule else None
+    weights = weights_array(sensitivity or None, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
     modes = ("head", "step") if config.cache == "auto" else (config.cache,)
     passes = (1 if config.target is None else 2) * len(modes) + (config.cache == "auto" and reference is None)
@@ -386,8 +401,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     with tqdm(
         total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
     ) as bar:
-        searched = {mode: _search(pipe, spec, call, dataclasses.replace(config, cache=mode), weights, bar, seconds)
-                    for mode in modes}
+        searched = {mode: _search(pipe, spec, call, dataclasses.replace(config, cache=mode), weights, bar, seconds,
+                                  weigh_steps) for mode in modes}
         if config.cache == "auto":
             # The additive score cannot rank the two (it misjudges partly cached steps): their outputs can.
             if reference is None:
@@ -397,6 +412,9 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
             final_rse = {mode: relative_squared_error(found.latents, reference) for mode, found in searched.items()}
             logger.info("ditfastattn calibrate: final relative squared error, caching per head %.4g, per step %.4g",
                         final_rse["head"], final_rse["step"])
+    if by_schedule:  # as a measurement, so that the plan's provenance reuses it exactly
+        sensitivity = {**sensitivity, "steps": {kind: list(schedule) for kind in SENSITIVITY_KINDS},
+                       "probe": {**sensitivity.get("probe", {}), "steps": "schedule"}}
     mode = min(searched, key=final_rse.get) if final_rse else modes[0]
     found = searched[mode]
     session = found.session
@@ -468,12 +486,13 @@ class _Searched(NamedTuple):
     cached: frozenset[int] | None  # cache="step": the steps cached whole
 
 
-def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict) -> _Searched:
+def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict, weigh_steps=None) -> _Searched:
     """The calibration passes of one search (two with a target: the first to fit the budget)."""
     steps = config.num_inference_steps
     cached = cached_schedule(steps, config.target) if config.cache == "step" else None
     started = time.perf_counter()
-    session, latents = run_pass(pipe, spec, call, config, bar, weights=weights, cached_steps=cached)
+    session, latents = run_pass(pipe, spec, call, config, bar, weights=weights, cached_steps=cached,
+                                weigh_steps=weigh_steps)
     seconds["passes"].append(time.perf_counter() - started)
     seconds["solver"] += session.solver_seconds
     if config.target is None:
@@ -505,7 +524,7 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict)
     started = time.perf_counter()
     session, latents = run_pass(
         pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights,
-        delta_for_step=controller, cached_steps=cached,
+        delta_for_step=controller, cached_steps=cached, weigh_steps=weigh_steps,
     )
     seconds["passes"].append(time.perf_counter() - started)
     seconds["solver"] += session.solver_seconds

@@ -357,8 +357,10 @@ def cmd_inspect(args) -> None:
 
 
 def _sensitivity(value: str | None):
-    """``measure``, or a calibrated plan whose sensitivity measurement is reused."""
-    if value is None or value == "measure":
+    """One of ``sensitivity.MODES``, or a calibrated plan whose sensitivity measurement is reused."""
+    from .sensitivity import MODES
+
+    if value is None or value in MODES:
         return value
     weights = _load_plan(value, "--sensitivity").provenance.get("search", {}).get("sensitivity")
     if not weights:
@@ -572,7 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
                                 "target and --budget generation); auto: both, keeping the plan nearer full attention")
     calibrate.add_argument("--sensitivity", default=None,
-                           help="'measure' (probes: one pass per layer and one per step and kind of method) or a calibrated plan whose measurement to reuse")
+                           help="'measure' (probes: one pass per layer and one per step and kind of method), "
+                                "'schedule' (step weights from the scheduler's noise levels: no probes), "
+                                "'measure+schedule' (layers probed, steps from the noise levels), or a "
+                                "calibrated plan whose measurement to reuse")
     calibrate.add_argument("-o", "--output", required=True, help="plan file (JSON)")
     calibrate.add_argument("--png", default=None, help="also draw the plan's heatmap here (.png, .pdf, .svg, ...)")
     calibrate.set_defaults(run=cmd_calibrate)
