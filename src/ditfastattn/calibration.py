@@ -186,8 +186,9 @@ class SearchConfig:
             needs a scheduler with ``sigmas``, as the flow-matching ones have); no layer or head
             weights. ``"measure+schedule"``: the layer and head weights measured as by
             ``"measure"``, the step weights from the noise levels instead of the step probes, so
-            about ``layers`` passes instead of ``layers + steps`` (on both testbeds at 0.6
-            sparsity the two searches tie; docs/history/CALIBRATION_NOTES.md). None: all 1.
+            about ``layers`` passes instead of ``layers + steps`` (at 0.6 sparsity it ties
+            ``"measure"`` on SD3 and on FLUX's first prompts and trails it by 0.024 SSIM on others;
+            docs/history/CALIBRATION_NOTES.md). None: all 1.
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
