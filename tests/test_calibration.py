@@ -602,6 +602,17 @@ def test_schedule_sensitivity_refuses_a_scheduler_without_noise_levels_and_leave
     ditfastattn.remove(pipe)
 
 
+def test_schedule_sensitivity_refuses_a_pipeline_that_never_sets_the_timesteps_it_could_read(monkeypatch):
+    from ditfastattn._calibration_session import _CalibrationSession
+
+    pipe = make_pipeline("flux")
+    monkeypatch.setattr(_CalibrationSession, "follow_scheduler", lambda self, check=True: None)  # no hook
+    search = config("flux", delta=0.2, sensitivity="schedule")
+    with pytest.raises(ValueError, match="did not do before denoising"):
+        ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    assert "forward" not in pipe.transformer.__dict__
+
+
 def test_a_heavier_step_weight_keeps_that_step_more_exact():
     pipe = make_pipeline("flux")
     names = ditfastattn.calibrate(pipe, prompts("flux"), config("flux", delta=0.0), progress=False).layer_names

@@ -187,6 +187,7 @@ class _CalibrationSession(Session):
         self.weights = np.broadcast_to(weights[:, :, None] if weights.ndim == 3 else weights, shape)
         self._given_weights = self.weights
         self.weigh_steps = weigh_steps
+        self._steps_weighed = False
         self.forced = forced
         self.measure = measure
         self.measure_steps = measure_steps
@@ -219,6 +220,7 @@ class _CalibrationSession(Session):
         if self.weigh_steps is not None:
             factors = self.weigh_steps(self.scheduler_hook.scheduler, num_steps)
             self.weights = self._given_weights * factors[:, None, None, :]
+            self._steps_weighed = True
 
     # decisions -----------------------------------------------------------------------------
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense):
@@ -396,6 +398,11 @@ class _CalibrationSession(Session):
         return scores * self.weights[self.step, layer.index, : scores.shape[0]]
 
     def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
+        if self.weigh_steps is not None and not self._steps_weighed:  # else the steps would go unweighted
+            raise ValueError(
+                "sensitivity='schedule' reads the noise levels when the pipeline sets the timesteps of pipe.scheduler, "
+                "which this pipeline did not do before denoising: use sensitivity='measure' (or None)"
+            )
         step, index, heads = self.step, layer.index, layer.spec.heads  # every head of the layer, wherever computed
         image_tokens, layer_text = q.shape[1] - text_len, text_len
         tiles = layer.geometry.layout.tile_grid()
