@@ -47,7 +47,9 @@ def schedule_weights(pipe, steps: int) -> list[float]:
 
 def main():
     args = arguments(0.6, "head", **{"--variants": dict(default="none;measured;measured steps;schedule",
-                                                         help="names of VARIANTS, separated by ;")})
+                                                         help="names of VARIANTS, separated by ;"),
+                                     "--per-layer": dict(action="store_true",
+                                                         help="the paper's per-layer budget with c=1.5 (the default search's)")})
     started = time.perf_counter()
     pipe, cal, held, seeds = setup(args)
     measured = committed_sensitivity(args.kind, args.steps)
@@ -66,7 +68,9 @@ def main():
     variants = {name: variants[name] for name in args.variants.split(";")}
     plans, seconds = {}, {}
     for name, sensitivity in variants.items():
-        config = recommended_search(args.kind, args.steps, args.target, cache=args.cache, sensitivity=sensitivity)
+        budget = {"budget": "layer", "head_coefficient": 1.5} if args.per_layer else {}
+        config = recommended_search(args.kind, args.steps, args.target, cache=args.cache, sensitivity=sensitivity,
+                                    **budget)
         t0 = time.perf_counter()
         plans[name] = calibrate(pipe, cal, config, progress=False)
         seconds[name] = round(time.perf_counter() - t0, 1)
@@ -77,6 +81,7 @@ def main():
              if a in plans and b in plans]
     scored, ssim, differences = score_paired(pipe, plans, held, args.steps, seeds, pairs)
     meta = {**environment(torch.device("cpu")), "kind": args.kind, "target": args.target, "cache": args.cache,
+            "budget": "layer, c=1.5" if args.per_layer else "generation, c=none",
             "heldout_seed": args.heldout_seed, "steps": args.steps, "heldout": len(held), "seeds": seeds,
             "schedule_weights": by_schedule, "calibration_seconds": seconds,
             "seconds": round(time.perf_counter() - started, 1)}
