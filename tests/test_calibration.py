@@ -583,7 +583,7 @@ def test_measured_layers_with_schedule_steps_skip_the_step_probes(monkeypatch):
     assert len(passes) == 1 + len(plan.layer_names)  # reused: nothing measured again
 
 
-def test_schedule_sensitivity_refuses_a_scheduler_without_noise_levels_and_leaves_the_model_as_it_was():
+def test_schedule_sensitivity_refuses_a_scheduler_without_noise_levels_and_leaves_the_model_as_it_was(monkeypatch):
     pipe = make_pipeline("flux")
     scheduler = pipe.scheduler
     original = scheduler.set_timesteps
@@ -597,6 +597,15 @@ def test_schedule_sensitivity_refuses_a_scheduler_without_noise_levels_and_leave
     search = config("flux", delta=0.2, sensitivity="schedule")
     with pytest.raises(ValueError, match="sensitivity='schedule' reads the noise level of every step"):
         ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    from ditfastattn import sensitivity
+
+    passes = []
+    run_pass = sensitivity.run_pass
+    monkeypatch.setattr(sensitivity, "run_pass", lambda *args, **kwargs: passes.append(1) or run_pass(*args, **kwargs))
+    with pytest.raises(ValueError, match="reads the noise level of every step"):  # at the first pass, not after the probes
+        ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity="measure+schedule"),
+                              progress=False)
+    assert passes == [1]
     assert "forward" not in pipe.transformer.__dict__ and pipe.scheduler.set_timesteps is set_timesteps
     ditfastattn.apply(pipe, ditfastattn.Plan.uniform(pipe.transformer, STEPS, "full"))
     ditfastattn.remove(pipe)

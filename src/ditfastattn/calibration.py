@@ -385,15 +385,15 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     seconds: dict[str, Any] = {"sensitivity": 0.0, "passes": [], "solver": 0.0}
     sensitivity, reference = config.sensitivity, None  # the uncompressed pass's latents, once run
     by_schedule = sensitivity in ("schedule", "measure+schedule")
+    schedule: list[float] = []  # the step weights from the noise levels, read at each pass's start
+    weigh_steps = schedule_weigher(config.candidates, schedule) if by_schedule else None
     if sensitivity in ("measure", "measure+schedule"):
         started = time.perf_counter()
         sensitivity, reference = measure_sensitivity(pipe, spec, call, config, progress=progress,
-                                                     probe_steps=not by_schedule)
+                                                     weigh_steps=weigh_steps)
         seconds["sensitivity"] = time.perf_counter() - started
     elif by_schedule:
         sensitivity = {}
-    schedule: list[float] = []  # the step weights from the noise levels, read at each pass's start
-    weigh_steps = schedule_weigher(config.candidates, schedule) if by_schedule else None
     weights = weights_array(sensitivity or None, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
     modes = ("head", "step") if config.cache == "auto" else (config.cache,)

@@ -146,16 +146,18 @@ def _normalised(ratios: np.ndarray) -> np.ndarray:
 
 
 def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: bool = True,
-                        probe_steps: bool = True) -> tuple[dict[str, Any], Any]:
+                        weigh_steps=None) -> tuple[dict[str, Any], Any]:
     """``{"layers": {layer name: weight}, "steps": {kind: [weight per step]}, "probe": {...}}``
     for ``config.sensitivity``, and the uncompressed pass's final latents the probes were measured
     against; ``call`` holds the pipeline's keyword arguments of the calibration run (prompts included).
-    Without ``probe_steps``, no step weights (``"steps"`` empty: the caller takes them elsewhere).
+    With ``weigh_steps`` (:func:`schedule_weigher`'s) the step weights come from the schedule: no
+    step probes (``"steps"`` empty), and the first pass already reads the schedule, so a scheduler
+    without one is refused before the layer probes.
     """
     steps = config.num_inference_steps  # at least 2 (SearchConfig checks)
     layer_probe = probe_method(config.candidates)
     step_probes = {"cache": "cache" if "cache" in config.candidates else None, "arrow": arrow_probe(config.candidates)}
-    step_probes = {kind: method for kind, method in step_probes.items() if method is not None and probe_steps}
+    step_probes = {kind: method for kind, method in step_probes.items() if method is not None and weigh_steps is None}
 
     def plan_with(method: str, where) -> Plan:
         rows = [
@@ -179,7 +181,7 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
     passes = 2 + len(spec.layers) + len(step_probes) * (steps - 1)
     recorded: dict = {}
     with tqdm(total=passes, desc="ditfastattn sensitivity", unit="pass", disable=not progress) as bar:
-        _, reference = reference_pass(pipe, spec, call, config, record=recorded)
+        _, reference = reference_pass(pipe, spec, call, config, record=recorded, weigh_steps=weigh_steps)
         bar.update(1)
         if context_parallel(pipe.transformer):
             heads = None
