@@ -67,7 +67,16 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
     generation = {"head_coefficient": None, "budget": "generation", "deltas": GENERATION_DELTAS}
     stepped = {"head_coefficient": None, "budget": "generation", "sensitivity": "measured", "targets": targets}
     headed = {**stepped, "sensitivity": "measured+heads"}
+    # The library's own modes, measured by each search: step weights from the noise schedule alone
+    # (no probes), and with the layer and head weights measured.
+    scheduled = {**stepped, "sensitivity": "schedule"}
+    layered = {**stepped, "sensitivity": "measure+schedule"}
     named = {
+        "generation budget + schedule sensitivity": scheduled,
+        "layer-wise, generation budget + schedule sensitivity": {**scheduled, "granularity": "layer"},
+        "generation budget + schedule sensitivity, cache auto": {**scheduled, "cache": "auto"},
+        "layer-wise, generation budget + schedule sensitivity, cache auto": {**scheduled, "cache": "auto", "granularity": "layer"},
+        "generation budget + measured layer and head, schedule step sensitivity, cache auto": {**layered, "cache": "auto"},
         "generation budget + step sensitivity": stepped,
         "layer-wise, generation budget + step sensitivity": {**stepped, "granularity": "layer"},
         "generation budget + step and head sensitivity": headed,
@@ -107,6 +116,11 @@ ABLATIONS = {
     ("generation budget + step and head sensitivity, cache per step", "generation budget + step and head sensitivity"),
     ("generation budget + step and head sensitivity, cache auto, AA+OC+RS", "generation budget + step and head sensitivity, cache auto"),
     ("generation budget + step and head sensitivity, cache auto, AA+OC+PK", "generation budget + step and head sensitivity, cache auto"),
+    ("generation budget + schedule sensitivity", "generation budget"),
+    ("generation budget + schedule sensitivity", "generation budget + step sensitivity"),
+    ("generation budget + step and head sensitivity, cache auto", "generation budget + schedule sensitivity, cache auto"),
+    ("generation budget + step and head sensitivity, cache auto",
+     "generation budget + measured layer and head, schedule step sensitivity, cache auto"),
 }
 
 # Target checks: name -> SearchConfig changes.
@@ -253,7 +267,8 @@ def run(kind: str, args, save) -> dict:
     pipe.set_progress_bar_config(disable=True)
     calibration = calibration_prompts(args.prompts, args.heldout_seed)
     heldout = heldout_prompts(args.heldout_seed)[: args.heldout]
-    base = SearchConfig(num_inference_steps=args.steps, candidates=SETS["AA+OC"], seed=0)
+    # No weights unless a curve names them (the library's default weighs steps by the schedule).
+    base = SearchConfig(num_inference_steps=args.steps, candidates=SETS["AA+OC"], seed=0, sensitivity=None)
     references = {seed: images(pipe, heldout, args.steps, seed) for seed in args.seeds}
     sensitivity, seconds = measured_sensitivity(pipe, kind, calibration, base, args.sensitivity)
     result = {"plans": {}, "groups": {}, "targets": {}, "sensitivity": sensitivity, "sensitivity_seconds": seconds}
@@ -433,6 +448,9 @@ PLOTTED = {
     "generation budget + step and head sensitivity, cache auto, AA+OC+PK": ("head-wise, cache auto, pooled keys", "C9", "-"),
     "layer-wise, generation budget + step and head sensitivity, cache auto, AA+OC+PK": (
         "layer-wise, cache auto, pooled keys", "C9", "--"),
+    "generation budget + schedule sensitivity, cache auto": ("head-wise, cache auto, schedule's step weights (no probes)", "C8", "-"),
+    "layer-wise, generation budget + schedule sensitivity, cache auto": (
+        "layer-wise, cache auto, schedule's step weights (no probes)", "C8", "--"),
     "generation budget + step and head sensitivity, cache per step": ("head-wise, cache per step", "C2", "-"),
     "layer-wise, generation budget + step and head sensitivity, cache per step": ("layer-wise, cache per step", "C2", "--"),
     "generation budget + step and head sensitivity": ("head-wise, cache per head", "C1", "-"),
