@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -512,7 +513,7 @@ def test_measured_sensitivity_weighs_steps_and_kinds_and_reuses_exactly():
 
 def squared_step_sizes(sigmas, steps: int) -> np.ndarray:
     sizes = np.diff(-np.asarray(sigmas, dtype=np.float64)[: steps + 1])
-    return sizes[1:] ** 2 / np.exp(np.mean(np.log(sizes[1:] ** 2)))
+    return sizes[1:] ** 2 / np.median(sizes[1:] ** 2)
 
 
 def test_schedule_weights_are_the_squared_step_sizes_and_refuse_schedules_without_them():
@@ -529,10 +530,11 @@ def test_schedule_weights_are_the_squared_step_sizes_and_refuse_schedules_withou
     assert np.allclose(weights[1:], squared_step_sizes(scheduler.sigmas.numpy(), 12), rtol=1e-5)
     # Shifted flow matching takes its largest steps late; the last (to sigma 0) is short again.
     assert np.all(np.diff(weights[1:-1]) > 0) and weights[-1] < weights[-2]
-    with pytest.raises(ValueError, match="sigmas, which SimpleNamespace does not give for 12 steps"):
+    with pytest.raises(ValueError, match="SimpleNamespace gives no sigmas for 12 steps"):
         schedule_step_weights(SimpleNamespace(), 12)
-    with pytest.raises(ValueError, match="noise levels that fall at every step"):
+    with pytest.raises(ValueError, match=r"sigmas \[1.0, 0.5, 0.5, 0.0\] do not fall at every step"):
         schedule_step_weights(SimpleNamespace(sigmas=torch.tensor([1.0, 0.5, 0.5, 0.0])), 3)
+    assert schedule_step_weights(scheduler, 1) == [1.0]  # step 0 alone
 
 
 def test_schedule_sensitivity_weighs_steps_as_the_pipeline_schedules_them_and_reuses_exactly():
@@ -611,15 +613,64 @@ def test_schedule_sensitivity_refuses_a_scheduler_without_noise_levels_and_leave
     ditfastattn.remove(pipe)
 
 
-def test_schedule_sensitivity_refuses_a_pipeline_that_never_sets_the_timesteps_it_could_read(monkeypatch):
+def test_schedule_sensitivity_refuses_a_pipeline_that_never_sets_the_timesteps_it_could_read(monkeypatch, caplog):
     from ditfastattn._calibration_session import _CalibrationSession
 
     pipe = make_pipeline("flux")
     monkeypatch.setattr(_CalibrationSession, "follow_scheduler", lambda self, check=True: None)  # no hook
     search = config("flux", delta=0.2, sensitivity="schedule")
-    with pytest.raises(ValueError, match="did not do before denoising"):
+    with pytest.raises(ValueError, match="did not set the timesteps of pipe.scheduler before denoising"):
         ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
     assert "forward" not in pipe.transformer.__dict__
+    assert_the_default_weighs_no_step(pipe, search, caplog, "did not set the timesteps")
+
+
+def assert_the_default_weighs_no_step(pipe, search, caplog, reason: str) -> None:
+    """``sensitivity="auto"`` searches as None does and says ``reason`` once in the log."""
+    with caplog.at_level(logging.INFO, logger="ditfastattn"):
+        plan = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity="auto"), progress=False)
+    said = [r.getMessage() for r in caplog.records if "weighs no step" in r.getMessage()]
+    assert len(said) == 1 and reason in said[0]
+    plain = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity=None), progress=False)
+    assert plan.methods == plain.methods and plan.provenance["search"]["sensitivity"] is None
+
+
+def test_the_default_sensitivity_is_the_schedule_where_the_scheduler_gives_one():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = make_pipeline("flux")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
+    search = config("flux", delta=0.05, budget="generation", head_coefficient=None)
+    assert search.sensitivity == "auto"
+    plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    scheduled = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity="schedule"),
+                                      progress=False)
+    assert plan.provenance["search"]["sensitivity"]["probe"] == {"steps": "schedule"}
+    assert plan.provenance["search"]["sensitivity"] == scheduled.provenance["search"]["sensitivity"]
+    assert plan.methods == scheduled.methods
+    plain = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, sensitivity=None), progress=False)
+    assert plan.methods != plain.methods  # the weights are applied
+    # One step has no step to weigh: the default takes it (a named mode is refused at the config).
+    single = ditfastattn.calibrate(pipe, prompts("flux"), config("flux", num_inference_steps=1), progress=False)
+    assert single.provenance["search"]["sensitivity"] == {"steps": {"cache": [1.0], "arrow": [1.0]},
+                                                          "probe": {"steps": "schedule"}}
+
+
+def test_the_default_sensitivity_weighs_no_step_without_noise_levels_and_says_so_once(monkeypatch, caplog):
+    pipe = make_pipeline("flux")
+    scheduler = pipe.scheduler
+    original = scheduler.set_timesteps
+
+    @functools.wraps(original)  # the pipeline reads its signature
+    def set_timesteps(*args, **kwargs):  # one step goes up in noise: still a schedule the sampler runs
+        original(*args, **kwargs)
+        scheduler.sigmas[[1, 2]] = scheduler.sigmas[[2, 1]]
+
+    scheduler.set_timesteps = set_timesteps
+    # A target: two passes, each setting the timesteps.
+    search = config("flux", target_sparsity=0.4, budget="generation", head_coefficient=None)
+    assert search.sensitivity == "auto"
+    assert_the_default_weighs_no_step(pipe, search, caplog, "do not fall at every step")
 
 
 def test_a_heavier_step_weight_keeps_that_step_more_exact():

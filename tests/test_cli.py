@@ -27,6 +27,7 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
                  "--candidates", "full,cache,arrow:0.5", "-o", str(plan_path), "--png", str(png)]) == 0
     plan = Plan.load(plan_path)
     assert plan.num_steps == 3 and plan.provenance["search"]["delta"] == 0.5
+    assert plan.provenance["search"]["sensitivity"]["probe"] == {"steps": "schedule"}  # the default, auto
     assert png.stat().st_size > 0
     assert main(["inspect", str(plan_path), "--png", str(tmp_path / "again.png")]) == 0
     out = capsys.readouterr().out
@@ -44,9 +45,9 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
     assert search["sensitivity"]["probe"] == {"steps": "schedule"} and len(search["sensitivity"]["steps"]["arrow"]) == 3
     assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.5", "--steps", "4", "--cache", "step",
                  "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",
-                 "-o", str(priced)]) == 0
+                 "--sensitivity", "none", "-o", str(priced)]) == 0
     search = Plan.load(priced).provenance["search"]
-    assert search["cache"] == "step" and search["cached_steps"] == [1, 3]
+    assert search["cache"] == "step" and search["cached_steps"] == [1, 3] and search["sensitivity"] is None
     capsys.readouterr()
     assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.5", "--steps", "4", "--cache", "auto",
                  "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",

@@ -149,8 +149,9 @@ class _CalibrationSession(Session):
     None), as the sensitivity probe needs. With ``cached_steps`` (a set of steps; ``SearchConfig(cache=
     "step")``), caching is decided per step: at those steps every head reuses its previous output,
     at the others none does. ``weigh_steps(scheduler, num_steps)``, called whenever the pipeline
-    sets the timesteps (before any step is decided), gives (steps, candidates) factors by which the
-    weights are multiplied (``sensitivity="schedule"``: from the scheduler's noise levels).
+    sets the timesteps (before any step is decided; with None at the first decision when it never
+    did), gives (steps, candidates) factors by which the weights are multiplied
+    (``sensitivity="schedule"``: from the scheduler's noise levels).
     """
 
     layout_aware = True
@@ -218,9 +219,12 @@ class _CalibrationSession(Session):
     def scheduler_set(self, num_steps: int) -> None:
         super().scheduler_set(num_steps)
         if self.weigh_steps is not None:
-            factors = self.weigh_steps(self.scheduler_hook.scheduler, num_steps)
-            self.weights = self._given_weights * factors[:, None, None, :]
-            self._steps_weighed = True
+            self._weigh(self.scheduler_hook.scheduler, num_steps)
+
+    def _weigh(self, scheduler, num_steps: int) -> None:
+        factors = self.weigh_steps(scheduler, num_steps)
+        self.weights = self._given_weights * factors[:, None, None, :]
+        self._steps_weighed = True
 
     # decisions -----------------------------------------------------------------------------
     def row(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense):
@@ -398,11 +402,8 @@ class _CalibrationSession(Session):
         return scores * self.weights[self.step, layer.index, : scores.shape[0]]
 
     def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
-        if self.weigh_steps is not None and not self._steps_weighed:  # else the steps would go unweighted
-            raise ValueError(
-                "sensitivity='schedule' reads the noise levels when the pipeline sets the timesteps of pipe.scheduler, "
-                "which this pipeline did not do before denoising: use sensitivity='measure' (or None)"
-            )
+        if self.weigh_steps is not None and not self._steps_weighed:  # no timesteps set: refused, or unweighted
+            self._weigh(None, self.plan.num_steps)
         step, index, heads = self.step, layer.index, layer.spec.heads  # every head of the layer, wherever computed
         image_tokens, layer_text = q.shape[1] - text_len, text_len
         tiles = layer.geometry.layout.tile_grid()

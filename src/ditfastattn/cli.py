@@ -356,11 +356,14 @@ def cmd_inspect(args) -> None:
         print(f"heatmap: {png}")
 
 
-def _sensitivity(value: str | None):
-    """One of ``sensitivity.MODES``, or a calibrated plan whose sensitivity measurement is reused."""
+def _sensitivity(value: str):
+    """One of ``sensitivity.MODES``, ``none`` (no weights), or a calibrated plan whose sensitivity
+    measurement is reused."""
     from .sensitivity import MODES
 
-    if value is None or value in MODES:
+    if value == "none":
+        return None
+    if value in MODES:
         return value
     weights = _load_plan(value, "--sensitivity").provenance.get("search", {}).get("sensitivity")
     if not weights:
@@ -385,7 +388,7 @@ def _search_config(args):
         "impl": args.impl,
         "target_sparsity": getattr(args, "target_sparsity", None),
         "target_speedup": getattr(args, "target_speedup", None),
-        "sensitivity": _sensitivity(getattr(args, "sensitivity", None)),
+        "sensitivity": _sensitivity(getattr(args, "sensitivity", "auto")),  # evaluate: the library's default
     }
     try:
         if args.candidates is not None:
@@ -573,9 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--cache", choices=["head", "step", "auto"], default="head",
                            help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
                                 "target and --budget generation); auto: both, keeping the plan nearer full attention")
-    calibrate.add_argument("--sensitivity", default=None,
-                           help="'measure' (probes: one pass per layer and one per step and kind of method), "
-                                "'schedule' (step weights from the scheduler's noise levels: no probes), "
+    calibrate.add_argument("--sensitivity", default="auto",
+                           help="'auto' (step weights from the scheduler's noise levels where it gives them, else "
+                                "none), 'none' (the paper's search), "
+                                "'measure' (probes: one pass per layer and one per step and kind of method), "
+                                "'schedule' (step weights from the scheduler's noise levels, refused without them), "
                                 "'measure+schedule' (layers probed, steps from the noise levels), or a "
                                 "calibrated plan whose measurement to reuse")
     calibrate.add_argument("-o", "--output", required=True, help="plan file (JSON)")

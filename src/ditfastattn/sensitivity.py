@@ -56,7 +56,7 @@ from .runtime.parallel import context_parallel
 logger = logging.getLogger(__name__)
 
 KINDS = ("cache", "arrow")
-MODES = ("measure", "schedule", "measure+schedule")  # SearchConfig.sensitivity's named ways
+MODES = ("auto", "measure", "schedule", "measure+schedule")  # SearchConfig.sensitivity's named ways
 STAND_IN_PROBE = "arrow:0.03125"  # the narrowest of the default arrows (calibration.ARROWS)
 
 
@@ -93,8 +93,11 @@ def kind_of(method) -> str | None:
 
 def schedule_step_weights(scheduler, steps: int) -> list[float]:
     """Step weights from the sampler's noise levels, without probes (``sensitivity="schedule"``):
-    ``(sigma_s - sigma_{s+1})²`` at step s, normalised to a geometric mean of 1 over steps 1..
-    (step 0 runs every head full: 1).
+    ``(sigma_s - sigma_{s+1})²`` at step s, normalised to a median of 1 over steps 1.. (step 0
+    runs every head full: 1), so a typical step keeps ``delta``'s meaning: schedulers whose last
+    step is tiny (the unshifted flow-matching default ends at sigma 0.001) would otherwise inflate
+    every other step's weight in a short schedule. ``scheduler`` None: the pipeline never set its
+    timesteps.
 
     An Euler step adds ``sigma_s - sigma_{s+1}`` times the velocity's error to the latents, so a
     local error at step s reaches the final latents in proportion to that step size squared, and
@@ -102,33 +105,52 @@ def schedule_step_weights(scheduler, steps: int) -> list[float]:
     weights over this stay within 0.7-2.1x of their median, where the weights themselves span 300x
     (docs/history/CALIBRATION_NOTES.md). The cache probes' weights follow it less closely (caching
     right after step 0 costs more, in mid steps less).
+
+    Raises :class:`ScheduleUnreadable` (a ValueError) when the noise levels cannot be read.
     """
+    if scheduler is None:
+        raise ScheduleUnreadable("the pipeline did not set the timesteps of pipe.scheduler before denoising")
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is None or len(sigmas) < steps + 1:
-        raise ValueError(
-            f"sensitivity='schedule' reads the noise level of every step from the scheduler's sigmas, which "
-            f"{type(scheduler).__name__} does not give for {steps} steps: use sensitivity='measure' (or None)"
-        )
+        raise ScheduleUnreadable(f"{type(scheduler).__name__} gives no sigmas for {steps} steps")
     sigmas = torch.as_tensor(sigmas[: steps + 1]).detach().double().cpu().numpy()
     sizes = sigmas[:-1] - sigmas[1:]
     if not (np.isfinite(sizes).all() and (sizes > 0).all()):
-        raise ValueError(
-            f"sensitivity='schedule' needs noise levels that fall at every step; {type(scheduler).__name__}'s sigmas "
-            f"are {np.round(sigmas, 4).tolist()}: use sensitivity='measure' (or None)"
-        )
+        raise ScheduleUnreadable(
+            f"{type(scheduler).__name__}'s sigmas {np.round(sigmas, 4).tolist()} do not fall at every step")
     squared = sizes[1:] ** 2
-    return [1.0] + [float(f"{w:.6g}") for w in squared / np.exp(np.log(squared).mean())]
+    if not len(squared):  # one step: step 0 alone
+        return [1.0]
+    return [1.0] + [float(f"{w:.6g}") for w in squared / np.median(squared)]
 
 
-def schedule_weigher(candidates, record: list):
+class ScheduleUnreadable(ValueError):
+    """The scheduler gives no noise level that falls at every step (the message says why)."""
+
+
+def schedule_weigher(candidates, record: list, mode: str = "schedule"):
     """``weigh_steps`` of a calibration session whose step weights come from the schedule
-    (``sensitivity="schedule"`` or ``"measure+schedule"``): each approximate candidate's scores at
-    step s times :func:`schedule_step_weights`'s weight of s (exact ones keep theirs); the weights
-    land in ``record``."""
+    (``sensitivity`` ``mode``: ``"schedule"``, ``"measure+schedule"`` or ``"auto"``): each
+    approximate candidate's scores at step s times :func:`schedule_step_weights`'s weight of s
+    (exact ones keep theirs); the weights land in ``record``. A schedule that cannot be read is
+    refused, except under ``"auto"``, which weighs no step then (``record`` left empty) and says
+    so once in the log."""
     approximate = np.array([kind_of(parse_method(name)) is not None for name in candidates])
+    said = []
 
     def weigh(scheduler, steps: int) -> np.ndarray:
-        record[:] = schedule_step_weights(scheduler, steps)
+        try:
+            record[:] = schedule_step_weights(scheduler, steps)
+        except ScheduleUnreadable as reason:
+            if mode != "auto":
+                raise ValueError(f"sensitivity={mode!r} reads the noise level of every step from the pipeline's "
+                                 f"scheduler, but {reason}: use sensitivity='measure' (or None)") from None
+            if not said:
+                logger.info("ditfastattn calibrate: sensitivity='auto' weighs no step (%s); "
+                            "sensitivity='measure' measures the step weights instead", reason)
+                said.append(True)
+            record[:] = []
+            return np.ones((steps, len(candidates)))
         return np.where(approximate[None, :], np.asarray(record)[:, None], 1.0)
 
     return weigh
