@@ -469,7 +469,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 9.4), squeeze=False)
     for column, (kind, result) in enumerate(results.items()):
         for row, metric in enumerate(("ssim", "psnr")):
             axis = axes[row][column]
@@ -488,7 +488,7 @@ def plot(results: dict, path: Path) -> None:
             axis.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
