@@ -13,7 +13,7 @@ about the same priced (time) sparsity; each plan's FLOP and priced sparsity are 
     PYTHONPATH=src python pool_priced.py OUT.json --kind flux --target 0.6 --pool-target 0.63 --cache auto --embeddings emb.pt
 
 ``--slowdown pool:2=R,pool:4=R`` replaces those ratios: on the fused kernels (e34980a) 0.97 / 0.93 and
-0.93 / 0.87 (``benchmarks/results/pool_speed_h100.json``), 1.04 and 1.07.
+0.93 / 0.87 (``results/pool_speed_h100_aff3355.json``), 1.04 and 1.07.
 """
 import sys
 import time
