@@ -167,6 +167,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         ([*cal, "--budget", "generation"], "set head_coefficient=None"),
         ([*cal, "--cache", "step", "--target-sparsity", "0.5"], "cache='step' searches the windows of the other steps under one exchange rate: set budget='generation'"),
         ([*cal, "--delta", "nan"], "--delta: 'nan' is not a finite number"),
+        ([*ev, "--sensitivity", str(tmp_path / "no-plan.json")], "--sensitivity: "),  # evaluate takes it too
         ([*cal, "--candidates", ""], "--candidates: give comma-separated method names"),
         ([*cal, "--candidates", "full,,cache"], "--candidates: give comma-separated method names"),
         ([*cal, "--head-coefficient", "0"], "--head-coefficient: must be > 0"),

@@ -388,7 +388,7 @@ def _search_config(args):
         "impl": args.impl,
         "target_sparsity": getattr(args, "target_sparsity", None),
         "target_speedup": getattr(args, "target_speedup", None),
-        "sensitivity": _sensitivity(getattr(args, "sensitivity", "auto")),  # evaluate: the library's default
+        "sensitivity": _sensitivity(args.sensitivity),
     }
     try:
         if args.candidates is not None:
@@ -562,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "windows); tile windows and pooled keys need a model whose calls give the image grid")
         p.add_argument("--candidates", type=_candidates, default=None,
                        help="comma-separated methods (overrides --method-set)")
+        p.add_argument("--sensitivity", default="auto",
+                       help="'auto' (step weights from the scheduler's noise levels where it gives them, else "
+                            "none), 'none' (the paper's search), "
+                            "'measure' (probes: one pass per layer and one per step and kind of method), "
+                            "'schedule' (step weights from the scheduler's noise levels, refused without them), "
+                            "'measure+schedule' (layers probed, steps from the noise levels), or a "
+                            "calibrated plan whose measurement to reuse")
 
     calibrate = command("calibrate", "search a head-wise plan")
     model_args(calibrate)
@@ -576,13 +583,6 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--cache", choices=["head", "step", "auto"], default="head",
                            help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
                                 "target and --budget generation); auto: both, keeping the plan nearer full attention")
-    calibrate.add_argument("--sensitivity", default="auto",
-                           help="'auto' (step weights from the scheduler's noise levels where it gives them, else "
-                                "none), 'none' (the paper's search), "
-                                "'measure' (probes: one pass per layer and one per step and kind of method), "
-                                "'schedule' (step weights from the scheduler's noise levels, refused without them), "
-                                "'measure+schedule' (layers probed, steps from the noise levels), or a "
-                                "calibrated plan whose measurement to reuse")
     calibrate.add_argument("-o", "--output", required=True, help="plan file (JSON)")
     calibrate.add_argument("--png", default=None, help="also draw the plan's heatmap here (.png, .pdf, .svg, ...)")
     calibrate.set_defaults(run=cmd_calibrate)
