@@ -537,6 +537,22 @@ def test_schedule_weights_are_the_squared_step_sizes_and_refuse_schedules_withou
     assert schedule_step_weights(scheduler, 1) == [1.0]  # step 0 alone
 
 
+def test_the_default_weighs_no_step_of_a_ddim_style_scheduler(caplog):
+    from diffusers import CogVideoXDDIMScheduler
+
+    from ditfastattn.sensitivity import schedule_weigher
+
+    scheduler = CogVideoXDDIMScheduler()
+    scheduler.set_timesteps(6)
+    candidates, record = ("full", "cache", "arrow:0.25"), []
+    with caplog.at_level(logging.INFO, logger="ditfastattn"):
+        factors = schedule_weigher(candidates, record, "auto")(scheduler, 6)
+    assert np.array_equal(factors, np.ones((6, 3))) and record == []
+    assert any("CogVideoXDDIMScheduler gives no sigmas" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="sensitivity='schedule' reads the noise level .* CogVideoXDDIMScheduler gives no"):
+        schedule_weigher(candidates, record, "schedule")(scheduler, 6)
+
+
 def test_schedule_sensitivity_weighs_steps_as_the_pipeline_schedules_them_and_reuses_exactly():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
