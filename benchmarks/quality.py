@@ -70,13 +70,13 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
     # The library's own modes, measured by each search: step weights from the noise schedule alone
     # (no probes), and with the layer and head weights measured.
     scheduled = {**stepped, "sensitivity": "schedule"}
-    layered = {**stepped, "sensitivity": "measure+schedule"}
+    layers_measured = {**stepped, "sensitivity": "measure+schedule"}
     named = {
         "generation budget + schedule sensitivity": scheduled,
         "layer-wise, generation budget + schedule sensitivity": {**scheduled, "granularity": "layer"},
         "generation budget + schedule sensitivity, cache auto": {**scheduled, "cache": "auto"},
         "layer-wise, generation budget + schedule sensitivity, cache auto": {**scheduled, "cache": "auto", "granularity": "layer"},
-        "generation budget + measured layer and head, schedule step sensitivity, cache auto": {**layered, "cache": "auto"},
+        "generation budget + measured layer and head, schedule step sensitivity, cache auto": {**layers_measured, "cache": "auto"},
         "generation budget + step sensitivity": stepped,
         "layer-wise, generation budget + step sensitivity": {**stepped, "granularity": "layer"},
         "generation budget + step and head sensitivity": headed,

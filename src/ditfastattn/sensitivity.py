@@ -136,9 +136,10 @@ def schedule_weigher(candidates, record: list, mode: str = "schedule"):
     refused, except under ``"auto"``, which weighs no step then (``record`` left empty) and says
     so once in the log."""
     approximate = np.array([kind_of(parse_method(name)) is not None for name in candidates])
-    said = []
+    said = False
 
     def weigh(scheduler, steps: int) -> np.ndarray:
+        nonlocal said
         try:
             record[:] = schedule_step_weights(scheduler, steps)
         except ScheduleUnreadable as reason:
@@ -148,7 +149,7 @@ def schedule_weigher(candidates, record: list, mode: str = "schedule"):
             if not said:
                 logger.info("ditfastattn calibrate: sensitivity='auto' weighs no step (%s); "
                             "sensitivity='measure' measures the step weights instead", reason)
-                said.append(True)
+                said = True
             record[:] = []
             return np.ones((steps, len(candidates)))
         return np.where(approximate[None, :], np.asarray(record)[:, None], 1.0)
