@@ -54,6 +54,22 @@ def test_integer_program_matches_brute_force(seed):
     assert cost[np.arange(heads), choice].sum() == pytest.approx(expected_cost, abs=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_integer_program_holds_a_budget_just_below_a_sum_of_scores(seed):
+    # A fitted delta lands on sums of scores; one a hair below a sum (scores summed in another
+    # precision) is inside HiGHS's feasibility tolerance, and the overspent choice must not pass.
+    rng = np.random.default_rng(seed)
+    heads, candidates = 3, 4
+    rse = np.concatenate([np.zeros((heads, 1)), rng.uniform(0.01, 0.3, (heads, candidates - 1))], axis=1)
+    cost = np.tile([1.0, 0.0, 0.25, 0.5], (heads, 1))
+    cheapest = rse[np.arange(heads), rng.integers(1, candidates, heads)].sum()
+    delta = cheapest - [1e-10, 1e-9, 3e-8][seed % 3]
+    choice = solve_layer(rse, cost, delta, None)
+    assert rse[np.arange(heads), choice].sum() <= delta
+    _, expected_cost = brute_force(rse, cost, delta, None, np.ones_like(rse, dtype=bool))
+    assert cost[np.arange(heads), choice].sum() == pytest.approx(expected_cost, abs=1e-9)
+
+
 def test_priced_choice_over_stacks_of_budgets_and_layer_steps():
     from ditfastattn.search import solve_priced
 
