@@ -267,8 +267,9 @@ def run(kind: str, args, save) -> dict:
     pipe.set_progress_bar_config(disable=True)
     calibration = calibration_prompts(args.prompts, args.heldout_seed)
     heldout = heldout_prompts(args.heldout_seed)[: args.heldout]
-    # No weights unless a curve names them (the library's default weighs steps by the schedule).
-    base = SearchConfig(num_inference_steps=args.steps, candidates=SETS["AA+OC"], seed=0, sensitivity=None)
+    # Every setting a curve leaves alone is the paper's: no weights (the library's default weighs
+    # steps by the schedule), caching per head (its default compares per head and per step at a target).
+    base = SearchConfig(num_inference_steps=args.steps, candidates=SETS["AA+OC"], seed=0, sensitivity=None, cache="head")
     references = {seed: images(pipe, heldout, args.steps, seed) for seed in args.seeds}
     sensitivity, seconds = measured_sensitivity(pipe, kind, calibration, base, args.sensitivity)
     result = {"plans": {}, "groups": {}, "targets": {}, "sensitivity": sensitivity, "sensitivity_seconds": seconds}

@@ -50,7 +50,8 @@ def run(kind: str, args) -> list[dict]:
     pipe = load_pipeline(kind, device=args.device, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     prompts = load_prompts("calibration")[: args.prompts]
-    base = SearchConfig(num_inference_steps=args.steps, candidates=CANDIDATES, budget="generation", head_coefficient=None)
+    base = SearchConfig(num_inference_steps=args.steps, candidates=CANDIDATES, budget="generation", head_coefficient=None,
+                        cache="head")
     sensitivity = sensitivity_of(kind, pipe, prompts, base, args.sensitivity)
     rows = []
     for granularity in args.granularities:

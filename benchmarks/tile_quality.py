@@ -274,7 +274,8 @@ def run(kind: str, args, save) -> dict | None:
     image = kind in IMAGE_KINDS
     calibration, heldout = prompts_of(kind, args)
     band = IMAGE_BAND if image else VIDEO_WINDOWS[kind].band
-    base = SearchConfig(num_inference_steps=args.steps, candidates=FULL_CACHE + band, seed=0, sensitivity=None)
+    base = SearchConfig(num_inference_steps=args.steps, candidates=FULL_CACHE + band, seed=0, sensitivity=None,
+                        cache="head")
     generate = images if image else videos
     sensitivity, seconds = measured_sensitivity(pipe, kind, calibration, base, args.sensitivity)
     result = {"plans": {}, "groups": {}, "targets": {}, "calibration_seconds": {}, "sensitivity": sensitivity,

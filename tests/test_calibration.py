@@ -370,6 +370,41 @@ def test_target_sparsity_lands_within_tolerance():
     assert speedup.methods == plan.methods
 
 
+def test_defaults_are_the_papers_for_a_bare_delta_and_the_recommended_search_for_a_target(caplog):
+    # A bare delta keeps the paper's meaning (per-layer budget, c = 1.5, caching per head); a target
+    # takes the generation budget and compares caching per head and per step, exactly as the
+    # settings spelled out do; "auto" is decided at calibrate(), so replace() re-decides it.
+    pipe = make_pipeline("flux")
+    small = {"num_inference_steps": 4, "height": 32, "width": 32}
+    bare = ditfastattn.calibrate(pipe, prompts("flux"), config("flux", **small), progress=False)
+    explicit = config("flux", budget="layer", head_coefficient=1.5, cache="head", **small)
+    assert bare.methods == ditfastattn.calibrate(pipe, prompts("flux"), explicit, progress=False).methods
+    search = bare.provenance["search"]
+    assert (search["budget"], search["head_coefficient"], search["cache"]) == ("layer", 1.5, "head")
+
+    targeted = dataclasses.replace(config("flux", **small), target_sparsity=0.5)
+    plan = ditfastattn.calibrate(pipe, prompts("flux"), targeted, progress=False)
+    search = plan.provenance["search"]
+    assert (search["budget"], search["head_coefficient"]) == ("generation", None)
+    assert set(search["cache_final_rse"]) == {"head", "step"}  # both searched, the nearer kept
+    spelled = config("flux", target_sparsity=0.5, budget="generation", head_coefficient=None, cache="auto", **small)
+    assert plan.methods == ditfastattn.calibrate(pipe, prompts("flux"), spelled, progress=False).methods
+
+    # A number for c keeps the per-layer budget; without a 'cache' candidate caching per step
+    # cannot apply: the search caches per head and says so once.
+    layered = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(targeted, head_coefficient=2.0),
+                                    progress=False)
+    assert (layered.provenance["search"]["budget"], layered.provenance["search"]["head_coefficient"]) == ("layer", 2.0)
+    with caplog.at_level(logging.INFO, logger="ditfastattn"):
+        uncached = ditfastattn.calibrate(
+            pipe, prompts("flux"),
+            dataclasses.replace(targeted, target_sparsity=0.3, candidates=("full", "arrow:0.25", "arrow:0.125")),
+            progress=False,
+        )
+    assert uncached.provenance["search"]["cache"] == "head" and "cache_final_rse" not in uncached.provenance["search"]
+    assert sum("caching per step needs" in r.getMessage() for r in caplog.records) == 1
+
+
 @pytest.mark.parametrize("budget", ["generation", "layer"])
 def test_a_target_with_arrow_residual_candidates_pays_for_their_captures(budget):
     # A full step that keeps a residual for a later arrow_residual step also computes that window:

@@ -28,6 +28,8 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
     plan = Plan.load(plan_path)
     assert plan.num_steps == 3 and plan.provenance["search"]["delta"] == 0.5
     assert plan.provenance["search"]["sensitivity"]["probe"] == {"steps": "schedule"}  # the default, auto
+    # A bare delta: the defaults keep the paper's per-layer budget and c.
+    assert (plan.provenance["search"]["budget"], plan.provenance["search"]["head_coefficient"]) == ("layer", 1.5)
     assert png.stat().st_size > 0
     assert main(["inspect", str(plan_path), "--png", str(tmp_path / "again.png")]) == 0
     out = capsys.readouterr().out
@@ -49,10 +51,12 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
     search = Plan.load(priced).provenance["search"]
     assert search["cache"] == "step" and search["cached_steps"] == [1, 3] and search["sensitivity"] is None
     capsys.readouterr()
-    assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.5", "--steps", "4", "--cache", "auto",
-                 "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",
-                 "-o", str(priced)]) == 0
-    kept = Plan.load(priced).provenance["search"]["cache"]
+    # A target alone: the defaults take the generation budget and compare both ways of caching.
+    assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.5", "--steps", "4",
+                 "--candidates", "full,cache,arrow:0.5", "-o", str(priced)]) == 0
+    search = Plan.load(priced).provenance["search"]
+    assert (search["budget"], search["head_coefficient"]) == ("generation", None)
+    kept = search["cache"]
     assert f"cache auto: kept caching per {kept} (final latents' relative squared error: per head " in capsys.readouterr().out
 
 
@@ -164,8 +168,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         ([*cal, "--steps", "abc"], "--steps: 'abc' is not an integer"),
         ([*cal, "--steps", "0"], "--steps: must be >= 1"),
         ([*cal, "--delta", "inf"], "--delta: 'inf' is not a finite number"),
-        ([*cal, "--budget", "generation"], "set head_coefficient=None"),
-        ([*cal, "--cache", "step", "--target-sparsity", "0.5"], "cache='step' searches the windows of the other steps under one exchange rate: set budget='generation'"),
+        ([*cal, "--budget", "generation", "--head-coefficient", "1.5"], "set head_coefficient=None"),
+        ([*cal, "--cache", "step", "--target-sparsity", "0.5", "--budget", "layer"], "cache='step' searches the windows of the other steps under one exchange rate: set budget='generation'"),
         ([*cal, "--delta", "nan"], "--delta: 'nan' is not a finite number"),
         ([*ev, "--sensitivity", str(tmp_path / "no-plan.json")], "--sensitivity: "),  # evaluate takes it too
         ([*cal, "--candidates", ""], "--candidates: give comma-separated method names"),

@@ -75,10 +75,10 @@ def test_a_step_cache_plan_replays_bit_for_bit(recorder):
     "kwargs,match",
     [
         ({"cache": "layer"}, "cache must be 'head', 'step' or 'auto'"),
-        ({**GENERATION, "cache": "auto"}, "cache='auto' sizes its schedule of cached steps to a target"),
         ({**GENERATION, "target_sparsity": 0.5, "candidates": ("full", "arrow:0.25")}, "cache='step' caches whole steps: add 'cache' to the candidates"),
         ({**GENERATION}, "set target_sparsity or target_speedup"),
-        ({"cache": "step", "target_sparsity": 0.5}, "set budget='generation'"),
+        ({"cache": "step", "target_sparsity": 0.5, "budget": "layer"}, "set budget='generation'"),
+        ({"cache": "step", "target_sparsity": 0.5, "head_coefficient": 1.5}, "set budget='generation'"),
     ],
 )
 def test_bad_step_cache_settings_are_refused_with_the_fix(kwargs, match):

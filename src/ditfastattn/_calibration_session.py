@@ -624,6 +624,7 @@ def run_pass(
     the transformer, so the pass follows that pass's trajectory exactly up to there at almost no
     cost (the sensitivity probes, which only change later steps).
     """
+    config = config._resolved()  # idempotent: calibrate() hands it resolved already
     steps = config.num_inference_steps
     initial = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
 

@@ -49,6 +49,7 @@ TILES = ("tile:0,0,0", "tile:0.125,0.25,0.25", "tile:0.25,0.5,0.5", "tile:0,1,1"
 # grid and pad no tokens (SD3, FLUX.1, the video families without a text mask).
 POOLS = ("pool:2", "pool:4")
 DEFAULT_CANDIDATES = ("full", "cache") + ARROWS
+PAPER_HEAD_COEFFICIENT = 1.5  # c of the per-head bound under the per-layer budget (the paper's best)
 METHOD_SETS: dict[str, tuple[str, ...]] = {
     "aa": ("full",) + ARROWS,
     "aa+oc": DEFAULT_CANDIDATES,
@@ -140,6 +141,8 @@ class SearchConfig:
             step 0 at its cheapest candidate) after the first pass.
         target_speedup: the same, as the ideal attention speed-up ``1 / (1 - sparsity)``.
         head_coefficient: ``c`` in the per-head bound ``score <= c * delta / heads``; None disables it.
+            ``"auto"`` (the default): the paper's 1.5 under the per-layer budget, None under the
+            generation budget (which prices every head on its own).
         candidates: method names to choose from; must include ``full``. See ``METHOD_SETS`` for
             the paper's ablation sets ("aa", "aa+oc", "aa+oc+cfg", "aa+oc+rs", "aa+oc+cfg+rs") and
             "ta+oc", tile windows (``TILES``) with caching for models whose calls give the image grid
@@ -157,7 +160,11 @@ class SearchConfig:
             ``"generation"``: one exchange rate for all layers and steps, each head taking the
             candidate that minimises ``cost + score / delta`` (the Lagrangian of a single error
             budget over the whole generation; see :func:`ditfastattn.search.solve_priced`).
-            Larger ``delta`` still compresses more; best used with a target.
+            Larger ``delta`` still compresses more; best used with a target. ``"auto"`` (the
+            default): ``"generation"`` with a target (unless a head coefficient is set), else
+            ``"layer"``, so a bare delta keeps the paper's meaning. At a target the generation
+            budget leads the per-layer one by 0.05-0.1 SSIM on both testbeds
+            (benchmarks/results/quality.md).
         cache: ``"head"``: ``cache`` is a candidate like the others, chosen head by head.
             ``"step"``: caching is decided per step, for every head of the step or for none. A
             step whose attention outputs all come from the step before leaves the model in a
@@ -169,10 +176,14 @@ class SearchConfig:
             (:func:`cached_schedule`); the search places windows at the other steps for the rest
             of the target. The single-step probes' weights were tried for choosing the steps and
             chose worse ones. Needs a target, ``budget="generation"`` and a ``cache`` candidate.
-            ``"auto"``: both searches, and the plan whose final latents on the calibration prompts
-            are nearer those of full attention (one more pass, uncompressed, to compare them
-            with: five in all; with ``sensitivity="measure"`` the probes' own serves). On the testbeds caching per step is far better on FLUX and worse
-            on SD3 at high sparsity (benchmarks/results/quality.md).
+            ``"auto"`` (the default): where caching per step applies (a target, the generation
+            budget and a ``cache`` candidate), both searches, and the plan whose final latents on
+            the calibration prompts are nearer those of full attention (one more pass,
+            uncompressed, to compare them with: five in all; with ``sensitivity="measure"`` the
+            probes' own serves); elsewhere ``"head"`` (said once in the log when a target was
+            set). On the testbeds caching per step is far better on FLUX and worse on SD3 at high
+            sparsity (benchmarks/results/quality.md). ``cache="head"`` searches in two passes
+            instead of five.
         sensitivity: how much a local error matters to the final output. ``"measure"`` probes it
             first (see :mod:`ditfastattn.sensitivity`): per layer (one denoising pass each) and
             per step and kind of method (cache, and a band standing for every window shape; one
@@ -207,7 +218,7 @@ class SearchConfig:
     delta: float = 0.2
     target_sparsity: float | None = None
     target_speedup: float | None = None
-    head_coefficient: float | None = 1.5
+    head_coefficient: float | str | None = "auto"
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     num_inference_steps: int = 50
     height: int | None = None
@@ -217,8 +228,8 @@ class SearchConfig:
     costs: dict[str, float] | None = None
     impl: str = "auto"
     granularity: str = "head"
-    budget: str = "layer"
-    cache: str = "head"
+    budget: str = "auto"
+    cache: str = "auto"
     offload_outputs: bool | None = None
     sensitivity: str | dict[str, float] | None = "auto"
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -253,7 +264,7 @@ class SearchConfig:
                 _integer(name, getattr(self, name), low=1)
         if self.guidance_scale is not None:
             _number("guidance_scale", self.guidance_scale)
-        if self.head_coefficient is not None:
+        if self.head_coefficient not in (None, "auto"):
             _number("head_coefficient", self.head_coefficient)
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {self.impl!r}")
@@ -262,11 +273,11 @@ class SearchConfig:
         if not isinstance(self.pipeline_kwargs, dict):
             raise TypeError(f"pipeline_kwargs must be a dict of pipeline keyword arguments; got {type(self.pipeline_kwargs).__name__}")
         _check_own_arguments(self.pipeline_kwargs, "pipeline_kwargs")
-        if self.head_coefficient is not None and not self.head_coefficient > 0:
-            raise ValueError(f"head_coefficient must be > 0 or None; got {self.head_coefficient!r}")
-        if self.budget not in ("layer", "generation"):
-            raise ValueError(f"budget must be 'layer' or 'generation'; got {self.budget!r}")
-        if self.budget == "generation" and self.head_coefficient is not None:
+        if self.head_coefficient not in (None, "auto") and not self.head_coefficient > 0:
+            raise ValueError(f"head_coefficient must be > 0, None or 'auto'; got {self.head_coefficient!r}")
+        if self.budget not in ("auto", "layer", "generation"):
+            raise ValueError(f"budget must be 'auto', 'layer' or 'generation'; got {self.budget!r}")
+        if self.budget == "generation" and self.head_coefficient not in (None, "auto"):
             raise ValueError("budget='generation' prices every head on its own: set head_coefficient=None")
         if self.granularity not in ("head", "layer"):
             raise ValueError(f"granularity must be 'head' or 'layer'; got {self.granularity!r}")
@@ -275,14 +286,14 @@ class SearchConfig:
             raise ValueError("candidates must include 'full' (the exact method keeps every program feasible)")
         if self.cache not in ("head", "step", "auto"):
             raise ValueError(f"cache must be 'head', 'step' or 'auto'; got {self.cache!r}")
-        if self.cache != "head":
+        if self.cache == "step":
             if "cache" not in names:
-                raise ValueError(f"cache={self.cache!r} caches whole steps: add 'cache' to the candidates")
+                raise ValueError("cache='step' caches whole steps: add 'cache' to the candidates")
             if self.target is None:
-                raise ValueError(f"cache={self.cache!r} sizes its schedule of cached steps to a target: set "
+                raise ValueError("cache='step' sizes its schedule of cached steps to a target: set "
                                  "target_sparsity or target_speedup")
-            if self.budget != "generation":
-                raise ValueError(f"cache={self.cache!r} searches the windows of the other steps under one exchange "
+            if self._budget() != "generation":
+                raise ValueError("cache='step' searches the windows of the other steps under one exchange "
                                  "rate: set budget='generation' (and head_coefficient=None)")
         object.__setattr__(self, "candidates", tuple(dict.fromkeys(names)))
         if self.sensitivity in ("measure", "measure+schedule"):
@@ -297,6 +308,23 @@ class SearchConfig:
                 raise ValueError(f"costs name methods that are not candidates: {sorted(unknown)}")
             for method, cost in self.costs.items():
                 _number(f"costs[{method!r}]", cost, low=0.0)
+
+    def _budget(self) -> str:
+        if self.budget != "auto":
+            return self.budget
+        return "generation" if self.target is not None and self.head_coefficient in (None, "auto") else "layer"
+
+    def _resolved(self) -> "SearchConfig":
+        """The settings a search runs with: the ``"auto"`` budget and head coefficient decided, and
+        ``cache="auto"`` kept only where caching per step applies (else ``"head"``)."""
+        budget = self._budget()
+        coefficient = self.head_coefficient
+        if coefficient == "auto":
+            coefficient = None if budget == "generation" else PAPER_HEAD_COEFFICIENT
+        cache = self.cache
+        if cache == "auto" and not (self.target is not None and budget == "generation" and "cache" in self.candidates):
+            cache = "head"
+        return dataclasses.replace(self, budget=budget, head_coefficient=coefficient, cache=cache)
 
     @property
     def target(self) -> float | None:
@@ -372,6 +400,10 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     config = SearchConfig() if config is None else config
     if not isinstance(config, SearchConfig):
         raise TypeError(f"config must be a SearchConfig (e.g. SearchConfig(delta=0.2)); got {type(config).__name__}")
+    requested, config = config, config._resolved()
+    if requested.cache == "auto" and config.cache == "head" and config.target is not None:
+        logger.info("ditfastattn calibrate: cache='auto' caches per head: caching per step needs budget='generation' "
+                    "and a 'cache' candidate")
     transformer, pipeline = _transformer_of(pipe)
     if pipeline is None:
         raise TypeError("calibrate needs the pipeline (it runs a denoising pass), not only its transformer")

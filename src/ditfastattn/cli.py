@@ -54,8 +54,10 @@ def _number(kind, *, minimum=None, above=None, below=None):
     return parse
 
 
-def _head_coefficient(text: str) -> float | None:
-    return None if text.lower() == "none" else _number(float, above=0)(text)
+def _head_coefficient(text: str) -> float | str | None:
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
+    return _number(float, above=0)(text)
 
 
 def _deltas(text: str) -> list[float]:
@@ -550,11 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def search_args(p):
         p.add_argument("--steps", type=_POSITIVE, default=50, help="denoising steps")
-        p.add_argument("--head-coefficient", type=_head_coefficient, default=1.5,
-                       help="c of the per-head bound c * delta / heads, or 'none' (must be 'none' with --budget generation)")
-        p.add_argument("--budget", choices=["layer", "generation"], default="layer",
+        p.add_argument("--head-coefficient", type=_head_coefficient, default="auto",
+                       help="c of the per-head bound c * delta / heads, 'none', or 'auto' (1.5, the paper's, under "
+                            "--budget layer; none under --budget generation, which takes no other)")
+        p.add_argument("--budget", choices=["auto", "layer", "generation"], default="auto",
                        help="layer: delta bounds every layer at every step (the paper); generation: one exchange "
-                            "rate over all layers and steps (delta is then a price; best with a target)")
+                            "rate over all layers and steps (delta is then a price; best with a target); auto: "
+                            "generation with a target (unless --head-coefficient is a number), else layer")
         p.add_argument("--granularity", choices=["head", "layer"], default="head",
                        help="one method per head, or per layer (a baseline)")
         p.add_argument("--method-set", default="aa+oc",
@@ -577,12 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--delta", type=_number(float, minimum=0), default=0.2,
                            help="error budget per layer and step")
     calibrate.add_argument("--target-sparsity", type=_number(float, above=0, below=1), default=None,
-                           help="reach this attention sparsity instead (two passes; --delta starts the first)")
+                           help="reach this attention sparsity instead (two passes a search; --delta starts the first)")
     calibrate.add_argument("--target-speedup", type=_number(float, above=1), default=None,
                            help="or this ideal attention speed-up")
-    calibrate.add_argument("--cache", choices=["head", "step", "auto"], default="head",
+    calibrate.add_argument("--cache", choices=["head", "step", "auto"], default="auto",
                            help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
-                                "target and --budget generation); auto: both, keeping the plan nearer full attention")
+                                "target and --budget generation); auto: both where step applies, keeping the plan "
+                                "nearer full attention (five passes instead of two), else head")
     calibrate.add_argument("-o", "--output", required=True, help="plan file (JSON)")
     calibrate.add_argument("--png", default=None, help="also draw the plan's heatmap here (.png, .pdf, .svg, ...)")
     calibrate.set_defaults(run=cmd_calibrate)
