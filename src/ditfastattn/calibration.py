@@ -162,9 +162,9 @@ class SearchConfig:
             budget over the whole generation; see :func:`ditfastattn.search.solve_priced`).
             Larger ``delta`` still compresses more; best used with a target. ``"auto"`` (the
             default): ``"generation"`` with a target (unless a head coefficient is set), else
-            ``"layer"``, so a bare delta keeps the paper's meaning. At a target the generation
-            budget leads the per-layer one by 0.05-0.1 SSIM on both testbeds
-            (benchmarks/results/quality.md).
+            ``"layer"``, so a bare delta keeps the paper's meaning. At a target of 0.6 these
+            defaults lead the paper's settings by 0.03-0.04 SSIM on the SD3 testbed and 0.10-0.13
+            on FLUX's (docs/history/CALIBRATION_NOTES.md).
         cache: ``"head"``: ``cache`` is a candidate like the others, chosen head by head.
             ``"step"``: caching is decided per step, for every head of the step or for none. A
             step whose attention outputs all come from the step before leaves the model in a
