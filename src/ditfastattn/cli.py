@@ -55,9 +55,8 @@ def _number(kind, *, minimum=None, above=None, below=None):
 
 
 def _head_coefficient(text: str) -> float | str | None:
-    if text.lower() in ("none", "auto"):
-        return None if text.lower() == "none" else "auto"
-    return _number(float, above=0)(text)
+    named = {"none": None, "auto": "auto"}
+    return named[text.lower()] if text.lower() in named else _number(float, above=0)(text)
 
 
 def _deltas(text: str) -> list[float]:
