@@ -394,7 +394,7 @@ def test_calibration_under_ulysses_matches_one_process(tmp_path):
     assert any(len(set(heads)) > 1 and "full" in heads for rows in residual[2:] for heads in rows)
     targeted = [single["target"].provenance["search"], Plan.load(tmp_path / "rank0-target.json").provenance["search"]]
     assert targeted[1]["target_sparsity"] == 0.45 and targeted[1]["delta"] == pytest.approx(targeted[0]["delta"], rel=1e-3)
-    np.testing.assert_allclose(targeted[1]["delta_per_step"], targeted[0]["delta_per_step"], rtol=1e-3)
+    np.testing.assert_allclose(targeted[1]["delta_per_step_layer"], targeted[0]["delta_per_step_layer"], rtol=1e-3)
     weights = [single["sensitivity"].provenance["search"]["sensitivity"],
                Plan.load(tmp_path / "rank0-sensitivity.json").provenance["search"]["sensitivity"]]
     np.testing.assert_allclose(list(weights[1]["layers"].values()), list(weights[0]["layers"].values()), rtol=1e-3)

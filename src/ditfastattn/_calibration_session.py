@@ -169,7 +169,7 @@ class _CalibrationSession(Session):
         forced: Plan | None = None,
         measure: set[int] | None = None,
         measure_steps: set[int] | None = None,
-        delta_for_step=None,
+        delta_for=None,
         cached_steps: frozenset[int] | None = None,
         weigh_steps=None,
     ):
@@ -192,11 +192,11 @@ class _CalibrationSession(Session):
         self.forced = forced
         self.measure = measure
         self.measure_steps = measure_steps
-        self.delta_for_step = delta_for_step  # (step, session) -> budget; None: config.delta
+        self.delta_for = delta_for  # (step, layer index, session) -> budget; None: config.delta
         self.cached_steps = cached_steps
         self._reuses = np.array([m.reads_previous_output for m in self.candidates])
         self._residual = np.array([m.reads_residual for m in self.candidates])
-        self.step_delta: dict[int, float] = {}
+        self.layer_delta: dict[tuple[int, int], float] = {}  # (step, layer index) -> the budget it was decided at
         self.solver_seconds = 0.0  # host time in the programs (reported in the plan's provenance)
         shape = (plan.num_steps, len(plan.model.layers), max(l.heads for l in plan.model.layers), len(self.candidates))
         self.rse = np.full(shape, np.nan)
@@ -419,9 +419,9 @@ class _CalibrationSession(Session):
             cost = np.array([self._cost(m, image_tokens, layer_text, tiles) for m in self.candidates])[None, :].repeat(heads, 0)
             cost += self._captures(index, heads, cost)
             allowed = self._allowed(index, heads, image_tokens, tiles) & np.isfinite(rse)
-            if step not in self.step_delta:
-                self.step_delta[step] = (
-                    self.config.delta if self.delta_for_step is None else self.delta_for_step(step, self)
+            if (step, index) not in self.layer_delta:
+                self.layer_delta[step, index] = (
+                    self.config.delta if self.delta_for is None else self.delta_for(step, index, self)
                 )
             started = time.perf_counter()
             if self.cached_steps is not None and step in self.cached_steps:
@@ -429,7 +429,7 @@ class _CalibrationSession(Session):
             else:
                 if self.cached_steps is not None:
                     allowed &= ~self._reuses
-                choice = choose(rse, cost, self.step_delta[step], self.config, allowed)
+                choice = choose(rse, cost, self.layer_delta[step, index], self.config, allowed)
             self.solver_seconds += time.perf_counter() - started
             chosen = [self.candidates[c] for c in choice]
         for head, method in enumerate(chosen):

@@ -86,20 +86,20 @@ def _charged_computed(rse, cost, flops, deltas, config: SearchConfig, allowed, c
 
 
 def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cached=None, locked=None) -> np.ndarray:
-    """(budgets, steps) the sparsity of steps whose ``scores`` (steps, layers, heads, candidates:
-    a pass's, or a prediction of them) are solved at each of ``deltas``; ``session`` (a finished
-    pass) gives the resolution (its image grid too) and the candidates' costs. ``cached`` (steps,)
-    bool: the steps cached whole (``cache="step"``), where no other step caches. With
-    arrow_residual candidates the steps are solved in order and pay for their captures, from
-    ``locked`` (layers, heads): the residual window each head reads at the first step (NaN: none)."""
+    """(budgets, steps, layers) each layer's share of the sparsity of steps whose ``scores``
+    (steps, layers, heads, candidates: a pass's, or a prediction of them) are solved at each of
+    ``deltas`` (summed over layers: the steps' sparsity); ``session`` (a finished pass) gives the
+    resolution (its image grid too) and the candidates' costs. ``cached`` (steps,) bool: the steps
+    cached whole (``cache="step"``), where no other step caches. With arrow_residual candidates the
+    steps are solved in order and pay for their captures, from ``locked`` (layers, heads): the
+    residual window each head reads at the first step (NaN: none)."""
     image_tokens, text_len = session.geometry
     tiles, candidates = session.tiles, session.candidates
     allowed = _allowed(session, cached is not None)
     residual = any(m.reads_residual for m in candidates)
     if residual and locked is None:
         locked = np.full(scores.shape[1:3], np.nan)
-    kept = np.zeros((len(deltas), len(scores)))
-    kept_cached = np.zeros(len(scores))
+    removed = np.zeros((len(deltas), len(scores), len(spec.layers)))
     total = 0.0
     for index, layer in enumerate(spec.layers):
         layer_text = text_len if layer.text else 0
@@ -108,29 +108,28 @@ def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cach
         flops = np.array([m.cost(image_tokens, layer_text, tiles) for m in candidates])
         per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
         if residual:
-            computed = _charged_computed(rse, cost, flops, deltas, config, np.isfinite(rse) & allowed, candidates,
-                                           locked[index, : layer.heads], cached)
-            kept += per_head * computed.sum(axis=2)
+            kept = _charged_computed(rse, cost, flops, deltas, config, np.isfinite(rse) & allowed, candidates,
+                                     locked[index, : layer.heads], cached).sum(axis=2)
         else:
             choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & allowed)  # (budgets, steps, heads)
-            kept += per_head * flops[choice].sum(axis=2)
-        total += per_head * layer.heads
+            kept = flops[choice].sum(axis=2)
         if cached is not None:
             whole = whole_step_cache(rse.reshape(-1, rse.shape[-1]), candidates).reshape(rse.shape[:-1])
-            kept_cached += per_head * flops[whole].sum(axis=1)
-    if cached is not None:
-        kept = np.where(np.asarray(cached, dtype=bool), kept_cached, kept)
-    return 1.0 - kept / total
+            kept = np.where(np.asarray(cached, dtype=bool), flops[whole].sum(axis=1), kept)
+        removed[..., index] = per_head * (layer.heads - kept)
+        total += per_head * layer.heads
+    return removed / total
 
 
 def _curves(session, spec, config: SearchConfig, deltas, cached: frozenset[int] | None = None) -> np.ndarray:
-    """(steps, budgets) each step's sparsity at each budget on a finished pass's scores; steps
-    between samples take the nearest sample's row, and step 0 always computes everything."""
+    """(steps, budgets, layers) each layer's share of each step's sparsity at each budget on a
+    finished pass's scores; steps between samples take the nearest sample's row, and step 0
+    always computes everything."""
     steps = session.plan.num_steps
     sampled = _sampled_steps(steps, len(spec.layers), config)
     whole = None if cached is None else np.isin(sampled, sorted(cached))
-    rows = _curve(session, spec, config, session.rse[sampled], deltas, whole).T
-    curves = np.zeros((steps, len(deltas)))
+    rows = _curve(session, spec, config, session.rse[sampled], deltas, whole).transpose(1, 0, 2)
+    curves = np.zeros((steps, len(deltas), len(spec.layers)))
     for step in range(1, steps):
         curves[step] = rows[int(np.argmin([abs(step - s) for s in sampled]))]
     return curves
@@ -148,20 +147,28 @@ def cached_schedule(steps: int, target: float) -> frozenset[int]:
     return frozenset(int(step) for step in every_other[picked])
 
 
-def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None,
-                  charged=frozenset()) -> float:
-    """Fraction of one step's attention FLOPs that ``rows`` (one list of methods per layer) remove;
-    tile windows are counted on the image grid ``tiles``; the (layer, head) pairs ``charged`` also
-    pay their residual's capture (their method's cost once more)."""
-    kept = total = 0.0
+def layer_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None,
+                   charged=frozenset()) -> np.ndarray:
+    """(layers,) each layer's share of the fraction of one step's attention FLOPs that ``rows``
+    (one list of methods per layer) remove (summed: the step's sparsity); tile windows are counted
+    on the image grid ``tiles``; the (layer, head) pairs ``charged`` also pay their residual's
+    capture (their method's cost once more)."""
+    removed, total = np.zeros(len(spec.layers)), 0.0
     for index, (layer, methods) in enumerate(zip(spec.layers, rows)):
         tokens = image_tokens + (text_len if layer.text else 0)
         layer_text = text_len if layer.text else 0
         per_head = float(tokens * tokens * layer.head_dim)
         total += per_head * layer.heads
-        kept += per_head * sum(parse_method(m).cost(image_tokens, layer_text, tiles) * (1 + ((index, head) in charged))
-                               for head, m in enumerate(methods))
-    return 1.0 - kept / total
+        kept = sum(parse_method(m).cost(image_tokens, layer_text, tiles) * (1 + ((index, head) in charged))
+                   for head, m in enumerate(methods))
+        removed[index] = per_head * (layer.heads - kept)
+    return removed / total
+
+
+def step_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None,
+                  charged=frozenset()) -> float:
+    """Fraction of one step's attention FLOPs that ``rows`` remove (see :func:`layer_sparsity`)."""
+    return float(layer_sparsity(spec, rows, image_tokens, text_len, tiles, charged).sum())
 
 
 def reachable_sparsity(session, spec, config: SearchConfig, cached: frozenset[int] | None = None) -> float:
@@ -196,7 +203,7 @@ TOLERANCE = 0.02
 
 
 class TargetController:
-    """The second pass's budget per step, so that the plan's sparsity lands on the target.
+    """The second pass's budget per layer and step, so that the plan's sparsity lands on the target.
 
     The first pass's scores predict each step's sparsity at any budget, but they were measured on
     its own trajectory. Arrow errors hardly depend on it; ``cache`` errors do, several times over:
@@ -207,6 +214,11 @@ class TargetController:
     the second pass's scores of the last few steps against the first's, per candidate and per
     that distinction, predicts the remaining steps from the first pass's scores scaled
     accordingly, and picks the budget at which they add what the target still needs.
+
+    The budget is picked again at each layer of a step, from what the step's layers already
+    decided: where the search compresses some steps almost whole and others hardly at all (late
+    steps weigh more), the target rests on the step between them, and a budget fixed for the
+    whole of that step could only land to within a step's share.
 
     Integer-program budgets (``budget="layer"``) are re-solved only once, on the first pass's
     scores: there the drift is taken as one move of every step's sparsity curve along the (log)
@@ -236,6 +248,8 @@ class TargetController:
             for index, row in enumerate(first.plan.methods[step - 1]):
                 self.computed[step, index, : len(row)] = [parse_method(name).exact for name in row]
         self.realized: dict[int, float] = {}
+        self._step = None  # the step whose prediction is held: its layers' shares and the later steps'
+        self._now = self._later = self._needed = None
 
     def _scores(self, step: int, session) -> np.ndarray:
         """The first pass's scores of steps ``step`` on, scaled to the second pass's: per candidate
@@ -266,11 +280,17 @@ class TargetController:
         done = np.arange(1, step)
         if not len(done):
             return 0
-        used = np.array([int(np.argmin(abs(np.log(self.deltas / session.step_delta[t])))) for t in done])
-        misses = [float(np.abs(self._moved(j)[done, used] - realized).sum()) for j in self.SHIFTS]
+        nearest: dict[int, list[int]] = {}  # each step's layers' budgets as grid points; the step's: their mean
+        for (t, _), delta in session.layer_delta.items():
+            nearest.setdefault(t, []).append(int(np.argmin(abs(np.log(self.deltas / delta)))))
+        used = np.array([int(round(np.mean(nearest[t]))) for t in done])
+        moved = [self._moved(j).sum(axis=-1) for j in self.SHIFTS]
+        misses = [float(np.abs(curves[done, used] - realized).sum()) for curves in moved]
         return int(self.SHIFTS[np.lexsort((np.abs(self.SHIFTS), misses))[0]])  # ties: the smallest move
 
-    def __call__(self, step: int, session) -> float:
+    def _predict(self, step: int, session) -> None:
+        """At a step's first layer: the steps before it as realized, and the predicted shares of
+        this step's layers (budgets, layers) and the later steps' sparsity (budgets,)."""
         for done in range(1, step):
             if done not in self.realized:
                 self.realized[done] = step_sparsity(self.spec, session.plan.methods[done], *self.geometry, self.tiles,
@@ -279,15 +299,26 @@ class TargetController:
         if self.resolve:
             whole = None if self.whole is None else self.whole[step:]
             rest = _curve(self.first, self.spec, self.config, self._scores(step, session), self.deltas, whole,
-                          self._locked(session)).sum(axis=1)
+                          self._locked(session))
+            self._now, self._later = rest[:, 0], rest[:, 1:].sum(axis=(1, 2))
         else:
             shift = self._shift(step, session, realized)
-            rest = self._moved(shift)[step:].sum(axis=0)
+            moved = self._moved(shift)
+            self._now, self._later = moved[step], moved[step + 1:].sum(axis=(0, 2))
             logger.debug("ditfastattn calibrate: step %d, first-pass curves moved by 2^%g", step, shift / 2)
+        self._step, self._needed = step, self.target * self.steps - realized.sum()
+
+    def __call__(self, step: int, layer: int, session) -> float:
+        if step != self._step:
+            self._predict(step, session)
+        decided = np.array([(step, index) in session.decided for index in range(len(self.spec.layers))])
+        shares = layer_sparsity(self.spec, session.plan.methods[step], *self.geometry, self.tiles,
+                                session.charged.get(step, frozenset()))
+        needed = self._needed - shares[decided].sum()
+        rest = self._later + self._now[:, ~decided].sum(axis=1)
         # Of the budgets whose prediction lands within half the tolerance of the best one, the one
         # whose neighbours miss least: where the remaining steps' sparsity changes fast with the
         # budget (a step half compressed), a prediction an octave off misses by much.
-        needed = self.target * self.steps - realized.sum()
         miss = np.abs(rest - needed)
         around = np.clip(np.arange(len(self.deltas))[:, None] + np.arange(-self.SPREAD, self.SPREAD + 1), 0, len(self.deltas) - 1)
         robust = np.where(miss <= miss.min() + 0.5 * TOLERANCE * self.steps, miss[around].mean(axis=1), np.inf)

@@ -135,7 +135,7 @@ class SearchConfig:
         target_sparsity: instead of a bare delta, the attention sparsity to reach (0 < t < 1):
             a first pass at ``delta`` records every candidate's scores, the budget that meets the
             target on those scores is solved for, and a second pass calibrates with it, adjusting
-            the budget step by step (see :class:`TargetController`); it lands within about 0.02.
+            the budget layer by layer (see :class:`TargetController`); it lands within about 0.02.
             Step 0 always runs every head full, so a target above ``1 - 1 / num_inference_steps``
             is refused at once, and one above what the candidates can remove (every head after
             step 0 at its cheapest candidate) after the first pass.
@@ -502,7 +502,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                 "target_sparsity": config.target,
                 "first_pass_delta": config.delta,
                 "predicted_sparsity": found.predicted,
-                "delta_per_step": [round(session.step_delta.get(step, 0.0), 6) for step in range(steps)],
+                "delta_per_step_layer": [[round(session.layer_delta.get((step, index), 0.0), 6) for index in range(len(spec.layers))]
+                                   for step in range(steps)],
             }
         )
     scores = {"metric": "rse", "candidates": list(config.candidates), "rse": _scores(session.rse, spec)}
@@ -564,7 +565,7 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict,
     started = time.perf_counter()
     session, latents = run_pass(
         pipe, spec, call, dataclasses.replace(config, delta=fitted), bar, weights=weights,
-        delta_for_step=controller, cached_steps=cached, weigh_steps=weigh_steps,
+        delta_for=controller, cached_steps=cached, weigh_steps=weigh_steps,
     )
     seconds["passes"].append(time.perf_counter() - started)
     seconds["solver"] += session.solver_seconds
