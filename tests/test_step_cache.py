@@ -88,6 +88,7 @@ def test_bad_step_cache_settings_are_refused_with_the_fix(kwargs, match):
 
 def test_auto_keeps_the_search_whose_final_latents_are_nearer_full_attention(monkeypatch):
     from ditfastattn import calibration
+    from ditfastattn.sensitivity import relative_squared_error
 
     pipe = make_pipeline("flux")
     steps = 8
@@ -95,18 +96,33 @@ def test_auto_keeps_the_search_whose_final_latents_are_nearer_full_attention(mon
         "flux", target_sparsity=0.5, num_inference_steps=steps, candidates=TESTBED_CANDIDATES,
         sensitivity=sensitivity_like_the_testbeds(pipe, steps), height=64, width=64, **{**GENERATION, "cache": "auto"},
     )
-    plans = {mode: ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, cache=mode), progress=False)
-             for mode in ("head", "step")}
+    head = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, cache="head"), progress=False)
     auto = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
     errors = auto.provenance["search"]["cache_final_rse"]
     kept = min(errors, key=errors.get)
-    assert auto.methods == plans[kept].methods and auto.provenance["search"]["cache"] == kept
-    assert plans["head"].methods != plans["step"].methods and errors["head"] != errors["step"]
+    assert auto.provenance["search"]["cache"] == kept and errors["head"] != errors["step"]
+    assert ("mixed" not in cached_rows(auto)) == (kept == "step")
+    # The per-head search is cache="head"'s own; the per-step one fits its budget on the uncompressed pass.
+    assert auto.provenance["search"]["first_pass_delta"] == (0.0 if kept == "step" else search.delta)
+
+    # The error recorded for the kept plan is its own: the plan applied, against full attention.
+    merged, _ = prompt_kwargs(prompts("flux"))
+
+    def latents():
+        return pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(search.seed), output_type="latent",
+                    height=64, width=64, **merged).images
+
+    reference = latents()
+    ditfastattn.apply(pipe, auto)
+    assert relative_squared_error(latents(), reference) == pytest.approx(errors[kept], rel=1e-5)
+    ditfastattn.remove(pipe)
+
     # The comparison decides: with the errors swapped the other plan is kept.
     measured = calibration.relative_squared_error
     monkeypatch.setattr(calibration, "relative_squared_error", lambda latents, reference: -measured(latents, reference))
     other = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
-    assert other.methods == plans["head" if kept == "step" else "step"].methods
+    assert other.provenance["search"]["cache"] != kept and other.methods != auto.methods
+    assert (auto if kept == "head" else other).methods == head.methods
 
 
 def test_measured_sensitivity_runs_under_step_caching():
@@ -140,20 +156,18 @@ def test_one_progress_bar_counts_every_pass_of_auto(monkeypatch):
     search = config("flux", target_sparsity=0.5, candidates=TESTBED_CANDIDATES, **{**GENERATION, "cache": "auto"})
     ditfastattn.calibrate(pipe, prompts("flux"), search, progress=True)
     layers = len(ditfastattn.Plan.uniform(pipe.transformer, 2, "full").layer_names)
-    assert len(bars) == 1 and bars[0].n == bars[0].total == 5 * (search.num_inference_steps - 1) * layers
+    assert len(bars) == 1 and bars[0].n == bars[0].total == 4 * (search.num_inference_steps - 1) * layers
 
 
-def test_auto_reuses_the_probes_uncompressed_pass_with_the_same_result():
+def test_auto_with_a_reused_measurement_finds_the_same_plan():
     pipe = make_pipeline("flux")
     search = config("flux", target_sparsity=0.5, candidates=TESTBED_CANDIDATES, sensitivity="measure",
                     **{**GENERATION, "cache": "auto"})
     measured = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
-    assert "reference" not in measured.provenance["search"]["seconds"]  # the probes' pass served
     reused = ditfastattn.calibrate(
         pipe, prompts("flux"), dataclasses.replace(search, sensitivity=measured.provenance["search"]["sensitivity"]),
         progress=False,
     )
-    assert "reference" in reused.provenance["search"]["seconds"]
     assert reused.methods == measured.methods
     assert reused.provenance["search"]["cache_final_rse"] == measured.provenance["search"]["cache_final_rse"]
 

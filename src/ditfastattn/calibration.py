@@ -34,7 +34,7 @@ from .ops import IMPLEMENTATIONS
 from .search import fit_delta
 from .sensitivity import KINDS as SENSITIVITY_KINDS
 from .sensitivity import MODES as SENSITIVITY_MODES
-from .sensitivity import (measure_sensitivity, probe_method, reference_pass, relative_squared_error, schedule_weigher,
+from .sensitivity import (measure_sensitivity, probe_method, relative_squared_error, schedule_weigher,
                           weights_array)
 
 logger = logging.getLogger("ditfastattn")
@@ -131,7 +131,7 @@ class SearchConfig:
         delta: error budget per layer and step: the sum over heads of each head's score, where a
             head's score is its squared error over the layer's variance times the head count (so
             the sum is the head count times the layer's relative squared error). 0 keeps
-            everything full. With a target, the first pass's budget.
+            everything full. With a target, the first pass's budget (see ``cache``).
         target_sparsity: instead of a bare delta, the attention sparsity to reach (0 < t < 1):
             a first pass at ``delta`` records every candidate's scores, the budget that meets the
             target on those scores is solved for, and a second pass calibrates with it, adjusting
@@ -178,12 +178,15 @@ class SearchConfig:
             chose worse ones. Needs a target, ``budget="generation"`` and a ``cache`` candidate.
             ``"auto"`` (the default): where caching per step applies (a target, the generation
             budget and a ``cache`` candidate), both searches, and the plan whose final latents on
-            the calibration prompts are nearer those of full attention (one more pass,
-            uncompressed, to compare them with: five in all; with ``sensitivity="measure"`` the
-            probes' own serves); elsewhere ``"head"`` (said once in the log when a target was
-            set). On the testbeds caching per step is far better on FLUX and worse on SD3 at high
-            sparsity (benchmarks/results/quality.md). ``cache="head"`` searches in two passes
-            instead of five.
+            the calibration prompts are nearer those of full attention. One uncompressed pass
+            gives the latents to compare with and the scores the per-step search fits its budget
+            on (its windows' errors hardly depend on the trajectory), so four passes in all, as
+            many as two searches of two; the per-head search keeps a first pass of its own at
+            ``delta`` (fitted on uncompressed scores, whose cache errors are one step's change, it
+            spent its budget worse: -0.04 SSIM at SD3's 0.7). Elsewhere ``"head"`` (said once in
+            the log when a target was set). On the testbeds caching per step is far better on FLUX
+            and worse on SD3 at high sparsity (benchmarks/results/quality.md). ``cache="head"``
+            searches in two passes instead of four.
         sensitivity: how much a local error matters to the final output. ``"measure"`` probes it
             first (see :mod:`ditfastattn.sensitivity`): per layer (one denoising pass each) and
             per step and kind of method (cache, and a band standing for every window shape; one
@@ -386,7 +389,8 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     """Search a head-wise plan for ``pipe`` on ``prompts`` (strings, or dicts of pipeline kwargs).
 
     Runs one denoising pass over all prompts as one batch, deciding every layer at every step
-    after the first (two passes with a target; one more per layer with ``sensitivity="measure"``).
+    after the first (two passes with a target, four with its default ``cache="auto"``; more with
+    ``sensitivity="measure"``'s probes).
     Returns a :class:`Plan` that keeps every candidate's per-head scores, the settings, and a hash
     of the prompts. Applying it with :func:`ditfastattn.apply` to the same prompts and seed
     reproduces the calibration run's outputs bit for bit. A pipeline with a second expert (Wan 2.2
@@ -420,33 +424,35 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     # still reaches the transformer is refused at its first call.)
     check_cfg_guidance(config.candidates, call.get("guidance_scale", _default_argument(pipe, "guidance_scale")))
     seconds: dict[str, Any] = {"sensitivity": 0.0, "passes": [], "solver": 0.0}
-    sensitivity, reference = config.sensitivity, None  # the uncompressed pass's latents, once run
+    sensitivity = config.sensitivity
     by_schedule = sensitivity in ("auto", "schedule", "measure+schedule")
     schedule: list[float] = []  # the step weights from the noise levels, read at each pass's start
     weigh_steps = schedule_weigher(config.candidates, schedule, sensitivity) if by_schedule else None
     if sensitivity in ("measure", "measure+schedule"):
         started = time.perf_counter()
-        sensitivity, reference = measure_sensitivity(pipe, spec, call, config, progress=progress,
-                                                     weigh_steps=weigh_steps)
+        sensitivity = measure_sensitivity(pipe, spec, call, config, progress=progress, weigh_steps=weigh_steps)
         seconds["sensitivity"] = time.perf_counter() - started
     elif by_schedule:
         sensitivity = {}
     weights = weights_array(sensitivity or None, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
     modes = ("head", "step") if config.cache == "auto" else (config.cache,)
-    passes = (1 if config.target is None else 2) * len(modes) + (config.cache == "auto" and reference is None)
-    final_rse = None
+    passes = (1 if config.target is None else 2) * len(modes)  # cache="auto": the uncompressed pass is one
+    final_rse, uncompressed = None, None
     with tqdm(
         total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
     ) as bar:
+        if config.cache == "auto":
+            # The latents both searches are compared with, and the scores the per-step search fits on.
+            started = time.perf_counter()
+            full = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
+            uncompressed, reference = run_pass(pipe, spec, call, config, bar, weights=weights, forced=full,
+                                               weigh_steps=weigh_steps)
+            seconds["passes"].append(time.perf_counter() - started)
         searched = {mode: _search(pipe, spec, call, dataclasses.replace(config, cache=mode), weights, bar, seconds,
-                                  weigh_steps) for mode in modes}
+                                  weigh_steps, uncompressed if mode == "step" else None) for mode in modes}
         if config.cache == "auto":
             # The additive score cannot rank the two (it misjudges partly cached steps): their outputs can.
-            if reference is None:
-                started = time.perf_counter()
-                _, reference = reference_pass(pipe, spec, call, config, progress=bar)
-                seconds["reference"] = time.perf_counter() - started
             final_rse = {mode: relative_squared_error(found.latents, reference) for mode, found in searched.items()}
             logger.info("ditfastattn calibrate: final relative squared error, caching per head %.4g, per step %.4g",
                         final_rse["head"], final_rse["step"])
@@ -500,7 +506,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         provenance["search"].update(
             {
                 "target_sparsity": config.target,
-                "first_pass_delta": config.delta,
+                "first_pass_delta": 0.0 if mode == "step" and uncompressed is not None else config.delta,
                 "predicted_sparsity": found.predicted,
                 "delta_per_step_layer": [[round(session.layer_delta.get((step, index), 0.0), 6) for index in range(len(spec.layers))]
                                    for step in range(steps)],
@@ -527,18 +533,22 @@ class _Searched(NamedTuple):
     cached: frozenset[int] | None  # cache="step": the steps cached whole
 
 
-def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict, weigh_steps=None) -> _Searched:
-    """The calibration passes of one search (two with a target: the first to fit the budget)."""
+def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict, weigh_steps=None,
+            first=None) -> _Searched:
+    """The calibration passes of one search (two with a target: the first to fit the budget, unless
+    ``first``, a finished pass's session, gives the scores to fit it on)."""
     steps = config.num_inference_steps
     cached = cached_schedule(steps, config.target) if config.cache == "step" else None
-    started = time.perf_counter()
-    session, latents = run_pass(pipe, spec, call, config, bar, weights=weights, cached_steps=cached,
-                                weigh_steps=weigh_steps)
-    seconds["passes"].append(time.perf_counter() - started)
-    seconds["solver"] += session.solver_seconds
-    if config.target is None:
-        return _Searched(session, latents, config.delta, None, cached)
-    first = session
+    fitted_on = "an uncompressed pass" if first is not None else f"a first pass at delta {config.delta:.4g}"
+    if first is None:
+        started = time.perf_counter()
+        session, latents = run_pass(pipe, spec, call, config, bar, weights=weights, cached_steps=cached,
+                                    weigh_steps=weigh_steps)
+        seconds["passes"].append(time.perf_counter() - started)
+        seconds["solver"] += session.solver_seconds
+        if config.target is None:
+            return _Searched(session, latents, config.delta, None, cached)
+        first = session
     if cached is not None and first.switch_steps:
         # A second expert's first step has nothing of its own to reuse (it computes): windows there.
         cached = cached - frozenset(first.switch_steps)
@@ -558,8 +568,8 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict,
     fitted = fit_delta(predict, config.target, config.delta)
     predicted = predict(fitted)
     logger.info(
-        "ditfastattn calibrate: first pass at delta %.4g; delta %.4g meets sparsity %.3f on its scores (%.3f)",
-        config.delta, fitted, config.target, predicted,
+        "ditfastattn calibrate: on %s, delta %.4g meets sparsity %.3f (%.3f)", fitted_on, fitted, config.target,
+        predicted,
     )
     controller = TargetController(first, spec, config, fitted, cached)
     started = time.perf_counter()

@@ -586,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--cache", choices=["head", "step", "auto"], default="auto",
                            help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
                                 "target and --budget generation); auto: both where step applies, keeping the plan "
-                                "nearer full attention (five passes instead of two), else head")
+                                "nearer full attention (four passes instead of two), else head")
     calibrate.add_argument("-o", "--output", required=True, help="plan file (JSON)")
     calibrate.add_argument("--png", default=None, help="also draw the plan's heatmap here (.png, .pdf, .svg, ...)")
     calibrate.set_defaults(run=cmd_calibrate)

@@ -169,10 +169,9 @@ def _normalised(ratios: np.ndarray) -> np.ndarray:
 
 
 def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: bool = True,
-                        weigh_steps=None) -> tuple[dict[str, Any], Any]:
+                        weigh_steps=None) -> dict[str, Any]:
     """``{"layers": {layer name: weight}, "steps": {kind: [weight per step]}, "probe": {...}}``
-    for ``config.sensitivity``, and the uncompressed pass's final latents the probes were measured
-    against; ``call`` holds the pipeline's keyword arguments of the calibration run (prompts included).
+    for ``config.sensitivity``; ``call`` holds the pipeline's keyword arguments of the calibration run (prompts included).
     With ``weigh_steps`` (:func:`schedule_weigher`'s) the step weights come from the schedule: no
     step probes (``"steps"`` empty), and the first pass already reads the schedule, so a scheduler
     without one is refused before the layer probes.
@@ -254,7 +253,7 @@ def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: b
         ", ".join(f"{layer.name} {w:.3g}" for layer, w in zip(spec.layers, layers)),
         "; ".join(f"{kind} " + " ".join(f"{w:.2g}" for w in ws[1:]) for kind, ws in result["steps"].items()),
     )
-    return result, reference
+    return result
 
 
 def reference_pass(pipe, spec, call: dict[str, Any], config, progress: tqdm | None = None, **kwargs):
