@@ -340,11 +340,14 @@ def test_a_search_with_pool_candidates_replays_bit_for_bit(kind, recorder):
 def test_measured_costs_steer_the_recommended_search_and_survive_its_forced_passes():
     # cache="auto" and sensitivity="measure" run forced passes (probes, the uncompressed one) with
     # other candidates; costs naming the searched ones must not stop them (they raised before).
-    # Pool heads priced at a full head's cost are never worth their error; at their FLOPs they are.
+    # Pool heads priced at a full head's cost are never worth their error; at their FLOPs they are
+    # (here in the per-step search's windows: which of the two searches cache="auto" keeps is the
+    # final error's call, not the prices').
     pipe = flux_pipeline()
     search = config("flux", delta=0.5, candidates=("full", "cache", "arrow:0.25", "pool:2"), target_sparsity=0.5,
                     budget="generation", head_coefficient=None, sensitivity="measure", cache="auto")
     priced = ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, costs={"pool:2": 1.0}),
                                    progress=False)
     assert "pool:2" not in methods_of(priced)
-    assert "pool:2" in methods_of(ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False))
+    by_step = dataclasses.replace(search, cache="step")
+    assert "pool:2" in methods_of(ditfastattn.calibrate(pipe, prompts("flux"), by_step, progress=False))

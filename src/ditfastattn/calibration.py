@@ -508,8 +508,10 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                 "target_sparsity": config.target,
                 "first_pass_delta": 0.0 if mode == "step" and uncompressed is not None else config.delta,
                 "predicted_sparsity": found.predicted,
-                "delta_per_step_layer": [[round(session.layer_delta.get((step, index), 0.0), 6) for index in range(len(spec.layers))]
-                                   for step in range(steps)],
+                "delta_per_step_layer": [
+                    [round(session.layer_delta.get((step, index), 0.0), 6) for index in range(len(spec.layers))]
+                    for step in range(steps)
+                ],
             }
         )
     scores = {"metric": "rse", "candidates": list(config.candidates), "rse": _scores(session.rse, spec)}
