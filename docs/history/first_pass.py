@@ -15,7 +15,9 @@ The three-pass variant is ``patches/first_pass_three.diff`` (on 070887d; not kep
 2026-12-06): ``results/first_pass_0.6_cpu.json`` (the searches), ``results/first_pass_{flux,sd3}_0.6_scored_cpu.json``
 (scored); the curves on an H100: ``results/first_pass_three_curves_h100.json``; the four passes kept
 since (the per-step search alone fitted on the uncompressed pass): ``results/first_pass_four_curves_h100.json``
-(CALIBRATION_NOTES.md, 2026-12-06, latest).
+and, on FLUX at 0.6, ``results/first_pass_four_flux_0.6_{,heldout4242_}scored_cpu.json`` (scored with
+``--heldout-seed 4242 --seeds 5,6`` and the embeddings of those prompts) (CALIBRATION_NOTES.md,
+2026-12-06, latest).
 """
 import argparse
 import json
@@ -63,6 +65,8 @@ def main():
     p.add_argument("plans", nargs="*", help="score: NAME=PLAN.json")
     p.add_argument("--pairs", nargs="*", default=[], help="score: A:B, the paired differences to report")
     p.add_argument("--target", type=float, default=0.6)
+    p.add_argument("--heldout-seed", type=int, default=2026, help="score: grammar seed of the held-out prompts")
+    p.add_argument("--seeds", default="1,2", help="score: generation seeds")
     p.add_argument("--embeddings", type=Path, required=True)
     args = p.parse_args()
     pipe = testbed(args.kind, args.embeddings, "cpu")
@@ -71,9 +75,11 @@ def main():
         return
     plans = {name: Plan.load(path) for name, path in (item.split("=", 1) for item in args.plans)}
     pairs = [tuple(pair.split(":")) for pair in args.pairs]
-    _, ssim, differences = score_paired(pipe, plans, q.heldout_prompts(2026)[:16], 20, [1, 2], pairs)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    _, ssim, differences = score_paired(pipe, plans, q.heldout_prompts(args.heldout_seed)[:16], 20, seeds, pairs)
     result = {
-        "meta": {"kind": args.kind, "target": args.target, "steps": 20, "heldout_seed": 2026, "seeds": [1, 2]},
+        "meta": {"kind": args.kind, "target": args.target, "steps": 20, "heldout_seed": args.heldout_seed,
+                 "seeds": seeds},
         "plans": {name: {"sparsity": plan.summary()["sparsity"], "ssim": float(ssim[name].mean()),
                          "kept": plan.provenance["lab"]["kept"], "seconds": plan.provenance["lab"]["seconds"],
                          "pass_seconds": plan.provenance["search"]["seconds"],
