@@ -148,20 +148,21 @@ def cached_schedule(steps: int, target: float) -> frozenset[int]:
 
 
 def layer_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None,
-                   charged=frozenset()) -> np.ndarray:
+                   charged=frozenset(), layers=None) -> np.ndarray:
     """(layers,) each layer's share of the fraction of one step's attention FLOPs that ``rows``
     (one list of methods per layer) remove (summed: the step's sparsity); tile windows are counted
     on the image grid ``tiles``; the (layer, head) pairs ``charged`` also pay their residual's
-    capture (their method's cost once more)."""
+    capture (their method's cost once more). ``layers``: only these layers' shares (the others 0)."""
     removed, total = np.zeros(len(spec.layers)), 0.0
     for index, (layer, methods) in enumerate(zip(spec.layers, rows)):
         tokens = image_tokens + (text_len if layer.text else 0)
         layer_text = text_len if layer.text else 0
         per_head = float(tokens * tokens * layer.head_dim)
         total += per_head * layer.heads
-        kept = sum(parse_method(m).cost(image_tokens, layer_text, tiles) * (1 + ((index, head) in charged))
-                   for head, m in enumerate(methods))
-        removed[index] = per_head * (layer.heads - kept)
+        if layers is None or index in layers:
+            kept = sum(parse_method(m).cost(image_tokens, layer_text, tiles) * (1 + ((index, head) in charged))
+                       for head, m in enumerate(methods))
+            removed[index] = per_head * (layer.heads - kept)
     return removed / total
 
 
@@ -250,6 +251,7 @@ class TargetController:
         self.realized: dict[int, float] = {}
         self._step = None  # the step whose prediction is held: its layers' shares and the later steps'
         self._now = self._later = self._needed = None
+        self._shares: dict[int, float] = {}  # the held step's decided layers' shares, each counted once
 
     def _scores(self, step: int, session) -> np.ndarray:
         """The first pass's scores of steps ``step`` on, scaled to the second pass's: per candidate
@@ -306,15 +308,18 @@ class TargetController:
             moved = self._moved(shift)
             self._now, self._later = moved[step], moved[step + 1:].sum(axis=(0, 2))
             logger.debug("ditfastattn calibrate: step %d, first-pass curves moved by 2^%g", step, shift / 2)
-        self._step, self._needed = step, self.target * self.steps - realized.sum()
+        self._step, self._needed, self._shares = step, self.target * self.steps - realized.sum(), {}
 
     def __call__(self, step: int, layer: int, session) -> float:
         if step != self._step:
             self._predict(step, session)
         decided = np.array([(step, index) in session.decided for index in range(len(self.spec.layers))])
-        shares = layer_sparsity(self.spec, session.plan.methods[step], *self.geometry, self.tiles,
-                                session.charged.get(step, frozenset()))
-        needed = self._needed - shares[decided].sum()
+        fresh = {int(index) for index in np.flatnonzero(decided)} - set(self._shares)
+        if fresh:
+            shares = layer_sparsity(self.spec, session.plan.methods[step], *self.geometry, self.tiles,
+                                    session.charged.get(step, frozenset()), layers=fresh)
+            self._shares.update({index: shares[index] for index in fresh})
+        needed = self._needed - sum(self._shares.values())
         rest = self._later + self._now[:, ~decided].sum(axis=1)
         # Of the budgets whose prediction lands within half the tolerance of the best one, the one
         # whose neighbours miss least: where the remaining steps' sparsity changes fast with the

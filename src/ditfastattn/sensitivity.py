@@ -171,7 +171,8 @@ def _normalised(ratios: np.ndarray) -> np.ndarray:
 def measure_sensitivity(pipe, spec, call: dict[str, Any], config, *, progress: bool = True,
                         weigh_steps=None) -> dict[str, Any]:
     """``{"layers": {layer name: weight}, "steps": {kind: [weight per step]}, "probe": {...}}``
-    for ``config.sensitivity``; ``call`` holds the pipeline's keyword arguments of the calibration run (prompts included).
+    for ``config.sensitivity``; ``call`` holds the pipeline's keyword arguments of the calibration
+    run (prompts included).
     With ``weigh_steps`` (:func:`schedule_weigher`'s) the step weights come from the schedule: no
     step probes (``"steps"`` empty), and the first pass already reads the schedule, so a scheduler
     without one is refused before the layer probes.
