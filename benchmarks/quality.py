@@ -77,6 +77,11 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
         "generation budget + schedule sensitivity, cache auto": {**scheduled, "cache": "auto"},
         "layer-wise, generation budget + schedule sensitivity, cache auto": {**scheduled, "cache": "auto", "granularity": "layer"},
         "generation budget + measured layer and head, schedule step sensitivity, cache auto": {**layers_measured, "cache": "auto"},
+        # A target's first pass over every calibration prompt (the default runs two: it only fits the budget).
+        "generation budget + schedule sensitivity, cache auto, first pass on all prompts": {
+            **scheduled, "cache": "auto", "fit_prompts": None},
+        "layer-wise, generation budget + schedule sensitivity, cache auto, first pass on all prompts": {
+            **scheduled, "cache": "auto", "fit_prompts": None, "granularity": "layer"},
         "generation budget + step sensitivity": stepped,
         "layer-wise, generation budget + step sensitivity": {**stepped, "granularity": "layer"},
         "generation budget + step and head sensitivity": headed,
@@ -85,6 +90,10 @@ def curves(kind: str, targets=CURVE_TARGETS) -> dict[str, dict]:
         "layer-wise, generation budget + step and head sensitivity, cache per step": {**headed, "cache": "step", "granularity": "layer"},
         "generation budget + step and head sensitivity, cache auto": {**headed, "cache": "auto"},
         "layer-wise, generation budget + step and head sensitivity, cache auto": {**headed, "cache": "auto", "granularity": "layer"},
+        "generation budget + step and head sensitivity, cache auto, first pass on all prompts": {
+            **headed, "cache": "auto", "fit_prompts": None},
+        "layer-wise, generation budget + step and head sensitivity, cache auto, first pass on all prompts": {
+            **headed, "cache": "auto", "fit_prompts": None, "granularity": "layer"},
         "generation budget + step and head sensitivity, cache auto, AA+OC+RS": {**headed, "cache": "auto", "candidates": SETS["AA+OC+RS"]},
         "layer-wise, generation budget + step and head sensitivity, cache auto, AA+OC+RS": {
             **headed, "cache": "auto", "candidates": SETS["AA+OC+RS"], "granularity": "layer"},
@@ -119,6 +128,10 @@ ABLATIONS = {
     ("generation budget + schedule sensitivity", "generation budget"),
     ("generation budget + schedule sensitivity", "generation budget + step sensitivity"),
     ("generation budget + step and head sensitivity, cache auto", "generation budget + schedule sensitivity, cache auto"),
+    ("generation budget + step and head sensitivity, cache auto",
+     "generation budget + step and head sensitivity, cache auto, first pass on all prompts"),
+    ("generation budget + schedule sensitivity, cache auto",
+     "generation budget + schedule sensitivity, cache auto, first pass on all prompts"),
     ("generation budget + step and head sensitivity, cache auto",
      "generation budget + measured layer and head, schedule step sensitivity, cache auto"),
 }
@@ -323,6 +336,7 @@ def run(kind: str, args, save) -> dict:
                 result["targets"][f"{curve}, target {target}"] = {
                     "target": target, "sparsity": plan.summary()["sparsity"],
                     "first_pass_delta": plan.provenance["search"]["first_pass_delta"],
+                    "first_pass_prompts": plan.provenance["search"]["first_pass_prompts"],
                     "delta": plan.provenance["search"]["delta"],
                     "predicted_sparsity": plan.provenance["search"]["predicted_sparsity"],
                     "cache": plan.provenance["search"]["cache"], **({"cache_final_rse": plan.provenance["search"]["cache_final_rse"]}

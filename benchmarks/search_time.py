@@ -57,6 +57,7 @@ class DenoisePipeline:
         self.transformer = transformer
         self.scheduler = scheduler
         self.step_seconds: list[float] = []
+        self.calls: list[dict] = []  # every call's batch and step_seconds (a target's search makes several)
         self.profile_step: int | None = None  # a step to run under torch.profiler (its table in `profile`)
         self.profile: str | None = None
         # That step's wall time and the device time of its kernels: their difference is the time the
@@ -84,6 +85,7 @@ class DenoisePipeline:
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         self.scheduler.set_timesteps(sigmas=sigmas, device=device, mu=self._mu(rows * cols))
         self.step_seconds = []
+        self.calls.append({"batch": batch, "step_seconds": self.step_seconds})
         for index, t in enumerate(self.scheduler.timesteps):
             profiler = None
             if index == self.profile_step:
@@ -156,7 +158,8 @@ class LogLines(logging.Handler):
 
 
 def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, search_steps: int, text_len: int,
-             config: dict, impl: str, offload: bool | None, device, dtype, profile: bool = False) -> dict:
+             config: dict, impl: str, offload: bool | None, device, dtype, profile: bool = False,
+             target: dict | None = None) -> dict:
     embeds = prompts(batch, text_len, config, device, dtype)
     merged = {key: torch.cat([p[key] for p in embeds]) for key in embeds[0]}
     # A profiled step is one more step, left out of the timings (the profiler slows it).
@@ -177,12 +180,13 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
     attempts = []
     while True:
         search = ditfastattn.SearchConfig(delta=0.2, num_inference_steps=search_steps, height=size, width=size,
-                                          impl=impl, offload_outputs=offload)
+                                          impl=impl, offload_outputs=offload, **(target or {}))
         reset_peak(device)
         log, library = LogLines(), logging.getLogger("ditfastattn")
         library.addHandler(log)
         library.setLevel(logging.INFO)
         pipe.profile_step = search_steps - 1 if profile else None
+        pipe.calls = []
         try:
             plan = ditfastattn.calibrate(pipe, embeds[:batch], search, progress=False)
             break
@@ -202,14 +206,22 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
     # A smaller batch that fit stands for the asked one at a cost linear in the batch (an upper
     # bound: the integer programs on the host do not grow with the batch).
     search_step = measured * len(embeds) / batch
+    coefficient = plan.provenance["search"]["head_coefficient"]  # None under a target's generation budget
     row.update(
         search_batch=batch, search_attempts=attempts, search_log=log.lines, search_steps=searched, search_peak_gib=peak_gib(device),
         plain_step_s=plain_step, search_step_s_measured=measured, search_step_s=search_step,
         search_over_plain=search_step / plain_step, plain_50_s=FULL_STEPS * plain_step,
         search_50_s=plain_step + (FULL_STEPS - 1) * search_step, sparsity=plan.summary()["sparsity"],
         solver_s_per_search_step=plan.provenance["search"]["seconds"]["solver"] / (search_steps - 1), rse=rse_summary(plan),
-        head_bound=search.head_coefficient * search.delta / config["num_attention_heads"],
+        head_bound=None if coefficient is None else coefficient * search.delta / config["num_attention_heads"],
     )
+    if target is not None:
+        # Each pass as the search's steps are timed above: its step 0 + 49 x median(its steps 2..).
+        passes = [{**call, "pass_50_s": call["step_seconds"][0] + (FULL_STEPS - 1) * statistics.median(
+            call["step_seconds"][2:len(call["step_seconds"]) - extra])} for call in pipe.calls]
+        row.update(target=target, passes=passes, search_50_s=sum(p["pass_50_s"] for p in passes),
+                   cache=plan.provenance["search"]["cache"])
+        row["search_over_plain_50"] = row["search_50_s"] / row["plain_50_s"]
     if pipe.profile is not None:
         row["profile_last_search_step"] = pipe.profile.splitlines()
         row["profile_last_search_step_times"] = pipe.profile_times
@@ -231,9 +243,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="the last plain and the last search step under torch.profiler (tables, wall and kernel "
                              "time in the JSON)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="time a target's search (every pass) instead of one pass at delta 0.2")
+    parser.add_argument("--fit-prompts", default="2", help="with --target: SearchConfig.fit_prompts, or 'all'")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/search_time.json; smoke: out/)")
     args = parser.parse_args()
     offload = {"auto": None, "on": True, "off": False}[args.offload]
+    target = None if args.target is None else {
+        "target_sparsity": args.target, "fit_prompts": None if args.fit_prompts == "all" else int(args.fit_prompts)}
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     config = FLUX_TINY if args.smoke else FLUX_DEV
@@ -245,7 +262,8 @@ def main() -> None:
     print(f"[{time.perf_counter() - start:6.1f} s] model built", flush=True)
     result = {
         "environment": environment(device), "smoke": args.smoke, "model": "FluxTransformer2DModel, FLUX.1-dev config",
-        "prompts": args.batch, "search": "SearchConfig(delta=0.2), default candidates",
+        "prompts": args.batch,
+        "search": f"SearchConfig(delta=0.2{''.join(f', {k}={v}' for k, v in (target or {}).items())}), default candidates",
         "allocator": os.environ["PYTORCH_CUDA_ALLOC_CONF"], "offload_outputs": args.offload,
         "method": "per-step wall times (synchronized) of a few-step run; 50-step times extrapolated: "
                   "plain = 50 x median(plain steps 1..), search = plain step + 49 x median(search steps 2..); "
@@ -256,7 +274,8 @@ def main() -> None:
     for size in sizes:
         plain_steps, search_steps = args.steps_2k if size >= 2048 else args.steps_1k
         result["runs"].append(run_size(pipe, size, args.batch, plain_steps, search_steps, text_len, config,
-                                       "reference" if args.smoke else "auto", offload, device, dtype, args.profile))
+                                       "reference" if args.smoke else "auto", offload, device, dtype, args.profile,
+                                       target))
         # Written after every size, so a run cut short by a time limit still leaves its results.
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"[{time.perf_counter() - start:6.1f} s] {size} done", flush=True)
@@ -267,8 +286,13 @@ def main() -> None:
         print(f"{r['size']:4}  {r['search_batch']:5}  {r['plain_step_s']:12.3f}  {r['search_step_s']:13.3f}  "
               f"{r['search_over_plain']:5.2f}  {r['solver_s_per_search_step']:13.3f}  {r['plain_50_s']:12.1f} s  "
               f"{r['search_50_s']:13.1f} s  {r['search_peak_gib'] or float('nan'):8.1f}{scaled}")
-        print(f"      plan sparsity {r['sparsity']:.3f}; min RSE per candidate (head bound {r['head_bound']:.4f}): "
+        bound = "none" if r["head_bound"] is None else f"{r['head_bound']:.4f}"
+        print(f"      plan sparsity {r['sparsity']:.3f}; min RSE per candidate (head bound {bound}): "
               + ", ".join(f"{name} {v['min']:.3g}" for name, v in r["rse"].items() if name != "full"))
+        if "passes" in r:
+            print(f"      target search, cache={r['cache']}: passes (batch, 50-step s) "
+                  + ", ".join(f"({p['batch']}, {p['pass_50_s']:.1f})" for p in r["passes"])
+                  + f"; {r['search_50_s']:.1f} s in all, {r['search_over_plain_50']:.2f}x plain denoising")
         if "profile_last_search_step_times" in r:
             plain, search = r["profile_last_plain_step_times"], r["profile_last_search_step_times"]
             print(f"      profiled step (wall / kernels): plain {plain['wall_s']:.3f} / {plain['device_s']:.3f} s, "

@@ -388,6 +388,55 @@ def test_a_target_lands_within_tolerance_on_other_prompts(target, seed):
     assert len(budgets) == 12 and all(len(row) == len(plan.layer_names) for row in budgets)
 
 
+def _batches_seen(pipe):
+    """The batch of every transformer call, in order (a list filled as the pipeline runs)."""
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    return seen
+
+
+def test_a_targets_first_pass_runs_only_the_first_fit_prompts():
+    # The first pass only fits the budget (scores are ratios to the layer's variance, not sums
+    # over the batch); the second, which decides the plan, runs every prompt.
+    pipe = make_pipeline("flux")
+    seen = _batches_seen(pipe)
+    batch = [embeds(1, seed=i) for i in range(4)]
+    steps = 12
+    search = config("flux", target_sparsity=0.45, cache="head", num_inference_steps=steps, fit_prompts=1)
+    plan = ditfastattn.calibrate(pipe, batch, search, progress=False)
+    assert seen == [1] * steps + [4] * steps
+    assert plan.provenance["search"]["first_pass_prompts"] == 1
+    assert abs(plan.summary()["sparsity"] - 0.45) <= 0.02
+
+    # cache="auto": the uncompressed pass is the reference for all four prompts, the per-head
+    # search's first pass runs one, its second and the per-step search's second pass all four.
+    seen.clear()
+    auto = ditfastattn.calibrate(pipe, batch, dataclasses.replace(search, cache="auto"), progress=False)
+    assert seen == [4] * steps + [1] * steps + [4] * steps + [4] * steps
+    kept = auto.provenance["search"]["cache"]
+    assert auto.provenance["search"]["first_pass_prompts"] == (1 if kept == "head" else 4)
+
+    seen.clear()
+    every = ditfastattn.calibrate(pipe, batch, dataclasses.replace(search, fit_prompts=None), progress=False)
+    assert seen == [4] * (2 * steps) and every.provenance["search"]["first_pass_prompts"] == 4
+    assert every.methods != plan.methods  # fitted on other scores, so another plan (both land)
+    assert abs(every.summary()["sparsity"] - 0.45) <= 0.02
+
+
+def test_fit_prompts_is_checked_before_any_pass():
+    pipe = make_pipeline("flux")
+    seen = _batches_seen(pipe)
+    with pytest.raises(ValueError, match="fit_prompts must be an integer >= 1"):
+        config("flux", target_sparsity=0.45, fit_prompts=0)
+    # A per-prompt list beside the prompts would not match the first pass's smaller batch.
+    per_prompt = config("flux", target_sparsity=0.45, num_inference_steps=4, fit_prompts=1,
+                        pipeline_kwargs={"negative_prompt": ["blurry", "dark"]})
+    with pytest.raises(ValueError, match=r"negative_prompt.*fit_prompts=None"):
+        ditfastattn.calibrate(pipe, [embeds(1, seed=i) for i in range(2)], per_prompt, progress=False)
+    assert seen == []
+
+
 def test_defaults_are_the_papers_for_a_bare_delta_and_the_recommended_search_for_a_target(caplog):
     # A bare delta keeps the paper's meaning (per-layer budget, c = 1.5, caching per head); a target
     # takes the generation budget and compares caching per head and per step, exactly as the

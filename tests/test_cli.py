@@ -53,10 +53,11 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
     capsys.readouterr()
     # A target alone: the defaults take the generation budget and compare both ways of caching.
     assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.5", "--steps", "4",
-                 "--candidates", "full,cache,arrow:0.5", "-o", str(priced)]) == 0
+                 "--candidates", "full,cache,arrow:0.5", "--fit-prompts", "1", "-o", str(priced)]) == 0
     search = Plan.load(priced).provenance["search"]
     assert (search["budget"], search["head_coefficient"]) == ("generation", None)
     kept = search["cache"]
+    assert search["first_pass_prompts"] == (1 if kept == "head" else 2)  # the per-step search fits on all
     assert f"cache auto: kept caching per {kept} (final latents' relative squared error: per head " in capsys.readouterr().out
 
 
@@ -177,6 +178,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         ([*cal, "--head-coefficient", "0"], "--head-coefficient: must be > 0"),
         ([*cal, "--seed", "-1"], "--seed: must be >= 0"),
         ([*cal, "--target-sparsity", "1.5"], "--target-sparsity: must be < 1"),
+        ([*cal, "--fit-prompts", "0"], "--fit-prompts: must be >= 1"),
         ([*cal, "--png", str(tmp_path / "heat.unknown")], "--png"),
         ([*cal[:-1], str(tmp_path / "same.png"), "--png", str(tmp_path / "same.png")], "same file"),
         ([*cal, "--method-set", "aa+oc+cfg", "--guidance-scale", "1"], "need classifier-free guidance"),

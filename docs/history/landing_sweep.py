@@ -6,7 +6,9 @@ The default target search (``cache="auto"``) on the test suite's tiny random mod
 Records each search's sparsity (caching per head, per step) and the kept plan's, with whatever
 library is on the path; run from the repository root:
 
-    PYTHONPATH=src:tests python docs/history/landing_sweep.py OUT.json
+    PYTHONPATH=src:tests python docs/history/landing_sweep.py OUT.json [FIT_PROMPTS]
+
+FIT_PROMPTS sets ``SearchConfig.fit_prompts`` (FLUX and SD3 calibrate on 2 prompts, Wan on one).
 
 Results: ``results/landing_sweep_tiny_cpu.json`` (CALIBRATION_NOTES.md, 2026-12-06, latest).
 """
@@ -37,7 +39,8 @@ def keep(*args, **kwargs):
 
 def run(rows, kind, target, seed, pipe, prompts, **kwargs):
     found.clear()
-    plan = ditfastattn.calibrate(pipe, prompts, SearchConfig(target_sparsity=target, **kwargs), progress=False)
+    fit = {"fit_prompts": int(sys.argv[2])} if len(sys.argv) > 2 else {}
+    plan = ditfastattn.calibrate(pipe, prompts, SearchConfig(target_sparsity=target, **fit, **kwargs), progress=False)
     searched = plan.provenance["search"]
     rows.append(dict(kind=kind, target=target, seed=seed, kept=searched["cache"], sparsity=plan.summary()["sparsity"],
                      head=found.get("head"), step=found.get("step"), rse=searched.get("cache_final_rse")))

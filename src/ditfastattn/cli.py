@@ -59,6 +59,10 @@ def _head_coefficient(text: str) -> float | str | None:
     return named[text.lower()] if text.lower() in named else _number(float, above=0)(text)
 
 
+def _fit_prompts(text: str) -> int | None:
+    return None if text.lower() == "all" else _POSITIVE(text)
+
+
 def _deltas(text: str) -> list[float]:
     """Comma-separated budgets, each finite and >= 0, none repeated (each names one plan and row)."""
     parse = _number(float, minimum=0)
@@ -389,6 +393,7 @@ def _search_config(args):
         "impl": args.impl,
         "target_sparsity": getattr(args, "target_sparsity", None),
         "target_speedup": getattr(args, "target_speedup", None),
+        "fit_prompts": getattr(args, "fit_prompts", 2),
         "sensitivity": _sensitivity(args.sensitivity),
     }
     try:
@@ -583,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="reach this attention sparsity instead (two passes a search; --delta starts the first)")
     calibrate.add_argument("--target-speedup", type=_number(float, above=1), default=None,
                            help="or this ideal attention speed-up")
+    calibrate.add_argument("--fit-prompts", type=_fit_prompts, default=2,
+                           help="with a target, how many of the prompts the first pass (which only fits the budget) "
+                                "runs, or 'all' (default: 2)")
     calibrate.add_argument("--cache", choices=["head", "step", "auto"], default="auto",
                            help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
                                 "target and --budget generation); auto: both where step applies, keeping the plan "
