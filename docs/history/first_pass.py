@@ -17,7 +17,8 @@ The three-pass variant is ``patches/first_pass_three.diff`` (on 070887d; not kep
 since (the per-step search alone fitted on the uncompressed pass): ``results/first_pass_four_curves_h100.json``
 and, on FLUX at 0.6, ``results/first_pass_four_flux_0.6_{,heldout4242_}scored_cpu.json`` (scored with
 ``--heldout-seed 4242 --seeds 5,6`` and the embeddings of those prompts) (CALIBRATION_NOTES.md,
-2026-12-06, latest).
+2026-12-06, latest). ``calibrate --fit-prompts 2|all --sensitivity FILE`` (stop 52): the first pass
+on two or all prompts, with quality.py's measured weights; ``results/fit_prompts_sd3_0.7_*``.
 """
 import argparse
 import json
@@ -34,7 +35,7 @@ from pooled_target import testbed  # noqa: E402
 from ditfastattn import Plan, SearchConfig, calibrate, calibration  # noqa: E402
 
 
-def calibrate_both(pipe, target: float, prefix: str) -> None:
+def calibrate_both(pipe, target: float, prefix: str, **settings) -> None:
     """The default target search, each of its two searches' plans saved (the kept one's provenance)."""
     found, search = {}, calibration._search
 
@@ -45,7 +46,7 @@ def calibrate_both(pipe, target: float, prefix: str) -> None:
 
     calibration._search = keep
     started = time.perf_counter()
-    config = SearchConfig(num_inference_steps=20, candidates=q.SETS["AA+OC"], seed=0, target_sparsity=target)
+    config = SearchConfig(num_inference_steps=20, candidates=q.SETS["AA+OC"], seed=0, target_sparsity=target, **settings)
     plan = calibrate(pipe, q.calibration_prompts(8, 2026), config, progress=False)
     seconds = time.perf_counter() - started
     calibration._search = search
@@ -68,10 +69,18 @@ def main():
     p.add_argument("--heldout-seed", type=int, default=2026, help="score: grammar seed of the held-out prompts")
     p.add_argument("--seeds", default="1,2", help="score: generation seeds")
     p.add_argument("--embeddings", type=Path, required=True)
+    p.add_argument("--fit-prompts", default=None, help="calibrate: SearchConfig.fit_prompts, or 'all' (default: the library's)")
+    p.add_argument("--sensitivity", type=Path, default=None,
+                   help="calibrate: a quality.py sensitivity file (.carry/sens/...) to search with, as its recommended curves do")
     args = p.parse_args()
     pipe = testbed(args.kind, args.embeddings, "cpu")
     if args.command == "calibrate":
-        calibrate_both(pipe, args.target, args.out)
+        settings = {}
+        if args.fit_prompts is not None:
+            settings["fit_prompts"] = None if args.fit_prompts == "all" else int(args.fit_prompts)
+        if args.sensitivity is not None:
+            settings["sensitivity"] = json.loads(args.sensitivity.read_text())["sensitivity"]
+        calibrate_both(pipe, args.target, args.out, **settings)
         return
     plans = {name: Plan.load(path) for name, path in (item.split("=", 1) for item in args.plans)}
     pairs = [tuple(pair.split(":")) for pair in args.pairs]
