@@ -435,6 +435,11 @@ def test_fit_prompts_is_checked_before_any_pass():
     with pytest.raises(ValueError, match=r"negative_prompt.*fit_prompts=None"):
         ditfastattn.calibrate(pipe, [embeds(1, seed=i) for i in range(2)], per_prompt, progress=False)
     assert seen == []
+    # A list of numbers as long as the prompts is a schedule, not one value per prompt.
+    sigmas = dataclasses.replace(per_prompt, pipeline_kwargs={"sigmas": [1.0, 0.75, 0.5, 0.25]})
+    plan = ditfastattn.calibrate(pipe, [embeds(1, seed=i) for i in range(4)], sigmas, progress=False)
+    assert seen == [4] * 4 + [1] * 4 + [4] * 8  # the uncompressed pass, the fit on one prompt, two searches
+    assert plan.provenance["search"]["first_pass_prompts"] in (1, 4)
 
 
 def test_defaults_are_the_papers_for_a_bare_delta_and_the_recommended_search_for_a_target(caplog):

@@ -605,14 +605,22 @@ def _fit_call(pipe, config: SearchConfig, prompts: list, call: dict[str, Any]) -
     prompts (``call`` itself when that is all of them or there is no target)."""
     if config.target is None or config.fit_prompts is None or config.fit_prompts >= len(prompts):
         return call
-    per_prompt = sorted(key for key, value in config.pipeline_kwargs.items()
-                        if isinstance(value, (list, tuple)) and len(value) == len(prompts))
+    per_prompt = sorted(key for key, value in config.pipeline_kwargs.items() if _per_prompt(value, len(prompts)))
     if per_prompt:
         raise ValueError(
             f"pipeline_kwargs {per_prompt} look like one value per prompt, but a target's first pass runs only the "
             f"first fit_prompts={config.fit_prompts} prompts: give them in the prompt dicts, or set fit_prompts=None"
         )
     return _pipeline_call(pipe, config, prompt_kwargs(prompts[: config.fit_prompts])[0])
+
+
+def _per_prompt(value, count: int) -> bool:
+    """Whether a pipeline argument looks like one entry per prompt: a batch of tensors, or a list
+    of as many non-numbers (a list of numbers is a schedule, such as ``sigmas``)."""
+    if torch.is_tensor(value):
+        return value.dim() > 0 and value.shape[0] == count
+    return (isinstance(value, (list, tuple)) and len(value) == count
+            and not all(isinstance(item, numbers.Number) for item in value))
 
 
 def _pipeline_call(pipe, config: SearchConfig, prompts: dict[str, Any]) -> dict[str, Any]:
