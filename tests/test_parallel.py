@@ -295,7 +295,7 @@ def test_parallelism_enabled_on_the_second_expert_after_apply_is_refused_at_its_
 # splits both), two prompts; each search on both ranks and in one process.
 SEARCHES = {
     "delta": {"delta": 0.3},
-    "target": {"target_sparsity": 0.45},
+    "target": {"target_sparsity": 0.45, "fit_prompts": 1},  # the first pass on one prompt on every rank
     "sensitivity": {"delta": 0.3, "sensitivity": "measure"},
     "residual": {"delta": 0.05, "candidates": ("full", "arrow:0.125", "arrow_residual:0.125")},  # full heads at later steps
     "all_full": {"delta": 0.0},
@@ -394,6 +394,7 @@ def test_calibration_under_ulysses_matches_one_process(tmp_path):
     assert any(len(set(heads)) > 1 and "full" in heads for rows in residual[2:] for heads in rows)
     targeted = [single["target"].provenance["search"], Plan.load(tmp_path / "rank0-target.json").provenance["search"]]
     assert targeted[1]["target_sparsity"] == 0.45 and targeted[1]["delta"] == pytest.approx(targeted[0]["delta"], rel=1e-3)
+    assert targeted[1]["first_pass_prompts"] == targeted[0]["first_pass_prompts"]
     np.testing.assert_allclose(targeted[1]["delta_per_step_layer"], targeted[0]["delta_per_step_layer"], rtol=1e-3)
     weights = [single["sensitivity"].provenance["search"]["sensitivity"],
                Plan.load(tmp_path / "rank0-sensitivity.json").provenance["search"]["sensitivity"]]
