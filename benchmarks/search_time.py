@@ -216,7 +216,8 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
         head_bound=None if coefficient is None else coefficient * search.delta / config["num_attention_heads"],
     )
     if target is not None:
-        # Each pass as the search's steps are timed above: its step 0 + 49 x median(its steps 2..).
+        # Each pass as the search's steps are timed above: its step 0 + 49 x median(its steps 2..),
+        # at the batch that fit (not scaled: the first pass runs fewer prompts by design).
         passes = [{**call, "pass_50_s": call["step_seconds"][0] + (FULL_STEPS - 1) * statistics.median(
             call["step_seconds"][2:len(call["step_seconds"]) - extra])} for call in pipe.calls]
         row.update(target=target, passes=passes, search_50_s=sum(p["pass_50_s"] for p in passes),

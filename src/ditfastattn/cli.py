@@ -393,7 +393,7 @@ def _search_config(args):
         "impl": args.impl,
         "target_sparsity": getattr(args, "target_sparsity", None),
         "target_speedup": getattr(args, "target_speedup", None),
-        "fit_prompts": getattr(args, "fit_prompts", 2),
+        "fit_prompts": getattr(args, "fit_prompts", SearchConfig.fit_prompts),  # calibrate only
         "sensitivity": _sensitivity(args.sensitivity),
     }
     try:
@@ -588,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="reach this attention sparsity instead (two passes a search; --delta starts the first)")
     calibrate.add_argument("--target-speedup", type=_number(float, above=1), default=None,
                            help="or this ideal attention speed-up")
-    calibrate.add_argument("--fit-prompts", type=_fit_prompts, default=2,
+    calibrate.add_argument("--fit-prompts", type=_fit_prompts, default=argparse.SUPPRESS,
                            help="with a target, how many of the prompts the first pass (which only fits the budget) "
                                 "runs, or 'all' (default: 2)")
     calibrate.add_argument("--cache", choices=["head", "step", "auto"], default="auto",
