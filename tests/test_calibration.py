@@ -434,6 +434,9 @@ def test_fit_prompts_is_checked_before_any_pass():
                         pipeline_kwargs={"negative_prompt": ["blurry", "dark"]})
     with pytest.raises(ValueError, match=r"negative_prompt.*fit_prompts=None"):
         ditfastattn.calibrate(pipe, [embeds(1, seed=i) for i in range(2)], per_prompt, progress=False)
+    images = dataclasses.replace(per_prompt, pipeline_kwargs={"ip_adapter_image_embeds": torch.ones(2, 8)})
+    with pytest.raises(ValueError, match=r"ip_adapter_image_embeds.*fit_prompts=None"):  # a batch of tensors
+        ditfastattn.calibrate(pipe, [embeds(1, seed=i) for i in range(2)], images, progress=False)
     assert seen == []
     # A list of numbers as long as the prompts is a schedule, not one value per prompt.
     sigmas = dataclasses.replace(per_prompt, pipeline_kwargs={"sigmas": [1.0, 0.75, 0.5, 0.25]})
