@@ -432,6 +432,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     spec = adapter.describe(transformer)
     call = _pipeline_call(pipe, config, kwargs)
     fit_call = _fit_call(pipe, config, prompts, call)
+    fit_count = len(prompts) if fit_call is call else config.fit_prompts
     # Prompt dicts may set the guidance too; unset, it is the pipeline's default. (An odd batch that
     # still reaches the transformer is refused at its first call.)
     check_cfg_guidance(config.candidates, call.get("guidance_scale", _default_argument(pipe, "guidance_scale")))
@@ -520,8 +521,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
             {
                 "target_sparsity": config.target,
                 "first_pass_delta": 0.0 if mode == "step" and uncompressed is not None else config.delta,
-                "first_pass_prompts": (len(prompts) if fit_call is call or (mode == "step" and uncompressed is not None)
-                                       else config.fit_prompts),
+                "first_pass_prompts": len(prompts) if mode == "step" and uncompressed is not None else fit_count,
                 "predicted_sparsity": found.predicted,
                 "delta_per_step_layer": [
                     [round(session.layer_delta.get((step, index), 0.0), 6) for index in range(len(spec.layers))]
