@@ -127,6 +127,16 @@ class _HostOutputs:
                 event.record()
         self.loading[key] = (out, event)
 
+    def drop(self, call: int | None = None) -> None:
+        """Forget one call slot's outputs (all with None) once nothing will read them, so that a
+        search's later passes do not hold this one's too (a pass at FLUX 2048² x 8 prompts parks 47
+        GiB). The pinned blocks go back to torch's host cache, where the next pass reuses them."""
+        for held in (self.host, self.loading):
+            for key in [key for key in held if call is None or key[1] == call]:
+                del held[key]
+        while self.storing:
+            self.storing.popleft()[1].synchronize()
+
     def take(self, key: tuple[int, int], device: torch.device) -> torch.Tensor | None:
         self.prefetch(key, device)
         if key not in self.loading:
@@ -545,6 +555,8 @@ class _CalibrationSession(Session):
     def _start_generation(self) -> None:
         super()._start_generation()
         self.residuals.clear()
+        if self.offload is not None:
+            self.offload.drop()
         self.later_calls.clear()
         self._call_shapes.clear()
 
@@ -574,6 +586,8 @@ class _CalibrationSession(Session):
         if self.step == self.plan.num_steps - 1:
             for key in [key for key in self.residuals if key[1] == self.call]:
                 del self.residuals[key]
+            if self.offload is not None:
+                self.offload.drop(self.call)
 
 
 class _UlyssesCalibrationSession(Ulysses, _CalibrationSession):
