@@ -130,6 +130,14 @@ def peak_gib(device) -> float | None:
 def reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_host_memory_stats()
+
+
+def host_pinned_peak_gib(device) -> float | None:
+    """Peak pinned host memory since the last reset_peak (blocks as torch's allocator rounds them)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.host_memory_stats().get("allocated_bytes.peak", float("nan")) / 2**30
 
 
 def rse_summary(plan) -> dict:
@@ -209,6 +217,7 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
     coefficient = plan.provenance["search"]["head_coefficient"]  # None under a target's generation budget
     row.update(
         search_batch=batch, search_attempts=attempts, search_log=log.lines, search_steps=searched, search_peak_gib=peak_gib(device),
+        search_host_pinned_peak_gib=host_pinned_peak_gib(device),
         plain_step_s=plain_step, search_step_s_measured=measured, search_step_s=search_step,
         search_over_plain=search_step / plain_step, plain_50_s=FULL_STEPS * plain_step,
         search_50_s=plain_step + (FULL_STEPS - 1) * search_step, sparsity=plan.summary()["sparsity"],
@@ -287,6 +296,8 @@ def main() -> None:
         print(f"{r['size']:4}  {r['search_batch']:5}  {r['plain_step_s']:12.3f}  {r['search_step_s']:13.3f}  "
               f"{r['search_over_plain']:5.2f}  {r['solver_s_per_search_step']:13.3f}  {r['plain_50_s']:12.1f} s  "
               f"{r['search_50_s']:13.1f} s  {r['search_peak_gib'] or float('nan'):8.1f}{scaled}")
+        if r["search_host_pinned_peak_gib"]:
+            print(f"      pinned host memory at its peak: {r['search_host_pinned_peak_gib']:.1f} GiB")
         bound = "none" if r["head_bound"] is None else f"{r['head_bound']:.4f}"
         print(f"      plan sparsity {r['sparsity']:.3f}; min RSE per candidate (head bound {bound}): "
               + ", ".join(f"{name} {v['min']:.3g}" for name, v in r["rse"].items() if name != "full"))

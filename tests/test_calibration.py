@@ -13,7 +13,7 @@ import torch
 from conftest import TEXT_LEN, embeds, make_pipeline, negative_embeds, run_pipeline
 
 import ditfastattn
-from ditfastattn import SearchConfig
+from ditfastattn import SearchConfig, _host_outputs
 from ditfastattn.calibration import prompt_kwargs
 from ditfastattn.search import solve_layer
 
@@ -234,20 +234,45 @@ def test_offloaded_outputs_give_the_same_plan_and_leave_no_layer_output_on_the_d
     assert kept_held == [layers] * STEPS and parked_held == [0] * STEPS  # the last step included
 
 
+@pytest.mark.parametrize("numel", [1, 63, 64, 65, 1000, 2**20, 2**20 + 1, 3 * 2**20 - 7, 8 * 16896 * 3072])
+def test_parked_outputs_are_split_into_pieces_the_pinned_allocator_does_not_round_up(numel):
+    # Torch's pinned allocator rounds each block up to a power of two: one block per output of
+    # 774 MiB (FLUX 2048² x 8 prompts) pinned 1 GiB.
+    spans = _host_outputs.host_spans(numel)
+    assert spans[0][0] == 0 and spans[-1][1] == numel
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert all((stop - start) & (stop - start - 1) == 0 for start, stop in spans[:-1])  # powers of two
+    rounded = sum(1 << (stop - start - 1).bit_length() for start, stop in spans)
+    assert rounded <= numel + numel // 64 and len(spans) <= 8
+
+
+def test_parked_outputs_come_back_exactly():
+    store = _host_outputs.HostOutputs(torch.device("cpu"))
+    outputs = {(layer, call): torch.randn(2, 37, 3, 5, dtype=torch.bfloat16) for layer in range(3) for call in range(2)}
+    for key, tensor in outputs.items():
+        store.store(key, tensor.transpose(1, 2))  # not contiguous, as a strided output could be
+    store.prefetch((1, 0), torch.device("cpu"))
+    for key, tensor in outputs.items():
+        got = store.take(key, torch.device("cpu"))
+        assert got.shape == (2, 3, 37, 5) and torch.equal(got, tensor.transpose(1, 2))
+    store.drop(1)
+    assert sorted(store.host) == [(layer, 0) for layer in range(3)]
+    assert store.take((0, 1), torch.device("cpu")) is None
+
+
 def test_a_pass_releases_its_parked_outputs_before_the_next_starts(monkeypatch):
     # A target's default search runs four passes and keeps each pass's session; at FLUX 2048² x 8
-    # prompts every one parked 47 GiB of host memory, and the host ran out at the third pass.
-    from ditfastattn import _calibration_session
-
+    # prompts every one parked 44 GiB of host memory, and the host ran out at the third pass.
     parked, held_at_start = [], []
-    own_init = _calibration_session._HostOutputs.__init__
+    own_init = _host_outputs.HostOutputs.__init__
 
     def counting_init(self, device):
-        held_at_start.append(sum(t.nbytes for store in parked for t in store.host.values()))
+        held_at_start.append(sum(piece.nbytes for store in parked for _, _, pieces in store.host.values()
+                                 for _, _, piece in pieces))
         own_init(self, device)
         parked.append(self)
 
-    monkeypatch.setattr(_calibration_session._HostOutputs, "__init__", counting_init)
+    monkeypatch.setattr(_host_outputs.HostOutputs, "__init__", counting_init)
     pipe = make_pipeline("flux")
     search = config("flux", target_sparsity=0.45, offload_outputs=True, num_inference_steps=8)
     plan = ditfastattn.calibrate(pipe, prompts("flux", 3), search, progress=False)

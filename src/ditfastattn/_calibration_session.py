@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections import deque
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from ._geometry import MODE_SKIP, TileGrid
+from ._host_outputs import HostOutputs
 from .methods import Method, parse_method
 from .plan import Plan
 from .runtime import LayerRuntime, Session, _Buffers, compile_row, install, uninstall
@@ -77,74 +77,6 @@ class _Candidate(NamedTuple):
     unmeasured: torch.Tensor | None = None
     rows: tuple[int, int] | None = None
     shared: bool = False
-
-
-class _HostOutputs:
-    """Layer outputs parked in host memory between denoising steps (pinned, async on CUDA).
-
-    The host queues layers faster than the GPU runs them, so copies out are bounded: each
-    output stays referenced until its copy is done, and at most ``IN_FLIGHT`` are pending.
-    """
-
-    IN_FLIGHT = 2
-
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.host: dict[tuple[int, int], torch.Tensor] = {}
-        self.loading: dict[tuple[int, int], tuple[torch.Tensor, torch.cuda.Event | None]] = {}
-        self.storing: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
-
-    def store(self, key: tuple[int, int], tensor: torch.Tensor) -> None:
-        host = self.host.get(key)
-        if host is None or host.shape != tensor.shape or host.dtype != tensor.dtype:
-            host = self.host[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.stream is not None)
-        if self.stream is None:
-            host.copy_(tensor)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(self.stream):
-            host.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        self.storing.append((tensor, done))
-        while len(self.storing) > self.IN_FLIGHT:
-            self.storing.popleft()[1].synchronize()
-
-    def prefetch(self, key: tuple[int, int], device: torch.device) -> None:
-        if key in self.loading or key not in self.host:
-            return
-        host = self.host[key]
-        out = torch.empty(host.shape, dtype=host.dtype, device=device)
-        event = None
-        if self.stream is None:
-            out.copy_(host)
-        else:
-            # `out` may reuse memory that queued compute still reads: the copy waits for it.
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(self.stream):
-                out.copy_(host, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-        self.loading[key] = (out, event)
-
-    def drop(self, call: int | None = None) -> None:
-        """Forget one call slot's outputs (all with None) once nothing will read them, so that a
-        search's later passes do not hold this one's too (a pass at FLUX 2048² x 8 prompts parks 47
-        GiB). The pinned blocks go back to torch's host cache, where the next pass reuses them."""
-        for held in (self.host, self.loading):
-            for key in [key for key in held if call is None or key[1] == call]:
-                del held[key]
-        while self.storing:
-            self.storing.popleft()[1].synchronize()
-
-    def take(self, key: tuple[int, int], device: torch.device) -> torch.Tensor | None:
-        self.prefetch(key, device)
-        if key not in self.loading:
-            return None
-        out, event = self.loading.pop(key)
-        if event is not None:
-            torch.cuda.current_stream(device).wait_event(event)
-        return out
 
 
 class _CalibrationSession(Session):
@@ -222,7 +154,7 @@ class _CalibrationSession(Session):
         self.geometry: tuple[int, int] | None = None
         self.tiles: TileGrid | None = None  # the image grid of the calls whose resolution the plan records
         self._stock: torch.Tensor | None = None  # the exact output of the layer just scored
-        self.offload: _HostOutputs | None = None
+        self.offload: HostOutputs | None = None
         self._offload_decided = config.offload_outputs is False
         self._call_shapes: dict[int, torch.Size] = {}  # call slot -> its input's shape, this generation
 
@@ -515,7 +447,7 @@ class _CalibrationSession(Session):
                 need / 2**30, free / 2**30, "kept in host memory" if offload else "kept on the GPU",
             )
         if offload:
-            self.offload = _HostOutputs(output.device)
+            self.offload = HostOutputs(output.device)
 
     def _keep_residuals(self, layer: LayerRuntime, q, k, v, out, text_start, text_len) -> None:
         """Keep full - arrow for every residual window on heads that ran plain full at this step."""
