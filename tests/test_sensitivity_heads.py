@@ -9,7 +9,7 @@ import torch
 from conftest import embeds, make_pipeline, negative_embeds
 
 import ditfastattn
-from ditfastattn import SearchConfig
+from ditfastattn import SearchConfig, sensitivity
 from ditfastattn.adapters import adapter_for
 from ditfastattn.calibration import prompt_kwargs
 from ditfastattn.model import LayerSpec, ModelSpec
@@ -49,6 +49,65 @@ def test_fisher_sees_what_reaches_the_output_and_leaves_the_model_as_it_was():
     assert all(p.requires_grad for p in pipe.transformer.parameters())
     assert "forward" not in pipe.transformer.__dict__
     ditfastattn.apply(pipe, ditfastattn.Plan.uniform(pipe.transformer, STEPS, "full"))
+    ditfastattn.remove(pipe)
+
+
+def flux_fisher(pipe) -> np.ndarray:
+    spec = adapter_for(pipe.transformer).describe(pipe.transformer)
+    call, _ = prompt_kwargs([embeds(1, seed=i) for i in range(2)])
+    return measure_head_fisher(pipe, spec, {**call, **SIZE}, SearchConfig(num_inference_steps=STEPS, **SIZE))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_fisher_checkpoints_the_blocks_and_measures_what_it_measured_without(kind, monkeypatch):
+    # The backward pass through every block would hold all their activations: FLUX.1-dev at 1024²
+    # x 8 prompts ran out of an H100's memory. Checkpointed, each block runs again in it.
+    fisher_of = sd3_fisher if kind == "sd3" else lambda pipe: (None, flux_fisher(pipe))
+    pipe = make_pipeline(kind)
+    runs = []
+    # A pre-hook: the run in the backward pass stops once it has what the gradient needs.
+    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *args: runs.append(torch.is_grad_enabled()))
+    _, checkpointed = fisher_of(pipe)
+    # Step 0 (no gradient) once; then each step's forward with gradients, and its run in the backward pass.
+    assert len(runs) == 1 + 2 * (STEPS - 1)
+    runs.clear()
+    monkeypatch.setattr(sensitivity, "_checkpoint_blocks", lambda experts: [])
+    _, whole = fisher_of(pipe)
+    assert len(runs) == STEPS
+    assert (whole[1:] > 0).any() and np.allclose(checkpointed, whole, rtol=1e-5, atol=0.0)
+
+
+def test_fisher_leaves_the_models_own_checkpointing_as_it_was():
+    pipe = make_pipeline("flux")
+    transformer = pipe.transformer
+    flags = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
+    before = [m.__dict__.get("_gradient_checkpointing_func") for m in flags]
+    flux_fisher(pipe)
+    assert not transformer.is_gradient_checkpointing
+    assert [m.__dict__.get("_gradient_checkpointing_func") for m in flags] == before
+
+    def own(module, *args):  # a training script's own function
+        return module(*args)
+
+    transformer.enable_gradient_checkpointing(own)
+    flux_fisher(pipe)
+    assert transformer.is_gradient_checkpointing
+    assert all(m.gradient_checkpointing and m._gradient_checkpointing_func is own for m in flags)
+
+
+def test_fisher_out_of_memory_names_the_fix_and_leaves_the_model_as_it_was(monkeypatch):
+    pipe = make_pipeline("flux")
+    transformer = pipe.transformer
+
+    def out_of_memory(self, index, grad):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.55 GiB.")
+
+    monkeypatch.setattr(sensitivity._FisherSession, "_square", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=r"(?s)1\.55 GiB.*measure on fewer.*sensitivity=\.\.\."):
+        flux_fisher(pipe)
+    assert not transformer.is_gradient_checkpointing
+    assert all(p.requires_grad for p in transformer.parameters()) and "forward" not in transformer.__dict__
+    ditfastattn.apply(pipe, ditfastattn.Plan.uniform(transformer, STEPS, "full"))  # no session was left
     ditfastattn.remove(pipe)
 
 
