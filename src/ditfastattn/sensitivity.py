@@ -22,7 +22,7 @@ error against the uncompressed pass; their ratio is the sensitivity.
   step (:func:`measure_head_fisher`); normalised to a mean of 1 over each layer's heads at each
   step, it weighs the heads against each other (``heads``). Its backward passes checkpoint the
   blocks (FLUX.1-dev at 1024² x 8 prompts: 39 GiB at the peak, a step 3.3x a plain one; at 2048²
-  eight prompts do not fit an 80 GB GPU, two would: measure on fewer and reuse). On the testbeds it lifts head-wise
+  eight prompts do not fit an 80 GB GPU, two do). On the testbeds it lifts head-wise
   plans by 0.007-0.010 SSIM at 0.5-0.7 sparsity on SD3 (intervals above zero) and leaves FLUX
   unchanged (benchmarks/results/quality.md). Probing each head on its own, as the layers are,
   was tried and was no better than no head weights, at one pass per head.
