@@ -14,7 +14,7 @@ def host_spans(numel: int) -> list[tuple[int, int]]:
     """(start, stop) element spans of the pieces an output of ``numel`` elements is parked in.
 
     Torch's pinned allocator rounds every block up to a power of two bytes, so one block per output
-    would pin up to twice its size (a 774 MiB output at FLUX 2048² x 8 prompts takes 1 GiB). Pieces
+    would pin up to twice its size (a 792 MiB output at FLUX 2048² x 8 prompts took 1 GiB). Pieces
     of a power of two elements each (elements are a power of two bytes), largest first, until what
     is left is at most 1/64 of the output: that last piece's rounding is all that is wasted.
     """
