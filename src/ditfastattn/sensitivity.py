@@ -453,12 +453,11 @@ def _checkpoint_blocks(experts) -> list[tuple[torch.nn.Module, bool, Any]]:
     function as they were."""
     previous = []
     for expert in experts:
-        if not getattr(expert, "_supports_gradient_checkpointing", False):
-            continue
-        for module in expert.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                previous.append((module, module.gradient_checkpointing,
-                                 module.__dict__.get("_gradient_checkpointing_func", _UNSET)))
+        flagged = [module for module in expert.modules() if hasattr(module, "gradient_checkpointing")]
+        if not (flagged and getattr(expert, "_supports_gradient_checkpointing", False)):
+            continue  # a model without diffusers' checkpointing runs as it is
+        previous += [(module, module.gradient_checkpointing, module.__dict__.get("_gradient_checkpointing_func", _UNSET))
+                     for module in flagged]
         expert.enable_gradient_checkpointing()
     return previous
 
