@@ -260,6 +260,22 @@ def test_parked_outputs_come_back_exactly():
     assert store.take((0, 1), torch.device("cpu")) is None
 
 
+def test_pinned_blocks_go_back_when_calibrate_returns_or_raises(monkeypatch):
+    # torch keeps pinned blocks cached, locked in the process, after the tensors are gone.
+    emptied = []
+    monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: emptied.append(1))
+    monkeypatch.setattr(_host_outputs, "_pinned", False)
+    pipe = make_pipeline("flux")
+    ditfastattn.calibrate(pipe, prompts("flux"), config("flux", delta=0.1, offload_outputs=True), progress=False)
+    assert emptied == []  # parked on the CPU: nothing was pinned
+    monkeypatch.setattr(_host_outputs, "_pinned", True)  # as a CUDA pass's pieces set it
+    with pytest.raises(TypeError, match="prompts must be"):
+        ditfastattn.calibrate(pipe, 3, config("flux", delta=0.1), progress=False)
+    assert emptied == [1] and not _host_outputs._pinned
+    _host_outputs.release_pinned()
+    assert emptied == [1]  # given back once
+
+
 def test_a_pass_releases_its_parked_outputs_before_the_next_starts(monkeypatch):
     # A target's default search runs four passes and keeps each pass's session; at FLUX 2048² x 8
     # prompts every one parked 44 GiB of host memory, and the host ran out at the third pass.

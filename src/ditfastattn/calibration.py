@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._calibration_session import run_pass
+from ._host_outputs import releasing_pinned
 from ._target import TOLERANCE, TargetController, cached_schedule, predicted_sparsity, reachable_sparsity
 from .adapters import adapter_for, check_cfg_sharing
 from .methods import parse_method
@@ -218,7 +219,9 @@ class SearchConfig:
         offload_outputs: keep every layer's previous-step output (what the ``cache`` candidate
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
-            The host holds one pass's outputs at a time (FLUX at 2048² x 8 prompts: 44 GiB).
+            The host holds one pass's outputs at a time (FLUX at 2048² x 8 prompts: 44 GiB), and
+            gives the pinned blocks back when ``calibrate`` returns (where torch has
+            ``torch.accelerator.empty_host_cache``).
             ``None`` decides at the first layer: offload on CUDA when all layers' outputs would
             take more than half the free GPU memory.
         pipeline_kwargs: extra keyword arguments for the pipeline call (e.g. SD3's skip-layer
@@ -397,6 +400,7 @@ def prompt_kwargs(prompts: str | dict | Sequence[str | dict]) -> tuple[dict[str,
     return merged, digest.hexdigest()
 
 
+@releasing_pinned
 def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None = None, *, progress: bool = True) -> Plan:
     """Search a head-wise plan for ``pipe`` on ``prompts`` (strings, or dicts of pipeline kwargs).
 
