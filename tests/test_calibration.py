@@ -263,7 +263,7 @@ def test_parked_outputs_come_back_exactly():
 def test_pinned_blocks_go_back_when_calibrate_returns_or_raises(monkeypatch):
     # torch keeps pinned blocks cached, locked in the process, after the tensors are gone.
     emptied = []
-    monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: emptied.append(1))
+    monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: emptied.append(1), raising=False)
     monkeypatch.setattr(_host_outputs, "_pinned", False)
     pipe = make_pipeline("flux")
     ditfastattn.calibrate(pipe, prompts("flux"), config("flux", delta=0.1, offload_outputs=True), progress=False)
