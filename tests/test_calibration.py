@@ -276,6 +276,16 @@ def test_pinned_blocks_go_back_when_calibrate_returns_or_raises(monkeypatch):
     assert emptied == [1]  # given back once
 
 
+def test_pinned_blocks_go_back_through_the_private_call_of_a_torch_without_empty_host_cache(monkeypatch):
+    # torch 2.11 (the H100s' build) has no torch.accelerator.empty_host_cache, only this.
+    emptied = []
+    monkeypatch.delattr(torch.accelerator, "empty_host_cache", raising=False)
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: emptied.append(1), raising=False)
+    monkeypatch.setattr(_host_outputs, "_pinned", True)
+    _host_outputs.release_pinned()
+    assert emptied == [1] and not _host_outputs._pinned
+
+
 def test_a_pass_releases_its_parked_outputs_before_the_next_starts(monkeypatch):
     # A target's default search runs four passes and keeps each pass's session; at FLUX 2048² x 8
     # prompts every one parked 44 GiB of host memory, and the host ran out at the third pass.

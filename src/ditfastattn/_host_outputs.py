@@ -33,13 +33,14 @@ def host_spans(numel: int) -> list[tuple[int, int]]:
 def release_pinned() -> None:
     """Give the pinned blocks that parked outputs took back to the system, once nothing reuses them:
     torch's allocator keeps them cached, locked in the process, until it ends (44 GiB after a
-    search at FLUX 2048² x 8 prompts). Where torch has no ``torch.accelerator.empty_host_cache``,
-    they stay cached."""
+    search at FLUX 2048² x 8 prompts). Torch before ``torch.accelerator.empty_host_cache`` (2.11,
+    for one) has only the private ``torch._C._host_emptyCache``; where neither exists they stay cached."""
     global _pinned
     if not _pinned:
         return
     _pinned = False
     empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    empty = empty or getattr(torch._C, "_host_emptyCache", None)
     if empty is not None:
         empty()
 
