@@ -141,7 +141,7 @@ def test_a_target_beyond_the_schedule_and_the_windows_is_refused_with_the_most_r
         ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
 
 
-def test_one_progress_bar_counts_every_pass_of_auto(monkeypatch):
+def test_one_progress_bar_counts_every_pass_of_auto_by_its_prompts(monkeypatch):
     from ditfastattn import calibration
 
     bars = []
@@ -153,10 +153,14 @@ def test_one_progress_bar_counts_every_pass_of_auto(monkeypatch):
 
     monkeypatch.setattr(calibration, "tqdm", counted)
     pipe = make_pipeline("flux")
-    search = config("flux", target_sparsity=0.5, candidates=TESTBED_CANDIDATES, **{**GENERATION, "cache": "auto"})
-    ditfastattn.calibrate(pipe, prompts("flux"), search, progress=True)
+    search = config("flux", target_sparsity=0.5, candidates=TESTBED_CANDIDATES, fit_prompts=1,
+                    **{**GENERATION, "cache": "auto"})
+    given = prompts("flux")
+    ditfastattn.calibrate(pipe, given, search, progress=True)
     layers = len(ditfastattn.Plan.uniform(pipe.transformer, 2, "full").layer_names)
-    assert len(bars) == 1 and bars[0].n == bars[0].total == 4 * (search.num_inference_steps - 1) * layers
+    # Layers decided times prompts: three passes over every prompt, the per-head search's first over one.
+    total = (3 * len(given) + 1) * (search.num_inference_steps - 1) * layers
+    assert len(given) > 1 and len(bars) == 1 and bars[0].n == bars[0].total == total
 
 
 def test_auto_with_a_reused_measurement_finds_the_same_plan():

@@ -220,8 +220,8 @@ class SearchConfig:
             reuses) in pinned host memory between steps, copied out behind the layer and back one
             layer ahead on a side stream, so the GPU holds about two instead of one per layer.
             The host holds one pass's outputs at a time (FLUX at 2048² x 8 prompts: 44 GiB), and
-            gives the pinned blocks back when ``calibrate`` returns (where torch has
-            ``torch.accelerator.empty_host_cache``).
+            gives the pinned blocks back when ``calibrate`` returns (through
+            ``torch.accelerator.empty_host_cache``, or torch 2.11's private equivalent).
             ``None`` decides at the first layer: offload on CUDA when all layers' outputs would
             take more than half the free GPU memory.
         pipeline_kwargs: extra keyword arguments for the pipeline call (e.g. SD3's skip-layer
@@ -455,20 +455,25 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     weights = weights_array(sensitivity or None, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
     modes = ("head", "step") if config.cache == "auto" else (config.cache,)
-    passes = (1 if config.target is None else 2) * len(modes)  # cache="auto": the uncompressed pass is one
+    # The bar counts layers decided times the pass's prompts, so that a first pass over fit_prompts
+    # advances it as little as it costs (cache="auto" adds the uncompressed pass and a second search).
+    prompt_passes = len(prompts) + (0 if config.target is None else fit_count)
+    prompt_passes += 2 * len(prompts) if config.cache == "auto" else 0
     final_rse, uncompressed = None, None
     with tqdm(
-        total=passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer", disable=not progress
+        total=prompt_passes * (steps - 1) * len(spec.layers), desc="ditfastattn calibrate", unit="layer x prompt",
+        disable=not progress,
     ) as bar:
         if config.cache == "auto":
             # The latents both searches are compared with, and the scores the per-step search fits on.
             started = time.perf_counter()
             full = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
-            uncompressed, reference = run_pass(pipe, spec, call, config, bar, weights=weights, forced=full,
-                                               weigh_steps=weigh_steps)
+            uncompressed, reference = run_pass(pipe, spec, call, config, _Counted(bar, len(prompts)), weights=weights,
+                                               forced=full, weigh_steps=weigh_steps)
             seconds["passes"].append(time.perf_counter() - started)
-        searched = {mode: _search(pipe, spec, call, dataclasses.replace(config, cache=mode), weights, bar, seconds,
-                                  weigh_steps, uncompressed if mode == "step" else None, fit_call)
+        searched = {mode: _search(pipe, spec, call, dataclasses.replace(config, cache=mode), weights,
+                                  (_Counted(bar, len(prompts)), _Counted(bar, fit_count)), seconds, weigh_steps,
+                                  uncompressed if mode == "step" else None, fit_call)
                     for mode in modes}
         if config.cache == "auto":
             # The additive score cannot rank the two (it misjudges partly cached steps): their outputs can.
@@ -555,17 +560,19 @@ class _Searched(NamedTuple):
     cached: frozenset[int] | None  # cache="step": the steps cached whole
 
 
-def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict, weigh_steps=None,
+def _search(pipe, spec, call, config: SearchConfig, weights, bars: tuple, seconds: dict, weigh_steps=None,
             first=None, fit_call=None) -> _Searched:
     """The calibration passes of one search (two with a target: the first, over ``fit_call``'s
     prompts, to fit the budget, unless ``first``, a finished pass's session, gives the scores to fit
-    it on)."""
+    it on). ``bars``: the progress of a pass over every prompt, and of one over ``fit_call``'s."""
+    bar, fit_bar = bars
     steps = config.num_inference_steps
     cached = cached_schedule(steps, config.target) if config.cache == "step" else None
     fitted_on = "an uncompressed pass" if first is not None else f"a first pass at delta {config.delta:.4g}"
     if first is None:
         started = time.perf_counter()
-        session, latents = run_pass(pipe, spec, call if fit_call is None else fit_call, config, bar, weights=weights,
+        session, latents = run_pass(pipe, spec, call if fit_call is None else fit_call, config,
+                                    bar if fit_call is None else fit_bar, weights=weights,
                                     cached_steps=cached, weigh_steps=weigh_steps)
         seconds["passes"].append(time.perf_counter() - started)
         seconds["solver"] += session.solver_seconds
@@ -603,6 +610,19 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bar, seconds: dict,
     seconds["passes"].append(time.perf_counter() - started)
     seconds["solver"] += session.solver_seconds
     return _Searched(session, latents, fitted, predicted, cached)
+
+
+class _Counted:
+    """A progress bar that a pass over ``prompts`` prompts advances ``prompts`` at each layer decided."""
+
+    def __init__(self, bar: tqdm, prompts: int):
+        self.bar, self.prompts = bar, prompts
+
+    def update(self, layers: int = 1) -> None:
+        self.bar.update(layers * self.prompts)
+
+    def set_postfix(self, **kwargs) -> None:
+        self.bar.set_postfix(**kwargs)
 
 
 def _fit_call(pipe, config: SearchConfig, prompts: list, call: dict[str, Any]) -> dict[str, Any]:
