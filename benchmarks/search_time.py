@@ -302,7 +302,7 @@ def main() -> None:
         print(f"      plan sparsity {r['sparsity']:.3f}; min RSE per candidate (head bound {bound}): "
               + ", ".join(f"{name} {v['min']:.3g}" for name, v in r["rse"].items() if name != "full"))
         if "passes" in r:
-            print(f"      target search, cache={r['cache']}: passes (batch, 50-step s) "
+            print(f"      target search (kept: caching per {r['cache']}): passes (batch, 50-step s) "
                   + ", ".join(f"({p['batch']}, {p['pass_50_s']:.1f})" for p in r["passes"])
                   + f"; {r['search_50_s']:.1f} s in all, {r['search_over_plain_50']:.2f}x plain denoising")
         if "profile_last_search_step_times" in r:
