@@ -26,7 +26,6 @@ import quality as q  # noqa: E402
 from ditfastattn import calibrate, calibration  # noqa: E402
 from ditfastattn._calibration_session import run_pass  # noqa: E402
 from ditfastattn._target import TargetController  # noqa: E402
-from forecast_cache import Forecast  # noqa: E402
 from oracle_heads import recommended_search, testbed  # noqa: E402
 
 
@@ -103,8 +102,7 @@ def main():
     held = q.heldout_prompts(args.heldout_seed)
     cal = q.calibration_prompts(8, 2026)
     steps, seeds = args.steps, [int(s) for s in args.seeds.split(",")]
-    hooks = Forecast(pipe)  # only counts steps here: nothing cached
-    refs = {seed: hooks.run(held, steps, seed, (), "reuse") for seed in seeds}
+    refs = {seed: q.images(pipe, held, steps, seed) for seed in seeds}
     two_pass = calibration._search
     rows = []
     for target in (float(t) for t in args.targets.split(",")):
@@ -120,8 +118,7 @@ def main():
                 calibration._search = two_pass
             searched = time.perf_counter() - started
             with q.applied(pipe, plans[name]):
-                ssim[name] = np.mean([q.per_image(hooks.run(held, steps, seed, (), "reuse"), refs[seed])[0]
-                                      for seed in seeds], 0)
+                ssim[name] = np.mean([q.per_image(q.images(pipe, held, steps, seed), refs[seed])[0] for seed in seeds], 0)
             rows.append({"target": target, "search": name, "sparsity": plans[name].summary()["sparsity"],
                          "search_s": searched, "ssim": ssim[name].tolist()})
             print(f"{args.kind} {target} {name}: sparsity {rows[-1]['sparsity']:.4f}, {searched:.0f} s, "
