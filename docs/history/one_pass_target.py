@@ -118,7 +118,8 @@ def main():
                 calibration._search = two_pass
             searched = time.perf_counter() - started
             with q.applied(pipe, plans[name]):
-                ssim[name] = np.mean([q.per_image(q.images(pipe, held, steps, seed), refs[seed])[0] for seed in seeds], 0)
+                images = {seed: q.images(pipe, held, steps, seed) for seed in seeds}
+            ssim[name] = np.mean([q.per_image(images[seed], refs[seed])[0] for seed in seeds], 0)
             rows.append({"target": target, "search": name, "sparsity": plans[name].summary()["sparsity"],
                          "search_s": searched, "ssim": ssim[name].tolist()})
             print(f"{args.kind} {target} {name}: sparsity {rows[-1]['sparsity']:.4f}, {searched:.0f} s, "
