@@ -224,6 +224,25 @@ def test_kernel_modes_and_slot_heads_are_made_once_per_plan_row():
     assert edited is not first and edited[1] == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host waits exist on a GPU only")
+def test_a_pool_rows_first_call_does_not_wait_for_the_gpu():
+    # A plan's rows first run mid-step; making their kernel modes and slot heads there must queue
+    # the copies, not wait for the GPU (10 ms a step at FLUX 1024² when they did).
+    layout = layout_of((1, 16, 16), 64, 0)
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in inputs(layout, 4, dim=128))
+    values = (pool_mode(2), MODE_FULL, pool_mode(4), 0)
+    call = dict(segments=layout, out=torch.empty_like(q))
+    ops.headwise_attention(q, k, v, ops.mode_tensor(values, "cuda"), **call)  # compiles, caches the split
+    row = ops.mode_tensor(values, "cuda")  # a new row: its kernel modes are made at its first call
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.headwise_attention(q, k, v, row, **call)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = ops.headwise_attention(q, k, v, row.cpu(), impl="reference", segments=layout)
+    torch.testing.assert_close(call["out"].float().cpu(), want.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_a_factor_above_the_grid_is_full_attention():
     layout = layout_of((1, 2, 3), 6, 0)  # no whole 4 x 4 patch: every image key stays its own
     q, k, v = twin_heads(layout)

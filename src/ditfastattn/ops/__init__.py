@@ -38,6 +38,7 @@ from .._geometry import (
     pool_factor, pool_mode, tile_mode, window_blocks,
 )
 from ..model import TokenLayout
+from ._host_copy import device_tensor
 from ._stats import head_squared_errors, head_variances
 
 __all__ = [
@@ -231,7 +232,7 @@ def mode_tensor(values, device) -> torch.Tensor:
     values = tuple(int(m) for m in values)
     check_mode_values(values)
     with torch.inference_mode(False):  # a normal tensor, whose version counter marks it read
-        modes = torch.tensor(values, dtype=torch.int32, device=device)
+        modes = device_tensor(values, torch.int32, device)
     setattr(modes, _VALUES, (modes._version, values))
     return modes
 
@@ -574,7 +575,7 @@ def _kernel_modes(head_modes: torch.Tensor, values: tuple[int, ...], fused) -> t
     modes = mode_tensor(values, head_modes.device)
     slot_heads = None
     if fused:
-        slot_heads = torch.tensor([h for _, heads in fused for h in heads], dtype=torch.int32, device=head_modes.device)
+        slot_heads = device_tensor([h for _, heads in fused for h in heads], torch.int32, head_modes.device)
     if version is not None:
         setattr(head_modes, _KERNEL_MODES, (version, values, modes, slot_heads))
     return modes, slot_heads

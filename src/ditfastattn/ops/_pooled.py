@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._geometry import TileGrid
+from ._host_copy import device_tensor
 
 
 def _flash(q, k, v, scale):
@@ -79,11 +80,11 @@ def _own_keys(seq: int, image_start: int, grid: tuple[int, int, int], factor: in
     return torch.cat([index[:image_start], image_start + loose.flatten().nonzero().flatten(), index[image_end:]]).to(device)
 
 
-# Room for every row of a long plan (FLUX, 50 steps: 57 x 50): a miss copies from the host, which waits for the GPU.
+# Room for every row of a long plan (FLUX, 50 steps: 57 x 50): a miss copies from the host.
 @functools.lru_cache(maxsize=8192)
 def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The heads as an index tensor on ``device``, made once (a copy to the device waits for the GPU)."""
-    return torch.tensor(heads, device=device)
+    """The heads as an index tensor on ``device``, made once per device and heads."""
+    return device_tensor(heads, torch.int64, device)
 
 
 def _key_sets(k, v, tiles: TileGrid, factor: int, image_start: int):
