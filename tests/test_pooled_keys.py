@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import flux_pipeline, run_pipeline, sd3_pipeline
+import test_static as static_tests
+from conftest import flux_pipeline, run_pipeline, sd3_pipeline, tiny_flux
 from test_calibration import config, prompts
 from test_families import FAMILIES as IMAGE_FAMILIES
 from test_families import MiniPipeline, generate, prompt
@@ -342,12 +343,35 @@ def test_pool_plans_on_video_pool_each_frame_and_refuse_text_masks(recorder):
     assert len(calls) == 2 and not recorder  # one call each, no layer computed
 
 
-def test_static_mode_refuses_pool_plans_at_apply():
-    pipe = flux_pipeline()
-    plan = Plan.uniform(pipe.transformer, STEPS, "pool:2")
-    with pytest.raises(NotImplementedError, match=r"static mode does not run pooled keys \(pool:2\)"):
-        ditfastattn.apply(pipe, plan, static=True, num_image_tokens=24 * 28)
-    assert torch.equal(run_pipeline(pipe, steps=STEPS, **ODD), run_pipeline(flux_pipeline(), steps=STEPS, **ODD))
+# Per (step, layer, head): each head pools at some steps, with either factor, and runs others at the rest.
+STATIC_POOLED = ["pool:2", "cache", "pool:4", "arrow:0.5", "full", "pool:2", "arrow_residual:0.5"]
+
+
+@torch.no_grad()
+def test_static_mode_runs_pool_plans_as_the_dynamic_runtime_compiled():
+    # One patch-mean buffer a layer serves every step: its slots hold every head that pools at some
+    # step, and the mode tables name pool heads by them (no host read in a compiled step).
+    model = tiny_flux()  # 1 x 20 x 24 patches: 2 and 4 divide both
+    plan = with_methods(Plan.uniform(model, static_tests.STEPS, "full", num_image_tokens=20 * 24),
+                        lambda step, layer, head: STATIC_POOLED[(3 * head + layer + step) % len(STATIC_POOLED)])
+    assert {"pool:2", "pool:4"} <= {m for rows in plan.methods for heads in rows for m in heads}
+    static_tests.static_matches_dynamic(model, plan, static_tests.flux_inputs(), 20 * 24, compiled=True)
+
+
+@torch.no_grad()
+def test_static_mode_refuses_pool_factors_that_leave_partial_patches():
+    # Their edge tokens run on SDPA, which reads the modes on the host: refused at the first call,
+    # before any layer built its tables.
+    model = tiny_flux()
+    plan = Plan.uniform(model, static_tests.STEPS, "pool:3", num_image_tokens=20 * 24)  # 3 does not divide 20
+    stock = model(**static_tests.flux_inputs(), timestep=torch.tensor([static_tests.TIMESTEPS[0]])).sample
+    ditfastattn.apply(model, plan, static=True)
+    with pytest.raises(NotImplementedError, match=r"\(20 x 24\); pool:3 does not .* apply without static=True"):
+        model(**static_tests.flux_inputs(), timestep=torch.tensor([static_tests.TIMESTEPS[0]]))
+    assert not [name for name, _ in model.named_buffers() if name.endswith("_ditfastattn_modes")]
+    ditfastattn.remove(model)
+    assert torch.equal(model(**static_tests.flux_inputs(), timestep=torch.tensor([static_tests.TIMESTEPS[0]])).sample,
+                       stock)
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])

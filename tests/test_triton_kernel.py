@@ -24,6 +24,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from ditfastattn import ops  # noqa: E402
+from ditfastattn._geometry import POOL_FLAG, POOL_SLOT_SHIFT  # noqa: E402
 from ditfastattn.model import TokenLayout  # noqa: E402
 from ditfastattn.ops import MODE_FULL, MODE_SKIP, headwise_attention  # noqa: E402
 from ditfastattn.ops import _pool_means, _triton  # noqa: E402
@@ -271,6 +272,33 @@ def test_pool_modes_the_host_cannot_read_run_as_full_attention():
     out = torch.empty_like(q)
     torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, 0, text, out, 32**-0.5, "triton", list(grid))
     assert torch.equal(out[:, :, 0], out[:, :, 1])
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_the_custom_op_runs_pool_heads_named_by_static_slots(impl):
+    # Static mode's form: the modes name each pool head by its slot of pool_groups, given as ints,
+    # and the slots' heads come as a tensor (no host read). Slots cover every head that pools at some
+    # step, so a slot's head may run another mode now (head 3's slot, an arrow here): the output is
+    # the op's on the plain modes all the same. No tile head: the grid serves the pool heads only.
+    gen = torch.Generator().manual_seed(23)
+    grid, text = (2, 8, 12), 7
+    layout = TokenLayout(text + math.prod(grid), text, math.prod(grid), grid)
+    q, k, v = _inputs(2, layout.seq_len, 5, 32, torch.bfloat16, gen, "bhsd")
+    plain = [ops.pool_mode(4), MODE_FULL, ops.pool_mode(2), 1, ops.pool_mode(4)]
+    groups = [2, 2, 2, 3, 4, 2, 0, 4]  # p = 2: heads 2, 3; p = 4: heads 0, 4
+    slotted = [POOL_FLAG | 2 << POOL_SLOT_SHIFT | 4, MODE_FULL, POOL_FLAG | 0 << POOL_SLOT_SHIFT | 2, 1,
+               POOL_FLAG | 3 << POOL_SLOT_SHIFT | 4]
+    want = headwise_attention(q, k, v, ops.mode_tensor(plain, "cpu"), segments=layout, impl=impl)
+    got = torch.full_like(q, float("nan"))
+    arguments = (q, k, v, ops.mode_tensor(slotted, "cpu"), 0, 0, got, 32**-0.5, impl, list(grid), None,
+                 [0, text], None, None, groups, torch.tensor([2, 3, 0, 4], dtype=torch.int32), False)
+    torch.ops.ditfastattn.headwise_attention_(*arguments)
+    assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.ditfastattn.headwise_attention_.default, arguments)
+    with pytest.raises(ValueError, match="p = 4 must divide the grid's rows and cols"):
+        torch.ops.ditfastattn.headwise_attention_(*arguments[:9], [2, 16, 6], *arguments[10:])
+    with pytest.raises(ValueError, match="one head per slot"):
+        torch.ops.ditfastattn.headwise_attention_(*arguments[:-2], torch.tensor([2, 3, 0], dtype=torch.int32), False)
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])

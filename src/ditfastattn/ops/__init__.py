@@ -34,8 +34,8 @@ import torch
 # The geometry a mode computes (density, window_blocks, TileGrid) is public for benchmarks and
 # tools that count FLOPs; _geometry is its one home.
 from .._geometry import (
-    IMAGE_BLOCK, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT, TileGrid, density, is_pool_mode, is_tile_mode,
-    pool_factor, pool_mode, tile_mode, window_blocks,
+    IMAGE_BLOCK, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT, TILE_FLAG, TileGrid, density, is_pool_mode,
+    is_tile_mode, pool_factor, pool_mode, tile_mode, window_blocks,
 )
 from ..model import TokenLayout
 from ._host_copy import device_tensor
@@ -444,7 +444,11 @@ def headwise_attention(
 
 
 def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, return_lse, *, check_values: bool,
-               segments=None, key_padding=None, grid=None, tile=None, global_rows=True):
+               segments=None, key_padding=None, grid=None, tile=None, global_rows=True, pool_slots=None,
+               tile_heads=True):
+    # pool_slots (the custom op, without host values): ``(((p, heads), ...), slot heads)``, the fused
+    # pool heads that ``head_modes`` names by their slots, as _pool_split would give them; tile_heads
+    # False: no head is a tile window (the grid is the pool heads').
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}; got {impl!r}")
     if not isinstance(global_rows, bool):
@@ -463,7 +467,7 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
             raise ValueError("head_modes contains skip heads (-2): pass `out`, whose skipped slices are kept")
         out = torch.empty_like(q)
     # Whether tile heads may run: on a gridded layout, unless the host values show none.
-    tiled = layout.grid is not None and (values is None or any(is_tile_mode(m) for m in values))
+    tiled = layout.grid is not None and (tile_heads if values is None else any(is_tile_mode(m) for m in values))
     tile_grid = layout.tile_grid() if tiled else None
 
     if impl == "auto":
@@ -497,6 +501,9 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
     if impl == "reference":
         from . import _reference
 
+        if pool_slots is not None:  # the reference reads plain pool modes
+            head_modes = torch.where((head_modes >= POOL_FLAG) & (head_modes < TILE_FLAG),
+                                     POOL_FLAG | (head_modes & ((1 << POOL_SLOT_SHIFT) - 1)), head_modes)
         out, lse = _reference.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
                                         layout.tile_grid(), global_rows=global_rows)
     else:
@@ -509,6 +516,8 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
         if pooled or fused:  # the kernel skips SDPA's heads and names its own by their buffer slots
             values = kernel_values
             head_modes, slot_heads = _kernel_modes(head_modes, values, fused)
+        elif pool_slots is not None:
+            fused, slot_heads = pool_slots
         means = None
         if fused:
             from ._pool_means import kernel_means
@@ -620,6 +629,9 @@ def headwise_attention_(
     segments: list[int] | None = None,
     key_padding: torch.Tensor | None = None,
     padding_bias: list[float] | None = None,
+    pool_groups: list[int] | None = None,
+    pool_heads: torch.Tensor | None = None,
+    tile_heads: bool = True,
 ) -> None:
     """:func:`headwise_attention` into ``out``, as a torch custom op: opaque to torch.compile.
 
@@ -630,6 +642,11 @@ def headwise_attention_(
     (start, length, start, length, ...: every global segment) replaces ``text_start`` and
     ``text_len``, which must then be 0. ``key_padding`` is the ``(B, S)`` bool padding mask and
     ``padding_bias`` its 2 x 2 bias table flattened (default :data:`KEY_PADDING`); see :class:`Padding`.
+    ``pool_groups`` (p, count, its heads..., p, count, ...) and ``pool_heads`` (int32, the head of each
+    slot on q's device) are the pool heads the kernels run, which ``head_modes`` names by their slots
+    (``POOL_FLAG | slot << POOL_SLOT_SHIFT | p``, slots in the groups' order); every ``p`` must divide
+    the grid's rows and cols. ``tile_heads=False`` says no head is a tile window (the grid is for
+    pool heads), which spares the tiled launch.
     """
     if segments is not None and (text_start or text_len):
         raise ValueError("give the token layout once: text_start and text_len, or segments (with 0, 0)")
@@ -642,8 +659,35 @@ def headwise_attention_(
             raise ValueError(f"padding_bias must be 4 numbers, [query padded][key padded] flattened; got {padding_bias!r}")
         bias = KEY_PADDING if padding_bias is None else (tuple(padding_bias[:2]), tuple(padding_bias[2:]))
         padding = Padding(key_padding, bias)
+    if (pool_groups is None) != (pool_heads is None):
+        raise ValueError("pool_groups and pool_heads come together")
+    if pool_groups is not None and key_padding is not None:
+        raise ValueError("pooled keys take no key padding (a patch mean would mix padded keys in)")
+    pool_slots = None
+    if pool_groups is not None:
+        fused = _pool_groups(tuple(pool_groups), layout.grid)
+        if pool_heads.dtype != torch.int32 or pool_heads.shape != (sum(len(h) for _, h in fused),):
+            raise ValueError(f"pool_heads must be int32, one head per slot of pool_groups; got {pool_heads.dtype} "
+                             f"{tuple(pool_heads.shape)}")
+        pool_slots = (fused, pool_heads)
     _attention(q, k, v, head_modes, None, None, out, scale, impl, False, check_values=False, segments=layout,
-               key_padding=padding)
+               key_padding=padding, pool_slots=pool_slots, tile_heads=tile_heads)
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_groups(flat: tuple[int, ...], grid: tuple[int, int, int] | None) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """The custom op's ``pool_groups`` as ``((p, heads), ...)``, checked once per plan layer."""
+    groups, at = [], 0
+    while at < len(flat):
+        factor, count = flat[at:at + 2]
+        heads = flat[at + 2:at + 2 + count]
+        if len(heads) != count or count < 1:
+            raise ValueError(f"pool_groups must be p, count and count heads per group; got {list(flat)}")
+        if grid is None or grid[1] % factor or grid[2] % factor:
+            raise ValueError(f"pool_groups: p = {factor} must divide the grid's rows and cols; got grid {grid}")
+        groups.append((factor, tuple(heads)))
+        at += 2 + count
+    return tuple(groups)
 
 
 @functools.lru_cache(maxsize=256)
@@ -660,5 +704,6 @@ def _op_layout(seq: int, text_start: int, text_len: int, grid: tuple | None, til
 
 @headwise_attention_.register_fake
 def _headwise_attention_fake(q, k, v, head_modes, text_start, text_len, out, scale, impl, grid=None, tile=None,
-                             segments=None, key_padding=None, padding_bias=None) -> None:
+                             segments=None, key_padding=None, padding_bias=None, pool_groups=None, pool_heads=None,
+                             tile_heads=True) -> None:
     return None

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .._geometry import MODE_FULL, MODE_SKIP, TileGrid
+from .._geometry import MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT, TileGrid, pool_factor, pool_mode
 from ..ops import KEY_PADDING, Padding
 from ..methods import parse_method
 from ..model import TokenLayout
@@ -67,6 +67,10 @@ class _StaticLayer(LayerRuntime):
     tiles: TileGrid | None = None  # the grid the tables' tile windows were sized for
     # The op's grid and tile shape as plain ints, where some head runs a tile window at some step.
     grid_args: tuple[list[int], list[int]] | tuple[None, None] = (None, None)
+    tile_heads = True  # whether a head runs a tile window at some step (else the grid is the pool heads')
+    # The op's pool_groups (p, count, heads, ...) where some head pools at some step; its slots' heads
+    # are the module's _ditfastattn_pool_heads, and the mode tables name pool heads by their slots.
+    pool_groups: list[int] | None = None
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -94,6 +98,8 @@ class _StaticLayer(LayerRuntime):
         heads = rows[0].modes.numel()
         if any(m.needs_grid for row in rows for m in row.methods):
             self.tiles, self.grid_args = tiles, (list(tiles.grid), list(tiles.tile))
+            self.tile_heads = any(m.kind == "tile" for row in rows for m in row.methods)
+        pool_slots = self._pool_slots(rows, num_image_tokens, tiles)
 
         def stack(values):
             return torch.stack(values).to(device)
@@ -103,7 +109,7 @@ class _StaticLayer(LayerRuntime):
         # The rows' modes were checked on the host as they were made (ops.mode_tensor): the custom
         # op reads none of these tables back, so a compiled or captured step has no host sync.
         tables = {
-            "modes": stack([row.modes for row in rows]),
+            "modes": _slotted(stack([row.modes for row in rows]), pool_slots),
             "residual_add": stack([flags if row.residual_add is None else row.residual_add.view(-1) for row in rows]),
             "capture_modes": stack([none if row.capture_modes is None else row.capture_modes for row in rows]),
             "capture_mask": stack([flags if row.capture_mask is None else row.capture_mask.view(-1) for row in rows]),
@@ -112,6 +118,10 @@ class _StaticLayer(LayerRuntime):
             tables["cache_heads"] = torch.tensor([[h in row.cache_heads for h in range(heads)] for row in rows],
                                                  device=device)
             tables["residual_from"] = torch.tensor([_residual_steps(row, heads) for row in rows], device=device)
+        if pool_slots:
+            tables["pool_heads"] = torch.tensor([h for _, group in pool_slots for h in group], dtype=torch.int32,
+                                                device=device)
+            self.pool_groups = [n for factor, group in pool_slots for n in (factor, len(group), *group)]
         self.residuals = bool(tables["residual_add"].any())
         self.caches = any(row.keep for row in rows)
         self.stock = all(row.all_full for row in rows) and not self.residuals
@@ -123,6 +133,20 @@ class _StaticLayer(LayerRuntime):
                 table = table.clone() if table.is_inference() else table
             module.register_buffer(f"_ditfastattn_{name}", table, persistent=False)
         self.built_on.add(self.session.expert_index)
+
+    def _pool_slots(self, rows, num_image_tokens: int, tiles: TileGrid | None) -> tuple:
+        """The layer's pool heads as the fused kernel's slots, ``((p, heads), ...)``: every head that
+        pools at some step, at each factor it pools with, so one patch-mean buffer serves every step
+        (its heads' means are made at every step, a few percent of a pool head's time)."""
+        groups: dict[int, set[int]] = {}
+        for row in rows:
+            for head, method in enumerate(row.methods):
+                if method.kind == "pool":
+                    groups.setdefault(pool_factor(method.mode(num_image_tokens, tiles)), set()).add(head)
+        if not groups:
+            return ()
+        self.session.refuse_padded_pool(self, sorted({m.name for row in rows for m in row.methods if m.kind == "pool"}))
+        return tuple((p, tuple(sorted(groups[p]))) for p in sorted(groups))
 
     def _route_full_heads(self, modes: torch.Tensor, fused_cost: float) -> dict[str, torch.Tensor]:
         """Send up to a fixed number of each step's full heads to dense SDPA (cuDNN on Hopper).
@@ -248,7 +272,8 @@ class _StaticLayer(LayerRuntime):
         scale = q.shape[-1] ** -0.5
         layout_ints, segments = layout_args
         extra = (*self.grid_args, segments, *_padding_args(padding))
-        torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, *layout_ints, out, scale, impl, *extra)
+        pool = (self.pool_groups, module._ditfastattn_pool_heads, self.tile_heads) if self.pool_groups else ()
+        torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, *layout_ints, out, scale, impl, *extra, *pool)
         if self.routed:
             heads = module._ditfastattn_dense_heads.index_select(0, step).view(-1)
             valid = module._ditfastattn_dense_valid.index_select(0, step).view(1, 1, -1, 1)
@@ -315,12 +340,8 @@ class StaticSession(Session):
         if self._cfg_share:
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
         methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
-        pooled = sorted(m.name for m in methods if m.kind == "pool")
-        if pooled:
-            # The op reads their head modes on the host (buffer slots, or SDPA), which a compiled step does not.
-            raise NotImplementedError(f"static mode does not run pooled keys ({', '.join(pooled)}) yet; apply without "
-                                      "static=True, or a plan calibrated without pool: candidates")
-        self._tile_methods = sorted(m.name for m in methods if m.needs_grid)
+        self._grid_methods = sorted(m.name for m in methods if m.needs_grid)
+        self._pool_methods = sorted((m for m in methods if m.kind == "pool"), key=lambda m: m.name)
         # Whether a head reads what an earlier step kept (then a call slot's shape must not change).
         self._reads_kept = any(m.reads_previous_output or m.reads_residual for m in methods)
         self.num_image_tokens = num_image_tokens
@@ -476,17 +497,32 @@ class StaticSession(Session):
             raise _reshaped_error()
 
     def _require_grid(self) -> None:
-        """Before any work: a plan with tile windows needs a call that reports the image grid, whose
-        tables (sized at the first call) then serve every step."""
+        """Before any work: a plan with tile windows or pooled keys needs a call that reports the image
+        grid, whose tables (sized at the first call) then serve every step."""
         segment = self.image_segment
-        if not self._tile_methods or (not isinstance(segment, str) and len(segment) == 3):
+        if not isinstance(segment, str) and len(segment) == 3:
+            grid = getattr(segment[2], "grid", segment[2])  # a TileGrid where the plan records tiles
+            ragged = [] if grid is None else [
+                m.name for m in self._pool_methods if grid[1] % m.factor or grid[2] % m.factor]
+            if ragged:
+                raise NotImplementedError(
+                    f"static mode runs pooled keys in the fused kernel only, where p divides the grid's rows and cols "
+                    f"({grid[1]} x {grid[2]}); {ragged[0]} does not (the tokens of its partial patches run on SDPA, "
+                    "which reads the head modes on the host): apply without static=True, or a plan whose pool factors "
+                    "divide the grid"
+                )
+            return
+        if not self._grid_methods:
             return
         why = f" ({segment})" if isinstance(segment, str) else ""
+        kinds = [kind for kind in ("tile", "pool") if any(m.startswith(f"{kind}:") for m in self._grid_methods)]
+        what = " and ".join({"tile": "tile windows", "pool": "pooled keys"}[kind] for kind in kinds)
+        prefixes = " or ".join(f"{kind}:" for kind in kinds)
         raise ValueError(
-            f"the plan runs tile windows ({', '.join(self._tile_methods[:3])}"
-            f"{', ...' if len(self._tile_methods) > 3 else ''}), which need the image grid (frames x rows x cols), "
-            f"but this {self.adapter.MODEL_CLASS} call reports none{why}; apply a plan without tile: methods "
-            "(arrow:<f> windows; calibrate with SearchConfig candidates that have no tile:) for this model"
+            f"the plan runs {what} ({', '.join(self._grid_methods[:3])}{', ...' if len(self._grid_methods) > 3 else ''}"
+            f"), which need the image grid (frames x rows x cols), but this {self.adapter.MODEL_CLASS} call reports "
+            f"none{why}; apply a plan without {prefixes} methods (arrow:<f> windows; calibrate with SearchConfig "
+            f"candidates that have no {prefixes}) for this model"
         )
 
     def _check_call(self, value: float, last: float, step: float) -> None:
@@ -559,6 +595,17 @@ def _layout_args(geometry: CallGeometry) -> tuple[tuple[int, int], list[int] | N
     if geometry.simple:
         return (geometry.text_start, geometry.text_len), None
     return (0, 0), [value for segment in geometry.layout.segments for value in segment]
+
+
+def _slotted(modes: torch.Tensor, pool_slots) -> torch.Tensor:
+    """The mode table ``modes`` (steps, heads) with each pool head named by its slot of ``pool_slots``."""
+    slot = 0
+    for factor, heads in pool_slots:
+        for head in heads:
+            named = POOL_FLAG | slot << POOL_SLOT_SHIFT | factor
+            modes[:, head] = torch.where(modes[:, head] == pool_mode(factor), named, modes[:, head])
+            slot += 1
+    return modes
 
 
 def _padding_args(padding) -> tuple:
