@@ -327,8 +327,8 @@ def test_pool_plans_on_video_pool_each_frame_and_refuse_text_masks(recorder):
     assert {record["layout"].grid for record in recorder} == {VIDEO_GRID} and VIDEO_GRID[0] > 1
     assert check_heads(plan, recorder) == {"full", "pool:2", "pool:3"}
     ditfastattn.remove(pipe)
-    # HunyuanVideo masks its text: a patch mean must not mix padding in, so pool plans and pool
-    # candidates are refused at the first call (step 0, all full), before any step runs them
+    # HunyuanVideo masks its text: a patch mean must not mix padding in, so pool plans (static mode's
+    # too) and pool candidates are refused at the first call (step 0, all full), before any step runs them
     recorder.clear()
     pipe = MiniPipeline(VIDEO_FAMILIES["hunyuanvideo"])
     calls = []
@@ -337,10 +337,16 @@ def test_pool_plans_on_video_pool_each_frame_and_refuse_text_masks(recorder):
     with pytest.raises(ValueError, match=r"pooled keys \(pool:2\) take no key padding, but .* without pool: methods"):
         generate(pipe)
     ditfastattn.remove(pipe)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "pool:2"), static=True,
+                      num_image_tokens=math.prod(VIDEO_GRID))
+    with pytest.raises(ValueError, match=r"pooled keys \(pool:2\) take no key padding, but .* without pool: methods"):
+        generate(pipe)
+    assert not [name for name, _ in pipe.transformer.named_buffers() if name.endswith("_ditfastattn_modes")]
+    ditfastattn.remove(pipe)
     search = SearchConfig(num_inference_steps=STEPS, delta=1.0, candidates=("full", "arrow:0.5", "pool:2"))
     with pytest.raises(ValueError, match=r"pooled keys \(pool:2\) take no key padding"):
         ditfastattn.calibrate(pipe, [prompt(seed=1)], search, progress=False)
-    assert len(calls) == 2 and not recorder  # one call each, no layer computed
+    assert len(calls) == 3 and not recorder  # one call each (dynamic, static, calibrate), no layer computed
 
 
 # Per (step, layer, head): each head pools at some steps, with either factor, and runs others at the rest.
