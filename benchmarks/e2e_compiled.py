@@ -4,6 +4,7 @@
     python benchmarks/e2e_compiled.py --runs flux:1024 sd3:1024 --targets 0.43 0.68 0.80
     python benchmarks/e2e_compiled.py --smoke               # tiny models, CPU, aot_eager: checks the script
     python benchmarks/e2e_compiled.py --tiles               # plans with tile windows: results/e2e_compiled_tiles.json
+    python benchmarks/e2e_compiled.py --pool                # plans with pooled keys: results/e2e_compiled_pool.json
     python benchmarks/e2e_compiled.py --cfg --check         # true CFG: two calls per step, static vs dynamic checked
 
 Same models, inputs and timing as `e2e.py` (random bf16 weights, one transformer call per step,
@@ -14,7 +15,8 @@ share under that mode) and ditfastattn with a static plan (`apply(..., static=Tr
 of a plan comes from the compiled stock run of the same mode. After the first compiled call,
 `torch._dynamo.config.error_on_recompile` is set: a recompile (e.g. one per step) fails the run.
 With ``--tiles`` the plans' compressed heads run tile windows (``TILE_MIX``) over the square
-image's grid of patches instead of arrow bands (FLUX, SD3, Chroma). With ``--cfg`` every step makes
+image's grid of patches instead of arrow bands (FLUX, SD3, Chroma); with ``--pool`` a fifth of them
+pool keys (``POOL_MIX``, as ``e2e.py --pool``). With ``--cfg`` every step makes
 two transformer calls, the second with another text (true CFG, as FluxPipeline's ``true_cfg_scale``,
 Qwen-Image and Wan run it), and a step's time is both calls'. With ``--check`` each static plan's
 generation is first compared, call by call, with the dynamic runtime's (both eager; the CPU tests
@@ -35,7 +37,7 @@ import torch
 
 import ditfastattn
 from e2e import (
-    MIX, MODELS, TILE_MIX, attention_removed, build_transformer, environment, setup, step_times, synthetic_plan,
+    MIX, MODELS, POOL_MIX, TILE_MIX, attention_removed, build_transformer, environment, setup, step_times, synthetic_plan,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -160,10 +162,10 @@ def run_config(model, kind, size, args, device, dtype) -> dict:
     inputs, steps, row, impl = setup(kind, size, args, device, dtype)
     image_tokens, text_len, n_steps = row["image_tokens"], row["text_len"], row["steps_per_generation"]
     side = math.isqrt(image_tokens)  # a square image (TILED_KINDS)
-    grid = (1, side, side) if args.tiles else None
+    grid = (1, side, side) if args.tiles or args.pool else None
     full = ditfastattn.Plan.uniform(model, n_steps, "full", num_image_tokens=image_tokens, text_len=text_len,
                                     grid=grid)
-    mix = TILE_MIX if args.tiles else MIX
+    mix = TILE_MIX if args.tiles else POOL_MIX if args.pool else MIX
     plans = {f"plan_{t:.2f}": synthetic_plan(full, t, image_tokens, text_len, mix=mix) for t in args.targets}
     row["methods"] = mix
     negative = None
@@ -262,6 +264,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--targets", nargs="*", type=float, default=[0.68], help="synthetic plan sparsities")
     parser.add_argument("--tiles", action="store_true", help="plans with tile windows instead of arrow bands")
+    parser.add_argument("--pool", action="store_true", help="plans where a fifth of the compressed heads pool keys")
     parser.add_argument("--cfg", action="store_true", help="true CFG: two transformer calls per step")
     parser.add_argument("--check", action="store_true", help="compare each compiled plan with the dynamic runtime")
     parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 6 at 2K, 8 at 1K)")
@@ -283,12 +286,15 @@ def main() -> None:
     if args.cfg and "graph" in args.modes:
         parser.error("--cfg runs under torch.compile (--modes compile cudagraphs): a manual capture holds one call")
     folder = HERE.parent / "out" if args.smoke else HERE / "results"
-    name = "e2e_compiled_tiles" if args.tiles else "e2e_compiled_cfg" if args.cfg else "e2e_compiled"
+    name = ("e2e_compiled_tiles" if args.tiles else "e2e_compiled_pool" if args.pool
+            else "e2e_compiled_cfg" if args.cfg else "e2e_compiled")
     args.out = args.out or folder / (f"{name}_smoke.json" if args.smoke else f"{name}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = [(kind, int(size)) for kind, size in (r.split(":") for r in args.runs)]
-    if args.tiles and any(kind not in TILED_KINDS for kind, _ in runs):
-        parser.error(f"--tiles runs on {', '.join(TILED_KINDS)} (their calls report the image grid)")
+    if args.tiles and args.pool:
+        parser.error("--tiles or --pool, not both")
+    if (args.tiles or args.pool) and any(kind not in TILED_KINDS for kind, _ in runs):
+        parser.error(f"--tiles and --pool run on {', '.join(TILED_KINDS)} (their calls report the image grid)")
     if args.smoke:
         runs = [(kind, 256) for kind, _ in runs]
     result = {"environment": environment(device), "smoke": args.smoke, "backend": args.backend,
