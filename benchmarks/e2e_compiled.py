@@ -51,26 +51,27 @@ def graphed_measure(model, inputs, steps, mode=None, backend=None, context=conte
     """Capture one eager transformer call in a CUDA graph (timestep as a static input), then time
     a generation of replays; the static plan's step counter advances inside the graph. One call per
     step: ``negative`` (true CFG) is refused before any run."""
-    timestep = steps[0].clone()
+    (name, first), = steps[0].items()  # each call's timestep argument, e2e.timesteps
+    timestep = first.clone()
     side = torch.cuda.Stream()
     with torch.no_grad(), context():
         start = time.perf_counter()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture stream: cuDNN plans, Triton tuning, tables
             for t in steps[:2]:
-                timestep.copy_(t)
-                model(timestep=timestep, **inputs)
+                timestep.copy_(t[name])
+                model(**{name: timestep}, **inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            model(timestep=timestep, **inputs)
+            model(**{name: timestep}, **inputs)
         capture_s = time.perf_counter() - start
 
         def replay(ts):
             marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(ts) + 1)]
             marks[0].record()
             for t, mark in zip(ts, marks[1:]):
-                timestep.copy_(t)
+                timestep.copy_(t[name])
                 graph.replay()
                 mark.record()
             torch.cuda.synchronize()

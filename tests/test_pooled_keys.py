@@ -240,8 +240,8 @@ def test_a_pool_rows_first_call_does_not_wait_for_the_gpu():
         ops.headwise_attention(q, k, v, row, **call)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    want = ops.headwise_attention(q, k, v, row.cpu(), impl="reference", segments=layout)
-    torch.testing.assert_close(call["out"].float().cpu(), want.float(), atol=2e-2, rtol=2e-2)
+    want = ops.headwise_attention(*(t.float().cpu() for t in (q, k, v)), row.cpu(), impl="reference", segments=layout)
+    torch.testing.assert_close(call["out"].float().cpu(), want, atol=2e-2, rtol=2e-2)
 
 
 def test_a_factor_above_the_grid_is_full_attention():
