@@ -174,8 +174,8 @@ meta = dict(HEADS_POW2=32, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, IMAGE_BLOCK=12
             HAS_PAD=False, INTERPRET=False, TILED=False, RAGGED=False, TILE_T=1, TILE_H=1, TILE_W=1,
             GLOBAL_ROWS=True, POOL=True)
 kernel = build(_triton._headwise_kernel, pointers, meta, {"num_warps": 8, "num_stages": 3})
-means = build(_pool_means._means_kernel, {"K": "*bf16", "V": "*bf16", "OUT": "*bf16", "HEADS": "*i32"},
-              dict(FACTOR=4, BLOCK_P=32, HEAD_DIM=128, INTERPRET=False))
+means = build(_pool_means._means_kernel, {"K": "*bf16", "V": "*bf16", "OUT": "*bf16", "HEADS": "*i32", "MODES": "*i32"},
+              dict(FACTOR=4, BLOCK_P=32, HEAD_DIM=128, INTERPRET=False, CHECK_MODES=True))
 print("ld.global" in kernel.asm["ptx"], "st.global" in means.asm["ptx"])
 """
 

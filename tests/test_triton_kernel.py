@@ -301,6 +301,25 @@ def test_the_custom_op_runs_pool_heads_named_by_static_slots(impl):
         torch.ops.ditfastattn.headwise_attention_(*arguments[:-2], torch.tensor([2, 3, 0], dtype=torch.int32), False)
 
 
+def test_patch_means_of_the_slots_the_modes_name_now():
+    # Static mode's slots hold every head that pools at some step; given the step's modes, the
+    # buffer holds the means of the slots they name and zeros for the rest (no loads for those).
+    grid, before = (1, 8, 8), 3
+    image = math.prod(grid)
+    gen = torch.Generator().manual_seed(12)
+    _, k, v = _inputs(1, before + image, 3, 32, torch.bfloat16, gen)
+    fused = ((2, (0, 2)), (4, (1,)))
+    slot_heads = torch.tensor([0, 2, 1], dtype=torch.int32)
+    # head 0 pools now with slot 0, head 2 runs an arrow, head 1 pools with p = 4 in slot 2
+    modes = torch.tensor([POOL_FLAG | 0 << POOL_SLOT_SHIFT | 2, POOL_FLAG | 2 << POOL_SLOT_SHIFT | 4, 1],
+                         dtype=torch.int32)
+    tiles = ops.TileGrid(grid)
+    every = _pool_means.kernel_means(k, v, fused, slot_heads, before, tiles)
+    now = _pool_means.kernel_means(k, v, fused, slot_heads, before, tiles, modes)
+    assert torch.equal(now[:, :, [0, 2]], every[:, :, [0, 2]]) and every[:, :, 1].any()
+    assert not now[:, :, 1].any()
+
+
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_patch_mean_buffer_of_fused_pool_heads(layout):
     # The buffer the Gluon kernel reads its pool heads' image keys and values from: each slot's

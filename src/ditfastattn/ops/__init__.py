@@ -522,7 +522,9 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
         if fused:
             from ._pool_means import kernel_means
 
-            means = kernel_means(k, v, fused, slot_heads, layout.image_start, layout.tile_grid())
+            # Static mode's slots hold every head that pools at some step: make those its modes name now.
+            means = kernel_means(k, v, fused, slot_heads, layout.image_start, layout.tile_grid(),
+                                 head_modes if pool_slots is not None else None)
         lse = None
         if not (pooled and kernel_idle) or return_lse:
             out, lse = _launches(kernel, q, k, v, head_modes, layout, out, scale, return_lse, padding, values, tiled,
