@@ -137,7 +137,7 @@ class _StaticLayer(LayerRuntime):
     def _pool_slots(self, rows, num_image_tokens: int, tiles: TileGrid | None) -> tuple:
         """The layer's pool heads as the fused kernel's slots, ``((p, heads), ...)``: every head that
         pools at some step, at each factor it pools with, so one patch-mean buffer serves every step
-        (its heads' means are made at every step, a few percent of a pool head's time)."""
+        (each step makes the means of the slots its modes name)."""
         groups: dict[int, set[int]] = {}
         for row in rows:
             for head, method in enumerate(row.methods):
