@@ -57,8 +57,9 @@ class _StaticLayer(LayerRuntime):
     for the whole denoising loop and CUDA graphs can replay it. Tables and buffers are non-persistent
     buffers of the attention module: they follow ``.to()`` and have static addresses. Only layers
     that ever cache hold an output buffer; layers full at every step run the stock attention.
-    Tile windows are sized for the first call's grid, which layers with a tile head at some step
-    pass to the op at every step (as plain ints, constants of the compiled graph). So is the token
+    Tile windows and pooled keys are sized for the first call's grid, which layers with a tile or
+    pool head at some step pass to the op at every step (as plain ints, constants of the compiled
+    graph), with their pool slots. So is the token
     layout of each call length (several global segments: reference images; a step's calls may
     differ); a padding mask is data, read from each call. Each call slot of a step has its buffers.
     """
