@@ -146,7 +146,7 @@ class _StaticLayer(LayerRuntime):
                     groups.setdefault(pool_factor(method.mode(num_image_tokens, tiles)), set()).add(head)
         if not groups:
             return ()
-        self.session.refuse_padded_pool(self, sorted({m.name for row in rows for m in row.methods if m.kind == "pool"}))
+        self.session.refuse_padded_pool(self, self.session.pool_methods)
         return tuple((p, tuple(sorted(groups[p]))) for p in sorted(groups))
 
     def _route_full_heads(self, modes: torch.Tensor, fused_cost: float) -> dict[str, torch.Tensor]:
@@ -342,7 +342,6 @@ class StaticSession(Session):
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
         methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
         self._grid_methods = sorted(m.name for m in methods if m.needs_grid)
-        self._pool_methods = sorted((m for m in methods if m.kind == "pool"), key=lambda m: m.name)
         # Whether a head reads what an earlier step kept (then a call slot's shape must not change).
         self._reads_kept = any(m.reads_previous_output or m.reads_residual for m in methods)
         self.num_image_tokens = num_image_tokens
@@ -504,7 +503,8 @@ class StaticSession(Session):
         if not isinstance(segment, str) and len(segment) == 3:
             grid = getattr(segment[2], "grid", segment[2])  # a TileGrid where the plan records tiles
             ragged = [] if grid is None else [
-                m.name for m in self._pool_methods if grid[1] % m.factor or grid[2] % m.factor]
+                name for name in self.pool_methods
+                if grid[1] % parse_method(name).factor or grid[2] % parse_method(name).factor]
             if ragged:
                 raise NotImplementedError(
                     f"static mode runs pooled keys in the fused kernel only, where p divides the grid's rows and cols "
