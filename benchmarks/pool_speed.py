@@ -17,7 +17,7 @@ the CPU tests'.
 
 Then per shape, on fresh random inputs: dense cuDNN and flash SDPA, the op with every head full,
 every head ``pool:2`` / ``pool:4`` (``impl="auto"``, and ``impl="triton"``), the arrow whose
-density is nearest each, and a mixed plan (half the heads arrow 1/8, half pool:2, interleaved).
+density is nearest each (under both impls), and a mixed plan (half the heads arrow 1/8, half pool:2, interleaved).
 Each plan's output against the float32 reference op, every element, beside the same-precision
 yardstick (flash SDPA in the inputs' dtype against float32 SDPA, dense, on 4 heads). Times:
 ``triton.testing.do_bench`` medians after warm-up. Speed-up is over cuDNN; "of ideal" is speed-up x
@@ -32,6 +32,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import random
 
 import torch
@@ -138,7 +139,9 @@ def main() -> None:
     results = {"environment": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                               "triton": triton.__version__},
+                               "triton": triton.__version__,
+                               # the device's copy of the tree has no .git: the caller may name the commit
+                               "commit": os.environ.get("BENCH_COMMIT")},
                "rows": [], "cases": []}
     rng = random.Random(args.seed)
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
@@ -181,8 +184,9 @@ def main() -> None:
         band = ops.window_blocks(1 / 8, image)
         plans["mixed: arrow 1/8 and pool:2"] = [band if h % 2 else ops.pool_mode(2) for h in range(heads)]
         print(f"{name}: cuDNN {cudnn:.3f} ms, flash {flash:.3f} ms, yardstick error {yardstick:.2e}", flush=True)
-        for p in pooled:
+        for p in pooled:  # the Triton kernel's pool heads beside its own arrows of the same density
             plans[f"pool:{p}, impl='triton'"] = plans[f"pool:{p}"]
+            plans[f"arrow at pool:{p}'s density, impl='triton'"] = plans[f"arrow at pool:{p}'s density"]
         plans["mixed, impl='triton'"] = plans["mixed: arrow 1/8 and pool:2"]
         for plan, values in plans.items():
             modes = ops.mode_tensor(values, "cuda")

@@ -249,6 +249,18 @@ def test_fused_pool_heads_in_the_kernel(seed, monkeypatch):
     _check(q, k, v, ops.mode_tensor(modes, "cpu"), None, None, segments=layout, return_lse=seed % 2 == 0)
 
 
+def test_a_patch_mean_buffer_the_kernel_cannot_read_aligned_is_refused():
+    # The kernel reads the buffer's rows 16 bytes at a time, from strides in units of 16 elements: a
+    # buffer whose strides are not multiples of 16 would be read at the wrong rows, so it is refused.
+    gen = torch.Generator().manual_seed(5)
+    text = 3
+    q, k, v = _inputs(1, text + 16, 1, 32, torch.bfloat16, gen)
+    modes = ops.mode_tensor([ops.pool_mode(2)], "cpu")
+    padded = torch.zeros(2, 4, 1, 40, dtype=torch.bfloat16)[..., :32]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        _triton.attention(q, k, v, modes, text, 16, torch.empty_like(q), 32**-0.5, False, pooled=padded)
+
+
 def test_one_plan_row_on_grids_it_fuses_on_and_not():
     # A row's pool heads run in the kernel on a grid that p divides and on SDPA on one it does not:
     # the same mode tensor on both, in turn, follows the reference each time.

@@ -312,7 +312,7 @@ def _headwise_kernel(
     # PAD is (B, S) uint8 (non-zero at padding tokens) in the keys' order, QPAD the same in the
     # queries' (raster) order, PAD_BIAS the 2 x 2 bias table in log2 units. The grid (frames, rows,
     # cols) and the tile shape serve the tiled launch only; there K and V are in tile order. With
-    # POOL, POOL_KV is the (2B, patches, slots, D) patch-mean buffer (strides spb, sps; keys, then
+    # POOL, POOL_KV is the (2B, patches, slots, D) patch-mean buffer (strides 16 spb, 16 sps; keys, then
     # values B further) whose slots the pool heads' modes name (POOL_FLAG | slot << SLOT_SHIFT | p).
     tl.static_assert(not (POOL and (TILED or HAS_PAD)), "pool heads run in the plain launch, unpadded")
     image_end = image_start + image_len
@@ -497,8 +497,11 @@ def _headwise_kernel(
             if pool:  # the patch means, each raised by log2(p * p), by pointer loads
                 patches = image_len // (factor * factor)
                 column = slot.to(tl.int64) * HEAD_DIM
-                pks = (k_desc, POOL_KV, 0, 0, b64 * spb + column, sps, 1)
-                pvs = (k_desc, POOL_KV, 0, 0, (batch + b64) * spb + column, sps, 1)
+                # Strides come in units of 16 elements, so the compiler knows the rows' alignment: not
+                # knowing it (they are not specialized, to spare recompiles), it made every load here
+                # one 2-byte scalar, unpipelined.
+                pks = (k_desc, POOL_KV, 0, 0, b64 * (spb * 16) + column, sps * 16, 1)
+                pvs = (k_desc, POOL_KV, 0, 0, (batch + b64) * (spb * 16) + column, sps * 16, 1)
                 bias = 2.0 * tl.math.log2(factor.to(tl.float32))
                 ranges = (0, patches // BLOCK_N, 0, 0, 1, 1, steps[0], steps[1])
                 acc, m_i, l_i = _loop(acc, m_i, l_i, q, pks, pvs, ranges, patches // BLOCK_N, qk_scale, pad, pad_row,
@@ -654,6 +657,9 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
         raise ValueError(f"the Triton kernel needs a positive softmax scale; got {scale}")
     if pooled is not None and (tiled is not None or padding is not None):
         raise ValueError("pool heads run in the plain launch, without padding: pass pooled without tiled or padding")
+    if pooled is not None and (pooled.stride(3) != 1 or pooled.stride(0) % 16 or pooled.stride(1) % 16):
+        raise ValueError(f"the patch-mean buffer needs unit head-dim stride and the other strides in multiples of 16 "
+                         f"elements (the kernel's loads assume them); got {pooled.stride()}: pass a contiguous buffer")
     batch, seq, heads, dim = q.shape
     if return_lse and not warmup and lse is None:
         lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
@@ -706,7 +712,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
     if lse_arg is None:  # unused without RETURN_LSE; a warmup needs only the pointer's type
         lse_arg = torch.empty(0, dtype=torch.float32, device=q.device) if return_lse else out
     ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), batch, seq, heads, image_start, image_len,
-            *geometry[:3], *((0, 0) if pooled is None else pooled.stride()[:2]))
+            *geometry[:3], *((0, 0) if pooled is None else (pooled.stride(0) // 16, pooled.stride(1) // 16)))
     tune_bucket = triton.next_power_of_2(k.shape[1])
     args = _args(q, k, v, out, lse_arg, head_modes, pads, pooled, head_modes.stride(0), descs, ints, scale, tune_bucket)
     meta = dict(
