@@ -389,3 +389,31 @@ def test_static_mode_refuses_a_schedule_that_starts_past_step_0():
         pipe(image=torch.rand(1, 3, 64, 64), strength=0.5, num_inference_steps=6, height=64, width=64,
              output_type="latent", **embeds(1))
     ditfastattn.remove(pipe)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host waits exist on a GPU only")
+def test_a_rows_first_compile_does_not_wait_for_the_gpu():
+    # A plan's row is compiled at its layer's first call, mid-step: its masks and head indices (residual
+    # heads, captures, CFG-shared heads, full heads routed to SDPA, scattered so that they need index
+    # tensors) must be queued, not copied from pageable memory, which waits for the GPU's queued work.
+    from ditfastattn._geometry import MODE_SKIP
+    from ditfastattn.methods import parse_method
+    from ditfastattn.runtime.rows import compile_row
+
+    shared = ["full", "arrow_residual:0.125", "arrow:0.25", "arrow_residual:0.125", "cfg_share+arrow:0.125", "full"]
+    routed = ["full", "arrow:0.25", "full", "cache"]
+    capture = [MODE_SKIP] * len(shared)
+    capture[0] = capture[5] = window_blocks(0.125, 4096)
+    busy = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        busy @ busy  # queued work the copies must not wait for
+        rows = [compile_row([parse_method(n) for n in names], keep=True, capture=capture if names is shared else
+                            [MODE_SKIP] * len(names), num_image_tokens=4096, device=torch.device("cuda"),
+                            route_full=True, residual_from=[None] * len(names)) for names in (shared, routed)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rows[0].residual_add.view(-1).tolist() == [False, True, False, True, False, False]
+    assert rows[0].residual_index.tolist() == [1, 3] and rows[0].capture_index.tolist() == [0, 5]
+    assert rows[0].share_mask.view(-1).tolist() == [False] * 4 + [True, False]
+    assert rows[1].full_heads.tolist() == [0, 2]

@@ -9,6 +9,7 @@ import torch
 from .. import ops
 from .._geometry import MODE_SKIP, TileGrid
 from ..methods import parse_method
+from ..ops._host_copy import device_tensor
 from ..plan import Plan
 
 
@@ -66,10 +67,12 @@ def compile_row(
     """
     heads = len(methods)
 
+    # A row is first compiled mid-step, at its layer's first call: its tensors are queued from
+    # pinned memory (a pageable copy would wait for all the GPU's queued work).
     def tensor(values, dtype=torch.int32):
         if dtype == torch.int32:  # head modes: checked once here, never read back by the op
             return ops.mode_tensor(values, device)
-        return torch.tensor(values, dtype=dtype, device=device)
+        return device_tensor(values, dtype, device)
 
     def mask(flags):
         return tensor(flags, torch.bool).view(1, 1, heads, 1) if any(flags) else None
@@ -116,7 +119,7 @@ def _heads_index(flags, device) -> slice | torch.Tensor | None:
         return None
     if heads[-1] - heads[0] + 1 == len(heads):
         return slice(heads[0], heads[-1] + 1)
-    return torch.tensor(heads, dtype=torch.long, device=device)
+    return device_tensor(heads, torch.long, device)
 
 
 def cache_heads(plan: Plan) -> list[list[int]]:
@@ -141,7 +144,6 @@ def _compile_rows(
     for step in dropped:  # over the memory budget: these cache heads compute instead
         methods[step] = [_FULL if m.reads_previous_output else m for m in methods[step]]
     plain_full = [[m.exact for m in row] for row in methods]
-    all_full = [all(row) for row in plain_full]
     rows = []
     last_full = [None] * heads  # per head, the last plain-full step so far
     for step, row in enumerate(methods):
