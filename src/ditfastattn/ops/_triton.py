@@ -570,7 +570,8 @@ if _INTERPRET:
 else:
     _tuned = triton.autotune(
         configs=[c for configs in _CONFIGS.values() for c in configs],
-        key=["tune_bucket", "HEAD_DIM", "USE_TMA", "TILED"],
+        # POOL compiles another loop: launches with and without pool heads each take their best config.
+        key=["tune_bucket", "HEAD_DIM", "USE_TMA", "TILED", "POOL"],
         prune_configs_by={"early_config_prune": _prune},
         do_bench=_bench,
     )(_headwise_kernel)
@@ -733,7 +734,7 @@ def attention(q, k, v, head_modes, image_start, image_len, out, scale, return_ls
             _headwise_kernel.warmup(*args, grid=grid, **meta, **c)
         return out, lse
     if config is None:
-        tune_key = (tune_bucket, dim, meta["USE_TMA"], meta["TILED"], q.dtype)
+        tune_key = (tune_bucket, dim, meta["USE_TMA"], meta["TILED"], meta["POOL"], q.dtype)
         if tune_key not in _chosen:
             with on_device(q.device.index):
                 _tuned[grid](*args, **meta)  # tunes on first use, then runs the best
