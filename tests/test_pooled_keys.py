@@ -314,6 +314,24 @@ def test_a_pool_plan_follows_its_definition_and_remove_restores(make, recorder):
     assert torch.equal(run_pipeline(pipe, steps=STEPS, **ODD), stock)
 
 
+def test_pool_factors_that_leave_partial_patches_are_said_once(caplog):
+    # Their heads run on SDPA beside the kernel (slower, not wrong): said once per grid, naming only the
+    # factors that leave partial patches (24 x 28 patches: 2 divides both, 3 and 5 do not).
+    pipe = flux_pipeline()
+    ditfastattn.apply(pipe, pool_plan(pipe.transformer))
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        run_pipeline(pipe, steps=STEPS, **ODD)
+        run_pipeline(pipe, steps=STEPS, **ODD)
+    said = [r.getMessage() for r in caplog.records if "partial patches" in r.getMessage()]
+    assert len(said) == 1 and "24 x 28" in said[0] and "pool:3, pool:5" in said[0] and "pool:2" not in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        run_pipeline(pipe, steps=STEPS, height=48, width=48)  # 24 x 24: 2 and 3 divide it, 5 does not
+    said = [r.getMessage() for r in caplog.records if "partial patches" in r.getMessage()]
+    assert len(said) == 1 and "24 x 24" in said[0] and "pool:5" in said[0] and "pool:3" not in said[0]
+    ditfastattn.remove(pipe)
+
+
 def test_a_pool_plan_on_kontext_sees_the_reference_image_whole(recorder):
     # FLUX.1 Kontext: text, the image (its grid), then the reference image, a global segment that
     # pool heads' image queries see in full

@@ -175,6 +175,7 @@ class _CalibrationSession(Session):
         if self._tile_candidates and tiles is None:
             self._refuse_tiles(layer)
         self.refuse_padded_pool(layer, self.pool_methods)
+        self.say_loose_pool(layer, self.pool_methods)
         self._stock = None
         if self.offload is not None and self.step > 0:
             restored = self.offload.take((layer.index, self.call), q.device)

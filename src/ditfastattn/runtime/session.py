@@ -295,6 +295,7 @@ class Session:
         self._dropped: dict[tuple, list[frozenset[int]]] = {}
         self._broken: frozenset[int] = frozenset()  # whole cached steps that gave way at some call shape
         self._budget_said: set[tuple[int, int, int]] = set()  # (batch, tokens, head-steps computed) logged
+        self._loose_pool_said: set[tuple[int, int, int]] = set()  # grids whose partial pool patches were said
         self.step = 0
         self.call = 0
         self.calls_per_step = 1
@@ -348,6 +349,7 @@ class Session:
         """
         geometry = layer.geometry
         self.refuse_padded_pool(layer, self.pool_methods)
+        self.say_loose_pool(layer, self.pool_methods)
         needs_grid = self._grid_methods.get(layer.index)
         if needs_grid and geometry.layout.grid is None:  # at the first call, not at the step that runs them
             raise ValueError(
@@ -365,6 +367,22 @@ class Session:
                 f"pooled keys ({', '.join(pooled[:3])}{', ...' if len(pooled) > 3 else ''}) take no key padding, but "
                 f"{layer.name} of {type(self.transformer).__name__} gets a padding mask in this call ({self.adapter.FAMILY}); "
                 "use a plan, or SearchConfig candidates, without pool: methods for this model"
+            )
+
+    def say_loose_pool(self, layer: LayerRuntime, pooled: list[str]) -> None:
+        """Say once per grid when pooled keys' patches do not tile it: those heads then run on SDPA
+        beside the fused kernel (their loose edge tokens are keys of their own), several times slower."""
+        grid = layer.geometry.layout.grid
+        if not pooled or grid is None or grid in self._loose_pool_said:
+            return
+        self._loose_pool_said.add(grid)
+        loose = [name for name in pooled if grid[1] % parse_method(name).factor or grid[2] % parse_method(name).factor]
+        if loose:
+            logger.warning(
+                "%s: this call's image grid, %d x %d patches a frame, leaves partial patches for %s: those heads "
+                "run on PyTorch's SDPA beside the fused kernel, at a fraction of its speed (image sizes whose "
+                "patch rows and cols each factor divides run them inside it)",
+                type(self.transformer).__name__, grid[1], grid[2], ", ".join(loose),
             )
 
     def route_full(self, q, k, v, text_start: int, text_len: int, geometry: CallGeometry | None = None) -> bool:
