@@ -167,7 +167,7 @@ class LogLines(logging.Handler):
 
 def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, search_steps: int, text_len: int,
              config: dict, impl: str, offload: bool | None, device, dtype, profile: bool = False,
-             target: dict | None = None) -> dict:
+             target: dict | None = None, method_set: str = "aa+oc") -> dict:
     embeds = prompts(batch, text_len, config, device, dtype)
     merged = {key: torch.cat([p[key] for p in embeds]) for key in embeds[0]}
     # A profiled step is one more step, left out of the timings (the profiler slows it).
@@ -187,8 +187,9 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
     del merged
     attempts = []
     while True:
-        search = ditfastattn.SearchConfig(delta=0.2, num_inference_steps=search_steps, height=size, width=size,
-                                          impl=impl, offload_outputs=offload, **(target or {}))
+        search = ditfastattn.SearchConfig.from_method_set(
+            method_set, delta=0.2, num_inference_steps=search_steps, height=size, width=size, impl=impl,
+            offload_outputs=offload, **(target or {}))
         reset_peak(device)
         log, library = LogLines(), logging.getLogger("ditfastattn")
         library.addHandler(log)
@@ -256,6 +257,8 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=None,
                         help="time a target's search (every pass) instead of one pass at delta 0.2")
     parser.add_argument("--fit-prompts", default="2", help="with --target: SearchConfig.fit_prompts, or 'all'")
+    parser.add_argument("--method-set", default="aa+oc", choices=sorted(ditfastattn.METHOD_SETS),
+                        help="the candidates (aa+oc: the default; aa+oc+pk adds pooled keys)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/search_time.json; smoke: out/)")
     args = parser.parse_args()
     offload = {"auto": None, "on": True, "off": False}[args.offload]
@@ -273,7 +276,8 @@ def main() -> None:
     result = {
         "environment": environment(device), "smoke": args.smoke, "model": "FluxTransformer2DModel, FLUX.1-dev config",
         "prompts": args.batch,
-        "search": f"SearchConfig(delta=0.2{''.join(f', {k}={v}' for k, v in (target or {}).items())}), default candidates",
+        "search": f"SearchConfig(delta=0.2{''.join(f', {k}={v}' for k, v in (target or {}).items())}), "
+                  f"candidates {args.method_set!r}",
         "allocator": os.environ["PYTORCH_CUDA_ALLOC_CONF"], "offload_outputs": args.offload,
         "method": "per-step wall times (synchronized) of a few-step run; 50-step times extrapolated: "
                   "plain = 50 x median(plain steps 1..), search = plain step + 49 x median(search steps 2..); "
@@ -285,7 +289,7 @@ def main() -> None:
         plain_steps, search_steps = args.steps_2k if size >= 2048 else args.steps_1k
         result["runs"].append(run_size(pipe, size, args.batch, plain_steps, search_steps, text_len, config,
                                        "reference" if args.smoke else "auto", offload, device, dtype, args.profile,
-                                       target))
+                                       target, args.method_set))
         # Written after every size, so a run cut short by a time limit still leaves its results.
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"[{time.perf_counter() - start:6.1f} s] {size} done", flush=True)

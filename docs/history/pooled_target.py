@@ -7,9 +7,10 @@ committed results of 2026-12-05 before it ran pooled_kv.py's patch, ``pool:0.5``
 prompts x seeds, SSIM against full attention) with paired bootstrap differences over prompts.
 
     PYTHONPATH=src python pooled_target.py OUT.json --kind flux --target 0.7 --cache step --embeddings emb.pt
+
+``--sensitivity auto`` runs the library's default search instead (the schedule's step weights).
 """
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -52,14 +53,16 @@ def setup(args):
 
 
 def main():
-    args = arguments(0.7, "step")
+    args = arguments(0.7, "step", **{"--sensitivity": {"default": "committed", "choices": ("committed", "auto"),
+                                                       "help": "auto: the library's default (the schedule's weights)"}})
     started = time.perf_counter()
     pipe, cal, held, seeds = setup(args)
     plans, seconds = {}, {}
     for name, gran, extra in (("head", "head", ()), ("layer", "layer", ()), ("head+pool", "head", POOLS),
                               ("layer+pool", "layer", POOLS)):
+        sensitivity = {} if args.sensitivity == "committed" else {"sensitivity": args.sensitivity}
         config = recommended_search(args.kind, args.steps, args.target, cache=args.cache, granularity=gran,
-                                    candidates=q.SETS["AA+OC"] + extra)
+                                    candidates=q.SETS["AA+OC"] + extra, **sensitivity)
         t0 = time.perf_counter()
         plans[name] = calibrate(pipe, cal, config, progress=False)
         seconds[name] = round(time.perf_counter() - t0, 1)
@@ -67,6 +70,7 @@ def main():
     pairs = [("head+pool", "layer"), ("head+pool", "head"), ("head", "layer"), ("layer+pool", "layer")]
     scored, ssim, differences = score_paired(pipe, plans, held, args.steps, seeds, pairs)
     meta = {**environment(torch.device("cpu")), "kind": args.kind, "target": args.target, "cache": args.cache,
+            "sensitivity": args.sensitivity,
             "heldout_seed": args.heldout_seed, "steps": args.steps, "heldout": len(held), "seeds": seeds,
             "calibration_seconds": seconds, "seconds": round(time.perf_counter() - started, 1)}
     write_result(args.out, meta, plans, scored, ssim, differences,
