@@ -156,7 +156,8 @@ class SearchConfig:
             "ta+oc", tile windows (``TILES``) with caching for models whose calls give the image grid
             (video; a model without one refuses ``tile:`` candidates at its first call), and
             "aa+oc+pk", the default with pooled keys (``POOLS``) beside the arrows (models with an
-            image grid and no padding mask).
+            image grid and no padding mask; with ``sensitivity="measure"``, whose head weights tell
+            the heads that pool well: without them FLUX gained nothing at 0.7).
         num_inference_steps, height, width, guidance_scale: passed to the pipeline (None: its default).
         seed: seed of the calibration run's generator.
         costs: optional measured relative latency per method name (``full`` = 1); by default the
