@@ -274,6 +274,12 @@ def experts_of(transformer, pipe) -> list[torch.nn.Module]:
     return [transformer, second]
 
 
+def loose_pool_methods(pooled: list[str], grid: tuple[int, int, int]) -> list[str]:
+    """The pool methods of ``pooled`` whose factor leaves partial patches of ``grid`` (frames, rows,
+    cols): their edge tokens stay keys of their own, which only the SDPA path computes."""
+    return [name for name in pooled if grid[1] % parse_method(name).factor or grid[2] % parse_method(name).factor]
+
+
 class Session:
     """State of one applied plan: the current step, the call slot within it, and the layers."""
 
@@ -376,7 +382,7 @@ class Session:
         if not pooled or grid is None or grid in self._loose_pool_said:
             return
         self._loose_pool_said.add(grid)
-        loose = [name for name in pooled if grid[1] % parse_method(name).factor or grid[2] % parse_method(name).factor]
+        loose = loose_pool_methods(pooled, grid)
         if loose:
             logger.warning(
                 "%s: this call's image grid, %d x %d patches a frame, leaves partial patches for %s: those heads "

@@ -17,7 +17,7 @@ from .caches import named, refuse_layer_skipping_caches
 from .layer_skip import attention_scores_skipped
 from .rows import _compile_rows
 from .session import (CallGeometry, LayerRuntime, Session, _too_many_steps, full_head_cost, latents_shape, logger,
-                      warn_short_generation)
+                      loose_pool_methods, warn_short_generation)
 
 
 _STEP = "_ditfastattn_step"
@@ -502,9 +502,7 @@ class StaticSession(Session):
         segment = self.image_segment
         if not isinstance(segment, str) and len(segment) == 3:
             grid = getattr(segment[2], "grid", segment[2])  # a TileGrid where the plan records tiles
-            ragged = [] if grid is None else [
-                name for name in self.pool_methods
-                if grid[1] % parse_method(name).factor or grid[2] % parse_method(name).factor]
+            ragged = [] if grid is None else loose_pool_methods(self.pool_methods, grid)
             if ragged:
                 raise NotImplementedError(
                     f"static mode runs pooled keys in the fused kernel only, where p divides the grid's rows and cols "
