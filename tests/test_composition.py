@@ -1,5 +1,5 @@
-"""ditfastattn next to what users already have: LoRA, offloading, diffusers' attention backends, caches, guiders,
-modular and ControlNet pipelines, compile wrappers and schedulers."""
+"""ditfastattn next to what users already have: LoRA, offloading, fp8 weight storage, diffusers' attention
+backends, caches, guiders, modular and ControlNet pipelines, compile wrappers and schedulers."""
 
 from __future__ import annotations
 
@@ -87,6 +87,30 @@ def test_group_offloading(offload_type):
     ditfastattn.apply(pipe, compressed(pipe.transformer))
     assert torch.equal(run_pipeline(pipe, steps=STEPS), expected)
     ditfastattn.remove(pipe)
+
+
+def test_layerwise_casting_runs_and_calibrates_as_its_rounded_weights_do():
+    """fp8 storage (`enable_layerwise_casting`) upcasts each layer's weights for its forward: a plan and
+    a search under it compute exactly what they compute on the same rounded weights stored in float32."""
+    pipe = flux_pipeline()
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    stored = {name: value.clone() for name, value in pipe.transformer.state_dict().items()}
+    assert any(value.dtype == torch.float8_e4m3fn for value in stored.values())
+    rounded = flux_pipeline()
+    rounded.transformer.load_state_dict({name: value.float() for name, value in stored.items()})
+    stock = run_pipeline(pipe, steps=STEPS)
+    assert torch.equal(run_pipeline(rounded, steps=STEPS), stock)
+
+    config = SearchConfig(target_sparsity=0.4, num_inference_steps=STEPS, height=HEIGHT, width=WIDTH)
+    plans = [calibrate(each, [embeds(1)], config) for each in (pipe, rounded)]
+    assert plans[0].methods == plans[1].methods and plans[0].summary()["sparsity"] > 0.2
+    for each in (pipe, rounded):
+        ditfastattn.apply(each, plans[0])
+    assert torch.equal(run_pipeline(pipe, steps=STEPS), run_pipeline(rounded, steps=STEPS))
+    ditfastattn.remove(pipe)
+    assert all(torch.equal(value, stored[name]) and value.dtype == stored[name].dtype
+               for name, value in pipe.transformer.state_dict().items())
+    assert torch.equal(run_pipeline(pipe, steps=STEPS), stock)
 
 
 def test_attention_backend_context_reaches_dense_layers(monkeypatch):
