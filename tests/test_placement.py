@@ -125,6 +125,22 @@ def test_unknown_layouts_are_refused_before_any_change():
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+class _PackedWeight(torch.nn.Parameter):
+    """Stands for a quantized weight (bitsandbytes' Int8Params keeps its row scales beside the tensor)."""
+
+
+def test_quantized_weights_are_refused_before_any_change():
+    model = tiny_flux()
+    plan = Plan.uniform(model, 2, "full", num_image_tokens=16, text_len=7)
+    placements = [type(p)(p.layer, (1, 0, 2), 1.0, 1.0) for p in place_heads(plan, 1)]
+    projection = model.single_transformer_blocks[-1].proj_out
+    projection.weight = _PackedWeight(projection.weight.detach().clone(), requires_grad=False)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"single_transformer_blocks\.1\.proj_out\.weight is a quantized weight "
+                                         r"\(_PackedWeight.*apply without balance_heads"):
+        permute_heads(model, plan, placements)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
 
 def test_invert_puts_heads_and_weights_back_exactly():
     model = tiny_flux()

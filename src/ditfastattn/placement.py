@@ -201,6 +201,7 @@ def _layer_edits(transformer, name: str, heads: int, head_dim: int, order: list[
     edits, known = [], set()
     for path, parameter in attention.named_parameters():
         module_path, _, kind = path.rpartition(".")
+        _require_plain(f"{name}.{path}", parameter)
         if module_path in _ROW_PROJECTIONS and parameter.shape[0] == inner:
             edits.append((parameter, 0, index))
         elif module_path in _COLUMN_PROJECTIONS and kind == "weight" and parameter.shape[-1] == inner:
@@ -229,4 +230,15 @@ def _single_block_output(transformer, name: str, inner: int, index: torch.Tensor
         raise ValueError(f"{name} has no output projection (to_out) and its block is not a FLUX-style single block "
                          "(proj_out over [attention, proj_mlp]); permute_heads cannot reorder its heads")
     columns = torch.cat([index, torch.arange(inner, proj_out.in_features)])
+    _require_plain(f"{name.rpartition('.')[0]}.proj_out.weight", proj_out.weight)
     return proj_out.weight, 1, columns
+
+
+def _require_plain(path: str, parameter: torch.Tensor) -> None:
+    """Quantized weights (bitsandbytes, GGUF, torchao) pack rows or keep per-row scales beside the
+    tensor, so reordering the tensor's rows alone would silently mix heads: refuse them."""
+    if type(parameter) is not torch.nn.Parameter or type(parameter.data) is not torch.Tensor:
+        raise ValueError(f"{path} is a quantized weight ({type(parameter).__name__} of "
+                         f"{type(parameter.data).__name__}); balance_heads cannot reorder its heads: apply without "
+                         "balance_heads")
+
