@@ -7,6 +7,8 @@ at exactly one target for both granularities under one cache mode, and both plan
 quality.py (held-out prompts x seeds, SSIM against full attention, paired bootstrap over prompts).
 
     PYTHONPATH=src python exact_target.py OUT.json --kind sd3 --target 0.6 --cache auto --embeddings emb.pt
+    (other prompts: embeddings from quality.py --save-embeddings E.pt --heldout-seed 4242, then
+    --embeddings E.pt --heldout-seed 4242 --seeds 5,6)
 """
 import argparse
 import dataclasses
@@ -37,13 +39,14 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--seeds", default="1,2")
+    p.add_argument("--heldout-seed", type=int, default=2026, help="grammar seed of the held-out prompts")
     p.add_argument("--embeddings", type=Path, required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     started = time.perf_counter()
     pipe = testbed(args.kind, args.embeddings, args.device)
-    cal = q.calibration_prompts(8, 2026)
-    held = q.heldout_prompts(2026)[: args.heldout]
+    cal = q.calibration_prompts(8, args.heldout_seed)
+    held = q.heldout_prompts(args.heldout_seed)[: args.heldout]
     seeds = [int(s) for s in args.seeds.split(",")]
     candidates = q.SETS[args.candidates] + tuple(name for name in args.add.split(";") if name)
     base = recommended_search(args.kind, args.steps, args.target, cache=args.cache, candidates=candidates)
@@ -55,7 +58,8 @@ def main():
         print(gran, plans[gran].summary()["sparsity"], plans[gran].provenance["search"]["cache"], seconds[gran], flush=True)
     scored, ssim, differences = score_paired(pipe, plans, held, args.steps, seeds, [("head", "layer")])
     meta = {**environment(torch.device(args.device)), "kind": args.kind, "target": args.target, "cache": args.cache,
-            "candidates": args.candidates, "added": args.add, "steps": args.steps, "heldout": len(held), "seeds": seeds,
+            "candidates": args.candidates, "added": args.add, "steps": args.steps, "heldout": len(held),
+            "heldout_seed": args.heldout_seed, "seeds": seeds,
             "calibration_seconds": seconds, "seconds": round(time.perf_counter() - started, 1)}
     write_result(args.out, meta, plans, scored, ssim, differences,
                  {k: {"cache": plan.provenance["search"]["cache"]} for k, plan in plans.items()})
