@@ -417,7 +417,7 @@ def test_full_heads_under_token_pair_masks_stay_in_the_fused_op(bias, pairs):
     S x S mask (24 GiB at HunyuanVideo 1.5's 720p): their cost reads 0 (fused op) on any device.
     A key mask is left to the measured cost (1.0, no routing, off a GPU)."""
     from ditfastattn.runtime import routing
-    from ditfastattn.runtime.session import CallGeometry
+    from ditfastattn.runtime import CallGeometry
 
     q = torch.randn(1, 40, 2, 8)
     mask = torch.zeros(1, 40, dtype=torch.bool)

@@ -53,7 +53,8 @@ from ..adapters.dispatch import padding_of
 from ..model import TokenLayout
 from ..placement import _check_world_size, invert, permute_heads, permute_plan, place_heads
 from ..plan import Plan
-from .session import CallGeometry, LayerRuntime, Session, logger
+from .call_geometry import CallGeometry
+from .session import LayerRuntime, Session, logger
 
 
 def context_parallel(transformer) -> bool:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import inspect
 import logging
 import sys
-from dataclasses import dataclass
 
 import torch
 
@@ -16,12 +13,14 @@ from ..adapters import base
 from ..methods import parse_method
 from .._geometry import TileGrid
 from ..model import TokenLayout
-from ..plan import Plan, PlanMismatchError
+from ..plan import Plan
 from .budget import _size, fit_cache_budget
+from .call_geometry import CallGeometry
 from .caches import layer_skipping_cache, named
 from .layer_skip import attention_scores_skipped
 from .routing import attend_dense
 from .rows import _compile_rows, _Row, cache_heads
+from .steps import SchedulerHook, steps_of, too_many_steps, warn_short_generation
 
 logger = logging.getLogger("ditfastattn.runtime")
 
@@ -30,59 +29,6 @@ def full_head_cost(*args) -> float:
     """:func:`.routing.full_head_cost`, looked up on the package at each call: callers (and tests)
     replace ``ditfastattn.runtime.full_head_cost`` to model another GPU."""
     return sys.modules[__package__].full_head_cost(*args)
-
-
-@dataclass(frozen=True, eq=False)
-class CallGeometry:
-    """The token layout and padding of one layer call, in the forms the op and sessions take.
-
-    ``op`` holds the op's keyword arguments (the layout itself when it has several global segments,
-    padding or a grid). ``text_start`` and ``text_len`` are the original (text_start, text_len)
-    form that ``Session.row`` and ``Session.after`` receive: exact when ``simple`` (one global
-    segment at the start or the end, no padding; a grid may come with it); otherwise ``text_len``
-    counts every global token and ``text_start`` is 0, so ``q.shape[1] - text_len`` is still the
-    image token count.
-    """
-
-    layout: TokenLayout
-    padding: ops.Padding | None
-    op: dict
-    text_start: int
-    text_len: int
-
-    @property
-    def simple(self) -> bool:
-        return self.padding is None and self.layout.text_range() is not None
-
-    @classmethod
-    def of(cls, seq: int, text_start, text_len, layout: TokenLayout | None, key_padding) -> "CallGeometry":
-        if layout is None:
-            return _text_geometry(seq, text_start, text_len)
-        padding = key_padding if key_padding is None or isinstance(key_padding, ops.Padding) else ops.Padding(key_padding)
-        legacy = layout.text_range()
-        if legacy is not None and padding is None:
-            return _text_geometry(seq, *legacy) if layout.grid is None else _gridded_geometry(layout)
-        return cls(layout, padding, {"segments": layout, "key_padding": padding}, 0 if legacy is None else legacy[0],
-                   layout.num_global)
-
-    def rows(self, batch: slice) -> dict:
-        """The op's keyword arguments for the batch elements ``batch``."""
-        if self.padding is None:
-            return self.op
-        return {**self.op, "key_padding": dataclasses.replace(self.padding, mask=self.padding.mask[batch])}
-
-
-@functools.lru_cache(maxsize=256)
-def _text_geometry(seq: int, text_start: int, text_len: int) -> CallGeometry:
-    layout = TokenLayout.from_text(seq, text_start, text_len)
-    return CallGeometry(layout, None, {"text_start": text_start, "text_len": text_len}, text_start, text_len)
-
-
-@functools.lru_cache(maxsize=256)
-def _gridded_geometry(layout: TokenLayout) -> CallGeometry:
-    """A layout of one global segment at the start or the end, with a grid: the op takes the layout
-    itself, so that tile heads see the grid."""
-    return CallGeometry(layout, None, {"segments": layout}, *layout.text_range())
 
 
 class _Buffers:
@@ -326,7 +272,7 @@ class Session:
         self.reshaped_layer_steps = self.unshared_layer_steps = 0  # this generation's: see _report_reshaped_calls
         self._reshaped_said = False
         self.pipe = None
-        self.scheduler_hook: _SchedulerHook | None = None
+        self.scheduler_hook: SchedulerHook | None = None
         self._parameters = tuple(inspect.signature(transformer.forward).parameters)
         self._timestep = getattr(adapter, "timestep", base.timestep)
         methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
@@ -504,7 +450,7 @@ class Session:
             self.call = 0
             if self.step >= self.plan.num_steps:
                 self._new_generation = True
-                raise _too_many_steps(self.plan.num_steps, "the pipeline")
+                raise too_many_steps(self.plan.num_steps, "the pipeline")
             # A call slot absent from the last step (skip-layer guidance after its last step)
             # holds nothing a later step may read: its cache heads would compute anyway.
             for layer in self.layers:
@@ -707,9 +653,9 @@ class Session:
             self.scheduler_hook = None
         if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
             return
-        self.scheduler_hook = _SchedulerHook(scheduler, self)
+        self.scheduler_hook = SchedulerHook(scheduler, self)
         if check and getattr(scheduler, "timesteps", None) is not None:
-            self.scheduler_set(_steps_of(scheduler))
+            self.scheduler_set(steps_of(scheduler))
 
     def watch_processors(self, modules: list[tuple[str, torch.nn.Module]], exact: bool) -> None:
         """Remember each (name, attention module)'s processor as apply left it: ditfastattn's own
@@ -750,70 +696,3 @@ def cfg_batch_error(batch: int) -> ValueError:
         f"cfg_share needs a CFG batch [unconditional; conditional] of even size; got batch {batch} (guidance_scale "
         "<= 1 turns classifier-free guidance off): raise guidance_scale above 1, or use a plan without cfg_share"
     )
-
-
-def _too_many_steps(planned: int, who: str) -> PlanMismatchError:
-    return PlanMismatchError(
-        f"{who} ran more than the plan's {planned} denoising steps; "
-        f"pass num_inference_steps={planned} or calibrate a plan for your step count"
-    )
-
-
-def warn_short_generation(ran: int, planned: int) -> None:
-    logger.warning(
-        "the last generation stopped after %d of the plan's %d denoising steps, so it ran the plan's rows "
-        "for other steps (harmless for a warm-up or an interrupted run); pass num_inference_steps=%d, and apply "
-        "the plan to the pipeline rather than its transformer to have the step count checked before denoising",
-        ran, planned, planned,
-    )
-
-
-def _steps_of(scheduler) -> int:
-    """The denoising steps of ``scheduler``'s timesteps: one per timestep, which tells them apart."""
-    timesteps = scheduler.timesteps
-    values = timesteps.tolist() if torch.is_tensor(timesteps) else list(timesteps)
-    if len(set(values)) != len(values):
-        raise ValueError(
-            f"{type(scheduler).__name__} evaluates the model twice at some timesteps (a second-order scheduler), but "
-            "ditfastattn tells denoising steps apart by their timestep, so a plan runs with first-order schedulers "
-            "only: use one such as FlowMatchEulerDiscreteScheduler, or ditfastattn.remove()"
-        )
-    return len(values)
-
-
-class _SchedulerHook:
-    """Tells the session the step count at every ``set_timesteps`` of one scheduler instance.
-
-    Wraps whatever ``set_timesteps`` the instance has (a user's own instance-level patch
-    included) and puts exactly that back on :meth:`undo`.
-    """
-
-    _ABSENT = object()
-
-    def __init__(self, scheduler, session: Session):
-        self.scheduler = scheduler
-        self.before = vars(scheduler).get("set_timesteps", self._ABSENT)
-        original = scheduler.set_timesteps
-        hook = self
-
-        # functools.wraps keeps the signature, which pipelines inspect (retrieve_timesteps).
-        @functools.wraps(original)
-        def set_timesteps(*args, **kwargs):
-            result = original(*args, **kwargs)
-            if hook.active:  # a patch wrapped around this one may outlive remove()
-                session.scheduler_set(_steps_of(scheduler))
-            return result
-
-        self.active = True
-        set_timesteps.ditfastattn_session = session  # remove(pipe) finds it after pipe.transformer was replaced
-        self.wrapper = set_timesteps
-        scheduler.set_timesteps = set_timesteps
-
-    def undo(self) -> None:
-        self.active = False
-        if vars(self.scheduler).get("set_timesteps") is not self.wrapper:
-            return  # patched again since apply: that patch stays (it calls this one, now inactive)
-        if self.before is self._ABSENT:
-            del self.scheduler.set_timesteps
-        else:
-            self.scheduler.set_timesteps = self.before

@@ -16,8 +16,9 @@ from . import routing
 from .caches import named, refuse_layer_skipping_caches
 from .layer_skip import attention_scores_skipped
 from .rows import _compile_rows
-from .session import (CallGeometry, LayerRuntime, Session, _too_many_steps, full_head_cost, latents_shape, logger,
-                      loose_pool_methods, warn_short_generation)
+from .call_geometry import CallGeometry
+from .session import LayerRuntime, Session, full_head_cost, latents_shape, logger, loose_pool_methods
+from .steps import too_many_steps, warn_short_generation
 
 
 _STEP = "_ditfastattn_step"
@@ -529,7 +530,7 @@ class StaticSession(Session):
         self.report_faults()
         final = self.plan.num_steps - 1
         if value < last and step >= final:
-            raise _too_many_steps(self.plan.num_steps, "the pipeline")
+            raise too_many_steps(self.plan.num_steps, "the pipeline")
         if value > last and last > float("-inf") and step < final:
             warn_short_generation(int(step) + 1, self.plan.num_steps)
 
@@ -548,7 +549,7 @@ class StaticSession(Session):
                 "or capturing"
             )
         if found & _EXTRA_STEP:
-            raise _too_many_steps(self.plan.num_steps, "a compiled or graph-replayed generation")
+            raise too_many_steps(self.plan.num_steps, "a compiled or graph-replayed generation")
         if found & _RESHAPED:
             raise _reshaped_error(" of a compiled or graph-replayed run, so its output was wrong")
         logger.warning(
