@@ -19,7 +19,7 @@ import ditfastattn
 from ditfastattn import SearchConfig
 from ditfastattn import _calibration_session as calibration_session
 from ditfastattn.adapters.flux import raster_grid
-from ditfastattn.calibration import ARROWS, METHOD_SETS, TILES
+from ditfastattn.search_config import ARROWS, METHOD_SETS, TILES
 from ditfastattn.methods import parse_method
 from ditfastattn.ops._dense import head_mask
 from ditfastattn.sensitivity import STAND_IN_PROBE, weights_array

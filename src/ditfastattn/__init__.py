@@ -11,7 +11,8 @@ Kontext, FLUX.2, Chroma, Qwen-Image, Z-Image, HunyuanImage 2.1).
 __version__ = "0.1.0"
 
 from . import ops
-from .calibration import METHOD_SETS, SearchConfig, calibrate
+from .calibration import calibrate
+from .search_config import METHOD_SETS, SearchConfig
 from .plan import Plan, PlanMismatchError
 from .runtime import apply, remove
 

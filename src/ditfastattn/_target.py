@@ -18,7 +18,7 @@ from .methods import parse_method
 from .search import choose, choose_many, solve_priced
 
 if TYPE_CHECKING:
-    from .calibration import SearchConfig
+    from .search_config import SearchConfig
 
 logger = logging.getLogger("ditfastattn")
 

@@ -377,7 +377,7 @@ def _sensitivity(value: str):
 
 
 def _search_config(args):
-    from .calibration import SearchConfig
+    from .search_config import SearchConfig
 
     common = {
         "delta": args.delta,

@@ -10,7 +10,8 @@ import torch
 
 from . import apply, remove
 from ._files import write_atomically
-from .calibration import SearchConfig, calibrate
+from .calibration import calibrate
+from .search_config import SearchConfig
 from .visualize import plot_comparison, plot_plan
 
 TESTBED = Path(__file__).resolve().parent / "testbed"

@@ -21,7 +21,8 @@ import torch
 
 from ._files import write_atomically
 from .adapters import adapter_for
-from .calibration import SearchConfig, calibrate, prompt_kwargs
+from .calibration import calibrate, prompt_kwargs
+from .search_config import SearchConfig
 from .plan import Plan
 from .runtime import _transformer_of, apply, remove
 

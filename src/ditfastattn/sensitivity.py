@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("cache", "arrow")
 MODES = ("auto", "measure", "schedule", "measure+schedule")  # SearchConfig.sensitivity's named ways
-STAND_IN_PROBE = "arrow:0.03125"  # the narrowest of the default arrows (calibration.ARROWS)
+STAND_IN_PROBE = "arrow:0.03125"  # the narrowest of the default arrows (search_config.ARROWS)
 
 
 def probe_method(candidates) -> str:
