@@ -40,6 +40,7 @@ def main():
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--seeds", default="1,2")
     p.add_argument("--heldout-seed", type=int, default=2026, help="grammar seed of the held-out prompts")
+    p.add_argument("--fit-prompts", default="2", help="SearchConfig.fit_prompts, or 'all'")
     p.add_argument("--embeddings", type=Path, required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -49,7 +50,9 @@ def main():
     held = q.heldout_prompts(args.heldout_seed)[: args.heldout]
     seeds = [int(s) for s in args.seeds.split(",")]
     candidates = q.SETS[args.candidates] + tuple(name for name in args.add.split(";") if name)
-    base = recommended_search(args.kind, args.steps, args.target, cache=args.cache, candidates=candidates)
+    fit_prompts = None if args.fit_prompts == "all" else int(args.fit_prompts)
+    base = recommended_search(args.kind, args.steps, args.target, cache=args.cache, candidates=candidates,
+                              fit_prompts=fit_prompts)
     plans, seconds = {}, {}
     for gran in ("head", "layer"):
         t0 = time.perf_counter()
@@ -59,7 +62,7 @@ def main():
     scored, ssim, differences = score_paired(pipe, plans, held, args.steps, seeds, [("head", "layer")])
     meta = {**environment(torch.device(args.device)), "kind": args.kind, "target": args.target, "cache": args.cache,
             "candidates": args.candidates, "added": args.add, "steps": args.steps, "heldout": len(held),
-            "heldout_seed": args.heldout_seed, "seeds": seeds,
+            "heldout_seed": args.heldout_seed, "seeds": seeds, "fit_prompts": args.fit_prompts,
             "calibration_seconds": seconds, "seconds": round(time.perf_counter() - started, 1)}
     write_result(args.out, meta, plans, scored, ssim, differences,
                  {k: {"cache": plan.provenance["search"]["cache"]} for k, plan in plans.items()})
