@@ -241,4 +241,3 @@ def _require_plain(path: str, parameter: torch.Tensor) -> None:
         raise ValueError(f"{path} is a quantized weight ({type(parameter).__name__} of "
                          f"{type(parameter.data).__name__}); balance_heads cannot reorder its heads: apply without "
                          "balance_heads")
-
