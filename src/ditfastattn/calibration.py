@@ -29,7 +29,7 @@ from .runtime.caches import named, refuse_layer_skipping_caches
 from .runtime.parallel import context_parallel
 from .runtime.session import experts_of
 from .search import fit_delta
-from .search_config import SearchConfig, _check_own_arguments, check_cfg_guidance
+from .search_config import SearchConfig, check_cfg_guidance, check_own_arguments
 from .sensitivity import KINDS as SENSITIVITY_KINDS
 from .sensitivity import measure_sensitivity, relative_squared_error, schedule_weigher, weights_array
 
@@ -323,7 +323,7 @@ def _per_prompt(value, count: int) -> bool:
 def _pipeline_call(pipe, config: SearchConfig, prompts: dict[str, Any]) -> dict[str, Any]:
     """The pipeline's keyword arguments for a pass (the step count, generator and output type
     aside): pipeline_kwargs, the prompts' and the config's, each argument given once."""
-    _check_own_arguments(prompts, "prompt dicts")
+    check_own_arguments(prompts, "prompt dicts")
     call = dict(config.pipeline_kwargs)
     both = sorted(set(call) & set(prompts))
     if both:

@@ -79,7 +79,8 @@ def _check_sensitivity(sensitivity) -> None:
 _OWN_ARGUMENTS = {"num_inference_steps": "num_inference_steps", "generator": "seed", "output_type": None}
 
 
-def _check_own_arguments(keys, where: str) -> None:
+def check_own_arguments(keys, where: str) -> None:
+    """Refuse pipeline arguments that calibration passes itself (``where`` names their source)."""
     for key in keys:
         if key in _OWN_ARGUMENTS:
             field = _OWN_ARGUMENTS[key]
@@ -266,7 +267,7 @@ class SearchConfig:
             raise ValueError(f"offload_outputs must be True, False or None (decide from free memory); got {self.offload_outputs!r}")
         if not isinstance(self.pipeline_kwargs, dict):
             raise TypeError(f"pipeline_kwargs must be a dict of pipeline keyword arguments; got {type(self.pipeline_kwargs).__name__}")
-        _check_own_arguments(self.pipeline_kwargs, "pipeline_kwargs")
+        check_own_arguments(self.pipeline_kwargs, "pipeline_kwargs")
         if self.head_coefficient not in (None, "auto") and not self.head_coefficient > 0:
             raise ValueError(f"head_coefficient must be > 0, None or 'auto'; got {self.head_coefficient!r}")
         if self.budget not in ("auto", "layer", "generation"):
