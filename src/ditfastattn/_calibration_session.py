@@ -174,8 +174,7 @@ class _CalibrationSession(Session):
         tiles = layer.geometry.layout.tile_grid()
         if self._tile_candidates and tiles is None:
             self._refuse_tiles(layer)
-        self.refuse_padded_pool(layer, self.pool_methods)
-        self.say_loose_pool(layer, self.pool_methods)
+        self.check_pool_call(layer)
         self._stock = None
         if self.offload is not None and self.step > 0:
             restored = self.offload.take((layer.index, self.call), q.device)

@@ -300,8 +300,7 @@ class Session:
         original form (see :class:`CallGeometry`).
         """
         geometry = layer.geometry
-        self.refuse_padded_pool(layer, self.pool_methods)
-        self.say_loose_pool(layer, self.pool_methods)
+        self.check_pool_call(layer)
         needs_grid = self._grid_methods.get(layer.index)
         if needs_grid and geometry.layout.grid is None:  # at the first call, not at the step that runs them
             raise ValueError(
@@ -310,6 +309,11 @@ class Session:
                 "arrow:<f> windows in its place for this model"
             )
         return layer.row(q, geometry.layout.image_len, self.route_full(q, k, v, text_start, text_len, geometry))
+
+    def check_pool_call(self, layer: LayerRuntime) -> None:
+        """This call against the plan's pooled keys: refused under padding, said once where partial."""
+        self.refuse_padded_pool(layer, self.pool_methods)
+        self.say_loose_pool(layer, self.pool_methods)
 
     def refuse_padded_pool(self, layer: LayerRuntime, pooled: list[str]) -> None:
         """Pooled keys on a call that pads its tokens: refused at the first call (step 0), before the
