@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import test_static as static_tests
-from conftest import flux_pipeline, run_pipeline, sd3_pipeline, tiny_flux
+from conftest import flux_pipeline, make_pipeline, run_pipeline, sd3_pipeline, tiny_flux
 from test_calibration import config, prompts
 from test_families import FAMILIES as IMAGE_FAMILIES
 from test_families import MiniPipeline, generate, prompt
@@ -427,3 +427,59 @@ def test_measured_costs_steer_the_recommended_search_and_survive_its_forced_pass
     assert "pool:2" not in methods_of(priced)
     by_step = dataclasses.replace(search, cache="step")
     assert "pool:2" in methods_of(ditfastattn.calibrate(pipe, prompts("flux"), by_step, progress=False))
+
+
+# --- pool candidates scored on part of the batch --------------------------------------------------
+
+def test_pool_scores_take_the_batch_in_turns():
+    from ditfastattn._calibration_session import POOL_SCORE_STRIDE, score_sample
+
+    assert score_sample(1, 0) is None and score_sample(3, 5) is None  # a single element would be the whole estimate
+    for batch in (4, 5, 8, 16, 24):
+        stride = min(POOL_SCORE_STRIDE, batch // 2)
+        turns = [score_sample(batch, turn).tolist() for turn in range(stride)]
+        assert all(len(sample) >= 2 for sample in turns)
+        assert sorted(sum(turns, [])) == list(range(batch))  # each element once in ``stride`` layer-steps
+        assert score_sample(batch, stride + 1).tolist() == turns[1]
+    for turn in range(POOL_SCORE_STRIDE):  # 8 prompts under CFG: a sampled prompt brings its other half
+        sample = set(score_sample(16, turn).tolist())
+        assert {i + 8 for i in sample if i < 8} == {i for i in sample if i >= 8}
+
+
+def test_sampled_pool_errors_are_exact_where_errors_follow_the_variance():
+    # Prompts whose outputs and errors differ only in scale: the ratio estimate from two of eight
+    # elements is the batch's error, where scaling by their count would be off by the scales' spread.
+    from ditfastattn._calibration_session import sampled_errors, score_sample
+
+    gen = torch.Generator().manual_seed(3)
+    exact, out = torch.randn(2, 1, 40, 3, 8, generator=gen)
+    exact = exact - exact.mean(dim=(1, 3), keepdim=True)  # zero mean per head: each element's variance scales
+    scales = torch.tensor([0.5, 3.0, 1.0, 0.2, 2.0, 1.5, 0.7, 4.0]).view(-1, 1, 1, 1)
+    exact, out = exact * scales, (exact + 0.1 * out) * scales
+    whole = ops.head_squared_errors(out, exact)
+    for turn in range(4):
+        sample = score_sample(8, turn)
+        part = exact[sample]
+        estimate = sampled_errors(ops.head_squared_errors(out[sample], part), ops.head_variances(exact),
+                                  ops.head_variances(part))
+        torch.testing.assert_close(estimate, whole, rtol=1e-5, atol=0)
+        by_count = ops.head_squared_errors(out[sample], part) * 4
+        assert not torch.allclose(by_count, whole, rtol=0.05)
+
+
+def test_the_search_runs_pool_candidates_on_part_of_the_batch_and_arrows_on_all(monkeypatch):
+    pipe = make_pipeline("sd3")
+    batches = {"pool": set(), "other": set()}
+    real = ops.headwise_attention
+
+    def spy(q, k, v, head_modes, **kwargs):
+        kind = "pool" if is_pool_mode(int(head_modes[0])) else "other"
+        batches[kind].add(q.shape[0])
+        return real(q, k, v, head_modes, **kwargs)
+
+    monkeypatch.setattr(ops, "headwise_attention", spy)
+    plan = ditfastattn.calibrate(pipe, prompts("sd3", 4),
+                                 config("sd3", delta=0.5, candidates=("full", "cache", "arrow:0.25", "pool:2"),
+                                        sensitivity=None), progress=False)
+    assert batches == {"pool": {2}, "other": {8}}  # 4 prompts under CFG: one prompt's pair a layer-step
+    assert "pool:2" in methods_of(plan)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
-from ._geometry import MODE_SKIP, TileGrid
+from ._geometry import MODE_SKIP, TileGrid, is_pool_mode
 from ._host_outputs import HostOutputs
 from .methods import Method, parse_method
 from .plan import Plan
@@ -34,15 +34,24 @@ from .search import choose
 
 logger = logging.getLogger("ditfastattn")
 
+# Pooled keys attend over every image query: pool:2 and pool:4 together cost about what all three
+# arrows do (FLUX: 0.37 against 0.31 of the exact attention), which took a pass from 1.15x to 1.30x
+# plain denoising. They are scored on every POOL_SCORE_STRIDE-th batch element (two at least),
+# rotating with the layer and step, and scaled to the whole batch (:func:`sampled_errors`).
+POOL_SCORE_STRIDE = 4
+
 
 def stats_impl(impl: str) -> str:
     """The implementation of the scores' reductions (:func:`ops.head_squared_errors`) for the op's ``impl``."""
     return impl if impl in ("reference", "triton") else "auto"
 
 
-def layer_variance(exact: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """The layer output's summed squared deviation, each head about its own mean (a float32 scalar)."""
-    return ops.head_variances(exact, impl=impl).sum().clamp_min(torch.finfo(torch.float32).tiny)
+def layer_variance(exact: torch.Tensor, impl: str = "auto", head_variances: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer output's summed squared deviation, each head about its own mean (a float32 scalar),
+    from its heads' (``head_variances``, where already measured)."""
+    if head_variances is None:
+        head_variances = ops.head_variances(exact, impl=impl)
+    return head_variances.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def combine_scores(errors: torch.Tensor, variance: torch.Tensor, later=()) -> torch.Tensor:
@@ -61,6 +70,23 @@ def combine_scores(errors: torch.Tensor, variance: torch.Tensor, later=()) -> to
     return total_errors * (errors.shape[1] / total_variance)
 
 
+def score_sample(batch: int, turn: int) -> torch.Tensor | None:
+    """The batch elements a pool candidate is scored on at the ``turn``-th layer-step of a pass:
+    every ``stride``-th from ``turn % stride`` (None: all of them). Where the stride divides half
+    the batch (8 prompts under CFG), each sampled prompt comes with its other CFG half."""
+    stride = min(POOL_SCORE_STRIDE, batch // 2)
+    if stride < 2:
+        return None
+    return torch.arange(turn % stride, batch, stride)
+
+
+def sampled_errors(errors: torch.Tensor, head_variances: torch.Tensor, sample_variances: torch.Tensor) -> torch.Tensor:
+    """(heads,) squared errors measured on a sample of the batch, scaled to the whole batch by
+    each head's variance over it against over the sample: a ratio estimate, which keeps a prompt
+    whose outputs vary more from counting for the batch as it would by their count alone."""
+    return errors * (head_variances / sample_variances.clamp_min(torch.finfo(torch.float32).tiny))
+
+
 class _Candidate(NamedTuple):
     """One candidate's output in one call, as :meth:`_CalibrationSession._candidate_outputs` yields it.
 
@@ -70,6 +96,7 @@ class _Candidate(NamedTuple):
     stock attention). ``shared``: a cfg_share candidate at the step's first call, whose batch halves
     both take the conditional half of ``out`` (and, in the rows ``out`` lacks, of the exact output).
     ``unmeasured`` is None or a (heads,) bool mask of heads whose error stays unknown (NaN).
+    ``sample``: the batch elements ``out`` holds (:func:`score_sample`), None for all of them.
     """
 
     index: int
@@ -77,6 +104,7 @@ class _Candidate(NamedTuple):
     unmeasured: torch.Tensor | None = None
     rows: tuple[int, int] | None = None
     shared: bool = False
+    sample: torch.Tensor | None = None
 
 
 class _CalibrationSession(Session):
@@ -280,7 +308,12 @@ class _CalibrationSession(Session):
                 base, rows = exact, None
             else:
                 modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
-                base = ops.headwise_attention(q, k, v, modes, **layer.geometry.op, impl=self.impl, global_rows=False)
+                sample = score_sample(q.shape[0], self.step * len(self.layers) + layer.index) if is_pool_mode(mode) else None
+                inputs = (q, k, v)
+                if sample is not None:  # pool heads take no key padding: the op's arguments hold for any batch
+                    sample = sample.to(q.device)
+                    inputs = tuple(t.index_select(0, sample) for t in inputs)
+                base = ops.headwise_attention(*inputs, modes, **layer.geometry.op, impl=self.impl, global_rows=False)
                 rows = image_rows
             for index in indices:
                 method = self.candidates[index]
@@ -291,11 +324,16 @@ class _CalibrationSession(Session):
                         yield _Candidate(index, exact, unmeasured)
                     continue
                 # CFG is the step's first call; later ones (skip-layer guidance) run it unshared.
-                yield _Candidate(index, base, None, rows, method.shares_cfg and self.call == 0)
+                yield _Candidate(index, base, None, rows, method.shares_cfg and self.call == 0, sample)
 
-    def _squared_errors(self, candidate: _Candidate, exact: torch.Tensor, layout) -> torch.Tensor:
-        """(heads,) float32 squared error of one candidate's output against the exact one."""
+    def _squared_errors(self, candidate: _Candidate, exact: torch.Tensor, layout, head_variances) -> torch.Tensor:
+        """(heads,) float32 squared error of one candidate's output against the exact one
+        (``head_variances``: the exact output's, which scale a sampled candidate's to the batch)."""
         out, rows, impl = candidate.out, candidate.rows, stats_impl(self.impl)
+        if candidate.sample is not None:
+            part = exact.index_select(0, candidate.sample)
+            errors = ops.head_squared_errors(out, part, rows=rows, impl=impl)
+            return sampled_errors(errors, head_variances, ops.head_variances(part, impl=impl))
         if not candidate.shared:
             if out is exact:
                 return torch.zeros(exact.shape[2], dtype=torch.float32, device=exact.device)
@@ -318,11 +356,12 @@ class _CalibrationSession(Session):
         for index, method in enumerate(self.candidates):
             if method.exact:
                 errors[index] = 0.0
+        head_variances = ops.head_variances(stock, impl=stats_impl(self.impl))
         for candidate in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
-            errors[candidate.index] = self._squared_errors(candidate, stock, layer.geometry.layout)
+            errors[candidate.index] = self._squared_errors(candidate, stock, layer.geometry.layout, head_variances)
             if candidate.unmeasured is not None:
                 errors[candidate.index, candidate.unmeasured.to(q.device)] = float("nan")
-        return self._whole_layer(errors, layer_variance(stock, stats_impl(self.impl)))
+        return self._whole_layer(errors, layer_variance(stock, head_variances=head_variances))
 
     def _whole_layer(self, errors: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's (squared errors (candidates, heads), variance) from those of this session's heads."""
