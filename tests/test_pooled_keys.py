@@ -437,12 +437,12 @@ def test_pool_scores_take_the_batch_in_turns():
     assert score_sample(1, 0) is None and score_sample(3, 5) is None  # a single element would be the whole estimate
     for batch in (4, 5, 8, 16, 24):
         stride = min(POOL_SCORE_STRIDE, batch // 2)
-        turns = [score_sample(batch, turn).tolist() for turn in range(stride)]
+        turns = [list(range(batch))[score_sample(batch, turn)] for turn in range(stride)]
         assert all(len(sample) >= 2 for sample in turns)
         assert sorted(sum(turns, [])) == list(range(batch))  # each element once in ``stride`` layer-steps
-        assert score_sample(batch, stride + 1).tolist() == turns[1]
+        assert list(range(batch))[score_sample(batch, stride + 1)] == turns[1]
     for turn in range(POOL_SCORE_STRIDE):  # 8 prompts under CFG: a sampled prompt brings its other half
-        sample = set(score_sample(16, turn).tolist())
+        sample = set(list(range(16))[score_sample(16, turn)])
         assert {i + 8 for i in sample if i < 8} == {i for i in sample if i >= 8}
 
 

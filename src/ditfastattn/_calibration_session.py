@@ -70,20 +70,21 @@ def combine_scores(errors: torch.Tensor, variance: torch.Tensor, later=()) -> to
     return total_errors * (errors.shape[1] / total_variance)
 
 
-def score_sample(batch: int, turn: int) -> torch.Tensor | None:
+def score_sample(batch: int, turn: int) -> slice | None:
     """The batch elements a pool candidate is scored on at the ``turn``-th layer-step of a pass:
-    every ``stride``-th from ``turn % stride`` (None: all of them). Where the stride divides half
-    the batch (8 prompts under CFG), each sampled prompt comes with its other CFG half."""
+    every ``stride``-th from ``turn % stride`` (None: all of them), a view of the batch. Where the
+    stride divides half the batch (8 prompts under CFG), each sampled prompt comes with its other
+    CFG half."""
     stride = min(POOL_SCORE_STRIDE, batch // 2)
     if stride < 2:
         return None
-    return torch.arange(turn % stride, batch, stride)
+    return slice(turn % stride, batch, stride)
 
 
 def sampled_errors(errors: torch.Tensor, head_variances: torch.Tensor, sample_variances: torch.Tensor) -> torch.Tensor:
     """(heads,) squared errors measured on a sample of the batch, scaled to the whole batch by
-    each head's variance over it against over the sample: a ratio estimate, which keeps a prompt
-    whose outputs vary more from counting for the batch as it would by their count alone."""
+    each head's variance over it against over the sample: a ratio estimate, exact where each
+    element's error is proportional to its variance (scaling by the elements' count is not)."""
     return errors * (head_variances / sample_variances.clamp_min(torch.finfo(torch.float32).tiny))
 
 
@@ -104,7 +105,7 @@ class _Candidate(NamedTuple):
     unmeasured: torch.Tensor | None = None
     rows: tuple[int, int] | None = None
     shared: bool = False
-    sample: torch.Tensor | None = None
+    sample: slice | None = None
 
 
 class _CalibrationSession(Session):
@@ -309,10 +310,8 @@ class _CalibrationSession(Session):
             else:
                 modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
                 sample = score_sample(q.shape[0], self.step * len(self.layers) + layer.index) if is_pool_mode(mode) else None
-                inputs = (q, k, v)
-                if sample is not None:  # pool heads take no key padding: the op's arguments hold for any batch
-                    sample = sample.to(q.device)
-                    inputs = tuple(t.index_select(0, sample) for t in inputs)
+                # Pool heads take no key padding: the op's arguments hold for any part of the batch.
+                inputs = (q, k, v) if sample is None else (q[sample], k[sample], v[sample])
                 base = ops.headwise_attention(*inputs, modes, **layer.geometry.op, impl=self.impl, global_rows=False)
                 rows = image_rows
             for index in indices:
@@ -331,7 +330,7 @@ class _CalibrationSession(Session):
         (``head_variances``: the exact output's, which scale a sampled candidate's to the batch)."""
         out, rows, impl = candidate.out, candidate.rows, stats_impl(self.impl)
         if candidate.sample is not None:
-            part = exact.index_select(0, candidate.sample)
+            part = exact[candidate.sample]
             errors = ops.head_squared_errors(out, part, rows=rows, impl=impl)
             return sampled_errors(errors, head_variances, ops.head_variances(part, impl=impl))
         if not candidate.shared:
