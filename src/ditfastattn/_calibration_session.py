@@ -306,7 +306,7 @@ class _CalibrationSession(Session):
             if mode < 0:
                 if all(self.candidates[i].exact for i in indices):
                     continue  # exact by definition: its error row stays 0
-                base, rows = exact, None
+                base, rows, sample = exact, None, None
             else:
                 modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
                 sample = score_sample(q.shape[0], self.step * len(self.layers) + layer.index) if is_pool_mode(mode) else None
@@ -325,7 +325,7 @@ class _CalibrationSession(Session):
                 # CFG is the step's first call; later ones (skip-layer guidance) run it unshared.
                 yield _Candidate(index, base, None, rows, method.shares_cfg and self.call == 0, sample)
 
-    def _squared_errors(self, candidate: _Candidate, exact: torch.Tensor, layout, head_variances) -> torch.Tensor:
+    def _squared_errors(self, candidate: _Candidate, exact: torch.Tensor, layout, head_variances=None) -> torch.Tensor:
         """(heads,) float32 squared error of one candidate's output against the exact one
         (``head_variances``: the exact output's, which scale a sampled candidate's to the batch)."""
         out, rows, impl = candidate.out, candidate.rows, stats_impl(self.impl)
