@@ -9,6 +9,8 @@ once (true CFG, skip-layer guidance), every call is scored: the decision, made a
 call, adds the errors each later call measured at the previous step, the latest it can know.
 Each call is scored on what the runtime runs in it: later calls compute ``cfg_share`` heads
 unshared, and a call without a head's previous output or residual computes that head exactly.
+Pooled-key candidates are scored on a quarter of the batch (:data:`POOL_SCORE_STRIDE`), the others
+on all of it.
 """
 
 from __future__ import annotations
