@@ -36,19 +36,11 @@ def main():
     p.add_argument("--cache", default="auto")
     p.add_argument("--candidates", default="AA+OC", choices=list(q.SETS), help="the candidate set (quality.py's SETS)")
     p.add_argument("--add", default="", help="semicolon-separated candidates added to the set, e.g. arrow:0.75")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--heldout", type=int, default=16)
-    p.add_argument("--seeds", default="1,2")
-    p.add_argument("--heldout-seed", type=int, default=2026, help="grammar seed of the held-out prompts")
     p.add_argument("--fit-prompts", default="2", help="SearchConfig.fit_prompts, or 'all'")
-    p.add_argument("--embeddings", type=Path, required=True)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_run_arguments(p)
     args = p.parse_args()
     started = time.perf_counter()
-    pipe = testbed(args.kind, args.embeddings, args.device)
-    cal = q.calibration_prompts(8, args.heldout_seed)
-    held = q.heldout_prompts(args.heldout_seed)[: args.heldout]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    pipe, cal, held, seeds = run_inputs(args)
     candidates = q.SETS[args.candidates] + tuple(name for name in args.add.split(";") if name)
     fit_prompts = None if args.fit_prompts == "all" else int(args.fit_prompts)
     base = recommended_search(args.kind, args.steps, args.target, cache=args.cache, candidates=candidates,
@@ -66,6 +58,23 @@ def main():
             "calibration_seconds": seconds, "seconds": round(time.perf_counter() - started, 1)}
     write_result(args.out, meta, plans, scored, ssim, differences,
                  {k: {"cache": plan.provenance["search"]["cache"]} for k, plan in plans.items()})
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The testbed run's arguments: steps, held-out prompts and seeds, embeddings, device."""
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--heldout", type=int, default=16)
+    p.add_argument("--seeds", default="1,2")
+    p.add_argument("--heldout-seed", type=int, default=2026, help="grammar seed of the held-out prompts")
+    p.add_argument("--embeddings", type=Path, required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_inputs(args):
+    """(pipeline, the 8 calibration prompts, the held-out prompts, the seeds) of :func:`add_run_arguments`'s."""
+    pipe = testbed(args.kind, args.embeddings, args.device)
+    held = q.heldout_prompts(args.heldout_seed)[: args.heldout]
+    return pipe, q.calibration_prompts(8, args.heldout_seed), held, [int(s) for s in args.seeds.split(",")]
 
 
 def write_result(out: Path, meta: dict, plans, scored, ssim, differences, extra: dict) -> None:

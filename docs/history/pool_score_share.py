@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q
 from e2e import environment
-from exact_target import write_result
-from oracle_heads import recommended_search, score_paired, testbed
+from exact_target import add_run_arguments, run_inputs, write_result
+from oracle_heads import recommended_search, score_paired
 from ditfastattn import _calibration_session, calibrate
 
 
@@ -33,18 +33,10 @@ def main():
     p.add_argument("--target", type=float, default=0.7)
     p.add_argument("--cache", default="auto")
     p.add_argument("--strides", default="1,4", help="POOL_SCORE_STRIDE values; the first is the baseline")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--heldout", type=int, default=16)
-    p.add_argument("--seeds", default="1,2")
-    p.add_argument("--heldout-seed", type=int, default=2026, help="grammar seed of the held-out prompts")
-    p.add_argument("--embeddings", type=Path, required=True)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_run_arguments(p)
     args = p.parse_args()
     started = time.perf_counter()
-    pipe = testbed(args.kind, args.embeddings, args.device)
-    cal = q.calibration_prompts(8, args.heldout_seed)
-    held = q.heldout_prompts(args.heldout_seed)[: args.heldout]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    pipe, cal, held, seeds = run_inputs(args)
     strides = [int(s) for s in args.strides.split(",")]
     config = recommended_search(args.kind, args.steps, args.target, cache=args.cache, candidates=q.SETS["AA+OC+PK"])
     plans, seconds = {}, {}

@@ -327,14 +327,18 @@ class _CalibrationSession(Session):
                 # CFG is the step's first call; later ones (skip-layer guidance) run it unshared.
                 yield _Candidate(index, base, None, rows, method.shares_cfg and self.call == 0, sample)
 
-    def _squared_errors(self, candidate: _Candidate, exact: torch.Tensor, layout, head_variances=None) -> torch.Tensor:
-        """(heads,) float32 squared error of one candidate's output against the exact one
-        (``head_variances``: the exact output's, which scale a sampled candidate's to the batch)."""
+    def _squared_errors(self, candidate: _Candidate, exact: torch.Tensor, layout, variances=None) -> torch.Tensor:
+        """(heads,) float32 squared error of one candidate's output against the exact one.
+        ``variances``: the exact output's head variances, None -> over the batch, (start, step) ->
+        over that sample (filled here, once per sample: the pool candidates of a call share it),
+        which scale a sampled candidate's error to the batch."""
         out, rows, impl = candidate.out, candidate.rows, stats_impl(self.impl)
         if candidate.sample is not None:
-            part = exact[candidate.sample]
+            part, key = exact[candidate.sample], (candidate.sample.start, candidate.sample.step)
+            if key not in variances:
+                variances[key] = ops.head_variances(part, impl=impl)
             errors = ops.head_squared_errors(out, part, rows=rows, impl=impl)
-            return sampled_errors(errors, head_variances, ops.head_variances(part, impl=impl))
+            return sampled_errors(errors, variances[None], variances[key])
         if not candidate.shared:
             if out is exact:
                 return torch.zeros(exact.shape[2], dtype=torch.float32, device=exact.device)
@@ -357,12 +361,12 @@ class _CalibrationSession(Session):
         for index, method in enumerate(self.candidates):
             if method.exact:
                 errors[index] = 0.0
-        head_variances = ops.head_variances(stock, impl=stats_impl(self.impl))
+        variances = {None: ops.head_variances(stock, impl=stats_impl(self.impl))}
         for candidate in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
-            errors[candidate.index] = self._squared_errors(candidate, stock, layer.geometry.layout, head_variances)
+            errors[candidate.index] = self._squared_errors(candidate, stock, layer.geometry.layout, variances)
             if candidate.unmeasured is not None:
                 errors[candidate.index, candidate.unmeasured.to(q.device)] = float("nan")
-        return self._whole_layer(errors, layer_variance(stock, head_variances=head_variances))
+        return self._whole_layer(errors, layer_variance(stock, head_variances=variances[None]))
 
     def _whole_layer(self, errors: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's (squared errors (candidates, heads), variance) from those of this session's heads."""
