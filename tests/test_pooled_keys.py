@@ -429,24 +429,24 @@ def test_measured_costs_steer_the_recommended_search_and_survive_its_forced_pass
     assert "pool:2" in methods_of(ditfastattn.calibrate(pipe, prompts("flux"), by_step, progress=False))
 
 
-# --- pool candidates scored on part of the batch --------------------------------------------------
+# --- attention candidates scored on part of the batch ---------------------------------------------
 
-def test_pool_scores_take_the_batch_in_turns():
-    from ditfastattn._calibration_session import POOL_SCORE_STRIDE, score_sample
+def test_candidate_scores_take_the_batch_in_turns():
+    from ditfastattn._calibration_session import SCORE_STRIDE, score_sample
 
     assert score_sample(1, 0) is None and score_sample(3, 5) is None  # a single element would be the whole estimate
     for batch in (4, 5, 8, 16, 24):
-        stride = min(POOL_SCORE_STRIDE, batch // 2)
+        stride = min(SCORE_STRIDE, batch // 2)
         turns = [list(range(batch))[score_sample(batch, turn)] for turn in range(stride)]
         assert all(len(sample) >= 2 for sample in turns)
         assert sorted(sum(turns, [])) == list(range(batch))  # each element once in ``stride`` layer-steps
         assert list(range(batch))[score_sample(batch, stride + 1)] == turns[1]
-    for turn in range(POOL_SCORE_STRIDE):  # 8 prompts under CFG: a sampled prompt brings its other half
+    for turn in range(SCORE_STRIDE):  # 8 prompts under CFG: a sampled prompt brings its other half
         sample = set(list(range(16))[score_sample(16, turn)])
         assert {i + 8 for i in sample if i < 8} == {i for i in sample if i >= 8}
 
 
-def test_sampled_pool_errors_are_exact_where_errors_follow_the_variance():
+def test_sampled_errors_are_exact_where_errors_follow_the_variance():
     # Prompts whose outputs and errors differ only in scale: the ratio estimate from two of eight
     # elements is the batch's error, where scaling by their count would be off by the scales' spread.
     from ditfastattn._calibration_session import sampled_errors, score_sample
@@ -467,19 +467,28 @@ def test_sampled_pool_errors_are_exact_where_errors_follow_the_variance():
         assert not torch.allclose(by_count, whole, rtol=0.05)
 
 
-def test_the_search_runs_pool_candidates_on_part_of_the_batch_and_arrows_on_all(monkeypatch):
+def test_the_search_runs_attention_candidates_on_part_of_the_batch_and_sharing_on_all(monkeypatch):
     pipe = make_pipeline("sd3")
-    batches = {"pool": set(), "other": set()}
+    batches = set()
     real = ops.headwise_attention
 
     def spy(q, k, v, head_modes, **kwargs):
         if kwargs.get("global_rows") is False:  # a candidate scored (the runtime's rows write every row)
-            batches["pool" if all(is_pool_mode(int(m)) for m in head_modes) else "other"].add(q.shape[0])
+            batches.add(q.shape[0])
         return real(q, k, v, head_modes, **kwargs)
 
     monkeypatch.setattr(ops, "headwise_attention", spy)
     plan = ditfastattn.calibrate(pipe, prompts("sd3", 4),
                                  config("sd3", delta=0.5, candidates=("full", "cache", "arrow:0.25", "pool:2"),
                                         sensitivity=None), progress=False)
-    assert batches == {"pool": {2}, "other": {8}}  # 4 prompts under CFG: one prompt's pair a layer-step
-    assert "pool:2" in methods_of(plan)
+    assert batches == {2}  # 4 prompts under CFG: one prompt's pair a layer-step
+    assert "pool:2" in methods_of(plan) and "arrow:0.25" in methods_of(plan)
+
+    # Residual and CFG sharing read every element's residual or both CFG halves: the whole batch,
+    # for the plain arrow of the same window too (one attention serves all three).
+    batches.clear()
+    ditfastattn.calibrate(pipe, prompts("sd3", 4),
+                          config("sd3", delta=0.5, candidates=("full", "arrow:0.25", "arrow_residual:0.25",
+                                                                "cfg_share+arrow:0.25"),
+                                 sensitivity=None), progress=False)
+    assert batches == {8}

@@ -9,8 +9,8 @@ once (true CFG, skip-layer guidance), every call is scored: the decision, made a
 call, adds the errors each later call measured at the previous step, the latest it can know.
 Each call is scored on what the runtime runs in it: later calls compute ``cfg_share`` heads
 unshared, and a call without a head's previous output or residual computes that head exactly.
-Pooled-key candidates are scored on a quarter of the batch (:data:`POOL_SCORE_STRIDE`), the others
-on all of it.
+Candidates that run their own attention (arrows, tile windows, pooled keys) are scored on a quarter
+of the batch (:data:`SCORE_STRIDE`); caching, CFG sharing and residual sharing on all of it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
-from ._geometry import MODE_SKIP, TileGrid, is_pool_mode
+from ._geometry import MODE_SKIP, TileGrid
 from ._host_outputs import HostOutputs
 from .methods import Method, parse_method
 from .plan import Plan
@@ -36,11 +36,12 @@ from .search import choose
 
 logger = logging.getLogger("ditfastattn")
 
-# Pooled keys attend over every image query: pool:2 and pool:4 together cost about what all three
-# arrows do (FLUX: 0.37 against 0.31 of the exact attention), which took a pass from 1.15x to 1.30x
-# plain denoising. They are scored on every POOL_SCORE_STRIDE-th batch element (two at least),
-# rotating with the layer and step, and scaled to the whole batch (:func:`sampled_errors`).
-POOL_SCORE_STRIDE = 4
+# The candidates' own attention is most of what a pass costs beyond plain denoising (FLUX: the
+# three arrows 0.31 of the exact attention's FLOPs, pool:2 and pool:4 another 0.37). They are
+# scored on every SCORE_STRIDE-th batch element (two at least), rotating with the layer and step,
+# and scaled to the whole batch (:func:`sampled_errors`). CFG and residual sharing read both CFG
+# halves or every element's residual, and stay on the whole batch.
+SCORE_STRIDE = 4
 
 
 def stats_impl(impl: str) -> str:
@@ -73,11 +74,11 @@ def combine_scores(errors: torch.Tensor, variance: torch.Tensor, later=()) -> to
 
 
 def score_sample(batch: int, turn: int) -> slice | None:
-    """The batch elements a pool candidate is scored on at the ``turn``-th layer-step of a pass:
+    """The batch elements an attention candidate is scored on at the ``turn``-th layer-step of a pass:
     every ``stride``-th from ``turn % stride`` (None: all of them), a view of the batch. Where the
     stride divides half the batch (8 prompts under CFG), each sampled prompt comes with its other
     CFG half."""
-    stride = min(POOL_SCORE_STRIDE, batch // 2)
+    stride = min(SCORE_STRIDE, batch // 2)
     if stride < 2:
         return None
     return slice(turn % stride, batch, stride)
@@ -311,10 +312,13 @@ class _CalibrationSession(Session):
                 base, rows, sample = exact, None, None
             else:
                 modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
-                sample = score_sample(q.shape[0], self.step * len(self.layers) + layer.index) if is_pool_mode(mode) else None
-                # Pool heads take no key padding: the op's arguments hold for any part of the batch.
-                inputs = (q, k, v) if sample is None else (q[sample], k[sample], v[sample])
-                base = ops.headwise_attention(*inputs, modes, **layer.geometry.op, impl=self.impl, global_rows=False)
+                whole = any(self.candidates[i].reads_residual or self.candidates[i].shares_cfg for i in indices)
+                sample = None if whole else score_sample(q.shape[0], self.step * len(self.layers) + layer.index)
+                if sample is None:
+                    base = ops.headwise_attention(q, k, v, modes, **layer.geometry.op, impl=self.impl, global_rows=False)
+                else:
+                    base = ops.headwise_attention(q[sample], k[sample], v[sample], modes, **layer.geometry.rows(sample),
+                                                  impl=self.impl, global_rows=False)
                 rows = image_rows
             for index in indices:
                 method = self.candidates[index]
