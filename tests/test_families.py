@@ -382,6 +382,26 @@ def test_routed_full_heads_of_padded_calls_attend_under_the_mask(family, monkeyp
     ditfastattn.remove(pipe)
 
 
+def test_candidates_scored_on_part_of_a_padded_batch_take_its_rows_of_the_mask(monkeypatch):
+    """Z-Image pads the conditional captions (7 tokens to 32) and not the unconditional ones (40 to
+    64): a candidate scored on a sampled conditional prompt and its unconditional half takes those
+    two elements' mask rows, 32 padded keys and none."""
+    padded = []
+    real = ops.headwise_attention
+
+    def spy(q, k, v, head_modes, **kwargs):
+        if kwargs.get("global_rows") is False and kwargs.get("key_padding") is not None:
+            mask = kwargs["key_padding"].mask
+            padded.append((q.shape[0], mask.shape[0], mask.sum(dim=1).tolist()))
+        return real(q, k, v, head_modes, **kwargs)
+
+    monkeypatch.setattr(ops, "headwise_attention", spy)
+    pipe = MiniPipeline(FAMILIES["zimage"])
+    ditfastattn.calibrate(pipe, [prompt(seed=1), prompt(seed=2)], SearchConfig(num_inference_steps=STEPS, delta=2.0),
+                          progress=False)
+    assert padded and set(map(str, padded)) == {str((2, 2, [32, 0]))}
+
+
 def test_calibration_with_routed_padded_full_heads_replays_bit_for_bit(recorder, monkeypatch):
     """Calibration runs the routed full heads under the mask as the applied plan does."""
     calls = route_full_heads(monkeypatch)
