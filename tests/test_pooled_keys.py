@@ -25,7 +25,7 @@ import ditfastattn
 from ditfastattn import Plan, SearchConfig, ops
 from ditfastattn._geometry import (
     MAX_POOL_FACTOR, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT, TILE_FLAG, TileGrid, density, is_pool_mode, is_tile_mode,
-    kept_pairs, pool_factor, pool_mode, pooled_keys, tile_mode,
+    kept_pairs, pool_factor, pool_mode, pooled_keys, tile_mode, window_blocks,
 )
 from ditfastattn.methods import parse_method
 from ditfastattn.model import TokenLayout
@@ -492,3 +492,37 @@ def test_the_search_runs_attention_candidates_on_part_of_the_batch_and_sharing_o
                                                                 "cfg_share+arrow:0.25"),
                                  sensitivity=None), progress=False)
     assert batches == {8}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run on a GPU")
+@pytest.mark.parametrize("impl", ["triton", "gluon"])
+def test_candidates_on_a_strided_part_of_the_batch_match_a_copy(impl):
+    # The search scores candidates on every fourth batch element as a view (no copy): the kernel
+    # must give what it gives on a contiguous copy, arrows and pool heads, text first or last, and
+    # a key-padding mask sliced with the batch.
+    if impl == "gluon" and (ops.gluon_available() or torch.cuda.get_device_capability()[0] != 9):
+        pytest.skip("the Gluon kernel runs on Hopper")
+    check_strided_parts_match_copies(impl, "cuda", torch.bfloat16, dim=128)
+
+
+def check_strided_parts_match_copies(impl: str, device: str, dtype, dim: int) -> None:
+    grid, text = (1, 32, 32), 77
+    for before, after in ((text, 0), (0, text)):
+        layout = layout_of(grid, before, after)
+        q, k, v = (t.to(device, dtype) for t in inputs(layout, 4, batch=8, dim=dim))
+        image = slice(before, before + layout.image_len)
+        padding = None
+        if before:  # text first, its tail padded to a length of each element's own (Qwen-Image)
+            padding = torch.zeros(8, layout.seq_len, dtype=torch.bool, device=device)
+            for element in range(8):
+                padding[element, before - 3 * (element + 1): before] = True
+        for mode in (window_blocks(0.125, layout.image_len), window_blocks(0.03125, layout.image_len), pool_mode(2)):
+            mask = None if is_pool_mode(mode) else padding  # pool heads take no key padding
+            for part in (slice(0, 8, 4), slice(3, 8, 4)):
+                def run(tensors, key_mask):
+                    extra = {} if key_mask is None else {"key_padding": ops.Padding(key_mask)}
+                    return ops.headwise_attention(*tensors, ops.mode_tensor([mode] * 4, device), segments=layout,
+                                                  impl=impl, global_rows=False, **extra)
+                view = run((q[part], k[part], v[part]), None if mask is None else mask[part])
+                copy = run([t[part].contiguous() for t in (q, k, v)], None if mask is None else mask[part].contiguous())
+                assert torch.equal(view[:, image], copy[:, image])
