@@ -312,13 +312,12 @@ class _CalibrationSession(Session):
                 base, rows, sample = exact, None, None
             else:
                 modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
-                whole = any(self.candidates[i].reads_residual or self.candidates[i].shares_cfg for i in indices)
+                # What the others read (a residual, the other CFG half) is the whole batch's.
+                whole = any(self.candidates[i].reads_beyond_qkv for i in indices)
                 sample = None if whole else score_sample(q.shape[0], self.step * len(self.layers) + layer.index)
-                if sample is None:
-                    base = ops.headwise_attention(q, k, v, modes, **layer.geometry.op, impl=self.impl, global_rows=False)
-                else:
-                    base = ops.headwise_attention(q[sample], k[sample], v[sample], modes, **layer.geometry.rows(sample),
-                                                  impl=self.impl, global_rows=False)
+                part = slice(None) if sample is None else sample
+                base = ops.headwise_attention(q[part], k[part], v[part], modes, **layer.geometry.rows(part),
+                                              impl=self.impl, global_rows=False)
                 rows = image_rows
             for index in indices:
                 method = self.candidates[index]

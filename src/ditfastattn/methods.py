@@ -163,6 +163,11 @@ class Method:
         return self.spec.exact
 
     @property
+    def reads_beyond_qkv(self) -> bool:
+        """Whether it reads anything besides the call's q, k and v (:data:`KINDS`' ``reads``)."""
+        return self.spec.reads is not None
+
+    @property
     def reads_previous_output(self) -> bool:
         return self.spec.reads == PREVIOUS_OUTPUT
 
