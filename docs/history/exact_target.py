@@ -37,6 +37,9 @@ def main():
     p.add_argument("--candidates", default="AA+OC", choices=list(q.SETS), help="the candidate set (quality.py's SETS)")
     p.add_argument("--add", default="", help="semicolon-separated candidates added to the set, e.g. arrow:0.75")
     p.add_argument("--fit-prompts", default="2", help="SearchConfig.fit_prompts, or 'all'")
+    p.add_argument("--sensitivity-folder", type=Path, default=None,
+                   help="at a step count without the committed measurement: measure once for both granularities, "
+                        "kept in (and read from) this folder as quality.py --sensitivity does")
     add_run_arguments(p)
     args = p.parse_args()
     started = time.perf_counter()
@@ -45,6 +48,10 @@ def main():
     fit_prompts = None if args.fit_prompts == "all" else int(args.fit_prompts)
     base = recommended_search(args.kind, args.steps, args.target, cache=args.cache, candidates=candidates,
                               fit_prompts=fit_prompts)
+    if base.sensitivity == "measure" and args.sensitivity_folder is not None:
+        untargeted = dataclasses.replace(base, target_sparsity=None)  # the measuring pass runs no search after it
+        measured, _ = q.measured_sensitivity(pipe, args.kind, cal, untargeted, args.sensitivity_folder)
+        base = dataclasses.replace(base, sensitivity=measured)
     plans, seconds = {}, {}
     for gran in ("head", "layer"):
         t0 = time.perf_counter()
