@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from diffusers import (
@@ -14,6 +16,9 @@ from diffusers import (
 )
 
 from ditfastattn.runtime import LayerRuntime
+
+# As the session started, before any test module was imported (the kernel tests set it for their own tests only).
+TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 
 TEXT_LEN = 7
 POOLED = 16

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 import torch
 
@@ -262,6 +265,20 @@ def test_explicit_triton_never_falls_back_on_cpu(monkeypatch):
     q, k, v, modes = _args()
     with pytest.raises(RuntimeError, match="impl='triton' cannot run"):
         ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, impl="triton")
+
+
+def test_the_kernel_tests_interpreter_reaches_no_other_test():
+    # test_triton_kernel.py runs Triton's interpreter for its own tests. It used to set
+    # TRITON_INTERPRET when imported, so every test collected with it ran with the interpreter's
+    # kernels: on a GPU machine the suite's GPU tests did.
+    import conftest
+
+    from ditfastattn.ops import _triton
+
+    importlib.import_module("test_triton_kernel")  # collected already or not: importing it changes nothing here
+
+    assert os.environ.get("TRITON_INTERPRET") == conftest.TRITON_INTERPRET_AT_START
+    assert _triton._INTERPRET == (conftest.TRITON_INTERPRET_AT_START == "1")
 
 
 def test_auto_uses_the_reference_on_cpu():

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from test_tiles import layout_of
-from test_triton_kernel import _check, _inputs, _triton, interpreted_stdlib
+from test_triton_kernel import _check, _inputs, _triton, interpreted_kernels
 
 from ditfastattn import ops
 from ditfastattn._geometry import MODE_FULL, MODE_SKIP, tile_mode
@@ -21,11 +21,7 @@ from ditfastattn.model import TokenLayout
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreted():
-    # Set here as well as at test_triton_kernel's import: whichever module runs first restores the
-    # variable when it ends.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        interpreted_stdlib(patch)
+    with interpreted_kernels():
         yield
 
 

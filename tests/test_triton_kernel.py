@@ -9,17 +9,14 @@ vs the float32 reference, over the computed heads).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
-import os
 import random
+import sys
 
-# Before Triton reads it at import; restored after this module (Gluon's compiler reads it too).
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -29,10 +26,6 @@ from ditfastattn.model import TokenLayout  # noqa: E402
 from ditfastattn.ops import MODE_FULL, MODE_SKIP, headwise_attention  # noqa: E402
 from ditfastattn.ops import _pool_means, _triton  # noqa: E402
 from ditfastattn.ops._dense import dense_attention, patch_means  # noqa: E402
-
-if not _triton._INTERPRET:  # imported earlier in this session without the interpreter
-    _triton = importlib.reload(_triton)
-    _pool_means = importlib.reload(_pool_means)
 
 FIRST, LAST = "text_first", "text_last"
 
@@ -53,15 +46,38 @@ def interpreted_stdlib(patch: pytest.MonkeyPatch) -> None:
                 patch.setattr(module, name, twins.setdefault(id(member), InterpretedFunction(member.fn)))
 
 
+# The kernel modules in import order (_pool_means takes a helper of _triton's).
+KERNEL_MODULES = ("ditfastattn.ops._triton", "ditfastattn.ops._pool_means", "ditfastattn.ops._stats_triton")
+
+
+def _decorate_kernels() -> None:
+    """Run the kernel modules imported so far again: Triton decides at ``@triton.jit`` whether a
+    kernel is interpreted, from TRITON_INTERPRET as it is then."""
+    for name in KERNEL_MODULES:
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
+
+
+@contextlib.contextmanager
+def interpreted_kernels():
+    """Triton's interpreter for one module's tests, undone after: TRITON_INTERPRET=1, the kernels
+    decorated under it, and Triton's helpers interpreted. Set when this file was imported, the
+    variable reached every test collected with it, so that on a GPU machine the suite's GPU tests
+    ran with the interpreter's kernels."""
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TRITON_INTERPRET", "1")
+            _decorate_kernels()
+            interpreted_stdlib(patch)
+            yield
+    finally:
+        _decorate_kernels()
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _interpreted_triton_stdlib():
-    with pytest.MonkeyPatch.context() as patch:
-        interpreted_stdlib(patch)
+def _interpreted():
+    with interpreted_kernels():
         yield
-    if _INTERPRET_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
 
 
 def _inputs(batch, seq, heads, dim, dtype, gen, layout="bshd"):
