@@ -45,7 +45,7 @@ def sigmas_of(scheduler, steps: int) -> np.ndarray:
     return np.asarray(fine.sigmas[: steps + 1], dtype=np.float64)
 
 
-def carried(first, pipe, spec, steps: int):
+def carried(first, pipe, steps: int):
     """A stand-in for a first pass of ``steps`` steps, from ``first``'s coarse scores."""
     coarse = first.plan.num_steps
     sig_k, sig_n = sigmas_of(pipe.scheduler, coarse), sigmas_of(pipe.scheduler, steps)
@@ -87,7 +87,7 @@ def coarse_search(pipe, spec, call, config, weights, bars, seconds, weigh_steps=
                           weigh_steps=schedule_weigher(config.candidates, [], "schedule"))
     seconds["passes"].append(time.perf_counter() - started)
     return library_search(pipe, spec, call, config, weights, bars, seconds, weigh_steps,
-                          carried(session, pipe, spec, config.num_inference_steps), fit_call)
+                          carried(session, pipe, config.num_inference_steps), fit_call)
 
 
 def main():
