@@ -281,6 +281,24 @@ def test_the_kernel_tests_interpreter_reaches_no_other_test():
     assert _triton._INTERPRET == (conftest.TRITON_INTERPRET_AT_START == "1")
 
 
+def test_the_kernel_tests_interpreter_leaves_triton_language_as_it_was():
+    # An interpreted device-function call (tl.cdiv, tl.sum) left tl.core's builtins patched, so
+    # the Gluon builds that ran after the statistics kernels' tests in one process failed to compile.
+    pytest.importorskip("triton")
+    kernel_tests = importlib.import_module("test_triton_kernel")
+
+    def changed(state):
+        return {(owner.__name__, name) for owner, attributes in state for name in
+                set(vars(owner)) ^ set(attributes) | {n for n, v in attributes.items() if vars(owner).get(n) is not v}}
+
+    before = kernel_tests.language_state()
+    with kernel_tests.interpreted_kernels():
+        a = torch.randn(1, 40, 2, 16).to(torch.bfloat16)
+        ops.head_squared_errors(a, a + 1, impl="triton")
+        assert ("triton.language.core", "add") in changed(before)  # the interpreter's, left after the call
+    assert changed(before) == set()
+
+
 def test_auto_uses_the_reference_on_cpu():
     q, k, v, modes = _args()
     auto = ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4)

@@ -58,12 +58,37 @@ def _decorate_kernels() -> None:
             importlib.reload(sys.modules[name])
 
 
+def _language_owners() -> tuple:
+    """What Triton's interpreter patches while it runs a kernel (triton/runtime/interpreter.py
+    ``_patch_lang``): the language modules, the tensor and dtype classes, the descriptor base."""
+    import triton.language as tl
+
+    return tl, tl.core, tl.math, tl.core.tensor, tl.core.dtype, tl.core.tensor_descriptor_base
+
+
+def language_state() -> list[tuple[object, dict]]:
+    return [(owner, dict(vars(owner))) for owner in _language_owners()]
+
+
+def restore_language(state: list[tuple[object, dict]]) -> None:
+    """Triton 3.6's interpreter undoes its patches after a kernel but never after a device-function
+    call (an interpreted tl.cdiv or tl.sum), so tl.core's builtins (add, mul, load...) stayed the
+    interpreter's and every kernel compiled later in the process failed (Gluon's builds among them)."""
+    for owner, attributes in state:
+        for name in set(vars(owner)) - set(attributes):
+            delattr(owner, name)
+        for name, value in attributes.items():
+            if vars(owner).get(name) is not value:
+                setattr(owner, name, value)
+
+
 @contextlib.contextmanager
 def interpreted_kernels():
     """Triton's interpreter for one module's tests, undone after: TRITON_INTERPRET=1, the kernels
-    decorated under it, and Triton's helpers interpreted. Set when this file was imported, the
-    variable reached every test collected with it, so that on a GPU machine the suite's GPU tests
-    ran with the interpreter's kernels."""
+    decorated under it, Triton's helpers interpreted, and the language as it was. Set when this
+    file was imported, the variable reached every test collected with it, so that on a GPU machine
+    the suite's GPU tests ran with the interpreter's kernels."""
+    language = language_state()
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("TRITON_INTERPRET", "1")
@@ -71,6 +96,7 @@ def interpreted_kernels():
             interpreted_stdlib(patch)
             yield
     finally:
+        restore_language(language)
         _decorate_kernels()
 
 
