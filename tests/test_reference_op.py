@@ -288,8 +288,7 @@ def test_the_kernel_tests_interpreter_leaves_triton_language_as_it_was():
     kernel_tests = importlib.import_module("test_triton_kernel")
 
     def changed(state):
-        return {(owner.__name__, name) for owner, attributes in state for name in
-                set(vars(owner)) ^ set(attributes) | {n for n, v in attributes.items() if vars(owner).get(n) is not v}}
+        return {(owner.__name__, name) for owner, name in kernel_tests.language_changes(state)}
 
     before = kernel_tests.language_state()
     with kernel_tests.interpreted_kernels():

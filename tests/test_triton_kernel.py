@@ -70,16 +70,23 @@ def language_state() -> list[tuple[object, dict]]:
     return [(owner, dict(vars(owner))) for owner in _language_owners()]
 
 
+def language_changes(state: list[tuple[object, dict]]) -> set[tuple[object, str]]:
+    """(owner, name) of every attribute added, removed or replaced since ``state``."""
+    missing = object()
+    return {(owner, name) for owner, attributes in state for name in set(vars(owner)) | set(attributes)
+            if vars(owner).get(name, missing) is not attributes.get(name, missing)}
+
+
 def restore_language(state: list[tuple[object, dict]]) -> None:
     """Triton 3.6's interpreter undoes its patches after a kernel but never after a device-function
     call (an interpreted tl.cdiv or tl.sum), so tl.core's builtins (add, mul, load...) stayed the
     interpreter's and every kernel compiled later in the process failed (Gluon's builds among them)."""
-    for owner, attributes in state:
-        for name in set(vars(owner)) - set(attributes):
+    before = {id(owner): attributes for owner, attributes in state}
+    for owner, name in language_changes(state):
+        if name in before[id(owner)]:
+            setattr(owner, name, before[id(owner)][name])
+        else:
             delattr(owner, name)
-        for name, value in attributes.items():
-            if vars(owner).get(name) is not value:
-                setattr(owner, name, value)
 
 
 @contextlib.contextmanager
