@@ -391,6 +391,62 @@ def test_static_mode_refuses_a_schedule_that_starts_past_step_0():
     ditfastattn.remove(pipe)
 
 
+def bf16_flux_with_rounded_timesteps(steps: int):
+    """The tiny FLUX pipeline in bfloat16 with FLUX.1-dev's schedule at 2048² (its dynamic shift
+    there is about 25): the pipeline casts each timestep to bfloat16, where neighbouring ones near
+    1000 round to one value."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = flux_pipeline().to(torch.bfloat16)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=25.0)
+    pipe.scheduler.set_timesteps(steps)
+    passed = (pipe.scheduler.timesteps.to(torch.bfloat16) / 1000).tolist()
+    assert sum(a == b for a, b in zip(passed, passed[1:])) >= 5  # the schedule this test is about
+    return pipe
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("true_cfg", [False, True])
+def test_steps_whose_bf16_timesteps_round_alike_each_run_their_own_row(static, true_cfg):
+    # Counted by timestep changes alone, a step whose timestep rounded to the last one's ran as that
+    # step's second call: its cache heads read outputs two steps old, and the last rows never ran.
+    steps = 28
+    pipe = bf16_flux_with_rounded_timesteps(steps)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, steps, "cache"), static=static,
+                      num_image_tokens=1024 if static else None)
+    session = pipe.transformer._ditfastattn_session
+    seen = []
+
+    def count(module, args, output):
+        if static:
+            seen.append((int(session.step_tensor()), int(session.call_tensor())))
+        else:
+            seen.append((session.step, session.call))
+
+    handle = pipe.transformer.register_forward_hook(count)
+    inputs = {key: value.to(torch.bfloat16) for key, value in embeds().items()}
+    if true_cfg:
+        inputs.update({key: value.to(torch.bfloat16) for key, value in negative_embeds().items()}, true_cfg_scale=2.0)
+    run_pipeline(pipe, steps, **inputs)
+    handle.remove()
+    calls = 2 if true_cfg else 1
+    assert seen == [(step, call) for step in range(steps) for call in range(calls)]
+    ditfastattn.remove(pipe)
+    assert "step" not in vars(pipe.scheduler)
+
+
+def test_the_transformer_alone_says_once_that_it_cannot_tell_rounded_steps_apart(caplog):
+    steps = 28
+    pipe = bf16_flux_with_rounded_timesteps(steps)
+    ditfastattn.apply(pipe.transformer, Plan.uniform(pipe.transformer, steps, "full"))
+    inputs = {key: value.to(torch.bfloat16) for key, value in embeds().items()}
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        run_pipeline(pipe, steps, **inputs)
+    said = [r for r in caplog.records if "same torch.bfloat16 timestep twice in a row" in r.getMessage()]
+    assert len(said) == 1 and "apply the plan to the pipeline" in said[0].getMessage()
+    ditfastattn.remove(pipe.transformer)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host waits exist on a GPU only")
 def test_a_rows_first_compile_does_not_wait_for_the_gpu():
     # A plan's row is compiled at its layer's first call, mid-step: its masks and head indices (residual

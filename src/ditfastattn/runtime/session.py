@@ -20,7 +20,7 @@ from .caches import layer_skipping_cache, named
 from .layer_skip import attention_scores_skipped
 from .routing import attend_dense
 from .rows import _compile_rows, _Row, cache_heads
-from .steps import SchedulerHook, steps_of, too_many_steps, warn_short_generation
+from .steps import SchedulerHook, steps_of, too_many_steps, warn_short_generation, warn_unhooked_tie
 
 logger = logging.getLogger("ditfastattn.runtime")
 
@@ -256,6 +256,9 @@ class Session:
         self.image_segment: tuple[int, int] | str = "no transformer call has started"
         self.call_cache: dict = {}
         self._last_timestep: float | None = None
+        # Denoising steps the hooked scheduler took, and how many of them the last transformer call had seen.
+        self._scheduler_steps = self._steps_seen = 0
+        self._tie_said = False
         self._new_generation = True
         self._running = False  # a generation has started (and may have stopped short of the plan's steps)
         self._counted = False  # the scheduler's step count was checked for the next generation
@@ -434,10 +437,15 @@ class Session:
             raise ValueError("ditfastattn tracks denoising steps from the transformer's `timestep` argument; none was passed")
         self._call_layout(arguments)
         self.follow_scheduler()
-        # One host read per transformer call: the step index comes from the timestep sequence.
+        # One host read per transformer call: the step index comes from the timestep sequence (and the
+        # scheduler's steps, where it is hooked).
         value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         last = self._last_timestep
         starting = self._new_generation or last is None or value > last
+        # A step the scheduler took since the last call: the next step even where the timestep did not
+        # change (bfloat16 rounds neighbouring timesteps near 1000 to one value).
+        stepped = self._scheduler_steps != self._steps_seen
+        self._steps_seen = self._scheduler_steps
         if starting:
             self._start_generation()
             self.check_experts()
@@ -445,7 +453,8 @@ class Session:
             if module is not self.experts[0]:  # the second expert from the first step on
                 self.switch_steps.append(self.step)
             self._check_inputs(arguments.get("hidden_states"))
-        elif value == last:
+        elif value == last and not stepped:
+            self._say_unhooked_tie(timestep)
             self.call += 1
             self.calls_per_step = max(self.calls_per_step, self.call + 1)
         else:
@@ -641,6 +650,18 @@ class Session:
         self.plan.check_compatible(self.plan.model, num_steps)
         self._new_generation = True
         self._counted = True
+
+    def _say_unhooked_tie(self, timestep) -> None:
+        """Once: a low-precision timestep seen twice in a row with no scheduler to tell a step's second
+        call from the next step (a plan applied to the transformer alone)."""
+        low = torch.is_tensor(timestep) and timestep.dtype in (torch.float16, torch.bfloat16)
+        if self.scheduler_hook is None and low and not self._tie_said:
+            self._tie_said = True
+            warn_unhooked_tie(timestep.dtype)
+
+    def scheduler_stepped(self) -> None:
+        """The hooked scheduler finished a denoising step."""
+        self._scheduler_steps += 1
 
     def follow_scheduler(self, check: bool = True) -> None:
         """Hook ``pipe.scheduler``'s ``set_timesteps``, whichever scheduler the pipeline holds now.

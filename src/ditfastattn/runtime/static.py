@@ -26,6 +26,8 @@ _LAST_TIMESTEP = "_ditfastattn_last_timestep"
 _FAULTS = "_ditfastattn_faults"
 _CALL = "_ditfastattn_call"  # the call slot within the step (CFG's second call: 1)
 _SLOT_STEP = "_ditfastattn_slot_step"  # per call slot, the step it last ran at
+_TICKS = "_ditfastattn_scheduler_steps"  # the denoising steps the hooked scheduler took
+_TICKS_SEEN = "_ditfastattn_scheduler_steps_seen"  # ... as of the last transformer call
 _FRESH = "_ditfastattn_fresh"  # whether this call's slot ran at the previous step (its outputs may be read)
 _SLOT_SIZE = "_ditfastattn_slot_size"  # per call slot, its input's size this generation
 # Bits of the faults a compiled call records on the device for the host to report later.
@@ -354,6 +356,8 @@ class StaticSession(Session):
                 _LAST_TIMESTEP: torch.full((1,), float("-inf"), device=device),
                 _FAULTS: torch.zeros(1, dtype=torch.int32, device=device),
                 _CALL: torch.zeros(1, dtype=torch.long, device=device),
+                _TICKS: torch.zeros(1, dtype=torch.long, device=device),
+                _TICKS_SEEN: torch.zeros(1, dtype=torch.long, device=device),
                 _FRESH: torch.ones(1, dtype=torch.bool, device=device),
                 _SLOT_STEP: torch.full((1, 1), _NEVER, device=device),  # [expert, call slot]
                 _SLOT_SIZE: torch.full((1, 1), _NEVER, dtype=torch.long, device=device),  # [expert, call slot]
@@ -435,14 +439,20 @@ class StaticSession(Session):
         step, last, faults, call = buffers[_STEP], buffers[_LAST_TIMESTEP], buffers[_FAULTS], buffers[_CALL]
         value = timestep.flatten()[:1].to(last.dtype)
         final = self.plan.num_steps - 1
-        next_call = torch.where(value == last, call + 1, 0)
+        # A step the scheduler took since the last call: the next step even where the timestep did not
+        # change (bfloat16 rounds neighbouring timesteps near 1000 to one value).
+        ticks, seen = buffers[_TICKS], buffers[_TICKS_SEEN]
+        same_step = (value == last) & (ticks == seen)
+        seen.copy_(ticks)
+        next_call = torch.where(same_step, call + 1, 0)
         starting = value > last
+        reached = step + ((value <= last) & ~same_step).long()  # the step this call is at, unless starting
         if compiled:
             # No host read here: record what the host cannot see now, reported at the next eager
             # call or the next generation (scheduler.set_timesteps).
             found = (
                 torch.where(next_call >= self.calls_per_step, _EXTRA_CALL, 0)
-                | torch.where((value < last) & (step >= final), _EXTRA_STEP, 0)
+                | torch.where(~starting & (reached > final), _EXTRA_STEP, 0)
                 | torch.where((value > last) & (last > float("-inf")) & (step < final), _SHORT_GENERATION, 0)
             )
             faults.copy_(faults | found)
@@ -452,7 +462,8 @@ class StaticSession(Session):
             self.check_processors()
             self._require_grid()
             self.follow_scheduler()
-            value_, last_, step_, call_ = torch.cat([value, last, step.to(last.dtype), next_call.to(last.dtype)]).tolist()
+            value_, last_, reached_, call_ = torch.cat([value, last, reached.to(last.dtype),
+                                                        next_call.to(last.dtype)]).tolist()
             if value_ > last_:
                 first = self._first_step()
                 if first:
@@ -463,11 +474,12 @@ class StaticSession(Session):
                     )
                 self.check_experts()
                 refuse_static_caches(self.experts, self.pipe)
-            self._check_call(value_, last_, step_)
+            self._check_call(value_, last_, reached_)
+            if call_ > 0:
+                self._say_unhooked_tie(timestep)
             if call_ >= self.calls_per_step:
                 self._add_call_slots(int(call_) + 1)
-        advanced = torch.where(value < last, step + 1, step).clamp(max=final)
-        step.copy_(torch.where(starting, torch.zeros_like(step), advanced))
+        step.copy_(torch.where(starting, torch.zeros_like(step), reached.clamp(max=final)))
         last.copy_(value)
         # The call's slot, and whether it ran at the previous step of this generation (an extra call
         # under compile shares the last slot, recorded above as a fault).
@@ -525,14 +537,15 @@ class StaticSession(Session):
             f"candidates that have no {prefixes}) for this model"
         )
 
-    def _check_call(self, value: float, last: float, step: float) -> None:
-        """The checks of an eager call, on host copies of the timestep and the device counters."""
+    def _check_call(self, value: float, last: float, reached: float) -> None:
+        """The checks of an eager call, on host copies of the timestep and the device counters
+        (``reached``: the step this call is at, were it not a generation's first)."""
         self.report_faults()
         final = self.plan.num_steps - 1
-        if value < last and step >= final:
+        if value <= last and reached > final:
             raise too_many_steps(self.plan.num_steps, "the pipeline")
-        if value > last and last > float("-inf") and step < final:
-            warn_short_generation(int(step) + 1, self.plan.num_steps)
+        if value > last and last > float("-inf") and reached < final:
+            warn_short_generation(int(reached) + 1, self.plan.num_steps)
 
     def report_faults(self) -> None:
         """Raise (or warn) for what compiled or graph-replayed calls recorded since the last report."""
@@ -567,6 +580,9 @@ class StaticSession(Session):
         self._follow_moves(self.experts[0])
         self.report_faults()
         self._counters[_LAST_TIMESTEP].fill_(float("-inf"))
+
+    def scheduler_stepped(self) -> None:
+        self._counter(_TICKS).add_(1)  # on the device: compiled calls read it there
 
     def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
         for layer in self.layers:

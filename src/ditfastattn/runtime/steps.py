@@ -29,6 +29,16 @@ def warn_short_generation(ran: int, planned: int) -> None:
     )
 
 
+def warn_unhooked_tie(dtype: torch.dtype) -> None:
+    logger.warning(
+        "the transformer got the same %s timestep twice in a row; with no scheduler to follow (the plan was applied "
+        "to the transformer alone) that counts as a second call of one step (classifier-free guidance as a second "
+        "call), but in %s two neighbouring steps can round to one timestep, which would then run the wrong plan "
+        "rows: apply the plan to the pipeline (ditfastattn.apply(pipe, plan)), whose scheduler tells the steps apart",
+        dtype, dtype,
+    )
+
+
 def steps_of(scheduler) -> int:
     """The denoising steps of ``scheduler``'s timesteps: one per timestep, which tells them apart."""
     timesteps = scheduler.timesteps
@@ -43,38 +53,48 @@ def steps_of(scheduler) -> int:
 
 
 class SchedulerHook:
-    """Tells the session the step count at every ``set_timesteps`` of one scheduler instance.
+    """Tells the session the step count at every ``set_timesteps`` of one scheduler instance, and
+    each ``step`` it takes (a denoising step done: the timesteps the pipeline passes the transformer
+    in bfloat16 can round two steps to one value).
 
-    Wraps whatever ``set_timesteps`` the instance has (a user's own instance-level patch
-    included) and puts exactly that back on :meth:`undo`.
+    Wraps whatever ``set_timesteps`` and ``step`` the instance has (a user's own instance-level
+    patches included) and puts exactly those back on :meth:`undo`.
     """
 
     _ABSENT = object()
 
     def __init__(self, scheduler, session):
         self.scheduler = scheduler
-        self.before = vars(scheduler).get("set_timesteps", self._ABSENT)
-        original = scheduler.set_timesteps
+        self.active = True
+        self.before: dict[str, object] = {}
+        self.wrappers: dict[str, object] = {}
+        self._wrap("set_timesteps", lambda: session.scheduler_set(steps_of(scheduler)))
+        if callable(getattr(scheduler, "step", None)):
+            self._wrap("step", session.scheduler_stepped)
+        self.wrappers["set_timesteps"].ditfastattn_session = session  # remove(pipe) finds it after pipe.transformer was replaced
+
+    def _wrap(self, name: str, after) -> None:
+        self.before[name] = vars(self.scheduler).get(name, self._ABSENT)
+        original = getattr(self.scheduler, name)
         hook = self
 
         # functools.wraps keeps the signature, which pipelines inspect (retrieve_timesteps).
         @functools.wraps(original)
-        def set_timesteps(*args, **kwargs):
+        def wrapper(*args, **kwargs):
             result = original(*args, **kwargs)
             if hook.active:  # a patch wrapped around this one may outlive remove()
-                session.scheduler_set(steps_of(scheduler))
+                after()
             return result
 
-        self.active = True
-        set_timesteps.ditfastattn_session = session  # remove(pipe) finds it after pipe.transformer was replaced
-        self.wrapper = set_timesteps
-        scheduler.set_timesteps = set_timesteps
+        self.wrappers[name] = wrapper
+        setattr(self.scheduler, name, wrapper)
 
     def undo(self) -> None:
         self.active = False
-        if vars(self.scheduler).get("set_timesteps") is not self.wrapper:
-            return  # patched again since apply: that patch stays (it calls this one, now inactive)
-        if self.before is self._ABSENT:
-            del self.scheduler.set_timesteps
-        else:
-            self.scheduler.set_timesteps = self.before
+        for name, wrapper in self.wrappers.items():
+            if vars(self.scheduler).get(name) is not wrapper:
+                continue  # patched again since apply: that patch stays (it calls this one, now inactive)
+            if self.before[name] is self._ABSENT:
+                delattr(self.scheduler, name)
+            else:
+                setattr(self.scheduler, name, self.before[name])
