@@ -176,6 +176,49 @@ def test_diffusers_caches_run_under_a_plan_and_remove_restores(name):
     assert torch.equal(run_pipeline(pipe, steps=steps), stock)
 
 
+def test_an_output_returned_at_one_step_is_never_written_again():
+    # The runtime returned the buffer it keeps for the next step's cache heads and wrote the next
+    # computing step into it in place: whatever kept an attention module's output across steps (a
+    # cache such as TaylorSeer, a user's hook) then held the new step's values.
+    steps = 6
+    pipe = flux_pipeline()
+    ditfastattn.apply(pipe, compressed_over(pipe.transformer, steps))
+    kept = []
+
+    def keep(module, args, output):
+        output = output[0] if isinstance(output, tuple) else output
+        kept.append((output, output.clone()))
+
+    hooks = [module.register_forward_hook(keep) for name, module in pipe.transformer.named_modules()
+             if name.endswith(".attn")]
+    run_pipeline(pipe, steps=steps)
+    for hook in hooks:
+        hook.remove()
+    assert len(kept) == steps * 3
+    assert all(torch.equal(output, copy) for output, copy in kept)
+    ditfastattn.remove(pipe)
+
+
+def test_taylorseer_under_a_plan_reads_each_steps_own_outputs(monkeypatch):
+    steps = 8
+    # Factors in the model's dtype: TaylorSeer then keeps the module's output itself, not a cast copy.
+    config = {"cache_interval": 3, "disable_cache_before_step": 2, "taylor_factors_dtype": torch.float32}
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    from ditfastattn.runtime import LayerRuntime
+
+    def generate():
+        pipe = flux_pipeline()
+        pipe.transformer.enable_cache(TaylorSeerCacheConfig(**config))
+        ditfastattn.apply(pipe, compressed_over(pipe.transformer, steps))
+        return run_pipeline(pipe, steps=steps)
+
+    shipped = generate()
+    attend = LayerRuntime.attend
+    monkeypatch.setattr(LayerRuntime, "attend", lambda self, *args, **kwargs: attend(self, *args, **kwargs).clone())
+    assert torch.equal(shipped, generate())  # copying every output changes nothing
+
+
 def compressed_over(transformer, steps: int) -> Plan:
     """Heads that read the past (a cache, a residual) beside full ones, at every step after the first."""
     model = Plan.uniform(transformer, steps, "full").model

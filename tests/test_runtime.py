@@ -447,6 +447,25 @@ def test_the_transformer_alone_says_once_that_it_cannot_tell_rounded_steps_apart
     ditfastattn.remove(pipe.transformer)
 
 
+def test_a_pipeline_with_a_scheduler_of_its_own_is_said_once(caplog):
+    # A sibling made by from_pipe with a new scheduler shares the transformer, not the scheduler the
+    # plan follows: its strength and rounded timesteps would run the wrong rows, silently.
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
+
+    pipe = flux_pipeline()
+    sibling = FluxImg2ImgPipeline.from_pipe(pipe, scheduler=FlowMatchEulerDiscreteScheduler())
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "cache"))
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        run_pipeline(pipe, STEPS)
+        assert not [r for r in caplog.records if r.name.startswith("ditfastattn")]
+        for _ in range(2):
+            sibling(image=torch.rand(1, 3, 64, 64), strength=1.0, num_inference_steps=STEPS, height=64, width=64,
+                    output_type="latent", **embeds(1))
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("ditfastattn")]
+    assert len(said) == 1 and "FlowMatchEulerDiscreteScheduler, the scheduler ditfastattn follows, took no step" in said[0]
+    ditfastattn.remove(pipe)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host waits exist on a GPU only")
 def test_a_rows_first_compile_does_not_wait_for_the_gpu():
     # A plan's row is compiled at its layer's first call, mid-step: its masks and head indices (residual

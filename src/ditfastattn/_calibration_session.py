@@ -241,12 +241,6 @@ class _CalibrationSession(Session):
         row = self.compiled[compiled_key]
         if row.residual_add is not None:
             self._load_residuals(layer, methods, image_tokens)
-        stock = self._stock
-        if row.all_full and stock is not None and (stock.shape, stock.dtype, stock.device) == (q.shape, q.dtype, q.device):
-            # The exact output scored just now becomes the slot's buffer: the runtime's copy of it into
-            # the buffer (kept for the next step's cache candidate) is then a copy onto itself, which
-            # torch skips. Its next write into the buffer comes after every reader of this step's.
-            layer.slots.setdefault(self.call, _Buffers()).out = stock
         return row
 
     def _refuse_tiles(self, layer: LayerRuntime) -> None:

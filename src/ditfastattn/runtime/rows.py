@@ -37,6 +37,7 @@ class _Row:
     device: torch.device
     route_full: bool
     cache_heads: tuple[int, ...]  # heads that read the call slot's previous-step output
+    cache_index: slice | torch.Tensor | None  # the same heads, for _heads_index's slices or gathers
     captured_heads: tuple[int, ...]  # heads whose residual is captured now
     # (head, step) of every arrow_residual head and the step whose residual it adds; None when the
     # caller manages residuals itself (calibration).
@@ -105,6 +106,7 @@ def compile_row(
         device=device,
         route_full=route_full,
         cache_heads=tuple(h for h, m in enumerate(methods) if m.reads_previous_output),
+        cache_index=_heads_index([m.reads_previous_output for m in methods], device),
         captured_heads=tuple(h for h, c in enumerate(captured) if c),
         residual_from=None if residual_from is None else tuple(residual_from),
     )

@@ -71,12 +71,6 @@ class LayerRuntime:
             )
         return self._rows[key][self.session.step]
 
-    def _buffers(self, q: torch.Tensor) -> _Buffers:
-        slot = self.slots.setdefault(self.session.call, _Buffers())
-        if slot.out is None or not _fits(slot.out, q):  # a new shape: _runnable dropped what it held
-            slot.out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        return slot
-
     def attend(self, q, k, v, *, text_start: int | None = None, text_len: int | None = None, dense,
                dense_only: str | bool = False, layout: TokenLayout | None = None, key_padding=None) -> torch.Tensor:
         """Attention of one layer call under the plan; q, k, v are (B, S, H, D) views.
@@ -102,14 +96,15 @@ class LayerRuntime:
                 f"{self.name}: {what} runs only the stock attention, but the plan compresses this layer at step "
                 f"{session.step}; apply a plan that keeps this layer full, or call the model without it"
             )
-        slot = self._buffers(q)
-        out = slot.out
+        slot = self.slots.setdefault(session.call, _Buffers())
         if row.all_full:
-            result = session.dense(self, dense)
-            if row.keep:
-                out.copy_(result)
+            out = result = session.dense(self, dense)
         else:
-            result = out
+            # A new buffer at every call: an output returned once is never written again (caches and
+            # hooks keep module outputs across steps: TaylorSeer's differences of two steps' outputs).
+            out = result = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            if row.cache_index is not None:  # the op leaves their rows as they are: the previous step's
+                _copy_heads(out, slot.out, row.cache_index)
             self._compute(q, k, v, row, out, geometry)
             if row.residual_index is not None:
                 _add_heads(out, slot.residual, row.residual_index)
@@ -121,10 +116,9 @@ class LayerRuntime:
                 slot.residual = torch.empty_like(out)
             _store_difference(slot.residual, result, arrow, row.capture_index)
             slot.captured.update(dict.fromkeys(row.captured_heads, session.step))
+        slot.out = out if row.keep else None  # else the caller's reference keeps it alive as long as it is used
         slot.step = session.step
         session.after(self, q, k, v, result, geometry.text_start, geometry.text_len)
-        if not row.keep:
-            slot.out = None  # the caller's reference keeps it alive just as long as it is used
         return result
 
     def _runnable(self, row: _Row, q: torch.Tensor) -> _Row:
@@ -179,6 +173,14 @@ class LayerRuntime:
             self.slots.clear()
         else:
             self.slots.pop(call, None)
+
+
+def _copy_heads(out: torch.Tensor, source: torch.Tensor, heads: slice | torch.Tensor) -> None:
+    """``out = source`` on ``heads`` (dim 2) only."""
+    if isinstance(heads, slice):
+        out[:, :, heads].copy_(source[:, :, heads])
+    else:
+        out.index_copy_(2, heads, source.index_select(2, heads))
 
 
 def _add_heads(out: torch.Tensor, residual: torch.Tensor, heads: slice | torch.Tensor) -> None:
@@ -258,7 +260,7 @@ class Session:
         self._last_timestep: float | None = None
         # Denoising steps the hooked scheduler took, and how many of them the last transformer call had seen.
         self._scheduler_steps = self._steps_seen = 0
-        self._tie_said = False
+        self._tie_said = self._unfollowed_said = False
         self._new_generation = True
         self._running = False  # a generation has started (and may have stopped short of the plan's steps)
         self._counted = False  # the scheduler's step count was checked for the next generation
@@ -458,6 +460,8 @@ class Session:
             self.call += 1
             self.calls_per_step = max(self.calls_per_step, self.call + 1)
         else:
+            if not stepped:
+                self._say_unfollowed_step()
             calls = self.call + 1  # call slots of the step just done
             self.step += 1
             self.call = 0
@@ -658,6 +662,19 @@ class Session:
         if self.scheduler_hook is None and low and not self._tie_said:
             self._tie_said = True
             warn_unhooked_tie(timestep.dtype)
+
+    def _say_unfollowed_step(self) -> None:
+        """Once: the timestep moved on though the scheduler followed took no step."""
+        if self.scheduler_hook is None or self._unfollowed_said:
+            return
+        self._unfollowed_said = True
+        logger.warning(
+            "the transformer's timestep moved on to the next denoising step, but %s, the scheduler ditfastattn "
+            "follows, took no step: the pipeline generating has a scheduler of its own (made with from_pipe(..., "
+            "scheduler=...)?), so a strength below 1 or bfloat16 timesteps that round alike would run the wrong plan "
+            "rows; call ditfastattn.remove() and apply the plan to the pipeline that generates",
+            type(self.scheduler_hook.scheduler).__name__,
+        )
 
     def scheduler_stepped(self) -> None:
         """The hooked scheduler finished a denoising step."""
