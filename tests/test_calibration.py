@@ -623,11 +623,43 @@ def test_a_target_out_of_reach_is_refused_with_the_most_reachable():
         ({"sensitivity": "measure", "num_inference_steps": 1}, "sensitivity='measure' needs num_inference_steps >= 2"),
         ({"sensitivity": "schedule", "num_inference_steps": 1}, "sensitivity='schedule' needs num_inference_steps >= 2"),
         ({"sensitivity": "measure", "candidates": ("full",)}, "probes need a candidate besides 'full'"),
+        ({"sensitivity": {"layers": [1.0, 2.0]}}, "its 'layers' must map layer names to weights"),
+        ({"sensitivity": {"steps": {"cache": 1.0}}}, r"steps\['cache'\] must be a list of weights"),
+        ({"sensitivity": {"steps": {"cache": [1.0] * 4}}, "num_inference_steps": 3},
+         "cache weights for 4 steps but the search runs 3; measure it for 3 steps"),
+        ({"seed": 2**64}, "seed must be below 2\\*\\*63"),
+        ({"costs": {"full": 1.0, "arrow:0.125": 2.0, "arrow:.125": 3.0}}, "costs give 'arrow:0.125' twice"),
     ],
 )
 def test_bad_targets_and_sensitivity(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SearchConfig(**kwargs)
+
+
+def test_costs_are_read_whatever_the_spelling_of_their_methods():
+    # A cost under another spelling of a candidate's name was accepted and never looked up.
+    assert SearchConfig(costs={" full ": 1.0, "arrow:.125": 5.0}).costs == {"full": 1.0, "arrow:0.125": 5.0}
+    pipe = make_pipeline("flux")
+    search = dict(delta=0.5, candidates=("full", "cache", "arrow:0.125"), height=64, width=64)
+    dear = ditfastattn.calibrate(pipe, prompts("flux"), config("flux", costs={"full": 1.0, "arrow:.125": 5.0}, **search),
+                                 progress=False)
+    assert dear.summary()["method_counts"].get("arrow:0.125", 0) == 0  # costlier than full: never worth it
+    cheap = ditfastattn.calibrate(pipe, prompts("flux"), config("flux", **search), progress=False)
+    assert cheap.summary()["method_counts"].get("arrow:0.125", 0) > 0
+
+
+def test_cache_auto_keeps_caching_per_head_where_whole_steps_cannot_reach_the_target(caplog):
+    # In 3 steps caching whole steps caches step 1 or 2 at most; caching per head reaches 0.6. The
+    # per-step search raised "out of reach" after three passes and the per-head plan was lost.
+    pipe = make_pipeline("flux")
+    search = config("flux", target_sparsity=0.6, num_inference_steps=3)
+    with caplog.at_level(logging.INFO, logger="ditfastattn"):
+        plan = ditfastattn.calibrate(pipe, prompts("flux"), search, progress=False)
+    assert abs(plan.summary()["sparsity"] - 0.6) <= 0.02
+    assert plan.provenance["search"]["cache"] == "head" and "cache_final_rse" not in plan.provenance["search"]
+    assert any("caches per head only: caching whole steps removes at most" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="out of reach.*narrower windows; or cache='head'"):
+        ditfastattn.calibrate(pipe, prompts("flux"), dataclasses.replace(search, cache="step"), progress=False)
 
 
 def test_a_heavier_layer_weight_keeps_that_layer_more_exact():

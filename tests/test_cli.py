@@ -172,7 +172,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         ([*cal, "--budget", "generation", "--head-coefficient", "1.5"], "set head_coefficient=None"),
         ([*cal, "--cache", "step", "--target-sparsity", "0.5", "--budget", "layer"], "cache='step' searches the windows of the other steps under one exchange rate: set budget='generation'"),
         ([*cal, "--delta", "nan"], "--delta: 'nan' is not a finite number"),
-        ([*ev, "--sensitivity", str(tmp_path / "no-plan.json")], "--sensitivity: "),  # evaluate takes it too
+        ([*ev, "--sensitivity", str(tmp_path / "no-plan.json")], "nor a plan file"),  # evaluate takes it too
+        ([*cal, "--sensitivity", "Measure"], "--sensitivity: 'Measure' is none of auto, measure"),
         ([*cal, "--candidates", ""], "--candidates: give comma-separated method names"),
         ([*cal, "--candidates", "full,,cache"], "--candidates: give comma-separated method names"),
         ([*cal, "--head-coefficient", "0"], "--head-coefficient: must be > 0"),
@@ -210,6 +211,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    # Refused by the search once it has seen the model (after the progress bars started): one error line.
+    assert main([*cal, "--candidates", "full,arrow:0.125", "--target-sparsity", "0.7", "--steps", "5"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "target_sparsity 0.7 is out of reach" in errors[0] and "Traceback" not in err
     assert not (tmp_path / "plan_out.json").exists() and not (tmp_path / "ev").exists()
 
 

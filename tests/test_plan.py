@@ -243,6 +243,15 @@ def test_load_rejects_bad_files(tmp_path, content, match):
         Plan.load(path)
 
 
+def test_save_errors_name_the_path_given(tmp_path):
+    plan = Plan.uniform(tiny_flux(), 3, "cache")
+    with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path / 'no' / 'plan.json'}: the folder .* does not exist"):
+        plan.save(tmp_path / "no" / "plan.json")
+    with pytest.raises(IsADirectoryError, match=f"cannot write {tmp_path}: it is a folder"):
+        plan.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no plan file"):
         Plan.load(tmp_path / "missing.json")

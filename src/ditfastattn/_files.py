@@ -14,6 +14,11 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     from the name must be told it.
     """
     path = Path(path)
+    # Errors name the user's path, not the temporary file's.
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)

@@ -143,11 +143,19 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
             uncompressed, reference = run_pass(pipe, spec, call, config, _Counted(bar, len(prompts)), weights=weights,
                                                forced=full, weigh_steps=weigh_steps)
             seconds["passes"].append(time.perf_counter() - started)
+            by_step = dataclasses.replace(config, cache="step")
+            reachable = reachable_sparsity(uncompressed, spec, by_step, _whole_steps(by_step, uncompressed))
+            if config.target > reachable:
+                logger.info("ditfastattn calibrate: cache='auto' caches per head only: caching whole steps removes at "
+                            "most %.3f of the attention FLOPs here, short of the target %.3f", reachable, config.target)
+                modes = ("head",)
+                bar.total -= len(prompts) * (steps - 1) * len(spec.layers)  # the per-step search's pass
+                bar.refresh()
         searched = {mode: _search(pipe, spec, call, dataclasses.replace(config, cache=mode), weights,
                                   (_Counted(bar, len(prompts)), _Counted(bar, fit_count)), seconds, weigh_steps,
                                   uncompressed if mode == "step" else None, fit_call)
                     for mode in modes}
-        if config.cache == "auto":
+        if len(searched) > 1:
             # The additive score cannot rank the two (it misjudges partly cached steps): their outputs can.
             final_rse = {mode: relative_squared_error(found.latents, reference) for mode, found in searched.items()}
             logger.info("ditfastattn calibrate: final relative squared error, caching per head %.4g, per step %.4g",
@@ -238,8 +246,7 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bars: tuple, second
     prompts, to fit the budget, unless ``first``, a finished pass's session, gives the scores to fit
     it on). ``bars``: the progress of a pass over every prompt, and of one over ``fit_call``'s."""
     bar, fit_bar = bars
-    steps = config.num_inference_steps
-    cached = cached_schedule(steps, config.target) if config.cache == "step" else None
+    cached = cached_schedule(config.num_inference_steps, config.target) if config.cache == "step" else None
     fitted_on = "an uncompressed pass" if first is not None else f"a first pass at delta {config.delta:.4g}"
     if first is None:
         started = time.perf_counter()
@@ -251,17 +258,17 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bars: tuple, second
         if config.target is None:
             return _Searched(session, latents, config.delta, None, cached)
         first = session
-    if cached is not None and first.switch_steps:
-        # A second expert's first step has nothing of its own to reuse (it computes): windows there.
-        cached = cached - frozenset(first.switch_steps)
+    cached = _whole_steps(config, first)
     reachable = reachable_sparsity(first, spec, config, cached)
     if config.target > reachable:
         most = ("every head after step 0 at its cheapest candidate" if cached is None else
                 f"steps {sorted(cached)} cached whole, every head of the others at its cheapest window")
+        more = "narrower windows" if "cache" in config.candidates else "'cache', or narrower windows"
+        more += "; or cache='head', which caches any step's heads" if cached is not None else ""
         raise ValueError(
             f"{config._target_name} is out of reach: with these candidates at this resolution a plan removes "
             f"at most {reachable:.3f} of the attention FLOPs ({most}); lower the target, or add candidates that "
-            "remove more (such as 'cache', or narrower windows)"
+            f"remove more ({more})"
         )
 
     def predict(delta):
@@ -282,6 +289,15 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bars: tuple, second
     seconds["passes"].append(time.perf_counter() - started)
     seconds["solver"] += session.solver_seconds
     return _Searched(session, latents, fitted, predicted, cached)
+
+
+def _whole_steps(config: SearchConfig, first) -> frozenset[int] | None:
+    """With ``cache="step"``, the steps cached whole (None otherwise), given a finished pass."""
+    if config.cache != "step":
+        return None
+    cached = cached_schedule(config.num_inference_steps, config.target)
+    # A second expert's first step has nothing of its own to reuse (it computes): windows there.
+    return cached - frozenset(first.switch_steps)
 
 
 class _Counted:

@@ -370,6 +370,8 @@ def _sensitivity(value: str):
         return None
     if value in MODES:
         return value
+    if not Path(value).exists():
+        raise CliError(f"--sensitivity: {value!r} is none of {', '.join((*MODES, 'none'))}, nor a plan file")
     weights = _load_plan(value, "--sensitivity").provenance.get("search", {}).get("sensitivity")
     if not weights:
         raise CliError(f"--sensitivity: {value} holds no sensitivity measurement; calibrate with --sensitivity measure")
@@ -415,7 +417,10 @@ def cmd_calibrate(args) -> None:
     _distinct(output, png)
     pipe = _prepare(args, lambda pipe: _check_cfg(pipe, config.candidates, args.guidance_scale))
     start = time.perf_counter()
-    plan = calibrate(pipe, prompts, config)
+    try:
+        plan = calibrate(pipe, prompts, config)
+    except (ValueError, NotImplementedError) as err:  # what the search refuses once it sees the model
+        raise CliError(str(err)) from err
     elapsed = time.perf_counter() - start
     plan.save(output)
     print(f"calibrated in {elapsed:.1f} s on {len(prompts)} prompts; plan written to {output}")
@@ -479,7 +484,10 @@ def cmd_evaluate(args) -> None:
     config = _search_config(args)
     out = _output_dir(args.out, "--out")
     pipe = _prepare(args, lambda pipe: _check_cfg(pipe, config.candidates, args.guidance_scale))
-    results, plans = delta_sweep(pipe, calibration_prompts, prompts, args.deltas, config, out_dir=out)
+    try:
+        results, plans = delta_sweep(pipe, calibration_prompts, prompts, args.deltas, config, out_dir=out)
+    except (ValueError, NotImplementedError) as err:  # what the search refuses once it sees the model
+        raise CliError(str(err)) from err
     for name, plan in plans.items():
         plan.save(out / f"plan_{name}.json")
     text = json.dumps(results, indent=1)

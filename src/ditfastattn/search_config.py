@@ -55,18 +55,27 @@ def _integer(name: str, value, low: int) -> int:
     return int(value)
 
 
-def _check_sensitivity(sensitivity) -> None:
-    """None, one of ``SENSITIVITY_MODES``, a measurement ({"layers": {...}, "steps": {kind: [...]}}) or layer weights."""
+def _check_sensitivity(sensitivity, num_steps: int) -> None:
+    """None, one of ``SENSITIVITY_MODES``, a measurement ({"layers": {...}, "steps": {kind: [...]}})
+    of ``num_steps`` steps, or layer weights."""
     if sensitivity is None or (isinstance(sensitivity, str) and sensitivity in SENSITIVITY_MODES):
         return
+    what = ("sensitivity must be None, 'auto', 'measure', 'schedule', 'measure+schedule', a measurement from a "
+            "calibrated plan's provenance['search']['sensitivity'], or a dict of layer weights")
     if not isinstance(sensitivity, dict):
-        raise ValueError(
-            f"sensitivity must be None, 'auto', 'measure', 'schedule', 'measure+schedule', a measurement from a calibrated plan's "
-            f"provenance['search']['sensitivity'], or a dict of layer weights; got {sensitivity!r}"
-        )
+        raise ValueError(f"{what}; got {sensitivity!r}")
     structured = "layers" in sensitivity or "steps" in sensitivity
     layers = sensitivity.get("layers") or {} if structured else sensitivity
     steps = sensitivity.get("steps") or {} if structured else {}
+    if not isinstance(layers, dict) or not isinstance(steps, dict):
+        raise ValueError(f"{what}: its 'layers' must map layer names to weights and its 'steps' kinds of method to "
+                         f"lists of weights, one per step; got {sensitivity!r}")
+    for kind, per_step in steps.items():
+        if not isinstance(per_step, (list, tuple)):
+            raise ValueError(f"sensitivity steps[{kind!r}] must be a list of weights, one per step; got {per_step!r}")
+        if len(per_step) != num_steps:
+            raise ValueError(f"sensitivity has {kind} weights for {len(per_step)} steps but the search runs {num_steps}; "
+                             f"measure it for {num_steps} steps with sensitivity='measure'")
     values = list(layers.values()) + [w for per_step in steps.values() for w in per_step]
     if not all(not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w) and w > 0 for w in values):
         raise ValueError("sensitivity weights must be finite numbers > 0")
@@ -241,8 +250,8 @@ class SearchConfig:
             raise ValueError(f"target_speedup must be > 1; got {self.target_speedup!r}")
         if self.fit_prompts is not None:
             _integer("fit_prompts", self.fit_prompts, low=1)
-        _check_sensitivity(self.sensitivity)
         _integer("num_inference_steps", self.num_inference_steps, low=1)
+        _check_sensitivity(self.sensitivity, self.num_inference_steps)
         probed = self.sensitivity in SENSITIVITY_MODES and self.sensitivity != "auto"
         if self.num_inference_steps < 2 and (self.target is not None or probed):
             what = "a sparsity target" if self.target is not None else f"sensitivity={self.sensitivity!r}"
@@ -253,7 +262,8 @@ class SearchConfig:
                 f"head full, so a plan removes at most {1 - 1 / self.num_inference_steps:.3f} of the attention FLOPs; "
                 "lower the target or raise num_inference_steps"
             )
-        _integer("seed", self.seed, low=0)
+        if _integer("seed", self.seed, low=0) >= 2**63:  # torch generators take a signed 64-bit seed
+            raise ValueError(f"seed must be below 2**63; got {self.seed!r}")
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), low=1)
@@ -298,11 +308,16 @@ class SearchConfig:
         if self.costs is not None:
             if not isinstance(self.costs, dict):
                 raise TypeError(f"costs must be a dict {{method name: relative latency}}; got {type(self.costs).__name__}")
-            unknown = set(map(lambda n: parse_method(n).name, self.costs)) - set(names)
+            costs = {}
+            for method, cost in self.costs.items():
+                name = parse_method(method).name  # the search looks costs up by canonical name
+                if name in costs:
+                    raise ValueError(f"costs give {name!r} twice (as {method!r} and another spelling); give it once")
+                costs[name] = _number(f"costs[{method!r}]", cost, low=0.0)
+            unknown = set(costs) - set(names)
             if unknown:
                 raise ValueError(f"costs name methods that are not candidates: {sorted(unknown)}")
-            for method, cost in self.costs.items():
-                _number(f"costs[{method!r}]", cost, low=0.0)
+            object.__setattr__(self, "costs", costs)
 
     def _budget(self) -> str:
         if self.budget != "auto":
