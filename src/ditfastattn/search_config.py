@@ -70,18 +70,19 @@ def _check_sensitivity(sensitivity, num_steps: int) -> None:
     if not isinstance(layers, dict) or not isinstance(steps, dict):
         raise ValueError(f"{what}: its 'layers' must map layer names to weights and its 'steps' kinds of method to "
                          f"lists of weights, one per step; got {sensitivity!r}")
-    for kind, per_step in steps.items():
-        if not isinstance(per_step, (list, tuple)):
-            raise ValueError(f"sensitivity steps[{kind!r}] must be a list of weights, one per step; got {per_step!r}")
-        if len(per_step) != num_steps:
-            raise ValueError(f"sensitivity has {kind} weights for {len(per_step)} steps but the search runs {num_steps}; "
-                             f"measure it for {num_steps} steps with sensitivity='measure'")
-    values = list(layers.values()) + [w for per_step in steps.values() for w in per_step]
-    if not all(not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w) and w > 0 for w in values):
-        raise ValueError("sensitivity weights must be finite numbers > 0")
     unknown = set(steps) - set(SENSITIVITY_KINDS)
     if unknown:
         raise ValueError(f"sensitivity steps name unknown kinds {sorted(unknown)}; known: {SENSITIVITY_KINDS}")
+    for kind, per_step in steps.items():
+        if not isinstance(per_step, (list, tuple)):
+            raise ValueError(f"sensitivity steps[{kind!r}] must be a list of weights, one per step; got {per_step!r}")
+    values = list(layers.values()) + [w for per_step in steps.values() for w in per_step]
+    if not all(not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w) and w > 0 for w in values):
+        raise ValueError("sensitivity weights must be finite numbers > 0")
+    for kind, per_step in steps.items():
+        if len(per_step) != num_steps:
+            raise ValueError(f"sensitivity has {kind} weights for {len(per_step)} steps but the search runs {num_steps}; "
+                             f"measure it for {num_steps} steps with sensitivity='measure'")
 
 
 # Pipeline arguments calibration sets itself, and the setting that controls each.
