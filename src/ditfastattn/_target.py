@@ -74,7 +74,7 @@ def _charged_computed(rse, cost, flops, deltas, config: SearchConfig, allowed, c
             ok = allowed[step] & (~residual | free | (fractions == state[..., None]))
             paid = cost + np.where(free, cost, 0.0)
             if config.budget == "generation":  # the exchange rate folded into the errors: one solve
-                with np.errstate(divide="ignore"):  # a budget of 0 leaves only error-free candidates
+                with np.errstate(divide="ignore", invalid="ignore"):  # a budget of 0 leaves only error-free candidates
                     scaled = np.where(rse[step] == 0, 0.0, rse[step] / np.asarray(deltas, dtype=np.float64)[:, None, None])
                 pick = solve_priced(scaled, paid, 1.0, ok, uniform=config.granularity == "layer")
             else:
@@ -93,32 +93,37 @@ def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cach
     cached whole (``cache="step"``), where no other step caches. With arrow_residual candidates the
     steps are solved in order and pay for their captures, from ``locked`` (layers, heads): the
     residual window each head reads at the first step (NaN: none)."""
+    removed = np.zeros((len(deltas), len(scores), len(spec.layers)))
+    for index, layer in enumerate(spec.layers):
+        removed[..., index] = _layer_curve(session, spec, config, index, scores[:, index, : layer.heads], deltas,
+                                           cached, None if locked is None else locked[index, : layer.heads])
+    return removed
+
+
+def _layer_curve(session, spec, config: SearchConfig, index: int, rse: np.ndarray, deltas, cached=None,
+                 locked=None) -> np.ndarray:
+    """(budgets, steps) layer ``index``'s share of each step's sparsity (see :func:`_curve`), from its
+    ``rse`` (steps, heads, candidates) and its heads' residual windows ``locked`` (heads,)."""
     image_tokens, text_len = session.geometry
     tiles, candidates = session.tiles, session.candidates
     allowed = _allowed(session, cached is not None)
-    residual = any(m.reads_residual for m in candidates)
-    if residual and locked is None:
-        locked = np.full(scores.shape[1:3], np.nan)
-    removed = np.zeros((len(deltas), len(scores), len(spec.layers)))
-    total = 0.0
-    for index, layer in enumerate(spec.layers):
-        layer_text = text_len if layer.text else 0
-        rse = scores[:, index, : layer.heads]
-        cost = np.array([session._cost(m, image_tokens, layer_text, tiles) for m in candidates])
-        flops = np.array([m.cost(image_tokens, layer_text, tiles) for m in candidates])
-        per_head = float((image_tokens + layer_text) ** 2 * layer.head_dim)
-        if residual:
-            kept = _charged_computed(rse, cost, flops, deltas, config, np.isfinite(rse) & allowed, candidates,
-                                     locked[index, : layer.heads], cached).sum(axis=2)
-        else:
-            choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & allowed)  # (budgets, steps, heads)
-            kept = flops[choice].sum(axis=2)
-        if cached is not None:
-            whole = whole_step_cache(rse.reshape(-1, rse.shape[-1]), candidates).reshape(rse.shape[:-1])
-            kept = np.where(np.asarray(cached, dtype=bool), flops[whole].sum(axis=1), kept)
-        removed[..., index] = per_head * (layer.heads - kept)
-        total += per_head * layer.heads
-    return removed / total
+    layer = spec.layers[index]
+    layer_text = text_len if layer.text else 0
+    cost = np.array([session._cost(m, image_tokens, layer_text, tiles) for m in candidates])
+    flops = np.array([m.cost(image_tokens, layer_text, tiles) for m in candidates])
+    if any(m.reads_residual for m in candidates):
+        locked = np.full(rse.shape[1], np.nan) if locked is None else locked
+        kept = _charged_computed(rse, cost, flops, deltas, config, np.isfinite(rse) & allowed, candidates, locked,
+                                 cached).sum(axis=2)
+    else:
+        choice = choose_many(rse, cost, deltas, config, np.isfinite(rse) & allowed)  # (budgets, steps, heads)
+        kept = flops[choice].sum(axis=2)
+    if cached is not None:
+        whole = whole_step_cache(rse.reshape(-1, rse.shape[-1]), candidates).reshape(rse.shape[:-1])
+        kept = np.where(np.asarray(cached, dtype=bool), flops[whole].sum(axis=1), kept)
+    per_head = [float((image_tokens + (text_len if other.text else 0)) ** 2 * other.head_dim) for other in spec.layers]
+    total = sum(size * other.heads for size, other in zip(per_head, spec.layers))
+    return per_head[index] * (layer.heads - kept) / total
 
 
 def _curves(session, spec, config: SearchConfig, deltas, cached: frozenset[int] | None = None) -> np.ndarray:
@@ -219,7 +224,9 @@ class TargetController:
     The budget is picked again at each layer of a step, from what the step's layers already
     decided: where the search compresses some steps almost whole and others hardly at all (late
     steps weigh more), the target rests on the step between them, and a budget fixed for the
-    whole of that step could only land to within a step's share.
+    whole of that step could only land to within a step's share. Under one exchange rate the
+    layer being decided is priced on its own scores, just measured, rather than predicted: with
+    few steps each of its heads is a large share of the target.
 
     Integer-program budgets (``budget="layer"``) are re-solved only once, on the first pass's
     scores: there the drift is taken as one move of every step's sparsity curve along the (log)
@@ -240,8 +247,10 @@ class TargetController:
         self.geometry = first.geometry
         self.tiles = first.tiles
         self.steps = first.plan.num_steps
-        self.deltas = fitted * self.GRID
         self.resolve = config.budget == "generation"  # a closed-form choice: cheap to re-solve every step
+        # Under one exchange rate a budget of 0 (every head exact) is a choice too: where the last steps'
+        # errors are below every budget of the grid, it is the only way not to compress them whole.
+        self.deltas = np.concatenate([[0.0], fitted * self.GRID]) if self.resolve else fitted * self.GRID
         self.predicted = None if self.resolve else _curves(first, spec, config, self.deltas, cached)
         # (steps, layers, heads): whether the first pass ran the head exactly at the step before
         self.computed = np.zeros(first.rse.shape[:3], dtype=bool)
@@ -310,6 +319,16 @@ class TargetController:
             logger.debug("ditfastattn calibrate: step %d, first-pass curves moved by 2^%g", step, shift / 2)
         self._step, self._needed, self._shares = step, self.target * self.steps - realized.sum(), {}
 
+    def _this_layer(self, step: int, layer: int, session) -> np.ndarray:
+        """(budgets,) the share of the step's sparsity of ``layer``, being decided: from its scores
+        measured just now under one exchange rate (a closed-form solve per budget), else as predicted."""
+        if not self.resolve:
+            return self._now[:, layer]
+        heads = self.spec.layers[layer].heads
+        whole = None if self.whole is None else self.whole[step: step + 1]
+        return _layer_curve(self.first, self.spec, self.config, layer, session.rse[step: step + 1, layer, :heads],
+                            self.deltas, whole, self._locked(session)[layer, :heads])[:, 0]
+
     def __call__(self, step: int, layer: int, session) -> float:
         if step != self._step:
             self._predict(step, session)
@@ -320,7 +339,9 @@ class TargetController:
                                     session.charged.get(step, frozenset()), layers=fresh)
             self._shares.update({index: shares[index] for index in fresh})
         needed = self._needed - sum(self._shares.values())
-        rest = self._later + self._now[:, ~decided].sum(axis=1)
+        others = ~decided
+        others[layer] = False
+        rest = self._later + self._now[:, others].sum(axis=1) + self._this_layer(step, layer, session)
         # Of the budgets whose prediction lands within half the tolerance of the best one, the one
         # whose neighbours miss least: where the remaining steps' sparsity changes fast with the
         # budget (a step half compressed), a prediction an octave off misses by much.
