@@ -119,6 +119,9 @@ def _process_group(rank: int, directory: str):
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it hangs)
+    # diffusers builds the rank's mesh on torch's accelerator: the CPU here, also on a GPU machine,
+    # where a forked child cannot initialise CUDA once the parent has.
+    torch._C._get_accelerator = lambda: torch.device("cpu")
     torch.accelerator.device_count = lambda: 1  # diffusers picks the rank's device by it; the CPU has none
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
     try:
