@@ -435,6 +435,25 @@ def test_steps_whose_bf16_timesteps_round_alike_each_run_their_own_row(static, t
     assert "step" not in vars(pipe.scheduler)
 
 
+def test_a_compiled_static_generation_counts_rounded_steps_as_the_scheduler_takes_them():
+    # Compiled, the step counter moves on the device: the scheduler's step adds to a counter there.
+    steps = 28
+    pipe = bf16_flux_with_rounded_timesteps(steps)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, steps, "cache"), static=True, num_image_tokens=1024)
+    session = pipe.transformer._ditfastattn_session
+    inputs = {key: value.to(torch.bfloat16) for key, value in embeds().items()}
+    eager = run_pipeline(pipe, steps, **inputs)
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend="aot_eager", dynamic=False)
+    seen = []
+    pipe.transformer.register_forward_hook(lambda module, args, output: seen.append(int(session.step_tensor())))
+    try:
+        compiled = run_pipeline(pipe, steps, **inputs)
+    finally:
+        torch._dynamo.reset()
+    assert seen == list(range(steps)) and torch.equal(compiled, eager)
+
+
 def test_the_transformer_alone_says_once_that_it_cannot_tell_rounded_steps_apart(caplog):
     steps = 28
     pipe = bf16_flux_with_rounded_timesteps(steps)
