@@ -94,16 +94,26 @@ def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cach
     steps are solved in order and pay for their captures, from ``locked`` (layers, heads): the
     residual window each head reads at the first step (NaN: none)."""
     removed = np.zeros((len(deltas), len(scores), len(spec.layers)))
+    shares = _head_shares(session, spec)
     for index, layer in enumerate(spec.layers):
-        removed[..., index] = _layer_curve(session, spec, config, index, scores[:, index, : layer.heads], deltas,
-                                           cached, None if locked is None else locked[index, : layer.heads])
+        removed[..., index] = _layer_curve(session, spec, config, index, shares[index], scores[:, index, : layer.heads],
+                                           deltas, cached, None if locked is None else locked[index, : layer.heads])
     return removed
 
 
-def _layer_curve(session, spec, config: SearchConfig, index: int, rse: np.ndarray, deltas, cached=None,
+def _head_shares(session, spec) -> np.ndarray:
+    """(layers,) one head's attention FLOPs in each layer over a whole step's, at a finished pass's resolution."""
+    image_tokens, text_len = session.geometry
+    per_head = np.array([float((image_tokens + (text_len if layer.text else 0)) ** 2 * layer.head_dim)
+                         for layer in spec.layers])
+    return per_head / (per_head * [layer.heads for layer in spec.layers]).sum()
+
+
+def _layer_curve(session, spec, config: SearchConfig, index: int, share: float, rse: np.ndarray, deltas, cached=None,
                  locked=None) -> np.ndarray:
     """(budgets, steps) layer ``index``'s share of each step's sparsity (see :func:`_curve`), from its
-    ``rse`` (steps, heads, candidates) and its heads' residual windows ``locked`` (heads,)."""
+    ``rse`` (steps, heads, candidates), its heads' residual windows ``locked`` (heads,) and ``share``,
+    one of its heads' FLOPs over the step's (:func:`_head_shares`)."""
     image_tokens, text_len = session.geometry
     tiles, candidates = session.tiles, session.candidates
     allowed = _allowed(session, cached is not None)
@@ -121,9 +131,7 @@ def _layer_curve(session, spec, config: SearchConfig, index: int, rse: np.ndarra
     if cached is not None:
         whole = whole_step_cache(rse.reshape(-1, rse.shape[-1]), candidates).reshape(rse.shape[:-1])
         kept = np.where(np.asarray(cached, dtype=bool), flops[whole].sum(axis=1), kept)
-    per_head = [float((image_tokens + (text_len if other.text else 0)) ** 2 * other.head_dim) for other in spec.layers]
-    total = sum(size * other.heads for size, other in zip(per_head, spec.layers))
-    return per_head[index] * (layer.heads - kept) / total
+    return share * (layer.heads - kept)
 
 
 def _curves(session, spec, config: SearchConfig, deltas, cached: frozenset[int] | None = None) -> np.ndarray:
@@ -252,6 +260,7 @@ class TargetController:
         # errors are below every budget of the grid, it is the only way not to compress them whole.
         self.deltas = np.concatenate([[0.0], fitted * self.GRID]) if self.resolve else fitted * self.GRID
         self.predicted = None if self.resolve else _curves(first, spec, config, self.deltas, cached)
+        self.head_shares = _head_shares(first, spec)
         # (steps, layers, heads): whether the first pass ran the head exactly at the step before
         self.computed = np.zeros(first.rse.shape[:3], dtype=bool)
         for step in range(1, self.steps):
@@ -326,8 +335,9 @@ class TargetController:
             return self._now[:, layer]
         heads = self.spec.layers[layer].heads
         whole = None if self.whole is None else self.whole[step: step + 1]
-        return _layer_curve(self.first, self.spec, self.config, layer, session.rse[step: step + 1, layer, :heads],
-                            self.deltas, whole, self._locked(session)[layer, :heads])[:, 0]
+        return _layer_curve(self.first, self.spec, self.config, layer, self.head_shares[layer],
+                            session.rse[step: step + 1, layer, :heads], self.deltas, whole,
+                            self._locked(session)[layer, :heads])[:, 0]
 
     def __call__(self, step: int, layer: int, session) -> float:
         if step != self._step:
