@@ -510,3 +510,77 @@ def test_static_mode_refuses_diffusers_attention_score_skip():
                                                   "attention-score skip"):
         generate(pipe)
     ditfastattn.remove(pipe.transformer)
+
+
+def _zimage_controlnet(transformer):
+    """Z-Image's controlnet as ``from_transformer`` makes it: it runs the transformer's own noise
+    refiner modules in its forward (shared, not copied), before every transformer call."""
+    from diffusers import ZImageControlNetModel
+
+    torch.manual_seed(1)
+    controlnet = ZImageControlNetModel(control_layers_places=[0], control_in_dim=4, all_patch_size=(2,),
+                                       all_f_patch_size=(1,), dim=32, n_refiner_layers=1, n_heads=2, n_kv_heads=2).eval()
+    controlnet = ZImageControlNetModel.from_transformer(controlnet, transformer)
+    for name, parameter in controlnet.named_parameters():
+        if "proj" in name:  # zero-initialised projections, weighted as a trained controlnet's are
+            torch.nn.init.normal_(parameter, std=0.2)
+    assert controlnet.noise_refiner is transformer.noise_refiner
+    return controlnet
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_zimage_controlnet_running_the_transformers_refiner_stays_stock(static):
+    import copy
+
+    transformer = FAMILIES["zimage"].make()
+    controlnet = _zimage_controlnet(transformer)
+    g = torch.Generator().manual_seed(2)
+    latents, caption = torch.randn(4, 1, 2 * H, 2 * W, generator=g), torch.randn(9, 16, generator=g)
+    control = torch.randn(1, 4, 1, 2 * H, 2 * W, generator=g)
+
+    def generation(controlnet):  # ZImageControlNetPipeline's loop: the controlnet, then the transformer, at each step
+        hints, outputs = [], []
+        with torch.no_grad():
+            for step in range(STEPS):
+                t = torch.tensor([step / STEPS])  # Z-Image's t rises
+                hints.append(controlnet([latents], t, [caption], control))
+                outputs.append(transformer([latents], t, [caption], controlnet_block_samples=hints[-1],
+                                           return_dict=False)[0][0])
+        return hints, outputs
+
+    stock_hints, _ = generation(controlnet)
+    spec = ditfastattn.model.describe(transformer)
+    methods = [[["arrow:0.2"] * layer.heads for layer in spec.layers] for _ in range(STEPS)]
+    methods[2][0] = ["cache"] * spec.layers[0].heads  # the shared refiner reuses its own step-1 output
+    plan = Plan(spec, methods)
+    own = copy.deepcopy(controlnet)
+    own.noise_refiner = copy.deepcopy(transformer.noise_refiner)  # a controlnet that shares nothing
+    options = {"static": True, "num_image_tokens": H * W + 8} if static else {}
+    ditfastattn.apply(transformer, plan, **options)
+    _, expected = generation(own)
+    for _ in range(2):  # a second generation starts where the first ended
+        hints, outputs = generation(controlnet)
+        for step in range(STEPS):
+            assert all(torch.equal(hints[step][k], stock_hints[step][k]) for k in stock_hints[step])
+            assert torch.equal(outputs[step], expected[step])
+    ditfastattn.remove(transformer)
+
+
+def test_zimage_omni_mode_is_refused_on_the_noise_refiner_too():
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[128, 32, 32], siglip_feat_dim=16).eval()
+    g = torch.Generator().manual_seed(0)
+    condition, target = torch.randn(4, 1, 2 * H, 2 * W, generator=g), torch.randn(4, 1, 2 * H, 2 * W, generator=g)
+    caption = torch.randn(9, 16, generator=g)
+    spec = ditfastattn.model.describe(transformer)
+    # Only the refiner compresses: its sequence holds both images of the prompt, which a band would mix.
+    methods = [[["arrow:0.3" if step and layer.name.startswith("noise_refiner") else "full"] * layer.heads
+                for layer in spec.layers] for step in range(2)]
+    ditfastattn.apply(transformer, Plan(spec, methods))
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"noise_refiner.0.attention: Z-Image's omni mode"):
+        for t in (0.0, 0.5):
+            transformer(x=[[condition, target]], t=torch.tensor([t]), cap_feats=[[caption, caption]],
+                        siglip_feats=[[None, None]], image_noise_mask=[[0, 1]], return_dict=False)
+    ditfastattn.remove(transformer)

@@ -130,7 +130,8 @@ def _targets(adapter) -> list[tuple[str, str]]:
 
 def _enter(layer):
     def hook(module, args):
-        _CURRENT.layer = layer
+        if layer.session.in_call:  # else another model runs the module (Z-Image's controlnet): stock
+            _CURRENT.layer = layer
 
     return hook
 
@@ -159,7 +160,9 @@ def _attend(layer, dense, query, key, value, args, kwargs):
                                 f"sees (an input {session.adapter.MODEL_CLASS} ditfastattn does not know)")
         else:
             layout = token_layout(seq, *segment)
-    elif not isinstance(segment, str) and tuple(segment[:2]) == (0, seq):
+    elif isinstance(segment, str):  # an input the family cannot describe (Z-Image's omni mode) reaches its refiner too
+        reason = reason or segment
+    elif tuple(segment[:2]) == (0, seq):
         layout = token_layout(seq, *segment)  # with the call's grid
     if parallel is not None and session.context_parallel:
         mask = options.get("attn_mask")

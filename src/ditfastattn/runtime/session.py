@@ -257,6 +257,9 @@ class Session:
         # is computed once per call (e.g. a check of its attention mask).
         self.image_segment: tuple[int, int] | str = "no transformer call has started"
         self.call_cache: dict = {}
+        # Between a transformer call's start and end: the plan's layers run it only then, since another
+        # model may run the same modules (Z-Image's controlnet runs the transformer's noise refiner).
+        self.in_call = False
         self._last_timestep: float | None = None
         # Denoising steps the hooked scheduler took, and how many of them the last transformer call had seen.
         self._scheduler_steps = self._steps_seen = 0
@@ -481,6 +484,7 @@ class Session:
         self._last_timestep = value
         if self._cfg_share:
             self._check_cfg_batch(arguments.get("hidden_states"))
+        self.in_call = True
 
     def _check_cfg_batch(self, hidden) -> None:
         """cfg_share splits a call's batch into [unconditional; conditional] halves. A pipeline that
@@ -585,6 +589,7 @@ class Session:
             self._inputs_checked.add((hidden.device, dtype))
 
     def end_call(self, module, args, kwargs, output) -> None:
+        self.in_call = False
         if self.step == self.plan.num_steps - 1:
             self._check_switches()
             self._report_skipped_layers()
@@ -654,6 +659,7 @@ class Session:
         self.plan.check_compatible(self.plan.model, num_steps)
         self._new_generation = True
         self._counted = True
+        self.in_call = False  # a call that raised never ended
 
     def _say_unhooked_tie(self, timestep) -> None:
         """Once: a low-precision timestep seen twice in a row with no scheduler to tell a step's second

@@ -490,6 +490,7 @@ class StaticSession(Session):
         buffers[_FRESH].copy_(ran.index_select(0, call) == step - 1)
         ran.index_copy_(0, call, step)
         self._check_size(latents_shape(arguments), starting, call, faults, compiled)
+        self.in_call = True
 
     def _check_size(self, shape, starting, call, faults, compiled: bool) -> None:
         """A call slot's input must keep its shape within a generation: its buffers hold rows of that
@@ -573,10 +574,12 @@ class StaticSession(Session):
 
     def end_call(self, module, args, kwargs, output) -> None:
         """Buffers persist across generations in static mode (their addresses must not change)."""
+        self.in_call = False
 
     def scheduler_set(self, num_steps: int) -> None:
         self.check_pipeline_transformer()
         self.plan.check_compatible(self.plan.model, num_steps)
+        self.in_call = False  # a call that raised never ended
         self._follow_moves(self.experts[0])
         self.report_faults()
         self._counters[_LAST_TIMESTEP].fill_(float("-inf"))
