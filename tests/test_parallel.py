@@ -115,7 +115,7 @@ def _plans_under_ulysses(model) -> dict:
 
 @contextlib.contextmanager
 def _process_group(rank: int, directory: str):
-    """This forked rank in a gloo group of WORLD ranks, for the block's duration."""
+    """This rank in a gloo group of WORLD ranks, for the block's duration."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it hangs)
@@ -156,10 +156,11 @@ def _ulysses_rank(rank: int, directory: str) -> None:
         torch.save(result, f"{directory}/rank{rank}.pt")
 
 
-def _run_ranks(directory, rank_fn=_ulysses_rank, timeout_s: float = 120.0) -> list[dict]:
-    """Fork WORLD ranks running ``rank_fn`` (spawning re-imports torch and diffusers: tens of seconds on 2 cores)."""
+def _run_ranks(directory, rank_fn=_ulysses_rank, timeout_s: float = 120.0, start_method: str = "fork") -> list[dict]:
+    """Start WORLD ranks running ``rank_fn``: forked (spawning re-imports torch and diffusers: tens of
+    seconds on 2 cores), or spawned where a forked child would inherit a thread pool it cannot use."""
     context = torch.multiprocessing.start_processes(rank_fn, args=(str(directory),), nprocs=WORLD, join=False,
-                                                    start_method="fork")
+                                                    start_method=start_method)
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1.0):  # raises with the rank's traceback if one fails
         if time.monotonic() > deadline:
@@ -378,7 +379,9 @@ def test_calibration_under_ulysses_matches_one_process(tmp_path):
     without_heads = {key: value for key, value in measured.items() if key != "heads"}
     single["sensitivity"] = ditfastattn.calibrate(
         pipe, calibration_prompts(), dataclasses.replace(search("sensitivity"), sensitivity=without_heads), progress=False)
-    ranks = _run_ranks(tmp_path, _calibrating_rank, timeout_s=300.0)
+    # Spawned: scipy's HiGHS (the layer budget's integer programs) keeps a thread pool once it has solved
+    # on a machine of many cores, and a forked child solving again waits on it for ever (a 16-core H100 host).
+    ranks = _run_ranks(tmp_path, _calibrating_rank, timeout_s=300.0, start_method="spawn")
     for name, want in single.items():
         plans = [Plan.load(tmp_path / f"rank{rank}-{name}.json") for rank in range(WORLD)]
         for plan in plans[1:]:  # every rank solved the same programs on the same pooled scores
