@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ditfastattn import ops
-from ditfastattn._geometry import MODE_FULL, MODE_SKIP
+from ditfastattn._geometry import MAX_POOL_FACTOR, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT
 from ditfastattn.model import TokenLayout
 from ditfastattn.ops._dense import dense_attention
 
@@ -309,12 +309,44 @@ def test_auto_uses_the_reference_on_cpu():
 def test_out_of_range_modes_are_refused_by_every_impl(impl):
     q, k, v, _ = _args(heads=3)
     for bad in ([-3, -1, 0], [-1, -100, 2]):
-        with pytest.raises(ValueError, match=r"must be -2 \(skip\), -1 \(full\) or w >= 0"):
+        with pytest.raises(ValueError, match=r"must be -2 \(skip\), -1 \(full\), 0 <= w < 2\*\*29"):
             ops.headwise_attention(q, k, v, torch.tensor(bad, dtype=torch.int32), text_start=0, text_len=4,
                                    out=torch.zeros_like(q), impl=impl)
 
 
-def test_mode_values_are_read_once_per_tensor_version():
+@pytest.mark.parametrize("impl", ops.IMPLEMENTATIONS)
+def test_raw_modes_with_the_pool_flag_are_refused_unless_pool_mode_makes_them(impl):
+    # Bit 29 marks pooled keys, whatever the value's low bits: factor 0 died dividing by zero, and a
+    # kernel's slot-named mode (POOL_FLAG | slot << 8 | p) ran as pooled keys of factor 258.
+    q, k, v, _ = _args()  # 36 image tokens: a 4 x 9 grid
+    for bad in (POOL_FLAG, POOL_FLAG | 1, POOL_FLAG | MAX_POOL_FACTOR + 1, POOL_FLAG | 1 << POOL_SLOT_SHIFT | 2):
+        with pytest.raises(ValueError, match=rf"ops.pool_mode\(p\) \(pooled keys, p in \[2, 64\]\).*got \[{bad}\]"):
+            ops.headwise_attention(q, k, v, torch.tensor([bad, -1], dtype=torch.int32), text_start=0, text_len=4,
+                                   grid=(1, 4, 9), out=torch.zeros_like(q), impl=impl)
+        with pytest.raises(ValueError, match=rf"got \[{bad}\]"):
+            ops.mode_tensor([bad], "cpu")
+    # The widest arrow, the first and last pool factors and the widest tile window pass.
+    ops.check_mode_values([POOL_FLAG - 1, ops.pool_mode(2), ops.pool_mode(MAX_POOL_FACTOR),
+                           ops.tile_mode(1023, 1023, 1023)])
+
+
+def test_cpu_mode_values_are_read_at_every_call():
+    # Writes through .numpy() or .data leave the version counter as it was; a CPU tensor is read
+    # again at every call (no GPU to wait for), so they are checked too.
+    q, k, v, modes = _args()
+    out = torch.zeros_like(q)
+    ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, out=out)
+    modes.numpy()[0] = -7
+    with pytest.raises(ValueError, match=r"\[-7\]"):
+        ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, out=out)
+    modes.data[0] = MODE_FULL
+    ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, out=out)
+    modes.data[1] = -8
+    with pytest.raises(ValueError, match=r"\[-8\]"):
+        ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, out=out)
+
+
+def test_mode_values_are_checked_again_after_an_in_place_write():
     q, k, v, modes = _args()
     out = torch.zeros_like(q)
     ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, out=out)
@@ -329,6 +361,56 @@ def test_mode_values_are_read_once_per_tensor_version():
         unchecked = torch.tensor([-1, -6], dtype=torch.int32)
         with pytest.raises(ValueError, match=r"\[-6\]"):
             ops.headwise_attention(q, k, v, unchecked, text_start=0, text_len=4, out=out)
+
+
+@pytest.mark.parametrize("impl", ops.IMPLEMENTATIONS)
+def test_an_out_that_shares_memory_with_the_inputs_is_refused_by_every_impl(impl):
+    # The kernels write out's rows while other programs still read k and v (out=k gave errors of
+    # 0.36 under the Triton kernel), and q's other rows: only q itself may be out.
+    q, k, v, modes = _args()
+    rows = torch.randn(1, 41, 2, 8)  # k and an out one row further on
+    heads = torch.randn(1, 40, 3, 8)  # q and an out one head further on
+    other_strides = k.view(1, 2, 40, 8).transpose(1, 2)  # k's memory, read in another order
+    cases = [(q, k, v, k, "with k"), (q, k, v, v, "with v"), (q, k, v, other_strides, "with k"),
+             (q, rows[:, :40], v, rows[:, 1:], "with k"), (heads[:, :, :2], k, v, heads[:, :, 1:], "with q")]
+    for q_, k_, v_, out, shared in cases:
+        with pytest.raises(ValueError, match=f"out shares memory {shared}, .*pass a separate tensor as out"):
+            ops.headwise_attention(q_, k_, v_, modes, text_start=0, text_len=4, out=out, impl=impl)
+
+
+def test_out_may_be_q_or_its_slice_of_one_fused_projection():
+    # The views of one (B, S, 3, H, D) projection interleave without sharing an element: q's slice
+    # may be out beside k's and v's, as q itself may.
+    q, k, v, modes = _args()
+    want = ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4)
+    fused = torch.stack([q, k, v], dim=2)
+    fq, fk, fv = fused.unbind(2)
+    assert torch.equal(ops.headwise_attention(fq, fk, fv, modes, text_start=0, text_len=4, out=fq), want)
+    assert torch.equal(fused[:, :, 1:], torch.stack([k, v], dim=2))
+    assert torch.equal(ops.headwise_attention(q, k, v, modes, text_start=0, text_len=4, out=q.clone()), want)
+    q_out = q.clone()
+    assert torch.equal(ops.headwise_attention(q_out, k, v, modes, text_start=0, text_len=4, out=q_out), want)
+
+
+def test_fully_masked_rows_have_finite_gradients():
+    # Under PAIR_PADDING a padded query attends to nothing (output 0). The backward of logsumexp
+    # over its row of -inf alone was NaN, which spread to q and k; now the gradients are SDPA's on
+    # the stock boolean mask (zero through the masked rows).
+    seq, text = 144, 4
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, seq, 2, 8, dtype=torch.float64, seed=9))
+    keep = torch.ones(1, seq, dtype=torch.bool)
+    keep[0, 140:] = False
+    padding = ops.Padding(~keep, ops.PAIR_PADDING)
+    modes = torch.tensor([MODE_FULL, 0], dtype=torch.int32)
+    got = ops.headwise_attention(q, k, v, modes, text_start=0, text_len=text, key_padding=padding, impl="reference")
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    stock = torch.nn.functional.scaled_dot_product_attention(
+        *(t[:, :, :1].transpose(1, 2) for t in (q, k, v)), attn_mask=keep[:, None, :, None] & keep[:, None, None, :])
+    stock_grads = torch.autograd.grad((stock.transpose(1, 2) * weights[:, :, :1]).sum(), (q, k, v))
+    for grad, want in zip(grads, stock_grads):
+        torch.testing.assert_close(grad[:, :, 0], want[:, :, 0])
 
 
 def check_global_rows(impl, q, k, v, modes, layout, padding=None):

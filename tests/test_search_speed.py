@@ -88,6 +88,25 @@ def test_variances_survive_a_mean_far_from_zero():
     assert _relative(ops.head_variances(x, impl="triton"), truth) < 1e-4
 
 
+def test_reference_variances_subtract_the_mean_unrounded():
+    # bf16 holds 1024 and 1032 but not their mean 1028 (spacing 8 there): rounded to bf16 (1024) before
+    # the subtraction, it made every deviation 0 or 8, a sum of 4096 for the true 128 * 4**2 = 2048.
+    x = torch.tensor([1024.0, 1032.0], dtype=torch.bfloat16).repeat(64).reshape(1, 128, 1, 1)
+    torch.testing.assert_close(ops.head_variances(x, impl="reference"), torch.tensor([2048.0]))
+
+
+def test_statistics_of_float64_outputs_reduce_in_float64():
+    # Accepted as floating outputs, they crashed: vector_norm takes no float32 reduction of float64.
+    gen = torch.Generator().manual_seed(8)
+    a = _tensor((2, 37, 3, 24), torch.float64, gen, offset=1e4)
+    b = a + _tensor((2, 37, 3, 24), torch.float64, gen, scale=1e-3)
+    truth = (a - a.mean(dim=(0, 1, 3), keepdim=True)).square().sum(dim=(0, 1, 3))
+    variances, errors = ops.head_variances(a), ops.head_squared_errors(a, b, rows=(5, 30))
+    assert variances.dtype == errors.dtype == torch.float32
+    assert _relative(variances, truth) <= EPS32
+    assert _relative(errors, (a - b)[:, 5:35].square().sum(dim=(0, 1, 3))) <= EPS32
+
+
 def test_statistics_check_their_inputs(monkeypatch):
     a = torch.randn(2, 10, 3, 8)
     with pytest.raises(ValueError, match=r"rows must be \(start, length\) ints within the 10 rows"):

@@ -351,7 +351,7 @@ def test_the_custom_op_runs_pool_heads_named_by_static_slots(impl):
                POOL_FLAG | 3 << POOL_SLOT_SHIFT | 4]
     want = headwise_attention(q, k, v, ops.mode_tensor(plain, "cpu"), segments=layout, impl=impl)
     got = torch.full_like(q, float("nan"))
-    arguments = (q, k, v, ops.mode_tensor(slotted, "cpu"), 0, 0, got, 32**-0.5, impl, list(grid), None,
+    arguments = (q, k, v, torch.tensor(slotted, dtype=torch.int32), 0, 0, got, 32**-0.5, impl, list(grid), None,
                  [0, text], None, None, groups, torch.tensor([2, 3, 0, 4], dtype=torch.int32), False)
     torch.ops.ditfastattn.headwise_attention_(*arguments)
     assert torch.equal(got, want)
@@ -447,8 +447,20 @@ def test_out_of_range_modes_run_as_skip_and_never_write_past_out():
     ref = headwise_attention(q.float(), k.float(), v.float(), torch.tensor([MODE_SKIP, MODE_FULL, MODE_SKIP, 0],
                              dtype=torch.int32), text_start=0, text_len=20, out=torch.zeros(q.shape), impl="reference")
     torch.testing.assert_close(out[:, :, [1, 3]].float(), ref[:, :, [1, 3]], atol=3e-2, rtol=2e-2)
-    with pytest.raises(ValueError, match=r"-2 \(skip\), -1 \(full\) or w >= 0.*\[-7, -3\]"):
+    with pytest.raises(ValueError, match=r"-2 \(skip\), -1 \(full\), 0 <= w < 2\*\*29.*\[-7, -3\]"):
         headwise_attention(q, k, v, modes, text_start=0, text_len=20, out=out, impl="triton")
+
+
+def test_a_head_turned_tile_window_through_numpy_is_computed():
+    # The launches follow the modes read on the host: a write that leaves the tensor's version as
+    # it was (through .numpy()) once left a head turned tile window out of both launches, its rows
+    # never written. A CPU tensor is read at every call.
+    layout = TokenLayout(256, 0, 256, (1, 16, 16))
+    q, k, v = _inputs(1, 256, 2, 32, torch.float16, torch.Generator().manual_seed(12))
+    modes = torch.tensor([MODE_FULL, MODE_FULL], dtype=torch.int32)
+    headwise_attention(q, k, v, modes, segments=layout, impl="triton")
+    modes.numpy()[0] = ops.tile_mode(0, 0, 0)
+    _check(q, k, v, modes, None, None, segments=layout)
 
 
 @pytest.mark.parametrize("case", ["text last", "both sides, padded", "tiles"])

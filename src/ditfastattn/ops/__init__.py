@@ -34,8 +34,8 @@ import torch
 # The geometry a mode computes (density, window_blocks, TileGrid) is public for benchmarks and
 # tools that count FLOPs; _geometry is its one home.
 from .._geometry import (
-    IMAGE_BLOCK, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT, TILE_FLAG, TileGrid, density, is_pool_mode,
-    is_tile_mode, pool_factor, pool_mode, tile_mode, window_blocks,
+    IMAGE_BLOCK, MAX_POOL_FACTOR, MODE_FULL, MODE_SKIP, POOL_FLAG, POOL_SLOT_SHIFT, TILE_BITS, TILE_FLAG, TileGrid,
+    density, is_pool_mode, is_tile_mode, pool_factor, pool_mode, tile_mode, window_blocks,
 )
 from ..model import TokenLayout
 from ._host_copy import device_tensor
@@ -206,10 +206,10 @@ def _gluon_layout_reason(padding: Padding | None, tiles: TileGrid | None = None)
     return None
 
 
-_MODE_VALUES = ("-2 (skip), -1 (full) or w >= 0 (arrow of half-width w blocks, or pooled keys from pool_mode, or a "
-                "tile window from tile_mode)")
-# (tensor version, host values) of a head-mode tensor when last read, so that a reused tensor
-# costs one host read, not one per call.
+_MODE_VALUES = ("-2 (skip), -1 (full), 0 <= w < 2**29 (an arrow of half-width w blocks), ops.pool_mode(p) "
+                f"(pooled keys, p in [2, {MAX_POOL_FACTOR}]) or ops.tile_mode(wt, wh, ww) (a tile window)")
+# (tensor version, host values) of a GPU head-mode tensor when last read, so that a reused tensor
+# costs one host read (a wait for the GPU's queued work), not one per call.
 _VALUES = "_ditfastattn_values"
 
 
@@ -220,15 +220,23 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+def _valid_mode(mode: int) -> bool:
+    if is_pool_mode(mode):  # bit 29 set (below the tile flag): the low bits must be a factor pool_mode gives
+        return 2 <= pool_factor(mode) <= MAX_POOL_FACTOR
+    return MODE_SKIP <= mode < TILE_FLAG + (1 << 3 * TILE_BITS)
+
+
 def check_mode_values(values) -> None:
-    """Raise ValueError unless every head mode (host ints) is -2, -1, >= 0 (an arrow, pooled keys or a tile window)."""
-    bad = sorted({int(m) for m in values if int(m) < MODE_SKIP})
+    """Raise ValueError unless every head mode (host ints) is -2 (skip), -1 (full), an arrow half-width
+    ``0 <= w < 2**29``, a :func:`pool_mode` or a :func:`tile_mode`."""
+    bad = sorted({int(m) for m in values if not _valid_mode(int(m))})
     if bad:
         raise ValueError(f"head_modes values must be {_MODE_VALUES}; got {bad}")
 
 
 def mode_tensor(values, device) -> torch.Tensor:
-    """An int32 head-mode tensor made from host values, checked here so that the op never reads it back."""
+    """An int32 head-mode tensor made from host values, checked here so that the op never reads a GPU
+    one back (a CPU one it reads at every call, which costs no wait)."""
     values = tuple(int(m) for m in values)
     check_mode_values(values)
     with torch.inference_mode(False):  # a normal tensor, whose version counter marks it read
@@ -242,7 +250,9 @@ def _mode_values(head_modes: torch.Tensor) -> tuple[int, ...] | None:
     graph capture), where the kernels skip out-of-range modes."""
     if torch.compiler.is_compiling() or (head_modes.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
-    version = _version(head_modes)
+    # A CPU tensor is read at every call (no wait to save): writes that keep its version, through
+    # .numpy() or .data, are seen too.
+    version = None if head_modes.device.type == "cpu" else _version(head_modes)
     known = getattr(head_modes, _VALUES, None)
     if version is not None and known is not None and known[0] == version:
         return known[1]
@@ -314,6 +324,39 @@ def _padding(key_padding, batch: int, seq: int, device) -> Padding | None:
     return padding if bias == table else dataclasses.replace(padding, bias=table)
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (one shape and dtype) share memory: exact where their strides agree
+    and nest (the views of one fused qkv projection interleave without sharing an element), else
+    whether their spans meet."""
+    if a.numel() == 0:
+        return False
+    size, offset = a.element_size(), a.data_ptr() - b.data_ptr()
+
+    def extent(t):
+        return size * (1 + sum(stride * (n - 1) for stride, n in zip(t.stride(), t.shape)))
+
+    if not -extent(a) < offset < extent(b):
+        return False
+    # (stride, largest index) of the dims that move in memory, the largest stride first.
+    dims = sorted(((stride, n - 1) for stride, n in zip(a.stride(), a.shape) if n > 1 and stride > 0), reverse=True)
+    spans = [sum(stride * last for stride, last in dims[i:]) for i in range(len(dims) + 1)]
+    nested = all(stride > spans[i + 1] for i, (stride, _) in enumerate(dims))
+    if offset % size or a.stride() != b.stride() or not nested:
+        return True
+
+    def reaches(gap: int, i: int) -> bool:
+        """Whether ``gap`` is a sum of ``c * stride`` over dims ``i`` on, each ``|c|`` at most the dim's
+        largest index."""
+        if i == len(dims):
+            return gap == 0
+        stride, last = dims[i]
+        # |gap - c * stride| <= spans[i + 1]: at most two c, as each stride exceeds the smaller dims' span.
+        low, high = max(-last, -((spans[i + 1] - gap) // stride)), min(last, (gap + spans[i + 1]) // stride)
+        return any(reaches(gap - c * stride, i + 1) for c in range(low, high + 1))
+
+    return reaches(offset // size, 0)
+
+
 def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, scale=None, check_values=True,
            segments=None, key_padding=None, grid=None, tile=None):
     """The one input check of every implementation; ``check_values`` reads ``head_modes`` on the host.
@@ -351,6 +394,14 @@ def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, sca
                 f"out must match q: {tuple(q.shape)} {q.dtype} on {q.device}; "
                 f"got {tuple(out.shape)} {out.dtype} on {out.device}"
             )
+        if not torch.compiler.is_compiling():  # traced tensors have no memory
+            # The kernels write out's rows while other programs still read k and v, and q's other rows.
+            shared = [name for name, t in (("k", k), ("v", v)) if _overlap(out, t)]
+            if _overlap(out, q) and not (out.data_ptr() == q.data_ptr() and out.stride() == q.stride()):
+                shared.insert(0, "q")
+            if shared:
+                raise ValueError(f"out shares memory with {' and '.join(shared)}, which the op reads while it writes "
+                                 "out: pass a separate tensor as out (or q itself)")
     values = _mode_values(head_modes) if check_values else None
     if values is not None and layout.grid is None and any(is_tile_mode(m) for m in values):
         raise ValueError(
@@ -391,15 +442,12 @@ def headwise_attention(
 
     Args:
         q, k, v: ``(B, S, H, D)`` tensors (strided views are fine), one dtype and device.
-        head_modes: int32 ``(H,)`` on q's device: ``-1`` full, ``-2`` skip, ``w >= 0`` arrow whose
-            image queries in block ``i`` see image key blocks ``|i - j| <= w`` and all global keys;
-            global queries see every key. Image blocks are ``IMAGE_BLOCK`` (128) tokens counted from
-            the first image token. :func:`tile_mode` ``(wt, wh, ww)`` is a tile window (needs
+        head_modes: int32 ``(H,)`` on q's device: ``-1`` full, ``-2`` skip, ``0 <= w < 2**29`` arrow
+            whose image queries in block ``i`` see image key blocks ``|i - j| <= w`` and all global
+            keys; global queries see every key. Image blocks are ``IMAGE_BLOCK`` (128) tokens counted
+            from the first image token. :func:`tile_mode` ``(wt, wh, ww)`` is a tile window (needs
             ``grid``): image queries in tile ``(a, b, c)`` see the image keys of the tiles within
-            ``wt``, ``wh``, ``ww`` tiles along frames, rows and cols, and all global keys. Other
-            values raise ValueError; checking them reads the tensor on the host once per tensor
-            version (none for tensors from :func:`mode_tensor`, none under tracing or CUDA graph
-            capture, where the kernels skip out-of-range modes, and tile heads without a grid).
+            ``wt``, ``wh``, ``ww`` tiles along frames, rows and cols, and all global keys.
             :func:`pool_mode` ``(p)`` is pooled keys (needs ``grid``, takes no ``key_padding``):
             image queries see all global keys, the image keys and values averaged over each whole
             ``p x p`` patch of a frame (each mean weighted ``p * p``), and the image tokens of the
@@ -407,6 +455,13 @@ def headwise_attention(
             pool heads whose ``p`` divides the grid's rows and cols run in the fused kernel; the
             others on PyTorch's SDPA (cuDNN first; flash attention when the log-sum-exp is asked
             for). Either way they need host-readable modes: not under tracing or CUDA graph capture.
+            Other values raise ValueError (values from ``2**29`` up are pool and tile modes: make
+            them with those functions). Checking them reads a CPU tensor at every call, a GPU
+            tensor once per tensor version (a read waits for the GPU): change a GPU tensor's modes
+            with tensor ops (``m[0] = 3``, ``m.copy_(...)``), which count a version, or pass a new
+            tensor; a write through ``.data`` goes unseen. None is read for tensors from
+            :func:`mode_tensor` on a GPU, under tracing or CUDA graph capture (where the kernels
+            skip out-of-range modes, and tile heads without a grid).
         text_start, text_len: the one global (text) segment ``[text_start, text_start + text_len)``,
             at the start (FLUX) or the end (SD3) of the sequence. ``text_len`` may be 0.
         segments: instead of ``text_start``/``text_len``, every global segment as ``(start, length)``
@@ -420,7 +475,8 @@ def headwise_attention(
             :class:`TokenLayout` given as ``segments`` may carry both. Tiles at the grid's far edges
             may be partial.
         out: ``(B, S, H, D)`` output written in place; skip heads leave their slice untouched, so
-            plans with skip heads need it. Allocated when omitted.
+            plans with skip heads need it. Allocated when omitted. It may be ``q`` itself, but share
+            no other memory with ``q``, ``k`` or ``v`` (ValueError).
         scale: softmax scale (finite, > 0), ``1 / sqrt(D)`` by default.
         impl: ``"reference"``, ``"triton"``, ``"gluon"`` (Hopper only: sm_90, head dim 64 or 128,
             fp16/bf16, q/k/v strides that allow a TMA view, global segments on either side of the
@@ -583,7 +639,8 @@ def _kernel_modes(head_modes: torch.Tensor, values: tuple[int, ...], fused) -> t
     known = getattr(head_modes, _KERNEL_MODES, None)
     if version is not None and known is not None and known[:2] == (version, values):
         return known[2], known[3]
-    modes = mode_tensor(values, head_modes.device)
+    # From checked values: its slot-named pool modes are the kernels' own, which check_mode_values refuses from users.
+    modes = device_tensor(values, torch.int32, head_modes.device)
     slot_heads = None
     if fused:
         slot_heads = device_tensor([h for _, heads in fused for h in heads], torch.int32, head_modes.device)

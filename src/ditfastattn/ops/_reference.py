@@ -41,11 +41,14 @@ def _attend(q, k, v, scale, want_lse, bias=None):
         scores = torch.matmul(q[:, :, start : start + chunk], k.transpose(-1, -2)) * scale
         if bias is not None:
             scores = scores + bias(start, min(rows, start + chunk))
+        # A fully masked row outputs 0 and lse -inf, as SDPA gives. Its scores are zeroed first: over
+        # -inf alone, logsumexp's gradient exp(s - lse) is NaN, which backward would spread to q and k.
+        dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        scores = scores.masked_fill(dead, 0)
         lse = torch.logsumexp(scores, dim=-1)
-        # A fully masked row has lse -inf, so its probabilities would be NaN: it outputs 0, as SDPA does.
-        p = torch.exp(scores - torch.where(torch.isneginf(lse), 0, lse)[..., None])
+        p = torch.exp(scores - lse[..., None]).masked_fill(dead, 0)
         outs.append(torch.matmul(p, v))
-        lses.append(lse)
+        lses.append(lse.masked_fill(dead[..., 0], -math.inf))
     return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if want_lse else None)
 
 
