@@ -149,8 +149,16 @@ def _plan_file(tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkeypatch):
+    import json
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     plan = _plan_file(tmp_path)
+    data = json.loads(plan.read_text())
+    data["provenance"]["expert_switch_steps"] = 5
+    switch_int = _write(tmp_path / "switch_int.json", json.dumps(data))
+    nested = "[" * 10**5 + "]" * 10**5  # past Python's recursion limit
+    deep = _write(tmp_path / "deep.json", '{"type": "ditfastattn.plan", "version": 1, "model": ' + nested + "}")
+    png_plan = _write(tmp_path / "plan_named.png", plan.read_text())
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("un cercle rouge \xe0 gauche\n".encode("latin-1"))
     out = ["-o", str(tmp_path / "plan_out.json")]
@@ -201,6 +209,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         (["inspect", str(plan), "--grid", "1,0,8"], "--grid: must be >= 1"),
         (["inspect", str(plan), "--grid", "1,8,8", "--tile", "1,8,8"], "a tile must hold 128 patches"),
         (["inspect", str(plan), "--png", str(tmp_path / "x.doc")], "--png"),
+        (["inspect", str(switch_int)], "provenance expert_switch_steps must be a list of step indices"),
+        (["inspect", str(deep)], "nests its JSON too deeply for a plan"),
+        (["inspect", str(png_plan), "--png", str(png_plan)], "the plan and --png name the same file"),
+        ([*gen[:-1], str(png_plan), "--plan", str(png_plan)], "--plan and -o name the same file"),
         (["demo", "--steps", "0"], "--steps: must be >= 1"),
         (["demo", "--delta", "-1"], "--delta: must be >= 0"),
         (["demo", "--num-prompts", "0"], "--num-prompts: must be >= 1"),
@@ -217,6 +229,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "target_sparsity 0.7 is out of reach" in errors[0] and "Traceback" not in err
     assert not (tmp_path / "plan_out.json").exists() and not (tmp_path / "ev").exists()
+    assert png_plan.read_text() == plan.read_text()  # not overwritten by a picture
 
 
 def test_no_output_is_overwritten_before_all_are_known_writable(tmp_path, prompts_file, capsys):

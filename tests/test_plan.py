@@ -73,6 +73,20 @@ def test_the_method_registry_is_complete_and_consistent():
             assert repr(form) in str(error.value)
 
 
+def test_plan_pictures_take_names_without_an_extension_and_refuse_unknown_ones(tmp_path):
+    # The picture is written to a temporary name first: matplotlib, left to infer the format from
+    # it, refused "tmp" for a name without an extension (which savefig writes as a PNG).
+    from ditfastattn.visualize import plot_plan
+
+    plan = Plan.uniform(tiny_flux(), 2, "cache", num_image_tokens=256, text_len=7)
+    assert plot_plan(plan, tmp_path / "heatmap").read_bytes().startswith(b"\x89PNG")
+    assert plot_plan(plan, tmp_path / "heatmap.SVG").read_bytes().lstrip().startswith(b"<?xml")
+    with pytest.raises(ValueError, match=rf"cannot write {tmp_path / 'heatmap.tmp'}: matplotlib writes no .tmp "
+                                         r"pictures; end the name in one of .*\.png.*\.svg"):
+        plot_plan(plan, tmp_path / "heatmap.tmp")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["heatmap", "heatmap.SVG"]
+
+
 def test_plan_pictures_count_every_method_kind():
     from ditfastattn.visualize import kind_shares
 
@@ -234,6 +248,9 @@ def test_json_round_trip(tmp_path):
         ('{"type": "something else"}', "not a ditfastattn plan"),
         ('{"type": "ditfastattn.plan", "version": 99}', "format version 99"),
         ('{"type": "ditfastattn.plan", "version": 1, "model": {}}', "corrupt"),
+        # Nested past Python's recursion limit: a RecursionError, not the ValueError of a bad file.
+        ('{"type": "ditfastattn.plan", "version": 1, "model": ' + "[" * 10**5 + "]" * 10**5 + "}",
+         "nests its JSON too deeply for a plan; the plan file is corrupt"),
     ],
 )
 def test_load_rejects_bad_files(tmp_path, content, match):
@@ -333,6 +350,21 @@ def test_a_tile_plan_without_its_grid_names_the_fix():
     image_only = ModelSpec("wan", "WanTransformer3DModel", (VIDEO.layers[1],))
     assert Plan.uniform(image_only, 2, "tile:0,0,0", grid=(3, 10, 12)).summary()["text_len"] == 0
     assert Plan.uniform(VIDEO, 2, "arrow:0.5", num_image_tokens=360, text_len=16).summary()["grid"] is None
+
+
+@pytest.mark.parametrize("switches", [5, "1", [1.5], [True], [-1], [2], None])
+def test_expert_switch_steps_are_checked(switches, tmp_path):
+    # Read as a list of steps by inspect, the picture and the runtime: anything else failed there.
+    plan = Plan.uniform(tiny_flux(), 2, "full")
+    with pytest.raises(ValueError, match=r"expert_switch_steps must be a list of step indices \(ints in \[0, 2\)\)"):
+        Plan(plan.model, plan.methods, {"expert_switch_steps": switches})
+    data = plan.to_json()
+    data["provenance"]["expert_switch_steps"] = switches
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="corrupt ditfastattn plan: provenance expert_switch_steps"):
+        Plan.load(tmp_path / "plan.json")
+    for steps in ([], [0], [1]):
+        assert Plan(plan.model, plan.methods, {"expert_switch_steps": steps}).provenance["expert_switch_steps"] == steps
 
 
 @pytest.mark.parametrize(

@@ -153,10 +153,10 @@ def _figure_formats() -> dict[str, str]:
     return {f".{ext}": ext for ext in FigureCanvasBase.get_supported_filetypes()}
 
 
-def _distinct(*paths: Path | None) -> None:
+def _distinct(*paths: Path | None, what: str = "two outputs") -> None:
     resolved = [p.resolve() for p in paths if p is not None]
     if len(set(resolved)) != len(resolved):
-        raise CliError("two outputs name the same file; give each its own path")
+        raise CliError(f"{what} name the same file; give each its own path")
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -339,6 +339,7 @@ def cmd_inspect(args) -> None:
     from .visualize import plot_plan
 
     png = _output_file(args.png, "--png", _figure_formats()) if args.png else None
+    _distinct(Path(args.plan), png, what="the plan and --png")
     plan = _load_plan(args.plan)
     print(f"{plan!r}")
     provenance = plan.provenance
@@ -442,6 +443,7 @@ def cmd_generate(args) -> None:
     from .plan import PlanMismatchError
 
     output = _output_file(args.output, "-o", IMAGE_FORMATS)
+    _distinct(Path(args.plan) if args.plan else None, output, what="--plan and -o")
     plan = _load_plan(args.plan, "--plan") if args.plan else None
     steps = args.steps or (plan.num_steps if plan else 28)
     if plan is not None:

@@ -186,6 +186,10 @@ class Plan:
                 raise ValueError(f"provenance {key} must be an int >= {low} or absent; got {value!r}")
         if not isinstance(self.provenance.get("search", {}), dict):
             raise ValueError(f"provenance search must be a dict; got {self.provenance['search']!r}")
+        switches = self.provenance.get("expert_switch_steps", [])
+        if not (isinstance(switches, list) and all(_is_int(s) and 0 <= s < self.num_steps for s in switches)):
+            raise ValueError(f"provenance expert_switch_steps must be a list of step indices (ints in [0, "
+                             f"{self.num_steps})) or absent; got {switches!r}")
         tiles = self._recorded_tiles()
         tokens = self.provenance.get("num_image_tokens")
         if tiles is not None and tokens is not None and tokens != tiles.tokens:
@@ -435,11 +439,13 @@ class Plan:
             raise IsADirectoryError(f"{path} is a folder; give the plan's JSON file")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            return cls.from_json(data, source=str(path))
         except FileNotFoundError:
             raise FileNotFoundError(f"no plan file at {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON ({err}); the plan file is corrupt") from err
-        return cls.from_json(data, source=str(path))
+        except RecursionError:  # JSON nested deeper than Python's recursion limit
+            raise ValueError(f"{path} nests its JSON too deeply for a plan; the plan file is corrupt") from None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Plan) and self.model == other.model and self.methods == other.methods

@@ -24,10 +24,23 @@ def kind_shares(plan: Plan) -> dict[str, np.ndarray]:
     return shares
 
 
+def _format(path: str | Path) -> str:
+    """The picture format ``path``'s extension names; without one, matplotlib's default (PNG), as
+    ``savefig`` takes it. The temporary file's name must not be left to name it (see write_atomically)."""
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    extension = Path(path).suffix[1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension and extension not in formats:
+        raise ValueError(f"cannot write {path}: matplotlib writes no .{extension} pictures; end the name in one of "
+                         f"{', '.join('.' + name for name in sorted(formats))} (or in none, for PNG)")
+    return extension or matplotlib.rcParams["savefig.format"]
+
+
 def _save(fig, path: str | Path, dpi: int) -> Path:
-    """Write ``fig`` atomically, in the format that ``path``'s extension names."""
-    path = Path(path)
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() or None))
+    """Write ``fig`` atomically, in the format that ``path`` names (:func:`_format`)."""
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=_format(path)))
 
 
 def plot_plan(
@@ -40,8 +53,10 @@ def plot_plan(
     grid: tuple[int, int, int] | None = None,
     tile: tuple[int, int, int] | None = None,
 ) -> Path:
-    """Write a picture (format from the extension): the heatmap, and the attention sparsity per step
-    when the geometry is known (the plan's, or the arguments, as :meth:`Plan.summary` takes them)."""
+    """Write a picture (format from the extension, PNG without one): the heatmap, and the attention
+    sparsity per step when the geometry is known (the plan's, or the arguments, as :meth:`Plan.summary`
+    takes them)."""
+    _format(path)  # a name matplotlib cannot write is refused before the drawing
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,6 +118,7 @@ def plot_comparison(reference, compressed, captions, path: str | Path, title: st
 
     ``reference`` and ``compressed`` are (N, 3, H, W) tensors in [0, 1].
     """
+    _format(path)
     import matplotlib
 
     matplotlib.use("Agg")
