@@ -7,7 +7,7 @@ import torch
 from conftest import embeds, make_pipeline, negative_embeds
 
 from ditfastattn import Plan, SearchConfig
-from ditfastattn.evaluation import delta_sweep, evaluate, image_metrics
+from ditfastattn.evaluation import delta_sweep, evaluate, image_metrics, video_metrics
 
 
 def test_image_metrics_identical_and_different():
@@ -19,6 +19,23 @@ def test_image_metrics_identical_and_different():
     assert noisy["ssim"] < 0.99 and 10 < noisy["psnr"] < 30
     with pytest.raises(ValueError, match="differ in shape"):
         image_metrics(images[:1], images)
+
+
+def test_metrics_refuse_pictures_outside_zero_to_one():
+    # 0..255 pictures, uint8 or float, were clamped to [0, 1]: SSIM 0.14 for pictures that score 0.95.
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    bytes_ = (images * 255).round().to(torch.uint8)
+    cases = [(bytes_, TypeError, r"must be floating point in \[0, 1\].*got torch.uint8: divide 0..255 pictures by 255"),
+             (images * 255, ValueError, r"must be in \[0, 1\]; they range over \[0.*, 25\d.*\]: divide 0..255"),
+             (images - 1e-3, ValueError, r"must be in \[0, 1\]")]
+    for bad, error, match in cases:
+        with pytest.raises(error, match=f"images {match}"):
+            image_metrics(bad, images)
+        with pytest.raises(error, match=f"references {match}"):
+            image_metrics(images, bad)
+        with pytest.raises(error, match=f"videos {match}"):
+            video_metrics(torch.stack([bad, bad], dim=1), torch.stack([images, images], dim=1))
+    assert image_metrics(images, images.clamp(0.2, 0.8))["ssim"] < 1  # the range's own values pass
 
 
 def prompts(count=2):

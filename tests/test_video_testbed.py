@@ -256,9 +256,9 @@ def test_video_metrics_separate_frame_errors_from_temporal_ones():
     assert len(same["ssim_per_frame"]) == len(same["psnr_per_frame"]) == vd.FRAMES
     g = torch.Generator().manual_seed(0)
     # The same error in every frame: frames differ, their changes do not.
-    steady = videos + 0.05 * torch.randn(videos[:, :1].shape, generator=g)
+    steady = (videos + 0.05 * torch.randn(videos[:, :1].shape, generator=g)).clamp(0, 1)
     # An error drawn anew in every frame: flicker.
-    flicker = videos + 0.05 * torch.randn(videos.shape, generator=g)
+    flicker = (videos + 0.05 * torch.randn(videos.shape, generator=g)).clamp(0, 1)
     steady_scores, flicker_scores = video_scores(steady, videos), video_scores(flicker, videos)
     assert steady_scores["psnr"].mean() == pytest.approx(flicker_scores["psnr"].mean(), abs=0.5)
     assert (steady_scores["temporal_psnr"] > flicker_scores["temporal_psnr"] + 10).all()

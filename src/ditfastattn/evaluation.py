@@ -68,12 +68,26 @@ def _clip():
     return CLIPScore(model_name_or_path=lambda: (model, processor))
 
 
+def _unit_range(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 on the CPU, refused unless floating point in [0, 1]: the metrics take a peak
+    of 1, and 0..255 pictures clamped to it would make them meaningless."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point in [0, 1], as pipelines give them with output_type='pt'; "
+                        f"got {x.dtype}: divide 0..255 pictures by 255")
+    x = x.float().cpu()
+    if not bool(((x >= 0) & (x <= 1)).all()):
+        raise ValueError(f"{name} must be in [0, 1]; they range over [{x.min().item():g}, {x.max().item():g}]: divide "
+                         "0..255 pictures by 255, map [-1, 1] ones with x / 2 + 0.5, or clamp them")
+    return x
+
+
 @torch.no_grad()
 def image_metrics(images: torch.Tensor, references: torch.Tensor) -> dict[str, float]:
-    """Mean SSIM, PSNR (dB, per image then averaged) and, when available, LPIPS; (N, 3, H, W) in [0, 1]."""
+    """Mean SSIM, PSNR (dB, per image then averaged) and, when available, LPIPS; (N, 3, H, W) floating
+    point in [0, 1] (TypeError or ValueError otherwise)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    images, references = images.float().cpu().clamp(0, 1), references.float().cpu().clamp(0, 1)
+    images, references = _unit_range("images", images), _unit_range("references", references)
     if images.shape != references.shape:
         raise ValueError(f"images {tuple(images.shape)} and references {tuple(references.shape)} differ in shape")
     metrics = {
@@ -92,12 +106,13 @@ def _checked_videos(videos: torch.Tensor, references: torch.Tensor) -> tuple[tor
     if videos.dim() != 5 or videos.shape[2] != 3 or videos.shape[1] < 2:
         raise ValueError(f"videos must be (N, F, 3, H, W) with F >= 2 frames, as video pipelines give them with "
                          f"output_type='pt'; got {tuple(videos.shape)}")
-    return videos.float().cpu().clamp(0, 1), references.float().cpu().clamp(0, 1)
+    return _unit_range("videos", videos), _unit_range("references", references)
 
 
 @torch.no_grad()
 def video_scores(videos: torch.Tensor, references: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-video scores of ``videos`` against ``references``, both (N, F, 3, H, W) in [0, 1]:
+    """Per-video scores of ``videos`` against ``references``, both (N, F, 3, H, W) floating point in
+    [0, 1] (TypeError or ValueError otherwise):
 
     - ``ssim``, ``psnr`` (N, F): each frame against the reference's same frame (PSNR in dB, inf
       where a frame is identical).
@@ -143,7 +158,7 @@ def clip_score(images: torch.Tensor, prompts: Sequence[str]) -> float | None:
     metric = _clip() if images.dim() == 4 else None
     if metric is None or not all(isinstance(p, str) for p in prompts):
         return None
-    return metric((images.float().cpu().clamp(0, 1) * 255).to(torch.uint8), list(prompts)).item()
+    return metric((_unit_range("images", images) * 255).to(torch.uint8), list(prompts)).item()
 
 
 def _as_list(prompts) -> list:
