@@ -485,6 +485,36 @@ def test_a_pipeline_with_a_scheduler_of_its_own_is_said_once(caplog):
     ditfastattn.remove(pipe)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_pipelines_sharing_a_scheduler_each_run_their_own_plan_or_none(static):
+    # from_pipe shares the scheduler by default: a plan on one pipeline held the other's generations
+    # to its step count (a stock pipeline could not run 4 steps under a 3-step plan elsewhere).
+    from conftest import tiny_flux
+    from diffusers import FluxPipeline
+
+    first = flux_pipeline()
+    second = FluxPipeline.from_pipe(first, transformer=tiny_flux(seed=5))
+    assert second.scheduler is first.scheduler
+    stock = {steps: run_pipeline(second, steps) for steps in (3, 4)}
+    options = {"static": True, "num_image_tokens": 1024} if static else {}
+    plans = [Plan.uniform(first.transformer, 3, "arrow:0.5"), Plan.uniform(second.transformer, 4, "arrow:0.5")]
+    ditfastattn.apply(first, plans[0], **options)
+    compressed = run_pipeline(first, 3)
+    assert all(torch.equal(run_pipeline(second, steps), stock[steps]) for steps in (4, 3))
+    ditfastattn.apply(second, plans[1], **options)
+    second_compressed = run_pipeline(second, 4)
+    assert torch.equal(run_pipeline(first, 3), compressed) and not torch.equal(second_compressed, stock[4])
+    with pytest.raises(PlanMismatchError, match="this plan has 3 denoising steps but the pipeline runs 4"):
+        run_pipeline(first, 4)  # still refused before the first transformer call computes
+    assert torch.equal(run_pipeline(second, 4), second_compressed)
+    # Removed in the order applied, the second's hook wraps the first's: both come off the scheduler.
+    assert ditfastattn.remove(first) is plans[0] and ditfastattn.remove(second) is plans[1]
+    assert not {"set_timesteps", "step"} & set(vars(first.scheduler))
+    with pytest.raises(RuntimeError, match="no ditfastattn plan is applied"):
+        ditfastattn.remove(first)
+    assert torch.equal(run_pipeline(second, 4), stock[4])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host waits exist on a GPU only")
 def test_a_rows_first_compile_does_not_wait_for_the_gpu():
     # A plan's row is compiled at its layer's first call, mid-step: its masks and head indices (residual

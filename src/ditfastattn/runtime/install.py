@@ -128,7 +128,7 @@ def uninstall(pipe_or_transformer) -> Plan:
         session = getattr(getattr(pipe, "transformer_2", None), _SESSION_ATTR, None)
     if session is None and pipe is not None:  # pipe.transformer replaced since apply: its scheduler knows the session
         hooked = getattr(getattr(getattr(pipe, "scheduler", None), "set_timesteps", None), "ditfastattn_session", None)
-        session = hooked if hooked is not None and hooked.pipe is pipe else None
+        session = hooked if hooked is not None and hooked.pipe is pipe and hooked.scheduler_hook.active else None
     if session is None:
         raise RuntimeError("no ditfastattn plan is applied to this model; nothing to remove")
     for module, processor in session.originals:

@@ -228,6 +228,14 @@ def loose_pool_methods(pooled: list[str], grid: tuple[int, int, int]) -> list[st
     return [name for name in pooled if grid[1] % parse_method(name).factor or grid[2] % parse_method(name).factor]
 
 
+def _not_copyable() -> TypeError:
+    # A copy would share this model's hooks and layers (FLUX's ran stock, SD3's could not be copied at all).
+    return TypeError(
+        "a model with a ditfastattn plan applied cannot be copied or pickled (the plan's hooks and buffers belong to "
+        "this model): call ditfastattn.remove() first, copy or save the model, then apply the plan to each copy"
+    )
+
+
 class Session:
     """State of one applied plan: the current step, the call slot within it, and the layers."""
 
@@ -238,6 +246,12 @@ class Session:
     layout_aware = True
     # Whether this session runs under diffusers' parallelism (False: one whole model); see .parallel
     context_parallel = False
+
+    def __deepcopy__(self, memo):
+        raise _not_copyable()
+
+    def __reduce_ex__(self, protocol):
+        raise _not_copyable()
 
     def __init__(self, transformer, plan: Plan, adapter, impl: str, cache_budget: int | None = None):
         self.transformer = transformer
@@ -260,6 +274,7 @@ class Session:
         # Between a transformer call's start and end: the plan's layers run it only then, since another
         # model may run the same modules (Z-Image's controlnet runs the transformer's noise refiner).
         self.in_call = False
+        self.scheduled_steps: int | None = None  # set by the hooked scheduler, checked at the next call
         self._last_timestep: float | None = None
         # Denoising steps the hooked scheduler took, and how many of them the last transformer call had seen.
         self._scheduler_steps = self._steps_seen = 0
@@ -452,6 +467,7 @@ class Session:
         stepped = self._scheduler_steps != self._steps_seen
         self._steps_seen = self._scheduler_steps
         if starting:
+            self.check_scheduled_steps()
             self._start_generation()
             self.check_experts()
             self.check_processors()
@@ -656,10 +672,18 @@ class Session:
 
     def scheduler_set(self, num_steps: int) -> None:
         self.check_pipeline_transformer()
-        self.plan.check_compatible(self.plan.model, num_steps)
+        # Checked at this transformer's next call: pipelines made with from_pipe share the scheduler,
+        # and another one's generation must not be held to this plan's step count.
+        self.scheduled_steps = num_steps
         self._new_generation = True
         self._counted = True
         self.in_call = False  # a call that raised never ended
+
+    def check_scheduled_steps(self) -> None:
+        """At a generation's first call: the step count the scheduler was last set to fits the plan."""
+        if self.scheduled_steps is not None:
+            steps, self.scheduled_steps = self.scheduled_steps, None
+            self.plan.check_compatible(self.plan.model, steps)
 
     def _say_unhooked_tie(self, timestep) -> None:
         """Once: a low-precision timestep seen twice in a row with no scheduler to tell a step's second

@@ -465,6 +465,7 @@ class StaticSession(Session):
             value_, last_, reached_, call_ = torch.cat([value, last, reached.to(last.dtype),
                                                         next_call.to(last.dtype)]).tolist()
             if value_ > last_:
+                self.check_scheduled_steps()
                 first = self._first_step()
                 if first:
                     raise NotImplementedError(
@@ -578,7 +579,7 @@ class StaticSession(Session):
 
     def scheduler_set(self, num_steps: int) -> None:
         self.check_pipeline_transformer()
-        self.plan.check_compatible(self.plan.model, num_steps)
+        self.scheduled_steps = num_steps  # checked at the next eager call (compiled ones record a fault)
         self.in_call = False  # a call that raised never ended
         self._follow_moves(self.experts[0])
         self.report_faults()

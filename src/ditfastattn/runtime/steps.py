@@ -86,6 +86,7 @@ class SchedulerHook:
                 after()
             return result
 
+        wrapper.ditfastattn_hook = hook
         self.wrappers[name] = wrapper
         setattr(self.scheduler, name, wrapper)
 
@@ -94,7 +95,11 @@ class SchedulerHook:
         for name, wrapper in self.wrappers.items():
             if vars(self.scheduler).get(name) is not wrapper:
                 continue  # patched again since apply: that patch stays (it calls this one, now inactive)
-            if self.before[name] is self._ABSENT:
+            before = self.before[name]
+            # Another plan's hook removed while this one wrapped it (pipelines sharing the scheduler): past it too.
+            while (inner := getattr(before, "ditfastattn_hook", None)) is not None and not inner.active:
+                before = inner.before[name]
+            if before is self._ABSENT:
                 delattr(self.scheduler, name)
             else:
-                setattr(self.scheduler, name, self.before[name])
+                setattr(self.scheduler, name, before)
