@@ -398,7 +398,36 @@ def test_a_small_budget_is_logged_in_mib(caplog):
 
 
 # prompts and candidates -----------------------------------------------------------------------
-def test_a_bare_prompt_or_candidate_is_one_not_one_per_character():
+def test_prompt_dicts_of_different_text_lengths_are_refused_before_any_pass(monkeypatch):
+    pipe = sd3_pipeline()
+    calls = []
+    monkeypatch.setattr(pipe.transformer, "forward", lambda *a, **k: calls.append(1))
+    short = embeds(1)
+    long = {key: torch.cat([value] * 2, dim=1) if value.dim() == 3 else value for key, value in embeds(1, seed=3).items()}
+    with pytest.raises(ValueError, match=r"'prompt_embeds' must be tensors of one shape .*pad them to one length"):
+        ditfastattn.calibrate(pipe, [short, long], ditfastattn.SearchConfig(delta=0.1, num_inference_steps=3))
+    assert not calls
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_model_with_a_plan_applied_refuses_to_be_copied_or_pickled(static):
+    import copy
+    import pickle
+
+    pipe = sd3_pipeline()
+    options = {"static": True, "num_image_tokens": 16} if static else {}
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 3, "arrow:0.5"), **options)
+    for copying in (copy.deepcopy, pickle.dumps):
+        for what in (pipe.transformer, pipe):
+            with pytest.raises(TypeError, match=r"cannot be copied or pickled .*ditfastattn.remove\(\) first"):
+                copying(what)
+    ditfastattn.remove(pipe)
+    copied = copy.deepcopy(pipe.transformer)
+    assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), pipe.transformer.state_dict().values()))
+    pickle.dumps(pipe.transformer)
+
+
+
     from ditfastattn.calibration import prompt_kwargs
 
     assert prompt_kwargs("a red circle")[0] == {"prompt": ["a red circle"]}

@@ -62,6 +62,13 @@ def prompt_kwargs(prompts: str | dict | Sequence[str | dict]) -> tuple[dict[str,
     for key in sorted(keys):
         values = [p[key] for p in prompts]
         if torch.is_tensor(values[0]):
+            shapes = {tuple(v.shape[1:]) for v in values if torch.is_tensor(v)}
+            if len(shapes) > 1 or not all(torch.is_tensor(v) and v.dim() for v in values):
+                raise ValueError(
+                    f"the prompt dicts' {key!r} must be tensors of one shape after the batch dimension, as one batch "
+                    f"takes them; got {sorted(shapes)}: pad them to one length (encode_prompt's max_sequence_length "
+                    "does) or calibrate on prompt strings"
+                )
             merged[key] = torch.cat(values, dim=0)
             digest.update(merged[key].detach().float().cpu().numpy().tobytes())
         elif all(v == values[0] for v in values):
