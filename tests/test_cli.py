@@ -86,7 +86,10 @@ def test_inspect_summarises_and_draws_tile_plans(tmp_path, capsys):
     captured = capsys.readouterr()
     assert sparsity in captured.out and png.stat().st_size > 0 and "no sparsity curve" not in captured.err
     assert main(["inspect", str(recorded), "--tile", "1,8,16", "--grid", "4,10,12"]) == 0
-    assert "in tiles of 1 x 8 x 16" in capsys.readouterr().out
+    with_grid = capsys.readouterr().out
+    assert "in tiles of 1 x 8 x 16" in with_grid
+    assert main(["inspect", str(recorded), "--tile", "1,8,16"]) == 0  # on the plan's grid, as --help says
+    assert capsys.readouterr().out == with_grid
 
 
 def test_calibrate_errors(tmp_path, prompts_file, capsys):
@@ -125,6 +128,13 @@ def test_generate_errors(tmp_path, capsys):
     assert not out.exists() and plan.num_steps == 2
 
 
+def test_prompt_files_skip_comment_lines_however_indented(tmp_path):
+    from ditfastattn.cli import read_prompts
+
+    path = _write(tmp_path / "p.txt", "#1 a note\n  # an indented note\r\na red circle\n\n a blue square \n")
+    assert read_prompts(path) == ["a red circle", "a blue square"]
+
+
 def _write(path, text):
     path.write_text(text)
     return path
@@ -159,6 +169,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
     nested = "[" * 10**5 + "]" * 10**5  # past Python's recursion limit
     deep = _write(tmp_path / "deep.json", '{"type": "ditfastattn.plan", "version": 1, "model": ' + nested + "}")
     png_plan = _write(tmp_path / "plan_named.png", plan.read_text())
+    full_out = tmp_path / "earlier_evaluation"
+    (full_out / "reference").mkdir(parents=True)
+    blocked_demo = tmp_path / "blocked_demo"
+    (blocked_demo / "plan.json").mkdir(parents=True)
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("un cercle rouge \xe0 gauche\n".encode("latin-1"))
     out = ["-o", str(tmp_path / "plan_out.json")]
@@ -218,6 +232,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         (["demo", "--num-prompts", "0"], "--num-prompts: must be >= 1"),
         (["demo", "--num-prompts", "1000"], "give at most"),
         (["demo", "--out", str(prompts_file)], "exists and is not a folder"),
+        (["calibrate", *TINY, "--prompts", str(prompts_file), "-o", str(prompts_file)],
+         "--prompts, --sensitivity, -o and --png name the same file"),
+        ([*cal[:-1], str(plan), "--sensitivity", str(plan)], "--prompts, --sensitivity, -o and --png name the same file"),
+        ([*cal, "--fit-prompts", "1"], "--fit-prompts sizes a target's first pass"),
+        ([*cal, "--png", str(tmp_path / "heat.pgf")], "--png"),  # matplotlib's PGF needs LaTeX
+        ([*cal[:-1], str(tmp_path / "new_folder") + "/"], "names a folder; give a file name"),
+        ([*ev[:-1], str(full_out)], "is not empty; give a new folder"),
+        (["demo", "--out", str(blocked_demo)], "plan.json is a folder, where the demo writes a file"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv
@@ -230,6 +252,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
     assert len(errors) == 1 and "target_sparsity 0.7 is out of reach" in errors[0] and "Traceback" not in err
     assert not (tmp_path / "plan_out.json").exists() and not (tmp_path / "ev").exists()
     assert png_plan.read_text() == plan.read_text()  # not overwritten by a picture
+    assert prompts_file.read_text().startswith("a ") and not (tmp_path / "new_folder").exists()
 
 
 def test_no_output_is_overwritten_before_all_are_known_writable(tmp_path, prompts_file, capsys):

@@ -344,8 +344,10 @@ def test_a_tile_plan_without_its_grid_names_the_fix():
     assert recorded.summary(grid=(2, 16, 16))["num_image_tokens"] == 512
     with pytest.raises(ValueError, match=r"holds 512 patches, not num_image_tokens=360"):
         recorded.summary(360, grid=(2, 16, 16))
+    # A tile alone is taken on the plan's own grid; a plan that records none needs the grid too.
+    assert recorded.summary(tile=(1, 8, 16)) == recorded.summary(grid=(3, 10, 12), tile=(1, 8, 16))
     with pytest.raises(ValueError, match="tile= needs the image grid"):
-        recorded.summary(tile=(1, 8, 16))
+        Plan.uniform(VIDEO, 2, "arrow:0.5", num_image_tokens=360, text_len=16).summary(tile=(1, 8, 16))
     # Band plans need no grid; without text layers the text length is 0.
     image_only = ModelSpec("wan", "WanTransformer3DModel", (VIDEO.layers[1],))
     assert Plan.uniform(image_only, 2, "tile:0,0,0", grid=(3, 10, 12)).summary()["text_len"] == 0

@@ -119,6 +119,8 @@ def _can_write_in(folder: Path) -> str | None:
 
 def _output_file(path: str | Path, flag: str, formats: dict[str, str] | None = None) -> Path:
     """Check an output file before any long work, so nothing fails (or is written) half-way."""
+    if str(path).endswith(("/", os.sep)):
+        raise CliError(f"{flag} {path} names a folder; give a file name")
     path = Path(path)
     parent = path.parent
     if path.is_dir():
@@ -148,9 +150,9 @@ def _output_dir(path: str | Path, flag: str) -> Path:
 
 
 def _figure_formats() -> dict[str, str]:
-    from matplotlib.backend_bases import FigureCanvasBase
+    from .visualize import picture_formats
 
-    return {f".{ext}": ext for ext in FigureCanvasBase.get_supported_filetypes()}
+    return {f".{ext}": ext for ext in picture_formats()}
 
 
 def _distinct(*paths: Path | None, what: str = "two outputs") -> None:
@@ -169,7 +171,7 @@ def read_prompts(path: str | Path) -> list[str]:
         raise CliError(f"prompts file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except OSError as err:
         raise CliError(f"cannot read prompts file {path}: {err.strerror}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not prompts:
         raise CliError(f"prompts file {path} has no prompts (one per line)")
     return prompts
@@ -259,6 +261,7 @@ def load_model(model: str, device: str, dtype: str):
         from diffusers.utils import logging as diffusers_logging
 
         from .testbed.pipeline import load_pipeline
+        from .testbed.text import get_text_encoder
 
         # Casting the testbed warns that modules should stay in float32, listing none: it has none.
         verbosity = diffusers_logging.get_verbosity()
@@ -267,6 +270,7 @@ def load_model(model: str, device: str, dtype: str):
             pipe = load_pipeline(kind, device=device, dtype=_torch_dtype(dtype))
         finally:
             diffusers_logging.set_verbosity(verbosity)
+        get_text_encoder(str(pipe._execution_device))  # loaded now, not inside the first pass's progress bar
     else:
         from diffusers import DiffusionPipeline
 
@@ -412,10 +416,13 @@ def cmd_calibrate(args) -> None:
     from .visualize import plot_plan
 
     prompts = read_prompts(args.prompts)
-    config = _search_config(args)
+    if hasattr(args, "fit_prompts") and args.target_sparsity is None and args.target_speedup is None:
+        raise CliError("--fit-prompts sizes a target's first pass: give --target-sparsity or --target-speedup, or drop it")
     output = _output_file(args.output, "-o")
     png = _output_file(args.png, "--png", _figure_formats()) if args.png else None
-    _distinct(output, png)
+    sensitivity_file = Path(args.sensitivity) if Path(args.sensitivity).is_file() else None
+    _distinct(Path(args.prompts), sensitivity_file, output, png, what="--prompts, --sensitivity, -o and --png")
+    config = _search_config(args)
     pipe = _prepare(args, lambda pipe: _check_cfg(pipe, config.candidates, args.guidance_scale))
     start = time.perf_counter()
     try:
@@ -485,6 +492,9 @@ def cmd_evaluate(args) -> None:
     calibration_prompts = read_prompts(args.calibration_prompts)
     config = _search_config(args)
     out = _output_dir(args.out, "--out")
+    if out.is_dir() and any(out.iterdir()):
+        raise CliError(f"--out {out} is not empty; give a new folder (evaluate writes its images, plans and "
+                       "results.json there, and an earlier run's left beside them would mix with them)")
     pipe = _prepare(args, lambda pipe: _check_cfg(pipe, config.candidates, args.guidance_scale))
     try:
         results, plans = delta_sweep(pipe, calibration_prompts, prompts, args.deltas, config, out_dir=out)
@@ -502,9 +512,12 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import available_prompts, run_demo
+    from .demo import OUTPUTS, available_prompts, run_demo
 
     out = _output_dir(args.out, "--out")
+    for name in OUTPUTS:
+        if (out / name).is_dir():
+            raise CliError(f"--out {out}: {out / name} is a folder, where the demo writes a file; give another --out")
     limit = available_prompts()
     if args.num_prompts > limit:
         raise CliError(f"--num-prompts: the testbed bundles {limit} prompts of each kind; give at most {limit}")
@@ -591,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = command("calibrate", "search a head-wise plan")
     model_args(calibrate)
     search_args(calibrate)
-    calibrate.add_argument("--prompts", required=True, help="UTF-8 text file, one prompt per line")
+    calibrate.add_argument("--prompts", required=True,
+                           help="UTF-8 text file, one prompt per line (blank lines and lines starting with # skipped)")
     calibrate.add_argument("--delta", type=_number(float, minimum=0), default=0.2,
                            help="error budget per layer and step")
     calibrate.add_argument("--target-sparsity", type=_number(float, above=0, below=1), default=None,
@@ -620,12 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", "calibrate per delta, then compare images with full attention")
     model_args(evaluate)
     search_args(evaluate)
-    evaluate.add_argument("--prompts", required=True, help="evaluation prompts, one per line")
-    evaluate.add_argument("--calibration-prompts", required=True, help="calibration prompts, one per line")
+    evaluate.add_argument("--prompts", required=True,
+                          help="evaluation prompts, one per line (blank lines and lines starting with # skipped)")
+    evaluate.add_argument("--calibration-prompts", required=True, help="calibration prompts, one per line (as --prompts)")
     evaluate.add_argument("--deltas", type=_deltas, default="0.2,0.6", help="comma-separated error budgets")
-    evaluate.add_argument("--delta", type=_number(float, minimum=0), default=0.2, help=argparse.SUPPRESS)
     evaluate.add_argument("--out", required=True, help="folder for images, plans and results.json")
-    evaluate.set_defaults(run=cmd_evaluate)
+    evaluate.set_defaults(run=cmd_evaluate, delta=0.2)  # the first pass's budget, which --deltas sweeps
 
     inspect = command("inspect", "summarise a plan and draw its heatmap")
     inspect.add_argument("plan", help="plan file")

@@ -21,6 +21,7 @@ DEMO_CANDIDATES = ("full", "cache", "arrow:0.5", "arrow:0.25", "arrow:0.125")
 
 
 PROMPT_FILES = ("calibration_prompts.txt", "heldout_prompts.txt")
+OUTPUTS = ("plan.json", "plan.png", "results.json", "comparison.png")  # what a run writes into its folder
 
 
 def _prompts(name: str, count: int | None = None) -> list[str]:
@@ -42,21 +43,24 @@ def _generate(pipe, prompts, steps, seed):
 def run_demo(out: Path, *, delta: float = 0.2, steps: int = 20, num_prompts: int = 6, device: str = "cpu") -> dict:
     from .testbed.evaluator import caption_accuracy, image_metrics
     from .testbed.pipeline import load_pipeline
+    from .testbed.text import get_text_encoder
 
     if not 1 <= num_prompts <= available_prompts():
         raise ValueError(f"num_prompts must be in [1, {available_prompts()}] (the bundled prompts); got {num_prompts}")
     config = SearchConfig(delta=delta, candidates=DEMO_CANDIDATES, num_inference_steps=steps, seed=0)
+    blocked = [name for name in OUTPUTS if (out / name).is_dir()]
+    if blocked:
+        raise ValueError(f"{out / blocked[0]} is a folder, where the demo writes a file; give another output folder")
     out.mkdir(parents=True, exist_ok=True)
     print(f"ditfastattn demo: bundled SD3-style testbed (trained MMDiT, 64x64, {steps} steps) on {device}")
     pipe = load_pipeline("sd3", device=device, dtype=torch.float32)
+    get_text_encoder(str(pipe._execution_device))  # loaded now, not inside the first pass's progress bar
     calibration_prompts, heldout = (_prompts(name, num_prompts) for name in PROMPT_FILES)
 
     print(f"1/3 calibrating on {len(calibration_prompts)} prompts (delta={delta})")
     start = time.perf_counter()
     plan = calibrate(pipe, calibration_prompts, config)
     calibration_seconds = time.perf_counter() - start
-    plan.save(out / "plan.json")
-    plot_plan(plan, out / "plan.png", title=f"testbed plan, delta={delta}")
 
     print(f"2/3 generating {len(heldout)} held-out prompts with full attention")
     _generate(pipe, heldout[:1], 2, seed=1)  # warm-up, so neither timed run pays first-call costs
@@ -79,6 +83,9 @@ def run_demo(out: Path, *, delta: float = 0.2, steps: int = 20, num_prompts: int
         "caption_accuracy_plan": caption_accuracy(compressed, heldout),
         **({"lpips": metrics["lpips"]} if "lpips" in metrics else {}),
     }
+    # Every file at the end, so that an interrupted run leaves an earlier run's set whole.
+    plan.save(out / "plan.json")
+    plot_plan(plan, out / "plan.png", title=f"testbed plan, delta={delta}")
     text = json.dumps(result, indent=1)
     write_atomically(out / "results.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     title = f"delta={delta}: attention sparsity {summary['sparsity']:.0%}, SSIM {metrics['ssim']:.3f}, PSNR {metrics['psnr']:.1f} dB"
@@ -86,7 +93,7 @@ def run_demo(out: Path, *, delta: float = 0.2, steps: int = 20, num_prompts: int
 
     rows = [
         ("attention sparsity", "0%", f"{summary['sparsity']:.1%}"),
-        ("seconds per image (CPU)", f"{full_time:.2f}", f"{plan_time:.2f}"),
+        (f"seconds per image ({device})", f"{full_time:.2f}", f"{plan_time:.2f}"),
         ("SSIM vs full", "1.000", f"{metrics['ssim']:.3f}"),
         ("PSNR vs full (dB)", "inf", f"{metrics['psnr']:.1f}"),
         ("caption accuracy", f"{result['caption_accuracy_full']:.3f}", f"{result['caption_accuracy_plan']:.3f}"),

@@ -258,14 +258,17 @@ class Plan:
     def _resolve(self, num_image_tokens: int | None = None, text_len: int | None = None, grid=None,
                  tile=None) -> _Resolution:
         """The resolution to count costs at: the arguments given, else the plan's. A grid given
-        sets the image tokens; without one, the plan's grid serves if it holds that many."""
+        sets the image tokens; without one, the plan's grid serves if it holds that many (a tile
+        given alone is taken on the plan's grid)."""
         if num_image_tokens is not None and not (_is_int(num_image_tokens) and num_image_tokens > 0):
             raise ValueError(f"num_image_tokens must be a positive int; got {num_image_tokens!r}")
         if text_len is not None and not (_is_int(text_len) and text_len >= 0):
             raise ValueError(f"text_len must be an int >= 0; got {text_len!r}")
-        if grid is None and tile is not None:
-            raise ValueError(_TILE_WITHOUT_GRID)
         recorded = self._recorded_tiles()
+        if grid is None and tile is not None:
+            if recorded is None:
+                raise ValueError(_TILE_WITHOUT_GRID)
+            grid = recorded.grid  # another tile on the plan's own grid
         if grid is not None:
             tiles = TileGrid(grid, tile)
             if tile is None and recorded is not None and recorded.grid == tiles.grid:

@@ -24,14 +24,20 @@ def kind_shares(plan: Plan) -> dict[str, np.ndarray]:
     return shares
 
 
+def picture_formats() -> list[str]:
+    """The extensions pictures can be written in: matplotlib's, but PGF, which needs a LaTeX install."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
+
+
 def _format(path: str | Path) -> str:
     """The picture format ``path``'s extension names; without one, matplotlib's default (PNG), as
     ``savefig`` takes it. The temporary file's name must not be left to name it (see write_atomically)."""
     import matplotlib
-    from matplotlib.backend_bases import FigureCanvasBase
 
     extension = Path(path).suffix[1:].lower()
-    formats = FigureCanvasBase.get_supported_filetypes()
+    formats = picture_formats()
     if extension and extension not in formats:
         raise ValueError(f"cannot write {path}: matplotlib writes no .{extension} pictures; end the name in one of "
                          f"{', '.join('.' + name for name in sorted(formats))} (or in none, for PNG)")
