@@ -79,7 +79,7 @@ def test_inspect_summarises_and_draws_tile_plans(tmp_path, capsys):
     out = capsys.readouterr().out
     assert sparsity in out and "480 image tokens (grid 4 x 10 x 12 in tiles of 2 x 8 x 8), 16 text tokens" in out
     err = run_error(["inspect", str(bare)], capsys)
-    assert "does not record: pass grid=" in err and "--grid" in err and err.count("\n") == 1
+    assert "does not record: pass --grid F,R,C of the 480" in err and err.count("\n") == 1
     # The grid given on the command line serves the summary and the picture's sparsity curve alike.
     png = tmp_path / "plan.png"
     assert main(["inspect", str(bare), "--grid", "4,10,12", "--png", str(png), "-v"]) == 0
@@ -191,8 +191,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         ([*cal, "--steps", "abc"], "--steps: 'abc' is not an integer"),
         ([*cal, "--steps", "0"], "--steps: must be >= 1"),
         ([*cal, "--delta", "inf"], "--delta: 'inf' is not a finite number"),
-        ([*cal, "--budget", "generation", "--head-coefficient", "1.5"], "set head_coefficient=None"),
-        ([*cal, "--cache", "step", "--target-sparsity", "0.5", "--budget", "layer"], "cache='step' searches the windows of the other steps under one exchange rate: set budget='generation'"),
+        ([*cal, "--budget", "generation", "--head-coefficient", "1.5"], "set --head-coefficient none"),  # the flag, not the keyword
+        ([*cal, "--cache", "step", "--target-sparsity", "0.5", "--budget", "layer"], "--cache step searches the windows of the other steps under one exchange rate: set --budget generation"),
         ([*cal, "--delta", "nan"], "--delta: 'nan' is not a finite number"),
         ([*ev, "--sensitivity", str(tmp_path / "no-plan.json")], "nor a plan file"),  # evaluate takes it too
         ([*cal, "--sensitivity", "Measure"], "--sensitivity: 'Measure' is none of auto, measure"),
@@ -210,7 +210,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         ([*gen, "--steps", "0"], "--steps: must be >= 1"),
         ([*gen[:-1], str(tmp_path / "x")], "give a file name ending in one of .bmp"),
         ([*gen[:-1], str(tmp_path / "x.txt")], "give a file name ending in one of .bmp"),
-        ([*gen, "--plan", str(plan), "--steps", "3"], "2 denoising steps but the pipeline runs 3"),
+        ([*gen, "--plan", str(plan), "--steps", "3"], "2 denoising steps but the pipeline runs 3; pass --steps 2"),
         (["generate", *TINY, "--prompt", " ", "-o", str(tmp_path / "x.png")], "--prompt: is empty"),
         ([*ev, "--deltas", "0.2,0.20"], "0.2 given more than once"),
         ([*ev, "--deltas", "0.2,,0.6"], "without empty entries"),
@@ -249,7 +249,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
     assert main([*cal, "--candidates", "full,arrow:0.125", "--target-sparsity", "0.7", "--steps", "5"]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "target_sparsity 0.7 is out of reach" in errors[0] and "Traceback" not in err
+    assert len(errors) == 1 and "--target-sparsity 0.7 is out of reach" in errors[0] and "Traceback" not in err
     assert not (tmp_path / "plan_out.json").exists() and not (tmp_path / "ev").exists()
     assert png_plan.read_text() == plan.read_text()  # not overwritten by a picture
     assert prompts_file.read_text().startswith("a ") and not (tmp_path / "new_folder").exists()

@@ -32,6 +32,28 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
+# The library's errors name the keyword arguments that fix them; at the command line, the flags do.
+_FLAGS = (
+    (r"\bhead_coefficient=None\b", "--head-coefficient none"),
+    (r"\bnum_inference_steps=(\d+)", r"--steps \1"),
+    (r"\bnum_image_tokens=", "--num-image-tokens "),
+    (r"\bgrid=\(frames, rows, cols\)", "--grid F,R,C"),
+    (r"\bbudget='(\w+)'", r"--budget \1"),
+    (r"\bcache='(\w+)'", r"--cache \1"),
+    (r"\bsensitivity='([\w+]+)'", r"--sensitivity \1"),
+    (r"\bfit_prompts=None\b", "--fit-prompts all"),
+    (r"\btarget_sparsity\b", "--target-sparsity"),
+    (r"\btarget_speedup\b", "--target-speedup"),
+    (r"\bguidance_scale\b", "--guidance-scale"),
+)
+
+
+def _as_flags(message: str) -> str:
+    for pattern, flag in _FLAGS:
+        message = re.sub(pattern, flag, message)
+    return message
+
+
 # flag types -------------------------------------------------------------------------------
 def _number(kind, *, minimum=None, above=None, below=None):
     """An argparse type: an int or a finite float within the given bounds."""
@@ -699,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         with _library_log(getattr(args, "verbose", False)):
             args.run(args)
     except (CliError, PlanMismatchError) as err:
-        print(f"ditfastattn {args.command}: error: {err}", file=sys.stderr)
+        print(f"ditfastattn {args.command}: error: {_as_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
