@@ -534,12 +534,13 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import OUTPUTS, available_prompts, run_demo
+    from .demo import available_prompts, check_outputs, run_demo
 
     out = _output_dir(args.out, "--out")
-    for name in OUTPUTS:
-        if (out / name).is_dir():
-            raise CliError(f"--out {out}: {out / name} is a folder, where the demo writes a file; give another --out")
+    try:
+        check_outputs(out)
+    except ValueError as err:
+        raise CliError(f"--out: {err}") from None
     limit = available_prompts()
     if args.num_prompts > limit:
         raise CliError(f"--num-prompts: the testbed bundles {limit} prompts of each kind; give at most {limit}")

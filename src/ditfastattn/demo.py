@@ -29,6 +29,13 @@ def _prompts(name: str, count: int | None = None) -> list[str]:
     return lines[:count]
 
 
+def check_outputs(out: Path) -> None:
+    """Raise ValueError where a folder sits on a file name the demo writes into ``out``."""
+    blocked = [name for name in OUTPUTS if (out / name).is_dir()]
+    if blocked:
+        raise ValueError(f"{out / blocked[0]} is a folder, where the demo writes a file; give another output folder")
+
+
 def available_prompts() -> int:
     """How many calibration and held-out prompts the demo can take each."""
     return min(len(_prompts(name)) for name in PROMPT_FILES)
@@ -48,9 +55,7 @@ def run_demo(out: Path, *, delta: float = 0.2, steps: int = 20, num_prompts: int
     if not 1 <= num_prompts <= available_prompts():
         raise ValueError(f"num_prompts must be in [1, {available_prompts()}] (the bundled prompts); got {num_prompts}")
     config = SearchConfig(delta=delta, candidates=DEMO_CANDIDATES, num_inference_steps=steps, seed=0)
-    blocked = [name for name in OUTPUTS if (out / name).is_dir()]
-    if blocked:
-        raise ValueError(f"{out / blocked[0]} is a folder, where the demo writes a file; give another output folder")
+    check_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"ditfastattn demo: bundled SD3-style testbed (trained MMDiT, 64x64, {steps} steps) on {device}")
     pipe = load_pipeline("sd3", device=device, dtype=torch.float32)
