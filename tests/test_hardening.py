@@ -10,6 +10,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import embeds, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3, tiny_vae
@@ -427,8 +428,8 @@ def test_a_model_with_a_plan_applied_refuses_to_be_copied_or_pickled(static):
     pickle.dumps(pipe.transformer)
 
 
-
-    from ditfastattn.calibration import prompt_kwargs
+def test_a_bare_prompt_or_candidate_is_one_not_one_per_character():
+    from ditfastattn._prompts import prompt_kwargs
 
     assert prompt_kwargs("a red circle")[0] == {"prompt": ["a red circle"]}
     assert prompt_kwargs(embeds())[0].keys() == embeds().keys()
@@ -439,6 +440,84 @@ def test_a_model_with_a_plan_applied_refuses_to_be_copied_or_pickled(static):
     assert ditfastattn.SearchConfig(candidates="full").candidates == ("full",)
     with pytest.raises(TypeError, match="candidates must be a tuple or list of method names"):
         ditfastattn.SearchConfig(candidates=["full", 0.5])
+
+
+def test_prompt_dicts_batch_their_texts_and_share_only_equal_settings():
+    from ditfastattn._prompts import prompt_kwargs
+
+    # Two dicts with one text each are two prompts (they were merged into a batch of one when equal).
+    merged, digest = prompt_kwargs([{"prompt": "a cat", "guidance_scale": 4.0}, {"prompt": "a cat", "guidance_scale": 4.0}])
+    assert merged == {"prompt": ["a cat", "a cat"], "guidance_scale": 4.0}
+    assert prompt_kwargs([{"prompt": "a cat", "negative_prompt": "blur"}, {"prompt": "a dog", "negative_prompt": "fog"}])[0] \
+        == {"prompt": ["a cat", "a dog"], "negative_prompt": ["blur", "fog"]}
+    assert digest != prompt_kwargs([{"prompt": "a cat", "guidance_scale": 4.0}])[1]
+    # Values that == compares elementwise (a list of tensors, as ip_adapter_image_embeds; an array)
+    # are compared whole: equal ones are shared, different ones refused naming the fix.
+    image = [torch.randn(2, 1, 8)]
+    shared, _ = prompt_kwargs([{"prompt": "a", "ip_adapter_image_embeds": image},
+                               {"prompt": "b", "ip_adapter_image_embeds": [image[0].clone()]}])
+    assert shared["ip_adapter_image_embeds"] is image
+    assert prompt_kwargs([{"x": np.zeros(3)}, {"x": np.zeros(3)}])[0]["x"].shape == (3,)
+    for values in ([[torch.zeros(1, 4)], [torch.ones(1, 4)]], [np.zeros(3), np.ones(3)], [4.0, 5.0]):
+        with pytest.raises(ValueError, match=r"differ in 'x', .*tensor with a batch dimension.*pipeline_kwargs"):
+            prompt_kwargs([{"x": value} for value in values])
+    # The hash reads a tensor's content, not its repr (which elides the middle of large tensors).
+    big = torch.zeros(1, 4000)
+    changed = big.clone()
+    changed[0, 2000] = 1.0
+    assert prompt_kwargs([{"x": [big]}])[1] != prompt_kwargs([{"x": [changed]}])[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"pipeline_kwargs": {"return_dict": False}}, "pipeline_kwargs cannot set 'return_dict'.*reads the latents itself"),
+        ({"pipeline_kwargs": {"sigmas": [1.0, 0.5]}},
+         r"sigmas give 2 steps but the search runs num_inference_steps=4.*or set num_inference_steps=2"),
+        ({"target_sparsity": 0.5, "candidates": ("full",)}, "target_sparsity 0.5 needs candidates that remove attention"),
+        ({"sensitivity": {"layer": {"transformer_blocks.0": 1.0}}}, r"a measurement's keys are \('layers', 'steps', 'heads'\)"),
+        ({"sensitivity": {"layers": {}, "step": {}}}, r"sensitivity has keys \['step'\] that a measurement does not"),
+    ],
+)
+def test_calibrate_refuses_inputs_it_would_fail_on_after_a_pass(kwargs, match):
+    pipe = sd3_pipeline()
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match=match):
+        config = ditfastattn.SearchConfig(**{"num_inference_steps": 4, "height": 32, "width": 32, **kwargs})
+        ditfastattn.calibrate(pipe, [{**embeds(), **negative_embeds()}], config, progress=False)
+    assert calls == []
+
+
+def test_a_step_count_the_scheduler_changes_is_refused_by_name_under_the_schedule_weights(monkeypatch):
+    # A scheduler that sets another step count than asked (here, always 2) meets the plan's step
+    # count first at the transformer's first call; the schedule's step weights, read when the
+    # timesteps are set, are not combined with the wrong count before that (a numpy broadcast error).
+    pipe = sd3_pipeline()
+    set_timesteps = pipe.scheduler.set_timesteps
+    monkeypatch.setattr(pipe.scheduler, "set_timesteps", lambda num_inference_steps=None, **kw: set_timesteps(2, **kw))
+    config = ditfastattn.SearchConfig(delta=0.1, num_inference_steps=4, height=32, width=32)
+    with pytest.raises(ditfastattn.PlanMismatchError, match="4 denoising steps but the pipeline runs 2"):
+        ditfastattn.calibrate(pipe, [{**embeds(), **negative_embeds()}], config, progress=False)
+
+
+def test_the_provenance_records_settings_given_through_pipeline_kwargs():
+    config = ditfastattn.SearchConfig(delta=0.1, num_inference_steps=2, width=32,
+                                      pipeline_kwargs={"guidance_scale": 4.5, "height": 32})
+    plan = ditfastattn.calibrate(sd3_pipeline(), [{**embeds(), **negative_embeds()}], config, progress=False)
+    assert (plan.provenance["height"], plan.provenance["width"], plan.provenance["guidance_scale"]) == (32, 32, 4.5)
+
+
+def test_a_sensitivity_naming_layers_the_model_lacks_is_refused():
+    pipe = sd3_pipeline()
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    names = [layer.name for layer in Plan.uniform(pipe.transformer, 4, "full").model.layers]
+    weights = {**{name: 1.0 for name in names}, "transformer_blocks.99": 2.0}  # another model's measurement
+    config = ditfastattn.SearchConfig(delta=0.1, num_inference_steps=4, height=32, width=32, sensitivity=weights)
+    with pytest.raises(ValueError, match=r"names 1 layers the model does not have \(first: 'transformer_blocks.99'\)"):
+        ditfastattn.calibrate(pipe, [{**embeds(), **negative_embeds()}], config, progress=False)
+    assert calls == []
 
 
 # plans ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from conftest import embeds, make_pipeline, negative_embeds
 import ditfastattn
 from ditfastattn import SearchConfig, sensitivity
 from ditfastattn.adapters import adapter_for
-from ditfastattn.calibration import prompt_kwargs
+from ditfastattn._prompts import prompt_kwargs
 from ditfastattn.model import LayerSpec, ModelSpec
 from ditfastattn.sensitivity import head_weights, measure_head_fisher, weights_array
 

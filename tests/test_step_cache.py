@@ -12,7 +12,8 @@ from test_calibration import SIZE, TESTBED_CANDIDATES, config, prompts, sensitiv
 
 import ditfastattn
 from ditfastattn import SearchConfig
-from ditfastattn.calibration import cached_schedule, prompt_kwargs
+from ditfastattn._prompts import prompt_kwargs
+from ditfastattn.calibration import cached_schedule
 
 GENERATION = {"budget": "generation", "head_coefficient": None, "cache": "step"}
 

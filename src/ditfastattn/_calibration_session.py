@@ -192,7 +192,8 @@ class _CalibrationSession(Session):
 
     def scheduler_set(self, num_steps: int) -> None:
         super().scheduler_set(num_steps)
-        if self.weigh_steps is not None:
+        # Another step count is refused at the first transformer call (check_scheduled_steps), by name.
+        if self.weigh_steps is not None and num_steps == self.plan.num_steps:
             self._weigh(self.scheduler_hook.scheduler, num_steps)
 
     def _weigh(self, scheduler, num_steps: int) -> None:

@@ -7,9 +7,7 @@ provenance.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
 import logging
 import numbers
 import time
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ._calibration_session import run_pass
 from ._host_outputs import releasing_pinned
+from ._prompts import prompt_kwargs
 from ._target import TOLERANCE, TargetController, cached_schedule, predicted_sparsity, reachable_sparsity
 from .adapters import adapter_for, check_cfg_sharing
 from .plan import Plan
@@ -34,49 +33,6 @@ from .sensitivity import KINDS as SENSITIVITY_KINDS
 from .sensitivity import measure_sensitivity, relative_squared_error, schedule_weigher, weights_array
 
 logger = logging.getLogger("ditfastattn")
-
-
-def prompt_kwargs(prompts: str | dict | Sequence[str | dict]) -> tuple[dict[str, Any], str]:
-    """Pipeline keyword arguments for one batched run, and a hash that identifies the prompts.
-
-    A bare string or dict is one prompt.
-    """
-    if isinstance(prompts, (str, dict)):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a list of strings or of dicts of pipeline kwargs; got {type(prompts).__name__}")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("calibration needs at least one prompt")
-    digest = hashlib.sha256()
-    if all(isinstance(p, str) for p in prompts):
-        digest.update(json.dumps(prompts).encode())
-        return {"prompt": prompts}, digest.hexdigest()
-    if not all(isinstance(p, dict) for p in prompts):
-        kinds = sorted({type(p).__name__ for p in prompts})
-        raise TypeError(f"prompts must be all strings or all dicts of pipeline keyword arguments; got {kinds}")
-    keys = set(prompts[0])
-    if any(set(p) != keys for p in prompts):
-        raise ValueError("every prompt dict must have the same keys")
-    merged: dict[str, Any] = {}
-    for key in sorted(keys):
-        values = [p[key] for p in prompts]
-        if torch.is_tensor(values[0]):
-            shapes = {tuple(v.shape[1:]) for v in values if torch.is_tensor(v)}
-            if len(shapes) > 1 or not all(torch.is_tensor(v) and v.dim() for v in values):
-                raise ValueError(
-                    f"the prompt dicts' {key!r} must be tensors of one shape after the batch dimension, as one batch "
-                    f"takes them; got {sorted(shapes)}: pad them to one length (encode_prompt's max_sequence_length "
-                    "does) or calibrate on prompt strings"
-                )
-            merged[key] = torch.cat(values, dim=0)
-            digest.update(merged[key].detach().float().cpu().numpy().tobytes())
-        elif all(v == values[0] for v in values):
-            merged[key] = values[0]
-            digest.update(repr(values[0]).encode())
-        else:
-            raise ValueError(f"prompt dicts disagree on the non-tensor argument {key!r}")
-    return merged, digest.hexdigest()
 
 
 @releasing_pinned
@@ -180,9 +136,9 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         "source": "calibrate",
         "pipeline": type(pipe).__name__,
         "num_inference_steps": steps,
-        "height": config.height,
-        "width": config.width,
-        "guidance_scale": config.guidance_scale,
+        "height": call.get("height"),  # as passed: the config's, pipeline_kwargs' or the prompt dicts'
+        "width": call.get("width"),
+        "guidance_scale": call.get("guidance_scale"),
         "seed": config.seed,
         "num_prompts": len(prompts),
         "prompts_sha256": prompts_hash,
@@ -359,6 +315,15 @@ def _pipeline_call(pipe, config: SearchConfig, prompts: dict[str, Any]) -> dict[
                 raise ValueError(f"{name} is SearchConfig.{name}={value!r} but {call[name]!r} in the pipeline "
                                  "arguments (pipeline_kwargs or the prompt dicts): give it once")
             call[name] = value
+    for name in ("sigmas", "timesteps"):  # a schedule of its own sets the step count (diffusers' retrieve_timesteps)
+        schedule = call.get(name)
+        if schedule is not None and hasattr(schedule, "__len__") and getattr(schedule, "ndim", 1) == 1 \
+                and len(schedule) != config.num_inference_steps:
+            raise ValueError(
+                f"the pipeline arguments' {name} give {len(schedule)} steps but the search runs "
+                f"num_inference_steps={config.num_inference_steps}: the plan holds a row per step, so give one of "
+                f"{name} per step or set num_inference_steps={len(schedule)}"
+            )
     parameters = _call_parameters(pipe)
     if parameters is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         unknown = sorted(set(call) - set(parameters))
@@ -395,4 +360,4 @@ def _scores(rse: np.ndarray, spec) -> list:
     return rows
 
 
-__all__ = ["calibrate", "prompt_kwargs"]
+__all__ = ["calibrate"]

@@ -20,8 +20,9 @@ from typing import Any, Sequence
 import torch
 
 from ._files import write_atomically
+from ._prompts import prompt_kwargs
 from .adapters import adapter_for
-from .calibration import calibrate, prompt_kwargs
+from .calibration import calibrate
 from .search_config import SearchConfig
 from .plan import Plan
 from .runtime import _transformer_of, apply, remove

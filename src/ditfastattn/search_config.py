@@ -12,6 +12,7 @@ from typing import Any
 from .methods import parse_method
 from .ops import IMPLEMENTATIONS
 from .sensitivity import KINDS as SENSITIVITY_KINDS
+from .sensitivity import MEASUREMENT_KEYS
 from .sensitivity import MODES as SENSITIVITY_MODES
 from .sensitivity import probe_method
 
@@ -64,7 +65,13 @@ def _check_sensitivity(sensitivity, num_steps: int) -> None:
             "calibrated plan's provenance['search']['sensitivity'], or a dict of layer weights")
     if not isinstance(sensitivity, dict):
         raise ValueError(f"{what}; got {sensitivity!r}")
-    structured = "layers" in sensitivity or "steps" in sensitivity
+    structured = any(key in sensitivity for key in MEASUREMENT_KEYS[:3])
+    if structured and set(sensitivity) - set(MEASUREMENT_KEYS):
+        raise ValueError(f"sensitivity has keys {sorted(set(sensitivity) - set(MEASUREMENT_KEYS))} that a measurement "
+                         f"does not; its keys are {MEASUREMENT_KEYS}")
+    if not structured and any(isinstance(w, (dict, list, tuple)) for w in sensitivity.values()):
+        raise ValueError(f"{what}: a measurement's keys are {MEASUREMENT_KEYS[:3]} (a layer-weight dict maps layer "
+                         f"names to numbers); got keys {sorted(sensitivity, key=repr)}")
     layers = sensitivity.get("layers") or {} if structured else sensitivity
     steps = sensitivity.get("steps") or {} if structured else {}
     if not isinstance(layers, dict) or not isinstance(steps, dict):
@@ -86,7 +93,8 @@ def _check_sensitivity(sensitivity, num_steps: int) -> None:
 
 
 # Pipeline arguments calibration sets itself, and the setting that controls each.
-_OWN_ARGUMENTS = {"num_inference_steps": "num_inference_steps", "generator": "seed", "output_type": None}
+_OWN_ARGUMENTS = {"num_inference_steps": "num_inference_steps", "generator": "seed", "output_type": None,
+                  "return_dict": None}
 
 
 def check_own_arguments(keys, where: str) -> None:
@@ -290,6 +298,9 @@ class SearchConfig:
         names = tuple(parse_method(name).name for name in self.candidates)  # raises on unknown names
         if "full" not in names:
             raise ValueError("candidates must include 'full' (the exact method keeps every program feasible)")
+        if self.target is not None and set(names) == {"full"}:
+            raise ValueError(f"{self._target_name} needs candidates that remove attention; 'full' alone removes none: "
+                             "add some (the default candidates, or a METHOD_SETS entry)")
         if self.cache not in ("head", "step", "auto"):
             raise ValueError(f"cache must be 'head', 'step' or 'auto'; got {self.cache!r}")
         if self.cache == "step":

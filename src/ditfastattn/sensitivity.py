@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("cache", "arrow")
 MODES = ("auto", "measure", "schedule", "measure+schedule")  # SearchConfig.sensitivity's named ways
+MEASUREMENT_KEYS = ("layers", "steps", "heads", "probe")  # a measurement's weights, then its probes' record
 STAND_IN_PROBE = "arrow:0.03125"  # the narrowest of the default arrows (search_config.ARROWS)
 
 
@@ -265,7 +266,8 @@ def reference_pass(pipe, spec, call: dict[str, Any], config, progress: tqdm | No
     its layer-steps; ``kwargs`` for :func:`run_pass` (``record``)."""
     steps = config.num_inference_steps
     full = Plan(spec, [[["full"] * layer.heads for layer in spec.layers] for _ in range(steps)])
-    uncompressed = dataclasses.replace(config, candidates=("full",), sensitivity=None, cache="head", costs=None)
+    uncompressed = dataclasses.replace(config, candidates=("full",), sensitivity=None, cache="head", costs=None,
+                                       target_sparsity=None, target_speedup=None)
     return run_pass(pipe, spec, call, uncompressed, progress, forced=full, measure=set(), **kwargs)
 
 
@@ -276,7 +278,7 @@ def weights_array(sensitivity: dict | None, spec, candidates, steps: int) -> np.
     shape = (steps, len(spec.layers), len(candidates))
     if sensitivity is None:
         return np.ones(shape)
-    layered = any(key in sensitivity for key in ("layers", "steps", "heads"))
+    layered = any(key in sensitivity for key in MEASUREMENT_KEYS[:3])
     layer_weights = sensitivity.get("layers") if layered else sensitivity
     weights = np.ones(shape)
     names = [layer.name for layer in spec.layers]
@@ -309,6 +311,12 @@ def _check_names(weights: dict, names: list[str]) -> None:
     if missing:
         raise ValueError(
             f"sensitivity has no weight for {len(missing)} of the model's layers (first: {missing[0]!r}); "
+            "measure it for this model with sensitivity='measure'"
+        )
+    unknown = sorted(set(weights) - set(names), key=str)
+    if unknown:  # names of layers this model lacks: measured on another model
+        raise ValueError(
+            f"sensitivity names {len(unknown)} layers the model does not have (first: {unknown[0]!r}); "
             "measure it for this model with sensitivity='measure'"
         )
 
