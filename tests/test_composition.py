@@ -452,8 +452,13 @@ def test_a_second_order_scheduler_is_refused_before_denoising():
     ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "cache"))
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
-    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler evaluates the model twice at some timesteps"):
+    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler has a timestep twice in its schedule"):
         run_pipeline(pipe, steps=STEPS)
+    assert not calls
+    pipe.scheduler = euler  # a first-order scheduler given a repeated sigma: the fix named is not "another scheduler"
+    with pytest.raises(ValueError, match=r"FlowMatchEulerDiscreteScheduler has a timestep twice .*sigmas or timesteps "
+                                         r"given with a value repeated"):
+        run_pipeline(pipe, steps=STEPS, sigmas=[1.0, 0.5, 0.5, 0.1][:STEPS])
     assert not calls
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(euler.config)
     expected = sd3_pipeline()

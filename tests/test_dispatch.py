@@ -152,7 +152,9 @@ def test_an_attention_mask_it_cannot_read_runs_stock_and_refuses_compression(mon
     assert len(seen) == 3 * STEPS
     ditfastattn.remove(model)
     ditfastattn.apply(model, Plan.uniform(model, STEPS, "arrow:0.3"))
+    seen.clear()
     with pytest.raises(NotImplementedError, match=r"transformer_blocks.0.attn: an attention mask .*float32.*runs only "
                                                   r"the stock attention, but the plan compresses this layer at step 1"):
         generate(model, inputs)
+    assert seen == ["transformer_blocks.0.attn"]  # at the first layer of step 0, not after that step's work
     ditfastattn.remove(model)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import embeds, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3, tiny_vae
+from conftest import embeds, flux_pipeline, negative_embeds, run_pipeline, sd3_pipeline, tiny_sd3, tiny_vae
 from diffusers import FlowMatchEulerDiscreteScheduler
 from test_runtime import find, head_attention, with_methods
 
@@ -23,8 +23,10 @@ from ditfastattn._geometry import MODE_FULL, window_blocks
 
 
 def call(model, timestep: float):
-    """One call of a tiny SD3 transformer on 32x32 latents (256 image tokens) at ``timestep``."""
-    return model(hidden_states=torch.randn(1, 4, 32, 32), encoder_hidden_states=torch.randn(1, 7, 16),
+    """One call of a tiny SD3 transformer on 32x32 latents (256 image tokens) at ``timestep``; the
+    latents are the timestep's, as a step's calls share theirs in a pipeline."""
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(int(timestep)))
+    return model(hidden_states=latents, encoder_hidden_states=torch.randn(1, 7, 16),
                  pooled_projections=torch.randn(1, 16), timestep=torch.tensor([timestep]))
 
 
@@ -322,6 +324,71 @@ def test_a_short_generation_on_the_transformer_alone_runs_the_first_rows_and_is_
         run_pipeline(pipe, steps=5)
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("kind", ["sd3", "flux true cfg"])
+def test_a_generation_stopped_after_its_first_step_lends_the_next_one_nothing(kind, static):
+    # On the transformer alone the next generation's first timestep equals the stopped one's last, as a
+    # step's second call's does (true CFG): the latents tell them apart. The stopped generation's step-0
+    # outputs were read by the next one's cache heads at step 1 (0.0025 off on SD3), with no warning.
+    make = sd3_pipeline if kind == "sd3" else flux_pipeline
+    extra = {"height": 32, "width": 32} if kind == "sd3" else {"true_cfg_scale": 2.0, **negative_embeds()}
+    options = {"static": True, "num_image_tokens": 256 if kind == "sd3" else 1024} if static else {}
+
+    def stop_after_the_first_step(pipe, step, timestep, kwargs):
+        pipe._interrupt = True
+        return kwargs
+
+    outputs = {}
+    for target in ("pipeline", "transformer"):
+        pipe = make()
+        plan = Plan.uniform(pipe.transformer, 4, "cache")
+        ditfastattn.apply(pipe if target == "pipeline" else pipe.transformer, plan, **options)
+        outputs[target] = run_pipeline(pipe, steps=4, seed=3, **extra)
+    assert torch.equal(outputs["transformer"], outputs["pipeline"])  # true CFG's second call is still one
+    for stop in ({"steps": 1}, {"steps": 4, "callback_on_step_end": stop_after_the_first_step}):
+        pipe = make()
+        ditfastattn.apply(pipe.transformer, Plan.uniform(pipe.transformer, 4, "cache"), **options)
+        run_pipeline(pipe, seed=9, **stop, **extra)
+        assert torch.equal(run_pipeline(pipe, steps=4, seed=3, **extra), outputs["pipeline"])
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("make", [sd3_pipeline, flux_pipeline], ids=["sd3 processors", "flux dispatch"])
+def test_an_apply_interrupted_after_its_hooks_leaves_nothing_behind(make, static, monkeypatch):
+    # An interrupt at apply's last step (following the scheduler) left the hooks on a model that remove()
+    # could not find: the next "stock" generation ran the plan.
+    from diffusers.models import attention_dispatch
+
+    from ditfastattn.runtime.session import Session
+
+    pipe = make()
+    size = {"height": 32, "width": 32}
+    stock = run_pipeline(pipe, steps=4, **size)
+    modules = dict(pipe.transformer.named_modules())
+    processors = {name: m.processor for name, m in modules.items() if hasattr(m, "processor")}
+    dispatch_fn = attention_dispatch.dispatch_attention_fn
+
+    def interrupted(self, check=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Session, "follow_scheduler", interrupted)
+    options = {"static": True, "num_image_tokens": 256} if static else {}
+    with pytest.raises(KeyboardInterrupt):
+        ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 4, "arrow:0.5"), **options)
+    monkeypatch.undo()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules.values())
+    assert {name: m.processor for name, m in modules.items() if hasattr(m, "processor")} == processors
+    assert all(not name.startswith("_ditfastattn") for m in modules.values() for name in m._buffers)
+    assert attention_dispatch.dispatch_attention_fn is dispatch_fn
+    assert "set_timesteps" not in vars(pipe.scheduler) and "step" not in vars(pipe.scheduler)
+    with pytest.raises(RuntimeError, match="no ditfastattn plan is applied"):
+        ditfastattn.remove(pipe)
+    assert torch.equal(run_pipeline(pipe, steps=4, **size), stock)
+    ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, 4, "arrow:0.5"), **options)
+    assert not torch.equal(run_pipeline(pipe, steps=4, **size), stock)
+    ditfastattn.remove(pipe)
+
+
 def test_a_scheduler_swapped_after_apply_is_checked_and_restored(recorder):
     pipe = sd3_pipeline()
     old = pipe.scheduler
@@ -506,6 +573,17 @@ def test_the_provenance_records_settings_given_through_pipeline_kwargs():
                                       pipeline_kwargs={"guidance_scale": 4.5, "height": 32})
     plan = ditfastattn.calibrate(sd3_pipeline(), [{**embeds(), **negative_embeds()}], config, progress=False)
     assert (plan.provenance["height"], plan.provenance["width"], plan.provenance["guidance_scale"]) == (32, 32, 4.5)
+
+
+def test_a_calibration_pass_a_callback_interrupts_is_named_as_such():
+    def interrupt(pipe, step, timestep, kwargs):
+        pipe._interrupt = step == 1
+        return kwargs
+
+    config = ditfastattn.SearchConfig(delta=0.1, num_inference_steps=4, height=32, width=32,
+                                      pipeline_kwargs={"callback_on_step_end": interrupt})
+    with pytest.raises(RuntimeError, match=r"pass ended after 2 of its 4 steps \(a step callback in pipeline_kwargs"):
+        ditfastattn.calibrate(sd3_pipeline(), [{**embeds(), **negative_embeds()}], config, progress=False)
 
 
 def test_a_sensitivity_naming_layers_the_model_lacks_is_refused():

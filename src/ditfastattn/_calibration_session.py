@@ -662,6 +662,11 @@ def run_pass(
         uninstall(pipe)
     first = max(replay[1], 1) if replay is not None else 1  # step 0 decides nothing; replayed steps run nothing
     missing = (steps - first) * len(spec.layers) - len(session.decided)
+    if missing and session.step < steps - 1:
+        raise RuntimeError(
+            f"the calibration pass ended after {session.step + 1} of its {steps} steps (a step callback in "
+            "pipeline_kwargs that interrupts the pipeline?); calibration measures every step, so let it run them all"
+        )
     if missing:
         raise RuntimeError(
             f"calibration decided only {len(session.decided)} layer-steps; {missing} were never run: calibration "

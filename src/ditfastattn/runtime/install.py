@@ -59,14 +59,24 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
                     "custom processors first)"
                 )
     session = session_cls(transformer, plan, adapter, impl, **session_args)
+    try:
+        _hook(session, experts, modules, pipe)
+    except BaseException:  # an interrupt too: nothing of a plan that is not applied may stay on the model
+        _unhook(session)
+        raise
+    for expert in experts:
+        setattr(expert, _SESSION_ATTR, session)
+    return session
+
+
+def _hook(session: Session, experts, modules, pipe) -> None:
+    """Put ``session`` on the model: its counters, hooks, processors or dispatch, and the scheduler."""
+    adapter = session.adapter
     session.set_experts(experts)
     session.install_layers(modules[0])
-    session.handles = [
-        handle for expert in experts for handle in (
-            expert.register_forward_pre_hook(session.begin_call, with_kwargs=True),
-            expert.register_forward_hook(session.end_call, with_kwargs=True),
-        )
-    ]
+    for expert in experts:
+        session.handles.append(expert.register_forward_pre_hook(session.begin_call, with_kwargs=True))
+        session.handles.append(expert.register_forward_hook(session.end_call, with_kwargs=True))
     if hasattr(adapter, "make_processor"):  # a family that calls SDPA itself: its own processors
         for expert_modules in modules:
             for layer in session.layers:
@@ -80,9 +90,25 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
     if pipe is not None:
         session.pipe = pipe
         session.follow_scheduler(check=False)  # its timesteps may be a previous run's
-    for expert in experts:
-        setattr(expert, _SESSION_ATTR, session)
-    return session
+
+
+def _unhook(session: Session) -> None:
+    """Undo :func:`_hook`, as far as it went."""
+    for module, processor in session.originals:
+        module.set_processor(processor)
+    for handle in session.handles:
+        handle.remove()
+    release = getattr(session, "release", None)  # set where dispatch.intercept wrapped the stock function
+    if release is not None:
+        release()
+    if session.scheduler_hook is not None:
+        session.scheduler_hook.undo()
+    for layer in session.layers:
+        layer.free()
+    session.uninstall_layers({layer.name: session.transformer.get_submodule(layer.name) for layer in session.layers})
+    for expert in session.experts:
+        if getattr(expert, _SESSION_ATTR, None) is session:
+            delattr(expert, _SESSION_ATTR)
 
 
 def _module_name(expert: int, name: str) -> str:
@@ -131,19 +157,7 @@ def uninstall(pipe_or_transformer) -> Plan:
         session = hooked if hooked is not None and hooked.pipe is pipe and hooked.scheduler_hook.active else None
     if session is None:
         raise RuntimeError("no ditfastattn plan is applied to this model; nothing to remove")
-    for module, processor in session.originals:
-        module.set_processor(processor)
-    for handle in session.handles:
-        handle.remove()
-    if not hasattr(session.adapter, "make_processor"):
-        session.release()
-    if session.scheduler_hook is not None:
-        session.scheduler_hook.undo()
-    for layer in session.layers:
-        layer.free()
-    session.uninstall_layers({layer.name: session.transformer.get_submodule(layer.name) for layer in session.layers})
-    for expert in session.experts:
-        delattr(expert, _SESSION_ATTR)
+    _unhook(session)
     return session.applied_plan
 
 

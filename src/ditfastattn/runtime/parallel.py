@@ -306,13 +306,17 @@ class UlyssesSession(Ulysses, Session):
                                 for head in range(layer.heads)) for index, layer in enumerate(plan.model.layers)]
         logger.info("Ulysses rank %d of %d runs its 1/%d of every layer's heads", self.rank, self.degree, self.degree)
 
+    _permuted = False  # whether install_layers moved the heads (an apply that failed may not have)
+
     def install_layers(self, modules) -> None:
         if self.placements is not None:  # every expert alike: they run the same plan rows
             permute_heads(self.experts, self.applied_plan, self.placements)
+            self._permuted = True
 
     def uninstall_layers(self, modules) -> None:
-        if self.placements is not None:
+        if self._permuted:
             permute_heads(self.experts, self.run_plan, invert(self.placements))
+            self._permuted = False
 
     def _stock_only(self, layer: LayerRuntime, reason: str) -> None:
         if self._compressed[layer.index]:

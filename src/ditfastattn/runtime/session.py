@@ -88,14 +88,17 @@ class LayerRuntime:
         if not geometry.simple:
             session.check_layout_support(self)
         row = self._runnable(session.row(self, q, k, v, geometry.text_start, geometry.text_len, dense), q)
+        if dense_only:
+            # At the first call that shows it, not at the step that compresses (after the work before it).
+            step = session.step if not row.all_full else session.compressed_step_after(self.index)
+            if step is not None:
+                what = dense_only if isinstance(dense_only, str) else "attention masks and context parallelism"
+                raise NotImplementedError(
+                    f"{self.name}: {what} runs only the stock attention, but the plan compresses this layer at step "
+                    f"{step}; apply a plan that keeps this layer full, or call the model without it"
+                )
         if row.all_full and row.capture_modes is None and not row.keep:
             return dense()
-        if dense_only and not row.all_full:
-            what = dense_only if isinstance(dense_only, str) else "attention masks and context parallelism"
-            raise NotImplementedError(
-                f"{self.name}: {what} runs only the stock attention, but the plan compresses this layer at step "
-                f"{session.step}; apply a plan that keeps this layer full, or call the model without it"
-            )
         slot = self.slots.setdefault(session.call, _Buffers())
         if row.all_full:
             out = result = session.dense(self, dense)
@@ -199,15 +202,38 @@ def _store_difference(residual, result, arrow, heads: slice | torch.Tensor) -> N
         residual.index_copy_(2, heads, result.index_select(2, heads).sub_(arrow.index_select(2, heads)))
 
 
-def latents_shape(arguments: dict) -> tuple | None:
-    """The shape of a transformer call's latents: ``hidden_states`` (its first argument where it has
-    none), a tensor or, as Z-Image takes them, a list of one per batch element (batch first)."""
+def _latents(arguments: dict) -> list[torch.Tensor] | None:
+    """A transformer call's latents: ``hidden_states`` (its first argument where it has none), a
+    tensor or, as Z-Image takes them, a list of one per batch element; as a list, None if neither."""
     latents = arguments.get("hidden_states", next(iter(arguments.values()), None))
     if torch.is_tensor(latents):
-        return tuple(latents.shape)
+        return [latents]
     if isinstance(latents, (list, tuple)) and latents and all(torch.is_tensor(t) for t in latents):
-        return (len(latents), *latents[0].shape)
+        return list(latents)
     return None
+
+
+def latents_shape(arguments: dict) -> tuple | None:
+    """The shape of a transformer call's latents (a list's: batch first)."""
+    latents = _latents(arguments)
+    if latents is None:
+        return None
+    hidden = arguments.get("hidden_states", next(iter(arguments.values()), None))
+    return tuple(latents[0].shape) if torch.is_tensor(hidden) else (len(latents), *latents[0].shape)
+
+
+def latents_print(arguments: dict) -> torch.Tensor | None:
+    """Three numbers that tell a call's latents from other latents: their element count, sum and sum
+    of squares (float64, on their device: no host read)."""
+    latents = _latents(arguments)
+    if latents is None:
+        return None
+    values = [tensor.detach().double() for tensor in latents]
+    device = values[0].device
+    count = torch.full((), float(sum(v.numel() for v in values)), dtype=torch.float64, device=device)
+    total = sum(v.sum().to(device) for v in values)
+    squares = sum(v.square().sum().to(device) for v in values)
+    return torch.stack([count, total, squares])
 
 
 def experts_of(transformer, pipe) -> list[torch.nn.Module]:
@@ -276,6 +302,8 @@ class Session:
         self.in_call = False
         self.scheduled_steps: int | None = None  # set by the hooked scheduler, checked at the next call
         self._last_timestep: float | None = None
+        # With no scheduler hooked: a print of the latents of the generation's first call (see _restarted).
+        self._first_latents: torch.Tensor | None = None
         # Denoising steps the hooked scheduler took, and how many of them the last transformer call had seen.
         self._scheduler_steps = self._steps_seen = 0
         self._tie_said = self._unfollowed_said = False
@@ -284,6 +312,9 @@ class Session:
         self._counted = False  # the scheduler's step count was checked for the next generation
         self._checked = False  # ... for the current one
         self.layers = [self.layer_cls(self, index, layer.name) for index, layer in enumerate(plan.model.layers)]
+        # Per layer, the steps whose row compresses it (of the plan as applied: a search decides later rows).
+        self._compressed_steps = [[step for step, rows in enumerate(plan.methods) if any(m != "full" for m in rows[index])]
+                                  for index in range(len(self.layers))]
         self.originals: list[tuple[torch.nn.Module, object]] = []  # (attention module, its processor at apply)
         self.handles: list = []
         self.experts = [transformer]  # the transformers the hooks are on (install sets them)
@@ -461,12 +492,15 @@ class Session:
         # scheduler's steps, where it is hooked).
         value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         last = self._last_timestep
-        starting = self._new_generation or last is None or value > last
         # A step the scheduler took since the last call: the next step even where the timestep did not
         # change (bfloat16 rounds neighbouring timesteps near 1000 to one value).
         stepped = self._scheduler_steps != self._steps_seen
         self._steps_seen = self._scheduler_steps
+        tie = value == last and not stepped
+        starting = self._new_generation or last is None or value > last or (tie and self._restarted(arguments))
         if starting:
+            if self.scheduler_hook is None:
+                self._first_latents = latents_print(arguments)
             self.check_scheduled_steps()
             self._start_generation()
             self.check_experts()
@@ -474,7 +508,7 @@ class Session:
             if module is not self.experts[0]:  # the second expert from the first step on
                 self.switch_steps.append(self.step)
             self._check_inputs(arguments.get("hidden_states"))
-        elif value == last and not stepped:
+        elif tie:
             self._say_unhooked_tie(timestep)
             self.call += 1
             self.calls_per_step = max(self.calls_per_step, self.call + 1)
@@ -501,6 +535,21 @@ class Session:
         if self._cfg_share:
             self._check_cfg_batch(arguments.get("hidden_states"))
         self.in_call = True
+
+    def compressed_step_after(self, index: int) -> int | None:
+        """The first step after the current one whose row compresses layer ``index``; None if none."""
+        return next((step for step in self._compressed_steps[index] if step > self.step), None)
+
+    def _restarted(self, arguments) -> bool:
+        """With no scheduler to say that a generation began (a plan applied to the transformer alone), a
+        call at the first step's timestep is the step's next call (true CFG's, on the same latents) or
+        a new generation after one that stopped there (an interrupt, a one-step warm-up), whose outputs
+        the new one's cache heads must not read: told apart by the latents. (Two generations from
+        equal latents look alike; their first steps' outputs differ only by the prompts.)"""
+        if self.scheduler_hook is not None or self.step != 0 or self._first_latents is None:
+            return False
+        current = latents_print(arguments)
+        return current is None or not torch.equal(current, self._first_latents)
 
     def _check_cfg_batch(self, hidden) -> None:
         """cfg_share splits a call's batch into [unconditional; conditional] halves. A pipeline that

@@ -17,7 +17,7 @@ from .caches import named, refuse_layer_skipping_caches
 from .layer_skip import attention_scores_skipped
 from .rows import _compile_rows
 from .call_geometry import CallGeometry
-from .session import LayerRuntime, Session, full_head_cost, latents_shape, logger, loose_pool_methods
+from .session import LayerRuntime, Session, full_head_cost, latents_print, latents_shape, logger, loose_pool_methods
 from .steps import too_many_steps, warn_short_generation
 
 
@@ -28,6 +28,7 @@ _CALL = "_ditfastattn_call"  # the call slot within the step (CFG's second call:
 _SLOT_STEP = "_ditfastattn_slot_step"  # per call slot, the step it last ran at
 _TICKS = "_ditfastattn_scheduler_steps"  # the denoising steps the hooked scheduler took
 _TICKS_SEEN = "_ditfastattn_scheduler_steps_seen"  # ... as of the last transformer call
+_FIRST_LATENTS = "_ditfastattn_first_latents"  # latents_print of the generation's first call
 _FRESH = "_ditfastattn_fresh"  # whether this call's slot ran at the previous step (its outputs may be read)
 _SLOT_SIZE = "_ditfastattn_slot_size"  # per call slot, its input's size this generation
 # Bits of the faults a compiled call records on the device for the host to report later.
@@ -358,6 +359,7 @@ class StaticSession(Session):
                 _CALL: torch.zeros(1, dtype=torch.long, device=device),
                 _TICKS: torch.zeros(1, dtype=torch.long, device=device),
                 _TICKS_SEEN: torch.zeros(1, dtype=torch.long, device=device),
+                _FIRST_LATENTS: torch.zeros(3, dtype=torch.float64, device=device),
                 _FRESH: torch.ones(1, dtype=torch.bool, device=device),
                 _SLOT_STEP: torch.full((1, 1), _NEVER, device=device),  # [expert, call slot]
                 _SLOT_SIZE: torch.full((1, 1), _NEVER, dtype=torch.long, device=device),  # [expert, call slot]
@@ -398,6 +400,7 @@ class StaticSession(Session):
         with _normal_tensors():
             self._counters = {name: module._buffers[name] for name in self._counters}
             self._counters[_LAST_TIMESTEP] = self._counters[_LAST_TIMESTEP].float()
+            self._counters[_FIRST_LATENTS] = self._counters[_FIRST_LATENTS].double()
         self._register_counters()
 
     def step_tensor(self) -> torch.Tensor:
@@ -444,16 +447,25 @@ class StaticSession(Session):
         ticks, seen = buffers[_TICKS], buffers[_TICKS_SEEN]
         same_step = (value == last) & (ticks == seen)
         seen.copy_(ticks)
+        # With no scheduler hooked, a tie at the first step on other latents is a new generation (Session._restarted).
+        first_print = buffers[_FIRST_LATENTS]
+        current = latents_print(arguments) if self.scheduler_hook is None else None
+        if current is None:  # a scheduler hook says where a generation begins
+            restarted = torch.zeros_like(same_step)
+        else:
+            restarted = same_step & (step == 0) & (current != first_print).any()
+        same_step = same_step & ~restarted
         next_call = torch.where(same_step, call + 1, 0)
-        starting = value > last
-        reached = step + ((value <= last) & ~same_step).long()  # the step this call is at, unless starting
+        starting = (value > last) | restarted
+        # the step this call is at, unless starting (then the one the last generation stopped at)
+        reached = step + ((value <= last) & ~same_step & ~restarted).long()
         if compiled:
             # No host read here: record what the host cannot see now, reported at the next eager
             # call or the next generation (scheduler.set_timesteps).
             found = (
                 torch.where(next_call >= self.calls_per_step, _EXTRA_CALL, 0)
                 | torch.where(~starting & (reached > final), _EXTRA_STEP, 0)
-                | torch.where((value > last) & (last > float("-inf")) & (step < final), _SHORT_GENERATION, 0)
+                | torch.where(starting & (last > float("-inf")) & (step < final), _SHORT_GENERATION, 0)
             )
             faults.copy_(faults | found)
         else:
@@ -462,9 +474,9 @@ class StaticSession(Session):
             self.check_processors()
             self._require_grid()
             self.follow_scheduler()
-            value_, last_, reached_, call_ = torch.cat([value, last, reached.to(last.dtype),
-                                                        next_call.to(last.dtype)]).tolist()
-            if value_ > last_:
+            starting_, last_, reached_, call_ = torch.cat([starting.to(last.dtype), last, reached.to(last.dtype),
+                                                           next_call.to(last.dtype)]).tolist()
+            if starting_:
                 self.check_scheduled_steps()
                 first = self._first_step()
                 if first:
@@ -475,13 +487,15 @@ class StaticSession(Session):
                     )
                 self.check_experts()
                 refuse_static_caches(self.experts, self.pipe)
-            self._check_call(value_, last_, reached_)
+            self._check_call(bool(starting_), last_, reached_)
             if call_ > 0:
                 self._say_unhooked_tie(timestep)
             if call_ >= self.calls_per_step:
                 self._add_call_slots(int(call_) + 1)
         step.copy_(torch.where(starting, torch.zeros_like(step), reached.clamp(max=final)))
         last.copy_(value)
+        if current is not None:
+            first_print.copy_(torch.where(starting, current, first_print))
         # The call's slot, and whether it ran at the previous step of this generation (an extra call
         # under compile shares the last slot, recorded above as a fault).
         call.copy_(next_call.clamp(max=self.calls_per_step - 1))
@@ -539,14 +553,14 @@ class StaticSession(Session):
             f"candidates that have no {prefixes}) for this model"
         )
 
-    def _check_call(self, value: float, last: float, reached: float) -> None:
-        """The checks of an eager call, on host copies of the timestep and the device counters
-        (``reached``: the step this call is at, were it not a generation's first)."""
+    def _check_call(self, starting: bool, last: float, reached: float) -> None:
+        """The checks of an eager call, on host copies of the device counters (``reached``: the step
+        this call is at, or for a generation's first call the one the last generation stopped at)."""
         self.report_faults()
         final = self.plan.num_steps - 1
-        if value <= last and reached > final:
+        if not starting and reached > final:
             raise too_many_steps(self.plan.num_steps, "the pipeline")
-        if value > last and last > float("-inf") and reached < final:
+        if starting and last > float("-inf") and reached < final:
             warn_short_generation(int(reached) + 1, self.plan.num_steps)
 
     def report_faults(self) -> None:
@@ -593,12 +607,13 @@ class StaticSession(Session):
             layer.modules = [expert.get_submodule(layer.name) for expert in self.experts]
 
     def uninstall_layers(self, modules: dict[str, torch.nn.Module]) -> None:
-        for module in (module for layer in self.layers for module in layer.modules):
+        """Remove the layers' buffers and the counters, as far as an apply that failed got with them."""
+        for module in (module for layer in self.layers for module in getattr(layer, "modules", ())):
             for name in [n for n in module._buffers if n.startswith("_ditfastattn_")]:
                 del module._buffers[name]
         for expert in self.experts:
             for name in self._counters:
-                del expert._buffers[name]
+                expert._buffers.pop(name, None)
 
 
 def _reshaped_error(where: str = "") -> RuntimeError:

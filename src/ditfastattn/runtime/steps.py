@@ -45,9 +45,10 @@ def steps_of(scheduler) -> int:
     values = timesteps.tolist() if torch.is_tensor(timesteps) else list(timesteps)
     if len(set(values)) != len(values):
         raise ValueError(
-            f"{type(scheduler).__name__} evaluates the model twice at some timesteps (a second-order scheduler), but "
-            "ditfastattn tells denoising steps apart by their timestep, so a plan runs with first-order schedulers "
-            "only: use one such as FlowMatchEulerDiscreteScheduler, or ditfastattn.remove()"
+            f"{type(scheduler).__name__} has a timestep twice in its schedule (a second-order scheduler, or sigmas "
+            "or timesteps given with a value repeated), but ditfastattn tells denoising steps apart by their "
+            "timestep: give a schedule of distinct values to a first-order scheduler (such as "
+            "FlowMatchEulerDiscreteScheduler), or ditfastattn.remove()"
         )
     return len(values)
 
