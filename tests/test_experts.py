@@ -286,6 +286,19 @@ def test_remove_on_the_pipeline_finds_a_plan_applied_to_transformer_2_alone(pipe
     assert not hasattr(pipe.transformer_2, "_ditfastattn_session") and torch.equal(generate(pipe), stock)
 
 
+def test_a_plan_of_both_experts_is_refused_on_one_expert_alone(pipe):
+    # transformer_2 alone counts steps from its own first call (the switch step): row 0 would run there.
+    plan = Plan.uniform(pipe.transformer, STEPS, "arrow:0.125")
+    plan = Plan(plan.model, plan.methods, {"expert_switch_steps": [2]})
+    for expert in (pipe.transformer, pipe.transformer_2):
+        with pytest.raises(ValueError, match=r"searched over a pipeline's two experts \(the second from step 2\).*"
+                                             r"apply it to the pipeline"):
+            ditfastattn.apply(expert, plan)
+        assert not hasattr(expert, "_ditfastattn_session")
+    ditfastattn.apply(pipe, plan)
+    ditfastattn.remove(pipe)
+
+
 def test_the_step_cache_schedule_leaves_the_switch_step_to_windows():
     early = pipeline(boundary_ratio=0.95)  # the second expert from step 1, which the schedule would cache
     assert first_expert_steps(early) == 1

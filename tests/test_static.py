@@ -523,3 +523,64 @@ def test_static_mode_runs_qwen_image_true_cfg_with_a_shorter_negative_prompt_com
     finally:
         ditfastattn.remove(model)
     assert not torch.allclose(dynamic[-1], stock[-1], atol=1e-3)
+
+
+# faults of compiled calls ---------------------------------------------------------------------
+def _compiled_pipeline(pipe, plan, tokens, **eager):
+    """``pipe`` with ``plan`` in static mode, one eager 4-step generation, its transformer compiled in place."""
+    torch._dynamo.reset()
+    ditfastattn.apply(pipe, plan, static=True, num_image_tokens=tokens)
+    run_pipeline(pipe, steps=4, **eager)
+    pipe.transformer.compile(fullgraph=True, backend="aot_eager", dynamic=False)
+    return pipe
+
+
+@torch.no_grad()
+def test_a_compiled_generation_of_another_step_count_is_refused_after_its_first_step():
+    # Every call compiled, nothing checked the step count on the host: a 3-step generation of a 4-step
+    # plan returned its image, a 6-step one ran the last row twice more, reported a generation later.
+    pipe = _compiled_pipeline(sd3_pipeline(), Plan.uniform(tiny_sd3(), 4, "cache"), 256, height=32, width=32)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    for steps in (3, 6):
+        calls.clear()
+        with pytest.raises(ditfastattn.PlanMismatchError, match=f"4 denoising steps but the pipeline runs {steps}"):
+            run_pipeline(pipe, steps=steps, height=32, width=32)
+        assert len(calls) == 1
+    run_pipeline(pipe, steps=4, height=32, width=32)
+    ditfastattn.remove(pipe)
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_compiled_calls_after_a_fault_compute_every_head_exactly():
+    # On the transformer alone nothing reports a compiled call's fault (no eager call, no scheduler):
+    # a second call per step the eager generation never made (true CFG) shared a call slot's buffers.
+    # From the faulting call on, every head computes exactly: the output is stock attention's.
+    cfg = {"true_cfg_scale": 2.0, **negative_embeds()}
+    stock = run_pipeline(flux_pipeline(), steps=4, seed=3, **cfg)
+    pipe = flux_pipeline()
+    plan = with_methods(Plan.uniform(pipe.transformer, 4, "full"),
+                        lambda step, layer, head: ["cache", "arrow:0.25", "full"][(step + layer + head) % 3])
+    torch._dynamo.reset()
+    ditfastattn.apply(pipe.transformer, plan, static=True, num_image_tokens=1024)
+    run_pipeline(pipe, steps=4, seed=3)  # eager: one call per step
+    pipe.transformer.compile(fullgraph=True, backend="aot_eager", dynamic=False)
+    assert torch.equal(run_pipeline(pipe, steps=4, seed=3, **cfg), stock)
+    ditfastattn.remove(pipe.transformer)
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_a_compiled_call_on_another_grid_of_the_same_token_count_computes_exactly_and_is_reported():
+    # FLUX's grid is data (img_ids): a compiled call at 64 x 32 after eager calls at 32 x 64 (512
+    # tokens both) pooled its keys over the eager grid's patches. It now records a fault: every head
+    # computes exactly, and the next generation's start reports it.
+    size, swapped = {"height": 32, "width": 64}, {"height": 64, "width": 32}
+    stock = run_pipeline(flux_pipeline(), steps=4, **swapped)
+    pipe = _compiled_pipeline(flux_pipeline(), Plan.uniform(tiny_flux(), 4, "pool:2"), 512, **size)
+    assert torch.equal(run_pipeline(pipe, steps=4, **swapped), stock)
+    with pytest.raises(RuntimeError, match="another image grid of the same token count"):
+        run_pipeline(pipe, steps=4, **size)
+    ditfastattn.remove(pipe)
+    torch._dynamo.reset()

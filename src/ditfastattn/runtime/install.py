@@ -45,6 +45,15 @@ def install(pipe_or_transformer, plan: Plan, impl: str, session_cls=Session, **s
     adapter = adapter_for(transformer, context_parallel=getattr(session_cls, "context_parallel", False))
     spec = adapter.describe(transformer)
     plan.check_compatible(spec)
+    switches = plan.provenance.get("expert_switch_steps")
+    if pipe is None and switches:
+        # On one expert alone the steps count from its own first call, which for transformer_2 is the
+        # switch step: the rows would run at the wrong steps.
+        raise ValueError(
+            f"this plan was searched over a pipeline's two experts (the second from step {switches[0]}), and its rows "
+            "follow the pipeline's steps, which a transformer alone cannot see: apply it to the pipeline "
+            "(ditfastattn.apply(pipe, plan))"
+        )
     if len(experts) > 1:
         _check_second_expert(experts[1], transformer, spec, adapter)
     check_cfg_sharing(adapter, {m for rows in plan.methods for heads in rows for m in heads}, pipe)

@@ -32,7 +32,10 @@ _FIRST_LATENTS = "_ditfastattn_first_latents"  # latents_print of the generation
 _FRESH = "_ditfastattn_fresh"  # whether this call's slot ran at the previous step (its outputs may be read)
 _SLOT_SIZE = "_ditfastattn_slot_size"  # per call slot, its input's size this generation
 # Bits of the faults a compiled call records on the device for the host to report later.
-_EXTRA_CALL, _EXTRA_STEP, _SHORT_GENERATION, _RESHAPED = 1, 2, 4, 8
+_EXTRA_CALL, _EXTRA_STEP, _SHORT_GENERATION, _RESHAPED, _GRID = 1, 2, 4, 8, 16
+# The faults after which heads would read another call's outputs or another grid's windows: from the
+# faulting call until they are reported, every head computes exactly.
+_DEGRADING = _EXTRA_CALL | _RESHAPED | _GRID
 # A slot that never ran: no step is one after it.
 _NEVER = -2
 
@@ -268,6 +271,9 @@ class _StaticLayer(LayerRuntime):
         residual_add = module._ditfastattn_residual_add.index_select(0, step).view(-1)
         if session.keeps_apart:
             modes, residual_add = self._fresh_modes(step, modes, residual_add)
+        degraded = (session.faults_tensor() & _DEGRADING) != 0
+        modes = torch.where(degraded, MODE_FULL, modes)
+        residual_add = residual_add & ~degraded
         # Cache heads skip, so their slice must hold the call slot's last output: a persistent
         # buffer per slot. Layers that never cache write every element and take a fresh tensor.
         if self.caches:
@@ -346,6 +352,8 @@ class StaticSession(Session):
             raise NotImplementedError("static mode does not support cfg_share methods yet; apply without static=True")
         methods = [parse_method(m) for m in {m for rows in plan.methods for heads in rows for m in heads}]
         self._grid_methods = sorted(m.name for m in methods if m.needs_grid)
+        self._eager_grids: set = set()  # _grid_key of the eager calls (plans with grid methods only)
+        self._ids_prints: dict[int, torch.Tensor] = {}  # image-id count -> _ids_print of the eager call
         # Whether a head reads what an earlier step kept (then a call slot's shape must not change).
         self._reads_kept = any(m.reads_previous_output or m.reads_residual for m in methods)
         self.num_image_tokens = num_image_tokens
@@ -409,6 +417,9 @@ class StaticSession(Session):
     def call_tensor(self) -> torch.Tensor:
         return self._counter(_CALL)
 
+    def faults_tensor(self) -> torch.Tensor:
+        return self._counter(_FAULTS)
+
     def fresh_tensor(self) -> torch.Tensor:
         return self._counter(_FRESH)
 
@@ -466,11 +477,13 @@ class StaticSession(Session):
                 torch.where(next_call >= self.calls_per_step, _EXTRA_CALL, 0)
                 | torch.where(~starting & (reached > final), _EXTRA_STEP, 0)
                 | torch.where(starting & (last > float("-inf")) & (step < final), _SHORT_GENERATION, 0)
+                | self._other_grid(arguments)
             )
             faults.copy_(faults | found)
         else:
             # The layout may read the inputs on the host: only on eager calls (shapes are fixed).
             self._call_layout(arguments)
+            self._note_grid(arguments)
             self.check_processors()
             self._require_grid()
             self.follow_scheduler()
@@ -506,6 +519,34 @@ class StaticSession(Session):
         ran.index_copy_(0, call, step)
         self._check_size(latents_shape(arguments), starting, call, faults, compiled)
         self.in_call = True
+
+    def _note_grid(self, arguments) -> None:
+        """At an eager call of a plan whose windows depend on the image grid: what tells its grid apart
+        where the token count does not (the latents' shape, Qwen-Image's img_shapes, FLUX's img_ids)."""
+        if not self._grid_methods:
+            return
+        self._eager_grids.add(_grid_key(arguments))
+        ids = arguments.get("img_ids")
+        if torch.is_tensor(ids):
+            self._ids_prints[ids.shape[-2]] = _ids_print(ids)
+
+    def _other_grid(self, arguments):
+        """For a compiled call: raise where its shapes or arguments show a grid no eager call had (at
+        trace time); ``_GRID`` where its image ids differ from the eager call's of its length (on the
+        device), else 0. The layers' windows and pooled keys were sized by the eager calls."""
+        if not self._grid_methods:
+            return 0
+        if _grid_key(arguments) not in self._eager_grids:
+            raise RuntimeError(
+                "a compiled or captured call on an image grid that no eager call had (its latents of another shape "
+                "or img_shapes, though its token count matches one): static mode sizes tile windows and pooled keys "
+                "at eager calls; run one step eagerly at this size before compiling, or apply again"
+            )
+        ids = arguments.get("img_ids")
+        expected = self._ids_prints.get(ids.shape[-2]) if torch.is_tensor(ids) else None
+        if expected is None:
+            return 0
+        return torch.where((_ids_print(ids) != expected).any(), _GRID, 0)
 
     def _check_size(self, shape, starting, call, faults, compiled: bool) -> None:
         """A call slot's input must keep its shape within a generation: its buffers hold rows of that
@@ -573,14 +614,21 @@ class StaticSession(Session):
         if found & _EXTRA_CALL:
             raise RuntimeError(
                 f"a compiled or graph-replayed generation called the transformer more often in one step than the "
-                f"{self.calls_per_step} call(s) per step the eager calls before it made, so its output was wrong: run "
+                f"{self.calls_per_step} call(s) per step the eager calls before it made, so from that call on it "
+                "computed every head exactly (uncompressed): run "
                 "one whole step eagerly (every call of it: CFG's second call, skip-layer guidance) before compiling "
                 "or capturing"
             )
         if found & _EXTRA_STEP:
             raise too_many_steps(self.plan.num_steps, "a compiled or graph-replayed generation")
         if found & _RESHAPED:
-            raise _reshaped_error(" of a compiled or graph-replayed run, so its output was wrong")
+            raise _reshaped_error(" of a compiled or graph-replayed run, which from then on computed every head exactly")
+        if found & _GRID:
+            raise RuntimeError(
+                "a compiled or graph-replayed generation ran on another image grid of the same token count than the "
+                "eager calls sized the tile windows and pooled keys for, so from then on it computed every head "
+                "exactly: run one step eagerly at each image size before compiling or capturing, or apply again"
+            )
         logger.warning(
             "a compiled or graph-replayed generation stopped short of the plan's %d denoising steps (harmless for "
             "a warm-up or an interrupted run); pass num_inference_steps=%d",
@@ -601,6 +649,11 @@ class StaticSession(Session):
 
     def scheduler_stepped(self) -> None:
         self._counter(_TICKS).add_(1)  # on the device: compiled calls read it there
+        # The step count set for a generation whose calls were all compiled (none checked it on the host):
+        # checked once the transformer ran (one device read a generation), after its first step, not
+        # after the wrong image; a generation of another pipeline sharing the scheduler leaves it pending.
+        if self.scheduled_steps is not None and float(self._counters[_LAST_TIMESTEP]) > float("-inf"):
+            self.check_scheduled_steps()
 
     def install_layers(self, modules: dict[str, torch.nn.Module]) -> None:
         for layer in self.layers:
@@ -614,6 +667,20 @@ class StaticSession(Session):
         for expert in self.experts:
             for name in self._counters:
                 expert._buffers.pop(name, None)
+
+
+def _grid_key(arguments: dict) -> tuple:
+    """What shows a call's image grid at trace time: its latents' shape past the batch, and
+    ``img_shapes`` (Qwen-Image's grid, a list of ints)."""
+    shape = latents_shape(arguments)
+    return (None if shape is None else tuple(shape[1:]), repr(arguments.get("img_shapes")))
+
+
+def _ids_print(ids: torch.Tensor) -> torch.Tensor:
+    """The sums of FLUX-style image ids (rows, columns, and their squares) per coordinate: two grids of
+    one token count differ in them."""
+    values = ids.detach().double().reshape(-1, ids.shape[-1])
+    return torch.cat([values.sum(0), values.square().sum(0)])
 
 
 def _reshaped_error(where: str = "") -> RuntimeError:
