@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchmetrics
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 import ditfastattn
@@ -403,7 +404,7 @@ DIFFERENCE_SECTIONS = (
 )
 
 # What each merged run's meta keeps in the merged file's list of runs.
-RUN_KEYS = ("date", "device", "torch", "diffusers", "ditfastattn", "commit", "seconds")
+RUN_KEYS = ("date", "device", "torch", "diffusers", "torchmetrics", "ditfastattn", "commit", "seconds")
 
 
 def runs(meta: dict) -> list[dict]:
@@ -568,6 +569,7 @@ def main() -> None:
     def meta():
         return {
             **environment(torch.device(args.device)),
+            "torchmetrics": torchmetrics.__version__,  # its SSIM's border convention changed in 2024
             "steps": args.steps,
             "calibration_prompts": args.prompts,
             "heldout": args.heldout,
