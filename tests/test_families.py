@@ -263,6 +263,19 @@ def test_calibration_scores_with_the_exact_layout_and_replays_bit_for_bit(family
     assert any(m != "full" for rows in plan.methods[1:] for heads in rows for m in heads)
 
 
+@pytest.mark.parametrize("name", ["zimage", "hunyuanimage"])
+def test_measured_head_sensitivity_runs_on_every_family(name):
+    # The head-weight pass differentiates the transformer's output: Z-Image's is a list of tensors
+    # (it raised an AttributeError after the whole reference pass), and HunyuanImage 2.1's blocks take
+    # keyword arguments diffusers' own checkpoint function refuses (a TypeError, the same place).
+    pipe = MiniPipeline(FAMILIES[name])
+    plan = ditfastattn.calibrate(pipe, [prompt(seed=1), prompt(seed=2)],
+                                 SearchConfig(num_inference_steps=STEPS, delta=0.2, sensitivity="measure"), progress=False)
+    assert not [m for m in pipe.transformer.modules() if getattr(m, "gradient_checkpointing", False)]
+    heads = plan.provenance["search"]["sensitivity"]["heads"]
+    assert any(weight != 1.0 for rows in heads.values() for row in rows[1:] for weight in row)
+
+
 def calibrate_and_replay(family: Family, recorder, search: SearchConfig) -> Plan:
     """Calibrates on two prompts, applies the plan to both at once and checks that every layer
     output of the calibration run comes again bit for bit; returns the plan."""

@@ -525,6 +525,7 @@ def test_prompt_dicts_batch_their_texts_and_share_only_equal_settings():
                                {"prompt": "b", "ip_adapter_image_embeds": [image[0].clone()]}])
     assert shared["ip_adapter_image_embeds"] is image
     assert prompt_kwargs([{"x": np.zeros(3)}, {"x": np.zeros(3)}])[0]["x"].shape == (3,)
+    assert prompt_kwargs([{"guidance_scale": np.float32(3.5)}] * 2)[0] == {"guidance_scale": 3.5}
     for values in ([[torch.zeros(1, 4)], [torch.ones(1, 4)]], [np.zeros(3), np.ones(3)], [4.0, 5.0]):
         with pytest.raises(ValueError, match=r"differ in 'x', .*tensor with a batch dimension.*pipeline_kwargs"):
             prompt_kwargs([{"x": value} for value in values])

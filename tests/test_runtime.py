@@ -466,6 +466,29 @@ def test_the_transformer_alone_says_once_that_it_cannot_tell_rounded_steps_apart
     ditfastattn.remove(pipe.transformer)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_bf16_tie_at_the_first_step_stays_the_steps_next_call(static):
+    # 1000 and 999 round alike in bfloat16: the tied call's latents differ (the scheduler stepped), which
+    # must not read as a new generation there (the latents tell only full-precision ties apart).
+    pipe = flux_pipeline().to(torch.bfloat16)
+    options = {"static": True, "num_image_tokens": 1024} if static else {}
+    ditfastattn.apply(pipe.transformer, Plan.uniform(pipe.transformer, 4, "cache"), **options)
+    session = pipe.transformer._ditfastattn_session
+    restarts = []
+    start = session._start_generation if not static else None
+    if not static:
+        session._start_generation = lambda: (restarts.append(1), start())
+    inputs = {key: value.to(torch.bfloat16) for key, value in embeds().items()}
+    for seed in (0, 1):
+        pipe(sigmas=[1.0, 0.999, 0.75, 0.5], num_inference_steps=4, height=64, width=64, output_type="latent",
+             generator=torch.Generator().manual_seed(seed), **inputs)
+    if static:
+        assert int(pipe.transformer._buffers["_ditfastattn_step"]) == 2 and session.calls_per_step == 2
+    else:
+        assert restarts == [1, 1] and session.calls_per_step == 2
+    ditfastattn.remove(pipe.transformer)
+
+
 def test_a_pipeline_with_a_scheduler_of_its_own_is_said_once(caplog):
     # A sibling made by from_pipe with a new scheduler shares the transformer, not the scheduler the
     # plan follows: its strength and rounded timesteps would run the wrong rows, silently.

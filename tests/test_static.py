@@ -9,6 +9,7 @@ from test_hardening import SLG, call
 from test_runtime import with_methods
 from test_tiles import hide_grid
 from test_video_families import GRID as VIDEO_GRID
+from test_video_families import TEXT as VIDEO_TEXT
 from test_video_families import tiny_wan
 
 import ditfastattn
@@ -579,8 +580,40 @@ def test_a_compiled_call_on_another_grid_of_the_same_token_count_computes_exactl
     size, swapped = {"height": 32, "width": 64}, {"height": 64, "width": 32}
     stock = run_pipeline(flux_pipeline(), steps=4, **swapped)
     pipe = _compiled_pipeline(flux_pipeline(), Plan.uniform(tiny_flux(), 4, "pool:2"), 512, **size)
+    planned = run_pipeline(pipe, steps=4, **size)
     assert torch.equal(run_pipeline(pipe, steps=4, **swapped), stock)
-    with pytest.raises(RuntimeError, match="another image grid of the same token count"):
+    with pytest.raises(RuntimeError, match="another image grid of the same token count.*apply the plan again"):
         run_pipeline(pipe, steps=4, **size)
+    assert torch.equal(run_pipeline(pipe, steps=4, **size), planned)  # the next generation as planned again
     ditfastattn.remove(pipe)
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_a_compiled_call_on_latents_of_another_grid_computes_exactly(fullgraph):
+    # Wan's grid shows in its latents' shape, known at trace time: 4 x 12 x 8 patches after eager calls
+    # on 4 x 8 x 12 (384 tokens both). A raise there only broke the graph without fullgraph: the call
+    # reran eagerly, took the new grid as an eager one, and the compiled layers pooled the old one's
+    # patches (0.02 off). Now a fault: every head of that generation computes exactly.
+    text = torch.randn(1, VIDEO_TEXT, 16, generator=torch.Generator().manual_seed(1))
+
+    def generation(model, shape):
+        latents = torch.randn(1, 4, *shape, generator=torch.Generator().manual_seed(0))
+        return [model(hidden_states=latents, timestep=torch.tensor([t]), encoder_hidden_states=text,
+                      return_dict=False)[0] for t in (1000.0, 750.0, 500.0)]
+
+    first, other = (4, 16, 24), (4, 24, 16)
+    torch.manual_seed(0)
+    model = tiny_wan().eval()
+    stock = generation(model, other)
+    ditfastattn.apply(model, Plan.uniform(model, 3, "pool:2"), static=True, num_image_tokens=384)
+    generation(model, first)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False, fullgraph=fullgraph)
+    generation(compiled, first)
+    got = generation(compiled, other)
+    assert all(torch.allclose(g, s, atol=1e-5, rtol=0) for g, s in zip(got, stock))
+    assert int(model._buffers["_ditfastattn_faults"]) & 16
+    ditfastattn.remove(model)
     torch._dynamo.reset()

@@ -77,7 +77,8 @@ def _same(a, b) -> bool:
     if isinstance(a, dict) or isinstance(b, dict):
         return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     equal = a == b
-    return equal if isinstance(equal, bool) else False  # an elementwise answer: not a value the batch can share
+    # numpy scalars answer with numpy's bool; an elementwise answer is not a value the batch can share
+    return bool(equal) if isinstance(equal, (bool, np.bool_)) else False
 
 
 def _digest(digest, value) -> None:

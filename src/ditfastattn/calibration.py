@@ -108,7 +108,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
             seconds["passes"].append(time.perf_counter() - started)
             by_step = dataclasses.replace(config, cache="step")
             reachable = reachable_sparsity(uncompressed, spec, by_step, _whole_steps(by_step, uncompressed))
-            if config.target > reachable:
+            if config.target > reachable + 1e-9:  # equal up to rounding: reachable
                 logger.info("ditfastattn calibrate: cache='auto' caches per head only: caching whole steps removes at "
                             "most %.3f of the attention FLOPs here, short of the target %.3f", reachable, config.target)
                 modes = ("head",)
@@ -223,7 +223,7 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bars: tuple, second
         first = session
     cached = _whole_steps(config, first)
     reachable = reachable_sparsity(first, spec, config, cached)
-    if config.target > reachable:
+    if config.target > reachable + 1e-9:  # equal up to rounding is reachable
         most = ("every head after step 0 at its cheapest candidate" if cached is None else
                 f"steps {sorted(cached)} cached whole, every head of the others at its cheapest window")
         more = "narrower windows" if "cache" in config.candidates else "'cache', or narrower windows"

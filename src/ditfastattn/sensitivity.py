@@ -363,9 +363,11 @@ class _FisherSession(Session):
         self.squares.append((index, torch.linalg.vector_norm(grad, dim=(0, 1, 3), dtype=torch.float32).square()))
 
 
-def _first_tensor(output) -> torch.Tensor:
-    """The sample of a transformer's output (a tensor, a tuple, or a diffusers output class)."""
-    return output if torch.is_tensor(output) else output[0]
+def _samples(output) -> list[torch.Tensor]:
+    """The sample of a transformer's output (a tensor, a tuple, or a diffusers output class), as a
+    list of tensors: Z-Image's is a list, one per batch element."""
+    sample = output if torch.is_tensor(output) else output[0]
+    return [sample] if torch.is_tensor(sample) else list(sample)
 
 
 def measure_head_fisher(pipe, spec, call: dict[str, Any], config) -> np.ndarray:
@@ -393,17 +395,19 @@ def measure_head_fisher(pipe, spec, call: dict[str, Any], config) -> np.ndarray:
             try:
                 with torch.enable_grad():
                     output = forward(*args, **kwargs)
-                    sample = _first_tensor(output)
+                    samples = _samples(output)
                     # Under checkpointing the blocks run again inside the backward pass and tap
                     # again: only this forward's taps are what the gradient is asked of.
                     taps = list(session.taps)
                     if not taps:
                         return output
-                    device = sample.device
-                    if device not in generator:
-                        generator[device] = torch.Generator(device).manual_seed(config.seed)
-                    z = torch.randn(sample.shape, generator=generator[device], device=device, dtype=sample.dtype)
-                    torch.autograd.grad(sample, taps, grad_outputs=z, allow_unused=True)
+                    z = []
+                    for sample in samples:
+                        if sample.device not in generator:
+                            generator[sample.device] = torch.Generator(sample.device).manual_seed(config.seed)
+                        z.append(torch.randn(sample.shape, generator=generator[sample.device], device=sample.device,
+                                             dtype=sample.dtype))
+                    torch.autograd.grad(samples, taps, grad_outputs=z, allow_unused=True)
                 if session.squares:
                     indices, squares = zip(*session.squares)
                     host = torch.cat(squares).cpu().numpy()  # one read for the whole call
@@ -466,8 +470,14 @@ def _checkpoint_blocks(experts) -> list[tuple[torch.nn.Module, bool, Any]]:
             continue  # a model without diffusers' checkpointing runs as it is
         previous += [(module, module.gradient_checkpointing, module.__dict__.get("_gradient_checkpointing_func", _UNSET))
                      for module in flagged]
-        expert.enable_gradient_checkpointing()
+        expert.enable_gradient_checkpointing(_checkpointed)
     return previous
+
+
+def _checkpointed(module, *args, **kwargs):
+    """diffusers' checkpoint function, also taking keyword arguments: HunyuanImage 2.1's blocks get
+    theirs by keyword (``attention_mask=``), which diffusers' own function refuses."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, **kwargs)
 
 
 def _restore_checkpointing(previous: list[tuple[torch.nn.Module, bool, Any]]) -> None:

@@ -83,7 +83,8 @@ def _wrap(calls: str, stock):
 
 def intercept(session, modules: list[dict[str, torch.nn.Module]]) -> list:
     """Wrap the stock function for ``session``'s family and hook its layers (``modules``: each
-    expert's attention modules by layer name; one dict but for a second expert); returns the hooks.
+    expert's attention modules by layer name; one dict but for a second expert), the hooks added to
+    ``session.handles``.
 
     ``session.release()`` undoes the wrapping (once); a transformer dropped without ``remove()``
     does so when it is collected.
@@ -98,13 +99,11 @@ def intercept(session, modules: list[dict[str, torch.nn.Module]]) -> list:
             setattr(module, key[1], entry[1])
         entry[2] += 1
     session.release = weakref.finalize(session.transformer, release, session.adapter)
-    handles = []
-    for expert_modules in modules:
+    for expert_modules in modules:  # into the session's handles as they come: an interrupted apply removes them
         for layer in session.layers:
             module = expert_modules[layer.name]
-            handles.append(module.register_forward_pre_hook(_enter(layer)))
-            handles.append(module.register_forward_hook(_leave, always_call=True))
-    return handles
+            session.handles.append(module.register_forward_pre_hook(_enter(layer)))
+            session.handles.append(module.register_forward_hook(_leave, always_call=True))
 
 
 def release(adapter) -> None:

@@ -93,7 +93,7 @@ def _hook(session: Session, experts, modules, pipe) -> None:
                 session.originals.append((module, module.processor))
                 module.set_processor(adapter.make_processor(layer, module.processor))
     else:
-        session.handles += dispatch.intercept(session, modules)
+        dispatch.intercept(session, modules)
     session.watch_processors([(_module_name(index, name), module) for index, expert_modules in enumerate(modules)
                               for name, module in expert_modules.items()], exact=hasattr(adapter, "make_processor"))
     if pipe is not None:

@@ -222,15 +222,17 @@ def latents_shape(arguments: dict) -> tuple | None:
     return tuple(latents[0].shape) if torch.is_tensor(hidden) else (len(latents), *latents[0].shape)
 
 
-def latents_print(arguments: dict) -> torch.Tensor | None:
+def latents_print(arguments: dict, timestep) -> torch.Tensor | None:
     """Three numbers that tell a call's latents from other latents: their element count, sum and sum
-    of squares (float64, on their device: no host read)."""
+    of squares (float32, which every device has; on their device: no host read). None where the
+    latents cannot tell a new generation from the next step: a timestep in 16-bit floats, where
+    neighbouring steps near 1000 round to one value on other latents."""
     latents = _latents(arguments)
-    if latents is None:
+    if latents is None or (torch.is_tensor(timestep) and timestep.dtype in (torch.float16, torch.bfloat16)):
         return None
-    values = [tensor.detach().double() for tensor in latents]
+    values = [tensor.detach().float() for tensor in latents]
     device = values[0].device
-    count = torch.full((), float(sum(v.numel() for v in values)), dtype=torch.float64, device=device)
+    count = torch.full((), float(sum(v.numel() for v in values)), dtype=torch.float32, device=device)
     total = sum(v.sum().to(device) for v in values)
     squares = sum(v.square().sum().to(device) for v in values)
     return torch.stack([count, total, squares])
@@ -497,10 +499,11 @@ class Session:
         stepped = self._scheduler_steps != self._steps_seen
         self._steps_seen = self._scheduler_steps
         tie = value == last and not stepped
-        starting = self._new_generation or last is None or value > last or (tie and self._restarted(arguments))
+        starting = self._new_generation or last is None or value > last or (
+            tie and self._restarted(arguments, timestep))
         if starting:
             if self.scheduler_hook is None:
-                self._first_latents = latents_print(arguments)
+                self._first_latents = latents_print(arguments, timestep)
             self.check_scheduled_steps()
             self._start_generation()
             self.check_experts()
@@ -540,7 +543,7 @@ class Session:
         """The first step after the current one whose row compresses layer ``index``; None if none."""
         return next((step for step in self._compressed_steps[index] if step > self.step), None)
 
-    def _restarted(self, arguments) -> bool:
+    def _restarted(self, arguments, timestep) -> bool:
         """With no scheduler to say that a generation began (a plan applied to the transformer alone), a
         call at the first step's timestep is the step's next call (true CFG's, on the same latents) or
         a new generation after one that stopped there (an interrupt, a one-step warm-up), whose outputs
@@ -548,8 +551,10 @@ class Session:
         equal latents look alike; their first steps' outputs differ only by the prompts.)"""
         if self.scheduler_hook is not None or self.step != 0 or self._first_latents is None:
             return False
-        current = latents_print(arguments)
-        return current is None or not torch.equal(current, self._first_latents)
+        current = latents_print(arguments, timestep)
+        if current is None:  # a 16-bit timestep: a tie is said once in the log (_say_unhooked_tie)
+            return False
+        return current.device != self._first_latents.device or not torch.equal(current, self._first_latents)
 
     def _check_cfg_batch(self, hidden) -> None:
         """cfg_share splits a call's batch into [unconditional; conditional] halves. A pipeline that

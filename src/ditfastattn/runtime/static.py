@@ -29,12 +29,13 @@ _SLOT_STEP = "_ditfastattn_slot_step"  # per call slot, the step it last ran at
 _TICKS = "_ditfastattn_scheduler_steps"  # the denoising steps the hooked scheduler took
 _TICKS_SEEN = "_ditfastattn_scheduler_steps_seen"  # ... as of the last transformer call
 _FIRST_LATENTS = "_ditfastattn_first_latents"  # latents_print of the generation's first call
+_DEGRADED = "_ditfastattn_degraded"  # the degrading faults of this generation: every head computes exactly
 _FRESH = "_ditfastattn_fresh"  # whether this call's slot ran at the previous step (its outputs may be read)
 _SLOT_SIZE = "_ditfastattn_slot_size"  # per call slot, its input's size this generation
 # Bits of the faults a compiled call records on the device for the host to report later.
 _EXTRA_CALL, _EXTRA_STEP, _SHORT_GENERATION, _RESHAPED, _GRID = 1, 2, 4, 8, 16
 # The faults after which heads would read another call's outputs or another grid's windows: from the
-# faulting call until they are reported, every head computes exactly.
+# faulting call to the generation's end, every head computes exactly.
 _DEGRADING = _EXTRA_CALL | _RESHAPED | _GRID
 # A slot that never ran: no step is one after it.
 _NEVER = -2
@@ -271,7 +272,7 @@ class _StaticLayer(LayerRuntime):
         residual_add = module._ditfastattn_residual_add.index_select(0, step).view(-1)
         if session.keeps_apart:
             modes, residual_add = self._fresh_modes(step, modes, residual_add)
-        degraded = (session.faults_tensor() & _DEGRADING) != 0
+        degraded = session.degraded_tensor() != 0
         modes = torch.where(degraded, MODE_FULL, modes)
         residual_add = residual_add & ~degraded
         # Cache heads skip, so their slice must hold the call slot's last output: a persistent
@@ -367,7 +368,8 @@ class StaticSession(Session):
                 _CALL: torch.zeros(1, dtype=torch.long, device=device),
                 _TICKS: torch.zeros(1, dtype=torch.long, device=device),
                 _TICKS_SEEN: torch.zeros(1, dtype=torch.long, device=device),
-                _FIRST_LATENTS: torch.zeros(3, dtype=torch.float64, device=device),
+                _FIRST_LATENTS: torch.zeros(3, device=device),
+                _DEGRADED: torch.zeros(1, dtype=torch.int32, device=device),
                 _FRESH: torch.ones(1, dtype=torch.bool, device=device),
                 _SLOT_STEP: torch.full((1, 1), _NEVER, device=device),  # [expert, call slot]
                 _SLOT_SIZE: torch.full((1, 1), _NEVER, dtype=torch.long, device=device),  # [expert, call slot]
@@ -408,7 +410,7 @@ class StaticSession(Session):
         with _normal_tensors():
             self._counters = {name: module._buffers[name] for name in self._counters}
             self._counters[_LAST_TIMESTEP] = self._counters[_LAST_TIMESTEP].float()
-            self._counters[_FIRST_LATENTS] = self._counters[_FIRST_LATENTS].double()
+            self._counters[_FIRST_LATENTS] = self._counters[_FIRST_LATENTS].float()
         self._register_counters()
 
     def step_tensor(self) -> torch.Tensor:
@@ -417,8 +419,8 @@ class StaticSession(Session):
     def call_tensor(self) -> torch.Tensor:
         return self._counter(_CALL)
 
-    def faults_tensor(self) -> torch.Tensor:
-        return self._counter(_FAULTS)
+    def degraded_tensor(self) -> torch.Tensor:
+        return self._counter(_DEGRADED)
 
     def fresh_tensor(self) -> torch.Tensor:
         return self._counter(_FRESH)
@@ -460,8 +462,8 @@ class StaticSession(Session):
         seen.copy_(ticks)
         # With no scheduler hooked, a tie at the first step on other latents is a new generation (Session._restarted).
         first_print = buffers[_FIRST_LATENTS]
-        current = latents_print(arguments) if self.scheduler_hook is None else None
-        if current is None:  # a scheduler hook says where a generation begins
+        current = latents_print(arguments, timestep) if self.scheduler_hook is None else None
+        if current is None:  # a scheduler hook says where a generation begins (or a 16-bit timestep hides it)
             restarted = torch.zeros_like(same_step)
         else:
             restarted = same_step & (step == 0) & (current != first_print).any()
@@ -480,10 +482,14 @@ class StaticSession(Session):
                 | self._other_grid(arguments)
             )
             faults.copy_(faults | found)
+            degraded = buffers[_DEGRADED]
+            degraded.copy_(torch.where(starting, 0, degraded) | (found & _DEGRADING))
         else:
             # The layout may read the inputs on the host: only on eager calls (shapes are fixed).
             self._call_layout(arguments)
             self._note_grid(arguments)
+            degraded = buffers[_DEGRADED]
+            degraded.copy_(torch.where(starting, 0, degraded))
             self.check_processors()
             self._require_grid()
             self.follow_scheduler()
@@ -531,17 +537,14 @@ class StaticSession(Session):
             self._ids_prints[ids.shape[-2]] = _ids_print(ids)
 
     def _other_grid(self, arguments):
-        """For a compiled call: raise where its shapes or arguments show a grid no eager call had (at
-        trace time); ``_GRID`` where its image ids differ from the eager call's of its length (on the
-        device), else 0. The layers' windows and pooled keys were sized by the eager calls."""
+        """For a compiled call: ``_GRID`` where it is on another image grid than the eager calls that
+        sized the layers' tile windows and pooled keys: its latents of a shape none of them had (known
+        at trace time; raising there would only break the graph, and the call rerun eagerly), or image
+        ids other than the eager call's of its length (on the device); else 0."""
         if not self._grid_methods:
             return 0
         if _grid_key(arguments) not in self._eager_grids:
-            raise RuntimeError(
-                "a compiled or captured call on an image grid that no eager call had (its latents of another shape "
-                "or img_shapes, though its token count matches one): static mode sizes tile windows and pooled keys "
-                "at eager calls; run one step eagerly at this size before compiling, or apply again"
-            )
+            return _GRID
         ids = arguments.get("img_ids")
         expected = self._ids_prints.get(ids.shape[-2]) if torch.is_tensor(ids) else None
         if expected is None:
@@ -626,8 +629,8 @@ class StaticSession(Session):
         if found & _GRID:
             raise RuntimeError(
                 "a compiled or graph-replayed generation ran on another image grid of the same token count than the "
-                "eager calls sized the tile windows and pooled keys for, so from then on it computed every head "
-                "exactly: run one step eagerly at each image size before compiling or capturing, or apply again"
+                "eager calls sized the tile windows and pooled keys for, so it computed every head exactly: static "
+                "mode sizes them once, for one grid; apply the plan again for this size"
             )
         logger.warning(
             "a compiled or graph-replayed generation stopped short of the plan's %d denoising steps (harmless for "
@@ -669,11 +672,10 @@ class StaticSession(Session):
                 expert._buffers.pop(name, None)
 
 
-def _grid_key(arguments: dict) -> tuple:
-    """What shows a call's image grid at trace time: its latents' shape past the batch, and
-    ``img_shapes`` (Qwen-Image's grid, a list of ints)."""
+def _grid_key(arguments: dict) -> tuple | None:
+    """What shows a call's image grid at trace time: its latents' shape past the batch."""
     shape = latents_shape(arguments)
-    return (None if shape is None else tuple(shape[1:]), repr(arguments.get("img_shapes")))
+    return None if shape is None else tuple(shape[1:])
 
 
 def _ids_print(ids: torch.Tensor) -> torch.Tensor:
