@@ -81,7 +81,7 @@ def _wrap(calls: str, stock):
     return _Functional(stock) if calls == "sdpa" else _wrapper(stock)
 
 
-def intercept(session, modules: list[dict[str, torch.nn.Module]]) -> list:
+def intercept(session, modules: list[dict[str, torch.nn.Module]]) -> None:
     """Wrap the stock function for ``session``'s family and hook its layers (``modules``: each
     expert's attention modules by layer name; one dict but for a second expert), the hooks added to
     ``session.handles``.

@@ -225,10 +225,10 @@ def latents_shape(arguments: dict) -> tuple | None:
 def latents_print(arguments: dict, timestep) -> torch.Tensor | None:
     """Three numbers that tell a call's latents from other latents: their element count, sum and sum
     of squares (float32, which every device has; on their device: no host read). None where the
-    latents cannot tell a new generation from the next step: a timestep in 16-bit floats, where
-    neighbouring steps near 1000 round to one value on other latents."""
+    latents cannot tell a new generation from the next step: a bfloat16 timestep, where neighbouring
+    steps near 1000 round to one value on other latents (float16's spacing there is 0.5)."""
     latents = _latents(arguments)
-    if latents is None or (torch.is_tensor(timestep) and timestep.dtype in (torch.float16, torch.bfloat16)):
+    if latents is None or (torch.is_tensor(timestep) and timestep.dtype == torch.bfloat16):
         return None
     values = [tensor.detach().float() for tensor in latents]
     device = values[0].device
@@ -552,7 +552,7 @@ class Session:
         if self.scheduler_hook is not None or self.step != 0 or self._first_latents is None:
             return False
         current = latents_print(arguments, timestep)
-        if current is None:  # a 16-bit timestep: a tie is said once in the log (_say_unhooked_tie)
+        if current is None:  # a bfloat16 timestep: a tie is said once in the log (_say_unhooked_tie)
             return False
         return current.device != self._first_latents.device or not torch.equal(current, self._first_latents)
 

@@ -463,7 +463,7 @@ class StaticSession(Session):
         # With no scheduler hooked, a tie at the first step on other latents is a new generation (Session._restarted).
         first_print = buffers[_FIRST_LATENTS]
         current = latents_print(arguments, timestep) if self.scheduler_hook is None else None
-        if current is None:  # a scheduler hook says where a generation begins (or a 16-bit timestep hides it)
+        if current is None:  # a scheduler hook says where a generation begins (or a bfloat16 timestep hides it)
             restarted = torch.zeros_like(same_step)
         else:
             restarted = same_step & (step == 0) & (current != first_print).any()
@@ -566,6 +566,8 @@ class StaticSession(Session):
         sizes[self.expert_index].index_copy_(0, call, torch.where(reshaped, held, size))
         if compiled:
             faults.copy_(faults | torch.where(reshaped, _RESHAPED, 0))
+            degraded = self._counter(_DEGRADED)  # its heads must not read the rows of the old shape
+            degraded.copy_(degraded | torch.where(reshaped, _RESHAPED, 0))
         elif bool(reshaped):
             raise _reshaped_error()
 
@@ -680,8 +682,8 @@ def _grid_key(arguments: dict) -> tuple | None:
 
 def _ids_print(ids: torch.Tensor) -> torch.Tensor:
     """The sums of FLUX-style image ids (rows, columns, and their squares) per coordinate: two grids of
-    one token count differ in them."""
-    values = ids.detach().double().reshape(-1, ids.shape[-1])
+    one token count differ in them. Batched ids (B, S, 3) give every element the same grid: the first's."""
+    values = (ids[0] if ids.dim() == 3 else ids).detach().double().reshape(-1, ids.shape[-1])
     return torch.cat([values.sum(0), values.square().sum(0)])
 
 
