@@ -528,7 +528,7 @@ class StaticSession(Session):
 
     def _note_grid(self, arguments) -> None:
         """At an eager call of a plan whose windows depend on the image grid: what tells its grid apart
-        where the token count does not (the latents' shape, Qwen-Image's img_shapes, FLUX's img_ids)."""
+        where the token count does not (the latents' shape, FLUX's img_ids)."""
         if not self._grid_methods:
             return
         self._eager_grids.add(_grid_key(arguments))
@@ -683,7 +683,7 @@ def _grid_key(arguments: dict) -> tuple | None:
 def _ids_print(ids: torch.Tensor) -> torch.Tensor:
     """The sums of FLUX-style image ids (rows, columns, and their squares) per coordinate: two grids of
     one token count differ in them. Batched ids (B, S, 3) give every element the same grid: the first's."""
-    values = (ids[0] if ids.dim() == 3 else ids).detach().double().reshape(-1, ids.shape[-1])
+    values = (ids[0] if ids.dim() == 3 else ids).detach().float().reshape(-1, ids.shape[-1])  # MPS has no float64
     return torch.cat([values.sum(0), values.square().sum(0)])
 
 
