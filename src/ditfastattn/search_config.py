@@ -12,7 +12,7 @@ from typing import Any
 from .methods import parse_method
 from .ops import IMPLEMENTATIONS
 from .sensitivity import KINDS as SENSITIVITY_KINDS
-from .sensitivity import MEASUREMENT_KEYS
+from .sensitivity import MEASUREMENT_KEYS, WEIGHT_KEYS
 from .sensitivity import MODES as SENSITIVITY_MODES
 from .sensitivity import probe_method
 
@@ -65,12 +65,12 @@ def _check_sensitivity(sensitivity, num_steps: int) -> None:
             "calibrated plan's provenance['search']['sensitivity'], or a dict of layer weights")
     if not isinstance(sensitivity, dict):
         raise ValueError(f"{what}; got {sensitivity!r}")
-    structured = any(key in sensitivity for key in MEASUREMENT_KEYS[:3])
+    structured = any(key in sensitivity for key in WEIGHT_KEYS)
     if structured and set(sensitivity) - set(MEASUREMENT_KEYS):
         raise ValueError(f"sensitivity has keys {sorted(set(sensitivity) - set(MEASUREMENT_KEYS))} that a measurement "
                          f"does not; its keys are {MEASUREMENT_KEYS}")
     if not structured and any(isinstance(w, (dict, list, tuple)) for w in sensitivity.values()):
-        raise ValueError(f"{what}: a measurement's keys are {MEASUREMENT_KEYS[:3]} (a layer-weight dict maps layer "
+        raise ValueError(f"{what}: a measurement's keys are {WEIGHT_KEYS} (a layer-weight dict maps layer "
                          f"names to numbers); got keys {sorted(sensitivity, key=repr)}")
     layers = sensitivity.get("layers") or {} if structured else sensitivity
     steps = sensitivity.get("steps") or {} if structured else {}

@@ -60,7 +60,8 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("cache", "arrow")
 MODES = ("auto", "measure", "schedule", "measure+schedule")  # SearchConfig.sensitivity's named ways
-MEASUREMENT_KEYS = ("layers", "steps", "heads", "probe")  # a measurement's weights, then its probes' record
+WEIGHT_KEYS = ("layers", "steps", "heads")  # a measurement's weights
+MEASUREMENT_KEYS = WEIGHT_KEYS + ("probe",)  # ... and its probes' record
 STAND_IN_PROBE = "arrow:0.03125"  # the narrowest of the default arrows (search_config.ARROWS)
 
 
@@ -278,7 +279,7 @@ def weights_array(sensitivity: dict | None, spec, candidates, steps: int) -> np.
     shape = (steps, len(spec.layers), len(candidates))
     if sensitivity is None:
         return np.ones(shape)
-    layered = any(key in sensitivity for key in MEASUREMENT_KEYS[:3])
+    layered = any(key in sensitivity for key in WEIGHT_KEYS)
     layer_weights = sensitivity.get("layers") if layered else sensitivity
     weights = np.ones(shape)
     names = [layer.name for layer in spec.layers]

@@ -29,7 +29,7 @@ _SLOT_STEP = "_ditfastattn_slot_step"  # per call slot, the step it last ran at
 _TICKS = "_ditfastattn_scheduler_steps"  # the denoising steps the hooked scheduler took
 _TICKS_SEEN = "_ditfastattn_scheduler_steps_seen"  # ... as of the last transformer call
 _FIRST_LATENTS = "_ditfastattn_first_latents"  # latents_print of the generation's first call
-_DEGRADED = "_ditfastattn_degraded"  # the degrading faults of this generation: every head computes exactly
+_DEGRADED = "_ditfastattn_degraded"  # a degrading fault this generation: every head computes exactly
 _FRESH = "_ditfastattn_fresh"  # whether this call's slot ran at the previous step (its outputs may be read)
 _SLOT_SIZE = "_ditfastattn_slot_size"  # per call slot, its input's size this generation
 # Bits of the faults a compiled call records on the device for the host to report later.
@@ -272,9 +272,8 @@ class _StaticLayer(LayerRuntime):
         residual_add = module._ditfastattn_residual_add.index_select(0, step).view(-1)
         if session.keeps_apart:
             modes, residual_add = self._fresh_modes(step, modes, residual_add)
-        degraded = session.degraded_tensor() != 0
+        degraded = session.degraded_tensor()
         modes = torch.where(degraded, MODE_FULL, modes)
-        residual_add = residual_add & ~degraded
         # Cache heads skip, so their slice must hold the call slot's last output: a persistent
         # buffer per slot. Layers that never cache write every element and take a fresh tensor.
         if self.caches:
@@ -293,7 +292,7 @@ class _StaticLayer(LayerRuntime):
             out.index_copy_(2, heads, torch.where(valid, dense, out.index_select(2, heads)))
         if self.residuals:
             residuals, residual = self._slot("_ditfastattn_residual", q)
-            out.add_(torch.where(residual_add.view(1, 1, -1, 1), residual, 0))
+            out.add_(torch.where((residual_add & ~degraded).view(1, 1, -1, 1), residual, 0))
             arrow = torch.empty_like(out)
             capture = module._ditfastattn_capture_modes.index_select(0, step).view(-1)
             torch.ops.ditfastattn.headwise_attention_(q, k, v, capture, *layout_ints, arrow, scale, impl, *extra)
@@ -369,7 +368,7 @@ class StaticSession(Session):
                 _TICKS: torch.zeros(1, dtype=torch.long, device=device),
                 _TICKS_SEEN: torch.zeros(1, dtype=torch.long, device=device),
                 _FIRST_LATENTS: torch.zeros(3, device=device),
-                _DEGRADED: torch.zeros(1, dtype=torch.int32, device=device),
+                _DEGRADED: torch.zeros(1, dtype=torch.bool, device=device),
                 _FRESH: torch.ones(1, dtype=torch.bool, device=device),
                 _SLOT_STEP: torch.full((1, 1), _NEVER, device=device),  # [expert, call slot]
                 _SLOT_SIZE: torch.full((1, 1), _NEVER, dtype=torch.long, device=device),  # [expert, call slot]
@@ -472,6 +471,8 @@ class StaticSession(Session):
         starting = (value > last) | restarted
         # the step this call is at, unless starting (then the one the last generation stopped at)
         reached = step + ((value <= last) & ~same_step & ~restarted).long()
+        degraded = buffers[_DEGRADED]
+        degraded.copy_(degraded & ~starting)  # a degrading fault lasts to its generation's end
         if compiled:
             # No host read here: record what the host cannot see now, reported at the next eager
             # call or the next generation (scheduler.set_timesteps).
@@ -482,14 +483,11 @@ class StaticSession(Session):
                 | self._other_grid(arguments)
             )
             faults.copy_(faults | found)
-            degraded = buffers[_DEGRADED]
-            degraded.copy_(torch.where(starting, 0, degraded) | (found & _DEGRADING))
+            degraded.copy_(degraded | ((found & _DEGRADING) != 0))
         else:
             # The layout may read the inputs on the host: only on eager calls (shapes are fixed).
             self._call_layout(arguments)
             self._note_grid(arguments)
-            degraded = buffers[_DEGRADED]
-            degraded.copy_(torch.where(starting, 0, degraded))
             self.check_processors()
             self._require_grid()
             self.follow_scheduler()
@@ -567,7 +565,7 @@ class StaticSession(Session):
         if compiled:
             faults.copy_(faults | torch.where(reshaped, _RESHAPED, 0))
             degraded = self._counter(_DEGRADED)  # its heads must not read the rows of the old shape
-            degraded.copy_(degraded | torch.where(reshaped, _RESHAPED, 0))
+            degraded.copy_(degraded | reshaped)
         elif bool(reshaped):
             raise _reshaped_error()
 
