@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
+import numpy
 import pytest
 import torch
 
@@ -161,8 +163,11 @@ def test_full_heads_with_padding_match_sdpa_with_the_stock_mask(form):
     modes = torch.full((heads,), MODE_FULL, dtype=torch.int32)
     got = ops.headwise_attention(q, k, v, modes, text_start=0, text_len=77, key_padding=ops.Padding(~keep, table))
     torch.testing.assert_close(got, stock.transpose(1, 2), atol=2e-6, rtol=1e-5)
-    as_lists = ops.Padding(~keep, [list(row) for row in table])  # any 2 x 2 numbers
-    assert torch.equal(ops.headwise_attention(q, k, v, modes, text_start=0, text_len=77, key_padding=as_lists), got)
+    for numbers in ([list(row) for row in table], numpy.array(table)):  # any 2 x 2 numbers
+        as_given = ops.Padding(~keep, numbers)
+        assert torch.equal(ops.headwise_attention(q, k, v, modes, text_start=0, text_len=77, key_padding=as_given), got)
+    below_float32 = ops.Padding(~keep, [[-1e39 if x == -math.inf else x for x in row] for row in table])
+    assert torch.equal(ops.headwise_attention(q, k, v, modes, text_start=0, text_len=77, key_padding=below_float32), got)
     if form == "bool pairs":  # padded queries see nothing: 0, as SDPA gives a fully masked row
         assert torch.all(got[~keep] == 0)
 
@@ -246,7 +251,13 @@ def _args(seq=40, heads=2):
         (lambda a, kw: kw.update(key_padding=ops.Padding(torch.zeros(1, 40, dtype=torch.bool), ((0, 1),))),
          ValueError, "2 x 2"),
         (lambda a, kw: kw.update(key_padding=ops.Padding(torch.zeros(1, 40, dtype=torch.bool),
-                                                         ((0, float("inf")), (0, 0)))), ValueError, r"\+inf"),
+                                                         ((0, float("inf")), (0, 0)))), ValueError, "float32's largest"),
+        # finite, but inf in the float32 scores (NaN outputs before)
+        (lambda a, kw: kw.update(key_padding=ops.Padding(torch.zeros(1, 40, dtype=torch.bool),
+                                                         ((1e39, 0), (0, 0)))), ValueError, "float32's largest"),
+        (lambda a, kw: [a.__setitem__(i, a[i][..., :0]) for i in range(3)], ValueError, "head dim of at least 1"),
+        (lambda a, kw: kw.update(out=torch.empty(1, 40, 1, 8).expand(1, 40, 2, 8)), ValueError,
+         r"dims \[2\] have stride 0"),
         (lambda a, kw: kw.update(key_padding=ops.Padding(torch.zeros(1, 40, dtype=torch.bool),
                                                          global_only=torch.tensor(True))), TypeError,
          "global_only must be True or False"),

@@ -321,18 +321,27 @@ def test_one_plan_row_on_grids_it_fuses_on_and_not():
         _check(q, k, v, modes, None, None, segments=layout, return_lse=False)
 
 
-def test_pool_modes_the_host_cannot_read_run_as_full_attention():
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_pool_modes_the_host_cannot_read_run_as_full_attention(impl, padded):
     # The custom op does not read the modes (no host sync inside a compiled step), so no patch-mean
     # buffer is built: a pool mode reaching the kernel runs as a band wider than the image, full
-    # attention, never over keys it was not given.
+    # attention, never over keys it was not given; under the call's key padding too. The reference
+    # does the same (it pooled such a head, over padded keys alike: 0.69 off the kernel's output).
     gen = torch.Generator().manual_seed(21)
     grid, text = (1, 8, 8), 5
     seq = text + math.prod(grid)
     q, k, v = (t.expand(-1, -1, 2, -1).contiguous() for t in _inputs(1, seq, 1, 32, torch.bfloat16, gen))
     modes = ops.mode_tensor([ops.pool_mode(2), MODE_FULL], "cpu")
+    padding = torch.zeros(1, seq, dtype=torch.bool)
+    padding[0, 2:text] = padded  # the text's tail
     out = torch.empty_like(q)
-    torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, 0, text, out, 32**-0.5, "triton", list(grid))
+    torch.ops.ditfastattn.headwise_attention_(q, k, v, modes, 0, text, out, 32**-0.5, impl, list(grid), None, None,
+                                              padding if padded else None)
     assert torch.equal(out[:, :, 0], out[:, :, 1])
+    full = headwise_attention(q, k, v, ops.mode_tensor([MODE_FULL] * 2, "cpu"), text_start=0, text_len=text,
+                              key_padding=padding if padded else None, impl=impl)
+    assert torch.equal(out, full)
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
@@ -355,6 +364,14 @@ def test_the_custom_op_runs_pool_heads_named_by_static_slots(impl):
                  [0, text], None, None, groups, torch.tensor([2, 3, 0, 4], dtype=torch.int32), False)
     torch.ops.ditfastattn.headwise_attention_(*arguments)
     assert torch.equal(got, want)
+    # Strided views of the modes and of the slots' heads: the patch means' kernel read them
+    # unstrided, other heads' entries (heads 2 and 4 0.25 off).
+    strided = (torch.tensor(slotted, dtype=torch.int32).repeat_interleave(2)[::2],
+               torch.tensor([2, 3, 0, 4], dtype=torch.int32).repeat_interleave(2)[::2])
+    again = torch.full_like(q, float("nan"))
+    torch.ops.ditfastattn.headwise_attention_(q, k, v, strided[0], 0, 0, again, 32**-0.5, impl, list(grid), None,
+                                              [0, text], None, None, groups, strided[1], False)
+    assert torch.equal(again, want)
     torch.library.opcheck(torch.ops.ditfastattn.headwise_attention_.default, arguments)
     with pytest.raises(ValueError, match="p = 4 must divide the grid's rows and cols"):
         torch.ops.ditfastattn.headwise_attention_(*arguments[:9], [2, 16, 6], *arguments[10:])

@@ -318,10 +318,15 @@ def _padding(key_padding, batch: int, seq: int, device) -> Padding | None:
         values = [float(x) for row in bias for x in row] if ok else []
     except (TypeError, ValueError):
         ok = False
-    if not ok or any(math.isnan(x) or x == math.inf for x in values):
-        raise ValueError(f"padding bias must be 2 x 2 numbers (no NaN or +inf), [query padded][key padded]; got {bias!r}")
+    # The scores add up in float32: a bias past its range would be inf there, and inf - inf NaN.
+    largest = torch.finfo(torch.float32).max
+    if not ok or any(math.isnan(x) or x > largest for x in values):
+        raise ValueError(f"padding bias must be 2 x 2 numbers (no NaN, nothing above float32's largest {largest:.3e}, "
+                         f"-inf never attends), [query padded][key padded]; got {bias!r}")
+    values = [-math.inf if x < -largest else x for x in values]  # what float32 rounds them to
     table = ((values[0], values[1]), (values[2], values[3]))  # hashable floats: the kernels key on it
-    return padding if bias == table else dataclasses.replace(padding, bias=table)
+    same = type(bias) is tuple and all(type(row) is tuple for row in bias) and bias == table
+    return padding if same else dataclasses.replace(padding, bias=table)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -377,7 +382,9 @@ def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, sca
         raise ValueError(
             f"q, k, v and head_modes must be on one device; got {q.device}, {k.device}, {v.device}, {head_modes.device}"
         )
-    batch, seq, heads, _ = q.shape
+    batch, seq, heads, head_dim = q.shape
+    if head_dim < 1:
+        raise ValueError(f"q, k, v need a head dim of at least 1; got shape {tuple(q.shape)}")
     if head_modes.dtype != torch.int32 or head_modes.shape != (heads,):
         raise ValueError(f"head_modes must be int32 of shape ({heads},); got {head_modes.dtype} {tuple(head_modes.shape)}")
     layout = _layout(seq, text_start, text_len, segments, grid, tile)
@@ -395,6 +402,12 @@ def _check(q, k, v, head_modes, text_start=None, text_len=None, out=None, *, sca
                 f"got {tuple(out.shape)} {out.dtype} on {out.device}"
             )
         if not torch.compiler.is_compiling():  # traced tensors have no memory
+            # As torch refuses an output with internal overlap: an expanded out would take every
+            # batch element's or head's result in one place.
+            expanded = [d for d, (n, stride) in enumerate(zip(out.shape, out.stride())) if n > 1 and stride == 0]
+            if expanded:
+                raise ValueError(f"out's dims {expanded} have stride 0 (an expanded tensor), so its elements share "
+                                 "memory: pass a tensor with memory of its own for every element (or out=None)")
             # The kernels write out's rows while other programs still read k and v, and q's other rows.
             shared = [name for name, t in (("k", k), ("v", v)) if _overlap(out, t)]
             if _overlap(out, q) and not (out.data_ptr() == q.data_ptr() and out.stride() == q.stride()):
@@ -557,9 +570,13 @@ def _attention(q, k, v, head_modes, text_start, text_len, out, scale, impl, retu
     if impl == "reference":
         from . import _reference
 
+        pool = (head_modes >= POOL_FLAG) & (head_modes < TILE_FLAG)
         if pool_slots is not None:  # the reference reads plain pool modes
-            head_modes = torch.where((head_modes >= POOL_FLAG) & (head_modes < TILE_FLAG),
-                                     POOL_FLAG | (head_modes & ((1 << POOL_SLOT_SHIFT) - 1)), head_modes)
+            head_modes = torch.where(pool, POOL_FLAG | (head_modes & ((1 << POOL_SLOT_SHIFT) - 1)), head_modes)
+        elif values is None:
+            # The custom op without pool slots: no patch means are made, and the kernels run such a
+            # head as full attention (under the call's padding too); so does the oracle.
+            head_modes = torch.where(pool, MODE_FULL, head_modes)
         out, lse = _reference.attention(q, k, v, head_modes, *segment, out, scale, return_lse, padding,
                                         layout.tile_grid(), global_rows=global_rows)
     else:
@@ -704,8 +721,9 @@ def headwise_attention_(
     ``pool_groups`` (p, count, its heads..., p, count, ...) and ``pool_heads`` (int32, the head of each
     slot on q's device) are the pool heads the kernels run, which ``head_modes`` names by their slots
     (``POOL_FLAG | slot << POOL_SLOT_SHIFT | p``, slots in the groups' order); every ``p`` must divide
-    the grid's rows and cols. ``tile_heads=False`` says no head is a tile window (the grid is for
-    pool heads), which spares the tiled launch.
+    the grid's rows and cols; a plain pool mode (no slot) gets no patch means and runs as full
+    attention. ``tile_heads=False`` says no head is a tile window (the grid is for pool heads),
+    which spares the tiled launch.
     """
     if segments is not None and (text_start or text_len):
         raise ValueError("give the token layout once: text_start and text_len, or segments (with 0, 0)")

@@ -86,6 +86,9 @@ def kernel_means(k, v, fused, slot_heads: torch.Tensor, image_start: int, tiles:
     out_rows = max(counts)
     buffer = torch.empty(2 * batch, out_rows, sum(len(heads) for _, heads in fused), dim, dtype=k.dtype,
                          device=k.device)
+    # The kernel reads the slots' heads and the modes unstrided: a strided view would hand it others.
+    slot_heads = slot_heads.contiguous()
+    modes = None if modes is None else modes.contiguous()
     slot = 0
     for (factor, heads), count in zip(fused, counts):
         grid = (triton.cdiv(out_rows, _BLOCK_P), len(heads), batch)
