@@ -576,6 +576,88 @@ def test_two_wan_experts_under_ulysses_match_one_process(tmp_path):
     assert any(m != "full" for step in calibrated.methods[boundary + 1:] for heads in step for m in heads)
 
 
+def _refusing_rank(rank: int, directory: str) -> None:
+    """One rank: calls that only one rank would refuse, or that get other arguments on each rank;
+    every rank must stop alike (one rank raising while the other trades leaves it waiting, or runs
+    its next call against the first one's leftover collectives)."""
+    import logging
+
+    import peft
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    with _process_group(rank, directory):
+        result = {}
+        # Pooled keys on Qwen-Image's masked calls, held by rank 0's heads alone (refused there only
+        # before: rank 1 went on, and the next stock generation of rank 0 came out 0.012 off).
+        model = four_head_qwen()
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        stock = generate(model)
+        spec = ditfastattn.model.describe(model)
+        row = ["pool:2", "pool:2", "cache", "full"]
+        pooled = Plan(spec, [[row if step else ["full"] * 4 for _ in spec.layers] for step in range(STEPS)],
+                      {"num_image_tokens": ROWS * COLS, "text_len": TEXT, "grid": [1, ROWS, COLS]})
+        ditfastattn.apply(model, pooled, impl="reference")
+        with pytest.raises(ValueError, match="pool:2 needs the image grid"):
+            generate(model)
+        ditfastattn.remove(model)
+        result["stock_again"] = all(torch.equal(a, b) for a, b in zip(generate(model), stock))
+        # Another plan on each rank.
+        model = four_head_flux()
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        plans = [mixed_plan(model), Plan.uniform(model, STEPS, "full")]
+        with pytest.raises(ValueError, match="ditfastattn.apply got other plan on the Ulysses ranks"):
+            ditfastattn.apply(model, plans[rank], impl="reference")
+        assert not hasattr(model, "_ditfastattn_session")
+        # A LoRA added while balance_heads has the heads reordered: refused at the next generation
+        # (0.024 off before, and remove() failed, leaving the weights reordered), the weights restored.
+        weights = {name: p.clone() for name, p in model.named_parameters()}
+        ditfastattn.apply(model, mixed_plan(model), impl="reference", balance_heads=True)
+        torch.manual_seed(7)
+        model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        with pytest.raises(RuntimeError, match="changed after ditfastattn.apply.*balance_heads=True.*remove"):
+            generate(model)
+        ditfastattn.remove(model)
+        base = {name.replace(".base_layer", ""): p for name, p in model.named_parameters() if "lora_" not in name}
+        result["lora_restored"] = all(torch.equal(base[name], p) for name, p in weights.items())
+        result["lora_removed"] = not hasattr(model, "_ditfastattn_session")
+        # Projections fused while the heads are reordered: refused too, and remove() says what stays.
+        model = four_head_flux()
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        ditfastattn.apply(model, mixed_plan(model), impl="reference", balance_heads=True)
+        model.fuse_qkv_projections()
+        with pytest.raises(RuntimeError, match="changed after ditfastattn.apply"):
+            generate(model)
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("ditfastattn").addHandler(handler)
+        ditfastattn.remove(model)
+        logging.getLogger("ditfastattn").removeHandler(handler)
+        result["fused_said"] = any("unfuse and fuse again" in r.getMessage() for r in records)
+        # calibrate: another search on each rank, and an input only one rank refuses.
+        pipe = four_head_flux_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        prompts = calibration_prompts()
+        deltas = [search("delta"), dataclasses.replace(search("delta"), delta=0.6)]
+        with pytest.raises(ValueError, match=r"calibrate got other SearchConfig\.delta on the Ulysses ranks"):
+            ditfastattn.calibrate(pipe, prompts, deltas[rank], progress=False)
+        arguments = [{}, {"no_such_argument": 1}]
+        refused = [(RuntimeError, r"stopped on Ulysses rank 1 of 2 \(ValueError: FluxPipeline takes no argument"),
+                   (ValueError, "FluxPipeline takes no argument 'no_such_argument'")]
+        with pytest.raises(refused[rank][0], match=refused[rank][1]):
+            ditfastattn.calibrate(pipe, prompts, dataclasses.replace(search("delta"), pipeline_kwargs=arguments[rank]),
+                                  progress=False)
+        assert not hasattr(pipe.transformer, "_ditfastattn_session")
+        torch.save(result, f"{directory}/rank{rank}.pt")
+
+
+def test_what_one_rank_refuses_or_gets_otherwise_stops_every_rank(tmp_path):
+    for result in _run_ranks(tmp_path, _refusing_rank, timeout_s=240.0):
+        assert result == {"stock_again": True, "lora_restored": True, "lora_removed": True, "fused_said": True}
+
+
 @pytest.mark.parametrize("config, message", [
     ({"ring_degree": 2}, r"ring attention \(ring_degree=2\) is not supported.*Use Ulysses"),
     ({"tp_degree": 2}, r"tensor parallelism .* apply\(\) and calibrate\(\) also Ulysses context parallelism"),

@@ -57,6 +57,21 @@ def test_permutations_are_valid_and_never_worse():
             assert placement.imbalance_after == pytest.approx(imbalance(head_costs(plan, 0), placement.permutation, world))
 
 
+def test_pooled_keys_and_tile_windows_are_weighed_on_the_plans_grid():
+    # The costs are the summary's: pool and tile heads on the grid the plan records (refused before,
+    # as if the plan had none), a full step's residual capture counted.
+    spec = ModelSpec("test", "Test", (LayerSpec("l0", 4, 8, True),))
+    rows = [["full"] * 4, ["pool:2", "pool:2", "tile:0.5,0.5,0.5", "full"],
+            ["full", "full", "full", "arrow_residual:0.25"], ["cache", "cache", "full", "arrow_residual:0.25"]]
+    plan = Plan(spec, [[row] for row in rows], {"num_image_tokens": 16 * 24, "text_len": 8, "grid": [1, 16, 24]})
+    costs = head_costs(plan, 0)
+    summary = plan.summary()
+    assert costs.sum() / costs.size == pytest.approx(1 - summary["sparsity"])
+    assert costs[1, 0] < 0.5 and costs[1, 3] > 1.0  # pooled; full plus the capture of the next step's window
+    (placement,) = place_heads(plan, 2)
+    assert placement.imbalance_after < placement.imbalance_before
+
+
 def test_world_size_must_divide_the_heads():
     plan = _plan([["full"] * 4])
     with pytest.raises(ValueError, match=r"4 heads, which 3 ranks cannot split evenly.*ulysses_degree in \[1, 2, 4\]"):

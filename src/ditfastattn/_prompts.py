@@ -10,6 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ._content import feed
+
 # The pipeline arguments that take one text per prompt (diffusers' prompt, prompt_2, negative_prompt_3, ...).
 _TEXT_ARGUMENT = re.compile(r"(negative_)?prompt(_\d+)?")
 
@@ -60,8 +62,8 @@ def prompt_kwargs(prompts: str | dict | Sequence[str | dict]) -> tuple[dict[str,
                 "tensor with a batch dimension (as prompt_embeds), or give a setting of the whole batch once, in "
                 "SearchConfig.pipeline_kwargs"
             )
-        _digest(digest, key)
-        _digest(digest, merged[key])
+        feed(digest, key)
+        feed(digest, merged[key])
     return merged, digest.hexdigest()
 
 
@@ -79,23 +81,3 @@ def _same(a, b) -> bool:
     equal = a == b
     # numpy scalars answer with numpy's bool; an elementwise answer is not a value the batch can share
     return bool(equal) if isinstance(equal, (bool, np.bool_)) else False
-
-
-def _digest(digest, value) -> None:
-    """Feed ``value`` to ``digest`` by content (a tensor's, array's or image's bytes, not its repr, which
-    elides the middle of large tensors and names an image's address)."""
-    if torch.is_tensor(value):
-        digest.update(value.detach().float().cpu().numpy().tobytes())
-    elif isinstance(value, (list, tuple)):
-        digest.update(f"{type(value).__name__}{len(value)}".encode())
-        for item in value:
-            _digest(digest, item)
-    elif isinstance(value, dict):
-        for key in sorted(value, key=repr):
-            _digest(digest, key)
-            _digest(digest, value[key])
-    elif hasattr(value, "tobytes") and callable(value.tobytes):  # numpy arrays, PIL images
-        digest.update(repr(getattr(value, "shape", getattr(value, "size", None))).encode())
-        digest.update(value.tobytes())
-    else:
-        digest.update(repr(value).encode())

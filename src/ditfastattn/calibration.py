@@ -25,7 +25,7 @@ from .adapters import adapter_for, check_cfg_sharing
 from .plan import Plan
 from .runtime import _transformer_of
 from .runtime.caches import named, refuse_layer_skipping_caches
-from .runtime.parallel import context_parallel
+from .runtime.parallel import context_parallel, ranks_agree
 from .runtime.session import experts_of
 from .search import fit_delta
 from .search_config import SearchConfig, check_cfg_guidance, check_own_arguments
@@ -48,7 +48,7 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     A14B's ``transformer_2``) is searched over both experts' steps, as :func:`ditfastattn.apply` runs it.
 
     Under diffusers' Ulysses context parallelism, call it on every rank with the same prompts and
-    config: each rank scores its own heads, the scores are pooled, and every rank returns the same
+    config (refused on every rank where they differ, or where one rank's input is refused): each rank scores its own heads, the scores are pooled, and every rank returns the same
     plan of all heads (the one a single process finds, up to float rounding of the scores), which
     applies with or without parallelism. Ring attention and tensor parallelism are refused.
     """
@@ -60,22 +60,26 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         logger.info("ditfastattn calibrate: cache='auto' caches per head: caching per step needs budget='generation' "
                     "and a 'cache' candidate")
     transformer, pipeline = _transformer_of(pipe)
-    if pipeline is None:
-        raise TypeError("calibrate needs the pipeline (it runs a denoising pass), not only its transformer")
-    refuse_layer_skipping_caches(named(experts_of(transformer, pipeline), pipeline),
-                                 "calibration measures every layer at every step")
-    if isinstance(prompts, (str, dict)):
-        prompts = [prompts]
-    kwargs, prompts_hash = prompt_kwargs(prompts)
-    adapter = adapter_for(transformer, context_parallel=context_parallel(transformer))  # Ulysses: run_pass checks it
-    check_cfg_sharing(adapter, config.candidates, pipeline)
-    spec = adapter.describe(transformer)
-    call = _pipeline_call(pipe, config, kwargs)
-    fit_call = _fit_call(pipe, config, prompts, call)
-    fit_count = len(prompts) if fit_call is call else config.fit_prompts
-    # Prompt dicts may set the guidance too; unset, it is the pipeline's default. (An odd batch that
-    # still reaches the transformer is refused at its first call.)
-    check_cfg_guidance(config.candidates, call.get("guidance_scale", _default_argument(pipe, "guidance_scale")))
+    # Under Ulysses every rank searches its heads of one search: the same inputs, refused alike.
+    with ranks_agree(transformer, "ditfastattn.calibrate") as shared:
+        if pipeline is None:
+            raise TypeError("calibrate needs the pipeline (it runs a denoising pass), not only its transformer")
+        refuse_layer_skipping_caches(named(experts_of(transformer, pipeline), pipeline),
+                                     "calibration measures every layer at every step")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        kwargs, prompts_hash = prompt_kwargs(prompts)
+        adapter = adapter_for(transformer, context_parallel=context_parallel(transformer))  # Ulysses: run_pass checks it
+        check_cfg_sharing(adapter, config.candidates, pipeline)
+        spec = adapter.describe(transformer)
+        call = _pipeline_call(pipe, config, kwargs)
+        fit_call = _fit_call(pipe, config, prompts, call)
+        fit_count = len(prompts) if fit_call is call else config.fit_prompts
+        # Prompt dicts may set the guidance too; unset, it is the pipeline's default. (An odd batch that
+        # still reaches the transformer is refused at its first call.)
+        check_cfg_guidance(config.candidates, call.get("guidance_scale", _default_argument(pipe, "guidance_scale")))
+        shared.update({f"SearchConfig.{f.name}": getattr(config, f.name) for f in dataclasses.fields(config)
+                       if f.name != "offload_outputs"}, prompts=prompts_hash, pipeline_arguments=call)
     seconds: dict[str, Any] = {"sensitivity": 0.0, "passes": [], "solver": 0.0}
     sensitivity = config.sensitivity
     by_schedule = sensitivity in ("auto", "schedule", "measure+schedule")

@@ -45,12 +45,15 @@ class LayerPlacement:
 
 def head_costs(plan: Plan, layer: int, num_image_tokens: int | None = None, text_len: int | None = None) -> np.ndarray:
     """(steps, heads) share of a full head's attention FLOPs each head of ``layer`` computes per step;
-    the geometry is the plan's provenance unless given, as in :meth:`Plan.summary`."""
-    num_image_tokens, text_len = plan._geometry(num_image_tokens, text_len)
-    spec = plan.model.layers[layer]
-    layer_text = text_len if spec.text else 0
-    return np.array([[plan.method(step, layer, head).cost(num_image_tokens, layer_text) for head in range(spec.heads)]
-                     for step in range(plan.num_steps)])
+    the geometry is the plan's provenance unless given, as in :meth:`Plan.summary` (which counts
+    alike: tile windows and pooled keys on the plan's grid, a full step's residual capture)."""
+    return _layer_costs(plan, num_image_tokens, text_len)[layer]
+
+
+def _layer_costs(plan: Plan, num_image_tokens: int | None, text_len: int | None) -> list[np.ndarray]:
+    """Every layer's (steps, heads) costs, counted once for the whole plan."""
+    costs = plan._head_costs(plan._resolve(num_image_tokens, text_len))
+    return [np.array([rows[layer] for rows in costs]) for layer in range(len(plan.model.layers))]
 
 
 def imbalance(costs: np.ndarray, permutation, world_size: int) -> float:
@@ -114,8 +117,8 @@ def place_heads(plan: Plan, world_size: int, *, num_image_tokens: int | None = N
     than the identity order). Deterministic, so every rank computes the same placement."""
     _check_world_size(plan, world_size)
     placements = []
-    for index, layer in enumerate(plan.model.layers):
-        costs = head_costs(plan, index, num_image_tokens, text_len)
+    every_layer = _layer_costs(plan, num_image_tokens, text_len)
+    for layer, costs in zip(plan.model.layers, every_layer):
         identity = list(range(layer.heads))
         before = imbalance(costs, identity, world_size)
         order = _balanced_order(costs, world_size)
@@ -179,6 +182,14 @@ def permute_heads(transformer: torch.nn.Module | list[torch.nn.Module], plan: Pl
     A layer whose parameters are not all known to hold heads in blocks, or shared by every head, is
     refused before any weight (of any of the models) changes.
     """
+    reorder_heads(transformer, plan, placements)
+    return permute_plan(plan, placements)
+
+
+def reorder_heads(transformer: torch.nn.Module | list[torch.nn.Module], plan: Plan, placements) -> list:
+    """:func:`permute_heads`' reordering of the weights, returned as ``(parameter, dim, index)``
+    edits, which :func:`restore_heads` undoes on those very parameters (a LoRA added since wraps
+    the layer but keeps its weight, which a second walk of the modules would not find)."""
     orders = _permutations(plan, placements)
     models = [transformer] if isinstance(transformer, torch.nn.Module) else transformer
     edits = []
@@ -188,8 +199,15 @@ def permute_heads(transformer: torch.nn.Module | list[torch.nn.Module], plan: Pl
                 edits += _layer_edits(model, layer.name, layer.heads, layer.head_dim, orders[layer.name])
     with torch.no_grad():
         for parameter, dim, index in edits:
-            parameter.copy_(parameter.index_select(dim, index))
-    return permute_plan(plan, placements)
+            parameter.copy_(parameter.index_select(dim, index.to(parameter.device)))
+    return edits
+
+
+def restore_heads(edits) -> None:
+    """Put back the weights :func:`reorder_heads` reordered (bit for bit: a gather by the inverse order)."""
+    with torch.no_grad():
+        for parameter, dim, index in edits:
+            parameter.copy_(parameter.index_select(dim, torch.argsort(index).to(parameter.device)))
 
 
 def _layer_edits(transformer, name: str, heads: int, head_dim: int, order: list[int]) -> list:

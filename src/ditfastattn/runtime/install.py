@@ -114,10 +114,12 @@ def _unhook(session: Session) -> None:
         session.scheduler_hook.undo()
     for layer in session.layers:
         layer.free()
-    session.uninstall_layers({layer.name: session.transformer.get_submodule(layer.name) for layer in session.layers})
-    for expert in session.experts:
-        if getattr(expert, _SESSION_ATTR, None) is session:
-            delattr(expert, _SESSION_ATTR)
+    try:
+        session.uninstall_layers({layer.name: session.transformer.get_submodule(layer.name) for layer in session.layers})
+    finally:  # a model whose session stays could be neither applied to nor removed from again
+        for expert in session.experts:
+            if getattr(expert, _SESSION_ATTR, None) is session:
+                delattr(expert, _SESSION_ATTR)
 
 
 def _module_name(expert: int, name: str) -> str:
@@ -223,12 +225,14 @@ def apply(
     Under diffusers' Ulysses context parallelism (``transformer.enable_parallelism(config=
     ContextParallelConfig(ulysses_degree=N))`` first, then ``apply`` on every rank), each rank runs
     its own heads' methods over the whole sequence and keeps only their buffers
-    (``cache_budget_gib`` is per rank). ``balance_heads=True`` then reorders each layer's heads
+    (``cache_budget_gib`` is per rank); every rank must pass the same plan and settings (refused on
+    every rank where one differs). ``balance_heads=True`` then reorders each layer's heads
     (the q/k/v and output projections, and the plan) so that the ranks' per-step costs are even,
     and logs the imbalance before and after (every layer's: ``ditfastattn.placement.place_heads``;
     it sizes costs at ``num_image_tokens`` or the plan's resolution); ``remove()`` restores the
-    weights. With a second expert, enable parallelism on each (its own ``enable_parallelism``, the
-    same ``ulysses_degree`` and mesh layout): each expert's calls trade over its own process group,
+    weights (a LoRA loaded or projections fused meanwhile are refused at the next generation).
+    With a second expert, enable parallelism on each (its own ``enable_parallelism``, the same
+    ``ulysses_degree`` and mesh layout): each expert's calls trade over its own process group,
     and ``balance_heads`` reorders both alike; parallelism on one expert only, or groups that split
     the heads otherwise, are refused. Ring attention, tensor parallelism and ``static=True`` under
     parallelism are refused.
@@ -251,6 +255,12 @@ def apply(
     experts = experts_of(transformer, pipe)
     # parallelism on either expert picks the Ulysses session, whose install refuses it on one only
     if any(map(parallel.context_parallel, experts)):
+        # Every rank runs its heads of one plan, placed alike: refused on every rank where one differs.
+        with parallel.ranks_agree(transformer, "ditfastattn.apply") as shared:
+            running = ("grid", "tile", "num_image_tokens", "text_len", "expert_switch_steps", "head_order")
+            shared.update(plan=repr((plan.model, plan.methods, {key: plan.provenance.get(key) for key in running}))
+                          if isinstance(plan, Plan) else repr(type(plan)), impl=impl, balance_heads=balance_heads,
+                          num_image_tokens=num_image_tokens, static=static)
         install(pipe_or_transformer, plan, impl, parallel.UlyssesSession, cache_budget=budget, static=static,
                 balance_heads=balance_heads, num_image_tokens=num_image_tokens)
     elif balance_heads:

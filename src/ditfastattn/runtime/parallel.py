@@ -42,24 +42,111 @@ context-parallel plan put it first).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from .._content import content_digest
 from ..adapters import parallel_config, parallel_error
 from ..adapters.dispatch import padding_of
 from ..model import TokenLayout
-from ..placement import _check_world_size, invert, permute_heads, permute_plan, place_heads
+from ..placement import _check_world_size, permute_plan, place_heads, reorder_heads, restore_heads
 from ..plan import Plan
 from .call_geometry import CallGeometry
-from .session import LayerRuntime, Session, logger
+from .session import LayerRuntime, Session, logger, refused_without_grid
 
 
 def context_parallel(transformer) -> bool:
     """Whether diffusers' parallelism (of any kind) is enabled on ``transformer``."""
     return parallel_config(transformer) is not None
+
+
+@contextlib.contextmanager
+def ranks_agree(transformer, what: str):
+    """Under diffusers' Ulysses context parallelism, ``what`` (a call that every rank makes alike)
+    stops on every rank or on none. The block fills the yielded dict with what the ranks must share
+    (the same keys on every rank); at its end one exchange over the Ulysses group raises on every
+    rank where any rank raised in the block, or where a value differs between ranks (each rank
+    would run its heads of another plan or search, or wait for the others in a collective they
+    never reach). Without Ulysses the block runs as it is."""
+    group = _ulysses_group(transformer)
+    shared: dict = {}
+    if group is None:
+        yield shared
+        return
+    error = None
+    try:
+        yield shared
+    except Exception as raised:
+        error = raised
+    mine = None if error is not None else [bytes.fromhex(content_digest(value))[:_DIGEST_BYTES]
+                                           for value in shared.values()]
+    everyone = _exchange(group, transformer, mine, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, (_, message) in enumerate(everyone) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"{what} stopped on Ulysses rank {rank} of {len(everyone)} ({message}); every rank stops "
+                           "with it")
+    keys = list(shared)
+    differ = [key for index, key in enumerate(keys) if any(digests[index] != mine[index] for digests, _ in everyone)]
+    if differ:
+        raise ValueError(f"{what} got other {', '.join(differ)} on the Ulysses ranks; each rank runs its heads of one "
+                         "search or plan, so call it on every rank with the same arguments")
+
+
+_DIGEST_BYTES, _MESSAGE_BYTES = 8, 480
+
+
+def _exchange(group, transformer, digests: list[bytes] | None, message: str | None) -> list[tuple[list[bytes], str | None]]:
+    """Every rank's (digests, error message), in rank order: one all-gather of bytes on the group's
+    device (NCCL's on the transformer's GPU), as the collectives of diffusers' attention use."""
+    count = 0 if digests is None else len(digests)
+    payload = bytearray(4 + _MESSAGE_BYTES)
+    if message is not None:
+        text = message.encode()[:_MESSAGE_BYTES]
+        payload[:4] = len(text).to_bytes(4, "little")
+        payload[4:4 + len(text)] = text
+    else:
+        payload[:4] = (1 << 31).to_bytes(4, "little")  # no error
+    payload += b"".join(digests or [])
+    size = 4 + _MESSAGE_BYTES + _DIGEST_BYTES * count
+    # Equal sizes for one all-gather: a failed rank sends as many digest bytes as the others (zeros).
+    sizes = [torch.zeros(1, dtype=torch.int64, device=_device(group, transformer)) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([size], dtype=torch.int64, device=sizes[0].device), group=group)
+    longest = max(int(s) for s in sizes)
+    local = torch.zeros(longest, dtype=torch.uint8, device=sizes[0].device)
+    local[:size] = torch.frombuffer(payload, dtype=torch.uint8)
+    gathered = [torch.empty_like(local) for _ in sizes]
+    dist.all_gather(gathered, local, group=group)
+    result = []
+    for received in gathered:
+        raw = bytes(received.cpu().numpy().tobytes())
+        length = int.from_bytes(raw[:4], "little")
+        text = None if length == 1 << 31 else raw[4:4 + length].decode(errors="replace")
+        body = raw[4 + _MESSAGE_BYTES:]
+        result.append(([body[i:i + _DIGEST_BYTES] for i in range(0, _DIGEST_BYTES * count, _DIGEST_BYTES)], text))
+    return result
+
+
+def _device(group, transformer) -> torch.device:
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    parameter = next(transformer.parameters(), None)
+    return parameter.device if parameter is not None and parameter.is_cuda else torch.device("cuda", torch.cuda.current_device())
+
+
+def _ulysses_group(transformer) -> dist.ProcessGroup | None:
+    """The Ulysses process group of ``transformer``, or None (no parallelism, or one ditfastattn refuses alike on every rank)."""
+    config = parallel_config(transformer)
+    cp = getattr(config, "context_parallel_config", None)
+    if cp is None or cp.ring_degree > 1 or getattr(cp, "_ulysses_mesh", None) is None or not dist.is_initialized():
+        return None
+    return cp._ulysses_mesh.get_group()
 
 
 class _Group(NamedTuple):
@@ -221,7 +308,7 @@ class Ulysses:
         if dense_only:
             self._stock_only(layer, dense_only)
             return call()
-        if self._runs_stock(layer, layout, q):
+        if self._runs_stock(layer, layout, q, attn_mask is not None):
             return call()
         q, k, v = (self._gather(t, streams) for t in (q, k, v))
         padding = None
@@ -247,8 +334,8 @@ class Ulysses:
             "context parallelism; calibrate on one whole model per process"
         )
 
-    def _runs_stock(self, layer: LayerRuntime, layout: TokenLayout, q) -> bool:
-        """Whether this call runs diffusers' own parallel attention untouched."""
+    def _runs_stock(self, layer: LayerRuntime, layout: TokenLayout, q, masked: bool) -> bool:
+        """Whether this call (``masked``: with a key mask) runs diffusers' own parallel attention untouched."""
         return False
 
     def _gather(self, t: torch.Tensor, streams) -> torch.Tensor:
@@ -301,22 +388,41 @@ class UlyssesSession(Ulysses, Session):
         self.run_plan = run  # the plan in the placed head order
         super().__init__(transformer, rank_plan(run, self.rank, self.degree), adapter, impl, cache_budget)
         self.applied_plan = plan
+        # What a call is refused for is read off the whole plan, not this rank's heads of it, so that
+        # every rank refuses alike (one rank raising while the others trade would leave them waiting).
+        self.pool_methods, self._grid_methods = refused_without_grid(plan)
         # per layer: whether the plan compresses it at some step (its unsupported calls must fail on every rank)
         self._compressed = [any(not plan.method(step, index, head).exact for step in range(plan.num_steps)
                                 for head in range(layer.heads)) for index, layer in enumerate(plan.model.layers)]
         logger.info("Ulysses rank %d of %d runs its 1/%d of every layer's heads", self.rank, self.degree, self.degree)
 
-    _permuted = False  # whether install_layers moved the heads (an apply that failed may not have)
+    _edits = None  # the weights install_layers reordered (an apply that failed may not have)
 
     def install_layers(self, modules) -> None:
         if self.placements is not None:  # every expert alike: they run the same plan rows
-            permute_heads(self.experts, self.applied_plan, self.placements)
-            self._permuted = True
+            self._edits = reorder_heads(self.experts, self.applied_plan, self.placements)
+            self._weights = _reordered_weights(self.experts, self.placements)
 
     def uninstall_layers(self, modules) -> None:
-        if self._permuted:
-            permute_heads(self.experts, self.run_plan, invert(self.placements))
-            self._permuted = False
+        if self._edits is not None:
+            restore_heads(self._edits)  # the very parameters reordered, wherever a LoRA has moved them since
+            self._edits = None
+            changed = _changed_weights(self._weights)
+            if changed:
+                logger.warning(
+                    "ditfastattn.remove(): the weights of %s changed while balance_heads had their heads reordered "
+                    "(a LoRA, fuse_qkv_projections?); the weights apply reordered are back, but any made from them "
+                    "since (fused projections) hold the reordered heads: unfuse and fuse again", ", ".join(changed[:3]))
+
+    def check_processors(self) -> None:
+        super().check_processors()
+        changed = [] if self._edits is None else _changed_weights(self._weights)
+        if changed:
+            raise RuntimeError(
+                f"the weights of {', '.join(changed[:3])} changed after ditfastattn.apply(..., balance_heads=True) (a "
+                "LoRA loaded, fuse_qkv_projections?): their heads are reordered there, which the new weights do not "
+                "follow; call ditfastattn.remove() first, change the model, then apply again"
+            )
 
     def _stock_only(self, layer: LayerRuntime, reason: str) -> None:
         if self._compressed[layer.index]:
@@ -325,14 +431,50 @@ class UlyssesSession(Ulysses, Session):
                 "apply a plan that keeps this layer full, or run it without context parallelism"
             )
 
-    def _runs_stock(self, layer: LayerRuntime, layout: TokenLayout, q) -> bool:
+    def _runs_stock(self, layer: LayerRuntime, layout: TokenLayout, q, masked: bool) -> bool:
         """Whether this rank's row of ``layer`` at this step is plain full with nothing to keep or capture."""
         layer.geometry = CallGeometry.of(layout.seq_len, None, None, layout, None)  # tile windows are sized by it
+        self.check_grid_call(layer)  # before this rank's row is compiled for its heads: on every rank alike
+        if masked and self.pool_methods:
+            return False  # gathered, so that every rank's row() refuses the plan's pooled keys on a padded call
         batch, local, heads, dim = q.shape
         # the gathered call's shape, dtype and device (the cache budget counts them), without its data
         gathered = q.new_empty(1).expand(batch, local * self.degree, heads // self.degree, dim)
         row = layer._runnable(layer.row(gathered, layout.image_len, route_full=False), gathered)
         return row.all_full and row.capture_modes is None and not row.keep
+
+
+def _reordered_weights(experts, placements) -> list[tuple[torch.nn.Module, str, tuple]]:
+    """(expert, module path, its parameters by name and identity) for every module whose heads a
+    placement reorders: each reordered layer's attention, and its block's ``proj_out`` (FLUX's
+    single blocks)."""
+    weights = []
+    for expert in experts:
+        for placement in placements:
+            if list(placement.permutation) == sorted(placement.permutation):
+                continue  # kept in order: nothing a later LoRA could misread
+            parent = placement.layer.rpartition(".")[0]
+            for path in (placement.layer, f"{parent}.proj_out"):
+                module = _submodule(expert, path)
+                if module is not None:
+                    weights.append((expert, path, _parameters(module)))
+    return weights
+
+
+def _changed_weights(weights) -> list[str]:
+    """The modules of :func:`_reordered_weights` whose parameters are no longer the ones recorded."""
+    return [path for expert, path, held in weights if _parameters(_submodule(expert, path)) != held]
+
+
+def _submodule(model, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _parameters(module) -> tuple:
+    return () if module is None else tuple((name, id(parameter)) for name, parameter in module.named_parameters())
 
 
 def _log_placement(placements, degree: int) -> None:

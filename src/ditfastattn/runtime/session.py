@@ -338,12 +338,7 @@ class Session:
         self.cfg_halves = True  # whether this call's batch is [unconditional; conditional]
         # Whether any head runs a tile window (dispatch marks text masks for the tile launch only then).
         self.tile_windows = any(m.needs_grid for m in methods)
-        self.pool_methods = sorted(m.name for m in methods if m.kind == "pool")
-        # Per layer, its methods that need the image grid (tile windows, pooled keys), at any step.
-        self._grid_methods = {
-            layer: sorted({m for rows in plan.methods for m in rows[layer] if parse_method(m).needs_grid})
-            for layer in range(len(plan.model.layers))
-        }
+        self.pool_methods, self._grid_methods = refused_without_grid(plan)
         grid, tile = plan.provenance.get("grid"), plan.provenance.get("tile")
         self._plan_tiles = None if grid is None or tile is None else TileGrid(tuple(grid), tuple(tile))
         self._inputs_checked: set[tuple] = set()
@@ -357,14 +352,19 @@ class Session:
         """
         geometry = layer.geometry
         self.check_pool_call(layer)
+        self.check_grid_call(layer)
+        return layer.row(q, geometry.layout.image_len, self.route_full(q, k, v, text_start, text_len, geometry))
+
+    def check_grid_call(self, layer: LayerRuntime) -> None:
+        """Refuse, at the layer's first call rather than at the step that runs them, methods that
+        need the image grid on a call without one."""
         needs_grid = self._grid_methods.get(layer.index)
-        if needs_grid and geometry.layout.grid is None:  # at the first call, not at the step that runs them
+        if needs_grid and layer.geometry.layout.grid is None:
             raise ValueError(
                 f"{needs_grid[0]} needs the image grid (frames x rows x cols), which {layer.name} of this "
                 f"{type(self.transformer).__name__} call does not get ({self.adapter.FAMILY}): use a plan with "
                 "arrow:<f> windows in its place for this model"
             )
-        return layer.row(q, geometry.layout.image_len, self.route_full(q, k, v, text_start, text_len, geometry))
 
     def check_pool_call(self, layer: LayerRuntime) -> None:
         """This call against the plan's pooled keys: refused under padding, said once where partial."""
@@ -815,6 +815,16 @@ class Session:
 
     def uninstall_layers(self, modules: dict[str, torch.nn.Module]) -> None:
         """Undo :meth:`install_layers`."""
+
+
+def refused_without_grid(plan: Plan) -> tuple[list[str], dict[int, list[str]]]:
+    """The plan's pooled-keys methods (refused on a padded call), and per layer its methods that
+    need the image grid (tile windows, pooled keys) at any step."""
+    names = {m for rows in plan.methods for heads in rows for m in heads}
+    pooled = sorted(m for m in names if parse_method(m).kind == "pool")
+    grid_methods = {layer: sorted({m for rows in plan.methods for m in rows[layer] if parse_method(m).needs_grid})
+                    for layer in range(len(plan.model.layers))}
+    return pooled, grid_methods
 
 
 def cfg_batch_error(batch: int) -> ValueError:
