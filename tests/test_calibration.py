@@ -998,3 +998,23 @@ def test_later_calls_are_scored_on_what_the_runtime_runs_there(monkeypatch, reco
     run_pipeline(pipe, steps=steps, batch=2, **call)
     assert [(r["layer"], r["step"], r["call"]) for r in recorder] == [c[:3] for c in calibrated]
     assert all(torch.equal(r["out"], c[3]) for r, c in zip(recorder, calibrated))
+
+
+def test_a_reused_sensitivity_reads_its_step_weights_off_this_runs_schedule():
+    # The default sensitivity records the step weights its run read off the schedule; reused (the
+    # CLI's --sensitivity plan.json) they were taken as measured, whatever this run's schedule (a
+    # shift of 1 against 3: another plan than this run's own search).
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = make_pipeline("sd3")
+    prompt = [{**embeds(1), **negative_embeds(1)}]
+    config = SearchConfig(num_inference_steps=6, height=64, width=64, delta=0.3, guidance_scale=4.0,
+                          candidates=("full", "cache", "arrow:0.25"))
+    first = ditfastattn.calibrate(pipe, prompt, config, progress=False)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    own = ditfastattn.calibrate(pipe, prompt, config, progress=False)
+    reused = ditfastattn.calibrate(pipe, prompt, dataclasses.replace(
+        config, sensitivity=first.provenance["search"]["sensitivity"]), progress=False)
+    steps = [plan.provenance["search"]["sensitivity"]["steps"] for plan in (first, own, reused)]
+    assert steps[0] != steps[1] and steps[2] == steps[1]
+    assert reused == own

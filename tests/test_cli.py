@@ -38,6 +38,11 @@ def test_calibrate_inspect_generate_end_to_end(tmp_path, prompts_file, capsys):
     assert main(["generate", *TINY, "--plan", str(plan_path), "--prompt", "a small green cross at the right on a black background",
                  "-o", str(image)]) == 0
     assert image.stat().st_size > 0
+    # Without --height / --width the plan's size, as its step count (the model's default, 64, ran before).
+    from PIL import Image
+
+    assert main(["generate", *TINY[:-4], "--plan", str(plan_path), "--prompt", "a small green cross", "-o", str(image)]) == 0
+    assert Image.open(image).size == (32, 32)
     priced = tmp_path / "priced.json"
     assert main(["calibrate", *TINY, "--prompts", str(prompts_file), "--target-sparsity", "0.4", "--steps", "3",
                  "--budget", "generation", "--head-coefficient", "none", "--candidates", "full,cache,arrow:0.5",
@@ -126,6 +131,36 @@ def test_generate_errors(tmp_path, capsys):
     assert "no plan file" in run_error(["inspect", str(tmp_path / "none.json")], capsys)
     assert "is a directory" in run_error([*base[:-1], str(tmp_path)], capsys)
     assert not out.exists() and plan.num_steps == 2
+
+
+def test_evaluate_writes_strict_json_and_each_plan(tmp_path, prompts_file, capsys):
+    # delta 0 is full attention: PSNR inf, which json wrote as Infinity (no JSON number).
+    import json
+
+    out = tmp_path / "ev"
+    assert main(["evaluate", *TINY, "--prompts", str(prompts_file), "--calibration-prompts", str(prompts_file),
+                 "--deltas", "0,0.5", "--steps", "2", "--out", str(out)]) == 0
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    results = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    assert results["delta=0"]["psnr"] == "inf" and isinstance(results["delta=0.5"]["psnr"], float)
+    assert {p.name for p in out.glob("plan_*.json")} == {"plan_delta=0.json", "plan_delta=0.5.json"}
+    assert "delta=0.5" in capsys.readouterr().out
+
+
+def test_inspect_says_what_the_file_does_not_record(tmp_path, capsys):
+    # A plan file without a version or date is not stamped as made now (it printed today's date,
+    # another at every run, and a save baked it in).
+    import json
+
+    path = _plan_file(tmp_path)
+    data = json.loads(path.read_text())
+    data["provenance"] = {"num_image_tokens": 64, "text_len": 32}
+    path.write_text(json.dumps(data))
+    assert "library_version" not in Plan.load(path).provenance
+    assert main(["inspect", str(path)]) == 0
+    assert "made by ditfastattn (not recorded) on (not recorded)" in capsys.readouterr().out
 
 
 def test_prompt_files_skip_comment_lines_however_indented(tmp_path):

@@ -66,3 +66,49 @@ def test_delta_sweep_orders_quality():
     assert set(plans) == {"delta=0", "delta=1"}
     assert results["delta=0"]["sparsity"] == 0.0 and results["delta=0"]["psnr"] > 60
     assert results["delta=1"]["sparsity"] > 0.3 and results["delta=1"]["psnr"] < results["delta=0"]["psnr"]
+
+
+def test_delta_sweep_evaluates_as_it_calibrated_and_keeps_each_plan(tmp_path, monkeypatch):
+    # The compared images ran without the calibration's pipeline arguments (another size and
+    # guidance: 64 x 64 against 48 x 56 here) and with impl="auto"; a measured sensitivity was
+    # measured again for every delta; plans were saved only once every image was made.
+    import ditfastattn.calibration as calibration
+    import ditfastattn.evaluation as evaluation
+
+    pipe = make_pipeline("flux")
+    flux_prompts = [embeds(1, seed=i) for i in range(2)]
+    config = SearchConfig(num_inference_steps=3, pipeline_kwargs={"height": 48, "width": 56, "guidance_scale": 2.0},
+                          impl="reference", sensitivity="measure", candidates=("full", "cache", "arrow:0.5"))
+    calls, measured, saved = [], [], []
+    original = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda pipe, prompts, **kwargs: (
+        calls.append(kwargs), saved.append(sorted(p.name for p in tmp_path.glob("plan_*.json"))),
+        original(pipe, prompts, **kwargs))[-1])
+    measure = calibration.measure_sensitivity
+    monkeypatch.setattr(calibration, "measure_sensitivity", lambda *a, **k: measured.append(1) or measure(*a, **k))
+    applied = []
+    apply = evaluation.apply
+    monkeypatch.setattr(evaluation, "apply", lambda pipe, plan, **k: applied.append(k) or apply(pipe, plan, **k))
+    results, plans = delta_sweep(pipe, flux_prompts, flux_prompts, [0.1, 0.9], config, out_dir=tmp_path, progress=False)
+    assert all(call["height"] == 48 and call["width"] == 56 and call["guidance_scale"] == 2.0 for call in calls)
+    assert applied == [{"impl": "reference"}] * 2
+    assert len(measured) == 1
+    assert saved[0] == ["plan_delta=0.1.json", "plan_delta=0.9.json"]  # before the first image
+    assert plans["delta=0.9"].provenance["search"]["sensitivity"] == plans["delta=0.1"].provenance["search"]["sensitivity"]
+
+
+
+def test_evaluate_refuses_a_pipeline_with_a_plan_and_settings_given_twice():
+    from ditfastattn import apply, remove
+
+    pipe = make_pipeline("flux")
+    plan = Plan.uniform(pipe.transformer, 3, "cache", num_image_tokens=1024, text_len=7)
+    apply(pipe, plan)
+    # Its "full attention" reference ran under the plan (0.85 off per pixel), the error only after it.
+    with pytest.raises(RuntimeError, match=r"a ditfastattn plan is applied to this pipeline: call ditfastattn.remove\(pipe\) first"):
+        evaluate(pipe, [embeds(1)], {"plan": plan}, num_inference_steps=3)
+    remove(pipe)
+    sized = [{**embeds(1), "height": 64}]
+    assert set(evaluate(pipe, sized, {}, num_inference_steps=2, height=64)) == {"reference"}  # given alike: once
+    with pytest.raises(ValueError, match="the prompt dicts set height=64 but 48 is given too"):
+        evaluate(pipe, sized, {}, num_inference_steps=2, height=48)

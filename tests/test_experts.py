@@ -340,3 +340,22 @@ def test_a_layer_skipping_cache_on_the_second_expert_is_named():
     ditfastattn.apply(pipe, Plan.uniform(pipe.transformer, STEPS, "cache"))  # the dynamic runtime composes
     assert torch.isfinite(generate(pipe)).all()
     ditfastattn.remove(pipe)
+
+
+def test_a_plan_of_one_expert_on_a_pipeline_of_two_is_logged(pipe, boundary, caplog):
+    # Calibrated on one expert (Wan 2.1's pipeline), its rows ran on transformer_2 from the switch step
+    # without a word (0.025 off stock): the plan now records that no second expert took over.
+    one = WanPipeline(tokenizer=None, text_encoder=None, vae=pipe.vae, transformer=pipe.transformer,
+                      scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    one.set_progress_bar_config(disable=True)
+    plan = ditfastattn.calibrate(one, [prompts()], SearchConfig(num_inference_steps=STEPS, pipeline_kwargs=dict(SIZE)),
+                                 progress=False)
+    assert plan.provenance["expert_switch_steps"] == []
+    ditfastattn.apply(pipe, plan)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ditfastattn"):
+            generate(pipe)
+    finally:
+        ditfastattn.remove(pipe)
+    warnings = [r.getMessage() for r in caplog.records if "transformer_2" in r.getMessage()]
+    assert len(warnings) == 1 and f"took over at step {boundary}, but at no step in the plan's" in warnings[0]

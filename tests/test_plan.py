@@ -108,10 +108,12 @@ def test_window_blocks(fraction, tokens, expected):
     assert window_blocks(fraction, tokens) == expected
 
 
-@pytest.mark.parametrize("mode", [MODE_FULL, MODE_SKIP, 0, 1, 5])
-@pytest.mark.parametrize("before,image_len,after", [(0, 1000, 0), (77, 300, 0), (0, 130, 333), (50, 300, 200)])
+@pytest.mark.parametrize("mode", [MODE_FULL, MODE_SKIP, 0, 1, 5, 50])
+@pytest.mark.parametrize("before,image_len,after", [(0, 1000, 0), (77, 300, 0), (0, 130, 333), (50, 300, 200),
+                                                    (0, 1, 0), (3, 128, 0), (0, 256, 9), (0, 129, 0), (0, 1408, 0)])
 def test_kept_pairs_counts_the_mask(mode, before, image_len, after):
     # Cost depends on the global token count only, wherever the global segments sit (Kontext: both sides).
+    # Arrows in closed form: whole and partial last blocks, windows wider than the image.
     seq = before + image_len + after
     layout = TokenLayout(seq, before, image_len)
     counted = 0 if mode == MODE_SKIP else int(head_mask(mode, layout).sum())
@@ -267,6 +269,36 @@ def test_save_errors_name_the_path_given(tmp_path):
     with pytest.raises(IsADirectoryError, match=f"cannot write {tmp_path}: it is a folder"):
         plan.save(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_writes_through_a_link_and_refuses_what_is_not_a_file(tmp_path):
+    import os
+
+    plan = Plan.uniform(tiny_flux(), 3, "cache")
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    plan.save(link)  # the link stays, its file is the plan (a regular file replaced the link before)
+    assert link.is_symlink() and Plan.load(target) == plan
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=r"pipe.json: it exists and is not a regular file"):
+        plan.save(fifo)
+    assert fifo.is_fifo()
+    # The longest name the file system takes (the temporary name beside it passed the limit, after the work).
+    long = tmp_path / ("q" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 5) + ".json")
+    plan.save(long)
+    assert Plan.load(long) == plan
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["target.json", "link.json", "pipe.json", long.name])
+
+
+def test_plans_that_run_otherwise_are_not_equal():
+    plan = Plan.uniform(tiny_flux(), 3, "tile:0.5,0.5,0.5", grid=(1, 16, 24))
+    assert plan.provenance["tile"] == [1, 16, 8]  # the default written out
+    for key, value in (("grid", [1, 24, 16]), ("tile", [1, 8, 16]), ("expert_switch_steps", [1])):
+        assert Plan(plan.model, plan.methods, {**plan.provenance, key: value}) != plan, key
+    assert Plan(plan.model, plan.methods, {**plan.provenance, "date": "another day"}) == plan
 
 
 def test_load_missing_file(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -17,13 +19,28 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     # Errors name the user's path, not the temporary file's.
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise OSError(f"cannot write {path}: {reason}")
+    target = path.resolve() if path.is_symlink() else path  # through a link to its file, the link kept
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {target.parent} does not exist")
+    # A short name of its own: the output's name with a prefix could pass the file system's limit.
+    tmp = target.with_name(f".ditfastattn-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why an output cannot replace what is at ``path`` (something other than a file, such as a pipe
+    or a device, which a replace would swap out), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    return None if stat.S_ISREG(mode) else "it exists and is not a regular file (a pipe, a device?); give a file name"

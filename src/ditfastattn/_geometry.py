@@ -228,16 +228,16 @@ def kept_pairs(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid 
         if tiles is None or tiles.tokens != num_image_tokens:
             raise ValueError(f"pooled keys' cost needs the grid of the {num_image_tokens} image tokens; got {tiles}")
         return text_len * seq + num_image_tokens * (text_len + sum(pooled_keys(tiles.grid, pool_factor(mode))))
-    blocks = num_image_blocks(num_image_tokens)
-    sizes = [min(IMAGE_BLOCK, num_image_tokens - b * IMAGE_BLOCK) for b in range(blocks)]
-    prefix = [0]
-    for size in sizes:
-        prefix.append(prefix[-1] + size)
-    image_pairs = 0
-    for i, size in enumerate(sizes):
-        lo, hi = max(0, i - mode), min(blocks, i + mode + 1)
-        image_pairs += size * (text_len + prefix[hi] - prefix[lo])
-    return text_len * seq + image_pairs
+    # In closed form (a sum over blocks held one number per block: gigabytes at a mistyped resolution).
+    # Image block i (of n, each B tokens but the last, r) attends to blocks [i - w, i + w] within the
+    # image: block pairs within w of each other, less the short last block's missing tokens.
+    n, width, big = num_image_blocks(num_image_tokens), mode, IMAGE_BLOCK
+    short = big - (num_image_tokens - (n - 1) * big)  # tokens the last block lacks
+    near = min(width, n - 1)
+    block_pairs = n + 2 * (near * n - near * (near + 1) // 2)
+    reaching_last = min(n, width + 1)  # blocks whose window holds the last one (as many as it reaches)
+    image_pairs = big * (big * block_pairs - short * reaching_last) - short * (big * reaching_last - short)
+    return text_len * seq + num_image_tokens * text_len + image_pairs
 
 
 def density(mode: int, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:

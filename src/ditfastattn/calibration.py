@@ -81,15 +81,22 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
         shared.update({f"SearchConfig.{f.name}": getattr(config, f.name) for f in dataclasses.fields(config)
                        if f.name != "offload_outputs"}, prompts=prompts_hash, pipeline_arguments=call)
     seconds: dict[str, Any] = {"sensitivity": 0.0, "passes": [], "solver": 0.0}
-    sensitivity = config.sensitivity
-    by_schedule = sensitivity in ("auto", "schedule", "measure+schedule")
+    sensitivity = weighing = config.sensitivity
+    if isinstance(sensitivity, dict) and (sensitivity.get("probe") or {}).get("steps") == "schedule":
+        # A reused measurement whose step weights its run read off its own schedule (which moves with the
+        # resolution and the scheduler's shift): this run reads them off its own, as that run did.
+        layered = any(sensitivity.get(key) for key in ("layers", "heads"))
+        sensitivity, weighing = ({**sensitivity, "steps": {}}, "measure+schedule") if layered else ({}, "auto")
+        logger.info("ditfastattn calibrate: the sensitivity's step weights were read off its own run's schedule; "
+                    "this run reads them off its own")
+    by_schedule = weighing in ("auto", "schedule", "measure+schedule")
     schedule: list[float] = []  # the step weights from the noise levels, read at each pass's start
-    weigh_steps = schedule_weigher(config.candidates, schedule, sensitivity) if by_schedule else None
+    weigh_steps = schedule_weigher(config.candidates, schedule, weighing) if by_schedule else None
     if sensitivity in ("measure", "measure+schedule"):
         started = time.perf_counter()
         sensitivity = measure_sensitivity(pipe, spec, call, config, progress=progress, weigh_steps=weigh_steps)
         seconds["sensitivity"] = time.perf_counter() - started
-    elif by_schedule:
+    elif by_schedule and not isinstance(sensitivity, dict):
         sensitivity = {}
     weights = weights_array(sensitivity or None, spec, config.candidates, config.num_inference_steps)
     steps = config.num_inference_steps
@@ -163,8 +170,9 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
                         for key, value in seconds.items()},
         },
     }
-    if len(session.experts) > 1:  # where the second expert took over: apply() checks it against its own run
-        provenance["expert_switch_steps"] = list(session.switch_steps)
+    # Where a second expert took over (none: one expert), which apply() checks against its own run: a
+    # one-expert plan on a pipeline with two ran its rows on the second expert without a word.
+    provenance["expert_switch_steps"] = list(session.switch_steps)
     if found.cached is not None:
         provenance["search"]["cached_steps"] = sorted(found.cached)
     if final_rse is not None:  # cache="auto": both searches' final errors, the lower one kept

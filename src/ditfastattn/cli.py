@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ._files import unwritable_reason
 from .ops import IMPLEMENTATIONS
 
 TESTBED_PREFIX = "testbed:"
@@ -151,10 +152,20 @@ def _output_file(path: str | Path, flag: str, formats: dict[str, str] | None = N
         raise CliError(f"{flag} {path}: give a file name ending in one of {', '.join(sorted(formats))}")
     if not parent.is_dir():
         raise CliError(f"cannot write {path}: the folder {parent} does not exist")
-    reason = _can_write_in(parent)
+    reason = _can_write_in(parent) or unwritable_reason(path) or _name_too_long(path)
     if reason is not None:
         raise CliError(f"cannot write {path}: {reason}")
     return path
+
+
+def _name_too_long(path: Path) -> str | None:
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such limit to ask for here
+        return None
+    if len(os.fsencode(path.name)) > limit:
+        return f"its name is longer than the {limit} bytes this file system allows"
+    return None
 
 
 def _output_dir(path: str | Path, flag: str) -> Path:
@@ -369,7 +380,9 @@ def cmd_inspect(args) -> None:
     plan = _load_plan(args.plan)
     print(f"{plan!r}")
     provenance = plan.provenance
-    print(f"made by ditfastattn {provenance.get('library_version')} on {provenance.get('date')} ({provenance.get('source')})")
+    unknown = "(not recorded)"
+    print(f"made by ditfastattn {provenance.get('library_version', unknown)} on {provenance.get('date', unknown)} "
+          f"({provenance.get('source', 'source not recorded')})")
     search = provenance.get("search")
     if search:
         candidates = ", ".join(map(str, search.get("candidates") or []))
@@ -492,9 +505,10 @@ def cmd_generate(args) -> None:
 
     pipe = _prepare(args, check_plan)
     kwargs = {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
-    for name in ("height", "width"):
-        if getattr(args, name):
-            kwargs[name] = getattr(args, name)
+    for name in ("height", "width"):  # the plan's size unless given, as its step count
+        value = getattr(args, name) or (plan.provenance.get(name) if plan is not None else None)
+        if value:
+            kwargs[name] = value
     start = time.perf_counter()
     image = pipe(
         prompt=args.prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(args.seed), **kwargs
@@ -508,8 +522,12 @@ def cmd_evaluate(args) -> None:
     import json
 
     from ._files import write_atomically
-    from .evaluation import delta_sweep
+    from .evaluation import delta_sweep, require_metrics
 
+    try:
+        require_metrics()
+    except ImportError as err:
+        raise CliError(str(err)) from None
     prompts = read_prompts(args.prompts)
     calibration_prompts = read_prompts(args.calibration_prompts)
     config = _search_config(args)
@@ -519,18 +537,30 @@ def cmd_evaluate(args) -> None:
                        "results.json there, and an earlier run's left beside them would mix with them)")
     pipe = _prepare(args, lambda pipe: _check_cfg(pipe, config.candidates, args.guidance_scale))
     try:
-        results, plans = delta_sweep(pipe, calibration_prompts, prompts, args.deltas, config, out_dir=out)
+        results, _ = delta_sweep(pipe, calibration_prompts, prompts, args.deltas, config, out_dir=out)
     except (ValueError, NotImplementedError) as err:  # what the search refuses once it sees the model
         raise CliError(str(err)) from err
-    for name, plan in plans.items():
-        plan.save(out / f"plan_{name}.json")
-    text = json.dumps(results, indent=1)
+    # Strict JSON: an image equal to the reference has an infinite PSNR, which JSON has no number for.
+    text = json.dumps(_finite(results), indent=1, allow_nan=False)
     write_atomically(out / "results.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    columns = sorted({key for row in results.values() for key in row})
+    # The table's columns are the numbers (a video's per-frame lists stay in results.json).
+    columns = sorted({key for row in results.values() for key, value in row.items() if isinstance(value, (int, float))})
     print(f"{'':<14}" + "".join(f"{c:>18}" for c in columns))
     for name, row in results.items():
-        print(f"{name:<14}" + "".join(f"{row[c]:>18.4f}" if c in row else f"{'-':>18}" for c in columns))
+        print(f"{name:<14}" + "".join(f"{row[c]:>18.4f}" if isinstance(row.get(c), (int, float)) else f"{'-':>18}"
+                                      for c in columns))
     print(f"images, plans and results.json in {out}")
+
+
+def _finite(value):
+    """``value`` with every non-finite float written as a string ("inf", "-inf", "nan")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def cmd_demo(args) -> None:
@@ -588,13 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.set_defaults(run=cmd_demo)
 
-    def model_args(p):
+    def model_args(p, size_default="the model's"):
         p.add_argument("--model", required=True, help="diffusers id or local path, or testbed:sd3 / testbed:flux")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
         p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                        help="auto: fp32 for the testbed and on the CPU, else bf16")
-        p.add_argument("--height", type=_POSITIVE, default=None, help="image height in pixels (default: the model's)")
-        p.add_argument("--width", type=_POSITIVE, default=None, help="image width in pixels (default: the model's)")
+        p.add_argument("--height", type=_POSITIVE, default=None, help=f"image height in pixels (default: {size_default})")
+        p.add_argument("--width", type=_POSITIVE, default=None, help=f"image width in pixels (default: {size_default})")
         p.add_argument("--guidance-scale", type=_number(float, minimum=0), default=None,
                        help="classifier-free guidance (default: the pipeline's)")
         p.add_argument("--seed", type=_SEED, default=0, help="seed of the generator")
@@ -647,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(run=cmd_calibrate)
 
     generate = command("generate", "generate one image, with or without a plan")
-    model_args(generate)
+    model_args(generate, "the plan's where it records one, else the model's")
     generate.add_argument("--plan", default=None, help="plan file (default: full attention)")
     generate.add_argument("--prompt", type=_text, required=True, help="the prompt")
     generate.add_argument("--steps", type=_POSITIVE, default=None, help="denoising steps (default: the plan's, else 28)")
@@ -675,8 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image grid (frames,rows,cols of latent patches) that sizes tile: windows and "
                               "pool: keys (default: the plan's)")
     inspect.add_argument("--tile", type=_triple, default=None, metavar="T,H,W",
-                         help="tile shape of tile: windows, T*H*W = 128 (default: the plan's, else 2,8,8 for "
-                              "video and 1,8,16 for one frame)")
+                         help="tile shape of tile: windows, T*H*W = 128 (default: the plan's, else of 2,8,8, "
+                              "1,8,16 and 1,16,8 (one frame: the last two) the first that leaves the fewest pad "
+                              "slots on the grid)")
     inspect.set_defaults(run=cmd_inspect)
     return parser
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,13 +91,21 @@ def run_demo(out: Path, *, delta: float = 0.2, steps: int = 20, num_prompts: int
         "caption_accuracy_plan": caption_accuracy(compressed, heldout),
         **({"lpips": metrics["lpips"]} if "lpips" in metrics else {}),
     }
-    # Every file at the end, so that an interrupted run leaves an earlier run's set whole.
-    plan.save(out / "plan.json")
-    plot_plan(plan, out / "plan.png", title=f"testbed plan, delta={delta}")
-    text = json.dumps(result, indent=1)
-    write_atomically(out / "results.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    title = f"delta={delta}: attention sparsity {summary['sparsity']:.0%}, SSIM {metrics['ssim']:.3f}, PSNR {metrics['psnr']:.1f} dB"
-    plot_comparison(reference, compressed, heldout, out / "comparison.png", title=title)
+    # Every file made in a folder beside them first, then moved in together: an interrupted run leaves
+    # an earlier run's set whole (written one by one, an interrupt left a new plan beside old results).
+    staging = Path(tempfile.mkdtemp(prefix=".ditfastattn-demo-", dir=out))
+    try:
+        plan.save(staging / "plan.json")
+        plot_plan(plan, staging / "plan.png", title=f"testbed plan, delta={delta}")
+        text = json.dumps(result, indent=1)
+        write_atomically(staging / "results.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        title = (f"delta={delta}: attention sparsity {summary['sparsity']:.0%}, SSIM {metrics['ssim']:.3f}, "
+                 f"PSNR {metrics['psnr']:.1f} dB")
+        plot_comparison(reference, compressed, heldout, staging / "comparison.png", title=title)
+        for name in OUTPUTS:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
     rows = [
         ("attention sparsity", "0%", f"{summary['sparsity']:.1%}"),

@@ -20,12 +20,12 @@ from typing import Any, Sequence
 import torch
 
 from ._files import write_atomically
-from ._prompts import prompt_kwargs
+from ._prompts import _same, prompt_kwargs
 from .adapters import adapter_for
 from .calibration import calibrate
 from .search_config import SearchConfig
 from .plan import Plan
-from .runtime import _transformer_of, apply, remove
+from .runtime import _transformer_of, applied, apply, remove
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,15 @@ def clip_score(images: torch.Tensor, prompts: Sequence[str]) -> float | None:
     return metric((_unit_range("images", images) * 255).to(torch.uint8), list(prompts)).item()
 
 
+def require_metrics() -> None:
+    """Refuse before any image (not after them all) where the metrics' library is missing."""
+    try:
+        import torchmetrics  # noqa: F401
+    except ImportError:
+        raise ImportError("evaluation computes SSIM and PSNR with torchmetrics: pip install torchmetrics "
+                          "(or ditfastattn[eval])") from None
+
+
 def _as_list(prompts) -> list:
     """A bare prompt (string or dict of pipeline kwargs) is one prompt."""
     return [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
@@ -172,6 +181,10 @@ def generate(pipe, prompts, *, num_inference_steps: int, seed: int = 0, **kwargs
     video pipeline (its output's ``frames``), videos (N, F, 3, H, W) and seconds per video."""
     prompts = _as_list(prompts)
     call, _ = prompt_kwargs(prompts)
+    for name in set(call) & set(kwargs):  # the same setting given twice: once
+        if not _same(call[name], kwargs[name]):
+            raise ValueError(f"the prompt dicts set {name}={call[name]!r} but {kwargs[name]!r} is given too: give it once")
+        del call[name]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -206,9 +219,11 @@ def evaluate(
     seed: int = 0,
     out_dir: str | Path | None = None,
     extra_metrics=None,
+    impl: str = "auto",
     **pipe_kwargs,
 ) -> dict[str, dict[str, Any]]:
-    """Generate ``prompts`` with full attention and under each plan; compare to full attention.
+    """Generate ``prompts`` with full attention and under each plan (applied with ``impl``); compare
+    to full attention.
 
     Returns ``{"reference": {...}, name: {...}}`` (the reference is full attention) with sparsity, seconds per image, SSIM, PSNR and
     (when local weights exist) LPIPS and CLIP score. ``extra_metrics(images, prompts)`` may add
@@ -220,6 +235,10 @@ def evaluate(
         raise ValueError("'reference' names the full-attention images; give the plan another name")
     prompts = _as_list(prompts)
     transformer, _ = _transformer_of(pipe)
+    if applied(pipe):  # its reference images would not be full attention's
+        raise RuntimeError("a ditfastattn plan is applied to this pipeline: call ditfastattn.remove(pipe) first, so "
+                           "that the reference images are full attention's")
+    require_metrics()
     spec = adapter_for(transformer).describe(transformer)
     for plan in plans.values():  # before the first image, not after the reference run
         plan.check_compatible(spec, num_inference_steps)
@@ -239,7 +258,7 @@ def evaluate(
     if out is not None:
         _save(reference, out / "reference")
     for name, plan in plans.items():
-        apply(pipe, plan)
+        apply(pipe, plan, impl=impl)
         try:
             images, seconds = generate(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed, **pipe_kwargs)
         finally:
@@ -263,19 +282,30 @@ def delta_sweep(
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Plan]]:
     """Calibrate one plan per delta on ``calibration_prompts``, then :func:`evaluate` all on ``prompts``.
 
-    Deltas that print alike (``f"{delta:g}"``) would share one plan name: they are refused.
+    Deltas that print alike (``f"{delta:g}"``) would share one plan name: they are refused. With
+    ``out_dir`` each plan is saved there (``plan_<name>.json``) as soon as it is calibrated, so an
+    interrupted evaluation keeps them. A measured sensitivity is measured once, for the first delta,
+    and reused: it does not depend on the delta.
     """
     names = [f"delta={delta:g}" for delta in deltas]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"give one or more distinct deltas; got {list(deltas)}")
+    require_metrics()
     configs = [dataclasses.replace(config, delta=delta) for delta in deltas]  # checks every delta first
     plans = {}
     for name, search in zip(names, configs):
+        if plans and config.sensitivity in ("measure", "measure+schedule"):
+            search = dataclasses.replace(search, sensitivity=next(iter(plans.values())).provenance["search"]["sensitivity"])
         plans[name] = calibrate(pipe, calibration_prompts, search, progress=progress)
-    kwargs = {name: getattr(config, name) for name in ("height", "width", "guidance_scale") if getattr(config, name) is not None}
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            plans[name].save(Path(out_dir) / f"plan_{name}.json")
+    # The images compared run as the calibration did: its pipeline arguments, size, guidance and op.
+    kwargs = {**config.pipeline_kwargs, **{name: getattr(config, name) for name in ("height", "width", "guidance_scale")
+                                           if getattr(config, name) is not None}}
     results = evaluate(
         pipe, prompts, plans, num_inference_steps=config.num_inference_steps, seed=config.seed,
-        out_dir=out_dir, extra_metrics=extra_metrics, **kwargs,
+        out_dir=out_dir, extra_metrics=extra_metrics, impl=config.impl, **kwargs,
     )
     return results, plans
 

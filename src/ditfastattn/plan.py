@@ -74,6 +74,12 @@ def _method_rows(methods: Any) -> list[list[list[str]]]:
     return out
 
 
+# What a plan made here records of its making; one read from a file keeps the file's, or none.
+_STAMPS = ("library_version", "date")
+# The provenance that changes how a plan runs (see Plan.__eq__).
+_RUN_PROVENANCE = ("grid", "tile", "expert_switch_steps")
+
+
 def _library_version() -> str:
     from . import __version__
 
@@ -116,8 +122,10 @@ class Plan:
         self.model = model
         self.methods = _method_rows(methods)
         self.provenance = _json_value(dict(provenance or {}), "provenance")
-        self.provenance.setdefault("library_version", _library_version())
-        self.provenance.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        stamps = {"library_version": _library_version(),
+                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        for key in _STAMPS:
+            self.provenance.setdefault(key, stamps[key])
         self.scores = _json_value(scores, "scores")
         self.validate()
         tiles = self._recorded_tiles()
@@ -423,9 +431,13 @@ class Plan:
             methods = [[row.split() for row in rows] for rows in data["methods"]]
             if len(methods) != data["num_steps"]:
                 raise ValueError(f"num_steps says {data['num_steps']} but {len(methods)} steps are stored")
-            return cls(model, methods, data.get("provenance"), data.get("scores"))
+            plan = cls(model, methods, data.get("provenance"), data.get("scores"))
         except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise ValueError(f"{source} is a corrupt ditfastattn plan: {err}") from err
+        for key in _STAMPS:  # a file that records no version or date is not stamped as made now, by this one
+            if key not in (data.get("provenance") or {}):
+                del plan.provenance[key]
+        return plan
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON; the file is replaced only once it is fully written."""
@@ -451,4 +463,7 @@ class Plan:
             raise ValueError(f"{path} nests its JSON too deeply for a plan; the plan file is corrupt") from None
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Plan) and self.model == other.model and self.methods == other.methods
+        """The same methods for the same model, run alike: the provenance's grid and tile shape (which
+        size tile windows and pooled keys) and the experts' switch steps are part of a plan's meaning."""
+        return (isinstance(other, Plan) and self.model == other.model and self.methods == other.methods
+                and all(self.provenance.get(key) == other.provenance.get(key) for key in _RUN_PROVENANCE))

@@ -12,7 +12,7 @@
 - :mod:`.install`: ``apply`` / ``remove`` and the hooks.
 """
 
-from .install import _transformer_of, apply, install, remove, uninstall
+from .install import _transformer_of, applied, apply, install, remove, uninstall
 from .routing import dense_slots, full_head_cost
 from .rows import cache_heads, compile_row
 from .budget import fit_cache_budget
@@ -22,6 +22,6 @@ from .steps import warn_short_generation
 from .static import StaticSession
 
 __all__ = [
-    "CallGeometry", "LayerRuntime", "Session", "StaticSession", "apply", "cache_heads", "cfg_batch_error", "compile_row",
+    "CallGeometry", "LayerRuntime", "Session", "StaticSession", "applied", "apply", "cache_heads", "cfg_batch_error", "compile_row",
     "dense_slots", "fit_cache_budget", "full_head_cost", "install", "remove", "uninstall", "warn_short_generation",
 ]

@@ -158,6 +158,12 @@ def _check_second_expert(expert, transformer, spec, adapter) -> None:
         )
 
 
+def applied(pipe_or_transformer) -> bool:
+    """Whether a plan is applied to the model (to either expert of a pipeline)."""
+    transformer, pipe = _transformer_of(pipe_or_transformer)
+    return any(getattr(expert, _SESSION_ATTR, None) is not None for expert in experts_of(transformer, pipe))
+
+
 def uninstall(pipe_or_transformer) -> Plan:
     transformer, pipe = _transformer_of(pipe_or_transformer)
     session: Session | None = getattr(transformer, _SESSION_ATTR, None)
