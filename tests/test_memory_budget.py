@@ -109,7 +109,7 @@ def test_a_budget_for_half_the_layers_computes_a_whole_cached_step_instead_of_mi
 
 @torch.no_grad()
 def test_runtime_computes_a_whole_cached_step_that_does_not_fit():
-    # attn2 calls (image only) are fitted apart from the joint ones and would fit: the step still gives way whole
+    # One byte short of every layer's buffer (attn2's of the image alone): the step gives way whole
     model = tiny_sd3(dual=True)
     full = Plan.uniform(model, STEPS, "full")
     whole = [[["cache" if step == 2 else "full"] * len(heads) for heads in rows] for step, rows in enumerate(full.methods)]
@@ -131,8 +131,9 @@ def denoise(model, inputs):
 
 
 def layer_bytes(model, plan, inputs):
-    batch, tokens = inputs["hidden_states"].shape[0], 16 * 16 + inputs["encoder_hidden_states"].shape[1]
-    return [batch * tokens * spec.heads * spec.head_dim * 4 for spec in plan.model.layers]
+    """Each layer's buffer: SD3.5's attn2 holds the image tokens alone, the joint layers the text too."""
+    batch, image, text = inputs["hidden_states"].shape[0], 16 * 16, inputs["encoder_hidden_states"].shape[1]
+    return [batch * (image + (text if spec.text else 0)) * spec.heads * spec.head_dim * 4 for spec in plan.model.layers]
 
 
 @torch.no_grad()
@@ -183,6 +184,27 @@ def test_a_budget_that_fits_changes_nothing():
 
 
 @torch.no_grad()
+def test_static_mode_frees_what_a_second_call_slot_refits_away():
+    # The first call builds each layer's buffer for one call slot; true CFG's second call refits the
+    # budget for two, and the layers that then keep nothing held their old buffers (1.5x the budget).
+    from test_experts import STEPS, generate, pipeline, plan_with
+
+    pipe = pipeline(heads=2)
+    full = Plan.uniform(pipe.transformer, STEPS, "full")
+    rows = [["cache", "full"], ["cache", "cache"]]  # the second layer saves more a byte: it keeps its buffers
+    plan = Plan(full.model, [[rows[layer] if step else ["full"] * 2 for layer in range(2)] for step in range(STEPS)])
+    spec = plan.model.layers[0]
+    one = 384 * spec.heads * spec.head_dim * 4  # one layer's buffer for one call slot: 384 tokens, float32
+    # Each of the two experts keeps its own buffers: room for both layers' at one call slot, one layer's at two.
+    ditfastattn.apply(pipe, plan, static=True, num_image_tokens=384, cache_budget_gib=5 * one / 2**30)
+    generate(pipe)
+    held = sum(b.nbytes for expert in (pipe.transformer, pipe.transformer_2)
+               for name, b in expert.named_buffers() if name.endswith("_ditfastattn_out"))
+    ditfastattn.remove(pipe)
+    assert held == 4 * one  # the second layer's, two call slots in each expert (the first layer's stayed too)
+
+
+@torch.no_grad()
 def test_static_mode_budget_drops_whole_layers_and_holds_buffers_only_for_caching_layers():
     model = tiny_sd3(dual=True)
     plan = caching_plan(model, seed=2)
@@ -212,9 +234,69 @@ def test_static_mode_budget_drops_whole_layers_and_holds_buffers_only_for_cachin
 
 def test_budget_must_not_be_negative():
     model = tiny_sd3()
-    with pytest.raises(ValueError, match="cache_budget_gib must be >= 0"):
-        ditfastattn.apply(model, Plan.uniform(model, 2, "full"), cache_budget_gib=-1)
+    for bad in (-1, 1e300, 10**400):  # the two large ones raised a bare OverflowError
+        with pytest.raises(ValueError, match="cache_budget_gib must be >= 0"):
+            ditfastattn.apply(model, Plan.uniform(model, 2, "full"), cache_budget_gib=bad)
     assert not hasattr(model, "_ditfastattn_session")
+
+
+@torch.no_grad()
+def test_layers_of_other_lengths_are_fitted_together():
+    # SD3.5's attn2 attends the image alone, its joint layers image and text: fitted apart per call
+    # length, each fit priced every layer at the caller's length, and together held 1.25x the budget
+    # (the log counting head-steps that never computed).
+    from ditfastattn.runtime import LayerRuntime
+
+    model, steps, text = tiny_sd3(dual=True), 5, 256
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": torch.randn(2, 4, 32, 32, generator=generator),
+              "encoder_hidden_states": torch.randn(2, text, 16, generator=generator),
+              "pooled_projections": torch.randn(2, 16, generator=generator)}
+    full = Plan.uniform(model, steps, "full")
+    rows = {0: ["cache"] * 3, 1: ["cache", "full", "full"], 2: ["cache"] * 3}  # layer 1 is attn2
+    plan = Plan(full.model, [[["full"] * 3 if step == 0 else rows[layer] for layer in range(3)] for step in range(steps)],
+                {"num_image_tokens": 256})
+    budget = 2 * 2 * (256 + text) * 3 * 8 * 4  # the two joint layers' buffers
+    held, attend = [], LayerRuntime.attend
+
+    def holding(layer, *args, **kwargs):
+        out = attend(layer, *args, **kwargs)
+        held.append(sum(slot.out.nbytes for each in layer.session.layers for slot in each.slots.values()
+                        if slot.out is not None))
+        return out
+
+    LayerRuntime.attend = holding
+    try:
+        ditfastattn.apply(model, plan, cache_budget_gib=budget / 2**30)
+        for timestep in (900.0, 700.0, 500.0, 300.0, 100.0):
+            model(**inputs, timestep=torch.full((2,), timestep))
+        ditfastattn.remove(model)
+    finally:
+        LayerRuntime.attend = attend
+    assert max(held) == budget  # the joint layers keep theirs, attn2 gives way
+
+
+def test_a_generation_that_gives_way_leaves_the_next_at_another_size_as_it_was():
+    # A whole cached step given way at a large size stayed given way at every later size: the same
+    # small generation computed it after a large one (4.99e-2 off the one before it), unsaid.
+    from test_experts import SIZE, STEPS, pipeline, prompts
+
+    pipe = pipeline()
+    full = Plan.uniform(pipe.transformer, STEPS, "full")
+    plan = Plan(full.model, [[["cache" if step in (2, 4) else "full"] * layer.heads for layer in full.model.layers]
+                             for step in range(STEPS)], {})
+    small = 2 * 2 * 384 * 2 * 8 * 4  # both experts' layers... every layer of the expert, two call slots, 384 tokens
+
+    def generate(size):
+        return pipe(**prompts(), **size, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                    output_type="latent").frames
+
+    ditfastattn.apply(pipe, plan, cache_budget_gib=small / 2**30)
+    before = generate(SIZE)
+    generate({**SIZE, "height": 2 * SIZE["height"], "width": 2 * SIZE["width"]})
+    after = generate(SIZE)
+    ditfastattn.remove(pipe)
+    assert torch.equal(before, after)
 
 
 def test_the_budget_is_logged_once_when_cfg_is_a_second_call(caplog):

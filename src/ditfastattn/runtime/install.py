@@ -245,7 +245,7 @@ def apply(
     """
     if impl not in ops.IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
-    if cache_budget_gib is not None and not (_is_number(cache_budget_gib) and math.isfinite(cache_budget_gib)
+    if cache_budget_gib is not None and not (_is_number(cache_budget_gib) and _bytes(cache_budget_gib) is not None
                                              and cache_budget_gib >= 0):
         raise ValueError(
             f"cache_budget_gib must be >= 0: a finite number of GiB, or None for no limit; got {cache_budget_gib!r}"
@@ -256,7 +256,7 @@ def apply(
         raise TypeError(f"static must be True or False; got {static!r}")
     if not isinstance(balance_heads, bool):
         raise TypeError(f"balance_heads must be True or False; got {balance_heads!r}")
-    budget = None if cache_budget_gib is None else int(cache_budget_gib * 2**30)
+    budget = None if cache_budget_gib is None else _bytes(cache_budget_gib)
     transformer, pipe = _transformer_of(pipe_or_transformer)
     experts = experts_of(transformer, pipe)
     # parallelism on either expert picks the Ulysses session, whose install refuses it on one only
@@ -283,6 +283,15 @@ def apply(
     else:
         install(pipe_or_transformer, plan, impl, cache_budget=budget)
     logger.info("applied %s plan (%s)", plan.provenance.get("source", "calibrated"), plan)
+
+
+def _bytes(gib) -> int | None:
+    """``gib`` GiB in bytes, or None where that is no finite number (an int past float's range too)."""
+    try:
+        value = gib * 2**30
+        return int(value) if math.isfinite(value) else None
+    except OverflowError:
+        return None
 
 
 def remove(pipe_or_transformer) -> Plan:

@@ -289,7 +289,7 @@ class Session:
         self.impl = impl
         self.cache_budget = cache_budget
         self._dropped: dict[tuple, list[frozenset[int]]] = {}
-        self._broken: frozenset[int] = frozenset()  # whole cached steps that gave way at some call shape
+        self._global_tokens = 0  # the text (global) tokens of the last call of a layer that has them
         self._budget_said: set[tuple[int, int, int]] = set()  # (batch, tokens, head-steps computed) logged
         self._loose_pool_said: set[tuple[int, int, int]] = set()  # grids whose partial pool patches were said
         self.step = 0
@@ -422,27 +422,31 @@ class Session:
             return frozenset()
         batch, seq, _, _ = q.shape
         static = self.buffers_per_generation
-        key = (batch, seq, q.element_size(), self.buffer_copies)
+        layers = self.plan.model.layers
+        if layers[layer].text:
+            self._global_tokens = seq - num_image_tokens
+        # One fit per call geometry over every layer, each priced at its own length (SD3.5's attn2
+        # holds the image alone): fitted apart per call length, each fit priced every layer at the
+        # caller's and the buffers held past the budget.
+        key = (batch, num_image_tokens, self._global_tokens, q.element_size(), self.buffer_copies)
         if key not in self._dropped:
             # Every call slot (e.g. FLUX's true CFG) keeps its own buffers.
-            layer_bytes = [key[3] * batch * seq * spec.heads * spec.head_dim * key[2] for spec in self.plan.model.layers]
+            layer_bytes = [key[4] * batch * (num_image_tokens + (key[2] if spec.text else 0)) * spec.heads
+                           * spec.head_dim * key[3] for spec in layers]
             cached = cache_heads(self.plan)
-            heads = [spec.heads for spec in self.plan.model.layers]
+            heads = [spec.heads for spec in layers]
             whole = frozenset(t for t, per_layer in enumerate(cached) if per_layer == heads)
             dropped = fit_cache_budget(cached, layer_bytes, self.cache_budget, static=static, whole=whole)
             self._dropped[key] = dropped
-            # A whole step given way at one call shape (SD3.5's attn2 and joint calls are fitted apart)
-            # gives way at every shape: folded into every shape's steps once, not at each call.
-            self._broken |= {t for t in whole if any(t in steps for steps in dropped)}
-            self._dropped = {shape: [steps | self._broken for steps in per_layer] for shape, per_layer in self._dropped.items()}
             lost = sum(cached[t][l] for l, steps in enumerate(dropped) for t in steps)
+            tokens = num_image_tokens + key[2]
             # Said once: a step's later calls refit the same shape for their own buffers.
-            if lost and (batch, seq, lost) not in self._budget_said:
-                self._budget_said.add((batch, seq, lost))
+            if lost and (batch, tokens, lost) not in self._budget_said:
+                self._budget_said.add((batch, tokens, lost))
                 logger.warning(
                     "the cache buffers of this plan exceed the %s budget at batch %d x %d tokens; "
                     "%d of %d cached head-steps compute instead (raise cache_budget_gib for full speed)",
-                    _size(self.cache_budget), batch, seq, lost, sum(map(sum, cached)),
+                    _size(self.cache_budget), batch, tokens, lost, sum(map(sum, cached)),
                 )
         return self._dropped[key][layer]
 

@@ -133,6 +133,11 @@ class _StaticLayer(LayerRuntime):
             self.pool_groups = [n for factor, group in pool_slots for n in (factor, len(group), *group)]
         self.residuals = bool(tables["residual_add"].any())
         self.caches = any(row.keep for row in rows)
+        # A rebuild (a second call slot refits the budget) may leave the layer nothing to keep: its old
+        # buffers, read no more, would be held past the budget until remove().
+        for name in (() if self.caches else ("_ditfastattn_out",)) + (
+                () if self.residuals else ("_ditfastattn_residual", "_ditfastattn_captured")):
+            module._buffers.pop(name, None)
         self.stock = all(row.all_full for row in rows) and not self.residuals
         if self.session.impl == "auto" and not self.stock:
             cost = full_head_cost(q, k, v, geometry.text_start, geometry.text_len, None if geometry.simple else geometry)
