@@ -149,6 +149,14 @@ def test_evaluate_writes_strict_json_and_each_plan(tmp_path, prompts_file, capsy
     assert "delta=0.5" in capsys.readouterr().out
 
 
+def test_an_output_through_a_link_is_checked_where_it_goes(tmp_path, prompts_file, capsys):
+    # A link into a folder that does not exist passed the checks and failed after the search.
+    link = tmp_path / "plan.json"
+    link.symlink_to(tmp_path / "later" / "plan.json")
+    message = run_error(["calibrate", *TINY, "--prompts", str(prompts_file), "-o", str(link)], capsys)
+    assert f"cannot write {link}: the folder {tmp_path / 'later'} does not exist" in message
+
+
 def test_inspect_says_what_the_file_does_not_record(tmp_path, capsys):
     # A plan file without a version or date is not stamped as made now (it printed today's date,
     # another at every run, and a save baked it in).

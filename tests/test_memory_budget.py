@@ -187,11 +187,11 @@ def test_a_budget_that_fits_changes_nothing():
 def test_static_mode_frees_what_a_second_call_slot_refits_away():
     # The first call builds each layer's buffer for one call slot; true CFG's second call refits the
     # budget for two, and the layers that then keep nothing held their old buffers (1.5x the budget).
-    from test_experts import STEPS, generate, pipeline, plan_with
+    from test_experts import STEPS, generate, pipeline
 
     pipe = pipeline(heads=2)
     full = Plan.uniform(pipe.transformer, STEPS, "full")
-    rows = [["cache", "full"], ["cache", "cache"]]  # the second layer saves more a byte: it keeps its buffers
+    rows = [["cache", "full"], ["cache", "cache"]]  # the second layer caches more heads a byte: it keeps its buffers
     plan = Plan(full.model, [[rows[layer] if step else ["full"] * 2 for layer in range(2)] for step in range(STEPS)])
     spec = plan.model.layers[0]
     one = 384 * spec.heads * spec.head_dim * 4  # one layer's buffer for one call slot: 384 tokens, float32
@@ -201,7 +201,7 @@ def test_static_mode_frees_what_a_second_call_slot_refits_away():
     held = sum(b.nbytes for expert in (pipe.transformer, pipe.transformer_2)
                for name, b in expert.named_buffers() if name.endswith("_ditfastattn_out"))
     ditfastattn.remove(pipe)
-    assert held == 4 * one  # the second layer's, two call slots in each expert (the first layer's stayed too)
+    assert held == 4 * one  # the second layer's, two call slots in each expert (5x before: the first layer's stayed)
 
 
 @torch.no_grad()
@@ -285,7 +285,7 @@ def test_a_generation_that_gives_way_leaves_the_next_at_another_size_as_it_was()
     full = Plan.uniform(pipe.transformer, STEPS, "full")
     plan = Plan(full.model, [[["cache" if step in (2, 4) else "full"] * layer.heads for layer in full.model.layers]
                              for step in range(STEPS)], {})
-    small = 2 * 2 * 384 * 2 * 8 * 4  # both experts' layers... every layer of the expert, two call slots, 384 tokens
+    small = 2 * 2 * 384 * 2 * 8 * 4  # two layers, two call slots (CFG's second call), 384 tokens, 2 heads of 8
 
     def generate(size):
         return pipe(**prompts(), **size, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),

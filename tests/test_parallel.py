@@ -607,6 +607,11 @@ def _refusing_rank(rank: int, directory: str) -> None:
         plans = [mixed_plan(model), Plan.uniform(model, STEPS, "full")]
         with pytest.raises(ValueError, match="ditfastattn.apply got other plan on the Ulysses ranks"):
             ditfastattn.apply(model, plans[rank], impl="reference")
+        # An argument one rank alone refuses: every rank stops (the other waited in the exchange).
+        refused = [(RuntimeError, r"stopped on Ulysses rank 1 of 2 \(ValueError: impl must be one of"),
+                   (ValueError, "impl must be one of")]
+        with pytest.raises(refused[rank][0], match=refused[rank][1]):
+            ditfastattn.apply(model, plans[0], impl=["reference", "bogus"][rank])
         assert not hasattr(model, "_ditfastattn_session")
         # A LoRA added while balance_heads has the heads reordered: refused at the next generation
         # (0.024 off before, and remove() failed, leaving the weights reordered), the weights restored.

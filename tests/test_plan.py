@@ -286,6 +286,11 @@ def test_save_writes_through_a_link_and_refuses_what_is_not_a_file(tmp_path):
     with pytest.raises(OSError, match=r"pipe.json: it exists and is not a regular file"):
         plan.save(fifo)
     assert fifo.is_fifo()
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    with pytest.raises(OSError, match=r"loop.json: it is a link that leads back to itself"):
+        plan.save(loop)
+    loop.unlink()
     # The longest name the file system takes (the temporary name beside it passed the limit, after the work).
     long = tmp_path / ("q" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 5) + ".json")
     plan.save(long)
@@ -299,6 +304,10 @@ def test_plans_that_run_otherwise_are_not_equal():
     for key, value in (("grid", [1, 24, 16]), ("tile", [1, 8, 16]), ("expert_switch_steps", [1])):
         assert Plan(plan.model, plan.methods, {**plan.provenance, key: value}) != plan, key
     assert Plan(plan.model, plan.methods, {**plan.provenance, "date": "another day"}) == plan
+    # Alike where nothing differs in how they run: no switch steps recorded is none; a grid recorded
+    # for a plan no method of which it sizes.
+    arrows = Plan.uniform(tiny_flux(), 3, "arrow:0.25")
+    assert Plan(arrows.model, arrows.methods, {"expert_switch_steps": [], "grid": [1, 16, 24]}) == arrows
 
 
 def test_load_missing_file(tmp_path):

@@ -22,7 +22,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     reason = unwritable_reason(path)
     if reason is not None:
         raise OSError(f"cannot write {path}: {reason}")
-    target = path.resolve() if path.is_symlink() else path  # through a link to its file, the link kept
+    target = output_target(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: the folder {target.parent} does not exist")
     # A short name of its own: the output's name with a prefix could pass the file system's limit.
@@ -36,11 +36,19 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def output_target(path: Path) -> Path:
+    """The file an output at ``path`` goes to: through a link to its file (the link kept), else ``path``."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def unwritable_reason(path: Path) -> str | None:
     """Why an output cannot replace what is at ``path`` (something other than a file, such as a pipe
-    or a device, which a replace would swap out), or None."""
+    or a device, which a replace would swap out; a link that loops), or None."""
     try:
+        output_target(path)
         mode = path.stat().st_mode
     except FileNotFoundError:
         return None
+    except (OSError, RuntimeError):  # a link loop (RuntimeError from resolve() before Python 3.13)
+        return "it is a link that leads back to itself; give a file name"
     return None if stat.S_ISREG(mode) else "it exists and is not a regular file (a pipe, a device?); give a file name"

@@ -48,20 +48,21 @@ def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None =
     A14B's ``transformer_2``) is searched over both experts' steps, as :func:`ditfastattn.apply` runs it.
 
     Under diffusers' Ulysses context parallelism, call it on every rank with the same prompts and
-    config (refused on every rank where they differ, or where one rank's input is refused): each rank scores its own heads, the scores are pooled, and every rank returns the same
-    plan of all heads (the one a single process finds, up to float rounding of the scores), which
-    applies with or without parallelism. Ring attention and tensor parallelism are refused.
+    config (refused on every rank where they differ, or where one rank's are refused): each rank
+    scores its own heads, the scores are pooled, and every rank returns the same plan of all heads
+    (the one a single process finds, up to float rounding of the scores), which applies with or
+    without parallelism. Ring attention and tensor parallelism are refused.
     """
-    config = SearchConfig() if config is None else config
-    if not isinstance(config, SearchConfig):
-        raise TypeError(f"config must be a SearchConfig (e.g. SearchConfig(delta=0.2)); got {type(config).__name__}")
-    requested, config = config, config._resolved()
-    if requested.cache == "auto" and config.cache == "head" and config.target is not None:
-        logger.info("ditfastattn calibrate: cache='auto' caches per head: caching per step needs budget='generation' "
-                    "and a 'cache' candidate")
     transformer, pipeline = _transformer_of(pipe)
     # Under Ulysses every rank searches its heads of one search: the same inputs, refused alike.
     with ranks_agree(transformer, "ditfastattn.calibrate") as shared:
+        config = SearchConfig() if config is None else config
+        if not isinstance(config, SearchConfig):
+            raise TypeError(f"config must be a SearchConfig (e.g. SearchConfig(delta=0.2)); got {type(config).__name__}")
+        requested, config = config, config._resolved()
+        if requested.cache == "auto" and config.cache == "head" and config.target is not None:
+            logger.info("ditfastattn calibrate: cache='auto' caches per head: caching per step needs "
+                        "budget='generation' and a 'cache' candidate")
         if pipeline is None:
             raise TypeError("calibrate needs the pipeline (it runs a denoising pass), not only its transformer")
         refuse_layer_skipping_caches(named(experts_of(transformer, pipeline), pipeline),

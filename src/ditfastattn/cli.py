@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._files import unwritable_reason
+from ._files import output_target, unwritable_reason
 from .ops import IMPLEMENTATIONS
 
 TESTBED_PREFIX = "testbed:"
@@ -145,14 +145,17 @@ def _output_file(path: str | Path, flag: str, formats: dict[str, str] | None = N
     if str(path).endswith(("/", os.sep)):
         raise CliError(f"{flag} {path} names a folder; give a file name")
     path = Path(path)
-    parent = path.parent
     if path.is_dir():
         raise CliError(f"{flag} {path} is a directory; give a file name")
     if formats is not None and path.suffix.lower() not in formats:
         raise CliError(f"{flag} {path}: give a file name ending in one of {', '.join(sorted(formats))}")
-    if not parent.is_dir():
-        raise CliError(f"cannot write {path}: the folder {parent} does not exist")
-    reason = _can_write_in(parent) or unwritable_reason(path) or _name_too_long(path)
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise CliError(f"cannot write {path}: {reason}")
+    target = output_target(path)  # as the output is written: through a link, to its file
+    if not target.parent.is_dir():
+        raise CliError(f"cannot write {path}: the folder {target.parent} does not exist")
+    reason = _can_write_in(target.parent) or _name_too_long(target)
     if reason is not None:
         raise CliError(f"cannot write {path}: {reason}")
     return path

@@ -91,8 +91,9 @@ def run_demo(out: Path, *, delta: float = 0.2, steps: int = 20, num_prompts: int
         "caption_accuracy_plan": caption_accuracy(compressed, heldout),
         **({"lpips": metrics["lpips"]} if "lpips" in metrics else {}),
     }
-    # Every file made in a folder beside them first, then moved in together: an interrupted run leaves
-    # an earlier run's set whole (written one by one, an interrupt left a new plan beside old results).
+    # Every file made in a folder beside them first, then moved in by four renames at the very end: an
+    # interrupt leaves an earlier run's set whole (written one by one after the work, one left a new plan
+    # beside old results).
     staging = Path(tempfile.mkdtemp(prefix=".ditfastattn-demo-", dir=out))
     try:
         plan.save(staging / "plan.json")

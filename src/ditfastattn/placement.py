@@ -187,9 +187,10 @@ def permute_heads(transformer: torch.nn.Module | list[torch.nn.Module], plan: Pl
 
 
 def reorder_heads(transformer: torch.nn.Module | list[torch.nn.Module], plan: Plan, placements) -> list:
-    """:func:`permute_heads`' reordering of the weights, returned as ``(parameter, dim, index)``
-    edits, which :func:`restore_heads` undoes on those very parameters (a LoRA added since wraps
-    the layer but keeps its weight, which a second walk of the modules would not find)."""
+    """:func:`permute_heads`' reordering of the weights, returned as ``(module, parameter name, dim,
+    index)`` edits, which :func:`restore_heads` undoes on those very modules (a LoRA added since
+    wraps a projection but keeps it, as its base layer, where a second walk from the model would
+    not find it; offloading may swap the parameter, never the module that holds it)."""
     orders = _permutations(plan, placements)
     models = [transformer] if isinstance(transformer, torch.nn.Module) else transformer
     edits = []
@@ -197,22 +198,26 @@ def reorder_heads(transformer: torch.nn.Module | list[torch.nn.Module], plan: Pl
         for layer in plan.model.layers:
             if layer.name in orders:
                 edits += _layer_edits(model, layer.name, layer.heads, layer.head_dim, orders[layer.name])
-    with torch.no_grad():
-        for parameter, dim, index in edits:
-            parameter.copy_(parameter.index_select(dim, index.to(parameter.device)))
+    _gather(edits, invert=False)
     return edits
 
 
 def restore_heads(edits) -> None:
     """Put back the weights :func:`reorder_heads` reordered (bit for bit: a gather by the inverse order)."""
+    _gather(edits, invert=True)
+
+
+def _gather(edits, invert: bool) -> None:
     with torch.no_grad():
-        for parameter, dim, index in edits:
-            parameter.copy_(parameter.index_select(dim, torch.argsort(index).to(parameter.device)))
+        for module, name, dim, index in edits:
+            parameter = module._parameters[name]
+            order = torch.argsort(index) if invert else index
+            parameter.copy_(parameter.index_select(dim, order.to(parameter.device)))
 
 
 def _layer_edits(transformer, name: str, heads: int, head_dim: int, order: list[int]) -> list:
-    """(parameter, dim, index) for every parameter of layer ``name`` to reorder; ValueError for a
-    layout this does not know."""
+    """(module, parameter name, dim, index) for every parameter of layer ``name`` to reorder;
+    ValueError for a layout this does not know."""
     attention = transformer.get_submodule(name)
     inner = heads * head_dim
     index = torch.tensor([h * head_dim + d for h in order for d in range(head_dim)])
@@ -220,16 +225,17 @@ def _layer_edits(transformer, name: str, heads: int, head_dim: int, order: list[
     for path, parameter in attention.named_parameters():
         module_path, _, kind = path.rpartition(".")
         _require_plain(f"{name}.{path}", parameter)
+        owner = attention.get_submodule(module_path)
         if module_path in _ROW_PROJECTIONS and parameter.shape[0] == inner:
-            edits.append((parameter, 0, index))
+            edits.append((owner, kind, 0, index))
         elif module_path in _COLUMN_PROJECTIONS and kind == "weight" and parameter.shape[-1] == inner:
-            edits.append((parameter, parameter.dim() - 1, index))
+            edits.append((owner, kind, parameter.dim() - 1, index))
         elif module_path in _COLUMN_PROJECTIONS and kind == "bias":
             pass  # added after the sum over heads
         elif module_path.startswith("norm") and parameter.shape == (head_dim,):
             pass  # one norm shared by every head
         elif module_path.startswith("norm") and parameter.shape == (inner,):
-            edits.append((parameter, 0, index))  # a norm across heads: its statistics ignore the order
+            edits.append((owner, kind, 0, index))  # a norm across heads: its statistics ignore the order
         else:
             raise ValueError(f"{name}.{path} {tuple(parameter.shape)}: permute_heads does not know how it holds "
                              f"the {heads} heads; it reorders separate to_q/to_k/to_v (and add_*_proj) projections")
@@ -249,7 +255,7 @@ def _single_block_output(transformer, name: str, inner: int, index: torch.Tensor
                          "(proj_out over [attention, proj_mlp]); permute_heads cannot reorder its heads")
     columns = torch.cat([index, torch.arange(inner, proj_out.in_features)])
     _require_plain(f"{name.rpartition('.')[0]}.proj_out.weight", proj_out.weight)
-    return proj_out.weight, 1, columns
+    return proj_out, "weight", 1, columns
 
 
 def _require_plain(path: str, parameter: torch.Tensor) -> None:

@@ -76,8 +76,6 @@ def _method_rows(methods: Any) -> list[list[list[str]]]:
 
 # What a plan made here records of its making; one read from a file keeps the file's, or none.
 _STAMPS = ("library_version", "date")
-# The provenance that changes how a plan runs (see Plan.__eq__).
-_RUN_PROVENANCE = ("grid", "tile", "expert_switch_steps")
 
 
 def _library_version() -> str:
@@ -463,7 +461,13 @@ class Plan:
             raise ValueError(f"{path} nests its JSON too deeply for a plan; the plan file is corrupt") from None
 
     def __eq__(self, other: object) -> bool:
-        """The same methods for the same model, run alike: the provenance's grid and tile shape (which
-        size tile windows and pooled keys) and the experts' switch steps are part of a plan's meaning."""
-        return (isinstance(other, Plan) and self.model == other.model and self.methods == other.methods
-                and all(self.provenance.get(key) == other.provenance.get(key) for key in _RUN_PROVENANCE))
+        """The same methods for the same model, run alike: the experts' switch steps (none recorded:
+        none) and, where a method needs the image grid, the grid and tile shape that size it."""
+        if not (isinstance(other, Plan) and self.model == other.model and self.methods == other.methods):
+            return False
+        keys = ("expert_switch_steps", "grid", "tile") if self._needs_grid() else ("expert_switch_steps",)
+        return all((self.provenance.get(key) or []) == (other.provenance.get(key) or []) for key in keys)
+
+    def _needs_grid(self) -> bool:
+        """Whether some method (tile windows, pooled keys) is sized by the image grid."""
+        return any(parse_method(m).needs_grid for m in {m for rows in self.methods for heads in rows for m in heads})

@@ -243,30 +243,34 @@ def apply(
     the heads otherwise, are refused. Ring attention, tensor parallelism and ``static=True`` under
     parallelism are refused.
     """
-    if impl not in ops.IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
-    if cache_budget_gib is not None and not (_is_number(cache_budget_gib) and _bytes(cache_budget_gib) is not None
-                                             and cache_budget_gib >= 0):
-        raise ValueError(
-            f"cache_budget_gib must be >= 0: a finite number of GiB, or None for no limit; got {cache_budget_gib!r}"
-        )
-    if num_image_tokens is not None and not (_is_int(num_image_tokens) and num_image_tokens > 0):
-        raise ValueError(f"num_image_tokens must be a positive int (e.g. FLUX 1024x1024: 4096); got {num_image_tokens!r}")
-    if not isinstance(static, bool):
-        raise TypeError(f"static must be True or False; got {static!r}")
-    if not isinstance(balance_heads, bool):
-        raise TypeError(f"balance_heads must be True or False; got {balance_heads!r}")
-    budget = None if cache_budget_gib is None else _bytes(cache_budget_gib)
     transformer, pipe = _transformer_of(pipe_or_transformer)
     experts = experts_of(transformer, pipe)
     # parallelism on either expert picks the Ulysses session, whose install refuses it on one only
-    if any(map(parallel.context_parallel, experts)):
-        # Every rank runs its heads of one plan, placed alike: refused on every rank where one differs.
-        with parallel.ranks_agree(transformer, "ditfastattn.apply") as shared:
+    parallel_on = any(map(parallel.context_parallel, experts))
+    # Under Ulysses every rank runs its heads of one plan, placed alike: an argument refused, or one
+    # that differs, on any rank is refused on every rank (one rank stopping alone leaves the others waiting).
+    with parallel.ranks_agree(transformer, "ditfastattn.apply") as shared:
+        if impl not in ops.IMPLEMENTATIONS:
+            raise ValueError(f"impl must be one of {ops.IMPLEMENTATIONS}; got {impl!r}")
+        if cache_budget_gib is not None and not (_is_number(cache_budget_gib) and _bytes(cache_budget_gib) is not None
+                                                 and cache_budget_gib >= 0):
+            raise ValueError(
+                f"cache_budget_gib must be >= 0: a finite number of GiB, or None for no limit; got {cache_budget_gib!r}"
+            )
+        if num_image_tokens is not None and not (_is_int(num_image_tokens) and num_image_tokens > 0):
+            raise ValueError(
+                f"num_image_tokens must be a positive int (e.g. FLUX 1024x1024: 4096); got {num_image_tokens!r}")
+        if not isinstance(static, bool):
+            raise TypeError(f"static must be True or False; got {static!r}")
+        if not isinstance(balance_heads, bool):
+            raise TypeError(f"balance_heads must be True or False; got {balance_heads!r}")
+        if parallel_on:
             running = ("grid", "tile", "num_image_tokens", "text_len", "expert_switch_steps", "head_order")
             shared.update(plan=repr((plan.model, plan.methods, {key: plan.provenance.get(key) for key in running}))
                           if isinstance(plan, Plan) else repr(type(plan)), impl=impl, balance_heads=balance_heads,
                           num_image_tokens=num_image_tokens, static=static)
+    budget = None if cache_budget_gib is None else _bytes(cache_budget_gib)
+    if parallel_on:
         install(pipe_or_transformer, plan, impl, parallel.UlyssesSession, cache_budget=budget, static=static,
                 balance_heads=balance_heads, num_image_tokens=num_image_tokens)
     elif balance_heads:

@@ -134,10 +134,15 @@ def _exchange(group, transformer, digests: list[bytes] | None, message: str | No
 
 
 def _device(group, transformer) -> torch.device:
+    """Where the exchange's tensors go: the CPU under gloo; under NCCL the rank's GPU as diffusers'
+    enable_parallelism recorded it (the model may still be on the CPU, offloaded or on meta, and the
+    process may not have set a current device)."""
     if dist.get_backend(group) != "nccl":
         return torch.device("cpu")
-    parameter = next(transformer.parameters(), None)
-    return parameter.device if parameter is not None and parameter.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    recorded = getattr(parallel_config(transformer), "_device", None)
+    if isinstance(recorded, torch.device) and recorded.type == "cuda":
+        return recorded
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _ulysses_group(transformer) -> dist.ProcessGroup | None:
@@ -445,9 +450,8 @@ class UlyssesSession(Ulysses, Session):
 
 
 def _reordered_weights(experts, placements) -> list[tuple[torch.nn.Module, str, tuple]]:
-    """(expert, module path, its parameters by name and identity) for every module whose heads a
-    placement reorders: each reordered layer's attention, and its block's ``proj_out`` (FLUX's
-    single blocks)."""
+    """(expert, module path, its parameters' names) for every module whose heads a placement
+    reorders: each reordered layer's attention, and its block's ``proj_out`` (FLUX's single blocks)."""
     weights = []
     for expert in experts:
         for placement in placements:
@@ -474,7 +478,9 @@ def _submodule(model, path: str):
 
 
 def _parameters(module) -> tuple:
-    return () if module is None else tuple((name, id(parameter)) for name, parameter in module.named_parameters())
+    """The names of ``module``'s parameters: a LoRA or fused projections add some (offloading swaps
+    parameter objects but keeps their names)."""
+    return () if module is None else tuple(name for name, _ in module.named_parameters())
 
 
 def _log_placement(placements, degree: int) -> None:
