@@ -232,6 +232,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         (["calibrate", *TINY, "--prompts", str(latin1), *out], "is not UTF-8 text"),
         (["calibrate", *TINY, "--prompts", str(tmp_path), *out], "is not a file"),
         ([*cal, "--steps", "abc"], "--steps: 'abc' is not an integer"),
+        ([*cal, "--png", ""], "--png needs a file name"),  # was ignored: no picture, no word
+        ([*cal, "--sensitivity", ""], "--sensitivity needs one of auto, "),  # was ". is a folder"
         ([*cal, "--steps", "0"], "--steps: must be >= 1"),
         ([*cal, "--delta", "inf"], "--delta: 'inf' is not a finite number"),
         ([*cal, "--budget", "generation", "--head-coefficient", "1.5"], "set --head-coefficient none"),  # the flag, not the keyword

@@ -250,6 +250,9 @@ def test_json_round_trip(tmp_path):
         ('{"type": "something else"}', "not a ditfastattn plan"),
         ('{"type": "ditfastattn.plan", "version": 99}', "format version 99"),
         ('{"type": "ditfastattn.plan", "version": 1, "model": {}}', "corrupt"),
+        # rows of lists, as a hand-written file might hold them: named, not "'list' has no attribute 'split'"
+        ('{"type": "ditfastattn.plan", "version": 1, "num_steps": 1, "model": {}, "methods": [[["full"]]]}',
+         "one string per layer: its heads' methods separated by spaces"),
         # Nested past Python's recursion limit: a RecursionError, not the ValueError of a bad file.
         ('{"type": "ditfastattn.plan", "version": 1, "model": ' + "[" * 10**5 + "]" * 10**5 + "}",
          "nests its JSON too deeply for a plan; the plan file is corrupt"),

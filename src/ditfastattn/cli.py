@@ -142,6 +142,8 @@ def _can_write_in(folder: Path) -> str | None:
 
 def _output_file(path: str | Path, flag: str, formats: dict[str, str] | None = None) -> Path:
     """Check an output file before any long work, so nothing fails (or is written) half-way."""
+    if not str(path).strip():
+        raise CliError(f"{flag} needs a file name")
     if str(path).endswith(("/", os.sep)):
         raise CliError(f"{flag} {path} names a folder; give a file name")
     path = Path(path)
@@ -378,7 +380,7 @@ def _format_summary(summary: dict, per_layer: bool = True) -> str:
 def cmd_inspect(args) -> None:
     from .visualize import plot_plan
 
-    png = _output_file(args.png, "--png", _figure_formats()) if args.png else None
+    png = _output_file(args.png, "--png", _figure_formats()) if args.png is not None else None
     _distinct(Path(args.plan), png, what="the plan and --png")
     plan = _load_plan(args.plan)
     print(f"{plan!r}")
@@ -409,6 +411,8 @@ def _sensitivity(value: str):
     measurement is reused."""
     from .sensitivity import MODES
 
+    if not value.strip():
+        raise CliError(f"--sensitivity needs one of {', '.join((*MODES, 'none'))}, or a plan file")
     if value == "none":
         return None
     if value in MODES:
@@ -457,7 +461,7 @@ def cmd_calibrate(args) -> None:
     if hasattr(args, "fit_prompts") and args.target_sparsity is None and args.target_speedup is None:
         raise CliError("--fit-prompts sizes a target's first pass: give --target-sparsity or --target-speedup, or drop it")
     output = _output_file(args.output, "-o")
-    png = _output_file(args.png, "--png", _figure_formats()) if args.png else None
+    png = _output_file(args.png, "--png", _figure_formats()) if args.png is not None else None
     sensitivity_file = Path(args.sensitivity) if Path(args.sensitivity).is_file() else None
     _distinct(Path(args.prompts), sensitivity_file, output, png, what="--prompts, --sensitivity, -o and --png")
     config = _search_config(args)

@@ -53,9 +53,17 @@ class TextEncoder:
 
     def __init__(self, path: Path, device: torch.device | str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        # Without transformers' bar for its weights (a second bar beside calibration's, on the first load only).
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
         self.model.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
 
