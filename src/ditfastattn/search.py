@@ -46,16 +46,21 @@ def solve_layer(
     if ok.sum(axis=1).max() == 1:
         return ok.argmax(axis=1)
     safe_rse = np.where(ok, rse, 0.0)
-    budget = delta
+    # In units of the budget: HiGHS's feasibility tolerance (1e-7) is absolute, so a budget of 1e-6
+    # (small scores: tiny models, early steps) was hardly a constraint at all, and its retries below
+    # drove it negative (infeasible).
+    scale = delta if delta > 0 else 1.0
+    scaled = safe_rse / scale
+    budget = delta / scale
     for attempt in range(4):
-        # HiGHS accepts a row violated by up to its feasibility tolerance (1e-7): a budget just
-        # below a sum of scores (a fitted delta lands on such sums) comes back overspent by less
-        # than that, so tighten by more than the tolerance until the budget holds exactly.
-        choice = _solve(safe_rse, cost, ok, budget)
+        # HiGHS accepts a row violated by up to its feasibility tolerance: a budget just below a sum
+        # of scores (a fitted delta lands on such sums) comes back overspent by less than that, so
+        # tighten by more than the tolerance until the budget holds exactly, in the scores' units.
+        choice = _solve(scaled, cost, ok, budget)
         spent = safe_rse[np.arange(heads), choice].sum()
         if spent <= delta:
             return choice
-        budget -= spent - delta + _HIGHS_TOLERANCE * 10**attempt
+        budget = max(0.0, budget - (spent - delta) / scale - _HIGHS_TOLERANCE * 10**attempt)
     raise RuntimeError(f"the integer program kept exceeding the RSE budget {delta} (spent {spent})")
 
 

@@ -329,6 +329,15 @@ class SearchConfig:
             unknown = set(costs) - set(names)
             if unknown:
                 raise ValueError(f"costs name methods that are not candidates: {sorted(unknown)}")
+            full = costs.get("full", 1.0)
+            # Unpriced candidates cost their FLOP share, below a full head's where that costs more than 0.
+            if self.target is not None and (full <= 0 or all(costs.get(name, full - 1) >= full
+                                                            for name in names if name != "full")):
+                # The search would find no plan cheaper than full attention, and spend both passes on it.
+                raise ValueError(
+                    f"{self._target_name} needs a candidate that costs less than 'full' ({full:g}); the costs "
+                    f"given make none cheaper: {costs}"
+                )
             object.__setattr__(self, "costs", costs)
 
     def _budget(self) -> str:
