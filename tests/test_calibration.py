@@ -87,6 +87,12 @@ def test_integer_program_answers_alike_at_any_scale_of_scores(seed, scale):
     assert cost[np.arange(heads), choice].sum() == pytest.approx(expected_cost, abs=1e-9)
 
 
+def test_an_unbounded_budget_takes_the_cheapest_choice():
+    rse = np.array([[0.0, 0.5, 2.0], [0.0, 0.1, 3.0]])
+    cost = np.tile([1.0, 0.5, 0.0], (2, 1))
+    assert solve_layer(rse, cost, np.inf, None).tolist() == [2, 2]
+
+
 def test_a_target_with_no_candidate_cheaper_than_full_is_refused():
     # Both passes ran, the fitted delta doubled past 1e6, and the plan came out all full (sparsity 0).
     for costs, candidates in (({"full": 0.0}, SearchConfig().candidates), ({"arrow:0.125": 2.0}, ("full", "arrow:0.125"))):

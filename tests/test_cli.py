@@ -233,6 +233,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prompts_file, capsys, monkey
         (["calibrate", *TINY, "--prompts", str(tmp_path), *out], "is not a file"),
         ([*cal, "--steps", "abc"], "--steps: 'abc' is not an integer"),
         ([*cal, "--png", ""], "--png needs a file name"),  # was ignored: no picture, no word
+        ([*gen, "--plan", ""], "--plan needs a file name"),  # ran full attention
+        ([*ev, "--out", ""], "--out needs a folder name"),  # the current folder
+        ([*cal[:-1], str(tmp_path / ("q" * 300 + ".json"))], "longer than the"),  # a traceback from is_dir()
+        ([*cal[:-1], str(prompts_file / "plan.json")], "prompts.txt is not a folder"),  # said "a link that loops"
         ([*cal, "--sensitivity", ""], "--sensitivity needs one of auto, "),  # was ". is a folder"
         ([*cal, "--steps", "0"], "--steps: must be >= 1"),
         ([*cal, "--delta", "inf"], "--delta: 'inf' is not a finite number"),

@@ -3,6 +3,8 @@ what the original model computes under the original plan."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,6 +72,16 @@ def test_pooled_keys_and_tile_windows_are_weighed_on_the_plans_grid():
     assert costs[1, 0] < 0.5 and costs[1, 3] > 1.0  # pooled; full plus the capture of the next step's window
     (placement,) = place_heads(plan, 2)
     assert placement.imbalance_after < placement.imbalance_before
+
+
+def test_offloaded_weights_are_refused():
+    # On the meta device (accelerate's cpu_offload) a reorder changes nothing while the plan's heads
+    # move: 0.013 off under Ulysses, silently.
+    model = tiny_flux().to("meta")
+    plan = Plan.uniform(model, 3, "full", num_image_tokens=64, text_len=8)
+    placements = [dataclasses.replace(p, permutation=tuple(reversed(p.permutation))) for p in place_heads(plan, 1)]
+    with pytest.raises(ValueError, match="is offloaded .*meta device.*apply without balance_heads"):
+        permute_heads(model, plan, placements)
 
 
 def test_world_size_must_divide_the_heads():

@@ -253,6 +253,8 @@ def test_json_round_trip(tmp_path):
         # rows of lists, as a hand-written file might hold them: named, not "'list' has no attribute 'split'"
         ('{"type": "ditfastattn.plan", "version": 1, "num_steps": 1, "model": {}, "methods": [[["full"]]]}',
          "one string per layer: its heads' methods separated by spaces"),
+        ('{"type": "ditfastattn.plan", "version": 1, "num_steps": 1, "model": {}, "methods": "full"}',
+         "one string per layer: its heads' methods separated by spaces"),
         # Nested past Python's recursion limit: a RecursionError, not the ValueError of a bad file.
         ('{"type": "ditfastattn.plan", "version": 1, "model": ' + "[" * 10**5 + "]" * 10**5 + "}",
          "nests its JSON too deeply for a plan; the plan file is corrupt"),
@@ -294,6 +296,8 @@ def test_save_writes_through_a_link_and_refuses_what_is_not_a_file(tmp_path):
     with pytest.raises(OSError, match=r"loop.json: it is a link that leads back to itself"):
         plan.save(loop)
     loop.unlink()
+    with pytest.raises(FileNotFoundError, match="the folder .*target.json is not a folder"):  # not a "loop"
+        plan.save(target / "plan.json")
     # The longest name the file system takes (the temporary name beside it passed the limit, after the work).
     long = tmp_path / ("q" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 5) + ".json")
     plan.save(long)

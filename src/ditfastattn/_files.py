@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -24,7 +25,8 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
         raise OSError(f"cannot write {path}: {reason}")
     target = output_target(path)
     if not target.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: the folder {target.parent} does not exist")
+        what = "is not a folder" if target.parent.exists() else "does not exist"
+        raise FileNotFoundError(f"cannot write {path}: the folder {target.parent} {what}")
     # A short name of its own: the output's name with a prefix could pass the file system's limit.
     tmp = target.with_name(f".ditfastattn-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
@@ -47,8 +49,13 @@ def unwritable_reason(path: Path) -> str | None:
     try:
         output_target(path)
         mode = path.stat().st_mode
-    except FileNotFoundError:
-        return None
-    except (OSError, RuntimeError):  # a link loop (RuntimeError from resolve() before Python 3.13)
-        return "it is a link that leads back to itself; give a file name"
+    except RuntimeError:  # resolve() on a link loop, before Python 3.13
+        return _LOOP
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return _LOOP
+        return None  # nothing there (or no folder), which the checks of the folder name
     return None if stat.S_ISREG(mode) else "it exists and is not a regular file (a pipe, a device?); give a file name"
+
+
+_LOOP = "it is a link that leads back to itself; give a file name"

@@ -357,9 +357,9 @@ class TargetController:
         # budget (a step half compressed), a prediction an octave off misses by much.
         miss = np.abs(rest - needed)
         if step == self.steps - 1 and self.resolve:
-            # The last step: no later step is predicted, and this layer is priced on its scores just
-            # measured; the least miss is the best landing (the neighbours' mean kept a budget that
-            # missed 0.100 over one that missed 0.077).
+            # The last step under one exchange rate: no later step is predicted and this layer is priced
+            # on its scores just measured (only the step's undecided layers are), so the least miss lands
+            # best (the neighbours' mean kept a budget missing 0.100 over one missing 0.077).
             return float(self.deltas[int(np.argmin(miss))])
         around = np.clip(np.arange(len(self.deltas))[:, None] + np.arange(-self.SPREAD, self.SPREAD + 1), 0, len(self.deltas) - 1)
         robust = np.where(miss <= miss.min() + 0.5 * TOLERANCE * self.steps, miss[around].mean(axis=1), np.inf)

@@ -147,6 +147,9 @@ def _output_file(path: str | Path, flag: str, formats: dict[str, str] | None = N
     if str(path).endswith(("/", os.sep)):
         raise CliError(f"{flag} {path} names a folder; give a file name")
     path = Path(path)
+    reason = _name_too_long(path)  # first: asking about a name past the limit raises
+    if reason is not None:
+        raise CliError(f"cannot write {path}: {reason}")
     if path.is_dir():
         raise CliError(f"{flag} {path} is a directory; give a file name")
     if formats is not None and path.suffix.lower() not in formats:
@@ -156,7 +159,8 @@ def _output_file(path: str | Path, flag: str, formats: dict[str, str] | None = N
         raise CliError(f"cannot write {path}: {reason}")
     target = output_target(path)  # as the output is written: through a link, to its file
     if not target.parent.is_dir():
-        raise CliError(f"cannot write {path}: the folder {target.parent} does not exist")
+        what = "is not a folder" if target.parent.exists() else "does not exist"
+        raise CliError(f"cannot write {path}: the folder {target.parent} {what}")
     reason = _can_write_in(target.parent) or _name_too_long(target)
     if reason is not None:
         raise CliError(f"cannot write {path}: {reason}")
@@ -175,6 +179,8 @@ def _name_too_long(path: Path) -> str | None:
 
 def _output_dir(path: str | Path, flag: str) -> Path:
     """Check an output folder (made later, parents included) before any long work."""
+    if not str(path).strip():
+        raise CliError(f"{flag} needs a folder name")
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -218,6 +224,8 @@ def read_prompts(path: str | Path) -> list[str]:
 def _load_plan(path: str | Path, flag: str = "plan"):
     from .plan import Plan
 
+    if not str(path).strip():
+        raise CliError(f"{'--plan' if flag == 'plan' else flag} needs a file name")
     try:
         return Plan.load(path)
     except (OSError, ValueError) as err:
@@ -492,8 +500,8 @@ def cmd_generate(args) -> None:
     from .plan import PlanMismatchError
 
     output = _output_file(args.output, "-o", IMAGE_FORMATS)
-    _distinct(Path(args.plan) if args.plan else None, output, what="--plan and -o")
-    plan = _load_plan(args.plan, "--plan") if args.plan else None
+    _distinct(Path(args.plan) if args.plan is not None else None, output, what="--plan and -o")
+    plan = _load_plan(args.plan, "--plan") if args.plan is not None else None
     steps = args.steps or (plan.num_steps if plan else 28)
     if plan is not None:
         try:

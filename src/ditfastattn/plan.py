@@ -425,7 +425,8 @@ class Plan:
         try:
             if not _is_int(data["num_steps"]):
                 raise ValueError(f"num_steps must be an int; got {data['num_steps']!r}")
-            if not all(isinstance(row, str) for rows in data["methods"] for row in rows):
+            if not (isinstance(data["methods"], list) and all(
+                    isinstance(rows, list) and all(isinstance(row, str) for row in rows) for rows in data["methods"])):
                 raise ValueError("methods must hold, per step, one string per layer: its heads' methods separated "
                                  "by spaces (as Plan.save writes them)")
             model = ModelSpec.from_json(data["model"])

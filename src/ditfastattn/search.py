@@ -49,7 +49,7 @@ def solve_layer(
     # In units of the budget: HiGHS's feasibility tolerance (1e-7) is absolute, so a budget of 1e-6
     # (small scores: tiny models, early steps) was hardly a constraint at all, and its retries below
     # drove it negative (infeasible).
-    scale = delta if delta > 0 else 1.0
+    scale = delta if 0 < delta < np.inf else 1.0
     scaled = safe_rse / scale
     budget = delta / scale
     for attempt in range(4):

@@ -450,8 +450,9 @@ class UlyssesSession(Ulysses, Session):
 
 
 def _reordered_weights(experts, placements) -> list[tuple[torch.nn.Module, str, tuple]]:
-    """(expert, module path, its parameters' names) for every module whose heads a placement
-    reorders: each reordered layer's attention, and its block's ``proj_out`` (FLUX's single blocks)."""
+    """(expert, module path, its parameters by name and identity) for every module whose heads a
+    placement reorders: each reordered layer's attention, and its block's ``proj_out`` (FLUX's
+    single blocks)."""
     weights = []
     for expert in experts:
         for placement in placements:
@@ -478,9 +479,9 @@ def _submodule(model, path: str):
 
 
 def _parameters(module) -> tuple:
-    """The names of ``module``'s parameters: a LoRA or fused projections add some (offloading swaps
-    parameter objects but keeps their names)."""
-    return () if module is None else tuple(name for name, _ in module.named_parameters())
+    """``module``'s parameters by name and identity: a LoRA or fused projections add some, a state
+    dict loaded with ``assign=True`` replaces them (``.to()`` and model offload keep them)."""
+    return () if module is None else tuple((name, id(parameter)) for name, parameter in module.named_parameters())
 
 
 def _log_placement(placements, degree: int) -> None:
