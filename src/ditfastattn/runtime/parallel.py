@@ -103,8 +103,8 @@ _DIGEST_BYTES, _MESSAGE_BYTES = 8, 480
 
 
 def _exchange(group, transformer, digests: list[bytes] | None, message: str | None) -> list[tuple[list[bytes], str | None]]:
-    """Every rank's (digests, error message), in rank order: one all-gather of bytes on the group's
-    device (NCCL's on the transformer's GPU), as the collectives of diffusers' attention use."""
+    """Every rank's (digests, error message), in rank order: two all-gathers (the sizes, then the
+    bytes) on the group's device (:func:`_device`)."""
     count = 0 if digests is None else len(digests)
     payload = bytearray(4 + _MESSAGE_BYTES)
     if message is not None:
@@ -115,7 +115,7 @@ def _exchange(group, transformer, digests: list[bytes] | None, message: str | No
         payload[:4] = (1 << 31).to_bytes(4, "little")  # no error
     payload += b"".join(digests or [])
     size = 4 + _MESSAGE_BYTES + _DIGEST_BYTES * count
-    # Equal sizes for one all-gather: a failed rank sends as many digest bytes as the others (zeros).
+    # One size for every rank's bytes: a failed rank has no digests, and pads with zeros to the others' size.
     sizes = [torch.zeros(1, dtype=torch.int64, device=_device(group, transformer)) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([size], dtype=torch.int64, device=sizes[0].device), group=group)
     longest = max(int(s) for s in sizes)
