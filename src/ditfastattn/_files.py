@@ -24,9 +24,9 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     if reason is not None:
         raise OSError(f"cannot write {path}: {reason}")
     target = output_target(path)
-    if not target.parent.is_dir():
-        what = "is not a folder" if target.parent.exists() else "does not exist"
-        raise FileNotFoundError(f"cannot write {path}: the folder {target.parent} {what}")
+    reason = folder_reason(target)
+    if reason is not None:
+        raise FileNotFoundError(f"cannot write {path}: {reason}")
     # A short name of its own: the output's name with a prefix could pass the file system's limit.
     tmp = target.with_name(f".ditfastattn-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
@@ -41,6 +41,13 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
 def output_target(path: Path) -> Path:
     """The file an output at ``path`` goes to: through a link to its file (the link kept), else ``path``."""
     return path.resolve() if path.is_symlink() else path
+
+
+def folder_reason(target: Path) -> str | None:
+    """Why the folder an output goes into cannot take it (none there, or a file), or None."""
+    if target.parent.is_dir():
+        return None
+    return f"the folder {target.parent} {'is not a folder' if target.parent.exists() else 'does not exist'}"
 
 
 def unwritable_reason(path: Path) -> str | None:

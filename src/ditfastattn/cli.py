@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._files import output_target, unwritable_reason
+from ._files import folder_reason, output_target, unwritable_reason
 from .ops import IMPLEMENTATIONS
 
 TESTBED_PREFIX = "testbed:"
@@ -158,10 +158,7 @@ def _output_file(path: str | Path, flag: str, formats: dict[str, str] | None = N
     if reason is not None:
         raise CliError(f"cannot write {path}: {reason}")
     target = output_target(path)  # as the output is written: through a link, to its file
-    if not target.parent.is_dir():
-        what = "is not a folder" if target.parent.exists() else "does not exist"
-        raise CliError(f"cannot write {path}: the folder {target.parent} {what}")
-    reason = _can_write_in(target.parent) or _name_too_long(target)
+    reason = folder_reason(target) or _can_write_in(target.parent) or _name_too_long(target)
     if reason is not None:
         raise CliError(f"cannot write {path}: {reason}")
     return path
