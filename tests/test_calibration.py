@@ -538,7 +538,7 @@ def test_a_targets_first_pass_runs_only_the_first_fit_prompts():
     seen.clear()
     every = ditfastattn.calibrate(pipe, batch, dataclasses.replace(search, fit_prompts=None), progress=False)
     assert seen == [4] * (2 * steps) and every.provenance["search"]["first_pass_prompts"] == 4
-    assert every.methods != plan.methods  # fitted on other scores, so another plan (both land)
+    assert every.provenance["search"]["delta"] != plan.provenance["search"]["delta"]  # fitted on other scores
     assert abs(every.summary()["sparsity"] - 0.45) <= 0.02
 
 
@@ -1060,3 +1060,33 @@ def test_the_last_step_takes_the_budget_that_lands_nearest():
                                                                    cache="step"), progress=False)
     # A head of one of 3 layers at one of 2 decided steps is a large share here: within 0.03, not 0.02.
     assert abs(plan.summary()["sparsity"] - 0.3) < 0.03
+
+
+def test_the_exact_output_is_computed_on_the_scored_part_unless_the_row_is_known_to_reuse_it(monkeypatch):
+    # A row decided from the scores seldom runs every head full, so only the scored part of the
+    # exact output is computed for them; the uncompressed pass's rows (forced full) reuse all of it.
+    from ditfastattn.runtime import routing
+
+    parts = []
+    real = routing.exact_attention
+    monkeypatch.setattr(routing, "exact_attention", lambda q, *args: parts.append(q.shape[0]) or real(q, *args))
+    pipe = make_pipeline("sd3")
+    layer_steps = (STEPS - 1) * len(pipe.transformer.transformer_blocks)
+    search = config("sd3", target_sparsity=0.5, cache="auto")  # uncompressed pass, then three searching ones
+    plan = ditfastattn.calibrate(pipe, prompts("sd3", 4), search, progress=False)
+    assert parts == [2] * (3 * layer_steps)  # 4 prompts under CFG (the fit pass: 2): a prompt's pair a layer-step
+    assert plan.provenance["search"]["cache_final_rse"]  # both searches ran
+
+
+def test_scores_are_the_same_whether_the_exact_output_is_computed_whole_or_in_part(monkeypatch):
+    from ditfastattn._calibration_session import _CalibrationSession
+
+    pipe = make_pipeline("flux")
+    found = {}
+    real = _CalibrationSession._exact
+    for known in (["full"], None):  # every layer-step computes the whole batch's exact output, or none does
+        monkeypatch.setattr(_CalibrationSession, "_exact", lambda self, *args, row=known: real(self, *args[:-1], row))
+        found[bool(known)] = ditfastattn.calibrate(pipe, prompts("flux", 4), config("flux", delta=0.3), progress=False)
+    whole, part = (np.array(found[key].scores["rse"][1:], dtype=float) for key in (True, False))
+    np.testing.assert_allclose(part, whole, rtol=1e-4, atol=1e-9)
+    assert found[True].methods == found[False].methods

@@ -340,14 +340,27 @@ def test_a_family_this_diffusers_lacks_is_left_out_and_named(monkeypatch):
         adapters.adapter_for(FAMILIES["zimage"].make())
 
 
-def test_candidates_are_scored_under_the_calls_layout_and_padding(family):
+def test_candidates_are_scored_under_the_calls_layout_and_padding(family, monkeypatch):
     """An arrow whose band covers the whole image is full attention under the call's own layout and
-    padding, so its score is zero; scored with one text segment and no padding it would not be."""
+    padding, so its score is zero; scored with one text segment and no padding it would not be. So
+    too where the exact output is computed on the scored part of the batch alone (rows compressed)."""
+    from ditfastattn.runtime import routing
+
+    parts = []
+
+    def exact_attention(q, k, v, op, impl):
+        parts.append(q.shape[0])
+        return routing_exact(q, k, v, op, impl)
+
+    routing_exact = routing.exact_attention
+    monkeypatch.setattr(routing, "exact_attention", exact_attention)
     pipe = MiniPipeline(FAMILIES[family])
-    search = SearchConfig(num_inference_steps=STEPS, delta=0.0, candidates=("full", "arrow:1"))
-    plan = ditfastattn.calibrate(pipe, [prompt(seed=1, batch=2)], search, progress=False)
-    scores = np.array([[head for head in layer] for step in plan.scores["rse"][1:] for layer in step], dtype=float)
-    assert scores[..., 1].max() < 1e-9
+    for batch, candidates, delta in ((2, ("full", "arrow:1"), 0.0), (4, ("full", "arrow:1", "arrow:0.25"), 1e6)):
+        search = SearchConfig(num_inference_steps=STEPS, delta=delta, candidates=candidates)
+        plan = ditfastattn.calibrate(pipe, [prompt(seed=1, batch=batch)], search, progress=False)
+        scores = np.array([[head for head in layer] for step in plan.scores["rse"][1:] for layer in step], dtype=float)
+        assert scores[..., 1].max() < 1e-9
+    assert parts and set(parts) == {2}  # the compressed rows' exact output: half of a batch of 4
 
 
 def route_full_heads(monkeypatch) -> list[bool]:

@@ -9,8 +9,12 @@ once (true CFG, skip-layer guidance), every call is scored: the decision, made a
 call, adds the errors each later call measured at the previous step, the latest it can know.
 Each call is scored on what the runtime runs in it: later calls compute ``cfg_share`` heads
 unshared, and a call without a head's previous output or residual computes that head exactly.
-Candidates that run their own attention (arrows, tile windows, pooled keys) are scored on a quarter
-of the batch (:data:`SCORE_STRIDE`); caching, CFG sharing and residual sharing on all of it.
+Every candidate is scored on a quarter of the batch (:data:`SCORE_STRIDE`), the exact output too,
+which is computed for the whole batch only where the row is known to run every head full and so
+reuses it (a forced plan's, a step's later call).
+Where CFG or residual sharing is among the candidates (they read the other CFG half or every
+element's residual), the exact output and those candidates take the whole batch, and the
+candidates that run their own attention a quarter of it, scaled to the whole (:func:`sampled_errors`).
 """
 
 from __future__ import annotations
@@ -29,18 +33,18 @@ from ._geometry import MODE_SKIP, TileGrid
 from ._host_outputs import HostOutputs
 from .methods import Method, parse_method
 from .plan import Plan
-from .runtime import LayerRuntime, Session, _Buffers, compile_row, install, uninstall
+from .runtime import LayerRuntime, Session, _Buffers, compile_row, install, routing, uninstall
 from .runtime.session import latents_shape
 from .runtime.parallel import Ulysses, context_parallel
 from .search import choose
 
 logger = logging.getLogger("ditfastattn")
 
-# The candidates' own attention is most of what a pass costs beyond plain denoising (FLUX: the
-# three arrows 0.31 of the exact attention's FLOPs, pool:2 and pool:4 another 0.37). They are
-# scored on every SCORE_STRIDE-th batch element (two at least), rotating with the layer and step,
-# and scaled to the whole batch (:func:`sampled_errors`). CFG and residual sharing read both CFG
-# halves or every element's residual, and stay on the whole batch.
+# Scoring is what a pass costs beyond plain denoising: the exact attention (which a compressed row
+# does not reuse) and the candidates' own (FLUX: the three arrows 0.31 of the exact attention's
+# FLOPs, pool:2 and pool:4 another 0.37). Both run on every SCORE_STRIDE-th batch element (two at
+# least), rotating with the layer and step; a quarter of the batch scores a plan as well as all of it
+# (docs/history/CALIBRATION_NOTES.md, stops 59 and 66).
 SCORE_STRIDE = 4
 
 
@@ -169,6 +173,9 @@ class _CalibrationSession(Session):
         self.delta_for = delta_for  # (step, layer index, session) -> budget; None: config.delta
         self.cached_steps = cached_steps
         self._reuses = np.array([m.reads_previous_output for m in self.candidates])
+        # Whether every candidate can be scored on part of the batch (CFG and residual sharing read the
+        # other CFG half or every element's residual), the exact output with them.
+        self._scored_on_part = not any(m.reads_beyond_qkv and not m.reads_previous_output for m in self.candidates)
         self._residual = np.array([m.reads_residual for m in self.candidates])
         self.layer_delta: dict[tuple[int, int], float] = {}  # (step, layer index) -> the budget it was decided at
         self.solver_seconds = 0.0  # host time in the programs (reported in the plan's provenance)
@@ -185,7 +192,7 @@ class _CalibrationSession(Session):
         self.charged: dict[int, set[tuple[int, int]]] = {}
         self.geometry: tuple[int, int] | None = None
         self.tiles: TileGrid | None = None  # the image grid of the calls whose resolution the plan records
-        self._stock: torch.Tensor | None = None  # the exact output of the layer just scored
+        self._stock: torch.Tensor | None = None  # the whole batch's exact output of the layer just scored, for its row
         self.offload: HostOutputs | None = None
         self._offload_decided = config.offload_outputs is False
         self._call_shapes: dict[int, torch.Size] = {}  # call slot -> its input's shape, this generation
@@ -222,8 +229,8 @@ class _CalibrationSession(Session):
             self._decide(layer, q, k, v, text_start, text_len, dense, measured)
         elif self.call > 0 and measured and self.step < self.plan.num_steps - 1:
             # Scored now, counted in the next step's decision.
-            self._stock = dense()
-            self.later_calls[(layer.index, self.call)] = self._errors(layer, q, k, v, text_start, text_len, self._stock)
+            exact, part = self._exact(layer, q, k, v, dense, self.plan.methods[self.step][layer.index])
+            self.later_calls[(layer.index, self.call)] = self._errors(layer, q, k, v, text_start, text_len, exact, part)
         image_tokens = q.shape[1] - text_len
         # The resolution a plan records is that of the layers over text; a model without any
         # (Wan's self-attention) records its image-only calls.
@@ -267,13 +274,15 @@ class _CalibrationSession(Session):
         first = self.own_heads(layer.index).start
         return torch.tensor([captured.get(h) == self.last_full.get((layer.index, first + h), 0) for h in range(heads)])
 
-    def _candidate_outputs(self, layer: LayerRuntime, q, k, v, text_start, text_len, exact):
+    def _candidate_outputs(self, layer: LayerRuntime, q, k, v, text_start, text_len, exact, part=None):
         """Yield each candidate's :class:`_Candidate` one at a time, so memory stays bounded.
 
         Each output is what the runtime runs in this call if every head took the candidate; a
         head it would compute exactly (no residual kept in this call slot) gets the exact output.
         ``cache`` yields nothing where the call slot did not run at the previous step (one that
         first appears mid-generation, or step 0): it can run there from the next step on.
+        ``part``: the batch elements ``exact`` holds, on which every candidate is then scored
+        (None: ``exact`` is the whole batch's).
         """
         layout = layer.geometry.layout
         tiles = layout.tile_grid()
@@ -297,7 +306,7 @@ class _CalibrationSession(Session):
         for index, method in enumerate(self.candidates):
             if method.reads_previous_output:
                 if slot is not None and slot.out is not None and slot.step == self.step - 1:
-                    yield _Candidate(index, slot.out)
+                    yield _Candidate(index, slot.out if part is None else slot.out[part])
             else:
                 by_mode.setdefault(method.mode(layout.image_len, tiles), []).append(index)
         for mode, indices in by_mode.items():
@@ -307,11 +316,14 @@ class _CalibrationSession(Session):
                 base, rows, sample = exact, None, None
             else:
                 modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
-                # What the others read (a residual, the other CFG half) is the whole batch's.
-                whole = any(self.candidates[i].reads_beyond_qkv for i in indices)
-                sample = None if whole else score_sample(q.shape[0], self.step * len(self.layers) + layer.index)
-                part = slice(None) if sample is None else sample
-                base = ops.headwise_attention(q[part], k[part], v[part], modes, **layer.geometry.rows(part),
+                if part is not None:
+                    sample, view = None, part
+                else:
+                    # What the others read (a residual, the other CFG half) is the whole batch's.
+                    whole = any(self.candidates[i].reads_beyond_qkv for i in indices)
+                    sample = None if whole else score_sample(q.shape[0], self._turn(layer))
+                    view = slice(None) if sample is None else sample
+                base = ops.headwise_attention(q[view], k[view], v[view], modes, **layer.geometry.rows(view),
                                               impl=self.impl, global_rows=False)
                 rows = image_rows
             for index in indices:
@@ -352,15 +364,36 @@ class _CalibrationSession(Session):
                 error = error + ops.head_squared_errors(exact[cond], exact[uncond], rows=segment, impl=impl)
         return error
 
-    def _errors(self, layer: LayerRuntime, q, k, v, text_start, text_len, stock):
+    def _turn(self, layer: LayerRuntime) -> int:
+        """Which of the batch's parts this layer-step scores on (:func:`score_sample`)."""
+        return self.step * len(self.layers) + layer.index
+
+    def _exact(self, layer: LayerRuntime, q, k, v, dense, row: list[str] | None) -> tuple[torch.Tensor, slice | None]:
+        """The exact output to score on, and the batch elements it holds (None: all of them).
+
+        ``row``: the call's row where it is known before its scores (a forced plan's, a step's later
+        call's), else None. Where it runs every head full, the stock attention of the whole batch
+        serves it too (:meth:`dense`) and the scores take their part of it; else only the scored part
+        is computed. The scores are the same either way. A row decided from the scores seldom runs
+        every head full (2-34% of the layer-steps of the testbeds' plans), and then computes the
+        whole batch's after them: less in all than guessing from the previous step's row.
+        """
+        part = score_sample(q.shape[0], self._turn(layer)) if self._scored_on_part else None
+        if part is None or (row is not None and all(parse_method(name).exact for name in row)):
+            self._stock = dense()
+            return (self._stock if part is None else self._stock[part]), part
+        return routing.exact_attention(q[part], k[part], v[part], layer.geometry.rows(part), self.impl), part
+
+    def _errors(self, layer: LayerRuntime, q, k, v, text_start, text_len, stock, part=None):
         """Squared error per candidate and head (NaN where a candidate cannot run yet), and the
-        layer's variance, both on the device (one host read per layer-step, in :meth:`_scores`)."""
+        layer's variance, both on the device (one host read per layer-step, in :meth:`_scores`).
+        ``stock``: the exact output of the batch elements ``part`` (None: all)."""
         errors = torch.full((len(self.candidates), q.shape[2]), float("nan"), dtype=torch.float32, device=q.device)
         for index, method in enumerate(self.candidates):
             if method.exact:
                 errors[index] = 0.0
         variances = {None: ops.head_variances(stock, impl=stats_impl(self.impl))}
-        for candidate in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock):
+        for candidate in self._candidate_outputs(layer, q, k, v, text_start, text_len, stock, part):
             errors[candidate.index] = self._squared_errors(candidate, stock, layer.geometry.layout, variances)
             if candidate.unmeasured is not None:
                 errors[candidate.index, candidate.unmeasured.to(q.device)] = float("nan")
@@ -392,10 +425,10 @@ class _CalibrationSession(Session):
         image_tokens, layer_text = q.shape[1] - text_len, text_len
         tiles = layer.geometry.layout.tile_grid()
         if measured:
-            stock = dense()
+            known = self.forced.methods[step][index] if self.forced is not None else None
+            exact, part = self._exact(layer, q, k, v, dense, known)
             # Errors stay on the device until all candidates are scored: one host read per layer-step.
-            rse = self._scores(layer, *self._errors(layer, q, k, v, text_start, text_len, stock))
-            self._stock = stock
+            rse = self._scores(layer, *self._errors(layer, q, k, v, text_start, text_len, exact, part))
             self.rse[step, index, :heads] = rse
         if self.forced is not None:
             chosen = [parse_method(name) for name in self.forced.methods[step][index]]

@@ -53,6 +53,19 @@ def dense_heads(q, k, v, heads: torch.Tensor, padding: ops.Padding | None = None
     return F.scaled_dot_product_attention(*picked, attn_mask=sdpa_mask(padding, q.dtype)).transpose(1, 2)
 
 
+def exact_attention(q, k, v, op: dict, impl: str) -> torch.Tensor:
+    """(B, S, H, D): every head of (B, S, H, D) ``q``, ``k``, ``v`` attended exactly, the token layout
+    and key padding as ``op`` gives them to :func:`ops.headwise_attention`: on torch's dense SDPA, as
+    the stock attention runs, except under padding that treats padded queries apart, where SDPA would
+    need an S x S mask (see :func:`full_head_cost`): there in the fused op's full mode."""
+    padding = op.get("key_padding")
+    if padding is not None and padding.bias[0] != padding.bias[1]:
+        modes = torch.full((q.shape[2],), MODE_FULL, dtype=torch.int32, device=q.device)
+        return ops.headwise_attention(q, k, v, modes, **op, impl=impl)
+    heads = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(*heads, attn_mask=sdpa_mask(padding, q.dtype)).transpose(1, 2)
+
+
 def attend_dense(q, k, v, heads: torch.Tensor, out: torch.Tensor, padding: ops.Padding | None = None) -> None:
     """:func:`dense_heads` written into the same heads of ``out``: a mixed layer's routed full heads."""
     out.index_copy_(2, heads, dense_heads(q, k, v, heads, padding))
