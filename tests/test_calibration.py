@@ -1090,3 +1090,23 @@ def test_scores_are_the_same_whether_the_exact_output_is_computed_whole_or_in_pa
     whole, part = (np.array(found[key].scores["rse"][1:], dtype=float) for key in (True, False))
     np.testing.assert_allclose(part, whole, rtol=1e-4, atol=1e-9)
     assert found[True].methods == found[False].methods
+
+
+def test_a_steps_calls_of_other_batches_pool_by_their_batch_when_scored_on_part(monkeypatch):
+    # Skip-layer guidance's call holds half the first call's batch (no CFG), so scored on a part it
+    # is a larger share of its batch. Identical prompts and latents make every element of a CFG
+    # half alike: scored on a part or on the whole batch the scores agree unless a part's sums
+    # weigh the calls otherwise than their batches do.
+    from ditfastattn import _calibration_session
+
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3)).repeat(2, 1, 1, 1)
+    guidance = {"skip_guidance_layers": [1], "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0,
+                "latents": latents}
+    search = config("sd3", num_inference_steps=4, delta=0.0, candidates=("full", "arrow:0.25", "cache"),
+                    pipeline_kwargs=guidance)
+    pipe = make_pipeline("sd3")
+    part = ditfastattn.calibrate(pipe, prompts("sd3", 1) * 2, search, progress=False)
+    monkeypatch.setattr(_calibration_session, "score_sample", lambda batch, turn: None)
+    whole = ditfastattn.calibrate(pipe, prompts("sd3", 1) * 2, search, progress=False)
+    np.testing.assert_allclose(np.array(part.scores["rse"][1:], dtype=float),
+                               np.array(whole.scores["rse"][1:], dtype=float), rtol=1e-4, atol=1e-9)

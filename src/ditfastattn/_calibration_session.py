@@ -397,7 +397,11 @@ class _CalibrationSession(Session):
             errors[candidate.index] = self._squared_errors(candidate, stock, layer.geometry.layout, variances)
             if candidate.unmeasured is not None:
                 errors[candidate.index, candidate.unmeasured.to(q.device)] = float("nan")
-        return self._whole_layer(errors, layer_variance(stock, head_variances=variances[None]))
+        variance = layer_variance(stock, head_variances=variances[None])
+        if part is not None:  # sums over the part, as over the batch: a step's calls of other batches pool by their batch
+            scale = q.shape[0] / len(range(*part.indices(q.shape[0])))
+            errors, variance = errors * scale, variance * scale
+        return self._whole_layer(errors, variance)
 
     def _whole_layer(self, errors: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's (squared errors (candidates, heads), variance) from those of this session's heads."""
