@@ -221,6 +221,7 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
         search_host_pinned_peak_gib=host_pinned_peak_gib(device),
         plain_step_s=plain_step, search_step_s_measured=measured, search_step_s=search_step,
         search_over_plain=search_step / plain_step, plain_50_s=FULL_STEPS * plain_step,
+        search_sum_s=sum(searched[:len(searched) - extra]),
         search_50_s=plain_step + (FULL_STEPS - 1) * search_step, sparsity=plan.summary()["sparsity"],
         solver_s_per_search_step=plan.provenance["search"]["seconds"]["solver"] / (search_steps - 1), rse=rse_summary(plan),
         head_bound=None if coefficient is None else coefficient * search.delta / config["num_attention_heads"],
@@ -228,8 +229,10 @@ def run_size(pipe: DenoisePipeline, size: int, batch: int, plain_steps: int, sea
     if target is not None:
         # Each pass as the search's steps are timed above: its step 0 + 49 x median(its steps 2..),
         # at the batch that fit (not scaled: the first pass runs fewer prompts by design).
+        # sum_s: the pass's measured time (with a 50-step search, --steps-1k P 50, the whole pass's).
         passes = [{**call, "pass_50_s": call["step_seconds"][0] + (FULL_STEPS - 1) * statistics.median(
-            call["step_seconds"][2:len(call["step_seconds"]) - extra])} for call in pipe.calls]
+            call["step_seconds"][2:len(call["step_seconds"]) - extra]),
+            "sum_s": sum(call["step_seconds"][:len(call["step_seconds"]) - extra])} for call in pipe.calls]
         row.update(target=target, passes=passes, search_50_s=sum(p["pass_50_s"] for p in passes),
                    cache=plan.provenance["search"]["cache"])
         row["search_over_plain_50"] = row["search_50_s"] / row["plain_50_s"]
@@ -257,13 +260,16 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=None,
                         help="time a target's search (every pass) instead of one pass at delta 0.2")
     parser.add_argument("--fit-prompts", default="2", help="with --target: SearchConfig.fit_prompts, or 'all'")
+    parser.add_argument("--cache", choices=["auto", "head", "step"], default="auto",
+                        help="with --target: SearchConfig.cache (auto: both searches, the better kept)")
     parser.add_argument("--method-set", default="aa+oc", choices=sorted(ditfastattn.METHOD_SETS),
                         help="the candidates (aa+oc: the default; aa+oc+pk adds pooled keys)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/search_time.json; smoke: out/)")
     args = parser.parse_args()
     offload = {"auto": None, "on": True, "off": False}[args.offload]
     target = None if args.target is None else {
-        "target_sparsity": args.target, "fit_prompts": None if args.fit_prompts == "all" else int(args.fit_prompts)}
+        "target_sparsity": args.target, "fit_prompts": None if args.fit_prompts == "all" else int(args.fit_prompts),
+        "cache": args.cache}
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     config = FLUX_TINY if args.smoke else FLUX_DEV
