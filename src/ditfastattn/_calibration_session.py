@@ -104,7 +104,8 @@ class _Candidate(NamedTuple):
     stock attention). ``shared``: a cfg_share candidate at the step's first call, whose batch halves
     both take the conditional half of ``out`` (and, in the rows ``out`` lacks, of the exact output).
     ``unmeasured`` is None or a (heads,) bool mask of heads whose error stays unknown (NaN).
-    ``sample``: the batch elements ``out`` holds (:func:`score_sample`), None for all of them.
+    ``sample``: the batch elements ``out`` holds (:func:`score_sample`) where the exact output holds
+    the whole batch's; None: the same elements as the exact output.
     """
 
     index: int
