@@ -9,8 +9,9 @@ run at 2K does not fit one 10-minute GPU call, so each run is a few steps long: 
 is the median over steps that do the measured work (plain: steps 1.., after the first call's
 warm-up; search: steps 2.., since step 0 searches nothing and step 1 also compiles and tunes the
 kernels), and the 50-step times are extrapolated: plain = 50 x step, search = plain step (step 0)
-+ 49 x search step. If the batch does not fit the GPU's memory during search, it halves and the
-JSON says so. With ``--profile`` each run takes one more step, under torch.profiler and left out of
++ 49 x search step. Few steps read low, as their plans are not a whole generation's: at 1024²
+``--steps-1k 4 50`` runs the search whole (each pass's measured ``sum_s`` in the JSON). If the
+batch does not fit the GPU's memory during search, it halves and the JSON says so. With ``--profile`` each run takes one more step, under torch.profiler and left out of
 the timings: its kernel table, its wall time and its kernels' total time (the rest is the GPU
 waiting on the host) for plain denoising and for search, side by side.
 """
