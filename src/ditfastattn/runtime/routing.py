@@ -46,11 +46,22 @@ def sdpa_mask(padding: ops.Padding | None, dtype: torch.dtype) -> torch.Tensor |
     return mask if boolean else mask.to(dtype)
 
 
+def _sdpa(q, k, v, padding: ops.Padding | None) -> torch.Tensor:
+    """(B, S, H, D) ``q``, ``k``, ``v`` attended by torch's dense SDPA under ``padding``."""
+    heads = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(*heads, attn_mask=sdpa_mask(padding, q.dtype)).transpose(1, 2)
+
+
+def _queries_padded_apart(padding: ops.Padding | None) -> bool:
+    """Whether ``padding`` treats padded queries apart (a token-pair mask: Chroma, HunyuanVideo 1.5),
+    which SDPA takes only as an S x S mask."""
+    return padding is not None and padding.bias[0] != padding.bias[1]
+
+
 def dense_heads(q, k, v, heads: torch.Tensor, padding: ops.Padding | None = None) -> torch.Tensor:
     """Heads ``heads`` of (B, S, H, D) ``q``, ``k``, ``v`` attended by torch's dense SDPA under
     ``padding``, as (B, S, len(heads), D)."""
-    picked = [t.index_select(2, heads).transpose(1, 2) for t in (q, k, v)]
-    return F.scaled_dot_product_attention(*picked, attn_mask=sdpa_mask(padding, q.dtype)).transpose(1, 2)
+    return _sdpa(*(t.index_select(2, heads) for t in (q, k, v)), padding)
 
 
 def exact_attention(q, k, v, op: dict, impl: str) -> torch.Tensor:
@@ -59,11 +70,10 @@ def exact_attention(q, k, v, op: dict, impl: str) -> torch.Tensor:
     the stock attention runs, except under padding that treats padded queries apart, where SDPA would
     need an S x S mask (see :func:`full_head_cost`): there in the fused op's full mode."""
     padding = op.get("key_padding")
-    if padding is not None and padding.bias[0] != padding.bias[1]:
+    if _queries_padded_apart(padding):
         modes = torch.full((q.shape[2],), MODE_FULL, dtype=torch.int32, device=q.device)
         return ops.headwise_attention(q, k, v, modes, **op, impl=impl)
-    heads = (t.transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(*heads, attn_mask=sdpa_mask(padding, q.dtype)).transpose(1, 2)
+    return _sdpa(q, k, v, padding)
 
 
 def attend_dense(q, k, v, heads: torch.Tensor, out: torch.Tensor, padding: ops.Padding | None = None) -> None:
@@ -85,7 +95,7 @@ def full_head_cost(q, k, v, text_start: int, text_len: int, geometry: CallGeomet
     SDPA backend, so full heads stay in the fused op (0.0), unmeasured.
     """
     padding = None if geometry is None else geometry.padding
-    if padding is not None and padding.bias[0] != padding.bias[1]:
+    if _queries_padded_apart(padding):
         return 0.0
     if q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return 1.0
