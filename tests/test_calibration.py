@@ -1110,3 +1110,24 @@ def test_a_steps_calls_of_other_batches_pool_by_their_batch_when_scored_on_part(
     whole = ditfastattn.calibrate(pipe, prompts("sd3", 1) * 2, search, progress=False)
     np.testing.assert_allclose(np.array(part.scores["rse"][1:], dtype=float),
                                np.array(whole.scores["rse"][1:], dtype=float), rtol=1e-4, atol=1e-9)
+
+
+def test_calibration_hands_the_op_head_modes_it_never_reads_back(monkeypatch):
+    # A mode tensor made on the device is read back by the op at every call: on a GPU a wait for all
+    # queued work, three times a layer-step with the default candidates (about 2% of a pass at FLUX
+    # 1024²). Those made from host values (ops.mode_tensor) carry them.
+    from ditfastattn import ops
+    from ditfastattn.ops import _VALUES
+
+    seen = []
+    real = ops.headwise_attention
+
+    def recording(q, k, v, head_modes, *args, **kwargs):
+        seen.append(hasattr(head_modes, _VALUES))
+        return real(q, k, v, head_modes, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "headwise_attention", recording)
+    candidates = ("full", "cache", "arrow:0.25", "arrow:0.125", "arrow_residual:0.25")
+    ditfastattn.calibrate(make_pipeline("flux"), prompts("flux", 4), config("flux", delta=0.3, candidates=candidates),
+                          progress=False)
+    assert len(seen) > 20 and all(seen)

@@ -197,6 +197,7 @@ class _CalibrationSession(Session):
         self.offload: HostOutputs | None = None
         self._offload_decided = config.offload_outputs is False
         self._call_shapes: dict[int, torch.Size] = {}  # call slot -> its input's shape, this generation
+        self._mode_tensors: dict[tuple, torch.Tensor] = {}  # (modes, device) -> ops.mode_tensor of them
 
     def scheduler_set(self, num_steps: int) -> None:
         super().scheduler_set(num_steps)
@@ -316,7 +317,7 @@ class _CalibrationSession(Session):
                     continue  # exact by definition: its error row stays 0
                 base, rows, sample = exact, None, None
             else:
-                modes = torch.full((heads,), mode, dtype=torch.int32, device=q.device)
+                modes = self._modes((mode,) * heads, q.device)
                 if part is not None:
                     sample, view = None, part
                 else:
@@ -337,6 +338,14 @@ class _CalibrationSession(Session):
                     continue
                 # CFG is the step's first call; later ones (skip-layer guidance) run it unshared.
                 yield _Candidate(index, base, None, rows, method.shares_cfg and self.call == 0, sample)
+
+    def _modes(self, modes: tuple[int, ...], device) -> torch.Tensor:
+        """The op's head-mode tensor of ``modes``, made once per pass: one made on the device would be
+        read back by the op at every call, a wait for the GPU's queued work at every layer-step."""
+        key = (modes, device)
+        if key not in self._mode_tensors:
+            self._mode_tensors[key] = ops.mode_tensor(modes, device)
+        return self._mode_tensors[key]
 
     def _squared_errors(self, candidate: _Candidate, exact: torch.Tensor, layout, variances=None) -> torch.Tensor:
         """(heads,) float32 squared error of one candidate's output against the exact one.
@@ -543,7 +552,7 @@ class _CalibrationSession(Session):
         # Which residual this call slot holds per head; freed with the slot, as in the runtime.
         layer.slots[self.call].captured.update((h, self.step) for h, f in enumerate(full) if f)
         for mode in windows:
-            modes = torch.tensor([mode if f else MODE_SKIP for f in full], dtype=torch.int32, device=q.device)
+            modes = self._modes(tuple(mode if f else MODE_SKIP for f in full), q.device)
             arrow = torch.empty_like(out)
             ops.headwise_attention(q, k, v, modes, **layer.geometry.op, out=arrow, impl=self.impl)
             previous = store.get(mode)

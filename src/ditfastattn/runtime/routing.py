@@ -71,7 +71,8 @@ def exact_attention(q, k, v, op: dict, impl: str) -> torch.Tensor:
     need an S x S mask (see :func:`full_head_cost`): there in the fused op's full mode."""
     padding = op.get("key_padding")
     if _queries_padded_apart(padding):
-        modes = torch.full((q.shape[2],), MODE_FULL, dtype=torch.int32, device=q.device)
+        # Made from host values: the op would read a tensor made on the device back (a wait).
+        modes = ops.mode_tensor((MODE_FULL,) * q.shape[2], q.device)
         return ops.headwise_attention(q, k, v, modes, **op, impl=impl)
     return _sdpa(q, k, v, padding)
 
