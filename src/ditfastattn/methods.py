@@ -186,12 +186,24 @@ class Method:
     def mode(self, num_image_tokens: int, tiles: TileGrid | None = None) -> int:
         """Integer head mode of the op for the computed part of this method; a tile window and
         pooled keys need the image's ``tiles`` (its grid and tile shape)."""
-        return self.spec.geometry(self, num_image_tokens, tiles)
+        return _mode(self, num_image_tokens, tiles)
 
     def cost(self, num_image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
         """Share of a full head's attention FLOPs this method computes (CFG sharing halves it)."""
-        share = density(self.mode(num_image_tokens, tiles), num_image_tokens, text_len, tiles)
-        return share / 2.0 if self.shares_cfg else share
+        return _cost(self, num_image_tokens, text_len, tiles)
+
+
+# Calibration asks for the same few methods' modes and costs at every layer and step, from the host
+# path a GPU waits on; their block geometry is worth computing once.
+@lru_cache(maxsize=4096)
+def _mode(method: Method, num_image_tokens: int, tiles: TileGrid | None) -> int:
+    return method.spec.geometry(method, num_image_tokens, tiles)
+
+
+@lru_cache(maxsize=4096)
+def _cost(method: Method, num_image_tokens: int, text_len: int, tiles: TileGrid | None) -> float:
+    share = density(method.mode(num_image_tokens, tiles), num_image_tokens, text_len, tiles)
+    return share / 2.0 if method.shares_cfg else share
 
 
 def _fraction(text: str, name: str, low_open: bool = True) -> float:
@@ -227,5 +239,6 @@ def parse_method(name: str) -> Method:
                      f"and {FACTOR} an int in [2, {MAX_POOL_FACTOR}]")
 
 
+@lru_cache(maxsize=4096)
 def canonical(name: str) -> str:
     return parse_method(name).name

@@ -207,33 +207,45 @@ class Plan:
             for layer, heads in zip(layers, rows):
                 if len(heads) != layer.heads:
                     raise ValueError(f"step {step}, layer {layer.name}: {len(heads)} methods for {layer.heads} heads")
+        # What the rules below read of each distinct method, looked up once (a plan holds tens of
+        # thousands of head-steps and is made at the end of every calibration pass).
+        traits = {}
+        for rows in self.methods:
+            for heads in rows:
+                for method_name in heads:
+                    if method_name not in traits:
+                        m = parse_method(method_name)
+                        traits[method_name] = (m.reads_previous_output, m.reads_residual, m.exact, m.computes, m.fraction)
         for index, layer in enumerate(layers):
             for head in range(layer.heads):
-                self._validate_head(index, layer.name, head)
+                self._validate_head(index, layer.name, head, traits)
 
-    def _validate_head(self, layer: int, name: str, head: int) -> None:
+    def _validate_head(self, layer: int, name: str, head: int, traits: dict[str, tuple]) -> None:
         computed = False
         last_full: int | None = None
         residual_fraction: float | None = None
         for step in range(self.num_steps):
-            method = self.method(step, layer, head)
-            where = f"step {step}, layer {name}, head {head}"
-            if step == 0 and (method.reads_previous_output or method.reads_residual):
-                raise ValueError(f"{where}: step 0 must compute every head exactly once; got {method.name!r}")
-            if method.reads_previous_output and not computed:
-                raise ValueError(f"{where}: 'cache' needs an earlier step that computes this head")
-            if method.reads_residual:
+            method_name = self.methods[step][layer][head]
+            previous, residual, exact, computes, fraction = traits[method_name]
+            if step == 0 and (previous or residual):
+                raise ValueError(f"step 0, layer {name}, head {head}: step 0 must compute every head exactly once; "
+                                 f"got {method_name!r}")
+            if previous and not computed:
+                raise ValueError(f"step {step}, layer {name}, head {head}: 'cache' needs an earlier step that computes "
+                                 "this head")
+            if residual:
+                where = f"step {step}, layer {name}, head {head}"
                 if last_full is None:
-                    raise ValueError(f"{where}: {method.name!r} needs an earlier 'full' step of this head")
-                if residual_fraction not in (None, method.fraction):
+                    raise ValueError(f"{where}: {method_name!r} needs an earlier 'full' step of this head")
+                if residual_fraction not in (None, fraction):
                     raise ValueError(
-                        f"{where}: {method.name!r} after arrow_residual:{residual_fraction:g} since the last 'full' "
+                        f"{where}: {method_name!r} after arrow_residual:{residual_fraction:g} since the last 'full' "
                         f"step (step {last_full}); one residual window per full step"
                     )
-                residual_fraction = method.fraction
-            if method.exact:
+                residual_fraction = fraction
+            if exact:
                 last_full, residual_fraction = step, None
-            computed = computed or method.computes
+            computed = computed or computes
 
     def check_compatible(self, model: ModelSpec, num_steps: int | None = None) -> None:
         """Raise :class:`PlanMismatchError` naming both sides when this plan does not fit."""
