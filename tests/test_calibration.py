@@ -120,6 +120,31 @@ def test_priced_choice_over_stacks_of_budgets_and_layer_steps():
         assert (solve_priced(rse[1], cost, 0.1, allowed[1], uniform=uniform) == expected[uniform][2, 1]).all()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_priced_counts_are_the_per_head_choices_counted(seed):
+    # From each head's lower envelope instead of pricing every candidate at every budget: the same
+    # choices, among candidates that could not run, are not allowed, cost the same (the first wins),
+    # score the same (parallel lines: the cheaper wins), and at budgets given in any order, 0 included.
+    from ditfastattn.search import priced_counts, solve_priced
+
+    rng = np.random.default_rng(seed)
+    candidates = 6
+    rse = rng.lognormal(-5, 2, (7, 3, 8, candidates))  # (steps, layers, heads, candidates)
+    rse[..., 2] = np.where(rng.uniform(size=rse.shape[:-1]) < 0.2, 0.0, rse[..., 2])  # another exact candidate
+    rse[rng.uniform(size=rse.shape) < 0.1] = np.nan
+    rse[..., 0] = 0.0  # "full"
+    rse[..., 4] = rse[..., 3]
+    cost = np.concatenate([[1.0, 0.0], rng.uniform(0, 0.3, candidates - 2)])
+    cost[5] = cost[2]
+    allowed = rng.uniform(size=rse.shape) < 0.9
+    allowed[..., 0] = True
+    deltas = rng.permutation(np.concatenate([[0.0], 0.01 * 2.0 ** (np.arange(-20, 21) / 2)]))
+    choice = solve_priced(rse, cost, deltas, allowed)  # (budgets, steps, layers, heads)
+    expected = (choice[..., None] == np.arange(candidates)).sum(axis=-2)
+    assert expected[..., 3].any() and expected[..., 2].any()  # the cases above occur
+    assert (priced_counts(rse, cost, deltas, allowed) == expected).all()
+
+
 def test_head_constraint_binds():
     # Either head's cheap method fits the layer budget 0.4 alone, but not 1.5 * 0.4 / 2 = 0.3.
     rse = np.array([[0, 0.35], [0, 0.35]])
@@ -1131,3 +1156,18 @@ def test_calibration_hands_the_op_head_modes_it_never_reads_back(monkeypatch):
     ditfastattn.calibrate(make_pipeline("flux"), prompts("flux", 4), config("flux", delta=0.3, candidates=candidates),
                           progress=False)
     assert len(seen) > 20 and all(seen)
+
+
+def test_a_targets_next_step_is_predicted_once_its_step_is_decided(monkeypatch):
+    # Worked out at the end of the step before (the GPU still has that call's layers queued), not at
+    # the step's first decision, where the GPU would wait on it; predicted once a step.
+    from ditfastattn._target import TargetController
+
+    seen = []
+    real = TargetController._predict
+    monkeypatch.setattr(TargetController, "_predict",
+                        lambda self, step, session: seen.append((step, session.step)) or real(self, step, session))
+    ditfastattn.calibrate(make_pipeline("flux"), prompts("flux", 2), config("flux", target_sparsity=0.4, cache="head"),
+                          progress=False)
+    assert [step for step, _ in seen] == list(range(1, STEPS))
+    assert seen[0] == (1, 1) and all(now == step - 1 for step, now in seen[1:])

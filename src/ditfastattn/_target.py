@@ -15,7 +15,7 @@ import numpy as np
 from ._calibration_session import whole_step_cache
 from ._geometry import TileGrid
 from .methods import parse_method
-from .search import choose, choose_many, solve_priced
+from .search import choose, choose_many, priced_counts, solve_priced
 
 if TYPE_CHECKING:
     from .search_config import SearchConfig
@@ -95,10 +95,37 @@ def _curve(session, spec, config: SearchConfig, scores: np.ndarray, deltas, cach
     residual window each head reads at the first step (NaN: none)."""
     removed = np.zeros((len(deltas), len(scores), len(spec.layers)))
     shares = _head_shares(session, spec)
+    if config.budget == "generation" and config.granularity == "head" and not any(
+            m.reads_residual for m in session.candidates):
+        # One exchange rate, a choice per head and no state carried between steps: every layer-step at
+        # every budget at once, as counts of heads per candidate (a target's prediction at every step).
+        alike: dict[tuple[int, bool], list[int]] = {}
+        for index, layer in enumerate(spec.layers):
+            alike.setdefault((layer.heads, bool(layer.text)), []).append(index)
+        allowed = _allowed(session, cached is not None)
+        for (heads, _), indices in alike.items():
+            cost, flops = _prices(session, spec.layers[indices[0]])
+            rse = scores[:, indices, :heads]
+            kept = priced_counts(rse, cost, deltas, np.isfinite(rse) & allowed) @ flops  # (budgets, steps, layers)
+            if cached is not None:
+                whole = whole_step_cache(rse.reshape(-1, rse.shape[-1]), session.candidates).reshape(rse.shape[:-1])
+                kept = np.where(np.asarray(cached, dtype=bool)[:, None], flops[whole].sum(axis=-1), kept)
+            removed[..., indices] = shares[indices] * (heads - kept)
+        return removed
     for index, layer in enumerate(spec.layers):
         removed[..., index] = _layer_curve(session, spec, config, index, shares[index], scores[:, index, : layer.heads],
                                            deltas, cached, None if locked is None else locked[index, : layer.heads])
     return removed
+
+
+def _prices(session, layer) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates,) each candidate's cost in ``layer`` as the search weighs it (measured costs where
+    the config gives them) and its FLOP share, at a finished pass's resolution."""
+    image_tokens, text_len = session.geometry
+    layer_text = text_len if layer.text else 0
+    cost = np.array([session._cost(m, image_tokens, layer_text, session.tiles) for m in session.candidates])
+    flops = np.array([m.cost(image_tokens, layer_text, session.tiles) for m in session.candidates])
+    return cost, flops
 
 
 def _head_shares(session, spec) -> np.ndarray:
@@ -114,13 +141,10 @@ def _layer_curve(session, spec, config: SearchConfig, index: int, share: float, 
     """(budgets, steps) layer ``index``'s share of each step's sparsity (see :func:`_curve`), from its
     ``rse`` (steps, heads, candidates), its heads' residual windows ``locked`` (heads,) and ``share``,
     one of its heads' FLOPs over the step's (:func:`_head_shares`)."""
-    image_tokens, text_len = session.geometry
-    tiles, candidates = session.tiles, session.candidates
+    candidates = session.candidates
     allowed = _allowed(session, cached is not None)
     layer = spec.layers[index]
-    layer_text = text_len if layer.text else 0
-    cost = np.array([session._cost(m, image_tokens, layer_text, tiles) for m in candidates])
-    flops = np.array([m.cost(image_tokens, layer_text, tiles) for m in candidates])
+    cost, flops = _prices(session, layer)
     if any(m.reads_residual for m in candidates):
         locked = np.full(rse.shape[1], np.nan) if locked is None else locked
         kept = _charged_computed(rse, cost, flops, deltas, config, np.isfinite(rse) & allowed, candidates, locked,
@@ -339,9 +363,13 @@ class TargetController:
                             session.rse[step: step + 1, layer, :heads], self.deltas, whole,
                             self._locked(session)[layer, :heads])[:, 0]
 
-    def __call__(self, step: int, layer: int, session) -> float:
+    def prepare(self, step: int, session) -> None:
+        """Predict ``step`` (once): the session calls it when every layer of the step before is decided."""
         if step != self._step:
             self._predict(step, session)
+
+    def __call__(self, step: int, layer: int, session) -> float:
+        self.prepare(step, session)
         decided = np.array([(step, index) in session.decided for index in range(len(self.spec.layers))])
         fresh = {int(index) for index in np.flatnonzero(decided)} - set(self._shares)
         if fresh:

@@ -168,19 +168,87 @@ def solve_priced(
         raise ValueError("every head needs an allowed zero-error candidate ('full')")
     deltas = np.asarray(delta, dtype=np.float64)
     budget = deltas.reshape(deltas.shape + (1,) * rse.ndim)
-    safe = np.where(ok, rse, 0.0)
-    # cost + rse / delta + tie-break, built in place (many budgets make it large); a budget of 0
-    # keeps everything full: its division is replaced below.
+    # cost + rse / delta + tie-break, built in place (many budgets make it large), infinite where a
+    # candidate is not allowed; a budget of 0 keeps everything full: its division is replaced below.
+    safe = np.where(ok, rse, np.inf)
     price = safe / np.where(budget > 0, budget, 1.0)
     price += cost
     price += _TIE_BREAK * safe
-    np.copyto(price, np.inf, where=~ok)
     if uniform:
         choice = np.repeat(np.argmin(price.sum(axis=-2), axis=-1)[..., None], rse.shape[-2], axis=-1)
     else:
         choice = np.argmin(price, axis=-1)
     full = np.argmax(ok & (rse == 0), axis=-1)
     return np.where(budget[..., 0] > 0, choice, full)
+
+
+def priced_counts(rse: np.ndarray, cost: np.ndarray, deltas, allowed: np.ndarray | None = None) -> np.ndarray:
+    """How many heads take each candidate under :func:`solve_priced` (per head) at each budget:
+    ``(budgets, ..., candidates)`` for ``rse`` ``(..., heads, candidates)`` (``cost`` and ``allowed``
+    broadcast to it).
+
+    The same choices as pricing every candidate at every budget, up to exact ties of price, from
+    each head's lower envelope: candidate ``c`` wins where ``cost_c + rse_c * y`` (``y = 1/delta``
+    plus the tie-break) is below every other allowed line, an interval of ``y`` bounded by where
+    the lines cross, so the work grows with the candidates squared instead of with the budgets.
+    Many budgets over a whole generation's layer-steps (a target's prediction) come at a fraction
+    of the cost.
+    """
+    rse = np.asarray(rse, dtype=np.float64)
+    cost = np.broadcast_to(np.asarray(cost, dtype=np.float64), rse.shape)
+    ok = np.ones_like(rse, dtype=bool) if allowed is None else np.broadcast_to(np.asarray(allowed, dtype=bool), rse.shape)
+    ok = ok & np.isfinite(rse)
+    if not (ok & (rse == 0)).any(axis=-1).all():
+        raise ValueError("every head needs an allowed zero-error candidate ('full')")
+    deltas = np.asarray(deltas, dtype=np.float64).reshape(-1)
+    candidates, heads = rse.shape[-1], rse.shape[-2]
+    groups = int(np.prod(rse.shape[:-2], dtype=np.int64))
+    # Candidate-major rows over every head: the loops below run over pairs of candidates.
+    lines = np.where(ok, rse, 0.0).reshape(-1, candidates).T.copy()
+    costs = cost.reshape(-1, candidates).T.copy()
+    usable = ok.reshape(-1, candidates).T.copy()
+    positive = deltas > 0
+    y = 1.0 / deltas[positive] + _TIE_BREAK
+    order = np.argsort(y, kind="stable")
+    ys = y[order]
+    slots = len(ys) + 1
+    owner = np.arange(groups * heads) // heads
+    counts = np.zeros((len(deltas), groups, candidates), dtype=np.int64)
+    for c in range(candidates):
+        low = np.full(groups * heads, -np.inf)
+        high = np.full(groups * heads, np.inf)
+        beaten = ~usable[c]
+        for d in range(candidates):
+            if d == c:
+                continue
+            gap = lines[c] - lines[d]
+            step = costs[d] - costs[c]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                crossing = step / gap  # the y where the two lines cross
+            rival = usable[d]
+            np.minimum(high, np.where(rival & (gap > 0), crossing, np.inf), out=high)  # c steeper: wins below
+            np.maximum(low, np.where(rival & (gap < 0), crossing, -np.inf), out=low)  # c flatter: wins above
+            # Parallel lines: the cheaper wins everywhere, on equal cost the first (argmin's rule).
+            beaten |= rival & (gap == 0) & ((step < 0) | ((step == 0) & (d < c)))
+        alive = ~beaten & (low < high)
+        # Each grid point in (low, high] belongs to c: the intervals of a head's winners tile the line.
+        where = owner[alive] * slots
+        marks = (np.bincount(where + _grid_index(ys, low[alive], 0), minlength=groups * slots)
+                 - np.bincount(where + _grid_index(ys, high[alive], len(ys)), minlength=groups * slots))
+        counts[np.flatnonzero(positive)[order], :, c] = marks.reshape(groups, slots).cumsum(axis=-1)[:, :-1].T
+    # A budget of 0: every head full (the first allowed zero-error candidate), as solve_priced has it.
+    full = np.argmax(ok & (rse == 0), axis=-1).reshape(groups, heads)
+    counts[~positive] = (full[..., None] == np.arange(candidates)).sum(axis=1)
+    return counts.reshape((len(deltas),) + rse.shape[:-2] + (candidates,))
+
+
+def _grid_index(grid: np.ndarray, bounds: np.ndarray, unbounded: int) -> np.ndarray:
+    """How many points of the sorted ``grid`` lie at or below each of ``bounds``; an infinite bound
+    (most heads' first or last winner) is ``unbounded`` without a search."""
+    index = np.full(bounds.shape, unbounded, dtype=np.int64)
+    finite = np.isfinite(bounds)
+    index[finite] = np.searchsorted(grid, bounds[finite], side="right")
+    return index
 
 
 def choose(rse, cost, delta: float, config, allowed=None) -> np.ndarray:
