@@ -146,6 +146,18 @@ def fit_delta(predict, target: float, start: float, *, tolerance: float = 0.005,
     return low[0] if target - low[1] <= high[1] - target else high[0]
 
 
+def _priced_inputs(rse, cost, allowed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``rse`` as float64, ``cost`` broadcast to it, and which candidates may run (allowed and
+    scored); refused unless every head has an allowed zero-error candidate."""
+    rse = np.asarray(rse, dtype=np.float64)
+    cost = np.broadcast_to(np.asarray(cost, dtype=np.float64), rse.shape)
+    ok = np.ones_like(rse, dtype=bool) if allowed is None else np.broadcast_to(np.asarray(allowed, dtype=bool), rse.shape)
+    ok = ok & np.isfinite(rse)
+    if not (ok & (rse == 0)).any(axis=-1).all():
+        raise ValueError("every head needs an allowed zero-error candidate ('full')")
+    return rse, cost, ok
+
+
 def solve_priced(
     rse: np.ndarray, cost: np.ndarray, delta, allowed: np.ndarray | None = None, *, uniform: bool = False
 ) -> np.ndarray:
@@ -160,12 +172,7 @@ def solve_priced(
     ``cost`` and ``allowed`` broadcast to it); ``delta`` a number or an array of budgets. Returns
     the chosen candidate per head, shaped ``delta.shape + rse.shape[:-1]``.
     """
-    rse = np.asarray(rse, dtype=np.float64)
-    cost = np.broadcast_to(np.asarray(cost, dtype=np.float64), rse.shape)
-    ok = np.ones_like(rse, dtype=bool) if allowed is None else np.broadcast_to(np.asarray(allowed, dtype=bool), rse.shape)
-    ok = ok & np.isfinite(rse)
-    if not (ok & (rse == 0)).any(axis=-1).all():
-        raise ValueError("every head needs an allowed zero-error candidate ('full')")
+    rse, cost, ok = _priced_inputs(rse, cost, allowed)
     deltas = np.asarray(delta, dtype=np.float64)
     budget = deltas.reshape(deltas.shape + (1,) * rse.ndim)
     # cost + rse / delta + tie-break, built in place (many budgets make it large), infinite where a
@@ -194,12 +201,7 @@ def priced_counts(rse: np.ndarray, cost: np.ndarray, deltas, allowed: np.ndarray
     Many budgets over a whole generation's layer-steps (a target's prediction) come at a fraction
     of the cost.
     """
-    rse = np.asarray(rse, dtype=np.float64)
-    cost = np.broadcast_to(np.asarray(cost, dtype=np.float64), rse.shape)
-    ok = np.ones_like(rse, dtype=bool) if allowed is None else np.broadcast_to(np.asarray(allowed, dtype=bool), rse.shape)
-    ok = ok & np.isfinite(rse)
-    if not (ok & (rse == 0)).any(axis=-1).all():
-        raise ValueError("every head needs an allowed zero-error candidate ('full')")
+    rse, cost, ok = _priced_inputs(rse, cost, allowed)
     deltas = np.asarray(deltas, dtype=np.float64).reshape(-1)
     candidates, heads = rse.shape[-1], rse.shape[-2]
     groups = int(np.prod(rse.shape[:-2], dtype=np.int64))
