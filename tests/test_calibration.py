@@ -120,6 +120,18 @@ def test_priced_choice_over_stacks_of_budgets_and_layer_steps():
         assert (solve_priced(rse[1], cost, 0.1, allowed[1], uniform=uniform) == expected[uniform][2, 1]).all()
 
 
+def test_an_infinite_budget_never_picks_a_candidate_that_cannot_run():
+    # Priced out before the division, an unallowed candidate's error over an infinite budget was NaN,
+    # which argmin took.
+    from ditfastattn.search import priced_counts, solve_priced
+
+    rse = np.array([[0.0, 0.5, 0.3], [0.0, np.inf, 0.3]])
+    cost = np.array([1.0, 0.2, 0.1])
+    allowed = np.array([[True, True, False], [True, True, True]])
+    assert solve_priced(rse, cost, np.inf, allowed).tolist() == [1, 2]
+    assert priced_counts(rse[:, None], cost, [np.inf], allowed[:, None]).reshape(2, 3).tolist() == [[0, 1, 0], [0, 0, 1]]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_priced_counts_are_the_per_head_choices_counted(seed):
     # From each head's lower envelope instead of pricing every candidate at every budget: the same

@@ -175,12 +175,14 @@ def solve_priced(
     rse, cost, ok = _priced_inputs(rse, cost, allowed)
     deltas = np.asarray(delta, dtype=np.float64)
     budget = deltas.reshape(deltas.shape + (1,) * rse.ndim)
-    # cost + rse / delta + tie-break, built in place (many budgets make it large), infinite where a
-    # candidate is not allowed; a budget of 0 keeps everything full: its division is replaced below.
-    safe = np.where(ok, rse, np.inf)
+    # cost + rse / delta + tie-break, built in place (many budgets make it large); a budget of 0
+    # keeps everything full: its division is replaced below. Candidates not allowed are priced out
+    # after the division (an infinite error over an infinite budget would be NaN, which argmin takes).
+    safe = np.where(ok, rse, 0.0)
     price = safe / np.where(budget > 0, budget, 1.0)
     price += cost
     price += _TIE_BREAK * safe
+    np.copyto(price, np.inf, where=~ok)
     if uniform:
         choice = np.repeat(np.argmin(price.sum(axis=-2), axis=-1)[..., None], rse.shape[-2], axis=-1)
     else:
@@ -194,7 +196,8 @@ def priced_counts(rse: np.ndarray, cost: np.ndarray, deltas, allowed: np.ndarray
     ``(budgets, ..., candidates)`` for ``rse`` ``(..., heads, candidates)`` (``cost`` and ``allowed``
     broadcast to it).
 
-    The same choices as pricing every candidate at every budget, up to exact ties of price, from
+    The same choices as pricing every candidate at every budget, up to ties of price (prices that
+    round to the same number, where pricing takes the first candidate and the envelope the lower line), from
     each head's lower envelope: candidate ``c`` wins where ``cost_c + rse_c * y`` (``y = 1/delta``
     plus the tie-break) is below every other allowed line, an interval of ``y`` bounded by where
     the lines cross, so the work grows with the candidates squared instead of with the budgets.
