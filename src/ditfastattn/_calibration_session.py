@@ -198,6 +198,9 @@ class _CalibrationSession(Session):
         self._offload_decided = config.offload_outputs is False
         self._call_shapes: dict[int, torch.Size] = {}  # call slot -> its input's shape, this generation
         self._mode_tensors: dict[tuple, torch.Tensor] = {}  # (modes, device) -> ops.mode_tensor of them
+        # Per resolution, what every layer-step's decision reads: the candidates' costs, and which are distinct.
+        self._cost_rows: dict[tuple, np.ndarray] = {}
+        self._distinct: dict[tuple, np.ndarray] = {}
 
     def scheduler_set(self, num_steps: int) -> None:
         super().scheduler_set(num_steps)
@@ -450,7 +453,7 @@ class _CalibrationSession(Session):
         if self.forced is not None:
             chosen = [parse_method(name) for name in self.forced.methods[step][index]]
         else:
-            cost = np.array([self._cost(m, image_tokens, layer_text, tiles) for m in self.candidates])[None, :].repeat(heads, 0)
+            cost = self._costs(image_tokens, layer_text, tiles)[None, :].repeat(heads, 0)
             cost += self._captures(index, heads, cost)
             allowed = self._allowed(index, heads, image_tokens, tiles) & np.isfinite(rse)
             if (step, index) not in self.layer_delta:
@@ -484,8 +487,17 @@ class _CalibrationSession(Session):
         """(heads, candidates) what each candidate adds for the residual capture: an arrow_residual
         candidate that would be the head's first since its last exact step also pays for the window
         that step computes to keep the residual (the runtime's capture; its later ones share it)."""
+        if not self._residual.any():
+            return np.zeros_like(cost)
         free = np.array([(layer, head) not in self.locked for head in range(heads)])
         return np.where(free[:, None] & self._residual[None, :], cost, 0.0)
+
+    def _costs(self, image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> np.ndarray:
+        """(candidates,) :meth:`_cost` of every candidate, worked out once per resolution and text length."""
+        key = (image_tokens, text_len, tiles)
+        if key not in self._cost_rows:
+            self._cost_rows[key] = np.array([self._cost(m, image_tokens, text_len, tiles) for m in self.candidates])
+        return self._cost_rows[key]
 
     def _cost(self, method: Method, image_tokens: int, text_len: int, tiles: TileGrid | None = None) -> float:
         """A candidate's cost at this resolution: the measured one given in the config, else its FLOP
@@ -495,14 +507,17 @@ class _CalibrationSession(Session):
         return method.cost(image_tokens, text_len, tiles)
 
     def _allowed(self, layer: int, heads: int, image_tokens: int, tiles: TileGrid | None = None) -> np.ndarray:
-        allowed = np.ones((heads, len(self.candidates)), dtype=bool)
-        seen: set[tuple] = set()
+        key = (image_tokens, tiles)
+        if key not in self._distinct:
+            distinct, seen = [], set()
+            for method in self.candidates:
+                # Windows that round to the same blocks (tiles) at this resolution are one candidate.
+                signature = (method.kind, method.mode(image_tokens, tiles))
+                distinct.append(signature not in seen)
+                seen.add(signature)
+            self._distinct[key] = np.array(distinct)
+        allowed = np.repeat(self._distinct[key][None, :], heads, axis=0)
         for index, method in enumerate(self.candidates):
-            # Windows that round to the same blocks (tiles) at this resolution are one candidate.
-            signature = (method.kind, method.mode(image_tokens, tiles))
-            if signature in seen:
-                allowed[:, index] = False
-            seen.add(signature)
             if method.reads_residual:
                 for head in range(heads):
                     locked = self.locked.get((layer, head))

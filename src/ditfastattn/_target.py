@@ -137,14 +137,15 @@ def _head_shares(session, spec) -> np.ndarray:
 
 
 def _layer_curve(session, spec, config: SearchConfig, index: int, share: float, rse: np.ndarray, deltas, cached=None,
-                 locked=None) -> np.ndarray:
+                 locked=None, allowed=None, prices=None) -> np.ndarray:
     """(budgets, steps) layer ``index``'s share of each step's sparsity (see :func:`_curve`), from its
     ``rse`` (steps, heads, candidates), its heads' residual windows ``locked`` (heads,) and ``share``,
-    one of its heads' FLOPs over the step's (:func:`_head_shares`)."""
+    one of its heads' FLOPs over the step's (:func:`_head_shares`). ``allowed`` and ``prices``:
+    :func:`_allowed`'s and :func:`_prices`' of ``session`` where already known."""
     candidates = session.candidates
-    allowed = _allowed(session, cached is not None)
+    allowed = _allowed(session, cached is not None) if allowed is None else allowed
     layer = spec.layers[index]
-    cost, flops = _prices(session, layer)
+    cost, flops = _prices(session, layer) if prices is None else prices
     if any(m.reads_residual for m in candidates):
         locked = np.full(rse.shape[1], np.nan) if locked is None else locked
         kept = _charged_computed(rse, cost, flops, deltas, config, np.isfinite(rse) & allowed, candidates, locked,
@@ -184,22 +185,31 @@ def cached_schedule(steps: int, target: float) -> frozenset[int]:
     return frozenset(int(step) for step in every_other[picked])
 
 
+def _head_flops(spec, image_tokens: int, text_len: int) -> tuple[tuple[float, ...], float]:
+    """One head's attention FLOPs (up to a constant) in each layer of ``spec``, and a step's in all."""
+    per_head, total = [], 0.0
+    for layer in spec.layers:
+        tokens = image_tokens + (text_len if layer.text else 0)
+        per_head.append(float(tokens * tokens * layer.head_dim))
+        total += per_head[-1] * layer.heads
+    return tuple(per_head), total
+
+
 def layer_sparsity(spec, rows: list[list[str]], image_tokens: int, text_len: int, tiles: TileGrid | None = None,
-                   charged=frozenset(), layers=None) -> np.ndarray:
+                   charged=frozenset(), layers=None, head_flops=None) -> np.ndarray:
     """(layers,) each layer's share of the fraction of one step's attention FLOPs that ``rows``
     (one list of methods per layer) remove (summed: the step's sparsity); tile windows are counted
     on the image grid ``tiles``; the (layer, head) pairs ``charged`` also pay their residual's
-    capture (their method's cost once more). ``layers``: only these layers' shares (the others 0)."""
-    removed, total = np.zeros(len(spec.layers)), 0.0
-    for index, (layer, methods) in enumerate(zip(spec.layers, rows)):
-        tokens = image_tokens + (text_len if layer.text else 0)
+    capture (their method's cost once more). ``layers``: only these layers' shares (the others 0).
+    ``head_flops``: :func:`_head_flops` of these arguments, where already known."""
+    per_head, total = _head_flops(spec, image_tokens, text_len) if head_flops is None else head_flops
+    removed = np.zeros(len(spec.layers))
+    for index in range(len(spec.layers)) if layers is None else layers:
+        layer = spec.layers[index]
         layer_text = text_len if layer.text else 0
-        per_head = float(tokens * tokens * layer.head_dim)
-        total += per_head * layer.heads
-        if layers is None or index in layers:
-            kept = sum(parse_method(m).cost(image_tokens, layer_text, tiles) * (1 + ((index, head) in charged))
-                       for head, m in enumerate(methods))
-            removed[index] = per_head * (layer.heads - kept)
+        kept = sum(parse_method(m).cost(image_tokens, layer_text, tiles) * (1 + ((index, head) in charged))
+                   for head, m in enumerate(rows[index]))
+        removed[index] = per_head[index] * (layer.heads - kept)
     return removed / total
 
 
@@ -285,6 +295,11 @@ class TargetController:
         self.deltas = np.concatenate([[0.0], fitted * self.GRID]) if self.resolve else fitted * self.GRID
         self.predicted = None if self.resolve else _curves(first, spec, config, self.deltas, cached)
         self.head_shares = _head_shares(first, spec)
+        # What each layer's closed-form curve reads of the first pass, at the resolution both passes share.
+        self._residual = any(m.reads_residual for m in first.candidates)
+        self._allowed = _allowed(first, cached is not None)
+        self._prices = [_prices(first, layer) for layer in spec.layers]
+        self._head_flops = _head_flops(spec, *first.geometry)
         # (steps, layers, heads): whether the first pass ran the head exactly at the step before
         self.computed = np.zeros(first.rse.shape[:3], dtype=bool)
         for step in range(1, self.steps):
@@ -359,9 +374,10 @@ class TargetController:
             return self._now[:, layer]
         heads = self.spec.layers[layer].heads
         whole = None if self.whole is None else self.whole[step: step + 1]
+        locked = self._locked(session)[layer, :heads] if self._residual else None
         return _layer_curve(self.first, self.spec, self.config, layer, self.head_shares[layer],
-                            session.rse[step: step + 1, layer, :heads], self.deltas, whole,
-                            self._locked(session)[layer, :heads])[:, 0]
+                            session.rse[step: step + 1, layer, :heads], self.deltas, whole, locked,
+                            self._allowed, self._prices[layer])[:, 0]
 
     def prepare(self, step: int, session) -> None:
         """Predict ``step`` (once): the session calls it when every layer of the step before is decided."""
@@ -374,7 +390,7 @@ class TargetController:
         fresh = {int(index) for index in np.flatnonzero(decided)} - set(self._shares)
         if fresh:
             shares = layer_sparsity(self.spec, session.plan.methods[step], *self.geometry, self.tiles,
-                                    session.charged.get(step, frozenset()), layers=fresh)
+                                    session.charged.get(step, frozenset()), layers=fresh, head_flops=self._head_flops)
             self._shares.update({index: shares[index] for index in fresh})
         needed = self._needed - sum(self._shares.values())
         others = ~decided
