@@ -1183,3 +1183,36 @@ def test_a_targets_next_step_is_predicted_once_its_step_is_decided(monkeypatch):
                           progress=False)
     assert [step for step, _ in seen] == list(range(1, STEPS))
     assert seen[0] == (1, 1) and all(now == step - 1 for step, now in seen[1:])
+
+
+def test_a_targets_first_pass_decides_each_layer_on_its_scores_of_the_step_before(monkeypatch):
+    # It only gives the scores the second pass predicts from, so its layers need not wait for their
+    # own scores to reach the host (a GPU pass over one prompt would wait at every layer); the
+    # second pass, which makes the plan, decides on each layer's scores just measured.
+    from ditfastattn import calibration
+    from ditfastattn.search import choose
+
+    sessions = []
+    real = calibration.run_pass
+    monkeypatch.setattr(calibration, "run_pass",
+                        lambda *args, **kwargs: sessions.append(real(*args, **kwargs)) or sessions[-1])
+    search = config("flux", target_sparsity=0.4, cache="head", num_inference_steps=8, fit_prompts=1)
+    ditfastattn.calibrate(make_pipeline("flux"), prompts("flux", 3), search, progress=False)
+    (first, _), (second, _) = sessions
+    assert first.lagged and not second.lagged
+    image_tokens, text_len = first.geometry
+    resolved = search._resolved()
+    compressed = 0
+    for own, scored_at in ((first, -1), (second, 0)):
+        assert not own._pending and np.isfinite(own.rse[1:, ..., 0]).all()  # every layer-step's scores kept
+        assert all(name == "full" for row in own.plan.methods[1] for name in row) or own is second
+        for step in range(2, 8):
+            for index, layer in enumerate(own.plan.model.layers):
+                rse = own.rse[step + scored_at, index, : layer.heads]
+                cost = np.array([own._cost(m, image_tokens, text_len if layer.text else 0, own.tiles)
+                                 for m in own.candidates])
+                allowed = own._allowed(index, layer.heads, image_tokens, own.tiles) & np.isfinite(rse)
+                choice = choose(rse, np.broadcast_to(cost, rse.shape), own.layer_delta[step, index], resolved, allowed)
+                assert own.plan.methods[step][index] == [own.candidates[c].name for c in choice]
+                compressed += any(name != "full" for name in own.plan.methods[step][index])
+    assert compressed > 0

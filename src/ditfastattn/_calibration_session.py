@@ -4,7 +4,9 @@ layer's methods on the fly (or, for the sensitivity probe, only measures under a
 At every step after the first, each attention layer (in execution order) computes its exact
 output and every candidate's output, scores each head by its share of the layer's relative squared
 error (the head's squared error over the layer's variance, times the head count), and solves the
-head-wise integer program (:mod:`ditfastattn.search`). When a step calls the transformer more than
+head-wise integer program (:mod:`ditfastattn.search`); a ``lagged`` pass (a target's first, which
+only gives the scores its second predicts from) decides each layer on its scores of the step
+before, copied to the host without waiting for the GPU. When a step calls the transformer more than
 once (true CFG, skip-layer guidance), every call is scored: the decision, made at the step's first
 call, adds the errors each later call measured at the previous step, the latest it can know.
 Each call is scored on what the runtime runs in it: later calls compute ``cfg_share`` heads
@@ -151,6 +153,7 @@ class _CalibrationSession(Session):
         delta_for=None,
         cached_steps: frozenset[int] | None = None,
         weigh_steps=None,
+        lagged: bool = False,
     ):
         super().__init__(transformer, plan, adapter, impl)
         self.config = config
@@ -173,6 +176,9 @@ class _CalibrationSession(Session):
         self.measure_steps = measure_steps
         self.delta_for = delta_for  # (step, layer index, session) -> budget; None: config.delta
         self.cached_steps = cached_steps
+        self.lagged = lagged
+        # (step, layer index) -> a lagged pass's scores on their way to the host (see _defer)
+        self._pending: dict[tuple[int, int], tuple[torch.Tensor, Any]] = {}
         self._reuses = np.array([m.reads_previous_output for m in self.candidates])
         # Whether every candidate can be scored on part of the batch (CFG and residual sharing read the
         # other CFG half or every element's residual), the exact output with them.
@@ -432,11 +438,41 @@ class _CalibrationSession(Session):
         heads = self.own_heads(layer)
         return self.plan.methods[self.step][layer][heads.start:heads.stop]
 
+    def _combined(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+        """(heads, candidates) unweighted float64 scores on the device, of this call plus the step's
+        later calls as last measured."""
+        later = [value for (index, _call), value in sorted(self.later_calls.items()) if index == layer.index]
+        return combine_scores(errors, variance, later).T.double()
+
     def _scores(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> np.ndarray:
         """(heads, candidates) scores of this call plus the step's later calls as last measured."""
-        later = [value for (index, _call), value in sorted(self.later_calls.items()) if index == layer.index]
-        scores = combine_scores(errors, variance, later).T.double().cpu().numpy()
+        scores = self._combined(layer, errors, variance).cpu().numpy()
         return scores * self.weights[self.step, layer.index, : scores.shape[0]]
+
+    def _defer(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> None:
+        """A lagged pass's scores of this layer-step, copied to the host without waiting for them:
+        read when the layer decides at the next step (long arrived by then), or by :meth:`resolve`."""
+        scores, ready = self._combined(layer, errors, variance), None
+        if scores.is_cuda:
+            host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+            host.copy_(scores, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(scores.device))
+            scores = host
+        self._pending[(self.step, layer.index)] = (scores, ready)
+
+    def resolve(self, step: int | None = None, index: int | None = None) -> np.ndarray | None:
+        """A lagged pass's scores of (``step``, layer ``index``) into :attr:`rse` (all that are
+        pending when both are None); returns those of the one asked for."""
+        keys = sorted(self._pending) if step is None else [(step, index)]
+        rse = None
+        for key in keys:
+            scores, ready = self._pending.pop(key)
+            if ready is not None:
+                ready.synchronize()
+            rse = scores.numpy() * self.weights[key[0], key[1], : scores.shape[0]]
+            self.rse[key[0], key[1], : rse.shape[0]] = rse
+        return rse
 
     def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
         if self.weigh_steps is not None and not self._steps_weighed:  # no timesteps set: refused, or unweighted
@@ -447,12 +483,19 @@ class _CalibrationSession(Session):
         if measured:
             known = self.forced.methods[step][index] if self.forced is not None else None
             exact, part = self._exact(layer, q, k, v, dense, known)
-            # Errors stay on the device until all candidates are scored: one host read per layer-step.
-            rse = self._scores(layer, *self._errors(layer, q, k, v, text_start, text_len, exact, part))
-            self.rse[step, index, :heads] = rse
+            errors, variance = self._errors(layer, q, k, v, text_start, text_len, exact, part)
+            if self.lagged:
+                self._defer(layer, errors, variance)
+            else:  # errors stay on the device until all candidates are scored: one host read per layer-step
+                rse = self._scores(layer, errors, variance)
+                self.rse[step, index, :heads] = rse
         if self.forced is not None:
             chosen = [parse_method(name) for name in self.forced.methods[step][index]]
+        elif self.lagged and step == 1:  # nothing scored before: every head exact
+            chosen = [next(m for m in self.candidates if m.exact)] * heads
         else:
+            if self.lagged:
+                rse = self.resolve(step - 1, index)
             cost = self._costs(image_tokens, layer_text, tiles)[None, :].repeat(heads, 0)
             cost += self._captures(index, heads, cost)
             allowed = self._allowed(index, heads, image_tokens, tiles) & np.isfinite(rse)
@@ -732,6 +775,7 @@ def run_pass(
                 else:
                     expert.forward = own_forward
         uninstall(pipe)
+    session.resolve()
     first = max(replay[1], 1) if replay is not None else 1  # step 0 decides nothing; replayed steps run nothing
     missing = (steps - first) * len(spec.layers) - len(session.decided)
     if missing and session.step < steps - 1:

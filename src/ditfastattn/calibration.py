@@ -226,9 +226,12 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bars: tuple, second
     fitted_on = "an uncompressed pass" if first is not None else f"a first pass at delta {config.delta:.4g}"
     if first is None:
         started = time.perf_counter()
+        # A target's first pass only gives the scores the second predicts from: each layer decides on
+        # its scores of the step before, read without waiting for the GPU (a pass over few prompts
+        # would otherwise wait on the host at every layer).
         session, latents = run_pass(pipe, spec, call if fit_call is None else fit_call, config,
                                     bar if fit_call is None else fit_bar, weights=weights,
-                                    cached_steps=cached, weigh_steps=weigh_steps)
+                                    cached_steps=cached, weigh_steps=weigh_steps, lagged=config.target is not None)
         seconds["passes"].append(time.perf_counter() - started)
         seconds["solver"] += session.solver_seconds
         if config.target is None:
