@@ -1216,3 +1216,8 @@ def test_a_targets_first_pass_decides_each_layer_on_its_scores_of_the_step_befor
                 assert own.plan.methods[step][index] == [own.candidates[c].name for c in choice]
                 compressed += any(name != "full" for name in own.plan.methods[step][index])
     assert compressed > 0
+    # Over few steps each step's scores stand far from the next's: the first pass decides on its own.
+    sessions.clear()
+    few = dataclasses.replace(search, num_inference_steps=calibration.LAGGED_FIT_STEPS - 1)
+    ditfastattn.calibrate(make_pipeline("flux"), prompts("flux", 3), few, progress=False)
+    assert [session.lagged for session, _ in sessions] == [False, False]

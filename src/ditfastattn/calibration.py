@@ -35,6 +35,13 @@ from .sensitivity import measure_sensitivity, relative_squared_error, schedule_w
 logger = logging.getLogger("ditfastattn")
 
 
+# The fewest steps at which a target's first pass decides on the step before's scores. On the testbeds
+# it tied deciding on its own at 6-20 steps, and lost 0.04 SSIM on SD3 at 4, where step 1 (all exact)
+# is a third of the decided steps and each step's scores are far from the next's
+# (docs/history/CALIBRATION_NOTES.md, stop 68).
+LAGGED_FIT_STEPS = 8
+
+
 @releasing_pinned
 def calibrate(pipe, prompts: Sequence[str | dict], config: SearchConfig | None = None, *, progress: bool = True) -> Plan:
     """Search a head-wise plan for ``pipe`` on ``prompts`` (strings, or dicts of pipeline kwargs).
@@ -228,10 +235,11 @@ def _search(pipe, spec, call, config: SearchConfig, weights, bars: tuple, second
         started = time.perf_counter()
         # A target's first pass only gives the scores the second predicts from: each layer decides on
         # its scores of the step before, read without waiting for the GPU (a pass over few prompts
-        # would otherwise wait on the host at every layer).
+        # would otherwise wait on the host at every layer), where steps are many enough to be alike.
+        lagged = config.target is not None and config.num_inference_steps >= LAGGED_FIT_STEPS
         session, latents = run_pass(pipe, spec, call if fit_call is None else fit_call, config,
                                     bar if fit_call is None else fit_bar, weights=weights,
-                                    cached_steps=cached, weigh_steps=weigh_steps, lagged=config.target is not None)
+                                    cached_steps=cached, weigh_steps=weigh_steps, lagged=lagged)
         seconds["passes"].append(time.perf_counter() - started)
         seconds["solver"] += session.solver_seconds
         if config.target is None:

@@ -138,8 +138,8 @@ class SearchConfig:
         fit_prompts: with a target, how many of the prompts (the first ones) a search's first pass
             at ``delta`` runs: it only fits the budget, whose scores are ratios to the layer's
             variance and do not grow with the batch, and the second pass, which decides the plan,
-            runs them all. None: every prompt. In the first pass each layer decides on its scores
-            of the step before, so that it never waits for them to reach the host. ``cache="auto"``'s uncompressed pass runs every
+            runs them all. None: every prompt. From 8 steps on, each layer of the first pass decides
+            on its scores of the step before, so that it never waits for them to reach the host. ``cache="auto"``'s uncompressed pass runs every
             prompt (its final latents are what the plans are compared with). Two of eight on the
             testbeds: head-wise curves within -0.002 to +0.006 SSIM of eight's, and a target's
             default search 3.9x plain denoising at FLUX.1-dev 1024² x 8 prompts instead of 4.6x.
