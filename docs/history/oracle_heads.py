@@ -146,6 +146,44 @@ def score_paired(pipe, plans, held, steps, seeds, pairs):
     return scored, ssim, {f"{a} - {b}": paired_difference(ssim[a], ssim[b]) for a, b in pairs}
 
 
+def compare_searches(pipe, cal, held, steps, seeds, refs, config, variants, label: str) -> list[dict]:
+    """One target's search run once per variant, each plan scored on ``held`` x ``seeds`` against the
+    full-attention images ``refs`` (seed -> images): a row per variant, the last with the second
+    variant's SSIM difference from the first (a 95% bootstrap interval over prompts, 10000 resamples).
+    ``variants``: (name, {attribute of ditfastattn.calibration: the replacement it runs with})."""
+    from ditfastattn import calibration
+
+    rows, ssim = [], {}
+    for name, patches in variants:
+        kept = {attribute: getattr(calibration, attribute) for attribute in patches}
+        for attribute, replacement in patches.items():
+            setattr(calibration, attribute, replacement)
+        started = time.perf_counter()
+        try:
+            plan = calibrate(pipe, cal, config, progress=False)
+        finally:
+            for attribute, original in kept.items():
+                setattr(calibration, attribute, original)
+        searched = time.perf_counter() - started
+        with q.applied(pipe, plan):
+            images = {seed: q.images(pipe, held, steps, seed) for seed in seeds}
+        ssim[name] = np.mean([q.per_image(images[seed], refs[seed])[0] for seed in seeds], 0)
+        search = plan.provenance["search"]
+        rows.append({"target": config.target_sparsity, "search": name, "sparsity": plan.summary()["sparsity"],
+                     "predicted": search["predicted_sparsity"], "delta": search["delta"],
+                     "pass_seconds": search["seconds"]["passes"], "search_s": searched, "ssim": ssim[name].tolist()})
+        print(f"{label} {config.target_sparsity} {name}: sparsity {rows[-1]['sparsity']:.4f} (predicted "
+              f"{rows[-1]['predicted']:.4f}), passes {search['seconds']['passes']} s, SSIM {ssim[name].mean():.4f}",
+              flush=True)
+    (first, _), (second, _) = variants
+    diff = ssim[second] - ssim[first]
+    boot = np.random.default_rng(0).integers(0, len(diff), (10000, len(diff)))
+    lo, hi = np.percentile(diff[boot].mean(1), [2.5, 97.5])
+    rows[-1].update(difference=float(diff.mean()), interval=[float(lo), float(hi)])
+    print(f"{label} {config.target_sparsity}: {second} - {first} {diff.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]", flush=True)
+    return rows
+
+
 def paired_difference(a, b, resamples: int = 2000) -> dict:
     """Mean of ``a - b`` (per-prompt scores) with a 95% paired bootstrap interval over prompts."""
     d = np.asarray(a) - np.asarray(b)
