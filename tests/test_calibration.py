@@ -1221,3 +1221,21 @@ def test_a_targets_first_pass_decides_each_layer_on_its_scores_of_the_step_befor
     few = dataclasses.replace(search, num_inference_steps=calibration.LAGGED_FIT_STEPS - 1)
     ditfastattn.calibrate(make_pipeline("flux"), prompts("flux", 3), few, progress=False)
     assert [session.lagged for session, _ in sessions] == [False, False]
+
+
+@pytest.mark.parametrize("steps", [5, 8])  # the target's first pass decides on its own, or on the step before
+def test_a_block_skipped_at_one_step_is_refused_with_its_cause(steps):
+    pipe = make_pipeline("flux")
+    block = pipe.transformer.single_transformer_blocks[-1]
+    calls, own = [0], block.forward
+
+    def forward(hidden_states, encoder_hidden_states, *args, **kwargs):  # a block cache calibrate does not know
+        calls[0] += 1
+        if calls[0] == 4:
+            return encoder_hidden_states, hidden_states
+        return own(hidden_states, encoder_hidden_states, *args, **kwargs)
+
+    block.forward = forward
+    search = config("flux", target_sparsity=0.4, num_inference_steps=steps, cache="head")
+    with pytest.raises(RuntimeError, match="never run.*remove what skips layers"):
+        ditfastattn.calibrate(pipe, prompts("flux", 2), search, progress=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
@@ -359,3 +360,24 @@ def test_a_plan_of_one_expert_on_a_pipeline_of_two_is_logged(pipe, boundary, cap
         ditfastattn.remove(pipe)
     warnings = [r.getMessage() for r in caplog.records if "transformer_2" in r.getMessage()]
     assert len(warnings) == 1 and f"took over at step {boundary}, but at no step in the plan's" in warnings[0]
+
+
+def test_a_lagged_first_pass_reads_nothing_the_other_expert_kept(monkeypatch):
+    # A target's first pass over 8 steps decides on each layer's scores of the step before; at the
+    # switch step those let the first expert's outputs be reused, which the runtime would compute
+    # instead, so the pass's rows (whose exact heads the target's controller reads) must not.
+    from ditfastattn import calibration
+
+    sessions = []
+    real = calibration.run_pass
+    monkeypatch.setattr(calibration, "run_pass",
+                        lambda *args, **kwargs: sessions.append(real(*args, **kwargs)) or sessions[-1])
+    search = SearchConfig(target_sparsity=0.4, num_inference_steps=8, candidates=("full", "arrow:0.125", "cache"),
+                          cache="head", pipeline_kwargs=dict(SIZE))
+    ditfastattn.calibrate(pipeline(), [prompts()], search, progress=False)
+    first = sessions[0][0]
+    switch = first.switch_steps[0]
+    assert first.lagged and 1 < switch < 7
+    cache = [m.name for m in first.candidates].index("cache")
+    assert np.isfinite(first.rse[switch - 1, ..., cache]).any()  # scored at the step before: allowed there
+    assert all(m != "cache" for row in first.plan.methods[switch] for m in row)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from ._geometry import MODE_SKIP, TileGrid
-from ._host_outputs import HostOutputs
+from ._host_outputs import HostOutputs, pinned_used
 from .methods import Method, parse_method
 from .plan import Plan
 from .runtime import LayerRuntime, Session, _Buffers, compile_row, install, routing, uninstall
@@ -455,23 +455,40 @@ class _CalibrationSession(Session):
         scores, ready = self._combined(layer, errors, variance), None
         if scores.is_cuda:
             host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+            pinned_used()
             host.copy_(scores, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(scores.device))
             scores = host
+        elif scores.device.type != "cpu":  # another accelerator: read now, as an unlagged pass does
+            scores = scores.cpu()
         self._pending[(self.step, layer.index)] = (scores, ready)
 
     def resolve(self, step: int | None = None, index: int | None = None) -> np.ndarray | None:
         """A lagged pass's scores of (``step``, layer ``index``) into :attr:`rse` (all that are
-        pending when both are None); returns those of the one asked for."""
+        pending when both are None); returns those of the one asked for (None: not scored)."""
         keys = sorted(self._pending) if step is None else [(step, index)]
         rse = None
         for key in keys:
+            if key not in self._pending:
+                return None
             scores, ready = self._pending.pop(key)
             if ready is not None:
                 ready.synchronize()
             rse = scores.numpy() * self.weights[key[0], key[1], : scores.shape[0]]
             self.rse[key[0], key[1], : rse.shape[0]] = rse
+        return rse
+
+    def _lagged_scores(self, layer: LayerRuntime, step: int, index: int) -> np.ndarray | None:
+        """What a lagged pass decides ``layer`` on: its scores of the step before (None where it
+        was not scored then: step 1, a layer skipped), without the candidates that read what this
+        call slot kept at the step before where it did not run then (another expert took over)."""
+        rse = self.resolve(step - 1, index)
+        if rse is None:
+            return None
+        slot = layer.slots.get(self.call)
+        if slot is None or slot.out is None or slot.step != step - 1:
+            rse = np.where(self._reuses | self._residual, np.nan, rse)
         return rse
 
     def _decide(self, layer: LayerRuntime, q, k, v, text_start, text_len, dense, measured: bool = True) -> None:
@@ -491,11 +508,9 @@ class _CalibrationSession(Session):
                 self.rse[step, index, :heads] = rse
         if self.forced is not None:
             chosen = [parse_method(name) for name in self.forced.methods[step][index]]
-        elif self.lagged and step == 1:  # nothing scored before: every head exact
+        elif self.lagged and (rse := self._lagged_scores(layer, step, index)) is None:  # nothing scored before
             chosen = [next(m for m in self.candidates if m.exact)] * heads
         else:
-            if self.lagged:
-                rse = self.resolve(step - 1, index)
             cost = self._costs(image_tokens, layer_text, tiles)[None, :].repeat(heads, 0)
             cost += self._captures(index, heads, cost)
             allowed = self._allowed(index, heads, image_tokens, tiles) & np.isfinite(rse)

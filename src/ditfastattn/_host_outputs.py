@@ -30,6 +30,12 @@ def host_spans(numel: int) -> list[tuple[int, int]]:
     return spans
 
 
+def pinned_used() -> None:
+    """Say that pinned blocks were taken (for :func:`release_pinned` to give back)."""
+    global _pinned
+    _pinned = True
+
+
 def release_pinned() -> None:
     """Give the pinned blocks that parked outputs took back to the system, once nothing reuses them:
     torch's allocator keeps them cached, locked in the process, until it ends (44 GiB after a
