@@ -6,9 +6,10 @@ output and every candidate's output, scores each head by its share of the layer'
 error (the head's squared error over the layer's variance, times the head count), and solves the
 head-wise integer program (:mod:`ditfastattn.search`); a ``lagged`` pass (a target's first, which
 only gives the scores its second predicts from, over 8 steps or more) decides each layer on its
-scores of the step before, copied to the host without waiting for the GPU. When a step calls the transformer more than
-once (true CFG, skip-layer guidance), every call is scored: the decision, made at the step's first
-call, adds the errors each later call measured at the previous step, the latest it can know.
+scores of the step before, copied to the host without waiting for the GPU. When a step calls the
+transformer more than once (true CFG, skip-layer guidance), every call is scored: the decision,
+made at the step's first call, adds the errors each later call measured at the previous step, the
+latest it can know.
 Each call is scored on what the runtime runs in it: later calls compute ``cfg_share`` heads
 unshared, and a call without a head's previous output or residual computes that head exactly.
 Every candidate is scored on a quarter of the batch (:data:`SCORE_STRIDE`), the exact output too,
