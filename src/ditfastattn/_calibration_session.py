@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import ops
 from ._geometry import MODE_SKIP, TileGrid
 from ._host_outputs import HostOutputs, pinned_used
-from .methods import Method, parse_method
+from .methods import Method, distinct_candidates, parse_method
 from .plan import Plan
 from .runtime import LayerRuntime, Session, _Buffers, compile_row, install, routing, uninstall
 from .runtime.session import latents_shape
@@ -568,13 +568,7 @@ class _CalibrationSession(Session):
     def _allowed(self, layer: int, heads: int, image_tokens: int, tiles: TileGrid | None = None) -> np.ndarray:
         key = (image_tokens, tiles)
         if key not in self._distinct:
-            distinct, seen = [], set()
-            for method in self.candidates:
-                # Windows that round to the same blocks (tiles) at this resolution are one candidate.
-                signature = (method.kind, method.mode(image_tokens, tiles))
-                distinct.append(signature not in seen)
-                seen.add(signature)
-            self._distinct[key] = np.array(distinct)
+            self._distinct[key] = np.array(distinct_candidates(self.candidates, image_tokens, tiles))
         allowed = np.repeat(self._distinct[key][None, :], heads, axis=0)
         for index, method in enumerate(self.candidates):
             if method.reads_residual:

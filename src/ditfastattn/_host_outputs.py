@@ -80,11 +80,11 @@ class HostOutputs:
         self.storing: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
 
     def store(self, key: tuple[int, int], tensor: torch.Tensor) -> None:
-        global _pinned
         flat = tensor.reshape(-1)
         held = self.host.get(key)
         if held is None or held[0] != tensor.shape or held[1] != tensor.dtype:
-            _pinned = _pinned or self.stream is not None
+            if self.stream is not None:
+                pinned_used()
             pieces = [(start, stop, torch.empty(stop - start, dtype=tensor.dtype, pin_memory=self.stream is not None))
                       for start, stop in host_spans(flat.numel())]
             held = self.host[key] = (tensor.shape, tensor.dtype, pieces)

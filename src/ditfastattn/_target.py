@@ -14,7 +14,7 @@ import numpy as np
 
 from ._calibration_session import whole_step_cache
 from ._geometry import TileGrid
-from .methods import parse_method
+from .methods import distinct_candidates, parse_method
 from .search import choose, choose_many, priced_counts, solve_priced
 
 if TYPE_CHECKING:
@@ -34,21 +34,10 @@ def _sampled_steps(steps: int, layers: int, config: SearchConfig) -> list[int]:
     return list(range(1, steps, stride))
 
 
-def _distinct(candidates, image_tokens: int, tiles: TileGrid | None = None) -> np.ndarray:
-    """(candidates,) bool: False for a window that rounds to the same blocks (tiles of the image
-    grid ``tiles``) as an earlier one."""
-    seen, distinct = set(), []
-    for method in candidates:
-        signature = (method.kind, method.mode(image_tokens, tiles))
-        distinct.append(signature not in seen)
-        seen.add(signature)
-    return np.array(distinct)
-
-
 def _allowed(session, by_step: bool) -> np.ndarray:
     """(candidates,) bool: the distinct candidates at a finished pass's resolution; ``by_step``
     (``cache="step"``): none that reuses the previous output, which only whole cached steps do."""
-    allowed = _distinct(session.candidates, session.geometry[0], session.tiles)
+    allowed = np.array(distinct_candidates(session.candidates, session.geometry[0], session.tiles))
     if by_step:
         allowed &= ~np.array([m.reads_previous_output for m in session.candidates])
     return allowed
@@ -130,9 +119,7 @@ def _prices(session, layer) -> tuple[np.ndarray, np.ndarray]:
 
 def _head_shares(session, spec) -> np.ndarray:
     """(layers,) one head's attention FLOPs in each layer over a whole step's, at a finished pass's resolution."""
-    image_tokens, text_len = session.geometry
-    per_head = np.array([float((image_tokens + (text_len if layer.text else 0)) ** 2 * layer.head_dim)
-                         for layer in spec.layers])
+    per_head = np.array(_head_flops(spec, *session.geometry)[0])
     return per_head / (per_head * [layer.heads for layer in spec.layers]).sum()
 
 

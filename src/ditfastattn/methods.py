@@ -206,6 +206,17 @@ def _cost(method: Method, num_image_tokens: int, text_len: int, tiles: TileGrid 
     return share / 2.0 if method.shares_cfg else share
 
 
+def distinct_candidates(candidates, num_image_tokens: int, tiles: TileGrid | None = None) -> list[bool]:
+    """Per candidate, False for a window that rounds to the same blocks (tiles of the image grid
+    ``tiles``) as an earlier one: at this resolution they are one candidate."""
+    seen, distinct = set(), []
+    for method in candidates:
+        signature = (method.kind, method.mode(num_image_tokens, tiles))
+        distinct.append(signature not in seen)
+        seen.add(signature)
+    return distinct
+
+
 def _fraction(text: str, name: str, low_open: bool = True) -> float:
     try:
         value = float(text)
