@@ -1185,6 +1185,38 @@ def test_a_targets_next_step_is_predicted_once_its_step_is_decided(monkeypatch):
     assert seen[0] == (1, 1) and all(now == step - 1 for step, now in seen[1:])
 
 
+def test_a_targets_second_pass_works_out_each_budget_before_its_layers_scores_reach_the_host(monkeypatch):
+    # The host reads a layer's scores when the GPU has computed them; all the budget needs besides
+    # (the step's other layers, the later steps) is worked out while it computes them, and only the
+    # layer's own curve after, on the scores the session keeps.
+    from ditfastattn._target import TargetController
+
+    calls = []
+    real = TargetController.__call__
+
+    def recording(self, step, layer, session):
+        unread = np.isnan(session.rse[step, layer]).all()
+        budget = real(self, step, layer, session)
+
+        def priced(rse):
+            delta = budget(rse)
+            calls.append((session, step, layer, unread, rse.copy(), delta))
+            return delta
+
+        return priced
+
+    monkeypatch.setattr(TargetController, "__call__", recording)
+    ditfastattn.calibrate(make_pipeline("flux"), prompts("flux", 2), config("flux", target_sparsity=0.4, cache="head"),
+                          progress=False)
+    session = calls[0][0]
+    assert len(calls) == (STEPS - 1) * len(session.plan.model.layers)
+    for own, step, layer, unread, rse, delta in calls:
+        heads = session.plan.model.layers[layer].heads
+        assert own is session and unread
+        np.testing.assert_array_equal(rse, session.rse[step, layer, :heads])
+        assert session.layer_delta[step, layer] == delta
+
+
 def test_a_targets_first_pass_decides_each_layer_on_its_scores_of_the_step_before(monkeypatch):
     # It only gives the scores the second pass predicts from, so its layers need not wait for their
     # own scores to reach the host (a GPU pass over one prompt would wait at every layer); the

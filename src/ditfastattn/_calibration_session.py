@@ -175,7 +175,8 @@ class _CalibrationSession(Session):
         self.forced = forced
         self.measure = measure
         self.measure_steps = measure_steps
-        self.delta_for = delta_for  # (step, layer index, session) -> budget; None: config.delta
+        # (step, layer index, session) -> a function of the layer's scores giving its budget; None: config.delta
+        self.delta_for = delta_for
         self.cached_steps = cached_steps
         self.lagged = lagged
         # (step, layer index) -> a lagged pass's scores on their way to the host (see _defer)
@@ -445,9 +446,9 @@ class _CalibrationSession(Session):
         later = [value for (index, _call), value in sorted(self.later_calls.items()) if index == layer.index]
         return combine_scores(errors, variance, later).T.double()
 
-    def _scores(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> np.ndarray:
-        """(heads, candidates) scores of this call plus the step's later calls as last measured."""
-        scores = self._combined(layer, errors, variance).cpu().numpy()
+    def _scores(self, layer: LayerRuntime, combined: torch.Tensor) -> np.ndarray:
+        """(heads, candidates) scores of :meth:`_combined`'s, weighted, on the host (waits for the GPU)."""
+        scores = combined.cpu().numpy()
         return scores * self.weights[self.step, layer.index, : scores.shape[0]]
 
     def _defer(self, layer: LayerRuntime, errors: torch.Tensor, variance: torch.Tensor) -> None:
@@ -505,20 +506,24 @@ class _CalibrationSession(Session):
             if self.lagged:
                 self._defer(layer, errors, variance)
             else:  # errors stay on the device until all candidates are scored: one host read per layer-step
-                rse = self._scores(layer, errors, variance)
-                self.rse[step, index, :heads] = rse
+                scores = self._combined(layer, errors, variance)
+                if self.forced is not None:  # nothing to decide: read at once
+                    self.rse[step, index, :heads] = self._scores(layer, scores)
         if self.forced is not None:
             chosen = [parse_method(name) for name in self.forced.methods[step][index]]
         elif self.lagged and (rse := self._lagged_scores(layer, step, index)) is None:  # nothing scored before
             chosen = [next(m for m in self.candidates if m.exact)] * heads
         else:
+            # All that does not read the scores first, while the GPU still computes them.
             cost = self._costs(image_tokens, layer_text, tiles)[None, :].repeat(heads, 0)
             cost += self._captures(index, heads, cost)
-            allowed = self._allowed(index, heads, image_tokens, tiles) & np.isfinite(rse)
-            if (step, index) not in self.layer_delta:
-                self.layer_delta[step, index] = (
-                    self.config.delta if self.delta_for is None else self.delta_for(step, index, self)
-                )
+            allowed = self._allowed(index, heads, image_tokens, tiles)
+            budget = None if self.delta_for is None else self.delta_for(step, index, self)
+            if not self.lagged:
+                rse = self._scores(layer, scores)
+                self.rse[step, index, :heads] = rse
+            allowed &= np.isfinite(rse)
+            self.layer_delta[step, index] = self.config.delta if budget is None else budget(rse)
             started = time.perf_counter()
             if self.cached_steps is not None and step in self.cached_steps:
                 choice = whole_step_cache(rse, self.candidates)

@@ -7,8 +7,9 @@ second pass (:class:`TargetController`).
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -281,6 +282,9 @@ class TargetController:
         # errors are below every budget of the grid, it is the only way not to compress them whole.
         self.deltas = np.concatenate([[0.0], fitted * self.GRID]) if self.resolve else fitted * self.GRID
         self.predicted = None if self.resolve else _curves(first, spec, config, self.deltas, cached)
+        # (budgets, 2 SPREAD + 1) each budget's grid neighbours, clipped at the ends
+        self._around = np.clip(np.arange(len(self.deltas))[:, None] + np.arange(-self.SPREAD, self.SPREAD + 1), 0,
+                               len(self.deltas) - 1)
         self.head_shares = _head_shares(first, spec)
         # What each layer's closed-form curve reads of the first pass, at the resolution both passes share.
         self._residual = any(m.reads_residual for m in first.candidates)
@@ -354,24 +358,25 @@ class TargetController:
             logger.debug("ditfastattn calibrate: step %d, first-pass curves moved by 2^%g", step, shift / 2)
         self._step, self._needed, self._shares = step, self.target * self.steps - realized.sum(), {}
 
-    def _this_layer(self, step: int, layer: int, session) -> np.ndarray:
+    def _this_layer(self, step: int, layer: int, rse: np.ndarray, locked: np.ndarray | None) -> np.ndarray:
         """(budgets,) the share of the step's sparsity of ``layer``, being decided: from its scores
-        measured just now under one exchange rate (a closed-form solve per budget), else as predicted."""
+        ``rse`` (heads, candidates), measured just now, under one exchange rate (a closed-form solve
+        per budget, its heads' residual windows ``locked``), else as predicted."""
         if not self.resolve:
             return self._now[:, layer]
-        heads = self.spec.layers[layer].heads
         whole = None if self.whole is None else self.whole[step: step + 1]
-        locked = self._locked(session)[layer, :heads] if self._residual else None
-        return _layer_curve(self.first, self.spec, self.config, layer, self.head_shares[layer],
-                            session.rse[step: step + 1, layer, :heads], self.deltas, whole, locked,
-                            self._allowed, self._prices[layer])[:, 0]
+        return _layer_curve(self.first, self.spec, self.config, layer, self.head_shares[layer], rse[None], self.deltas,
+                            whole, locked, self._allowed, self._prices[layer])[:, 0]
 
     def prepare(self, step: int, session) -> None:
         """Predict ``step`` (once): the session calls it when every layer of the step before is decided."""
         if step != self._step:
             self._predict(step, session)
 
-    def __call__(self, step: int, layer: int, session) -> float:
+    def __call__(self, step: int, layer: int, session) -> Callable[[np.ndarray], float]:
+        """The budget of ``layer`` at ``step`` as a function of its scores (heads, candidates): all
+        that does not read them is worked out now, while the GPU still computes them, so that the
+        host's work between their arrival and the layer's row is only this layer's own curve."""
         self.prepare(step, session)
         decided = np.array([(step, index) in session.decided for index in range(len(self.spec.layers))])
         fresh = {int(index) for index in np.flatnonzero(decided)} - set(self._shares)
@@ -382,7 +387,16 @@ class TargetController:
         needed = self._needed - sum(self._shares.values())
         others = ~decided
         others[layer] = False
-        rest = self._later + self._now[:, others].sum(axis=1) + self._this_layer(step, layer, session)
+        rest = self._later + self._now[:, others].sum(axis=1)
+        heads = self.spec.layers[layer].heads
+        locked = self._locked(session)[layer, :heads] if self.resolve and self._residual else None
+        return functools.partial(self._budget, step, layer, needed, rest, locked)
+
+    def _budget(self, step: int, layer: int, needed: float, rest: np.ndarray, locked: np.ndarray | None,
+                rse: np.ndarray) -> float:
+        """The budget whose predicted sparsity of the remaining layer-steps, ``rest`` (budgets,) from
+        the others and this layer's curve on ``rse``, lands nearest what the target still ``needed``."""
+        rest = rest + self._this_layer(step, layer, rse, locked)
         # Of the budgets whose prediction lands within half the tolerance of the best one, the one
         # whose neighbours miss least: where the remaining steps' sparsity changes fast with the
         # budget (a step half compressed), a prediction an octave off misses by much.
@@ -392,8 +406,7 @@ class TargetController:
             # on its scores just measured (only the step's undecided layers are), so the least miss lands
             # best (the neighbours' mean kept a budget missing 0.100 over one missing 0.077).
             return float(self.deltas[int(np.argmin(miss))])
-        around = np.clip(np.arange(len(self.deltas))[:, None] + np.arange(-self.SPREAD, self.SPREAD + 1), 0, len(self.deltas) - 1)
-        robust = np.where(miss <= miss.min() + 0.5 * TOLERANCE * self.steps, miss[around].mean(axis=1), np.inf)
+        robust = np.where(miss <= miss.min() + 0.5 * TOLERANCE * self.steps, miss[self._around].mean(axis=1), np.inf)
         return float(self.deltas[int(np.argmin(robust))])
 
 

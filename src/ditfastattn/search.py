@@ -150,12 +150,16 @@ def _priced_inputs(rse, cost, allowed) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """``rse`` as float64, ``cost`` broadcast to it, and which candidates may run (allowed and
     scored); refused unless every head has an allowed zero-error candidate."""
     rse = np.asarray(rse, dtype=np.float64)
-    cost = np.broadcast_to(np.asarray(cost, dtype=np.float64), rse.shape)
-    ok = np.ones_like(rse, dtype=bool) if allowed is None else np.broadcast_to(np.asarray(allowed, dtype=bool), rse.shape)
-    ok = ok & np.isfinite(rse)
+    cost = _shaped(np.asarray(cost, dtype=np.float64), rse.shape)
+    ok = np.isfinite(rse) if allowed is None else _shaped(np.asarray(allowed, dtype=bool), rse.shape) & np.isfinite(rse)
     if not (ok & (rse == 0)).any(axis=-1).all():
         raise ValueError("every head needs an allowed zero-error candidate ('full')")
     return rse, cost, ok
+
+
+def _shaped(array: np.ndarray, shape: tuple) -> np.ndarray:
+    """``array`` broadcast to ``shape`` (a layer-step's decision calls this often: as is where it fits)."""
+    return array if array.shape == shape else np.broadcast_to(array, shape)
 
 
 def solve_priced(
