@@ -260,7 +260,8 @@ def main() -> None:
                              "time in the JSON)")
     parser.add_argument("--target", type=float, default=None,
                         help="time a target's search (every pass) instead of one pass at delta 0.2")
-    parser.add_argument("--fit-prompts", default="2", help="with --target: SearchConfig.fit_prompts, or 'all'")
+    parser.add_argument("--fit-prompts", default=str(ditfastattn.SearchConfig.fit_prompts),
+                        help="with --target: SearchConfig.fit_prompts (its default), or 'all'")
     parser.add_argument("--cache", choices=["auto", "head", "step"], default="auto",
                         help="with --target: SearchConfig.cache (auto: both searches, the better kept)")
     parser.add_argument("--method-set", default="aa+oc", choices=sorted(ditfastattn.METHOD_SETS),

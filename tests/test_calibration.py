@@ -1109,7 +1109,8 @@ def test_the_exact_output_is_computed_on_the_scored_part_unless_the_row_is_known
     monkeypatch.setattr(routing, "exact_attention", lambda q, *args: parts.append(q.shape[0]) or real(q, *args))
     pipe = make_pipeline("sd3")
     layer_steps = (STEPS - 1) * len(pipe.transformer.transformer_blocks)
-    search = config("sd3", target_sparsity=0.5, cache="auto")  # uncompressed pass, then three searching ones
+    # An uncompressed pass, then three searching ones, the fit pass over two prompts (one has no part to score on).
+    search = config("sd3", target_sparsity=0.5, cache="auto", fit_prompts=2)
     plan = ditfastattn.calibrate(pipe, prompts("sd3", 4), search, progress=False)
     assert parts == [2] * (3 * layer_steps)  # 4 prompts under CFG (the fit pass: 2): a prompt's pair a layer-step
     assert plan.provenance["search"]["cache_final_rse"]  # both searches ran

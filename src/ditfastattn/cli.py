@@ -679,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="or this ideal attention speed-up")
     calibrate.add_argument("--fit-prompts", type=_fit_prompts, default=argparse.SUPPRESS,
                            help="with a target, how many of the prompts the first pass (which only fits the budget) "
-                                "runs, or 'all' (default: 2)")
+                                "runs, or 'all' (default: 1)")
     calibrate.add_argument("--cache", choices=["head", "step", "auto"], default="auto",
                            help="head: caching is chosen head by head; step: for every head of a step or none (needs a "
                                 "target and --budget generation); auto: both where step applies, keeping the plan "

@@ -139,10 +139,12 @@ class SearchConfig:
             at ``delta`` runs: it only fits the budget, whose scores are ratios to the layer's
             variance and do not grow with the batch, and the second pass, which decides the plan,
             runs them all. None: every prompt. From 8 steps on, each layer of the first pass decides
-            on its scores of the step before, so that it never waits for them to reach the host. ``cache="auto"``'s uncompressed pass runs every
-            prompt (its final latents are what the plans are compared with). Two of eight on the
-            testbeds: head-wise curves within -0.002 to +0.006 SSIM of eight's, and a target's
-            default search 3.9x plain denoising at FLUX.1-dev 1024² x 8 prompts instead of 4.6x.
+            on its scores of the step before, so that it never waits for them to reach the host.
+            ``cache="auto"``'s uncompressed pass runs every prompt (its final latents are what the
+            plans are compared with). One of eight on the testbeds: per-head searches at 0.6 and
+            0.7 within +0.000 to +0.021 SSIM of two's (two prompt sets); that pass over one took
+            0.23-0.26x plain denoising of the eight at FLUX.1-dev 1024², over two 0.36x (H100,
+            while it still waited on the host at each layer).
         head_coefficient: ``c`` in the per-head bound ``score <= c * delta / heads``; None disables it.
             ``"auto"`` (the default): the paper's 1.5 under the per-layer budget, None under the
             generation budget (which prices every head on its own).
@@ -229,7 +231,7 @@ class SearchConfig:
     delta: float = 0.2
     target_sparsity: float | None = None
     target_speedup: float | None = None
-    fit_prompts: int | None = 2
+    fit_prompts: int | None = 1
     head_coefficient: float | str | None = "auto"
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     num_inference_steps: int = 50
