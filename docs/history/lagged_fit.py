@@ -17,8 +17,9 @@ prompts x 2 seeds, SSIM against full attention, paired bootstrap over prompts).
 Stop 68 (CALIBRATION_NOTES.md): ``results/lagged_fit_{flux,sd3}_cpu.json`` (``fit_prompts=2``) and
 ``results/lagged_fit_{flux,sd3}_heldout4242_fit1_cpu.json`` (``--fit-prompts 1``, other prompts and seeds),
 ``results/lagged_fit_few_steps_cpu.json`` (``--targets 0.5 --seeds 1 --steps 4|6|10``).
+Stop 69: ``--lag second`` lags the deciding pass instead (the first as the library runs it, lagged
+from 8 steps): ``results/lagged_decide_{flux,sd3}_0.6_cpu.json`` (``--targets 0.6``).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,15 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402
 from ditfastattn import calibration  # noqa: E402
-from oracle_heads import compare_searches, recommended_search, testbed  # noqa: E402
+from oracle_heads import compare_searches, recommended_search, target_parser, testbed  # noqa: E402
 
 library_run_pass = calibration.run_pass
 
 
-def run_pass_lagged(lagged: bool):
-    """calibration's run_pass with a target's first pass lagged or not, whatever the step count."""
+def run_pass_lagged(lagged: bool, second: bool = False):
+    """calibration's run_pass with a target's first pass (``second``: its second, deciding pass)
+    lagged or not, whatever the step count."""
     def run_pass(*args, **kwargs):
-        if "lagged" in kwargs:  # the first pass of a search (the second takes no such argument)
+        # The first pass of a search takes a lagged argument; the second, the controller's budgets.
+        if ("delta_for" if second else "lagged") in kwargs:
             kwargs["lagged"] = lagged
         return library_run_pass(*args, **kwargs)
 
@@ -43,24 +46,20 @@ def run_pass_lagged(lagged: bool):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("kind")
-    parser.add_argument("out")
-    parser.add_argument("--targets", default="0.6,0.7")
-    parser.add_argument("--embeddings", required=True)
-    parser.add_argument("--heldout-seed", type=int, default=2026)
-    parser.add_argument("--seeds", default="1,2")
-    parser.add_argument("--steps", type=int, default=20)
+    parser = target_parser()
     parser.add_argument("--fit-prompts", type=int, default=2)
     parser.add_argument("--sensitivity", default="auto", help="recommended_search's sensitivity ('auto': the schedule's)")
+    parser.add_argument("--lag", choices=["first", "second"], default="first",
+                        help="which pass is lagged or not (second: the deciding pass, the first as the library runs it)")
     args = parser.parse_args()
     pipe = testbed(args.kind, Path(args.embeddings), "cpu")
     held = q.heldout_prompts(args.heldout_seed)
     cal = q.calibration_prompts(8, 2026)
     steps, seeds = args.steps, [int(s) for s in args.seeds.split(",")]
     refs = {seed: q.images(pipe, held, steps, seed) for seed in seeds}
-    variants = (("waiting first pass", {"run_pass": run_pass_lagged(False)}),
-                ("lagged first pass", {"run_pass": run_pass_lagged(True)}))
+    second = args.lag == "second"
+    variants = ((f"waiting {args.lag} pass", {"run_pass": run_pass_lagged(False, second)}),
+                (f"lagged {args.lag} pass", {"run_pass": run_pass_lagged(True, second)}))
     rows = []
     for target in (float(t) for t in args.targets.split(",")):
         config = recommended_search(args.kind, steps, target, cache="head", sensitivity=args.sensitivity,

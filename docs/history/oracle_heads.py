@@ -192,6 +192,19 @@ def paired_difference(a, b, resamples: int = 2000) -> dict:
     return {"mean": float(d.mean()), "low": float(low), "high": float(high)}
 
 
+def target_parser() -> argparse.ArgumentParser:
+    """The arguments of a paired comparison of searches at targets, scored on held-out prompts."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind")
+    parser.add_argument("out")
+    parser.add_argument("--targets", default="0.6,0.7")
+    parser.add_argument("--embeddings", required=True)
+    parser.add_argument("--heldout-seed", type=int, default=2026)
+    parser.add_argument("--seeds", default="1,2")
+    parser.add_argument("--steps", type=int, default=20)
+    return parser
+
+
 def committed_sensitivity(kind: str, steps: int):
     """The sensitivity measurement of benchmarks/results/quality.json (20 steps), else "measure"."""
     sensitivity = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/quality.json").read_text())
