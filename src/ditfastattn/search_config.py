@@ -142,9 +142,9 @@ class SearchConfig:
             on its scores of the step before, so that it never waits for them to reach the host.
             ``cache="auto"``'s uncompressed pass runs every prompt (its final latents are what the
             plans are compared with). One of eight on the testbeds: per-head searches at 0.6 and
-            0.7 within +0.000 to +0.021 SSIM of two's (two prompt sets); that pass over one took
-            0.23-0.26x plain denoising of the eight at FLUX.1-dev 1024², over two 0.36x (H100,
-            while it still waited on the host at each layer).
+            0.7 within -0.014 to +0.021 SSIM of two's (mean +0.006, two prompt sets); that pass
+            over one took 0.23-0.26x plain denoising of the eight at FLUX.1-dev 1024², over two
+            0.36x (H100, while it still waited on the host at each layer).
         head_coefficient: ``c`` in the per-head bound ``score <= c * delta / heads``; None disables it.
             ``"auto"`` (the default): the paper's 1.5 under the per-layer budget, None under the
             generation budget (which prices every head on its own).
