@@ -17,27 +17,36 @@ over prompts).
     searches: --search-seed 1)
 
 Stop 70 (CALIBRATION_NOTES.md): ``results/deciding_prompts_{flux,sd3}{,_heldout4242}_cpu.json``,
-``results/deciding_prompts_flux_search1_cpu.json`` (0.7 only), ``results/deciding_prompts_flux_all7_search{0,1}_cpu.json``.
+``results/deciding_prompts_flux_search1_cpu.json`` (0.7 only), ``results/deciding_prompts_flux_all7_search{0,1}_cpu.json``,
+written by this script's first form (47b90b8): the same searches and scores, each row keyed
+``deciding_prompts`` by way and the difference in a row of its own, where ``compare_searches`` now
+names the way ``search`` and adds the difference to the second way's row.
 """
 import json
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402
-from ditfastattn import calibrate, calibration  # noqa: E402
-from oracle_heads import recommended_search, target_parser, testbed  # noqa: E402
+from ditfastattn import calibration  # noqa: E402
+from oracle_heads import compare_searches, recommended_search, target_parser, testbed  # noqa: E402
 
 library_pass_calls = calibration._pass_calls
 
 
 def every_prompt_decides(pipe, config, prompts, call):
-    """The calls before stop 70: the first pass over the first fit_prompts, the second over all."""
+    """The calls before the patch: the first pass over the first fit_prompts, the second over all."""
     return library_pass_calls(pipe, config, prompts, call)[0], call
+
+
+def first_seven_decide(pipe, config, prompts, call):
+    """The first pass over the first fit_prompts, the second over the first 7, those among them."""
+    seven = calibration._pipeline_call(pipe, config, calibration.prompt_kwargs(prompts[:7])[0])
+    return library_pass_calls(pipe, config, prompts, call)[0], seven
+
+
+WAYS = {"all": every_prompt_decides, "rest": library_pass_calls, "all7": first_seven_decide}
 
 
 def main():
@@ -45,9 +54,9 @@ def main():
     parser.add_argument("--cache", default="head")
     parser.add_argument("--sensitivity", default="auto", help="recommended_search's sensitivity ('auto': the schedule's)")
     parser.add_argument("--ways", default="all,rest",
-                        help="all: the deciding pass over all 8 prompts; rest: over the 7 the fitting pass did not run; "
-                             "all7: over the first 7, the fitting pass's among them (the same count as rest); "
-                             "differences are from the first")
+                        help="two of: all (the deciding pass over all 8 prompts), rest (over the 7 the fitting pass "
+                             "did not run), all7 (over the first 7, the fitting pass's among them); the difference "
+                             "is the second's from the first's")
     parser.add_argument("--search-seed", type=int, default=0,
                         help="SearchConfig.seed (the calibration run's generator): another draw of both searches")
     args = parser.parse_args()
@@ -57,35 +66,12 @@ def main():
     steps, seeds = args.steps, [int(s) for s in args.seeds.split(",")]
     refs = {seed: q.images(pipe, held, steps, seed) for seed in seeds}
     sensitivity = {} if args.sensitivity == "committed" else {"sensitivity": args.sensitivity}
-    ways = args.ways.split(",")
+    variants = [(way, {"_pass_calls": WAYS[way]}) for way in args.ways.split(",")]
     rows = []
     for target in (float(t) for t in args.targets.split(",")):
-        ssim = {}
-        for way in ways:
-            calibration._pass_calls = library_pass_calls if way == "rest" else every_prompt_decides
-            config = recommended_search(args.kind, steps, target, cache=args.cache, fit_prompts=1,
-                                        seed=args.search_seed, **sensitivity)
-            started = time.perf_counter()
-            plan = calibrate(pipe, cal[:7] if way == "all7" else cal, config, progress=False)
-            searched = time.perf_counter() - started
-            with q.applied(pipe, plan):
-                images = {seed: q.images(pipe, held, steps, seed) for seed in seeds}
-            ssim[way] = np.mean([q.per_image(images[seed], refs[seed])[0] for seed in seeds], 0)
-            search = plan.provenance["search"]
-            rows.append({"target": target, "deciding_prompts": way, "sparsity": plan.summary()["sparsity"],
-                         "cache": search["cache"], "predicted": search["predicted_sparsity"], "delta": search["delta"],
-                         "pass_seconds": search["seconds"]["passes"], "search_s": searched,
-                         "ssim": ssim[way].tolist()})
-            print(f"{args.kind} {target} {way}: sparsity {rows[-1]['sparsity']:.4f}, SSIM {ssim[way].mean():.4f}",
-                  flush=True)
-        calibration._pass_calls = library_pass_calls
-        for way in ways[1:]:
-            diff = ssim[way] - ssim[ways[0]]
-            boot = np.random.default_rng(0).integers(0, len(diff), (10000, len(diff)))
-            lo, hi = np.percentile(diff[boot].mean(1), [2.5, 97.5])
-            rows.append({"target": target, "difference": f"{way} - {ways[0]}", "mean": float(diff.mean()),
-                         "interval": [float(lo), float(hi)]})
-            print(f"{args.kind} {target}: {way} - {ways[0]} {diff.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]", flush=True)
+        config = recommended_search(args.kind, steps, target, cache=args.cache, fit_prompts=1,
+                                    seed=args.search_seed, **sensitivity)
+        rows += compare_searches(pipe, cal, held, steps, seeds, refs, config, variants, args.kind)
         result = {"kind": args.kind, "steps": steps, "seeds": seeds, "heldout_seed": args.heldout_seed,
                   "cache": args.cache, "sensitivity": args.sensitivity, "search_seed": args.search_seed,
                   "calibration_prompts": "the 8 of quality.calibration_prompts(8, 2026)", "rows": rows}
